@@ -1,0 +1,29 @@
+//! Limits on everything a peer controls.
+
+/// Bounds applied to what a peer sends and to what we keep for it.
+///
+/// The defaults are deliberately modest for a chat-style protocol; raise them for
+/// applications that move larger documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted text frame, in bytes (close 1009 above it). Default 1 MiB.
+    pub max_message_bytes: usize,
+    /// Deepest accepted JSON nesting (close 1009 above it). Default 32.
+    pub max_json_depth: usize,
+    /// Most sends a client keeps while disconnected; more is an error to the caller.
+    /// Default 1024.
+    pub max_queued_sends: usize,
+    /// Most stored messages redelivered to (and kept for) one id. Default 1000.
+    pub max_stored_per_id: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 1 << 20,
+            max_json_depth: 32,
+            max_queued_sends: 1024,
+            max_stored_per_id: 1000,
+        }
+    }
+}

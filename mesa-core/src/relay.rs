@@ -1,0 +1,104 @@
+//! The relay behaviour shared by every example, the `mesa` binary and the tests:
+//! `ECHO` goes back to its sender, `BROADCAST` goes to everyone or to `d.to` minus
+//! `d.except`. Also the development authentication the examples use.
+
+use serde_json::{Value, json};
+
+use crate::hub::Recipients;
+use crate::wire::{Message, Opcode};
+
+/// What the relay does with a client's message.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub enum RelayAction {
+    /// Send the message back, unchanged, to the connection that sent it.
+    Reply(Message),
+    /// Send the message, unchanged, to these recipients.
+    Send {
+        /// The message to send.
+        message: Message,
+        /// Everyone, or `d.to` minus `d.except`.
+        recipients: Recipients,
+    },
+}
+
+/// Decide what the relay does with `message`; `None` for anything but an
+/// `ECHO` or `BROADCAST` dispatch.
+pub fn relay(message: &Message) -> Option<RelayAction> {
+    if message.op != Opcode::Dispatch {
+        return None;
+    }
+    match message.t.as_deref()? {
+        "ECHO" => Some(RelayAction::Reply(message.clone())),
+        "BROADCAST" => {
+            let ids = |key: &str| -> Option<Vec<String>> {
+                let list = message.d.get(key)?.as_array()?;
+                Some(
+                    list.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            };
+            let recipients = match ids("to") {
+                Some(to) => Recipients::from_ids(to).excluding(&ids("except").unwrap_or_default()),
+                None => Recipients::All,
+            };
+            Some(RelayAction::Send {
+                message: message.clone(),
+                recipients,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Development authentication, **for demos and tests only**: any non-empty string
+/// `token` is accepted as the id, with the user object `{"id": token}`. It proves
+/// nothing about who the client is.
+pub fn dev_authenticate(credentials: &Value) -> Result<(String, Value), &'static str> {
+    match credentials.get("token").and_then(Value::as_str) {
+        Some(token) if !token.is_empty() => Ok((token.to_owned(), json!({ "id": token }))),
+        _ => Err("a non-empty string `token` is required"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_and_broadcast() {
+        let echo = Message::dispatch("ECHO", json!({"n": 1}));
+        assert_eq!(relay(&echo), Some(RelayAction::Reply(echo.clone())));
+
+        let all = Message::dispatch("BROADCAST", json!({"text": "hi"}));
+        assert!(matches!(
+            relay(&all),
+            Some(RelayAction::Send {
+                recipients: Recipients::All,
+                ..
+            })
+        ));
+
+        let some = Message::dispatch("BROADCAST", json!({"to": ["a", "b"], "except": ["b"]}));
+        let Some(RelayAction::Send { recipients, .. }) = relay(&some) else {
+            panic!()
+        };
+        assert_eq!(recipients, Recipients::Ids(vec!["a".into()]));
+
+        assert_eq!(relay(&Message::dispatch("OTHER", json!({}))), None);
+        assert_eq!(relay(&Message::new(Opcode::Other(7), json!({}))), None);
+    }
+
+    #[test]
+    fn dev_auth_accepts_any_non_empty_token() {
+        assert_eq!(
+            dev_authenticate(&json!({"token": "alice", "shouldSync": true})),
+            Ok(("alice".into(), json!({"id": "alice"})))
+        );
+        assert!(dev_authenticate(&json!({"token": ""})).is_err());
+        assert!(dev_authenticate(&json!({"token": 5})).is_err());
+        assert!(dev_authenticate(&json!("alice")).is_err());
+    }
+}

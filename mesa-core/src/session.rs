@@ -1,0 +1,561 @@
+//! The server side of one connection: hello, heartbeats, authentication (with its
+//! timeout), version enforcement, sync redelivery, and every way it can close.
+//!
+//! Every state change of a connection happens in this file.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::close::{Close, CloseCode};
+use crate::config::ServerConfig;
+use crate::heartbeat::{Beat, Heartbeat};
+use crate::sync::Redelivery;
+use crate::timer::TimerTable;
+use crate::wire::{DecodeError, Frame, Message, Opcode};
+
+/// Something the adapter writes to the transport, in order.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub enum Transmit {
+    /// Write this text frame.
+    Text(Frame),
+    /// Send a close frame with this code and reason, then stop writing.
+    Close(Close),
+}
+
+/// Something the application (or the adapter's hub and sync store) must learn.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub enum SessionEvent {
+    /// The client sent op 2: answer with [`ServerSession::accept`] or [`ServerSession::reject`].
+    AuthenticationRequested {
+        /// The op 2 data as sent (credentials merged with options such as `shouldSync`).
+        credentials: Value,
+        /// Whether the client asked for its stored messages (`shouldSync`, default true).
+        should_sync: bool,
+    },
+    /// The connection is now (or again) authenticated as `id`.
+    Authenticated {
+        /// The id the application named.
+        id: String,
+        /// The user object.
+        user: Value,
+        /// False for a re-authentication, which updates silently (no second op 22).
+        initial: bool,
+    },
+    /// An application message from the client.
+    Message(Message),
+    /// Sync: read the messages stored for `id` and answer with
+    /// [`ServerSession::handle_undelivered`].
+    LoadUndelivered {
+        /// The id whose messages to load.
+        id: String,
+    },
+    /// Sync: the client declined its stored messages (`shouldSync: false`): delete them.
+    ClearUndelivered {
+        /// The id whose messages to delete.
+        id: String,
+    },
+    /// Sync: redelivery ended (completely, or cut short by a close). Remove the first
+    /// `dropped + delivered` stored messages of `id`; the rest stay for next time.
+    Redelivered {
+        /// The id whose messages were redelivered.
+        id: String,
+        /// Messages handed to the transport, in order, with `s = 1..=delivered`.
+        delivered: usize,
+        /// Oldest messages skipped because more than the per-id limit were stored.
+        dropped: usize,
+    },
+    /// The connection is closed; nothing more will be transmitted. Always the last event.
+    Closed {
+        /// The code and reason.
+        close: Close,
+        /// Whether the peer (or the transport) closed, rather than this side.
+        by_peer: bool,
+    },
+}
+
+/// A command the session cannot carry out in its current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The connection is closed.
+    #[error("the connection is closed")]
+    Closed,
+    /// No authentication request is waiting for an answer.
+    #[error("no authentication request is pending")]
+    NoPendingAuthentication,
+    /// The connection has not authenticated yet.
+    #[error("the connection is not authenticated")]
+    NotAuthenticated,
+    /// Undelivered messages arrived that were not asked for.
+    #[error("no undelivered messages were requested")]
+    NoPendingSync,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    Heartbeat,
+    AuthTimeout,
+    Redelivery,
+}
+const TIMERS: usize = 3;
+
+/// Who the connection is.
+#[derive(Debug, Clone, PartialEq)]
+enum Identity {
+    /// Not authenticated (yet).
+    Anonymous,
+    /// Authenticated as `id` with `user`.
+    User { id: String, user: Value },
+}
+
+#[derive(Debug)]
+enum State {
+    Open {
+        identity: Identity,
+        /// An op 2 awaits the application's answer; carries its `shouldSync`.
+        pending_auth: Option<bool>,
+        /// A `LoadUndelivered` awaits the adapter's answer.
+        pending_sync: bool,
+        redelivery: Option<Box<Redelivery>>,
+    },
+    Closed,
+}
+
+/// The server side of one Mesa connection.
+///
+/// Methods come in four groups, as in quinn-proto: getters (`id`, `user`,
+/// `is_authenticated`, `is_closed`), inputs (`handle_*`), commands (`accept`, `reject`,
+/// `send`, `update_user`, `disconnect`), and outputs (`poll_*`). After every input or
+/// command, drain `poll_transmit` until `None`, then `poll_event` until `None`, then
+/// re-arm the timer from `poll_timeout`.
+#[derive(Debug)]
+pub struct ServerSession {
+    config: Arc<ServerConfig>,
+    state: State,
+    heartbeat: Option<Heartbeat>,
+    timers: TimerTable<TIMERS>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SessionEvent>,
+}
+
+impl ServerSession {
+    /// A connection just opened at `now`: the hello is queued and the timers armed.
+    pub fn new(config: Arc<ServerConfig>, now: Instant) -> Self {
+        let mut timers = TimerTable::new();
+        let heartbeat = config.heartbeat.map(|hb| {
+            timers.set(Timer::Heartbeat as usize, now + hb.interval);
+            Heartbeat::new(hb)
+        });
+        if let Some(auth) = config.authentication {
+            timers.set(Timer::AuthTimeout as usize, now + auth.timeout);
+        }
+        let hello = Transmit::Text(config.hello().to_message().encode());
+        ServerSession {
+            state: State::Open {
+                identity: Identity::Anonymous,
+                pending_auth: None,
+                pending_sync: false,
+                redelivery: None,
+            },
+            config,
+            heartbeat,
+            timers,
+            transmits: VecDeque::from([hello]),
+            events: VecDeque::new(),
+        }
+    }
+
+    // ----- getters -----
+
+    /// The authenticated id, if any.
+    pub fn id(&self) -> Option<&str> {
+        match &self.state {
+            State::Open {
+                identity: Identity::User { id, .. },
+                ..
+            } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The user object of an authenticated connection.
+    pub fn user(&self) -> Option<&Value> {
+        match &self.state {
+            State::Open {
+                identity: Identity::User { user, .. },
+                ..
+            } => Some(user),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection has authenticated.
+    pub fn is_authenticated(&self) -> bool {
+        self.id().is_some()
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    // ----- inputs -----
+
+    /// A text frame arrived from the client.
+    pub fn handle_frame(&mut self, _now: Instant, text: &str) {
+        if self.is_closed() {
+            return;
+        }
+        match Message::decode(text, &self.config.limits) {
+            Ok(message) => self.handle_message(message),
+            Err(error) => self.close_for(error),
+        }
+    }
+
+    /// A binary frame arrived: Mesa is text only, so the connection closes with 1003.
+    pub fn handle_binary(&mut self, _now: Instant) {
+        if !self.is_closed() {
+            self.close_for(DecodeError::Binary);
+        }
+    }
+
+    /// The peer closed (with its close frame, if any) or the transport dropped.
+    pub fn handle_peer_closed(&mut self, _now: Instant, close: Option<Close>) {
+        if self.is_closed() {
+            return;
+        }
+        let close = close.unwrap_or_else(|| Close::new(CloseCode::ABNORMAL, "transport dropped"));
+        self.finish(close, true);
+    }
+
+    /// The messages stored for this connection's id, oldest first, in answer to
+    /// [`SessionEvent::LoadUndelivered`].
+    pub fn handle_undelivered(
+        &mut self,
+        now: Instant,
+        messages: Vec<Message>,
+    ) -> Result<(), SessionError> {
+        let State::Open {
+            identity: Identity::User { id, .. },
+            pending_sync,
+            redelivery,
+            ..
+        } = &mut self.state
+        else {
+            return Err(if self.is_closed() {
+                SessionError::Closed
+            } else {
+                SessionError::NoPendingSync
+            });
+        };
+        if !*pending_sync {
+            return Err(SessionError::NoPendingSync);
+        }
+        *pending_sync = false;
+        let interval = self
+            .config
+            .sync
+            .map(|s| s.redelivery_interval)
+            .unwrap_or_default();
+        let max = self.config.limits.max_stored_per_id;
+        *redelivery = Some(Box::new(Redelivery::new(
+            id.clone(),
+            messages,
+            max,
+            interval,
+            now,
+        )));
+        self.redeliver_due(now);
+        Ok(())
+    }
+
+    /// Fire every timer that is due at `now`; calling early or twice does nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        if self.timers.expire(Timer::AuthTimeout as usize, now) {
+            self.close(Close::new(CloseCode::POLICY, "authentication timed out"));
+            return;
+        }
+        if self.timers.expire(Timer::Heartbeat as usize, now) {
+            self.beat(now);
+            if self.is_closed() {
+                return;
+            }
+        }
+        if self.timers.expire(Timer::Redelivery as usize, now) {
+            self.redeliver_due(now);
+        }
+    }
+
+    // ----- commands -----
+
+    /// Accept the pending authentication as `id` with `user`.
+    ///
+    /// The first success answers op 22 (with the user object when configured) and
+    /// stops the authentication timeout; a re-authentication updates silently.
+    pub fn accept(&mut self, _now: Instant, id: String, user: Value) -> Result<(), SessionError> {
+        let sync_on = self.config.sync.is_some();
+        let send_user = self
+            .config
+            .authentication
+            .is_some_and(|a| a.send_user_object);
+        let State::Open {
+            identity,
+            pending_auth,
+            pending_sync,
+            ..
+        } = &mut self.state
+        else {
+            return Err(SessionError::Closed);
+        };
+        let should_sync = pending_auth
+            .take()
+            .ok_or(SessionError::NoPendingAuthentication)?;
+        let initial = matches!(identity, Identity::Anonymous);
+        *identity = Identity::User {
+            id: id.clone(),
+            user: user.clone(),
+        };
+        if initial {
+            self.timers.stop(Timer::AuthTimeout as usize);
+            let d = if send_user { user.clone() } else { json!({}) };
+            self.transmits.push_back(Transmit::Text(
+                Message::new(Opcode::Authenticated, d).encode(),
+            ));
+        }
+        self.events.push_back(SessionEvent::Authenticated {
+            id: id.clone(),
+            user,
+            initial,
+        });
+        if sync_on && initial {
+            if should_sync {
+                *pending_sync = true;
+                self.events.push_back(SessionEvent::LoadUndelivered { id });
+            } else {
+                self.events.push_back(SessionEvent::ClearUndelivered { id });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reject the pending authentication. With `disconnect_on_fail` (the default) the
+    /// connection closes with 1008; otherwise it stays as it was, and the
+    /// authentication timeout still applies.
+    pub fn reject(&mut self, _now: Instant, reason: &str) -> Result<(), SessionError> {
+        let State::Open { pending_auth, .. } = &mut self.state else {
+            return Err(SessionError::Closed);
+        };
+        pending_auth
+            .take()
+            .ok_or(SessionError::NoPendingAuthentication)?;
+        if self
+            .config
+            .authentication
+            .is_none_or(|a| a.disconnect_on_fail)
+        {
+            let reason = format!("authentication failed: {reason}");
+            self.close(Close::new(CloseCode::POLICY, truncate_reason(reason)));
+        }
+        Ok(())
+    }
+
+    /// Replace the user object of an authenticated connection (no frame is sent).
+    pub fn update_user(&mut self, user: Value) -> Result<(), SessionError> {
+        match &mut self.state {
+            State::Open {
+                identity: Identity::User { user: current, .. },
+                ..
+            } => {
+                *current = user;
+                Ok(())
+            }
+            State::Open { .. } => Err(SessionError::NotAuthenticated),
+            State::Closed => Err(SessionError::Closed),
+        }
+    }
+
+    /// Queue an already encoded frame (a broadcast shares one [`Frame`]).
+    pub fn send(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        self.transmits.push_back(Transmit::Text(frame));
+        Ok(())
+    }
+
+    /// Close the connection with `code` and `reason`.
+    pub fn disconnect(&mut self, close: Close) -> Result<(), SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        self.close(close);
+        Ok(())
+    }
+
+    // ----- outputs -----
+
+    /// The next thing to write to the transport.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the application or the adapter.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) next needs calling.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    // ----- transitions -----
+
+    fn handle_message(&mut self, message: Message) {
+        match message.op {
+            Opcode::HeartbeatAck => {
+                if let Some(heartbeat) = &mut self.heartbeat {
+                    heartbeat.handle_ack();
+                }
+            }
+            Opcode::Authenticate if self.config.authentication.is_some() => {
+                self.request_authentication(message.d)
+            }
+            Opcode::Dispatch if self.is_version_check(&message) => {
+                self.check_version(&message.d);
+            }
+            _ => self.events.push_back(SessionEvent::Message(message)),
+        }
+    }
+
+    fn request_authentication(&mut self, credentials: Value) {
+        let State::Open { pending_auth, .. } = &mut self.state else {
+            return;
+        };
+        if pending_auth.is_some() {
+            // One decision at a time: a client that floods op 2 cannot queue work.
+            self.close(Close::new(
+                CloseCode::POLICY,
+                "authentication already in progress",
+            ));
+            return;
+        }
+        let should_sync = credentials.get("shouldSync").is_none_or(is_truthy);
+        *pending_auth = Some(should_sync);
+        self.events
+            .push_back(SessionEvent::AuthenticationRequested {
+                credentials,
+                should_sync,
+            });
+    }
+
+    fn is_version_check(&self, message: &Message) -> bool {
+        self.config.version.is_some() && message.t.as_deref() == Some("CLIENT_VERSION")
+    }
+
+    fn check_version(&mut self, d: &Value) {
+        let expected = self.config.version.as_deref().unwrap_or_default();
+        let got = d.get("v").and_then(Value::as_str);
+        if got != Some(expected) {
+            let reason = format!(
+                "client version {} does not match server version {expected}",
+                got.unwrap_or("(none)")
+            );
+            self.close(Close::new(
+                CloseCode::PROTOCOL_ERROR,
+                truncate_reason(reason),
+            ));
+        }
+    }
+
+    fn beat(&mut self, now: Instant) {
+        let (Some(heartbeat), Some(config)) = (&mut self.heartbeat, self.config.heartbeat) else {
+            return;
+        };
+        match heartbeat.tick() {
+            Beat::Send(d) => {
+                let frame = Message::new(Opcode::Heartbeat, d).encode();
+                self.transmits.push_back(Transmit::Text(frame));
+                self.timers
+                    .set(Timer::Heartbeat as usize, now + config.interval);
+            }
+            Beat::Dead => self.close(Close::new(CloseCode::GOING_AWAY, "heartbeat timeout")),
+        }
+    }
+
+    fn redeliver_due(&mut self, now: Instant) {
+        let State::Open {
+            redelivery: Some(redelivery),
+            ..
+        } = &mut self.state
+        else {
+            return;
+        };
+        while let Some(message) = redelivery.poll(now) {
+            self.transmits.push_back(Transmit::Text(message.encode()));
+        }
+        if let Some(at) = redelivery.poll_timeout() {
+            self.timers.set(Timer::Redelivery as usize, at);
+            return;
+        }
+        self.events.push_back(redelivery.finished_event());
+        if let State::Open { redelivery, .. } = &mut self.state {
+            *redelivery = None;
+        }
+    }
+
+    fn close_for(&mut self, error: DecodeError) {
+        self.close(Close::new(error.close_code(), error.to_string()));
+    }
+
+    fn close(&mut self, close: Close) {
+        self.transmits.push_back(Transmit::Close(close.clone()));
+        self.finish(close, false);
+    }
+
+    fn finish(&mut self, close: Close, by_peer: bool) {
+        if let State::Open {
+            redelivery: Some(redelivery),
+            ..
+        } = &self.state
+        {
+            self.events.push_back(redelivery.finished_event());
+        }
+        self.state = State::Closed;
+        self.timers.stop_all();
+        self.events
+            .push_back(SessionEvent::Closed { close, by_peer });
+    }
+}
+
+/// JavaScript truthiness, for options upstream reads with `if (x)`.
+fn is_truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(_) | Value::Object(_) => true,
+    }
+}
+
+/// A close reason must fit in 123 bytes; cut at a character boundary.
+fn truncate_reason(mut reason: String) -> String {
+    const MAX: usize = 123;
+    if reason.len() > MAX {
+        let mut end = MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}

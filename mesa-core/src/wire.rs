@@ -1,0 +1,359 @@
+//! The wire codec: one Mesa message per WebSocket text frame, as a JSON object.
+//!
+//! Decoding is where a hostile peer first touches us, so it checks the size and the
+//! nesting depth *before* building a JSON tree, and every failure is a typed
+//! [`DecodeError`] that knows the close code the server answers with.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::close::CloseCode;
+use crate::limits::Limits;
+
+/// A Mesa opcode. Unknown opcodes stay representable so that a newer peer's
+/// messages reach the application instead of failing the decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Opcode {
+    /// `0`: application messages, both directions.
+    Dispatch,
+    /// `1`: server heartbeat.
+    Heartbeat,
+    /// `2`: client credentials.
+    Authenticate,
+    /// `5`: internal event between server processes (e.g. `DISCONNECT_CLIENT`).
+    Internal,
+    /// `10`: the first frame a server sends.
+    Hello,
+    /// `11`: the client's answer to a heartbeat.
+    HeartbeatAck,
+    /// `22`: authentication succeeded.
+    Authenticated,
+    /// Any other non-negative integer.
+    Other(u64),
+}
+
+impl Opcode {
+    /// The integer written on the wire.
+    pub fn code(self) -> u64 {
+        match self {
+            Opcode::Dispatch => 0,
+            Opcode::Heartbeat => 1,
+            Opcode::Authenticate => 2,
+            Opcode::Internal => 5,
+            Opcode::Hello => 10,
+            Opcode::HeartbeatAck => 11,
+            Opcode::Authenticated => 22,
+            Opcode::Other(code) => code,
+        }
+    }
+}
+
+impl From<u64> for Opcode {
+    fn from(code: u64) -> Self {
+        match code {
+            0 => Opcode::Dispatch,
+            1 => Opcode::Heartbeat,
+            2 => Opcode::Authenticate,
+            5 => Opcode::Internal,
+            10 => Opcode::Hello,
+            11 => Opcode::HeartbeatAck,
+            22 => Opcode::Authenticated,
+            other => Opcode::Other(other),
+        }
+    }
+}
+
+/// One Mesa message: `{"op": .., "d": .., "t"?: .., "s"?: ..}`.
+///
+/// `d` is `Value::Null` when the frame had no `d`; such a message encodes without `d`,
+/// exactly as upstream's `JSON.stringify` drops an `undefined` field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The opcode.
+    pub op: Opcode,
+    /// The data; `{}` when there is nothing to say.
+    pub d: Value,
+    /// The message type, e.g. `"STATUS_UPDATE"`.
+    pub t: Option<String>,
+    /// The sequence number of a redelivered message (1-based).
+    pub s: Option<u64>,
+}
+
+impl Message {
+    /// Build a message with `d` and no type or sequence.
+    pub fn new(op: Opcode, d: Value) -> Self {
+        Message {
+            op,
+            d,
+            t: None,
+            s: None,
+        }
+    }
+
+    /// Build an application dispatch (op 0) of type `t`.
+    pub fn dispatch(t: impl Into<String>, d: Value) -> Self {
+        Message {
+            op: Opcode::Dispatch,
+            d,
+            t: Some(t.into()),
+            s: None,
+        }
+    }
+
+    /// Decode one text frame, enforcing `limits` before any JSON tree is built.
+    pub fn decode(text: &str, limits: &Limits) -> Result<Message, DecodeError> {
+        if text.len() > limits.max_message_bytes {
+            return Err(DecodeError::TooBig {
+                len: text.len(),
+                max: limits.max_message_bytes,
+            });
+        }
+        check_depth(text.as_bytes(), limits.max_json_depth)?;
+        let value: Value = serde_json::from_str(text).map_err(|_| DecodeError::NotJson)?;
+        Message::from_value(value)
+    }
+
+    /// Interpret an already parsed JSON value (used for Redis payloads too).
+    pub fn from_value(value: Value) -> Result<Message, DecodeError> {
+        let Value::Object(mut object) = value else {
+            return Err(DecodeError::NotObject);
+        };
+        let op = match object.get("op") {
+            Some(op) => op
+                .as_u64()
+                .map(Opcode::from)
+                .ok_or(DecodeError::BadField("op"))?,
+            None => return Err(DecodeError::BadField("op")),
+        };
+        let d = object.remove("d").unwrap_or(Value::Null);
+        let t = match object.remove("t") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t),
+            Some(_) => return Err(DecodeError::BadField("t")),
+        };
+        let s = match object.get("s") {
+            None | Some(Value::Null) => None,
+            Some(s) => Some(s.as_u64().ok_or(DecodeError::BadField("s"))?),
+        };
+        Ok(Message { op, d, t, s })
+    }
+
+    /// The JSON object of this message, with upstream's field order (`op`, `d`, `t`, `s`).
+    pub fn to_value(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("op".into(), Value::from(self.op.code()));
+        if !self.d.is_null() {
+            object.insert("d".into(), self.d.clone());
+        }
+        if let Some(t) = &self.t {
+            object.insert("t".into(), Value::String(t.clone()));
+        }
+        if let Some(s) = self.s {
+            object.insert("s".into(), Value::from(s));
+        }
+        Value::Object(object)
+    }
+
+    /// Encode to a shareable frame. Encode a broadcast once and clone the [`Frame`].
+    pub fn encode(&self) -> Frame {
+        // Writing a `Value` into a `String` cannot fail: keys are strings and numbers finite.
+        Frame(
+            serde_json::to_string(&self.to_value())
+                .unwrap_or_default()
+                .into(),
+        )
+    }
+}
+
+/// An encoded text frame. Cloning shares the bytes, so a broadcast to many
+/// connections is serialized once.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Frame(Arc<str>);
+
+impl Frame {
+    /// The frame's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The shared text, for adapters that can hand it to their transport without a copy.
+    pub fn into_shared(self) -> Arc<str> {
+        self.0
+    }
+
+    /// Whether two frames share one allocation (a broadcast encoded once).
+    pub fn ptr_eq(&self, other: &Frame) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the frame is empty (never true for an encoded message).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Frame({})", &*self.0)
+    }
+}
+
+impl AsRef<str> for Frame {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The frame is not valid JSON.
+    #[error("frame is not valid JSON")]
+    NotJson,
+    /// The frame is JSON but not an object.
+    #[error("frame is not a JSON object")]
+    NotObject,
+    /// A field has the wrong type (`op` must be a non-negative integer, `t` a string, `s` an integer).
+    #[error("field `{0}` is missing or has the wrong type")]
+    BadField(&'static str),
+    /// The frame is larger than the configured maximum.
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooBig {
+        /// Size of the frame.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The JSON nests deeper than the configured maximum.
+    #[error("JSON nesting exceeds the limit of {max}")]
+    TooDeep {
+        /// The configured limit.
+        max: usize,
+    },
+    /// A binary frame arrived; Mesa speaks text frames only.
+    #[error("binary frames are not part of the Mesa protocol")]
+    Binary,
+}
+
+impl DecodeError {
+    /// The close code a server answers this error with.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            DecodeError::NotJson | DecodeError::NotObject | DecodeError::BadField(_) => {
+                CloseCode::INVALID_PAYLOAD
+            }
+            DecodeError::TooBig { .. } | DecodeError::TooDeep { .. } => CloseCode::MESSAGE_TOO_BIG,
+            DecodeError::Binary => CloseCode::UNSUPPORTED_DATA,
+        }
+    }
+}
+
+/// Reject JSON nested deeper than `max` with one pass over the bytes, before parsing.
+///
+/// Brackets inside strings do not count; an unbalanced document is left for the parser
+/// to reject.
+fn check_depth(bytes: &[u8], max: usize) -> Result<(), DecodeError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in bytes {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return Err(DecodeError::TooDeep { max });
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn limits() -> Limits {
+        Limits::default()
+    }
+
+    #[test]
+    fn encodes_in_upstream_field_order_without_absent_fields() {
+        let hello = Message::new(Opcode::Hello, json!({"rules": []}));
+        assert_eq!(hello.encode().as_str(), r#"{"op":10,"d":{"rules":[]}}"#);
+        let mut sync = Message::dispatch("CHAT", json!({"x": 1}));
+        sync.s = Some(3);
+        assert_eq!(
+            sync.encode().as_str(),
+            r#"{"op":0,"d":{"x":1},"t":"CHAT","s":3}"#
+        );
+    }
+
+    #[test]
+    fn decodes_known_and_unknown_opcodes() {
+        let m = Message::decode(r#"{"op":11,"d":{}}"#, &limits()).unwrap();
+        assert_eq!(m.op, Opcode::HeartbeatAck);
+        let m = Message::decode(r#"{"op":99,"d":{},"extra":true}"#, &limits()).unwrap();
+        assert_eq!(m.op, Opcode::Other(99));
+    }
+
+    #[test]
+    fn maps_each_error_to_its_close_code() {
+        let cases = [
+            ("nope", DecodeError::NotJson, 1007),
+            ("[1]", DecodeError::NotObject, 1007),
+            (r#"{"op":-1}"#, DecodeError::BadField("op"), 1007),
+            (r#"{"op":"0"}"#, DecodeError::BadField("op"), 1007),
+            (r#"{"d":{}}"#, DecodeError::BadField("op"), 1007),
+            (r#"{"op":0,"t":5}"#, DecodeError::BadField("t"), 1007),
+            (r#"{"op":0,"s":"x"}"#, DecodeError::BadField("s"), 1007),
+        ];
+        for (text, error, code) in cases {
+            let got = Message::decode(text, &limits()).unwrap_err();
+            assert_eq!(got, error, "{text}");
+            assert_eq!(got.close_code().0, code);
+        }
+    }
+
+    #[test]
+    fn enforces_size_and_depth_before_parsing() {
+        let small = Limits {
+            max_message_bytes: 16,
+            ..Limits::default()
+        };
+        let err = Message::decode(r#"{"op":0,"d":"0123456789"}"#, &small).unwrap_err();
+        assert!(matches!(err, DecodeError::TooBig { .. }));
+        assert_eq!(err.close_code().0, 1009);
+
+        let shallow = Limits {
+            max_json_depth: 3,
+            ..Limits::default()
+        };
+        assert!(Message::decode(r#"{"op":0,"d":{"a":[1]}}"#, &shallow).is_ok());
+        let err = Message::decode(r#"{"op":0,"d":{"a":[[1]]}}"#, &shallow).unwrap_err();
+        assert_eq!(err, DecodeError::TooDeep { max: 3 });
+        // Brackets inside strings are text, not nesting.
+        assert!(Message::decode(r#"{"op":0,"d":"[[[[[\"]]]]"}"#, &shallow).is_ok());
+    }
+}
