@@ -5,7 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::wire::{Frame, Message};
+use crate::close::{Close, CloseCode};
+use crate::wire::{Frame, Message, Opcode};
 
 /// A connection's handle inside one server process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,12 +44,37 @@ impl Recipients {
     }
 }
 
-/// A routing decision: write `frame` (encoded once) to each of `targets`.
+/// What a delivery does to each target connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write this frame (encoded once, shared by every target).
+    Write(Frame),
+    /// Close the connection: op 5 `DISCONNECT_CLIENT` closes with 1000.
+    Close(Close),
+    /// Nothing: an internal event (op 5) this version does not know is never
+    /// forwarded to a client.
+    Ignore,
+}
+
+impl Action {
+    /// Decide what `message` does to a recipient connection.
+    pub fn for_message(message: &Message) -> Action {
+        match (message.op, message.t.as_deref()) {
+            (Opcode::Internal, Some("DISCONNECT_CLIENT")) => {
+                Action::Close(Close::new(CloseCode::NORMAL, "disconnected by the server"))
+            }
+            (Opcode::Internal, _) => Action::Ignore,
+            _ => Action::Write(message.encode()),
+        }
+    }
+}
+
+/// A routing decision: apply `action` to each of `targets`.
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
 pub struct Delivery {
-    /// The encoded message, shared by every target.
-    pub frame: Frame,
+    /// What to do to every target.
+    pub action: Action,
     /// The local connections to write it to, in connection order, without repeats.
     pub targets: Vec<ConnId>,
     /// Explicit recipient ids with no connection here (candidates for the cluster and sync).
@@ -176,7 +202,7 @@ impl Hub {
     pub fn send(&self, message: &Message, recipients: &Recipients) -> Delivery {
         let (targets, absent) = self.route(recipients);
         Delivery {
-            frame: message.encode(),
+            action: Action::for_message(message),
             targets,
             absent,
         }
@@ -220,6 +246,18 @@ mod tests {
         let delivery = hub.send(&Message::dispatch("X", json!({})), &Recipients::All);
         assert_eq!(delivery.targets, [a]);
         assert!(hub.id_of(anon).is_none());
+    }
+
+    #[test]
+    fn internal_events_close_or_stay_internal() {
+        let mut disconnect = Message::new(Opcode::Internal, json!({}));
+        disconnect.t = Some("DISCONNECT_CLIENT".into());
+        let Action::Close(close) = Action::for_message(&disconnect) else {
+            panic!()
+        };
+        assert_eq!(close.code, CloseCode::NORMAL);
+        let other = Message::new(Opcode::Internal, json!({}));
+        assert_eq!(Action::for_message(&other), Action::Ignore);
     }
 
     #[test]

@@ -89,9 +89,14 @@ pub use config::{
     AuthConfig, ConfigError, HeartbeatConfig, ServerConfig, ServerConfigBuilder, SyncConfig,
 };
 pub use hello::{Hello, Rule};
-pub use hub::{ConnId, Delivery, Departure, Hub, Recipients};
+pub use hub::{Action, ConnId, Delivery, Departure, Hub, Recipients};
 pub use limits::Limits;
 pub use relay::{RelayAction, dev_authenticate, relay};
 pub use session::{ServerSession, SessionError, SessionEvent, Transmit};
 pub use sync::{MessageOptions, Redelivery};
 pub use wire::{DecodeError, Frame, Message, Opcode};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,344 @@
+//! Property tests of the state machines' invariants.
+
+mod sim;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesa_core::{
+    AuthConfig, Backoff, BackoffConfig, ClientConfig, ClientSession, ClientTransmit, Close,
+    CloseCode, HeartbeatConfig, Limits, Message, Opcode, ServerConfig, ServerSession, SessionEvent,
+    SyncConfig, Transmit,
+};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use sim::Sim;
+
+fn clock() -> Instant {
+    #[allow(clippy::disallowed_methods)]
+    Instant::now()
+}
+
+// ----- heartbeat -----
+
+/// Upstream's rule, restated independently: the tick at which the connection closes,
+/// given whether an ack arrived during each interval before a tick.
+fn expected_close_tick(acks: &[bool], max: u32) -> Option<usize> {
+    let mut misses = 0;
+    for tick in 0..acks.len() {
+        // Tick `tick` fires after interval `tick`; the ack flag is what arrived during it.
+        let acked_since_last_beat = tick > 0 && acks[tick - 1];
+        if tick == 0 || acked_since_last_beat {
+            misses = 0;
+        } else {
+            misses += 1;
+            if misses > max {
+                return Some(tick);
+            }
+        }
+    }
+    None
+}
+
+proptest! {
+    #[test]
+    fn heartbeat_closes_exactly_after_max_attempts_misses(
+        acks in prop::collection::vec(any::<bool>(), 1..40),
+        max in 1u32..5,
+    ) {
+        let interval = Duration::from_millis(100);
+        let config = ServerConfig::builder()
+            .heartbeat(HeartbeatConfig { interval, max_attempts: max })
+            .build()
+            .unwrap();
+        let start = clock();
+        let mut session = ServerSession::new(Arc::new(config), start);
+        let mut closed_at = None;
+        for (tick, acked) in acks.iter().enumerate() {
+            let now = start + interval * (tick as u32 + 1);
+            prop_assert_eq!(session.poll_timeout(), Some(now));
+            session.handle_timeout(now);
+            while let Some(transmit) = session.poll_transmit() {
+                if let Transmit::Close(close) = transmit {
+                    prop_assert_eq!(close.code, CloseCode::GOING_AWAY);
+                    closed_at = Some(tick);
+                }
+            }
+            if closed_at.is_some() {
+                break;
+            }
+            if *acked {
+                session.handle_frame(now, r#"{"op":11,"d":{}}"#);
+            }
+        }
+        prop_assert_eq!(closed_at, expected_close_tick(&acks, max));
+        if acks.iter().all(|a| *a) {
+            prop_assert_eq!(closed_at, None);
+        }
+    }
+
+    // ----- backoff -----
+
+    #[test]
+    fn backoff_delays_stay_within_their_ceiling(
+        base_ms in 1u64..5_000,
+        extra_ms in 0u64..60_000,
+        seed in any::<u64>(),
+        attempts in 1usize..64,
+    ) {
+        let config = BackoffConfig {
+            base: Duration::from_millis(base_ms),
+            cap: Duration::from_millis(base_ms + extra_ms),
+            base_is_fixed: true,
+        };
+        let mut backoff = Backoff::new(config, seed);
+        let mut previous_ceiling = Duration::ZERO;
+        for n in 0..attempts {
+            let ceiling = backoff.ceiling(n as u32);
+            let expected = config.base.saturating_mul(1u32.checked_shl(n as u32).unwrap_or(u32::MAX)).min(config.cap);
+            prop_assert_eq!(ceiling, expected);
+            prop_assert!(ceiling >= previous_ceiling, "the ceiling never shrinks");
+            previous_ceiling = ceiling;
+            let delay = backoff.next_delay();
+            prop_assert!(delay <= ceiling && delay <= config.cap);
+        }
+    }
+
+    // ----- codec -----
+
+    #[test]
+    fn decoding_never_panics(text in ".{0,200}") {
+        let _ = Message::decode(&text, &Limits::default());
+    }
+
+    #[test]
+    fn decode_inverts_encode(message in arb_message()) {
+        let encoded = message.encode();
+        prop_assert_eq!(Message::decode(encoded.as_str(), &Limits::default()), Ok(message));
+    }
+}
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        "[a-z\"\\\\{}\\[\\] ]{0,8}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    (
+        any::<u64>(),
+        arb_json(),
+        prop::option::of(".{0,12}"),
+        prop::option::of(any::<u64>()),
+    )
+        .prop_map(|(op, d, t, s)| Message {
+            op: Opcode::from(op),
+            d,
+            t,
+            s,
+        })
+}
+
+// ----- sessions never speak after close; every close has a reason -----
+
+#[derive(Debug, Clone)]
+enum ServerOp {
+    Frame(String),
+    Binary,
+    PeerClosed,
+    Advance(u16),
+    Accept,
+    Reject,
+    Send,
+    Disconnect,
+    Undelivered(u8),
+}
+
+fn arb_server_op() -> impl Strategy<Value = ServerOp> {
+    let frames = prop_oneof![
+        Just(r#"{"op":11,"d":{}}"#.to_owned()),
+        Just(r#"{"op":2,"d":{"token":"a","shouldSync":true}}"#.to_owned()),
+        Just(r#"{"op":0,"d":{"v":"2"},"t":"CLIENT_VERSION"}"#.to_owned()),
+        Just(r#"{"op":0,"d":{},"t":"ECHO"}"#.to_owned()),
+        ".{0,20}",
+    ];
+    prop_oneof![
+        frames.prop_map(ServerOp::Frame),
+        Just(ServerOp::Binary),
+        Just(ServerOp::PeerClosed),
+        (0u16..3000).prop_map(ServerOp::Advance),
+        Just(ServerOp::Accept),
+        Just(ServerOp::Reject),
+        Just(ServerOp::Send),
+        Just(ServerOp::Disconnect),
+        (0u8..5).prop_map(ServerOp::Undelivered),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn a_server_session_never_transmits_after_close(ops in prop::collection::vec(arb_server_op(), 0..60)) {
+        let config = ServerConfig::builder()
+            .heartbeat(HeartbeatConfig { interval: Duration::from_millis(500), max_attempts: 2 })
+            .authentication(AuthConfig { timeout: Duration::from_secs(2), ..AuthConfig::default() })
+            .sync(SyncConfig { redelivery_interval: Duration::from_millis(50) })
+            .enforce_equal_versions("1")
+            .build()
+            .unwrap();
+        let start = clock();
+        let mut now = start;
+        let mut session = ServerSession::new(Arc::new(config), now);
+        let mut closed = false;
+        let mut closed_events = 0;
+        for op in ops {
+            match op {
+                ServerOp::Frame(text) => session.handle_frame(now, &text),
+                ServerOp::Binary => session.handle_binary(now),
+                ServerOp::PeerClosed => session.handle_peer_closed(now, None),
+                ServerOp::Advance(ms) => {
+                    now += Duration::from_millis(u64::from(ms));
+                    session.handle_timeout(now);
+                }
+                ServerOp::Accept => { let _ = session.accept(now, "a".into(), json!({})); }
+                ServerOp::Reject => { let _ = session.reject(now, "no"); }
+                ServerOp::Send => { let _ = session.send(Message::dispatch("X", json!({})).encode()); }
+                ServerOp::Disconnect => { let _ = session.disconnect(Close::new(CloseCode::NORMAL, "bye")); }
+                ServerOp::Undelivered(n) => {
+                    let stored = (0..n).map(|i| Message::dispatch("S", json!(i))).collect();
+                    let _ = session.handle_undelivered(now, stored);
+                }
+            }
+            while let Some(transmit) = session.poll_transmit() {
+                prop_assert!(!closed, "transmitted {:?} after close", transmit);
+                if let Transmit::Close(close) = transmit {
+                    prop_assert!(!close.reason.is_empty());
+                    prop_assert!((1000..=1015).contains(&close.code.0));
+                    closed = true;
+                }
+            }
+            while let Some(event) = session.poll_event() {
+                prop_assert_eq!(closed_events, 0, "event {:?} after Closed", event);
+                if let SessionEvent::Closed { close, .. } = event {
+                    prop_assert!(!close.reason.is_empty());
+                    closed_events += 1;
+                    closed = true;
+                }
+            }
+            if closed {
+                prop_assert_eq!(session.poll_timeout(), None);
+            } else {
+                prop_assert!(session.poll_timeout().is_none_or(|t| t > now), "a due timer was not fired");
+            }
+        }
+    }
+}
+
+// ----- nothing queued is lost or reordered across reconnects -----
+
+#[derive(Debug, Clone)]
+enum Fault {
+    Send,
+    Wait(u16),
+    Cut,
+    Crash,
+    Restart,
+}
+
+fn arb_fault() -> impl Strategy<Value = Fault> {
+    prop_oneof![
+        4 => Just(Fault::Send),
+        3 => (1u16..2_000).prop_map(Fault::Wait),
+        1 => Just(Fault::Cut),
+        1 => Just(Fault::Crash),
+        1 => Just(Fault::Restart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn no_send_is_lost_or_reordered_across_reconnects(
+        faults in prop::collection::vec(arb_fault(), 1..80),
+        seed in any::<u64>(),
+    ) {
+        let config = ServerConfig::builder()
+            .heartbeat(HeartbeatConfig { interval: Duration::from_millis(300), max_attempts: 2 })
+            .reconnect_interval(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let mut sim = Sim::new(config, seed);
+        let client_config = ClientConfig {
+            backoff: BackoffConfig { base: Duration::from_millis(50), cap: Duration::from_secs(2), base_is_fixed: false },
+            limits: Limits { max_queued_sends: 16, ..Limits::default() },
+            ..ClientConfig::default()
+        };
+        let c = sim.add_client(client_config);
+        sim.connect(c);
+        let mut accepted = Vec::new();
+        let mut next = 0u64;
+        for fault in faults {
+            match fault {
+                Fault::Send => {
+                    if sim.send(c, Message::dispatch("NOTE", json!(next))).is_ok() {
+                        accepted.push(next);
+                    }
+                    next += 1;
+                }
+                Fault::Wait(ms) => sim.run_for(Duration::from_millis(u64::from(ms))),
+                // Faults strike between frames: a frame lost in flight is the
+                // transport's at-most-once, not a queue loss.
+                Fault::Cut if !sim.in_flight(c) => sim.cut(c),
+                Fault::Crash if !sim.in_flight(c) => sim.crash_server(),
+                Fault::Restart => sim.restart_server(),
+                Fault::Cut | Fault::Crash => {}
+            }
+        }
+        sim.restart_server();
+        let settled = sim.drive_bounded(1_000_000, Duration::from_secs(120), |sim| {
+            sim.clients[c].session.is_open() && sim.clients[c].session.queued() == 0 && !sim.in_flight(c)
+        });
+        prop_assert!(settled, "the client came back and flushed its queue");
+        let received: Vec<u64> = sim
+            .conn_logs
+            .values()
+            .flat_map(|log| log.events.iter())
+            .filter_map(|e| match e {
+                SessionEvent::Message(m) if m.t.as_deref() == Some("NOTE") => m.d.as_u64(),
+                _ => None,
+            })
+            .collect();
+        prop_assert_eq!(received, accepted);
+    }
+
+    #[test]
+    fn a_deliberately_disconnected_client_never_reconnects_by_itself(
+        waits in prop::collection::vec(0u16..5_000, 1..10),
+        seed in any::<u64>(),
+    ) {
+        let mut client = ClientSession::new(ClientConfig::default(), seed).unwrap();
+        let mut now = clock();
+        client.connect(now).unwrap();
+        client.handle_connected(now).unwrap();
+        client.handle_closed(now, None);
+        client.disconnect(now, Close::new(CloseCode::NORMAL, "bye")).unwrap();
+        while client.poll_transmit().is_some() {}
+        for wait in waits {
+            now += Duration::from_millis(u64::from(wait));
+            client.handle_timeout(now);
+            while let Some(transmit) = client.poll_transmit() {
+                prop_assert!(!matches!(transmit, ClientTransmit::Connect), "reconnected after disconnect");
+            }
+        }
+        prop_assert_eq!(client.poll_timeout(), None);
+    }
+}
