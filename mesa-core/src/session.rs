@@ -132,7 +132,13 @@ enum State {
 /// `is_authenticated`, `is_closed`), inputs (`handle_*`), commands (`accept`, `reject`,
 /// `send`, `update_user`, `disconnect`), and outputs (`poll_*`). After every input or
 /// command, drain `poll_transmit` until `None`, then `poll_event` until `None`, then
-/// re-arm the timer from `poll_timeout`.
+/// re-arm the timer from `poll_timeout`. Apply the events (notably
+/// [`SessionEvent::Authenticated`] to the hub) before the drained frames reach the
+/// socket, so that a client never sees op 22 before sends to its id can reach it.
+///
+/// The session's own queues are drained after every call, so they stay short; the
+/// bound on what waits for a slow reader belongs to the adapter's outbound queue,
+/// which applies [`CloseCode::TRY_AGAIN_LATER`] when it overflows.
 #[derive(Debug)]
 pub struct ServerSession {
     config: Arc<ServerConfig>,
@@ -218,9 +224,15 @@ impl ServerSession {
     }
 
     /// A binary frame arrived: Mesa is text only, so the connection closes with 1003.
-    pub fn handle_binary(&mut self, _now: Instant) {
+    pub fn handle_binary(&mut self, now: Instant) {
+        self.handle_invalid(now, DecodeError::Binary);
+    }
+
+    /// The transport could not deliver a frame (too big, invalid UTF-8): close with
+    /// the error's code.
+    pub fn handle_invalid(&mut self, _now: Instant, error: DecodeError) {
         if !self.is_closed() {
-            self.close_for(DecodeError::Binary);
+            self.close_for(error);
         }
     }
 
@@ -522,6 +534,10 @@ impl ServerSession {
     }
 
     fn finish(&mut self, close: Close, by_peer: bool) {
+        if by_peer {
+            // The transport is gone: frames still queued can no longer be written.
+            self.transmits.clear();
+        }
         if let State::Open {
             redelivery: Some(redelivery),
             ..

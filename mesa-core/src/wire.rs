@@ -205,6 +205,12 @@ impl fmt::Debug for Frame {
     }
 }
 
+impl AsRef<[u8]> for Frame {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
 impl AsRef<str> for Frame {
     fn as_ref(&self) -> &str {
         &self.0
@@ -241,15 +247,19 @@ pub enum DecodeError {
     /// A binary frame arrived; Mesa speaks text frames only.
     #[error("binary frames are not part of the Mesa protocol")]
     Binary,
+    /// A text frame was not valid UTF-8 (reported by the transport).
+    #[error("text frame is not valid UTF-8")]
+    InvalidUtf8,
 }
 
 impl DecodeError {
     /// The close code a server answers this error with.
     pub fn close_code(&self) -> CloseCode {
         match self {
-            DecodeError::NotJson | DecodeError::NotObject | DecodeError::BadField(_) => {
-                CloseCode::INVALID_PAYLOAD
-            }
+            DecodeError::NotJson
+            | DecodeError::NotObject
+            | DecodeError::BadField(_)
+            | DecodeError::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
             DecodeError::TooBig { .. } | DecodeError::TooDeep { .. } => CloseCode::MESSAGE_TOO_BIG,
             DecodeError::Binary => CloseCode::UNSUPPORTED_DATA,
         }

@@ -1,0 +1,520 @@
+//! The client: a task that drives the core's [`ClientSession`] over reconnections,
+//! a cloneable [`Client`] handle for commands, and a stream of [`ClientEvent`]s.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use futures_channel::{mpsc, oneshot};
+use futures_util::future::{Either, select};
+use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
+use mesa_core::{
+    BackoffConfig, ClientConfig, ClientEvent, ClientSession, ClientTransmit, Close, CloseCode,
+    ConfigError, Limits, Message,
+};
+use serde_json::Value;
+
+use crate::handler::BoxFuture;
+use crate::io::Io;
+use crate::runtime::Runtime;
+use crate::transport::{ReadFailure, TransportConfig, close_frame, core_close, read_failure, text};
+
+/// Events buffered for an application that reads them slowly; past this the client
+/// stops reading the socket (the server then sees backpressure, not a lost message).
+const EVENT_BUFFER: usize = 256;
+
+/// Why a client command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The session refused the command (queue full, already connected, ...).
+    #[error(transparent)]
+    Session(#[from] mesa_core::ClientError),
+    /// The connection ended for good before the server answered.
+    #[error("disconnected before the server answered: {0}")]
+    Disconnected(String),
+    /// The client's task has stopped.
+    #[error("the client has stopped")]
+    Stopped,
+}
+
+/// Why a client could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The settings are invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The URL is not `ws://host:port[/path]`.
+    #[error("unsupported URL `{0}`: expected ws://host:port/path")]
+    Url(String),
+}
+
+/// Builds a [`Client`].
+#[must_use]
+pub struct ClientBuilder<R> {
+    runtime: R,
+    url: String,
+    config: ClientConfig,
+    transport: TransportConfig,
+    auto_connect: bool,
+    seed: Option<u64>,
+}
+
+impl<R: Runtime> ClientBuilder<R> {
+    pub(crate) fn new(runtime: R, url: impl Into<String>) -> Self {
+        ClientBuilder {
+            runtime,
+            url: url.into(),
+            config: ClientConfig::default(),
+            transport: TransportConfig::default(),
+            auto_connect: true,
+            seed: None,
+        }
+    }
+
+    /// Reconnect automatically after the connection is lost (default true).
+    pub fn reconnect(mut self, reconnect: bool) -> Self {
+        self.config.reconnect = reconnect;
+        self
+    }
+
+    /// Backoff bounds for reconnection (default base 1 s, or the server's interval; cap 30 s).
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// Heartbeats the server may skip before it is declared dead (default 3).
+    pub fn heartbeat_max_attempts(mut self, attempts: u32) -> Self {
+        self.config.heartbeat_max_attempts = attempts;
+        self
+    }
+
+    /// The version announced when the server enforces equal versions.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.config.version = Some(version.into());
+        self
+    }
+
+    /// Limits on frames from the server and on the offline send queue.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// Transport settings (connect/handshake timeout, buffers).
+    pub fn transport(mut self, transport: TransportConfig) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Connect as soon as the client is built (default true); otherwise call
+    /// [`Client::connect`].
+    pub fn auto_connect(mut self, auto: bool) -> Self {
+        self.auto_connect = auto;
+        self
+    }
+
+    /// Fix the backoff jitter's seed (tests); by default it comes from the OS.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Start the client's task.
+    pub fn build(self) -> Result<(Client, ClientEvents), BuildError> {
+        let authority = authority(&self.url).ok_or_else(|| BuildError::Url(self.url.clone()))?;
+        let seed = self.seed.unwrap_or_else(entropy_seed);
+        let mut session = ClientSession::new(self.config.clone(), seed)?;
+        if self.auto_connect {
+            // A new session is idle, so connecting cannot be refused.
+            let _ = session.connect(self.runtime.now());
+        }
+        let (command_tx, command_rx) = mpsc::channel(64);
+        let (event_tx, event_rx) = mpsc::channel(EVENT_BUFFER);
+        let task = Task {
+            ws_config: self.transport.websocket(&self.config.limits),
+            runtime: self.runtime.clone(),
+            url: self.url,
+            authority,
+            transport: self.transport,
+            limits: self.config.limits,
+            session,
+            commands: command_rx,
+            events: event_tx,
+        };
+        self.runtime.spawn(task.run());
+        Ok((
+            Client {
+                commands: command_tx,
+            },
+            ClientEvents { events: event_rx },
+        ))
+    }
+}
+
+/// A Mesa client. Cloning is cheap; when every clone is dropped the client
+/// disconnects and its task ends.
+#[derive(Clone, Debug)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+}
+
+/// The client's events: connected, authenticated, messages, disconnected.
+#[derive(Debug)]
+pub struct ClientEvents {
+    events: mpsc::Receiver<ClientEvent>,
+}
+
+impl Stream for ClientEvents {
+    type Item = ClientEvent;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<ClientEvent>> {
+        self.events.poll_next_unpin(cx)
+    }
+}
+
+enum Command {
+    Connect(oneshot::Sender<Result<(), ClientError>>),
+    Authenticate(Value, bool, oneshot::Sender<Result<Value, ClientError>>),
+    Send(Message, oneshot::Sender<Result<(), ClientError>>),
+    Disconnect(Close, oneshot::Sender<Result<(), ClientError>>),
+}
+
+impl Client {
+    /// Start connecting (when built with `auto_connect(false)`, or after `disconnect`).
+    pub async fn connect(&self) -> Result<(), ClientError> {
+        self.call(Command::Connect).await?
+    }
+
+    /// Authenticate with `credentials` (a JSON object such as `{"token": ..}`) and
+    /// wait for the server's answer: the user object (or `{}`). `should_sync` asks for
+    /// messages stored while offline. The credentials are sent again after every
+    /// automatic reconnection.
+    pub async fn authenticate(
+        &self,
+        credentials: Value,
+        should_sync: bool,
+    ) -> Result<Value, ClientError> {
+        self.call(|tx| Command::Authenticate(credentials, should_sync, tx))
+            .await?
+    }
+
+    /// Send `message` now, or queue it while disconnected (bounded: a full queue is
+    /// an error, never a silent drop).
+    pub async fn send(&self, message: Message) -> Result<(), ClientError> {
+        self.call(|tx| Command::Send(message, tx)).await?
+    }
+
+    /// Disconnect deliberately: no reconnection follows.
+    pub async fn disconnect(&self, close: Close) -> Result<(), ClientError> {
+        self.call(|tx| Command::Disconnect(close, tx)).await?
+    }
+
+    async fn call<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .clone()
+            .send(command(tx))
+            .await
+            .map_err(|_| ClientError::Stopped)?;
+        rx.await.map_err(|_| ClientError::Stopped)
+    }
+}
+
+enum Wake<S> {
+    Opened(Result<WebSocketStream<S>, String>),
+    Read(Option<Result<WsMessage, WsError>>),
+    WriteFailed,
+    Command(Option<Command>),
+    Timer,
+}
+
+struct Task<R: Runtime> {
+    runtime: R,
+    url: String,
+    authority: String,
+    transport: TransportConfig,
+    ws_config: WebSocketConfig,
+    limits: Limits,
+    session: ClientSession,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<ClientEvent>,
+}
+
+impl<R: Runtime> Task<R> {
+    async fn run(mut self) {
+        let runtime = self.runtime.clone();
+        let mut io: Option<Io<R::TcpStream>> = None;
+        let mut opening: Option<BoxFuture<'static, Result<WebSocketStream<R::TcpStream>, String>>> =
+            None;
+        let mut timer: Option<(Instant, Pin<Box<R::Sleep>>)> = None;
+        let mut auth_waiters: Vec<oneshot::Sender<Result<Value, ClientError>>> = Vec::new();
+        let mut outgoing: VecDeque<ClientEvent> = VecDeque::new();
+        let mut stopping = false;
+
+        loop {
+            while let Some(transmit) = self.session.poll_transmit() {
+                match transmit {
+                    ClientTransmit::Connect => opening = Some(Box::pin(self.open())),
+                    ClientTransmit::Text(frame) => {
+                        if let Some(io) = io.as_mut() {
+                            io.pending.push_back(text(frame));
+                        }
+                    }
+                    ClientTransmit::Close(close) => {
+                        opening = None;
+                        if let Some(mut old) = io.take() {
+                            old.pending
+                                .push_back(WsMessage::Close(Some(close_frame(&close))));
+                            self.linger(old);
+                        }
+                    }
+                }
+            }
+            while let Some(event) = self.session.poll_event() {
+                match &event {
+                    ClientEvent::Authenticated { user } => {
+                        for waiter in auth_waiters.drain(..) {
+                            let _ = waiter.send(Ok(user.clone()));
+                        }
+                    }
+                    ClientEvent::Disconnected {
+                        close,
+                        reconnect_at: None,
+                    } => {
+                        for waiter in auth_waiters.drain(..) {
+                            let _ = waiter.send(Err(ClientError::Disconnected(close.to_string())));
+                        }
+                    }
+                    _ => {}
+                }
+                outgoing.push_back(event);
+            }
+            if stopping {
+                if let Some(io) = io.take() {
+                    self.linger(io);
+                }
+                return;
+            }
+            let deadline = self.session.poll_timeout();
+            if timer.as_ref().map(|(at, _)| *at) != deadline {
+                timer = deadline.map(|at| (at, Box::pin(runtime.sleep_until(at))));
+            }
+
+            let wake = poll_fn(|cx| {
+                if let Some(io) = io.as_mut() {
+                    if let Poll::Ready(Err(_)) = io.poll_write(cx) {
+                        return Poll::Ready(Wake::WriteFailed);
+                    }
+                }
+                while !outgoing.is_empty() {
+                    match self.events.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            if let Some(event) = outgoing.pop_front() {
+                                let _ = self.events.start_send(event);
+                            }
+                        }
+                        // Nobody listens: the events have no reader to reach.
+                        Poll::Ready(Err(_)) => outgoing.clear(),
+                        Poll::Pending => break,
+                    }
+                }
+                if let Some(future) = opening.as_mut() {
+                    if let Poll::Ready(outcome) = future.poll_unpin(cx) {
+                        opening = None;
+                        return Poll::Ready(Wake::Opened(outcome));
+                    }
+                }
+                if let Poll::Ready(command) = self.commands.poll_next_unpin(cx) {
+                    return Poll::Ready(Wake::Command(command));
+                }
+                if let Some((_, sleep)) = timer.as_mut() {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        timer = None;
+                        return Poll::Ready(Wake::Timer);
+                    }
+                }
+                match io.as_mut() {
+                    Some(io) if outgoing.is_empty() => io.ws.poll_next_unpin(cx).map(Wake::Read),
+                    _ => Poll::Pending,
+                }
+            })
+            .await;
+
+            let now = runtime.now();
+            match wake {
+                Wake::Opened(Ok(ws)) => {
+                    io = Some(Io::new(ws));
+                    let _ = self.session.handle_connected(now);
+                }
+                Wake::Opened(Err(reason)) => {
+                    let _ = self.session.handle_connect_failed(now, &reason);
+                }
+                Wake::Read(Some(Ok(WsMessage::Text(text)))) => {
+                    self.session.handle_frame(now, &text)
+                }
+                Wake::Read(Some(Ok(WsMessage::Close(frame)))) => {
+                    if let Some(io) = io.take() {
+                        self.linger(io);
+                    }
+                    self.session.handle_closed(now, Some(core_close(frame)));
+                }
+                Wake::Read(Some(Ok(_))) => {}
+                Wake::Read(Some(Err(error))) => {
+                    io = None;
+                    let close = match read_failure(error, &self.limits) {
+                        ReadFailure::Invalid(error) => {
+                            Close::new(error.close_code(), error.to_string())
+                        }
+                        ReadFailure::Gone(close) => close,
+                    };
+                    self.session.handle_closed(now, Some(close));
+                }
+                Wake::Read(None) | Wake::WriteFailed => {
+                    io = None;
+                    self.session.handle_closed(now, None);
+                }
+                Wake::Timer => self.session.handle_timeout(now),
+                Wake::Command(Some(command)) => {
+                    self.execute(now, command, &mut auth_waiters);
+                }
+                Wake::Command(None) => {
+                    // Every handle is gone: leave politely.
+                    let _ = self
+                        .session
+                        .disconnect(now, Close::new(CloseCode::NORMAL, "client dropped"));
+                    stopping = true;
+                }
+            }
+        }
+    }
+
+    fn execute(
+        &mut self,
+        now: Instant,
+        command: Command,
+        auth_waiters: &mut Vec<oneshot::Sender<Result<Value, ClientError>>>,
+    ) {
+        match command {
+            Command::Connect(reply) => {
+                let _ = reply.send(self.session.connect(now).map_err(ClientError::from));
+            }
+            Command::Authenticate(credentials, should_sync, reply) => {
+                match self.session.authenticate(now, credentials, should_sync) {
+                    Ok(()) => auth_waiters.push(reply),
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
+            }
+            Command::Send(message, reply) => {
+                let _ = reply.send(self.session.send(now, message).map_err(ClientError::from));
+            }
+            Command::Disconnect(close, reply) => {
+                let _ = reply.send(
+                    self.session
+                        .disconnect(now, close)
+                        .map_err(ClientError::from),
+                );
+            }
+        }
+    }
+
+    /// Open a transport and do the client handshake, bounded by the handshake timeout.
+    fn open(
+        &self,
+    ) -> impl std::future::Future<Output = Result<WebSocketStream<R::TcpStream>, String>> + Send + 'static
+    {
+        let runtime = self.runtime.clone();
+        let (url, authority, config) = (self.url.clone(), self.authority.clone(), self.ws_config);
+        let timeout = self.transport.handshake_timeout;
+        async move {
+            let attempt = Box::pin(async {
+                let stream = runtime
+                    .connect(&authority)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                async_tungstenite::client_async_with_config(url.as_str(), stream, Some(config))
+                    .await
+                    .map(|(ws, _)| ws)
+                    .map_err(|e| e.to_string())
+            });
+            let deadline = Box::pin(runtime.sleep_until(runtime.now() + timeout));
+            match select(attempt, deadline).await {
+                Either::Left((outcome, _)) => outcome,
+                Either::Right(_) => Err(format!("no handshake within {timeout:?}")),
+            }
+        }
+    }
+
+    /// Finish a closing transport in the background, bounded by the close timeout.
+    fn linger(&self, mut io: Io<R::TcpStream>) {
+        let runtime = self.runtime.clone();
+        let timeout: Duration = self.transport.close_timeout;
+        self.runtime.spawn(async move {
+            let deadline = Box::pin(runtime.sleep_until(runtime.now() + timeout));
+            select(Box::pin(io.linger()), deadline).await;
+        });
+    }
+}
+
+/// `host:port` of a `ws://` URL.
+fn authority(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("ws://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.is_empty() {
+        return None;
+    }
+    if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        Some(authority.to_owned())
+    } else {
+        Some(format!("{authority}:80"))
+    }
+}
+
+/// A seed from the OS's randomness (the standard library's hasher keys).
+fn entropy_seed() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0x6d65_7361);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authority;
+
+    #[test]
+    fn reads_the_authority_of_ws_urls() {
+        assert_eq!(
+            authority("ws://127.0.0.1:4000/"),
+            Some("127.0.0.1:4000".into())
+        );
+        assert_eq!(
+            authority("ws://localhost:4000"),
+            Some("localhost:4000".into())
+        );
+        assert_eq!(
+            authority("ws://example.com/path"),
+            Some("example.com:80".into())
+        );
+        assert_eq!(authority("wss://example.com"), None);
+        assert_eq!(authority("ws:///x"), None);
+    }
+}

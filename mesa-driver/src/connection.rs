@@ -1,0 +1,290 @@
+//! One connection: the handle the application holds, and the driver loop that feeds
+//! the core's [`ServerSession`] and executes its outputs (quinn's `ConnectionDriver`
+//! shape). The loop decides nothing about the protocol.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use futures_io::{AsyncRead, AsyncWrite};
+use futures_util::{FutureExt, StreamExt};
+use mesa_core::{Close, CloseCode, ConnId, Message, ServerSession, SessionEvent, Transmit};
+use serde_json::Value;
+
+use crate::handler::{AuthError, BoxFuture, Handler};
+use crate::io::Io;
+use crate::outbox::{Drained, Outbound, Refused};
+use crate::router::{ConnShared, Identity, Router, ServerHandle};
+use crate::runtime::Runtime;
+use crate::server::Inner;
+use crate::transport::{ReadFailure, close_frame, core_close, read_failure, text};
+
+/// Frames written but not yet flushed before the outbox stops being drained: the
+/// outbox's byte cap, not this queue, absorbs a slow reader.
+const WRITE_BACKLOG: usize = 32;
+
+/// A connection as the application sees it. Cloning is cheap; every method works
+/// from any task.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<ConnShared>,
+    router: Arc<Router>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("conn", &self.shared.conn)
+            .field("id", &self.id())
+            .finish()
+    }
+}
+
+/// Why a connection did not take a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The connection is closed.
+    #[error("the connection is closed")]
+    Closed,
+    /// The connection's outbound queue is full; it is being closed as a slow consumer.
+    #[error("the connection's outbound queue is full")]
+    Overflow,
+}
+
+impl From<Refused> for SendError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::Closed => SendError::Closed,
+            Refused::Overflow => SendError::Overflow,
+        }
+    }
+}
+
+impl Connection {
+    /// The connection's handle inside this server.
+    pub fn conn_id(&self) -> ConnId {
+        self.shared.conn
+    }
+
+    /// The peer's address, when known.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.shared.remote
+    }
+
+    /// The authenticated id.
+    pub fn id(&self) -> Option<String> {
+        self.identity().map(|i| i.id)
+    }
+
+    /// The authenticated user object.
+    pub fn user(&self) -> Option<Value> {
+        self.identity().map(|i| i.user)
+    }
+
+    /// Whether the connection has authenticated.
+    pub fn is_authenticated(&self) -> bool {
+        self.identity().is_some()
+    }
+
+    fn identity(&self) -> Option<Identity> {
+        self.shared
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Send `message` to this connection only.
+    pub fn send(&self, message: &Message) -> Result<(), SendError> {
+        Ok(self.shared.outbox.push(Outbound::Frame(message.encode()))?)
+    }
+
+    /// Close the connection with `close`.
+    pub fn disconnect(&self, close: Close) -> Result<(), SendError> {
+        Ok(self.shared.outbox.push(Outbound::Close(close))?)
+    }
+
+    /// Replace the user object (no frame is sent, as upstream).
+    pub fn update_user(&self, user: Value) -> Result<(), SendError> {
+        if let Some(identity) = self
+            .shared
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            identity.user = user.clone();
+        }
+        Ok(self.shared.outbox.push(Outbound::UpdateUser(user))?)
+    }
+
+    /// A handle for sending to other connections.
+    pub fn server(&self) -> ServerHandle {
+        ServerHandle {
+            router: self.router.clone(),
+        }
+    }
+}
+
+/// What woke the driver loop.
+enum Wake {
+    Read(Option<Result<WsMessage, WsError>>),
+    WriteFailed(WsError),
+    Outbox(Drained),
+    Timer,
+    Auth(Result<(String, Value), AuthError>),
+}
+
+/// Drive one upgraded connection until it closes.
+pub(crate) async fn drive<R, S, H>(
+    inner: Arc<Inner<R, H>>,
+    ws: WebSocketStream<S>,
+    remote: Option<SocketAddr>,
+) where
+    R: Runtime,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let runtime = &inner.runtime;
+    let router = inner.router.clone();
+    let shared = router.register(remote);
+    let conn = Connection {
+        shared: shared.clone(),
+        router: router.clone(),
+    };
+    let mut session = ServerSession::new(inner.config.clone(), runtime.now());
+    router.middleware.emit(|m| m.on_connection(&conn));
+    inner.handler.on_connect(&conn).await;
+
+    let mut io = Io::new(ws);
+    let mut timer: Option<(Instant, Pin<Box<R::Sleep>>)> = None;
+    let mut auth: Option<BoxFuture<'static, Result<(String, Value), AuthError>>> = None;
+
+    let close = loop {
+        let closed = loop {
+            while let Some(transmit) = session.poll_transmit() {
+                io.pending.push_back(match transmit {
+                    Transmit::Text(frame) => text(frame),
+                    Transmit::Close(close) => WsMessage::Close(Some(close_frame(&close))),
+                });
+            }
+            let Some(event) = session.poll_event() else {
+                break None;
+            };
+            match event {
+                SessionEvent::AuthenticationRequested { credentials, .. } => {
+                    auth = inner
+                        .authenticator
+                        .as_ref()
+                        .map(|a| a.authenticate(credentials));
+                }
+                SessionEvent::Authenticated { id, user, .. } => {
+                    router.authenticate(shared.conn, &id);
+                    *shared.identity.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Identity { id, user });
+                    router.middleware.emit(|m| m.on_authenticated(&conn));
+                    inner.handler.on_authenticated(&conn).await;
+                }
+                SessionEvent::Message(message) => {
+                    router
+                        .middleware
+                        .emit(|m| m.on_message_received(&conn, &message));
+                    inner.handler.on_message(&conn, message).await;
+                }
+                // No sync store on a single server yet: nothing was stored.
+                SessionEvent::LoadUndelivered { .. } => {
+                    let _ = session.handle_undelivered(runtime.now(), Vec::new());
+                }
+                SessionEvent::ClearUndelivered { .. } | SessionEvent::Redelivered { .. } => {}
+                SessionEvent::Closed { close, .. } => break Some(close),
+            }
+        };
+        if let Some(close) = closed {
+            break close;
+        }
+
+        let deadline = session.poll_timeout();
+        if timer.as_ref().map(|(at, _)| *at) != deadline {
+            timer = deadline.map(|at| (at, Box::pin(runtime.sleep_until(at))));
+        }
+
+        let wake = poll_fn(|cx| {
+            if let Poll::Ready(Err(error)) = io.poll_write(cx) {
+                return Poll::Ready(Wake::WriteFailed(error));
+            }
+            if let Some(future) = auth.as_mut() {
+                if let Poll::Ready(outcome) = future.poll_unpin(cx) {
+                    auth = None;
+                    return Poll::Ready(Wake::Auth(outcome));
+                }
+            }
+            if io.pending.len() < WRITE_BACKLOG {
+                if let Poll::Ready(drained) = shared.outbox.poll_drain(cx) {
+                    return Poll::Ready(Wake::Outbox(drained));
+                }
+            }
+            if let Some((_, sleep)) = timer.as_mut() {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    timer = None;
+                    return Poll::Ready(Wake::Timer);
+                }
+            }
+            io.ws.poll_next_unpin(cx).map(Wake::Read)
+        })
+        .await;
+
+        let now = runtime.now();
+        match wake {
+            Wake::Read(Some(Ok(WsMessage::Text(text)))) => session.handle_frame(now, &text),
+            Wake::Read(Some(Ok(WsMessage::Binary(_)))) => session.handle_binary(now),
+            Wake::Read(Some(Ok(WsMessage::Close(frame)))) => {
+                session.handle_peer_closed(now, Some(core_close(frame)))
+            }
+            Wake::Read(Some(Ok(_))) => {}
+            Wake::Read(Some(Err(error))) => match read_failure(error, inner.config.limits()) {
+                ReadFailure::Invalid(error) => session.handle_invalid(now, error),
+                ReadFailure::Gone(close) => session.handle_peer_closed(now, Some(close)),
+            },
+            Wake::Read(None) => session.handle_peer_closed(now, None),
+            Wake::WriteFailed(error) => {
+                let close = Close::new(CloseCode::ABNORMAL, error.to_string());
+                session.handle_peer_closed(now, Some(close));
+            }
+            Wake::Auth(Ok((id, user))) => {
+                let _ = session.accept(now, id, user);
+            }
+            Wake::Auth(Err(error)) => {
+                let _ = session.reject(now, &error.0);
+            }
+            Wake::Timer => session.handle_timeout(now),
+            Wake::Outbox(drained) => {
+                if drained.overflowed {
+                    let reason = "slow consumer: outbound queue full";
+                    let _ = session.disconnect(Close::new(CloseCode::TRY_AGAIN_LATER, reason));
+                }
+                for item in drained.items {
+                    let _ = match item {
+                        Outbound::Frame(frame) => session.send(frame),
+                        Outbound::Close(close) => session.disconnect(close),
+                        Outbound::UpdateUser(user) => session.update_user(user),
+                    };
+                }
+            }
+        }
+    };
+
+    router.unregister(shared.conn);
+    let linger = runtime.sleep_until(runtime.now() + inner.transport.close_timeout);
+    futures_util::future::select(Box::pin(io.linger()), Box::pin(linger)).await;
+    tracing::debug!(conn = shared.conn.0, code = close.code.0, reason = %close.reason, "closed");
+    router
+        .middleware
+        .emit(|m| m.on_disconnection(&conn, &close));
+    inner.handler.on_disconnect(&conn, &close).await;
+}

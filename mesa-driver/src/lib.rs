@@ -1,0 +1,37 @@
+//! The runtime-agnostic driver of [`mesa_core`]: the per-connection loop, the server's
+//! shared registry, and the client task, written once and generic over a small
+//! [`Runtime`] trait and `futures-io` streams. Runtime crates (`mesa-tokio`,
+//! `mesa-async-std`) implement [`Runtime`] and re-export these types.
+//!
+//! The driver decides nothing about the protocol: it feeds frames, timer expiries and
+//! the application's answers to the core's state machines and executes what they
+//! output. Framing is async-tungstenite's, with small buffers (see
+//! [`TransportConfig`]).
+#![warn(missing_docs, unreachable_pub)]
+
+mod client;
+mod connection;
+mod handler;
+mod io;
+mod middleware;
+mod outbox;
+mod router;
+mod runtime;
+mod server;
+mod transport;
+
+pub use client::{BuildError, Client, ClientBuilder, ClientError, ClientEvents};
+pub use connection::{Connection, SendError};
+pub use handler::{AuthError, Authenticator, BoxFuture, DevAuthenticator, Handler, Ignore, Relay};
+pub use middleware::{BoxError, Middleware};
+pub use router::{SendReport, ServerHandle};
+pub use runtime::Runtime;
+pub use server::{Listening, Server, ServerBuilder};
+pub use transport::TransportConfig;
+
+pub use mesa_core;
+
+/// Start building a client of `url` (`ws://host:port/path`) on `runtime`.
+pub fn client<R: Runtime>(runtime: R, url: impl Into<String>) -> ClientBuilder<R> {
+    ClientBuilder::new(runtime, url)
+}

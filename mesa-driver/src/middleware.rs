@@ -1,0 +1,91 @@
+//! Middleware: observers of a server's life, with upstream's hooks. A middleware
+//! cannot change what happens; its errors and panics are contained and reported to
+//! the others' `on_error`.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use mesa_core::{Close, Message};
+
+use crate::connection::Connection;
+
+/// An error a middleware reports.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A server observer. Every hook defaults to doing nothing; hooks run on the
+/// connection's task, so keep them quick (hand slow work to a channel).
+#[allow(unused_variables)]
+pub trait Middleware: Send + Sync + 'static {
+    /// A connection opened (before its hello is written).
+    fn on_connection(&self, conn: &Connection) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A connection closed.
+    fn on_disconnection(&self, conn: &Connection, close: &Close) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A connection authenticated (also on re-authentication).
+    fn on_authenticated(&self, conn: &Connection) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// An application message arrived from a connection.
+    fn on_message_received(&self, conn: &Connection, message: &Message) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A message was handed to `recipients` local connections.
+    fn on_message_sent(&self, message: &Message, recipients: usize) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A message had recipients that are connected nowhere here.
+    fn on_undeliverable(&self, message: &Message, ids: &[String]) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// Stored messages were redelivered to a connection.
+    fn on_redelivered(&self, conn: &Connection, count: usize) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A portal joined the pool.
+    fn on_portal_join(&self, portal: &str) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A portal left the pool.
+    fn on_portal_leave(&self, portal: &str) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// Another middleware, or the server, reported an error.
+    fn on_error(&self, error: &str) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// The registered middleware, called in registration order with errors contained.
+#[derive(Clone, Default)]
+pub(crate) struct Middlewares(Arc<Vec<Arc<dyn Middleware>>>);
+
+impl Middlewares {
+    pub(crate) fn new(list: Vec<Arc<dyn Middleware>>) -> Self {
+        Middlewares(Arc::new(list))
+    }
+
+    /// Call `hook` on every middleware; an error or panic is logged and reported to
+    /// the others' `on_error`, and never stops the server.
+    pub(crate) fn emit(&self, hook: impl Fn(&dyn Middleware) -> Result<(), BoxError>) {
+        for middleware in self.0.iter() {
+            let outcome = catch_unwind(AssertUnwindSafe(|| hook(middleware.as_ref())));
+            let error = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "middleware panicked".to_owned(),
+            };
+            self.report(&error);
+        }
+    }
+
+    /// Report an error to every middleware's `on_error` (whose own failures are only logged).
+    pub(crate) fn report(&self, error: &str) {
+        tracing::warn!(error, "middleware error");
+        for middleware in self.0.iter() {
+            let _ = catch_unwind(AssertUnwindSafe(|| middleware.on_error(error)));
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The server's shared registry: the core's [`Hub`] plus each connection's outbox.
+//! A send locks it briefly (no await inside), asks the hub who receives, and pushes
+//! the one encoded frame into each target's outbox.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mesa_core::{Action, Close, ConnId, Departure, Hub, Message, Recipients};
+use serde_json::Value;
+
+use crate::middleware::Middlewares;
+use crate::outbox::{Outbound, Outbox, Refused};
+
+/// Who a connection is, as the application sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Identity {
+    pub(crate) id: String,
+    pub(crate) user: Value,
+}
+
+/// The part of a connection other tasks can reach.
+#[derive(Debug)]
+pub(crate) struct ConnShared {
+    pub(crate) conn: ConnId,
+    pub(crate) remote: Option<SocketAddr>,
+    pub(crate) identity: Mutex<Option<Identity>>,
+    pub(crate) outbox: Outbox,
+}
+
+#[derive(Debug)]
+struct State {
+    hub: Hub,
+    conns: HashMap<ConnId, Arc<ConnShared>>,
+}
+
+/// The registry shared by a server's connection tasks and handles.
+pub(crate) struct Router {
+    state: Mutex<State>,
+    pub(crate) middleware: Middlewares,
+    outbound_cap: usize,
+}
+
+/// What a send did here.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SendReport {
+    /// Local connections the message was queued for.
+    pub delivered: usize,
+    /// Explicit recipient ids with no connection here.
+    pub absent: Vec<String>,
+    /// Connections that were closed instead, for not reading fast enough.
+    pub overflowed: usize,
+}
+
+impl Router {
+    pub(crate) fn new(auth_required: bool, middleware: Middlewares, outbound_cap: usize) -> Self {
+        Router {
+            state: Mutex::new(State {
+                hub: Hub::new(auth_required),
+                conns: HashMap::new(),
+            }),
+            middleware,
+            outbound_cap,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn register(&self, remote: Option<SocketAddr>) -> Arc<ConnShared> {
+        let mut state = self.lock();
+        let conn = state.hub.connect();
+        let shared = Arc::new(ConnShared {
+            conn,
+            remote,
+            identity: Mutex::new(None),
+            outbox: Outbox::new(self.outbound_cap),
+        });
+        state.conns.insert(conn, shared.clone());
+        shared
+    }
+
+    pub(crate) fn authenticate(&self, conn: ConnId, id: &str) -> Option<Departure> {
+        self.lock().hub.authenticate(conn, id)
+    }
+
+    pub(crate) fn unregister(&self, conn: ConnId) -> Option<Departure> {
+        let mut state = self.lock();
+        if let Some(shared) = state.conns.remove(&conn) {
+            shared.outbox.close();
+        }
+        state.hub.disconnect(conn)
+    }
+
+    pub(crate) fn send(&self, message: &Message, recipients: &Recipients) -> SendReport {
+        let mut report = SendReport::default();
+        {
+            let state = self.lock();
+            let delivery = state.hub.send(message, recipients);
+            report.absent = delivery.absent;
+            for target in &delivery.targets {
+                let Some(shared) = state.conns.get(target) else {
+                    continue;
+                };
+                let item = match &delivery.action {
+                    Action::Write(frame) => Outbound::Frame(frame.clone()),
+                    Action::Close(close) => Outbound::Close(close.clone()),
+                    Action::Ignore => continue,
+                };
+                match shared.outbox.push(item) {
+                    Ok(()) => report.delivered += 1,
+                    Err(Refused::Overflow) => report.overflowed += 1,
+                    Err(Refused::Closed) => {}
+                }
+            }
+        }
+        if report.delivered > 0 {
+            self.middleware
+                .emit(|m| m.on_message_sent(message, report.delivered));
+        }
+        if !report.absent.is_empty() {
+            self.middleware
+                .emit(|m| m.on_undeliverable(message, &report.absent));
+        }
+        report
+    }
+
+    pub(crate) fn close_all(&self, close: &Close) {
+        let state = self.lock();
+        for shared in state.conns.values() {
+            let _ = shared.outbox.push(Outbound::Close(close.clone()));
+        }
+    }
+
+    pub(crate) fn connection_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    pub(crate) fn is_online(&self, id: &str) -> bool {
+        self.lock().hub.is_online(id)
+    }
+
+    pub(crate) fn online_ids(&self) -> Vec<String> {
+        self.lock().hub.online_ids().map(str::to_owned).collect()
+    }
+}
+
+/// A cheap, cloneable handle for sending from anywhere in the application.
+#[derive(Clone)]
+pub struct ServerHandle {
+    pub(crate) router: Arc<Router>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("connections", &self.connection_count())
+            .finish()
+    }
+}
+
+impl ServerHandle {
+    /// Send `message` to `recipients` (everyone, or ids). It is encoded once.
+    pub fn send(&self, message: &Message, recipients: &Recipients) -> SendReport {
+        self.router.send(message, recipients)
+    }
+
+    /// Send to every connection (only authenticated ones when authentication is required).
+    pub fn broadcast(&self, message: &Message) -> SendReport {
+        self.send(message, &Recipients::All)
+    }
+
+    /// Send to every connection of these ids, minus `excluding`.
+    pub fn send_to<I, S>(&self, message: &Message, ids: I, excluding: &[String]) -> SendReport
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let ids = ids.into_iter().map(Into::into).collect();
+        self.send(message, &Recipients::from_ids(ids).excluding(excluding))
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.router.connection_count()
+    }
+
+    /// Whether `id` has a connection here.
+    pub fn is_online(&self, id: &str) -> bool {
+        self.router.is_online(id)
+    }
+
+    /// The ids with a connection here.
+    pub fn online_ids(&self) -> Vec<String> {
+        self.router.online_ids()
+    }
+}

@@ -1,0 +1,97 @@
+//! WebSocket framing settings and conversions between tungstenite's types and the
+//! core's. Nothing here decides anything about the Mesa protocol.
+
+use std::time::Duration;
+
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use async_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
+use bytes::Bytes;
+use mesa_core::{Close, CloseCode, DecodeError, Frame, Limits};
+
+/// Transport settings the driver applies to every connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// Capacity of each connection's read buffer. tungstenite's default (128 KiB,
+    /// allocated eagerly) dominates the memory of an idle connection; Mesa frames are
+    /// small. Default 4 KiB.
+    pub read_buffer_bytes: usize,
+    /// Bytes of frames waiting for a connection that does not read fast enough;
+    /// past it the connection is closed with 1013 (slow consumer). Default 1 MiB.
+    pub max_outbound_bytes: usize,
+    /// Time a client has to finish the WebSocket handshake. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time to wait for the peer's close frame after sending ours. Default 2 s.
+    pub close_timeout: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            read_buffer_bytes: 4 * 1024,
+            max_outbound_bytes: 1 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl TransportConfig {
+    /// tungstenite's settings: small buffers, and a frame limit just above the core's
+    /// message limit so that the core, not the framing, answers an oversized message.
+    pub fn websocket(&self, limits: &Limits) -> WebSocketConfig {
+        let max = limits.max_message_bytes.saturating_add(1);
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_bytes)
+            .write_buffer_size(0)
+            .max_write_buffer_size(self.max_outbound_bytes.saturating_add(max))
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+    }
+}
+
+/// A core frame as a tungstenite text message, sharing its bytes (no copy).
+pub(crate) fn text(frame: Frame) -> WsMessage {
+    let shared = Bytes::from_owner(frame);
+    WsMessage::Text(Utf8Bytes::try_from(shared).unwrap_or_else(|_| Utf8Bytes::from_static("")))
+}
+
+/// A core close as a tungstenite close frame.
+pub(crate) fn close_frame(close: &Close) -> CloseFrame {
+    CloseFrame {
+        code: WsCloseCode::from(close.code.0),
+        reason: Utf8Bytes::from(close.reason.as_ref()),
+    }
+}
+
+/// A tungstenite close frame as a core close (1005 when the peer sent no code).
+pub(crate) fn core_close(frame: Option<CloseFrame>) -> Close {
+    match frame {
+        Some(frame) => Close::new(CloseCode(u16::from(frame.code)), frame.reason.to_string()),
+        None => Close::new(CloseCode::NO_STATUS, "closed without a code"),
+    }
+}
+
+/// What a transport error means for the session.
+pub(crate) enum ReadFailure {
+    /// The peer sent something the core must answer with a close code.
+    Invalid(DecodeError),
+    /// The transport is gone.
+    Gone(Close),
+}
+
+/// Classify a read error.
+pub(crate) fn read_failure(error: WsError, limits: &Limits) -> ReadFailure {
+    match error {
+        WsError::Capacity(_) => ReadFailure::Invalid(DecodeError::TooBig {
+            len: limits.max_message_bytes.saturating_add(1),
+            max: limits.max_message_bytes,
+        }),
+        WsError::Utf8(_) => ReadFailure::Invalid(DecodeError::InvalidUtf8),
+        WsError::Protocol(error) => {
+            ReadFailure::Gone(Close::new(CloseCode::PROTOCOL_ERROR, error.to_string()))
+        }
+        other => ReadFailure::Gone(Close::new(CloseCode::ABNORMAL, other.to_string())),
+    }
+}
