@@ -224,10 +224,9 @@ pub(crate) async fn drive<R, S, H>(
                     return Poll::Ready(Wake::Auth(outcome));
                 }
             }
-            if io.pending.len() < WRITE_BACKLOG {
-                if let Poll::Ready(drained) = shared.outbox.poll_drain(cx) {
-                    return Poll::Ready(Wake::Outbox(drained));
-                }
+            let take_items = io.pending.len() < WRITE_BACKLOG;
+            if let Poll::Ready(drained) = shared.outbox.poll_drain(cx, take_items) {
+                return Poll::Ready(Wake::Outbox(drained));
             }
             if let Some((_, sleep)) = timer.as_mut() {
                 if sleep.as_mut().poll(cx).is_ready() {

@@ -89,19 +89,23 @@ impl Outbox {
         Ok(())
     }
 
-    /// Take everything queued, or register to be woken.
-    pub(crate) fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<Drained> {
+    /// Take everything queued (or, when `take_items` is false because the writer is
+    /// backed up, only report an overflow), or register to be woken.
+    pub(crate) fn poll_drain(&self, cx: &mut Context<'_>, take_items: bool) -> Poll<Drained> {
         self.waker.register(cx.waker());
         let mut state = self.lock();
-        if state.items.is_empty() && !state.overflowed {
+        let has_items = take_items && !state.items.is_empty();
+        if !has_items && !state.overflowed {
             return Poll::Pending;
         }
-        state.bytes = 0;
         let overflowed = std::mem::take(&mut state.overflowed);
-        Poll::Ready(Drained {
-            items: std::mem::take(&mut state.items),
-            overflowed,
-        })
+        let items = if take_items {
+            state.bytes = 0;
+            std::mem::take(&mut state.items)
+        } else {
+            VecDeque::new()
+        };
+        Poll::Ready(Drained { items, overflowed })
     }
 
     /// Refuse everything from now on.

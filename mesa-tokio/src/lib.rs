@@ -1,0 +1,134 @@
+//! Mesa real-time messaging on [tokio]: a server and a client that speak the
+//! protocol of `@cryb/mesa` 1.5.8, so its JavaScript clients and servers interoperate
+//! with these.
+//!
+//! This crate only teaches [`mesa_driver`]'s loop how to use tokio's sockets, timers
+//! and spawner ([`Tokio`]); every protocol decision lives in [`mesa_core`].
+//!
+//! # A server
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use mesa_tokio::{AuthError, Relay};
+//! use serde_json::json;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = mesa_tokio::server()
+//!     .heartbeat(Duration::from_secs(10), 3)
+//!     .authenticate(|credentials: serde_json::Value| async move {
+//!         match credentials["token"].as_str() {
+//!             Some("secret") => Ok(("alice".to_owned(), json!({"name": "Alice"}))),
+//!             _ => Err(AuthError::new("bad token")),
+//!         }
+//!     })
+//!     .handler(Relay)
+//!     .build()?;
+//! let listening = server.bind("127.0.0.1:4000".parse()?).await?;
+//! println!("listening on {}", listening.local_addr());
+//! listening.run().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # A client
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use mesa_tokio::{ClientEvent, Message};
+//! use serde_json::json;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (client, mut events) = mesa_tokio::client("ws://127.0.0.1:4000/").build()?;
+//! let user = client.authenticate(json!({"token": "secret"}), true).await?;
+//! client.send(Message::dispatch("ECHO", json!({"hello": user}))).await?;
+//! while let Some(event) = events.next().await {
+//!     if let ClientEvent::Message(message) = event {
+//!         println!("{message:?}");
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs, unreachable_pub)]
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+pub use mesa_core::{
+    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, Recipients,
+};
+pub use mesa_driver::{
+    self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, Connection,
+    DevAuthenticator, Handler, Ignore, Middleware, Relay, SendError, SendReport, ServerHandle,
+    TransportConfig,
+};
+
+/// The tokio runtime, as [`mesa_driver`] needs it. Its clock is
+/// [`tokio::time::Instant`], so paused-time tests work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tokio;
+
+impl mesa_driver::Runtime for Tokio {
+    type TcpStream = Compat<TcpStream>;
+    type TcpListener = TcpListener;
+    type Sleep = tokio::time::Sleep;
+
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
+        tokio::time::sleep_until(deadline.into())
+    }
+
+    fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        tokio::spawn(future);
+    }
+
+    async fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        TcpListener::bind(addr).await
+    }
+
+    fn local_addr(&self, listener: &TcpListener) -> io::Result<SocketAddr> {
+        listener.local_addr()
+    }
+
+    async fn accept(&self, listener: &TcpListener) -> io::Result<(Compat<TcpStream>, SocketAddr)> {
+        let (stream, remote) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((stream.compat(), remote))
+    }
+
+    async fn connect(&self, addr: &str) -> io::Result<Compat<TcpStream>> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream.compat())
+    }
+}
+
+/// A Mesa server on tokio; `H` handles connections and messages ([`Relay`] by default).
+pub type Server<H = Relay> = mesa_driver::Server<Tokio, H>;
+/// Builds a [`Server`].
+pub type ServerBuilder<H = Relay> = mesa_driver::ServerBuilder<Tokio, H>;
+/// A bound [`Server`], ready to run.
+pub type Listening<H = Relay> = mesa_driver::Listening<Tokio, H>;
+/// A Mesa client on tokio.
+pub type Client = mesa_driver::Client;
+/// Builds a [`Client`].
+pub type ClientBuilder = mesa_driver::ClientBuilder<Tokio>;
+
+/// Start building a server.
+pub fn server() -> ServerBuilder {
+    Server::builder(Tokio)
+}
+
+/// Start building a client of `url` (`ws://host:port/path`).
+pub fn client(url: impl Into<String>) -> ClientBuilder {
+    mesa_driver::client(Tokio, url)
+}
