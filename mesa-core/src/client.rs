@@ -177,7 +177,8 @@ pub struct ClientSession {
     initial_session: bool,
     /// The op 2 data to (re)send on every open; set by `authenticate`.
     credentials: Option<Value>,
-    authenticated: bool,
+    /// The user object of op 22 on the current connection, once authenticated.
+    user: Option<Value>,
     queue: VecDeque<Message>,
     transmits: VecDeque<ClientTransmit>,
     events: VecDeque<ClientEvent>,
@@ -195,7 +196,7 @@ impl ClientSession {
             initial_connection: true,
             initial_session: true,
             credentials: None,
-            authenticated: false,
+            user: None,
             queue: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -211,7 +212,7 @@ impl ClientSession {
 
     /// Whether the server confirmed the credentials on the current connection.
     pub fn is_authenticated(&self) -> bool {
-        self.authenticated
+        self.user.is_some()
     }
 
     /// The hello of the current connection.
@@ -249,7 +250,9 @@ impl ClientSession {
     /// Authenticate with `credentials` (a JSON object); `should_sync` asks for the
     /// messages stored while offline. Sent now if open, else on the next open, and
     /// again after every automatic reconnection. Resolves with
-    /// [`ClientEvent::Authenticated`].
+    /// [`ClientEvent::Authenticated`]: from the server's op 22, or at once on a
+    /// connection that is already authenticated, since Mesa servers take a
+    /// re-authentication silently (no second op 22; a rejection closes with 1008).
     pub fn authenticate(
         &mut self,
         _now: Instant,
@@ -261,9 +264,11 @@ impl ClientSession {
         };
         data.insert("shouldSync".into(), Value::Bool(should_sync));
         let data = Value::Object(data);
-        self.authenticated = false;
         if self.is_open() {
             self.transmit(Message::new(Opcode::Authenticate, data.clone()));
+            if let Some(user) = self.user.clone() {
+                self.events.push_back(ClientEvent::Authenticated { user });
+            }
         }
         self.credentials = Some(data);
         Ok(())
@@ -300,7 +305,7 @@ impl ClientSession {
         }
         self.state = State::Idle;
         self.timers.stop_all();
-        self.authenticated = false;
+        self.user = None;
         self.initial_session = true;
         Ok(())
     }
@@ -320,7 +325,7 @@ impl ClientSession {
         });
         self.initial_connection = false;
         self.initial_session = false;
-        self.authenticated = false;
+        self.user = None;
         if let Some(credentials) = self.credentials.clone() {
             self.transmit(Message::new(Opcode::Authenticate, credentials));
         }
@@ -357,7 +362,7 @@ impl ClientSession {
             Opcode::Hello => self.adopt_hello(now, Hello::from_data(&message.d)),
             Opcode::Heartbeat => self.transmit(Message::new(Opcode::HeartbeatAck, json!({}))),
             Opcode::Authenticated => {
-                self.authenticated = true;
+                self.user = Some(message.d.clone());
                 self.events
                     .push_back(ClientEvent::Authenticated { user: message.d });
             }
@@ -446,7 +451,7 @@ impl ClientSession {
     /// The connection ended without the application asking: reconnect or go idle.
     fn lost(&mut self, now: Instant, close: Close) {
         self.timers.stop_all();
-        self.authenticated = false;
+        self.user = None;
         let reconnect_at = self
             .config
             .reconnect

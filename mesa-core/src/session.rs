@@ -119,6 +119,9 @@ enum State {
         identity: Identity,
         /// An op 2 awaits the application's answer; carries its `shouldSync`.
         pending_auth: Option<bool>,
+        /// The latest op 2 that arrived while one was pending: decided next. Later
+        /// ones replace it, so a flood costs one decision per answer, not a queue.
+        queued_auth: Option<Value>,
         /// A `LoadUndelivered` awaits the adapter's answer.
         pending_sync: bool,
         redelivery: Option<Box<Redelivery>>,
@@ -165,6 +168,7 @@ impl ServerSession {
             state: State::Open {
                 identity: Identity::Anonymous,
                 pending_auth: None,
+                queued_auth: None,
                 pending_sync: false,
                 redelivery: None,
             },
@@ -355,6 +359,7 @@ impl ServerSession {
                 self.events.push_back(SessionEvent::ClearUndelivered { id });
             }
         }
+        self.request_queued_authentication();
         Ok(())
     }
 
@@ -375,7 +380,9 @@ impl ServerSession {
         {
             let reason = format!("authentication failed: {reason}");
             self.close(Close::new(CloseCode::POLICY, truncate_reason(reason)));
+            return Ok(());
         }
+        self.request_queued_authentication();
         Ok(())
     }
 
@@ -449,15 +456,17 @@ impl ServerSession {
     }
 
     fn request_authentication(&mut self, credentials: Value) {
-        let State::Open { pending_auth, .. } = &mut self.state else {
+        let State::Open {
+            pending_auth,
+            queued_auth,
+            ..
+        } = &mut self.state
+        else {
             return;
         };
         if pending_auth.is_some() {
-            // One decision at a time: a client that floods op 2 cannot queue work.
-            self.close(Close::new(
-                CloseCode::POLICY,
-                "authentication already in progress",
-            ));
+            // One decision at a time, as upstream answers each op 2 in turn.
+            *queued_auth = Some(credentials);
             return;
         }
         let should_sync = credentials.get("shouldSync").is_none_or(is_truthy);
@@ -467,6 +476,14 @@ impl ServerSession {
                 credentials,
                 should_sync,
             });
+    }
+
+    fn request_queued_authentication(&mut self) {
+        if let State::Open { queued_auth, .. } = &mut self.state {
+            if let Some(credentials) = queued_auth.take() {
+                self.request_authentication(credentials);
+            }
+        }
     }
 
     fn is_version_check(&self, message: &Message) -> bool {

@@ -179,6 +179,12 @@ fn authentication_answers_op_22_once_and_reauthentication_is_silent() {
         _ => None,
     });
     assert_eq!(user, Some(json!({"id": "alice"})));
+    // The re-authentication resolved too, without a second op 22.
+    let resolved = sim.clients[c]
+        .log
+        .count(|e| matches!(e, ClientEvent::Authenticated { .. }));
+    assert_eq!(resolved, 2);
+    assert!(sim.clients[c].session.is_authenticated());
 }
 
 #[test]
@@ -281,23 +287,35 @@ fn the_authentication_timeout_is_enforced() {
 }
 
 #[test]
-fn a_second_op_2_while_one_is_pending_closes_the_connection() {
+fn op_2_frames_are_decided_one_at_a_time_and_a_flood_collapses() {
     let config = ServerConfig::builder()
         .authentication(AuthConfig::default())
         .build()
         .unwrap();
-    let mut session = mesa_core::ServerSession::new(config.into(), sim_now());
-    session.handle_frame(sim_now(), r#"{"op":2,"d":{"token":"a"}}"#);
-    session.handle_frame(sim_now(), r#"{"op":2,"d":{"token":"a"}}"#);
-    let transmits: Vec<Transmit> = std::iter::from_fn(|| session.poll_transmit()).collect();
-    let Some(Transmit::Close(close)) = transmits.last() else {
-        panic!("{transmits:?}")
+    let now = sim_now();
+    let mut session = mesa_core::ServerSession::new(config.into(), now);
+    for token in ["a", "b", "c", "d"] {
+        session.handle_frame(now, &format!(r#"{{"op":2,"d":{{"token":"{token}"}}}}"#));
+    }
+    let requested = |session: &mut mesa_core::ServerSession| -> Vec<Value> {
+        std::iter::from_fn(|| session.poll_event())
+            .filter_map(|e| match e {
+                SessionEvent::AuthenticationRequested { credentials, .. } => Some(credentials),
+                _ => None,
+            })
+            .collect()
     };
-    assert_eq!(close.code, CloseCode::POLICY);
-    assert_eq!(
-        session.accept(sim_now(), "a".into(), json!({})),
-        Err(mesa_core::SessionError::Closed)
-    );
+    assert_eq!(requested(&mut session), [json!({"token": "a"})]);
+    session.accept(now, "a".into(), json!({})).unwrap();
+    // Only the latest of the frames that arrived meanwhile is decided next.
+    assert_eq!(requested(&mut session), [json!({"token": "d"})]);
+    session.accept(now, "d".into(), json!({})).unwrap();
+    assert!(requested(&mut session).is_empty());
+    assert_eq!(session.id(), Some("d"));
+    let acks = std::iter::from_fn(|| session.poll_transmit())
+        .filter(|t| matches!(t, Transmit::Text(f) if f.as_str().starts_with(r#"{"op":22"#)))
+        .count();
+    assert_eq!(acks, 1, "op 22 once; the re-authentication is silent");
 }
 
 fn sim_now() -> std::time::Instant {

@@ -173,6 +173,13 @@ pub struct ClientEvents {
     events: mpsc::Receiver<ClientEvent>,
 }
 
+impl ClientEvents {
+    /// The next event; `None` once the client has stopped.
+    pub async fn next(&mut self) -> Option<ClientEvent> {
+        self.events.next().await
+    }
+}
+
 impl Stream for ClientEvents {
     type Item = ClientEvent;
 
@@ -216,7 +223,8 @@ impl Client {
         self.call(|tx| Command::Send(message, tx)).await?
     }
 
-    /// Disconnect deliberately: no reconnection follows.
+    /// Disconnect deliberately: no reconnection follows. Returns once the close
+    /// handshake finished (or the close timeout passed).
     pub async fn disconnect(&self, close: Close) -> Result<(), ClientError> {
         self.call(|tx| Command::Disconnect(close, tx)).await?
     }
@@ -265,6 +273,8 @@ impl<R: Runtime> Task<R> {
         let mut auth_waiters: Vec<oneshot::Sender<Result<Value, ClientError>>> = Vec::new();
         let mut outgoing: VecDeque<ClientEvent> = VecDeque::new();
         let mut stopping = false;
+        // Answered when the close handshake of a deliberate disconnect ends.
+        let mut disconnect_reply: Option<oneshot::Sender<Result<(), ClientError>>> = None;
 
         loop {
             while let Some(transmit) = self.session.poll_transmit() {
@@ -280,7 +290,7 @@ impl<R: Runtime> Task<R> {
                         if let Some(mut old) = io.take() {
                             old.pending
                                 .push_back(WsMessage::Close(Some(close_frame(&close))));
-                            self.linger(old);
+                            self.linger(old, disconnect_reply.take());
                         }
                     }
                 }
@@ -304,9 +314,12 @@ impl<R: Runtime> Task<R> {
                 }
                 outgoing.push_back(event);
             }
+            if let Some(reply) = disconnect_reply.take() {
+                let _ = reply.send(Ok(()));
+            }
             if stopping {
                 if let Some(io) = io.take() {
-                    self.linger(io);
+                    self.linger(io, None);
                 }
                 return;
             }
@@ -369,7 +382,7 @@ impl<R: Runtime> Task<R> {
                 }
                 Wake::Read(Some(Ok(WsMessage::Close(frame)))) => {
                     if let Some(io) = io.take() {
-                        self.linger(io);
+                        self.linger(io, None);
                     }
                     self.session.handle_closed(now, Some(core_close(frame)));
                 }
@@ -390,7 +403,7 @@ impl<R: Runtime> Task<R> {
                 }
                 Wake::Timer => self.session.handle_timeout(now),
                 Wake::Command(Some(command)) => {
-                    self.execute(now, command, &mut auth_waiters);
+                    self.execute(now, command, &mut auth_waiters, &mut disconnect_reply);
                 }
                 Wake::Command(None) => {
                     // Every handle is gone: leave politely.
@@ -408,6 +421,7 @@ impl<R: Runtime> Task<R> {
         now: Instant,
         command: Command,
         auth_waiters: &mut Vec<oneshot::Sender<Result<Value, ClientError>>>,
+        disconnect_reply: &mut Option<oneshot::Sender<Result<(), ClientError>>>,
     ) {
         match command {
             Command::Connect(reply) => {
@@ -424,13 +438,12 @@ impl<R: Runtime> Task<R> {
             Command::Send(message, reply) => {
                 let _ = reply.send(self.session.send(now, message).map_err(ClientError::from));
             }
-            Command::Disconnect(close, reply) => {
-                let _ = reply.send(
-                    self.session
-                        .disconnect(now, close)
-                        .map_err(ClientError::from),
-                );
-            }
+            Command::Disconnect(close, reply) => match self.session.disconnect(now, close) {
+                Ok(()) => *disconnect_reply = Some(reply),
+                Err(error) => {
+                    let _ = reply.send(Err(error.into()));
+                }
+            },
         }
     }
 
@@ -461,13 +474,21 @@ impl<R: Runtime> Task<R> {
         }
     }
 
-    /// Finish a closing transport in the background, bounded by the close timeout.
-    fn linger(&self, mut io: Io<R::TcpStream>) {
+    /// Finish a closing transport in the background, bounded by the close timeout,
+    /// then answer `reply` (a deliberate disconnect waiting for its handshake).
+    fn linger(
+        &self,
+        mut io: Io<R::TcpStream>,
+        reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+    ) {
         let runtime = self.runtime.clone();
         let timeout: Duration = self.transport.close_timeout;
         self.runtime.spawn(async move {
             let deadline = Box::pin(runtime.sleep_until(runtime.now() + timeout));
             select(Box::pin(io.linger()), deadline).await;
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
         });
     }
 }

@@ -29,6 +29,7 @@ pub use runtime::Runtime;
 pub use server::{Listening, Server, ServerBuilder};
 pub use transport::TransportConfig;
 
+pub use async_tungstenite::tungstenite;
 pub use mesa_core;
 
 /// Start building a client of `url` (`ws://host:port/path`) on `runtime`.

@@ -32,7 +32,6 @@
 //! # A client
 //!
 //! ```no_run
-//! use futures_util::StreamExt;
 //! use mesa_tokio::{ClientEvent, Message};
 //! use serde_json::json;
 //!

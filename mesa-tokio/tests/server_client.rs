@@ -415,3 +415,35 @@ async fn a_deliberate_disconnect_does_not_reconnect() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(handle.connection_count(), 0);
 }
+
+/// The runtime's clock is tokio's: with paused time, a 10 s heartbeat schedule plays
+/// out instantly, and the silent client is closed after exactly 4 intervals.
+#[tokio::test(start_paused = true)]
+async fn heartbeats_run_on_tokio_paused_time() {
+    let server = mesa_tokio::server()
+        .heartbeat(Duration::from_secs(10), 2)
+        .build()
+        .unwrap();
+    let addr = start(server).await;
+    let mut silent = raw(addr).await;
+    let opened = tokio::time::Instant::now();
+    // Virtual time: wait up to two minutes of it for the close.
+    let code = timeout(Duration::from_secs(120), async {
+        loop {
+            match silent.next().await {
+                Some(Ok(WsMessage::Close(Some(frame)))) => break u16::from(frame.code),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed within two virtual minutes");
+    assert_eq!(code, 1001);
+    let elapsed = opened.elapsed();
+    // Beats at 10, 20, 30 s; the fourth tick (40 s) finds the third unanswered.
+    assert!(
+        elapsed >= Duration::from_secs(40) && elapsed < Duration::from_secs(41),
+        "{elapsed:?}"
+    );
+}

@@ -1,0 +1,227 @@
+//! `mesa serve`: a Mesa server with the relay behaviour, heartbeats and optional
+//! authentication, that shuts down cleanly on SIGTERM or ctrl-c.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mesa_tokio::{DevAuthenticator, Handler, Ignore, Server, ServerBuilder};
+use tokio::time::Instant;
+
+use crate::Failure;
+use crate::auth::{AuthMode, JwtAuthenticator};
+use crate::logging::LogConnections;
+use crate::signals::Signals;
+
+/// How long open connections get to finish their closing handshake at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Options of `mesa serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (`host:port`; port 0 picks a free port).
+    #[arg(long, env = "MESA_LISTEN", default_value = "127.0.0.1:4000")]
+    listen: String,
+
+    /// Path of the WebSocket endpoint; other paths get 404.
+    #[arg(long, env = "MESA_PATH", default_value = "/", value_parser = parse_path)]
+    path: String,
+
+    /// Milliseconds between heartbeats (0 turns heartbeats off).
+    #[arg(long, env = "MESA_HEARTBEAT_INTERVAL", default_value_t = 10_000)]
+    heartbeat_interval: u64,
+
+    /// Missed heartbeats in a row before a client is disconnected.
+    #[arg(
+        long,
+        env = "MESA_HEARTBEAT_MAX_ATTEMPTS",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    heartbeat_max_attempts: u32,
+
+    /// Milliseconds between reconnection attempts, announced to clients (0: not announced).
+    #[arg(long, env = "MESA_RECONNECT_INTERVAL", default_value_t = 5_000)]
+    reconnect_interval: u64,
+
+    /// How clients authenticate: `none`, `dev` (any token is the id; demos only) or
+    /// `jwt` (an HS256 token signed with --jwt-secret, sent as `token`).
+    #[arg(long, env = "MESA_AUTH", value_enum, default_value_t = AuthMode::None)]
+    auth: AuthMode,
+
+    /// Secret of `--auth jwt` (prefer the environment variable to the command line).
+    #[arg(long, env = "MESA_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+
+    /// Milliseconds a client has to authenticate before it is closed with 1008.
+    #[arg(
+        long,
+        env = "MESA_AUTH_TIMEOUT",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    auth_timeout: u64,
+
+    /// Server-wide sends skip connections that have not authenticated.
+    #[arg(
+        long,
+        env = "MESA_AUTH_REQUIRED",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    auth_required: bool,
+
+    /// Do not relay ECHO and BROADCAST: messages are only logged at debug level.
+    #[arg(
+        long,
+        env = "MESA_NO_RELAY",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    no_relay: bool,
+}
+
+/// `--path` must be an absolute path.
+fn parse_path(path: &str) -> Result<String, String> {
+    if path.starts_with('/') {
+        Ok(path.to_owned())
+    } else {
+        Err(format!("`{path}` must start with `/`"))
+    }
+}
+
+/// Build the server from `args`, serve until a signal, then shut down.
+pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
+    let builder = configure(&args)?;
+    let addr = resolve(&args.listen).await?;
+    if args.no_relay {
+        Ok(serve(builder.handler(Ignore), addr, &args.path).await?)
+    } else {
+        Ok(serve(builder, addr, &args.path).await?)
+    }
+}
+
+/// Everything but the handler: path, heartbeats, reconnect interval, authentication.
+fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
+    let mut builder = mesa_tokio::server()
+        .path(args.path.clone())
+        .middleware(LogConnections);
+    if args.heartbeat_interval > 0 {
+        builder = builder.heartbeat(
+            Duration::from_millis(args.heartbeat_interval),
+            args.heartbeat_max_attempts,
+        );
+    }
+    if args.reconnect_interval > 0 {
+        builder = builder.reconnect_interval(Duration::from_millis(args.reconnect_interval));
+    }
+    builder = match args.auth {
+        AuthMode::None => {
+            if args.auth_required {
+                return Err(Failure::usage(
+                    "--auth-required needs --auth dev or --auth jwt",
+                ));
+            }
+            if args.jwt_secret.is_some() {
+                tracing::warn!("--jwt-secret is ignored without --auth jwt");
+            }
+            return Ok(builder);
+        }
+        AuthMode::Dev => {
+            tracing::warn!(
+                "--auth dev accepts any non-empty token as the user's id: for demos and tests only, never in production"
+            );
+            builder.authenticate(DevAuthenticator)
+        }
+        AuthMode::Jwt => {
+            let secret = match args.jwt_secret.as_deref() {
+                Some(secret) if !secret.is_empty() => secret,
+                _ => {
+                    return Err(Failure::usage(
+                        "--auth jwt needs a non-empty --jwt-secret (or MESA_JWT_SECRET)",
+                    ));
+                }
+            };
+            if secret.len() < 32 {
+                tracing::warn!("the JWT secret is shorter than 32 bytes: use a longer one");
+            }
+            builder.authenticate(JwtAuthenticator::hs256(secret.as_bytes()))
+        }
+    };
+    Ok(builder
+        .auth_timeout(Duration::from_millis(args.auth_timeout))
+        .auth_required(args.auth_required))
+}
+
+/// The first address `listen` resolves to.
+async fn resolve(listen: &str) -> Result<SocketAddr, String> {
+    let mut addrs = tokio::net::lookup_host(listen)
+        .await
+        .map_err(|error| format!("cannot resolve --listen `{listen}`: {error}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("--listen `{listen}` resolves to no address"))
+}
+
+/// Bind, announce the URL on stdout, serve until a signal, then drain.
+async fn serve<H: Handler>(
+    builder: ServerBuilder<H>,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<ExitCode, String> {
+    let server = builder
+        .build()
+        .map_err(|error| format!("invalid settings: {error}"))?;
+    // Listen for signals before announcing, so a signal sent as soon as the URL is
+    // printed is not fatal.
+    let mut signals = Signals::new().map_err(|error| format!("cannot handle signals: {error}"))?;
+    let listening = server
+        .bind(addr)
+        .await
+        .map_err(|error| format!("cannot listen on {addr}: {error}"))?;
+    let local = listening.local_addr();
+    announce(&format!("mesa listening on ws://{local}{path}"))?;
+    tracing::info!(%local, path, "listening");
+
+    tokio::select! {
+        outcome = listening.run() => {
+            outcome.map_err(|error| format!("the server stopped: {error}"))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        signal = signals.recv() => tracing::info!(signal, "shutting down"),
+    }
+    server.shutdown();
+    drain(&server, &mut signals).await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Print `line` on stdout and flush it (tests and scripts wait for it).
+fn announce(line: &str) -> Result<(), String> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .map_err(|error| format!("cannot write to stdout: {error}"))
+}
+
+/// Wait for the connections closed by `shutdown` to finish their closing handshake,
+/// at most [`DRAIN_TIMEOUT`]; a second signal stops waiting.
+async fn drain<H: Handler>(server: &Server<H>, signals: &mut Signals) {
+    let handle = server.handle();
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let wait = async {
+        while handle.connection_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        () = wait => {
+            let left = handle.connection_count();
+            if left > 0 {
+                tracing::warn!(left, "connections still open after the drain timeout");
+            }
+        }
+        signal = signals.recv() => tracing::warn!(signal, "second signal: not waiting for connections"),
+    }
+}

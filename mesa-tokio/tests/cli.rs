@@ -1,0 +1,322 @@
+//! End-to-end tests of the `mesa` binary: `mesa serve` and `mesa client` run as real
+//! processes that talk over loopback. Every wait is bounded, and every child process
+//! is killed when its handle drops, so a failing test leaves nothing behind.
+//!
+//! Needs the `cli` feature: `cargo test -p mesa-tokio --features cli --test cli`.
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::{Value, json};
+
+/// The longest any single expectation waits (CI machines are small).
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The lines one output stream of a child printed so far, and the new ones.
+struct Output {
+    lines: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Output {
+    /// Read `stream` line by line on a thread.
+    fn new(stream: impl Read + Send + 'static) -> Self {
+        let (tx, lines) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                log.lock().expect("log lock").push(line.clone());
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Output { lines, seen }
+    }
+
+    /// Wait for a new line that satisfies `matches`; panic with everything seen on timeout.
+    fn expect(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if matches(&line) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    panic!("no line {what} within {WAIT:?}; saw: {:#?}", self.all())
+                }
+            }
+        }
+    }
+
+    /// Every line so far.
+    fn all(&self) -> Vec<String> {
+        self.seen.lock().expect("log lock").clone()
+    }
+}
+
+/// A running `mesa` process, killed when dropped.
+struct Mesa {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Output,
+    stderr: Output,
+}
+
+impl Mesa {
+    /// Start `mesa ARGS` with `env` and no other `MESA_*` variable.
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mesa"));
+        for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("MESA_")) {
+            command.env_remove(key);
+        }
+        let mut child = command
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the mesa binary starts");
+        let stdin = child.stdin.take();
+        let stdout = Output::new(child.stdout.take().expect("piped stdout"));
+        let stderr = Output::new(child.stderr.take().expect("piped stderr"));
+        Mesa {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Start `mesa serve ARGS` and return it with the URL it announces.
+    fn serve(args: &[&str], env: &[(&str, &str)]) -> (Self, String) {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        let server = Mesa::start(&all, env);
+        let line = server.stdout.expect("announcing the URL", |l| {
+            l.starts_with("mesa listening on ")
+        });
+        let url = line["mesa listening on ".len()..].to_owned();
+        assert!(url.starts_with("ws://127.0.0.1:"), "unexpected URL {url}");
+        (server, url)
+    }
+
+    /// Start `mesa client URL ARGS` and wait until it reports `ready` on stderr.
+    fn client(url: &str, args: &[&str], ready: &str) -> Self {
+        let mut all = vec!["client", url];
+        all.extend_from_slice(args);
+        let client = Mesa::start(&all, &[]);
+        client
+            .stderr
+            .expect(&format!("starting with `{ready}`"), |l| {
+                l.starts_with(ready)
+            });
+        client
+    }
+
+    /// Write one line to the process's stdin.
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .expect("write to stdin");
+    }
+
+    /// The next message printed on stdout, as JSON.
+    fn expect_message(&self, t: &str) -> Value {
+        let line = self.stdout.expect(&format!("with a {t} message"), |line| {
+            serde_json::from_str::<Value>(line).is_ok_and(|m| m["t"] == t)
+        });
+        serde_json::from_str(&line).expect("JSON line")
+    }
+
+    /// Send SIGTERM.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Wait for the process to exit, at most [`WAIT`].
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {WAIT:?}; stderr: {:#?}",
+                self.stderr.all()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mesa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn clients_relay_through_a_dev_server_which_stops_cleanly_on_sigterm() {
+    let (mut server, url) = Mesa::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "dev",
+            "--heartbeat-interval",
+            "200",
+        ],
+        &[],
+    );
+    server
+        .stderr
+        .expect("warning about dev auth", |l| l.contains("for demos"));
+
+    let mut bob = Mesa::client(&url, &["--token", "bob"], "connected");
+    bob.stderr
+        .expect("authenticated as bob", |l| l.contains(r#""id":"bob""#));
+    let mut alice = Mesa::client(&url, &["--token", "alice"], "connected");
+    alice
+        .stderr
+        .expect("authenticated as alice", |l| l.contains(r#""id":"alice""#));
+
+    // A broadcast reaches everyone, the sender included.
+    alice.send(r#"{"op":0,"t":"BROADCAST","d":{"text":"hi from alice"}}"#);
+    let expected = json!({"op": 0, "t": "BROADCAST", "d": {"text": "hi from alice"}});
+    assert_eq!(bob.expect_message("BROADCAST"), expected);
+    assert_eq!(alice.expect_message("BROADCAST"), expected);
+
+    // A bad line is reported and is not fatal; an echo comes back to its sender only.
+    alice.send("this is not JSON");
+    alice.stderr.expect("reporting the bad line", |l| {
+        l.starts_with("bad_input line=2")
+    });
+    alice.send(r#"{"op":0,"t":"ECHO","d":{"n":1}}"#);
+    assert_eq!(
+        alice.expect_message("ECHO"),
+        json!({"op": 0, "t": "ECHO", "d": {"n": 1}})
+    );
+
+    // Five heartbeat intervals later both clients are still there (they answer beats).
+    thread::sleep(Duration::from_millis(1_000));
+    bob.send(r#"{"op":0,"t":"ECHO","d":{"n":2}}"#);
+    assert_eq!(bob.expect_message("ECHO")["d"]["n"], 2);
+    assert!(
+        !bob.stdout.all().iter().any(|l| l.contains(r#""n":1"#)),
+        "bob got alice's echo"
+    );
+    for client in [&alice, &bob] {
+        let stderr = client.stderr.all();
+        assert!(
+            !stderr.iter().any(|l| l.starts_with("disconnected")),
+            "{stderr:#?}"
+        );
+    }
+
+    // End of stdin: alice leaves with a normal close and exits 0.
+    drop(alice.stdin.take());
+    assert!(alice.wait().success(), "{:#?}", alice.stderr.all());
+    alice.stderr.expect("its own disconnect", |l| {
+        l.starts_with("disconnected code=1000")
+    });
+    server.stderr.expect("logging alice's close", |l| {
+        l.contains("disconnected") && l.contains(r#"id="alice""#) && l.contains("code=1000")
+    });
+
+    // SIGTERM: bob is told the server goes away (1001), and the server exits 0.
+    server.terminate();
+    let status = server.wait();
+    assert!(status.success(), "{status:?}: {:#?}", server.stderr.all());
+    bob.stderr
+        .expect("going away", |l| l.starts_with("disconnected code=1001"));
+    bob.terminate();
+    assert!(bob.wait().success(), "{:#?}", bob.stderr.all());
+}
+
+#[test]
+fn a_jwt_server_accepts_valid_tokens_and_rejects_others_with_1008() {
+    let secret = "a-test-secret-that-is-long-enough-for-hs256";
+    // The listen address and the secret come from the environment this time.
+    let (mut server, url) = Mesa::serve(
+        &["--auth", "jwt"],
+        &[("MESA_JWT_SECRET", secret), ("MESA_LISTEN", "127.0.0.1:0")],
+    );
+    let token = |claims: Value, key: &str| {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(key.as_bytes()),
+        )
+        .expect("encode a token")
+    };
+
+    let valid = token(json!({"sub": "carol", "name": "Carol"}), secret);
+    let carol = Mesa::client(&url, &["--token", &valid], "connected");
+    let line = carol
+        .stderr
+        .expect("authenticated", |l| l.starts_with("authenticated"));
+    let user: Value =
+        serde_json::from_str(line.trim_start_matches("authenticated user=")).expect("user JSON");
+    assert_eq!(user, json!({"sub": "carol", "name": "Carol"}));
+
+    let forged = token(json!({"sub": "mallory"}), "another-secret");
+    let mallory = Mesa::client(&url, &["--token", &forged], "connected");
+    let line = mallory
+        .stderr
+        .expect("rejected", |l| l.starts_with("disconnected"));
+    assert!(
+        line.starts_with("disconnected code=1008") && line.contains("bad signature"),
+        "{line}"
+    );
+
+    server.terminate();
+    assert!(server.wait().success(), "{:#?}", server.stderr.all());
+}
+
+#[test]
+fn bad_flags_and_unreachable_servers_fail_with_a_message() {
+    let mut missing_secret = Mesa::start(&["serve", "--auth", "jwt"], &[]);
+    assert_eq!(missing_secret.wait().code(), Some(2));
+    missing_secret
+        .stderr
+        .expect("naming the missing flag", |l| l.contains("--jwt-secret"));
+
+    let mut bad_number = Mesa::start(&["serve", "--heartbeat-interval", "soon"], &[]);
+    assert_eq!(bad_number.wait().code(), Some(2));
+
+    let mut bad_url = Mesa::start(&["client", "http://example.invalid/"], &[]);
+    assert_eq!(bad_url.wait().code(), Some(2));
+    bad_url
+        .stderr
+        .expect("explaining the URL", |l| l.contains("ws://"));
+
+    // Nothing listens on a port we just released: without reconnection, exit 1.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("ws://127.0.0.1:{port}/");
+    let mut refused = Mesa::start(&["client", &url, "--no-reconnect"], &[]);
+    refused.stderr.expect("a failed connection", |l| {
+        l.starts_with("disconnected code=1006")
+    });
+    assert_eq!(refused.wait().code(), Some(1));
+}

@@ -1,0 +1,75 @@
+//! Bounded waits on our own server and client (`mesa-tokio`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use mesa_tokio::{ClientEvent, ClientEvents, Handler, Message, Server};
+use tokio::time::{Instant, timeout_at};
+
+use crate::WAIT;
+
+/// `ws://addr/`.
+pub fn url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/")
+}
+
+/// Bind `server` to `addr` and run it in a task; returns the bound address. A port
+/// still held by a server that was just shut down is tried again until [`WAIT`]
+/// passes.
+pub async fn serve<H: Handler>(server: &Server<H>, addr: SocketAddr) -> SocketAddr {
+    let deadline = Instant::now() + WAIT;
+    let listening = loop {
+        match server.bind(addr).await {
+            Ok(listening) => break listening,
+            Err(error) if Instant::now() < deadline => {
+                let _ = error;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("cannot bind our server to {addr}: {error}"),
+        }
+    };
+    let local = listening.local_addr();
+    tokio::spawn(listening.run());
+    local
+}
+
+/// Wait up to `timeout` for the client event matching `pred`, dropping the others;
+/// panics with the skipped events when the time passes or the stream ends.
+pub async fn next_event(
+    events: &mut ClientEvents,
+    what: &str,
+    mut pred: impl FnMut(&ClientEvent) -> bool,
+    timeout: Duration,
+) -> ClientEvent {
+    let deadline = Instant::now() + timeout;
+    let mut skipped = Vec::new();
+    loop {
+        match timeout_at(deadline, StreamExt::next(events)).await {
+            Ok(Some(event)) if pred(&event) => return event,
+            Ok(Some(event)) => skipped.push(event),
+            Ok(None) => panic!("our client stopped before {what}; events: {skipped:#?}"),
+            Err(_) => panic!("our client: no {what} within {timeout:?}; events: {skipped:#?}"),
+        }
+    }
+}
+
+/// Wait up to [`WAIT`] for the next application message of type `t` from our client.
+pub async fn next_message(events: &mut ClientEvents, t: &str) -> Message {
+    let event = next_event(
+        events,
+        &format!("message {t}"),
+        |e| matches!(e, ClientEvent::Message(m) if m.t.as_deref() == Some(t)),
+        WAIT,
+    )
+    .await;
+    match event {
+        ClientEvent::Message(message) => message,
+        _ => unreachable!("the predicate matched a message"),
+    }
+}
+
+/// The events our client has already produced, without waiting.
+pub fn ready_events(events: &mut ClientEvents) -> Vec<ClientEvent> {
+    std::iter::from_fn(|| StreamExt::next(events).now_or_never().flatten()).collect()
+}
