@@ -95,8 +95,3 @@ pub use relay::{RelayAction, dev_authenticate, relay};
 pub use session::{ServerSession, SessionError, SessionEvent, Transmit};
 pub use sync::{MessageOptions, Redelivery};
 pub use wire::{DecodeError, Frame, Message, Opcode};
-
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeDoctests;

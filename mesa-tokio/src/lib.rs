@@ -131,3 +131,8 @@ pub fn server() -> ServerBuilder {
 pub fn client(url: impl Into<String>) -> ClientBuilder {
     mesa_driver::client(Tokio, url)
 }
+
+/// The README's examples, compiled (and the runnable ones run) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
