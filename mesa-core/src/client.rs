@@ -433,6 +433,10 @@ impl ClientSession {
                 self.transmit(Message::dispatch("CLIENT_VERSION", json!({ "v": version })));
             }
         }
+        if hello.heartbeat_interval.is_none() {
+            // A server that stopped announcing heartbeats is not expected to beat.
+            self.timers.stop(Timer::Liveness as usize);
+        }
         if let State::Open { hello: slot } = &mut self.state {
             *slot = Some(hello);
         }

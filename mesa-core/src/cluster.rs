@@ -4,7 +4,8 @@
 use serde_json::{Map, Value, json};
 
 use crate::hub::Recipients;
-use crate::sync::MessageOptions;
+use crate::rng::Rng;
+use crate::sync::{MessageOptions, should_store};
 use crate::wire::{DecodeError, Message};
 
 /// Key and channel names: `ns(x)` is `x`, or `x_<namespace>` when one is set.
@@ -54,6 +55,26 @@ impl Namespace {
     pub fn available_portals_pool(&self) -> String {
         self.key("available_portals_pool")
     }
+
+    /// Ours only (upstream never reads it): the set of live mesa-rs replica ids.
+    pub fn replicas(&self) -> String {
+        self.key("mesa_replicas")
+    }
+
+    /// Ours only: a replica's lease, a key with a TTL renewed while it is alive.
+    pub fn replica_lease(&self, replica: &str) -> String {
+        self.key(&format!("mesa_replica_lease:{replica}"))
+    }
+
+    /// Ours only: the ids with a connection on a replica.
+    pub fn replica_ids(&self, replica: &str) -> String {
+        self.key(&format!("mesa_replica_ids:{replica}"))
+    }
+
+    /// Ours only: how many connections a replica counted into `connected_clients_count`.
+    pub fn replica_connections(&self, replica: &str) -> String {
+        self.key(&format!("mesa_replica_conns:{replica}"))
+    }
 }
 
 /// A message published on `ns("ws")`: every replica delivers it to its local
@@ -66,10 +87,13 @@ pub struct Envelope {
     pub options: Option<MessageOptions>,
     /// Who receives it.
     pub recipients: Recipients,
+    /// The mesa-rs replica that published it and already delivered it to its own
+    /// connections. An extra field, which upstream replicas ignore.
+    pub origin: Option<String>,
 }
 
 impl Envelope {
-    /// `{"message": {"op","d","t"[,"o"]}, "recipients": [..] | ["*"]}`.
+    /// `{"message": {"op","d","t"[,"o"]}, "recipients": [..] | ["*"][, "origin"]}`.
     pub fn encode(&self) -> String {
         let mut message = match self.message.to_value() {
             Value::Object(object) => object,
@@ -83,7 +107,11 @@ impl Envelope {
             Recipients::All => vec![Value::from("*")],
             Recipients::Ids(ids) => ids.iter().cloned().map(Value::from).collect(),
         };
-        json!({"message": message, "recipients": recipients}).to_string()
+        let mut envelope = json!({"message": message, "recipients": recipients});
+        if let Some(origin) = &self.origin {
+            envelope["origin"] = Value::from(origin.clone());
+        }
+        envelope.to_string()
     }
 
     /// Parse an envelope published by any replica or Dispatcher.
@@ -112,11 +140,142 @@ impl Envelope {
             .map(|id| id.as_str().map(str::to_owned))
             .collect::<Option<Vec<String>>>()
             .ok_or(DecodeError::BadField("recipients"))?;
+        let origin = object
+            .get("origin")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         Ok(Envelope {
             message,
             options,
             recipients: Recipients::from_ids(recipients),
+            origin,
         })
+    }
+}
+
+/// What a send still needs from the cluster once the local connections are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum RemotePlan {
+    /// Nothing: every recipient was local.
+    Nothing,
+    /// Publish to these recipients (`*`, or ids absent here) without a presence check.
+    Publish(Recipients),
+    /// Sync is on: ask the cluster which of these ids are connected anywhere, then
+    /// [`split_by_presence`].
+    CheckPresence(Vec<String>),
+}
+
+/// Decide the remote part of a send: a global send is published for the other
+/// replicas; ids absent here are published, or first checked for presence when sync
+/// is on (so the offline ones are stored instead).
+pub fn plan_remote(recipients: &Recipients, absent: Vec<String>, sync: bool) -> RemotePlan {
+    match recipients {
+        Recipients::All => RemotePlan::Publish(Recipients::All),
+        Recipients::Ids(_) if absent.is_empty() => RemotePlan::Nothing,
+        Recipients::Ids(_) if sync => RemotePlan::CheckPresence(absent),
+        Recipients::Ids(_) => RemotePlan::Publish(Recipients::Ids(absent)),
+    }
+}
+
+/// Who gets the message through the cluster, and for whom it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PresenceSplit {
+    /// Ids connected on another replica: publish to them.
+    pub publish: Vec<String>,
+    /// Ids connected nowhere: store the message for them.
+    pub store: Vec<String>,
+    /// Ids connected nowhere for whom nothing is stored (`sync: false`, blank ids).
+    pub undeliverable: Vec<String>,
+}
+
+/// Split checked ids by presence (`online[i]` answers `ids[i]`).
+pub fn split_by_presence(
+    ids: Vec<String>,
+    online: &[bool],
+    options: Option<&MessageOptions>,
+) -> PresenceSplit {
+    let mut split = PresenceSplit::default();
+    for (i, id) in ids.into_iter().enumerate() {
+        if online.get(i).copied().unwrap_or(false) {
+            split.publish.push(id);
+        } else if should_store(&id, options) {
+            split.store.push(id);
+        } else {
+            split.undeliverable.push(id);
+        }
+    }
+    split
+}
+
+/// How a server picks the portal that handles a client event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PortalChoice {
+    /// Each event to the next portal in turn (upstream's `distributeLoad`, the default).
+    #[default]
+    RoundRobin,
+    /// Each event to a portal picked at random.
+    Random,
+}
+
+/// The portals available to a server, as announced on `ns("available_portals_pool")`.
+#[derive(Debug, Clone)]
+pub struct PortalPool {
+    portals: Vec<String>,
+    next: usize,
+    choice: PortalChoice,
+    rng: Rng,
+}
+
+impl PortalPool {
+    /// An empty pool; `seed` drives the random choice.
+    pub fn new(choice: PortalChoice, seed: u64) -> Self {
+        PortalPool {
+            portals: Vec::new(),
+            next: 0,
+            choice,
+            rng: Rng::new(seed),
+        }
+    }
+
+    /// The portal ids known now.
+    pub fn portals(&self) -> &[String] {
+        &self.portals
+    }
+
+    /// Replace the pool (the set's members, read at start or after a reconnection).
+    pub fn reset(&mut self, mut portals: Vec<String>) {
+        portals.sort();
+        portals.dedup();
+        self.portals = portals;
+    }
+
+    /// Apply a pool update; returns whether it changed the pool.
+    pub fn update(&mut self, update: &PortalUpdate) -> bool {
+        let known = self.portals.iter().position(|p| *p == update.id);
+        match (update.ready, known) {
+            (true, None) => self.portals.push(update.id.clone()),
+            (false, Some(index)) => {
+                self.portals.remove(index);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// The portal for the next event, if any portal is known.
+    pub fn pick(&mut self) -> Option<&str> {
+        if self.portals.is_empty() {
+            return None;
+        }
+        let index = match self.choice {
+            PortalChoice::RoundRobin => {
+                self.next = (self.next + 1) % self.portals.len();
+                self.next
+            }
+            PortalChoice::Random => self.rng.below_or_equal(self.portals.len() as u64 - 1) as usize,
+        };
+        self.portals.get(index).map(String::as_str)
     }
 }
 
@@ -244,6 +403,7 @@ mod tests {
             message: Message::dispatch("CHAT", json!({"a": 1})),
             options: None,
             recipients: Recipients::All,
+            origin: None,
         };
         assert_eq!(
             envelope.encode(),
@@ -259,6 +419,70 @@ mod tests {
             Recipients::Ids(vec!["a".into(), "b".into()])
         );
         assert_eq!(decoded.encode(), from_dispatcher);
+        let ours = Envelope {
+            origin: Some("r1".into()),
+            ..envelope
+        };
+        assert_eq!(
+            Envelope::decode(&ours.encode()).unwrap().origin.as_deref(),
+            Some("r1")
+        );
+    }
+
+    #[test]
+    fn plans_the_remote_part_of_a_send() {
+        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            plan_remote(&Recipients::All, vec![], true),
+            RemotePlan::Publish(Recipients::All)
+        );
+        let to = Recipients::Ids(ids(&["a", "b"]));
+        assert_eq!(plan_remote(&to, vec![], true), RemotePlan::Nothing);
+        assert_eq!(
+            plan_remote(&to, ids(&["b"]), false),
+            RemotePlan::Publish(Recipients::Ids(ids(&["b"])))
+        );
+        assert_eq!(
+            plan_remote(&to, ids(&["b"]), true),
+            RemotePlan::CheckPresence(ids(&["b"]))
+        );
+        let split = split_by_presence(ids(&["b", "c", " "]), &[true, false, false], None);
+        assert_eq!(
+            (split.publish, split.store, split.undeliverable),
+            (ids(&["b"]), ids(&["c"]), ids(&[" "]))
+        );
+        let no_sync = MessageOptions::no_sync();
+        let split = split_by_presence(ids(&["c"]), &[false], Some(&no_sync));
+        assert_eq!(split.undeliverable, ids(&["c"]));
+    }
+
+    #[test]
+    fn portal_pool_round_robins_like_upstream() {
+        let mut pool = PortalPool::new(PortalChoice::RoundRobin, 1);
+        assert_eq!(pool.pick(), None);
+        for id in ["p1", "p2", "p3"] {
+            assert!(pool.update(&PortalUpdate {
+                id: id.into(),
+                ready: true
+            }));
+        }
+        // Upstream increments before picking: the first event goes to the second portal.
+        let picks: Vec<String> = (0..4).map(|_| pool.pick().unwrap().to_owned()).collect();
+        assert_eq!(picks, ["p2", "p3", "p1", "p2"]);
+        assert!(pool.update(&PortalUpdate {
+            id: "p2".into(),
+            ready: false
+        }));
+        assert!(!pool.update(&PortalUpdate {
+            id: "p2".into(),
+            ready: false
+        }));
+        assert_eq!(pool.portals(), ["p1", "p3"]);
+        let mut random = PortalPool::new(PortalChoice::Random, 7);
+        random.reset(vec!["a".into(), "b".into()]);
+        let picked: std::collections::HashSet<String> =
+            (0..50).map(|_| random.pick().unwrap().to_owned()).collect();
+        assert_eq!(picked.len(), 2);
     }
 
     #[test]

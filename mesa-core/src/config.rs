@@ -239,6 +239,9 @@ pub enum ConfigError {
     /// The backoff cap is below its base.
     #[error("the backoff cap must not be below its base")]
     BackoffCapBelowBase,
+    /// Message sync needs a store (a Redis cluster) to keep messages in.
+    #[error("message sync needs a store: configure Redis")]
+    SyncWithoutStore,
     /// Authentication options were set, but nothing authenticates.
     #[error("authentication options need an authenticator")]
     MissingAuthenticator,

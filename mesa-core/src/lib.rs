@@ -62,7 +62,7 @@
 //! | [`hub`] | which local connections a send reaches |
 //! | [`sync`] | what is stored for offline ids and how it is redelivered |
 //! | [`cluster`] | Redis key names, the `ws` envelope, portal events |
-//! | [`relay`] | the ECHO/BROADCAST relay and development authentication |
+//! | [`relay`](mod@relay) | the ECHO/BROADCAST relay and development authentication |
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod backoff;
@@ -84,7 +84,10 @@ pub mod wire;
 pub use backoff::{Backoff, BackoffConfig};
 pub use client::{ClientConfig, ClientError, ClientEvent, ClientSession, ClientTransmit};
 pub use close::{Close, CloseCode};
-pub use cluster::{Envelope, Namespace, PortalEvent, PortalEventKind, PortalUpdate};
+pub use cluster::{
+    Envelope, Namespace, PortalChoice, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,
+    PresenceSplit, RemotePlan, plan_remote, split_by_presence,
+};
 pub use config::{
     AuthConfig, ConfigError, HeartbeatConfig, ServerConfig, ServerConfigBuilder, SyncConfig,
 };

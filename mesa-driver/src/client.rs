@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use serde_json::Value;
 
 use crate::handler::BoxFuture;
 use crate::io::Io;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, entropy_seed};
 use crate::transport::{ReadFailure, TransportConfig, close_frame, core_close, read_failure, text};
 
 /// Events buffered for an application that reads them slowly; past this the client
@@ -508,13 +507,6 @@ fn authority(url: &str) -> Option<String> {
     } else {
         Some(format!("{authority}:80"))
     }
-}
-
-/// A seed from the OS's randomness (the standard library's hasher keys).
-fn entropy_seed() -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0x6d65_7361);
-    hasher.finish()
 }
 
 #[cfg(test)]

@@ -7,15 +7,18 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::{FutureExt, StreamExt};
-use mesa_core::{Close, CloseCode, ConnId, Message, ServerSession, SessionEvent, Transmit};
+use mesa_core::{
+    Close, CloseCode, ConnId, Message, PortalEventKind, ServerSession, SessionEvent, Transmit,
+};
 use serde_json::Value;
 
+use crate::cluster::Job;
 use crate::handler::{AuthError, BoxFuture, Handler};
 use crate::io::Io;
 use crate::outbox::{Drained, Outbound, Refused};
@@ -27,6 +30,9 @@ use crate::transport::{ReadFailure, close_frame, core_close, read_failure, text}
 /// Frames written but not yet flushed before the outbox stops being drained: the
 /// outbox's byte cap, not this queue, absorbs a slow reader.
 const WRITE_BACKLOG: usize = 32;
+
+/// How long a redelivery waits for the stored messages before going on without them.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection as the application sees it. Cloning is cheap; every method works
 /// from any task.
@@ -159,6 +165,28 @@ pub(crate) async fn drive<R, S, H>(
         router: router.clone(),
     };
     let mut session = ServerSession::new(inner.config.clone(), runtime.now());
+    let cluster = router.cluster.get();
+    let presence = inner
+        .config
+        .authentication()
+        .is_none_or(|a| a.store_connected_users);
+    let submit = |job: Job| {
+        if let Some(cluster) = cluster {
+            if !cluster.submit(job) {
+                router
+                    .middleware
+                    .report("cluster queue full: a job was refused");
+            }
+        }
+    };
+    let portals = cluster.is_some_and(|c| c.portals);
+    let to_portal = |kind: PortalEventKind, client_id: Option<String>| {
+        if portals {
+            submit(Job::Portal { kind, client_id });
+        }
+    };
+    submit(Job::Connections(1));
+    to_portal(PortalEventKind::Connection, None);
     router.middleware.emit(|m| m.on_connection(&conn));
     inner.handler.on_connect(&conn).await;
 
@@ -185,23 +213,60 @@ pub(crate) async fn drive<R, S, H>(
                         .map(|a| a.authenticate(credentials));
                 }
                 SessionEvent::Authenticated { id, user, .. } => {
-                    router.authenticate(shared.conn, &id);
+                    if let Some(departure) = router.authenticate(shared.conn, &id) {
+                        if departure.last && presence {
+                            submit(Job::Leave(departure.id));
+                        }
+                    }
+                    if presence {
+                        submit(Job::Arrive(id.clone()));
+                    }
+                    to_portal(PortalEventKind::Authentication, Some(id.clone()));
                     *shared.identity.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(Identity { id, user });
                     router.middleware.emit(|m| m.on_authenticated(&conn));
                     inner.handler.on_authenticated(&conn).await;
                 }
                 SessionEvent::Message(message) => {
+                    if portals {
+                        to_portal(PortalEventKind::Message(message.clone()), conn.id());
+                    }
                     router
                         .middleware
                         .emit(|m| m.on_message_received(&conn, &message));
                     inner.handler.on_message(&conn, message).await;
                 }
-                // No sync store on a single server yet: nothing was stored.
-                SessionEvent::LoadUndelivered { .. } => {
-                    let _ = session.handle_undelivered(runtime.now(), Vec::new());
+                SessionEvent::LoadUndelivered { id } => {
+                    let (reply, stored) = futures_channel::oneshot::channel();
+                    submit(Job::Load { id, reply });
+                    // Redis unreachable for long: the messages stay stored for the
+                    // next authentication, and this connection goes on meanwhile.
+                    let deadline = runtime.now() + LOAD_TIMEOUT;
+                    let timeout = Box::pin(runtime.sleep_until(deadline));
+                    let stored = match futures_util::future::select(stored, timeout).await {
+                        futures_util::future::Either::Left((Ok(stored), _)) => stored,
+                        _ => Vec::new(),
+                    };
+                    let _ = session.handle_undelivered(runtime.now(), stored);
                 }
-                SessionEvent::ClearUndelivered { .. } | SessionEvent::Redelivered { .. } => {}
+                SessionEvent::ClearUndelivered { id } => submit(Job::Clear { id }),
+                SessionEvent::Redelivered {
+                    id,
+                    delivered,
+                    dropped,
+                } => {
+                    if delivered + dropped > 0 {
+                        submit(Job::Trim {
+                            id,
+                            count: delivered + dropped,
+                        });
+                    }
+                    if delivered > 0 {
+                        router
+                            .middleware
+                            .emit(|m| m.on_redelivered(&conn, delivered));
+                    }
+                }
                 SessionEvent::Closed { close, .. } => break Some(close),
             }
         };
@@ -278,7 +343,13 @@ pub(crate) async fn drive<R, S, H>(
         }
     };
 
-    router.unregister(shared.conn);
+    if let Some(departure) = router.unregister(shared.conn) {
+        if departure.last && presence {
+            submit(Job::Leave(departure.id));
+        }
+    }
+    submit(Job::Connections(-1));
+    to_portal(PortalEventKind::Disconnection, conn.id());
     let linger = runtime.sleep_until(runtime.now() + inner.transport.close_timeout);
     futures_util::future::select(Box::pin(io.linger()), Box::pin(linger)).await;
     tracing::debug!(conn = shared.conn.0, code = close.code.0, reason = %close.reason, "closed");

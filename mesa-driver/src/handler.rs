@@ -84,7 +84,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// The relay behaviour of the examples and `mesa serve`: `ECHO` back to its sender,
-/// `BROADCAST` to everyone or to `d.to` minus `d.except` (see [`mesa_core::relay`]).
+/// `BROADCAST` to everyone or to `d.to` minus `d.except` (see [`mesa_core::relay()`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Relay;
 

@@ -9,21 +9,33 @@
 //! [`TransportConfig`]).
 #![warn(missing_docs, unreachable_pub)]
 
+#[cfg(not(any(feature = "tokio", feature = "smol")))]
+compile_error!(
+    "mesa-driver needs a runtime for its Redis IO: enable its `tokio` or `smol` feature \
+     (mesa-tokio and mesa-async-std do)"
+);
+
 mod client;
+mod cluster;
 mod connection;
+mod dispatcher;
 mod handler;
 mod io;
 mod middleware;
 mod outbox;
+mod portal;
 mod router;
 mod runtime;
 mod server;
 mod transport;
 
 pub use client::{BuildError, Client, ClientBuilder, ClientError, ClientEvents};
+pub use cluster::ClusterConfig;
 pub use connection::{Connection, SendError};
+pub use dispatcher::{DispatchError, DispatchReport, Dispatcher};
 pub use handler::{AuthError, Authenticator, BoxFuture, DevAuthenticator, Handler, Ignore, Relay};
 pub use middleware::{BoxError, Middleware};
+pub use portal::{Portal, PortalBuilder, PortalError};
 pub use router::{SendReport, ServerHandle};
 pub use runtime::Runtime;
 pub use server::{Listening, Server, ServerBuilder};

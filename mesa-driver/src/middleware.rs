@@ -52,6 +52,10 @@ pub trait Middleware: Send + Sync + 'static {
     fn on_portal_leave(&self, portal: &str) -> Result<(), BoxError> {
         Ok(())
     }
+    /// The link to the cluster's Redis went down (`false`) or came (back) up (`true`).
+    fn on_cluster_link(&self, up: bool) -> Result<(), BoxError> {
+        Ok(())
+    }
     /// Another middleware, or the server, reported an error.
     fn on_error(&self, error: &str) -> Result<(), BoxError> {
         Ok(())

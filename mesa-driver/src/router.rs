@@ -4,11 +4,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use mesa_core::{Action, Close, ConnId, Departure, Hub, Message, Recipients};
+use mesa_core::{
+    Action, Close, ConnId, Departure, Hub, Message, MessageOptions, Recipients, plan_remote,
+};
 use serde_json::Value;
 
+use crate::cluster::ClusterHandle;
 use crate::middleware::Middlewares;
 use crate::outbox::{Outbound, Outbox, Refused};
 
@@ -39,6 +42,8 @@ pub(crate) struct Router {
     state: Mutex<State>,
     pub(crate) middleware: Middlewares,
     outbound_cap: usize,
+    /// The cluster link, when the server replicates through Redis.
+    pub(crate) cluster: OnceLock<ClusterHandle>,
 }
 
 /// What a send did here.
@@ -61,6 +66,7 @@ impl Router {
             }),
             middleware,
             outbound_cap,
+            cluster: OnceLock::new(),
         }
     }
 
@@ -95,7 +101,35 @@ impl Router {
         state.hub.disconnect(conn)
     }
 
-    pub(crate) fn send(&self, message: &Message, recipients: &Recipients) -> SendReport {
+    /// Send to local connections, and hand the rest to the cluster (or report it
+    /// undeliverable when there is no cluster).
+    pub(crate) fn send(
+        &self,
+        message: &Message,
+        options: Option<&MessageOptions>,
+        recipients: &Recipients,
+    ) -> SendReport {
+        let report = self.deliver_local(message, recipients);
+        match self.cluster.get() {
+            Some(cluster) => {
+                let plan = plan_remote(recipients, report.absent.clone(), cluster.sync);
+                if !cluster.send(message, options, plan) {
+                    self.middleware
+                        .report("cluster queue full: a remote send was refused");
+                }
+            }
+            None if !report.absent.is_empty() => {
+                self.middleware
+                    .emit(|m| m.on_undeliverable(message, &report.absent));
+            }
+            None => {}
+        }
+        report
+    }
+
+    /// Deliver to the local connections among `recipients` only (an envelope from
+    /// another replica, or the local half of a send).
+    pub(crate) fn deliver_local(&self, message: &Message, recipients: &Recipients) -> SendReport {
         let mut report = SendReport::default();
         {
             let state = self.lock();
@@ -120,10 +154,6 @@ impl Router {
         if report.delivered > 0 {
             self.middleware
                 .emit(|m| m.on_message_sent(message, report.delivered));
-        }
-        if !report.absent.is_empty() {
-            self.middleware
-                .emit(|m| m.on_undeliverable(message, &report.absent));
         }
         report
     }
@@ -163,9 +193,22 @@ impl std::fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
-    /// Send `message` to `recipients` (everyone, or ids). It is encoded once.
+    /// Send `message` to `recipients` (everyone, or ids). It is encoded once; with a
+    /// cluster, recipients elsewhere get it through one PUBLISH, and with sync the
+    /// offline ones get it stored.
     pub fn send(&self, message: &Message, recipients: &Recipients) -> SendReport {
-        self.router.send(message, recipients)
+        self.router.send(message, None, recipients)
+    }
+
+    /// [`send`](Self::send) with options, e.g. [`MessageOptions::no_sync`] for
+    /// messages worthless later (typing indicators).
+    pub fn send_with(
+        &self,
+        message: &Message,
+        options: &MessageOptions,
+        recipients: &Recipients,
+    ) -> SendReport {
+        self.router.send(message, Some(options), recipients)
     }
 
     /// Send to every connection (only authenticated ones when authentication is required).

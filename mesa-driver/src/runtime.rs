@@ -2,6 +2,7 @@
 //! spawner and TCP. Everything else is written once, in this crate.
 
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -45,4 +46,11 @@ pub trait Runtime: Clone + Send + Sync + 'static {
 
     /// Connect to `host:port`.
     fn connect(&self, addr: &str) -> impl Future<Output = io::Result<Self::TcpStream>> + Send;
+}
+
+/// A seed from the OS's randomness (the standard library's hasher keys).
+pub(crate) fn entropy_seed() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0x6d65_7361);
+    hasher.finish()
 }

@@ -15,9 +15,12 @@ use async_tungstenite::tungstenite::protocol::Role;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::future::{Either, select};
 use mesa_core::{
-    AuthConfig, Close, CloseCode, ConfigError, HeartbeatConfig, Limits, ServerConfig,
-    ServerConfigBuilder,
+    AuthConfig, Close, CloseCode, ConfigError, HeartbeatConfig, Limits, PortalChoice, ServerConfig,
+    ServerConfigBuilder, SyncConfig,
 };
+
+use crate::cluster::{self, ClusterConfig, Job};
+use crate::runtime::entropy_seed;
 
 use crate::connection::drive;
 use crate::handler::{Authenticator, Handler, Relay};
@@ -51,6 +54,7 @@ pub struct ServerBuilder<R, H = Relay> {
     authenticator: Option<Arc<dyn Authenticator>>,
     handler: H,
     middleware: Vec<Arc<dyn Middleware>>,
+    cluster: Option<ClusterConfig>,
 }
 
 impl<R: Runtime> ServerBuilder<R, Relay> {
@@ -65,6 +69,7 @@ impl<R: Runtime> ServerBuilder<R, Relay> {
             authenticator: None,
             handler: Relay,
             middleware: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -152,6 +157,47 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
+    /// Replicate through the Redis at `url` (upstream's layout: replicas of ours and
+    /// of `@cryb/mesa` deliver each other's sends).
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        let url = url.into();
+        match &mut self.cluster {
+            Some(cluster) => cluster.url = url,
+            None => self.cluster = Some(ClusterConfig::new(url)),
+        }
+        self
+    }
+
+    /// Every cluster setting at once (namespace, lease, portals, retry buffer).
+    pub fn cluster(mut self, cluster: ClusterConfig) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Isolate this cluster from others on the same Redis (needs [`redis`](Self::redis)).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.namespace = Some(namespace.into());
+        }
+        self
+    }
+
+    /// Forward client events to portals, choosing one per event (needs
+    /// [`redis`](Self::redis)).
+    pub fn portals(mut self, choice: PortalChoice) -> Self {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.portals = Some(choice);
+        }
+        self
+    }
+
+    /// Store messages for offline ids and redeliver them when they authenticate
+    /// (needs [`redis`](Self::redis)).
+    pub fn sync(mut self, sync: SyncConfig) -> Self {
+        self.core = self.core.sync(sync);
+        self
+    }
+
     /// Register an observer.
     pub fn middleware(mut self, middleware: impl Middleware) -> Self {
         self.middleware.push(Arc::new(middleware));
@@ -170,6 +216,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             authenticator: self.authenticator,
             handler,
             middleware: self.middleware,
+            cluster: self.cluster,
         }
     }
 
@@ -186,11 +233,25 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         if self.transport.max_outbound_bytes == 0 || self.transport.read_buffer_bytes == 0 {
             return Err(ConfigError::ZeroCount("transport buffer"));
         }
+        if config.sync().is_some() && self.cluster.is_none() {
+            return Err(ConfigError::SyncWithoutStore);
+        }
         let router = Arc::new(Router::new(
             config.authentication_required(),
             Middlewares::new(self.middleware),
             self.transport.max_outbound_bytes,
         ));
+        if let Some(cluster) = self.cluster {
+            let handle = cluster::spawn(
+                &self.runtime,
+                cluster,
+                config.sync().is_some(),
+                config.limits().max_stored_per_id,
+                Arc::downgrade(&router),
+                entropy_seed(),
+            );
+            let _ = router.cluster.set(handle);
+        }
         Ok(Server {
             inner: Arc::new(Inner {
                 runtime: self.runtime,
@@ -321,6 +382,27 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         self.inner.shutdown.trigger();
         let close = Close::new(CloseCode::GOING_AWAY, "server shutting down");
         self.inner.router.close_all(&close);
+    }
+
+    /// Shut down within `drain`: stop accepting, close every connection with 1001,
+    /// wait for them to finish, then leave the cluster (flush what is queued for
+    /// Redis, give up the lease and this replica's presence).
+    pub async fn shutdown_gracefully(&self, drain: Duration) {
+        let runtime = &self.inner.runtime;
+        let deadline = runtime.now() + drain;
+        self.shutdown();
+        while self.inner.router.connection_count() > 0 && runtime.now() < deadline {
+            runtime
+                .sleep_until(runtime.now() + Duration::from_millis(10))
+                .await;
+        }
+        if let Some(cluster) = self.inner.router.cluster.get() {
+            let (reply, retired) = futures_channel::oneshot::channel();
+            if cluster.submit(Job::Retire { reply }) {
+                let timeout = Box::pin(runtime.sleep_until(deadline.max(runtime.now())));
+                let _ = select(retired, timeout).await;
+            }
+        }
     }
 }
 

@@ -10,12 +10,16 @@ use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf
 use bytes::Bytes;
 use mesa_core::{Close, CloseCode, DecodeError, Frame, Limits};
 
+/// Bytes of frames gathered before tungstenite writes to the socket (the driver
+/// flushes every batch anyway).
+const WRITE_GATHER: usize = 16 * 1024;
+
 /// Transport settings the driver applies to every connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportConfig {
     /// Capacity of each connection's read buffer. tungstenite's default (128 KiB,
     /// allocated eagerly) dominates the memory of an idle connection; Mesa frames are
-    /// small. Default 4 KiB.
+    /// small, and a larger one grows on demand. Default 1 KiB.
     pub read_buffer_bytes: usize,
     /// Bytes of frames waiting for a connection that does not read fast enough;
     /// past it the connection is closed with 1013 (slow consumer). Default 1 MiB.
@@ -29,7 +33,7 @@ pub struct TransportConfig {
 impl Default for TransportConfig {
     fn default() -> Self {
         TransportConfig {
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 1024,
             max_outbound_bytes: 1 << 20,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
@@ -38,13 +42,15 @@ impl Default for TransportConfig {
 }
 
 impl TransportConfig {
-    /// tungstenite's settings: small buffers, and a frame limit just above the core's
-    /// message limit so that the core, not the framing, answers an oversized message.
+    /// tungstenite's settings: small buffers, writes gathered up to 16 KiB so that a
+    /// batch of frames leaves in one system call (the driver flushes after each
+    /// batch), and a frame limit just above the core's message limit so that the
+    /// core, not the framing, answers an oversized message.
     pub fn websocket(&self, limits: &Limits) -> WebSocketConfig {
         let max = limits.max_message_bytes.saturating_add(1);
         WebSocketConfig::default()
             .read_buffer_size(self.read_buffer_bytes)
-            .write_buffer_size(0)
+            .write_buffer_size(WRITE_GATHER)
             .max_write_buffer_size(self.max_outbound_bytes.saturating_add(max))
             .max_message_size(Some(max))
             .max_frame_size(Some(max))

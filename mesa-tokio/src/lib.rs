@@ -46,6 +46,25 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! # Sending from outside the servers
+//!
+//! A [`Dispatcher`] reaches the clients of every replica on one Redis (ours and
+//! `@cryb/mesa`'s); with sync on, messages to ids connected nowhere are stored for them.
+//!
+//! ```no_run
+//! use mesa_tokio::{Dispatcher, Message, Recipients};
+//! use serde_json::json;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dispatcher = Dispatcher::connect("redis://127.0.0.1:6379/", None, true, 1000).await?;
+//! let to = Recipients::Ids(vec!["alice".into(), "bob".into()]);
+//! let report = dispatcher
+//!     .dispatch(Message::dispatch("NOTICE", json!({"text": "hi"})), None, to, &[])
+//!     .await?;
+//! println!("stored for {} offline ids", report.stored);
+//! # Ok(()) }
+//! ```
 #![warn(missing_docs, unreachable_pub)]
 
 use std::future::Future;
@@ -53,17 +72,20 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 pub use mesa_core::{
     self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, Recipients,
 };
 pub use mesa_driver::{
-    self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, Connection,
-    DevAuthenticator, Handler, Ignore, Middleware, Relay, SendError, SendReport, ServerHandle,
-    TransportConfig,
+    self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,
+    Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher, Handler, Ignore,
+    Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, TransportConfig,
 };
+
+/// Pending connections the kernel queues for a listener.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// The tokio runtime, as [`mesa_driver`] needs it. Its clock is
 /// [`tokio::time::Instant`], so paused-time tests work.
@@ -91,7 +113,15 @@ impl mesa_driver::Runtime for Tokio {
     }
 
     async fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        TcpListener::bind(addr).await
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        // The default backlog (128) drops connection attempts in reconnect storms.
+        socket.listen(LISTEN_BACKLOG)
     }
 
     fn local_addr(&self, listener: &TcpListener) -> io::Result<SocketAddr> {
@@ -121,6 +151,8 @@ pub type Listening<H = Relay> = mesa_driver::Listening<Tokio, H>;
 pub type Client = mesa_driver::Client;
 /// Builds a [`Client`].
 pub type ClientBuilder = mesa_driver::ClientBuilder<Tokio>;
+/// Builds a [`Portal`] whose task runs on tokio.
+pub type PortalBuilder = mesa_driver::PortalBuilder<Tokio>;
 
 /// Start building a server.
 pub fn server() -> ServerBuilder {
@@ -130,6 +162,24 @@ pub fn server() -> ServerBuilder {
 /// Start building a client of `url` (`ws://host:port/path`).
 pub fn client(url: impl Into<String>) -> ClientBuilder {
     mesa_driver::client(Tokio, url)
+}
+
+/// Start building a [`Portal`] of the cluster on the Redis at `url`: it receives the
+/// client events the servers forward (see [`ServerBuilder::portals`]).
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut portal = mesa_tokio::portal("redis://127.0.0.1:6379/")
+///     .namespace("prod")
+///     .start()
+///     .await?;
+/// while let Some(event) = portal.next().await {
+///     println!("{}", event.encode());
+/// }
+/// # Ok(()) }
+/// ```
+pub fn portal(url: impl Into<String>) -> PortalBuilder {
+    PortalBuilder::new(Tokio, url)
 }
 
 /// The README's examples, compiled (and the runnable ones run) as doctests.

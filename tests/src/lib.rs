@@ -5,14 +5,18 @@
 //! its JSON line protocol (see `tests/node/README.md`): commands go to its stdin, its
 //! events come back from its stdout. [`ours`] holds the same kind of bounded waits for
 //! our own client's events. Every wait is bounded ([`WAIT`] unless told otherwise) and
-//! fails with what the peer said.
+//! fails with what the peer said. [`runtimes`] holds the conformance suite's harness:
+//! the same waits, servers and a raw WebSocket peer for any [`mesa_driver::Runtime`].
 
 use std::time::Duration;
 
 pub mod node;
 pub mod ours;
+pub mod redis;
+pub mod runtimes;
 
 pub use node::{ClientKind, NodePeer, free_port, node_dir, require_node};
+pub use redis::RedisServer;
 
 /// How long any single wait lasts by default.
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -3,6 +3,9 @@
 //! ```text
 //! mesa serve  [--listen 127.0.0.1:4000] [--auth none|dev|jwt] ...
 //! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync]
+//! mesa bench  idle|fanout --url ws://127.0.0.1:4000/ --connections N ...
+//! mesa dispatch --redis redis://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
+//! mesa portal --redis redis://127.0.0.1:6379/ [--all]
 //! ```
 //!
 //! Every flag can also be set through the environment variable named in `--help`
@@ -16,8 +19,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod auth;
+mod bench;
 mod client;
+mod dispatch;
 mod logging;
+mod portal;
 mod serve;
 mod signals;
 
@@ -47,6 +53,14 @@ enum Command {
     /// Connect to a Mesa server: print received messages as JSON lines on stdout and
     /// send each stdin line (a Mesa JSON message).
     Client(client::ClientArgs),
+    /// Measure a Mesa server (ours or another) with a lean load generator.
+    Bench(bench::BenchArgs),
+    /// Send one message to the clients of a cluster through its Redis (like
+    /// @cryb/mesa's Dispatcher) and print a JSON report line.
+    Dispatch(dispatch::DispatchArgs),
+    /// Receive the client events of a cluster's servers (like @cryb/mesa's Portal) as
+    /// JSON lines on stdout, until SIGTERM or ctrl-c.
+    Portal(portal::PortalArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +83,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Client(args) => client::run(args, cli.log_format).await,
+            Command::Bench(args) => bench::run(args).await,
+            Command::Dispatch(args) => dispatch::run(args).await,
+            Command::Portal(args) => portal::run(args).await,
         }
     });
     match outcome {

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mesa_tokio::{DevAuthenticator, Handler, Ignore, Server, ServerBuilder};
-use tokio::time::Instant;
+use mesa_tokio::mesa_core::{PortalChoice, SyncConfig};
+use mesa_tokio::{ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, Server, ServerBuilder};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};
@@ -80,6 +80,61 @@ pub(crate) struct ServeArgs {
         action = clap::ArgAction::SetTrue
     )]
     no_relay: bool,
+
+    /// Replicate through this Redis (e.g. `redis://127.0.0.1:6379/`): replicas of ours
+    /// and of @cryb/mesa on it deliver each other's sends.
+    #[arg(long, env = "MESA_REDIS")]
+    redis: Option<String>,
+
+    /// Isolate this cluster from others on the same Redis.
+    #[arg(long, env = "MESA_NAMESPACE", requires = "redis")]
+    namespace: Option<String>,
+
+    /// Store messages for offline ids and redeliver them when they authenticate.
+    #[arg(
+        long,
+        env = "MESA_SYNC",
+        requires = "redis",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    sync: bool,
+
+    /// Milliseconds between two redelivered messages.
+    #[arg(long, env = "MESA_REDELIVERY_INTERVAL", default_value_t = 0)]
+    redelivery_interval: u64,
+
+    /// Most messages stored per offline id (the oldest are dropped beyond it).
+    #[arg(
+        long,
+        env = "MESA_MAX_STORED",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_stored: u64,
+
+    /// Forward client events to portals: `round-robin` (upstream's distributeLoad) or `random`.
+    #[arg(long, env = "MESA_PORTALS", value_enum, requires = "redis")]
+    portals: Option<PortalMode>,
+
+    /// Milliseconds this replica's presence survives without renewal (a crashed
+    /// replica's ids leave `connected_clients` within about this time).
+    #[arg(
+        long,
+        env = "MESA_LEASE",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(300..)
+    )]
+    lease: u64,
+}
+
+/// How `--portals` picks a portal per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum PortalMode {
+    /// Each event to the next portal in turn.
+    RoundRobin,
+    /// Each event to a random portal.
+    Random,
 }
 
 /// `--path` must be an absolute path.
@@ -115,6 +170,26 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
     }
     if args.reconnect_interval > 0 {
         builder = builder.reconnect_interval(Duration::from_millis(args.reconnect_interval));
+    }
+    builder = builder.limits(Limits {
+        max_stored_per_id: usize::try_from(args.max_stored).unwrap_or(usize::MAX),
+        ..Limits::default()
+    });
+    if let Some(url) = &args.redis {
+        let mut cluster = ClusterConfig::new(url.clone());
+        cluster.namespace = args.namespace.clone();
+        cluster.lease = Duration::from_millis(args.lease);
+        cluster.portals = args.portals.map(|mode| match mode {
+            PortalMode::RoundRobin => PortalChoice::RoundRobin,
+            PortalMode::Random => PortalChoice::Random,
+        });
+        builder = builder.cluster(cluster);
+    }
+    if args.sync {
+        let redelivery_interval = Duration::from_millis(args.redelivery_interval);
+        builder = builder.sync(SyncConfig {
+            redelivery_interval,
+        });
     }
     builder = match args.auth {
         AuthMode::None => {
@@ -191,7 +266,6 @@ async fn serve<H: Handler>(
         }
         signal = signals.recv() => tracing::info!(signal, "shutting down"),
     }
-    server.shutdown();
     drain(&server, &mut signals).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -205,19 +279,13 @@ fn announce(line: &str) -> Result<(), String> {
         .map_err(|error| format!("cannot write to stdout: {error}"))
 }
 
-/// Wait for the connections closed by `shutdown` to finish their closing handshake,
-/// at most [`DRAIN_TIMEOUT`]; a second signal stops waiting.
+/// Shut down gracefully: close clients with 1001, let them finish their closing
+/// handshake and leave the cluster, within [`DRAIN_TIMEOUT`]; a second signal stops
+/// waiting.
 async fn drain<H: Handler>(server: &Server<H>, signals: &mut Signals) {
-    let handle = server.handle();
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    let wait = async {
-        while handle.connection_count() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     tokio::select! {
-        () = wait => {
-            let left = handle.connection_count();
+        () = server.shutdown_gracefully(DRAIN_TIMEOUT) => {
+            let left = server.handle().connection_count();
             if left > 0 {
                 tracing::warn!(left, "connections still open after the drain timeout");
             }

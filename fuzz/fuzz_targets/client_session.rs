@@ -1,0 +1,656 @@
+//! Operation sequences replayed against a `ClientSession` on a virtual clock, checked
+//! step by step against a small reference model of the client.
+//!
+//! Invariants:
+//! - every command and transport input succeeds exactly when the model says it may;
+//!   misuse is an `Err` of the right kind, never a panic;
+//! - the outputs of each step are exactly the model's, in order (frames compared as
+//!   decoded messages; the jittered reconnect time is taken from the session and then
+//!   checked against its bounds);
+//! - the send queue never exceeds `limits.max_queued_sends`, and queued sends go out
+//!   in order, after the credentials, as soon as a transport opens;
+//! - after `disconnect`, no `ClientTransmit::Connect` is emitted until `connect`;
+//! - every `Disconnected { reconnect_at: Some(at) }` has
+//!   `now <= at <= now + min(cap, base · 2^attempt)` (so `at <= now + cap`);
+//! - `poll_timeout()` is the model's next deadline, and `handle_timeout(now)` fires
+//!   everything due (the next deadline is later) and does nothing when early.
+#![no_main]
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use mesa_core::{
+    BackoffConfig, ClientConfig, ClientError, ClientEvent, ClientSession, ClientTransmit, Close,
+    CloseCode, Limits, Message, Opcode,
+};
+use serde_json::{Value, json};
+
+const VERSION: &str = "1.5.8";
+
+#[derive(Arbitrary, Debug)]
+struct Setup {
+    reconnect: bool,
+    base_is_fixed: bool,
+    base_ms: u16,
+    cap_extra_ms: u16,
+    heartbeat_max_attempts: u8,
+    with_version: bool,
+    seed: u64,
+}
+
+/// Frames a real server sends, so the fuzzer reaches past the decoder quickly.
+#[derive(Arbitrary, Debug)]
+enum Known {
+    Hello {
+        heartbeat_ms: Option<u16>,
+        reconnect_ms: Option<u16>,
+        enforce_equal_versions: bool,
+    },
+    Heartbeat,
+    Authenticated(String),
+    Dispatch(String),
+}
+
+impl Known {
+    fn text(&self) -> String {
+        let message = match self {
+            Known::Hello {
+                heartbeat_ms,
+                reconnect_ms,
+                enforce_equal_versions,
+            } => {
+                let mut d = json!({});
+                if let Some(ms) = heartbeat_ms {
+                    d["c_heartbeat_interval"] = json!(ms);
+                }
+                if let Some(ms) = reconnect_ms {
+                    d["c_reconnect_interval"] = json!(ms);
+                }
+                let rules = if *enforce_equal_versions {
+                    json!(["enforce_equal_versions"])
+                } else {
+                    json!([])
+                };
+                d["rules"] = rules;
+                Message::new(Opcode::Hello, d)
+            }
+            Known::Heartbeat => Message::new(Opcode::Heartbeat, json!({})),
+            Known::Authenticated(id) => Message::new(Opcode::Authenticated, json!({ "id": id })),
+            Known::Dispatch(t) => Message::dispatch(t.clone(), json!({"x": 1})),
+        };
+        message.encode().as_str().to_owned()
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Connect,
+    Connected,
+    ConnectFailed,
+    Frame(String),
+    Known(Known),
+    Closed(Option<u16>),
+    Advance(u16),
+    /// `None` passes credentials that are not an object (misuse).
+    Authenticate {
+        token: Option<String>,
+        should_sync: bool,
+    },
+    Send,
+    Disconnect(u16),
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    setup: Setup,
+    ops: Vec<Op>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    Connecting { automatic: bool },
+    Open,
+    Backoff,
+}
+
+/// What the model expects on the transport (frames as decoded messages).
+#[derive(Debug, Clone, PartialEq)]
+enum Out {
+    Connect,
+    Text(Message),
+    Close(Close),
+}
+
+struct Model {
+    config: ClientConfig,
+    now: Instant,
+    state: State,
+    /// `disconnect` succeeded and `connect` was not called since.
+    stopped: bool,
+    initial_connection: bool,
+    initial_session: bool,
+    credentials: Option<Value>,
+    /// The user object of op 22 on the current connection, once authenticated.
+    user: Option<Value>,
+    queue: Vec<Message>,
+    /// The current connection's announced heartbeat interval.
+    heartbeat: Option<Duration>,
+    base: Duration,
+    attempt: u32,
+    liveness: Option<Instant>,
+    reconnect: Option<Instant>,
+    sends: u64,
+    // Expected outputs of the current step.
+    out: Vec<Out>,
+    events: Vec<ClientEvent>,
+    /// The reconnect times the session drew in this step, oldest first.
+    drawn: VecDeque<Option<Instant>>,
+}
+
+impl Model {
+    fn next_deadline(&self) -> Option<Instant> {
+        self.liveness.into_iter().chain(self.reconnect).min()
+    }
+
+    fn ceiling(&self) -> Duration {
+        let factor = 1u32 << self.attempt.min(31);
+        self.base
+            .saturating_mul(factor)
+            .min(self.config.backoff.cap)
+    }
+
+    fn window(&self, interval: Duration) -> Duration {
+        interval.saturating_mul(self.config.heartbeat_max_attempts + 1)
+    }
+
+    fn connecting(&mut self, automatic: bool) {
+        assert!(
+            !self.stopped,
+            "Connect emitted after disconnect and before connect"
+        );
+        self.state = State::Connecting { automatic };
+        self.out.push(Out::Connect);
+    }
+
+    /// The connection ended without the application asking.
+    fn lost(&mut self, close: Close) {
+        self.liveness = None;
+        self.reconnect = None;
+        self.user = None;
+        self.heartbeat = None;
+        let drawn = self
+            .drawn
+            .pop_front()
+            .expect("the model expected a Disconnected event");
+        let reconnect_at = if self.config.reconnect {
+            let at = drawn.expect("reconnect is on, but no reconnect time");
+            assert!(at >= self.now, "reconnect_at before now");
+            assert!(
+                at <= self.now + self.config.backoff.cap,
+                "reconnect_at beyond the backoff cap"
+            );
+            let ceiling = self.ceiling();
+            assert!(
+                at - self.now <= ceiling,
+                "delay {:?} above the ceiling {ceiling:?} of attempt {}",
+                at - self.now,
+                self.attempt
+            );
+            self.attempt += 1;
+            self.reconnect = Some(at);
+            self.state = State::Backoff;
+            Some(at)
+        } else {
+            assert_eq!(drawn, None, "reconnect is off, but a reconnect time");
+            self.state = State::Idle;
+            None
+        };
+        self.events.push(ClientEvent::Disconnected {
+            close,
+            reconnect_at,
+        });
+    }
+
+    fn handle_timeout(&mut self) {
+        if self.liveness.is_some_and(|at| at <= self.now) {
+            self.liveness = None;
+            let close = Close::new(CloseCode::GOING_AWAY, "heartbeat timeout: server silent");
+            self.out.push(Out::Close(close.clone()));
+            self.lost(close);
+        }
+        if self.reconnect.is_some_and(|at| at <= self.now) {
+            self.reconnect = None;
+            self.connecting(true);
+        }
+    }
+
+    fn refresh_liveness(&mut self) {
+        if let Some(interval) = self.heartbeat {
+            self.liveness = Some(self.now + self.window(interval));
+        }
+    }
+
+    fn frame(&mut self, text: &str) {
+        if self.state != State::Open {
+            return;
+        }
+        self.refresh_liveness();
+        let message = match Message::decode(text, &self.config.limits) {
+            Ok(message) => message,
+            Err(error) => {
+                self.events.push(ClientEvent::InvalidFrame(error));
+                return;
+            }
+        };
+        match message.op {
+            Opcode::Hello => {
+                let millis = |key: &str| {
+                    message
+                        .d
+                        .get(key)
+                        .and_then(Value::as_u64)
+                        .filter(|ms| *ms > 0)
+                        .map(Duration::from_millis)
+                };
+                if let Some(base) = millis("c_reconnect_interval")
+                    && !self.config.backoff.base_is_fixed
+                {
+                    self.base = base.min(self.config.backoff.cap);
+                }
+                self.attempt = 0;
+                let enforce = message
+                    .d
+                    .get("rules")
+                    .and_then(Value::as_array)
+                    .is_some_and(|rules| rules.iter().any(|r| r == "enforce_equal_versions"));
+                if enforce && let Some(version) = &self.config.version {
+                    self.out.push(Out::Text(Message::dispatch(
+                        "CLIENT_VERSION",
+                        json!({ "v": version }),
+                    )));
+                }
+                self.heartbeat = millis("c_heartbeat_interval");
+                if self.heartbeat.is_none() {
+                    // A hello without heartbeats ends the dead-server watch.
+                    self.liveness = None;
+                }
+                self.refresh_liveness();
+            }
+            Opcode::Heartbeat => self
+                .out
+                .push(Out::Text(Message::new(Opcode::HeartbeatAck, json!({})))),
+            Opcode::Authenticated => {
+                self.user = Some(message.d.clone());
+                self.events
+                    .push(ClientEvent::Authenticated { user: message.d });
+            }
+            _ => self.events.push(ClientEvent::Message(message)),
+        }
+    }
+}
+
+struct Harness {
+    session: ClientSession,
+    model: Model,
+}
+
+impl Harness {
+    fn new(setup: &Setup) -> Self {
+        let base = Duration::from_millis(u64::from(setup.base_ms % 2_000) + 1);
+        let config = ClientConfig {
+            reconnect: setup.reconnect,
+            backoff: BackoffConfig {
+                base,
+                cap: base + Duration::from_millis(u64::from(setup.cap_extra_ms % 10_000)),
+                base_is_fixed: setup.base_is_fixed,
+            },
+            heartbeat_max_attempts: u32::from(setup.heartbeat_max_attempts % 4) + 1,
+            version: setup.with_version.then(|| VERSION.to_owned()),
+            limits: Limits {
+                max_message_bytes: 256,
+                max_json_depth: 4,
+                max_queued_sends: 4,
+                max_stored_per_id: 3,
+            },
+        };
+        let session = ClientSession::new(config.clone(), setup.seed).expect("valid config");
+        Harness {
+            session,
+            model: Model {
+                base: config.backoff.base,
+                config,
+                now: Instant::now(),
+                state: State::Idle,
+                stopped: false,
+                initial_connection: true,
+                initial_session: true,
+                credentials: None,
+                user: None,
+                queue: Vec::new(),
+                heartbeat: None,
+                attempt: 0,
+                liveness: None,
+                reconnect: None,
+                sends: 0,
+                out: Vec::new(),
+                events: Vec::new(),
+                drawn: VecDeque::new(),
+            },
+        }
+    }
+
+    /// Drain the session; return its transport outputs and events, and queue the
+    /// reconnect times it drew for the model.
+    fn drain(&mut self) -> (Vec<Out>, Vec<ClientEvent>) {
+        let mut out = Vec::new();
+        while let Some(transmit) = self.session.poll_transmit() {
+            out.push(match transmit {
+                ClientTransmit::Connect => Out::Connect,
+                ClientTransmit::Text(frame) => Out::Text(
+                    Message::decode(frame.as_str(), &Limits::default())
+                        .unwrap_or_else(|e| panic!("client wrote an invalid frame {frame:?}: {e}")),
+                ),
+                ClientTransmit::Close(close) => {
+                    assert!(
+                        (1000..=1015).contains(&close.code.0),
+                        "close code {} out of range",
+                        close.code
+                    );
+                    Out::Close(close)
+                }
+            });
+        }
+        let mut events = Vec::new();
+        while let Some(event) = self.session.poll_event() {
+            if let ClientEvent::Disconnected { reconnect_at, .. } = &event {
+                self.model.drawn.push_back(*reconnect_at);
+            }
+            events.push(event);
+        }
+        (out, events)
+    }
+
+    /// Compare what the session did in this step with what the model expected.
+    fn compare(&mut self, what: &dyn std::fmt::Debug, out: Vec<Out>, events: Vec<ClientEvent>) {
+        let model = &mut self.model;
+        assert!(model.drawn.is_empty(), "{what:?}: unexpected Disconnected");
+        assert_eq!(
+            out,
+            std::mem::take(&mut model.out),
+            "{what:?}: transmits differ"
+        );
+        assert_eq!(
+            events,
+            std::mem::take(&mut model.events),
+            "{what:?}: events differ"
+        );
+        // A Text after a Close in one step would be written to a dead transport.
+        let mut closed = false;
+        for o in &out {
+            match o {
+                Out::Close(_) => closed = true,
+                Out::Connect => closed = false,
+                Out::Text(_) => assert!(!closed, "{what:?}: a frame after the close"),
+            }
+        }
+        let session = &self.session;
+        assert_eq!(
+            session.is_open(),
+            model.state == State::Open,
+            "{what:?}: is_open"
+        );
+        assert_eq!(
+            session.is_authenticated(),
+            model.user.is_some(),
+            "{what:?}: authenticated"
+        );
+        assert_eq!(
+            session.queued(),
+            model.queue.len(),
+            "{what:?}: queue length"
+        );
+        assert!(
+            session.queued() <= model.config.limits.max_queued_sends,
+            "queue over its limit"
+        );
+        assert_eq!(
+            session.backoff().attempt(),
+            model.attempt,
+            "{what:?}: backoff attempt"
+        );
+        assert_eq!(
+            session.backoff().config().base,
+            model.base,
+            "{what:?}: backoff base"
+        );
+        assert_eq!(
+            session.hello().and_then(|h| h.heartbeat_interval),
+            if model.state == State::Open {
+                model.heartbeat
+            } else {
+                None
+            },
+            "{what:?}: heartbeat interval"
+        );
+        assert_eq!(
+            session.poll_timeout(),
+            model.next_deadline(),
+            "{what:?}: poll_timeout"
+        );
+        if model.stopped {
+            assert_eq!(
+                session.poll_timeout(),
+                None,
+                "a timer runs after disconnect"
+            );
+        }
+    }
+
+    /// Fire every deadline up to `target`, one at a time, as an adapter's timer would.
+    fn run_until(&mut self, target: Instant) {
+        let mut steps = 0u32;
+        while let Some(at) = self.session.poll_timeout() {
+            if at > target {
+                break;
+            }
+            assert!(at >= self.model.now, "deadline in the past");
+            steps += 1;
+            assert!(steps < 100_000, "timer livelock");
+            self.model.now = at;
+            self.session.handle_timeout(at);
+            let (out, events) = self.drain();
+            self.model.handle_timeout();
+            self.compare(&"timeout", out, events);
+            if let Some(next) = self.session.poll_timeout() {
+                assert!(next > at, "handle_timeout left a due deadline armed");
+            }
+        }
+        self.model.now = target;
+        // Early calls do nothing.
+        self.session.handle_timeout(target);
+        let (out, events) = self.drain();
+        self.compare(&"early timeout", out, events);
+    }
+
+    fn step(&mut self, op: Op) {
+        let now = self.model.now;
+        let model = &mut self.model;
+        match &op {
+            Op::Connect => {
+                let result = self.session.connect(now);
+                match model.state {
+                    State::Idle | State::Backoff => {
+                        assert_eq!(result, Ok(()));
+                        model.reconnect = None;
+                        model.stopped = false;
+                        model.connecting(false);
+                    }
+                    _ => assert_eq!(result, Err(ClientError::AlreadyConnected)),
+                }
+            }
+            Op::Connected => {
+                let result = self.session.handle_connected(now);
+                if let State::Connecting { automatic } = model.state {
+                    assert_eq!(result, Ok(()));
+                    model.state = State::Open;
+                    model.events.push(ClientEvent::Connected {
+                        is_initial_connection: model.initial_connection,
+                        is_initial_session_connection: model.initial_session,
+                        is_automatic_reconnection: automatic,
+                    });
+                    model.initial_connection = false;
+                    model.initial_session = false;
+                    model.user = None;
+                    model.heartbeat = None;
+                    if let Some(credentials) = &model.credentials {
+                        model.out.push(Out::Text(Message::new(
+                            Opcode::Authenticate,
+                            credentials.clone(),
+                        )));
+                    }
+                    for message in model.queue.drain(..) {
+                        model.out.push(Out::Text(message));
+                    }
+                } else {
+                    assert_eq!(result, Err(ClientError::UnexpectedInput));
+                }
+            }
+            Op::ConnectFailed => {
+                let connecting = matches!(model.state, State::Connecting { .. });
+                let result = self.session.handle_connect_failed(now, "refused");
+                let (out, events) = self.drain();
+                if connecting {
+                    assert_eq!(result, Ok(()));
+                    self.model.lost(Close::new(
+                        CloseCode::ABNORMAL,
+                        "connection failed: refused",
+                    ));
+                } else {
+                    assert_eq!(result, Err(ClientError::UnexpectedInput));
+                }
+                return self.finish(&op, out, events);
+            }
+            Op::Frame(text) => {
+                self.session.handle_frame(now, text);
+                model.frame(text);
+            }
+            Op::Known(known) => {
+                let text = known.text();
+                self.session.handle_frame(now, &text);
+                model.frame(&text);
+            }
+            Op::Closed(code) => {
+                let close = code.map(|c| Close::new(CloseCode(c), "server closed"));
+                self.session.handle_closed(now, close.clone());
+                let (out, events) = self.drain();
+                if matches!(self.model.state, State::Open | State::Connecting { .. }) {
+                    let close = close
+                        .unwrap_or_else(|| Close::new(CloseCode::ABNORMAL, "connection dropped"));
+                    self.model.lost(close);
+                }
+                return self.finish(&op, out, events);
+            }
+            Op::Advance(ms) => {
+                self.run_until(now + Duration::from_millis(u64::from(*ms)));
+                return;
+            }
+            Op::Authenticate { token, should_sync } => {
+                let credentials = match token {
+                    Some(token) => json!({ "token": token }),
+                    None => json!("not an object"),
+                };
+                let result = self
+                    .session
+                    .authenticate(now, credentials.clone(), *should_sync);
+                match credentials {
+                    Value::Object(mut data) => {
+                        assert_eq!(result, Ok(()));
+                        data.insert("shouldSync".into(), Value::Bool(*should_sync));
+                        let data = Value::Object(data);
+                        if model.state == State::Open {
+                            model
+                                .out
+                                .push(Out::Text(Message::new(Opcode::Authenticate, data.clone())));
+                            // Servers take a re-authentication silently: it resolves at once.
+                            if let Some(user) = model.user.clone() {
+                                model.events.push(ClientEvent::Authenticated { user });
+                            }
+                        }
+                        model.credentials = Some(data);
+                    }
+                    _ => assert_eq!(result, Err(ClientError::InvalidCredentials)),
+                }
+            }
+            Op::Send => {
+                model.sends += 1;
+                let message = Message::dispatch("SEND", json!({ "n": model.sends }));
+                let result = self.session.send(now, message.clone());
+                if model.state == State::Open {
+                    assert_eq!(result, Ok(()));
+                    model.out.push(Out::Text(message));
+                } else if model.queue.len() < model.config.limits.max_queued_sends {
+                    assert_eq!(result, Ok(()));
+                    model.queue.push(message);
+                } else {
+                    assert_eq!(result, Err(ClientError::QueueFull(model.queue.len())));
+                }
+            }
+            Op::Disconnect(code) => {
+                let code = if (1000..=1015).contains(code) {
+                    *code
+                } else {
+                    1000 + code % 16
+                };
+                let close = Close::new(CloseCode(code), "bye");
+                let result = self.session.disconnect(now, close.clone());
+                match model.state {
+                    State::Idle => assert_eq!(result, Err(ClientError::NotConnected)),
+                    state => {
+                        assert_eq!(result, Ok(()));
+                        if state != State::Backoff {
+                            model.out.push(Out::Close(close.clone()));
+                            model.events.push(ClientEvent::Disconnected {
+                                close,
+                                reconnect_at: None,
+                            });
+                        }
+                        model.state = State::Idle;
+                        model.liveness = None;
+                        model.reconnect = None;
+                        model.user = None;
+                        model.heartbeat = None;
+                        model.initial_session = true;
+                        model.stopped = true;
+                    }
+                }
+            }
+        }
+        let (out, events) = self.drain();
+        self.finish(&op, out, events);
+    }
+
+    fn finish(&mut self, op: &Op, out: Vec<Out>, events: Vec<ClientEvent>) {
+        if matches!(op, Op::Disconnect(_)) {
+            // A deliberate disconnect draws no reconnect time; `compare` checks its event.
+            self.model.drawn.clear();
+        }
+        self.compare(op, out, events);
+        // A deadline due now (a zero backoff delay) is fired at once, as an adapter would.
+        self.run_until(self.model.now);
+    }
+}
+
+fuzz_target!(|input: Input| {
+    let mut harness = Harness::new(&input.setup);
+    let (out, events) = harness.drain();
+    assert!(
+        out.is_empty() && events.is_empty(),
+        "a new client does nothing by itself"
+    );
+    for op in input.ops {
+        harness.step(op);
+    }
+});

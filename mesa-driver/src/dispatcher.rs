@@ -1,0 +1,253 @@
+//! The Dispatcher: send to the clients of a cluster from any process (a worker, a
+//! cron job, another service) without running a server, wire-compatible with
+//! `@cryb/mesa`'s `Dispatcher`.
+//!
+//! A dispatch publishes one envelope on `ns("ws")`, which every replica (ours or
+//! upstream's) delivers to its local connections among the recipients. With sync on,
+//! the recipients are first checked against `ns("connected_clients")` and the message
+//! is stored for the offline ones in `ns("undelivered_messages")`, in upstream's
+//! format but appended atomically and capped per id (upstream's read-modify-write
+//! loses concurrent appends). The Redis work is the server's own
+//! (`cluster::execute`): one presence check and one PUBLISH per dispatch, pipelined.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use mesa_core::{Message, MessageOptions, Namespace, Opcode, Recipients, RemotePlan, plan_remote};
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+
+use crate::cluster::scripts::APPEND;
+use crate::cluster::{RemoteSend, execute};
+
+/// Time Redis has to accept a connection or answer a command.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a dispatch (or connecting a [`Dispatcher`]) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError {
+    /// The Redis URL cannot be parsed.
+    #[error("invalid Redis URL: {0}")]
+    InvalidUrl(String),
+    /// A setting is out of range (e.g. a zero `max_stored`).
+    #[error("invalid setting: {0}")]
+    InvalidSetting(&'static str),
+    /// Redis is unreachable or failed a command. Nothing is retried: the dispatch may
+    /// have been published or stored in part. The next dispatch reconnects.
+    #[error("Redis: {0}")]
+    Redis(String),
+}
+
+impl From<redis::RedisError> for DispatchError {
+    fn from(error: redis::RedisError) -> Self {
+        DispatchError::Redis(error.to_string())
+    }
+}
+
+/// What one dispatch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DispatchReport {
+    /// The message went to every connection of every replica (`["*"]`).
+    pub global: bool,
+    /// Ids the envelope was published to: with sync, those found connected; without,
+    /// every recipient (after `excluding`). 0 for a global dispatch.
+    pub published: usize,
+    /// Offline ids for whom the message was stored (sync only).
+    pub stored: usize,
+    /// Older stored messages dropped to keep those ids under `max_stored`.
+    pub dropped: usize,
+    /// Offline ids for whom nothing was stored: the message said `sync: false`, or the
+    /// id is blank (as upstream).
+    pub undeliverable: Vec<String>,
+}
+
+/// Sends to the clients of a cluster through its Redis, from any process.
+///
+/// Cheap to share (`&self` methods; wrap it in an `Arc` to share it between tasks):
+/// concurrent dispatches share one multiplexed Redis connection. It needs no timer
+/// of its own, so it runs on whichever runtime redis-rs was built for (mesa-driver's
+/// `tokio` or `smol` feature).
+pub struct Dispatcher {
+    client: redis::Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    ns: Namespace,
+    sync: bool,
+    max_stored: usize,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("namespace", &self.ns)
+            .field("sync", &self.sync)
+            .field("max_stored", &self.max_stored)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// Connect to the Redis at `url` (e.g. `redis://127.0.0.1:6379/`) of the cluster
+    /// using `namespace` (`None` or empty: none). With `sync`, messages to ids
+    /// connected nowhere are stored for them, at most `max_stored` per id (the oldest
+    /// go; the servers' default is 1000).
+    pub async fn connect(
+        url: &str,
+        namespace: Option<&str>,
+        sync: bool,
+        max_stored: usize,
+    ) -> Result<Dispatcher, DispatchError> {
+        if max_stored == 0 {
+            return Err(DispatchError::InvalidSetting(
+                "max_stored must be at least 1",
+            ));
+        }
+        let client = redis::Client::open(url)
+            .map_err(|error| DispatchError::InvalidUrl(error.to_string()))?;
+        let dispatcher = Dispatcher {
+            client,
+            conn: Mutex::new(None),
+            ns: Namespace::new(namespace.map(str::to_owned)),
+            sync,
+            max_stored,
+        };
+        dispatcher.connection().await?;
+        Ok(dispatcher)
+    }
+
+    /// Whether messages to offline ids are stored.
+    pub fn sync(&self) -> bool {
+        self.sync
+    }
+
+    /// The key and channel names this Dispatcher uses.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    /// Send `message` to `recipients` (minus `excluding`, which only filters an
+    /// explicit list, as upstream) on every replica, with per-message `options`
+    /// (e.g. [`MessageOptions::no_sync`]) carried in the envelope's `o`.
+    ///
+    /// A global dispatch is published unchanged, even with sync. With sync, the
+    /// recipients are checked for presence: the connected ones get the message, the
+    /// others have it stored. Each id is counted once (upstream stores twice for an id
+    /// listed twice). An op 5 message is never stored (upstream would store it, and
+    /// its redelivery would then disconnect the client); see
+    /// [`dispatch_event`](Self::dispatch_event).
+    pub async fn dispatch(
+        &self,
+        message: Message,
+        options: Option<MessageOptions>,
+        recipients: Recipients,
+        excluding: &[String],
+    ) -> Result<DispatchReport, DispatchError> {
+        let message = Message { s: None, ..message };
+        let sync = self.sync && message.op != Opcode::Internal;
+        self.send(message, options, recipients.excluding(excluding), sync)
+            .await
+    }
+
+    /// Send an internal event (op 5, upstream's `DispatchEvent`: `{"op":5,"d":{},
+    /// "t":action}`) to `recipients` minus `excluding`. Replicas act on it and never
+    /// forward it: `DISCONNECT_CLIENT` closes those clients' connections with 1000.
+    /// Never stored.
+    pub async fn dispatch_event(
+        &self,
+        action: &str,
+        recipients: Recipients,
+        excluding: &[String],
+    ) -> Result<DispatchReport, DispatchError> {
+        let mut message = Message::new(Opcode::Internal, json!({}));
+        message.t = Some(action.to_owned());
+        self.send(message, None, recipients.excluding(excluding), false)
+            .await
+    }
+
+    async fn send(
+        &self,
+        message: Message,
+        options: Option<MessageOptions>,
+        recipients: Recipients,
+        sync: bool,
+    ) -> Result<DispatchReport, DispatchError> {
+        let mut report = DispatchReport::default();
+        let plan = match &recipients {
+            Recipients::All => {
+                report.global = true;
+                plan_remote(&recipients, Vec::new(), sync)
+            }
+            // A Dispatcher has no connection of its own: every id is elsewhere.
+            Recipients::Ids(ids) => {
+                let mut unique: Vec<String> = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if !unique.contains(id) {
+                        unique.push(id.clone());
+                    }
+                }
+                plan_remote(&recipients, unique, sync)
+            }
+        };
+        let checked = match &plan {
+            RemotePlan::Nothing => return Ok(report),
+            RemotePlan::Publish(Recipients::Ids(ids)) => {
+                report.published = ids.len();
+                None
+            }
+            RemotePlan::Publish(Recipients::All) => None,
+            RemotePlan::CheckPresence(ids) => Some(ids.len()),
+        };
+        let send = RemoteSend {
+            message,
+            options,
+            plan,
+        };
+        let mut conn = self.connection().await?;
+        let outcome = match execute(&mut conn, &self.ns, None, self.max_stored, &[send]).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.forget();
+                return Err(error.into());
+            }
+        };
+        report.stored = outcome.stored;
+        report.dropped = outcome.dropped;
+        report.undeliverable = outcome
+            .undeliverable
+            .into_iter()
+            .flat_map(|(_, ids)| ids)
+            .collect();
+        if let Some(checked) = checked {
+            report.published = checked - report.stored - report.undeliverable.len();
+        }
+        Ok(report)
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The shared connection, opened (with the store script loaded) when there is none.
+    async fn connection(&self) -> Result<MultiplexedConnection, DispatchError> {
+        if let Some(conn) = self.slot().clone() {
+            return Ok(conn);
+        }
+        let settings = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&settings)
+            .await?;
+        APPEND.prepare_invoke().load_async(&mut conn).await?;
+        Ok(self.slot().get_or_insert(conn).clone())
+    }
+
+    /// Drop a connection that failed; the next dispatch opens a new one.
+    fn forget(&self) {
+        *self.slot() = None;
+    }
+}

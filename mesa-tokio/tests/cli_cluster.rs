@@ -1,0 +1,389 @@
+//! End-to-end smoke test of `mesa dispatch` and `mesa portal` with `mesa serve` and
+//! `mesa client`, on a `redis-server` process of its own. Every wait is bounded and
+//! every child process is killed when its handle drops.
+//!
+//! Needs the `cli` feature and `redis-server` on PATH:
+//! `cargo test -p mesa-tokio --features cli --test cli_cluster`.
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The longest any single expectation waits.
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A `redis-server` on a free port, keeping nothing on disk; killed on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (apt-get install redis-server)");
+        let redis = Redis { port, child };
+        let deadline = Instant::now() + WAIT;
+        while redis.command(&["PING"]).as_deref() != Some("+PONG\r\n") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server never answered PING"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// One command in RESP; the raw reply (small replies only).
+    fn command(&self, args: &[&str]) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut reply = [0u8; 4096];
+        let n = stream.read(&mut reply).ok()?;
+        Some(String::from_utf8_lossy(&reply[..n]).into_owned())
+    }
+
+    /// Poll `args` until its reply is `expected`.
+    fn wait_reply(&self, args: &[&str], expected: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let reply = self.command(args);
+            if reply.as_deref() == Some(expected) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{args:?} answered {reply:?}, not {expected:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The lines one output stream of a child printed: new ones, and all so far.
+struct Lines {
+    new: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lines {
+    fn new(stream: impl Read + Send + 'static) -> Self {
+        let (tx, new) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                log.lock().expect("log lock").push(line.clone());
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Lines { new, seen }
+    }
+
+    /// Wait for a new line satisfying `matches`.
+    fn expect(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.new.recv_timeout(left) {
+                Ok(line) if matches(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no line {what} within {WAIT:?}; saw: {:#?}",
+                    self.seen.lock().expect("log lock")
+                ),
+            }
+        }
+    }
+
+    /// The next JSON line satisfying `matches`.
+    fn expect_json(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        let line = self.expect(what, |line| {
+            serde_json::from_str::<Value>(line).is_ok_and(|value| matches(&value))
+        });
+        serde_json::from_str(&line).expect("a JSON line")
+    }
+}
+
+/// A long-running `mesa` process, killed on drop.
+struct Mesa {
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+/// `mesa ARGS` with `env` and no other `MESA_*` variable.
+fn mesa(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mesa"));
+    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("MESA_")) {
+        command.env_remove(key);
+    }
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info");
+    command
+}
+
+impl Mesa {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = mesa(args, env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the mesa binary starts");
+        let stdout = Lines::new(child.stdout.take().expect("piped stdout"));
+        let stderr = Lines::new(child.stderr.take().expect("piped stderr"));
+        Mesa {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running after {WAIT:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mesa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `mesa dispatch ARGS` to the end (bounded).
+fn dispatch(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut all = vec!["dispatch"];
+    all.extend_from_slice(args);
+    let mut child = mesa(&all, env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the mesa binary starts");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mesa dispatch {args:?} still running after {WAIT:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("its output")
+}
+
+/// The one JSON report line of a successful `mesa dispatch`.
+fn report(output: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "mesa dispatch failed: {}; stderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("not one JSON line: {stdout}"))
+}
+
+#[test]
+fn dispatch_and_portal_work_with_a_cluster_server_and_a_client() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let cluster = [("MESA_REDIS", url.as_str()), ("MESA_NAMESPACE", "ns1")];
+
+    // The portal joins the pool first, so that the server finds it when it connects.
+    let mut portal = Mesa::start(&["portal", "--id", "cli-portal"], &cluster);
+    portal
+        .stderr
+        .expect("joining the pool", |l| l.contains("portal joined the pool"));
+    assert_eq!(
+        redis.command(&["SMEMBERS", "available_portals_pool_ns1"]),
+        Some("*1\r\n$10\r\ncli-portal\r\n".to_owned())
+    );
+
+    let server = Mesa::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "dev",
+            "--sync",
+            "--portals",
+            "round-robin",
+        ],
+        &cluster,
+    );
+    let line = server.stdout.expect("announcing the URL", |l| {
+        l.starts_with("mesa listening on ")
+    });
+    let ws_url = line["mesa listening on ".len()..].to_owned();
+    let mut alice = Mesa::start(
+        &["client", &ws_url, "--token", "alice", "--no-reconnect"],
+        &[],
+    );
+    alice
+        .stderr
+        .expect("authenticated as alice", |l| l.contains(r#""id":"alice""#));
+
+    // The portal prints the server's events in upstream's format.
+    let opened = portal
+        .stdout
+        .expect_json("a connection event", |e| e["type"] == "connection");
+    assert_eq!(
+        opened,
+        json!({"type": "connection", "portalId": "cli-portal"})
+    );
+    let authenticated = portal
+        .stdout
+        .expect_json("an authentication event", |e| e["type"] == "authentication");
+    assert_eq!(
+        authenticated,
+        json!({"type": "authentication", "clientId": "alice", "portalId": "cli-portal"})
+    );
+
+    // A dispatch with sync: alice (online) gets it, bob (offline) has it stored.
+    redis.wait_reply(&["SISMEMBER", "connected_clients_ns1", "alice"], ":1\r\n");
+    let sent = report(&dispatch(
+        &[
+            "--sync",
+            "--type",
+            "NOTE",
+            "--data",
+            r#"{"n":1}"#,
+            "--to",
+            "alice,bob,carol",
+            "--except",
+            "carol",
+        ],
+        &cluster,
+    ));
+    assert_eq!(
+        sent,
+        json!({"type": "NOTE", "global": false, "published": 1, "stored": 1, "dropped": 0, "undeliverable": []})
+    );
+    let note = alice.stdout.expect_json("the NOTE", |m| m["t"] == "NOTE");
+    assert_eq!(note, json!({"op": 0, "d": {"n": 1}, "t": "NOTE"}));
+    let stored = r#"[{"op":0,"d":{"n":1},"t":"NOTE"}]"#;
+    assert_eq!(
+        redis.command(&["HGET", "undelivered_messages_ns1", "bob"]),
+        Some(format!("${}\r\n{stored}\r\n", stored.len()))
+    );
+
+    // Every flag reads the environment too; an op 5 event disconnects alice (1000).
+    let kicked = report(&dispatch(
+        &[],
+        &[
+            ("MESA_REDIS", url.as_str()),
+            ("MESA_NAMESPACE", "ns1"),
+            ("MESA_EVENT", "DISCONNECT_CLIENT"),
+            ("MESA_TO", "alice"),
+        ],
+    ));
+    assert_eq!(kicked["event"], "DISCONNECT_CLIENT");
+    assert_eq!(kicked["published"], 1);
+    let status = alice.wait();
+    assert!(status.success(), "alice was closed normally: {status}");
+    portal
+        .stdout
+        .expect_json("a disconnection event", |e| e["type"] == "disconnection");
+
+    // SIGTERM: the portal leaves the pool and exits cleanly.
+    portal.terminate();
+    let status = portal.wait();
+    assert!(status.success(), "mesa portal exited with {status}");
+    portal
+        .stderr
+        .expect("leaving the pool", |l| l.contains("portal left the pool"));
+    assert_eq!(
+        redis.command(&["SMEMBERS", "available_portals_pool_ns1"]),
+        Some("*0\r\n".to_owned())
+    );
+}
+
+#[test]
+fn dispatch_reports_usage_and_redis_errors() {
+    let unreachable = dispatch(&["--redis", "redis://127.0.0.1:1/", "--type", "X"], &[]);
+    assert_eq!(unreachable.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(stderr.contains("cannot reach the cluster"), "{stderr}");
+
+    let conflicting = dispatch(
+        &[
+            "--redis",
+            "redis://127.0.0.1:1/",
+            "--event",
+            "X",
+            "--data",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(conflicting.status.code(), Some(2));
+    let missing = dispatch(&["--redis", "redis://127.0.0.1:1/"], &[]);
+    assert_eq!(missing.status.code(), Some(2));
+    let not_json = dispatch(
+        &[
+            "--redis",
+            "redis://127.0.0.1:1/",
+            "--type",
+            "X",
+            "--data",
+            "{",
+        ],
+        &[],
+    );
+    assert_eq!(not_json.status.code(), Some(2));
+}

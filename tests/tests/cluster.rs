@@ -1,0 +1,571 @@
+//! Replicas of our server on real `redis-server` processes the tests start, kill and
+//! restart: replication, sync, presence with leases, and Redis faults.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mesa_core::{Close, CloseCode, Message, Opcode, Recipients, SyncConfig};
+use mesa_tests::ours::{next_event, next_message, serve, url};
+use mesa_tests::{RedisServer, WAIT};
+use mesa_tokio::{ClientEvent, ClusterConfig, DevAuthenticator, Server};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn replica(redis: &RedisServer, namespace: Option<&str>, sync: bool) -> Server {
+    let mut cluster = ClusterConfig::new(redis.url());
+    cluster.namespace = namespace.map(str::to_owned);
+    cluster.lease = Duration::from_millis(900);
+    let mut builder = mesa_tokio::server()
+        .heartbeat(Duration::from_millis(300), 2)
+        .reconnect_interval(Duration::from_millis(100))
+        .authenticate(DevAuthenticator)
+        .cluster(cluster);
+    if sync {
+        builder = builder.sync(SyncConfig {
+            redelivery_interval: Duration::ZERO,
+        });
+    }
+    builder.build().unwrap()
+}
+
+async fn user(addr: SocketAddr, id: &str) -> (mesa_tokio::Client, mesa_tokio::ClientEvents) {
+    let (client, events) = mesa_tokio::client(url(addr)).build().unwrap();
+    let user = client
+        .authenticate(json!({"token": id}), true)
+        .await
+        .unwrap();
+    assert_eq!(user, json!({"id": id}));
+    (client, events)
+}
+
+async fn redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Poll `check` every 20 ms until it holds, at most `timeout`.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if check().await {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {timeout:?}");
+}
+
+async fn is_member(conn: &mut redis::aio::MultiplexedConnection, key: &str, id: &str) -> bool {
+    conn.sismember(key, id).await.unwrap()
+}
+
+/// The stored array of `id`, decoded.
+async fn stored(conn: &mut redis::aio::MultiplexedConnection, key: &str, id: &str) -> Vec<Value> {
+    let raw: Option<String> = conn.hget(key, id).await.unwrap();
+    raw.map(|raw| serde_json::from_str(&raw).unwrap())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn replicas_deliver_each_others_sends_once() {
+    let redis_server = RedisServer::start();
+    let (a, b) = (
+        replica(&redis_server, None, false),
+        replica(&redis_server, None, false),
+    );
+    let (addr_a, addr_b) = (serve(&a, any_port()).await, serve(&b, any_port()).await);
+    let (alice, mut alice_events) = user(addr_a, "alice").await;
+    let (_bob, mut bob_events) = user(addr_b, "bob").await;
+    // Let both replicas' subscriptions settle.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    alice
+        .send(Message::dispatch("BROADCAST", json!({"n": 1})))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut bob_events, "BROADCAST").await.d,
+        json!({"n": 1})
+    );
+    assert_eq!(
+        next_message(&mut alice_events, "BROADCAST").await.d,
+        json!({"n": 1})
+    );
+
+    alice
+        .send(Message::dispatch(
+            "BROADCAST",
+            json!({"to": ["bob"], "n": 2}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next_message(&mut bob_events, "BROADCAST").await.d["n"], 2);
+
+    // The server API reaches ids on any replica; a marker shows nothing arrived twice.
+    b.handle().send(
+        &Message::dispatch("DM", json!("from b")),
+        &Recipients::Ids(vec!["alice".into()]),
+    );
+    assert_eq!(
+        next_message(&mut alice_events, "DM").await.d,
+        json!("from b")
+    );
+    alice
+        .send(Message::dispatch("ECHO", json!("marker")))
+        .await
+        .unwrap();
+    let rest = mesa_tests::ours::next_event(
+        &mut alice_events,
+        "the marker",
+        |e| matches!(e, ClientEvent::Message(m) if m.t.as_deref() == Some("ECHO")),
+        WAIT,
+    )
+    .await;
+    assert!(matches!(rest, ClientEvent::Message(_)));
+    let more = mesa_tests::ours::ready_events(&mut alice_events);
+    assert!(
+        !more
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Message(m) if m.t.as_deref() != Some("ECHO"))),
+        "a duplicate arrived: {more:?}"
+    );
+}
+
+#[tokio::test]
+async fn namespaces_isolate_clusters_on_one_redis() {
+    let redis_server = RedisServer::start();
+    let one = replica(&redis_server, Some("one"), false);
+    let two = replica(&redis_server, Some("two"), false);
+    let (addr_one, addr_two) = (serve(&one, any_port()).await, serve(&two, any_port()).await);
+    let (alice, _alice_events) = user(addr_one, "alice").await;
+    let (bob, mut bob_events) = user(addr_two, "bob").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice
+        .send(Message::dispatch("BROADCAST", json!("one only")))
+        .await
+        .unwrap();
+    bob.send(Message::dispatch("ECHO", json!("marker")))
+        .await
+        .unwrap();
+    // The marker comes back; the other cluster's broadcast never came before it.
+    let first = next_event(
+        &mut bob_events,
+        "a message",
+        |e| matches!(e, ClientEvent::Message(_)),
+        WAIT,
+    )
+    .await;
+    let ClientEvent::Message(first) = first else {
+        unreachable!()
+    };
+    assert_eq!(first.t.as_deref(), Some("ECHO"));
+    let mut conn = redis(&redis_server).await;
+    assert!(is_member(&mut conn, "connected_clients_one", "alice").await);
+    assert!(!is_member(&mut conn, "connected_clients_one", "bob").await);
+    assert!(is_member(&mut conn, "connected_clients_two", "bob").await);
+}
+
+#[tokio::test]
+async fn sync_stores_every_message_from_two_replicas_and_redelivers_in_order() {
+    let redis_server = RedisServer::start();
+    let (a, b) = (
+        replica(&redis_server, None, true),
+        replica(&redis_server, None, true),
+    );
+    let addr_a = serve(&a, any_port()).await;
+    serve(&b, any_port()).await;
+    let (handle_a, handle_b) = (a.handle(), b.handle());
+    let burst = |handle: mesa_tokio::ServerHandle, from: &'static str| {
+        tokio::spawn(async move {
+            for n in 0..500 {
+                let message = Message::dispatch("NOTE", json!({"from": from, "n": n}));
+                handle.send(&message, &Recipients::Ids(vec!["carol".into()]));
+                if n % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let (x, y) = (burst(handle_a, "a"), burst(handle_b, "b"));
+    x.await.unwrap();
+    y.await.unwrap();
+    let mut conn = redis(&redis_server).await;
+    eventually("1000 messages stored", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "carol")
+                .await
+                .len()
+                == 1000
+        }
+    })
+    .await;
+    let entries = stored(&mut conn, "undelivered_messages", "carol").await;
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["op"] == 0 && e["t"] == "NOTE" && e.get("s").is_none())
+    );
+
+    let (_carol, mut events) = user(addr_a, "carol").await;
+    let mut received = Vec::new();
+    while received.len() < 1000 {
+        received.push(next_message(&mut events, "NOTE").await);
+    }
+    let sequence: Vec<u64> = received.iter().map(|m| m.s.unwrap()).collect();
+    assert_eq!(sequence, (1..=1000).collect::<Vec<u64>>());
+    for from in ["a", "b"] {
+        let order: Vec<i64> = received
+            .iter()
+            .filter(|m| m.d["from"] == from)
+            .map(|m| m.d["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            order,
+            (0..500).collect::<Vec<i64>>(),
+            "{from}'s messages in order"
+        );
+    }
+    eventually("the store emptied once written", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "carol")
+                .await
+                .is_empty()
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_drop_during_redelivery_keeps_the_rest_stored() {
+    let redis_server = RedisServer::start();
+    let mut cluster = ClusterConfig::new(redis_server.url());
+    cluster.lease = Duration::from_millis(900);
+    let server = mesa_tokio::server()
+        .authenticate(DevAuthenticator)
+        .cluster(cluster)
+        .sync(SyncConfig {
+            redelivery_interval: Duration::from_millis(20),
+        })
+        .build()
+        .unwrap();
+    let addr = serve(&server, any_port()).await;
+    for n in 0..40 {
+        server.handle().send(
+            &Message::dispatch("NOTE", json!(n)),
+            &Recipients::Ids(vec!["dan".into()]),
+        );
+    }
+    let mut conn = redis(&redis_server).await;
+    eventually("40 stored", WAIT, || {
+        let mut conn = conn.clone();
+        async move { stored(&mut conn, "undelivered_messages", "dan").await.len() == 40 }
+    })
+    .await;
+
+    let (first, mut first_events) = user(addr, "dan").await;
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        seen.push(
+            next_message(&mut first_events, "NOTE")
+                .await
+                .d
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    first
+        .disconnect(Close::new(CloseCode::NORMAL, "gone halfway"))
+        .await
+        .unwrap();
+    eventually("the rest is still stored", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            let left = stored(&mut conn, "undelivered_messages", "dan").await.len();
+            (28..=30).contains(&left)
+        }
+    })
+    .await;
+
+    let (_second, mut second_events) = user(addr, "dan").await;
+    let left = stored(&mut conn, "undelivered_messages", "dan").await.len();
+    while seen.len() < 40 {
+        let message = next_message(&mut second_events, "NOTE").await;
+        seen.push(message.d.as_i64().unwrap());
+    }
+    seen.dedup();
+    assert!(left > 0);
+    // Nothing lost; at most the frame in flight at the drop arrives twice.
+    let mut unique = seen.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique, (0..40).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
+async fn presence_survives_one_of_two_connections_and_counts_connections() {
+    let redis_server = RedisServer::start();
+    let (a, b) = (
+        replica(&redis_server, None, false),
+        replica(&redis_server, None, false),
+    );
+    let (addr_a, addr_b) = (serve(&a, any_port()).await, serve(&b, any_port()).await);
+    let (tab1, _e1) = user(addr_a, "erin").await;
+    let (_tab2, _e2) = user(addr_b, "erin").await;
+    let mut conn = redis(&redis_server).await;
+    eventually("erin online with 2 connections", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            let count: Option<i64> = conn.get("connected_clients_count").await.unwrap();
+            is_member(&mut conn, "connected_clients", "erin").await && count == Some(2)
+        }
+    })
+    .await;
+    tab1.disconnect(Close::new(CloseCode::NORMAL, "tab closed"))
+        .await
+        .unwrap();
+    eventually("one connection left", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            conn.get::<_, Option<i64>>("connected_clients_count")
+                .await
+                .unwrap()
+                == Some(1)
+        }
+    })
+    .await;
+    // Upstream would have removed erin here; she still has a tab on replica b.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(is_member(&mut conn, "connected_clients", "erin").await);
+}
+
+#[tokio::test]
+async fn a_crashed_replicas_ids_leave_presence_within_the_lease_and_get_stored_for() {
+    let redis_server = RedisServer::start();
+    let a = replica(&redis_server, None, true);
+    let addr_a = serve(&a, any_port()).await;
+    // Replica b runs on its own runtime, so that dropping it is a crash: no cleanup.
+    let url_redis = redis_server.url();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (crash_tx, crash_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut cluster = ClusterConfig::new(url_redis);
+            cluster.lease = Duration::from_millis(900);
+            let b = mesa_tokio::server()
+                .authenticate(DevAuthenticator)
+                .cluster(cluster)
+                .sync(SyncConfig::default())
+                .build()
+                .unwrap();
+            let listening = b.bind(any_port()).await.unwrap();
+            addr_tx.send(listening.local_addr()).unwrap();
+            tokio::spawn(listening.run());
+            tokio::task::spawn_blocking(move || crash_rx.recv())
+                .await
+                .unwrap()
+                .ok();
+        });
+        runtime.shutdown_background();
+    });
+    let addr_b = addr_rx.recv().unwrap();
+    let (_frank, _frank_events) = user(addr_b, "frank").await;
+    let mut conn = redis(&redis_server).await;
+    eventually("frank online", WAIT, || {
+        let mut conn = conn.clone();
+        async move { is_member(&mut conn, "connected_clients", "frank").await }
+    })
+    .await;
+
+    crash_tx.send(()).unwrap();
+    thread.join().unwrap();
+    let crashed = Instant::now();
+    let took = eventually("frank's presence expired", Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        async move { !is_member(&mut conn, "connected_clients", "frank").await }
+    })
+    .await;
+    eprintln!("lease expiry: frank left connected_clients {took:?} after the crash (lease 900 ms)");
+    assert!(crashed.elapsed() < Duration::from_secs(3));
+
+    // From now on, messages to frank are stored, not lost.
+    let (gina, _g) = user(addr_a, "gina").await;
+    gina.send(Message::dispatch(
+        "BROADCAST",
+        json!({"to": ["frank"], "text": "later"}),
+    ))
+    .await
+    .unwrap();
+    eventually("stored for frank", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "frank")
+                .await
+                .len()
+                == 1
+        }
+    })
+    .await;
+    let count: Option<i64> = conn.get("connected_clients_count").await.unwrap();
+    assert_eq!(
+        count,
+        Some(1),
+        "the crashed replica's connection was taken back"
+    );
+}
+
+#[tokio::test]
+async fn replicas_recover_from_a_redis_restart_and_lose_no_stored_message() {
+    let mut redis_server = RedisServer::start();
+    let (a, b) = (
+        replica(&redis_server, None, true),
+        replica(&redis_server, None, true),
+    );
+    let (addr_a, addr_b) = (serve(&a, any_port()).await, serve(&b, any_port()).await);
+    let (alice, _alice_events) = user(addr_a, "alice").await;
+    let (_bob, mut bob_events) = user(addr_b, "bob").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice
+        .send(Message::dispatch(
+            "BROADCAST",
+            json!({"to": ["bob"], "n": 0}),
+        ))
+        .await
+        .unwrap();
+    next_message(&mut bob_events, "BROADCAST").await;
+
+    redis_server.kill();
+    // While Redis is down: local delivery goes on, and sends to an offline id wait.
+    alice
+        .send(Message::dispatch("ECHO", json!("local")))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        alice
+            .send(Message::dispatch(
+                "BROADCAST",
+                json!({"to": ["hank"], "n": n}),
+            ))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis_server.restart();
+    let restarted = Instant::now();
+
+    // Cross-replica delivery comes back by itself.
+    let mut n = 1;
+    let recovered = loop {
+        alice
+            .send(Message::dispatch(
+                "BROADCAST",
+                json!({"to": ["bob"], "n": n}),
+            ))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(
+            Duration::from_millis(200),
+            next_message(&mut bob_events, "BROADCAST"),
+        )
+        .await;
+        if got.is_ok() {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(15),
+            "no recovery after a Redis restart"
+        );
+        n += 1;
+    };
+    eprintln!("recovery: cross-replica delivery back {recovered:?} after Redis restarted");
+    let conn = redis(&redis_server).await;
+    eventually("hank's 5 messages stored after the restart", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "hank")
+                .await
+                .len()
+                == 5
+        }
+    })
+    .await;
+    let (_hank, mut hank_events) = user(addr_b, "hank").await;
+    for n in 0..5 {
+        assert_eq!(next_message(&mut hank_events, "BROADCAST").await.d["n"], n);
+    }
+}
+
+#[tokio::test]
+async fn disconnect_client_reaches_another_replica() {
+    let redis_server = RedisServer::start();
+    let (a, b) = (
+        replica(&redis_server, None, false),
+        replica(&redis_server, None, false),
+    );
+    serve(&a, any_port()).await;
+    let addr_b = serve(&b, any_port()).await;
+    let (_ivy, mut events) = user(addr_b, "ivy").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut kick = Message::new(Opcode::Internal, json!({}));
+    kick.t = Some("DISCONNECT_CLIENT".into());
+    a.handle().send(&kick, &Recipients::Ids(vec!["ivy".into()]));
+    let event = next_event(
+        &mut events,
+        "the kick",
+        |e| matches!(e, ClientEvent::Disconnected { .. }),
+        WAIT,
+    )
+    .await;
+    let ClientEvent::Disconnected { close, .. } = event else {
+        unreachable!()
+    };
+    assert_eq!(close.code, CloseCode::NORMAL);
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_removes_the_replicas_presence() {
+    let redis_server = RedisServer::start();
+    let a = replica(&redis_server, None, false);
+    let addr = serve(&a, any_port()).await;
+    let (_jo, mut events) = user(addr, "jo").await;
+    let mut conn = redis(&redis_server).await;
+    eventually("jo online", WAIT, || {
+        let mut conn = conn.clone();
+        async move { is_member(&mut conn, "connected_clients", "jo").await }
+    })
+    .await;
+    a.shutdown_gracefully(Duration::from_secs(3)).await;
+    let event = next_event(
+        &mut events,
+        "the close",
+        |e| matches!(e, ClientEvent::Disconnected { .. }),
+        WAIT,
+    )
+    .await;
+    let ClientEvent::Disconnected { close, .. } = event else {
+        unreachable!()
+    };
+    assert_eq!(close.code, CloseCode::GOING_AWAY);
+    assert!(!is_member(&mut conn, "connected_clients", "jo").await);
+    let replicas: Vec<String> = conn.smembers("mesa_replicas").await.unwrap();
+    assert!(replicas.is_empty(), "{replicas:?}");
+    let count: Option<i64> = conn.get("connected_clients_count").await.unwrap();
+    assert_eq!(count.unwrap_or(0), 0);
+}

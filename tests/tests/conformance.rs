@@ -1,0 +1,430 @@
+//! The conformance suite: every scenario is written once, as an async fn over
+//! `R: mesa_driver::Runtime`, and runs as one test per runtime (`tokio`, `smol`,
+//! `async_std`) over real loopback sockets: our server, our client, and a raw
+//! WebSocket peer on the runtime's own sockets. Every wait runs on the scenario's own
+//! timer and is bounded; a whole scenario is bounded by [`SCENARIO`].
+//!
+//! The Node interop cases at the end run the published upstream clients against our
+//! server on each runtime (they need Node.js and `npm ci --prefix tests/node`).
+//!
+//! Redis scenarios (replication, sync, Dispatcher, Portal) join this file, written the
+//! same way, once the cluster issue lands them in `mesa-driver`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_tungstenite::tungstenite::Message as WsMessage;
+use mesa_core::{BackoffConfig, ClientEvent, Close, CloseCode, Message};
+use mesa_driver::{Connection, DevAuthenticator, Handler, Relay, Runtime, Server, ServerBuilder};
+use mesa_tests::ours::{ready_events, url};
+use mesa_tests::runtimes::{
+    AsyncStd, Smol, Tokio, block_on_tokio, close_code, event, message, next_frame, next_json, raw,
+    serve_on, sleep, timeout, until, within, yield_now,
+};
+use mesa_tests::{ClientKind, NodePeer};
+use serde_json::{Value, json};
+
+/// The most one scenario may take, waits included.
+const SCENARIO: Duration = Duration::from_secs(60);
+
+/// One test per runtime for each scenario: `scenario::tokio`, `scenario::smol`,
+/// `scenario::async_std`, each blocking on that runtime's own executor.
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+
+            #[test]
+            fn tokio() {
+                block_on_tokio(bounded(Tokio, super::$scenario));
+            }
+
+            #[test]
+            fn smol() {
+                ::smol::block_on(bounded(Smol, super::$scenario));
+            }
+
+            #[test]
+            fn async_std() {
+                ::async_std::task::block_on(bounded(AsyncStd, super::$scenario));
+            }
+        }
+    )*};
+}
+
+conformance!(
+    clients_authenticate_echo_and_broadcast,
+    heartbeats_keep_clients_and_close_silent_ones,
+    a_malformed_frame_closes_only_its_connection,
+    a_bad_token_closes_with_1008,
+    the_authentication_timeout_closes_with_1008,
+    the_client_reconnects_to_a_restarted_server,
+    a_slow_consumer_is_closed_with_1013,
+);
+
+/// Run `scenario` on `rt`, bounded by [`SCENARIO`] on the runtime's own timer.
+async fn bounded<R: Runtime, F: Future<Output = ()>>(rt: R, scenario: impl FnOnce(R) -> F) {
+    let done = timeout(&rt.clone(), SCENARIO, scenario(rt)).await;
+    assert!(done.is_some(), "the scenario took longer than {SCENARIO:?}");
+}
+
+/// Heartbeats every 200 ms (2 misses allowed), reconnect interval 100 ms,
+/// development authentication, the relay handler.
+fn dev_server<R: Runtime>(rt: &R) -> ServerBuilder<R> {
+    Server::builder(rt.clone())
+        .heartbeat(Duration::from_millis(200), 2)
+        .reconnect_interval(Duration::from_millis(100))
+        .authenticate(DevAuthenticator)
+}
+
+/// Bind a built server to any port of 127.0.0.1 and run it on `rt`.
+async fn start<R: Runtime, H: Handler>(rt: &R, server: &Server<R, H>) -> SocketAddr {
+    serve_on(rt, server, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// Our client, authenticated as `token`.
+async fn signed_in<R: Runtime>(
+    rt: &R,
+    addr: SocketAddr,
+    token: &str,
+) -> (mesa_driver::Client, mesa_driver::ClientEvents) {
+    let (client, events) = mesa_driver::client(rt.clone(), url(addr)).build().unwrap();
+    let user = within(
+        rt,
+        &format!("{token} authenticating"),
+        client.authenticate(json!({"token": token}), true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(user, json!({"id": token}));
+    (client, events)
+}
+
+/// Send a dispatch of type `t` from our client (queued while it is offline).
+async fn say(client: &mesa_driver::Client, t: &str, d: Value) {
+    client.send(Message::dispatch(t, d)).await.unwrap();
+}
+
+async fn clients_authenticate_echo_and_broadcast<R: Runtime>(rt: R) {
+    let addr = start(&rt, &dev_server(&rt).build().unwrap()).await;
+    let (alice, mut alice_events) = signed_in(&rt, addr, "alice").await;
+    let (bob, mut bob_events) = signed_in(&rt, addr, "bob").await;
+
+    say(&alice, "ECHO", json!({"n": 1})).await;
+    let echoed = message(&rt, &mut alice_events).await;
+    assert_eq!(
+        (echoed.t.as_deref(), echoed.d),
+        (Some("ECHO"), json!({"n": 1}))
+    );
+
+    say(&bob, "BROADCAST", json!({"text": "hi all"})).await;
+    for events in [&mut alice_events, &mut bob_events] {
+        let broadcast = message(&rt, events).await;
+        assert_eq!(
+            (broadcast.t.as_deref(), broadcast.d),
+            (Some("BROADCAST"), json!({"text": "hi all"}))
+        );
+    }
+
+    // A BROADCAST to bob only: alice's next message is her own marker.
+    let to_bob = json!({"to": ["bob"], "only": "bob"});
+    say(&bob, "BROADCAST", to_bob.clone()).await;
+    say(&alice, "ECHO", json!("marker")).await;
+    assert_eq!(message(&rt, &mut bob_events).await.d, to_bob);
+    assert_eq!(message(&rt, &mut alice_events).await.d, json!("marker"));
+}
+
+async fn heartbeats_keep_clients_and_close_silent_ones<R: Runtime>(rt: R) {
+    let addr = start(&rt, &dev_server(&rt).build().unwrap()).await;
+    let (_client, mut events) = signed_in(&rt, addr, "alice").await;
+    let mut silent = raw(&rt, addr).await;
+    let hello = next_json(&rt, &mut silent).await;
+    assert_eq!(hello["d"]["c_heartbeat_interval"], 200, "{hello}");
+
+    // The silent peer never answers: {} then tries 1 and 2 of 2, then 1001.
+    let mut beats = Vec::new();
+    let code = loop {
+        match next_frame(&rt, &mut silent).await {
+            WsMessage::Text(text) => {
+                let beat: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(beat["op"], 1, "{beat}");
+                beats.push(beat["d"].clone());
+            }
+            WsMessage::Close(frame) => break frame.map(|f| u16::from(f.code)),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        beats,
+        [
+            json!({}),
+            json!({"tries": 1, "max": 2}),
+            json!({"tries": 2, "max": 2})
+        ]
+    );
+    assert_eq!(code, Some(1001));
+
+    // Our client answered every beat over the same time and more: still connected.
+    sleep(&rt, Duration::from_millis(300)).await;
+    let dropped = ready_events(&mut events)
+        .into_iter()
+        .find(|e| matches!(e, ClientEvent::Disconnected { .. }));
+    assert!(dropped.is_none(), "our client was dropped: {dropped:?}");
+}
+
+async fn a_malformed_frame_closes_only_its_connection<R: Runtime>(rt: R) {
+    let addr = start(&rt, &dev_server(&rt).build().unwrap()).await;
+    let (client, mut events) = signed_in(&rt, addr, "alice").await;
+    for (frame, code) in [
+        (WsMessage::text("this is not json"), 1007),
+        (WsMessage::text("[1,2,3]"), 1007),
+        (WsMessage::text(r#"{"op":"zero","d":{}}"#), 1007),
+        (WsMessage::binary(vec![1, 2, 3]), 1003),
+    ] {
+        let mut offender = raw(&rt, addr).await;
+        next_json(&rt, &mut offender).await;
+        offender.send(frame.clone()).await.unwrap();
+        assert_eq!(close_code(&rt, &mut offender).await, code, "{frame:?}");
+    }
+    say(&client, "ECHO", json!("still here")).await;
+    assert_eq!(message(&rt, &mut events).await.d, json!("still here"));
+}
+
+async fn a_bad_token_closes_with_1008<R: Runtime>(rt: R) {
+    let addr = start(&rt, &dev_server(&rt).build().unwrap()).await;
+    let mut bad = raw(&rt, addr).await;
+    next_json(&rt, &mut bad).await;
+    bad.send(WsMessage::text(r#"{"op":2,"d":{"token":""}}"#))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&rt, &mut bad).await, 1008);
+}
+
+async fn the_authentication_timeout_closes_with_1008<R: Runtime>(rt: R) {
+    let server = dev_server(&rt)
+        .auth_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let addr = start(&rt, &server).await;
+    let opened = rt.now();
+    let mut idle = raw(&rt, addr).await;
+    let hello = next_json(&rt, &mut idle).await;
+    assert_eq!(hello["d"]["c_authentication_timeout"], 300, "{hello}");
+    assert_eq!(close_code(&rt, &mut idle).await, 1008);
+    assert!(rt.now() - opened >= Duration::from_millis(300));
+}
+
+async fn the_client_reconnects_to_a_restarted_server<R: Runtime>(rt: R) {
+    let server = dev_server(&rt).build().unwrap();
+    let addr = start(&rt, &server).await;
+    let (client, mut events) = mesa_driver::client(rt.clone(), url(addr))
+        .backoff(BackoffConfig {
+            base: Duration::from_millis(50),
+            cap: Duration::from_millis(500),
+            base_is_fixed: false,
+        })
+        .build()
+        .unwrap();
+    within(
+        &rt,
+        "alice authenticating",
+        client.authenticate(json!({"token": "alice"}), true),
+    )
+    .await
+    .unwrap();
+
+    server.shutdown();
+    let disconnected = event(&rt, &mut events, "Disconnected", |e| {
+        matches!(e, ClientEvent::Disconnected { .. })
+    })
+    .await;
+    // Told the server is going away, with an automatic reconnection planned.
+    assert!(
+        matches!(&disconnected, ClientEvent::Disconnected { close, reconnect_at: Some(_) }
+            if close.code == CloseCode::GOING_AWAY),
+        "{disconnected:?}"
+    );
+    // Sent while the server is down: queued, and delivered after the reconnection.
+    say(&client, "ECHO", json!("queued")).await;
+    sleep(&rt, Duration::from_millis(300)).await;
+
+    let restarted = dev_server(&rt).build().unwrap();
+    assert_eq!(serve_on(&rt, &restarted, addr).await, addr);
+    let connected = event(&rt, &mut events, "Connected", |e| {
+        matches!(e, ClientEvent::Connected { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            connected,
+            ClientEvent::Connected {
+                is_automatic_reconnection: true,
+                is_initial_connection: false,
+                ..
+            }
+        ),
+        "{connected:?}"
+    );
+    let _ = event(&rt, &mut events, "Authenticated", |e| {
+        matches!(e, ClientEvent::Authenticated { .. })
+    })
+    .await;
+    assert_eq!(message(&rt, &mut events).await.d, json!("queued"));
+    assert!(restarted.handle().is_online("alice"));
+}
+
+/// Relays like [`Relay`] and records how each authenticated connection closed, by id.
+#[derive(Clone, Default)]
+struct Closes(Arc<Mutex<HashMap<String, Close>>>);
+
+impl Closes {
+    fn of(&self, id: &str) -> Option<Close> {
+        self.0.lock().unwrap().get(id).cloned()
+    }
+}
+
+impl Handler for Closes {
+    async fn on_message(&self, conn: &Connection, message: Message) {
+        Relay.on_message(conn, message).await;
+    }
+
+    async fn on_disconnect(&self, conn: &Connection, close: &Close) {
+        if let Some(id) = conn.id() {
+            self.0.lock().unwrap().insert(id, close.clone());
+        }
+    }
+}
+
+async fn a_slow_consumer_is_closed_with_1013<R: Runtime>(rt: R) {
+    let transport = mesa_driver::TransportConfig {
+        max_outbound_bytes: 64 * 1024,
+        close_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let closes = Closes::default();
+    let server = Server::builder(rt.clone())
+        .authenticate(DevAuthenticator)
+        .transport(transport)
+        .handler(closes.clone())
+        .build()
+        .unwrap();
+    let handle = server.handle();
+    let addr = start(&rt, &server).await;
+    let (client, mut events) = signed_in(&rt, addr, "alice").await;
+    let mut slow = raw(&rt, addr).await;
+    next_json(&rt, &mut slow).await;
+    slow.send(WsMessage::text(r#"{"op":2,"d":{"token":"slow"}}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&rt, &mut slow).await["op"], 22);
+
+    // The slow peer stops reading; what is sent to it piles up until its queue is full.
+    let bulk = Message::dispatch("BULK", json!({"blob": "y".repeat(16 * 1024)}));
+    let mut overflowed = false;
+    for _ in 0..4_000 {
+        if handle.send_to(&bulk, ["slow"], &[]).overflowed > 0 {
+            overflowed = true;
+            break;
+        }
+        yield_now().await;
+    }
+    assert!(overflowed, "the slow reader's queue must overflow");
+    until(&rt, "the slow consumer being dropped", || {
+        handle.connection_count() == 1
+    })
+    .await;
+    until(
+        &rt,
+        "the slow consumer's close reaching the handler",
+        || closes.of("slow").is_some(),
+    )
+    .await;
+    assert_eq!(closes.of("slow").unwrap().code, CloseCode::TRY_AGAIN_LATER);
+
+    // Everyone else is served as before.
+    say(&client, "ECHO", json!("fine")).await;
+    assert_eq!(message(&rt, &mut events).await.d, json!("fine"));
+    assert!(closes.of("alice").is_none());
+    drop(slow);
+}
+
+/// Interop on every runtime: `@cryb/mesa`'s Node client, `mesa-js-client` and our
+/// client authenticate on our server running on `rt`, ECHO, and BROADCAST to each
+/// other. The Node peers are driven from tokio (they are tokio processes); the
+/// server and our client run on `rt`.
+async fn their_clients_on_our_server<R: Runtime>(rt: R) {
+    let server = dev_server(&rt).build().unwrap();
+    let handle = server.handle();
+    let addr = start(&rt, &server).await;
+    // alice on `@cryb/mesa`'s Node client, bob on `mesa-js-client`.
+    let mut peers =
+        [(ClientKind::Node, "alice"), (ClientKind::Browser, "bob")].map(|(kind, token)| {
+            let name = format!("{token} ({})", kind.script());
+            (NodePeer::client(&name, kind, &url(addr)), token)
+        });
+    for (peer, token) in &mut peers {
+        peer.expect_event("connected").await;
+        let hello = peer.expect_event("hello").await;
+        assert_eq!(hello["d"]["c_heartbeat_interval"], 200, "{hello}");
+        peer.authenticate(token).await;
+        let authenticated = peer.expect_event("authenticated").await;
+        assert_eq!(
+            authenticated["user"],
+            json!({"id": *token}),
+            "{authenticated}"
+        );
+        peer.dispatch("ECHO", json!({"from": *token})).await;
+        peer.expect_message("ECHO", &json!({"from": *token})).await;
+    }
+    let (carol, mut carol_events) = signed_in(&rt, addr, "carol").await;
+    assert!(handle.is_online("alice") && handle.is_online("bob") && handle.is_online("carol"));
+
+    // Their BROADCAST reaches everyone, ours included.
+    let [(alice, _), (bob, _)] = &mut peers;
+    let everyone = json!({"from": "alice"});
+    alice.dispatch("BROADCAST", everyone.clone()).await;
+    alice.expect_message("BROADCAST", &everyone).await;
+    bob.expect_message("BROADCAST", &everyone).await;
+    assert_eq!(message(&rt, &mut carol_events).await.d, everyone);
+
+    // Ours to alice only: bob's next message is his own marker.
+    let to_alice = json!({"from": "carol", "to": ["alice"]});
+    say(&carol, "BROADCAST", to_alice.clone()).await;
+    alice.expect_message("BROADCAST", &to_alice).await;
+    bob.dispatch("ECHO", json!("marker")).await;
+    let next = bob
+        .expect("a message", |e| e["event"] == "message", mesa_tests::WAIT)
+        .await;
+    assert_eq!(
+        next["d"],
+        json!("marker"),
+        "the BROADCAST to alice reached bob"
+    );
+    // Their heartbeats were answered all along.
+    for (peer, _) in &mut peers {
+        peer.assert_none("disconnection", |e| e["event"] == "disconnected");
+    }
+}
+
+/// The Node interop scenario on our server on each runtime. The test itself runs on
+/// tokio, which drives the Node processes.
+mod their_clients_on_our_server {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokio() {
+        bounded(Tokio, super::their_clients_on_our_server).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smol() {
+        bounded(Smol, super::their_clients_on_our_server).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_std() {
+        bounded(AsyncStd, super::their_clients_on_our_server).await;
+    }
+}
