@@ -124,9 +124,9 @@ pub use mesa_core::{
     self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, Recipients,
 };
 pub use mesa_driver::{
-    self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, Connection,
-    DevAuthenticator, Handler, Ignore, Middleware, Relay, SendError, SendReport, ServerHandle,
-    TransportConfig,
+    self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,
+    Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher, Handler, Ignore,
+    Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, TransportConfig,
 };
 pub use timer::Sleep;
 

@@ -73,32 +73,11 @@ macro_rules! runtime {
         }
 
         #[doc = concat!("Mesa on ", $name, ": the API of `mesa-tokio`'s crate root, on [`", stringify!($runtime), "`].")]
-        ///
-        /// Redis (`Dispatcher`, `Portal`) joins this module once `mesa-driver` has it.
         #[cfg(feature = $feature)]
         pub mod $module {
-            use $crate::{$runtime, Relay};
+            use $crate::$runtime;
 
-            #[doc = concat!("A Mesa server on ", $name, "; `H` handles connections and messages ([`Relay`] by default).")]
-            pub type Server<H = Relay> = $crate::mesa_driver::Server<$runtime, H>;
-            /// Builds a [`Server`].
-            pub type ServerBuilder<H = Relay> = $crate::mesa_driver::ServerBuilder<$runtime, H>;
-            /// A bound [`Server`], ready to run.
-            pub type Listening<H = Relay> = $crate::mesa_driver::Listening<$runtime, H>;
-            #[doc = concat!("A Mesa client on ", $name, ".")]
-            pub type Client = $crate::mesa_driver::Client;
-            /// Builds a [`Client`].
-            pub type ClientBuilder = $crate::mesa_driver::ClientBuilder<$runtime>;
-
-            /// Start building a server.
-            pub fn server() -> ServerBuilder {
-                Server::builder($runtime)
-            }
-
-            /// Start building a client of `url` (`ws://host:port/path`).
-            pub fn client(url: impl Into<String>) -> ClientBuilder {
-                $crate::mesa_driver::client($runtime, url)
-            }
+            $crate::mesa_driver::runtime_api!($runtime, $name);
         }
     };
 }

@@ -84,6 +84,12 @@ pub use mesa_driver::{
     Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, TransportConfig,
 };
 
+#[cfg(feature = "axum")]
+pub mod axum;
+/// Prometheus metrics of a server, as a middleware (feature `metrics`).
+#[cfg(feature = "metrics")]
+pub use mesa_driver::metrics;
+
 /// Pending connections the kernel queues for a listener.
 const LISTEN_BACKLOG: u32 = 1024;
 
@@ -141,46 +147,7 @@ impl mesa_driver::Runtime for Tokio {
     }
 }
 
-/// A Mesa server on tokio; `H` handles connections and messages ([`Relay`] by default).
-pub type Server<H = Relay> = mesa_driver::Server<Tokio, H>;
-/// Builds a [`Server`].
-pub type ServerBuilder<H = Relay> = mesa_driver::ServerBuilder<Tokio, H>;
-/// A bound [`Server`], ready to run.
-pub type Listening<H = Relay> = mesa_driver::Listening<Tokio, H>;
-/// A Mesa client on tokio.
-pub type Client = mesa_driver::Client;
-/// Builds a [`Client`].
-pub type ClientBuilder = mesa_driver::ClientBuilder<Tokio>;
-/// Builds a [`Portal`] whose task runs on tokio.
-pub type PortalBuilder = mesa_driver::PortalBuilder<Tokio>;
-
-/// Start building a server.
-pub fn server() -> ServerBuilder {
-    Server::builder(Tokio)
-}
-
-/// Start building a client of `url` (`ws://host:port/path`).
-pub fn client(url: impl Into<String>) -> ClientBuilder {
-    mesa_driver::client(Tokio, url)
-}
-
-/// Start building a [`Portal`] of the cluster on the Redis at `url`: it receives the
-/// client events the servers forward (see [`ServerBuilder::portals`]).
-///
-/// ```no_run
-/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let mut portal = mesa_tokio::portal("redis://127.0.0.1:6379/")
-///     .namespace("prod")
-///     .start()
-///     .await?;
-/// while let Some(event) = portal.next().await {
-///     println!("{}", event.encode());
-/// }
-/// # Ok(()) }
-/// ```
-pub fn portal(url: impl Into<String>) -> PortalBuilder {
-    PortalBuilder::new(Tokio, url)
-}
+mesa_driver::runtime_api!(Tokio, "tokio");
 
 /// The README's examples, compiled (and the runnable ones run) as doctests.
 #[cfg(doctest)]

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use futures_util::future::{Either, select};
 use mesa_core::{ClientEvent, Message};
 use mesa_driver::{ClientEvents, Handler, Runtime, Server};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 pub use mesa_async_std::{AsyncStd, Smol};
 pub use mesa_tokio::Tokio;
@@ -179,4 +179,78 @@ pub async fn close_code<R: Runtime>(rt: &R, ws: &mut Raw<R>) -> u16 {
             return frame.map_or(1005, |frame| frame.code.into());
         }
     }
+}
+
+/// Bind a built server to any port of 127.0.0.1 and run it on `rt`.
+pub async fn start<R: Runtime, H: Handler>(rt: &R, server: &Server<R, H>) -> SocketAddr {
+    serve_on(rt, server, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// Our client, authenticated as `token`.
+pub async fn signed_in<R: Runtime>(
+    rt: &R,
+    addr: SocketAddr,
+    token: &str,
+) -> (mesa_driver::Client, mesa_driver::ClientEvents) {
+    let (client, events) = mesa_driver::client(rt.clone(), url(addr)).build().unwrap();
+    let user = within(
+        rt,
+        &format!("{token} authenticating"),
+        client.authenticate(json!({"token": token}), true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(user, json!({"id": token}));
+    (client, events)
+}
+
+/// Send a dispatch of type `t` from our client (queued while it is offline).
+pub async fn say(client: &mesa_driver::Client, t: &str, d: Value) {
+    client.send(Message::dispatch(t, d)).await.unwrap();
+}
+
+/// The most one conformance scenario may take, waits included.
+pub const SCENARIO: Duration = Duration::from_secs(60);
+
+/// Run `scenario` on `rt`, bounded by [`SCENARIO`] on the runtime's own timer.
+pub async fn run_scenario<R: Runtime, F: Future<Output = ()>>(
+    rt: R,
+    scenario: impl FnOnce(R) -> F,
+) {
+    let done = timeout(&rt.clone(), SCENARIO, scenario(rt)).await;
+    assert!(done.is_some(), "the scenario took longer than {SCENARIO:?}");
+}
+
+/// One test per runtime for each scenario (an `async fn(R)` in scope):
+/// `scenario::tokio`, `scenario::smol`, `scenario::async_std`, each blocking on that
+/// runtime's own executor, bounded by [`SCENARIO`].
+#[macro_export]
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn tokio() {
+                $crate::runtimes::block_on_tokio($crate::runtimes::run_scenario(
+                    $crate::runtimes::Tokio,
+                    super::$scenario,
+                ));
+            }
+
+            #[test]
+            fn smol() {
+                ::smol::block_on($crate::runtimes::run_scenario(
+                    $crate::runtimes::Smol,
+                    super::$scenario,
+                ));
+            }
+
+            #[test]
+            fn async_std() {
+                ::async_std::task::block_on($crate::runtimes::run_scenario(
+                    $crate::runtimes::AsyncStd,
+                    super::$scenario,
+                ));
+            }
+        }
+    )*};
 }

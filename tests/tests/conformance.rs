@@ -2,7 +2,8 @@
 //! `R: mesa_driver::Runtime`, and runs as one test per runtime (`tokio`, `smol`,
 //! `async_std`) over real loopback sockets: our server, our client, and a raw
 //! WebSocket peer on the runtime's own sockets. Every wait runs on the scenario's own
-//! timer and is bounded; a whole scenario is bounded by [`SCENARIO`].
+//! timer and is bounded; a whole scenario is bounded by
+//! [`mesa_tests::runtimes::SCENARIO`].
 //!
 //! The Node interop cases at the end run the published upstream clients against our
 //! server on each runtime (they need Node.js and `npm ci --prefix tests/node`).
@@ -11,7 +12,6 @@
 //! same way, once the cluster issue lands them in `mesa-driver`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,39 +20,11 @@ use mesa_core::{BackoffConfig, ClientEvent, Close, CloseCode, Message};
 use mesa_driver::{Connection, DevAuthenticator, Handler, Relay, Runtime, Server, ServerBuilder};
 use mesa_tests::ours::{ready_events, url};
 use mesa_tests::runtimes::{
-    AsyncStd, Smol, Tokio, block_on_tokio, close_code, event, message, next_frame, next_json, raw,
-    serve_on, sleep, timeout, until, within, yield_now,
+    AsyncStd, Smol, Tokio, close_code, event, message, next_frame, next_json, raw, run_scenario,
+    say, serve_on, signed_in, sleep, start, until, within, yield_now,
 };
-use mesa_tests::{ClientKind, NodePeer};
+use mesa_tests::{ClientKind, NodePeer, conformance};
 use serde_json::{Value, json};
-
-/// The most one scenario may take, waits included.
-const SCENARIO: Duration = Duration::from_secs(60);
-
-/// One test per runtime for each scenario: `scenario::tokio`, `scenario::smol`,
-/// `scenario::async_std`, each blocking on that runtime's own executor.
-macro_rules! conformance {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use super::*;
-
-            #[test]
-            fn tokio() {
-                block_on_tokio(bounded(Tokio, super::$scenario));
-            }
-
-            #[test]
-            fn smol() {
-                ::smol::block_on(bounded(Smol, super::$scenario));
-            }
-
-            #[test]
-            fn async_std() {
-                ::async_std::task::block_on(bounded(AsyncStd, super::$scenario));
-            }
-        }
-    )*};
-}
 
 conformance!(
     clients_authenticate_echo_and_broadcast,
@@ -64,12 +36,6 @@ conformance!(
     a_slow_consumer_is_closed_with_1013,
 );
 
-/// Run `scenario` on `rt`, bounded by [`SCENARIO`] on the runtime's own timer.
-async fn bounded<R: Runtime, F: Future<Output = ()>>(rt: R, scenario: impl FnOnce(R) -> F) {
-    let done = timeout(&rt.clone(), SCENARIO, scenario(rt)).await;
-    assert!(done.is_some(), "the scenario took longer than {SCENARIO:?}");
-}
-
 /// Heartbeats every 200 ms (2 misses allowed), reconnect interval 100 ms,
 /// development authentication, the relay handler.
 fn dev_server<R: Runtime>(rt: &R) -> ServerBuilder<R> {
@@ -77,34 +43,6 @@ fn dev_server<R: Runtime>(rt: &R) -> ServerBuilder<R> {
         .heartbeat(Duration::from_millis(200), 2)
         .reconnect_interval(Duration::from_millis(100))
         .authenticate(DevAuthenticator)
-}
-
-/// Bind a built server to any port of 127.0.0.1 and run it on `rt`.
-async fn start<R: Runtime, H: Handler>(rt: &R, server: &Server<R, H>) -> SocketAddr {
-    serve_on(rt, server, "127.0.0.1:0".parse().unwrap()).await
-}
-
-/// Our client, authenticated as `token`.
-async fn signed_in<R: Runtime>(
-    rt: &R,
-    addr: SocketAddr,
-    token: &str,
-) -> (mesa_driver::Client, mesa_driver::ClientEvents) {
-    let (client, events) = mesa_driver::client(rt.clone(), url(addr)).build().unwrap();
-    let user = within(
-        rt,
-        &format!("{token} authenticating"),
-        client.authenticate(json!({"token": token}), true),
-    )
-    .await
-    .unwrap();
-    assert_eq!(user, json!({"id": token}));
-    (client, events)
-}
-
-/// Send a dispatch of type `t` from our client (queued while it is offline).
-async fn say(client: &mesa_driver::Client, t: &str, d: Value) {
-    client.send(Message::dispatch(t, d)).await.unwrap();
 }
 
 async fn clients_authenticate_echo_and_broadcast<R: Runtime>(rt: R) {
@@ -415,16 +353,16 @@ mod their_clients_on_our_server {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tokio() {
-        bounded(Tokio, super::their_clients_on_our_server).await;
+        run_scenario(Tokio, super::their_clients_on_our_server).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn smol() {
-        bounded(Smol, super::their_clients_on_our_server).await;
+        run_scenario(Smol, super::their_clients_on_our_server).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn async_std() {
-        bounded(AsyncStd, super::their_clients_on_our_server).await;
+        run_scenario(AsyncStd, super::their_clients_on_our_server).await;
     }
 }

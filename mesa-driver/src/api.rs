@@ -1,0 +1,40 @@
+//! The public API a runtime crate exposes, generated once for every runtime so that
+//! `mesa-tokio` and `mesa-async-std` cannot drift apart.
+
+/// Generate a runtime crate's API for the unit-struct runtime `$runtime` (named
+/// `$name` in the docs): the `Server`, `ServerBuilder`, `Listening`, `Client`,
+/// `ClientBuilder` and `PortalBuilder` aliases and the `server()`, `client(url)` and
+/// `portal(url)` constructors.
+#[macro_export]
+macro_rules! runtime_api {
+    ($runtime:ident, $name:literal) => {
+        #[doc = concat!("A Mesa server on ", $name, "; `H` handles connections and messages (the relay by default).")]
+        pub type Server<H = $crate::Relay> = $crate::Server<$runtime, H>;
+        /// Builds a [`Server`].
+        pub type ServerBuilder<H = $crate::Relay> = $crate::ServerBuilder<$runtime, H>;
+        /// A bound [`Server`], ready to run.
+        pub type Listening<H = $crate::Relay> = $crate::Listening<$runtime, H>;
+        #[doc = concat!("A Mesa client on ", $name, ".")]
+        pub type Client = $crate::Client;
+        /// Builds a [`Client`].
+        pub type ClientBuilder = $crate::ClientBuilder<$runtime>;
+        #[doc = concat!("Builds a portal whose task runs on ", $name, ".")]
+        pub type PortalBuilder = $crate::PortalBuilder<$runtime>;
+
+        /// Start building a server.
+        pub fn server() -> ServerBuilder {
+            $crate::Server::builder($runtime)
+        }
+
+        /// Start building a client of `url` (`ws://host:port/path`).
+        pub fn client(url: impl Into<String>) -> ClientBuilder {
+            $crate::client($runtime, url)
+        }
+
+        /// Start building a portal of the cluster on the Redis at `url`: it receives
+        /// the client events the servers forward (see `ServerBuilder::portals`).
+        pub fn portal(url: impl Into<String>) -> PortalBuilder {
+            $crate::PortalBuilder::new($runtime, url)
+        }
+    };
+}

@@ -1,0 +1,144 @@
+//! The cluster scenarios of the conformance suite: replication, sync, the Dispatcher
+//! and a Portal, each written once over `R: mesa_driver::Runtime` and run on tokio,
+//! smol and async-std against a `redis-server` the scenario starts (Redis IO goes
+//! through redis-rs on the runtime under test).
+
+use std::time::Duration;
+
+use mesa_core::{Message, PortalChoice, PortalEventKind, Recipients, SyncConfig};
+use mesa_driver::{ClusterConfig, DevAuthenticator, Dispatcher, PortalBuilder, Runtime, Server};
+use mesa_tests::runtimes::{message, say, signed_in, sleep, start, within};
+use mesa_tests::{RedisServer, conformance};
+use serde_json::json;
+
+conformance!(
+    replicas_deliver_each_others_sends,
+    sync_redelivers_what_was_stored_while_offline,
+    a_dispatcher_and_a_portal_reach_this_runtimes_replica,
+);
+
+/// A replica on `rt` with development authentication and the relay handler.
+fn replica<R: Runtime>(rt: &R, redis: &RedisServer, sync: bool, portals: bool) -> Server<R> {
+    let mut cluster = ClusterConfig::new(redis.url());
+    cluster.lease = Duration::from_millis(900);
+    cluster.portals = portals.then_some(PortalChoice::RoundRobin);
+    let builder = Server::builder(rt.clone())
+        .authenticate(DevAuthenticator)
+        .cluster(cluster);
+    let builder = if sync {
+        builder.sync(SyncConfig::default())
+    } else {
+        builder
+    };
+    builder.build().unwrap()
+}
+
+/// Time for a replica's subscription to settle after its first connection.
+async fn settle<R: Runtime>(rt: &R) {
+    sleep(rt, Duration::from_millis(300)).await;
+}
+
+async fn replicas_deliver_each_others_sends<R: Runtime>(rt: R) {
+    let redis = RedisServer::start();
+    let (a, b) = (
+        replica(&rt, &redis, false, false),
+        replica(&rt, &redis, false, false),
+    );
+    let (addr_a, addr_b) = (start(&rt, &a).await, start(&rt, &b).await);
+    let (alice, mut alice_events) = signed_in(&rt, addr_a, "alice").await;
+    let (_bob, mut bob_events) = signed_in(&rt, addr_b, "bob").await;
+    settle(&rt).await;
+
+    say(&alice, "BROADCAST", json!({"to": ["bob"], "n": 1})).await;
+    assert_eq!(message(&rt, &mut bob_events).await.d["n"], 1);
+    say(&alice, "BROADCAST", json!({"n": 2})).await;
+    assert_eq!(message(&rt, &mut bob_events).await.d["n"], 2);
+    assert_eq!(
+        message(&rt, &mut alice_events).await.d["n"],
+        2,
+        "once, from her replica"
+    );
+    say(&alice, "ECHO", json!("marker")).await;
+    assert_eq!(
+        message(&rt, &mut alice_events).await.d,
+        json!("marker"),
+        "no duplicate"
+    );
+}
+
+async fn sync_redelivers_what_was_stored_while_offline<R: Runtime>(rt: R) {
+    let redis = RedisServer::start();
+    let (a, b) = (
+        replica(&rt, &redis, true, false),
+        replica(&rt, &redis, true, false),
+    );
+    let (addr_a, addr_b) = (start(&rt, &a).await, start(&rt, &b).await);
+    let (alice, _alice_events) = signed_in(&rt, addr_a, "alice").await;
+    settle(&rt).await;
+    for n in 0..20 {
+        say(&alice, "BROADCAST", json!({"to": ["carol"], "n": n})).await;
+    }
+    // Carol comes to the other replica and gets all of them, numbered, in order.
+    sleep(&rt, Duration::from_millis(300)).await;
+    let (_carol, mut carol_events) = signed_in(&rt, addr_b, "carol").await;
+    for n in 0..20u64 {
+        let redelivered = message(&rt, &mut carol_events).await;
+        assert_eq!(
+            (redelivered.s, redelivered.d["n"].as_u64()),
+            (Some(n + 1), Some(n))
+        );
+    }
+}
+
+async fn a_dispatcher_and_a_portal_reach_this_runtimes_replica<R: Runtime>(rt: R) {
+    let redis = RedisServer::start();
+    let mut portal = within(
+        &rt,
+        "the portal joining the pool",
+        PortalBuilder::new(rt.clone(), redis.url()).start(),
+    )
+    .await
+    .unwrap();
+    let server = replica(&rt, &redis, false, true);
+    let addr = start(&rt, &server).await;
+    let (_dana, mut events) = signed_in(&rt, addr, "dana").await;
+    settle(&rt).await;
+
+    let url = redis.url();
+    let dispatcher = within(
+        &rt,
+        "the dispatcher connecting",
+        Dispatcher::connect(&url, None, false, 1000),
+    )
+    .await
+    .unwrap();
+    let news = Message::dispatch("NEWS", json!({"from": "dispatcher"}));
+    let to_dana = Recipients::Ids(vec!["dana".into()]);
+    within(
+        &rt,
+        "a dispatch",
+        dispatcher.dispatch(news, None, to_dana, &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        message(&rt, &mut events).await.d,
+        json!({"from": "dispatcher"})
+    );
+
+    let kinds = within(&rt, "the portal's events", async {
+        let mut kinds = Vec::new();
+        while kinds.len() < 2 {
+            match portal.next().await {
+                Some(event) => kinds.push(event.kind),
+                None => panic!("the portal stopped"),
+            }
+        }
+        kinds
+    })
+    .await;
+    assert_eq!(
+        kinds,
+        [PortalEventKind::Connection, PortalEventKind::Authentication]
+    );
+}
