@@ -31,6 +31,19 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// A client connection for assertions, patient enough for a loaded machine (a
+    /// busy Redis may take seconds to answer while replicas run their scripts).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        let settings = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(10)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        redis::Client::open(self.url())
+            .expect("a valid Redis URL")
+            .get_multiplexed_async_connection_with_config(&settings)
+            .await
+            .expect("a connection to the test's redis-server")
+    }
+
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port

@@ -43,11 +43,7 @@ async fn user(addr: SocketAddr, id: &str) -> (mesa_tokio::Client, mesa_tokio::Cl
 }
 
 async fn redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    server.connection().await
 }
 
 /// Poll `check` every 20 ms until it holds, at most `timeout`.

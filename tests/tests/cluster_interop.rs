@@ -102,11 +102,7 @@ async fn node_user(port: u16, id: &str) -> NodePeer {
 }
 
 async fn connection(redis: &RedisServer) -> MultiplexedConnection {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    redis.connection().await
 }
 
 /// Poll `check` every 20 ms until it holds, at most `timeout`; returns the time taken.
