@@ -84,7 +84,6 @@ pub use mesa_driver::{
     Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, TransportConfig,
 };
 
-
 /// Pending connections the kernel queues for a listener.
 const LISTEN_BACKLOG: u32 = 1024;
 
