@@ -314,6 +314,7 @@ impl Harness {
                 max_json_depth: 4,
                 max_queued_sends: 4,
                 max_stored_per_id: 3,
+                ..Limits::default()
             },
         };
         let session = ClientSession::new(config.clone(), setup.seed).expect("valid config");

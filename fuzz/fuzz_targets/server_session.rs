@@ -19,7 +19,12 @@
 //! - an op 2 that arrives while another awaits an answer is decided next (the latest
 //!   one wins), after the pending one is accepted or rejected without closing;
 //! - redelivery numbers the newest `max_stored_per_id` messages `s = 1..` in order and
-//!   reports what it delivered and dropped.
+//!   reports what it delivered and dropped;
+//! - every unanswered heartbeat is reported (`HeartbeatMissed`) with the beat that
+//!   carries its count, or with the 1001 close past the limit;
+//! - every frame (text, binary, ping or pong) takes a token of the inbound rate
+//!   (restated here as its own token bucket): the frame that finds none closes with
+//!   1008 and is not processed, and no frame within the rate is refused.
 #![no_main]
 
 use std::sync::Arc;
@@ -34,6 +39,9 @@ use mesa_core::{
 use serde_json::{Value, json};
 
 const VERSION: &str = "1.5.8";
+/// The inbound rate of the fuzzed sessions: small, so that floods are reached.
+const RATE: u32 = 20;
+const BURST: u32 = 8;
 
 #[derive(Arbitrary, Debug)]
 struct Setup {
@@ -91,6 +99,8 @@ enum Op {
     Binary,
     /// The transport rejected a frame: invalid UTF-8 (`true`) or too big (`false`).
     Invalid(bool),
+    /// A ping or pong arrived.
+    Control,
     PeerClosed(Option<u16>),
     Advance(u16),
     Accept(String),
@@ -153,6 +163,8 @@ struct Harness {
     redelivery: Option<ExpectedRedelivery>,
     expected_events: Vec<SessionEvent>,
     sends: u64,
+    /// The model's token bucket: when it is full again.
+    rate_full_at: Instant,
 }
 
 impl Harness {
@@ -172,6 +184,8 @@ impl Harness {
             max_json_depth: 4,
             max_queued_sends: 4,
             max_stored_per_id: 3,
+            max_messages_per_second: RATE,
+            max_message_burst: BURST,
         };
         let config = ServerConfig::builder()
             .heartbeat(heartbeat)
@@ -204,7 +218,20 @@ impl Harness {
             redelivery: None,
             expected_events: Vec::new(),
             sends: 0,
+            rate_full_at: start,
         }
+    }
+
+    /// The inbound rate, restated: a frame takes one of at most `BURST` tokens, one
+    /// earned every `1 s / RATE` (rounded up). Only frames of an open session count.
+    fn rate_admits(&mut self) -> bool {
+        let cost = Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(RATE)));
+        let base = self.rate_full_at.max(self.now);
+        if (base - self.now) + cost > cost * BURST {
+            return false;
+        }
+        self.rate_full_at = base + cost;
+        true
     }
 
     fn closed(&self) -> bool {
@@ -316,6 +343,20 @@ impl Harness {
                 }
                 SessionEvent::Message(message) => {
                     assert!(position.is_some(), "unexpected message event {message:?}");
+                }
+                SessionEvent::HeartbeatMissed { misses } => {
+                    // Reported for every unanswered beat: the one that carries
+                    // `tries = misses`, or the fatal one past the limit (1001 follows).
+                    assert!(
+                        (1..=self.heartbeat.max_attempts + 1).contains(&misses),
+                        "heartbeat misses {misses} out of range"
+                    );
+                    let reported = texts.iter().any(|m| {
+                        m.op == Opcode::Heartbeat && m.d.get("tries") == Some(&json!(misses))
+                    });
+                    let fatal = misses > self.heartbeat.max_attempts
+                        && matches!(&closed_now, Some(c) if c.code == CloseCode::GOING_AWAY);
+                    assert!(reported || fatal, "miss {misses} without its beat or close");
                 }
                 SessionEvent::Closed { close, by_peer } => {
                     match &closed_now {
@@ -444,6 +485,15 @@ impl Harness {
 
     fn frame(&mut self, text: &str) {
         let was_closed = self.closed();
+        if !was_closed && !self.rate_admits() {
+            self.session.handle_frame(self.now, text);
+            self.drain(&CloseRule {
+                allowed: vec![1008],
+                must: true,
+                requested: false,
+            });
+            return;
+        }
         let decoded = Message::decode(text, &self.limits);
         let mut rule = CloseRule::none();
         match &decoded {
@@ -498,6 +548,15 @@ impl Harness {
         match op {
             Op::Frame(text) => self.frame(&text),
             Op::Known(known) => self.frame(&known.text()),
+            Op::Control => {
+                let refused = !self.closed() && !self.rate_admits();
+                self.session.handle_control(self.now);
+                self.drain(&CloseRule {
+                    allowed: if refused { vec![1008] } else { Vec::new() },
+                    must: refused,
+                    requested: false,
+                });
+            }
             Op::Binary => {
                 let open = !self.closed();
                 self.session.handle_binary(self.now);

@@ -22,7 +22,8 @@ impl CloseCode {
     pub const ABNORMAL: CloseCode = CloseCode(1006);
     /// 1007: invalid payload: not JSON, not an object, or a field of the wrong type.
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
-    /// 1008: policy violation: authentication failed or timed out.
+    /// 1008: policy violation: authentication failed or timed out, or the inbound
+    /// message rate was exceeded.
     pub const POLICY: CloseCode = CloseCode(1008);
     /// 1009: a message was too big (or nested too deep).
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
@@ -48,12 +49,28 @@ pub struct Close {
 }
 
 impl Close {
+    /// The most bytes of reason a close frame carries (125 minus the code).
+    pub const MAX_REASON_BYTES: usize = 123;
+
     /// Build a close from a code and a reason.
     pub fn new(code: CloseCode, reason: impl Into<Cow<'static, str>>) -> Self {
         Close {
             code,
             reason: reason.into(),
         }
+    }
+
+    /// Build a close whose reason is cut, at a character boundary, to fit in a close
+    /// frame ([`MAX_REASON_BYTES`](Self::MAX_REASON_BYTES)).
+    pub fn truncated(code: CloseCode, mut reason: String) -> Self {
+        if reason.len() > Self::MAX_REASON_BYTES {
+            let mut end = Self::MAX_REASON_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        Close::new(code, reason)
     }
 }
 

@@ -216,6 +216,11 @@ pub(crate) fn validate_limits(limits: &Limits) -> Result<(), ConfigError> {
         (limits.max_json_depth, "max JSON depth"),
         (limits.max_queued_sends, "max queued sends"),
         (limits.max_stored_per_id, "max stored messages per id"),
+        (
+            limits.max_messages_per_second as usize,
+            "max messages per second",
+        ),
+        (limits.max_message_burst as usize, "max message burst"),
     ];
     match counts.into_iter().find(|(value, _)| *value == 0) {
         Some((_, name)) => Err(ConfigError::ZeroCount(name)),

@@ -57,6 +57,7 @@
 //! | [`wire`] | `Message`, opcodes, decode with limits, encode once to a shared `Frame` |
 //! | [`hello`] | op 10's settings and rules |
 //! | [`session`] | the server side of one connection |
+//! | [`rate`] | the token bucket of a connection's inbound message rate |
 //! | [`client`] | the client side, across reconnections |
 //! | [`backoff`] | exponential backoff with full jitter |
 //! | [`hub`] | which local connections a send reaches |
@@ -74,6 +75,7 @@ pub mod heartbeat;
 pub mod hello;
 pub mod hub;
 pub mod limits;
+pub mod rate;
 pub mod relay;
 pub mod rng;
 pub mod session;
@@ -94,6 +96,7 @@ pub use config::{
 pub use hello::{Hello, Rule};
 pub use hub::{Action, ConnId, Delivery, Departure, Hub, Recipients};
 pub use limits::Limits;
+pub use rate::TokenBucket;
 pub use relay::{RelayAction, dev_authenticate, relay};
 pub use session::{ServerSession, SessionError, SessionEvent, Transmit};
 pub use sync::{MessageOptions, Redelivery};

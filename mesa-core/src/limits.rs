@@ -15,6 +15,12 @@ pub struct Limits {
     pub max_queued_sends: usize,
     /// Most stored messages redelivered to (and kept for) one id. Default 1000.
     pub max_stored_per_id: usize,
+    /// Sustained inbound frames per second one connection may send (close 1008
+    /// `rate limit exceeded` beyond it and its burst). Default 100.
+    pub max_messages_per_second: u32,
+    /// Inbound frames one connection may send at once above the sustained rate (the
+    /// size of its token bucket). Default 200.
+    pub max_message_burst: u32,
 }
 
 impl Default for Limits {
@@ -24,6 +30,8 @@ impl Default for Limits {
             max_json_depth: 32,
             max_queued_sends: 1024,
             max_stored_per_id: 1000,
+            max_messages_per_second: 100,
+            max_message_burst: 200,
         }
     }
 }

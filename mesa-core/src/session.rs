@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::close::{Close, CloseCode};
 use crate::config::ServerConfig;
 use crate::heartbeat::{Beat, Heartbeat};
+use crate::rate::TokenBucket;
 use crate::sync::Redelivery;
 use crate::timer::TimerTable;
 use crate::wire::{DecodeError, Frame, Message, Opcode};
@@ -68,6 +69,13 @@ pub enum SessionEvent {
         delivered: usize,
         /// Oldest messages skipped because more than the per-id limit were stored.
         dropped: usize,
+    },
+    /// The client left the heartbeat before this one unanswered: `misses` beats in a
+    /// row so far (1, 2, ...). Past the configured `max_attempts` the connection
+    /// closes with 1001 right after this event. For observers only.
+    HeartbeatMissed {
+        /// Consecutive unanswered heartbeats, this one included.
+        misses: u32,
     },
     /// The connection is closed; nothing more will be transmitted. Always the last event.
     Closed {
@@ -142,11 +150,18 @@ enum State {
 /// The session's own queues are drained after every call, so they stay short; the
 /// bound on what waits for a slow reader belongs to the adapter's outbound queue,
 /// which applies [`CloseCode::TRY_AGAIN_LATER`] when it overflows.
+///
+/// Every text frame, ping and pong the peer sends takes a token from the
+/// connection's [`TokenBucket`] (`max_messages_per_second`, `max_message_burst` of
+/// [`Limits`](crate::Limits)); a frame that finds it empty is not processed and
+/// closes the connection with [`CloseCode::POLICY`] `rate limit exceeded`. (A binary
+/// frame closes the connection with 1003 in any case.)
 #[derive(Debug)]
 pub struct ServerSession {
     config: Arc<ServerConfig>,
     state: State,
     heartbeat: Option<Heartbeat>,
+    rate: TokenBucket,
     timers: TimerTable<TIMERS>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SessionEvent>,
@@ -164,7 +179,14 @@ impl ServerSession {
             timers.set(Timer::AuthTimeout as usize, now + auth.timeout);
         }
         let hello = Transmit::Text(config.hello().to_message().encode());
+        let limits = &config.limits;
+        let rate = TokenBucket::new(
+            limits.max_messages_per_second,
+            limits.max_message_burst,
+            now,
+        );
         ServerSession {
+            rate,
             state: State::Open {
                 identity: Identity::Anonymous,
                 pending_auth: None,
@@ -217,8 +239,8 @@ impl ServerSession {
     // ----- inputs -----
 
     /// A text frame arrived from the client.
-    pub fn handle_frame(&mut self, _now: Instant, text: &str) {
-        if self.is_closed() {
+    pub fn handle_frame(&mut self, now: Instant, text: &str) {
+        if self.is_closed() || !self.admit(now) {
             return;
         }
         match Message::decode(text, &self.config.limits) {
@@ -230,6 +252,14 @@ impl ServerSession {
     /// A binary frame arrived: Mesa is text only, so the connection closes with 1003.
     pub fn handle_binary(&mut self, now: Instant) {
         self.handle_invalid(now, DecodeError::Binary);
+    }
+
+    /// A ping or pong arrived (the transport answers pings by itself). It counts
+    /// toward the inbound rate, so a ping flood is closed like a message flood.
+    pub fn handle_control(&mut self, now: Instant) {
+        if !self.is_closed() {
+            self.admit(now);
+        }
     }
 
     /// The transport could not deliver a frame (too big, invalid UTF-8): close with
@@ -379,7 +409,7 @@ impl ServerSession {
             .is_none_or(|a| a.disconnect_on_fail)
         {
             let reason = format!("authentication failed: {reason}");
-            self.close(Close::new(CloseCode::POLICY, truncate_reason(reason)));
+            self.close(Close::truncated(CloseCode::POLICY, reason));
             return Ok(());
         }
         self.request_queued_authentication();
@@ -428,7 +458,13 @@ impl ServerSession {
 
     /// The next event for the application or the adapter.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() && self.events.capacity() > 0 {
+            // Drained: events are large and rare, and most connections are idle, so
+            // an idle session keeps no event buffer (512 bytes per connection).
+            self.events = VecDeque::new();
+        }
+        event
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) next needs calling.
@@ -498,10 +534,7 @@ impl ServerSession {
                 "client version {} does not match server version {expected}",
                 got.unwrap_or("(none)")
             );
-            self.close(Close::new(
-                CloseCode::PROTOCOL_ERROR,
-                truncate_reason(reason),
-            ));
+            self.close(Close::truncated(CloseCode::PROTOCOL_ERROR, reason));
         }
     }
 
@@ -509,7 +542,13 @@ impl ServerSession {
         let (Some(heartbeat), Some(config)) = (&mut self.heartbeat, self.config.heartbeat) else {
             return;
         };
-        match heartbeat.tick() {
+        let beat = heartbeat.tick();
+        if heartbeat.misses() > 0 {
+            self.events.push_back(SessionEvent::HeartbeatMissed {
+                misses: heartbeat.misses(),
+            });
+        }
+        match beat {
             Beat::Send(d) => {
                 let frame = Message::new(Opcode::Heartbeat, d).encode();
                 self.transmits.push_back(Transmit::Text(frame));
@@ -539,6 +578,15 @@ impl ServerSession {
         if let State::Open { redelivery, .. } = &mut self.state {
             *redelivery = None;
         }
+    }
+
+    /// Take a token for one inbound frame; close with 1008 when there is none.
+    fn admit(&mut self, now: Instant) -> bool {
+        if self.rate.try_take(now) {
+            return true;
+        }
+        self.close(Close::new(CloseCode::POLICY, "rate limit exceeded"));
+        false
     }
 
     fn close_for(&mut self, error: DecodeError) {
@@ -578,17 +626,4 @@ fn is_truthy(value: &Value) -> bool {
         Value::String(s) => !s.is_empty(),
         Value::Array(_) | Value::Object(_) => true,
     }
-}
-
-/// A close reason must fit in 123 bytes; cut at a character boundary.
-fn truncate_reason(mut reason: String) -> String {
-    const MAX: usize = 123;
-    if reason.len() > MAX {
-        let mut end = MAX;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-    }
-    reason
 }

@@ -342,3 +342,68 @@ proptest! {
         prop_assert_eq!(client.poll_timeout(), None);
     }
 }
+
+// ----- inbound rate -----
+
+proptest! {
+    /// Whatever the arrival pattern, the bucket admits at most `burst + rate · t`
+    /// frames in any window of length `t` (checked over every pair of admissions).
+    #[test]
+    fn the_token_bucket_never_admits_more_than_burst_plus_rate_times_t(
+        rate in 1u32..2_000,
+        burst in 1u32..300,
+        gaps_us in prop::collection::vec(prop_oneof![Just(0u64), 0u64..2_000, 0u64..2_000_000], 1..400),
+    ) {
+        let start = clock();
+        let mut bucket = mesa_core::TokenBucket::new(rate, burst, start);
+        let mut now = start;
+        let mut admitted = Vec::new();
+        for gap in gaps_us {
+            now += Duration::from_micros(gap);
+            if bucket.try_take(now) {
+                admitted.push(now);
+            }
+        }
+        for (i, first) in admitted.iter().enumerate() {
+            for (j, last) in admitted.iter().enumerate().skip(i) {
+                let count = (j - i + 1) as u128;
+                let t = (*last - *first).as_nanos();
+                prop_assert!(
+                    count <= u128::from(burst) || (count - u128::from(burst)) * 1_000_000_000 <= u128::from(rate) * t,
+                    "{} frames in {:?} with rate {} and burst {}", count, *last - *first, rate, burst
+                );
+            }
+        }
+    }
+
+    /// A client that never sends faster than the sustained rate is never closed for
+    /// it, however long it goes on; one that sends `burst + 1` frames at once is.
+    #[test]
+    fn a_session_closes_for_rate_exactly_when_the_peer_outpaces_it(
+        rate in 1u32..1_000,
+        burst in 1u32..50,
+        slack_us in prop::collection::vec(0u64..5_000, 1..300),
+    ) {
+        let limits = Limits { max_messages_per_second: rate, max_message_burst: burst, ..Limits::default() };
+        let config = Arc::new(ServerConfig::builder().limits(limits).build().unwrap());
+        let start = clock();
+        let period = Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(rate)));
+        let mut paced = ServerSession::new(config.clone(), start);
+        let mut now = start;
+        for slack in slack_us {
+            now += period + Duration::from_micros(slack);
+            paced.handle_frame(now, r#"{"op":0,"t":"NOTE","d":1}"#);
+            prop_assert!(!paced.is_closed(), "a paced sender was closed");
+        }
+        let mut flood = ServerSession::new(config, start);
+        for _ in 0..burst {
+            flood.handle_frame(start, r#"{"op":0,"t":"NOTE","d":1}"#);
+        }
+        prop_assert!(!flood.is_closed());
+        flood.handle_frame(start, r#"{"op":0,"t":"NOTE","d":1}"#);
+        prop_assert!(flood.is_closed());
+        let closed = std::iter::from_fn(|| flood.poll_event())
+            .find_map(|e| match e { SessionEvent::Closed { close, .. } => Some(close), _ => None });
+        prop_assert_eq!(closed, Some(Close::new(CloseCode::POLICY, "rate limit exceeded")));
+    }
+}

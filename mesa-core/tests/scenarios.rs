@@ -2,11 +2,12 @@
 
 mod sim;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesa_core::{
     AuthConfig, BackoffConfig, ClientConfig, ClientEvent, Close, CloseCode, HeartbeatConfig,
-    Message, Opcode, Recipients, ServerConfig, SessionEvent, SyncConfig, Transmit,
+    Message, Opcode, Recipients, ServerConfig, ServerSession, SessionEvent, SyncConfig, Transmit,
 };
 use serde_json::{Value, json};
 use sim::Sim;
@@ -142,6 +143,16 @@ fn a_silent_client_is_closed_after_max_attempts_misses() {
         Some(SessionEvent::Closed { by_peer: false, .. })
     ));
     assert_eq!(closed.after_close, 0);
+    // Every unanswered beat is reported to observers, the fatal one included.
+    let misses: Vec<u32> = closed
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::HeartbeatMissed { misses } => Some(*misses),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(misses, [1, 2, 3, 4]);
 }
 
 #[test]
@@ -422,6 +433,87 @@ fn bad_frames_close_only_their_connection_with_the_right_code() {
         sim.run_for(Duration::from_millis(50));
         assert_eq!(sim.clients[bystander].log.messages().len(), 1);
     }
+}
+
+#[test]
+fn a_flood_past_the_rate_and_burst_is_closed_with_1008() {
+    let limits = mesa_core::Limits {
+        max_messages_per_second: 10,
+        max_message_burst: 5,
+        ..Default::default()
+    };
+    let config = ServerConfig::builder().limits(limits).build().unwrap();
+    let mut sim = Sim::new(config, 31);
+    let steady = connected(&mut sim, ClientConfig::default());
+    let flooder = connected(
+        &mut sim,
+        ClientConfig {
+            reconnect: false,
+            ..ClientConfig::default()
+        },
+    );
+    // The burst is admitted at once; the frame after it finds the bucket empty.
+    for n in 0..5 {
+        sim.inject(flooder, &format!(r#"{{"op":0,"t":"ECHO","d":{n}}}"#));
+    }
+    sim.run_for(Duration::from_millis(50));
+    assert!(close_of(&sim, 1).is_none());
+    assert_eq!(sim.clients[flooder].log.messages().len(), 5);
+    sim.inject(flooder, r#"{"op":0,"t":"ECHO","d":5}"#);
+    sim.run_for(Duration::from_millis(50));
+    let close = close_of(&sim, 1).expect("the flooder is closed");
+    assert_eq!(
+        (close.code, close.reason.as_ref()),
+        (CloseCode::POLICY, "rate limit exceeded")
+    );
+    assert_eq!(sim.clients[flooder].log.messages().len(), 5);
+
+    // A sender at the sustained rate (one frame per 100 ms) is never refused, for
+    // far longer than its burst would last.
+    for n in 0..100 {
+        sim.send(steady, Message::dispatch("ECHO", json!(n)))
+            .unwrap();
+        sim.run_for(Duration::from_millis(100));
+    }
+    assert!(close_of(&sim, 0).is_none());
+    assert_eq!(sim.clients[steady].log.messages().len(), 100);
+}
+
+#[test]
+fn the_rate_counts_every_frame_and_refills_with_time() {
+    let limits = mesa_core::Limits {
+        max_messages_per_second: 2,
+        max_message_burst: 2,
+        ..Default::default()
+    };
+    let config = Arc::new(
+        ServerConfig::builder()
+            .heartbeat(heartbeat(60_000, 3))
+            .limits(limits)
+            .build()
+            .unwrap(),
+    );
+    let start = sim_now();
+    let mut session = ServerSession::new(config, start);
+    // Two heartbeat acks and a pong take the burst and the token earned in 500 ms...
+    session.handle_frame(start, r#"{"op":11}"#);
+    session.handle_control(start);
+    let later = start + Duration::from_millis(500);
+    session.handle_frame(later, r#"{"op":11}"#);
+    assert!(!session.is_closed());
+    // ...so the next ping at the same instant is one too many.
+    session.handle_control(later);
+    assert!(session.is_closed());
+    let closes: Vec<Close> = std::iter::from_fn(|| session.poll_transmit())
+        .filter_map(|t| match t {
+            Transmit::Close(close) => Some(close),
+            Transmit::Text(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        closes,
+        [Close::new(CloseCode::POLICY, "rate limit exceeded")]
+    );
 }
 
 #[test]

@@ -392,7 +392,7 @@ impl<R: Runtime> Task<R> {
                         ReadFailure::Invalid(error) => {
                             Close::new(error.close_code(), error.to_string())
                         }
-                        ReadFailure::Gone(close) => close,
+                        ReadFailure::Violation(close) | ReadFailure::Gone(close) => close,
                     };
                     self.session.handle_closed(now, Some(close));
                 }

@@ -22,7 +22,7 @@ use crate::cluster::Job;
 use crate::handler::{AuthError, BoxFuture, Handler};
 use crate::io::Io;
 use crate::outbox::{Drained, Outbound, Refused};
-use crate::router::{ConnShared, Identity, Router, ServerHandle};
+use crate::router::{Admission, ConnShared, Identity, Router, ServerHandle};
 use crate::runtime::Runtime;
 use crate::server::Inner;
 use crate::transport::{ReadFailure, close_frame, core_close, read_failure, text};
@@ -147,11 +147,32 @@ enum Wake {
     Auth(Result<(String, Value), AuthError>),
 }
 
-/// Drive one upgraded connection until it closes.
-pub(crate) async fn drive<R, S, H>(
+/// Drive one upgraded connection until it closes. Its `admission` slot (if any) is
+/// given back once the connection is registered, and so counted as open.
+///
+/// The stream goes to the heap before the loop's future exists: an async fn keeps
+/// its arguments for its whole life beside the locals made from them, so taking the
+/// stream by value would hold it twice in every connection's task (~700 bytes).
+pub(crate) fn drive<R, S, H>(
     inner: Arc<Inner<R, H>>,
     ws: WebSocketStream<S>,
     remote: Option<SocketAddr>,
+    admission: Option<Admission>,
+) -> impl Future<Output = ()> + Send
+where
+    R: Runtime,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    drive_io(inner, Box::new(Io::new(ws)), remote, admission)
+}
+
+/// The loop of [`drive`], on a boxed stream.
+async fn drive_io<R, S, H>(
+    inner: Arc<Inner<R, H>>,
+    mut io: Box<Io<S>>,
+    remote: Option<SocketAddr>,
+    admission: Option<Admission>,
 ) where
     R: Runtime,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -159,7 +180,9 @@ pub(crate) async fn drive<R, S, H>(
 {
     let runtime = &inner.runtime;
     let router = inner.router.clone();
+    let _live = router.live_task();
     let shared = router.register(remote);
+    drop(admission);
     let conn = Connection {
         shared: shared.clone(),
         router: router.clone(),
@@ -190,15 +213,19 @@ pub(crate) async fn drive<R, S, H>(
     router.middleware.emit(|m| m.on_connection(&conn));
     inner.handler.on_connect(&conn).await;
 
-    let mut io = Io::new(ws);
     let mut timer: Option<(Instant, Pin<Box<R::Sleep>>)> = None;
     let mut auth: Option<BoxFuture<'static, Result<(String, Value), AuthError>>> = None;
 
     let close = loop {
+        let (mut sent_frames, mut sent_bytes) = (0, 0);
         let closed = loop {
             while let Some(transmit) = session.poll_transmit() {
                 io.pending.push_back(match transmit {
-                    Transmit::Text(frame) => text(frame),
+                    Transmit::Text(frame) => {
+                        sent_frames += 1;
+                        sent_bytes += frame.len();
+                        text(frame)
+                    }
                     Transmit::Close(close) => WsMessage::Close(Some(close_frame(&close))),
                 });
             }
@@ -267,9 +294,19 @@ pub(crate) async fn drive<R, S, H>(
                             .emit(|m| m.on_redelivered(&conn, delivered));
                     }
                 }
+                SessionEvent::HeartbeatMissed { misses } => {
+                    router
+                        .middleware
+                        .emit(|m| m.on_heartbeat_missed(&conn, misses));
+                }
                 SessionEvent::Closed { close, .. } => break Some(close),
             }
         };
+        if sent_frames > 0 {
+            router
+                .middleware
+                .emit(|m| m.on_frames_sent(&conn, sent_frames, sent_bytes));
+        }
         if let Some(close) = closed {
             break close;
         }
@@ -305,14 +342,25 @@ pub(crate) async fn drive<R, S, H>(
 
         let now = runtime.now();
         match wake {
-            Wake::Read(Some(Ok(WsMessage::Text(text)))) => session.handle_frame(now, &text),
+            Wake::Read(Some(Ok(WsMessage::Text(text)))) => {
+                router
+                    .middleware
+                    .emit(|m| m.on_frames_received(&conn, 1, text.len()));
+                session.handle_frame(now, &text)
+            }
             Wake::Read(Some(Ok(WsMessage::Binary(_)))) => session.handle_binary(now),
             Wake::Read(Some(Ok(WsMessage::Close(frame)))) => {
                 session.handle_peer_closed(now, Some(core_close(frame)))
             }
-            Wake::Read(Some(Ok(_))) => {}
+            Wake::Read(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {
+                session.handle_control(now)
+            }
+            Wake::Read(Some(Ok(WsMessage::Frame(_)))) => {}
             Wake::Read(Some(Err(error))) => match read_failure(error, inner.config.limits()) {
                 ReadFailure::Invalid(error) => session.handle_invalid(now, error),
+                ReadFailure::Violation(close) => {
+                    let _ = session.disconnect(close);
+                }
                 ReadFailure::Gone(close) => session.handle_peer_closed(now, Some(close)),
             },
             Wake::Read(None) => session.handle_peer_closed(now, None),
@@ -329,6 +377,7 @@ pub(crate) async fn drive<R, S, H>(
             Wake::Timer => session.handle_timeout(now),
             Wake::Outbox(drained) => {
                 if drained.overflowed {
+                    router.middleware.emit(|m| m.on_queue_overflow(&conn));
                     let reason = "slow consumer: outbound queue full";
                     let _ = session.disconnect(Close::new(CloseCode::TRY_AGAIN_LATER, reason));
                 }

@@ -26,6 +26,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
 
     /// Write what the sink takes and flush; `Ready(Err)` only on failure.
     pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            // All written: an idle connection keeps no queue allocated (most are idle).
+            self.pending = VecDeque::new();
+        }
         while !self.pending.is_empty() {
             match self.ws.poll_ready_unpin(cx) {
                 Poll::Ready(Ok(())) => {

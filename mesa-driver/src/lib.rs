@@ -20,8 +20,11 @@ mod client;
 mod cluster;
 mod connection;
 mod dispatcher;
+pub mod echo;
 mod handler;
 mod io;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod middleware;
 mod outbox;
 mod portal;
@@ -39,7 +42,7 @@ pub use middleware::{BoxError, Middleware};
 pub use portal::{Portal, PortalBuilder, PortalError};
 pub use router::{SendReport, ServerHandle};
 pub use runtime::Runtime;
-pub use server::{Listening, Server, ServerBuilder};
+pub use server::{Listening, Refusal, Server, ServerBuilder};
 pub use transport::TransportConfig;
 
 pub use async_tungstenite::tungstenite;

@@ -4,6 +4,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesa_core::{Close, Message};
 
@@ -58,6 +59,45 @@ pub trait Middleware: Send + Sync + 'static {
     }
     /// Another middleware, or the server, reported an error.
     fn on_error(&self, error: &str) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// `frames` Mesa messages totalling `bytes` bytes of JSON arrived from a connection.
+    fn on_frames_received(
+        &self,
+        conn: &Connection,
+        frames: usize,
+        bytes: usize,
+    ) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// `frames` Mesa messages totalling `bytes` bytes of JSON (hello, heartbeats and
+    /// sends alike) were handed to a connection's socket; reported once per batch.
+    fn on_frames_sent(
+        &self,
+        conn: &Connection,
+        frames: usize,
+        bytes: usize,
+    ) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A connection left heartbeat `misses` (1, 2, ...) unanswered in a row; past the
+    /// configured maximum it is closed with 1001 right after this call.
+    fn on_heartbeat_missed(&self, conn: &Connection, misses: u32) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A connection's outbound queue overflowed (it does not read fast enough); it is
+    /// being closed with 1013.
+    fn on_queue_overflow(&self, conn: &Connection) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// Sync stored `stored` messages for offline ids (one per id and message) and
+    /// dropped the `dropped` oldest to respect the per-id limit.
+    fn on_stored(&self, stored: usize, dropped: usize) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// The cluster's Redis answered a liveness ping (sent every third of the lease)
+    /// after `latency`.
+    fn on_cluster_latency(&self, latency: Duration) -> Result<(), BoxError> {
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use mesa_core::{
@@ -35,6 +36,23 @@ pub(crate) struct ConnShared {
 struct State {
     hub: Hub,
     conns: HashMap<ConnId, Arc<ConnShared>>,
+    /// Connections admitted but still in their WebSocket handshake: they count
+    /// toward the connection limit, so a burst of upgrades cannot overshoot it.
+    handshaking: usize,
+}
+
+/// A connection slot held from admission until the connection is registered (or
+/// its handshake fails); dropping it gives the slot back.
+#[must_use]
+pub(crate) struct Admission {
+    router: Arc<Router>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut state = self.router.lock();
+        state.handshaking = state.handshaking.saturating_sub(1);
+    }
 }
 
 /// The registry shared by a server's connection tasks and handles.
@@ -44,6 +62,18 @@ pub(crate) struct Router {
     outbound_cap: usize,
     /// The cluster link, when the server replicates through Redis.
     pub(crate) cluster: OnceLock<ClusterHandle>,
+    /// Connection tasks still running, closing handshakes included (a connection
+    /// leaves the hub first, then finishes writing its close frame).
+    live: AtomicUsize,
+}
+
+/// Counts a connection task as running until it is dropped.
+pub(crate) struct LiveTask<'a>(&'a Router);
+
+impl Drop for LiveTask<'_> {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What a send did here.
@@ -63,10 +93,12 @@ impl Router {
             state: Mutex::new(State {
                 hub: Hub::new(auth_required),
                 conns: HashMap::new(),
+                handshaking: 0,
             }),
             middleware,
             outbound_cap,
             cluster: OnceLock::new(),
+            live: AtomicUsize::new(0),
         }
     }
 
@@ -74,6 +106,19 @@ impl Router {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Admit one more connection when fewer than `max` are open or handshaking
+    /// (always, without a limit); `None` when the server is full.
+    pub(crate) fn admit(self: &Arc<Self>, max: Option<usize>) -> Option<Admission> {
+        let mut state = self.lock();
+        if max.is_some_and(|max| state.conns.len() + state.handshaking >= max) {
+            return None;
+        }
+        state.handshaking += 1;
+        Some(Admission {
+            router: self.clone(),
+        })
     }
 
     pub(crate) fn register(&self, remote: Option<SocketAddr>) -> Arc<ConnShared> {
@@ -163,6 +208,17 @@ impl Router {
         for shared in state.conns.values() {
             let _ = shared.outbox.push(Outbound::Close(close.clone()));
         }
+    }
+
+    /// Count a connection task as running for as long as the guard lives.
+    pub(crate) fn live_task(&self) -> LiveTask<'_> {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        LiveTask(self)
+    }
+
+    /// Connection tasks still running, closing handshakes included.
+    pub(crate) fn live_tasks(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
     }
 
     pub(crate) fn connection_count(&self) -> usize {

@@ -9,8 +9,10 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use async_tungstenite::tungstenite::http::StatusCode;
+use async_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request, Response,
+};
+use async_tungstenite::tungstenite::http::{StatusCode, header};
 use async_tungstenite::tungstenite::protocol::Role;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::future::{Either, select};
@@ -38,7 +40,61 @@ pub(crate) struct Inner<R, H> {
     pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
     pub(crate) handler: H,
     pub(crate) router: Arc<Router>,
+    admission: AdmissionPolicy,
     shutdown: Shutdown,
+}
+
+/// Who may open a WebSocket: checked while the upgrade request is answered.
+#[derive(Debug, Clone, Default)]
+struct AdmissionPolicy {
+    /// Most connections open or handshaking at once (HTTP 503 past it).
+    max_connections: Option<usize>,
+    /// Accepted `Origin` values, lowercase and without a trailing `/` (HTTP 403 for
+    /// any other); `None` accepts every origin.
+    allowed_origins: Option<Vec<String>>,
+}
+
+impl AdmissionPolicy {
+    /// Whether a request with this `Origin` header may upgrade. A request without
+    /// one is accepted: browsers always send it on a WebSocket handshake, and
+    /// cross-site WebSocket hijacking needs a browser.
+    fn allows_origin(&self, origin: Option<&[u8]>) -> bool {
+        match (&self.allowed_origins, origin) {
+            (None, _) | (Some(_), None) => true,
+            (Some(allowed), Some(origin)) => {
+                let origin = origin.strip_suffix(b"/").unwrap_or(origin);
+                allowed
+                    .iter()
+                    .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin))
+            }
+        }
+    }
+}
+
+/// Why an upgrade request was refused, as the HTTP answer it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The request was not for the Mesa endpoint's path (404).
+    #[error("no Mesa endpoint here")]
+    WrongPath,
+    /// The `Origin` is not among the allowed origins (403).
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    /// The server has its maximum number of connections (503).
+    #[error("too many connections: try again later")]
+    Full,
+}
+
+impl Refusal {
+    /// The HTTP status that answers the upgrade request.
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::WrongPath => 404,
+            Refusal::OriginNotAllowed => 403,
+            Refusal::Full => 503,
+        }
+    }
 }
 
 /// Builds a [`Server`]. Every option of `@cryb/mesa`'s server, with its documented
@@ -55,6 +111,7 @@ pub struct ServerBuilder<R, H = Relay> {
     handler: H,
     middleware: Vec<Arc<dyn Middleware>>,
     cluster: Option<ClusterConfig>,
+    admission: AdmissionPolicy,
 }
 
 impl<R: Runtime> ServerBuilder<R, Relay> {
@@ -70,6 +127,7 @@ impl<R: Runtime> ServerBuilder<R, Relay> {
             handler: Relay,
             middleware: Vec::new(),
             cluster: None,
+            admission: AdmissionPolicy::default(),
         }
     }
 }
@@ -157,6 +215,32 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
+    /// Refuse WebSocket upgrades with HTTP 503 while `max` connections are open or
+    /// in their handshake (default: no limit). Streams handed to
+    /// [`Server::serve_upgraded`] past the limit are closed with 1013 instead.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.admission.max_connections = Some(max);
+        self
+    }
+
+    /// Accept WebSocket upgrades only from pages of these origins
+    /// (`https://app.example.com`, compared without case), refusing others with HTTP
+    /// 403: a defence against cross-site WebSocket hijacking, where a page of another
+    /// site opens a socket with the visitor's cookies. Requests without an `Origin`
+    /// header (non-browser clients) are accepted. Default: off, every origin.
+    pub fn allowed_origins<I, S>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let origins = origins.into_iter().map(|origin| {
+            let origin: String = origin.into();
+            origin.trim_end_matches('/').to_ascii_lowercase()
+        });
+        self.admission.allowed_origins = Some(origins.collect());
+        self
+    }
+
     /// Replicate through the Redis at `url` (upstream's layout: replicas of ours and
     /// of `@cryb/mesa` deliver each other's sends).
     pub fn redis(mut self, url: impl Into<String>) -> Self {
@@ -217,6 +301,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             handler,
             middleware: self.middleware,
             cluster: self.cluster,
+            admission: self.admission,
         }
     }
 
@@ -232,6 +317,9 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         let config = core.build()?;
         if self.transport.max_outbound_bytes == 0 || self.transport.read_buffer_bytes == 0 {
             return Err(ConfigError::ZeroCount("transport buffer"));
+        }
+        if self.admission.max_connections == Some(0) {
+            return Err(ConfigError::ZeroCount("max connections"));
         }
         if config.sync().is_some() && self.cluster.is_none() {
             return Err(ConfigError::SyncWithoutStore);
@@ -261,6 +349,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
                 authenticator: self.authenticator,
                 handler: self.handler,
                 router,
+                admission: self.admission,
                 shutdown: Shutdown::default(),
             }),
         })
@@ -300,6 +389,11 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         &self.inner.config
     }
 
+    /// The path of the WebSocket endpoint ([`ServerBuilder::path`]).
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+
     /// Bind `addr`; [`Listening::run`] then serves until [`shutdown`](Self::shutdown).
     /// [`Listening::local_addr`] tells the port when `addr` asked for port 0.
     pub async fn bind(&self, addr: SocketAddr) -> io::Result<Listening<R, H>> {
@@ -314,67 +408,110 @@ impl<R: Runtime, H: Handler> Server<R, H> {
 
     /// Accept on `listener` until [`shutdown`](Self::shutdown), one task per connection.
     pub async fn serve(&self, listener: R::TcpListener) -> io::Result<()> {
-        loop {
-            let accept = Box::pin(self.inner.runtime.accept(&listener));
-            match select(accept, self.inner.shutdown.wait()).await {
-                Either::Left((Ok((stream, remote)), _)) => {
-                    let server = self.clone();
-                    self.inner.runtime.spawn(async move {
-                        server.serve_stream(stream, Some(remote)).await;
-                    });
-                }
-                Either::Left((Err(error), _)) => {
-                    // Running out of file descriptors must not end the server.
-                    tracing::warn!(%error, "accept failed");
-                    let pause = self.inner.runtime.now() + Duration::from_millis(50);
-                    self.inner.runtime.sleep_until(pause).await;
-                }
-                Either::Right(((), _)) => return Ok(()),
-            }
+        let server = self.clone();
+        accept_loop(
+            &self.inner.runtime,
+            &listener,
+            self.inner.shutdown.wait(),
+            move |stream, remote| {
+                let server = server.clone();
+                async move { server.serve_stream(stream, Some(remote)).await }
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Whether an upgrade request with this `Origin` header would be admitted now
+    /// (allowed origins, maximum connections), for an HTTP framework that routes the
+    /// request and answers the upgrade itself before
+    /// [`serve_upgraded`](Self::serve_upgraded). Answer a refusal with its
+    /// [`status`](Refusal::status).
+    pub fn check_upgrade(&self, origin: Option<&str>) -> Result<(), Refusal> {
+        if !self
+            .inner
+            .admission
+            .allows_origin(origin.map(str::as_bytes))
+        {
+            return Err(Refusal::OriginNotAllowed);
+        }
+        let max = self.inner.admission.max_connections;
+        match self.inner.router.admit(max) {
+            Some(_) => Ok(()),
+            None => Err(Refusal::Full),
         }
     }
 
-    /// Perform the WebSocket handshake on an accepted stream, then drive it.
+    /// Perform the WebSocket handshake on an accepted stream, then drive it. The
+    /// request is refused with 404 off the endpoint's path, 403 from an origin that is
+    /// not allowed, and 503 when the server is full.
     pub async fn serve_stream<S>(&self, stream: S, remote: Option<SocketAddr>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let admission = self
+            .inner
+            .router
+            .admit(self.inner.admission.max_connections);
+        let full = admission.is_none();
         let path = self.inner.path.clone();
+        let policy = self.inner.admission.clone();
         // tungstenite fixes this callback's signature, large error type included.
         #[allow(clippy::result_large_err)]
-        let check_path = move |request: &Request, response: Response| {
-            if request.uri().path() == path {
-                Ok(response)
+        let check = move |request: &Request, response: Response| {
+            let origin = request.headers().get(header::ORIGIN).map(|v| v.as_bytes());
+            let refusal = if request.uri().path() != path {
+                Some(Refusal::WrongPath)
+            } else if !policy.allows_origin(origin) {
+                Some(Refusal::OriginNotAllowed)
+            } else if full {
+                Some(Refusal::Full)
             } else {
-                let mut error = ErrorResponse::new(Some("no Mesa endpoint here".to_owned()));
-                *error.status_mut() = StatusCode::NOT_FOUND;
-                Err(error)
+                None
+            };
+            match refusal {
+                None => Ok(response),
+                Some(refusal) => Err(refuse(refusal)),
             }
         };
-        let ws_config = self.inner.transport.websocket(self.inner.config.limits());
-        let handshake = Box::pin(async_tungstenite::accept_hdr_async_with_config(
+        let inner = &self.inner;
+        let ws = handshake(
+            &inner.runtime,
             stream,
-            check_path,
-            Some(ws_config),
-        ));
-        let deadline = self.inner.runtime.now() + self.inner.transport.handshake_timeout;
-        let timeout = Box::pin(self.inner.runtime.sleep_until(deadline));
-        match select(handshake, timeout).await {
-            Either::Left((Ok(ws), _)) => drive(self.inner.clone(), ws, remote).await,
-            Either::Left((Err(error), _)) => tracing::debug!(%error, "handshake failed"),
-            Either::Right(_) => tracing::debug!("handshake timed out"),
-        }
+            &inner.transport,
+            inner.config.limits(),
+            check,
+        );
+        // Not `if let`: its scrutinee would stay in this task's state while the
+        // connection lives.
+        let Some(ws) = ws.await else { return };
+        drive(inner.clone(), ws, remote, admission).await;
     }
 
     /// Drive a stream whose WebSocket handshake was already done elsewhere (an axum
-    /// or hyper upgrade).
+    /// or hyper upgrade). Past [`max_connections`](ServerBuilder::max_connections)
+    /// the connection is closed at once with 1013.
     pub async fn serve_upgraded<S>(&self, stream: S, remote: Option<SocketAddr>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let ws_config = self.inner.transport.websocket(self.inner.config.limits());
-        let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await;
-        drive(self.inner.clone(), ws, remote).await;
+        let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await;
+        match self
+            .inner
+            .router
+            .admit(self.inner.admission.max_connections)
+        {
+            Some(admission) => drive(self.inner.clone(), ws, remote, Some(admission)).await,
+            None => {
+                let full = Close::new(CloseCode::TRY_AGAIN_LATER, "too many connections");
+                let runtime = &self.inner.runtime;
+                let deadline =
+                    runtime.sleep_until(runtime.now() + self.inner.transport.close_timeout);
+                let close = ws.close(Some(crate::transport::close_frame(&full)));
+                let _ = select(Box::pin(close), Box::pin(deadline)).await;
+            }
+        }
     }
 
     /// Stop accepting and close every connection with 1001.
@@ -391,7 +528,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         let runtime = &self.inner.runtime;
         let deadline = runtime.now() + drain;
         self.shutdown();
-        while self.inner.router.connection_count() > 0 && runtime.now() < deadline {
+        while self.inner.router.live_tasks() > 0 && runtime.now() < deadline {
             runtime
                 .sleep_until(runtime.now() + Duration::from_millis(10))
                 .await;
@@ -454,5 +591,78 @@ impl Shutdown {
                 Poll::Pending
             }
         })
+    }
+}
+
+/// The HTTP answer to a refused upgrade request.
+fn refuse(refusal: Refusal) -> ErrorResponse {
+    let mut error = ErrorResponse::new(Some(refusal.to_string()));
+    *error.status_mut() =
+        StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    error
+}
+
+/// Accept connections on `listener` until `stop` completes, handing each to
+/// `serve` in a task of its own. Accept errors (running out of file descriptors)
+/// pause the loop briefly instead of ending it.
+pub(crate) async fn accept_loop<R, F, Fut>(
+    runtime: &R,
+    listener: &R::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Unpin,
+    serve: F,
+) where
+    R: Runtime,
+    F: Fn(R::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut stop = stop;
+    loop {
+        let accept = Box::pin(runtime.accept(listener));
+        match select(accept, &mut stop).await {
+            Either::Left((Ok((stream, remote)), _)) => runtime.spawn(serve(stream, remote)),
+            Either::Left((Err(error), _)) => {
+                tracing::warn!(%error, "accept failed");
+                let pause = runtime.now() + Duration::from_millis(50);
+                runtime.sleep_until(pause).await;
+            }
+            Either::Right(((), _)) => return,
+        }
+    }
+}
+
+/// Answer the WebSocket upgrade on `stream` with the driver's framing settings
+/// ([`TransportConfig::websocket`]) within `transport.handshake_timeout`, asking
+/// `check` whether to accept the request. `None` when the handshake failed, was
+/// refused or timed out (the stream is then dropped).
+pub(crate) async fn handshake<R, S, C>(
+    runtime: &R,
+    stream: S,
+    transport: &TransportConfig,
+    limits: &Limits,
+    check: C,
+) -> Option<WebSocketStream<S>>
+where
+    R: Runtime,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: Callback + Unpin + Send + 'static,
+{
+    let config = transport.websocket(limits);
+    let handshake = Box::pin(async_tungstenite::accept_hdr_async_with_config(
+        stream,
+        check,
+        Some(config),
+    ));
+    let deadline = runtime.now() + transport.handshake_timeout;
+    let timeout = Box::pin(runtime.sleep_until(deadline));
+    match select(handshake, timeout).await {
+        Either::Left((Ok(ws), _)) => Some(ws),
+        Either::Left((Err(error), _)) => {
+            tracing::debug!(%error, "handshake failed");
+            None
+        }
+        Either::Right(_) => {
+            tracing::debug!("handshake timed out");
+            None
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use async_tungstenite::tungstenite::error::ProtocolError;
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
@@ -19,7 +20,7 @@ const WRITE_GATHER: usize = 16 * 1024;
 pub struct TransportConfig {
     /// Capacity of each connection's read buffer. tungstenite's default (128 KiB,
     /// allocated eagerly) dominates the memory of an idle connection; Mesa frames are
-    /// small, and a larger one grows on demand. Default 1 KiB.
+    /// small, and a larger one grows on demand. Default 512 bytes.
     pub read_buffer_bytes: usize,
     /// Bytes of frames waiting for a connection that does not read fast enough;
     /// past it the connection is closed with 1013 (slow consumer). Default 1 MiB.
@@ -33,7 +34,7 @@ pub struct TransportConfig {
 impl Default for TransportConfig {
     fn default() -> Self {
         TransportConfig {
-            read_buffer_bytes: 1024,
+            read_buffer_bytes: 512,
             max_outbound_bytes: 1 << 20,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
@@ -83,6 +84,10 @@ pub(crate) fn core_close(frame: Option<CloseFrame>) -> Close {
 pub(crate) enum ReadFailure {
     /// The peer sent something the core must answer with a close code.
     Invalid(DecodeError),
+    /// The peer broke the WebSocket protocol (a reserved bit or opcode, an unmasked or
+    /// fragmented control frame, a bad continuation): answer with this close (1002)
+    /// rather than dropping the socket, then stop reading.
+    Violation(Close),
     /// The transport is gone.
     Gone(Close),
 }
@@ -95,9 +100,15 @@ pub(crate) fn read_failure(error: WsError, limits: &Limits) -> ReadFailure {
             max: limits.max_message_bytes,
         }),
         WsError::Utf8(_) => ReadFailure::Invalid(DecodeError::InvalidUtf8),
-        WsError::Protocol(error) => {
-            ReadFailure::Gone(Close::new(CloseCode::PROTOCOL_ERROR, error.to_string()))
-        }
+        WsError::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake
+            | ProtocolError::SendAfterClosing
+            | ProtocolError::ReceivedAfterClosing,
+        ) => ReadFailure::Gone(Close::new(CloseCode::ABNORMAL, error.to_string())),
+        WsError::Protocol(error) => ReadFailure::Violation(Close::truncated(
+            CloseCode::PROTOCOL_ERROR,
+            error.to_string(),
+        )),
         other => ReadFailure::Gone(Close::new(CloseCode::ABNORMAL, other.to_string())),
     }
 }

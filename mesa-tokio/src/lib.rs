@@ -84,6 +84,12 @@ pub use mesa_driver::{
     Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, TransportConfig,
 };
 
+#[cfg(feature = "axum")]
+pub mod axum;
+/// Prometheus metrics of a server, as a middleware (feature `metrics`).
+#[cfg(feature = "metrics")]
+pub use mesa_driver::metrics;
+
 /// Pending connections the kernel queues for a listener.
 const LISTEN_BACKLOG: u32 = 1024;
 

@@ -1,8 +1,10 @@
-//! End-to-end test of `mesa bench`: a real `mesa serve` process measured by real
-//! `mesa bench idle` and `mesa bench fanout` processes over loopback. Every wait is
-//! bounded, and every child process is killed when its handle drops.
+//! End-to-end test of `mesa bench`: real `mesa serve` processes measured by real
+//! `mesa bench` processes over loopback, every scenario briefly (idle, fanout, echo,
+//! storm, and cluster on a `redis-server` of its own). Every wait is bounded, and every
+//! child process is killed when its handle drops.
 //!
-//! Needs the `cli` feature: `cargo test -p mesa-tokio --features cli --test bench_cli`.
+//! Needs the `cli` feature and `redis-server` on PATH:
+//! `cargo test -p mesa-tokio --features cli --test bench_cli`.
 #![cfg(unix)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -59,22 +61,30 @@ fn drain(lines: &Receiver<String>) -> Vec<String> {
     all
 }
 
-/// Start `mesa serve` with dev authentication; return it with its URL and pid.
-fn serve() -> (Killed, String) {
-    let mut child = mesa(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--auth",
-        "dev",
-        "--heartbeat-interval",
-        "10000",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("mesa serve starts");
+/// The options of every `mesa serve` here: dev authentication, and no inbound rate
+/// limit in the way of the echo scenario.
+const SERVE: [&str; 8] = [
+    "--auth",
+    "dev",
+    "--heartbeat-interval",
+    "10000",
+    "--max-messages-per-second",
+    "1000000",
+    "--max-message-burst",
+    "1000000",
+];
+
+/// Start `mesa serve` (on a free port, plus `extra` options); return it with its URL.
+fn serve(extra: &[&str]) -> (Killed, String) {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(&SERVE);
+    args.extend_from_slice(extra);
+    let mut child = mesa(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mesa serve starts");
     let stdout = lines(child.stdout.take().expect("piped stdout"));
     let server = Killed(child);
     let line = stdout
@@ -126,7 +136,7 @@ fn bench(args: &[&str]) -> Value {
 
 #[test]
 fn idle_and_fanout_report_clean_runs() {
-    let (server, url) = serve();
+    let (server, url) = serve(&[]);
     let pid = server.0.id().to_string();
 
     let idle = bench(&[
@@ -178,4 +188,122 @@ fn idle_and_fanout_report_clean_runs() {
     assert!(fanout["latency_p50_us"].is_u64(), "{fanout}");
     assert!(fanout["latency_p99_us"].is_u64(), "{fanout}");
     assert!(fanout["server_cpu_secs"].is_number(), "{fanout}");
+}
+
+/// A TCP port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[test]
+fn echo_reports_round_trips() {
+    let (server, url) = serve(&[]);
+    let pid = server.0.id().to_string();
+    let echo = bench(&[
+        "echo",
+        "--url",
+        &url,
+        "--connections",
+        "5",
+        "--in-flight",
+        "2",
+        "--secs",
+        "1",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(echo["scenario"], "echo", "{echo}");
+    assert_eq!(echo["authenticated"], 5, "{echo}");
+    assert_eq!(echo["dropped"], 0, "{echo}");
+    assert!(
+        echo["round_trips"].as_u64().is_some_and(|n| n > 0),
+        "{echo}"
+    );
+    assert!(echo["latency_p99_us"].is_u64(), "{echo}");
+    assert!(echo["server_cpu_secs"].is_number(), "{echo}");
+}
+
+#[test]
+fn storm_restarts_the_server_and_every_client_comes_back() {
+    let port = free_port();
+    let mut command = format!(
+        "{} serve --listen 127.0.0.1:{port} --reconnect-interval 200",
+        env!("CARGO_BIN_EXE_mesa")
+    );
+    for option in SERVE {
+        command.push(' ');
+        command.push_str(option);
+    }
+    let url = format!("ws://127.0.0.1:{port}/");
+    let storm = bench(&[
+        "storm",
+        "--url",
+        &url,
+        "--connections",
+        "20",
+        "--hold-secs",
+        "0",
+        "--timeout-secs",
+        "20",
+        "--server-cmd",
+        &command,
+    ]);
+    assert_eq!(storm["scenario"], "storm", "{storm}");
+    assert_eq!(storm["authenticated"], 20, "{storm}");
+    assert_eq!(storm["back"], 20, "{storm}");
+    assert_eq!(storm["reconnects"].as_u64(), Some(20), "{storm}");
+    assert_eq!(storm["recovered_within_twice_cap"], true, "{storm}");
+    assert!(storm["peak_window_share"].is_number(), "{storm}");
+    assert!(storm["server_cpu_secs"].is_number(), "{storm}");
+}
+
+#[test]
+fn cluster_publishes_once_per_message() {
+    let port = free_port();
+    let redis = Killed(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (apt-get install redis-server)"),
+    );
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server never listened");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let redis_url = format!("redis://127.0.0.1:{port}/");
+    let (a, url_a) = serve(&["--redis", &redis_url]);
+    let (b, url_b) = serve(&["--redis", &redis_url]);
+    let (pid_a, pid_b) = (a.0.id().to_string(), b.0.id().to_string());
+    let cluster = bench(&[
+        "cluster",
+        "--url",
+        &url_a,
+        "--url",
+        &url_b,
+        "--server-pid",
+        &pid_a,
+        "--server-pid",
+        &pid_b,
+        "--redis",
+        &redis_url,
+        "--connections",
+        "20",
+        "--messages",
+        "20",
+    ]);
+    assert_eq!(cluster["scenario"], "cluster", "{cluster}");
+    assert_eq!(cluster["authenticated"], 20, "{cluster}");
+    // 20 subscribers over both replicas and the publisher receive every message.
+    assert_eq!(cluster["received"], 21 * 20, "{cluster}");
+    assert_eq!(cluster["lost"], 0, "{cluster}");
+    assert_eq!(cluster["redis_publish_calls"], 20, "{cluster}");
+    assert_eq!(cluster["publish_per_send"], 1.0, "{cluster}");
+    drop((a, b, redis));
 }

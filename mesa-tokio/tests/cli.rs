@@ -320,3 +320,108 @@ fn bad_flags_and_unreachable_servers_fail_with_a_message() {
     });
     assert_eq!(refused.wait().code(), Some(1));
 }
+
+/// A WebSocket handshake with `mesa serve` at `url`, with this `Origin` if any: the
+/// socket, or the HTTP status that refused it.
+fn upgrade(
+    url: &str,
+    origin: Option<&str>,
+) -> Result<tungstenite::WebSocket<std::net::TcpStream>, u16> {
+    use tungstenite::client::IntoClientRequest;
+    let addr = url.trim_start_matches("ws://").trim_end_matches('/');
+    let stream = std::net::TcpStream::connect(addr).expect("TCP connect");
+    stream.set_read_timeout(Some(WAIT)).expect("a read timeout");
+    let mut request = url.into_client_request().expect("a request");
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().expect("an Origin value"));
+    }
+    match tungstenite::client::client(request, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        Err(error) => panic!("the handshake failed without an HTTP answer: {error}"),
+    }
+}
+
+/// The code of the close frame the server sends next, reading past other frames.
+fn close_code(ws: &mut tungstenite::WebSocket<std::net::TcpStream>) -> u16 {
+    loop {
+        match ws.read().expect("a frame before the close") {
+            tungstenite::Message::Close(frame) => return frame.map_or(1005, |f| f.code.into()),
+            _ => continue,
+        }
+    }
+}
+
+#[test]
+fn limit_flags_refuse_upgrades_and_close_offenders_with_their_codes() {
+    let (mut server, url) = Mesa::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "1",
+            "--allowed-origin",
+            "https://app.example.com",
+            "--allowed-origin",
+            "https://admin.example.com",
+            "--max-message-bytes",
+            "64",
+            "--max-messages-per-second",
+            "5",
+        ],
+        &[
+            ("MESA_MAX_JSON_DEPTH", "2"),
+            ("MESA_MAX_MESSAGE_BURST", "2"),
+        ],
+    );
+    let first = upgrade(&url, Some("https://admin.example.com")).expect("the first connection");
+    assert_eq!(
+        upgrade(&url, None).err(),
+        Some(503),
+        "past --max-connections"
+    );
+    assert_eq!(
+        upgrade(&url, Some("https://evil.example.com")).err(),
+        Some(403),
+        "an origin not allowed"
+    );
+    drop(first);
+
+    // Each offender takes the one slot once the previous one left.
+    let offend = |frames: &[&str]| {
+        let deadline = Instant::now() + WAIT;
+        let mut ws = loop {
+            match upgrade(&url, Some("https://app.example.com")) {
+                Ok(ws) => break ws,
+                Err(503) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Err(status) => panic!("upgrade refused with {status}"),
+            }
+        };
+        for frame in frames {
+            if ws.send(tungstenite::Message::text(*frame)).is_err() {
+                break;
+            }
+        }
+        close_code(&mut ws)
+    };
+    let long = format!(r#"{{"op":0,"t":"ECHO","d":"{}"}}"#, "x".repeat(64));
+    assert_eq!(offend(&[&long]), 1009, "past --max-message-bytes");
+    assert_eq!(
+        offend(&[r#"{"op":0,"d":[[1]]}"#]),
+        1009,
+        "past MESA_MAX_JSON_DEPTH"
+    );
+    let ack = r#"{"op":11}"#;
+    assert_eq!(
+        offend(&[ack, ack, ack]),
+        1008,
+        "past the rate and its burst"
+    );
+
+    server.terminate();
+    assert!(server.wait().success(), "{:#?}", server.stderr.all());
+}

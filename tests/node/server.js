@@ -17,6 +17,8 @@
 //                  "redis":"redis://127.0.0.1:6379","namespace":"t1","sync":{"enabled":true},
 //                  "client":{"enforceEqualVersions":false},"options":{"storeMessages":false}}
 //   env HOST      interface to listen on (default: all, like upstream)
+//   env MESA_QUIET=1  report only listening, errors, crashes and exit (no line per
+//                 connection or message, no raw-socket listener): for benchmarks
 //
 // stdout: one JSON object per line (see README.md). stdin (read only when it is a pipe
 // or socket; EOF then shuts down like SIGTERM):
@@ -51,6 +53,9 @@ if (!Number.isInteger(port) || port < 0 || port > 65535) {
   process.exit(2)
 }
 const options = parseOptions()
+const quiet = process.env.MESA_QUIET === '1'
+// The events of every connection and message; benchmarks turn them off.
+const report = quiet ? () => {} : emit
 
 chdirForGetVersion()
 
@@ -132,7 +137,7 @@ function devAuthenticate (data) {
 
 server.on('connection', client => {
   const serverId = client.serverId
-  emit({ event: 'connection', serverId })
+  report({ event: 'connection', serverId })
 
   client.on('error', error => {
     emit({ event: 'error', serverId, id: orNull(client.id), message: errorMessage(error) })
@@ -150,13 +155,13 @@ server.on('connection', client => {
       emit({ event: 'error', serverId, message: `authenticate callback threw: ${errorMessage(error)}` })
     }
     if (result)
-      emit({ event: 'authenticated', serverId, id: result.id, user: result.user, first: !wasAuthenticated })
+      report({ event: 'authenticated', serverId, id: result.id, user: result.user, first: !wasAuthenticated })
     else
-      emit({ event: 'authentication_failed', serverId, data: orNull(data) })
+      report({ event: 'authentication_failed', serverId, data: orNull(data) })
   })
 
   client.on('message', message => {
-    emit({
+    if (!quiet) emit({
       event: 'message',
       serverId,
       id: orNull(client.id),
@@ -180,18 +185,18 @@ server.on('connection', client => {
 
   // A second listener on the raw socket, only to report heartbeat ACKs (upstream
   // consumes op 11 without emitting anything).
-  client.socket.on('message', data => {
+  if (!quiet) client.socket.on('message', data => {
     let json
     try {
       json = JSON.parse(data.toString())
     } catch (_) {
       return
     }
-    if (json && json.op === 11) emit({ event: 'heartbeat_ack', serverId, id: orNull(client.id) })
+    if (json && json.op === 11) report({ event: 'heartbeat_ack', serverId, id: orNull(client.id) })
   })
 
   client.on('disconnect', (code, reason) => {
-    emit({ event: 'disconnection', serverId, id: orNull(client.id), code: orNull(code), reason: orNull(reason) })
+    report({ event: 'disconnection', serverId, id: orNull(client.id), code: orNull(code), reason: orNull(reason) })
   })
 })
 

@@ -3,16 +3,20 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::node::free_port;
 
-/// One `redis-server` on 127.0.0.1, keeping nothing on disk.
+/// One `redis-server` on 127.0.0.1, keeping nothing on disk (unless
+/// [`persistent`](RedisServer::start_persistent)).
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// The directory of the append-only file of a persistent server.
+    dir: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -21,6 +25,24 @@ impl RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             child: None,
+            dir: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Start a server that keeps its data in an append-only file, fsync'd on every
+    /// write: killed and restarted, it comes back with everything it acknowledged,
+    /// like a production Redis with persistence.
+    pub fn start_persistent() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("mesa-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory for the append-only file");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir: Some(dir),
         };
         server.restart();
         server
@@ -49,7 +71,8 @@ impl RedisServer {
         self.port
     }
 
-    /// Kill the server at once (SIGKILL): its data is gone, like a crash.
+    /// Kill the server at once (SIGKILL), like a crash: its data is gone, unless it
+    /// is persistent.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -60,9 +83,17 @@ impl RedisServer {
     /// Start the server again on the same port (killing it first if it runs).
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--save", "", "--protected-mode", "no"]);
+        match &self.dir {
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => command.args(["--appendonly", "no"]),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -121,5 +152,8 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

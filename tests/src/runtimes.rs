@@ -10,7 +10,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::Message as WsMessage;
+use async_tungstenite::tungstenite::client::IntoClientRequest;
+use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_util::StreamExt;
 use futures_util::future::{Either, select};
 use mesa_core::{ClientEvent, Message};
@@ -149,6 +150,29 @@ pub async fn raw<R: Runtime>(rt: &R, addr: SocketAddr) -> Raw<R> {
             .await
             .expect("WebSocket handshake");
         ws
+    })
+    .await
+}
+
+/// Try a WebSocket handshake with our server at `addr` (`ws://addr/`), sending this
+/// `Origin` header if any: the raw peer, or the HTTP status that refused it.
+pub async fn upgrade<R: Runtime>(
+    rt: &R,
+    addr: SocketAddr,
+    origin: Option<&str>,
+) -> Result<Raw<R>, u16> {
+    within(rt, "a WebSocket handshake", async {
+        let stream = rt.connect(&addr.to_string()).await.expect("TCP connect");
+        let mut request = url(addr).into_client_request().expect("a request");
+        if let Some(origin) = origin {
+            let value = origin.parse().expect("an Origin header value");
+            request.headers_mut().insert("Origin", value);
+        }
+        match async_tungstenite::client_async(request, stream).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(WsError::Http(response)) => Err(response.status().as_u16()),
+            Err(error) => panic!("the handshake failed without an HTTP answer: {error}"),
+        }
     })
     .await
 }

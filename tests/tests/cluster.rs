@@ -310,6 +310,154 @@ async fn a_drop_during_redelivery_keeps_the_rest_stored() {
     assert_eq!(unique, (0..40).collect::<Vec<i64>>());
 }
 
+/// A departure Redis never heard of (the LEAVE was lost while the replica could not
+/// reach Redis, or Redis restarted from a persisted file) is repaired by the
+/// replica's next renewal: otherwise sends to that id would be published to nobody
+/// instead of stored for it.
+#[tokio::test]
+async fn an_id_that_left_unseen_leaves_presence_at_the_next_renewal_and_gets_stored_for() {
+    let redis_server = RedisServer::start();
+    let a = replica(&redis_server, None, true);
+    let addr_a = serve(&a, any_port()).await;
+    let (alice, _alice_events) = user(addr_a, "alice").await;
+    let mut conn = redis(&redis_server).await;
+    eventually("alice online", WAIT, || {
+        let mut conn = conn.clone();
+        async move { is_member(&mut conn, "connected_clients", "alice").await }
+    })
+    .await;
+    let replicas: Vec<String> = conn.smembers("mesa_replicas").await.unwrap();
+    assert_eq!(replicas.len(), 1);
+    // What a lost LEAVE leaves behind: the id in this replica's set and in presence.
+    let ids = format!("mesa_replica_ids:{}", replicas[0]);
+    let _: () = conn.sadd(ids, "ghost").await.unwrap();
+    let _: () = conn.sadd("connected_clients", "ghost").await.unwrap();
+    eventually("the ghost leaving presence", WAIT, || {
+        let mut conn = conn.clone();
+        async move { !is_member(&mut conn, "connected_clients", "ghost").await }
+    })
+    .await;
+    assert!(is_member(&mut conn, "connected_clients", "alice").await);
+    alice
+        .send(Message::dispatch(
+            "BROADCAST",
+            json!({"to": ["ghost"], "n": 1}),
+        ))
+        .await
+        .unwrap();
+    eventually("the message to the ghost stored", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "ghost")
+                .await
+                .len()
+                == 1
+        }
+    })
+    .await;
+}
+
+/// A Redis restarted from its append-only file brings back the presence and the
+/// lease of a replica that is gone (or has not reconnected yet). The replica that
+/// reconnects first must not trust them: a send to an id that left meanwhile is
+/// stored for it, not published to nobody.
+#[tokio::test]
+async fn after_a_redis_restart_from_disk_stale_presence_does_not_swallow_sends() {
+    let mut redis_server = RedisServer::start_persistent();
+    let long_lease = || {
+        let mut cluster = ClusterConfig::new(redis_server.url());
+        cluster.lease = Duration::from_secs(30);
+        mesa_tokio::server()
+            .authenticate(DevAuthenticator)
+            .cluster(cluster)
+            .sync(SyncConfig::default())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (long_lease(), long_lease());
+    let (addr_a, addr_b) = (serve(&a, any_port()).await, serve(&b, any_port()).await);
+    let (_alice, mut alice_events) = user(addr_a, "alice").await;
+    let (bob, _bob_events) = user(addr_b, "bob").await;
+    let conn = redis(&redis_server).await;
+    eventually("alice online", WAIT, || {
+        let mut conn = conn.clone();
+        async move { is_member(&mut conn, "connected_clients", "alice").await }
+    })
+    .await;
+
+    // Redis goes down; replica a goes for good meanwhile (alice with it), unable to
+    // tell Redis. Redis comes back from its file with a's lease and alice's presence.
+    redis_server.kill();
+    a.shutdown();
+    let _ = next_event(
+        &mut alice_events,
+        "alice's disconnection",
+        |e| matches!(e, ClientEvent::Disconnected { .. }),
+        WAIT,
+    )
+    .await;
+    drop(a);
+    redis_server.restart();
+    let mut conn = redis(&redis_server).await;
+    bob.send(Message::dispatch(
+        "BROADCAST",
+        json!({"to": ["alice"], "n": 1}),
+    ))
+    .await
+    .unwrap();
+    // Long before a's restored lease (30 s) expires.
+    eventually("the message to alice stored", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "alice")
+                .await
+                .len()
+                == 1
+        }
+    })
+    .await;
+    assert!(!is_member(&mut conn, "connected_clients", "alice").await);
+}
+
+/// A send to an offline id waits while Redis is unreachable; if the id connects to
+/// the same replica meanwhile, the presence check finds it online once Redis is
+/// back, and the message reaches it there (a replica ignores its own envelopes).
+#[tokio::test]
+async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhile() {
+    let mut redis_server = RedisServer::start();
+    // No heartbeats: while Redis is down, bob's authentication waits (up to 5 s) for
+    // his stored messages, longer than the test replicas' heartbeats allow.
+    let a = mesa_tokio::server()
+        .authenticate(DevAuthenticator)
+        .redis(redis_server.url())
+        .sync(SyncConfig::default())
+        .build()
+        .unwrap();
+    let addr_a = serve(&a, any_port()).await;
+    let (alice, _alice_events) = user(addr_a, "alice").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    redis_server.kill();
+    alice
+        .send(Message::dispatch(
+            "BROADCAST",
+            json!({"to": ["bob"], "n": 1}),
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // bob connects while Redis is still down (his stored messages cannot be read).
+    let (bob, mut bob_events) = mesa_tokio::client(url(addr_a)).build().unwrap();
+    let authenticating = bob.authenticate(json!({"token": "bob"}), true);
+    let user = tokio::time::timeout(WAIT, authenticating).await.unwrap();
+    assert_eq!(user.unwrap(), json!({"id": "bob"}));
+    redis_server.restart();
+    assert_eq!(
+        next_message(&mut bob_events, "BROADCAST").await.d,
+        json!({"to": ["bob"], "n": 1})
+    );
+}
+
 #[tokio::test]
 async fn presence_survives_one_of_two_connections_and_counts_connections() {
     let redis_server = RedisServer::start();

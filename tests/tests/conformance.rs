@@ -16,12 +16,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_tungstenite::tungstenite::Message as WsMessage;
+use async_tungstenite::tungstenite::protocol::frame::Frame;
+use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use mesa_core::{BackoffConfig, ClientEvent, Close, CloseCode, Message};
-use mesa_driver::{Connection, DevAuthenticator, Handler, Relay, Runtime, Server, ServerBuilder};
+use mesa_driver::echo::Echo;
+use mesa_driver::{
+    Connection, DevAuthenticator, Handler, Refusal, Relay, Runtime, Server, ServerBuilder,
+    TransportConfig,
+};
 use mesa_tests::ours::{ready_events, url};
 use mesa_tests::runtimes::{
     AsyncStd, Smol, Tokio, close_code, event, message, next_frame, next_json, raw, run_scenario,
-    say, serve_on, signed_in, sleep, start, until, within, yield_now,
+    say, serve_on, signed_in, sleep, start, until, upgrade, within, yield_now,
 };
 use mesa_tests::{ClientKind, NodePeer, conformance};
 use serde_json::{Value, json};
@@ -34,6 +40,10 @@ conformance!(
     the_authentication_timeout_closes_with_1008,
     the_client_reconnects_to_a_restarted_server,
     a_slow_consumer_is_closed_with_1013,
+    upgrades_past_max_connections_get_503,
+    an_origin_not_allowed_gets_403,
+    a_flood_past_the_message_rate_closes_with_1008,
+    websocket_protocol_violations_are_closed_with_1002,
 );
 
 /// Heartbeats every 200 ms (2 misses allowed), reconnect interval 100 ms,
@@ -286,6 +296,150 @@ async fn a_slow_consumer_is_closed_with_1013<R: Runtime>(rt: R) {
     assert_eq!(message(&rt, &mut events).await.d, json!("fine"));
     assert!(closes.of("alice").is_none());
     drop(slow);
+}
+
+async fn upgrades_past_max_connections_get_503<R: Runtime>(rt: R) {
+    let server = dev_server(&rt).max_connections(2).build().unwrap();
+    let handle = server.handle();
+    let addr = start(&rt, &server).await;
+    let (client, mut events) = signed_in(&rt, addr, "alice").await;
+    let mut second = raw(&rt, addr).await;
+    next_json(&rt, &mut second).await;
+    assert_eq!(upgrade(&rt, addr, None).await.err(), Some(503));
+    assert_eq!(handle.connection_count(), 2);
+    // The same answer for an HTTP framework that upgrades by itself.
+    assert_eq!(server.check_upgrade(None), Err(Refusal::Full));
+    assert_eq!(Refusal::Full.status(), 503);
+
+    // A slot frees when a connection leaves; those open are served all along.
+    second.close(None).await.unwrap();
+    until(&rt, "the second connection leaving", || {
+        handle.connection_count() == 1
+    })
+    .await;
+    let mut third = upgrade(&rt, addr, None).await.expect("a free slot");
+    assert_eq!(next_json(&rt, &mut third).await["op"], 10);
+    say(&client, "ECHO", json!("still served")).await;
+    assert_eq!(message(&rt, &mut events).await.d, json!("still served"));
+}
+
+async fn an_origin_not_allowed_gets_403<R: Runtime>(rt: R) {
+    let server = dev_server(&rt)
+        .allowed_origins(["https://app.example.com"])
+        .build()
+        .unwrap();
+    let addr = start(&rt, &server).await;
+    let evil = Some("https://evil.example.com");
+    assert_eq!(server.check_upgrade(evil), Err(Refusal::OriginNotAllowed));
+    assert_eq!(
+        server.check_upgrade(Some("https://app.example.com/")),
+        Ok(())
+    );
+    for origin in ["https://evil.example.com", "null", "http://app.example.com"] {
+        assert_eq!(
+            upgrade(&rt, addr, Some(origin)).await.err(),
+            Some(403),
+            "{origin}"
+        );
+    }
+    // Origins compare without case; a request without one is not a browser's.
+    let mut admitted = Vec::new();
+    for origin in [
+        Some("https://app.example.com"),
+        Some("HTTPS://App.Example.COM"),
+        None,
+    ] {
+        let mut ws = upgrade(&rt, addr, origin).await.expect("admitted");
+        assert_eq!(next_json(&rt, &mut ws).await["op"], 10, "{origin:?}");
+        admitted.push(ws);
+    }
+    assert_eq!(server.handle().connection_count(), admitted.len());
+}
+
+async fn a_flood_past_the_message_rate_closes_with_1008<R: Runtime>(rt: R) {
+    let limits = mesa_core::Limits {
+        max_messages_per_second: 50,
+        max_message_burst: 20,
+        ..Default::default()
+    };
+    let closes = Closes::default();
+    let server = dev_server(&rt)
+        .limits(limits)
+        .handler(closes.clone())
+        .build()
+        .unwrap();
+    let addr = start(&rt, &server).await;
+    let (client, mut events) = signed_in(&rt, addr, "paced").await;
+
+    let mut flooder = raw(&rt, addr).await;
+    next_json(&rt, &mut flooder).await;
+    flooder
+        .send(WsMessage::text(r#"{"op":2,"d":{"token":"flooder"}}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&rt, &mut flooder).await["op"], 22);
+    let frame = WsMessage::text(r#"{"op":0,"t":"NOISE","d":{}}"#);
+    for _ in 0..100 {
+        if flooder.send(frame.clone()).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&rt, &mut flooder).await, 1008);
+    until(&rt, "the flooder's close reaching the handler", || {
+        closes.of("flooder").is_some()
+    })
+    .await;
+    assert_eq!(
+        closes.of("flooder").unwrap(),
+        Close::new(CloseCode::POLICY, "rate limit exceeded")
+    );
+
+    // A client at half the sustained rate, for longer than its burst lasts, is served.
+    for n in 0..40 {
+        say(&client, "ECHO", json!(n)).await;
+        sleep(&rt, Duration::from_millis(40)).await;
+    }
+    for n in 0..40 {
+        assert_eq!(message(&rt, &mut events).await.d, json!(n));
+    }
+    assert!(closes.of("paced").is_none());
+}
+
+/// A frame that breaks RFC 6455 (here a reserved bit set without an extension) is
+/// answered with a close frame 1002, by a Mesa server and by the echo server that
+/// the Autobahn TestSuite checks (the same transport), not by a dropped socket.
+async fn websocket_protocol_violations_are_closed_with_1002<R: Runtime>(rt: R) {
+    let violation = || {
+        let mut frame = Frame::message(b"{}".to_vec(), OpCode::Data(Data::Text), true);
+        frame.header_mut().rsv1 = true;
+        WsMessage::Frame(frame)
+    };
+    let mesa = start(&rt, &dev_server(&rt).build().unwrap()).await;
+    let mut peer = raw(&rt, mesa).await;
+    next_json(&rt, &mut peer).await;
+    peer.send(violation()).await.unwrap();
+    assert_eq!(close_code(&rt, &mut peer).await, 1002);
+
+    let limits = mesa_core::Limits {
+        max_message_bytes: 1024,
+        ..Default::default()
+    };
+    let echo = Echo::new(rt.clone(), TransportConfig::default(), limits);
+    let listening = echo.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listening.local_addr();
+    rt.spawn(async move {
+        let _ = listening.run().await;
+    });
+    let mut peer = raw(&rt, addr).await;
+    for message in [WsMessage::text("any text"), WsMessage::binary(vec![0, 255])] {
+        peer.send(message.clone()).await.unwrap();
+        assert_eq!(next_frame(&rt, &mut peer).await, message);
+    }
+    peer.send(violation()).await.unwrap();
+    assert_eq!(close_code(&rt, &mut peer).await, 1002);
+    let mut peer = raw(&rt, addr).await;
+    peer.send(WsMessage::text("x".repeat(1025))).await.unwrap();
+    assert_eq!(close_code(&rt, &mut peer).await, 1009);
 }
 
 /// Interop on every runtime: `@cryb/mesa`'s Node client, `mesa-js-client` and our

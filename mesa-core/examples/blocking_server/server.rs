@@ -351,7 +351,9 @@ impl Connection {
             SessionEvent::LoadUndelivered { .. } => {
                 let _ = self.session.handle_undelivered(now, Vec::new());
             }
-            SessionEvent::ClearUndelivered { .. } | SessionEvent::Redelivered { .. } => {}
+            SessionEvent::ClearUndelivered { .. }
+            | SessionEvent::Redelivered { .. }
+            | SessionEvent::HeartbeatMissed { .. } => {}
             SessionEvent::Closed { close, by_peer } => {
                 let side = if by_peer { "peer" } else { "server" };
                 eprintln!("{}: closed by {side}: {close}", self.peer);
@@ -419,8 +421,9 @@ impl Connection {
                 });
                 self.session.handle_peer_closed(now, close);
             }
-            // tungstenite answers pings itself.
-            Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_)) => {}
+            // tungstenite answers pings itself; they count toward the message rate.
+            Ok(WsMessage::Ping(_) | WsMessage::Pong(_)) => self.session.handle_control(now),
+            Ok(WsMessage::Frame(_)) => {}
             // Nothing arrived before the wake-up; tungstenite keeps any partial frame.
             Err(error) if is_timeout(&error) => {}
             // The session picks the close code (1009, 1007) for what the transport refused.

@@ -556,6 +556,7 @@ impl Sim {
                     }
                 }
             }
+            SessionEvent::HeartbeatMissed { .. } => {}
             SessionEvent::Closed { .. } => {
                 let _ = self.hub.disconnect(conn);
                 self.sessions.remove(&conn);

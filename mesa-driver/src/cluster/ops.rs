@@ -27,6 +27,11 @@ pub(crate) struct BatchOutcome {
     pub(crate) dropped: usize,
     /// Ids that were offline and for whom nothing could be stored.
     pub(crate) undeliverable: Vec<(Message, Vec<String>)>,
+    /// Ids found online by the presence check, per message: published, and to be
+    /// delivered to those now connected to this replica too (they were not when the
+    /// message was sent, or the check would not have been needed, and a replica
+    /// ignores its own envelopes).
+    pub(crate) published_after_check: Vec<(Message, Vec<String>)>,
 }
 
 /// Execute remote sends in two pipelined round trips at most: presence checks (and
@@ -81,7 +86,10 @@ pub(crate) async fn execute(
         };
         let split = split_by_presence(ids.clone(), &online, send.options.as_ref());
         if !split.publish.is_empty() {
-            publish(&mut second, send, Recipients::Ids(split.publish));
+            publish(&mut second, send, Recipients::Ids(split.publish.clone()));
+            outcome
+                .published_after_check
+                .push((send.message.clone(), split.publish));
         }
         if !split.store.is_empty() {
             let stored = encode_stored(&send.message);

@@ -116,18 +116,30 @@ return 1
 
 /// Renew this replica's lease (`ARGV[6]` ms), register it in `KEYS[2]`, replace its
 /// ids set with `ARGV[8..]` and make sure they are all in `connected_clients`
-/// (another replica's janitor or an upstream replica may have removed them), and
-/// reconcile its share of `connected_clients_count` (`KEYS[3]`) with `ARGV[7]`.
+/// (another replica's janitor or an upstream replica may have removed them), remove
+/// from `connected_clients` the ids it held before but holds no more unless another
+/// live replica holds them (their departure happened while Redis was unreachable,
+/// so no LEAVE told it: left there, sends to them would be published to nobody
+/// instead of stored), and reconcile its share of `connected_clients_count`
+/// (`KEYS[3]`) with `ARGV[7]`. The lease holds `ARGV[8]`, the run id of the Redis
+/// process, so that a lease restored from disk by a restarted Redis is told apart
+/// from one renewed since (see [`JANITOR`]); the ids are `ARGV[9..]`.
 pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{REPLICA_KEYS}
-redis.call('SET', lease_key(me), '1', 'PX', ARGV[6])
+redis.call('SET', lease_key(me), ARGV[8], 'PX', ARGV[6])
 redis.call('SADD', KEYS[2], me)
+local before = redis.call('SMEMBERS', ids_key(me))
 redis.call('DEL', ids_key(me))
-for i = 8, #ARGV, 1000 do
+for i = 9, #ARGV, 1000 do
   local last = math.min(i + 999, #ARGV)
   redis.call('SADD', ids_key(me), unpack(ARGV, i, last))
   redis.call('SADD', KEYS[1], unpack(ARGV, i, last))
+end
+for _, id in ipairs(before) do
+  if redis.call('SISMEMBER', ids_key(me), id) == 0 and not held_elsewhere(id) then
+    redis.call('SREM', KEYS[1], id)
+  end
 end
 local counted = tonumber(redis.call('GET', conns_key(me)) or '0')
 local now = tonumber(ARGV[7])
@@ -143,11 +155,24 @@ return 1
 /// Clean up after replicas whose lease expired (crashed, or cut off from Redis): their
 /// ids leave `connected_clients` unless a live replica holds them, and their share of
 /// the connection counter is taken back. With `ARGV[6]` = "retire", this replica's own
-/// lease is dropped first (graceful shutdown). Returns the ids removed.
+/// lease is dropped first (graceful shutdown).
+///
+/// A lease that does not hold `ARGV[7]`, the run id of this Redis process, was
+/// restored from disk by a Redis that restarted (append-only file or snapshot) and
+/// has not been renewed since: it counts as expired. Otherwise a replica that
+/// reconnects first would trust the presence of another that has not reconnected
+/// yet, and publish to ids that left meanwhile instead of storing for them.
+/// Returns the ids removed.
 pub(crate) static JANITOR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{REPLICA_KEYS}
 if ARGV[6] == 'retire' then redis.call('DEL', lease_key(me)) end
+if ARGV[7] ~= '' then
+  for _, r in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    local held = redis.call('GET', lease_key(r))
+    if r ~= me and held and held ~= ARGV[7] then redis.call('DEL', lease_key(r)) end
+  end
+end
 local removed = 0
 for _, r in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if redis.call('EXISTS', lease_key(r)) == 0 then

@@ -11,7 +11,7 @@ use futures_channel::mpsc;
 use futures_util::future::{Either, select};
 use futures_util::{Stream, StreamExt};
 use mesa_core::{
-    Backoff, BackoffConfig, Envelope, Namespace, PortalEvent, PortalPool, PortalUpdate,
+    Backoff, BackoffConfig, Envelope, Namespace, PortalEvent, PortalPool, PortalUpdate, Recipients,
 };
 use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{AsyncConnectionConfig, Msg, RedisResult};
@@ -55,6 +55,7 @@ pub(crate) fn spawn<R: Runtime>(
             seed,
         ),
         pending: VecDeque::new(),
+        run_id: String::new(),
         config,
         replica,
         max_stored,
@@ -75,6 +76,8 @@ struct Task<R> {
     jobs: mpsc::Receiver<Job>,
     /// Jobs that must not be lost, kept while Redis is unreachable (bounded).
     pending: VecDeque<Job>,
+    /// The run id of the Redis process of the current link: leases hold it.
+    run_id: String,
     pool: PortalPool,
     backoff: Backoff,
 }
@@ -195,6 +198,11 @@ impl<R: Runtime> Task<R> {
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&settings)
             .await?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await?;
+        self.run_id = run_id(&info);
         for script in [&*APPEND, &*TRIM, &*LEAVE, &*RENEW, &*JANITOR] {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
@@ -215,6 +223,9 @@ impl<R: Runtime> Task<R> {
             sink,
             messages: Box::pin(stream),
         };
+        // Before anything is decided on presence: forget the leases (and so the ids)
+        // of replicas that have not renewed since Redis restarted.
+        let _: usize = self.janitor(&mut link, false).await?;
         self.renew(&mut link).await?;
         Ok(link)
     }
@@ -271,7 +282,12 @@ impl<R: Runtime> Task<R> {
                     tick_at = (tick_at + period).max(now);
                     tick = Box::pin(self.runtime.sleep_until(tick_at));
                     // In subscribed mode the reply is an array, not +PONG: any answer will do.
+                    let sent = self.runtime.now();
                     self.bounded(link.sink.ping::<redis::Value>()).await?;
+                    let latency = self.runtime.now().saturating_duration_since(sent);
+                    if let Some(router) = self.router.upgrade() {
+                        router.middleware.emit(|m| m.on_cluster_latency(latency));
+                    }
                     self.renew(&mut link).await?;
                     let _: usize = self.janitor(&mut link, false).await?;
                 }
@@ -401,6 +417,17 @@ impl<R: Runtime> Task<R> {
         let Some(router) = self.router.upgrade() else {
             return;
         };
+        // An id absent here when the message was sent may have connected here since
+        // (notably while Redis was unreachable and the send waited): our own envelope
+        // does not come back to us, so deliver to it directly.
+        for (message, ids) in &outcome.published_after_check {
+            router.deliver_local(message, &Recipients::Ids(ids.clone()));
+        }
+        if outcome.stored > 0 {
+            router
+                .middleware
+                .emit(|m| m.on_stored(outcome.stored, outcome.dropped));
+        }
         if outcome.dropped > 0 {
             router.middleware.report(&format!(
                 "sync: {} oldest stored messages dropped to respect the per-id limit",
@@ -444,7 +471,11 @@ impl<R: Runtime> Task<R> {
         let lease = u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX);
         let mut invocation = RENEW.prepare_invoke();
         self.replica_args(&mut invocation);
-        invocation.arg(lease).arg(connections).arg(ids);
+        invocation
+            .arg(lease)
+            .arg(connections)
+            .arg(&self.run_id)
+            .arg(ids);
         invocation
             .invoke_async::<i64>(&mut link.conn)
             .await
@@ -454,7 +485,9 @@ impl<R: Runtime> Task<R> {
     async fn janitor(&self, link: &mut Link, retire: bool) -> RedisResult<usize> {
         let mut invocation = JANITOR.prepare_invoke();
         self.replica_args(&mut invocation);
-        invocation.arg(if retire { "retire" } else { "" });
+        invocation
+            .arg(if retire { "retire" } else { "" })
+            .arg(&self.run_id);
         invocation.invoke_async(&mut link.conn).await
     }
 
@@ -489,4 +522,13 @@ impl<R: Runtime> Task<R> {
                 .report(&format!("undecodable envelope: {error}")),
         }
     }
+}
+
+/// The `run_id` of `INFO server`: new every time a Redis process starts ("" when the
+/// server does not report one).
+fn run_id(info: &str) -> String {
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default()
 }

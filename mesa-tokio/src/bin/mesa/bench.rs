@@ -1,14 +1,19 @@
 //! `mesa bench`: a lean load generator that measures a Mesa server from the outside,
 //! ours or any other that speaks the protocol (e.g. upstream `@cryb/mesa` with the
-//! relay behaviour and development authentication).
+//! relay behaviour and development authentication), or a bare WebSocket relay that
+//! speaks no Mesa at all (`--bare`: the transport floor).
 //!
 //! ```text
-//! mesa bench idle   --url ws://127.0.0.1:4000/ --connections 10000 [--server-pid PID] [--hold-secs 5]
-//! mesa bench fanout --url ws://127.0.0.1:4000/ --connections 1000 --messages 2000 [--window 10] [--server-pid PID]
+//! mesa bench idle    --url ws://127.0.0.1:4000/ --connections 10000 [--server-pid PID] [--hold-secs 5]
+//! mesa bench fanout  --url ws://127.0.0.1:4000/ --connections 1000 --messages 2000 [--window 10]
+//! mesa bench echo    --url ws://127.0.0.1:4000/ --connections 100 [--in-flight 4] [--secs 5]
+//! mesa bench storm   --url ws://127.0.0.1:4000/ --connections 10000 --server-cmd 'mesa serve ...'
+//! mesa bench cluster --url ws://127.0.0.1:4001/ --url ws://127.0.0.1:4002/ --redis redis://127.0.0.1:6379/ ...
 //! ```
 //!
 //! The generator speaks raw WebSocket frames (async-tungstenite on tokio), not through
-//! [`mesa_tokio::Client`], so that it costs as little as possible. On a loopback server
+//! [`mesa_tokio::Client`], so that it costs as little as possible; only `storm` uses
+//! the client library, because its backoff is what it measures. On a loopback server
 //! the connections are spread over the source addresses 127.0.0.2..=127.0.0.254 (each
 //! socket is bound before it connects), so that ephemeral ports do not run out. Every
 //! connection reads the hello, authenticates with `{"op":2,"d":{"token":"u<i>"}}`,
@@ -16,11 +21,11 @@
 //!
 //! Each run prints one human-readable line and then one JSON line (`{"scenario":...}`)
 //! on stdout; errors go to stderr. Every phase is bounded in time, and every connection
-//! is closed at the end.
+//! is closed at the end. With `--server-pid` (repeatable: the replicas of a cluster)
+//! every run reports the server's CPU time, and memory where it means something.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -43,6 +48,15 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use crate::Failure;
 
+mod echo;
+mod stats;
+mod storm;
+
+use stats::{
+    Histogram, Probe, Tally, cpu_secs, emit, exit_code, human_bytes, human_cpu, human_secs,
+    own_cpu_ticks, round3,
+};
+
 /// How long one connection gets for its closing handshake at the end of a run.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,10 +65,6 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long the fanout run waits for a delivery before it stops waiting for the rest.
 const QUIET_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Linux reports process CPU times in clock ticks of `USER_HZ`, which is 100 on every
-/// architecture Linux supports (the value `sysconf(_SC_CLK_TCK)` returns).
-const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 
 /// The error kinds printed on stderr when connections fail.
 const ERRORS_SHOWN: usize = 5;
@@ -78,22 +88,40 @@ enum Scenario {
     /// Subscribers receive every BROADCAST of one publisher: report deliveries per
     /// second, losses, duplicates, latency, and the server's CPU time (with --server-pid).
     Fanout(FanoutArgs),
+    /// Each connection keeps ECHOs in flight for a while: report round trips per
+    /// second, latency, and the server's CPU time (with --server-pid).
+    Echo(echo::EchoArgs),
+    /// Connect clients of the `mesa_tokio` client library, kill the server (started by
+    /// the generator with --server-cmd) and start it again: report how long until all
+    /// are back and the peak reconnection rate per 100 ms (the backoff's jitter).
+    Storm(storm::StormArgs),
+    /// Fanout over the replicas of a cluster (one --url and --server-pid per
+    /// replica): deliveries across replicas, and the PUBLISH commands Redis counted
+    /// per message sent.
+    Cluster(ClusterArgs),
 }
 
-/// Options of every scenario.
+/// Options of every scenario that uses the raw generator.
 #[derive(Debug, clap::Args)]
 struct CommonArgs {
-    /// The server's URL, `ws://host:port/path`.
-    #[arg(long)]
-    url: String,
+    /// The server's URL, `ws://host:port/path`; repeat it to spread the connections
+    /// over several servers (connection `i` goes to the `i mod n`-th).
+    #[arg(long = "url", required = true)]
+    urls: Vec<String>,
 
     /// How many connections to open; connection `i` authenticates as `u<i>`.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     connections: u32,
 
     /// The server's process id: its memory (VmRSS) and CPU time are read from /proc.
+    /// Repeat it for the replicas of a cluster (their figures are summed).
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+
+    /// The server speaks no Mesa (a bare WebSocket relay): no hello, no
+    /// authentication, no heartbeats; a connection is set up after its handshake.
     #[arg(long)]
-    server_pid: Option<u32>,
+    bare: bool,
 
     /// Connections being set up at once (connect, handshake, authentication).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
@@ -139,11 +167,33 @@ struct FanoutArgs {
     timeout_secs: u64,
 }
 
+/// Options of `mesa bench cluster`.
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    #[command(flatten)]
+    fanout: FanoutArgs,
+
+    /// The cluster's Redis: the PUBLISH commands of the run are read from its
+    /// `INFO commandstats` (the difference before and after).
+    #[arg(long)]
+    redis: String,
+}
+
 /// Run the chosen scenario.
 pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
     match args.scenario {
         Scenario::Idle(args) => idle(args).await,
-        Scenario::Fanout(args) => fanout(args).await,
+        Scenario::Fanout(args) => fanout(args, None).await,
+        Scenario::Echo(args) => echo::run(args).await,
+        Scenario::Storm(args) => storm::run(args).await,
+        Scenario::Cluster(args) => {
+            if args.fanout.common.urls.len() < 2 {
+                return Err(Failure::usage(
+                    "mesa bench cluster needs one --url per replica (at least two)",
+                ));
+            }
+            fanout(args.fanout, Some(&args.redis)).await
+        }
     }
 }
 
@@ -153,27 +203,19 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
 /// `mesa bench idle`.
 async fn idle(args: IdleArgs) -> Result<ExitCode, Failure> {
     let common = &args.common;
-    let target = Target::resolve(&common.url).await?;
-    let pid = common.server_pid;
-    let rss_before = pid.and_then(rss_bytes);
-    if pid.is_some() && rss_before.is_none() {
-        return Err(format!("cannot read /proc/{}/status", pid.unwrap_or_default()).into());
-    }
+    let probe = Probe::new(&common.server_pids)?;
+    let rss_before = probe.rss();
 
-    let (ctx, mut ready) = Ctx::new(target, common);
-    let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    for index in 0..common.connections {
-        let (ctx, stop_rx) = (ctx.clone(), stop_rx.clone());
-        tasks.spawn(connection(ctx, index, stop_rx, None));
-    }
+    let (ctx, mut ready) = Ctx::new(common).await?;
+    let (phase, phase_rx) = watch::channel(Phase::Setup);
+    let tasks = spawn_connections(&ctx, common, &phase_rx, |_| Role::Idle);
     let setup = wait_setup(&mut ready, common).await;
     if setup.ok > 0 {
         sleep(Duration::from_secs(args.hold_secs)).await;
     }
     let alive = setup.ok.saturating_sub(ctx.dropped.load(Ordering::Relaxed));
-    let rss_after = pid.and_then(rss_bytes);
-    let _ = stop.send(true);
+    let rss_after = probe.rss();
+    let _ = phase.send(Phase::Stop);
     let outcomes = join_all(tasks).await;
     let dropped = outcomes.iter().filter(|o| o.dropped).count() as u64;
 
@@ -184,59 +226,44 @@ async fn idle(args: IdleArgs) -> Result<ExitCode, Failure> {
         _ => None,
     };
     emit(&format!(
-        "idle    conns={:<6} ok={:<6} failed={:<5} dropped={:<5} setup={:>6.2}s ({:.0} conns/s)  rss {} -> {} = {} /conn",
-        common.connections,
-        setup.ok,
-        setup.failed,
-        dropped,
-        setup.secs,
-        setup.ok as f64 / setup.secs.max(1e-9),
+        "idle    {}  rss {} -> {} = {} /conn",
+        setup.human(common, dropped),
         human_bytes(rss_before.map(|b| b as f64)),
         human_bytes(rss_after.map(|b| b as f64)),
         human_bytes(per_conn),
     ));
-    let report = json!({
-        "scenario": "idle",
-        "url": common.url,
-        "server_pid": pid,
-        "connections": common.connections,
-        "authenticated": setup.ok,
-        "failed": setup.failed,
-        "dropped": dropped,
-        "setup_secs": round3(setup.secs),
-        "hold_secs": args.hold_secs,
-        "rss_baseline_bytes": rss_before,
-        "rss_after_bytes": rss_after,
-        "bytes_per_conn": per_conn.map(f64::round),
-    });
+    let report = report(
+        "idle",
+        common,
+        &probe,
+        &setup,
+        dropped,
+        &[json!({
+            "hold_secs": args.hold_secs,
+            "rss_baseline_bytes": rss_before,
+            "rss_after_bytes": rss_after,
+            "bytes_per_conn": per_conn.map(f64::round),
+        })],
+    );
     emit(&report.to_string());
     Ok(exit_code(setup.ok))
 }
 
-/// `mesa bench fanout`.
-async fn fanout(args: FanoutArgs) -> Result<ExitCode, Failure> {
+/// `mesa bench fanout`, and `mesa bench cluster` (with the cluster's Redis).
+async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failure> {
     let common = &args.common;
-    let target = Target::resolve(&common.url).await?;
-    let pid = common.server_pid;
-    if let Some(pid) = pid {
-        if cpu_ticks(&pid.to_string()).is_none() {
-            return Err(format!("cannot read /proc/{pid}/stat").into());
-        }
-    }
+    let probe = Probe::new(&common.server_pids)?;
     let messages = u64::from(args.messages);
 
-    let (ctx, mut ready) = Ctx::new(target, common);
-    let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    for index in 0..common.connections {
-        let (ctx, stop_rx) = (ctx.clone(), stop_rx.clone());
-        let tally = Tally::new(messages, true);
-        tasks.spawn(connection(ctx, index, stop_rx, Some(tally)));
-    }
+    let (ctx, mut ready) = Ctx::new(common).await?;
+    let (phase, phase_rx) = watch::channel(Phase::Setup);
+    let tasks = spawn_connections(&ctx, common, &phase_rx, |_| {
+        Role::Subscriber(Tally::new(messages, true))
+    });
     let setup = wait_setup(&mut ready, common).await;
     let publisher = timeout(
         Duration::from_secs(common.connect_timeout_secs),
-        open(&ctx.target, common.connections, "publisher"),
+        open(&ctx, common.connections, "publisher"),
     )
     .await
     .map_err(|_| "the publisher timed out connecting".to_owned())
@@ -244,16 +271,20 @@ async fn fanout(args: FanoutArgs) -> Result<ExitCode, Failure> {
     let mut publisher = match publisher {
         Ok(ws) => ws,
         Err(error) => {
-            let _ = stop.send(true);
+            let _ = phase.send(Phase::Stop);
             join_all(tasks).await;
             return Err(error.into());
         }
     };
+    let publishes_before = match redis {
+        Some(url) => Some(publish_calls(url).await?),
+        None => None,
+    };
 
     // The measured phase: publish, then wait for the subscribers to catch up.
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let cpu_before = pid.and_then(|pid| cpu_ticks(&pid.to_string()));
-    let gen_cpu_before = cpu_ticks("self");
+    let cpu_before = probe.cpu_ticks();
+    let gen_cpu_before = own_cpu_ticks();
     let start_us = ctx.now_us();
     let mut own = Tally::new(messages, false);
     let published = publish(&ctx, &mut publisher, &mut own, &args, deadline).await;
@@ -271,11 +302,15 @@ async fn fanout(args: FanoutArgs) -> Result<ExitCode, Failure> {
         }
         sleep(Duration::from_millis(2)).await;
     }
-    let cpu_after = pid.and_then(|pid| cpu_ticks(&pid.to_string()));
-    let gen_cpu_after = cpu_ticks("self");
-    let rss_after = pid.and_then(rss_bytes);
+    let cpu_after = probe.cpu_ticks();
+    let gen_cpu_after = own_cpu_ticks();
+    let rss_after = probe.rss();
+    let publishes = match (redis, publishes_before) {
+        (Some(url), Some(before)) => Some(publish_calls(url).await?.saturating_sub(before)),
+        _ => None,
+    };
 
-    let _ = stop.send(true);
+    let _ = phase.send(Phase::Stop);
     let ((), outcomes) = tokio::join!(close(&mut publisher), join_all(tasks));
     let dropped = outcomes.iter().filter(|o| o.dropped).count() as u64;
     let mut total = own;
@@ -290,32 +325,16 @@ async fn fanout(args: FanoutArgs) -> Result<ExitCode, Failure> {
         0.0
     };
     let lost = expected.saturating_sub(total.received);
-    let server_cpu = match (cpu_before, cpu_after) {
-        (Some(before), Some(after)) => {
-            Some(after.saturating_sub(before) as f64 / CLOCK_TICKS_PER_SEC)
-        }
-        _ => None,
-    };
-    let gen_cpu = match (gen_cpu_before, gen_cpu_after) {
-        (Some(before), Some(after)) => {
-            Some(after.saturating_sub(before) as f64 / CLOCK_TICKS_PER_SEC)
-        }
-        _ => None,
-    };
+    let server_cpu = cpu_secs(cpu_before, cpu_after);
+    let gen_cpu = cpu_secs(gen_cpu_before, gen_cpu_after);
     let per_cpu = server_cpu
         .filter(|&secs| secs > 0.0)
         .map(|secs| total.received as f64 / secs);
-    let (p50, p99, max) = (
-        total.latency.quantile(0.50),
-        total.latency.quantile(0.99),
-        total.latency.max(),
-    );
+    let per_send = publishes.map(|calls| calls as f64 / published.max(1) as f64);
+    let scenario = if redis.is_some() { "cluster" } else { "fanout" };
     emit(&format!(
-        "fanout  conns={:<6} ok={:<6} failed={:<5} dropped={:<5} msgs={} window={} published={}  {:.0} deliveries/s in {:.2}s  lost={} dup={}  latency p50={} p99={} max={}  server cpu={} ({} deliveries/cpu-s)  generator cpu={}",
-        common.connections,
-        setup.ok,
-        setup.failed,
-        dropped,
+        "{scenario:<7} {} msgs={} window={} published={}  {:.0} deliveries/s in {:.2}s  lost={} dup={}  {}  {}{}",
+        setup.human(common, dropped),
         messages,
         args.window,
         published,
@@ -323,40 +342,38 @@ async fn fanout(args: FanoutArgs) -> Result<ExitCode, Failure> {
         elapsed,
         lost,
         total.duplicated,
-        human_micros(p50),
-        human_micros(p99),
-        human_micros(max),
-        server_cpu.map_or("-".to_owned(), |secs| format!("{secs:.2}s")),
-        per_cpu.map_or("-".to_owned(), |rate| format!("{rate:.0}")),
-        gen_cpu.map_or("-".to_owned(), |secs| format!("{secs:.2}s")),
+        total.latency.human(),
+        human_cpu(server_cpu, per_cpu, "deliveries", gen_cpu),
+        per_send.map_or(String::new(), |n| format!("  PUBLISH per send={n:.2}")),
     ));
-    let report = json!({
-        "scenario": "fanout",
-        "url": common.url,
-        "server_pid": pid,
-        "connections": common.connections,
-        "authenticated": setup.ok,
-        "failed": setup.failed,
-        "dropped": dropped,
-        "setup_secs": round3(setup.secs),
-        "messages": messages,
-        "window": args.window,
-        "published": published,
-        "expected": expected,
-        "received": total.received,
-        "lost": lost,
-        "duplicated": total.duplicated,
-        "unexpected": total.unexpected,
-        "elapsed_secs": round3(elapsed),
-        "deliveries_per_sec": rate.round(),
-        "latency_p50_us": p50,
-        "latency_p99_us": p99,
-        "latency_max_us": max,
-        "server_cpu_secs": server_cpu,
-        "deliveries_per_server_cpu_sec": per_cpu.map(f64::round),
-        "generator_cpu_secs": gen_cpu,
-        "rss_after_bytes": rss_after,
-    });
+    let report = report(
+        scenario,
+        common,
+        &probe,
+        &setup,
+        dropped,
+        &[
+            json!({
+                "messages": messages,
+                "window": args.window,
+                "published": published,
+                "expected": expected,
+                "received": total.received,
+                "lost": lost,
+                "duplicated": total.duplicated,
+                "unexpected": total.unexpected,
+                "elapsed_secs": round3(elapsed),
+                "deliveries_per_sec": rate.round(),
+                "server_cpu_secs": server_cpu,
+                "deliveries_per_server_cpu_sec": per_cpu.map(f64::round),
+                "generator_cpu_secs": gen_cpu,
+                "rss_after_bytes": rss_after,
+                "redis_publish_calls": publishes,
+                "publish_per_send": per_send.map(round3),
+            }),
+            total.latency.fields(),
+        ],
+    );
     emit(&report.to_string());
     Ok(exit_code(setup.ok))
 }
@@ -375,11 +392,7 @@ async fn publish(
     while own.received < messages {
         if in_flight < window && sent < messages {
             while in_flight < window && sent < messages {
-                let text = format!(
-                    r#"{{"op":0,"t":"BROADCAST","d":{{"ts":{},"seq":{sent}}}}}"#,
-                    ctx.now_us()
-                );
-                if ws.feed(WsMessage::text(text)).await.is_err() {
+                if ws.feed(dispatch("BROADCAST", ctx, sent)).await.is_err() {
                     eprintln!("mesa bench: the publisher's connection failed while sending");
                     return sent;
                 }
@@ -411,15 +424,49 @@ async fn publish(
                     return sent;
                 }
             }
-            Parsed::Broadcast { seq, ts } => {
+            Parsed::Dispatch {
+                kind: Kind::Broadcast,
+                seq,
+                ts,
+            } => {
                 if own.record(ctx, seq, ts) {
                     in_flight = in_flight.saturating_sub(1);
                 }
             }
-            Parsed::Other(_) => {}
+            Parsed::Dispatch { .. } | Parsed::Other(_) => {}
         }
     }
     sent
+}
+
+/// The number of PUBLISH commands the Redis at `url` has executed (`INFO
+/// commandstats`, `cmdstat_publish:calls=N`).
+async fn publish_calls(url: &str) -> Result<u64, Failure> {
+    let client =
+        redis::Client::open(url).map_err(|error| format!("invalid --redis `{url}`: {error}"))?;
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|error| format!("cannot reach Redis at {url}: {error}"))?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .map_err(|error| format!("INFO commandstats failed: {error}"))?;
+    Ok(parse_publish_calls(&info))
+}
+
+/// `calls` of the `cmdstat_publish` line (0 when Redis has not seen a PUBLISH).
+fn parse_publish_calls(info: &str) -> u64 {
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_publish:"))
+        .and_then(|stats| {
+            stats
+                .split(',')
+                .find_map(|field| field.strip_prefix("calls="))
+        })
+        .and_then(|calls| calls.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -467,25 +514,53 @@ impl Target {
             spread: addr.is_ipv4() && addr.ip().is_loopback(),
         })
     }
-
-    /// The source address of connection `index` (127.0.0.2..=127.0.0.254).
-    fn source(index: u32) -> Ipv4Addr {
-        // The remainder is below 253, so the octet is at most 254.
-        Ipv4Addr::new(127, 0, 0, 2 + (index % 253) as u8)
-    }
 }
 
-/// What the connection tasks share with the scenario.
+/// The source address of connection `index` on loopback (127.0.0.2..=127.0.0.254).
+fn source(index: u32) -> Ipv4Addr {
+    // The remainder is below 253, so the octet is at most 254.
+    Ipv4Addr::new(127, 0, 0, 2 + (index % 253) as u8)
+}
+
+/// A TCP socket bound to the loopback source address of `index` when `spread`.
+fn socket_for(addr: SocketAddr, index: u32, spread: bool) -> std::io::Result<TcpSocket> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }?;
+    if spread {
+        socket.bind(SocketAddr::from((source(index), 0)))?;
+    }
+    Ok(socket)
+}
+
+/// The phases of a run, announced to every connection task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Connecting and authenticating; then holding.
+    Setup,
+    /// The measured phase (echo: keep ECHOs in flight).
+    Run,
+    /// The measured phase is over: send nothing new, let the answers arrive.
+    Drain,
+    /// Close and report.
+    Stop,
+}
+
+/// What the tasks share with the scenario.
 struct Ctx {
-    /// Where to connect.
-    target: Target,
+    /// Where to connect: connection `i` goes to `targets[i % len]`.
+    targets: Vec<Target>,
+    /// The server speaks no Mesa.
+    bare: bool,
     /// Bounds the connections being set up at once.
     setup: Semaphore,
     /// How long one connection gets to connect and authenticate.
     connect_timeout: Duration,
     /// Each connection reports here once: authenticated, or why not.
     ready: mpsc::UnboundedSender<Result<(), String>>,
-    /// Distinct BROADCASTs received, over all connections (the fanout's progress).
+    /// Distinct BROADCASTs received (fanout), or round trips completed while the
+    /// phase was `Run` (echo), over all connections.
     received: AtomicU64,
     /// Connections that the server closed (or that failed) after authenticating.
     dropped: AtomicU64,
@@ -495,13 +570,17 @@ struct Ctx {
 
 impl Ctx {
     /// The shared state, and the receiving end of the setup reports.
-    fn new(
-        target: Target,
+    async fn new(
         common: &CommonArgs,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Result<(), String>>) {
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Result<(), String>>), Failure> {
+        let mut targets = Vec::with_capacity(common.urls.len());
+        for url in &common.urls {
+            targets.push(Target::resolve(url).await?);
+        }
         let (ready, reports) = mpsc::unbounded_channel();
         let ctx = Ctx {
-            target,
+            targets,
+            bare: common.bare,
             setup: Semaphore::new(common.concurrency as usize),
             connect_timeout: Duration::from_secs(common.connect_timeout_secs),
             ready,
@@ -509,7 +588,7 @@ impl Ctx {
             dropped: AtomicU64::new(0),
             epoch: Instant::now(),
         };
-        (Arc::new(ctx), reports)
+        Ok((Arc::new(ctx), reports))
     }
 
     /// Microseconds since the epoch.
@@ -518,35 +597,58 @@ impl Ctx {
     }
 }
 
+/// What a connection does once set up.
+enum Role {
+    /// Hold the connection, answering heartbeats.
+    Idle,
+    /// Count the BROADCASTs received (fanout, cluster).
+    Subscriber(Tally),
+    /// Keep this many ECHOs in flight while the phase is `Run`, and time them.
+    Echo(u32, Histogram),
+}
+
 /// How one connection ended.
 struct Outcome {
     /// It authenticated, then the server closed it or it failed before the end.
     dropped: bool,
     /// What it received (fanout only).
     tally: Option<Tally>,
+    /// Its round-trip times (echo only).
+    latency: Option<Histogram>,
 }
 
-/// Connect, authenticate, then idle until `stop` (answering heartbeats, counting
-/// BROADCASTs into `tally`), then close.
+/// Spawn `common.connections` connection tasks, the role of each from `role(index)`.
+fn spawn_connections(
+    ctx: &Arc<Ctx>,
+    common: &CommonArgs,
+    phase: &watch::Receiver<Phase>,
+    role: impl Fn(u32) -> Role,
+) -> JoinSet<Outcome> {
+    let mut tasks = JoinSet::new();
+    for index in 0..common.connections {
+        tasks.spawn(connection(ctx.clone(), index, phase.clone(), role(index)));
+    }
+    tasks
+}
+
+/// Connect, authenticate, then play `role` until the phase is `Stop` (answering
+/// heartbeats), then close.
 async fn connection(
     ctx: Arc<Ctx>,
     index: u32,
-    mut stop: watch::Receiver<bool>,
-    mut tally: Option<Tally>,
+    mut phase: watch::Receiver<Phase>,
+    mut role: Role,
 ) -> Outcome {
     let failed = Outcome {
         dropped: false,
         tally: None,
+        latency: None,
     };
     let opened = {
         let Ok(_permit) = ctx.setup.acquire().await else {
             return failed;
         };
-        timeout(
-            ctx.connect_timeout,
-            open(&ctx.target, index, &format!("u{index}")),
-        )
-        .await
+        timeout(ctx.connect_timeout, open(&ctx, index, &format!("u{index}"))).await
     };
     let mut ws = match opened {
         Ok(Ok(ws)) => ws,
@@ -563,26 +665,52 @@ async fn connection(
     };
     let _ = ctx.ready.send(Ok(()));
 
+    let mut now_in = *phase.borrow_and_update();
+    let mut seq = 0_u64;
     let mut dropped = false;
     loop {
         tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            changed = phase.changed() => {
+                let next = *phase.borrow_and_update();
+                if changed.is_err() || next == Phase::Stop {
+                    break;
+                }
+                if let (Role::Echo(in_flight, _), Phase::Setup, Phase::Run) = (&role, now_in, next) {
+                    for _ in 0..*in_flight {
+                        let _ = ws.feed(dispatch("ECHO", &ctx, seq)).await;
+                        seq += 1;
+                    }
+                    if ws.flush().await.is_err() {
+                        dropped = true;
+                        break;
+                    }
+                }
+                now_in = next;
+            }
             frame = ws.next() => match frame {
-                Some(Ok(WsMessage::Text(text))) => match parse(text.as_str()) {
-                    Parsed::Heartbeat => {
-                        if ws.send(heartbeat_ack()).await.is_err() {
+                Some(Ok(WsMessage::Text(text))) => {
+                    let reply = match (parse(text.as_str()), &mut role) {
+                        (Parsed::Heartbeat, _) => Some(heartbeat_ack()),
+                        (Parsed::Dispatch { kind: Kind::Broadcast, seq, ts }, Role::Subscriber(tally)) => {
+                            tally.record(&ctx, seq, ts);
+                            None
+                        }
+                        (Parsed::Dispatch { kind: Kind::Echo, ts, .. }, Role::Echo(_, latency)) if now_in == Phase::Run => {
+                            latency.record(ctx.now_us().saturating_sub(ts));
+                            ctx.received.fetch_add(1, Ordering::Relaxed);
+                            seq += 1;
+                            Some(dispatch("ECHO", &ctx, seq))
+                        }
+                        _ => None,
+                    };
+                    if let Some(reply) = reply {
+                        if ws.send(reply).await.is_err() {
                             dropped = true;
                             break;
                         }
                     }
-                    Parsed::Broadcast { seq, ts } => {
-                        if let Some(tally) = tally.as_mut() {
-                            tally.record(&ctx, seq, ts);
-                        }
-                    }
-                    Parsed::Other(_) => {}
-                },
+                }
                 Some(Ok(WsMessage::Close(_)) | Err(_)) | None => {
                     dropped = true;
                     break;
@@ -596,22 +724,24 @@ async fn connection(
     } else {
         close(&mut ws).await;
     }
-    Outcome { dropped, tally }
+    let (tally, latency) = match role {
+        Role::Idle => (None, None),
+        Role::Subscriber(tally) => (Some(tally), None),
+        Role::Echo(_, latency) => (None, Some(latency)),
+    };
+    Outcome {
+        dropped,
+        tally,
+        latency,
+    }
 }
 
-/// Connect (from the source address of `index` on loopback), read the hello,
-/// authenticate with `token` and wait for op 22.
-async fn open(target: &Target, index: u32, token: &str) -> Result<Ws, String> {
-    let socket = match target.addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(|error| format!("socket: {error}"))?;
-    if target.spread {
-        socket
-            .bind(SocketAddr::from((Target::source(index), 0)))
-            .map_err(|error| format!("bind: {error}"))?;
-    }
+/// Connect connection `index` (from its loopback source address), then, unless the
+/// server is bare, read the hello, authenticate with `token` and wait for op 22.
+async fn open(ctx: &Ctx, index: u32, token: &str) -> Result<Ws, String> {
+    let target = &ctx.targets[index as usize % ctx.targets.len()];
+    let socket = socket_for(target.addr, index, target.spread)
+        .map_err(|error| format!("socket: {error}"))?;
     let stream = socket
         .connect(target.addr)
         .await
@@ -630,6 +760,9 @@ async fn open(target: &Target, index: u32, token: &str) -> Result<Ws, String> {
     )
     .await
     .map_err(|error| format!("handshake: {error}"))?;
+    if ctx.bare {
+        return Ok(ws);
+    }
 
     match next_parsed(&mut ws).await? {
         Parsed::Other(10) => {}
@@ -689,6 +822,14 @@ fn heartbeat_ack() -> WsMessage {
     WsMessage::text(r#"{"op":11,"d":{}}"#)
 }
 
+/// A timestamped dispatch of type `t` (`ECHO` or `BROADCAST`) with sequence number `seq`.
+fn dispatch(t: &str, ctx: &Ctx, seq: u64) -> WsMessage {
+    WsMessage::text(format!(
+        r#"{{"op":0,"t":"{t}","d":{{"ts":{},"seq":{seq}}}}}"#,
+        ctx.now_us()
+    ))
+}
+
 /// What the generator sees set up so far.
 struct Setup {
     /// Connections that authenticated.
@@ -697,6 +838,45 @@ struct Setup {
     failed: u64,
     /// Seconds the setup phase took.
     secs: f64,
+}
+
+impl Setup {
+    /// The start of a run's human-readable line: connections and how they fared.
+    fn human(&self, common: &CommonArgs, dropped: u64) -> String {
+        format!(
+            "conns={:<6} ok={:<6} failed={:<5} dropped={:<5} setup={:.2}s",
+            common.connections, self.ok, self.failed, dropped, self.secs
+        )
+    }
+}
+
+/// A run's JSON line: the fields every scenario of the raw generator reports, then
+/// the scenario's own (`fields`, objects).
+fn report(
+    scenario: &str,
+    common: &CommonArgs,
+    probe: &Probe,
+    setup: &Setup,
+    dropped: u64,
+    fields: &[serde_json::Value],
+) -> serde_json::Value {
+    let mut line = json!({
+        "scenario": scenario,
+        "url": common.urls,
+        "server_pid": probe.pids(),
+        "bare": common.bare,
+        "connections": common.connections,
+        "authenticated": setup.ok,
+        "failed": setup.failed,
+        "dropped": dropped,
+        "setup_secs": round3(setup.secs),
+    });
+    if let Some(line) = line.as_object_mut() {
+        for more in fields.iter().filter_map(serde_json::Value::as_object) {
+            line.extend(more.clone());
+        }
+    }
+    line
 }
 
 /// Wait until every connection reported (or the setup deadline), then print the most
@@ -724,15 +904,20 @@ async fn wait_setup(
         }
         reported += 1;
     }
-    let mut errors: Vec<(String, u64)> = errors.into_iter().collect();
-    errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    for (error, count) in errors.iter().take(ERRORS_SHOWN) {
-        eprintln!("mesa bench: {count} connections failed: {error}");
-    }
+    print_errors(errors);
     Setup {
         ok,
         failed: total - ok,
         secs: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// Print the most common of `errors` (message and count) on stderr.
+fn print_errors(errors: HashMap<String, u64>) {
+    let mut errors: Vec<(String, u64)> = errors.into_iter().collect();
+    errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    for (error, count) in errors.iter().take(ERRORS_SHOWN) {
+        eprintln!("mesa bench: {count} connections failed: {error}");
     }
 }
 
@@ -763,15 +948,26 @@ async fn join_all(mut tasks: JoinSet<Outcome>) -> Vec<Outcome> {
 enum Parsed {
     /// Op 1.
     Heartbeat,
-    /// A BROADCAST of the fanout (op 0 with `d.seq` and `d.ts`).
-    Broadcast {
-        /// The publisher's sequence number.
+    /// A timestamped dispatch of the generator's (op 0 with `d.seq` and `d.ts`).
+    Dispatch {
+        /// Its type.
+        kind: Kind,
+        /// The sender's sequence number.
         seq: u64,
         /// When it was sent, in microseconds since the generator's epoch.
         ts: u64,
     },
     /// Any other opcode (or -1 when the frame is not a Mesa message).
     Other(i64),
+}
+
+/// The types of the generator's dispatches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A fanout's message.
+    Broadcast,
+    /// An echo's round trip.
+    Echo,
 }
 
 /// The fields of a Mesa message that the generator reads; the rest is skipped.
@@ -782,17 +978,17 @@ struct Frame<'a> {
     /// The type of a dispatch.
     #[serde(default, borrow)]
     t: Option<Cow<'a, str>>,
-    /// The data, when it has the fanout's shape.
+    /// The data, when it has the shape of the generator's dispatches.
     #[serde(default)]
-    d: Option<FanoutData>,
+    d: Option<TimedData>,
 }
 
-/// The data of a fanout BROADCAST.
+/// The data of the generator's dispatches.
 #[derive(Deserialize)]
-struct FanoutData {
+struct TimedData {
     /// When it was sent.
     ts: Option<u64>,
-    /// The publisher's sequence number.
+    /// The sender's sequence number.
     seq: Option<u64>,
 }
 
@@ -811,11 +1007,19 @@ fn parse(text: &str) -> Parsed {
             op: 0,
             t: Some(t),
             d:
-                Some(FanoutData {
+                Some(TimedData {
                     ts: Some(ts),
                     seq: Some(seq),
                 }),
-        }) if t == "BROADCAST" => Parsed::Broadcast { seq, ts },
+        }) if t == "BROADCAST" || t == "ECHO" => Parsed::Dispatch {
+            kind: if t == "ECHO" {
+                Kind::Echo
+            } else {
+                Kind::Broadcast
+            },
+            seq,
+            ts,
+        },
         Ok(frame) => Parsed::Other(frame.op),
         Err(_) => match serde_json::from_str::<OpOnly>(text) {
             Ok(OpOnly { op: 1 }) => Parsed::Heartbeat,
@@ -825,275 +1029,28 @@ fn parse(text: &str) -> Parsed {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Counting
-
-/// What one connection of the fanout received.
-struct Tally {
-    /// The messages of the run.
-    messages: u64,
-    /// Which sequence numbers arrived (a bit set).
-    seen: Vec<u64>,
-    /// Distinct sequence numbers received.
-    received: u64,
-    /// Sequence numbers received again.
-    duplicated: u64,
-    /// Sequence numbers out of range.
-    unexpected: u64,
-    /// When the last message arrived, in microseconds since the epoch.
-    last_us: u64,
-    /// Whether to record latencies (the publisher's round trips are not).
-    record_latency: bool,
-    /// Receive time minus send time.
-    latency: Histogram,
-}
-
-impl Tally {
-    /// An empty tally for a run of `messages`.
-    fn new(messages: u64, record_latency: bool) -> Self {
-        Tally {
-            messages,
-            seen: Vec::new(),
-            received: 0,
-            duplicated: 0,
-            unexpected: 0,
-            last_us: 0,
-            record_latency,
-            latency: Histogram::default(),
-        }
-    }
-
-    /// Count message `seq` sent at `ts`; whether it was new.
-    fn record(&mut self, ctx: &Ctx, seq: u64, ts: u64) -> bool {
-        let now = ctx.now_us();
-        self.last_us = self.last_us.max(now);
-        if seq >= self.messages {
-            self.unexpected += 1;
-            return false;
-        }
-        if self.seen.is_empty() {
-            self.seen = vec![0; self.messages.div_ceil(64) as usize];
-        }
-        let (word, bit) = ((seq / 64) as usize, 1_u64 << (seq % 64));
-        if self.seen[word] & bit != 0 {
-            self.duplicated += 1;
-            return false;
-        }
-        self.seen[word] |= bit;
-        self.received += 1;
-        ctx.received.fetch_add(1, Ordering::Relaxed);
-        if self.record_latency {
-            self.latency.record(now.saturating_sub(ts));
-        }
-        true
-    }
-
-    /// Add `other`'s counts to these.
-    fn merge(&mut self, other: Tally) {
-        self.received += other.received;
-        self.duplicated += other.duplicated;
-        self.unexpected += other.unexpected;
-        self.last_us = self.last_us.max(other.last_us);
-        self.latency.merge(&other.latency);
-    }
-}
-
-/// Bits of the sub-bucket within a power of two: 32 sub-buckets, about 3% precision.
-const SUB_BITS: u32 = 5;
-
-/// Values below this are counted exactly.
-const EXACT: u64 = 2 << SUB_BITS;
-
-/// A log-linear histogram of microseconds: exact below 64, then 32 buckets per power
-/// of two; allocated at the first value.
-#[derive(Default)]
-struct Histogram {
-    /// The counts per bucket.
-    counts: Vec<u64>,
-    /// How many values.
-    total: u64,
-    /// The largest value.
-    max: u64,
-}
-
-impl Histogram {
-    /// The bucket of `value`.
-    fn index(value: u64) -> usize {
-        if value < EXACT {
-            return value as usize;
-        }
-        let exponent = 63 - value.leading_zeros(); // at least SUB_BITS + 1
-        let shift = exponent - SUB_BITS;
-        let top = value >> shift; // in 32..64
-        (EXACT + u64::from(shift - 1) * (1 << SUB_BITS) + (top - (1 << SUB_BITS))) as usize
-    }
-
-    /// The middle of bucket `index`.
-    fn value(index: usize) -> u64 {
-        let index = index as u64;
-        if index < EXACT {
-            return index;
-        }
-        let shift = (index - EXACT) / (1 << SUB_BITS) + 1;
-        let top = (index - EXACT) % (1 << SUB_BITS) + (1 << SUB_BITS);
-        (top << shift) + (1 << (shift - 1))
-    }
-
-    /// Count `value`.
-    fn record(&mut self, value: u64) {
-        let index = Self::index(value);
-        if self.counts.len() <= index {
-            self.counts.resize(index + 1, 0);
-        }
-        self.counts[index] += 1;
-        self.total += 1;
-        self.max = self.max.max(value);
-    }
-
-    /// Add `other`'s values.
-    fn merge(&mut self, other: &Histogram) {
-        if self.counts.len() < other.counts.len() {
-            self.counts.resize(other.counts.len(), 0);
-        }
-        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
-        }
-        self.total += other.total;
-        self.max = self.max.max(other.max);
-    }
-
-    /// The value at quantile `q` (0..=1), or `None` when empty.
-    fn quantile(&self, q: f64) -> Option<u64> {
-        if self.total == 0 {
-            return None;
-        }
-        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
-        let mut seen = 0;
-        for (index, count) in self.counts.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                return Some(Self::value(index).min(self.max));
-            }
-        }
-        Some(self.max)
-    }
-
-    /// The largest value, or `None` when empty.
-    fn max(&self) -> Option<u64> {
-        (self.total > 0).then_some(self.max)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The server process and the output
-
-/// The resident memory of process `pid` (VmRSS in /proc/PID/status), in bytes.
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// The CPU time of process `pid` (a number or `self`), user plus system, in clock ticks.
-fn cpu_ticks(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name (which may hold spaces and parentheses) start
-    // with field 3 (state); utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// Print `line` on stdout and flush it; a closed stdout is not worth a panic.
-fn emit(line: &str) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
-}
-
-/// Exit 1 when no connection could be set up: nothing was measured.
-fn exit_code(ok: u64) -> ExitCode {
-    if ok == 0 {
-        eprintln!("mesa bench: no connection was set up");
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
-/// Round to three decimals (for the JSON line).
-fn round3(value: f64) -> f64 {
-    (value * 1000.0).round() / 1000.0
-}
-
-/// `12.3 MiB`, or `-` when unknown.
-fn human_bytes(bytes: Option<f64>) -> String {
-    match bytes {
-        None => "-".to_owned(),
-        Some(bytes) if bytes.abs() >= 1024.0 * 1024.0 => {
-            format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
-        }
-        Some(bytes) if bytes.abs() >= 1024.0 => format!("{:.1} KiB", bytes / 1024.0),
-        Some(bytes) => format!("{bytes:.0} B"),
-    }
-}
-
-/// `1.23ms`, or `-` when unknown.
-fn human_micros(micros: Option<u64>) -> String {
-    match micros {
-        None => "-".to_owned(),
-        Some(us) if us >= 1000 => format!("{:.2}ms", us as f64 / 1000.0),
-        Some(us) => format!("{us}us"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_are_ordered_and_close() {
-        let mut previous = 0;
-        for value in [
-            0,
-            1,
-            63,
-            64,
-            65,
-            100,
-            1000,
-            12_345,
-            1 << 20,
-            u64::from(u32::MAX),
-        ] {
-            let index = Histogram::index(value);
-            assert!(index >= previous, "{value}");
-            previous = index;
-            let middle = Histogram::value(index);
-            let error = (middle as f64 - value as f64).abs() / (value.max(1) as f64);
-            assert!(error <= 0.04, "{value} -> {middle}");
-        }
-    }
-
-    #[test]
-    fn quantiles() {
-        let mut histogram = Histogram::default();
-        for value in 1..=1000 {
-            histogram.record(value);
-        }
-        let p50 = histogram.quantile(0.5).unwrap_or_default();
-        assert!((485..=515).contains(&p50), "{p50}");
-        assert_eq!(histogram.max(), Some(1000));
-    }
 
     #[test]
     fn parses_what_it_needs() {
         assert!(matches!(parse(r#"{"op":1,"d":{}}"#), Parsed::Heartbeat));
         assert!(matches!(
             parse(r#"{"op":0,"t":"BROADCAST","d":{"ts":5,"seq":7}}"#),
-            Parsed::Broadcast { seq: 7, ts: 5 }
+            Parsed::Dispatch {
+                kind: Kind::Broadcast,
+                seq: 7,
+                ts: 5
+            }
+        ));
+        assert!(matches!(
+            parse(r#"{"op":0,"d":{"ts":5,"seq":7},"t":"ECHO"}"#),
+            Parsed::Dispatch {
+                kind: Kind::Echo,
+                seq: 7,
+                ts: 5
+            }
         ));
         assert!(matches!(
             parse(r#"{"op":10,"d":{"rules":["a"],"c_heartbeat_interval":10000}}"#),
@@ -1101,5 +1058,12 @@ mod tests {
         ));
         assert!(matches!(parse(r#"{"op":22,"d":"x"}"#), Parsed::Other(22)));
         assert!(matches!(parse("nope"), Parsed::Other(-1)));
+    }
+
+    #[test]
+    fn reads_publish_calls_from_commandstats() {
+        let info = "# Commandstats\r\ncmdstat_ping:calls=3,usec=1\r\ncmdstat_publish:calls=42,usec=100,usec_per_call=2.38\r\n";
+        assert_eq!(parse_publish_calls(info), 42);
+        assert_eq!(parse_publish_calls("# Commandstats\r\n"), 0);
     }
 }

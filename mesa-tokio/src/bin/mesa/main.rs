@@ -3,7 +3,7 @@
 //! ```text
 //! mesa serve  [--listen 127.0.0.1:4000] [--auth none|dev|jwt] ...
 //! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync]
-//! mesa bench  idle|fanout --url ws://127.0.0.1:4000/ --connections N ...
+//! mesa bench  idle|fanout|echo|storm|cluster --url ws://127.0.0.1:4000/ --connections N ...
 //! mesa dispatch --redis redis://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
 //! mesa portal --redis redis://127.0.0.1:6379/ [--all]
 //! ```
@@ -21,7 +21,9 @@ use clap::{Parser, Subcommand};
 mod auth;
 mod bench;
 mod client;
+mod demo;
 mod dispatch;
+mod http;
 mod logging;
 mod portal;
 mod serve;

@@ -1,5 +1,7 @@
 //! `mesa serve`: a Mesa server with the relay behaviour, heartbeats and optional
-//! authentication, that shuts down cleanly on SIGTERM or ctrl-c.
+//! authentication, that shuts down cleanly on SIGTERM or ctrl-c; optionally with
+//! Prometheus metrics and health checks (`--metrics-listen`) or as the chat demo
+//! (`--demo`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -7,10 +9,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use mesa_tokio::mesa_core::{PortalChoice, SyncConfig};
+use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, Server, ServerBuilder};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};
+use crate::demo::DemoChat;
+use crate::http::{Health, Http};
 use crate::logging::LogConnections;
 use crate::signals::Signals;
 
@@ -126,6 +131,75 @@ pub(crate) struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(300..)
     )]
     lease: u64,
+
+    /// Sustained inbound messages per second one connection may send (close 1008
+    /// beyond it and --max-message-burst).
+    #[arg(
+        long,
+        env = "MESA_MAX_MESSAGES_PER_SECOND",
+        default_value_t = Limits::default().max_messages_per_second,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_messages_per_second: u32,
+
+    /// Inbound messages one connection may send at once above the sustained rate.
+    #[arg(
+        long,
+        env = "MESA_MAX_MESSAGE_BURST",
+        default_value_t = Limits::default().max_message_burst,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_message_burst: u32,
+
+    /// Largest accepted message, in bytes (close 1009 above it).
+    #[arg(
+        long,
+        env = "MESA_MAX_MESSAGE_BYTES",
+        default_value_t = Limits::default().max_message_bytes,
+        value_parser = parse_positive
+    )]
+    max_message_bytes: usize,
+
+    /// Deepest accepted JSON nesting of a message (close 1009 above it).
+    #[arg(
+        long,
+        env = "MESA_MAX_JSON_DEPTH",
+        default_value_t = Limits::default().max_json_depth,
+        value_parser = parse_positive
+    )]
+    max_json_depth: usize,
+
+    /// Most connections open at once; WebSocket upgrades past it get HTTP 503
+    /// (0: no limit but the process's file descriptors).
+    #[arg(long, env = "MESA_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
+
+    /// Accept WebSocket upgrades only from pages of this origin, e.g.
+    /// `https://app.example.com` (repeatable; the variable takes a comma-separated
+    /// list). Others get HTTP 403: a defence against cross-site WebSocket hijacking.
+    /// Requests without an Origin header (non-browser clients) are accepted. Off by
+    /// default: every origin.
+    #[arg(
+        long = "allowed-origin",
+        env = "MESA_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
+
+    /// Serve Prometheus metrics at `GET /metrics`, and `GET /healthz` and `GET /readyz`,
+    /// on this address (`host:port`; port 0 picks a free port). Off by default.
+    #[arg(long, env = "MESA_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+
+    /// Serve the chat demo: a web page at `http://<listen>/` whose WebSocket is `/ws`
+    /// (unless --path says otherwise). Uses dev authentication unless --auth jwt.
+    #[arg(
+        long,
+        env = "MESA_DEMO",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    demo: bool,
 }
 
 /// How `--portals` picks a portal per event.
@@ -135,6 +209,15 @@ pub(crate) enum PortalMode {
     RoundRobin,
     /// Each event to a random portal.
     Random,
+}
+
+/// A count that must be at least 1.
+fn parse_positive(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// `--path` must be an absolute path.
@@ -147,13 +230,44 @@ fn parse_path(path: &str) -> Result<String, String> {
 }
 
 /// Build the server from `args`, serve until a signal, then shut down.
-pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
-    let builder = configure(&args)?;
+pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode, Failure> {
+    if args.demo {
+        if args.no_relay {
+            return Err(Failure::usage("--demo and --no-relay do not go together"));
+        }
+        if args.auth == AuthMode::None {
+            args.auth = AuthMode::Dev;
+        }
+        args.auth_required = true;
+        if args.path == "/" {
+            args.path = "/ws".to_owned();
+        }
+        if crate::demo::PAGES.contains(&args.path.as_str()) {
+            return Err(Failure::usage(format!(
+                "--path {} is a page of the demo: pick another",
+                args.path
+            )));
+        }
+    }
+    let mut builder = configure(&args)?;
     let addr = resolve(&args.listen).await?;
-    if args.no_relay {
-        Ok(serve(builder.handler(Ignore), addr, &args.path).await?)
+    let mut http = Http {
+        metrics: None,
+        demo: args.demo,
+        health: Health::new(args.redis.is_some()),
+    };
+    if let Some(listen) = &args.metrics_listen {
+        let metrics = Metrics::new();
+        builder = builder.middleware(metrics.clone());
+        http.metrics = Some((resolve(listen).await?, metrics));
+    }
+    if args.demo {
+        let demo = DemoChat::new(args.sync);
+        Ok(serve(builder.handler(demo), addr, &args.path, http).await?)
+    } else if args.no_relay {
+        Ok(serve(builder.handler(Ignore), addr, &args.path, http).await?)
     } else {
-        Ok(serve(builder, addr, &args.path).await?)
+        Ok(serve(builder, addr, &args.path, http).await?)
     }
 }
 
@@ -173,8 +287,18 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
     }
     builder = builder.limits(Limits {
         max_stored_per_id: usize::try_from(args.max_stored).unwrap_or(usize::MAX),
+        max_messages_per_second: args.max_messages_per_second,
+        max_message_burst: args.max_message_burst,
+        max_message_bytes: args.max_message_bytes,
+        max_json_depth: args.max_json_depth,
         ..Limits::default()
     });
+    if args.max_connections > 0 {
+        builder = builder.max_connections(args.max_connections);
+    }
+    if !args.allowed_origins.is_empty() {
+        builder = builder.allowed_origins(args.allowed_origins.iter().cloned());
+    }
     if let Some(url) = &args.redis {
         let mut cluster = ClusterConfig::new(url.clone());
         cluster.namespace = args.namespace.clone();
@@ -244,6 +368,7 @@ async fn serve<H: Handler>(
     builder: ServerBuilder<H>,
     addr: SocketAddr,
     path: &str,
+    http: Http,
 ) -> Result<ExitCode, String> {
     let server = builder
         .build()
@@ -251,21 +376,40 @@ async fn serve<H: Handler>(
     // Listen for signals before announcing, so a signal sent as soon as the URL is
     // printed is not fatal.
     let mut signals = Signals::new().map_err(|error| format!("cannot handle signals: {error}"))?;
-    let listening = server
-        .bind(addr)
-        .await
-        .map_err(|error| format!("cannot listen on {addr}: {error}"))?;
-    let local = listening.local_addr();
-    announce(&format!("mesa listening on ws://{local}{path}"))?;
-    tracing::info!(%local, path, "listening");
+    let health = http.health.clone();
+    if let Some((metrics_addr, metrics)) = http.metrics {
+        let local = crate::http::serve_metrics(metrics_addr, metrics, health.clone()).await?;
+        announce(&format!("mesa metrics on http://{local}/metrics"))?;
+        tracing::info!(%local, "metrics and health checks");
+    }
+    let run: crate::http::Run = if http.demo {
+        let (local, run) = crate::http::serve_demo(&server, addr, path).await?;
+        // Bound: connections wait in the backlog until the loop runs.
+        health.set_accepting(true);
+        announce(&format!("mesa listening on ws://{local}{path}"))?;
+        announce(&format!("mesa demo on http://{local}/"))?;
+        tracing::info!(%local, path, "listening, with the chat demo at /");
+        run
+    } else {
+        let listening = server
+            .bind(addr)
+            .await
+            .map_err(|error| format!("cannot listen on {addr}: {error}"))?;
+        let local = listening.local_addr();
+        health.set_accepting(true);
+        announce(&format!("mesa listening on ws://{local}{path}"))?;
+        tracing::info!(%local, path, "listening");
+        Box::pin(listening.run())
+    };
 
     tokio::select! {
-        outcome = listening.run() => {
+        outcome = run => {
             outcome.map_err(|error| format!("the server stopped: {error}"))?;
             return Ok(ExitCode::SUCCESS);
         }
         signal = signals.recv() => tracing::info!(signal, "shutting down"),
     }
+    health.set_accepting(false);
     drain(&server, &mut signals).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

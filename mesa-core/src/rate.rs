@@ -1,0 +1,121 @@
+//! A token bucket for the inbound message rate of one connection.
+//!
+//! The bucket holds at most `burst` tokens and earns one every `1 s / rate`; each
+//! frame takes one, and a frame that finds the bucket empty is refused. It is kept in
+//! units of time rather than tokens (the generic cell rate algorithm, which is the
+//! same bucket): one instant, `full_at`, when the bucket will be full again. That
+//! needs no floating point and no refill step, and it guarantees, for every window
+//! of length `t`, at most `burst + rate · t` admitted frames.
+
+use std::time::{Duration, Instant};
+
+/// A token bucket: `rate` tokens per second, at most `burst` of them saved up.
+///
+/// Time is an argument: the caller passes `now` to every call, as everywhere in the
+/// core. A `now` earlier than a previous one finds fewer tokens, never more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenBucket {
+    /// The time it takes to earn one token: `1 s / rate`, rounded up so that
+    /// rounding never admits more than `rate` per second.
+    cost: Duration,
+    /// The time it takes to fill the bucket from empty: `burst · cost`.
+    capacity: Duration,
+    /// When the bucket is full again; at or before `now`, it is full.
+    full_at: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now` earning `rate` tokens per second, holding at most
+    /// `burst`. A zero `rate` or `burst` is raised to 1 (validated configurations
+    /// never pass zero).
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        let rate = u64::from(rate.max(1));
+        let nanos = 1_000_000_000u64.div_ceil(rate);
+        let cost = Duration::from_nanos(nanos);
+        TokenBucket {
+            cost,
+            capacity: cost.saturating_mul(burst.max(1)),
+            full_at: now,
+        }
+    }
+
+    /// Take one token at `now`: `true` if one was there, `false` (and nothing
+    /// changes) when the bucket is empty.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let base = self.full_at.max(now);
+        // Time until full, after taking this token.
+        let debt = (base - now) + self.cost;
+        if debt > self.capacity {
+            return false;
+        }
+        self.full_at = base + self.cost;
+        true
+    }
+
+    /// The whole tokens in the bucket at `now`.
+    pub fn available(&self, now: Instant) -> u64 {
+        let debt = self.full_at.saturating_duration_since(now);
+        let free = self.capacity.saturating_sub(debt);
+        (free.as_nanos() / self.cost.as_nanos()) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start() -> Instant {
+        // The one clock read of these tests; every other instant is an offset.
+        #[allow(clippy::disallowed_methods)]
+        Instant::now()
+    }
+
+    #[test]
+    fn a_full_bucket_admits_its_burst_then_refills_at_the_rate() {
+        let t0 = start();
+        let mut bucket = TokenBucket::new(100, 200, t0);
+        assert_eq!(bucket.available(t0), 200);
+        let admitted = (0..1000).filter(|_| bucket.try_take(t0)).count();
+        assert_eq!(admitted, 200);
+        assert!(!bucket.try_take(t0));
+        // 10 ms earns one token at 100/s.
+        let later = t0 + Duration::from_millis(10);
+        assert_eq!(bucket.available(later), 1);
+        assert!(bucket.try_take(later));
+        assert!(!bucket.try_take(later));
+        // Two idle seconds fill it again, and no further.
+        let idle = later + Duration::from_secs(5);
+        assert_eq!(bucket.available(idle), 200);
+    }
+
+    #[test]
+    fn a_steady_sender_at_the_rate_is_never_refused() {
+        let t0 = start();
+        let mut bucket = TokenBucket::new(100, 1, t0);
+        for i in 0..10_000 {
+            assert!(bucket.try_take(t0 + Duration::from_millis(10 * i)), "{i}");
+        }
+    }
+
+    #[test]
+    fn rounding_never_admits_more_than_the_rate() {
+        // 1 s / 3 is not a whole number of nanoseconds: the cost rounds up.
+        let t0 = start();
+        let mut bucket = TokenBucket::new(3, 1, t0);
+        let admitted = (0..=1_000_000u64)
+            .filter(|us| bucket.try_take(t0 + Duration::from_micros(*us)))
+            .count();
+        assert!(admitted <= 1 + 3, "{admitted}");
+    }
+
+    #[test]
+    fn time_going_backwards_admits_nothing_extra() {
+        let t0 = start();
+        let later = t0 + Duration::from_secs(1);
+        let mut bucket = TokenBucket::new(10, 2, later);
+        assert!(bucket.try_take(later));
+        assert!(!bucket.try_take(t0));
+        assert!(bucket.try_take(later));
+        assert!(!bucket.try_take(later));
+    }
+}

@@ -1,0 +1,139 @@
+//! Browser tests: `tests/browser/run.js` drives Debian's chromium with playwright-core
+//! against the `mesa` binary: two pages chatting through `mesa serve --demo` (with
+//! Redis and sync: a message missed while offline comes back), a page that survives
+//! a server restart with its reconnect banner, and the published `mesa-js-client`
+//! 1.4.8 inside the browser.
+//!
+//! Screenshots of the last run are kept in `target/browser-screenshots/`. With
+//! `MESA_UPDATE_DEMO_PNG=1` the chat test also refreshes `docs/demo.png`.
+//!
+//! Needs the `cli` feature, Node.js, `npm ci --prefix tests/browser` (scripts/test-all
+//! runs it) and `/usr/bin/chromium` (`apt-get install chromium`; `CHROMIUM=path`
+//! points elsewhere). Without chromium the tests pass with a notice on stderr, except
+//! in CI (`CI` set), which installs it and where its absence fails.
+#![cfg(unix)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The longest one scenario may take, its browser's start included.
+const BOUND: Duration = Duration::from_secs(150);
+
+/// One chromium at a time: the machines are small.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace")
+        .to_path_buf()
+}
+
+/// Whether the browser tests can run here; panics (in CI, or when the npm packages
+/// are missing) with what to do, or returns false after a notice.
+fn browser_available() -> bool {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+    if !Path::new(&chromium).exists() {
+        let problem = format!(
+            "browser tests need Debian's chromium at {chromium}: `apt-get install chromium` \
+             (or set CHROMIUM to its path)"
+        );
+        if std::env::var_os("CI").is_some() {
+            panic!("{problem}; .ci/run installs it, so in CI its absence is a failure");
+        }
+        eprintln!("SKIPPED: {problem}");
+        return false;
+    }
+    let modules = workspace().join("tests/browser/node_modules");
+    for package in ["playwright-core", "mesa-js-client"] {
+        assert!(
+            modules.join(package).join("package.json").is_file(),
+            "{} has no `{package}`: run `npm ci --prefix tests/browser` (scripts/test-all does)",
+            modules.display()
+        );
+    }
+    true
+}
+
+/// Run one scenario of `run.js` within [`BOUND`]; panic with its output if it fails.
+fn scenario(name: &str) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    if !browser_available() {
+        return;
+    }
+    let root = workspace();
+    let mut command = Command::new("node");
+    command
+        .arg(root.join("tests/browser/run.js"))
+        .arg(name)
+        .arg("--mesa")
+        .arg(env!("CARGO_BIN_EXE_mesa"))
+        .arg("--out")
+        .arg(root.join("target/browser-screenshots"))
+        .current_dir(&root)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if name == "chat" && std::env::var_os("MESA_UPDATE_DEMO_PNG").is_some() {
+        command.arg("--demo-png").arg("docs/demo.png");
+    }
+    let mut child = command.spawn().expect("`node` starts (install Node.js 20)");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let out = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + BOUND;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let (stdout, stderr) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    let result = stdout.lines().last().unwrap_or_default();
+    match status {
+        Some(status) if status.success() && result.contains(r#""ok":true"#) => {
+            eprintln!("{name}: {result}");
+        }
+        Some(status) => {
+            panic!("browser scenario {name} failed ({status}):\n{result}\n--- stderr:\n{stderr}")
+        }
+        None => panic!("browser scenario {name} took longer than {BOUND:?}\n--- stderr:\n{stderr}"),
+    }
+}
+
+#[test]
+fn two_pages_chat_through_the_demo_and_missed_messages_come_back() {
+    scenario("chat");
+}
+
+#[test]
+fn a_page_shows_the_reconnect_banner_and_recovers_after_a_server_restart() {
+    scenario("reconnect");
+}
+
+#[test]
+fn the_published_mesa_js_client_works_in_the_browser_against_our_server() {
+    scenario("js-client");
+}

@@ -1,0 +1,388 @@
+#!/usr/bin/env node
+'use strict'
+// Browser tests of mesa-rs in Debian's chromium, driven by playwright-core.
+//
+// Usage: node run.js SCENARIO --mesa PATH_TO_MESA_BINARY [--out DIR] [--demo-png FILE]
+//
+//   chat        two pages chat through `mesa serve --demo --redis --sync` (its own
+//               redis-server): login, who is online, typing indicator, messages both
+//               ways, and a message missed while offline redelivered on return
+//   reconnect   the server restarts under a page: the banner shows the next retry
+//               time, a message sent meanwhile is queued, and the page recovers
+//   js-client   the published mesa-js-client 1.4.8 (its UMD build) in a page:
+//               connects to `mesa serve --auth dev`, authenticates, exchanges messages
+//
+// Screenshots go to DIR (default target/browser-screenshots) as SCENARIO-*.png; the
+// previous ones of the same scenario are removed first. `--demo-png FILE` also saves
+// the chat screenshot there (docs/demo.png). Chromium is /usr/bin/chromium unless
+// CHROMIUM says otherwise. Progress goes to stderr; the last stdout line is
+// {"ok":true,...} or {"ok":false,"error":...}; exit code 0 means the scenario passed.
+// Every wait is bounded and the whole run stops after RUN_TIMEOUT.
+
+const { spawn, execFileSync } = require('child_process')
+const fs = require('fs')
+const http = require('http')
+const net = require('net')
+const os = require('os')
+const path = require('path')
+const readline = require('readline')
+const { chromium } = require('playwright-core')
+
+const RUN_TIMEOUT = 90000 // ms for a whole scenario
+const WAIT = 15000 // ms for any single wait
+const LAUNCH_FLAGS = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'
+]
+
+const args = process.argv.slice(2)
+const scenario = args[0]
+const option = name => {
+  const i = args.indexOf(name)
+  return i >= 0 ? args[i + 1] : undefined
+}
+const root = path.resolve(__dirname, '..', '..')
+const mesaBin = option('--mesa')
+const outDir = path.resolve(option('--out') || path.join(root, 'target', 'browser-screenshots'))
+const demoPng = option('--demo-png')
+const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium'
+
+const cleanup = [] // run in reverse at exit
+const log = (...parts) => process.stderr.write(`[browser ${scenario}] ${parts.join(' ')}\n`)
+
+function finish (result) {
+  process.stdout.write(JSON.stringify(result) + '\n')
+  return result.ok ? 0 : 1
+}
+
+// ----- processes -----
+
+function freePort () {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address()
+      server.close(() => resolve(port))
+    })
+  })
+}
+
+// Start a child process, keep its output for failure reports, and kill it at exit.
+function start (name, command, argv) {
+  const child = spawn(command, argv, { stdio: ['ignore', 'pipe', 'pipe'] })
+  const proc = { name, child, lines: [], stderr: [] }
+  readline.createInterface({ input: child.stdout }).on('line', line => proc.lines.push(line))
+  readline.createInterface({ input: child.stderr }).on('line', line => {
+    proc.stderr.push(line)
+    if (proc.stderr.length > 200) proc.stderr.shift()
+  })
+  proc.exited = new Promise(resolve => child.once('exit', code => resolve(code)))
+  cleanup.push(() => { if (child.exitCode === null) child.kill('SIGKILL') })
+  return proc
+}
+
+async function waitFor (what, predicate, timeout = WAIT) {
+  const deadline = Date.now() + timeout
+  for (;;) {
+    const value = await predicate()
+    if (value) return value
+    if (Date.now() > deadline) throw new Error(`no ${what} within ${timeout} ms`)
+    await new Promise(resolve => setTimeout(resolve, 25))
+  }
+}
+
+// `mesa serve ARGS`; resolves with the process and the URLs it announces.
+async function mesaServe (argv) {
+  const proc = start('mesa', mesaBin, ['serve', ...argv])
+  const line = prefix => proc.lines.find(l => l.startsWith(prefix))
+  try {
+    await waitFor('`mesa listening on` line', () => line('mesa listening on ') || proc.child.exitCode !== null)
+  } catch (error) {
+    throw new Error(`${error.message}; mesa stderr:\n${proc.stderr.join('\n')}`)
+  }
+  if (proc.child.exitCode !== null) throw new Error(`mesa serve exited: ${proc.stderr.join('\n')}`)
+  const ws = line('mesa listening on ').slice('mesa listening on '.length)
+  const demo = line('mesa demo on ')
+  return { proc, ws, page: demo && demo.slice('mesa demo on '.length) }
+}
+
+async function stop (proc) {
+  if (proc.child.exitCode === null) proc.child.kill('SIGTERM')
+  const code = await Promise.race([proc.exited, new Promise(resolve => setTimeout(() => resolve('timeout'), WAIT))])
+  if (code === 'timeout') {
+    proc.child.kill('SIGKILL')
+    throw new Error(`${proc.name} did not stop on SIGTERM`)
+  }
+}
+
+async function redisServer () {
+  const port = await freePort()
+  const proc = start('redis-server', 'redis-server', [
+    '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'
+  ])
+  await waitFor('redis-server to listen', () => new Promise(resolve => {
+    const socket = net.connect(port, '127.0.0.1', () => { socket.destroy(); resolve(true) })
+    socket.on('error', () => resolve(false))
+  }))
+  return `redis://127.0.0.1:${port}/`
+}
+
+// ----- the browser -----
+
+async function browser () {
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'mesa-chromium-'))
+  cleanup.push(() => fs.rmSync(userDataDir, { recursive: true, force: true }))
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: chromiumPath,
+    headless: true,
+    args: LAUNCH_FLAGS,
+    viewport: { width: 900, height: 560 },
+    timeout: WAIT
+  })
+  cleanup.push(() => context.close().catch(() => {}))
+  return context
+}
+
+// A page with its console errors and uncaught exceptions collected.
+async function newPage (context, label) {
+  const page = await context.newPage()
+  page.setDefaultTimeout(WAIT)
+  page.problems = []
+  page.on('pageerror', error => page.problems.push(`${label}: ${error.message}`))
+  page.on('console', message => {
+    // Refused reconnection attempts are expected while a server restarts.
+    const expected = /WebSocket connection to .* failed|Failed to load resource/
+    if (message.type() === 'error' && !expected.test(message.text())) {
+      page.problems.push(`${label} console: ${message.text()}`)
+    }
+  })
+  return page
+}
+
+const shots = []
+async function screenshot (page, name) {
+  const file = path.join(outDir, `${scenario}-${name}.png`)
+  await page.screenshot({ path: file })
+  shots.push(path.relative(root, file))
+  log('screenshot', file)
+  return file
+}
+
+async function login (page, url, nick) {
+  await page.goto(url)
+  await page.fill('#nick', nick)
+  await page.click('#join')
+  await page.waitForFunction(n => document.getElementById('status').textContent === `online as ${n}`, nick)
+}
+
+const texts = page => page.$$eval('#messages li .text', items => items.map(i => i.textContent))
+const onlineIds = page => page.$$eval('#online li', items => items.map(i => i.textContent.replace(' (you)', '')))
+
+async function say (page, text) {
+  await page.fill('#text', text)
+  await page.click('#send')
+}
+
+async function seeMessage (page, text) {
+  await waitFor(`message "${text}"`, async () => (await texts(page)).includes(text))
+}
+
+// ----- scenarios -----
+
+const scenarios = {
+  // Two pages chat through `mesa serve --demo` (with Redis and sync).
+  async chat () {
+    const redis = await redisServer()
+    const server = await mesaServe([
+      '--demo', '--listen', '127.0.0.1:0', '--redis', redis, '--sync', '--reconnect-interval', '500'
+    ])
+    const context = await browser()
+    const alice = await newPage(context, 'alice')
+    const bob = await newPage(context, 'bob')
+    await login(alice, server.page, 'alice')
+    await login(bob, server.page, 'bob')
+    await waitFor('bob online on alice\'s page', async () => (await onlineIds(alice)).includes('bob'))
+    await waitFor('alice online on bob\'s page', async () => (await onlineIds(bob)).includes('alice'))
+
+    await say(bob, 'Hello Alice!')
+    await seeMessage(alice, 'Hello Alice!')
+    await seeMessage(bob, 'Hello Alice!')
+    await say(alice, 'Hi Bob, welcome to Mesa.')
+    await seeMessage(bob, 'Hi Bob, welcome to Mesa.')
+
+    // Typing travels with sync: false, to the others only.
+    await bob.type('#text', 'Still there?')
+    await alice.waitForFunction(() => document.getElementById('typing').textContent === 'bob is typing…')
+    const demo = await screenshot(alice, 'alice')
+    if (demoPng) fs.copyFileSync(demo, path.resolve(root, demoPng))
+    await screenshot(bob, 'bob')
+    await bob.fill('#text', '')
+
+    // Bob leaves; what alice says meanwhile is stored and redelivered when he is back.
+    await bob.evaluate(() => window.mesa.disconnect())
+    await waitFor('bob offline on alice\'s page', async () => !(await onlineIds(alice)).includes('bob'))
+    // The server's sync decision reads presence in Redis: wait until bob left it.
+    const port = new URL(redis).port
+    await waitFor('bob out of connected_clients', () =>
+      execFileSync('redis-cli', ['-p', port, 'SISMEMBER', 'connected_clients', 'bob']).toString().trim() === '0')
+    await say(alice, 'Bob, you missed this one.')
+    await seeMessage(alice, 'Bob, you missed this one.')
+    await bob.reload()
+    await login(bob, server.page, 'bob')
+    await waitFor('the missed message on bob\'s page', async () =>
+      bob.$$eval('#messages li.missed .text', items => items.some(i => i.textContent === 'Bob, you missed this one.')))
+    await screenshot(bob, 'bob-missed')
+    const typing = await alice.$eval('#typing', e => e.textContent)
+    if (typing !== '') throw new Error(`a stale typing indicator on alice's page: ${typing}`)
+    await stop(server.proc)
+    return { problems: [...alice.problems, ...bob.problems] }
+  },
+
+  // The server restarts under a page; the page shows the banner and recovers.
+  async reconnect () {
+    const port = await freePort()
+    const argv = ['--demo', '--listen', `127.0.0.1:${port}`, '--reconnect-interval', '300']
+    let server = await mesaServe(argv)
+    const context = await browser()
+    const page = await newPage(context, 'carol')
+    await login(page, server.page, 'carol')
+    await say(page, 'before the restart')
+    await seeMessage(page, 'before the restart')
+
+    await stop(server.proc)
+    await page.waitForFunction(() => {
+      const banner = document.getElementById('banner')
+      return !banner.classList.contains('hidden') && /Reconnecting at \d/.test(banner.textContent)
+    })
+    const banner = await page.$eval('#banner', e => e.textContent)
+    log('banner:', banner)
+    // 1001 from the drain; 1006 when the process exits before the close frame leaves.
+    if (!/Connection lost \((1001|1006)/.test(banner)) throw new Error(`the banner gives no close code: ${banner}`)
+    // Sent while offline: queued by the client, flushed once authenticated again.
+    await say(page, 'sent while offline')
+    await screenshot(page, 'banner')
+
+    server = await waitFor('the server to start again on its port', async () => {
+      try { return await mesaServe(argv) } catch (error) { log('restart:', error.message); return null }
+    })
+    await page.waitForFunction(() => document.getElementById('status').textContent === 'online as carol', null, { timeout: 40000 })
+    await page.waitForFunction(() => document.getElementById('banner').classList.contains('hidden'))
+    await seeMessage(page, 'sent while offline')
+    await say(page, 'after the restart')
+    await seeMessage(page, 'after the restart')
+    await screenshot(page, 'recovered')
+    await stop(server.proc)
+    return { banner, problems: page.problems }
+  },
+
+  // The published mesa-js-client 1.4.8, in the browser, against our server.
+  async 'js-client' () {
+    const server = await mesaServe(['--auth', 'dev', '--listen', '127.0.0.1:0'])
+    const umd = require.resolve('mesa-js-client/lib/mesa-js-client.umd.js')
+    const page = `<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>mesa-js-client 1.4.8</title>
+<body style="font: 14px monospace"><h3>mesa-js-client 1.4.8 against mesa-rs</h3><pre id="log"></pre>
+<script src="/mesa-js-client.umd.js"></script>`
+    const statics = http.createServer((request, response) => {
+      if (request.url === '/mesa-js-client.umd.js') {
+        response.writeHead(200, { 'content-type': 'text/javascript' })
+        return fs.createReadStream(umd).pipe(response)
+      }
+      response.writeHead(request.url === '/' ? 200 : 404, { 'content-type': 'text/html' })
+      response.end(request.url === '/' ? page : 'not found')
+    })
+    await new Promise(resolve => statics.listen(0, '127.0.0.1', resolve))
+    cleanup.push(() => statics.close())
+    const context = await browser()
+    const tab = await newPage(context, 'mesa-js-client')
+    await tab.goto(`http://127.0.0.1:${statics.address().port}/`)
+    const version = await tab.evaluate(() => typeof window.MesaClient)
+    if (version !== 'function') throw new Error(`the UMD build defined no MesaClient global (${version})`)
+
+    const result = await tab.evaluate(async url => {
+      const out = document.getElementById('log')
+      const note = line => { out.textContent += line + '\n' }
+      const connect = name => new Promise((resolve, reject) => {
+        const client = new window.MesaClient(url, { autoConnect: false })
+        client.received = []
+        client.onMessage = message => {
+          client.received.push(message)
+          note(`${name} <- ${message.type} ${JSON.stringify(message.data)}`)
+        }
+        client.onError = error => note(`${name} error: ${error && error.message}`)
+        client.onConnected = async () => {
+          try {
+            const user = await client.authenticate({ token: name }, { shouldSync: false })
+            note(`${name} authenticated as ${JSON.stringify(user)}`)
+            resolve({ client, user })
+          } catch (error) { reject(error) }
+        }
+        client.connect()
+      })
+      const until = (what, predicate) => new Promise((resolve, reject) => {
+        const started = Date.now()
+        const timer = setInterval(() => {
+          const found = predicate()
+          if (found) { clearInterval(timer); resolve(found) } else if (Date.now() - started > 10000) {
+            clearInterval(timer); reject(new Error(`no ${what}`))
+          }
+        }, 20)
+      })
+      const alice = await connect('alice')
+      const bob = await connect('bob')
+      alice.client.send(0, { n: 1 }, 'ECHO')
+      const echo = await until('ECHO back to alice', () => alice.client.received.find(m => m.type === 'ECHO'))
+      bob.client.send(0, { to: ['alice'], text: 'hi from bob' }, 'BROADCAST')
+      const broadcast = await until('BROADCAST to alice', () => alice.client.received.find(m => m.type === 'BROADCAST'))
+      return { users: [alice.user, bob.user], echo: echo.data, broadcast: broadcast.data }
+    }, server.ws)
+    log('mesa-js-client:', JSON.stringify(result))
+    if (JSON.stringify(result.users) !== JSON.stringify([{ id: 'alice' }, { id: 'bob' }])) {
+      throw new Error(`unexpected users ${JSON.stringify(result.users)}`)
+    }
+    if (result.echo.n !== 1 || result.broadcast.text !== 'hi from bob') throw new Error(`unexpected messages ${JSON.stringify(result)}`)
+    await screenshot(tab, 'page')
+    await stop(server.proc)
+    return { ...result, problems: tab.problems }
+  }
+}
+
+async function main () {
+  if (!scenarios[scenario]) return finish({ ok: false, error: `unknown scenario ${scenario}; one of ${Object.keys(scenarios).join(', ')}` })
+  if (!mesaBin) return finish({ ok: false, error: '--mesa PATH_TO_MESA_BINARY is required' })
+  if (!fs.existsSync(chromiumPath)) return finish({ ok: false, error: `no chromium at ${chromiumPath} (apt-get install chromium)` })
+  fs.mkdirSync(outDir, { recursive: true })
+  for (const file of fs.readdirSync(outDir)) {
+    if (file.startsWith(`${scenario}-`) && file.endsWith('.png')) fs.rmSync(path.join(outDir, file))
+  }
+  log('chromium', execFileSync(chromiumPath, ['--version']).toString().trim())
+  const timer = setTimeout(() => {
+    process.stdout.write(JSON.stringify({ ok: false, error: `the scenario took longer than ${RUN_TIMEOUT} ms`, screenshots: shots }) + '\n')
+    runCleanup().finally(() => process.exit(1))
+  }, RUN_TIMEOUT)
+  let result
+  try {
+    const outcome = await scenarios[scenario]()
+    const problems = outcome.problems || []
+    result = problems.length === 0
+      ? { ok: true, scenario, ...outcome, screenshots: shots }
+      : { ok: false, scenario, error: `errors in the page: ${problems.join('; ')}`, screenshots: shots }
+  } catch (error) {
+    result = { ok: false, scenario, error: error.stack || String(error), screenshots: shots }
+  }
+  clearTimeout(timer)
+  await runCleanup()
+  return finish(result)
+}
+
+async function runCleanup () {
+  for (const step of cleanup.reverse()) {
+    try { await step() } catch (_) { /* best effort */ }
+  }
+  cleanup.length = 0
+}
+
+main().then(code => process.exit(code), error => {
+  process.stdout.write(JSON.stringify({ ok: false, error: String(error) }) + '\n')
+  process.exit(1)
+})
