@@ -61,6 +61,7 @@ const METRICS: &[Metric] = &[
     metric("idle", "server RSS per connection (KiB)", "bytes_per_conn", 1024.0, 2, Better::Lower),
     metric("idle", "connections held", "authenticated", 1.0, 0, Better::Higher),
     metric("idle", "setup (connections per second)", "setup_rate", 1.0, 0, Better::Higher),
+    metric("idle", "server CPU seconds (setup and hold)", "server_cpu_secs", 1.0, 2, Better::Lower),
     metric("echo", "round trips per server CPU-second", "round_trips_per_server_cpu_sec", 1.0, 0, Better::Higher),
     metric("echo", "round trips per second (wall clock)", "round_trips_per_sec", 1.0, 0, Better::Higher),
     metric("echo", "server CPU seconds", "server_cpu_secs", 1.0, 2, Better::Lower),
@@ -340,6 +341,13 @@ fn render(machine: &Value, runs: &Runs, chart_link: &str, notes: &str) -> String
         }
         let _ = writeln!(out);
         for metric in METRICS.iter().filter(|m| m.scenario == *scenario) {
+            // Rows no run measured (results of an older generator) are left out.
+            if present
+                .iter()
+                .all(|(key, _)| value(runs, scenario, key, metric.field).is_none())
+            {
+                continue;
+            }
             let arrow = match metric.better {
                 Better::Higher => "↑",
                 Better::Lower => "↓",

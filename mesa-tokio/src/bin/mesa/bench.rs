@@ -205,6 +205,7 @@ async fn idle(args: IdleArgs) -> Result<ExitCode, Failure> {
     let common = &args.common;
     let probe = Probe::new(&common.server_pids)?;
     let rss_before = probe.rss();
+    let cpu_before = probe.cpu_ticks();
 
     let (ctx, mut ready) = Ctx::new(common).await?;
     let (phase, phase_rx) = watch::channel(Phase::Setup);
@@ -215,6 +216,8 @@ async fn idle(args: IdleArgs) -> Result<ExitCode, Failure> {
     }
     let alive = setup.ok.saturating_sub(ctx.dropped.load(Ordering::Relaxed));
     let rss_after = probe.rss();
+    // Setting up the connections, then holding them (heartbeats).
+    let server_cpu = cpu_secs(cpu_before, probe.cpu_ticks());
     let _ = phase.send(Phase::Stop);
     let outcomes = join_all(tasks).await;
     let dropped = outcomes.iter().filter(|o| o.dropped).count() as u64;
@@ -226,11 +229,12 @@ async fn idle(args: IdleArgs) -> Result<ExitCode, Failure> {
         _ => None,
     };
     emit(&format!(
-        "idle    {}  rss {} -> {} = {} /conn",
+        "idle    {}  rss {} -> {} = {} /conn  server cpu={}",
         setup.human(common, dropped),
         human_bytes(rss_before.map(|b| b as f64)),
         human_bytes(rss_after.map(|b| b as f64)),
         human_bytes(per_conn),
+        human_secs(server_cpu),
     ));
     let report = report(
         "idle",
@@ -243,6 +247,7 @@ async fn idle(args: IdleArgs) -> Result<ExitCode, Failure> {
             "rss_baseline_bytes": rss_before,
             "rss_after_bytes": rss_after,
             "bytes_per_conn": per_conn.map(f64::round),
+            "server_cpu_secs": server_cpu,
         })],
     );
     emit(&report.to_string());
