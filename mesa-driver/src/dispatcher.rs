@@ -11,18 +11,14 @@
 //! (`cluster::execute`): one presence check and one PUBLISH per dispatch, pipelined.
 
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use mesa_core::{Message, MessageOptions, Namespace, Opcode, Recipients, RemotePlan, plan_remote};
-use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
+use crate::cluster::link::commands;
 use crate::cluster::scripts::APPEND;
 use crate::cluster::{RemoteSend, execute};
-
-/// Time Redis has to accept a connection or answer a command.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a dispatch (or connecting a [`Dispatcher`]) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -235,13 +231,7 @@ impl Dispatcher {
         if let Some(conn) = self.slot().clone() {
             return Ok(conn);
         }
-        let settings = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&settings)
-            .await?;
+        let mut conn = commands(&self.client).await?;
         APPEND.prepare_invoke().load_async(&mut conn).await?;
         Ok(self.slot().get_or_insert(conn).clone())
     }

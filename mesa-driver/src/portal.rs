@@ -23,13 +23,11 @@ use futures_util::future::{Either, select};
 use futures_util::{Stream, StreamExt};
 use mesa_core::rng::Rng;
 use mesa_core::{Backoff, BackoffConfig, Namespace, PortalEvent, PortalUpdate};
-use redis::aio::{MultiplexedConnection, PubSubSink};
-use redis::{AsyncConnectionConfig, Msg, RedisResult};
+use redis::{Msg, RedisResult};
 
+use crate::cluster::link::{Link, bounded, commands};
 use crate::runtime::{Runtime, entropy_seed};
 
-/// Time Redis has to accept a connection or answer a command.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a live link is checked with a PING.
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// Events received and not yet taken; beyond it the portal stops reading Redis.
@@ -214,13 +212,6 @@ struct PortalTask<R> {
     backoff: Backoff,
 }
 
-/// A live link: commands, and the subscription.
-struct Link {
-    conn: MultiplexedConnection,
-    sink: PubSubSink,
-    messages: Pin<Box<dyn Stream<Item = Msg> + Send>>,
-}
-
 enum Wake {
     /// Asked to stop (`None`: the portal was dropped).
     Stop(Option<Stop>),
@@ -282,17 +273,10 @@ impl<R: Runtime> PortalTask<R> {
 
     /// Connect, subscribe, and join the pool.
     async fn connect(&mut self) -> Result<Link, PortalError> {
-        let settings = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&settings)
-            .await?;
-        let pubsub = self.bounded(self.client.get_async_pubsub()).await?;
+        let mut conn = commands(&self.client).await?;
+        let pubsub = bounded(&self.runtime, self.client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
-        self.bounded(sink.subscribe(self.ns.portal_channel()))
-            .await?;
+        bounded(&self.runtime, sink.subscribe(self.ns.portal_channel())).await?;
         // Subscribed first, so no event addressed to us is published before we listen.
         // Announce only when the set did not hold us: an upstream server appends every
         // announcement to its list (a duplicate skews its round robin).
@@ -318,21 +302,6 @@ impl<R: Runtime> PortalTask<R> {
             sink,
             messages: Box::pin(stream),
         })
-    }
-
-    /// Run `future` with the Redis timeout (pub/sub calls have none of their own).
-    async fn bounded<T>(
-        &self,
-        future: impl std::future::Future<Output = RedisResult<T>>,
-    ) -> RedisResult<T> {
-        let deadline = Box::pin(self.runtime.sleep_until(self.runtime.now() + REDIS_TIMEOUT));
-        match select(Box::pin(future), deadline).await {
-            Either::Left((outcome, _)) => outcome,
-            Either::Right(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "Redis did not answer in time",
-            ))),
-        }
     }
 
     /// Forward events until asked to stop (`Ok`) or the link fails (`Err`).
@@ -369,7 +338,7 @@ impl<R: Runtime> PortalTask<R> {
                 Wake::Tick => {
                     tick = Box::pin(self.runtime.sleep_until(self.runtime.now() + PING_EVERY));
                     // In subscribed mode the reply is an array, not +PONG: any answer will do.
-                    self.bounded(link.sink.ping::<redis::Value>()).await?;
+                    bounded(&self.runtime, link.sink.ping::<redis::Value>()).await?;
                 }
                 Wake::Message(Some(message)) => self.on_message(&message),
                 Wake::Message(None) => {

@@ -8,6 +8,7 @@
 //! after any failure. The decisions (what to publish, store, redeliver) come from
 //! `mesa_core`; this module only performs them.
 
+pub(crate) mod link;
 mod ops;
 pub(crate) mod scripts;
 mod task;

@@ -2,20 +2,18 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
 use futures_channel::mpsc;
-use futures_util::future::{Either, select};
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use mesa_core::{
     Backoff, BackoffConfig, Envelope, Namespace, PortalEvent, PortalPool, PortalUpdate, Recipients,
 };
-use redis::aio::{MultiplexedConnection, PubSubSink};
-use redis::{AsyncConnectionConfig, Msg, RedisResult};
+use redis::{Msg, RedisResult};
 
+use super::link::{Link, bounded, commands};
 use super::scripts::{APPEND, JANITOR, LEAVE, RENEW, TRIM};
 use super::{ClusterConfig, ClusterHandle, Job, RemoteSend, clear, execute, load, trim};
 use crate::router::Router;
@@ -23,8 +21,6 @@ use crate::runtime::Runtime;
 
 /// Jobs executed in one pipelined batch at most.
 const BATCH: usize = 512;
-/// Time Redis has to answer any command before the link counts as broken.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Start the cluster task of a server; the router reaches it through the handle.
 pub(crate) fn spawn<R: Runtime>(
@@ -80,13 +76,6 @@ struct Task<R> {
     run_id: String,
     pool: PortalPool,
     backoff: Backoff,
-}
-
-/// The Redis side of a live link.
-struct Link {
-    conn: MultiplexedConnection,
-    sink: PubSubSink,
-    messages: Pin<Box<dyn Stream<Item = Msg> + Send>>,
 }
 
 enum Wake {
@@ -192,12 +181,7 @@ impl<R: Runtime> Task<R> {
 
     async fn connect(&mut self) -> RedisResult<Link> {
         let client = redis::Client::open(self.config.url.as_str())?;
-        let settings = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&settings)
-            .await?;
+        let mut conn = commands(&client).await?;
         let info: String = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut conn)
@@ -206,12 +190,15 @@ impl<R: Runtime> Task<R> {
         for script in [&*APPEND, &*TRIM, &*LEAVE, &*RENEW, &*JANITOR] {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
-        let pubsub = self.bounded(client.get_async_pubsub()).await?;
+        let pubsub = bounded(&self.runtime, client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
-        self.bounded(sink.subscribe(self.ns.ws_channel())).await?;
+        bounded(&self.runtime, sink.subscribe(self.ns.ws_channel())).await?;
         if self.config.portals.is_some() {
-            self.bounded(sink.subscribe(self.ns.available_portals_pool()))
-                .await?;
+            bounded(
+                &self.runtime,
+                sink.subscribe(self.ns.available_portals_pool()),
+            )
+            .await?;
             let portals: Vec<String> = redis::cmd("SMEMBERS")
                 .arg(self.ns.available_portals_pool())
                 .query_async(&mut conn)
@@ -228,21 +215,6 @@ impl<R: Runtime> Task<R> {
         let _: usize = self.janitor(&mut link, false).await?;
         self.renew(&mut link).await?;
         Ok(link)
-    }
-
-    /// Run `future` with the Redis timeout (pub/sub calls have none of their own).
-    async fn bounded<T>(
-        &self,
-        future: impl std::future::Future<Output = RedisResult<T>>,
-    ) -> RedisResult<T> {
-        let deadline = Box::pin(self.runtime.sleep_until(self.runtime.now() + REDIS_TIMEOUT));
-        match select(Box::pin(future), deadline).await {
-            Either::Left((outcome, _)) => outcome,
-            Either::Right(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "Redis did not answer in time",
-            ))),
-        }
     }
 
     /// Serve a live link until it fails (`Err`) or the server retires or goes (`Ok`).
@@ -283,7 +255,7 @@ impl<R: Runtime> Task<R> {
                     tick = Box::pin(self.runtime.sleep_until(tick_at));
                     // In subscribed mode the reply is an array, not +PONG: any answer will do.
                     let sent = self.runtime.now();
-                    self.bounded(link.sink.ping::<redis::Value>()).await?;
+                    bounded(&self.runtime, link.sink.ping::<redis::Value>()).await?;
                     let latency = self.runtime.now().saturating_duration_since(sent);
                     if let Some(router) = self.router.upgrade() {
                         router.middleware.emit(|m| m.on_cluster_latency(latency));
