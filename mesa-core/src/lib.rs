@@ -5,7 +5,7 @@
 //! codec, a server connection's heartbeats and authentication, a client's
 //! reconnection with jittered backoff, routing a send to connections, ordering a
 //! redelivery) is a state machine here, driven by inputs and a `now: Instant` the
-//! caller passes in. The runtime adapters (`mesa-tokio`, `mesa-async-std`), and any
+//! caller passes in. The runtime adapters (one crate per async runtime), and any
 //! event loop of your own, only move bytes, arm one timer and execute the outputs.
 //!
 //! # The run loop

@@ -154,29 +154,4 @@ mod tests {
         assert!(!should_store("  ", None));
         assert!(!should_store("alice", Some(&MessageOptions::no_sync())));
     }
-
-    #[test]
-    fn redelivery_keeps_the_newest_and_numbers_from_one() {
-        #[allow(clippy::disallowed_methods)]
-        let start = Instant::now();
-        let stored: Vec<Message> = (0..5).map(|i| Message::dispatch("N", json!(i))).collect();
-        let mut redelivery =
-            Redelivery::new("a".into(), stored, 3, Duration::from_millis(10), start);
-        let first = redelivery.poll(start).unwrap();
-        assert_eq!((first.d.clone(), first.s), (json!(2), Some(1)));
-        assert!(redelivery.poll(start).is_none(), "paced");
-        let at = redelivery.poll_timeout().unwrap();
-        assert_eq!(redelivery.poll(at).unwrap().s, Some(2));
-        let at = redelivery.poll_timeout().unwrap();
-        assert_eq!(redelivery.poll(at).unwrap().d, json!(4));
-        assert_eq!(redelivery.poll_timeout(), None);
-        assert_eq!(
-            redelivery.finished_event(),
-            SessionEvent::Redelivered {
-                id: "a".into(),
-                delivered: 3,
-                dropped: 2
-            }
-        );
-    }
 }
