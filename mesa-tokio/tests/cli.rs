@@ -5,70 +5,23 @@
 //! Needs the `cli` feature: `cargo test -p mesa-tokio --features cli --test cli`.
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{Lines, WAIT};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-/// The longest any single expectation waits (CI machines are small).
-const WAIT: Duration = Duration::from_secs(15);
-
-/// The lines one output stream of a child printed so far, and the new ones.
-struct Output {
-    lines: Receiver<String>,
-    seen: Arc<Mutex<Vec<String>>>,
-}
-
-impl Output {
-    /// Read `stream` line by line on a thread.
-    fn new(stream: impl Read + Send + 'static) -> Self {
-        let (tx, lines) = channel();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { return };
-                log.lock().expect("log lock").push(line.clone());
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Output { lines, seen }
-    }
-
-    /// Wait for a new line that satisfies `matches`; panic with everything seen on timeout.
-    fn expect(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if matches(&line) => return line,
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    panic!("no line {what} within {WAIT:?}; saw: {:#?}", self.all())
-                }
-            }
-        }
-    }
-
-    /// Every line so far.
-    fn all(&self) -> Vec<String> {
-        self.seen.lock().expect("log lock").clone()
-    }
-}
-
 /// A running `mesa` process, killed when dropped.
 struct Mesa {
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: Output,
-    stderr: Output,
+    stdout: Lines,
+    stderr: Lines,
 }
 
 impl Mesa {
@@ -88,8 +41,8 @@ impl Mesa {
             .spawn()
             .expect("the mesa binary starts");
         let stdin = child.stdin.take();
-        let stdout = Output::new(child.stdout.take().expect("piped stdout"));
-        let stderr = Output::new(child.stderr.take().expect("piped stderr"));
+        let stdout = Lines::new(child.stdout.take().expect("piped stdout"));
+        let stderr = Lines::new(child.stderr.take().expect("piped stderr"));
         Mesa {
             child,
             stdin,

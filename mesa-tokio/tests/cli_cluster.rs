@@ -6,18 +6,16 @@
 //! `cargo test -p mesa-tokio --features cli --test cli_cluster`.
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{Lines, WAIT};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{Receiver, channel};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-/// The longest any single expectation waits.
-const WAIT: Duration = Duration::from_secs(15);
 
 /// A `redis-server` on a free port, keeping nothing on disk; killed on drop.
 struct Redis {
@@ -89,54 +87,6 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// The lines one output stream of a child printed: new ones, and all so far.
-struct Lines {
-    new: Receiver<String>,
-    seen: Arc<Mutex<Vec<String>>>,
-}
-
-impl Lines {
-    fn new(stream: impl Read + Send + 'static) -> Self {
-        let (tx, new) = channel();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { return };
-                log.lock().expect("log lock").push(line.clone());
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Lines { new, seen }
-    }
-
-    /// Wait for a new line satisfying `matches`.
-    fn expect(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.new.recv_timeout(left) {
-                Ok(line) if matches(&line) => return line,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "no line {what} within {WAIT:?}; saw: {:#?}",
-                    self.seen.lock().expect("log lock")
-                ),
-            }
-        }
-    }
-
-    /// The next JSON line satisfying `matches`.
-    fn expect_json(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
-        let line = self.expect(what, |line| {
-            serde_json::from_str::<Value>(line).is_ok_and(|value| matches(&value))
-        });
-        serde_json::from_str(&line).expect("a JSON line")
     }
 }
 

@@ -73,3 +73,20 @@ pub async fn next_message(events: &mut ClientEvents, t: &str) -> Message {
 pub fn ready_events(events: &mut ClientEvents) -> Vec<ClientEvent> {
     std::iter::from_fn(|| StreamExt::next(events).now_or_never().flatten()).collect()
 }
+
+/// Poll `check` every 20 ms until it holds, at most `timeout`; returns the time taken,
+/// or panics naming `what`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if check().await {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {timeout:?}");
+}

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mesa_core::{Close, CloseCode, Message, Opcode, Recipients, SyncConfig};
-use mesa_tests::ours::{next_event, next_message, serve, url};
+use mesa_tests::ours::{eventually, next_event, next_message, serve, url};
 use mesa_tests::{RedisServer, WAIT};
 use mesa_tokio::{ClientEvent, ClusterConfig, DevAuthenticator, Server};
 use redis::AsyncCommands;
@@ -44,22 +44,6 @@ async fn user(addr: SocketAddr, id: &str) -> (mesa_tokio::Client, mesa_tokio::Cl
 
 async fn redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     server.connection().await
-}
-
-/// Poll `check` every 20 ms until it holds, at most `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < timeout {
-        if check().await {
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{what}: not within {timeout:?}");
 }
 
 async fn is_member(conn: &mut redis::aio::MultiplexedConnection, key: &str, id: &str) -> bool {

@@ -15,7 +15,7 @@ use mesa_core::{
     CloseCode, Message, MessageOptions, PortalChoice, PortalEvent, PortalEventKind, Recipients,
     SyncConfig,
 };
-use mesa_tests::ours::{next_event, next_message, serve, url};
+use mesa_tests::ours::{eventually, next_event, next_message, serve, url};
 use mesa_tests::{ClientKind, NodePeer, RedisServer, WAIT};
 use mesa_tokio::mesa_driver::BoxError;
 use mesa_tokio::{ClientEvent, DevAuthenticator, Dispatcher, Middleware, Portal, Server};
@@ -103,22 +103,6 @@ async fn node_user(port: u16, id: &str) -> NodePeer {
 
 async fn connection(redis: &RedisServer) -> MultiplexedConnection {
     redis.connection().await
-}
-
-/// Poll `check` every 20 ms until it holds, at most `timeout`; returns the time taken.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < timeout {
-        if check().await {
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{what}: not within {timeout:?}");
 }
 
 /// Wait until `channel` has `count` subscribers (their replicas subscribe without
