@@ -419,7 +419,12 @@ async fn their_portal_receives_our_replicas_events() {
         (&disconnection["type"], &disconnection["clientId"]),
         (&json!("disconnection"), &json!("alice"))
     );
-    // On the wire: upstream's fields, addressed to that portal.
+    // On the wire: upstream's fields, addressed to that portal. The harness may log
+    // the last raw line just after the parsed event: wait for all four.
+    let deadline = Instant::now() + WAIT;
+    while portal.count(|e| e["event"] == "raw") < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let raw: Vec<Value> = portal
         .history()
         .iter()
