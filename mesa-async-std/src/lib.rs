@@ -23,9 +23,9 @@
 //! build: the runtimes are separate types, so one never changes the meaning of the
 //! other (the workspace's conformance suite runs every scenario on both).
 //!
-//! Redis (replication, sync, `Dispatcher` and `Portal`) is not here yet: it joins
-//! each runtime module, through redis-rs's `smol-comp`, once `mesa-driver` has it
-//! (see the cluster issue).
+//! The cluster through Redis (replication, sync, presence, `Dispatcher` and
+//! `Portal`, re-exported here with `ClusterConfig`) runs on both runtimes through
+//! redis-rs's `smol-comp`.
 //!
 //! # A server and a client on smol
 //!

@@ -361,7 +361,7 @@ impl<R: Runtime> Task<R> {
                     }
                 }
                 match io.as_mut() {
-                    Some(io) if outgoing.is_empty() => io.ws.poll_next_unpin(cx).map(Wake::Read),
+                    Some(io) if outgoing.is_empty() => io.poll_read(cx).map(Wake::Read),
                     _ => Poll::Pending,
                 }
             })

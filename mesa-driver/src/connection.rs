@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use mesa_core::{
     Close, CloseCode, ConnId, Message, PortalEventKind, ServerSession, SessionEvent, Transmit,
 };
@@ -336,7 +336,7 @@ async fn drive_io<R, S, H>(
                     return Poll::Ready(Wake::Timer);
                 }
             }
-            io.ws.poll_next_unpin(cx).map(Wake::Read)
+            io.poll_read(cx).map(Wake::Read)
         })
         .await;
 

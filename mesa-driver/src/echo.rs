@@ -30,7 +30,6 @@ use std::task::Poll;
 use async_tungstenite::tungstenite::handshake::server::{Request, Response};
 use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_util::StreamExt;
 use futures_util::future::select;
 use mesa_core::{Close, DecodeError, Limits};
 
@@ -167,7 +166,7 @@ impl<R: Runtime> Echo<R> {
                 if io.pending.len() >= ECHO_BACKLOG {
                     return Poll::Pending;
                 }
-                io.ws.poll_next_unpin(cx)
+                io.poll_read(cx)
             })
             .await;
             let refuse = |error: DecodeError| Close::new(error.close_code(), error.to_string());

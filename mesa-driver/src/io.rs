@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use async_tungstenite::WebSocketStream;
@@ -10,10 +11,19 @@ use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::{SinkExt, StreamExt};
 
+/// Most bytes of unparsable input read and discarded after our close frame.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// Bytes read at a time while discarding.
+const DRAIN_CHUNK: usize = 16 << 10;
+
 /// The socket side of the loop: the stream and the frames not yet written.
 pub(crate) struct Io<S> {
     pub(crate) ws: WebSocketStream<S>,
     pub(crate) pending: VecDeque<WsMessage>,
+    /// The peer's input failed to parse (too big, invalid UTF-8, a protocol error):
+    /// the stream yields nothing more, but the peer may still be writing.
+    unparsable: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
@@ -21,7 +31,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         Io {
             ws,
             pending: VecDeque::new(),
+            unparsable: false,
         }
+    }
+
+    /// The next frame from the peer, remembering a failure for [`linger`](Self::linger).
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<WsMessage, WsError>>> {
+        let read = self.ws.poll_next_unpin(cx);
+        if let Poll::Ready(Some(Err(_))) = read {
+            self.unparsable = true;
+        }
+        read
     }
 
     /// Write what the sink takes and flush; `Ready(Err)` only on failure.
@@ -49,20 +72,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
 
     /// After the session closed: finish writing (our close frame included) and read
     /// until the peer's close or the end of the stream.
+    ///
+    /// When the peer's input can no longer be parsed (a frame over the size limit,
+    /// invalid UTF-8, a protocol error), our half of the connection is shut and the
+    /// rest of its input read and discarded until it closes, up to [`DRAIN_LIMIT`]
+    /// bytes: a peer still writing a 20 MiB frame would otherwise make our kernel
+    /// answer its bytes with a reset, which destroys the close frame (and its code)
+    /// on its way. The caller bounds the time (the close timeout).
     pub(crate) async fn linger(&mut self) {
+        let mut drained = 0;
+        let mut scratch = Vec::new();
         poll_fn(|cx| {
             match self.poll_write(cx) {
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(())) => {}
             }
-            loop {
-                match self.ws.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Ok(_))) => continue,
-                    Poll::Ready(_) => return Poll::Ready(()),
+            if !self.unparsable {
+                loop {
+                    match self.poll_read(cx) {
+                        Poll::Ready(Some(Ok(_))) => continue,
+                        Poll::Ready(Some(Err(_))) => break,
+                        Poll::Ready(None) => return Poll::Ready(()),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            }
+            if scratch.is_empty() {
+                // Our close frame is out: end our half (a lingering close, as web
+                // servers do), so a peer that reads it answers and closes its own.
+                match Pin::new(self.ws.get_mut()).poll_close(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => scratch = vec![0; DRAIN_CHUNK],
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                }
+            }
+            while drained < DRAIN_LIMIT {
+                match Pin::new(self.ws.get_mut()).poll_read(cx, &mut scratch) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(read)) => drained += read,
                     Poll::Pending => return Poll::Pending,
                 }
             }
+            Poll::Ready(())
         })
         .await
     }

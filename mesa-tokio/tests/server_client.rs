@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::Message as WsMessage;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use mesa_tokio::{
     BackoffConfig, ClientEvent, ClientEvents, CloseCode, DevAuthenticator, Handler, Message,
     Middleware, Server,
@@ -161,7 +161,8 @@ async fn clients_authenticate_echo_and_broadcast() {
 #[tokio::test]
 async fn heartbeats_keep_clients_and_drop_silent_ones() {
     let addr = start(dev_server().build().unwrap()).await;
-    let (_client, mut events) = mesa_tokio::client(url(addr)).build().unwrap();
+    let (client, mut events) = mesa_tokio::client(url(addr)).build().unwrap();
+    let _connected = until(&mut events, |e| matches!(e, ClientEvent::Connected { .. })).await;
     let mut silent = raw(addr).await;
     let hello = next_json(&mut silent).await;
     assert_eq!(hello["d"]["c_heartbeat_interval"], 200);
@@ -185,11 +186,24 @@ async fn heartbeats_keep_clients_and_drop_silent_ones() {
         ]
     );
     assert_eq!(code, 1001);
-    // Our client answered every beat over the same time and is still connected.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let disconnected = std::iter::from_fn(|| events.next().now_or_never().flatten())
-        .any(|e| matches!(e, ClientEvent::Disconnected { .. }));
-    assert!(!disconnected);
+    // Our client, connected before the silent one, has been through as many beats
+    // and answered them: an ECHO comes back on its connection, with no disconnection
+    // before it.
+    client
+        .send(Message::dispatch("ECHO", json!("still here")))
+        .await
+        .unwrap();
+    let next = until(&mut events, |e| {
+        matches!(
+            e,
+            ClientEvent::Message(_) | ClientEvent::Disconnected { .. }
+        )
+    })
+    .await;
+    assert!(
+        matches!(&next, ClientEvent::Message(m) if m.d == json!("still here")),
+        "our client was dropped: {next:?}"
+    );
 }
 
 #[tokio::test]
@@ -316,7 +330,6 @@ async fn the_client_reconnects_to_a_restarted_server_and_reauthenticates() {
         .send(Message::dispatch("ECHO", json!("queued")))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let restarted = dev_server().build().unwrap();
     let listening = loop {

@@ -121,6 +121,7 @@ impl RedisServer {
     }
 
     /// Send one command in RESP and return the raw reply (for assertions on the data).
+    /// Blocking, so that scenarios on any runtime can use it.
     pub fn command(&self, args: &[&str]) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -131,21 +132,64 @@ impl RedisServer {
         stream.write_all(request.as_bytes()).ok()?;
         let mut reply = Vec::new();
         let mut buffer = [0u8; 64 * 1024];
-        // Read until the reply looks complete (a short pause with nothing more).
-        stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .ok()?;
-        let started = Instant::now();
-        loop {
+        while resp_end(&reply).is_none() {
             match stream.read(&mut buffer) {
-                Ok(0) => break,
+                Ok(0) | Err(_) => return None,
                 Ok(n) => reply.extend_from_slice(&buffer[..n]),
-                Err(_) if !reply.is_empty() => break,
-                Err(_) if started.elapsed() > Duration::from_secs(5) => return None,
-                Err(_) => {}
             }
         }
         Some(String::from_utf8_lossy(&reply).into_owned())
+    }
+
+    /// An integer reply (`SISMEMBER`, `HLEN`, `SCARD`, ...); `None` if Redis gave none.
+    pub fn integer(&self, args: &[&str]) -> Option<i64> {
+        self.command(args)?
+            .strip_prefix(':')?
+            .trim_end()
+            .parse()
+            .ok()
+    }
+
+    /// Clients subscribed to `channel` (`PUBSUB NUMSUB`): the replicas listening on
+    /// a cluster's channel.
+    pub fn subscribers(&self, channel: &str) -> usize {
+        let reply = self
+            .command(&["PUBSUB", "NUMSUB", channel])
+            .unwrap_or_default();
+        let count = reply.rsplit(':').next().unwrap_or_default().trim_end();
+        count.parse().unwrap_or(0)
+    }
+
+    /// The messages stored for `id` in the hash `key` (upstream's JSON array text).
+    pub fn stored(&self, key: &str, id: &str) -> Vec<serde_json::Value> {
+        let reply = self.command(&["HGET", key, id]).unwrap_or_default();
+        let text = reply.split_once("\r\n").map_or("", |(_, body)| body);
+        serde_json::from_str(text.trim_end()).unwrap_or_default()
+    }
+}
+
+/// The length of the first complete RESP value at the start of `buf`, if there is one.
+fn resp_end(buf: &[u8]) -> Option<usize> {
+    let line = buf.windows(2).position(|w| w == b"\r\n")?;
+    let head = std::str::from_utf8(&buf[1..line]).ok()?;
+    let after = line + 2;
+    match buf.first()? {
+        b'+' | b'-' | b':' => Some(after),
+        b'$' => match head.parse::<i64>().ok()? {
+            len if len < 0 => Some(after),
+            len => {
+                let end = after + usize::try_from(len).ok()? + 2;
+                (buf.len() >= end).then_some(end)
+            }
+        },
+        b'*' => {
+            let mut at = after;
+            for _ in 0..head.parse::<i64>().ok()?.max(0) {
+                at += resp_end(&buf[at..])?;
+            }
+            Some(at)
+        }
+        _ => None,
     }
 }
 

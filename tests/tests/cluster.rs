@@ -57,6 +57,35 @@ async fn stored(conn: &mut redis::aio::MultiplexedConnection, key: &str, id: &st
         .unwrap_or_default()
 }
 
+/// Wait until `count` replicas listen on the cluster channel `channel`.
+async fn subscribed(redis: &RedisServer, channel: &str, count: usize) {
+    eventually(&format!("{count} replicas on {channel}"), WAIT, || async {
+        redis.subscribers(channel) >= count
+    })
+    .await;
+}
+
+/// Wait until `ids` are all in `connected_clients`.
+async fn present(redis: &RedisServer, ids: &[&str]) {
+    eventually(&format!("{ids:?} in connected_clients"), WAIT, || async {
+        ids.iter()
+            .all(|id| redis.integer(&["SISMEMBER", "connected_clients", id]) == Some(1))
+    })
+    .await;
+}
+
+/// Wait until the server has handled everything `client` sent so far: one
+/// connection's messages are handled in order, so an ECHO sent after them comes back
+/// after.
+async fn handled(client: &mesa_tokio::Client, events: &mut mesa_tokio::ClientEvents) {
+    let marker = json!("everything before me is handled");
+    client
+        .send(Message::dispatch("ECHO", marker.clone()))
+        .await
+        .unwrap();
+    while next_message(events, "ECHO").await.d != marker {}
+}
+
 #[tokio::test]
 async fn replicas_deliver_each_others_sends_once() {
     let redis_server = RedisServer::start();
@@ -67,8 +96,7 @@ async fn replicas_deliver_each_others_sends_once() {
     let (addr_a, addr_b) = (serve(&a, any_port()).await, serve(&b, any_port()).await);
     let (alice, mut alice_events) = user(addr_a, "alice").await;
     let (_bob, mut bob_events) = user(addr_b, "bob").await;
-    // Let both replicas' subscriptions settle.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    subscribed(&redis_server, "ws", 2).await;
 
     alice
         .send(Message::dispatch("BROADCAST", json!({"n": 1})))
@@ -130,7 +158,8 @@ async fn namespaces_isolate_clusters_on_one_redis() {
     let (addr_one, addr_two) = (serve(&one, any_port()).await, serve(&two, any_port()).await);
     let (alice, _alice_events) = user(addr_one, "alice").await;
     let (bob, mut bob_events) = user(addr_two, "bob").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    subscribed(&redis_server, "ws_one", 1).await;
+    subscribed(&redis_server, "ws_two", 1).await;
     alice
         .send(Message::dispatch("BROADCAST", json!("one only")))
         .await
@@ -418,8 +447,8 @@ async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhil
         .build()
         .unwrap();
     let addr_a = serve(&a, any_port()).await;
-    let (alice, _alice_events) = user(addr_a, "alice").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (alice, mut alice_events) = user(addr_a, "alice").await;
+    subscribed(&redis_server, "ws", 1).await;
 
     redis_server.kill();
     alice
@@ -429,7 +458,7 @@ async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhil
         ))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    handled(&alice, &mut alice_events).await;
     // bob connects while Redis is still down (his stored messages cannot be read).
     let (bob, mut bob_events) = mesa_tokio::client(url(addr_a)).build().unwrap();
     let authenticating = bob.authenticate(json!({"token": "bob"}), true);
@@ -474,8 +503,20 @@ async fn presence_survives_one_of_two_connections_and_counts_connections() {
         }
     })
     .await;
-    // Upstream would have removed erin here; she still has a tab on replica b.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Upstream would have removed erin here; she still has a tab on replica b. Once
+    // replica a has forgotten her (its LEAVE script ran), the decision is made.
+    eventually("erin held by one replica only", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            let sets: Vec<String> = conn.keys("mesa_replica_ids:*").await.unwrap();
+            let mut holders = 0;
+            for set in sets {
+                holders += usize::from(is_member(&mut conn, &set, "erin").await);
+            }
+            holders == 1
+        }
+    })
+    .await;
     assert!(is_member(&mut conn, "connected_clients", "erin").await);
 }
 
@@ -567,9 +608,10 @@ async fn replicas_recover_from_a_redis_restart_and_lose_no_stored_message() {
         replica(&redis_server, None, true),
     );
     let (addr_a, addr_b) = (serve(&a, any_port()).await, serve(&b, any_port()).await);
-    let (alice, _alice_events) = user(addr_a, "alice").await;
+    let (alice, mut alice_events) = user(addr_a, "alice").await;
     let (_bob, mut bob_events) = user(addr_b, "bob").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    subscribed(&redis_server, "ws", 2).await;
+    present(&redis_server, &["alice", "bob"]).await;
     alice
         .send(Message::dispatch(
             "BROADCAST",
@@ -585,6 +627,10 @@ async fn replicas_recover_from_a_redis_restart_and_lose_no_stored_message() {
         .send(Message::dispatch("ECHO", json!("local")))
         .await
         .unwrap();
+    assert_eq!(
+        next_message(&mut alice_events, "ECHO").await.d,
+        json!("local")
+    );
     for n in 0..5 {
         alice
             .send(Message::dispatch(
@@ -594,7 +640,7 @@ async fn replicas_recover_from_a_redis_restart_and_lose_no_stored_message() {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    handled(&alice, &mut alice_events).await;
     redis_server.restart();
     let restarted = Instant::now();
 
@@ -650,7 +696,7 @@ async fn disconnect_client_reaches_another_replica() {
     serve(&a, any_port()).await;
     let addr_b = serve(&b, any_port()).await;
     let (_ivy, mut events) = user(addr_b, "ivy").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    subscribed(&redis_server, "ws", 2).await;
     let mut kick = Message::new(Opcode::Internal, json!({}));
     kick.t = Some("DISCONNECT_CLIENT".into());
     a.handle().send(&kick, &Recipients::Ids(vec!["ivy".into()]));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesa_core::{Message, PortalChoice, PortalEventKind, Recipients, SyncConfig};
 use mesa_driver::{ClusterConfig, DevAuthenticator, Dispatcher, PortalBuilder, Runtime, Server};
-use mesa_tests::runtimes::{message, say, signed_in, sleep, start, within};
+use mesa_tests::runtimes::{message, say, signed_in, start, until, within};
 use mesa_tests::{RedisServer, conformance};
 use serde_json::json;
 
@@ -33,9 +33,12 @@ fn replica<R: Runtime>(rt: &R, redis: &RedisServer, sync: bool, portals: bool) -
     builder.build().unwrap()
 }
 
-/// Time for a replica's subscription to settle after its first connection.
-async fn settle<R: Runtime>(rt: &R) {
-    sleep(rt, Duration::from_millis(300)).await;
+/// Wait until `replicas` replicas listen on the cluster's channel.
+async fn settle<R: Runtime>(rt: &R, redis: &RedisServer, replicas: usize) {
+    until(rt, "the replicas subscribing", || {
+        redis.subscribers("ws") >= replicas
+    })
+    .await;
 }
 
 async fn replicas_deliver_each_others_sends<R: Runtime>(rt: R) {
@@ -47,7 +50,7 @@ async fn replicas_deliver_each_others_sends<R: Runtime>(rt: R) {
     let (addr_a, addr_b) = (start(&rt, &a).await, start(&rt, &b).await);
     let (alice, mut alice_events) = signed_in(&rt, addr_a, "alice").await;
     let (_bob, mut bob_events) = signed_in(&rt, addr_b, "bob").await;
-    settle(&rt).await;
+    settle(&rt, &redis, 2).await;
 
     say(&alice, "BROADCAST", json!({"to": ["bob"], "n": 1})).await;
     assert_eq!(message(&rt, &mut bob_events).await.d["n"], 1);
@@ -74,12 +77,15 @@ async fn sync_redelivers_what_was_stored_while_offline<R: Runtime>(rt: R) {
     );
     let (addr_a, addr_b) = (start(&rt, &a).await, start(&rt, &b).await);
     let (alice, _alice_events) = signed_in(&rt, addr_a, "alice").await;
-    settle(&rt).await;
+    settle(&rt, &redis, 2).await;
     for n in 0..20 {
         say(&alice, "BROADCAST", json!({"to": ["carol"], "n": n})).await;
     }
     // Carol comes to the other replica and gets all of them, numbered, in order.
-    sleep(&rt, Duration::from_millis(300)).await;
+    until(&rt, "the 20 messages stored", || {
+        redis.stored("undelivered_messages", "carol").len() == 20
+    })
+    .await;
     let (_carol, mut carol_events) = signed_in(&rt, addr_b, "carol").await;
     for n in 0..20u64 {
         let redelivered = message(&rt, &mut carol_events).await;
@@ -102,7 +108,7 @@ async fn a_dispatcher_and_a_portal_reach_this_runtimes_replica<R: Runtime>(rt: R
     let server = replica(&rt, &redis, false, true);
     let addr = start(&rt, &server).await;
     let (_dana, mut events) = signed_in(&rt, addr, "dana").await;
-    settle(&rt).await;
+    settle(&rt, &redis, 1).await;
 
     let url = redis.url();
     let dispatcher = within(
