@@ -186,6 +186,7 @@ impl Harness {
             max_stored_per_id: 3,
             max_messages_per_second: RATE,
             max_message_burst: BURST,
+            max_recipients: 4,
         };
         let config = ServerConfig::builder()
             .heartbeat(heartbeat)

@@ -122,6 +122,7 @@ mod timer;
 
 pub use mesa_core::{
     self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, Recipients,
+    TooManyRecipients,
 };
 pub use mesa_driver::{
     self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,

@@ -22,8 +22,8 @@ impl CloseCode {
     pub const ABNORMAL: CloseCode = CloseCode(1006);
     /// 1007: invalid payload: not JSON, not an object, or a field of the wrong type.
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
-    /// 1008: policy violation: authentication failed or timed out, or the inbound
-    /// message rate was exceeded.
+    /// 1008: policy violation: authentication failed or timed out, the inbound
+    /// message rate was exceeded, or a relayed `BROADCAST` addressed too many ids.
     pub const POLICY: CloseCode = CloseCode(1008);
     /// 1009: a message was too big (or nested too deep).
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);

@@ -221,6 +221,7 @@ pub(crate) fn validate_limits(limits: &Limits) -> Result<(), ConfigError> {
             "max messages per second",
         ),
         (limits.max_message_burst as usize, "max message burst"),
+        (limits.max_recipients, "max recipients"),
     ];
     match counts.into_iter().find(|(value, _)| *value == 0) {
         Some((_, name)) => Err(ConfigError::ZeroCount(name)),

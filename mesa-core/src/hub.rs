@@ -3,7 +3,7 @@
 //! One id may hold several connections (tabs, devices); a send to an id reaches all
 //! of them. The hub only decides; the adapter executes the returned [`Delivery`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::close::{Close, CloseCode};
 use crate::wire::{Frame, Message, Opcode};
@@ -32,16 +32,55 @@ impl Recipients {
     }
 
     /// Remove `excluding` from an explicit list; a global send is left whole, as upstream.
+    /// The order of the rest is kept; the cost is linear in both lists.
     pub fn excluding(self, excluding: &[String]) -> Self {
         match self {
-            Recipients::Ids(ids) => Recipients::Ids(
-                ids.into_iter()
-                    .filter(|id| !excluding.contains(id))
-                    .collect(),
-            ),
-            Recipients::All => Recipients::All,
+            Recipients::Ids(ids) if !excluding.is_empty() => {
+                let excluded: HashSet<&str> = excluding.iter().map(String::as_str).collect();
+                Recipients::Ids(
+                    ids.into_iter()
+                        .filter(|id| !excluded.contains(id.as_str()))
+                        .collect(),
+                )
+            }
+            recipients => recipients,
         }
     }
+
+    /// Refuse an explicit list that addresses more than `max` distinct ids, so one
+    /// send's work (lookups, presence checks, stored copies) stays bounded. Ids listed
+    /// twice count once; a global send is never refused.
+    pub fn at_most(&self, max: usize) -> Result<(), TooManyRecipients> {
+        match self {
+            // Distinct ids are never more than the list: count only a longer list.
+            Recipients::Ids(ids) if ids.len() > max => match first_seen(ids).count() {
+                count if count > max => Err(TooManyRecipients { count, max }),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Each id of `ids` once, in the order of its first appearance.
+pub fn distinct_ids(ids: &[String]) -> Vec<String> {
+    first_seen(ids).cloned().collect()
+}
+
+/// The ids of `ids` not seen before them: a hash set, so linear in the list.
+fn first_seen(ids: &[String]) -> impl Iterator<Item = &String> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    ids.iter().filter(move |id| seen.insert(id.as_str()))
+}
+
+/// A send addressed more distinct ids than [`Limits::max_recipients`](crate::Limits::max_recipients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many recipients: {count} > {max}")]
+pub struct TooManyRecipients {
+    /// The distinct ids the send addressed.
+    pub count: usize,
+    /// The limit.
+    pub max: usize,
 }
 
 /// What a delivery does to each target connection.
@@ -171,7 +210,8 @@ impl Hub {
         Departure { id, last }
     }
 
-    /// The local connections `recipients` reach, and the explicit ids absent here.
+    /// The local connections `recipients` reach, and the explicit ids absent here (each
+    /// once, in list order). Linear in the number of ids.
     pub fn route(&self, recipients: &Recipients) -> (Vec<ConnId>, Vec<String>) {
         match recipients {
             Recipients::All => {
@@ -186,11 +226,10 @@ impl Hub {
             Recipients::Ids(ids) => {
                 let mut targets = BTreeSet::new();
                 let mut absent = Vec::new();
-                for id in ids {
+                for id in first_seen(ids) {
                     match self.by_id.get(id) {
                         Some(conns) => targets.extend(conns),
-                        None if !absent.contains(id) => absent.push(id.clone()),
-                        None => {}
+                        None => absent.push(id.clone()),
                     }
                 }
                 (targets.into_iter().collect(), absent)
@@ -235,6 +274,50 @@ mod tests {
         assert_eq!(
             Recipients::from_ids(vec!["x".into(), "*".into()]),
             Recipients::All
+        );
+    }
+
+    #[test]
+    fn long_lists_route_in_list_order_each_id_once() {
+        let mut hub = Hub::new(false);
+        let (b, a) = (hub.connect(), hub.connect());
+        hub.authenticate(a, "a");
+        hub.authenticate(b, "b");
+        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let to = Recipients::Ids(ids(&["z", "a", "y", "z", "b", "x", "y", "a", "w"]));
+        let (targets, absent) = hub.route(&to.clone().excluding(&ids(&["x", "q", "x"])));
+        // Targets in connection order, absent ids in first-seen order, no repeats.
+        assert_eq!(targets, [b, a]);
+        assert_eq!(absent, ids(&["z", "y", "w"]));
+        assert_eq!(
+            to.clone().excluding(&[]),
+            to,
+            "nothing excluded leaves the list whole"
+        );
+        assert_eq!(
+            distinct_ids(&ids(&["b", "a", "b", "c", "a"])),
+            ids(&["b", "a", "c"])
+        );
+    }
+
+    #[test]
+    fn a_list_over_the_limit_is_refused_counting_distinct_ids() {
+        let ids = |n: usize| Recipients::Ids((0..n).map(|i| format!("u{i}")).collect());
+        assert_eq!(ids(3).at_most(3), Ok(()));
+        assert_eq!(
+            ids(4).at_most(3),
+            Err(TooManyRecipients { count: 4, max: 3 })
+        );
+        let repeated = Recipients::Ids(vec!["a".into(); 10]);
+        assert_eq!(repeated.at_most(1), Ok(()));
+        assert_eq!(Recipients::All.at_most(1), Ok(()));
+        assert_eq!(
+            TooManyRecipients {
+                count: 150_000,
+                max: 100_000
+            }
+            .to_string(),
+            "too many recipients: 150000 > 100000"
         );
     }
 

@@ -31,7 +31,9 @@ pub use config::{
     AuthConfig, ConfigError, HeartbeatConfig, ServerConfig, ServerConfigBuilder, SyncConfig,
 };
 pub use hello::{Hello, Rule};
-pub use hub::{Action, ConnId, Delivery, Departure, Hub, Recipients};
+pub use hub::{
+    Action, ConnId, Delivery, Departure, Hub, Recipients, TooManyRecipients, distinct_ids,
+};
 pub use limits::Limits;
 pub use rate::TokenBucket;
 pub use relay::{RelayAction, dev_authenticate, relay};

@@ -21,6 +21,12 @@ pub struct Limits {
     /// Inbound frames one connection may send at once above the sustained rate (the
     /// size of its token bucket). Default 200.
     pub max_message_burst: u32,
+    /// Most distinct ids one send may address, after `excluding` (a global send is
+    /// never refused). Above it a library send is refused with an error, and a client's
+    /// relayed `BROADCAST` closes its connection with 1008 `too many recipients: N >
+    /// max`: this bounds the work (lookups, presence checks, stored copies) one send
+    /// costs. Default 100,000.
+    pub max_recipients: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +38,7 @@ impl Default for Limits {
             max_stored_per_id: 1000,
             max_messages_per_second: 100,
             max_message_burst: 200,
+            max_recipients: 100_000,
         }
     }
 }

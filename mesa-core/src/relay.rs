@@ -1,9 +1,11 @@
 //! The relay behaviour shared by every example, the `mesa` binary and the tests:
 //! `ECHO` goes back to its sender, `BROADCAST` goes to everyone or to `d.to` minus
-//! `d.except`. Also the development authentication the examples use.
+//! `d.except`, and a `BROADCAST` addressing too many ids closes its sender. Also the
+//! development authentication the examples use.
 
 use serde_json::{Value, json};
 
+use crate::close::{Close, CloseCode};
 use crate::hub::Recipients;
 use crate::wire::{Message, Opcode};
 
@@ -20,11 +22,18 @@ pub enum RelayAction {
         /// Everyone, or `d.to` minus `d.except`.
         recipients: Recipients,
     },
+    /// Send nothing and close the sender's connection with this close: its
+    /// `BROADCAST` addressed more ids than allowed (1008 `too many recipients: N > max`).
+    Refuse(Close),
 }
 
 /// Decide what the relay does with `message`; `None` for anything but an
-/// `ECHO` or `BROADCAST` dispatch.
-pub fn relay(message: &Message) -> Option<RelayAction> {
+/// `ECHO` or `BROADCAST` dispatch. A `BROADCAST` whose `d.to` minus `d.except` holds
+/// more than `max_recipients` distinct ids ([`Limits::max_recipients`]) is refused:
+/// a peer that asks for that much work loses its connection, as for the message rate.
+///
+/// [`Limits::max_recipients`]: crate::Limits::max_recipients
+pub fn relay(message: &Message, max_recipients: usize) -> Option<RelayAction> {
     if message.op != Opcode::Dispatch {
         return None;
     }
@@ -44,9 +53,14 @@ pub fn relay(message: &Message) -> Option<RelayAction> {
                 Some(to) => Recipients::from_ids(to).excluding(&ids("except").unwrap_or_default()),
                 None => Recipients::All,
             };
-            Some(RelayAction::Send {
-                message: message.clone(),
-                recipients,
+            Some(match recipients.at_most(max_recipients) {
+                Ok(()) => RelayAction::Send {
+                    message: message.clone(),
+                    recipients,
+                },
+                Err(refused) => {
+                    RelayAction::Refuse(Close::new(CloseCode::POLICY, refused.to_string()))
+                }
             })
         }
         _ => None,
@@ -70,11 +84,11 @@ mod tests {
     #[test]
     fn echo_and_broadcast() {
         let echo = Message::dispatch("ECHO", json!({"n": 1}));
-        assert_eq!(relay(&echo), Some(RelayAction::Reply(echo.clone())));
+        assert_eq!(relay(&echo, 2), Some(RelayAction::Reply(echo.clone())));
 
         let all = Message::dispatch("BROADCAST", json!({"text": "hi"}));
         assert!(matches!(
-            relay(&all),
+            relay(&all, 2),
             Some(RelayAction::Send {
                 recipients: Recipients::All,
                 ..
@@ -82,13 +96,36 @@ mod tests {
         ));
 
         let some = Message::dispatch("BROADCAST", json!({"to": ["a", "b"], "except": ["b"]}));
-        let Some(RelayAction::Send { recipients, .. }) = relay(&some) else {
+        let Some(RelayAction::Send { recipients, .. }) = relay(&some, 2) else {
             panic!()
         };
         assert_eq!(recipients, Recipients::Ids(vec!["a".into()]));
 
-        assert_eq!(relay(&Message::dispatch("OTHER", json!({}))), None);
-        assert_eq!(relay(&Message::new(Opcode::Other(7), json!({}))), None);
+        assert_eq!(relay(&Message::dispatch("OTHER", json!({})), 2), None);
+        assert_eq!(relay(&Message::new(Opcode::Other(7), json!({})), 2), None);
+    }
+
+    #[test]
+    fn a_broadcast_to_too_many_ids_is_refused_with_1008() {
+        let to = |to: Value| Message::dispatch("BROADCAST", json!({"to": to, "except": ["c"]}));
+        // Three distinct ids after `except`, a repeat counting once: within a limit of 3.
+        let three = to(json!(["a", "b", "c", "d", "a"]));
+        assert!(matches!(relay(&three, 3), Some(RelayAction::Send { .. })));
+        assert_eq!(
+            relay(&three, 2),
+            Some(RelayAction::Refuse(Close::new(
+                CloseCode::POLICY,
+                "too many recipients: 3 > 2"
+            )))
+        );
+        // `*` is everyone, never refused.
+        assert!(matches!(
+            relay(&to(json!(["a", "b", "*"])), 1),
+            Some(RelayAction::Send {
+                recipients: Recipients::All,
+                ..
+            })
+        ));
     }
 
     #[test]

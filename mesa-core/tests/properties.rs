@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use mesa_core::{
     AuthConfig, Backoff, BackoffConfig, ClientConfig, ClientSession, ClientTransmit, Close,
-    CloseCode, HeartbeatConfig, Limits, Message, Opcode, ServerConfig, ServerSession, SessionEvent,
-    SyncConfig, Transmit,
+    CloseCode, ConnId, HeartbeatConfig, Hub, Limits, Message, Opcode, Recipients, ServerConfig,
+    ServerSession, SessionEvent, SyncConfig, Transmit,
 };
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -405,5 +405,57 @@ proptest! {
         let closed = std::iter::from_fn(|| flood.poll_event())
             .find_map(|e| match e { SessionEvent::Closed { close, .. } => Some(close), _ => None });
         prop_assert_eq!(closed, Some(Close::new(CloseCode::POLICY, "rate limit exceeded")));
+    }
+}
+
+// ----- routing -----
+
+/// Short ids from a small alphabet, so lists repeat ids and overlap their exclusions.
+fn arb_ids() -> impl Strategy<Value = Vec<String>> {
+    prop::collection::vec("[a-f]{1,2}", 0..60)
+}
+
+proptest! {
+    /// `excluding` (a hash set) keeps exactly what the naive filter keeps, in order.
+    #[test]
+    fn excluding_equals_the_naive_filter(ids in arb_ids(), excluding in arb_ids()) {
+        let naive: Vec<String> = ids.iter().filter(|id| !excluding.contains(id)).cloned().collect();
+        prop_assert_eq!(
+            Recipients::Ids(ids).excluding(&excluding),
+            Recipients::Ids(naive)
+        );
+    }
+
+    /// `route` finds the connections of the listed ids here, in connection order,
+    /// and lists the others once each in the order they first appear, as the naive
+    /// search does; `at_most` counts the same distinct ids.
+    #[test]
+    fn routing_equals_the_naive_search(online in arb_ids(), ids in arb_ids(), max in 0usize..40) {
+        let mut hub = Hub::new(false);
+        let conns: Vec<(ConnId, String)> = online
+            .iter()
+            .map(|id| {
+                let conn = hub.connect();
+                let _ = hub.authenticate(conn, id);
+                (conn, id.clone())
+            })
+            .collect();
+        let recipients = Recipients::Ids(ids.clone());
+        let (targets, absent) = hub.route(&recipients);
+
+        let naive_targets: Vec<ConnId> =
+            conns.iter().filter(|(_, id)| ids.contains(id)).map(|(conn, _)| *conn).collect();
+        let mut distinct: Vec<String> = Vec::new();
+        for id in &ids {
+            if !distinct.contains(id) {
+                distinct.push(id.clone());
+            }
+        }
+        let naive_absent: Vec<String> =
+            distinct.iter().filter(|id| !online.contains(id)).cloned().collect();
+        prop_assert_eq!(targets, naive_targets);
+        prop_assert_eq!(absent, naive_absent);
+        prop_assert_eq!(&mesa_core::distinct_ids(&ids), &distinct);
+        prop_assert_eq!(recipients.at_most(max).is_ok(), distinct.len() <= max);
     }
 }

@@ -51,7 +51,7 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// Why a connection did not take a command.
+/// Why a connection (or, for too many recipients, a server) did not take a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
@@ -61,6 +61,10 @@ pub enum SendError {
     /// The connection's outbound queue is full; it is being closed as a slow consumer.
     #[error("the connection's outbound queue is full")]
     Overflow,
+    /// A send addressed more distinct ids than `Limits::max_recipients`; nothing of it
+    /// was delivered, published or stored.
+    #[error(transparent)]
+    TooManyRecipients(#[from] mesa_core::TooManyRecipients),
 }
 
 impl From<Refused> for SendError {

@@ -12,7 +12,10 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use mesa_core::{Message, MessageOptions, Namespace, Opcode, Recipients, RemotePlan, plan_remote};
+use mesa_core::{
+    Limits, Message, MessageOptions, Namespace, Opcode, Recipients, RemotePlan, TooManyRecipients,
+    distinct_ids, plan_remote,
+};
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
@@ -30,6 +33,10 @@ pub enum DispatchError {
     /// A setting is out of range (e.g. a zero `max_stored`).
     #[error("invalid setting: {0}")]
     InvalidSetting(&'static str),
+    /// The dispatch addressed more distinct ids than
+    /// [`max_recipients`](Dispatcher::max_recipients); nothing was published or stored.
+    #[error(transparent)]
+    TooManyRecipients(#[from] TooManyRecipients),
     /// Redis is unreachable or failed a command. Nothing is retried: the dispatch may
     /// have been published or stored in part. The next dispatch reconnects.
     #[error("Redis: {0}")]
@@ -71,6 +78,7 @@ pub struct Dispatcher {
     ns: Namespace,
     sync: bool,
     max_stored: usize,
+    max_recipients: usize,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -79,6 +87,7 @@ impl std::fmt::Debug for Dispatcher {
             .field("namespace", &self.ns)
             .field("sync", &self.sync)
             .field("max_stored", &self.max_stored)
+            .field("max_recipients", &self.max_recipients)
             .finish_non_exhaustive()
     }
 }
@@ -87,7 +96,9 @@ impl Dispatcher {
     /// Connect to the Redis at `url` (e.g. `redis://127.0.0.1:6379/`) of the cluster
     /// using `namespace` (`None` or empty: none). With `sync`, messages to ids
     /// connected nowhere are stored for them, at most `max_stored` per id (the oldest
-    /// go; the servers' default is 1000).
+    /// go; the servers' default is 1000). A dispatch may address at most
+    /// [`Limits::max_recipients`] distinct ids (100,000; see
+    /// [`with_max_recipients`](Self::with_max_recipients)).
     pub async fn connect(
         url: &str,
         namespace: Option<&str>,
@@ -107,9 +118,28 @@ impl Dispatcher {
             ns: Namespace::new(namespace.map(str::to_owned)),
             sync,
             max_stored,
+            max_recipients: Limits::default().max_recipients,
         };
         dispatcher.connection().await?;
         Ok(dispatcher)
+    }
+
+    /// Allow at most `max` distinct ids per dispatch (after `excluding`), like the
+    /// servers' `Limits::max_recipients`: a longer list is refused with
+    /// [`DispatchError::TooManyRecipients`]. Zero is an invalid setting.
+    pub fn with_max_recipients(mut self, max: usize) -> Result<Dispatcher, DispatchError> {
+        if max == 0 {
+            return Err(DispatchError::InvalidSetting(
+                "max_recipients must be at least 1",
+            ));
+        }
+        self.max_recipients = max;
+        Ok(self)
+    }
+
+    /// The most distinct ids one dispatch may address.
+    pub fn max_recipients(&self) -> usize {
+        self.max_recipients
     }
 
     /// Whether messages to offline ids are stored.
@@ -131,7 +161,8 @@ impl Dispatcher {
     /// others have it stored. Each id is counted once (upstream stores twice for an id
     /// listed twice). An op 5 message is never stored (upstream would store it, and
     /// its redelivery would then disconnect the client); see
-    /// [`dispatch_event`](Self::dispatch_event).
+    /// [`dispatch_event`](Self::dispatch_event). A list of more distinct ids than
+    /// [`max_recipients`](Self::max_recipients) is refused before Redis is asked.
     pub async fn dispatch(
         &self,
         message: Message,
@@ -168,6 +199,7 @@ impl Dispatcher {
         recipients: Recipients,
         sync: bool,
     ) -> Result<DispatchReport, DispatchError> {
+        recipients.at_most(self.max_recipients)?;
         let mut report = DispatchReport::default();
         let plan = match &recipients {
             Recipients::All => {
@@ -175,15 +207,7 @@ impl Dispatcher {
                 plan_remote(&recipients, Vec::new(), sync)
             }
             // A Dispatcher has no connection of its own: every id is elsewhere.
-            Recipients::Ids(ids) => {
-                let mut unique: Vec<String> = Vec::with_capacity(ids.len());
-                for id in ids {
-                    if !unique.contains(id) {
-                        unique.push(id.clone());
-                    }
-                }
-                plan_remote(&recipients, unique, sync)
-            }
+            Recipients::Ids(ids) => plan_remote(&recipients, distinct_ids(ids), sync),
         };
         let checked = match &plan {
             RemotePlan::Nothing => return Ok(report),

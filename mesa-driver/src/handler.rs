@@ -85,12 +85,15 @@ pub trait Handler: Send + Sync + 'static {
 
 /// The relay behaviour of the examples and `mesa serve`: `ECHO` back to its sender,
 /// `BROADCAST` to everyone or to `d.to` minus `d.except` (see [`mesa_core::relay()`]).
+/// A `BROADCAST` addressing more distinct ids than `Limits::max_recipients` is not
+/// sent: its sender is closed with 1008 `too many recipients: N > max`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Relay;
 
 impl Handler for Relay {
     async fn on_message(&self, conn: &Connection, message: Message) {
-        match mesa_core::relay(&message) {
+        let server = conn.server();
+        match mesa_core::relay(&message, server.max_recipients()) {
             Some(RelayAction::Reply(message)) => {
                 let _ = conn.send(&message);
             }
@@ -98,7 +101,11 @@ impl Handler for Relay {
                 message,
                 recipients,
             }) => {
-                conn.server().send(&message, &recipients);
+                // Within the limit: the relay checked it, the same check as `send`'s.
+                let _ = server.send(&message, &recipients);
+            }
+            Some(RelayAction::Refuse(close)) => {
+                let _ = conn.disconnect(close);
             }
             None => {}
         }

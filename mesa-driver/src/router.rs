@@ -13,6 +13,7 @@ use mesa_core::{
 use serde_json::Value;
 
 use crate::cluster::ClusterHandle;
+use crate::connection::SendError;
 use crate::middleware::Middlewares;
 use crate::outbox::{Outbound, Outbox, Refused};
 
@@ -60,6 +61,8 @@ pub(crate) struct Router {
     state: Mutex<State>,
     pub(crate) middleware: Middlewares,
     outbound_cap: usize,
+    /// The most distinct ids one send may address ([`mesa_core::Limits::max_recipients`]).
+    max_recipients: usize,
     /// The cluster link, when the server replicates through Redis.
     pub(crate) cluster: OnceLock<ClusterHandle>,
     /// Connection tasks still running, closing handshakes included (a connection
@@ -88,7 +91,12 @@ pub struct SendReport {
 }
 
 impl Router {
-    pub(crate) fn new(auth_required: bool, middleware: Middlewares, outbound_cap: usize) -> Self {
+    pub(crate) fn new(
+        auth_required: bool,
+        middleware: Middlewares,
+        outbound_cap: usize,
+        max_recipients: usize,
+    ) -> Self {
         Router {
             state: Mutex::new(State {
                 hub: Hub::new(auth_required),
@@ -97,6 +105,7 @@ impl Router {
             }),
             middleware,
             outbound_cap,
+            max_recipients,
             cluster: OnceLock::new(),
             live: AtomicUsize::new(0),
         }
@@ -147,8 +156,20 @@ impl Router {
     }
 
     /// Send to local connections, and hand the rest to the cluster (or report it
-    /// undeliverable when there is no cluster).
+    /// undeliverable when there is no cluster); refuse a list over the recipient limit
+    /// before anything is delivered or handed on.
     pub(crate) fn send(
+        &self,
+        message: &Message,
+        options: Option<&MessageOptions>,
+        recipients: &Recipients,
+    ) -> Result<SendReport, SendError> {
+        recipients.at_most(self.max_recipients)?;
+        Ok(self.deliver(message, options, recipients))
+    }
+
+    /// [`send`](Self::send) once the recipient limit is known to hold.
+    fn deliver(
         &self,
         message: &Message,
         options: Option<&MessageOptions>,
@@ -173,7 +194,8 @@ impl Router {
     }
 
     /// Deliver to the local connections among `recipients` only (an envelope from
-    /// another replica, or the local half of a send).
+    /// another replica, or the local half of a send). Never refused for its number of
+    /// recipients: the replica or Dispatcher that published it applied its own limit.
     pub(crate) fn deliver_local(&self, message: &Message, recipients: &Recipients) -> SendReport {
         let mut report = SendReport::default();
         {
@@ -252,7 +274,15 @@ impl ServerHandle {
     /// Send `message` to `recipients` (everyone, or ids). It is encoded once; with a
     /// cluster, recipients elsewhere get it through one PUBLISH, and with sync the
     /// offline ones get it stored.
-    pub fn send(&self, message: &Message, recipients: &Recipients) -> SendReport {
+    ///
+    /// A list addressing more distinct ids than [`max_recipients`](Self::max_recipients)
+    /// is refused with [`SendError::TooManyRecipients`]: nothing of it is delivered,
+    /// published or stored.
+    pub fn send(
+        &self,
+        message: &Message,
+        recipients: &Recipients,
+    ) -> Result<SendReport, SendError> {
         self.router.send(message, None, recipients)
     }
 
@@ -263,23 +293,37 @@ impl ServerHandle {
         message: &Message,
         options: &MessageOptions,
         recipients: &Recipients,
-    ) -> SendReport {
+    ) -> Result<SendReport, SendError> {
         self.router.send(message, Some(options), recipients)
     }
 
-    /// Send to every connection (only authenticated ones when authentication is required).
+    /// Send to every connection (only authenticated ones when authentication is
+    /// required). Never refused: the recipient limit bounds explicit lists only.
     pub fn broadcast(&self, message: &Message) -> SendReport {
-        self.send(message, &Recipients::All)
+        self.router.deliver(message, None, &Recipients::All)
     }
 
-    /// Send to every connection of these ids, minus `excluding`.
-    pub fn send_to<I, S>(&self, message: &Message, ids: I, excluding: &[String]) -> SendReport
+    /// Send to every connection of these ids, minus `excluding`; refused like
+    /// [`send`](Self::send) when more than [`max_recipients`](Self::max_recipients)
+    /// distinct ids remain after `excluding`.
+    pub fn send_to<I, S>(
+        &self,
+        message: &Message,
+        ids: I,
+        excluding: &[String],
+    ) -> Result<SendReport, SendError>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
         let ids = ids.into_iter().map(Into::into).collect();
         self.send(message, &Recipients::from_ids(ids).excluding(excluding))
+    }
+
+    /// The most distinct ids one send may address ([`mesa_core::Limits::max_recipients`],
+    /// set on the server builder): handlers that route their own messages check against it.
+    pub fn max_recipients(&self) -> usize {
+        self.router.max_recipients
     }
 
     /// Open connections.

@@ -328,6 +328,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             config.authentication_required(),
             Middlewares::new(self.middleware),
             self.transport.max_outbound_bytes,
+            config.limits().max_recipients,
         ));
         if let Some(cluster) = self.cluster {
             let handle = cluster::spawn(

@@ -77,6 +77,7 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 pub use mesa_core::{
     self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, Recipients,
+    TooManyRecipients,
 };
 pub use mesa_driver::{
     self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,

@@ -327,8 +327,9 @@ fn limit_flags_refuse_upgrades_and_close_offenders_with_their_codes() {
             "5",
         ],
         &[
-            ("MESA_MAX_JSON_DEPTH", "2"),
+            ("MESA_MAX_JSON_DEPTH", "3"),
             ("MESA_MAX_MESSAGE_BURST", "2"),
+            ("MESA_MAX_RECIPIENTS", "2"),
         ],
     );
     let first = upgrade(&url, Some("https://admin.example.com")).expect("the first connection");
@@ -364,7 +365,7 @@ fn limit_flags_refuse_upgrades_and_close_offenders_with_their_codes() {
     let long = format!(r#"{{"op":0,"t":"ECHO","d":"{}"}}"#, "x".repeat(64));
     assert_eq!(offend(&[&long]), 1009, "past --max-message-bytes");
     assert_eq!(
-        offend(&[r#"{"op":0,"d":[[1]]}"#]),
+        offend(&[r#"{"op":0,"d":[[[1]]]}"#]),
         1009,
         "past MESA_MAX_JSON_DEPTH"
     );
@@ -373,6 +374,11 @@ fn limit_flags_refuse_upgrades_and_close_offenders_with_their_codes() {
         offend(&[ack, ack, ack]),
         1008,
         "past the rate and its burst"
+    );
+    assert_eq!(
+        offend(&[r#"{"op":0,"t":"BROADCAST","d":{"to":["a","b","c"]}}"#]),
+        1008,
+        "past MESA_MAX_RECIPIENTS"
     );
 
     server.terminate();

@@ -10,7 +10,7 @@ use async_tungstenite::tungstenite::Message as WsMessage;
 use futures_util::StreamExt;
 use mesa_tokio::{
     BackoffConfig, ClientEvent, ClientEvents, CloseCode, DevAuthenticator, Handler, Message,
-    Middleware, Server,
+    Middleware, SendError, Server, TooManyRecipients,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -298,6 +298,31 @@ async fn a_broadcast_to_many_is_one_send() {
     }
     assert_eq!(counter.sends.load(Ordering::SeqCst), 1);
     assert_eq!(counter.recipients.load(Ordering::SeqCst), 20);
+}
+
+/// Issue 11's send (20,000 ids, 10,000 of them excluded, none connected) is routed
+/// whole; past the default limit of 100,000 distinct ids a send is refused, counted
+/// after `excluding`.
+#[tokio::test]
+async fn long_recipient_lists_are_routed_up_to_max_recipients() {
+    let handle = dev_server().build().unwrap().handle();
+    let ids = |n: usize| (0..n).map(|i| format!("u{i}"));
+    let note = Message::dispatch("NOTE", json!({}));
+    let except: Vec<String> = ids(10_000).collect();
+    let report = handle.send_to(&note, ids(20_000), &except).unwrap();
+    assert_eq!(report.absent.len(), 10_000);
+    assert_eq!(report.absent.first().map(String::as_str), Some("u10000"));
+
+    assert_eq!(handle.max_recipients(), 100_000);
+    assert_eq!(
+        handle.send_to(&note, ids(100_001), &[]),
+        Err(SendError::TooManyRecipients(TooManyRecipients {
+            count: 100_001,
+            max: 100_000
+        }))
+    );
+    let report = handle.send_to(&note, ids(100_001), &["u0".into()]).unwrap();
+    assert_eq!(report.absent.len(), 100_000);
 }
 
 #[tokio::test]

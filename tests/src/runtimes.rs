@@ -154,6 +154,21 @@ pub async fn raw<R: Runtime>(rt: &R, addr: SocketAddr) -> Raw<R> {
     .await
 }
 
+/// A raw WebSocket to our server at `addr`, past its hello and authenticated as
+/// `token` (development authentication: op 22 received).
+pub async fn raw_signed_in<R: Runtime>(rt: &R, addr: SocketAddr, token: &str) -> Raw<R> {
+    let mut ws = raw(rt, addr).await;
+    next_json(rt, &mut ws).await;
+    let auth = json!({"op": 2, "d": {"token": token}}).to_string();
+    ws.send(WsMessage::text(auth)).await.expect("op 2 sent");
+    assert_eq!(
+        next_json(rt, &mut ws).await["op"],
+        22,
+        "{token} authenticated"
+    );
+    ws
+}
+
 /// Try a WebSocket handshake with our server at `addr` (`ws://addr/`), sending this
 /// `Origin` header if any: the raw peer, or the HTTP status that refused it.
 pub async fn upgrade<R: Runtime>(

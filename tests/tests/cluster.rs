@@ -121,10 +121,12 @@ async fn replicas_deliver_each_others_sends_once() {
     assert_eq!(next_message(&mut bob_events, "BROADCAST").await.d["n"], 2);
 
     // The server API reaches ids on any replica; a marker shows nothing arrived twice.
-    b.handle().send(
-        &Message::dispatch("DM", json!("from b")),
-        &Recipients::Ids(vec!["alice".into()]),
-    );
+    b.handle()
+        .send(
+            &Message::dispatch("DM", json!("from b")),
+            &Recipients::Ids(vec!["alice".into()]),
+        )
+        .unwrap();
     assert_eq!(
         next_message(&mut alice_events, "DM").await.d,
         json!("from b")
@@ -199,7 +201,9 @@ async fn sync_stores_every_message_from_two_replicas_and_redelivers_in_order() {
         tokio::spawn(async move {
             for n in 0..500 {
                 let message = Message::dispatch("NOTE", json!({"from": from, "n": n}));
-                handle.send(&message, &Recipients::Ids(vec!["carol".into()]));
+                handle
+                    .send(&message, &Recipients::Ids(vec!["carol".into()]))
+                    .unwrap();
                 if n % 50 == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -272,10 +276,13 @@ async fn a_drop_during_redelivery_keeps_the_rest_stored() {
         .unwrap();
     let addr = serve(&server, any_port()).await;
     for n in 0..40 {
-        server.handle().send(
-            &Message::dispatch("NOTE", json!(n)),
-            &Recipients::Ids(vec!["dan".into()]),
-        );
+        server
+            .handle()
+            .send(
+                &Message::dispatch("NOTE", json!(n)),
+                &Recipients::Ids(vec!["dan".into()]),
+            )
+            .unwrap();
     }
     let mut conn = redis(&redis_server).await;
     eventually("40 stored", WAIT, || {
@@ -699,7 +706,9 @@ async fn disconnect_client_reaches_another_replica() {
     subscribed(&redis_server, "ws", 2).await;
     let mut kick = Message::new(Opcode::Internal, json!({}));
     kick.t = Some("DISCONNECT_CLIENT".into());
-    a.handle().send(&kick, &Recipients::Ids(vec!["ivy".into()]));
+    a.handle()
+        .send(&kick, &Recipients::Ids(vec!["ivy".into()]))
+        .unwrap();
     let event = next_event(
         &mut events,
         "the kick",

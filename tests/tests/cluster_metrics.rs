@@ -60,8 +60,8 @@ async fn redis_link_latency_and_sync_are_counted() {
 
     // Two messages to bob, who is connected nowhere: stored, then redelivered.
     let note = |n: u64| Message::dispatch("NOTE", json!({ "n": n }));
-    server.handle().send_to(&note(1), ["bob"], &[]);
-    server.handle().send_to(&note(2), ["bob"], &[]);
+    server.handle().send_to(&note(1), ["bob"], &[]).unwrap();
+    server.handle().send_to(&note(2), ["bob"], &[]).unwrap();
     until(&metrics, "two messages stored", |text| {
         sample(text, "mesa_sync_stored_total") == Some(2.0)
     })

@@ -18,16 +18,16 @@ use std::time::Duration;
 use async_tungstenite::tungstenite::Message as WsMessage;
 use async_tungstenite::tungstenite::protocol::frame::Frame;
 use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use mesa_core::{BackoffConfig, ClientEvent, Close, CloseCode, Message};
+use mesa_core::{BackoffConfig, ClientEvent, Close, CloseCode, Message, TooManyRecipients};
 use mesa_driver::echo::Echo;
 use mesa_driver::{
-    Connection, DevAuthenticator, Handler, Refusal, Relay, Runtime, Server, ServerBuilder,
-    TransportConfig,
+    Connection, DevAuthenticator, Handler, Refusal, Relay, Runtime, SendError, Server,
+    ServerBuilder, TransportConfig,
 };
 use mesa_tests::ours::url;
 use mesa_tests::runtimes::{
-    AsyncStd, Smol, Tokio, close_code, event, message, next_frame, next_json, raw, run_scenario,
-    say, serve_on, signed_in, sleep, start, until, upgrade, within, yield_now,
+    AsyncStd, Smol, Tokio, close_code, event, message, next_frame, next_json, raw, raw_signed_in,
+    run_scenario, say, serve_on, signed_in, sleep, start, until, upgrade, within, yield_now,
 };
 use mesa_tests::{ClientKind, NodePeer, conformance};
 use serde_json::{Value, json};
@@ -43,6 +43,7 @@ conformance!(
     upgrades_past_max_connections_get_503,
     an_origin_not_allowed_gets_403,
     a_flood_past_the_message_rate_closes_with_1008,
+    sends_past_max_recipients_are_refused,
     websocket_protocol_violations_are_closed_with_1002,
     an_oversized_frame_still_being_written_gets_1009,
 );
@@ -270,18 +271,13 @@ async fn a_slow_consumer_is_closed_with_1013<R: Runtime>(rt: R) {
     let handle = server.handle();
     let addr = start(&rt, &server).await;
     let (client, mut events) = signed_in(&rt, addr, "alice").await;
-    let mut slow = raw(&rt, addr).await;
-    next_json(&rt, &mut slow).await;
-    slow.send(WsMessage::text(r#"{"op":2,"d":{"token":"slow"}}"#))
-        .await
-        .unwrap();
-    assert_eq!(next_json(&rt, &mut slow).await["op"], 22);
+    let slow = raw_signed_in(&rt, addr, "slow").await;
 
     // The slow peer stops reading; what is sent to it piles up until its queue is full.
     let bulk = Message::dispatch("BULK", json!({"blob": "y".repeat(16 * 1024)}));
     let mut overflowed = false;
     for _ in 0..4_000 {
-        if handle.send_to(&bulk, ["slow"], &[]).overflowed > 0 {
+        if handle.send_to(&bulk, ["slow"], &[]).unwrap().overflowed > 0 {
             overflowed = true;
             break;
         }
@@ -365,28 +361,28 @@ async fn an_origin_not_allowed_gets_403<R: Runtime>(rt: R) {
     assert_eq!(server.handle().connection_count(), admitted.len());
 }
 
+/// A [`dev_server`] with these limits, relaying and recording every close.
+fn limited_server<R: Runtime>(rt: &R, limits: mesa_core::Limits) -> (Server<R, Closes>, Closes) {
+    let closes = Closes::default();
+    let server = dev_server(rt)
+        .limits(limits)
+        .handler(closes.clone())
+        .build()
+        .unwrap();
+    (server, closes)
+}
+
 async fn a_flood_past_the_message_rate_closes_with_1008<R: Runtime>(rt: R) {
     let limits = mesa_core::Limits {
         max_messages_per_second: 50,
         max_message_burst: 20,
         ..Default::default()
     };
-    let closes = Closes::default();
-    let server = dev_server(&rt)
-        .limits(limits)
-        .handler(closes.clone())
-        .build()
-        .unwrap();
+    let (server, closes) = limited_server(&rt, limits);
     let addr = start(&rt, &server).await;
     let (client, mut events) = signed_in(&rt, addr, "paced").await;
 
-    let mut flooder = raw(&rt, addr).await;
-    next_json(&rt, &mut flooder).await;
-    flooder
-        .send(WsMessage::text(r#"{"op":2,"d":{"token":"flooder"}}"#))
-        .await
-        .unwrap();
-    assert_eq!(next_json(&rt, &mut flooder).await["op"], 22);
+    let mut flooder = raw_signed_in(&rt, addr, "flooder").await;
     let frame = WsMessage::text(r#"{"op":0,"t":"NOISE","d":{}}"#);
     for _ in 0..100 {
         if flooder.send(frame.clone()).await.is_err() {
@@ -412,6 +408,64 @@ async fn a_flood_past_the_message_rate_closes_with_1008<R: Runtime>(rt: R) {
         assert_eq!(message(&rt, &mut events).await.d, json!(n));
     }
     assert!(closes.of("paced").is_none());
+}
+
+/// With `max_recipients` 2, a library send to three distinct ids (after excluding)
+/// is refused and delivers nothing; a client's BROADCAST to three closes that client
+/// with 1008 and the reason, sends nothing, and leaves everyone else talking.
+async fn sends_past_max_recipients_are_refused<R: Runtime>(rt: R) {
+    let limits = mesa_core::Limits {
+        max_recipients: 2,
+        ..Default::default()
+    };
+    let (server, closes) = limited_server(&rt, limits);
+    let handle = server.handle();
+    assert_eq!(handle.max_recipients(), 2);
+    let addr = start(&rt, &server).await;
+    let (alice, mut alice_events) = signed_in(&rt, addr, "alice").await;
+    let (bob, mut bob_events) = signed_in(&rt, addr, "bob").await;
+
+    let refused = Message::dispatch("NOTE", json!("refused"));
+    let four = ["alice", "bob", "carol", "dave"];
+    assert_eq!(
+        handle.send_to(&refused, four, &["dave".into()]),
+        Err(SendError::TooManyRecipients(TooManyRecipients {
+            count: 3,
+            max: 2
+        }))
+    );
+    // Two distinct ids, one listed twice: within the limit.
+    let sent = Message::dispatch("NOTE", json!("sent"));
+    let report = handle
+        .send_to(&sent, ["alice", "bob", "alice"], &[])
+        .unwrap();
+    assert_eq!(report.delivered, 2);
+    for events in [&mut alice_events, &mut bob_events] {
+        assert_eq!(message(&rt, events).await.d, json!("sent"));
+    }
+
+    let mut greedy = raw_signed_in(&rt, addr, "greedy").await;
+    let broadcast = r#"{"op":0,"t":"BROADCAST","d":{"to":["alice","bob","carol"]}}"#;
+    greedy.send(WsMessage::text(broadcast)).await.unwrap();
+    let close = loop {
+        if let WsMessage::Close(frame) = next_frame(&rt, &mut greedy).await {
+            break frame.map(|frame| (u16::from(frame.code), frame.reason.to_string()));
+        }
+    };
+    assert_eq!(close, Some((1008, "too many recipients: 3 > 2".to_owned())));
+    until(
+        &rt,
+        "the greedy client's close reaching the handler",
+        || closes.of("greedy").is_some(),
+    )
+    .await;
+
+    // The refused BROADCAST reached no one: each one's next message is the other's.
+    say(&bob, "BROADCAST", json!({"to": ["alice"], "from": "bob"})).await;
+    say(&alice, "BROADCAST", json!({"to": ["bob"], "from": "alice"})).await;
+    assert_eq!(message(&rt, &mut alice_events).await.d["from"], "bob");
+    assert_eq!(message(&rt, &mut bob_events).await.d["from"], "alice");
+    assert!(closes.of("alice").is_none() && closes.of("bob").is_none());
 }
 
 /// A frame that breaks RFC 6455 (here a reserved bit set without an extension) is

@@ -5,8 +5,12 @@
 
 use std::time::Duration;
 
-use mesa_core::{Message, PortalChoice, PortalEventKind, Recipients, SyncConfig};
-use mesa_driver::{ClusterConfig, DevAuthenticator, Dispatcher, PortalBuilder, Runtime, Server};
+use mesa_core::{
+    Message, PortalChoice, PortalEventKind, Recipients, SyncConfig, TooManyRecipients,
+};
+use mesa_driver::{
+    ClusterConfig, DevAuthenticator, DispatchError, Dispatcher, PortalBuilder, Runtime, Server,
+};
 use mesa_tests::runtimes::{message, say, signed_in, start, until, within};
 use mesa_tests::{RedisServer, conformance};
 use serde_json::json;
@@ -117,7 +121,20 @@ async fn a_dispatcher_and_a_portal_reach_this_runtimes_replica<R: Runtime>(rt: R
         Dispatcher::connect(&url, None, false, 1000),
     )
     .await
+    .unwrap()
+    .with_max_recipients(1)
     .unwrap();
+    // Two ids past a limit of one: refused before Redis sees it, so dana gets only
+    // the next dispatch.
+    let refused = Message::dispatch("NEWS", json!({"refused": true}));
+    let two = Recipients::Ids(vec!["dana".into(), "erin".into()]);
+    assert_eq!(
+        dispatcher.dispatch(refused, None, two, &[]).await,
+        Err(DispatchError::TooManyRecipients(TooManyRecipients {
+            count: 2,
+            max: 1
+        }))
+    );
     let news = Message::dispatch("NEWS", json!({"from": "dispatcher"}));
     let to_dana = Recipients::Ids(vec!["dana".into()]);
     within(

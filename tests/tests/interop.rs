@@ -154,7 +154,10 @@ async fn their_client_on_our_server(kind: ClientKind) {
 
     // Our server's dispatch reaches them.
     let notice = Message::dispatch("NOTICE", json!({"n": 2}));
-    assert_eq!(handle.send_to(&notice, ["alice"], &[]).delivered, 1);
+    assert_eq!(
+        handle.send_to(&notice, ["alice"], &[]).unwrap().delivered,
+        1
+    );
     alice.expect_message("NOTICE", &json!({"n": 2})).await;
 
     // BROADCAST between them and our client, both ways.
@@ -618,7 +621,7 @@ async fn their_clients_see_our_close_codes() {
 
     let mut kick = Message::new(Opcode::Internal, json!({}));
     kick.t = Some("DISCONNECT_CLIENT".into());
-    assert_eq!(handle.send_to(&kick, ["alice"], &[]).delivered, 1);
+    assert_eq!(handle.send_to(&kick, ["alice"], &[]).unwrap().delivered, 1);
     let disconnected = alice.expect_event("disconnected").await;
     assert_eq!(disconnected["code"], 1000, "{disconnected}");
     assert_eq!(disconnected["willAttemptReconnect"], true, "{disconnected}");

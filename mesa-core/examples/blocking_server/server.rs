@@ -185,6 +185,7 @@ fn run_connection(
     };
     eprintln!("{peer}: connected as {conn:?}");
     let mut connection = Connection {
+        max_recipients: config.limits().max_recipients,
         session: ServerSession::new(config, clock()),
         ws,
         conn,
@@ -212,6 +213,8 @@ struct Connection {
     peer: SocketAddr,
     shared: Arc<Mutex<Shared>>,
     inbox: Receiver<Action>,
+    /// The most ids a relayed `BROADCAST` may address.
+    max_recipients: usize,
     poll_interval: Duration,
     /// False once a write failed: the transport is gone.
     writable: bool,
@@ -365,9 +368,12 @@ impl Connection {
 
     /// ECHO back to the sender; BROADCAST through the hub to every target's outbox.
     fn relay(&mut self, message: &Message) {
-        match mesa_core::relay(message) {
+        match mesa_core::relay(message, self.max_recipients) {
             Some(RelayAction::Reply(reply)) => {
                 let _ = self.session.send(reply.encode());
+            }
+            Some(RelayAction::Refuse(close)) => {
+                let _ = self.session.disconnect(close);
             }
             Some(RelayAction::Send {
                 message,

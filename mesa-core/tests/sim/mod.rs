@@ -521,19 +521,25 @@ impl Sim {
             SessionEvent::Authenticated { id, .. } => {
                 let _ = self.hub.authenticate(conn, &id);
             }
-            SessionEvent::Message(message) => match relay(&message) {
-                Some(RelayAction::Reply(message)) => {
-                    let session = self.sessions.get_mut(&conn).expect("session");
-                    let _ = session.send(message.encode());
+            SessionEvent::Message(message) => {
+                match relay(&message, self.config.limits().max_recipients) {
+                    Some(RelayAction::Reply(message)) => {
+                        let session = self.sessions.get_mut(&conn).expect("session");
+                        let _ = session.send(message.encode());
+                    }
+                    Some(RelayAction::Refuse(close)) => {
+                        let session = self.sessions.get_mut(&conn).expect("session");
+                        let _ = session.disconnect(close);
+                    }
+                    Some(RelayAction::Send {
+                        message,
+                        recipients,
+                    }) => {
+                        self.deliver(Some(conn), &message, &recipients);
+                    }
+                    None => {}
                 }
-                Some(RelayAction::Send {
-                    message,
-                    recipients,
-                }) => {
-                    self.deliver(Some(conn), &message, &recipients);
-                }
-                None => {}
-            },
+            }
             SessionEvent::LoadUndelivered { id } => {
                 let stored = self.store.get(&id).cloned().unwrap_or_default();
                 let session = self.sessions.get_mut(&conn).expect("session");

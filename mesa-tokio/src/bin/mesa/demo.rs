@@ -110,7 +110,8 @@ fn online(server: &ServerHandle) -> Message {
 
 /// Tell everyone who is online; worthless later, so never stored.
 fn announce_online(server: &ServerHandle) {
-    server.send_with(
+    // A global send is never refused for its number of recipients.
+    let _ = server.send_with(
         &online(server),
         &MessageOptions::no_sync(),
         &Recipients::All,
@@ -148,10 +149,14 @@ impl Handler for DemoChat {
                     "CHAT",
                     json!({ "from": from, "text": text, "at": now_ms() }),
                 );
-                if self.sync {
-                    server.send(&chat, &Recipients::from_ids(self.members()));
+                let room = if self.sync {
+                    Recipients::from_ids(self.members())
                 } else {
-                    server.send(&chat, &Recipients::All);
+                    Recipients::All
+                };
+                // Refused only when --max-recipients is below the room's size.
+                if let Err(error) = server.send(&chat, &room) {
+                    tracing::warn!(%error, "a chat message was not sent");
                 }
             }
             Some("TYPING") => {
@@ -164,7 +169,8 @@ impl Handler for DemoChat {
                 if !others.is_empty() {
                     let note =
                         Message::dispatch("TYPING", json!({ "from": from, "typing": typing }));
-                    server.send_with(
+                    // Past --max-recipients a typing note is not worth a warning.
+                    let _ = server.send_with(
                         &note,
                         &MessageOptions::no_sync(),
                         &Recipients::from_ids(others),

@@ -151,6 +151,16 @@ pub(crate) struct ServeArgs {
     )]
     max_message_burst: u32,
 
+    /// Most distinct ids one send may address, after excluding: a client's BROADCAST
+    /// listing more closes it with 1008 `too many recipients: N > max`.
+    #[arg(
+        long,
+        env = "MESA_MAX_RECIPIENTS",
+        default_value_t = Limits::default().max_recipients,
+        value_parser = parse_positive
+    )]
+    max_recipients: usize,
+
     /// Largest accepted message, in bytes (close 1009 above it).
     #[arg(
         long,
@@ -291,6 +301,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         max_message_burst: args.max_message_burst,
         max_message_bytes: args.max_message_bytes,
         max_json_depth: args.max_json_depth,
+        max_recipients: args.max_recipients,
         ..Limits::default()
     });
     if args.max_connections > 0 {
