@@ -272,6 +272,22 @@ fn dispatch_and_portal_work_with_a_cluster_server_and_a_client() {
         Some(format!("${}\r\n{stored}\r\n", stored.len()))
     );
 
+    // Past --max-recipients the dispatch is refused, with the reason, and nothing sent.
+    let refused = dispatch(
+        &[
+            "--type",
+            "NOTE",
+            "--to",
+            "bob,carol,dave",
+            "--max-recipients",
+            "2",
+        ],
+        &cluster,
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("too many recipients: 3 > 2"), "{stderr}");
+
     // Every flag reads the environment too; an op 5 event disconnects alice (1000).
     let kicked = report(&dispatch(
         &[],

@@ -40,6 +40,16 @@ pub(crate) struct DispatchArgs {
     )]
     max_stored: u64,
 
+    /// Most distinct ids one dispatch may address, after `--except` (as the servers'
+    /// `--max-recipients`): a longer list is refused before Redis is touched.
+    #[arg(
+        long,
+        env = "MESA_MAX_RECIPIENTS",
+        default_value_t = 100_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_recipients: u64,
+
     /// The message type (`t`), e.g. `NOTICE`.
     #[arg(
         long = "type",
@@ -93,6 +103,9 @@ pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
         max_stored,
     )
     .await
+    .and_then(|dispatcher| {
+        dispatcher.with_max_recipients(usize::try_from(args.max_recipients).unwrap_or(usize::MAX))
+    })
     .map_err(|error| format!("cannot reach the cluster: {error}"))?;
     let to: Vec<String> = args.to.into_iter().filter(|id| !id.is_empty()).collect();
     let recipients = if to.is_empty() {
