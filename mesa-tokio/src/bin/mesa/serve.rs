@@ -313,6 +313,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         let redelivery_interval = Duration::from_millis(args.redelivery_interval);
         builder = builder.sync(SyncConfig {
             redelivery_interval,
+            ..SyncConfig::default()
         });
     }
     builder = match args.auth {
