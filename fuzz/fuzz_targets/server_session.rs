@@ -23,8 +23,13 @@
 //! - every unanswered heartbeat is reported (`HeartbeatMissed`) with the beat that
 //!   carries its count, or with the 1001 close past the limit;
 //! - every frame (text, binary, ping or pong) takes a token of the inbound rate
-//!   (restated here as its own token bucket): the frame that finds none closes with
-//!   1008 and is not processed, and no frame within the rate is refused.
+//!   (restated here as its own token bucket). Under the close policy the frame that
+//!   finds none closes with 1008 and is not processed, and no frame within the rate
+//!   is refused; under the slow policy every frame is processed, and the one that
+//!   empties the bucket pauses reading until the next token (`read_paused_until`,
+//!   also a deadline), which counts as a heartbeat answer;
+//! - a load of stored messages is awaited (`awaits_undelivered`) until it is
+//!   answered or its timeout passes; a later answer is refused.
 #![no_main]
 
 use std::sync::Arc;
@@ -34,7 +39,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mesa_core::{
     AuthConfig, Close, CloseCode, DecodeError, HeartbeatConfig, Limits, Message, Opcode,
-    ServerConfig, ServerSession, SessionError, SessionEvent, SyncConfig, Transmit,
+    RateLimitPolicy, ServerConfig, ServerSession, SessionError, SessionEvent, SyncConfig,
+    Transmit,
 };
 use serde_json::{Value, json};
 
@@ -51,6 +57,8 @@ struct Setup {
     redelivery_ms: u8,
     disconnect_on_fail: bool,
     send_user_object: bool,
+    /// The slow rate limit policy (else close).
+    slow_rate: bool,
 }
 
 /// Frames a real client sends, so the fuzzer reaches past the decoder quickly.
@@ -165,6 +173,12 @@ struct Harness {
     sends: u64,
     /// The model's token bucket: when it is full again.
     rate_full_at: Instant,
+    slow_rate: bool,
+    /// Reading is paused for the rate until then.
+    paused_until: Option<Instant>,
+    load_timeout: Duration,
+    /// The pending load of stored messages is given up then.
+    load_deadline: Option<Instant>,
 }
 
 impl Harness {
@@ -187,13 +201,20 @@ impl Harness {
             max_messages_per_second: RATE,
             max_message_burst: BURST,
             max_recipients: 4,
+            rate_limit_policy: if setup.slow_rate {
+                RateLimitPolicy::Slow
+            } else {
+                RateLimitPolicy::Close
+            },
+        };
+        let sync = SyncConfig {
+            redelivery_interval: Duration::from_millis(u64::from(setup.redelivery_ms % 4)),
+            ..SyncConfig::default()
         };
         let config = ServerConfig::builder()
             .heartbeat(heartbeat)
             .authentication(auth)
-            .sync(SyncConfig {
-                redelivery_interval: Duration::from_millis(u64::from(setup.redelivery_ms % 4)),
-            })
+            .sync(sync)
             .enforce_equal_versions(VERSION)
             .limits(limits.clone())
             .build()
@@ -220,18 +241,34 @@ impl Harness {
             expected_events: Vec::new(),
             sends: 0,
             rate_full_at: start,
+            slow_rate: setup.slow_rate,
+            paused_until: None,
+            load_timeout: sync.load_timeout,
+            load_deadline: None,
         }
     }
 
     /// The inbound rate, restated: a frame takes one of at most `BURST` tokens, one
     /// earned every `1 s / RATE` (rounded up). Only frames of an open session count.
+    /// Whether the frame is processed: under the close policy when it found a token,
+    /// under the slow policy always, pausing reading once the bucket is empty.
     fn rate_admits(&mut self) -> bool {
         let cost = Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(RATE)));
         let base = self.rate_full_at.max(self.now);
-        if (base - self.now) + cost > cost * BURST {
-            return false;
+        let taken = (base - self.now) + cost <= cost * BURST;
+        if taken {
+            self.rate_full_at = base + cost;
         }
-        self.rate_full_at = base + cost;
+        if !self.slow_rate {
+            return taken;
+        }
+        // Empty: the debt leaves less than one token's worth of room.
+        let debt = self.rate_full_at.saturating_duration_since(self.now);
+        if debt + cost > cost * BURST {
+            self.paused_until = Some(self.rate_full_at - cost * (BURST - 1));
+            // A pause counts as a heartbeat answer (the answer may be unread).
+            self.last_ack = self.now;
+        }
         true
     }
 
@@ -323,6 +360,7 @@ impl Harness {
                 SessionEvent::LoadUndelivered { .. } => {
                     assert!(!self.pending_sync, "unexpected LoadUndelivered");
                     self.pending_sync = true;
+                    self.load_deadline = Some(self.now + self.load_timeout);
                 }
                 SessionEvent::ClearUndelivered { .. } => {}
                 SessionEvent::Redelivered {
@@ -401,6 +439,8 @@ impl Harness {
             self.pending_auth = None;
             self.queued_auth = None;
             self.pending_sync = false;
+            self.paused_until = None;
+            self.load_deadline = None;
         } else {
             assert_eq!(self.session.is_authenticated(), self.authenticated);
         }
@@ -435,11 +475,34 @@ impl Harness {
         );
     }
 
+    /// The model's timers that have no output of their own: the end of a pause
+    /// for the rate, and the load timeout.
+    fn expire_silent_timers(&mut self) {
+        if self.paused_until.is_some_and(|at| at <= self.now) {
+            self.paused_until = None;
+        }
+        if self.load_deadline.is_some_and(|at| at <= self.now) {
+            self.load_deadline = None;
+            self.pending_sync = false;
+        }
+    }
+
     /// Assert that `handle_timeout(now)` has nothing left to do.
     fn check_nothing_due(&mut self) {
         if let Some(at) = self.session.poll_timeout() {
             assert!(at > self.now, "a deadline at or before now was left armed");
         }
+        self.expire_silent_timers();
+        assert_eq!(
+            self.session.read_paused_until(),
+            self.paused_until,
+            "reading paused for the rate"
+        );
+        assert_eq!(
+            self.session.awaits_undelivered(),
+            self.pending_sync && !self.closed(),
+            "awaiting stored messages"
+        );
         self.session.handle_timeout(self.now);
         assert!(
             self.session.poll_transmit().is_none(),
@@ -472,6 +535,7 @@ impl Harness {
                 allowed.push(1001);
             }
             self.session.handle_timeout(self.now);
+            self.expire_silent_timers();
             self.drain(&CloseRule {
                 allowed,
                 must: false,
@@ -713,6 +777,7 @@ impl Harness {
                 } else {
                     assert_eq!(result, Ok(()));
                     self.pending_sync = false;
+                    self.load_deadline = None;
                     self.redelivery = Some(ExpectedRedelivery {
                         messages: kept,
                         dropped,

@@ -121,8 +121,8 @@ mod runtime;
 mod timer;
 
 pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, Recipients,
-    TooManyRecipients,
+    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, RateLimitPolicy,
+    Recipients, TooManyRecipients,
 };
 pub use mesa_driver::{
     self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,

@@ -23,7 +23,8 @@ impl CloseCode {
     /// 1007: invalid payload: not JSON, not an object, or a field of the wrong type.
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     /// 1008: policy violation: authentication failed or timed out, the inbound
-    /// message rate was exceeded, or a relayed `BROADCAST` addressed too many ids.
+    /// message rate was exceeded under [`RateLimitPolicy::Close`](crate::RateLimitPolicy::Close)
+    /// (`rate limit exceeded`), or a relayed `BROADCAST` addressed too many ids.
     pub const POLICY: CloseCode = CloseCode(1008);
     /// 1009: a message was too big (or nested too deep).
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);

@@ -53,10 +53,24 @@ impl Default for AuthConfig {
 }
 
 /// Message sync (redelivery to ids that were offline).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncConfig {
     /// Pause between two redelivered messages. Default zero (as fast as the socket takes them).
     pub redelivery_interval: Duration,
+    /// How long a connection waits for its stored messages before going on without
+    /// them (they stay stored for its next authentication): a store that does not
+    /// answer holds back this connection's live messages no longer than this.
+    /// Default 5 s.
+    pub load_timeout: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            redelivery_interval: Duration::ZERO,
+            load_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Everything a server session needs to know, validated by [`ServerConfigBuilder::build`].
@@ -200,6 +214,9 @@ impl ServerConfigBuilder {
         }
         if config.authentication.is_some_and(|a| a.timeout.is_zero()) {
             return Err(ConfigError::ZeroDuration("authentication timeout"));
+        }
+        if config.sync.is_some_and(|s| s.load_timeout.is_zero()) {
+            return Err(ConfigError::ZeroDuration("sync load timeout"));
         }
         if config.version.as_deref().is_some_and(str::is_empty) {
             return Err(ConfigError::EmptyVersion);

@@ -34,7 +34,7 @@ pub use hello::{Hello, Rule};
 pub use hub::{
     Action, ConnId, Delivery, Departure, Hub, Recipients, TooManyRecipients, distinct_ids,
 };
-pub use limits::Limits;
+pub use limits::{Limits, RateLimitPolicy};
 pub use rate::TokenBucket;
 pub use relay::{RelayAction, dev_authenticate, relay};
 pub use session::{ServerSession, SessionError, SessionEvent, Transmit};

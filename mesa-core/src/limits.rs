@@ -15,8 +15,8 @@ pub struct Limits {
     pub max_queued_sends: usize,
     /// Most stored messages redelivered to (and kept for) one id. Default 1000.
     pub max_stored_per_id: usize,
-    /// Sustained inbound frames per second one connection may send (close 1008
-    /// `rate limit exceeded` beyond it and its burst). Default 100.
+    /// Sustained inbound frames per second one connection may send (beyond it and
+    /// its burst, `rate_limit_policy` applies). Default 100.
     pub max_messages_per_second: u32,
     /// Inbound frames one connection may send at once above the sustained rate (the
     /// size of its token bucket). Default 200.
@@ -27,6 +27,27 @@ pub struct Limits {
     /// max`: this bounds the work (lookups, presence checks, stored copies) one send
     /// costs. Default 100,000.
     pub max_recipients: usize,
+    /// What happens to a connection that sends faster than its rate and burst.
+    /// Default [`RateLimitPolicy::Slow`].
+    pub rate_limit_policy: RateLimitPolicy,
+}
+
+/// What the server does with a connection that outpaces its inbound message rate.
+///
+/// Our own client keeps up to [`Limits::max_queued_sends`] sends while offline and
+/// flushes them at once on reconnect, so a burst is normal, not abuse: by default it
+/// is slowed, and closing is the explicit choice for servers that treat a fast
+/// sender as hostile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RateLimitPolicy {
+    /// Stop reading from the connection until its token bucket holds a token again.
+    /// TCP carries the backpressure to the sender; every frame read is processed, so
+    /// nothing is lost, and other connections are unaffected.
+    #[default]
+    Slow,
+    /// Close with 1008 `rate limit exceeded`; the frame that found the bucket empty
+    /// is not processed.
+    Close,
 }
 
 impl Default for Limits {
@@ -39,6 +60,7 @@ impl Default for Limits {
             max_messages_per_second: 100,
             max_message_burst: 200,
             max_recipients: 100_000,
+            rate_limit_policy: RateLimitPolicy::Slow,
         }
     }
 }

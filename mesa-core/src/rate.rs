@@ -52,6 +52,15 @@ impl TokenBucket {
         true
     }
 
+    /// The earliest instant, not before `now`, at which the bucket holds a token:
+    /// when a connection slowed for its rate may be read again.
+    pub fn next_token_at(&self, now: Instant) -> Instant {
+        // A token is there once the debt is at most `capacity - cost`.
+        self.full_at
+            .checked_sub(self.capacity - self.cost)
+            .map_or(now, |at| at.max(now))
+    }
+
     /// The whole tokens in the bucket at `now`.
     pub fn available(&self, now: Instant) -> u64 {
         let debt = self.full_at.saturating_duration_since(now);

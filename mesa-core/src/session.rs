@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::close::{Close, CloseCode};
 use crate::config::ServerConfig;
 use crate::heartbeat::{Beat, Heartbeat};
+use crate::limits::RateLimitPolicy;
 use crate::rate::TokenBucket;
 use crate::sync::Redelivery;
 use crate::timer::TimerTable;
@@ -109,8 +110,12 @@ enum Timer {
     Heartbeat,
     AuthTimeout,
     Redelivery,
+    /// Reading is paused for the rate until then (the next token).
+    ReadResume,
+    /// A `LoadUndelivered` is given up then.
+    SyncLoad,
 }
-const TIMERS: usize = 3;
+const TIMERS: usize = 5;
 
 /// Who the connection is.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,8 +145,9 @@ enum State {
 /// The server side of one Mesa connection.
 ///
 /// Methods come in four groups, as in quinn-proto: getters (`id`, `user`,
-/// `is_authenticated`, `is_closed`), inputs (`handle_*`), commands (`accept`, `reject`,
-/// `send`, `update_user`, `disconnect`), and outputs (`poll_*`). After every input or
+/// `is_authenticated`, `is_closed`, `read_paused_until`, `awaits_undelivered`),
+/// inputs (`handle_*`), commands (`accept`, `reject`, `send`, `update_user`,
+/// `disconnect`), and outputs (`poll_*`). After every input or
 /// command, drain `poll_transmit` until `None`, then `poll_event` until `None`, then
 /// re-arm the timer from `poll_timeout`. Apply the events (notably
 /// [`SessionEvent::Authenticated`] to the hub) before the drained frames reach the
@@ -153,9 +159,14 @@ enum State {
 ///
 /// Every text frame, ping and pong the peer sends takes a token from the
 /// connection's [`TokenBucket`] (`max_messages_per_second`, `max_message_burst` of
-/// [`Limits`](crate::Limits)); a frame that finds it empty is not processed and
-/// closes the connection with [`CloseCode::POLICY`] `rate limit exceeded`. (A binary
-/// frame closes the connection with 1003 in any case.)
+/// [`Limits`](crate::Limits)). Under [`RateLimitPolicy::Slow`] (the default) the
+/// frame that empties the bucket pauses reading: [`read_paused_until`](Self::read_paused_until)
+/// says until when, and the adapter reads nothing from the transport before then
+/// (nor before [`handle_timeout`](Self::handle_timeout) at that instant), so TCP
+/// slows the sender down and nothing read is ever dropped. Under
+/// [`RateLimitPolicy::Close`] a frame that finds the bucket empty is not processed
+/// and closes the connection with [`CloseCode::POLICY`] `rate limit exceeded`. (A
+/// binary frame closes the connection with 1003 in any case.)
 #[derive(Debug)]
 pub struct ServerSession {
     config: Arc<ServerConfig>,
@@ -236,9 +247,33 @@ impl ServerSession {
         matches!(self.state, State::Closed)
     }
 
+    /// Until when the adapter must not read from the transport: the connection
+    /// outpaced its message rate under [`RateLimitPolicy::Slow`]. The instant is also
+    /// a deadline of [`poll_timeout`](Self::poll_timeout), and reading resumes once
+    /// [`handle_timeout`](Self::handle_timeout) has run at it. Writing goes on
+    /// meanwhile.
+    pub fn read_paused_until(&self) -> Option<Instant> {
+        self.timers.get(Timer::ReadResume as usize)
+    }
+
+    /// Whether a [`SessionEvent::LoadUndelivered`] still awaits its answer. While it
+    /// does, the adapter holds back live sends to this connection, so that the
+    /// redelivered messages precede them; the wait ends with
+    /// [`handle_undelivered`](Self::handle_undelivered) or at the sync load timeout.
+    pub fn awaits_undelivered(&self) -> bool {
+        matches!(
+            self.state,
+            State::Open {
+                pending_sync: true,
+                ..
+            }
+        )
+    }
+
     // ----- inputs -----
 
-    /// A text frame arrived from the client.
+    /// A text frame arrived from the client. It is processed unless the connection
+    /// is closed or, under [`RateLimitPolicy::Close`], the frame exceeds the rate.
     pub fn handle_frame(&mut self, now: Instant, text: &str) {
         if self.is_closed() || !self.admit(now) {
             return;
@@ -255,7 +290,8 @@ impl ServerSession {
     }
 
     /// A ping or pong arrived (the transport answers pings by itself). It counts
-    /// toward the inbound rate, so a ping flood is closed like a message flood.
+    /// toward the inbound rate, so a ping flood is slowed (or closed) like a message
+    /// flood.
     pub fn handle_control(&mut self, now: Instant) {
         if !self.is_closed() {
             self.admit(now);
@@ -280,7 +316,9 @@ impl ServerSession {
     }
 
     /// The messages stored for this connection's id, oldest first, in answer to
-    /// [`SessionEvent::LoadUndelivered`].
+    /// [`SessionEvent::LoadUndelivered`]. An answer after the sync load timeout is
+    /// refused with [`SessionError::NoPendingSync`]: the session went on without it,
+    /// and the messages stay stored.
     pub fn handle_undelivered(
         &mut self,
         now: Instant,
@@ -303,6 +341,7 @@ impl ServerSession {
             return Err(SessionError::NoPendingSync);
         }
         *pending_sync = false;
+        self.timers.stop(Timer::SyncLoad as usize);
         let interval = self
             .config
             .sync
@@ -325,6 +364,8 @@ impl ServerSession {
         if self.is_closed() {
             return;
         }
+        // Reading resumes: the paused state is this timer being armed.
+        self.timers.expire(Timer::ReadResume as usize, now);
         if self.timers.expire(Timer::AuthTimeout as usize, now) {
             self.close(Close::new(CloseCode::POLICY, "authentication timed out"));
             return;
@@ -333,6 +374,13 @@ impl ServerSession {
             self.beat(now);
             if self.is_closed() {
                 return;
+            }
+        }
+        if self.timers.expire(Timer::SyncLoad as usize, now) {
+            // The store did not answer in time: go on without the stored messages,
+            // which stay stored for the next authentication.
+            if let State::Open { pending_sync, .. } = &mut self.state {
+                *pending_sync = false;
             }
         }
         if self.timers.expire(Timer::Redelivery as usize, now) {
@@ -346,8 +394,8 @@ impl ServerSession {
     ///
     /// The first success answers op 22 (with the user object when configured) and
     /// stops the authentication timeout; a re-authentication updates silently.
-    pub fn accept(&mut self, _now: Instant, id: String, user: Value) -> Result<(), SessionError> {
-        let sync_on = self.config.sync.is_some();
+    pub fn accept(&mut self, now: Instant, id: String, user: Value) -> Result<(), SessionError> {
+        let sync = self.config.sync;
         let send_user = self
             .config
             .authentication
@@ -381,9 +429,11 @@ impl ServerSession {
             user,
             initial,
         });
-        if sync_on && initial {
+        if let Some(sync) = sync.filter(|_| initial) {
             if should_sync {
                 *pending_sync = true;
+                self.timers
+                    .set(Timer::SyncLoad as usize, now + sync.load_timeout);
                 self.events.push_back(SessionEvent::LoadUndelivered { id });
             } else {
                 self.events.push_back(SessionEvent::ClearUndelivered { id });
@@ -580,13 +630,41 @@ impl ServerSession {
         }
     }
 
-    /// Take a token for one inbound frame; close with 1008 when there is none.
+    /// Take a token for one inbound frame and say whether to process it. Past the
+    /// rate, the `Close` policy refuses the frame and closes with 1008; the `Slow`
+    /// policy processes it (nothing read is dropped) and pauses reading until the
+    /// bucket holds a token again.
     fn admit(&mut self, now: Instant) -> bool {
-        if self.rate.try_take(now) {
-            return true;
+        let taken = self.rate.try_take(now);
+        match self.config.limits.rate_limit_policy {
+            RateLimitPolicy::Close if !taken => {
+                self.close(Close::new(CloseCode::POLICY, "rate limit exceeded"));
+                false
+            }
+            RateLimitPolicy::Close => true,
+            RateLimitPolicy::Slow => {
+                if self.rate.available(now) == 0 {
+                    self.pause_reading(now);
+                }
+                true
+            }
         }
-        self.close(Close::new(CloseCode::POLICY, "rate limit exceeded"));
-        false
+    }
+
+    /// Stop reading until the next token.
+    fn pause_reading(&mut self, now: Instant) {
+        let resume = self.rate.next_token_at(now);
+        self.timers.set(Timer::ReadResume as usize, resume);
+        // While reading is paused the client's op 11 may wait unread behind the
+        // frames we hold back, so a beat cannot tell an unanswered heartbeat from an
+        // unread answer. A client that outpaces its rate is evidently alive (and one
+        // that stops reading is the outbound queue's business), so a pause counts as
+        // an answer. A pause lasts one token interval at most and follows a frame
+        // read, so a client that goes silent is closed as before, its misses counted
+        // from its last frame on.
+        if let Some(heartbeat) = &mut self.heartbeat {
+            heartbeat.handle_ack();
+        }
     }
 
     fn close_for(&mut self, error: DecodeError) {

@@ -27,6 +27,11 @@ impl<const N: usize> TimerTable<N> {
         self.deadlines = [None; N];
     }
 
+    /// The deadline of one timer, if armed.
+    pub(crate) fn get(&self, timer: usize) -> Option<Instant> {
+        self.deadlines[timer]
+    }
+
     /// The earliest armed deadline.
     pub(crate) fn next(&self) -> Option<Instant> {
         self.deadlines.iter().flatten().min().copied()

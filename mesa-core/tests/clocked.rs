@@ -32,6 +32,20 @@ fn a_full_bucket_admits_its_burst_then_refills_at_the_rate() {
 }
 
 #[test]
+fn the_next_token_is_due_exactly_when_the_bucket_admits_again() {
+    let t0 = start();
+    let mut bucket = TokenBucket::new(100, 3, t0);
+    assert_eq!(bucket.next_token_at(t0), t0, "a full bucket has one now");
+    while bucket.try_take(t0) {}
+    let at = bucket.next_token_at(t0);
+    assert_eq!(at, t0 + Duration::from_millis(10));
+    assert_eq!(bucket.available(at - Duration::from_nanos(1)), 0);
+    assert!(!bucket.clone().try_take(at - Duration::from_nanos(1)));
+    assert!(bucket.try_take(at));
+    assert_eq!(bucket.next_token_at(at), at + Duration::from_millis(10));
+}
+
+#[test]
 fn a_steady_sender_at_the_rate_is_never_refused() {
     let t0 = start();
     let mut bucket = TokenBucket::new(100, 1, t0);

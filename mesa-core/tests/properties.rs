@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use mesa_core::{
     AuthConfig, Backoff, BackoffConfig, ClientConfig, ClientSession, ClientTransmit, Close,
-    CloseCode, ConnId, HeartbeatConfig, Hub, Limits, Message, Opcode, Recipients, ServerConfig,
-    ServerSession, SessionEvent, SyncConfig, Transmit,
+    CloseCode, ConnId, HeartbeatConfig, Hub, Limits, Message, Opcode, RateLimitPolicy, Recipients,
+    ServerConfig, ServerSession, SessionEvent, SyncConfig, Transmit,
 };
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -191,7 +191,7 @@ proptest! {
         let config = ServerConfig::builder()
             .heartbeat(HeartbeatConfig { interval: Duration::from_millis(500), max_attempts: 2 })
             .authentication(AuthConfig { timeout: Duration::from_secs(2), ..AuthConfig::default() })
-            .sync(SyncConfig { redelivery_interval: Duration::from_millis(50) })
+            .sync(SyncConfig { redelivery_interval: Duration::from_millis(50), ..SyncConfig::default() })
             .enforce_equal_versions("1")
             .build()
             .unwrap();
@@ -345,6 +345,26 @@ proptest! {
 
 // ----- inbound rate -----
 
+/// Whether no window of `times` (sorted) holds more than `burst + rate · t` of them.
+fn within_rate(times: &[Instant], rate: u32, burst: u32) -> Result<(), TestCaseError> {
+    for (i, first) in times.iter().enumerate() {
+        for (j, last) in times.iter().enumerate().skip(i) {
+            let count = (j - i + 1) as u128;
+            let t = (*last - *first).as_nanos();
+            prop_assert!(
+                count <= u128::from(burst)
+                    || (count - u128::from(burst)) * 1_000_000_000 <= u128::from(rate) * t,
+                "{} frames in {:?} with rate {} and burst {}",
+                count,
+                *last - *first,
+                rate,
+                burst
+            );
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     /// Whatever the arrival pattern, the bucket admits at most `burst + rate · t`
     /// frames in any window of length `t` (checked over every pair of admissions).
@@ -364,27 +384,24 @@ proptest! {
                 admitted.push(now);
             }
         }
-        for (i, first) in admitted.iter().enumerate() {
-            for (j, last) in admitted.iter().enumerate().skip(i) {
-                let count = (j - i + 1) as u128;
-                let t = (*last - *first).as_nanos();
-                prop_assert!(
-                    count <= u128::from(burst) || (count - u128::from(burst)) * 1_000_000_000 <= u128::from(rate) * t,
-                    "{} frames in {:?} with rate {} and burst {}", count, *last - *first, rate, burst
-                );
-            }
-        }
+        within_rate(&admitted, rate, burst)?;
     }
 
-    /// A client that never sends faster than the sustained rate is never closed for
-    /// it, however long it goes on; one that sends `burst + 1` frames at once is.
+    /// Under the `Close` policy, a client that never sends faster than the sustained
+    /// rate is never closed for it, however long it goes on; one that sends
+    /// `burst + 1` frames at once is.
     #[test]
     fn a_session_closes_for_rate_exactly_when_the_peer_outpaces_it(
         rate in 1u32..1_000,
         burst in 1u32..50,
         slack_us in prop::collection::vec(0u64..5_000, 1..300),
     ) {
-        let limits = Limits { max_messages_per_second: rate, max_message_burst: burst, ..Limits::default() };
+        let limits = Limits {
+            max_messages_per_second: rate,
+            max_message_burst: burst,
+            rate_limit_policy: RateLimitPolicy::Close,
+            ..Limits::default()
+        };
         let config = Arc::new(ServerConfig::builder().limits(limits).build().unwrap());
         let start = clock();
         let period = Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(rate)));
@@ -405,6 +422,58 @@ proptest! {
         let closed = std::iter::from_fn(|| flood.poll_event())
             .find_map(|e| match e { SessionEvent::Closed { close, .. } => Some(close), _ => None });
         prop_assert_eq!(closed, Some(Close::new(CloseCode::POLICY, "rate limit exceeded")));
+    }
+
+    /// Under the default `Slow` policy, with a driver that reads only while the
+    /// session lets it (as ours does: frames wait in TCP meanwhile), whatever the
+    /// sender does the session processes at most `burst + rate · t` frames in any
+    /// window of length `t`, processes every frame, in order, never closes, and
+    /// pauses no longer than one token interval after a read.
+    #[test]
+    fn a_slowed_session_holds_the_rate_and_never_closes_for_it(
+        rate in 1u32..1_000,
+        burst in 1u32..50,
+        gaps_us in prop::collection::vec(prop_oneof![Just(0u64), 0u64..5_000, 0u64..500_000], 1..300),
+        pings in prop::collection::vec(any::<bool>(), 300),
+    ) {
+        let limits = Limits { max_messages_per_second: rate, max_message_burst: burst, ..Limits::default() };
+        let config = Arc::new(ServerConfig::builder().limits(limits).build().unwrap());
+        let cost = Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(rate)));
+        let start = clock();
+        let mut session = ServerSession::new(config, start);
+        let (mut now, mut arrival) = (start, start);
+        let mut reads = Vec::new();
+        let mut texts = 0u64;
+        for (gap, ping) in gaps_us.iter().zip(&pings) {
+            arrival += Duration::from_micros(*gap);
+            now = now.max(arrival);
+            // The driver: no read while paused; the resume instant is a deadline.
+            while let Some(until) = session.read_paused_until() {
+                prop_assert_eq!(session.poll_timeout(), Some(until));
+                let last = *reads.last().expect("a pause follows a read");
+                prop_assert!(until <= last + cost, "paused {:?} after a read", until - last);
+                now = now.max(until);
+                session.handle_timeout(now);
+            }
+            if *ping {
+                session.handle_control(now);
+            } else {
+                session.handle_frame(now, &format!(r#"{{"op":0,"t":"N","d":{texts}}}"#));
+                texts += 1;
+            }
+            reads.push(now);
+            prop_assert!(!session.is_closed(), "closed after {} reads", reads.len());
+        }
+        while session.poll_transmit().is_some() {}
+        let processed: Vec<Value> = std::iter::from_fn(|| session.poll_event())
+            .map(|event| match event {
+                SessionEvent::Message(message) => Ok(message.d),
+                other => Err(format!("{other:?}")),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(TestCaseError::fail)?;
+        prop_assert_eq!(processed, (0..texts).map(|n| json!(n)).collect::<Vec<_>>());
+        within_rate(&reads, rate, burst)?;
     }
 }
 

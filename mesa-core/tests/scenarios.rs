@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use mesa_core::{
     AuthConfig, BackoffConfig, ClientConfig, ClientEvent, Close, CloseCode, HeartbeatConfig,
-    Message, Opcode, Recipients, ServerConfig, ServerSession, SessionEvent, SyncConfig, Transmit,
+    Message, Opcode, RateLimitPolicy, Recipients, ServerConfig, ServerSession, SessionEvent,
+    SyncConfig, Transmit,
 };
 use serde_json::{Value, json};
 use sim::Sim;
@@ -436,10 +437,11 @@ fn bad_frames_close_only_their_connection_with_the_right_code() {
 }
 
 #[test]
-fn a_flood_past_the_rate_and_burst_is_closed_with_1008() {
+fn a_flood_past_the_rate_and_burst_is_closed_with_1008_under_the_close_policy() {
     let limits = mesa_core::Limits {
         max_messages_per_second: 10,
         max_message_burst: 5,
+        rate_limit_policy: RateLimitPolicy::Close,
         ..Default::default()
     };
     let config = ServerConfig::builder().limits(limits).build().unwrap();
@@ -479,11 +481,60 @@ fn a_flood_past_the_rate_and_burst_is_closed_with_1008() {
     assert_eq!(sim.clients[steady].log.messages().len(), 100);
 }
 
+/// By default a flood is slowed to the rate, not closed: the server reads nothing
+/// while its bucket is empty (the frames wait in flight, as in TCP), every frame
+/// arrives in order, and the heartbeat answers stuck behind the flood for far longer
+/// than the miss limit do not close the connection.
+#[test]
+fn a_flood_past_the_rate_and_burst_is_slowed_and_loses_nothing() {
+    let limits = mesa_core::Limits {
+        max_messages_per_second: 10,
+        max_message_burst: 5,
+        ..Default::default()
+    };
+    let config = ServerConfig::builder()
+        .heartbeat(heartbeat(1000, 1))
+        .limits(limits)
+        .build()
+        .unwrap();
+    let mut sim = Sim::new(config, 32);
+    let flooder = connected(&mut sim, ClientConfig::default());
+    let start = sim.now;
+    for n in 0..300 {
+        sim.send(flooder, Message::dispatch("ECHO", json!(n)))
+            .unwrap();
+    }
+    let all_back = sim.drive_bounded(100_000, Duration::from_secs(120), |sim| {
+        sim.clients[flooder].log.messages().len() == 300
+    });
+    assert!(
+        all_back,
+        "echoed {}",
+        sim.clients[flooder].log.messages().len()
+    );
+    let echoed: Vec<Value> = sim.clients[flooder]
+        .log
+        .messages()
+        .iter()
+        .map(|m| m.d.clone())
+        .collect();
+    assert_eq!(echoed, (0..300).map(|n| json!(n)).collect::<Vec<_>>());
+    // The first 5 at once, then one per 100 ms.
+    let elapsed = sim.now - start;
+    assert!(elapsed >= Duration::from_millis(29_500), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(31), "{elapsed:?}");
+    assert!(close_of(&sim, 0).is_none());
+    sim.run_for(Duration::from_secs(10));
+    assert!(close_of(&sim, 0).is_none(), "closed after the flood");
+    assert!(sim.clients[flooder].session.is_open());
+}
+
 #[test]
 fn the_rate_counts_every_frame_and_refills_with_time() {
     let limits = mesa_core::Limits {
         max_messages_per_second: 2,
         max_message_burst: 2,
+        rate_limit_policy: RateLimitPolicy::Close,
         ..Default::default()
     };
     let config = Arc::new(
@@ -792,6 +843,7 @@ fn sync_config(redelivery_ms: u64) -> ServerConfig {
         .authentication(AuthConfig::default())
         .sync(SyncConfig {
             redelivery_interval: Duration::from_millis(redelivery_ms),
+            ..SyncConfig::default()
         })
         .build()
         .unwrap()
@@ -839,6 +891,57 @@ fn messages_for_an_offline_id_are_redelivered_in_order_numbered_from_one() {
             .all(|w| w[1] - w[0] == Duration::from_millis(10)),
         "{times:?}"
     );
+}
+
+/// A store that does not answer holds the connection for `load_timeout` at most:
+/// op 22 goes out at once, heartbeats keep their schedule, and at the deadline the
+/// session stops waiting (a late answer is refused; the messages stay stored).
+#[test]
+fn a_load_the_store_does_not_answer_is_given_up_at_its_timeout() {
+    let config = ServerConfig::builder()
+        .heartbeat(heartbeat(1000, 3))
+        .authentication(AuthConfig::default())
+        .sync(SyncConfig::default())
+        .build()
+        .unwrap();
+    let start = sim_now();
+    let mut session = ServerSession::new(Arc::new(config), start);
+    session.handle_frame(start, r#"{"op":2,"d":{"token":"bob"}}"#);
+    let _ = std::iter::from_fn(|| session.poll_event()).count();
+    session
+        .accept(start, "bob".into(), json!({"id": "bob"}))
+        .unwrap();
+    let ops: Vec<Value> = std::iter::from_fn(|| session.poll_transmit())
+        .filter_map(|t| match t {
+            Transmit::Text(frame) => serde_json::from_str::<Value>(frame.as_str()).ok(),
+            Transmit::Close(_) => None,
+        })
+        .map(|frame| frame["op"].clone())
+        .collect();
+    assert_eq!(
+        ops,
+        [json!(10), json!(22)],
+        "op 22 without waiting for the load"
+    );
+    assert!(
+        std::iter::from_fn(|| session.poll_event())
+            .any(|e| matches!(e, SessionEvent::LoadUndelivered { .. }))
+    );
+    assert!(session.awaits_undelivered());
+    let deadline = start + SyncConfig::default().load_timeout;
+    let mut beats = 0;
+    while let Some(at) = session.poll_timeout().filter(|at| *at <= deadline) {
+        session.handle_timeout(at);
+        beats += std::iter::from_fn(|| session.poll_transmit()).count();
+        session.handle_frame(at, r#"{"op":11}"#);
+    }
+    assert_eq!(beats, 5, "heartbeats went on while the load waited");
+    assert!(!session.awaits_undelivered(), "given up at the deadline");
+    assert_eq!(
+        session.handle_undelivered(deadline, vec![to_bob(1)]),
+        Err(mesa_core::SessionError::NoPendingSync)
+    );
+    assert!(!session.is_closed());
 }
 
 #[test]

@@ -6,11 +6,12 @@ use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll};
+use std::time::Instant;
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use futures_channel::oneshot;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::FutureExt;
 use mesa_core::{
@@ -30,9 +31,6 @@ use crate::transport::{ReadFailure, close_frame, core_close, read_failure, text}
 /// Frames written but not yet flushed before the outbox stops being drained: the
 /// outbox's byte cap, not this queue, absorbs a slow reader.
 const WRITE_BACKLOG: usize = 32;
-
-/// How long a redelivery waits for the stored messages before going on without them.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection as the application sees it. Cloning is cheap; every method works
 /// from any task.
@@ -149,6 +147,8 @@ enum Wake {
     Outbox(Drained),
     Timer,
     Auth(Result<(String, Value), AuthError>),
+    /// The stored messages the cluster loaded (none if it dropped the job).
+    Load(Vec<Message>),
 }
 
 /// Drive one upgraded connection until it closes. Its `admission` slot (if any) is
@@ -168,13 +168,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    drive_io(inner, Box::new(Io::new(ws)), remote, admission)
+    run(inner, Box::new(Io::new(ws)), remote, admission)
 }
 
-/// The loop of [`drive`], on a boxed stream.
-async fn drive_io<R, S, H>(
+/// The life of one connection of [`drive`], on a boxed stream: register, loop, leave.
+async fn run<R, S, H>(
     inner: Arc<Inner<R, H>>,
-    mut io: Box<Io<S>>,
+    io: Box<Io<S>>,
     remote: Option<SocketAddr>,
     admission: Option<Admission>,
 ) where
@@ -182,232 +182,363 @@ async fn drive_io<R, S, H>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let runtime = &inner.runtime;
     let router = inner.router.clone();
     let _live = router.live_task();
     let shared = router.register(remote);
     drop(admission);
-    let conn = Connection {
-        shared: shared.clone(),
-        router: router.clone(),
-    };
-    let mut session = ServerSession::new(inner.config.clone(), runtime.now());
-    let cluster = router.cluster.get();
-    let presence = inner
-        .config
-        .authentication()
-        .is_none_or(|a| a.store_connected_users);
-    let submit = |job: Job| {
-        if let Some(cluster) = cluster {
+    let mut driver = Driver::new(inner, io, shared);
+    driver.open().await;
+    let close = driver.run().await;
+    driver.finish(close).await;
+}
+
+/// One connection's loop (quinn's `ConnectionDriver`): the session, the socket, and
+/// the inputs the loop waits on besides the socket. Every input is polled, never
+/// awaited inside the drain step, so that nothing (the application's
+/// authentication, a Redis load) holds back writing and heartbeats.
+struct Driver<R: Runtime, S, H> {
+    inner: Arc<Inner<R, H>>,
+    conn: Connection,
+    session: ServerSession,
+    io: Box<Io<S>>,
+    /// The sleep armed for the session's next deadline, with that deadline.
+    timer: Option<(Instant, Pin<Box<R::Sleep>>)>,
+    /// The application's answer to the pending authentication.
+    auth: Option<BoxFuture<'static, Result<(String, Value), AuthError>>>,
+    /// The cluster's answer to the pending load of stored messages.
+    load: Option<oneshot::Receiver<Vec<Message>>>,
+    /// Authenticated ids go to the cluster's presence set.
+    presence: bool,
+}
+
+impl<R, S, H> Driver<R, S, H>
+where
+    R: Runtime,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    fn new(inner: Arc<Inner<R, H>>, io: Box<Io<S>>, shared: Arc<ConnShared>) -> Self {
+        let conn = Connection {
+            shared,
+            router: inner.router.clone(),
+        };
+        let session = ServerSession::new(inner.config.clone(), inner.runtime.now());
+        let presence = inner
+            .config
+            .authentication()
+            .is_none_or(|a| a.store_connected_users);
+        Driver {
+            inner,
+            conn,
+            session,
+            io,
+            timer: None,
+            auth: None,
+            load: None,
+            presence,
+        }
+    }
+
+    fn router(&self) -> &Router {
+        &self.conn.router
+    }
+
+    /// Hand `job` to the cluster task, if there is one; a full queue is reported,
+    /// never waited for.
+    fn submit(&self, job: Job) {
+        if let Some(cluster) = self.router().cluster.get() {
             if !cluster.submit(job) {
-                router
+                self.router()
                     .middleware
                     .report("cluster queue full: a job was refused");
             }
         }
-    };
-    let portals = cluster.is_some_and(|c| c.portals);
-    let to_portal = |kind: PortalEventKind, client_id: Option<String>| {
-        if portals {
-            submit(Job::Portal { kind, client_id });
+    }
+
+    /// Whether client events are forwarded to portals.
+    fn portals(&self) -> bool {
+        self.router().cluster.get().is_some_and(|c| c.portals)
+    }
+
+    /// Tell the portals about a client event, when they are told.
+    fn to_portal(&self, kind: PortalEventKind, client_id: Option<String>) {
+        if self.portals() {
+            self.submit(Job::Portal { kind, client_id });
         }
-    };
-    submit(Job::Connections(1));
-    to_portal(PortalEventKind::Connection, None);
-    router.middleware.emit(|m| m.on_connection(&conn));
-    inner.handler.on_connect(&conn).await;
+    }
 
-    let mut timer: Option<(Instant, Pin<Box<R::Sleep>>)> = None;
-    let mut auth: Option<BoxFuture<'static, Result<(String, Value), AuthError>>> = None;
+    /// Count the connection in and tell the observers and the application.
+    async fn open(&mut self) {
+        self.submit(Job::Connections(1));
+        self.to_portal(PortalEventKind::Connection, None);
+        self.router()
+            .middleware
+            .emit(|m| m.on_connection(&self.conn));
+        self.inner.handler.on_connect(&self.conn).await;
+    }
 
-    let close = loop {
-        let (mut sent_frames, mut sent_bytes) = (0, 0);
+    /// Feed inputs to the session and execute its outputs until it closes.
+    async fn run(&mut self) -> Close {
+        loop {
+            if let Some(close) = self.drain().await {
+                return close;
+            }
+            self.arm_timer();
+            let wake = poll_fn(|cx| self.poll_wake(cx)).await;
+            self.handle(wake);
+        }
+    }
+
+    /// Queue the session's frames for the writer and act on its events until both
+    /// are drained; the close once the session closed.
+    async fn drain(&mut self) -> Option<Close> {
+        let (mut frames, mut bytes) = (0, 0);
         let closed = loop {
-            while let Some(transmit) = session.poll_transmit() {
-                io.pending.push_back(match transmit {
+            while let Some(transmit) = self.session.poll_transmit() {
+                self.io.pending.push_back(match transmit {
                     Transmit::Text(frame) => {
-                        sent_frames += 1;
-                        sent_bytes += frame.len();
+                        frames += 1;
+                        bytes += frame.len();
                         text(frame)
                     }
                     Transmit::Close(close) => WsMessage::Close(Some(close_frame(&close))),
                 });
             }
-            let Some(event) = session.poll_event() else {
+            let Some(event) = self.session.poll_event() else {
                 break None;
             };
-            match event {
-                SessionEvent::AuthenticationRequested { credentials, .. } => {
-                    auth = inner
-                        .authenticator
-                        .as_ref()
-                        .map(|a| a.authenticate(credentials));
-                }
-                SessionEvent::Authenticated { id, user, .. } => {
-                    if let Some(departure) = router.authenticate(shared.conn, &id) {
-                        if departure.last && presence {
-                            submit(Job::Leave(departure.id));
-                        }
-                    }
-                    if presence {
-                        submit(Job::Arrive(id.clone()));
-                    }
-                    to_portal(PortalEventKind::Authentication, Some(id.clone()));
-                    *shared.identity.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(Identity { id, user });
-                    router.middleware.emit(|m| m.on_authenticated(&conn));
-                    inner.handler.on_authenticated(&conn).await;
-                }
-                SessionEvent::Message(message) => {
-                    if portals {
-                        to_portal(PortalEventKind::Message(message.clone()), conn.id());
-                    }
-                    router
-                        .middleware
-                        .emit(|m| m.on_message_received(&conn, &message));
-                    inner.handler.on_message(&conn, message).await;
-                }
-                SessionEvent::LoadUndelivered { id } => {
-                    let (reply, stored) = futures_channel::oneshot::channel();
-                    submit(Job::Load { id, reply });
-                    // Redis unreachable for long: the messages stay stored for the
-                    // next authentication, and this connection goes on meanwhile.
-                    let deadline = runtime.now() + LOAD_TIMEOUT;
-                    let timeout = Box::pin(runtime.sleep_until(deadline));
-                    let stored = match futures_util::future::select(stored, timeout).await {
-                        futures_util::future::Either::Left((Ok(stored), _)) => stored,
-                        _ => Vec::new(),
-                    };
-                    let _ = session.handle_undelivered(runtime.now(), stored);
-                }
-                SessionEvent::ClearUndelivered { id } => submit(Job::Clear { id }),
-                SessionEvent::Redelivered {
-                    id,
-                    delivered,
-                    dropped,
-                } => {
-                    if delivered + dropped > 0 {
-                        submit(Job::Trim {
-                            id,
-                            count: delivered + dropped,
-                        });
-                    }
-                    if delivered > 0 {
-                        router
-                            .middleware
-                            .emit(|m| m.on_redelivered(&conn, delivered));
-                    }
-                }
-                SessionEvent::HeartbeatMissed { misses } => {
-                    router
-                        .middleware
-                        .emit(|m| m.on_heartbeat_missed(&conn, misses));
-                }
-                SessionEvent::Closed { close, .. } => break Some(close),
+            if let Some(close) = self.handle_event(event).await {
+                break Some(close);
             }
         };
-        if sent_frames > 0 {
-            router
+        if frames > 0 {
+            self.router()
                 .middleware
-                .emit(|m| m.on_frames_sent(&conn, sent_frames, sent_bytes));
+                .emit(|m| m.on_frames_sent(&self.conn, frames, bytes));
         }
-        if let Some(close) = closed {
-            break close;
-        }
+        closed
+    }
 
-        let deadline = session.poll_timeout();
-        if timer.as_ref().map(|(at, _)| *at) != deadline {
-            timer = deadline.map(|at| (at, Box::pin(runtime.sleep_until(at))));
-        }
-
-        let wake = poll_fn(|cx| {
-            if let Poll::Ready(Err(error)) = io.poll_write(cx) {
-                return Poll::Ready(Wake::WriteFailed(error));
+    /// Act on one event of the session; the close if it was the last.
+    async fn handle_event(&mut self, event: SessionEvent) -> Option<Close> {
+        match event {
+            SessionEvent::AuthenticationRequested { credentials, .. } => {
+                self.auth = self
+                    .inner
+                    .authenticator
+                    .as_ref()
+                    .map(|a| a.authenticate(credentials));
             }
-            if let Some(future) = auth.as_mut() {
-                if let Poll::Ready(outcome) = future.poll_unpin(cx) {
-                    auth = None;
-                    return Poll::Ready(Wake::Auth(outcome));
+            SessionEvent::Authenticated { id, user, .. } => {
+                if let Some(departure) = self.router().authenticate(self.conn.shared.conn, &id) {
+                    if departure.last && self.presence {
+                        self.submit(Job::Leave(departure.id));
+                    }
                 }
-            }
-            let take_items = io.pending.len() < WRITE_BACKLOG;
-            if let Poll::Ready(drained) = shared.outbox.poll_drain(cx, take_items) {
-                return Poll::Ready(Wake::Outbox(drained));
-            }
-            if let Some((_, sleep)) = timer.as_mut() {
-                if sleep.as_mut().poll(cx).is_ready() {
-                    timer = None;
-                    return Poll::Ready(Wake::Timer);
+                if self.presence {
+                    self.submit(Job::Arrive(id.clone()));
                 }
-            }
-            io.poll_read(cx).map(Wake::Read)
-        })
-        .await;
-
-        let now = runtime.now();
-        match wake {
-            Wake::Read(Some(Ok(WsMessage::Text(text)))) => {
-                router
+                self.to_portal(PortalEventKind::Authentication, Some(id.clone()));
+                *self
+                    .conn
+                    .shared
+                    .identity
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(Identity { id, user });
+                self.router()
                     .middleware
-                    .emit(|m| m.on_frames_received(&conn, 1, text.len()));
+                    .emit(|m| m.on_authenticated(&self.conn));
+                self.inner.handler.on_authenticated(&self.conn).await;
+            }
+            SessionEvent::Message(message) => {
+                if self.portals() {
+                    let kind = PortalEventKind::Message(message.clone());
+                    self.to_portal(kind, self.conn.id());
+                }
+                self.router()
+                    .middleware
+                    .emit(|m| m.on_message_received(&self.conn, &message));
+                self.inner.handler.on_message(&self.conn, message).await;
+            }
+            SessionEvent::LoadUndelivered { id } => {
+                // The answer is one more input (`Wake::Load`): op 22 and heartbeats go
+                // out meanwhile, and the session's load timeout bounds the wait.
+                let (reply, stored) = oneshot::channel();
+                self.submit(Job::Load { id, reply });
+                self.load = Some(stored);
+            }
+            SessionEvent::ClearUndelivered { id } => self.submit(Job::Clear { id }),
+            SessionEvent::Redelivered {
+                id,
+                delivered,
+                dropped,
+            } => {
+                if delivered + dropped > 0 {
+                    self.submit(Job::Trim {
+                        id,
+                        count: delivered + dropped,
+                    });
+                }
+                if delivered > 0 {
+                    self.router()
+                        .middleware
+                        .emit(|m| m.on_redelivered(&self.conn, delivered));
+                }
+            }
+            SessionEvent::HeartbeatMissed { misses } => {
+                self.router()
+                    .middleware
+                    .emit(|m| m.on_heartbeat_missed(&self.conn, misses));
+            }
+            SessionEvent::Closed { close, .. } => return Some(close),
+        }
+        None
+    }
+
+    /// Arm the timer for the session's next deadline, unless it is armed for it.
+    fn arm_timer(&mut self) {
+        let deadline = self.session.poll_timeout();
+        if self.timer.as_ref().map(|(at, _)| *at) != deadline {
+            let runtime = &self.inner.runtime;
+            self.timer = deadline.map(|at| (at, Box::pin(runtime.sleep_until(at))));
+        }
+    }
+
+    /// Write what can be written, then return the first input that is ready.
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        if let Poll::Ready(Err(error)) = self.io.poll_write(cx) {
+            return Poll::Ready(Wake::WriteFailed(error));
+        }
+        if let Some(future) = self.auth.as_mut() {
+            if let Poll::Ready(outcome) = future.poll_unpin(cx) {
+                self.auth = None;
+                return Poll::Ready(Wake::Auth(outcome));
+            }
+        }
+        if let Some(stored) = self.load.as_mut() {
+            if let Poll::Ready(outcome) = stored.poll_unpin(cx) {
+                self.load = None;
+                // A job the cluster dropped (its queue full, or it stopped) loads nothing.
+                return Poll::Ready(Wake::Load(outcome.unwrap_or_default()));
+            }
+        }
+        // Stored messages precede live ones: while they load, live items wait in the
+        // outbox (whose overflow is still reported).
+        let take_items =
+            self.io.pending.len() < WRITE_BACKLOG && !self.session.awaits_undelivered();
+        if let Poll::Ready(drained) = self.conn.shared.outbox.poll_drain(cx, take_items) {
+            return Poll::Ready(Wake::Outbox(drained));
+        }
+        if let Some((_, sleep)) = self.timer.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                self.timer = None;
+                return Poll::Ready(Wake::Timer);
+            }
+        }
+        if self.session.read_paused_until().is_some() {
+            // Past its message rate: the peer waits in TCP until the timer resumes us.
+            return Poll::Pending;
+        }
+        self.io.poll_read(cx).map(Wake::Read)
+    }
+
+    /// Feed one input to the session.
+    fn handle(&mut self, wake: Wake) {
+        let now = self.inner.runtime.now();
+        match wake {
+            Wake::Read(read) => self.handle_read(now, read),
+            Wake::WriteFailed(error) => {
+                let close = Close::new(CloseCode::ABNORMAL, error.to_string());
+                self.session.handle_peer_closed(now, Some(close));
+            }
+            Wake::Auth(Ok((id, user))) => {
+                let _ = self.session.accept(now, id, user);
+            }
+            Wake::Auth(Err(error)) => {
+                let _ = self.session.reject(now, &error.0);
+            }
+            // Refused once the session's load timeout passed: the messages stay stored.
+            Wake::Load(stored) => {
+                let _ = self.session.handle_undelivered(now, stored);
+            }
+            Wake::Timer => {
+                self.session.handle_timeout(now);
+                if !self.session.awaits_undelivered() {
+                    // The session gave up on the load: its answer no longer matters.
+                    self.load = None;
+                }
+            }
+            Wake::Outbox(drained) => self.handle_outbox(drained),
+        }
+    }
+
+    /// Feed what the socket gave to the session.
+    fn handle_read(&mut self, now: Instant, read: Option<Result<WsMessage, WsError>>) {
+        let session = &mut self.session;
+        match read {
+            Some(Ok(WsMessage::Text(text))) => {
+                self.conn
+                    .router
+                    .middleware
+                    .emit(|m| m.on_frames_received(&self.conn, 1, text.len()));
                 session.handle_frame(now, &text)
             }
-            Wake::Read(Some(Ok(WsMessage::Binary(_)))) => session.handle_binary(now),
-            Wake::Read(Some(Ok(WsMessage::Close(frame)))) => {
+            Some(Ok(WsMessage::Binary(_))) => session.handle_binary(now),
+            Some(Ok(WsMessage::Close(frame))) => {
                 session.handle_peer_closed(now, Some(core_close(frame)))
             }
-            Wake::Read(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {
-                session.handle_control(now)
-            }
-            Wake::Read(Some(Ok(WsMessage::Frame(_)))) => {}
-            Wake::Read(Some(Err(error))) => match read_failure(error, inner.config.limits()) {
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => session.handle_control(now),
+            Some(Ok(WsMessage::Frame(_))) => {}
+            Some(Err(error)) => match read_failure(error, self.inner.config.limits()) {
                 ReadFailure::Invalid(error) => session.handle_invalid(now, error),
                 ReadFailure::Violation(close) => {
                     let _ = session.disconnect(close);
                 }
                 ReadFailure::Gone(close) => session.handle_peer_closed(now, Some(close)),
             },
-            Wake::Read(None) => session.handle_peer_closed(now, None),
-            Wake::WriteFailed(error) => {
-                let close = Close::new(CloseCode::ABNORMAL, error.to_string());
-                session.handle_peer_closed(now, Some(close));
-            }
-            Wake::Auth(Ok((id, user))) => {
-                let _ = session.accept(now, id, user);
-            }
-            Wake::Auth(Err(error)) => {
-                let _ = session.reject(now, &error.0);
-            }
-            Wake::Timer => session.handle_timeout(now),
-            Wake::Outbox(drained) => {
-                if drained.overflowed {
-                    router.middleware.emit(|m| m.on_queue_overflow(&conn));
-                    let reason = "slow consumer: outbound queue full";
-                    let _ = session.disconnect(Close::new(CloseCode::TRY_AGAIN_LATER, reason));
-                }
-                for item in drained.items {
-                    let _ = match item {
-                        Outbound::Frame(frame) => session.send(frame),
-                        Outbound::Close(close) => session.disconnect(close),
-                        Outbound::UpdateUser(user) => session.update_user(user),
-                    };
-                }
-            }
-        }
-    };
-
-    if let Some(departure) = router.unregister(shared.conn) {
-        if departure.last && presence {
-            submit(Job::Leave(departure.id));
+            None => session.handle_peer_closed(now, None),
         }
     }
-    submit(Job::Connections(-1));
-    to_portal(PortalEventKind::Disconnection, conn.id());
-    let linger = runtime.sleep_until(runtime.now() + inner.transport.close_timeout);
-    futures_util::future::select(Box::pin(io.linger()), Box::pin(linger)).await;
-    tracing::debug!(conn = shared.conn.0, code = close.code.0, reason = %close.reason, "closed");
-    router
-        .middleware
-        .emit(|m| m.on_disconnection(&conn, &close));
-    inner.handler.on_disconnect(&conn, &close).await;
+
+    /// Hand what other tasks queued for this connection to the session.
+    fn handle_outbox(&mut self, drained: Drained) {
+        if drained.overflowed {
+            self.router()
+                .middleware
+                .emit(|m| m.on_queue_overflow(&self.conn));
+            let reason = "slow consumer: outbound queue full";
+            let _ = self
+                .session
+                .disconnect(Close::new(CloseCode::TRY_AGAIN_LATER, reason));
+        }
+        for item in drained.items {
+            let _ = match item {
+                Outbound::Frame(frame) => self.session.send(frame),
+                Outbound::Close(close) => self.session.disconnect(close),
+                Outbound::UpdateUser(user) => self.session.update_user(user),
+            };
+        }
+    }
+
+    /// Leave the hub and the cluster, finish the closing handshake (bounded), then
+    /// tell the observers and the application.
+    async fn finish(mut self, close: Close) {
+        let conn = &self.conn;
+        if let Some(departure) = conn.router.unregister(conn.shared.conn) {
+            if departure.last && self.presence {
+                self.submit(Job::Leave(departure.id));
+            }
+        }
+        self.submit(Job::Connections(-1));
+        self.to_portal(PortalEventKind::Disconnection, self.conn.id());
+        let runtime = &self.inner.runtime;
+        let linger = runtime.sleep_until(runtime.now() + self.inner.transport.close_timeout);
+        futures_util::future::select(Box::pin(self.io.linger()), Box::pin(linger)).await;
+        let conn = &self.conn;
+        tracing::debug!(conn = conn.shared.conn.0, code = close.code.0, reason = %close.reason, "closed");
+        conn.router
+            .middleware
+            .emit(|m| m.on_disconnection(conn, &close));
+        self.inner.handler.on_disconnect(conn, &close).await;
+    }
 }

@@ -76,8 +76,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, Recipients,
-    TooManyRecipients,
+    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, RateLimitPolicy,
+    Recipients, TooManyRecipients,
 };
 pub use mesa_driver::{
     self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,

@@ -255,6 +255,12 @@ fn bad_flags_and_unreachable_servers_fail_with_a_message() {
     let mut bad_number = Mesa::start(&["serve", "--heartbeat-interval", "soon"], &[]);
     assert_eq!(bad_number.wait().code(), Some(2));
 
+    let mut bad_policy = Mesa::start(&["serve", "--rate-limit-policy", "drop"], &[]);
+    assert_eq!(bad_policy.wait().code(), Some(2));
+    bad_policy
+        .stderr
+        .expect("listing the policies", |l| l.contains("slow, close"));
+
     let mut bad_url = Mesa::start(&["client", "http://example.invalid/"], &[]);
     assert_eq!(bad_url.wait().code(), Some(2));
     bad_url
@@ -330,6 +336,7 @@ fn limit_flags_refuse_upgrades_and_close_offenders_with_their_codes() {
             ("MESA_MAX_JSON_DEPTH", "3"),
             ("MESA_MAX_MESSAGE_BURST", "2"),
             ("MESA_MAX_RECIPIENTS", "2"),
+            ("MESA_RATE_LIMIT_POLICY", "close"),
         ],
     );
     let first = upgrade(&url, Some("https://admin.example.com")).expect("the first connection");
@@ -373,7 +380,7 @@ fn limit_flags_refuse_upgrades_and_close_offenders_with_their_codes() {
     assert_eq!(
         offend(&[ack, ack, ack]),
         1008,
-        "past the rate and its burst"
+        "past the rate and its burst, under MESA_RATE_LIMIT_POLICY=close"
     );
     assert_eq!(
         offend(&[r#"{"op":0,"t":"BROADCAST","d":{"to":["a","b","c"]}}"#]),

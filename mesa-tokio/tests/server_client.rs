@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::Message as WsMessage;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use mesa_tokio::{
-    BackoffConfig, ClientEvent, ClientEvents, CloseCode, DevAuthenticator, Handler, Message,
-    Middleware, SendError, Server, TooManyRecipients,
+    BackoffConfig, ClientEvent, ClientEvents, CloseCode, Connection, DevAuthenticator, Handler,
+    Message, Middleware, SendError, Server, TooManyRecipients,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -325,19 +325,39 @@ async fn long_recipient_lists_are_routed_up_to_max_recipients() {
     assert_eq!(report.absent.len(), 100_000);
 }
 
-#[tokio::test]
-async fn the_client_reconnects_to_a_restarted_server_and_reauthenticates() {
-    let server = dev_server().build().unwrap();
+/// Our client (fast backoff), authenticated as `token` on `server`, which then shuts
+/// down: the client, its events (the disconnection still to come) and the address.
+async fn offline_client<H: Handler>(
+    server: Server<H>,
+    token: &str,
+) -> (mesa_tokio::Client, ClientEvents, SocketAddr) {
     let addr = start(server.clone()).await;
-    let (client, mut events) = mesa_tokio::client(url(addr))
+    let (client, events) = mesa_tokio::client(url(addr))
         .backoff(fast_backoff())
         .build()
         .unwrap();
     client
-        .authenticate(json!({"token": "alice"}), true)
+        .authenticate(json!({"token": token}), true)
         .await
         .unwrap();
     server.shutdown();
+    (client, events, addr)
+}
+
+/// Serve `server` on `addr`, once the previous listener's port is free again.
+async fn restart<H: Handler>(server: &Server<H>, addr: SocketAddr) {
+    let listening = loop {
+        match server.bind(addr).await {
+            Ok(listening) => break listening,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    tokio::spawn(listening.run());
+}
+
+#[tokio::test]
+async fn the_client_reconnects_to_a_restarted_server_and_reauthenticates() {
+    let (client, mut events, addr) = offline_client(dev_server().build().unwrap(), "alice").await;
     let ClientEvent::Disconnected {
         close,
         reconnect_at,
@@ -357,14 +377,7 @@ async fn the_client_reconnects_to_a_restarted_server_and_reauthenticates() {
         .unwrap();
 
     let restarted = dev_server().build().unwrap();
-    let listening = loop {
-        // The old listener's port may take a moment to be free again.
-        match restarted.bind(addr).await {
-            Ok(listening) => break listening,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    tokio::spawn(listening.run());
+    restart(&restarted, addr).await;
     let connected = until(&mut events, |e| matches!(e, ClientEvent::Connected { .. })).await;
     assert!(matches!(
         connected,
@@ -484,4 +497,124 @@ async fn heartbeats_run_on_tokio_paused_time() {
         elapsed >= Duration::from_secs(40) && elapsed < Duration::from_secs(41),
         "{elapsed:?}"
     );
+}
+
+/// Hands the `d` of every message received, with its (virtual) arrival time, to the
+/// test, in the order the server processed them.
+struct Arrivals(tokio::sync::mpsc::UnboundedSender<(Value, tokio::time::Instant)>);
+
+impl Handler for Arrivals {
+    async fn on_message(&self, _conn: &Connection, message: Message) {
+        let _ = self.0.send((message.d, tokio::time::Instant::now()));
+    }
+}
+
+/// A dev-authenticating server at the default limits whose messages arrive on the
+/// returned receiver.
+fn arrivals_server() -> (
+    Server<Arrivals>,
+    tokio::sync::mpsc::UnboundedReceiver<(Value, tokio::time::Instant)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = dev_server().handler(Arrivals(tx)).build().unwrap();
+    (server, rx)
+}
+
+/// Receive `count` messages numbered `0..count`, in order; their arrival times.
+async fn arrive_in_order(
+    arrivals: &mut tokio::sync::mpsc::UnboundedReceiver<(Value, tokio::time::Instant)>,
+    count: u64,
+    within: Duration,
+) -> Vec<tokio::time::Instant> {
+    timeout(within, async {
+        let mut times = Vec::new();
+        for n in 0..count {
+            let (d, at) = arrivals.recv().await.expect("the server runs");
+            assert_eq!(d, json!(n), "message {n} out of order");
+            times.push(at);
+        }
+        times
+    })
+    .await
+    .expect("every message arrives in time")
+}
+
+/// Whether the client's events so far include a close with 1008.
+fn closed_with_1008(events: &mut ClientEvents) -> bool {
+    std::iter::from_fn(|| events.next().now_or_never().flatten()).any(|event| {
+        matches!(event, ClientEvent::Disconnected { close, .. } if close.code == CloseCode::POLICY)
+    })
+}
+
+/// A client that sends 10,000 messages as fast as it can, at the default limits
+/// (100 a second, a burst of 200), is slowed to the rate, not closed: all of them
+/// reach the handler, in order, and no window holds more than `burst + rate · t`.
+/// On paused time the ~98 virtual seconds pass at once.
+#[tokio::test(start_paused = true)]
+async fn a_client_sending_as_fast_as_it_can_is_slowed_to_the_rate_and_loses_nothing() {
+    let (server, mut arrivals) = arrivals_server();
+    let limits = server.config().limits().clone();
+    let addr = start(server).await;
+    let (client, mut events) = mesa_tokio::client(url(addr)).build().unwrap();
+    client
+        .authenticate(json!({"token": "fast"}), true)
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    for n in 0..10_000u64 {
+        client.send(Message::dispatch("N", json!(n))).await.unwrap();
+    }
+    let times = arrive_in_order(&mut arrivals, 10_000, Duration::from_secs(300)).await;
+    let elapsed = started.elapsed();
+    let (rate, burst) = (
+        u128::from(limits.max_messages_per_second),
+        u128::from(limits.max_message_burst),
+    );
+    eprintln!(
+        "figure: 10,000 messages at once, delivered at the default rate in {elapsed:?} (virtual)"
+    );
+    assert!(
+        elapsed.as_millis() >= (10_000 - burst) * 1000 / rate,
+        "{elapsed:?}"
+    );
+    for span in [burst as usize, 300, 1_000, times.len() - 1] {
+        for (first, last) in times.iter().zip(&times[span..]) {
+            let t = (*last - *first).as_nanos();
+            let count = span as u128 + 1;
+            assert!(
+                (count - burst) * 1_000_000_000 <= rate * t,
+                "{count} messages in {:?}",
+                *last - *first
+            );
+        }
+    }
+    assert!(!closed_with_1008(&mut events));
+}
+
+/// Our client keeps up to 1,024 sends while offline and flushes them at once when it
+/// reconnects: at the default limits the server slows that burst instead of closing
+/// it with 1008, so all 1,024 arrive, in order, and the client stays connected.
+#[tokio::test(start_paused = true)]
+async fn a_full_offline_queue_flushed_on_reconnect_arrives_whole_and_in_order() {
+    let (client, mut events, addr) = offline_client(arrivals_server().0, "offline").await;
+    let _ = until(&mut events, |e| {
+        matches!(e, ClientEvent::Disconnected { .. })
+    })
+    .await;
+    let queue = mesa_tokio::Limits::default().max_queued_sends as u64;
+    for n in 0..queue {
+        client.send(Message::dispatch("N", json!(n))).await.unwrap();
+    }
+    assert!(matches!(
+        client.send(Message::dispatch("N", json!(queue))).await,
+        Err(mesa_tokio::ClientError::Session(
+            mesa_tokio::mesa_core::ClientError::QueueFull(_)
+        ))
+    ));
+
+    let (restarted, mut arrivals) = arrivals_server();
+    restart(&restarted, addr).await;
+    arrive_in_order(&mut arrivals, queue, Duration::from_secs(120)).await;
+    assert!(!closed_with_1008(&mut events));
+    assert!(restarted.handle().is_online("offline"));
 }

@@ -80,6 +80,26 @@ impl RedisServer {
         }
     }
 
+    /// Freeze the server (SIGSTOP): connections stay open but nothing is answered, so
+    /// a command hangs instead of failing, like a Redis stuck on a slow disk.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a [frozen](Self::freeze) server go on (SIGCONT); it answers what waited.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the redis-server runs");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("the kill command runs");
+        assert!(status.success(), "kill {signal} failed: {status}");
+    }
+
     /// Start the server again on the same port (killing it first if it runs).
     pub fn restart(&mut self) {
         self.kill();

@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use async_tungstenite::tungstenite::Message as WsMessage;
 use mesa_core::{Close, CloseCode, Message, Opcode, Recipients, SyncConfig};
 use mesa_tests::ours::{eventually, next_event, next_message, serve, url};
+use mesa_tests::runtimes::{Tokio, next_json, raw};
 use mesa_tests::{RedisServer, WAIT};
 use mesa_tokio::{ClientEvent, ClusterConfig, DevAuthenticator, Server};
 use redis::AsyncCommands;
@@ -27,6 +29,7 @@ fn replica(redis: &RedisServer, namespace: Option<&str>, sync: bool) -> Server {
     if sync {
         builder = builder.sync(SyncConfig {
             redelivery_interval: Duration::ZERO,
+            ..SyncConfig::default()
         });
     }
     builder.build().unwrap()
@@ -61,6 +64,15 @@ async fn stored(conn: &mut redis::aio::MultiplexedConnection, key: &str, id: &st
 async fn subscribed(redis: &RedisServer, channel: &str, count: usize) {
     eventually(&format!("{count} replicas on {channel}"), WAIT, || async {
         redis.subscribers(channel) >= count
+    })
+    .await;
+}
+
+/// Wait until exactly `count` messages are stored for `id`.
+async fn until_stored(conn: &redis::aio::MultiplexedConnection, id: &str, count: usize) {
+    eventually(&format!("{count} messages stored for {id}"), WAIT, || {
+        let mut conn = conn.clone();
+        async move { stored(&mut conn, "undelivered_messages", id).await.len() == count }
     })
     .await;
 }
@@ -271,6 +283,7 @@ async fn a_drop_during_redelivery_keeps_the_rest_stored() {
         .cluster(cluster)
         .sync(SyncConfig {
             redelivery_interval: Duration::from_millis(20),
+            ..SyncConfig::default()
         })
         .build()
         .unwrap();
@@ -445,8 +458,6 @@ async fn after_a_redis_restart_from_disk_stale_presence_does_not_swallow_sends()
 #[tokio::test]
 async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhile() {
     let mut redis_server = RedisServer::start();
-    // No heartbeats: while Redis is down, bob's authentication waits (up to 5 s) for
-    // his stored messages, longer than the test replicas' heartbeats allow.
     let a = mesa_tokio::server()
         .authenticate(DevAuthenticator)
         .redis(redis_server.url())
@@ -476,6 +487,86 @@ async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhil
         next_message(&mut bob_events, "BROADCAST").await.d,
         json!({"to": ["bob"], "n": 1})
     );
+}
+
+/// The authentication reply and heartbeats never wait on Redis. With Redis frozen
+/// (SIGSTOP: the load of stored messages hangs rather than fails), a client that
+/// authenticates with sync gets op 22 at once and its heartbeats keep their
+/// schedule; a live message for it waits. Once Redis thaws, the stored messages are
+/// redelivered, then the live one follows, and the stored ones are removed.
+#[tokio::test]
+async fn op_22_and_heartbeats_do_not_wait_for_a_frozen_redis() {
+    let redis_server = RedisServer::start();
+    let server = mesa_tokio::server()
+        .heartbeat(Duration::from_millis(200), 2)
+        .authenticate(DevAuthenticator)
+        .redis(redis_server.url())
+        .sync(SyncConfig {
+            // Longer than Redis stays frozen, retries included.
+            load_timeout: Duration::from_secs(60),
+            ..SyncConfig::default()
+        })
+        .build()
+        .unwrap();
+    let addr = serve(&server, any_port()).await;
+    let (alice, _alice_events) = user(addr, "alice").await;
+    for n in 1..=2 {
+        let to_carol = json!({"to": ["carol"], "n": n});
+        alice
+            .send(Message::dispatch("BROADCAST", to_carol))
+            .await
+            .unwrap();
+    }
+    let conn = redis(&redis_server).await;
+    until_stored(&conn, "carol", 2).await;
+
+    redis_server.freeze();
+    let rt = Tokio;
+    let mut carol = raw(&rt, addr).await;
+    assert_eq!(next_json(&rt, &mut carol).await["op"], 10);
+    let asked = Instant::now();
+    carol
+        .send(WsMessage::text(r#"{"op":2,"d":{"token":"carol"}}"#))
+        .await
+        .unwrap();
+    // Every frame until op 22 (a heartbeat may come first).
+    while next_json(&rt, &mut carol).await["op"] != 22 {}
+    let waited = asked.elapsed();
+    // Redis's own timeout is 3 s; the load would have held op 22 for that long.
+    assert!(waited < Duration::from_secs(2), "op 22 after {waited:?}");
+    alice
+        .send(Message::dispatch(
+            "BROADCAST",
+            json!({"to": ["carol"], "n": 3}),
+        ))
+        .await
+        .unwrap();
+    // Heartbeats keep their schedule (200 ms; 2 misses allowed) while Redis is
+    // frozen; answered, they keep carol connected.
+    for _ in 0..5 {
+        let beat = next_json(&rt, &mut carol).await;
+        assert_eq!(
+            beat["op"], 1,
+            "only heartbeats while the load waits: {beat}"
+        );
+        carol.send(WsMessage::text(r#"{"op":11}"#)).await.unwrap();
+    }
+
+    redis_server.thaw();
+    let mut received = Vec::new();
+    while received.len() < 3 {
+        let frame = next_json(&rt, &mut carol).await;
+        match frame["op"].as_u64() {
+            Some(1) => carol.send(WsMessage::text(r#"{"op":11}"#)).await.unwrap(),
+            _ => received.push((frame["s"].as_u64(), frame["d"]["n"].clone())),
+        }
+    }
+    assert_eq!(
+        received,
+        [(Some(1), json!(1)), (Some(2), json!(2)), (None, json!(3))],
+        "stored messages first, numbered, then the live one"
+    );
+    until_stored(&conn, "carol", 0).await;
 }
 
 #[tokio::test]

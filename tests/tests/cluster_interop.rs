@@ -57,6 +57,7 @@ async fn ours(
     if sync {
         builder = builder.sync(SyncConfig {
             redelivery_interval: Duration::ZERO,
+            ..SyncConfig::default()
         });
     }
     let server = builder.build().unwrap();

@@ -18,7 +18,9 @@ use std::time::Duration;
 use async_tungstenite::tungstenite::Message as WsMessage;
 use async_tungstenite::tungstenite::protocol::frame::Frame;
 use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use mesa_core::{BackoffConfig, ClientEvent, Close, CloseCode, Message, TooManyRecipients};
+use mesa_core::{
+    BackoffConfig, ClientEvent, Close, CloseCode, Message, RateLimitPolicy, TooManyRecipients,
+};
 use mesa_driver::echo::Echo;
 use mesa_driver::{
     Connection, DevAuthenticator, Handler, Refusal, Relay, Runtime, SendError, Server,
@@ -42,7 +44,8 @@ conformance!(
     a_slow_consumer_is_closed_with_1013,
     upgrades_past_max_connections_get_503,
     an_origin_not_allowed_gets_403,
-    a_flood_past_the_message_rate_closes_with_1008,
+    a_flood_past_the_message_rate_is_slowed_and_loses_nothing,
+    a_flood_under_the_close_policy_closes_with_1008,
     sends_past_max_recipients_are_refused,
     websocket_protocol_violations_are_closed_with_1002,
     an_oversized_frame_still_being_written_gets_1009,
@@ -372,13 +375,44 @@ fn limited_server<R: Runtime>(rt: &R, limits: mesa_core::Limits) -> (Server<R, C
     (server, closes)
 }
 
-async fn a_flood_past_the_message_rate_closes_with_1008<R: Runtime>(rt: R) {
+/// A [`dev_server`] allowing 50 messages a second (burst 20) under `policy`, and the
+/// record of its closes.
+fn rate_limited<R: Runtime>(rt: &R, policy: RateLimitPolicy) -> (Server<R, Closes>, Closes) {
     let limits = mesa_core::Limits {
         max_messages_per_second: 50,
         max_message_burst: 20,
+        rate_limit_policy: policy,
         ..Default::default()
     };
-    let (server, closes) = limited_server(&rt, limits);
+    limited_server(rt, limits)
+}
+
+/// By default a flood is slowed to the message rate, not closed: our client writes
+/// 100 messages at once, the server reads them at the rate (TCP holds the rest back),
+/// and every echo comes back, in order, on a connection that stays open although its
+/// heartbeat answers waited behind the flood for longer than two beats.
+async fn a_flood_past_the_message_rate_is_slowed_and_loses_nothing<R: Runtime>(rt: R) {
+    let (server, closes) = rate_limited(&rt, RateLimitPolicy::Slow);
+    let addr = start(&rt, &server).await;
+    let (client, mut events) = signed_in(&rt, addr, "flooder").await;
+    let started = rt.now();
+    for n in 0..100 {
+        say(&client, "ECHO", json!(n)).await;
+    }
+    for n in 0..100 {
+        assert_eq!(message(&rt, &mut events).await.d, json!(n));
+    }
+    // At most 20 at once (op 2 took one), then 50 a second.
+    let elapsed = rt.now() - started;
+    assert!(elapsed >= Duration::from_millis(1600), "{elapsed:?}");
+    assert!(closes.of("flooder").is_none(), "{:?}", closes.of("flooder"));
+    assert_eq!(server.handle().connection_count(), 1);
+}
+
+/// The close policy, for servers that treat a fast sender as abusive: the frame past
+/// the rate and burst closes with 1008, while a paced client is served.
+async fn a_flood_under_the_close_policy_closes_with_1008<R: Runtime>(rt: R) {
+    let (server, closes) = rate_limited(&rt, RateLimitPolicy::Close);
     let addr = start(&rt, &server).await;
     let (client, mut events) = signed_in(&rt, addr, "paced").await;
 

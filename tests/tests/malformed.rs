@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use async_tungstenite::tungstenite::Message as WsMessage;
 use mesa_tests::ours::{serve, url};
 use mesa_tests::runtimes::{Tokio, close_code, next_json, raw};
-use mesa_tokio::{ClientEvent, DevAuthenticator, Limits, Message};
+use mesa_tokio::{ClientEvent, DevAuthenticator, Limits, Message, RateLimitPolicy};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,7 +32,8 @@ const BAD_MESSAGES: usize = 10_000;
 const OFFENDERS: usize = 100;
 /// Bystanders echoing throughout.
 const BYSTANDERS: usize = 100;
-/// Frames in one flood: past the default burst (200) of the message rate.
+/// Frames in one flood: past the default burst (200) of the message rate, which the
+/// server under attack closes (its rate limit policy is `close`).
 const FLOOD: usize = 250;
 /// The whole test's bound.
 const BOUND: Duration = Duration::from_secs(30);
@@ -167,11 +168,18 @@ async fn hostile_peers_are_closed_with_their_codes_while_bystanders_lose_nothing
         }));
     }
     let started = Instant::now();
+    // Under attack, floods are treated as abuse: the close policy, not the default
+    // (slowing them down), so that each flood ends with its documented 1008.
+    let limits = Limits {
+        rate_limit_policy: RateLimitPolicy::Close,
+        ..Limits::default()
+    };
     let server = mesa_tokio::server()
         .heartbeat(Duration::from_secs(10), 3)
         .authenticate(DevAuthenticator)
         .auth_timeout(AUTH_TIMEOUT)
         .auth_required(true)
+        .limits(limits)
         .build()
         .unwrap();
     let handle = server.handle();

@@ -7,7 +7,9 @@
 //! - **One thread per connection** owns its [`WebSocket`] and its [`ServerSession`].
 //!   It blocks in `read` with a read timeout equal to the time left until
 //!   [`ServerSession::poll_timeout`], capped at [`Options::poll_interval`], and calls
-//!   [`ServerSession::handle_timeout`] once the deadline has passed.
+//!   [`ServerSession::handle_timeout`] once the deadline has passed. While the session
+//!   pauses reading for the message rate ([`ServerSession::read_paused_until`]) it
+//!   sleeps instead of reading.
 //! - **Routing** goes through one [`Hub`] behind an `Arc<Mutex<_>>`, next to a bounded
 //!   `std::sync::mpsc` outbox per connection. A broadcast is encoded once by
 //!   [`Hub::send`]; each target's outbox receives a clone of the same [`Action`] (so of
@@ -407,6 +409,12 @@ impl Connection {
             .poll_timeout()
             .map_or(self.poll_interval, |at| at.saturating_duration_since(now))
             .clamp(MIN_WAIT, self.poll_interval);
+        if self.session.read_paused_until().is_some() {
+            // Past its message rate: the peer's frames wait in TCP until the run loop
+            // fires the session's timer (a deadline no later than `wait`).
+            pause(wait);
+            return;
+        }
         if let Err(error) = self.ws.get_ref().set_read_timeout(Some(wait)) {
             self.transport_failed(now, &error.into());
             return;

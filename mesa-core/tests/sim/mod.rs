@@ -233,9 +233,11 @@ impl Sim {
     // ----- the clock -----
 
     fn next_deadline(&self) -> Option<Instant> {
+        // A server paused for its message rate reads nothing before its own timer.
         let links = self.links.iter().flat_map(|l| {
             l.to_server
                 .front()
+                .filter(|_| !self.reading_paused(l.conn))
                 .map(|(t, _)| *t)
                 .into_iter()
                 .chain(l.to_client.front().map(|(t, _)| *t))
@@ -310,12 +312,14 @@ impl Sim {
                 self.resolve_connect(c);
             }
         }
-        // Frames due now, in order per link.
+        // Frames due now, in order per link; a server paused for its message rate
+        // leaves them in flight, as a real one leaves them in TCP.
         for link in 0..self.links.len() {
-            while self.links[link]
-                .to_server
-                .front()
-                .is_some_and(|(t, _)| *t <= now)
+            while !self.reading_paused(self.links[link].conn)
+                && self.links[link]
+                    .to_server
+                    .front()
+                    .is_some_and(|(t, _)| *t <= now)
             {
                 let (_, packet) = self.links[link].to_server.pop_front().expect("front");
                 self.deliver_to_server(link, packet);
@@ -353,6 +357,13 @@ impl Sim {
                 self.flush_client(c);
             }
         }
+    }
+
+    /// Whether the server side of `conn` has paused reading for its message rate.
+    fn reading_paused(&self, conn: ConnId) -> bool {
+        self.sessions
+            .get(&conn)
+            .is_some_and(|s| s.read_paused_until().is_some())
     }
 
     fn resolve_connect(&mut self, c: usize) {

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use mesa_tokio::mesa_core::{PortalChoice, SyncConfig};
 use mesa_tokio::metrics::Metrics;
-use mesa_tokio::{ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, Server, ServerBuilder};
+use mesa_tokio::{
+    ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, RateLimitPolicy, Server,
+    ServerBuilder,
+};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};
@@ -132,8 +135,8 @@ pub(crate) struct ServeArgs {
     )]
     lease: u64,
 
-    /// Sustained inbound messages per second one connection may send (close 1008
-    /// beyond it and --max-message-burst).
+    /// Sustained inbound messages per second one connection may send (beyond it and
+    /// --max-message-burst, --rate-limit-policy applies).
     #[arg(
         long,
         env = "MESA_MAX_MESSAGES_PER_SECOND",
@@ -160,6 +163,16 @@ pub(crate) struct ServeArgs {
         value_parser = parse_positive
     )]
     max_recipients: usize,
+    /// What happens to a connection past its message rate and burst: `slow` (stop
+    /// reading from it until it is within its rate again; nothing is lost) or `close`
+    /// (close 1008 `rate limit exceeded`, for servers that treat it as abuse).
+    #[arg(
+        long,
+        env = "MESA_RATE_LIMIT_POLICY",
+        value_enum,
+        default_value_t = RatePolicy::Slow
+    )]
+    rate_limit_policy: RatePolicy,
 
     /// Largest accepted message, in bytes (close 1009 above it).
     #[arg(
@@ -219,6 +232,15 @@ pub(crate) enum PortalMode {
     RoundRobin,
     /// Each event to a random portal.
     Random,
+}
+
+/// How `--rate-limit-policy` treats a connection past its message rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum RatePolicy {
+    /// Stop reading from it until it is within its rate again.
+    Slow,
+    /// Close it with 1008.
+    Close,
 }
 
 /// A count that must be at least 1.
@@ -299,6 +321,10 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         max_stored_per_id: usize::try_from(args.max_stored).unwrap_or(usize::MAX),
         max_messages_per_second: args.max_messages_per_second,
         max_message_burst: args.max_message_burst,
+        rate_limit_policy: match args.rate_limit_policy {
+            RatePolicy::Slow => RateLimitPolicy::Slow,
+            RatePolicy::Close => RateLimitPolicy::Close,
+        },
         max_message_bytes: args.max_message_bytes,
         max_json_depth: args.max_json_depth,
         max_recipients: args.max_recipients,
@@ -324,6 +350,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         let redelivery_interval = Duration::from_millis(args.redelivery_interval);
         builder = builder.sync(SyncConfig {
             redelivery_interval,
+            ..SyncConfig::default()
         });
     }
     builder = match args.auth {
