@@ -162,6 +162,16 @@ impl Hub {
         self.by_id.contains_key(id)
     }
 
+    /// How many connections `id` has here.
+    pub fn connections_of(&self, id: &str) -> usize {
+        self.by_id.get(id).map_or(0, BTreeSet::len)
+    }
+
+    /// Whether `conn` is an open connection here.
+    pub fn contains(&self, conn: ConnId) -> bool {
+        self.connections.contains_key(&conn)
+    }
+
     /// The ids with at least one connection here.
     pub fn online_ids(&self) -> impl Iterator<Item = &str> {
         self.by_id.keys().map(String::as_str)

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod limits;
 pub mod rate;
 pub mod relay;
+pub mod replica;
 pub mod rng;
 pub mod session;
 pub mod sync;
@@ -25,7 +26,7 @@ pub use client::{ClientConfig, ClientError, ClientEvent, ClientSession, ClientTr
 pub use close::{Close, CloseCode};
 pub use cluster::{
     Envelope, Namespace, PortalChoice, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,
-    PresenceSplit, RemotePlan, plan_remote, split_by_presence,
+    PresenceSplit, RemotePlan, Round, plan_remote, split_by_presence,
 };
 pub use config::{
     AuthConfig, ConfigError, HeartbeatConfig, ServerConfig, ServerConfigBuilder, SyncConfig,
@@ -37,6 +38,10 @@ pub use hub::{
 pub use limits::{Limits, RateLimitPolicy};
 pub use rate::TokenBucket;
 pub use relay::{RelayAction, dev_authenticate, relay};
+pub use replica::{
+    Call, Command, Keys, Loss, RedisValue, Replica, ReplicaConfig, ReplicaEvent, Reply, Script,
+    SendReport, Token,
+};
 pub use session::{ServerSession, SessionError, SessionEvent, Transmit};
 pub use sync::{MessageOptions, Redelivery};
 pub use wire::{DecodeError, Frame, Message, Opcode};

@@ -1,0 +1,329 @@
+//! What a [`Replica`](super::Replica) asks of Redis: typed commands, the exact Redis
+//! calls each one stands for, and the values Redis answers with.
+
+use crate::cluster::Namespace;
+
+use super::scripts::Script;
+
+/// Matches a reply to the command that asked for it. Unique for the life of a
+/// [`Replica`](super::Replica); a reply to a token the replica no longer waits for
+/// (a command of a link that failed since) is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Token(pub u64);
+
+/// One piece of work for Redis, executed as the pipelined [`Call`]s of
+/// [`calls`](Command::calls) in one round trip, and answered with
+/// [`Replica::handle_reply`](super::Replica::handle_reply): one [`RedisValue`] per call, in
+/// order, or the error of the round trip.
+///
+/// Commands are executed in the order they are polled, on one connection (Redis then
+/// runs them in that order); the driver may pipeline as many as it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Command {
+    /// (Re)open the link, dropping any previous one: connect, read the `run_id` of
+    /// `INFO server`, load every [`Script`], subscribe to
+    /// [`Replica::channels`](super::Replica::channels). Answered with
+    /// [`handle_link_up`](super::Replica::handle_link_up), or
+    /// [`handle_link_down`](super::Replica::handle_link_down) when it fails; it has
+    /// no calls.
+    Connect,
+    /// `PING` on the subscription connection: any answer proves it alive.
+    Ping,
+    /// `SMEMBERS ns(available_portals_pool)`: the portals available now.
+    LoadPortals,
+    /// `PUBLISH channel payload`: a `ws` envelope, or a portal event.
+    Publish {
+        /// `ns("ws")` or `ns("portal")`.
+        channel: String,
+        /// The encoded envelope or portal event.
+        payload: String,
+    },
+    /// `SMISMEMBER ns(connected_clients) ids..`: which ids are connected anywhere.
+    CheckPresence {
+        /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND).
+        ids: Vec<String>,
+    },
+    /// [`Script::AppendMany`]: store one message for each of `ids`, at most `cap` per id.
+    StoreMany {
+        /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND) ids.
+        ids: Vec<String>,
+        /// The stored entry, `{"op","d","t"}`.
+        text: String,
+        /// Most messages kept per id.
+        cap: usize,
+    },
+    /// `HGET ns(undelivered_messages) id`: the messages stored for `id`.
+    Load {
+        /// The id whose messages to read.
+        id: String,
+    },
+    /// [`Script::Trim`]: remove the first `count` messages stored for `id`.
+    Trim {
+        /// The id whose messages were redelivered.
+        id: String,
+        /// How many were written to its connection (or skipped over the cap).
+        count: usize,
+    },
+    /// `HDEL ns(undelivered_messages) id`: the client declined its stored messages.
+    Clear {
+        /// The id whose messages to delete.
+        id: String,
+    },
+    /// `SADD ns(connected_clients) ids..` and `SADD` to this replica's ids set: the
+    /// first connection of each id here authenticated.
+    Arrive {
+        /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND).
+        ids: Vec<String>,
+    },
+    /// [`Script::Leave`]: the last connection of `id` here is gone.
+    Leave {
+        /// The id.
+        id: String,
+    },
+    /// `INCRBY ns(connected_clients_count) delta`, and the same on this replica's
+    /// share of it.
+    ConnectionsDelta {
+        /// Connections opened minus closed.
+        delta: i64,
+    },
+    /// [`Script::Renew`]: renew the lease, register exactly `ids`, reconcile the count.
+    Renew {
+        /// The lease's time to live, in milliseconds.
+        lease_ms: u64,
+        /// Connections open here.
+        connections: usize,
+        /// The run id of the Redis process of this link.
+        run_id: String,
+        /// The ids with a connection here (none when presence is off).
+        ids: Vec<String>,
+    },
+    /// [`Script::Janitor`]: clean up after replicas whose lease expired; with
+    /// `retire`, give up this replica's own lease first.
+    Janitor {
+        /// Leave the cluster.
+        retire: bool,
+        /// The run id of the Redis process of this link.
+        run_id: String,
+    },
+}
+
+/// One Redis call of a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// A plain command: its name and arguments.
+    Plain {
+        /// `PUBLISH`, `SMISMEMBER`, `HGET`, ...
+        name: &'static str,
+        /// The arguments, keys included.
+        args: Vec<String>,
+    },
+    /// `EVALSHA` of one of our scripts (`EVAL` with its source when Redis answers
+    /// `NOSCRIPT`).
+    Script {
+        /// Which script.
+        script: Script,
+        /// `KEYS`.
+        keys: Vec<String>,
+        /// `ARGV`.
+        args: Vec<String>,
+    },
+}
+
+/// A value Redis answered one [`Call`] with (RESP2, as redis-rs reports it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisValue {
+    /// A nil bulk string or array.
+    Nil,
+    /// An integer.
+    Int(i64),
+    /// A bulk or simple string.
+    Text(String),
+    /// An array.
+    Array(Vec<RedisValue>),
+}
+
+/// What Redis answered a [`Command`]: one [`RedisValue`] per call, or the error that
+/// failed the round trip (a Redis error reply, or a broken connection).
+pub type Reply = Result<Vec<RedisValue>, String>;
+
+/// Where a replica keeps its data: the namespace's keys, and the per-replica keys
+/// of this replica's presence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    ns: Namespace,
+    replica: String,
+}
+
+impl Keys {
+    /// The keys of replica `replica` in namespace `ns`.
+    pub fn new(ns: Namespace, replica: impl Into<String>) -> Self {
+        Keys {
+            ns,
+            replica: replica.into(),
+        }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    /// This replica's id (the `origin` of its envelopes).
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The keys and the first arguments of every presence script (see
+    /// [`Script::Leave`]).
+    fn replica_call(&self, script: Script, extra: impl IntoIterator<Item = String>) -> Call {
+        let mut args = vec![
+            self.replica.clone(),
+            "mesa_replica_ids:".to_owned(),
+            "mesa_replica_lease:".to_owned(),
+            "mesa_replica_conns:".to_owned(),
+            self.ns.key(""),
+        ];
+        args.extend(extra);
+        Call::Script {
+            script,
+            keys: vec![
+                self.ns.connected_clients(),
+                self.ns.replicas(),
+                self.ns.connected_clients_count(),
+            ],
+            args,
+        }
+    }
+}
+
+fn plain(name: &'static str, args: Vec<String>) -> Call {
+    Call::Plain { name, args }
+}
+
+/// `key` followed by `rest`.
+fn with_key(key: String, rest: &[String]) -> Vec<String> {
+    let mut args = Vec::with_capacity(rest.len() + 1);
+    args.push(key);
+    args.extend_from_slice(rest);
+    args
+}
+
+impl Command {
+    /// The Redis calls this command stands for, pipelined in one round trip, with
+    /// every key and argument decided here (the driver adds nothing).
+    pub fn calls(&self, keys: &Keys) -> Vec<Call> {
+        let ns = &keys.ns;
+        match self {
+            Command::Connect => Vec::new(),
+            Command::Ping => vec![plain("PING", Vec::new())],
+            Command::LoadPortals => vec![plain("SMEMBERS", vec![ns.available_portals_pool()])],
+            Command::Publish { channel, payload } => {
+                vec![plain("PUBLISH", vec![channel.clone(), payload.clone()])]
+            }
+            Command::CheckPresence { ids } => {
+                vec![plain("SMISMEMBER", with_key(ns.connected_clients(), ids))]
+            }
+            Command::StoreMany { ids, text, cap } => {
+                let mut args = Vec::with_capacity(ids.len() + 2);
+                args.push(text.clone());
+                args.push(cap.to_string());
+                args.extend_from_slice(ids);
+                vec![Call::Script {
+                    script: Script::AppendMany,
+                    keys: vec![ns.undelivered_messages()],
+                    args,
+                }]
+            }
+            Command::Load { id } => {
+                vec![plain("HGET", vec![ns.undelivered_messages(), id.clone()])]
+            }
+            Command::Trim { id, count } => vec![Call::Script {
+                script: Script::Trim,
+                keys: vec![ns.undelivered_messages()],
+                args: vec![id.clone(), count.to_string()],
+            }],
+            Command::Clear { id } => {
+                vec![plain("HDEL", vec![ns.undelivered_messages(), id.clone()])]
+            }
+            Command::Arrive { ids } => vec![
+                plain("SADD", with_key(ns.connected_clients(), ids)),
+                plain("SADD", with_key(ns.replica_ids(&keys.replica), ids)),
+            ],
+            Command::Leave { id } => vec![keys.replica_call(Script::Leave, [id.clone()])],
+            Command::ConnectionsDelta { delta } => vec![
+                plain(
+                    "INCRBY",
+                    vec![ns.connected_clients_count(), delta.to_string()],
+                ),
+                plain(
+                    "INCRBY",
+                    vec![ns.replica_connections(&keys.replica), delta.to_string()],
+                ),
+            ],
+            Command::Renew {
+                lease_ms,
+                connections,
+                run_id,
+                ids,
+            } => {
+                let head = [lease_ms.to_string(), connections.to_string(), run_id.clone()];
+                let args = head.into_iter().chain(ids.iter().cloned());
+                vec![keys.replica_call(Script::Renew, args)]
+            }
+            Command::Janitor { retire, run_id } => {
+                let mode = if *retire { "retire" } else { "" };
+                vec![keys.replica_call(Script::Janitor, [mode.to_owned(), run_id.clone()])]
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_use_upstream_keys_and_our_script_layout() {
+        let keys = Keys::new(Namespace::new(Some("prod".into())), "r1");
+        let arrive = Command::Arrive {
+            ids: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(
+            arrive.calls(&keys),
+            [
+                plain("SADD", vec!["connected_clients_prod".into(), "a".into(), "b".into()]),
+                plain("SADD", vec!["mesa_replica_ids:r1_prod".into(), "a".into(), "b".into()]),
+            ]
+        );
+        let Call::Script { script, keys: k, args } =
+            &Command::Leave { id: "a".into() }.calls(&keys)[0]
+        else {
+            panic!()
+        };
+        assert_eq!(*script, Script::Leave);
+        assert_eq!(k[0], "connected_clients_prod");
+        assert_eq!(
+            args,
+            &[
+                "r1",
+                "mesa_replica_ids:",
+                "mesa_replica_lease:",
+                "mesa_replica_conns:",
+                "_prod",
+                "a"
+            ]
+        );
+        let store = Command::StoreMany {
+            ids: vec!["x".into()],
+            text: "{}".into(),
+            cap: 3,
+        };
+        let Call::Script { args, .. } = &store.calls(&keys)[0] else {
+            panic!()
+        };
+        assert_eq!(args, &["{}", "3", "x"]);
+        assert!(Command::Connect.calls(&keys).is_empty());
+        assert!(Script::ALL.iter().all(|s| s.source().contains("redis.call")));
+    }
+}

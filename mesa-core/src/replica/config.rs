@@ -1,0 +1,103 @@
+//! How a [`Replica`](super::Replica) behaves: its cluster settings, and what it takes
+//! from the server's configuration.
+
+use std::time::Duration;
+
+use crate::backoff::BackoffConfig;
+use crate::cluster::{Namespace, PortalChoice};
+use crate::config::{ConfigError, ServerConfig};
+
+/// The settings of one replica, with the driver's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// Isolates clusters sharing one Redis.
+    pub namespace: Namespace,
+    /// How long this replica's presence survives without renewal; renewed every
+    /// third of it. Default 10 s.
+    pub lease: Duration,
+    /// Forward client events to portals, picking one per event this way. Default off.
+    pub portals: Option<PortalChoice>,
+    /// Most jobs (sends, presence changes, loads, trims) waiting for Redis, queued or
+    /// in flight; beyond it new jobs are refused and reported
+    /// ([`ReplicaEvent::JobsLost`](super::ReplicaEvent::JobsLost)). Default 10 000.
+    pub max_pending: usize,
+    /// Messages to ids connected nowhere are stored for them. Default: the server's
+    /// sync setting.
+    pub sync: bool,
+    /// Authenticated ids go to `connected_clients` (upstream's `storeConnectedUsers`).
+    /// Default: the server's setting (true).
+    pub presence: bool,
+    /// Global sends skip unauthenticated connections. Default: the server's setting.
+    pub auth_required: bool,
+    /// Most messages stored per id. Default: the server's limit (1000).
+    pub max_stored_per_id: usize,
+    /// Most distinct ids one send may address. Default: the server's limit (100 000).
+    pub max_recipients: usize,
+    /// How long a connection waits for its stored messages; a load still queued
+    /// after it is dropped (the session went on without). Default: the server's (5 s).
+    pub load_timeout: Duration,
+    /// Time Redis has to answer a command (or the link to open) before the link
+    /// counts as broken. Default 3 s.
+    pub reply_timeout: Duration,
+    /// Delays between attempts to reopen the link. Default 100 ms to 5 s, full jitter.
+    pub reconnect: BackoffConfig,
+}
+
+impl ReplicaConfig {
+    /// The defaults, with what the server's configuration decides (sync, presence,
+    /// limits, the load timeout).
+    pub fn new(server: &ServerConfig) -> Self {
+        let auth = server.authentication();
+        ReplicaConfig {
+            namespace: Namespace::default(),
+            lease: Duration::from_secs(10),
+            portals: None,
+            max_pending: 10_000,
+            sync: server.sync().is_some(),
+            presence: auth.is_none_or(|a| a.store_connected_users),
+            auth_required: server.authentication_required(),
+            max_stored_per_id: server.limits().max_stored_per_id,
+            max_recipients: server.limits().max_recipients,
+            load_timeout: server
+                .sync()
+                .map_or(Duration::from_secs(5), |s| s.load_timeout),
+            reply_timeout: Duration::from_secs(3),
+            reconnect: BackoffConfig {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(5),
+                base_is_fixed: true,
+            },
+        }
+    }
+
+    /// Check the settings once, before a replica uses them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let durations = [
+            (self.lease, "lease"),
+            (self.load_timeout, "sync load timeout"),
+            (self.reply_timeout, "Redis reply timeout"),
+            (self.reconnect.base, "reconnect backoff base"),
+        ];
+        if let Some((_, name)) = durations.iter().find(|(d, _)| d.is_zero()) {
+            return Err(ConfigError::ZeroDuration(name));
+        }
+        if self.reconnect.cap < self.reconnect.base {
+            return Err(ConfigError::BackoffCapBelowBase);
+        }
+        let counts = [
+            (self.max_pending, "max pending cluster jobs"),
+            (self.max_stored_per_id, "max stored messages per id"),
+            (self.max_recipients, "max recipients"),
+        ];
+        match counts.into_iter().find(|(value, _)| *value == 0) {
+            Some((_, name)) => Err(ConfigError::ZeroCount(name)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig::new(&ServerConfig::default())
+    }
+}

@@ -1,0 +1,105 @@
+//! What a [`Replica`](super::Replica) tells the application, its middleware and the
+//! driver besides Redis commands and local deliveries.
+
+use std::time::Duration;
+
+use crate::hub::ConnId;
+use crate::wire::Message;
+
+/// Something the application, its middleware or the driver must learn.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub enum ReplicaEvent {
+    /// The link to Redis is open (again): presence is being registered anew.
+    LinkUp,
+    /// The link to Redis failed; a [`Command::Connect`](super::Command::Connect)
+    /// follows after a backoff.
+    LinkDown {
+        /// Why.
+        reason: String,
+    },
+    /// A `PING` went to Redis and back in this time.
+    Latency(Duration),
+    /// The stored messages of `id` for connection `conn`, oldest first: hand them to
+    /// its session (`ServerSession::handle_undelivered`).
+    Loaded {
+        /// The connection that asked.
+        conn: ConnId,
+        /// Its id.
+        id: String,
+        /// The messages (entries that are not messages are skipped).
+        messages: Vec<Message>,
+    },
+    /// Messages were stored for ids connected nowhere.
+    Stored {
+        /// Ids a message was stored for.
+        stored: usize,
+        /// Older stored messages dropped to respect the per-id limit.
+        dropped: usize,
+    },
+    /// Ids connected nowhere for whom `message` was not stored (sync off,
+    /// `sync: false`, an op 5 event, or a blank id).
+    Undeliverable {
+        /// The message.
+        message: Message,
+        /// The ids.
+        ids: Vec<String>,
+    },
+    /// Work for Redis was given up, never silently.
+    JobsLost {
+        /// How many jobs.
+        count: usize,
+        /// Why.
+        reason: Loss,
+    },
+    /// A portal joined the pool.
+    PortalJoined {
+        /// Its id.
+        id: String,
+    },
+    /// A portal left the pool.
+    PortalLeft {
+        /// Its id.
+        id: String,
+    },
+    /// A pub/sub message could not be decoded; it was skipped.
+    Undecodable {
+        /// The channel it came on.
+        channel: String,
+        /// Why.
+        error: String,
+    },
+    /// The replica left the cluster (its lease and presence given up, or left to
+    /// expire when Redis was unreachable); it asks nothing more of Redis.
+    Retired,
+}
+
+/// Why jobs were given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Loss {
+    /// The buffer of pending jobs was full (`max_pending`): a new job was refused.
+    Full,
+    /// Best-effort jobs (sends without sync, portal events) were queued or in flight
+    /// when the link failed.
+    Outage,
+    /// A trim was in flight when the link failed: it is not done again, since done
+    /// twice it would remove messages never redelivered. Its messages stay stored
+    /// and are redelivered again (the at-least-once window).
+    UncertainTrim,
+    /// The replica retired, or the connection that needed the job closed, before
+    /// Redis could be reached.
+    Abandoned,
+}
+
+/// What [`Replica::handle_send`](super::Replica::handle_send) did with a send.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SendReport {
+    /// Local connections the message goes to (one [`Delivery`](crate::Delivery)).
+    pub local: usize,
+    /// Explicit recipient ids with no connection here.
+    pub absent: Vec<String>,
+    /// The remote part was queued for Redis (false: there was none, or it was
+    /// refused, see [`ReplicaEvent::JobsLost`]).
+    pub queued: bool,
+}

@@ -1,0 +1,99 @@
+//! The work a replica keeps for Redis, and what becomes of it when the link fails.
+
+use std::time::Instant;
+
+use crate::cluster::{PortalEventKind, RemotePlan};
+use crate::hub::ConnId;
+use crate::sync::MessageOptions;
+use crate::wire::Message;
+
+use super::event::Loss;
+
+/// The remote part of one send: what is left to do of it (the first queued send may
+/// have been cut by a [`Round`](crate::Round), its plan holding the ids still to check).
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteSend {
+    pub(crate) message: Message,
+    pub(crate) options: Option<MessageOptions>,
+    pub(crate) plan: RemotePlan,
+}
+
+/// A job other than a send.
+#[derive(Debug, Clone)]
+pub(crate) enum Job {
+    /// First connections of these ids here.
+    Arrive(Vec<String>),
+    /// The last connection of this id here closed.
+    Leave(String),
+    /// Connections opened minus closed.
+    Connections(i64),
+    /// Read the stored messages of `id` for `conn`; pointless after `until` (the
+    /// session went on without them).
+    Load {
+        conn: ConnId,
+        id: String,
+        until: Instant,
+    },
+    /// Remove the first `count` stored messages of `id`.
+    Trim { id: String, count: usize },
+    /// Delete the stored messages of `id`: `conn` declined them.
+    Clear { conn: ConnId, id: String },
+    /// Tell a portal about a client event.
+    Portal {
+        kind: PortalEventKind,
+        client_id: Option<String>,
+    },
+}
+
+/// What becomes of a job when the link fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// Kept, in order, for after the reconnection.
+    Keep,
+    /// Forgotten without a report: re-derived anyway (presence and counts are
+    /// registered anew by the renewal that follows every reconnection; replayed
+    /// after it, these would be stale).
+    Forget,
+    /// Given up and reported.
+    Lost(Loss),
+}
+
+impl Job {
+    /// The job's fate at a link failure; `in_flight` when its command had been sent
+    /// and not answered (Redis may or may not have run it).
+    pub(crate) fn fate(&self, in_flight: bool) -> Fate {
+        match self {
+            Job::Arrive(_) | Job::Leave(_) | Job::Connections(_) => Fate::Forget,
+            // An event about a moment that has passed; best effort, as upstream's.
+            Job::Portal { .. } => Fate::Lost(Loss::Outage),
+            // A read, and a delete of what the client declined: both may run twice.
+            Job::Load { .. } | Job::Clear { .. } => Fate::Keep,
+            // Run twice, a trim would remove messages never redelivered; not run,
+            // its messages are redelivered again. The second is the lesser harm.
+            Job::Trim { .. } if in_flight => Fate::Lost(Loss::UncertainTrim),
+            Job::Trim { .. } => Fate::Keep,
+        }
+    }
+
+    /// Whether the job counts toward `max_pending` (presence is re-registered at
+    /// every renewal, so refusing it loses nothing).
+    pub(crate) fn counted(&self) -> bool {
+        !matches!(
+            self,
+            Job::Arrive(_) | Job::Leave(_) | Job::Connections(_)
+        )
+    }
+}
+
+impl RemoteSend {
+    /// A send's fate at a link failure: with sync (a presence check, then stores),
+    /// kept, in order, and done again from its last finished round (at least once).
+    /// Without, best effort as upstream's publish: delivered after the outage it
+    /// would arrive out of order with what came since.
+    pub(crate) fn fate(&self) -> Fate {
+        match self.plan {
+            RemotePlan::CheckPresence(_) => Fate::Keep,
+            RemotePlan::Publish(_) | RemotePlan::Nothing => Fate::Lost(Loss::Outage),
+        }
+    }
+}

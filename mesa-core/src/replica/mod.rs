@@ -1,0 +1,1083 @@
+//! The cluster as a state machine: one server replica among others on one Redis
+//! (quinn-proto's `Endpoint` shape).
+//!
+//! A [`Replica`] owns the replica's [`Hub`] (who is connected here, as which id) and
+//! decides everything the cluster needs: presence (an id's first connection here
+//! arrives in `connected_clients`, its last one leaves), the lease that proves the
+//! replica alive and the janitor that cleans up after those that died, which client
+//! events go to which portal, the remote part of every send (published, or checked
+//! for presence and stored for the ids connected nowhere, in bounded [`Round`]s),
+//! delivering the envelopes of other replicas (never our own) to local connections,
+//! loading, trimming and clearing stored messages, and what survives a failure of the
+//! link to Redis. It performs nothing: Redis work leaves as typed [`Command`]s, each
+//! with a [`Token`] its reply is matched by; local deliveries leave as [`Delivery`]s
+//! (connection ids and one shared frame); the rest as [`ReplicaEvent`]s.
+//!
+//! Every transition of the replica is in this file; the other files of the module
+//! hold its data types.
+//!
+//! # What survives a failure of the link
+//!
+//! Work waits in one bounded buffer (`max_pending`, queued and in flight together)
+//! and leaves it only once Redis has answered the command that carried it. When the
+//! link fails (an error reply, no reply within `reply_timeout`, or the driver's
+//! [`handle_link_down`](Replica::handle_link_down)):
+//!
+//! | work | fate |
+//! |---|---|
+//! | a send with sync (presence check, then stores) | kept, in order; done again from its last finished round |
+//! | a send without sync (a publish), a portal event | lost, reported ([`Loss::Outage`]) |
+//! | presence (arrive, leave, connection counts) | forgotten: the renewal after the reconnection registers it anew |
+//! | a load, a clear | kept (a load is dropped once its session stopped waiting, a clear once its connection closed) |
+//! | a trim not yet sent | kept |
+//! | a trim in flight | not done again, reported ([`Loss::UncertainTrim`]) |
+//!
+//! # Delivery guarantees, and the at-least-once window
+//!
+//! A message stored for an id (its [`Command::StoreMany`] answered) stays stored
+//! until a session wrote it to that id's transport (then the session's redelivery
+//! report trims it) or the per-id cap pushed it out (reported in
+//! [`ReplicaEvent::Stored`]). A message published to ids connected elsewhere is best
+//! effort, as upstream's pub/sub: a replica that loses its subscription meanwhile
+//! misses it.
+//!
+//! A message reaches a connection at most once, except in this window: a command
+//! that Redis ran but whose answer the link lost is done again after the
+//! reconnection. So a round of a send whose stores or publishes were in flight when
+//! the link failed may store or publish its message twice, and the messages of a
+//! trim in flight when the link failed stay stored and are redelivered at the id's
+//! next authentication. Nothing else delivers twice.
+//!
+//! # Order
+//!
+//! Sends leave in the order they were made: one round at a time, and a send cut by
+//! a round keeps the head of the queue until it is done. So the messages of one
+//! sender reach each connection in order, live ones and redelivered ones alike.
+
+mod command;
+mod config;
+mod event;
+mod job;
+pub mod scripts;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+pub use command::{Call, Command, Keys, Reply, Token, RedisValue};
+pub use config::ReplicaConfig;
+pub use event::{Loss, ReplicaEvent, SendReport};
+pub use scripts::Script;
+
+use crate::backoff::Backoff;
+use crate::cluster::{
+    Envelope, IDS_PER_COMMAND, PortalEvent, PortalEventKind, PortalPool, PortalUpdate, RemotePlan,
+    Round, plan_remote, split_by_presence,
+};
+use crate::config::ConfigError;
+use crate::hub::{Action, ConnId, Delivery, Hub, Recipients, TooManyRecipients};
+use crate::session::SessionEvent;
+use crate::sync::{MessageOptions, decode_stored, encode_stored};
+use crate::timer::TimerTable;
+use crate::wire::{Message, Opcode};
+
+use job::{Fate, Job, RemoteSend};
+
+/// Commands of jobs other than sends in flight at once: beyond it, jobs wait (and
+/// presence changes coalesce) until Redis answers.
+const JOBS_IN_FLIGHT: usize = 512;
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// Ping, renew the lease and run the janitor (every third of the lease).
+    Tick,
+    /// Reopen the link.
+    Reconnect,
+    /// The oldest command (or the Connect) waits no longer.
+    Reply,
+    /// The next round of sends may start (after a full round, see [`Round::rest`]).
+    Rest,
+}
+const TIMERS: usize = 4;
+
+/// The link to Redis.
+#[derive(Debug)]
+enum Link {
+    /// No link; the Reconnect timer is armed.
+    Down,
+    /// A [`Command::Connect`] is out, due by then.
+    Connecting { deadline: Instant },
+    /// Open to the Redis process with this run id.
+    Up { run_id: String },
+    /// Retired: nothing more is asked of Redis.
+    Retired,
+}
+
+/// What a command in flight was for.
+#[derive(Debug)]
+enum Flight {
+    /// A job other than a send.
+    Job(Job),
+    /// A presence check of the round's share `share`, from its id `offset` on.
+    Check { share: usize, offset: usize },
+    /// The round's stores for one message.
+    Store,
+    /// One publish of the round.
+    Publish,
+    Ping,
+    LoadPortals,
+    Renew,
+    Janitor,
+    /// The janitor that retires this replica.
+    Retire,
+}
+
+/// A command in flight.
+#[derive(Debug)]
+struct Sent {
+    flight: Flight,
+    at: Instant,
+}
+
+/// The round of sends in flight: its first phase checks presence (and publishes the
+/// sends without a check), its second stores and publishes what the check decided.
+#[derive(Debug)]
+struct RoundState {
+    plan: Round,
+    started: Instant,
+    checking: bool,
+    /// Commands of the current phase not yet answered.
+    waiting: usize,
+    /// Per share: the presence of each of its ids.
+    online: Vec<Vec<bool>>,
+    stored: usize,
+    dropped: usize,
+    /// Learned in the second phase, reported when the round is done.
+    undeliverable: Vec<(Message, Vec<String>)>,
+    /// Ids found connected: published, and delivered to those connected here since.
+    after_check: Vec<(Message, Vec<String>)>,
+}
+
+/// One server replica of a cluster, as a state machine.
+///
+/// Methods come in four groups, as in quinn-proto: getters (`keys`, `channels`,
+/// `hub`, `is_linked`, `is_retired`, `pending`), inputs (`handle_*`), commands
+/// (`handle_send`, `handle_retire`, which also return what they did), and outputs
+/// (`poll_*`). After every input drain [`poll_delivery`](Self::poll_delivery), then
+/// [`poll_command`](Self::poll_command), then [`poll_event`](Self::poll_event) until
+/// each gives `None`, then re-arm the timer from [`poll_timeout`](Self::poll_timeout).
+///
+/// A server holds its replica where its connections reach it synchronously (in a
+/// mutex, as quinn's shared `Endpoint`): a send delivers to local connections before
+/// it returns.
+#[derive(Debug)]
+pub struct Replica {
+    config: ReplicaConfig,
+    keys: Keys,
+    hub: Hub,
+    pool: PortalPool,
+    backoff: Backoff,
+    link: Link,
+    timers: TimerTable<TIMERS>,
+    next_token: u64,
+    retiring: bool,
+    /// Remote sends not yet done, oldest first.
+    sends: VecDeque<RemoteSend>,
+    /// Other jobs not yet sent, oldest first.
+    jobs: VecDeque<Job>,
+    /// Commands sent and not answered, oldest first.
+    flights: BTreeMap<Token, Sent>,
+    /// Jobs among `flights`.
+    jobs_in_flight: usize,
+    round: Option<RoundState>,
+    commands: VecDeque<(Token, Command)>,
+    deliveries: VecDeque<Delivery>,
+    events: VecDeque<ReplicaEvent>,
+}
+
+impl Replica {
+    /// A replica named `replica` (the `origin` of its envelopes, unique in the
+    /// cluster), starting at `now`; `seed` drives the portal choice and the reconnect
+    /// jitter. Its first command opens the link.
+    pub fn new(
+        config: ReplicaConfig,
+        replica: impl Into<String>,
+        seed: u64,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut replica = Replica {
+            keys: Keys::new(config.namespace.clone(), replica),
+            hub: Hub::new(config.auth_required),
+            pool: PortalPool::new(config.portals.unwrap_or_default(), seed),
+            backoff: Backoff::new(config.reconnect, seed.rotate_left(17)),
+            link: Link::Down,
+            timers: TimerTable::new(),
+            next_token: 0,
+            retiring: false,
+            sends: VecDeque::new(),
+            jobs: VecDeque::new(),
+            flights: BTreeMap::new(),
+            jobs_in_flight: 0,
+            round: None,
+            commands: VecDeque::new(),
+            deliveries: VecDeque::new(),
+            events: VecDeque::new(),
+            config,
+        };
+        replica.connect(now);
+        Ok(replica)
+    }
+
+    // ----- getters -----
+
+    /// Where this replica keeps its data in Redis; [`Command::calls`] needs it.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The pub/sub channels the link subscribes to.
+    pub fn channels(&self) -> Vec<String> {
+        let ns = self.keys.namespace();
+        let mut channels = vec![ns.ws_channel()];
+        if self.config.portals.is_some() {
+            channels.push(ns.available_portals_pool());
+        }
+        channels
+    }
+
+    /// The local connections and their ids.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.config
+    }
+
+    /// Whether the link to Redis is open.
+    pub fn is_linked(&self) -> bool {
+        matches!(self.link, Link::Up { .. })
+    }
+
+    /// Whether the replica retired.
+    pub fn is_retired(&self) -> bool {
+        matches!(self.link, Link::Retired)
+    }
+
+    /// Jobs waiting for Redis, queued or in flight (at most `max_pending`, plus
+    /// presence changes, which are never refused).
+    pub fn pending(&self) -> usize {
+        self.sends.len() + self.jobs.len() + self.jobs_in_flight
+    }
+
+    // ----- inputs: connections -----
+
+    /// A connection opened: register it. It counts into `connected_clients_count`
+    /// and the portals hear of it.
+    pub fn handle_connection_opened(&mut self, now: Instant) -> ConnId {
+        let conn = self.hub.connect();
+        self.push_job(Job::Connections(1));
+        self.to_portal(PortalEventKind::Connection, None);
+        self.settle(now);
+        conn
+    }
+
+    /// Act on an event of connection `conn`'s session: authentication (presence,
+    /// portals), messages (portals), stored-message loads, clears and trims, and its
+    /// close. Pass every event; the others are ignored.
+    pub fn handle_session_event(&mut self, now: Instant, conn: ConnId, event: &SessionEvent) {
+        match event {
+            SessionEvent::Authenticated { id, .. } => self.authenticated(conn, id),
+            SessionEvent::Message(message) => {
+                let client_id = self.hub.id_of(conn).map(str::to_owned);
+                self.to_portal(PortalEventKind::Message(message.clone()), client_id);
+            }
+            SessionEvent::LoadUndelivered { id } => self.push_job(Job::Load {
+                conn,
+                id: id.clone(),
+                until: now + self.config.load_timeout,
+            }),
+            SessionEvent::ClearUndelivered { id } => self.push_job(Job::Clear {
+                conn,
+                id: id.clone(),
+            }),
+            // Exactly what the session wrote to the transport (or skipped over the
+            // cap) leaves the store; the rest stays for next time.
+            SessionEvent::Redelivered {
+                id,
+                delivered,
+                dropped,
+            } if delivered + dropped > 0 => self.push_job(Job::Trim {
+                id: id.clone(),
+                count: delivered + dropped,
+            }),
+            SessionEvent::Closed { .. } => return self.handle_connection_closed(now, conn),
+            _ => {}
+        }
+        self.settle(now);
+    }
+
+    /// Connection `conn` closed: forget it (its id leaves presence with its last
+    /// connection here). Called by [`handle_session_event`](Self::handle_session_event)
+    /// on `Closed`; a second call does nothing.
+    pub fn handle_connection_closed(&mut self, now: Instant, conn: ConnId) {
+        if !self.hub.contains(conn) {
+            return;
+        }
+        let client_id = self.hub.id_of(conn).map(str::to_owned);
+        if let Some(departure) = self.hub.disconnect(conn) {
+            if departure.last && self.config.presence {
+                self.push_job(Job::Leave(departure.id));
+            }
+        }
+        self.push_job(Job::Connections(-1));
+        self.to_portal(PortalEventKind::Disconnection, client_id);
+        self.settle(now);
+    }
+
+    // ----- inputs: Redis -----
+
+    /// The link opened (in answer to [`Command::Connect`]) to the Redis process with
+    /// this `run_id` (`INFO server`; empty when unknown). Presence is registered
+    /// anew, then the kept work resumes. Ignored unless a Connect is out.
+    pub fn handle_link_up(&mut self, now: Instant, run_id: &str) {
+        if !matches!(self.link, Link::Connecting { .. }) {
+            return;
+        }
+        self.link = Link::Up {
+            run_id: run_id.to_owned(),
+        };
+        self.backoff.reset();
+        self.events.push_back(ReplicaEvent::LinkUp);
+        if self.config.portals.is_some() {
+            self.issue(now, Flight::LoadPortals, Command::LoadPortals);
+        }
+        // Before anything is decided on presence: forget the leases (and so the ids)
+        // of replicas that have not renewed since Redis restarted.
+        self.janitor(now, false);
+        self.renew(now);
+        self.timers
+            .set(Timer::Tick as usize, now + self.config.lease / 3);
+        self.settle(now);
+    }
+
+    /// The link failed, or a Connect could not open it: keep what must not be lost
+    /// and reconnect after a backoff. Ignored when there is no link.
+    pub fn handle_link_down(&mut self, now: Instant, reason: &str) {
+        self.outage(now, reason);
+        self.settle(now);
+    }
+
+    /// Redis answered the command of `token`. An error fails the link, as does an
+    /// answer of the wrong shape; an answer to a command of a failed link is ignored.
+    pub fn handle_reply(&mut self, now: Instant, token: Token, reply: Reply) {
+        if !self.flights.contains_key(&token) {
+            return;
+        }
+        let values = match reply {
+            Ok(values) => values,
+            Err(error) => {
+                self.outage(now, &format!("Redis: {error}"));
+                return self.settle(now);
+            }
+        };
+        let Some(sent) = self.flights.remove(&token) else {
+            return;
+        };
+        if let Err(what) = self.answered(now, sent, values) {
+            self.outage(now, &format!("unexpected reply to {what}"));
+        }
+        self.settle(now);
+    }
+
+    /// A message arrived on a subscribed channel: an envelope for local connections
+    /// (skipped when this replica published it: it delivered it already), or a
+    /// change of the portal pool.
+    pub fn handle_pubsub(&mut self, now: Instant, channel: &str, payload: &str) {
+        let ns = self.keys.namespace();
+        if channel == ns.ws_channel() {
+            match Envelope::decode(payload) {
+                Ok(envelope) if envelope.origin.as_deref() == Some(self.keys.replica()) => {}
+                Ok(envelope) => self.deliver(&envelope.message, &envelope.recipients),
+                Err(error) => self.undecodable(channel, error.to_string()),
+            }
+        } else if channel == ns.available_portals_pool() && self.config.portals.is_some() {
+            match PortalUpdate::decode(payload) {
+                Ok(update) if self.pool.update(&update) => {
+                    let id = update.id;
+                    self.events.push_back(if update.ready {
+                        ReplicaEvent::PortalJoined { id }
+                    } else {
+                        ReplicaEvent::PortalLeft { id }
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => self.undecodable(channel, error.to_string()),
+            }
+        }
+        self.settle(now);
+    }
+
+    /// Fire every timer that is due at `now`: renew the lease, run the janitor and
+    /// ping; give up on a command Redis did not answer in time; reopen the link; start
+    /// the next round of sends after a rest. Calling early or twice does nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.timers.expire(Timer::Reply as usize, now) {
+            self.outage(now, "Redis did not answer in time");
+        }
+        if self.timers.expire(Timer::Reconnect as usize, now) {
+            self.connect(now);
+        }
+        if self.timers.expire(Timer::Tick as usize, now) && self.is_linked() {
+            self.issue(now, Flight::Ping, Command::Ping);
+            self.renew(now);
+            self.janitor(now, false);
+            self.timers
+                .set(Timer::Tick as usize, now + self.config.lease / 3);
+        }
+        self.timers.expire(Timer::Rest as usize, now);
+        self.settle(now);
+    }
+
+    // ----- commands -----
+
+    /// Send `message` to `recipients`: local connections get it at once (one
+    /// [`Delivery`]), the rest is queued for Redis (published to ids elsewhere, with
+    /// sync stored for ids connected nowhere). A list of more distinct ids than
+    /// `max_recipients` is refused before anything is done. An op 5 event is never
+    /// stored: redelivered later, it would disconnect the client.
+    pub fn handle_send(
+        &mut self,
+        now: Instant,
+        message: &Message,
+        options: Option<&MessageOptions>,
+        recipients: &Recipients,
+    ) -> Result<SendReport, TooManyRecipients> {
+        recipients.at_most(self.config.max_recipients)?;
+        let message = Message {
+            s: None,
+            ..message.clone()
+        };
+        let (targets, absent) = self.hub.route(recipients);
+        let action = Action::for_message(&message);
+        let mut report = SendReport {
+            local: 0,
+            absent: absent.clone(),
+            queued: false,
+        };
+        if !targets.is_empty() && action != Action::Ignore {
+            report.local = targets.len();
+            self.deliveries.push_back(Delivery {
+                action,
+                targets,
+                absent: Vec::new(),
+            });
+        }
+        let sync = self.config.sync && message.op != Opcode::Internal;
+        let plan = plan_remote(recipients, absent, sync);
+        if plan != RemotePlan::Nothing {
+            report.queued = self.push_send(RemoteSend {
+                message,
+                options: options.cloned(),
+                plan,
+            });
+        }
+        self.settle(now);
+        Ok(report)
+    }
+
+    /// Leave the cluster: take no more work, finish what is queued, then give up the
+    /// lease and this replica's presence ([`ReplicaEvent::Retired`]). Without a link
+    /// there is nothing to give up: the lease expires by itself.
+    pub fn handle_retire(&mut self, now: Instant) {
+        self.retiring = true;
+        if !self.is_linked() {
+            self.retire();
+        }
+        self.settle(now);
+    }
+
+    // ----- outputs -----
+
+    /// The next local delivery: apply its action to each target connection. A
+    /// connection waiting for its stored messages
+    /// (`ServerSession::awaits_undelivered`) holds its deliveries back until they came.
+    pub fn poll_delivery(&mut self) -> Option<Delivery> {
+        self.deliveries.pop_front()
+    }
+
+    /// The next command for Redis, and the token to answer it with.
+    pub fn poll_command(&mut self) -> Option<(Token, Command)> {
+        self.commands.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<ReplicaEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) next needs calling.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    // ----- transitions -----
+
+    fn authenticated(&mut self, conn: ConnId, id: &str) {
+        let departure = self.hub.authenticate(conn, id);
+        if self.config.presence {
+            if let Some(departure) = departure.filter(|d| d.last) {
+                self.push_job(Job::Leave(departure.id));
+            }
+            if self.hub.connections_of(id) == 1 && self.hub.id_of(conn) == Some(id) {
+                self.push_job(Job::Arrive(vec![id.to_owned()]));
+            }
+        }
+        self.to_portal(PortalEventKind::Authentication, Some(id.to_owned()));
+    }
+
+    fn to_portal(&mut self, kind: PortalEventKind, client_id: Option<String>) {
+        if self.config.portals.is_some() {
+            self.push_job(Job::Portal { kind, client_id });
+        }
+    }
+
+    fn undecodable(&mut self, channel: &str, error: String) {
+        self.events.push_back(ReplicaEvent::Undecodable {
+            channel: channel.to_owned(),
+            error,
+        });
+    }
+
+    /// Deliver to the local connections among `recipients`.
+    fn deliver(&mut self, message: &Message, recipients: &Recipients) {
+        let delivery = self.hub.send(message, recipients);
+        if !delivery.targets.is_empty() && delivery.action != Action::Ignore {
+            self.deliveries.push_back(Delivery {
+                absent: Vec::new(),
+                ..delivery
+            });
+        }
+    }
+
+    fn lost(&mut self, count: usize, reason: Loss) {
+        if count > 0 {
+            self.events
+                .push_back(ReplicaEvent::JobsLost { count, reason });
+        }
+    }
+
+    /// Queue a job, coalescing presence changes with the last queued one; refuse it
+    /// when the buffer is full or the replica retires.
+    fn push_job(&mut self, job: Job) {
+        let unlinked = matches!(self.link, Link::Down | Link::Connecting { .. });
+        if self.is_retired() || self.retiring || unlinked {
+            match job.fate(false) {
+                Fate::Forget => return,
+                Fate::Lost(reason) if unlinked && !self.retiring => {
+                    return self.lost(1, reason);
+                }
+                Fate::Keep if !self.retiring => {}
+                _ => return self.lost(1, Loss::Abandoned),
+            }
+        }
+        if job.counted() && self.pending() >= self.config.max_pending {
+            return self.lost(1, Loss::Full);
+        }
+        match (self.jobs.back_mut(), job) {
+            (Some(Job::Arrive(ids)), Job::Arrive(more)) if ids.len() < IDS_PER_COMMAND => {
+                ids.extend(more);
+            }
+            (Some(Job::Connections(delta)), Job::Connections(more)) => *delta += more,
+            (_, job) => self.jobs.push_back(job),
+        }
+    }
+
+    /// Queue the remote part of a send; false when it was refused.
+    fn push_send(&mut self, send: RemoteSend) -> bool {
+        let unlinked = matches!(self.link, Link::Down | Link::Connecting { .. });
+        if self.retiring || self.is_retired() {
+            self.lost(1, Loss::Abandoned);
+            return false;
+        }
+        if let (true, Fate::Lost(reason)) = (unlinked, send.fate()) {
+            self.lost(1, reason);
+            return false;
+        }
+        if self.pending() >= self.config.max_pending {
+            self.lost(1, Loss::Full);
+            return false;
+        }
+        self.sends.push_back(send);
+        true
+    }
+
+    fn token(&mut self) -> Token {
+        self.next_token += 1;
+        Token(self.next_token)
+    }
+
+    /// Send a command and remember what it was for.
+    fn issue(&mut self, now: Instant, flight: Flight, command: Command) {
+        let token = self.token();
+        if matches!(flight, Flight::Job(_)) {
+            self.jobs_in_flight += 1;
+        }
+        self.flights.insert(token, Sent { flight, at: now });
+        self.commands.push_back((token, command));
+    }
+
+    fn connect(&mut self, now: Instant) {
+        if !matches!(self.link, Link::Down) {
+            return;
+        }
+        let token = self.token();
+        self.commands.push_back((token, Command::Connect));
+        self.link = Link::Connecting {
+            deadline: now + self.config.reply_timeout,
+        };
+    }
+
+    fn run_id(&self) -> String {
+        match &self.link {
+            Link::Up { run_id } => run_id.clone(),
+            _ => String::new(),
+        }
+    }
+
+    fn renew(&mut self, now: Instant) {
+        let mut ids: Vec<String> = if self.config.presence {
+            self.hub.online_ids().map(str::to_owned).collect()
+        } else {
+            Vec::new()
+        };
+        // In a stable order, so that a seeded run repeats exactly.
+        ids.sort_unstable();
+        let command = Command::Renew {
+            lease_ms: u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX),
+            connections: self.hub.len(),
+            run_id: self.run_id(),
+            ids,
+        };
+        self.issue(now, Flight::Renew, command);
+    }
+
+    fn janitor(&mut self, now: Instant, retire: bool) {
+        let command = Command::Janitor {
+            retire,
+            run_id: self.run_id(),
+        };
+        let flight = if retire {
+            Flight::Retire
+        } else {
+            Flight::Janitor
+        };
+        self.issue(now, flight, command);
+    }
+
+    /// The link failed: keep what must be kept, in order, report what is lost, and
+    /// reconnect after a backoff (or retire, when retiring).
+    fn outage(&mut self, now: Instant, reason: &str) {
+        if matches!(self.link, Link::Down | Link::Retired) {
+            return;
+        }
+        let mut outage = 0;
+        let mut uncertain = 0;
+        let mut kept = VecDeque::new();
+        let flights = std::mem::take(&mut self.flights);
+        for sent in flights.into_values() {
+            if let Flight::Job(job) = sent.flight {
+                match job.fate(true) {
+                    Fate::Keep => kept.push_back(job),
+                    Fate::Forget => {}
+                    Fate::Lost(Loss::UncertainTrim) => uncertain += 1,
+                    Fate::Lost(_) => outage += 1,
+                }
+            }
+        }
+        for job in std::mem::take(&mut self.jobs) {
+            match job.fate(false) {
+                Fate::Keep => kept.push_back(job),
+                Fate::Forget => {}
+                Fate::Lost(_) => outage += 1,
+            }
+        }
+        self.jobs = kept;
+        self.jobs_in_flight = 0;
+        let sends = self.sends.len();
+        self.sends.retain(|send| send.fate() == Fate::Keep);
+        outage += sends - self.sends.len();
+        self.round = None;
+        for timer in [Timer::Tick, Timer::Reply, Timer::Rest] {
+            self.timers.stop(timer as usize);
+        }
+        self.events.push_back(ReplicaEvent::LinkDown {
+            reason: reason.to_owned(),
+        });
+        self.lost(outage, Loss::Outage);
+        self.lost(uncertain, Loss::UncertainTrim);
+        self.link = Link::Down;
+        if self.retiring {
+            return self.retire();
+        }
+        let delay = self.backoff.next_delay();
+        self.timers.set(Timer::Reconnect as usize, now + delay);
+    }
+
+    /// Retire at once: without a link, the lease expires by itself.
+    fn retire(&mut self) {
+        let left = self.sends.len() + self.jobs.iter().filter(|j| j.counted()).count();
+        self.sends.clear();
+        self.jobs.clear();
+        self.flights.clear();
+        self.jobs_in_flight = 0;
+        self.round = None;
+        self.timers.stop_all();
+        self.lost(left, Loss::Abandoned);
+        self.link = Link::Retired;
+        self.events.push_back(ReplicaEvent::Retired);
+    }
+
+    /// Act on the answer to one command; `Err` names a command whose answer had the
+    /// wrong shape.
+    fn answered(
+        &mut self,
+        now: Instant,
+        sent: Sent,
+        values: Vec<RedisValue>,
+    ) -> Result<(), &'static str> {
+        let first = values.into_iter().next();
+        match sent.flight {
+            Flight::Job(job) => {
+                self.jobs_in_flight -= 1;
+                if let Job::Load { conn, id, .. } = job {
+                    let raw = match first {
+                        Some(RedisValue::Text(raw)) => Some(raw),
+                        Some(RedisValue::Nil) => None,
+                        _ => return Err("a load"),
+                    };
+                    // Entries that are not messages are skipped.
+                    let messages = raw
+                        .and_then(|raw| decode_stored(&raw).ok())
+                        .map(|(messages, _)| messages)
+                        .unwrap_or_default();
+                    self.events.push_back(ReplicaEvent::Loaded { conn, id, messages });
+                }
+            }
+            Flight::Check { share, offset } => {
+                let online = bools(first).ok_or("a presence check")?;
+                let round = self.round.as_mut().ok_or("a presence check")?;
+                let answers = round.online.get_mut(share).ok_or("a presence check")?;
+                for (slot, online) in answers.iter_mut().skip(offset).zip(online) {
+                    *slot = online;
+                }
+                round.waiting -= 1;
+            }
+            Flight::Store => {
+                let (stored, dropped) = pair(first).ok_or("a store")?;
+                let round = self.round.as_mut().ok_or("a store")?;
+                round.stored += stored;
+                round.dropped += dropped;
+                round.waiting -= 1;
+            }
+            Flight::Publish => {
+                let round = self.round.as_mut().ok_or("a publish")?;
+                round.waiting -= 1;
+            }
+            Flight::Ping => {
+                let latency = now.saturating_duration_since(sent.at);
+                self.events.push_back(ReplicaEvent::Latency(latency));
+            }
+            Flight::LoadPortals => {
+                let portals = texts(first).ok_or("the portal pool")?;
+                self.pool.reset(portals);
+            }
+            Flight::Renew | Flight::Janitor => {}
+            Flight::Retire => {
+                self.link = Link::Retired;
+                self.timers.stop_all();
+                self.events.push_back(ReplicaEvent::Retired);
+            }
+        }
+        if self.round.as_ref().is_some_and(|r| r.waiting == 0) {
+            self.next_phase(now);
+        }
+        Ok(())
+    }
+
+    /// After every input: send what can be sent, and arm the reply timer.
+    fn settle(&mut self, now: Instant) {
+        if self.is_linked() {
+            self.pump(now);
+        }
+        let deadline = match &self.link {
+            Link::Connecting { deadline } => Some(*deadline),
+            Link::Up { .. } => self
+                .flights
+                .values()
+                .next()
+                .map(|sent| sent.at + self.config.reply_timeout),
+            Link::Down | Link::Retired => None,
+        };
+        match deadline {
+            Some(at) => self.timers.set(Timer::Reply as usize, at),
+            None => self.timers.stop(Timer::Reply as usize),
+        }
+    }
+
+    /// Send queued jobs (up to [`JOBS_IN_FLIGHT`]), start the next round of sends when
+    /// none is in flight and no rest is due, and retire once everything is done.
+    fn pump(&mut self, now: Instant) {
+        while self.jobs_in_flight < JOBS_IN_FLIGHT {
+            let Some(job) = self.jobs.pop_front() else {
+                break;
+            };
+            match job {
+                // The session stopped waiting: the messages stay stored.
+                Job::Load { conn, until, .. } if until <= now || !self.hub.contains(conn) => {}
+                Job::Clear { conn, .. } if !self.hub.contains(conn) => {
+                    self.lost(1, Loss::Abandoned)
+                }
+                job => self.issue_job(now, job),
+            }
+        }
+        let resting = self.timers.get(Timer::Rest as usize).is_some();
+        if self.round.is_none() && !resting && !self.sends.is_empty() {
+            self.start_round(now);
+        }
+        let idle = self.sends.is_empty() && self.jobs.is_empty() && self.flights.is_empty();
+        if self.retiring && idle {
+            self.janitor(now, true);
+        }
+    }
+
+    fn issue_job(&mut self, now: Instant, job: Job) {
+        let ns = self.keys.namespace();
+        let command = match &job {
+            Job::Arrive(ids) => Command::Arrive { ids: ids.clone() },
+            Job::Leave(id) => Command::Leave { id: id.clone() },
+            Job::Connections(0) => return,
+            Job::Connections(delta) => Command::ConnectionsDelta { delta: *delta },
+            Job::Load { id, .. } => Command::Load { id: id.clone() },
+            Job::Trim { id, count } => Command::Trim {
+                id: id.clone(),
+                count: *count,
+            },
+            Job::Clear { id, .. } => Command::Clear { id: id.clone() },
+            Job::Portal { kind, client_id } => {
+                // No portal known: nobody to tell.
+                let Some(portal) = self.pool.pick() else {
+                    return;
+                };
+                let event = PortalEvent {
+                    kind: kind.clone(),
+                    client_id: client_id.clone(),
+                    portal_id: portal.to_owned(),
+                };
+                Command::Publish {
+                    channel: ns.portal_channel(),
+                    payload: event.encode(),
+                }
+            }
+        };
+        self.issue(now, Flight::Job(job), command);
+    }
+
+    /// The ids of share `share` of a round: the whole check of the sends carried
+    /// whole, the first `part` of the next one's.
+    fn share_ids(&self, plan: Round, share: usize) -> &[String] {
+        let ids = self.sends[share].plan.checked();
+        if share == plan.whole {
+            &ids[..plan.part.min(ids.len())]
+        } else {
+            ids
+        }
+    }
+
+    fn envelope(&self, send: &RemoteSend, recipients: Recipients) -> Command {
+        let envelope = Envelope {
+            message: send.message.clone(),
+            options: send.options.clone(),
+            recipients,
+            origin: Some(self.keys.replica().to_owned()),
+        };
+        Command::Publish {
+            channel: self.keys.namespace().ws_channel(),
+            payload: envelope.encode(),
+        }
+    }
+
+    /// The first phase of the next round: presence checks, and the publishes that
+    /// need none.
+    fn start_round(&mut self, now: Instant) {
+        let plan = Round::plan(self.sends.iter().map(|send| &send.plan));
+        let shares = plan.whole + usize::from(plan.part > 0);
+        let mut commands = Vec::new();
+        let mut online = Vec::with_capacity(shares);
+        for share in 0..shares {
+            let send = &self.sends[share];
+            let ids = self.share_ids(plan, share);
+            online.push(vec![false; ids.len()]);
+            match &send.plan {
+                RemotePlan::Nothing => {}
+                RemotePlan::Publish(recipients) => {
+                    commands.push((Flight::Publish, self.envelope(send, recipients.clone())));
+                }
+                RemotePlan::CheckPresence(_) => {
+                    for (chunk, ids) in ids.chunks(IDS_PER_COMMAND).enumerate() {
+                        let flight = Flight::Check {
+                            share,
+                            offset: chunk * IDS_PER_COMMAND,
+                        };
+                        let ids = ids.to_vec();
+                        commands.push((flight, Command::CheckPresence { ids }));
+                    }
+                }
+            }
+        }
+        self.round = Some(RoundState {
+            plan,
+            started: now,
+            checking: true,
+            waiting: commands.len(),
+            online,
+            stored: 0,
+            dropped: 0,
+            undeliverable: Vec::new(),
+            after_check: Vec::new(),
+        });
+        for (flight, command) in commands {
+            self.issue(now, flight, command);
+        }
+        if commands_empty(&self.round) {
+            self.next_phase(now);
+        }
+    }
+
+    /// The first phase was answered: store and publish as presence decided. The
+    /// second was answered: the round is done.
+    fn next_phase(&mut self, now: Instant) {
+        let Some(mut round) = self.round.take() else {
+            return;
+        };
+        if !round.checking {
+            return self.finish_round(now, round);
+        }
+        round.checking = false;
+        let mut commands = Vec::new();
+        let cap = self.config.max_stored_per_id;
+        for (share, online) in round.online.iter().enumerate() {
+            let send = &self.sends[share];
+            if !matches!(send.plan, RemotePlan::CheckPresence(_)) {
+                continue;
+            }
+            let ids = self.share_ids(round.plan, share).to_vec();
+            let split = split_by_presence(ids, online, send.options.as_ref());
+            if !split.publish.is_empty() {
+                let recipients = Recipients::Ids(split.publish.clone());
+                commands.push((Flight::Publish, self.envelope(send, recipients)));
+                round
+                    .after_check
+                    .push((send.message.clone(), split.publish));
+            }
+            let text = encode_stored(&send.message);
+            for ids in split.store.chunks(IDS_PER_COMMAND) {
+                let command = Command::StoreMany {
+                    ids: ids.to_vec(),
+                    text: text.clone(),
+                    cap,
+                };
+                commands.push((Flight::Store, command));
+            }
+            if !split.undeliverable.is_empty() {
+                round
+                    .undeliverable
+                    .push((send.message.clone(), split.undeliverable));
+            }
+        }
+        round.waiting = commands.len();
+        self.round = Some(round);
+        for (flight, command) in commands {
+            self.issue(now, flight, command);
+        }
+        if commands_empty(&self.round) {
+            self.next_phase(now);
+        }
+    }
+
+    /// Everything of the round was answered: its sends (or the part of the cut one)
+    /// leave the queue, and what it did is reported.
+    fn finish_round(&mut self, now: Instant, round: RoundState) {
+        self.sends.drain(..round.plan.whole);
+        if let Some(rest) = self.sends.front_mut().filter(|_| round.plan.part > 0) {
+            rest.plan.advance(round.plan.part);
+        }
+        // An id absent here when the message was sent may have connected here since
+        // (notably while the send waited for Redis): our own envelope does not come
+        // back to us, so deliver to it directly.
+        for (message, ids) in round.after_check {
+            self.deliver(&message, &Recipients::Ids(ids));
+        }
+        if round.stored > 0 {
+            self.events.push_back(ReplicaEvent::Stored {
+                stored: round.stored,
+                dropped: round.dropped,
+            });
+        }
+        for (message, ids) in round.undeliverable {
+            self.events
+                .push_back(ReplicaEvent::Undeliverable { message, ids });
+        }
+        let rest = round.plan.rest(now.saturating_duration_since(round.started));
+        if rest > Duration::ZERO {
+            self.timers.set(Timer::Rest as usize, now + rest);
+        }
+    }
+}
+
+/// Whether the round in flight waits for nothing.
+fn commands_empty(round: &Option<RoundState>) -> bool {
+    round.as_ref().is_some_and(|r| r.waiting == 0)
+}
+
+/// `SMISMEMBER`'s answer.
+fn bools(value: Option<RedisValue>) -> Option<Vec<bool>> {
+    match value? {
+        RedisValue::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                RedisValue::Int(n) => Some(n != 0),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// `APPEND_MANY`'s answer: `{stored, dropped}`.
+fn pair(value: Option<RedisValue>) -> Option<(usize, usize)> {
+    match value? {
+        RedisValue::Array(items) => match items.as_slice() {
+            [RedisValue::Int(a), RedisValue::Int(b)] => {
+                Some((usize::try_from(*a).ok()?, usize::try_from(*b).ok()?))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `SMEMBERS`'s answer.
+fn texts(value: Option<RedisValue>) -> Option<Vec<String>> {
+    match value? {
+        RedisValue::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                RedisValue::Text(text) => Some(text),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
