@@ -17,6 +17,8 @@ pub mod relay;
 pub mod replica;
 pub mod rng;
 pub mod session;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod sync;
 mod timer;
 pub mod wire;

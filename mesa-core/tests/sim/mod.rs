@@ -4,64 +4,17 @@
 //! jumps straight to the next deadline. No sockets, no sleeps.
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesa_core::rng::Rng;
+pub use mesa_core::sim::net::ClientLog;
+use mesa_core::sim::net::{Link, Packet, SimClient};
 use mesa_core::{
-    Action, ClientConfig, ClientEvent, ClientSession, ClientTransmit, Close, ConnId, Hub, Message,
-    Recipients, RelayAction, ServerConfig, ServerSession, SessionEvent, Transmit, dev_authenticate,
-    relay,
+    Action, ClientConfig, ClientSession, Close, ConnId, Hub, Message, Recipients, RelayAction,
+    ServerConfig, ServerSession, SessionEvent, Transmit, dev_authenticate, relay,
 };
-
-/// What travels on a simulated WebSocket.
-#[derive(Debug, Clone)]
-enum Packet {
-    Text(String),
-    Close(Close),
-}
-
-/// One simulated WebSocket between client `client` and server connection `conn`.
-#[derive(Debug)]
-struct Link {
-    client: usize,
-    conn: ConnId,
-    /// Frames in flight, delivered in order at their time.
-    to_server: VecDeque<(Instant, Packet)>,
-    to_client: VecDeque<(Instant, Packet)>,
-    /// Frames vanish without a trace (a half-open TCP connection).
-    black_hole: bool,
-    /// Each side stops reading after it has sent or received a close.
-    client_done: bool,
-    server_done: bool,
-}
-
-/// Everything a simulated client observed.
-#[derive(Debug, Default)]
-pub struct ClientLog {
-    pub events: Vec<(Instant, ClientEvent)>,
-    /// Every frame the client wrote, in order.
-    pub sent: Vec<String>,
-    pub connects: Vec<Instant>,
-}
-
-impl ClientLog {
-    /// The application messages received, in order.
-    pub fn messages(&self) -> Vec<&Message> {
-        self.events
-            .iter()
-            .filter_map(|(_, e)| match e {
-                ClientEvent::Message(m) => Some(m),
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn count(&self, pred: impl Fn(&ClientEvent) -> bool) -> usize {
-        self.events.iter().filter(|(_, e)| pred(e)).count()
-    }
-}
 
 /// What the server side observed for one connection.
 #[derive(Debug, Default)]
@@ -71,14 +24,6 @@ pub struct ConnLog {
     pub events: Vec<SessionEvent>,
     /// Frames the session transmitted after its close (must stay empty).
     pub after_close: usize,
-}
-
-pub struct SimClient {
-    pub session: ClientSession,
-    pub log: ClientLog,
-    link: Option<usize>,
-    /// A connect attempt resolves at this time.
-    connecting: Option<Instant>,
 }
 
 pub struct Sim {
@@ -95,7 +40,7 @@ pub struct Sim {
     pub store: HashMap<String, Vec<Message>>,
     /// Whether sends to absent ids are stored (sync on).
     pub sync: bool,
-    pub clients: Vec<SimClient>,
+    pub clients: Vec<SimClient<ClientLog>>,
     links: Vec<Link>,
     /// Number of times `drive_bounded` hit its bound.
     pub steps: usize,
@@ -133,12 +78,7 @@ impl Sim {
     pub fn add_client(&mut self, config: ClientConfig) -> usize {
         let seed = self.rng.next_u64();
         let session = ClientSession::new(config, seed).expect("valid client config");
-        self.clients.push(SimClient {
-            session,
-            log: ClientLog::default(),
-            link: None,
-            connecting: None,
-        });
+        self.clients.push(SimClient::new(session, ClientLog::default()));
         self.clients.len() - 1
     }
 
@@ -202,12 +142,10 @@ impl Sim {
 
     /// Drop client `c`'s connection: both sides see the transport end (no close frame).
     pub fn cut(&mut self, c: usize) {
-        if let Some(link) = self.clients[c].link.take() {
+        if let Some(link) = self.clients[c].link {
             let conn = self.links[link].conn;
-            self.links[link].client_done = true;
-            self.links[link].server_done = true;
-            self.clients[c].session.handle_closed(self.now, None);
-            self.flush_client(c);
+            self.links[link].cut();
+            let _ = self.clients[c].drop_transport(self.now, self.latency, &mut self.links);
             if let Some(session) = self.sessions.get_mut(&conn) {
                 session.handle_peer_closed(self.now, None);
             }
@@ -376,15 +314,7 @@ impl Sim {
             return;
         }
         let conn = self.hub.connect();
-        self.links.push(Link {
-            client: c,
-            conn,
-            to_server: VecDeque::new(),
-            to_client: VecDeque::new(),
-            black_hole: false,
-            client_done: false,
-            server_done: false,
-        });
+        self.links.push(Link::new(c, 0, conn));
         let link = self.links.len() - 1;
         self.clients[c].link = Some(link);
         self.sessions
@@ -424,54 +354,12 @@ impl Sim {
 
     fn deliver_to_client(&mut self, link: usize, packet: Packet) {
         let c = self.links[link].client;
-        if self.links[link].black_hole || self.links[link].client_done {
-            return;
-        }
-        if self.clients[c].link != Some(link) {
-            return;
-        }
-        match packet {
-            Packet::Text(text) => self.clients[c].session.handle_frame(self.now, &text),
-            Packet::Close(close) => {
-                self.links[link].client_done = true;
-                self.clients[c].link = None;
-                self.clients[c].session.handle_closed(self.now, Some(close));
-            }
-        }
-        self.flush_client(c);
+        let _ = self.clients[c].receive(self.now, self.latency, &mut self.links, link, packet);
     }
 
     /// Drain a client's outputs and execute them.
     fn flush_client(&mut self, c: usize) {
-        let now = self.now;
-        while let Some(transmit) = self.clients[c].session.poll_transmit() {
-            match transmit {
-                ClientTransmit::Connect => {
-                    self.clients[c].log.connects.push(now);
-                    self.clients[c].connecting = Some(now + self.latency);
-                }
-                ClientTransmit::Text(frame) => {
-                    self.clients[c].log.sent.push(frame.as_str().to_owned());
-                    if let Some(link) = self.clients[c].link {
-                        self.links[link]
-                            .to_server
-                            .push_back((now + self.latency, Packet::Text(frame.as_str().into())));
-                    }
-                }
-                ClientTransmit::Close(close) => {
-                    self.clients[c].connecting = None;
-                    if let Some(link) = self.clients[c].link.take() {
-                        self.links[link].client_done = true;
-                        self.links[link]
-                            .to_server
-                            .push_back((now + self.latency, Packet::Close(close)));
-                    }
-                }
-            }
-        }
-        while let Some(event) = self.clients[c].session.poll_event() {
-            self.clients[c].log.events.push((now, event));
-        }
+        let _ = self.clients[c].flush(self.now, self.latency, &mut self.links);
     }
 
     /// Drain a server session's outputs and execute them (the adapter's job).

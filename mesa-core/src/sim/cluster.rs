@@ -1,0 +1,1165 @@
+//! A deterministic cluster: N replicas (each a [`Replica`] with real
+//! [`ServerSession`]s, running the relay of [`relay`]), many [`ClientSession`]s, and
+//! the [`RedisModel`], on a virtual clock that jumps from one event to the next.
+//!
+//! Faults: a client's connection cut, a replica crashed (and restarted as a new
+//! replica), a partition between one replica and Redis (its link dies silently:
+//! commands, answers and pub/sub messages are lost until the replica notices by its
+//! reply timeout, and it cannot reconnect until the partition heals), slow answers
+//! from Redis to one replica, and a Redis restart with or without persistence (every
+//! link resets, pub/sub messages in flight are lost, the run id changes).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::net::{ClientFlush, Link, Packet, SimClient};
+use super::redis::RedisModel;
+use super::schedule::Schedule;
+use super::track::{self, MessageKey, Received, Relayed, Track, Violation, message_key};
+use crate::client::{ClientConfig, ClientSession};
+use crate::config::ServerConfig;
+use crate::hub::{Action, ConnId};
+use crate::relay::{RelayAction, dev_authenticate, relay};
+use crate::replica::{Command, Keys, Reply, Replica, ReplicaConfig, ReplicaEvent, Token};
+use crate::rng::Rng;
+use crate::session::{ServerSession, SessionEvent, Transmit};
+use crate::wire::{Message, Opcode};
+
+/// How a simulated cluster is built.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Replicas at the start.
+    pub replicas: usize,
+    /// Clients.
+    pub clients: usize,
+    /// Distinct ids; client `c` authenticates as `u{c % ids}`. Default: one per client.
+    pub ids: usize,
+    /// Seeds every random choice.
+    pub seed: u64,
+    /// Every replica's server configuration (sync should be on).
+    pub server: ServerConfig,
+    /// Every replica's cluster configuration.
+    pub replica: ReplicaConfig,
+    /// Every client's configuration.
+    pub client: ClientConfig,
+    /// One way, client to replica.
+    pub ws_latency: Duration,
+    /// One way, replica to Redis.
+    pub redis_latency: Duration,
+    /// Record every message (for the checks); off for a million clients.
+    pub record: bool,
+    /// Check the keys Node replicas read after every event.
+    pub check_contract: bool,
+}
+
+impl SimConfig {
+    /// `replicas` replicas and `clients` clients with sync on, heartbeats and the
+    /// default limits.
+    pub fn new(replicas: usize, clients: usize, seed: u64) -> Self {
+        let server = ServerConfig::builder()
+            .heartbeat(crate::config::HeartbeatConfig::default())
+            .authentication(crate::config::AuthConfig::default())
+            .sync(crate::config::SyncConfig::default())
+            .build()
+            .expect("a valid configuration");
+        let replica = ReplicaConfig::new(&server);
+        SimConfig {
+            replicas,
+            clients,
+            ids: clients,
+            seed,
+            server,
+            replica,
+            client: ClientConfig::default(),
+            ws_latency: Duration::from_millis(5),
+            redis_latency: Duration::from_millis(1),
+            record: true,
+            check_contract: false,
+        }
+    }
+}
+
+/// A scheduled event.
+#[derive(Debug)]
+enum Event {
+    /// Frames of this link may be due.
+    Link(usize),
+    /// A client's timer or connection attempt may be due.
+    Client(usize),
+    /// A client connects (see [`ClusterSim::connect_at`]).
+    Connect(usize),
+    /// A session's timer may be due.
+    Session(usize, ConnId),
+    /// A replica's timer may be due.
+    Replica(usize),
+    /// A command reaches Redis.
+    Command {
+        replica: usize,
+        epoch: u64,
+        token: Token,
+        command: Command,
+    },
+    /// Redis's answer reaches the replica.
+    Reply {
+        replica: usize,
+        epoch: u64,
+        token: Token,
+        reply: Reply,
+    },
+    /// A connection attempt to Redis resolves.
+    Opened { replica: usize, epoch: u64 },
+    /// A pub/sub message reaches a replica.
+    PubSub {
+        replica: usize,
+        epoch: u64,
+        channel: String,
+        payload: String,
+    },
+    /// Redis accepts connections again.
+    RedisUp,
+}
+
+/// One server connection.
+#[derive(Debug)]
+struct Conn {
+    session: ServerSession,
+    link: usize,
+    /// Deliveries held while the session waits for its stored messages.
+    held: Vec<Action>,
+    timer: Option<Instant>,
+    /// Its id, as the simulation counts presence.
+    id: Option<String>,
+}
+
+/// A command sent to Redis and not answered.
+#[derive(Debug)]
+struct Outstanding {
+    command: Command,
+    executed: bool,
+}
+
+/// One replica of the simulated cluster.
+#[derive(Debug)]
+pub struct SimReplica {
+    /// Its name now (a restarted replica is a new one).
+    pub name: String,
+    /// The state machine; `None` while crashed.
+    pub replica: Option<Replica>,
+    keys: Keys,
+    incarnation: u32,
+    conns: BTreeMap<ConnId, Conn>,
+    /// The current link to Redis; links up to `killed` are dead (a partition or a
+    /// Redis restart): nothing on them arrives.
+    epoch: u64,
+    killed: u64,
+    /// The replica believes its link up and subscribed.
+    linked: bool,
+    partitioned_until: Option<Instant>,
+    slow: Option<(Instant, Duration)>,
+    timer: Option<Instant>,
+    outstanding: BTreeMap<Token, Outstanding>,
+    /// Pub/sub messages received, per second of the run.
+    inbound: Vec<u32>,
+}
+
+impl SimReplica {
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+}
+
+/// What the run counted.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// Messages the clients handed to their sessions.
+    pub sent: u64,
+    /// Messages the relay handed to a replica.
+    pub relayed: u64,
+    /// Redis calls, per second of the run.
+    pub redis_calls: Vec<u64>,
+    /// Link failures the replicas reported.
+    pub link_downs: u64,
+    /// Jobs the replicas reported lost.
+    pub jobs_lost: u64,
+    /// Messages stored (per id), and dropped by the cap.
+    pub stored: u64,
+    /// Stored messages pushed out by the per-id cap.
+    pub dropped: u64,
+    /// Ids nothing could be stored for.
+    pub undeliverable: u64,
+    /// Sends a client refused (its queue full).
+    pub refused: u64,
+}
+
+/// The cluster.
+#[derive(Debug)]
+pub struct ClusterSim {
+    /// The virtual time.
+    pub now: Instant,
+    start: Instant,
+    config: SimConfig,
+    server: Arc<ServerConfig>,
+    rng: Rng,
+    schedule: Schedule<Event>,
+    /// Redis.
+    pub redis: RedisModel,
+    redis_up: bool,
+    /// When Redis last came up.
+    redis_since: Instant,
+    /// The replicas.
+    pub replicas: Vec<SimReplica>,
+    /// The clients.
+    pub clients: Vec<SimClient<Received>>,
+    client_timers: Vec<Option<Instant>>,
+    links: Vec<Link>,
+    dirty_sessions: Vec<(usize, ConnId)>,
+    dirty_replicas: Vec<usize>,
+    /// Messages sent per client (the next `n` is one more).
+    numbers: Vec<u32>,
+    /// Clients authenticated now.
+    pub authenticated: usize,
+    /// What the run counted.
+    pub counters: Counters,
+    /// The records the checks read.
+    pub track: Track,
+    /// Broken contracts seen along the way (keys Node replicas read).
+    pub violations: Vec<Violation>,
+    /// Events processed.
+    pub steps: u64,
+}
+
+impl ClusterSim {
+    /// A cluster at `start` (the caller's one clock read); the replicas start
+    /// linking to Redis, the clients are created but not connected.
+    pub fn new(config: SimConfig, start: Instant) -> Self {
+        let mut rng = Rng::new(config.seed);
+        let clients = (0..config.clients)
+            .map(|_| {
+                let session = ClientSession::new(config.client.clone(), rng.next_u64())
+                    .expect("a valid client configuration");
+                let received = Received {
+                    record: config.record,
+                    ..Received::default()
+                };
+                SimClient::new(session, received)
+            })
+            .collect();
+        let mut redis = RedisModel::new();
+        redis.logging = config.record;
+        let mut sim = ClusterSim {
+            now: start,
+            start,
+            server: Arc::new(config.server.clone()),
+            rng,
+            schedule: Schedule::default(),
+            redis,
+            redis_up: true,
+            redis_since: start,
+            replicas: Vec::new(),
+            client_timers: vec![None; config.clients],
+            numbers: vec![0; config.clients],
+            clients,
+            links: Vec::new(),
+            dirty_sessions: Vec::new(),
+            dirty_replicas: Vec::new(),
+            authenticated: 0,
+            counters: Counters::default(),
+            track: Track::default(),
+            violations: Vec::new(),
+            steps: 0,
+            config,
+        };
+        for _ in 0..sim.config.replicas {
+            sim.add_replica();
+        }
+        sim.settle();
+        sim
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    /// Time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// The id client `c` authenticates as.
+    pub fn id_of(&self, c: usize) -> String {
+        format!("u{}", c % self.config.ids.max(1))
+    }
+
+    // ----- the clock -----
+
+    /// Process every event due by `until`, then stand at `until`.
+    pub fn run_until(&mut self, until: Instant) {
+        while let Some((at, event)) = self.schedule.pop_due(until) {
+            self.now = self.now.max(at);
+            self.steps += 1;
+            self.handle(event);
+            self.settle();
+            if self.config.check_contract {
+                let ns = self.config.replica.namespace.clone();
+                if let Err(broken) = self.redis.check_upstream_contract(self.now, &ns) {
+                    self.violations.push(format!("at {:?}: {broken}", self.elapsed()));
+                }
+            }
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Run for `duration` of virtual time.
+    pub fn run_for(&mut self, duration: Duration) {
+        self.run_until(self.now + duration);
+    }
+
+    /// When the next event is due.
+    pub fn next_event(&self) -> Option<Instant> {
+        self.schedule.next()
+    }
+
+    // ----- clients -----
+
+    /// Connect client `c` and authenticate it as [`id_of`](Self::id_of)`(c)` (with
+    /// `shouldSync`), now and after every reconnection.
+    pub fn connect(&mut self, c: usize) {
+        let id = self.id_of(c);
+        let session = &mut self.clients[c].session;
+        if session.connect(self.now).is_ok() {
+            let _ = session.authenticate(self.now, json!({ "token": id }), true);
+        }
+        self.flush_client(c);
+        self.settle();
+    }
+
+    /// Connect client `c` at `at`, as [`connect`](Self::connect).
+    pub fn connect_at(&mut self, c: usize, at: Instant) {
+        self.schedule.push(at, Event::Connect(c));
+    }
+
+    /// Client `c` sends a message to the clients of ids `to` (relayed as a
+    /// `BROADCAST`); returns its key.
+    pub fn send(&mut self, c: usize, to: &[String]) -> MessageKey {
+        self.numbers[c] += 1;
+        let key = (c as u32, self.numbers[c]);
+        let message = Message::dispatch(
+            "BROADCAST",
+            json!({"to": to, "from": key.0, "n": key.1}),
+        );
+        self.counters.sent += 1;
+        if self.clients[c].session.send(self.now, message).is_err() {
+            self.counters.refused += 1;
+        }
+        self.flush_client(c);
+        self.settle();
+        key
+    }
+
+    /// Cut client `c`'s connection: both sides see the transport drop.
+    pub fn cut(&mut self, c: usize) {
+        let Some(link) = self.clients[c].link else {
+            return;
+        };
+        let (r, conn) = (self.links[link].server, self.links[link].conn);
+        self.links[link].cut();
+        let flush = self.clients[c].drop_transport(self.now, self.config.ws_latency, &mut self.links);
+        self.after_client_flush(c, flush);
+        let now = self.now;
+        if let Some(session) = self.conn_mut(r, conn) {
+            session.session.handle_peer_closed(now, None);
+            self.dirty_sessions.push((r, conn));
+        }
+        self.settle();
+    }
+
+    // ----- faults -----
+
+    /// Crash replica `r`: its connections drop, its state is gone; its keys stay in
+    /// Redis until its lease expires.
+    pub fn crash(&mut self, r: usize) {
+        let Some(_) = self.replicas[r].replica.take() else {
+            return;
+        };
+        self.uncertain(r);
+        let replica = &mut self.replicas[r];
+        replica.linked = false;
+        replica.timer = None;
+        self.redis.unsubscribe_all(r);
+        let conns = std::mem::take(&mut self.replicas[r].conns);
+        for (_, conn) in conns {
+            if let Some(id) = &conn.id {
+                self.track.leave(self.now, id);
+            }
+            let link = conn.link;
+            self.links[link].cut();
+            let c = self.links[link].client;
+            let flush =
+                self.clients[c].drop_transport(self.now, self.config.ws_latency, &mut self.links);
+            self.after_client_flush(c, flush);
+        }
+        self.settle();
+    }
+
+    /// Start replica `r` again, as a new replica (a new name), after a crash.
+    pub fn restart(&mut self, r: usize) {
+        if self.replicas[r].replica.is_some() {
+            return;
+        }
+        let replica = &mut self.replicas[r];
+        replica.incarnation += 1;
+        replica.name = format!("r{r}.{}", replica.incarnation);
+        replica.keys = Keys::new(self.config.replica.namespace.clone(), replica.name.clone());
+        let seed = self.rng.next_u64();
+        let name = replica.name.clone();
+        replica.replica = Some(
+            Replica::new(self.config.replica.clone(), name, seed, self.now)
+                .expect("a valid replica configuration"),
+        );
+        self.dirty_replicas.push(r);
+        self.settle();
+    }
+
+    /// Add a replica; returns its index.
+    pub fn add_replica(&mut self) -> usize {
+        let r = self.replicas.len();
+        let name = format!("r{r}.0");
+        let seed = self.rng.next_u64();
+        let replica = Replica::new(self.config.replica.clone(), name.clone(), seed, self.now)
+            .expect("a valid replica configuration");
+        self.replicas.push(SimReplica {
+            keys: Keys::new(self.config.replica.namespace.clone(), name.clone()),
+            name,
+            replica: Some(replica),
+            incarnation: 0,
+            conns: BTreeMap::new(),
+            epoch: 0,
+            killed: 0,
+            linked: false,
+            partitioned_until: None,
+            slow: None,
+            timer: None,
+            outstanding: BTreeMap::new(),
+            inbound: Vec::new(),
+        });
+        self.dirty_replicas.push(r);
+        r
+    }
+
+    /// Partition replica `r` from Redis for `duration`: its link dies silently.
+    pub fn partition(&mut self, r: usize, duration: Duration) {
+        let replica = &mut self.replicas[r];
+        replica.partitioned_until = Some(self.now + duration);
+        replica.killed = replica.epoch;
+        self.redis.unsubscribe_all(r);
+    }
+
+    /// Redis answers replica `r` `extra` later than usual for `duration`.
+    pub fn slow_replies(&mut self, r: usize, extra: Duration, duration: Duration) {
+        self.replicas[r].slow = Some((self.now + duration, extra));
+    }
+
+    /// Restart Redis: every link resets now, Redis is back after `down_for`, with
+    /// its keys when `persist`.
+    pub fn restart_redis(&mut self, persist: bool, down_for: Duration) {
+        if !persist && self.config.record {
+            let key = self.config.replica.namespace.undelivered_messages();
+            let erased = self.redis.hash(&key).into_iter().flatten().flat_map(|(id, raw)| {
+                stored_entries(raw).into_iter().map(move |e| (id.clone(), e))
+            });
+            self.track.wiped.extend(erased);
+        }
+        self.redis.restart(persist);
+        self.redis_up = false;
+        for r in 0..self.replicas.len() {
+            let replica = &mut self.replicas[r];
+            replica.killed = replica.epoch;
+            if replica.linked {
+                replica.linked = false;
+                if let Some(machine) = replica.replica.as_mut() {
+                    machine.handle_link_down(self.now, "connection reset");
+                    self.dirty_replicas.push(r);
+                }
+            }
+        }
+        self.schedule.push(self.now + down_for, Event::RedisUp);
+        self.settle();
+    }
+
+    // ----- events -----
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now;
+        match event {
+            Event::Link(link) => self.link_due(link),
+            Event::Connect(c) => self.connect(c),
+            Event::Client(c) => {
+                self.client_timers[c] = None;
+                if self.clients[c].connecting.is_some_and(|at| at <= now) {
+                    self.clients[c].connecting = None;
+                    self.resolve_connect(c);
+                }
+                if self.clients[c].session.poll_timeout().is_some_and(|at| at <= now) {
+                    self.clients[c].session.handle_timeout(now);
+                    self.flush_client(c);
+                }
+                self.arm_client(c);
+            }
+            Event::Session(r, conn) => {
+                let Some(entry) = self.replicas[r].conns.get_mut(&conn) else {
+                    return;
+                };
+                entry.timer = None;
+                if entry.session.poll_timeout().is_some_and(|at| at <= now) {
+                    entry.session.handle_timeout(now);
+                    // Frames held back for the message rate may be readable now.
+                    let link = entry.link;
+                    if !self.links[link].to_server.is_empty() {
+                        self.schedule.push(now, Event::Link(link));
+                    }
+                }
+                self.dirty_sessions.push((r, conn));
+            }
+            Event::Replica(r) => {
+                self.replicas[r].timer = None;
+                if let Some(replica) = self.replicas[r].replica.as_mut() {
+                    if replica.poll_timeout().is_some_and(|at| at <= now) {
+                        replica.handle_timeout(now);
+                    }
+                    self.dirty_replicas.push(r);
+                }
+            }
+            Event::Command {
+                replica,
+                epoch,
+                token,
+                command,
+            } => self.execute(replica, epoch, token, command),
+            Event::Reply {
+                replica: r,
+                epoch,
+                token,
+                reply,
+            } => {
+                if !self.reaches(r, epoch) {
+                    return;
+                }
+                self.replicas[r].outstanding.remove(&token);
+                if let Some(replica) = self.replicas[r].replica.as_mut() {
+                    replica.handle_reply(now, token, reply);
+                    self.dirty_replicas.push(r);
+                }
+            }
+            Event::Opened { replica: r, epoch } => self.opened(r, epoch),
+            Event::PubSub {
+                replica: r,
+                epoch,
+                channel,
+                payload,
+            } => {
+                if !self.reaches(r, epoch) {
+                    return;
+                }
+                let second = self.second();
+                let inbound = &mut self.replicas[r].inbound;
+                if inbound.len() <= second {
+                    inbound.resize(second + 1, 0);
+                }
+                inbound[second] += 1;
+                if let Some(replica) = self.replicas[r].replica.as_mut() {
+                    replica.handle_pubsub(now, &channel, &payload);
+                    self.dirty_replicas.push(r);
+                }
+            }
+            Event::RedisUp => {
+                self.redis_up = true;
+                self.redis_since = now;
+            }
+        }
+    }
+
+    fn second(&self) -> usize {
+        self.elapsed().as_secs() as usize
+    }
+
+    /// Whether something sent on link `epoch` of replica `r` reaches it now.
+    fn reaches(&self, r: usize, epoch: u64) -> bool {
+        let replica = &self.replicas[r];
+        replica.linked
+            && epoch == replica.epoch
+            && epoch > replica.killed
+            && replica.replica.is_some()
+            && !self.partitioned(r)
+    }
+
+    fn partitioned(&self, r: usize) -> bool {
+        self.replicas[r]
+            .partitioned_until
+            .is_some_and(|until| until > self.now)
+    }
+
+    /// A command reaches Redis: run it, answer, and hand out what it published.
+    fn execute(&mut self, r: usize, epoch: u64, token: Token, command: Command) {
+        let now = self.now;
+        if epoch <= self.replicas[r].killed || !self.redis_up || self.partitioned(r) {
+            return;
+        }
+        let calls = command.calls(&self.replicas[r].keys);
+        let second = self.second();
+        if self.counters.redis_calls.len() <= second {
+            self.counters.redis_calls.resize(second + 1, 0);
+        }
+        self.counters.redis_calls[second] += calls.len() as u64;
+        match &command {
+            Command::Trim { id, .. } => {
+                if let Some(pending) = self.track.trims_pending.get_mut(id) {
+                    *pending = pending.saturating_sub(1);
+                }
+            }
+            Command::Load { id } if self.track.trims_pending.get(id).is_some_and(|n| *n > 0) => {
+                self.track.uncertain_ids.insert(id.clone());
+            }
+            _ => {}
+        }
+        let reply = self.redis.execute(now, &calls);
+        if let Some(outstanding) = self.replicas[r].outstanding.get_mut(&token) {
+            outstanding.executed = true;
+        }
+        for published in self.redis.take_published() {
+            for subscriber in published.subscribers {
+                let epoch = self.replicas[subscriber].epoch;
+                self.schedule.push(
+                    now + self.config.redis_latency,
+                    Event::PubSub {
+                        replica: subscriber,
+                        epoch,
+                        channel: published.channel.clone(),
+                        payload: published.payload.clone(),
+                    },
+                );
+            }
+        }
+        let slow = match self.replicas[r].slow {
+            Some((until, extra)) if until > now => extra,
+            _ => Duration::ZERO,
+        };
+        self.schedule.push(
+            now + self.config.redis_latency + slow,
+            Event::Reply {
+                replica: r,
+                epoch,
+                token,
+                reply,
+            },
+        );
+    }
+
+    /// A connection attempt of replica `r` to Redis resolves.
+    fn opened(&mut self, r: usize, epoch: u64) {
+        if epoch != self.replicas[r].epoch || self.partitioned(r) {
+            // A partition: the attempt hangs until the replica gives up on it.
+            return;
+        }
+        let now = self.now;
+        let Some(replica) = self.replicas[r].replica.as_mut() else {
+            return;
+        };
+        if !self.redis_up {
+            replica.handle_link_down(now, "connection refused");
+            self.dirty_replicas.push(r);
+            return;
+        }
+        for channel in replica.channels() {
+            self.redis.subscribe(r, &channel);
+        }
+        self.replicas[r].linked = true;
+        let run_id = self.redis.run_id().to_owned();
+        if let Some(replica) = self.replicas[r].replica.as_mut() {
+            replica.handle_link_up(now, &run_id);
+        }
+        self.dirty_replicas.push(r);
+    }
+
+    /// Record what a failed link leaves uncertain: stores and publishes Redis ran
+    /// without the answer arriving may be done again.
+    fn uncertain(&mut self, r: usize) {
+        let outstanding = std::mem::take(&mut self.replicas[r].outstanding);
+        for (_, sent) in outstanding {
+            if !sent.executed {
+                continue;
+            }
+            let key = match &sent.command {
+                Command::StoreMany { text, .. } => track::entry_key(text),
+                Command::Publish { payload, .. } => crate::cluster::Envelope::decode(payload)
+                    .ok()
+                    .and_then(|e| message_key(&e.message)),
+                _ => None,
+            };
+            if let Some(key) = key {
+                self.track.uncertain_messages.insert(key);
+            }
+        }
+    }
+
+    /// Deliver the frames of `link` that are due.
+    fn link_due(&mut self, link: usize) {
+        let now = self.now;
+        let (r, conn) = (self.links[link].server, self.links[link].conn);
+        loop {
+            let paused = self
+                .replicas[r]
+                .conns
+                .get(&conn)
+                .and_then(|c| c.session.read_paused_until());
+            if let Some(until) = paused {
+                if self.links[link].to_server.front().is_some_and(|(at, _)| *at <= now) {
+                    self.schedule.push(until.max(now), Event::Link(link));
+                }
+                break;
+            }
+            let Some(packet) = self.links[link].pop_to_server(now) else {
+                break;
+            };
+            if self.links[link].black_hole || self.links[link].server_done {
+                continue;
+            }
+            let Some(entry) = self.replicas[r].conns.get_mut(&conn) else {
+                continue;
+            };
+            match packet {
+                Packet::Text(text) => entry.session.handle_frame(now, &text),
+                Packet::Close(close) => {
+                    self.links[link].server_done = true;
+                    entry.session.handle_peer_closed(now, Some(close));
+                }
+            }
+            self.dirty_sessions.push((r, conn));
+            self.settle();
+        }
+        let c = self.links[link].client;
+        while let Some(packet) = self.links[link].pop_to_client(now) {
+            self.clients[c].log.link = link as u32;
+            let before = self.clients[c].log.authenticated;
+            let flush = self.clients[c].receive(
+                now,
+                self.config.ws_latency,
+                &mut self.links,
+                link,
+                packet,
+            );
+            self.count_authenticated(c, before);
+            self.after_client_flush(c, flush);
+        }
+    }
+
+    fn resolve_connect(&mut self, c: usize) {
+        let now = self.now;
+        let live: Vec<usize> = (0..self.replicas.len())
+            .filter(|r| self.replicas[*r].replica.is_some())
+            .collect();
+        if live.is_empty() {
+            let _ = self.clients[c].session.handle_connect_failed(now, "refused");
+            self.flush_client(c);
+            return;
+        }
+        let r = live[self.rng.below_or_equal(live.len() as u64 - 1) as usize];
+        let replica = self.replicas[r].replica.as_mut().expect("live");
+        let conn = replica.handle_connection_opened(now);
+        self.dirty_replicas.push(r);
+        let link = self.links.len();
+        self.links.push(Link::new(c, r, conn));
+        let session = ServerSession::new(self.server.clone(), now);
+        self.replicas[r].conns.insert(
+            conn,
+            Conn {
+                session,
+                link,
+                held: Vec::new(),
+                timer: None,
+                id: None,
+            },
+        );
+        self.dirty_sessions.push((r, conn));
+        self.clients[c].link = Some(link);
+        let _ = self.clients[c].session.handle_connected(now);
+        self.flush_client(c);
+    }
+
+    fn count_authenticated(&mut self, c: usize, before: bool) {
+        match (before, self.clients[c].log.authenticated) {
+            (false, true) => self.authenticated += 1,
+            (true, false) => self.authenticated -= 1,
+            _ => {}
+        }
+    }
+
+    fn flush_client(&mut self, c: usize) {
+        let before = self.clients[c].log.authenticated;
+        let flush = self.clients[c].flush(self.now, self.config.ws_latency, &mut self.links);
+        self.count_authenticated(c, before);
+        self.after_client_flush(c, flush);
+    }
+
+    fn after_client_flush(&mut self, c: usize, flush: ClientFlush) {
+        if let Some((link, at)) = flush.link_due {
+            self.schedule.push(at, Event::Link(link));
+        }
+        if let Some(at) = flush.connect_at {
+            self.schedule.push(at, Event::Client(c));
+        }
+        self.arm_client(c);
+    }
+
+    fn arm_client(&mut self, c: usize) {
+        let deadline = self.clients[c].session.poll_timeout();
+        if deadline.is_some() && deadline != self.client_timers[c] {
+            self.client_timers[c] = deadline;
+            self.schedule.push(deadline.expect("some"), Event::Client(c));
+        }
+    }
+
+    fn conn_mut(&mut self, r: usize, conn: ConnId) -> Option<&mut Conn> {
+        self.replicas[r].conns.get_mut(&conn)
+    }
+
+    // ----- draining outputs -----
+
+    /// Drain every dirty session and replica until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            if let Some((r, conn)) = self.dirty_sessions.pop() {
+                self.flush_session(r, conn);
+            } else if let Some(r) = self.dirty_replicas.pop() {
+                self.flush_replica(r);
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Execute a session's outputs: frames to its link, events to the replica and
+    /// to the application (development authentication, the relay).
+    fn flush_session(&mut self, r: usize, conn: ConnId) {
+        let now = self.now;
+        let latency = self.config.ws_latency;
+        loop {
+            let Some(entry) = self.replicas[r].conns.get_mut(&conn) else {
+                return;
+            };
+            let link = entry.link;
+            if let Some(transmit) = entry.session.poll_transmit() {
+                let packet = match transmit {
+                    Transmit::Text(frame) => {
+                        if self.config.record && frame.as_str().contains("\"s\":") {
+                            record_written(&mut self.track, entry.session.id(), frame.as_str());
+                        }
+                        Packet::Text(frame.as_str().into())
+                    }
+                    Transmit::Close(close) => {
+                        self.links[link].server_done = true;
+                        Packet::Close(close)
+                    }
+                };
+                if !self.links[link].client_done || matches!(packet, Packet::Close(_)) {
+                    self.links[link].to_client.push_back((now + latency, packet));
+                    self.schedule.push(now + latency, Event::Link(link));
+                }
+                continue;
+            }
+            if !entry.held.is_empty() && !entry.session.awaits_undelivered() {
+                for action in std::mem::take(&mut entry.held) {
+                    apply(&mut entry.session, action);
+                }
+                continue;
+            }
+            let Some(event) = entry.session.poll_event() else {
+                break;
+            };
+            self.session_event(r, conn, event);
+        }
+        if let Some(entry) = self.replicas[r].conns.get_mut(&conn) {
+            let deadline = entry.session.poll_timeout();
+            if deadline.is_some() && deadline != entry.timer {
+                entry.timer = deadline;
+                self.schedule
+                    .push(deadline.expect("some"), Event::Session(r, conn));
+            }
+        }
+    }
+
+    fn session_event(&mut self, r: usize, conn: ConnId, event: SessionEvent) {
+        let now = self.now;
+        if let Some(replica) = self.replicas[r].replica.as_mut() {
+            replica.handle_session_event(now, conn, &event);
+            self.dirty_replicas.push(r);
+        }
+        if let SessionEvent::Redelivered {
+            id,
+            delivered,
+            dropped,
+        } = &event
+        {
+            if delivered + dropped > 0 {
+                *self.track.trims_pending.entry(id.clone()).or_default() += 1;
+            }
+        }
+        let Some(entry) = self.replicas[r].conns.get_mut(&conn) else {
+            return;
+        };
+        match event {
+            SessionEvent::AuthenticationRequested { credentials, .. } => {
+                let _ = match dev_authenticate(&credentials) {
+                    Ok((id, user)) => entry.session.accept(now, id, user),
+                    Err(reason) => entry.session.reject(now, reason),
+                };
+            }
+            SessionEvent::Authenticated { id, .. } => {
+                let previous = entry.id.replace(id.clone());
+                let link = entry.link as u32;
+                if let Some(previous) = previous {
+                    self.track.leave(now, &previous);
+                }
+                self.track.arrive(&id);
+                self.track.auth_at.entry(link).or_insert(now);
+            }
+            SessionEvent::Message(message) => {
+                let link = entry.link as u32;
+                let max = self.config.server.limits().max_recipients;
+                match relay(&message, max) {
+                    Some(RelayAction::Reply(message)) => {
+                        let _ = entry.session.send(message.encode());
+                    }
+                    Some(RelayAction::Refuse(close)) => {
+                        let _ = entry.session.disconnect(close);
+                    }
+                    Some(RelayAction::Send {
+                        message,
+                        recipients,
+                    }) => self.relay_send(r, link, &message, &recipients),
+                    None => {}
+                }
+            }
+            SessionEvent::Closed { .. } => {
+                if let Some(entry) = self.replicas[r].conns.remove(&conn) {
+                    if let Some(id) = entry.id {
+                        self.track.leave(now, &id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn relay_send(
+        &mut self,
+        r: usize,
+        link: u32,
+        message: &Message,
+        recipients: &crate::hub::Recipients,
+    ) {
+        let now = self.now;
+        self.counters.relayed += 1;
+        if let (true, Some(key)) = (self.config.record, message_key(message)) {
+            let to = match recipients {
+                crate::hub::Recipients::Ids(ids) => ids.clone(),
+                crate::hub::Recipients::All => Vec::new(),
+            };
+            self.track.relayed.insert(
+                key,
+                Relayed {
+                    at: now,
+                    sender_link: link,
+                    to,
+                },
+            );
+        }
+        if let Some(replica) = self.replicas[r].replica.as_mut() {
+            let _ = replica.handle_send(now, message, None, recipients);
+            self.dirty_replicas.push(r);
+        }
+    }
+
+    /// Execute a replica's outputs.
+    fn flush_replica(&mut self, r: usize) {
+        loop {
+            let Some(replica) = self.replicas[r].replica.as_mut() else {
+                return;
+            };
+            if let Some(delivery) = replica.poll_delivery() {
+                for target in delivery.targets {
+                    if let Some(entry) = self.replicas[r].conns.get_mut(&target) {
+                        if entry.session.awaits_undelivered() {
+                            entry.held.push(delivery.action.clone());
+                        } else {
+                            apply(&mut entry.session, delivery.action.clone());
+                        }
+                        self.dirty_sessions.push((r, target));
+                    }
+                }
+                continue;
+            }
+            if let Some((token, command)) = replica.poll_command() {
+                self.command(r, token, command);
+                continue;
+            }
+            let Some(event) = replica.poll_event() else {
+                break;
+            };
+            self.replica_event(r, event);
+        }
+        let deadline = self.replicas[r].replica.as_ref().and_then(Replica::poll_timeout);
+        let replica = &mut self.replicas[r];
+        if deadline.is_some() && deadline != replica.timer {
+            replica.timer = deadline;
+            self.schedule.push(deadline.expect("some"), Event::Replica(r));
+        }
+    }
+
+    fn command(&mut self, r: usize, token: Token, command: Command) {
+        let now = self.now;
+        let latency = self.config.redis_latency;
+        let replica = &mut self.replicas[r];
+        if command == Command::Connect {
+            replica.epoch += 1;
+            replica.linked = false;
+            self.redis.unsubscribe_all(r);
+            let epoch = replica.epoch;
+            self.schedule
+                .push(now + 2 * latency, Event::Opened { replica: r, epoch });
+            return;
+        }
+        replica.outstanding.insert(
+            token,
+            Outstanding {
+                command: command.clone(),
+                executed: false,
+            },
+        );
+        let epoch = replica.epoch;
+        self.schedule.push(
+            now + latency,
+            Event::Command {
+                replica: r,
+                epoch,
+                token,
+                command,
+            },
+        );
+    }
+
+    fn replica_event(&mut self, r: usize, event: ReplicaEvent) {
+        let now = self.now;
+        match event {
+            ReplicaEvent::LinkDown { .. } => {
+                self.counters.link_downs += 1;
+                self.uncertain(r);
+                self.replicas[r].linked = false;
+                self.redis.unsubscribe_all(r);
+            }
+            ReplicaEvent::Loaded { conn, messages, .. } => {
+                if let Some(entry) = self.replicas[r].conns.get_mut(&conn) {
+                    let _ = entry.session.handle_undelivered(now, messages);
+                    self.dirty_sessions.push((r, conn));
+                }
+            }
+            ReplicaEvent::Stored { stored, dropped } => {
+                self.counters.stored += stored as u64;
+                self.counters.dropped += dropped as u64;
+            }
+            ReplicaEvent::Undeliverable { ids, .. } => {
+                self.counters.undeliverable += ids.len() as u64;
+            }
+            ReplicaEvent::JobsLost { count, .. } => self.counters.jobs_lost += count as u64,
+            _ => {}
+        }
+    }
+
+    // ----- checks and figures -----
+
+    /// Every property over the records, as violations (empty when all hold). Call
+    /// it once the cluster settled (no fault for a while).
+    pub fn check(&self) -> Vec<Violation> {
+        let mut violations = self.violations.clone();
+        let ns = &self.config.replica.namespace;
+        let stored_now: Vec<(String, String)> = self
+            .redis
+            .hash(&ns.undelivered_messages())
+            .into_iter()
+            .flatten()
+            .flat_map(|(id, raw)| stored_entries(raw).into_iter().map(move |e| (id.clone(), e)))
+            .collect();
+        violations.extend(track::check_stored(&self.track, &self.redis.log, &stored_now));
+        let clients = || {
+            self.clients
+                .iter()
+                .enumerate()
+                .map(|(c, client)| (self.id_of(c), &client.log))
+        };
+        violations.extend(track::check_duplicates(&self.track, clients()));
+        violations.extend(track::check_order(&self.track, clients()));
+        violations
+    }
+
+    /// Ids in `connected_clients` that lost their last connection at least
+    /// `bound` ago (and at least `bound` after Redis came back).
+    pub fn check_presence(&self, bound: Duration) -> Vec<Violation> {
+        let key = self.config.replica.namespace.connected_clients();
+        track::check_presence(
+            &self.track,
+            self.redis.members(&key).into_iter(),
+            self.now,
+            bound,
+            self.redis_since,
+        )
+    }
+
+    /// Open connections on live replicas.
+    pub fn open_connections(&self) -> usize {
+        self.replicas.iter().map(|r| r.conns.len()).sum()
+    }
+
+    /// The busiest replica's most pub/sub messages received in one second.
+    pub fn busiest_inbound_per_s(&self) -> u32 {
+        self.replicas
+            .iter()
+            .flat_map(|r| r.inbound.iter().copied())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The entries of a stored array's text.
+fn stored_entries(raw: &str) -> Vec<String> {
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(serde_json::Value::Array(items)) => items.iter().map(|v| v.to_string()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Apply a delivery's action to one session.
+fn apply(session: &mut ServerSession, action: Action) {
+    let _ = match action {
+        Action::Write(frame) => session.send(frame),
+        Action::Close(close) => session.disconnect(close),
+        Action::Ignore => Ok(()),
+    };
+}
+
+/// A redelivered frame was written to a transport of `id`.
+fn record_written(track: &mut Track, id: Option<&str>, frame: &str) {
+    let (Some(id), Ok(message)) = (id, Message::decode(frame, &crate::limits::Limits::default()))
+    else {
+        return;
+    };
+    if message.op != Opcode::Dispatch || message.s.is_none() {
+        return;
+    }
+    if let Some(key) = message_key(&message) {
+        track.written.entry(id.to_owned()).or_default().insert(key);
+    }
+}

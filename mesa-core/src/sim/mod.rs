@@ -1,0 +1,20 @@
+//! A deterministic simulation of Mesa clusters, for tests and for reasoning about
+//! scale (feature `sim`): real [`ServerSession`](crate::ServerSession)s,
+//! [`ClientSession`](crate::ClientSession)s and [`Replica`](crate::Replica)s, joined
+//! by simulated WebSockets ([`net`]) and a model of Redis ([`redis`]), on a virtual
+//! clock that jumps from one event to the next ([`schedule`]). No sockets, no
+//! sleeps, no clock: the caller passes the one starting instant, and every random
+//! choice comes from a seed.
+//!
+//! [`cluster::ClusterSim`] runs N replicas and many clients with faults (cuts,
+//! crashes, partitions, slow answers, Redis restarts); [`track`] holds the records
+//! of every message and the properties checked over them.
+
+pub mod cluster;
+pub mod net;
+pub mod redis;
+pub mod schedule;
+pub mod track;
+
+pub use cluster::{ClusterSim, Counters, SimConfig, SimReplica};
+pub use redis::RedisModel;

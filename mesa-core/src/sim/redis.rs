@@ -1,0 +1,623 @@
+//! An in-memory model of Redis for exactly the commands and scripts the cluster uses
+//! (see [`Command::calls`](crate::Command::calls)): strings with a time to live,
+//! counters, sets, hashes of upstream's JSON-array text, pub/sub with one delivery
+//! per subscriber, and our Lua scripts implemented natively, reading their `KEYS` and
+//! `ARGV` exactly as the Lua does.
+//!
+//! Where it is simpler than Redis: one process, every call atomic and instant (the
+//! simulation adds the latency); no memory limit, eviction, replication or cluster
+//! mode; keys expire exactly at their deadline; `PUBLISH` hands its message to the
+//! simulation, which delivers it to each subscriber (and loses it for a subscriber
+//! whose link is down); a restart keeps every key (persistence on, as an
+//! append-only file that lost nothing) or none, and always changes the run id.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cluster::Namespace;
+use crate::replica::{Call, RedisValue, Script};
+
+/// What the model answers a call that cannot work (a wrong type, a bad argument).
+pub type CallError = String;
+
+/// A message `PUBLISH` handed over, for the simulation to deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The channel.
+    pub channel: String,
+    /// The payload.
+    pub payload: String,
+    /// The subscribers it goes to.
+    pub subscribers: Vec<usize>,
+}
+
+/// What happened to stored messages, for the checks of the simulation: every entry
+/// appended to, trimmed from, dropped from or cleared from `undelivered_messages`.
+#[derive(Debug, Default, Clone)]
+pub struct StoreLog {
+    /// `(field, entry)` for each append.
+    pub appended: Vec<(String, String)>,
+    /// `(field, entry)` removed by a trim (a redelivery done).
+    pub trimmed: Vec<(String, String)>,
+    /// `(field, entry)` pushed out by the per-id cap.
+    pub dropped: Vec<(String, String)>,
+    /// `(field, entries)` deleted whole (`HDEL`: the client declined them).
+    pub cleared: Vec<(String, String)>,
+}
+
+/// The model.
+#[derive(Debug)]
+pub struct RedisModel {
+    strings: BTreeMap<String, (String, Option<Instant>)>,
+    sets: BTreeMap<String, BTreeSet<String>>,
+    hashes: BTreeMap<String, BTreeMap<String, String>>,
+    subscriptions: BTreeMap<String, BTreeSet<usize>>,
+    run: u64,
+    run_id: String,
+    published: Vec<Published>,
+    /// Calls executed, scripts counting one each.
+    pub calls: u64,
+    /// What happened to stored messages.
+    pub log: StoreLog,
+    /// Keep the store log (off for long runs, where it would only grow).
+    pub logging: bool,
+}
+
+impl Default for RedisModel {
+    fn default() -> Self {
+        RedisModel::new()
+    }
+}
+
+impl RedisModel {
+    /// An empty Redis, first run.
+    pub fn new() -> Self {
+        RedisModel {
+            strings: BTreeMap::new(),
+            sets: BTreeMap::new(),
+            hashes: BTreeMap::new(),
+            subscriptions: BTreeMap::new(),
+            run: 1,
+            run_id: run_id(1),
+            published: Vec::new(),
+            calls: 0,
+            log: StoreLog::default(),
+            logging: true,
+        }
+    }
+
+    /// The run id `INFO server` reports: new at every start.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Restart: subscriptions end; every key survives when `persist`, none otherwise;
+    /// the run id changes.
+    pub fn restart(&mut self, persist: bool) {
+        self.subscriptions.clear();
+        if !persist {
+            self.strings.clear();
+            self.sets.clear();
+            self.hashes.clear();
+        }
+        self.run += 1;
+        self.run_id = run_id(self.run);
+    }
+
+    /// Subscribe `subscriber` to `channel`.
+    pub fn subscribe(&mut self, subscriber: usize, channel: &str) {
+        self.subscriptions
+            .entry(channel.to_owned())
+            .or_default()
+            .insert(subscriber);
+    }
+
+    /// End every subscription of `subscriber` (its connection closed).
+    pub fn unsubscribe_all(&mut self, subscriber: usize) {
+        for subscribers in self.subscriptions.values_mut() {
+            subscribers.remove(&subscriber);
+        }
+    }
+
+    /// The messages published since the last call.
+    pub fn take_published(&mut self) -> Vec<Published> {
+        std::mem::take(&mut self.published)
+    }
+
+    // ----- inspection -----
+
+    /// The members of a set (empty when absent).
+    pub fn members(&self, key: &str) -> Vec<&str> {
+        self.sets
+            .get(key)
+            .map(|set| set.iter().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether `member` is in set `key`.
+    pub fn is_member(&self, key: &str, member: &str) -> bool {
+        self.sets.get(key).is_some_and(|set| set.contains(member))
+    }
+
+    /// A string's value, unless it expired by `now`.
+    pub fn get(&self, now: Instant, key: &str) -> Option<&str> {
+        self.live(now, key)
+    }
+
+    /// A hash's fields and values.
+    pub fn hash(&self, key: &str) -> Option<&BTreeMap<String, String>> {
+        self.hashes.get(key)
+    }
+
+    /// Whether the keys upstream reads have the types and formats a Node replica
+    /// expects: `connected_clients` a set, `connected_clients_count` an integer,
+    /// `undelivered_messages` a hash whose every value is a JSON array of
+    /// `{"op": number, "d", "t"?}` objects.
+    pub fn check_upstream_contract(&self, now: Instant, ns: &Namespace) -> Result<(), String> {
+        let count = ns.connected_clients_count();
+        if self.sets.contains_key(&count) || self.hashes.contains_key(&count) {
+            return Err(format!("{count} is not a string"));
+        }
+        if let Some(value) = self.live(now, &count) {
+            value
+                .parse::<i64>()
+                .map_err(|_| format!("{count} is not an integer: {value}"))?;
+        }
+        let clients = ns.connected_clients();
+        if self.strings.contains_key(&clients) || self.hashes.contains_key(&clients) {
+            return Err(format!("{clients} is not a set"));
+        }
+        let stored = ns.undelivered_messages();
+        if self.strings.contains_key(&stored) || self.sets.contains_key(&stored) {
+            return Err(format!("{stored} is not a hash"));
+        }
+        for (field, value) in self.hashes.get(&stored).into_iter().flatten() {
+            let parsed: Value = serde_json::from_str(value)
+                .map_err(|_| format!("{stored}[{field}] is not JSON: {value}"))?;
+            let Value::Array(entries) = parsed else {
+                return Err(format!("{stored}[{field}] is not an array: {value}"));
+            };
+            let message = |entry: &Value| {
+                entry.get("op").is_some_and(Value::is_u64)
+                    && entry.get("d").is_some()
+                    && entry.get("t").is_none_or(Value::is_string)
+            };
+            if entries.is_empty() || !entries.iter().all(message) {
+                return Err(format!("{stored}[{field}] holds a non-message: {value}"));
+            }
+        }
+        Ok(())
+    }
+
+    // ----- execution -----
+
+    /// Execute `calls` (one command's round trip): one value per call, or the
+    /// first error.
+    pub fn execute(&mut self, now: Instant, calls: &[Call]) -> Result<Vec<RedisValue>, CallError> {
+        calls.iter().map(|call| self.call(now, call)).collect()
+    }
+
+    /// Execute one call.
+    pub fn call(&mut self, now: Instant, call: &Call) -> Result<RedisValue, CallError> {
+        self.calls += 1;
+        match call {
+            Call::Plain { name, args } => self.plain(now, name, args),
+            Call::Script { script, keys, args } => match script {
+                Script::AppendMany => self.append_many(keys, args),
+                Script::Trim => self.trim(keys, args),
+                Script::Leave => {
+                    let scope = Scope::new(keys, args)?;
+                    Ok(self.leave(now, &scope, arg(args, 5)?))
+                }
+                Script::Renew => self.renew(now, keys, args),
+                Script::Janitor => self.janitor(now, keys, args),
+            },
+        }
+    }
+
+    fn plain(&mut self, now: Instant, name: &str, args: &[String]) -> Result<RedisValue, CallError> {
+        let key = || arg(args, 0);
+        Ok(match name {
+            "PING" => RedisValue::Text("PONG".into()),
+            "PUBLISH" => {
+                let channel = key()?.to_owned();
+                let subscribers: Vec<usize> = self
+                    .subscriptions
+                    .get(&channel)
+                    .map(|s| s.iter().copied().collect())
+                    .unwrap_or_default();
+                let receivers = subscribers.len() as i64;
+                self.published.push(Published {
+                    channel,
+                    payload: arg(args, 1)?.to_owned(),
+                    subscribers,
+                });
+                RedisValue::Int(receivers)
+            }
+            "SADD" => RedisValue::Int(self.sadd(key()?, &args[1..]) as i64),
+            "SMEMBERS" => RedisValue::Array(
+                self.members(key()?)
+                    .into_iter()
+                    .map(|m| RedisValue::Text(m.to_owned()))
+                    .collect(),
+            ),
+            "SMISMEMBER" => {
+                let set = self.sets.get(key()?);
+                RedisValue::Array(
+                    args[1..]
+                        .iter()
+                        .map(|m| RedisValue::Int(set.is_some_and(|s| s.contains(m)).into()))
+                        .collect(),
+                )
+            }
+            "INCRBY" => RedisValue::Int(self.incrby(now, key()?, int(arg(args, 1)?)?)?),
+            "HGET" => match self.hashes.get(key()?).and_then(|h| h.get(args.get(1)?)) {
+                Some(value) => RedisValue::Text(value.clone()),
+                None => RedisValue::Nil,
+            },
+            "HDEL" => {
+                let field = arg(args, 1)?;
+                let removed = self.hdel(key()?, field);
+                if let (Some(value), true) = (&removed, self.logging) {
+                    self.log.cleared.push((field.to_owned(), value.clone()));
+                }
+                RedisValue::Int(removed.is_some().into())
+            }
+            other => return Err(format!("ERR the model does not know {other}")),
+        })
+    }
+
+    fn live(&self, now: Instant, key: &str) -> Option<&str> {
+        match self.strings.get(key) {
+            Some((value, expiry)) if expiry.is_none_or(|at| at > now) => Some(value),
+            _ => None,
+        }
+    }
+
+    fn exists(&self, now: Instant, key: &str) -> bool {
+        self.live(now, key).is_some() || self.sets.contains_key(key) || self.hashes.contains_key(key)
+    }
+
+    fn del(&mut self, key: &str) {
+        self.strings.remove(key);
+        self.sets.remove(key);
+        self.hashes.remove(key);
+    }
+
+    fn sadd(&mut self, key: &str, members: &[String]) -> usize {
+        let set = self.sets.entry(key.to_owned()).or_default();
+        members.iter().filter(|m| set.insert((*m).clone())).count()
+    }
+
+    fn srem(&mut self, key: &str, member: &str) {
+        if let Some(set) = self.sets.get_mut(key) {
+            set.remove(member);
+            if set.is_empty() {
+                self.sets.remove(key);
+            }
+        }
+    }
+
+    fn incrby(&mut self, now: Instant, key: &str, by: i64) -> Result<i64, CallError> {
+        let current = match self.live(now, key) {
+            Some(value) => int(value)?,
+            None => 0,
+        };
+        let next = current + by;
+        // INCRBY keeps an existing time to live.
+        let expiry = self.strings.get(key).and_then(|(_, e)| *e).filter(|at| *at > now);
+        self.strings
+            .insert(key.to_owned(), (next.to_string(), expiry));
+        Ok(next)
+    }
+
+    fn hset(&mut self, key: &str, field: &str, value: String) {
+        self.hashes
+            .entry(key.to_owned())
+            .or_default()
+            .insert(field.to_owned(), value);
+    }
+
+    fn hdel(&mut self, key: &str, field: &str) -> Option<String> {
+        let hash = self.hashes.get_mut(key)?;
+        let removed = hash.remove(field);
+        if hash.is_empty() {
+            self.hashes.remove(key);
+        }
+        removed
+    }
+
+    // ----- the scripts, natively -----
+
+    /// [`Script::AppendMany`].
+    fn append_many(&mut self, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
+        let hash = arg(keys, 0)?.to_owned();
+        let entry = arg(args, 0)?;
+        let cap = int(arg(args, 1)?)?;
+        let mut dropped = 0;
+        for field in &args[2..] {
+            let current = self.hashes.get(&hash).and_then(|h| h.get(field)).cloned();
+            let (mut body, mut count) = match current {
+                None => (String::new(), 0),
+                Some(raw) => match array_body(&raw) {
+                    Some(parsed) => parsed,
+                    None => {
+                        self.hset(&hash, &format!("{field}:corrupt"), raw);
+                        (String::new(), 0)
+                    }
+                },
+            };
+            while count >= cap && !body.is_empty() {
+                let (first, rest) = split_first(&body);
+                if self.logging {
+                    self.log.dropped.push((field.clone(), first.to_owned()));
+                }
+                body = rest.to_owned();
+                count -= 1;
+                dropped += 1;
+            }
+            if body.is_empty() {
+                body = entry.to_owned();
+            } else {
+                body = format!("{body},{entry}");
+            }
+            self.hset(&hash, field, format!("[{body}]"));
+            if self.logging {
+                self.log.appended.push((field.clone(), entry.to_owned()));
+            }
+        }
+        Ok(RedisValue::Array(vec![
+            RedisValue::Int(args.len() as i64 - 2),
+            RedisValue::Int(dropped),
+        ]))
+    }
+
+    /// [`Script::Trim`].
+    fn trim(&mut self, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
+        let hash = arg(keys, 0)?.to_owned();
+        let field = arg(args, 0)?;
+        let n = int(arg(args, 1)?)?;
+        let Some(raw) = self.hashes.get(&hash).and_then(|h| h.get(field)).cloned() else {
+            return Ok(RedisValue::Int(0));
+        };
+        let mut body = lua_inner(&raw).unwrap_or_default().to_owned();
+        let mut removed = 0;
+        while removed < n && !body.is_empty() {
+            let (first, rest) = split_first(&body);
+            if self.logging {
+                self.log.trimmed.push((field.to_owned(), first.to_owned()));
+            }
+            body = rest.to_owned();
+            removed += 1;
+        }
+        if body.is_empty() {
+            self.hdel(&hash, field);
+        } else {
+            self.hset(&hash, field, format!("[{body}]"));
+        }
+        Ok(RedisValue::Int(removed))
+    }
+
+    /// [`Script::Leave`].
+    fn leave(&mut self, now: Instant, scope: &Scope, id: &str) -> RedisValue {
+        self.srem(&scope.ids(&scope.me), id);
+        if self.held_elsewhere(now, scope, &scope.me, id) {
+            return RedisValue::Int(0);
+        }
+        self.srem(&scope.clients, id);
+        RedisValue::Int(1)
+    }
+
+    fn held_elsewhere(&self, now: Instant, scope: &Scope, me: &str, id: &str) -> bool {
+        self.members(&scope.replicas).into_iter().any(|r| {
+            r != me && self.exists(now, &scope.lease(r)) && self.is_member(&scope.ids(r), id)
+        })
+    }
+
+    /// [`Script::Renew`].
+    fn renew(&mut self, now: Instant, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
+        let scope = Scope::new(keys, args)?;
+        let me = scope.me.clone();
+        let lease = Duration::from_millis(int(arg(args, 5)?)?.max(0) as u64);
+        let connections = int(arg(args, 6)?)?;
+        let run_id = arg(args, 7)?.to_owned();
+        self.strings
+            .insert(scope.lease(&me), (run_id, Some(now + lease)));
+        self.sadd(&scope.replicas, std::slice::from_ref(&me));
+        let ids_key = scope.ids(&me);
+        let before: Vec<String> = self.members(&ids_key).into_iter().map(str::to_owned).collect();
+        self.del(&ids_key);
+        let ids = &args[8..];
+        if !ids.is_empty() {
+            self.sadd(&ids_key, ids);
+            self.sadd(&scope.clients, ids);
+        }
+        for id in before {
+            if !self.is_member(&ids_key, &id) && !self.held_elsewhere(now, &scope, &me, &id) {
+                self.srem(&scope.clients, &id);
+            }
+        }
+        let conns_key = scope.conns(&me);
+        let counted = match self.live(now, &conns_key) {
+            Some(value) => int(value)?,
+            None => 0,
+        };
+        if counted != connections {
+            self.incrby(now, &scope.count, connections - counted)?;
+            self.strings
+                .insert(conns_key, (connections.to_string(), None));
+        }
+        Ok(RedisValue::Int(1))
+    }
+
+    /// [`Script::Janitor`].
+    fn janitor(&mut self, now: Instant, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
+        let scope = Scope::new(keys, args)?;
+        let me = scope.me.clone();
+        if arg(args, 5)? == "retire" {
+            self.del(&scope.lease(&me));
+        }
+        let run_id = arg(args, 6)?;
+        let replicas: Vec<String> = self
+            .members(&scope.replicas)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if !run_id.is_empty() {
+            for r in &replicas {
+                let lease = scope.lease(r);
+                let held = self.live(now, &lease);
+                if *r != me && held.is_some_and(|held| held != run_id) {
+                    self.del(&lease);
+                }
+            }
+        }
+        let mut removed = 0;
+        for r in &replicas {
+            if self.exists(now, &scope.lease(r)) {
+                continue;
+            }
+            let ids: Vec<String> = self
+                .members(&scope.ids(r))
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            for id in ids {
+                if !self.held_elsewhere(now, &scope, r, &id) {
+                    self.srem(&scope.clients, &id);
+                    removed += 1;
+                }
+            }
+            let counted = match self.live(now, &scope.conns(r)) {
+                Some(value) => int(value)?,
+                None => 0,
+            };
+            if counted != 0 {
+                self.incrby(now, &scope.count, -counted)?;
+            }
+            self.del(&scope.ids(r));
+            self.del(&scope.conns(r));
+            self.srem(&scope.replicas, r);
+        }
+        Ok(RedisValue::Int(removed))
+    }
+}
+
+/// The keys and prefixes every presence script starts with (see
+/// [`LEAVE`](crate::replica::scripts::LEAVE)).
+struct Scope {
+    clients: String,
+    replicas: String,
+    count: String,
+    me: String,
+    ids_prefix: String,
+    lease_prefix: String,
+    conns_prefix: String,
+    suffix: String,
+}
+
+impl Scope {
+    fn new(keys: &[String], args: &[String]) -> Result<Scope, CallError> {
+        Ok(Scope {
+            clients: arg(keys, 0)?.to_owned(),
+            replicas: arg(keys, 1)?.to_owned(),
+            count: arg(keys, 2)?.to_owned(),
+            me: arg(args, 0)?.to_owned(),
+            ids_prefix: arg(args, 1)?.to_owned(),
+            lease_prefix: arg(args, 2)?.to_owned(),
+            conns_prefix: arg(args, 3)?.to_owned(),
+            suffix: arg(args, 4)?.to_owned(),
+        })
+    }
+
+    fn ids(&self, r: &str) -> String {
+        format!("{}{r}{}", self.ids_prefix, self.suffix)
+    }
+
+    fn lease(&self, r: &str) -> String {
+        format!("{}{r}{}", self.lease_prefix, self.suffix)
+    }
+
+    fn conns(&self, r: &str) -> String {
+        format!("{}{r}{}", self.conns_prefix, self.suffix)
+    }
+}
+
+fn run_id(run: u64) -> String {
+    format!("{run:040x}")
+}
+
+fn arg(args: &[String], index: usize) -> Result<&str, CallError> {
+    args.get(index)
+        .map(String::as_str)
+        .ok_or_else(|| format!("ERR missing argument {}", index + 1))
+}
+
+fn int(text: &str) -> Result<i64, CallError> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("ERR value is not an integer: {text}"))
+}
+
+/// `string.match(raw, '^%s*%[(.*)%]%s*$')`.
+fn lua_inner(raw: &str) -> Option<&str> {
+    raw.trim()
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+}
+
+/// The body and length of a stored JSON array, as the store script reads it
+/// (`cjson.decode` succeeds on a table, and the text is bracketed); `None` for a
+/// corrupt value.
+fn array_body(raw: &str) -> Option<(String, i64)> {
+    let inner = lua_inner(raw)?;
+    match serde_json::from_str::<Value>(raw).ok()? {
+        Value::Array(items) => Some((inner.to_owned(), items.len() as i64)),
+        _ => None,
+    }
+}
+
+/// The scripts' `first_end`/`drop_first`: the first element of an array's body,
+/// and what follows its comma (empty when it was the only one).
+fn split_first(body: &str) -> (&str, &str) {
+    let (mut depth, mut in_str, mut esc) = (0i32, false, false);
+    for (i, c) in body.bytes().enumerate() {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if c == b'\\' {
+                esc = true;
+            } else if c == b'"' {
+                in_str = false;
+            }
+        } else if c == b'"' {
+            in_str = true;
+        } else if c == b'{' || c == b'[' {
+            depth += 1;
+        } else if c == b'}' || c == b']' {
+            depth -= 1;
+        } else if c == b',' && depth == 0 {
+            return (&body[..i], &body[i + 1..]);
+        }
+    }
+    (body, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_arrays_as_the_scripts_do() {
+        assert_eq!(
+            split_first(r#"{"a":"x,]"},{"b":[1,2]}"#),
+            (r#"{"a":"x,]"}"#, r#"{"b":[1,2]}"#)
+        );
+        assert_eq!(split_first(r#"{"q":"\"},"}"#), (r#"{"q":"\"},"}"#, ""));
+        assert_eq!(array_body(" [1,2] "), Some(("1,2".into(), 2)));
+        assert_eq!(array_body("{}"), None);
+        assert_eq!(array_body("[1,"), None);
+    }
+}
