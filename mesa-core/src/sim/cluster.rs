@@ -361,6 +361,20 @@ impl ClusterSim {
         key
     }
 
+    /// The replica client `c` is connected to.
+    pub fn replica_of(&self, c: usize) -> Option<usize> {
+        self.clients[c].link.map(|link| self.links[link].server)
+    }
+
+    /// Client `c` disconnects deliberately (close 1000) and stays offline until
+    /// [`connect`](Self::connect)ed again.
+    pub fn disconnect(&mut self, c: usize) {
+        let close = crate::close::Close::new(crate::close::CloseCode::NORMAL, "bye");
+        let _ = self.clients[c].session.disconnect(self.now, close);
+        self.flush_client(c);
+        self.settle();
+    }
+
     /// Cut client `c`'s connection: both sides see the transport drop.
     pub fn cut(&mut self, c: usize) {
         let Some(link) = self.clients[c].link else {
@@ -1116,6 +1130,27 @@ impl ClusterSim {
             bound,
             self.redis_since,
         )
+    }
+
+    /// What a settled cluster must show in the keys Node replicas read:
+    /// `connected_clients` holds exactly the ids connected somewhere, and
+    /// `connected_clients_count` counts every open connection.
+    pub fn check_settled_keys(&self) -> Vec<Violation> {
+        let ns = &self.config.replica.namespace;
+        let mut violations = Vec::new();
+        let mut members: Vec<&str> = self.redis.members(&ns.connected_clients());
+        members.sort_unstable();
+        let mut online: Vec<&str> = self.track.online.keys().map(String::as_str).collect();
+        online.sort_unstable();
+        if members != online {
+            violations.push(format!("connected_clients {members:?} but online {online:?}"));
+        }
+        let count = self.redis.get(self.now, &ns.connected_clients_count());
+        let open = self.open_connections();
+        if count.and_then(|c| c.parse::<usize>().ok()).unwrap_or(0) != open {
+            violations.push(format!("connected_clients_count {count:?} but {open} open"));
+        }
+        violations
     }
 
     /// Open connections on live replicas.
