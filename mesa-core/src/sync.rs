@@ -70,6 +70,47 @@ pub fn decode_stored(json: &str) -> Result<(Vec<Message>, usize), DecodeError> {
     Ok((messages, skipped))
 }
 
+/// The entries of an id's stored array as the text they are stored as, split the
+/// way our scripts split them (a comma at depth 0, outside strings); `None` when the
+/// value is not bracketed. Our scripts compare and cut entries as text, never
+/// re-encoded, so these are the exact texts they see.
+pub fn stored_entries(raw: &str) -> Option<Vec<&str>> {
+    let mut body = raw.trim().strip_prefix('[')?.strip_suffix(']')?;
+    let mut entries = Vec::new();
+    while !body.is_empty() {
+        let (first, rest) = split_first_entry(body);
+        entries.push(first);
+        body = rest;
+    }
+    Some(entries)
+}
+
+/// The scripts' `first_end`/`drop_first`: the first entry of an array's body, and
+/// what follows its comma (empty when it was the only one).
+pub fn split_first_entry(body: &str) -> (&str, &str) {
+    let (mut depth, mut in_str, mut esc) = (0i32, false, false);
+    for (i, c) in body.bytes().enumerate() {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if c == b'\\' {
+                esc = true;
+            } else if c == b'"' {
+                in_str = false;
+            }
+        } else if c == b'"' {
+            in_str = true;
+        } else if c == b'{' || c == b'[' {
+            depth += 1;
+        } else if c == b'}' || c == b']' {
+            depth -= 1;
+        } else if c == b',' && depth == 0 {
+            return (&body[..i], &body[i + 1..]);
+        }
+    }
+    (body, "")
+}
+
 /// Paced, numbered redelivery of one id's stored messages.
 #[derive(Debug)]
 pub struct Redelivery {
@@ -146,6 +187,17 @@ mod tests {
         let (messages, skipped) = decode_stored(&array).unwrap();
         assert_eq!(messages, [message.clone(), message]);
         assert_eq!(skipped, 1);
+    }
+
+    #[test]
+    fn entries_split_as_the_scripts_split_them() {
+        assert_eq!(
+            stored_entries(r#" [{"a":"x,]"},{"b":[1,2]},3] "#),
+            Some(vec![r#"{"a":"x,]"}"#, r#"{"b":[1,2]}"#, "3"])
+        );
+        assert_eq!(stored_entries("[]"), Some(vec![]));
+        assert_eq!(stored_entries("{}"), None);
+        assert_eq!(split_first_entry(r#"{"q":"\"},"}"#), (r#"{"q":"\"},"}"#, ""));
     }
 
     #[test]

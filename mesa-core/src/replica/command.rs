@@ -58,12 +58,16 @@ pub enum Command {
         /// The id whose messages to read.
         id: String,
     },
-    /// [`Script::Trim`]: remove the first `count` messages stored for `id`.
+    /// [`Script::Trim`]: remove the messages stored for `id` that a redelivery wrote
+    /// to its connection (or skipped over the cap): those up to the last entry, among
+    /// the first `count`, whose text is `last`.
     Trim {
         /// The id whose messages were redelivered.
         id: String,
-        /// How many were written to its connection (or skipped over the cap).
+        /// The loaded entries up to the last one redelivered, corrupt ones included.
         count: usize,
+        /// The stored text of the last entry redelivered.
+        last: String,
     },
     /// `HDEL ns(undelivered_messages) id`: the client declined its stored messages.
     Clear {
@@ -238,10 +242,10 @@ impl Command {
             Command::Load { id } => {
                 vec![plain("HGET", vec![ns.undelivered_messages(), id.clone()])]
             }
-            Command::Trim { id, count } => vec![Call::Script {
+            Command::Trim { id, count, last } => vec![Call::Script {
                 script: Script::Trim,
                 keys: vec![ns.undelivered_messages()],
-                args: vec![id.clone(), count.to_string()],
+                args: vec![id.clone(), count.to_string(), last.clone()],
             }],
             Command::Clear { id } => {
                 vec![plain("HDEL", vec![ns.undelivered_messages(), id.clone()])]

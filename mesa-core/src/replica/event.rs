@@ -83,10 +83,6 @@ pub enum Loss {
     /// Best-effort jobs (sends without sync, portal events) were queued or in flight
     /// when the link failed.
     Outage,
-    /// A trim was in flight when the link failed: it is not done again, since done
-    /// twice it would remove messages never redelivered. Its messages stay stored
-    /// and are redelivered again (the at-least-once window).
-    UncertainTrim,
     /// The replica retired, or the connection that needed the job closed, before
     /// Redis could be reached.
     Abandoned,

@@ -34,8 +34,13 @@ pub(crate) enum Job {
         id: String,
         until: Instant,
     },
-    /// Remove the first `count` stored messages of `id`.
-    Trim { id: String, count: usize },
+    /// Remove the stored messages of `id` through the last entry, among the first
+    /// `count`, whose text is `last`.
+    Trim {
+        id: String,
+        count: usize,
+        last: String,
+    },
     /// Delete the stored messages of `id`: `conn` declined them.
     Clear { conn: ConnId, id: String },
     /// Tell a portal about a client event.
@@ -59,19 +64,16 @@ pub(crate) enum Fate {
 }
 
 impl Job {
-    /// The job's fate at a link failure; `in_flight` when its command had been sent
-    /// and not answered (Redis may or may not have run it).
-    pub(crate) fn fate(&self, in_flight: bool) -> Fate {
+    /// The job's fate at a link failure, whether its command was sent and not
+    /// answered (Redis may have run it) or not sent yet.
+    pub(crate) fn fate(&self) -> Fate {
         match self {
             Job::Arrive(_) | Job::Leave(_) | Job::Connections(_) => Fate::Forget,
             // An event about a moment that has passed; best effort, as upstream's.
             Job::Portal { .. } => Fate::Lost(Loss::Outage),
-            // A read, and a delete of what the client declined: both may run twice.
-            Job::Load { .. } | Job::Clear { .. } => Fate::Keep,
-            // Run twice, a trim would remove messages never redelivered; not run,
-            // its messages are redelivered again. The second is the lesser harm.
-            Job::Trim { .. } if in_flight => Fate::Lost(Loss::UncertainTrim),
-            Job::Trim { .. } => Fate::Keep,
+            // A read, a delete of what the client declined, and a trim that finds
+            // what it removes by its text: each may run twice.
+            Job::Load { .. } | Job::Clear { .. } | Job::Trim { .. } => Fate::Keep,
         }
     }
 

@@ -7,7 +7,7 @@
 //! replica alive and the janitor that cleans up after those that died, which client
 //! events go to which portal, the remote part of every send (published, or checked
 //! for presence and stored for the ids connected nowhere, in bounded [`Round`]s),
-//! delivering the envelopes of other replicas (never our own) to local connections,
+//! delivering envelopes to local connections (our own global ones excepted),
 //! loading, trimming and clearing stored messages, and what survives a failure of the
 //! link to Redis. It performs nothing: Redis work leaves as typed [`Command`]s, each
 //! with a [`Token`] its reply is matched by; local deliveries leave as [`Delivery`]s
@@ -28,9 +28,7 @@
 //! | a send with sync (presence check, then stores) | kept, in order; done again from its last finished round |
 //! | a send without sync (a publish), a portal event | lost, reported ([`Loss::Outage`]) |
 //! | presence (arrive, leave, connection counts) | forgotten: the renewal after the reconnection registers it anew |
-//! | a load, a clear | kept (a load is dropped once its session stopped waiting, a clear once its connection closed) |
-//! | a trim not yet sent | kept |
-//! | a trim in flight | not done again, reported ([`Loss::UncertainTrim`]) |
+//! | a load, a clear, a trim | kept (a load is dropped once its session stopped waiting, a clear once its connection closed) |
 //!
 //! # Delivery guarantees, and the at-least-once window
 //!
@@ -41,12 +39,21 @@
 //! effort, as upstream's pub/sub: a replica that loses its subscription meanwhile
 //! misses it.
 //!
-//! A message reaches a connection at most once, except in this window: a command
-//! that Redis ran but whose answer the link lost is done again after the
-//! reconnection. So a round of a send whose stores or publishes were in flight when
-//! the link failed may store or publish its message twice, and the messages of a
-//! trim in flight when the link failed stay stored and are redelivered at the id's
-//! next authentication. Nothing else delivers twice.
+//! A message reaches a connection at most once, except in this window (the
+//! at-least-once window):
+//! - a command that Redis ran but whose answer the link lost is done again after the
+//!   reconnection: a round of a send whose stores or publishes were in flight when
+//!   the link failed may store or publish its message twice;
+//! - an id that loads its stored messages again before the trim of an earlier
+//!   redelivery reached Redis (it reconnected while that trim waited for a link, or
+//!   the replica holding the trim crashed) gets them again.
+//!
+//! Nothing else delivers twice. Each connection of an id redelivers the id's stored
+//! messages once (two tabs both get them). A trim removes the entries through the
+//! last one redelivered, found by its text among the entries loaded, so trims of two
+//! connections redelivering at once, a trim done twice, or entries the cap pushed out
+//! meanwhile never remove an entry that was not written; only an entry of exactly the
+//! same text stored again after the first was trimmed may be taken for it.
 //!
 //! # Order
 //!
@@ -60,7 +67,7 @@ mod event;
 mod job;
 pub mod scripts;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use command::{Call, Command, Keys, Reply, Token, RedisValue};
@@ -76,7 +83,7 @@ use crate::cluster::{
 use crate::config::ConfigError;
 use crate::hub::{Action, ConnId, Delivery, Hub, Recipients, TooManyRecipients};
 use crate::session::SessionEvent;
-use crate::sync::{MessageOptions, decode_stored, encode_stored};
+use crate::sync::{MessageOptions, encode_stored, stored_entries};
 use crate::timer::TimerTable;
 use crate::wire::{Message, Opcode};
 
@@ -153,8 +160,6 @@ struct RoundState {
     dropped: usize,
     /// Learned in the second phase, reported when the round is done.
     undeliverable: Vec<(Message, Vec<String>)>,
-    /// Ids found connected: published, and delivered to those connected here since.
-    after_check: Vec<(Message, Vec<String>)>,
 }
 
 /// One server replica of a cluster, as a state machine.
@@ -189,6 +194,9 @@ pub struct Replica {
     /// Jobs among `flights`.
     jobs_in_flight: usize,
     round: Option<RoundState>,
+    /// Per connection redelivering its stored messages: the index and text of each
+    /// loaded entry that is a message, to trim exactly what it wrote.
+    loaded: HashMap<ConnId, Vec<(usize, String)>>,
     commands: VecDeque<(Token, Command)>,
     deliveries: VecDeque<Delivery>,
     events: VecDeque<ReplicaEvent>,
@@ -219,6 +227,7 @@ impl Replica {
             flights: BTreeMap::new(),
             jobs_in_flight: 0,
             round: None,
+            loaded: HashMap::new(),
             commands: VecDeque::new(),
             deliveries: VecDeque::new(),
             events: VecDeque::new(),
@@ -303,15 +312,23 @@ impl Replica {
                 id: id.clone(),
             }),
             // Exactly what the session wrote to the transport (or skipped over the
-            // cap) leaves the store; the rest stays for next time.
+            // cap) leaves the store, found by the text of its last entry; the rest
+            // stays for next time.
             SessionEvent::Redelivered {
                 id,
                 delivered,
                 dropped,
-            } if delivered + dropped > 0 => self.push_job(Job::Trim {
-                id: id.clone(),
-                count: delivered + dropped,
-            }),
+            } => {
+                let loaded = self.loaded.remove(&conn).unwrap_or_default();
+                let done = (delivered + dropped).checked_sub(1);
+                if let Some((index, last)) = done.and_then(|i| loaded.into_iter().nth(i)) {
+                    self.push_job(Job::Trim {
+                        id: id.clone(),
+                        count: index + 1,
+                        last,
+                    });
+                }
+            }
             SessionEvent::Closed { .. } => return self.handle_connection_closed(now, conn),
             _ => {}
         }
@@ -322,6 +339,7 @@ impl Replica {
     /// connection here). Called by [`handle_session_event`](Self::handle_session_event)
     /// on `Closed`; a second call does nothing.
     pub fn handle_connection_closed(&mut self, now: Instant, conn: ConnId) {
+        self.loaded.remove(&conn);
         if !self.hub.contains(conn) {
             return;
         }
@@ -391,14 +409,25 @@ impl Replica {
         self.settle(now);
     }
 
-    /// A message arrived on a subscribed channel: an envelope for local connections
-    /// (skipped when this replica published it: it delivered it already), or a
-    /// change of the portal pool.
+    /// A message arrived on a subscribed channel: an envelope for local connections,
+    /// or a change of the portal pool.
+    ///
+    /// An envelope this replica published is delivered too, unless it is global: a
+    /// list names only ids that had no connection here when the message was sent
+    /// (they were served then), so it reaches those that connected here since, at the
+    /// moment every other replica delivers it. Delivered any later (say when the
+    /// replica learns its publish succeeded), it would reach twice an id that was
+    /// served elsewhere and moved here meanwhile.
     pub fn handle_pubsub(&mut self, now: Instant, channel: &str, payload: &str) {
         let ns = self.keys.namespace();
         if channel == ns.ws_channel() {
             match Envelope::decode(payload) {
-                Ok(envelope) if envelope.origin.as_deref() == Some(self.keys.replica()) => {}
+                // Our own global send: its local part was delivered when it was made.
+                Ok(envelope)
+                    if envelope.recipients == Recipients::All
+                        && envelope.origin.as_deref() == Some(self.keys.replica()) => {}
+                // Our own list names only ids absent here when it was sent: those that
+                // connected here since get it now, when every other replica delivers.
                 Ok(envelope) => self.deliver(&envelope.message, &envelope.recipients),
                 Err(error) => self.undecodable(channel, error.to_string()),
             }
@@ -573,7 +602,7 @@ impl Replica {
     fn push_job(&mut self, job: Job) {
         let unlinked = matches!(self.link, Link::Down | Link::Connecting { .. });
         if self.is_retired() || self.retiring || unlinked {
-            match job.fate(false) {
+            match job.fate() {
                 Fate::Forget => return,
                 Fate::Lost(reason) if unlinked && !self.retiring => {
                     return self.lost(1, reason);
@@ -683,21 +712,19 @@ impl Replica {
             return;
         }
         let mut outage = 0;
-        let mut uncertain = 0;
         let mut kept = VecDeque::new();
         let flights = std::mem::take(&mut self.flights);
         for sent in flights.into_values() {
             if let Flight::Job(job) = sent.flight {
-                match job.fate(true) {
+                match job.fate() {
                     Fate::Keep => kept.push_back(job),
                     Fate::Forget => {}
-                    Fate::Lost(Loss::UncertainTrim) => uncertain += 1,
                     Fate::Lost(_) => outage += 1,
                 }
             }
         }
         for job in std::mem::take(&mut self.jobs) {
-            match job.fate(false) {
+            match job.fate() {
                 Fate::Keep => kept.push_back(job),
                 Fate::Forget => {}
                 Fate::Lost(_) => outage += 1,
@@ -716,7 +743,6 @@ impl Replica {
             reason: reason.to_owned(),
         });
         self.lost(outage, Loss::Outage);
-        self.lost(uncertain, Loss::UncertainTrim);
         self.link = Link::Down;
         if self.retiring {
             return self.retire();
@@ -753,16 +779,16 @@ impl Replica {
                 self.jobs_in_flight -= 1;
                 if let Job::Load { conn, id, .. } = job {
                     let raw = match first {
-                        Some(RedisValue::Text(raw)) => Some(raw),
-                        Some(RedisValue::Nil) => None,
+                        Some(RedisValue::Text(raw)) => raw,
+                        Some(RedisValue::Nil) => String::new(),
                         _ => return Err("a load"),
                     };
-                    // Entries that are not messages are skipped.
-                    let messages = raw
-                        .and_then(|raw| decode_stored(&raw).ok())
-                        .map(|(messages, _)| messages)
-                        .unwrap_or_default();
-                    self.events.push_back(ReplicaEvent::Loaded { conn, id, messages });
+                    let (messages, entries) = loaded_messages(&raw);
+                    if !entries.is_empty() && self.hub.contains(conn) {
+                        self.loaded.insert(conn, entries);
+                    }
+                    self.events
+                        .push_back(ReplicaEvent::Loaded { conn, id, messages });
                 }
             }
             Flight::Check { share, offset } => {
@@ -860,9 +886,10 @@ impl Replica {
             Job::Connections(0) => return,
             Job::Connections(delta) => Command::ConnectionsDelta { delta: *delta },
             Job::Load { id, .. } => Command::Load { id: id.clone() },
-            Job::Trim { id, count } => Command::Trim {
+            Job::Trim { id, count, last } => Command::Trim {
                 id: id.clone(),
                 count: *count,
+                last: last.clone(),
             },
             Job::Clear { id, .. } => Command::Clear { id: id.clone() },
             Job::Portal { kind, client_id } => {
@@ -945,7 +972,6 @@ impl Replica {
             stored: 0,
             dropped: 0,
             undeliverable: Vec::new(),
-            after_check: Vec::new(),
         });
         for (flight, command) in commands {
             self.issue(now, flight, command);
@@ -975,11 +1001,8 @@ impl Replica {
             let ids = self.share_ids(round.plan, share).to_vec();
             let split = split_by_presence(ids, online, send.options.as_ref());
             if !split.publish.is_empty() {
-                let recipients = Recipients::Ids(split.publish.clone());
+                let recipients = Recipients::Ids(split.publish);
                 commands.push((Flight::Publish, self.envelope(send, recipients)));
-                round
-                    .after_check
-                    .push((send.message.clone(), split.publish));
             }
             let text = encode_stored(&send.message);
             for ids in split.store.chunks(IDS_PER_COMMAND) {
@@ -1013,12 +1036,6 @@ impl Replica {
         if let Some(rest) = self.sends.front_mut().filter(|_| round.plan.part > 0) {
             rest.plan.advance(round.plan.part);
         }
-        // An id absent here when the message was sent may have connected here since
-        // (notably while the send waited for Redis): our own envelope does not come
-        // back to us, so deliver to it directly.
-        for (message, ids) in round.after_check {
-            self.deliver(&message, &Recipients::Ids(ids));
-        }
         if round.stored > 0 {
             self.events.push_back(ReplicaEvent::Stored {
                 stored: round.stored,
@@ -1039,6 +1056,21 @@ impl Replica {
 /// Whether the round in flight waits for nothing.
 fn commands_empty(round: &Option<RoundState>) -> bool {
     round.as_ref().is_some_and(|r| r.waiting == 0)
+}
+
+/// The messages of a stored array (oldest first; entries that are not messages
+/// skipped), and the index and text of the entry each came from.
+fn loaded_messages(raw: &str) -> (Vec<Message>, Vec<(usize, String)>) {
+    let mut messages = Vec::new();
+    let mut entries = Vec::new();
+    for (index, text) in stored_entries(raw).unwrap_or_default().into_iter().enumerate() {
+        let parsed = serde_json::from_str(text).ok();
+        if let Some(message) = parsed.and_then(|value| Message::from_value(value).ok()) {
+            messages.push(Message { s: None, ..message });
+            entries.push((index, text.to_owned()));
+        }
+    }
+    (messages, entries)
 }
 
 /// `SMISMEMBER`'s answer.

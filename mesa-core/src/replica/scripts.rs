@@ -135,22 +135,36 @@ return {#ARGV - 2, dropped}
 "#
 );
 
-/// Remove the first `ARGV[2]` elements of field `ARGV[1]` in hash `KEYS[1]` (what a
-/// redelivery wrote to the socket); delete the field when nothing is left. Returns
-/// the elements removed.
+/// Remove the entries of field `ARGV[1]` in hash `KEYS[1]` up to and including the
+/// last one, among the first `ARGV[2]`, whose text is `ARGV[3]`: what a redelivery
+/// wrote to the socket, ending with that entry. Found by its text, so that what
+/// another connection's redelivery already removed, or the per-id cap pushed out,
+/// is not removed again in its place: the entries appended since stay. Deletes the
+/// field when nothing is left. Returns the entries removed.
 pub const TRIM: &str = concat!(
     first_end!(),
     r#"
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
-local body = string.match(raw, '^%s*%[(.*)%]%s*$') or ''
-local n, removed = tonumber(ARGV[2]), 0
-while removed < n and body ~= '' do
-  body = drop_first(body)
-  removed = removed + 1
+local cursor = string.match(raw, '^%s*%[(.*)%]%s*$') or ''
+local n, seen, removed, rest = tonumber(ARGV[2]), 0, 0, nil
+while seen < n and cursor ~= '' do
+  local cut = first_end(cursor)
+  local entry, after = cursor, ''
+  if cut then
+    entry = string.sub(cursor, 1, cut - 1)
+    after = string.sub(cursor, cut + 1)
+  end
+  seen = seen + 1
+  if entry == ARGV[3] then
+    removed = seen
+    rest = after
+  end
+  cursor = after
 end
-if body == '' then redis.call('HDEL', KEYS[1], ARGV[1])
-else redis.call('HSET', KEYS[1], ARGV[1], '[' .. body .. ']') end
+if not rest then return 0 end
+if rest == '' then redis.call('HDEL', KEYS[1], ARGV[1])
+else redis.call('HSET', KEYS[1], ARGV[1], '[' .. rest .. ']') end
 return removed
 "#
 );

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use crate::cluster::Namespace;
 use crate::replica::{Call, RedisValue, Script};
+use crate::sync::split_first_entry as split_first;
 
 /// What the model answers a call that cannot work (a wrong type, a bad argument).
 pub type CallError = String;
@@ -379,23 +380,37 @@ impl RedisModel {
         let hash = arg(keys, 0)?.to_owned();
         let field = arg(args, 0)?;
         let n = int(arg(args, 1)?)?;
+        let last = arg(args, 2)?;
         let Some(raw) = self.hashes.get(&hash).and_then(|h| h.get(field)).cloned() else {
             return Ok(RedisValue::Int(0));
         };
-        let mut body = lua_inner(&raw).unwrap_or_default().to_owned();
-        let mut removed = 0;
-        while removed < n && !body.is_empty() {
-            let (first, rest) = split_first(&body);
-            if self.logging {
-                self.log.trimmed.push((field.to_owned(), first.to_owned()));
+        let mut cursor = lua_inner(&raw).unwrap_or_default();
+        let (mut seen, mut removed, mut rest) = (0, 0, None);
+        while seen < n && !cursor.is_empty() {
+            let (entry, after) = split_first(cursor);
+            seen += 1;
+            if entry == last {
+                removed = seen;
+                rest = Some(after);
             }
-            body = rest.to_owned();
-            removed += 1;
+            cursor = after;
         }
-        if body.is_empty() {
+        let Some(rest) = rest else {
+            return Ok(RedisValue::Int(0));
+        };
+        if self.logging {
+            let body = lua_inner(&raw).unwrap_or_default();
+            let gone = &body[..body.len() - rest.len()];
+            let gone = gone.strip_suffix(',').unwrap_or(gone);
+            for entry in crate::sync::stored_entries(&format!("[{gone}]")).unwrap_or_default() {
+                self.log.trimmed.push((field.to_owned(), entry.to_owned()));
+            }
+        }
+        if rest.is_empty() {
             self.hdel(&hash, field);
         } else {
-            self.hset(&hash, field, format!("[{body}]"));
+            let rest = format!("[{rest}]");
+            self.hset(&hash, field, rest);
         }
         Ok(RedisValue::Int(removed))
     }
@@ -579,43 +594,12 @@ fn array_body(raw: &str) -> Option<(String, i64)> {
     }
 }
 
-/// The scripts' `first_end`/`drop_first`: the first element of an array's body,
-/// and what follows its comma (empty when it was the only one).
-fn split_first(body: &str) -> (&str, &str) {
-    let (mut depth, mut in_str, mut esc) = (0i32, false, false);
-    for (i, c) in body.bytes().enumerate() {
-        if in_str {
-            if esc {
-                esc = false;
-            } else if c == b'\\' {
-                esc = true;
-            } else if c == b'"' {
-                in_str = false;
-            }
-        } else if c == b'"' {
-            in_str = true;
-        } else if c == b'{' || c == b'[' {
-            depth += 1;
-        } else if c == b'}' || c == b']' {
-            depth -= 1;
-        } else if c == b',' && depth == 0 {
-            return (&body[..i], &body[i + 1..]);
-        }
-    }
-    (body, "")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn splits_arrays_as_the_scripts_do() {
-        assert_eq!(
-            split_first(r#"{"a":"x,]"},{"b":[1,2]}"#),
-            (r#"{"a":"x,]"}"#, r#"{"b":[1,2]}"#)
-        );
-        assert_eq!(split_first(r#"{"q":"\"},"}"#), (r#"{"q":"\"},"}"#, ""));
+    fn reads_arrays_as_the_store_script_does() {
         assert_eq!(array_body(" [1,2] "), Some(("1,2".into(), 2)));
         assert_eq!(array_body("{}"), None);
         assert_eq!(array_body("[1,"), None);
