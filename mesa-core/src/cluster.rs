@@ -550,14 +550,25 @@ mod tests {
         // Small sends and publishes travel together, one round for all.
         let small = [check(3), publish.clone(), check(IDS_PER_COMMAND)];
         let round = Round::plan(&small);
-        assert_eq!((round.whole, round.part, round.ids), (3, 0, 3 + IDS_PER_COMMAND));
+        assert_eq!(
+            (round.whole, round.part, round.ids),
+            (3, 0, 3 + IDS_PER_COMMAND)
+        );
         let took = Duration::from_millis(7);
-        assert_eq!(round.rest(took), Duration::ZERO, "ordinary traffic never rests");
+        assert_eq!(
+            round.rest(took),
+            Duration::ZERO,
+            "ordinary traffic never rests"
+        );
         // A big send behind small ones is cut where the round's ids run out.
         let mut queue = vec![check(10), check(3 * IDS_PER_ROUND), check(1)];
         let round = Round::plan(&queue);
         assert_eq!((round.whole, round.part), (1, IDS_PER_ROUND - 10));
-        assert_eq!(round.rest(took), took, "bulk work rests as long as it worked");
+        assert_eq!(
+            round.rest(took),
+            took,
+            "bulk work rests as long as it worked"
+        );
         let _done = queue.remove(0);
         queue[0].advance(IDS_PER_ROUND - 10);
         assert_eq!(queue[0].checked().len(), 2 * IDS_PER_ROUND + 10);

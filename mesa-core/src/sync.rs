@@ -197,7 +197,10 @@ mod tests {
         );
         assert_eq!(stored_entries("[]"), Some(vec![]));
         assert_eq!(stored_entries("{}"), None);
-        assert_eq!(split_first_entry(r#"{"q":"\"},"}"#), (r#"{"q":"\"},"}"#, ""));
+        assert_eq!(
+            split_first_entry(r#"{"q":"\"},"}"#),
+            (r#"{"q":"\"},"}"#, "")
+        );
     }
 
     #[test]

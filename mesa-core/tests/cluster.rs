@@ -34,7 +34,10 @@ fn a_quiet_cluster_connects_everyone_and_delivers_everything_once() {
     let received: u64 = sim.clients.iter().map(|c| c.log.count).sum();
     assert_eq!(received, 24);
     assert_eq!(sim.check(), Vec::<String>::new());
-    assert_eq!(sim.check_presence(Duration::from_secs(15)), Vec::<String>::new());
+    assert_eq!(
+        sim.check_presence(Duration::from_secs(15)),
+        Vec::<String>::new()
+    );
 }
 
 fn no_violations(violations: Vec<String>) {
@@ -55,7 +58,12 @@ fn a_message_to_an_offline_id_is_stored_then_redelivered_once_and_trimmed() {
     assert_eq!(sim.redis.hash(&stored).map(|h| h.len()), Some(1));
     sim.connect(3);
     sim.run_for(Duration::from_secs(2));
-    let got: Vec<_> = sim.clients[3].log.receptions.iter().map(|r| (r.key, r.redelivered)).collect();
+    let got: Vec<_> = sim.clients[3]
+        .log
+        .receptions
+        .iter()
+        .map(|r| (r.key, r.redelivered))
+        .collect();
     assert_eq!(got, [((0, 1), true), ((1, 1), true)]);
     assert_eq!(sim.redis.hash(&stored), None, "trimmed to nothing");
     no_violations(sim.check());
@@ -100,7 +108,12 @@ fn a_partitioned_replica_keeps_its_synced_sends_and_delivers_them_after() {
     assert!(sim.counters.link_downs > 0);
     sim.connect(5);
     sim.run_for(Duration::from_secs(3));
-    let got: Vec<_> = sim.clients[5].log.receptions.iter().map(|r| r.key).collect();
+    let got: Vec<_> = sim.clients[5]
+        .log
+        .receptions
+        .iter()
+        .map(|r| r.key)
+        .collect();
     assert_eq!(got, [(0, 1), (0, 2), (0, 3)]);
     no_violations(sim.check());
     no_violations(sim.check_settled_keys());
@@ -135,15 +148,25 @@ const IDS: usize = 6;
 #[derive(Debug, Clone)]
 enum Step {
     Wait(u64),
-    Send { from: usize, to: Vec<usize> },
+    Send {
+        from: usize,
+        to: Vec<usize>,
+    },
     Cut(usize),
     Leave(usize),
     Join(usize),
     Crash(usize),
     Restart(usize),
     Partition(usize, u64),
-    Slow { replica: usize, extra: u64, for_ms: u64 },
-    RedisRestart { persist: bool, down_ms: u64 },
+    Slow {
+        replica: usize,
+        extra: u64,
+        for_ms: u64,
+    },
+    RedisRestart {
+        persist: bool,
+        down_ms: u64,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -172,7 +195,10 @@ fn step() -> impl Strategy<Value = Step> {
 /// down registers its ids anew when it is back), and a second of latency.
 fn presence_bound(sim: &ClusterSim) -> Duration {
     let replica = &sim.config().replica;
-    replica.lease + replica.lease / 3 + replica.reply_timeout + replica.reconnect.cap
+    replica.lease
+        + replica.lease / 3
+        + replica.reply_timeout
+        + replica.reconnect.cap
         + Duration::from_secs(1)
 }
 
@@ -199,7 +225,11 @@ fn run_schedule(seed: u64, steps: &[Step]) -> ClusterSim {
             Step::Crash(r) => sim.crash(*r),
             Step::Restart(r) => sim.restart(*r),
             Step::Partition(r, ms) => sim.partition(*r, Duration::from_millis(*ms)),
-            Step::Slow { replica, extra, for_ms } => sim.slow_replies(
+            Step::Slow {
+                replica,
+                extra,
+                for_ms,
+            } => sim.slow_replies(
                 *replica,
                 Duration::from_millis(*extra),
                 Duration::from_millis(*for_ms),
@@ -247,8 +277,15 @@ proptest! {
 #[test]
 fn a_recipient_moving_to_the_sender_s_replica_gets_the_message_once() {
     let steps = [
-        Step::Send { from: 4, to: vec![3] },
-        Step::Slow { replica: 1, extra: 1118, for_ms: 1127 },
+        Step::Send {
+            from: 4,
+            to: vec![3],
+        },
+        Step::Slow {
+            replica: 1,
+            extra: 1118,
+            for_ms: 1127,
+        },
         Step::Wait(1132),
         Step::Crash(2),
         Step::Wait(0),
@@ -267,8 +304,14 @@ fn two_tabs_redelivering_at_once_trim_nothing_unwritten() {
         Step::Leave(1),
         Step::Leave(7),
         Step::Crash(1),
-        Step::Send { from: 0, to: vec![1] },
-        Step::Send { from: 2, to: vec![1] },
+        Step::Send {
+            from: 0,
+            to: vec![1],
+        },
+        Step::Send {
+            from: 2,
+            to: vec![1],
+        },
     ];
     let sim = run_schedule(7888395987332145103, &steps);
     no_violations(sim.check());

@@ -84,10 +84,9 @@ fn ok(command: &Command) -> Vec<RedisValue> {
     match command {
         Command::LoadPortals => vec![RedisValue::Array(Vec::new())],
         Command::Load { .. } => vec![RedisValue::Nil],
-        Command::CheckPresence { ids } => vec![RedisValue::Array(vec![
-            RedisValue::Int(0);
-            ids.len()
-        ])],
+        Command::CheckPresence { ids } => {
+            vec![RedisValue::Array(vec![RedisValue::Int(0); ids.len()])]
+        }
         Command::StoreMany { ids, .. } => vec![RedisValue::Array(vec![
             RedisValue::Int(ids.len() as i64),
             RedisValue::Int(0),
@@ -194,7 +193,10 @@ fn presence_arrives_with_the_first_connection_and_leaves_with_the_last() {
     replica.handle_session_event(t0(), a2, &closed());
     let out = answer_all(&mut replica, t0());
     assert_eq!(out.kinds(), ["Leave", "ConnectionsDelta"]);
-    assert!(matches!(out.commands[1].1, Command::ConnectionsDelta { delta: -1 }));
+    assert!(matches!(
+        out.commands[1].1,
+        Command::ConnectionsDelta { delta: -1 }
+    ));
     // A second close of the same connection does nothing.
     replica.handle_session_event(t0(), a2, &closed());
     assert!(answer_all(&mut replica, t0()).commands.is_empty());
@@ -380,7 +382,12 @@ fn a_load_answers_its_connection_and_is_given_up_with_its_session() {
     let stored = r#"[{"op":0,"d":{"n":1},"t":"A"},42,{"op":0,"d":{"n":2},"t":"A"}]"#;
     replica.handle_reply(t0(), *token, Ok(vec![RedisValue::Text(stored.into())]));
     let out = drain(&mut replica);
-    let [ReplicaEvent::Loaded { conn: c, messages, .. }] = out.events.as_slice() else {
+    let [
+        ReplicaEvent::Loaded {
+            conn: c, messages, ..
+        },
+    ] = out.events.as_slice()
+    else {
         panic!("{:?}", out.events)
     };
     assert_eq!((*c, messages.len()), (conn, 2));
@@ -469,7 +476,10 @@ fn an_outage_keeps_synced_sends_and_loses_best_effort_work_loudly() {
         "the send, and the portal events of carol's connection and authentication"
     );
     let at = replica.poll_timeout().unwrap();
-    assert!(at <= t0() + Duration::from_millis(100), "backoff from 100 ms");
+    assert!(
+        at <= t0() + Duration::from_millis(100),
+        "backoff from 100 ms"
+    );
     replica.handle_timeout(at);
     assert_eq!(drain(&mut replica).kinds(), ["Connect"]);
     replica.handle_link_up(at, "run2");
@@ -542,7 +552,11 @@ fn op_5_is_never_stored() {
     let report = replica.handle_send(t0(), &event, None, &to).unwrap();
     assert!(report.queued);
     let out = drain(&mut replica);
-    assert_eq!(out.kinds(), ["Publish"], "published without a presence check");
+    assert_eq!(
+        out.kinds(),
+        ["Publish"],
+        "published without a presence check"
+    );
     let message = Message::dispatch("X", json!({}));
     replica.handle_send(t0(), &message, None, &to).unwrap();
     let out = drain(&mut replica);
@@ -577,15 +591,26 @@ fn a_round_stores_for_the_offline_and_publishes_to_the_online() {
     let envelope = Envelope::decode(payload).unwrap();
     assert_eq!(envelope.recipients, Recipients::Ids(ids(&["b"])));
     assert_eq!(envelope.origin.as_deref(), Some("me"));
-    let Command::StoreMany { ids: store, text, cap } = &out.commands[1].1 else {
+    let Command::StoreMany {
+        ids: store,
+        text,
+        cap,
+    } = &out.commands[1].1
+    else {
         panic!()
     };
-    assert_eq!((store, text.as_str(), *cap), (&ids(&["a", "c"]), r#"{"op":0,"d":{"n":1},"t":"X"}"#, 1000));
+    assert_eq!(
+        (store, text.as_str(), *cap),
+        (&ids(&["a", "c"]), r#"{"op":0,"d":{"n":1},"t":"X"}"#, 1000)
+    );
     for (token, command) in &out.commands {
         replica.handle_reply(t0(), *token, Ok(ok(command)));
     }
     let out = drain(&mut replica);
-    assert!(out.deliveries.is_empty(), "b gets it with the envelope, as everyone");
+    assert!(
+        out.deliveries.is_empty(),
+        "b gets it with the envelope, as everyone"
+    );
     assert_eq!(
         out.events,
         [
@@ -629,7 +654,10 @@ fn a_big_send_goes_in_rounds_in_order_and_rests_after_a_full_one() {
     // A full round: the link rests as long as the round took before the next.
     let out = drain(&mut replica);
     assert!(out.commands.is_empty());
-    assert_eq!(replica.poll_timeout(), Some(now + Duration::from_millis(50)));
+    assert_eq!(
+        replica.poll_timeout(),
+        Some(now + Duration::from_millis(50))
+    );
     replica.handle_timeout(now + Duration::from_millis(50));
     let out = drain(&mut replica);
     // The rest of the big send and the small one, in order.
@@ -661,7 +689,12 @@ fn the_buffer_is_bounded_and_overflow_is_reported() {
     let message = Message::dispatch("X", json!({}));
     let to = Recipients::Ids(ids(&["a"]));
     let reports: Vec<bool> = (0..3)
-        .map(|_| replica.handle_send(t0(), &message, None, &to).unwrap().queued)
+        .map(|_| {
+            replica
+                .handle_send(t0(), &message, None, &to)
+                .unwrap()
+                .queued
+        })
         .collect();
     assert_eq!(reports, [true, true, false]);
     assert_eq!(
@@ -673,7 +706,11 @@ fn the_buffer_is_bounded_and_overflow_is_reported() {
     );
     assert_eq!(replica.pending(), 2);
     let too_many = Recipients::Ids((0..100_001).map(|i| i.to_string()).collect());
-    assert!(replica.handle_send(t0(), &message, None, &too_many).is_err());
+    assert!(
+        replica
+            .handle_send(t0(), &message, None, &too_many)
+            .is_err()
+    );
 }
 
 #[test]
@@ -757,7 +794,10 @@ fn local_recipients_are_served_at_once_with_one_shared_frame() {
     assert_eq!((report.local, report.queued), (2, false));
     let out = drain(&mut replica);
     assert_eq!(out.deliveries[0].targets, [a, b]);
-    assert!(out.commands.is_empty(), "nobody elsewhere: nothing for Redis");
+    assert!(
+        out.commands.is_empty(),
+        "nobody elsewhere: nothing for Redis"
+    );
     // A global send is published for the other replicas as well.
     replica
         .handle_send(t0(), &message, None, &Recipients::All)

@@ -271,7 +271,11 @@ impl Command {
                 run_id,
                 ids,
             } => {
-                let head = [lease_ms.to_string(), connections.to_string(), run_id.clone()];
+                let head = [
+                    lease_ms.to_string(),
+                    connections.to_string(),
+                    run_id.clone(),
+                ];
                 let args = head.into_iter().chain(ids.iter().cloned());
                 vec![keys.replica_call(Script::Renew, args)]
             }
@@ -296,12 +300,21 @@ mod tests {
         assert_eq!(
             arrive.calls(&keys),
             [
-                plain("SADD", vec!["connected_clients_prod".into(), "a".into(), "b".into()]),
-                plain("SADD", vec!["mesa_replica_ids:r1_prod".into(), "a".into(), "b".into()]),
+                plain(
+                    "SADD",
+                    vec!["connected_clients_prod".into(), "a".into(), "b".into()]
+                ),
+                plain(
+                    "SADD",
+                    vec!["mesa_replica_ids:r1_prod".into(), "a".into(), "b".into()]
+                ),
             ]
         );
-        let Call::Script { script, keys: k, args } =
-            &Command::Leave { id: "a".into() }.calls(&keys)[0]
+        let Call::Script {
+            script,
+            keys: k,
+            args,
+        } = &Command::Leave { id: "a".into() }.calls(&keys)[0]
         else {
             panic!()
         };
@@ -328,6 +341,10 @@ mod tests {
         };
         assert_eq!(args, &["{}", "3", "x"]);
         assert!(Command::Connect.calls(&keys).is_empty());
-        assert!(Script::ALL.iter().all(|s| s.source().contains("redis.call")));
+        assert!(
+            Script::ALL
+                .iter()
+                .all(|s| s.source().contains("redis.call"))
+        );
     }
 }

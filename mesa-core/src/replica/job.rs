@@ -80,10 +80,7 @@ impl Job {
     /// Whether the job counts toward `max_pending` (presence is re-registered at
     /// every renewal, so refusing it loses nothing).
     pub(crate) fn counted(&self) -> bool {
-        !matches!(
-            self,
-            Job::Arrive(_) | Job::Leave(_) | Job::Connections(_)
-        )
+        !matches!(self, Job::Arrive(_) | Job::Leave(_) | Job::Connections(_))
     }
 }
 

@@ -70,7 +70,7 @@ pub mod scripts;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-pub use command::{Call, Command, Keys, Reply, Token, RedisValue};
+pub use command::{Call, Command, Keys, RedisValue, Reply, Token};
 pub use config::ReplicaConfig;
 pub use event::{Loss, ReplicaEvent, SendReport};
 pub use scripts::Script;
@@ -125,7 +125,10 @@ enum Flight {
     /// A job other than a send.
     Job(Job),
     /// A presence check of the round's share `share`, from its id `offset` on.
-    Check { share: usize, offset: usize },
+    Check {
+        share: usize,
+        offset: usize,
+    },
     /// The round's stores for one message.
     Store,
     /// One publish of the round.
@@ -287,7 +290,7 @@ impl Replica {
     pub fn handle_connection_opened(&mut self, now: Instant) -> ConnId {
         let conn = self.hub.connect();
         self.push_job(Job::Connections(1));
-        self.to_portal(PortalEventKind::Connection, None);
+        self.tell_portals(PortalEventKind::Connection, None);
         self.settle(now);
         conn
     }
@@ -300,7 +303,7 @@ impl Replica {
             SessionEvent::Authenticated { id, .. } => self.authenticated(conn, id),
             SessionEvent::Message(message) => {
                 let client_id = self.hub.id_of(conn).map(str::to_owned);
-                self.to_portal(PortalEventKind::Message(message.clone()), client_id);
+                self.tell_portals(PortalEventKind::Message(message.clone()), client_id);
             }
             SessionEvent::LoadUndelivered { id } => self.push_job(Job::Load {
                 conn,
@@ -350,7 +353,7 @@ impl Replica {
             }
         }
         self.push_job(Job::Connections(-1));
-        self.to_portal(PortalEventKind::Disconnection, client_id);
+        self.tell_portals(PortalEventKind::Disconnection, client_id);
         self.settle(now);
     }
 
@@ -563,10 +566,10 @@ impl Replica {
                 self.push_job(Job::Arrive(vec![id.to_owned()]));
             }
         }
-        self.to_portal(PortalEventKind::Authentication, Some(id.to_owned()));
+        self.tell_portals(PortalEventKind::Authentication, Some(id.to_owned()));
     }
 
-    fn to_portal(&mut self, kind: PortalEventKind, client_id: Option<String>) {
+    fn tell_portals(&mut self, kind: PortalEventKind, client_id: Option<String>) {
         if self.config.portals.is_some() {
             self.push_job(Job::Portal { kind, client_id });
         }
@@ -1046,7 +1049,9 @@ impl Replica {
             self.events
                 .push_back(ReplicaEvent::Undeliverable { message, ids });
         }
-        let rest = round.plan.rest(now.saturating_duration_since(round.started));
+        let rest = round
+            .plan
+            .rest(now.saturating_duration_since(round.started));
         if rest > Duration::ZERO {
             self.timers.set(Timer::Rest as usize, now + rest);
         }
@@ -1063,7 +1068,11 @@ fn commands_empty(round: &Option<RoundState>) -> bool {
 fn loaded_messages(raw: &str) -> (Vec<Message>, Vec<(usize, String)>) {
     let mut messages = Vec::new();
     let mut entries = Vec::new();
-    for (index, text) in stored_entries(raw).unwrap_or_default().into_iter().enumerate() {
+    for (index, text) in stored_entries(raw)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         let parsed = serde_json::from_str(text).ok();
         if let Some(message) = parsed.and_then(|value| Message::from_value(value).ok()) {
             messages.push(Message { s: None, ..message });

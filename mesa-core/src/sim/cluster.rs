@@ -23,7 +23,7 @@ use crate::client::{ClientConfig, ClientSession};
 use crate::config::ServerConfig;
 use crate::hub::{Action, ConnId};
 use crate::relay::{RelayAction, dev_authenticate, relay};
-use crate::replica::{Command, Keys, Reply, Replica, ReplicaConfig, ReplicaEvent, Token};
+use crate::replica::{Command, Keys, Replica, ReplicaConfig, ReplicaEvent, Reply, Token};
 use crate::rng::Rng;
 use crate::session::{ServerSession, SessionEvent, Transmit};
 use crate::wire::{Message, Opcode};
@@ -307,7 +307,8 @@ impl ClusterSim {
             if self.config.check_contract {
                 let ns = self.config.replica.namespace.clone();
                 if let Err(broken) = self.redis.check_upstream_contract(self.now, &ns) {
-                    self.violations.push(format!("at {:?}: {broken}", self.elapsed()));
+                    self.violations
+                        .push(format!("at {:?}: {broken}", self.elapsed()));
                 }
             }
         }
@@ -348,10 +349,7 @@ impl ClusterSim {
     pub fn send(&mut self, c: usize, to: &[String]) -> MessageKey {
         self.numbers[c] += 1;
         let key = (c as u32, self.numbers[c]);
-        let message = Message::dispatch(
-            "BROADCAST",
-            json!({"to": to, "from": key.0, "n": key.1}),
-        );
+        let message = Message::dispatch("BROADCAST", json!({"to": to, "from": key.0, "n": key.1}));
         self.counters.sent += 1;
         if self.clients[c].session.send(self.now, message).is_err() {
             self.counters.refused += 1;
@@ -382,7 +380,8 @@ impl ClusterSim {
         };
         let (r, conn) = (self.links[link].server, self.links[link].conn);
         self.links[link].cut();
-        let flush = self.clients[c].drop_transport(self.now, self.config.ws_latency, &mut self.links);
+        let flush =
+            self.clients[c].drop_transport(self.now, self.config.ws_latency, &mut self.links);
         self.after_client_flush(c, flush);
         let now = self.now;
         if let Some(session) = self.conn_mut(r, conn) {
@@ -483,9 +482,16 @@ impl ClusterSim {
     pub fn restart_redis(&mut self, persist: bool, down_for: Duration) {
         if !persist && self.config.record {
             let key = self.config.replica.namespace.undelivered_messages();
-            let erased = self.redis.hash(&key).into_iter().flatten().flat_map(|(id, raw)| {
-                stored_entries(raw).into_iter().map(move |e| (id.clone(), e))
-            });
+            let erased = self
+                .redis
+                .hash(&key)
+                .into_iter()
+                .flatten()
+                .flat_map(|(id, raw)| {
+                    stored_entries(raw)
+                        .into_iter()
+                        .map(move |e| (id.clone(), e))
+                });
             self.track.wiped.extend(erased);
         }
         self.redis.restart(persist);
@@ -518,7 +524,11 @@ impl ClusterSim {
                     self.clients[c].connecting = None;
                     self.resolve_connect(c);
                 }
-                if self.clients[c].session.poll_timeout().is_some_and(|at| at <= now) {
+                if self.clients[c]
+                    .session
+                    .poll_timeout()
+                    .is_some_and(|at| at <= now)
+                {
                     self.clients[c].session.handle_timeout(now);
                     self.flush_client(c);
                 }
@@ -725,13 +735,16 @@ impl ClusterSim {
         let now = self.now;
         let (r, conn) = (self.links[link].server, self.links[link].conn);
         loop {
-            let paused = self
-                .replicas[r]
+            let paused = self.replicas[r]
                 .conns
                 .get(&conn)
                 .and_then(|c| c.session.read_paused_until());
             if let Some(until) = paused {
-                if self.links[link].to_server.front().is_some_and(|(at, _)| *at <= now) {
+                if self.links[link]
+                    .to_server
+                    .front()
+                    .is_some_and(|(at, _)| *at <= now)
+                {
                     self.schedule.push(until.max(now), Event::Link(link));
                 }
                 break;
@@ -759,13 +772,8 @@ impl ClusterSim {
         while let Some(packet) = self.links[link].pop_to_client(now) {
             self.clients[c].log.link = link as u32;
             let before = self.clients[c].log.authenticated;
-            let flush = self.clients[c].receive(
-                now,
-                self.config.ws_latency,
-                &mut self.links,
-                link,
-                packet,
-            );
+            let flush =
+                self.clients[c].receive(now, self.config.ws_latency, &mut self.links, link, packet);
             self.count_authenticated(c, before);
             self.after_client_flush(c, flush);
         }
@@ -777,7 +785,9 @@ impl ClusterSim {
             .filter(|r| self.replicas[*r].replica.is_some())
             .collect();
         if live.is_empty() {
-            let _ = self.clients[c].session.handle_connect_failed(now, "refused");
+            let _ = self.clients[c]
+                .session
+                .handle_connect_failed(now, "refused");
             self.flush_client(c);
             return;
         }
@@ -831,9 +841,8 @@ impl ClusterSim {
 
     fn arm_client(&mut self, c: usize) {
         let deadline = self.clients[c].session.poll_timeout();
-        if deadline.is_some() && deadline != self.client_timers[c] {
-            self.client_timers[c] = deadline;
-            self.schedule.push(deadline.expect("some"), Event::Client(c));
+        if let Some(at) = rearm(&mut self.client_timers[c], deadline) {
+            self.schedule.push(at, Event::Client(c));
         }
     }
 
@@ -880,7 +889,9 @@ impl ClusterSim {
                     }
                 };
                 if !self.links[link].client_done || matches!(packet, Packet::Close(_)) {
-                    self.links[link].to_client.push_back((now + latency, packet));
+                    self.links[link]
+                        .to_client
+                        .push_back((now + latency, packet));
                     self.schedule.push(now + latency, Event::Link(link));
                 }
                 continue;
@@ -897,11 +908,8 @@ impl ClusterSim {
             self.session_event(r, conn, event);
         }
         if let Some(entry) = self.replicas[r].conns.get_mut(&conn) {
-            let deadline = entry.session.poll_timeout();
-            if deadline.is_some() && deadline != entry.timer {
-                entry.timer = deadline;
-                self.schedule
-                    .push(deadline.expect("some"), Event::Session(r, conn));
+            if let Some(at) = rearm(&mut entry.timer, entry.session.poll_timeout()) {
+                self.schedule.push(at, Event::Session(r, conn));
             }
         }
     }
@@ -1026,11 +1034,12 @@ impl ClusterSim {
             };
             self.replica_event(r, event);
         }
-        let deadline = self.replicas[r].replica.as_ref().and_then(Replica::poll_timeout);
-        let replica = &mut self.replicas[r];
-        if deadline.is_some() && deadline != replica.timer {
-            replica.timer = deadline;
-            self.schedule.push(deadline.expect("some"), Event::Replica(r));
+        let deadline = self.replicas[r]
+            .replica
+            .as_ref()
+            .and_then(Replica::poll_timeout);
+        if let Some(at) = rearm(&mut self.replicas[r].timer, deadline) {
+            self.schedule.push(at, Event::Replica(r));
         }
     }
 
@@ -1105,9 +1114,17 @@ impl ClusterSim {
             .hash(&ns.undelivered_messages())
             .into_iter()
             .flatten()
-            .flat_map(|(id, raw)| stored_entries(raw).into_iter().map(move |e| (id.clone(), e)))
+            .flat_map(|(id, raw)| {
+                stored_entries(raw)
+                    .into_iter()
+                    .map(move |e| (id.clone(), e))
+            })
             .collect();
-        violations.extend(track::check_stored(&self.track, &self.redis.log, &stored_now));
+        violations.extend(track::check_stored(
+            &self.track,
+            &self.redis.log,
+            &stored_now,
+        ));
         let clients = || {
             self.clients
                 .iter()
@@ -1143,7 +1160,9 @@ impl ClusterSim {
         let mut online: Vec<&str> = self.track.online.keys().map(String::as_str).collect();
         online.sort_unstable();
         if members != online {
-            violations.push(format!("connected_clients {members:?} but online {online:?}"));
+            violations.push(format!(
+                "connected_clients {members:?} but online {online:?}"
+            ));
         }
         let count = self.redis.get(self.now, &ns.connected_clients_count());
         let open = self.open_connections();
@@ -1176,6 +1195,16 @@ fn stored_entries(raw: &str) -> Vec<String> {
     }
 }
 
+/// The driver's rule for a timer: schedule a wake-up only when the deadline
+/// changed (an earlier one stays scheduled and finds nothing due).
+fn rearm(armed: &mut Option<Instant>, deadline: Option<Instant>) -> Option<Instant> {
+    if deadline.is_some() && deadline != *armed {
+        *armed = deadline;
+        return deadline;
+    }
+    None
+}
+
 /// Apply a delivery's action to one session.
 fn apply(session: &mut ServerSession, action: Action) {
     let _ = match action {
@@ -1187,8 +1216,10 @@ fn apply(session: &mut ServerSession, action: Action) {
 
 /// A redelivered frame was written to a transport of `id`.
 fn record_written(track: &mut Track, id: Option<&str>, frame: &str) {
-    let (Some(id), Ok(message)) = (id, Message::decode(frame, &crate::limits::Limits::default()))
-    else {
+    let (Some(id), Ok(message)) = (
+        id,
+        Message::decode(frame, &crate::limits::Limits::default()),
+    ) else {
         return;
     };
     if message.op != Opcode::Dispatch || message.s.is_none() {

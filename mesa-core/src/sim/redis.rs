@@ -218,7 +218,12 @@ impl RedisModel {
         }
     }
 
-    fn plain(&mut self, now: Instant, name: &str, args: &[String]) -> Result<RedisValue, CallError> {
+    fn plain(
+        &mut self,
+        now: Instant,
+        name: &str,
+        args: &[String],
+    ) -> Result<RedisValue, CallError> {
         let key = || arg(args, 0);
         Ok(match name {
             "PING" => RedisValue::Text("PONG".into()),
@@ -278,7 +283,9 @@ impl RedisModel {
     }
 
     fn exists(&self, now: Instant, key: &str) -> bool {
-        self.live(now, key).is_some() || self.sets.contains_key(key) || self.hashes.contains_key(key)
+        self.live(now, key).is_some()
+            || self.sets.contains_key(key)
+            || self.hashes.contains_key(key)
     }
 
     fn del(&mut self, key: &str) {
@@ -308,7 +315,11 @@ impl RedisModel {
         };
         let next = current + by;
         // INCRBY keeps an existing time to live.
-        let expiry = self.strings.get(key).and_then(|(_, e)| *e).filter(|at| *at > now);
+        let expiry = self
+            .strings
+            .get(key)
+            .and_then(|(_, e)| *e)
+            .filter(|at| *at > now);
         self.strings
             .insert(key.to_owned(), (next.to_string(), expiry));
         Ok(next)
@@ -432,7 +443,12 @@ impl RedisModel {
     }
 
     /// [`Script::Renew`].
-    fn renew(&mut self, now: Instant, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
+    fn renew(
+        &mut self,
+        now: Instant,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<RedisValue, CallError> {
         let scope = Scope::new(keys, args)?;
         let me = scope.me.clone();
         let lease = Duration::from_millis(int(arg(args, 5)?)?.max(0) as u64);
@@ -442,7 +458,11 @@ impl RedisModel {
             .insert(scope.lease(&me), (run_id, Some(now + lease)));
         self.sadd(&scope.replicas, std::slice::from_ref(&me));
         let ids_key = scope.ids(&me);
-        let before: Vec<String> = self.members(&ids_key).into_iter().map(str::to_owned).collect();
+        let before: Vec<String> = self
+            .members(&ids_key)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         self.del(&ids_key);
         let ids = &args[8..];
         if !ids.is_empty() {
@@ -468,7 +488,12 @@ impl RedisModel {
     }
 
     /// [`Script::Janitor`].
-    fn janitor(&mut self, now: Instant, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
+    fn janitor(
+        &mut self,
+        now: Instant,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<RedisValue, CallError> {
         let scope = Scope::new(keys, args)?;
         let me = scope.me.clone();
         if arg(args, 5)? == "retire" {

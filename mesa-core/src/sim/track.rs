@@ -141,9 +141,14 @@ pub type Violation = String;
 /// (a redelivery done), and every stored message is written, still stored, pushed
 /// out by the cap (reported), cleared at the client's request, or erased by a Redis
 /// that restarted without persistence.
-pub fn check_stored(track: &Track, log: &super::redis::StoreLog, stored_now: &[(String, String)]) -> Vec<Violation> {
+pub fn check_stored(
+    track: &Track,
+    log: &super::redis::StoreLog,
+    stored_now: &[(String, String)],
+) -> Vec<Violation> {
     let mut violations = Vec::new();
-    let written = |id: &str, key: &MessageKey| track.written.get(id).is_some_and(|w| w.contains(key));
+    let written =
+        |id: &str, key: &MessageKey| track.written.get(id).is_some_and(|w| w.contains(key));
     for (id, entry) in &log.trimmed {
         if let Some(key) = entry_key(entry) {
             if !written(id, &key) {
@@ -249,7 +254,10 @@ pub fn check_presence<'a>(
             let since = track.offline_since.get(id).copied().unwrap_or(redis_since);
             let deadline = since.max(redis_since) + bound;
             (now >= deadline).then(|| {
-                format!("{id} still in connected_clients {:?} after it left", now - since)
+                format!(
+                    "{id} still in connected_clients {:?} after it left",
+                    now - since
+                )
             })
         })
         .collect()

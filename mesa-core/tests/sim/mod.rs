@@ -78,7 +78,8 @@ impl Sim {
     pub fn add_client(&mut self, config: ClientConfig) -> usize {
         let seed = self.rng.next_u64();
         let session = ClientSession::new(config, seed).expect("valid client config");
-        self.clients.push(SimClient::new(session, ClientLog::default()));
+        self.clients
+            .push(SimClient::new(session, ClientLog::default()));
         self.clients.len() - 1
     }
 
