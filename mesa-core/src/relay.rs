@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::close::{Close, CloseCode};
 use crate::hub::Recipients;
+use crate::session::ServerSession;
 use crate::wire::{Message, Opcode};
 
 /// What the relay does with a client's message.
@@ -25,6 +26,28 @@ pub enum RelayAction {
     /// Send nothing and close the sender's connection with this close: its
     /// `BROADCAST` addressed more ids than allowed (1008 `too many recipients: N > max`).
     Refuse(Close),
+}
+
+impl RelayAction {
+    /// Carry out the sender's part on its session: a reply is queued to it, a
+    /// refusal closes it. A send is handed back, for the hub (or the replica) to
+    /// route to its recipients.
+    pub fn answer(self, sender: &mut ServerSession) -> Option<(Message, Recipients)> {
+        match self {
+            RelayAction::Reply(message) => {
+                let _ = sender.send(message.encode());
+                None
+            }
+            RelayAction::Refuse(close) => {
+                let _ = sender.disconnect(close);
+                None
+            }
+            RelayAction::Send {
+                message,
+                recipients,
+            } => Some((message, recipients)),
+        }
+    }
 }
 
 /// Decide what the relay does with `message`; `None` for anything but an

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use mesa_core::{
     Action, AuthConfig, Close, CloseCode, ConfigError, ConnId, DecodeError, HeartbeatConfig, Hub,
-    Message, RelayAction, ServerConfig, ServerSession, SessionEvent, Transmit,
+    Message, ServerConfig, ServerSession, SessionEvent, Transmit,
 };
 use tungstenite::error::CapacityError;
 use tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
@@ -370,33 +370,24 @@ impl Connection {
 
     /// ECHO back to the sender; BROADCAST through the hub to every target's outbox.
     fn relay(&mut self, message: &Message) {
-        match mesa_core::relay(message, self.max_recipients) {
-            Some(RelayAction::Reply(reply)) => {
-                let _ = self.session.send(reply.encode());
+        // The relay ignores everything but ECHO and BROADCAST.
+        let action = mesa_core::relay(message, self.max_recipients);
+        let Some((message, recipients)) = action.and_then(|a| a.answer(&mut self.session)) else {
+            return;
+        };
+        let mut shared = lock(&self.shared);
+        let delivery = shared.hub.send(&message, &recipients);
+        if delivery.action == Action::Ignore {
+            return;
+        }
+        for target in delivery.targets {
+            let Some(outbox) = shared.outboxes.get(&target) else {
+                continue; // already overflowed, or leaving
+            };
+            if let Err(TrySendError::Full(_)) = outbox.try_send(delivery.action.clone()) {
+                // Dropping the only sender tells the target to close with 1013.
+                shared.outboxes.remove(&target);
             }
-            Some(RelayAction::Refuse(close)) => {
-                let _ = self.session.disconnect(close);
-            }
-            Some(RelayAction::Send {
-                message,
-                recipients,
-            }) => {
-                let mut shared = lock(&self.shared);
-                let delivery = shared.hub.send(&message, &recipients);
-                if delivery.action == Action::Ignore {
-                    return;
-                }
-                for target in delivery.targets {
-                    let Some(outbox) = shared.outboxes.get(&target) else {
-                        continue; // already overflowed, or leaving
-                    };
-                    if let Err(TrySendError::Full(_)) = outbox.try_send(delivery.action.clone()) {
-                        // Dropping the only sender tells the target to close with 1013.
-                        shared.outboxes.remove(&target);
-                    }
-                }
-            }
-            None => {} // the relay ignores everything but ECHO and BROADCAST
         }
     }
 

@@ -22,7 +22,7 @@ use super::track::{self, MessageKey, Received, Relayed, Track, Violation, messag
 use crate::client::{ClientConfig, ClientSession};
 use crate::config::ServerConfig;
 use crate::hub::{Action, ConnId};
-use crate::relay::{RelayAction, dev_authenticate, relay};
+use crate::relay::{dev_authenticate, relay};
 use crate::replica::{Command, Keys, Replica, ReplicaConfig, ReplicaEvent, Reply, Token};
 use crate::rng::Rng;
 use crate::session::{ServerSession, SessionEvent, Transmit};
@@ -481,17 +481,7 @@ impl ClusterSim {
     /// its keys when `persist`.
     pub fn restart_redis(&mut self, persist: bool, down_for: Duration) {
         if !persist && self.config.record {
-            let key = self.config.replica.namespace.undelivered_messages();
-            let erased = self
-                .redis
-                .hash(&key)
-                .into_iter()
-                .flatten()
-                .flat_map(|(id, raw)| {
-                    stored_entries(raw)
-                        .into_iter()
-                        .map(move |e| (id.clone(), e))
-                });
+            let erased = self.stored_now();
             self.track.wiped.extend(erased);
         }
         self.redis.restart(persist);
@@ -524,15 +514,10 @@ impl ClusterSim {
                     self.clients[c].connecting = None;
                     self.resolve_connect(c);
                 }
-                if self.clients[c]
-                    .session
-                    .poll_timeout()
-                    .is_some_and(|at| at <= now)
-                {
-                    self.clients[c].session.handle_timeout(now);
-                    self.flush_client(c);
-                }
-                self.arm_client(c);
+                let before = self.clients[c].log.authenticated;
+                let flush = self.clients[c].tick(now, self.config.ws_latency, &mut self.links);
+                self.count_authenticated(c, before);
+                self.after_client_flush(c, flush);
             }
             Event::Session(r, conn) => {
                 let Some(entry) = self.replicas[r].conns.get_mut(&conn) else {
@@ -952,18 +937,11 @@ impl ClusterSim {
             SessionEvent::Message(message) => {
                 let link = entry.link as u32;
                 let max = self.config.server.limits().max_recipients;
-                match relay(&message, max) {
-                    Some(RelayAction::Reply(message)) => {
-                        let _ = entry.session.send(message.encode());
-                    }
-                    Some(RelayAction::Refuse(close)) => {
-                        let _ = entry.session.disconnect(close);
-                    }
-                    Some(RelayAction::Send {
-                        message,
-                        recipients,
-                    }) => self.relay_send(r, link, &message, &recipients),
-                    None => {}
+                let action = relay(&message, max);
+                if let Some((message, recipients)) =
+                    action.and_then(|a| a.answer(&mut entry.session))
+                {
+                    self.relay_send(r, link, &message, &recipients);
                 }
             }
             SessionEvent::Closed { .. } => {
@@ -1108,18 +1086,7 @@ impl ClusterSim {
     /// it once the cluster settled (no fault for a while).
     pub fn check(&self) -> Vec<Violation> {
         let mut violations = self.violations.clone();
-        let ns = &self.config.replica.namespace;
-        let stored_now: Vec<(String, String)> = self
-            .redis
-            .hash(&ns.undelivered_messages())
-            .into_iter()
-            .flatten()
-            .flat_map(|(id, raw)| {
-                stored_entries(raw)
-                    .into_iter()
-                    .map(move |e| (id.clone(), e))
-            })
-            .collect();
+        let stored_now = self.stored_now();
         violations.extend(track::check_stored(
             &self.track,
             &self.redis.log,
@@ -1134,6 +1101,17 @@ impl ClusterSim {
         violations.extend(track::check_duplicates(&self.track, clients()));
         violations.extend(track::check_order(&self.track, clients()));
         violations
+    }
+
+    /// Every entry stored now, as `(id, entry text)`.
+    pub fn stored_now(&self) -> Vec<(String, String)> {
+        let key = self.config.replica.namespace.undelivered_messages();
+        let hash = self.redis.hash(&key).into_iter().flatten();
+        hash.flat_map(|(id, raw)| {
+            let entries = crate::sync::stored_entries(raw).unwrap_or_default();
+            entries.into_iter().map(|e| (id.clone(), e.to_owned()))
+        })
+        .collect()
     }
 
     /// Ids in `connected_clients` that lost their last connection at least
@@ -1184,14 +1162,6 @@ impl ClusterSim {
             .flat_map(|r| r.inbound.iter().copied())
             .max()
             .unwrap_or(0)
-    }
-}
-
-/// The entries of a stored array's text.
-fn stored_entries(raw: &str) -> Vec<String> {
-    match serde_json::from_str::<serde_json::Value>(raw) {
-        Ok(serde_json::Value::Array(items)) => items.iter().map(|v| v.to_string()).collect(),
-        _ => Vec::new(),
     }
 }
 

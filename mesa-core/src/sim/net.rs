@@ -203,6 +203,15 @@ impl<R: ClientRecorder> SimClient<R> {
         flush
     }
 
+    /// Fire the session's timers if they are due at `now`, then drain.
+    pub fn tick(&mut self, now: Instant, latency: Duration, links: &mut [Link]) -> ClientFlush {
+        if self.session.poll_timeout().is_none_or(|at| at > now) {
+            return ClientFlush::default();
+        }
+        self.session.handle_timeout(now);
+        self.flush(now, latency, links)
+    }
+
     /// A frame arrived on `link` (ignored unless it is the client's current, open
     /// link), then drain.
     pub fn receive(

@@ -282,6 +282,11 @@ impl RedisModel {
         }
     }
 
+    /// A counter's value (0 when absent), as `tonumber(GET or '0')`.
+    fn counter(&self, now: Instant, key: &str) -> Result<i64, CallError> {
+        self.live(now, key).map_or(Ok(0), int)
+    }
+
     fn exists(&self, now: Instant, key: &str) -> bool {
         self.live(now, key).is_some()
             || self.sets.contains_key(key)
@@ -309,10 +314,7 @@ impl RedisModel {
     }
 
     fn incrby(&mut self, now: Instant, key: &str, by: i64) -> Result<i64, CallError> {
-        let current = match self.live(now, key) {
-            Some(value) => int(value)?,
-            None => 0,
-        };
+        let current = self.counter(now, key)?;
         let next = current + by;
         // INCRBY keeps an existing time to live.
         let expiry = self
@@ -475,10 +477,7 @@ impl RedisModel {
             }
         }
         let conns_key = scope.conns(&me);
-        let counted = match self.live(now, &conns_key) {
-            Some(value) => int(value)?,
-            None => 0,
-        };
+        let counted = self.counter(now, &conns_key)?;
         if counted != connections {
             self.incrby(now, &scope.count, connections - counted)?;
             self.strings
@@ -530,10 +529,7 @@ impl RedisModel {
                     removed += 1;
                 }
             }
-            let counted = match self.live(now, &scope.conns(r)) {
-                Some(value) => int(value)?,
-                None => 0,
-            };
+            let counted = self.counter(now, &scope.conns(r))?;
             if counted != 0 {
                 self.incrby(now, &scope.count, -counted)?;
             }

@@ -12,8 +12,8 @@ use mesa_core::rng::Rng;
 pub use mesa_core::sim::net::ClientLog;
 use mesa_core::sim::net::{Link, Packet, SimClient};
 use mesa_core::{
-    Action, ClientConfig, ClientSession, Close, ConnId, Hub, Message, Recipients, RelayAction,
-    ServerConfig, ServerSession, SessionEvent, Transmit, dev_authenticate, relay,
+    Action, ClientConfig, ClientSession, Close, ConnId, Hub, Message, Recipients, ServerConfig,
+    ServerSession, SessionEvent, Transmit, dev_authenticate, relay,
 };
 
 /// What the server side observed for one connection.
@@ -287,14 +287,7 @@ impl Sim {
             self.flush_server(conn);
         }
         for c in 0..self.clients.len() {
-            if self.clients[c]
-                .session
-                .poll_timeout()
-                .is_some_and(|t| t <= now)
-            {
-                self.clients[c].session.handle_timeout(now);
-                self.flush_client(c);
-            }
+            let _ = self.clients[c].tick(now, self.latency, &mut self.links);
         }
     }
 
@@ -422,22 +415,10 @@ impl Sim {
                 let _ = self.hub.authenticate(conn, &id);
             }
             SessionEvent::Message(message) => {
-                match relay(&message, self.config.limits().max_recipients) {
-                    Some(RelayAction::Reply(message)) => {
-                        let session = self.sessions.get_mut(&conn).expect("session");
-                        let _ = session.send(message.encode());
-                    }
-                    Some(RelayAction::Refuse(close)) => {
-                        let session = self.sessions.get_mut(&conn).expect("session");
-                        let _ = session.disconnect(close);
-                    }
-                    Some(RelayAction::Send {
-                        message,
-                        recipients,
-                    }) => {
-                        self.deliver(Some(conn), &message, &recipients);
-                    }
-                    None => {}
+                let action = relay(&message, self.config.limits().max_recipients);
+                let session = self.sessions.get_mut(&conn).expect("session");
+                if let Some((message, recipients)) = action.and_then(|a| a.answer(session)) {
+                    self.deliver(Some(conn), &message, &recipients);
                 }
             }
             SessionEvent::LoadUndelivered { id } => {
