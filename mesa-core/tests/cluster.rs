@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use mesa_core::sim::track::MessageKey;
 use mesa_core::sim::{ClusterSim, SimConfig};
 
 fn start() -> Instant {
@@ -40,6 +41,12 @@ fn a_quiet_cluster_connects_everyone_and_delivers_everything_once() {
     );
 }
 
+/// The messages client `c` received: which, and whether from the store.
+fn received(sim: &ClusterSim, c: usize) -> Vec<(MessageKey, bool)> {
+    let receptions = &sim.clients[c].log.receptions;
+    receptions.iter().map(|r| (r.key, r.redelivered)).collect()
+}
+
 fn no_violations(violations: Vec<String>) {
     assert!(violations.is_empty(), "{violations:#?}");
 }
@@ -58,13 +65,7 @@ fn a_message_to_an_offline_id_is_stored_then_redelivered_once_and_trimmed() {
     assert_eq!(sim.redis.hash(&stored).map(|h| h.len()), Some(1));
     sim.connect(3);
     sim.run_for(Duration::from_secs(2));
-    let got: Vec<_> = sim.clients[3]
-        .log
-        .receptions
-        .iter()
-        .map(|r| (r.key, r.redelivered))
-        .collect();
-    assert_eq!(got, [((0, 1), true), ((1, 1), true)]);
+    assert_eq!(received(&sim, 3), [((0, 1), true), ((1, 1), true)]);
     assert_eq!(sim.redis.hash(&stored), None, "trimmed to nothing");
     no_violations(sim.check());
     no_violations(sim.check_settled_keys());
@@ -108,13 +109,8 @@ fn a_partitioned_replica_keeps_its_synced_sends_and_delivers_them_after() {
     assert!(sim.counters.link_downs > 0);
     sim.connect(5);
     sim.run_for(Duration::from_secs(3));
-    let got: Vec<_> = sim.clients[5]
-        .log
-        .receptions
-        .iter()
-        .map(|r| r.key)
-        .collect();
-    assert_eq!(got, [(0, 1), (0, 2), (0, 3)]);
+    let redelivered = [((0, 1), true), ((0, 2), true), ((0, 3), true)];
+    assert_eq!(received(&sim, 5), redelivered);
     no_violations(sim.check());
     no_violations(sim.check_settled_keys());
 }

@@ -208,12 +208,9 @@ impl RedisModel {
             Call::Script { script, keys, args } => match script {
                 Script::AppendMany => self.append_many(keys, args),
                 Script::Trim => self.trim(keys, args),
-                Script::Leave => {
-                    let scope = Scope::new(keys, args)?;
-                    Ok(self.leave(now, &scope, arg(args, 5)?))
-                }
-                Script::Renew => self.renew(now, keys, args),
-                Script::Janitor => self.janitor(now, keys, args),
+                Script::Leave => self.leave(now, &Scope::new(keys, args)?, arg(args, 5)?),
+                Script::Renew => self.renew(now, &Scope::new(keys, args)?, args),
+                Script::Janitor => self.janitor(now, &Scope::new(keys, args)?, args),
             },
         }
     }
@@ -429,13 +426,13 @@ impl RedisModel {
     }
 
     /// [`Script::Leave`].
-    fn leave(&mut self, now: Instant, scope: &Scope, id: &str) -> RedisValue {
+    fn leave(&mut self, now: Instant, scope: &Scope, id: &str) -> Result<RedisValue, CallError> {
         self.srem(&scope.ids(&scope.me), id);
         if self.held_elsewhere(now, scope, &scope.me, id) {
-            return RedisValue::Int(0);
+            return Ok(RedisValue::Int(0));
         }
         self.srem(&scope.clients, id);
-        RedisValue::Int(1)
+        Ok(RedisValue::Int(1))
     }
 
     fn held_elsewhere(&self, now: Instant, scope: &Scope, me: &str, id: &str) -> bool {
@@ -448,10 +445,9 @@ impl RedisModel {
     fn renew(
         &mut self,
         now: Instant,
-        keys: &[String],
+        scope: &Scope,
         args: &[String],
     ) -> Result<RedisValue, CallError> {
-        let scope = Scope::new(keys, args)?;
         let me = scope.me.clone();
         let lease = Duration::from_millis(int(arg(args, 5)?)?.max(0) as u64);
         let connections = int(arg(args, 6)?)?;
@@ -472,7 +468,7 @@ impl RedisModel {
             self.sadd(&scope.clients, ids);
         }
         for id in before {
-            if !self.is_member(&ids_key, &id) && !self.held_elsewhere(now, &scope, &me, &id) {
+            if !self.is_member(&ids_key, &id) && !self.held_elsewhere(now, scope, &me, &id) {
                 self.srem(&scope.clients, &id);
             }
         }
@@ -490,10 +486,9 @@ impl RedisModel {
     fn janitor(
         &mut self,
         now: Instant,
-        keys: &[String],
+        scope: &Scope,
         args: &[String],
     ) -> Result<RedisValue, CallError> {
-        let scope = Scope::new(keys, args)?;
         let me = scope.me.clone();
         if arg(args, 5)? == "retire" {
             self.del(&scope.lease(&me));
@@ -524,7 +519,7 @@ impl RedisModel {
                 .map(str::to_owned)
                 .collect();
             for id in ids {
-                if !self.held_elsewhere(now, &scope, r, &id) {
+                if !self.held_elsewhere(now, scope, r, &id) {
                     self.srem(&scope.clients, &id);
                     removed += 1;
                 }
