@@ -100,7 +100,7 @@ enum Event {
         replica: usize,
         epoch: u64,
         token: Token,
-        command: Command,
+        command: Box<Command>,
     },
     /// Redis's answer reaches the replica.
     Reply {
@@ -115,8 +115,8 @@ enum Event {
     PubSub {
         replica: usize,
         epoch: u64,
-        channel: String,
-        payload: String,
+        /// Shared by every subscriber's copy.
+        message: Arc<(String, String)>,
     },
     /// Redis accepts connections again.
     RedisUp,
@@ -302,7 +302,7 @@ impl ClusterSim {
         while let Some((at, event)) = self.schedule.pop_due(until) {
             self.now = self.now.max(at);
             self.steps += 1;
-            self.handle(event);
+            self.handle(at, event);
             self.settle();
             if self.config.check_contract {
                 let ns = self.config.replica.namespace.clone();
@@ -318,6 +318,11 @@ impl ClusterSim {
     /// Run for `duration` of virtual time.
     pub fn run_for(&mut self, duration: Duration) {
         self.run_until(self.now + duration);
+    }
+
+    /// Events waiting in the agenda.
+    pub fn scheduled(&self) -> usize {
+        self.schedule.len()
     }
 
     /// When the next event is due.
@@ -379,10 +384,7 @@ impl ClusterSim {
             return;
         };
         let (r, conn) = (self.links[link].server, self.links[link].conn);
-        self.links[link].cut();
-        let flush =
-            self.clients[c].drop_transport(self.now, self.config.ws_latency, &mut self.links);
-        self.after_client_flush(c, flush);
+        self.drop_client_link(c, link);
         let now = self.now;
         if let Some(session) = self.conn_mut(r, conn) {
             session.session.handle_peer_closed(now, None);
@@ -409,12 +411,8 @@ impl ClusterSim {
             if let Some(id) = &conn.id {
                 self.track.leave(self.now, id);
             }
-            let link = conn.link;
-            self.links[link].cut();
-            let c = self.links[link].client;
-            let flush =
-                self.clients[c].drop_transport(self.now, self.config.ws_latency, &mut self.links);
-            self.after_client_flush(c, flush);
+            let c = self.links[conn.link].client;
+            self.drop_client_link(c, conn.link);
         }
         self.settle();
     }
@@ -503,13 +501,18 @@ impl ClusterSim {
 
     // ----- events -----
 
-    fn handle(&mut self, event: Event) {
+    fn handle(&mut self, at: Instant, event: Event) {
         let now = self.now;
+        let taken = |armed: &mut Option<Instant>| {
+            if *armed == Some(at) {
+                *armed = None;
+            }
+        };
         match event {
             Event::Link(link) => self.link_due(link),
             Event::Connect(c) => self.connect(c),
             Event::Client(c) => {
-                self.client_timers[c] = None;
+                taken(&mut self.client_timers[c]);
                 if self.clients[c].connecting.is_some_and(|at| at <= now) {
                     self.clients[c].connecting = None;
                     self.resolve_connect(c);
@@ -523,7 +526,7 @@ impl ClusterSim {
                 let Some(entry) = self.replicas[r].conns.get_mut(&conn) else {
                     return;
                 };
-                entry.timer = None;
+                taken(&mut entry.timer);
                 if entry.session.poll_timeout().is_some_and(|at| at <= now) {
                     entry.session.handle_timeout(now);
                     // Frames held back for the message rate may be readable now.
@@ -535,7 +538,7 @@ impl ClusterSim {
                 self.dirty_sessions.push((r, conn));
             }
             Event::Replica(r) => {
-                self.replicas[r].timer = None;
+                taken(&mut self.replicas[r].timer);
                 if let Some(replica) = self.replicas[r].replica.as_mut() {
                     if replica.poll_timeout().is_some_and(|at| at <= now) {
                         replica.handle_timeout(now);
@@ -548,7 +551,7 @@ impl ClusterSim {
                 epoch,
                 token,
                 command,
-            } => self.execute(replica, epoch, token, command),
+            } => self.execute(replica, epoch, token, *command),
             Event::Reply {
                 replica: r,
                 epoch,
@@ -568,9 +571,9 @@ impl ClusterSim {
             Event::PubSub {
                 replica: r,
                 epoch,
-                channel,
-                payload,
+                message,
             } => {
+                let (channel, payload) = &*message;
                 if !self.reaches(r, epoch) {
                     return;
                 }
@@ -581,7 +584,7 @@ impl ClusterSim {
                 }
                 inbound[second] += 1;
                 if let Some(replica) = self.replicas[r].replica.as_mut() {
-                    replica.handle_pubsub(now, &channel, &payload);
+                    replica.handle_pubsub(now, channel, payload);
                     self.dirty_replicas.push(r);
                 }
             }
@@ -640,6 +643,7 @@ impl ClusterSim {
             outstanding.executed = true;
         }
         for published in self.redis.take_published() {
+            let message = Arc::new((published.channel, published.payload));
             for subscriber in published.subscribers {
                 let epoch = self.replicas[subscriber].epoch;
                 self.schedule.push(
@@ -647,8 +651,7 @@ impl ClusterSim {
                     Event::PubSub {
                         replica: subscriber,
                         epoch,
-                        channel: published.channel.clone(),
-                        payload: published.payload.clone(),
+                        message: message.clone(),
                     },
                 );
             }
@@ -762,6 +765,16 @@ impl ClusterSim {
             self.count_authenticated(c, before);
             self.after_client_flush(c, flush);
         }
+    }
+
+    /// Client `c`'s `link` drops: both ends stop, the client sees its transport end.
+    fn drop_client_link(&mut self, c: usize, link: usize) {
+        self.links[link].cut();
+        let before = self.clients[c].log.authenticated;
+        let flush =
+            self.clients[c].drop_transport(self.now, self.config.ws_latency, &mut self.links);
+        self.count_authenticated(c, before);
+        self.after_client_flush(c, flush);
     }
 
     fn resolve_connect(&mut self, c: usize) {
@@ -1048,7 +1061,7 @@ impl ClusterSim {
                 replica: r,
                 epoch,
                 token,
-                command,
+                command: Box::new(command),
             },
         );
     }
@@ -1101,6 +1114,16 @@ impl ClusterSim {
         violations.extend(track::check_duplicates(&self.track, clients()));
         violations.extend(track::check_order(&self.track, clients()));
         violations
+    }
+
+    /// What became of every message relayed (needs `record`).
+    pub fn summary(&self) -> track::Summary {
+        let clients = self
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(c, client)| (self.id_of(c), &client.log));
+        track::summarize(&self.track, clients, &self.stored_now())
     }
 
     /// Every entry stored now, as `(id, entry text)`.
@@ -1165,14 +1188,19 @@ impl ClusterSim {
     }
 }
 
-/// The driver's rule for a timer: schedule a wake-up only when the deadline
-/// changed (an earlier one stays scheduled and finds nothing due).
+/// When to schedule a wake-up for a `deadline`, given the one `armed` (scheduled
+/// and not yet taken): only when none is armed, or the deadline moved earlier. An
+/// armed wake-up that comes early finds nothing due and arms the next: so each
+/// timer keeps one or two entries in the agenda, however often its deadline moves.
 fn rearm(armed: &mut Option<Instant>, deadline: Option<Instant>) -> Option<Instant> {
-    if deadline.is_some() && deadline != *armed {
-        *armed = deadline;
-        return deadline;
+    match (deadline, *armed) {
+        (Some(at), Some(pending)) if at >= pending => None,
+        (Some(at), _) => {
+            *armed = Some(at);
+            Some(at)
+        }
+        (None, _) => None,
     }
-    None
 }
 
 /// Apply a delivery's action to one session.

@@ -57,26 +57,35 @@ impl Link {
 
     /// The next frame due to the server at `now`, if any.
     pub fn pop_to_server(&mut self, now: Instant) -> Option<Packet> {
-        match self.to_server.front() {
-            Some((at, _)) if *at <= now => self.to_server.pop_front().map(|(_, p)| p),
-            _ => None,
-        }
+        pop_due(&mut self.to_server, now)
     }
 
     /// The next frame due to the client at `now`, if any.
     pub fn pop_to_client(&mut self, now: Instant) -> Option<Packet> {
-        match self.to_client.front() {
-            Some((at, _)) if *at <= now => self.to_client.pop_front().map(|(_, p)| p),
-            _ => None,
-        }
+        pop_due(&mut self.to_client, now)
     }
 
     /// Both sides see the transport end: whatever is in flight is lost.
     pub fn cut(&mut self) {
         self.client_done = true;
         self.server_done = true;
-        self.to_server.clear();
-        self.to_client.clear();
+        self.to_server = VecDeque::new();
+        self.to_client = VecDeque::new();
+    }
+}
+
+/// The first frame of `queue` if it is due; a queue left empty gives its memory
+/// back (most links are idle most of the time, and a million of them add up).
+fn pop_due(queue: &mut VecDeque<(Instant, Packet)>, now: Instant) -> Option<Packet> {
+    match queue.front() {
+        Some((at, _)) if *at <= now => {
+            let packet = queue.pop_front().map(|(_, p)| p);
+            if queue.is_empty() {
+                *queue = VecDeque::new();
+            }
+            packet
+        }
+        _ => None,
     }
 }
 

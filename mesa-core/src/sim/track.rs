@@ -262,3 +262,59 @@ pub fn check_presence<'a>(
         })
         .collect()
 }
+
+/// What became of the messages relayed, per recipient id.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// `(message, recipient id)` pairs relayed to a replica.
+    pub addressed: u64,
+    /// Pairs that reached a client of the id.
+    pub delivered: u64,
+    /// Pairs not delivered and still stored for the id (its clients stayed away).
+    pub stored: u64,
+    /// Pairs neither delivered nor stored: lost to a fault (a message published to an
+    /// id whose connection was dying, a replica crashed with sends queued, a frame
+    /// in flight on a cut connection).
+    pub lost: u64,
+    /// Receptions by a client of a message it had received already.
+    pub duplicated: u64,
+}
+
+/// Sum up deliveries over the clients (with their ids) and what is stored now.
+pub fn summarize<'a>(
+    track: &Track,
+    clients: impl Iterator<Item = (String, &'a Received)>,
+    stored_now: &[(String, String)],
+) -> Summary {
+    let mut summary = Summary::default();
+    let mut got: HashSet<(MessageKey, String)> = HashSet::new();
+    for (id, received) in clients {
+        let mut seen = HashSet::new();
+        for reception in &received.receptions {
+            if !seen.insert(reception.key) {
+                summary.duplicated += 1;
+            }
+            got.insert((reception.key, id.clone()));
+        }
+    }
+    let stored: HashSet<(MessageKey, &str)> = stored_now
+        .iter()
+        .filter_map(|(id, entry)| Some((entry_key(entry)?, id.as_str())))
+        .collect();
+    for (key, relayed) in &track.relayed {
+        let mut to: Vec<&String> = relayed.to.iter().collect();
+        to.sort_unstable();
+        to.dedup();
+        for id in to {
+            summary.addressed += 1;
+            if got.contains(&(*key, id.clone())) {
+                summary.delivered += 1;
+            } else if stored.contains(&(*key, id.as_str())) {
+                summary.stored += 1;
+            } else {
+                summary.lost += 1;
+            }
+        }
+    }
+    summary
+}
