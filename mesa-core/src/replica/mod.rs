@@ -786,12 +786,15 @@ impl Replica {
                         Some(RedisValue::Nil) => String::new(),
                         _ => return Err("a load"),
                     };
-                    let (messages, entries) = loaded_messages(&raw);
-                    if !entries.is_empty() && self.hub.contains(conn) {
-                        self.loaded.insert(conn, entries);
+                    // A connection that closed meanwhile needs nothing.
+                    if self.hub.contains(conn) {
+                        let (messages, entries) = loaded_messages(&raw);
+                        if !entries.is_empty() {
+                            self.loaded.insert(conn, entries);
+                        }
+                        let loaded = ReplicaEvent::Loaded { conn, id, messages };
+                        self.events.push_back(loaded);
                     }
-                    self.events
-                        .push_back(ReplicaEvent::Loaded { conn, id, messages });
                 }
             }
             Flight::Check { share, offset } => {

@@ -1,0 +1,371 @@
+//! Random inputs replayed against a `Replica`: connections opening, authenticating,
+//! sending and closing, sends from the application, pub/sub messages (envelopes of
+//! ours and others', portal updates, garbage), the link going up and down, time
+//! passing, and Redis answers given in any order: right (the model of Redis runs the
+//! command), of the wrong shape, errors, late, twice, or never.
+//!
+//! Invariants:
+//! - tokens are unique; an answer to a token the replica no longer waits for changes
+//!   nothing;
+//! - every command's calls run on the model of Redis without an error (keys and
+//!   arguments are laid out as the scripts read them), and after each the keys are
+//!   what a Node replica expects;
+//! - nothing but a `Connect` is asked while the link is not up, and nothing at all
+//!   once retired;
+//! - the envelopes published are ours (`origin`) and decode; portal events name a
+//!   portal of the pool;
+//! - a delivery targets open connections, sorted and unique, and never does nothing;
+//! - stored messages are loaded only for connections that asked and are open, and a
+//!   trim removes entries that were loaded for that id;
+//! - `handle_timeout` at the deadline leaves the next deadline later, and called
+//!   twice does nothing more;
+//! - the work waiting for Redis stays within `max_pending`, beyond the presence
+//!   changes a live link takes at once.
+#![no_main]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use mesa_core::cluster::{Envelope, PortalEvent, PortalUpdate};
+use mesa_core::sim::RedisModel;
+use mesa_core::{
+    Close, CloseCode, Command, ConnId, Message, MessageOptions, Opcode, PortalChoice, Recipients,
+    RedisValue, Replica, ReplicaConfig, ReplicaEvent, SessionEvent, Token,
+};
+use serde_json::json;
+
+const IDS: [&str; 4] = ["alice", "bob", "carol", " "];
+const MAX_PENDING: usize = 16;
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Open,
+    Authenticate { conn: u8, id: u8 },
+    Message { conn: u8 },
+    Load { conn: u8 },
+    Clear { conn: u8 },
+    Redelivered { conn: u8, delivered: u8, dropped: u8 },
+    Close { conn: u8 },
+    Send { ids: Vec<u8>, global: bool, internal: bool, no_sync: bool },
+    Envelope { ours: bool, ids: Vec<u8>, disconnect: bool },
+    Portal { id: u8, ready: bool },
+    Garbage { portal_channel: bool, text: String },
+    Answer { which: u8, how: How },
+    AnswerStale { token: u64 },
+    LinkUp { restarted: bool },
+    LinkDown,
+    Advance { ms: u16 },
+    Retire,
+}
+
+#[derive(Arbitrary, Debug)]
+enum How {
+    /// What the model of Redis answers.
+    Right,
+    /// A value of the wrong shape.
+    Wrong,
+    /// An error reply.
+    Error,
+}
+
+fn start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+struct Harness {
+    replica: Replica,
+    redis: RedisModel,
+    now: Instant,
+    /// Connections as the replica numbered them: their id, if authenticated.
+    conns: BTreeMap<ConnId, Option<String>>,
+    opened: Vec<ConnId>,
+    /// Commands sent and not answered, oldest first.
+    outstanding: Vec<(Token, Command)>,
+    tokens: BTreeSet<Token>,
+    linked: bool,
+    connecting: bool,
+    retired: bool,
+    /// Connections that asked for their stored messages.
+    asked: BTreeSet<ConnId>,
+    /// Entries loaded per id, as stored text.
+    loaded: HashMap<String, BTreeSet<String>>,
+    portals: BTreeSet<String>,
+}
+
+impl Harness {
+    fn conn(&self, index: u8) -> ConnId {
+        let index = usize::from(index) % (self.opened.len() + 1);
+        self.opened.get(index).copied().unwrap_or(ConnId(u64::MAX))
+    }
+
+    fn session_event(&mut self, conn: ConnId, event: SessionEvent) {
+        self.replica.handle_session_event(self.now, conn, &event);
+    }
+
+    /// Drain the replica and check what it asks.
+    fn drain(&mut self) {
+        while let Some(delivery) = self.replica.poll_delivery() {
+            assert!(!matches!(delivery.action, mesa_core::Action::Ignore));
+            let sorted: BTreeSet<ConnId> = delivery.targets.iter().copied().collect();
+            assert_eq!(sorted.len(), delivery.targets.len(), "targets unique");
+            assert!(delivery.targets.windows(2).all(|w| w[0] < w[1]), "sorted");
+            for target in &delivery.targets {
+                assert!(self.conns.contains_key(target), "delivery to a closed {target:?}");
+            }
+        }
+        while let Some((token, command)) = self.replica.poll_command() {
+            assert!(!self.retired, "{command:?} after retiring");
+            assert!(self.tokens.insert(token), "token {token:?} reused");
+            if command == Command::Connect {
+                assert!(!self.linked && !self.connecting, "Connect while linked");
+                self.connecting = true;
+                continue;
+            }
+            assert!(self.linked, "{command:?} without a link");
+            self.check_command(&command);
+            self.outstanding.push((token, command));
+        }
+        while let Some(event) = self.replica.poll_event() {
+            match event {
+                ReplicaEvent::LinkDown { .. } => {
+                    self.linked = false;
+                    self.connecting = false;
+                    self.outstanding.clear();
+                }
+                ReplicaEvent::Retired => {
+                    self.retired = true;
+                    self.linked = false;
+                }
+                ReplicaEvent::Loaded { conn, id, .. } => {
+                    assert!(self.asked.contains(&conn), "loaded for {conn:?} unasked");
+                    assert!(self.conns.contains_key(&conn), "loaded for closed {conn:?}");
+                    let _ = id;
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            self.replica.pending() <= MAX_PENDING + 4 * self.opened.len() + 1,
+            "{} jobs pending",
+            self.replica.pending()
+        );
+    }
+
+    fn check_command(&mut self, command: &Command) {
+        match command {
+            Command::Publish { channel, payload } if channel == "ws" => {
+                let envelope = Envelope::decode(payload).expect("our envelope decodes");
+                assert_eq!(envelope.origin.as_deref(), Some("me"));
+            }
+            Command::Publish { payload, .. } => {
+                let event = PortalEvent::decode(payload).expect("our portal event decodes");
+                assert!(self.portals.contains(&event.portal_id), "unknown portal");
+            }
+            Command::Trim { id, count, last } => {
+                assert!(*count >= 1);
+                let loaded = self.loaded.get(id).is_some_and(|l| l.contains(last));
+                assert!(loaded, "trim of {last} never loaded for {id}");
+            }
+            _ => {}
+        }
+    }
+
+    fn answer(&mut self, which: u8, how: How) {
+        if self.outstanding.is_empty() {
+            return;
+        }
+        let index = usize::from(which) % self.outstanding.len();
+        let (token, command) = self.outstanding.remove(index);
+        let reply = match how {
+            How::Right => {
+                let calls = command.calls(self.replica.keys());
+                let values = self
+                    .redis
+                    .execute(self.now, &calls)
+                    .unwrap_or_else(|error| panic!("{command:?} failed on Redis: {error}"));
+                self.redis
+                    .check_upstream_contract(self.now, self.replica.keys().namespace())
+                    .unwrap_or_else(|broken| panic!("after {command:?}: {broken}"));
+                let _ = self.redis.take_published();
+                if let (Command::Load { id }, Some(RedisValue::Text(raw))) =
+                    (&command, values.first())
+                {
+                    let entries = mesa_core::sync::stored_entries(raw).unwrap_or_default();
+                    let loaded = self.loaded.entry(id.clone()).or_default();
+                    loaded.extend(entries.into_iter().map(str::to_owned));
+                }
+                Ok(values)
+            }
+            How::Wrong => Ok(vec![RedisValue::Array(vec![RedisValue::Nil])]),
+            How::Error => Err("ERR fuzzed".to_owned()),
+        };
+        self.replica.handle_reply(self.now, token, reply);
+    }
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let config = ReplicaConfig {
+        sync: true,
+        max_pending: MAX_PENDING,
+        max_stored_per_id: 3,
+        portals: Some(PortalChoice::RoundRobin),
+        ..ReplicaConfig::default()
+    };
+    let now = start();
+    let mut h = Harness {
+        replica: Replica::new(config, "me", 7, now).expect("valid"),
+        redis: RedisModel::new(),
+        now,
+        conns: BTreeMap::new(),
+        opened: Vec::new(),
+        outstanding: Vec::new(),
+        tokens: BTreeSet::new(),
+        linked: false,
+        connecting: false,
+        retired: false,
+        asked: BTreeSet::new(),
+        loaded: HashMap::new(),
+        portals: BTreeSet::new(),
+    };
+    h.drain();
+    for op in ops {
+        let now = h.now;
+        match op {
+            Op::Open => {
+                let conn = h.replica.handle_connection_opened(now);
+                assert!(!h.conns.contains_key(&conn));
+                h.conns.insert(conn, None);
+                h.opened.push(conn);
+            }
+            Op::Authenticate { conn, id } => {
+                let conn = h.conn(conn);
+                if let Some(held) = h.conns.get_mut(&conn) {
+                    let id = IDS[usize::from(id) % IDS.len()].to_owned();
+                    *held = Some(id.clone());
+                    let user = json!({});
+                    h.session_event(conn, SessionEvent::Authenticated { id, user, initial: true });
+                }
+            }
+            Op::Message { conn } => {
+                let conn = h.conn(conn);
+                let message = Message::dispatch("HI", json!({}));
+                h.session_event(conn, SessionEvent::Message(message));
+            }
+            Op::Load { conn } => {
+                let conn = h.conn(conn);
+                if let Some(Some(id)) = h.conns.get(&conn).cloned() {
+                    h.asked.insert(conn);
+                    h.session_event(conn, SessionEvent::LoadUndelivered { id });
+                }
+            }
+            Op::Clear { conn } => {
+                let conn = h.conn(conn);
+                if let Some(Some(id)) = h.conns.get(&conn).cloned() {
+                    h.session_event(conn, SessionEvent::ClearUndelivered { id });
+                }
+            }
+            Op::Redelivered {
+                conn,
+                delivered,
+                dropped,
+            } => {
+                let conn = h.conn(conn);
+                if let Some(Some(id)) = h.conns.get(&conn).cloned() {
+                    let (delivered, dropped) = (usize::from(delivered % 5), usize::from(dropped % 3));
+                    let event = SessionEvent::Redelivered { id, delivered, dropped };
+                    h.session_event(conn, event);
+                }
+            }
+            Op::Close { conn } => {
+                let conn = h.conn(conn);
+                let close = Close::new(CloseCode::NORMAL, "");
+                h.session_event(conn, SessionEvent::Closed { close, by_peer: true });
+                h.conns.remove(&conn);
+            }
+            Op::Send {
+                ids,
+                global,
+                internal,
+                no_sync,
+            } => {
+                let recipients = if global {
+                    Recipients::All
+                } else {
+                    Recipients::Ids(ids.iter().map(|i| IDS[usize::from(*i) % IDS.len()].to_owned()).collect())
+                };
+                let message = if internal {
+                    Message { t: Some("DISCONNECT_CLIENT".into()), ..Message::new(Opcode::Internal, json!({})) }
+                } else {
+                    Message::dispatch("M", json!({"n": h.tokens.len()}))
+                };
+                let options = no_sync.then(MessageOptions::no_sync);
+                let report = h.replica.handle_send(now, &message, options.as_ref(), &recipients);
+                assert!(report.is_ok(), "a short list is never refused");
+            }
+            Op::Envelope { ours, ids, disconnect } => {
+                let message = if disconnect {
+                    Message { t: Some("DISCONNECT_CLIENT".into()), ..Message::new(Opcode::Internal, json!({})) }
+                } else {
+                    Message::dispatch("E", json!({}))
+                };
+                let envelope = Envelope {
+                    message,
+                    options: None,
+                    recipients: Recipients::from_ids(ids.iter().map(|i| IDS[usize::from(*i) % IDS.len()].to_owned()).collect()),
+                    origin: ours.then(|| "me".to_owned()),
+                };
+                h.replica.handle_pubsub(now, "ws", &envelope.encode());
+            }
+            Op::Portal { id, ready } => {
+                let id = format!("p{}", id % 3);
+                if ready {
+                    h.portals.insert(id.clone());
+                }
+                let update = PortalUpdate { id, ready };
+                h.replica.handle_pubsub(now, "available_portals_pool", &update.encode());
+            }
+            Op::Garbage { portal_channel, text } => {
+                let channel = if portal_channel { "available_portals_pool" } else { "ws" };
+                h.replica.handle_pubsub(now, channel, &text);
+            }
+            Op::Answer { which, how } => h.answer(which, how),
+            Op::AnswerStale { token } => {
+                let token = Token(token);
+                if !h.outstanding.iter().any(|(t, _)| *t == token) {
+                    let before = h.replica.pending();
+                    h.replica.handle_reply(now, token, Ok(vec![RedisValue::Nil]));
+                    assert_eq!(h.replica.pending(), before, "a stale answer changed the work");
+                }
+            }
+            Op::LinkUp { restarted } => {
+                if h.connecting {
+                    if restarted {
+                        h.redis.restart(true);
+                    }
+                    h.connecting = false;
+                    h.linked = true;
+                    let run_id = h.redis.run_id().to_owned();
+                    h.replica.handle_link_up(now, &run_id);
+                }
+            }
+            Op::LinkDown => h.replica.handle_link_down(now, "fuzzed"),
+            Op::Advance { ms } => {
+                h.now += Duration::from_millis(u64::from(ms));
+                let now = h.now;
+                if h.replica.poll_timeout().is_some_and(|at| at <= now) {
+                    h.replica.handle_timeout(now);
+                    h.drain();
+                    h.replica.handle_timeout(now);
+                    assert!(h.replica.poll_command().is_none(), "a second timeout did more");
+                    assert!(h.replica.poll_timeout().is_none_or(|at| at > now), "due after firing");
+                }
+            }
+            Op::Retire => h.replica.handle_retire(now),
+        }
+        h.drain();
+    }
+});
