@@ -17,9 +17,11 @@ pub struct ReplicaConfig {
     pub lease: Duration,
     /// Forward client events to portals, picking one per event this way. Default off.
     pub portals: Option<PortalChoice>,
-    /// Most jobs (sends, presence changes, loads, trims) waiting for Redis, queued or
-    /// in flight; beyond it new jobs are refused and reported
-    /// ([`ReplicaEvent::JobsLost`](super::ReplicaEvent::JobsLost)). Default 10 000.
+    /// Most jobs (sends, loads, trims, clears, portal events) waiting for Redis,
+    /// queued or in flight; beyond it new jobs are refused and reported
+    /// ([`ReplicaEvent::JobsLost`](super::ReplicaEvent::JobsLost)). As many presence
+    /// changes may wait besides; beyond that they wait for the next renewal, which
+    /// registers the ids connected here anew. Default 10 000.
     pub max_pending: usize,
     /// Messages to ids connected nowhere are stored for them. Default: the server's
     /// sync setting.

@@ -192,9 +192,13 @@ pub struct Replica {
     sends: VecDeque<RemoteSend>,
     /// Other jobs not yet sent, oldest first.
     jobs: VecDeque<Job>,
+    /// Presence changes not yet sent, oldest first (sent before the other jobs, so
+    /// that an id arrives before its connection loads its stored messages).
+    presence: VecDeque<Job>,
     /// Commands sent and not answered, oldest first.
     flights: BTreeMap<Token, Sent>,
-    /// Jobs among `flights`.
+    /// Jobs among `flights`: presence changes, and the others.
+    presence_in_flight: usize,
     jobs_in_flight: usize,
     round: Option<RoundState>,
     /// Per connection redelivering its stored messages: the index and text of each
@@ -227,6 +231,8 @@ impl Replica {
             retiring: false,
             sends: VecDeque::new(),
             jobs: VecDeque::new(),
+            presence: VecDeque::new(),
+            presence_in_flight: 0,
             flights: BTreeMap::new(),
             jobs_in_flight: 0,
             round: None,
@@ -277,9 +283,14 @@ impl Replica {
         matches!(self.link, Link::Retired)
     }
 
-    /// Jobs waiting for Redis, queued or in flight (at most `max_pending`, plus
-    /// presence changes, which are never refused).
+    /// Jobs waiting for Redis, queued or in flight: at most `max_pending` sends,
+    /// loads, trims, clears and portal events, and as many presence changes.
     pub fn pending(&self) -> usize {
+        self.work_pending() + self.presence.len() + self.presence_in_flight
+    }
+
+    /// The jobs `max_pending` bounds, besides presence changes.
+    fn work_pending(&self) -> usize {
         self.sends.len() + self.jobs.len() + self.jobs_in_flight
     }
 
@@ -614,15 +625,23 @@ impl Replica {
                 _ => return self.lost(1, Loss::Abandoned),
             }
         }
-        if job.counted() && self.pending() >= self.config.max_pending {
-            return self.lost(1, Loss::Full);
+        if job.counted() {
+            if self.work_pending() >= self.config.max_pending {
+                return self.lost(1, Loss::Full);
+            }
+            return self.jobs.push_back(job);
         }
-        match (self.jobs.back_mut(), job) {
+        // Beyond the bound a presence change waits for the next renewal (a third of
+        // the lease at most), which registers exactly the ids connected here.
+        if self.presence.len() + self.presence_in_flight >= self.config.max_pending {
+            return;
+        }
+        match (self.presence.back_mut(), job) {
             (Some(Job::Arrive(ids)), Job::Arrive(more)) if ids.len() < IDS_PER_COMMAND => {
                 ids.extend(more);
             }
             (Some(Job::Connections(delta)), Job::Connections(more)) => *delta += more,
-            (_, job) => self.jobs.push_back(job),
+            (_, job) => self.presence.push_back(job),
         }
     }
 
@@ -637,7 +656,7 @@ impl Replica {
             self.lost(1, reason);
             return false;
         }
-        if self.pending() >= self.config.max_pending {
+        if self.work_pending() >= self.config.max_pending {
             self.lost(1, Loss::Full);
             return false;
         }
@@ -653,8 +672,10 @@ impl Replica {
     /// Send a command and remember what it was for.
     fn issue(&mut self, now: Instant, flight: Flight, command: Command) {
         let token = self.token();
-        if matches!(flight, Flight::Job(_)) {
-            self.jobs_in_flight += 1;
+        match &flight {
+            Flight::Job(job) if job.counted() => self.jobs_in_flight += 1,
+            Flight::Job(_) => self.presence_in_flight += 1,
+            _ => {}
         }
         self.flights.insert(token, Sent { flight, at: now });
         self.commands.push_back((token, command));
@@ -735,6 +756,8 @@ impl Replica {
         }
         self.jobs = kept;
         self.jobs_in_flight = 0;
+        self.presence.clear();
+        self.presence_in_flight = 0;
         let sends = self.sends.len();
         self.sends.retain(|send| send.fate() == Fate::Keep);
         outage += sends - self.sends.len();
@@ -759,8 +782,10 @@ impl Replica {
         let left = self.sends.len() + self.jobs.iter().filter(|j| j.counted()).count();
         self.sends.clear();
         self.jobs.clear();
+        self.presence.clear();
         self.flights.clear();
         self.jobs_in_flight = 0;
+        self.presence_in_flight = 0;
         self.round = None;
         self.timers.stop_all();
         self.lost(left, Loss::Abandoned);
@@ -779,7 +804,11 @@ impl Replica {
         let first = values.into_iter().next();
         match sent.flight {
             Flight::Job(job) => {
-                self.jobs_in_flight -= 1;
+                if job.counted() {
+                    self.jobs_in_flight -= 1;
+                } else {
+                    self.presence_in_flight -= 1;
+                }
                 if let Job::Load { conn, id, .. } = job {
                     let raw = match first {
                         Some(RedisValue::Text(raw)) => raw,
@@ -861,8 +890,8 @@ impl Replica {
     /// Send queued jobs (up to [`JOBS_IN_FLIGHT`]), start the next round of sends when
     /// none is in flight and no rest is due, and retire once everything is done.
     fn pump(&mut self, now: Instant) {
-        while self.jobs_in_flight < JOBS_IN_FLIGHT {
-            let Some(job) = self.jobs.pop_front() else {
+        while self.jobs_in_flight + self.presence_in_flight < JOBS_IN_FLIGHT {
+            let Some(job) = self.presence.pop_front().or_else(|| self.jobs.pop_front()) else {
                 break;
             };
             match job {
@@ -878,7 +907,10 @@ impl Replica {
         if self.round.is_none() && !resting && !self.sends.is_empty() {
             self.start_round(now);
         }
-        let idle = self.sends.is_empty() && self.jobs.is_empty() && self.flights.is_empty();
+        let idle = self.sends.is_empty()
+            && self.jobs.is_empty()
+            && self.presence.is_empty()
+            && self.flights.is_empty();
         if self.retiring && idle {
             self.janitor(now, true);
         }
