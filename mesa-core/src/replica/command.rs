@@ -44,7 +44,8 @@ pub enum Command {
         /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND).
         ids: Vec<String>,
     },
-    /// [`Script::AppendMany`]: store one message for each of `ids`, at most `cap` per id.
+    /// [`Script::AppendMany`]: store one message for each of `ids` not connected by
+    /// now, at most `cap` per id; answers which ids were connected.
     StoreMany {
         /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND) ids.
         ids: Vec<String>,
@@ -235,7 +236,7 @@ impl Command {
                 args.extend_from_slice(ids);
                 vec![Call::Script {
                     script: Script::AppendMany,
-                    keys: vec![ns.undelivered_messages()],
+                    keys: vec![ns.undelivered_messages(), ns.connected_clients()],
                     args,
                 }]
             }

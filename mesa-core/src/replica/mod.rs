@@ -37,7 +37,10 @@
 //! report trims it) or the per-id cap pushed it out (reported in
 //! [`ReplicaEvent::Stored`]). A message published to ids connected elsewhere is best
 //! effort, as upstream's pub/sub: a replica that loses its subscription meanwhile
-//! misses it.
+//! misses it. An id that connects while a send to it is between its presence check
+//! and its store is published to instead of stored for (the store script checks
+//! presence again, and a connection's id arrives before it reads its stored
+//! messages), so no message waits in the store while its id is connected.
 //!
 //! A message reaches a connection at most once, except in this window (the
 //! at-least-once window):
@@ -129,8 +132,10 @@ enum Flight {
         share: usize,
         offset: usize,
     },
-    /// The round's stores for one message.
-    Store,
+    /// The round's stores for the message of share `share`.
+    Store {
+        share: usize,
+    },
     /// One publish of the round.
     Publish,
     Ping,
@@ -148,21 +153,35 @@ struct Sent {
     at: Instant,
 }
 
-/// The round of sends in flight: its first phase checks presence (and publishes the
-/// sends without a check), its second stores and publishes what the check decided.
+/// The round of sends in flight: it checks presence (and publishes the sends that
+/// need no check), stores for the ids connected nowhere, then publishes to the ids
+/// connected elsewhere (see [`Phase`]).
 #[derive(Debug)]
 struct RoundState {
     plan: Round,
     started: Instant,
-    checking: bool,
+    phase: Phase,
     /// Commands of the current phase not yet answered.
     waiting: usize,
     /// Per share: the presence of each of its ids.
     online: Vec<Vec<bool>>,
     stored: usize,
     dropped: usize,
-    /// Learned in the second phase, reported when the round is done.
+    /// Per share: the ids to publish to once the stores are done.
+    publish: Vec<Vec<String>>,
+    /// Learned from the checks, reported when the round is done.
     undeliverable: Vec<(Message, Vec<String>)>,
+}
+
+/// Where a round of sends is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Presence checks, and the publishes of sends that need none.
+    Checking,
+    /// Stores for the ids connected nowhere.
+    Storing,
+    /// Publishes to the ids connected elsewhere.
+    Publishing,
 }
 
 /// One server replica of a cluster, as a state machine.
@@ -835,12 +854,18 @@ impl Replica {
                 }
                 round.waiting -= 1;
             }
-            Flight::Store => {
-                let (stored, dropped) = pair(first).ok_or("a store")?;
+            Flight::Store { share } => {
+                let (stored, dropped, online) = store_reply(first).ok_or("a store")?;
                 let round = self.round.as_mut().ok_or("a store")?;
                 round.stored += stored;
                 round.dropped += dropped;
                 round.waiting -= 1;
+                // Connected since the check: published to instead, with the others.
+                round
+                    .publish
+                    .get_mut(share)
+                    .ok_or("a store")?
+                    .extend(online);
             }
             Flight::Publish => {
                 let round = self.round.as_mut().ok_or("a publish")?;
@@ -1004,7 +1029,8 @@ impl Replica {
         self.round = Some(RoundState {
             plan,
             started: now,
-            checking: true,
+            phase: Phase::Checking,
+            publish: vec![Vec::new(); shares],
             waiting: commands.len(),
             online,
             stored: 0,
@@ -1019,16 +1045,42 @@ impl Replica {
         }
     }
 
-    /// The first phase was answered: store and publish as presence decided. The
-    /// second was answered: the round is done.
+    /// The current phase was answered: go on to the next (phases with nothing to
+    /// do are skipped), or finish the round.
     fn next_phase(&mut self, now: Instant) {
         let Some(mut round) = self.round.take() else {
             return;
         };
-        if !round.checking {
-            return self.finish_round(now, round);
+        let commands = match round.phase {
+            Phase::Checking => {
+                round.phase = Phase::Storing;
+                let stores = self.stores(&mut round);
+                if stores.is_empty() {
+                    round.phase = Phase::Publishing;
+                    self.publishes(&mut round)
+                } else {
+                    stores
+                }
+            }
+            Phase::Storing => {
+                round.phase = Phase::Publishing;
+                self.publishes(&mut round)
+            }
+            Phase::Publishing => return self.finish_round(now, round),
+        };
+        round.waiting = commands.len();
+        self.round = Some(round);
+        for (flight, command) in commands {
+            self.issue(now, flight, command);
         }
-        round.checking = false;
+        if commands_empty(&self.round) {
+            self.next_phase(now);
+        }
+    }
+
+    /// Split each checked share by presence: the connected ids wait to be published
+    /// to, the others are stored for (the stores go first).
+    fn stores(&self, round: &mut RoundState) -> Vec<(Flight, Command)> {
         let mut commands = Vec::new();
         let cap = self.config.max_stored_per_id;
         for (share, online) in round.online.iter().enumerate() {
@@ -1038,10 +1090,7 @@ impl Replica {
             }
             let ids = self.share_ids(round.plan, share).to_vec();
             let split = split_by_presence(ids, online, send.options.as_ref());
-            if !split.publish.is_empty() {
-                let recipients = Recipients::Ids(split.publish);
-                commands.push((Flight::Publish, self.envelope(send, recipients)));
-            }
+            round.publish[share] = split.publish;
             let text = encode_stored(&send.message);
             for ids in split.store.chunks(IDS_PER_COMMAND) {
                 let command = Command::StoreMany {
@@ -1049,7 +1098,7 @@ impl Replica {
                     text: text.clone(),
                     cap,
                 };
-                commands.push((Flight::Store, command));
+                commands.push((Flight::Store { share }, command));
             }
             if !split.undeliverable.is_empty() {
                 round
@@ -1057,14 +1106,23 @@ impl Replica {
                     .push((send.message.clone(), split.undeliverable));
             }
         }
-        round.waiting = commands.len();
-        self.round = Some(round);
-        for (flight, command) in commands {
-            self.issue(now, flight, command);
-        }
-        if commands_empty(&self.round) {
-            self.next_phase(now);
-        }
+        commands
+    }
+
+    /// One publish per checked share to its connected ids (those the check found,
+    /// and those the stores found connected since), in the order of the sends, so a
+    /// later send never reaches an id before an earlier one.
+    fn publishes(&self, round: &mut RoundState) -> Vec<(Flight, Command)> {
+        let publish = std::mem::take(&mut round.publish);
+        publish
+            .into_iter()
+            .enumerate()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(share, ids)| {
+                let command = self.envelope(&self.sends[share], Recipients::Ids(ids));
+                (Flight::Publish, command)
+            })
+            .collect()
     }
 
     /// Everything of the round was answered: its sends (or the part of the cut one)
@@ -1131,17 +1189,19 @@ fn bools(value: Option<RedisValue>) -> Option<Vec<bool>> {
     }
 }
 
-/// `APPEND_MANY`'s answer: `{stored, dropped}`.
-fn pair(value: Option<RedisValue>) -> Option<(usize, usize)> {
-    match value? {
-        RedisValue::Array(items) => match items.as_slice() {
-            [RedisValue::Int(a), RedisValue::Int(b)] => {
-                Some((usize::try_from(*a).ok()?, usize::try_from(*b).ok()?))
-            }
-            _ => None,
-        },
+/// `APPEND_MANY`'s answer: `{stored, dropped, online...}`.
+fn store_reply(value: Option<RedisValue>) -> Option<(usize, usize, Vec<String>)> {
+    let RedisValue::Array(items) = value? else {
+        return None;
+    };
+    let mut items = items.into_iter();
+    let mut count = || match items.next()? {
+        RedisValue::Int(n) => usize::try_from(n).ok(),
         _ => None,
-    }
+    };
+    let (stored, dropped) = (count()?, count()?);
+    let online = texts(Some(RedisValue::Array(items.collect())))?;
+    Some((stored, dropped, online))
 }
 
 /// `SMEMBERS`'s answer.

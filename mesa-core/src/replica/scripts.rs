@@ -1,7 +1,7 @@
 //! The Lua scripts that make our Redis writes atomic while keeping upstream's data
 //! layout, as source text: the driver loads and runs them (EVALSHA, EVAL on
 //! `NOSCRIPT`), the simulator's model of Redis implements each one natively
-//! ([`crate::sim::redis`], feature `sim`).
+//! (`mesa_core::sim::redis`, feature `sim`).
 //!
 //! Stored messages stay upstream's JSON array text: elements are appended and
 //! removed as text (never re-encoded, so `[]` stays `[]` and key order is kept).
@@ -97,21 +97,32 @@ impl Script {
 
 /// Append `ARGV[1]` (one stored message) to the array of each field `ARGV[3..]` in
 /// hash `KEYS[1]`, keeping at most `ARGV[2]` elements per field (the oldest go).
-/// Returns `{stored, dropped}`: the fields appended to, and the oldest elements
-/// dropped over all of them. The message travels once for the whole list of ids
-/// (at most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND)). A value that is
-/// not a JSON array is kept aside under `<field>:corrupt` and replaced. Upstream's
+/// The message travels once for the whole list of ids (at most
+/// [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND)). A value that is not a
+/// JSON array is kept aside under `<field>:corrupt` and replaced. Upstream's
 /// HGET+HSET loses concurrent appends; this cannot.
+///
+/// An id in `connected_clients` (`KEYS[2]`) by now is not stored for: it connected
+/// since the presence check, and its connection may have read its stored messages
+/// already (a connection's id arrives there before it reads them), so stored now,
+/// the message would wait for its next connection. It is returned instead, for the
+/// caller to publish to.
+///
+/// Returns `{stored, dropped, online...}`: the fields appended to, the oldest
+/// elements dropped over all of them, and the ids found connected.
 pub const APPEND_MANY: &str = concat!(
     first_end!(),
     r#"
 local entry, cap = ARGV[1], tonumber(ARGV[2])
 local alone = '[' .. entry .. ']'
+local reply = {0, 0}
 local dropped = 0
 for i = 3, #ARGV do
   local field = ARGV[i]
+  if redis.call('SISMEMBER', KEYS[2], field) == 1 then
+    reply[#reply + 1] = field
   -- Most ids of a big send have nothing stored yet: one command each.
-  if redis.call('HSETNX', KEYS[1], field, alone) == 0 then
+  elseif redis.call('HSETNX', KEYS[1], field, alone) == 0 then
     local raw = redis.call('HGET', KEYS[1], field)
     local body, count = '', 0
     local ok, decoded = pcall(cjson.decode, raw)
@@ -131,7 +142,9 @@ for i = 3, #ARGV do
     redis.call('HSET', KEYS[1], field, '[' .. body .. ']')
   end
 end
-return {#ARGV - 2, dropped}
+reply[1] = #ARGV - 2 - (#reply - 2)
+reply[2] = dropped
+return reply
 "#
 );
 

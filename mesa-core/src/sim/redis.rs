@@ -345,10 +345,16 @@ impl RedisModel {
     /// [`Script::AppendMany`].
     fn append_many(&mut self, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
         let hash = arg(keys, 0)?.to_owned();
+        let clients = arg(keys, 1)?;
         let entry = arg(args, 0)?;
         let cap = int(arg(args, 1)?)?;
         let mut dropped = 0;
+        let mut online = Vec::new();
         for field in &args[2..] {
+            if self.is_member(clients, field) {
+                online.push(RedisValue::Text(field.clone()));
+                continue;
+            }
             let current = self.hashes.get(&hash).and_then(|h| h.get(field)).cloned();
             let (mut body, mut count) = match current {
                 None => (String::new(), 0),
@@ -379,10 +385,10 @@ impl RedisModel {
                 self.log.appended.push((field.clone(), entry.to_owned()));
             }
         }
-        Ok(RedisValue::Array(vec![
-            RedisValue::Int(args.len() as i64 - 2),
-            RedisValue::Int(dropped),
-        ]))
+        let stored = (args.len() - 2 - online.len()) as i64;
+        let mut reply = vec![RedisValue::Int(stored), RedisValue::Int(dropped)];
+        reply.extend(online);
+        Ok(RedisValue::Array(reply))
     }
 
     /// [`Script::Trim`].

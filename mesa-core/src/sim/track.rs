@@ -203,8 +203,8 @@ pub fn check_duplicates<'a>(
     violations
 }
 
-/// Order: on one connection, the messages of one sender's connection arrive in the
-/// order they were sent, live ones and redelivered ones each. A live message sent
+/// Order: on one connection, the messages of one sender's connection arrive (their
+/// first copies) in the order they were sent, live ones and redelivered ones each. A live message sent
 /// before the receiving connection authenticated is exempt: it may have waited for
 /// Redis (a presence check) while later ones went straight to the new connection.
 pub fn check_order<'a>(
@@ -214,8 +214,11 @@ pub fn check_order<'a>(
     let mut violations = Vec::new();
     for (id, received) in clients {
         let mut last: BTreeMap<(u32, u32, bool), u32> = BTreeMap::new();
+        let mut seen = HashSet::new();
         for reception in &received.receptions {
-            let Some(relayed) = track.relayed.get(&reception.key) else {
+            // A second copy is the duplicate check's business, not a reordering.
+            let first = seen.insert((reception.link, reception.key, reception.redelivered));
+            let Some(relayed) = track.relayed.get(&reception.key).filter(|_| first) else {
                 continue;
             };
             if !reception.redelivered {
