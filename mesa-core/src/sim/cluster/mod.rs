@@ -9,16 +9,15 @@
 //! from Redis to one replica, and a Redis restart with or without persistence (every
 //! link resets, pub/sub messages in flight are lost, the run id changes).
 
+mod checks;
+mod faults;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::net::{ClientFlush, Link, Packet, SimClient};
-use super::redis::RedisModel;
-use super::schedule::Schedule;
-use super::track::{self, MessageKey, Received, Relayed, Track, Violation, message_key};
 use crate::client::{ClientConfig, ClientSession};
 use crate::config::ServerConfig;
 use crate::hub::{Action, ConnId};
@@ -26,6 +25,10 @@ use crate::relay::{dev_authenticate, relay};
 use crate::replica::{Command, Keys, Replica, ReplicaConfig, ReplicaEvent, Reply, Token};
 use crate::rng::Rng;
 use crate::session::{ServerSession, SessionEvent, Transmit};
+use crate::sim::net::{ClientFlush, Link, Packet, SimClient};
+use crate::sim::redis::RedisModel;
+use crate::sim::schedule::Schedule;
+use crate::sim::track::{self, MessageKey, Received, Relayed, Track, Violation, message_key};
 use crate::wire::{Message, Opcode};
 
 /// How a simulated cluster is built.
@@ -390,112 +393,6 @@ impl ClusterSim {
             session.session.handle_peer_closed(now, None);
             self.dirty_sessions.push((r, conn));
         }
-        self.settle();
-    }
-
-    // ----- faults -----
-
-    /// Crash replica `r`: its connections drop, its state is gone; its keys stay in
-    /// Redis until its lease expires.
-    pub fn crash(&mut self, r: usize) {
-        let Some(_) = self.replicas[r].replica.take() else {
-            return;
-        };
-        self.uncertain(r);
-        let replica = &mut self.replicas[r];
-        replica.linked = false;
-        replica.timer = None;
-        self.redis.unsubscribe_all(r);
-        let conns = std::mem::take(&mut self.replicas[r].conns);
-        for (_, conn) in conns {
-            if let Some(id) = &conn.id {
-                self.track.leave(self.now, id);
-            }
-            let c = self.links[conn.link].client;
-            self.drop_client_link(c, conn.link);
-        }
-        self.settle();
-    }
-
-    /// Start replica `r` again, as a new replica (a new name), after a crash.
-    pub fn restart(&mut self, r: usize) {
-        if self.replicas[r].replica.is_some() {
-            return;
-        }
-        let replica = &mut self.replicas[r];
-        replica.incarnation += 1;
-        replica.name = format!("r{r}.{}", replica.incarnation);
-        replica.keys = Keys::new(self.config.replica.namespace.clone(), replica.name.clone());
-        let seed = self.rng.next_u64();
-        let name = replica.name.clone();
-        replica.replica = Some(
-            Replica::new(self.config.replica.clone(), name, seed, self.now)
-                .expect("a valid replica configuration"),
-        );
-        self.dirty_replicas.push(r);
-        self.settle();
-    }
-
-    /// Add a replica; returns its index.
-    pub fn add_replica(&mut self) -> usize {
-        let r = self.replicas.len();
-        let name = format!("r{r}.0");
-        let seed = self.rng.next_u64();
-        let replica = Replica::new(self.config.replica.clone(), name.clone(), seed, self.now)
-            .expect("a valid replica configuration");
-        self.replicas.push(SimReplica {
-            keys: Keys::new(self.config.replica.namespace.clone(), name.clone()),
-            name,
-            replica: Some(replica),
-            incarnation: 0,
-            conns: BTreeMap::new(),
-            epoch: 0,
-            killed: 0,
-            linked: false,
-            partitioned_until: None,
-            slow: None,
-            timer: None,
-            outstanding: BTreeMap::new(),
-            inbound: Vec::new(),
-        });
-        self.dirty_replicas.push(r);
-        r
-    }
-
-    /// Partition replica `r` from Redis for `duration`: its link dies silently.
-    pub fn partition(&mut self, r: usize, duration: Duration) {
-        let replica = &mut self.replicas[r];
-        replica.partitioned_until = Some(self.now + duration);
-        replica.killed = replica.epoch;
-        self.redis.unsubscribe_all(r);
-    }
-
-    /// Redis answers replica `r` `extra` later than usual for `duration`.
-    pub fn slow_replies(&mut self, r: usize, extra: Duration, duration: Duration) {
-        self.replicas[r].slow = Some((self.now + duration, extra));
-    }
-
-    /// Restart Redis: every link resets now, Redis is back after `down_for`, with
-    /// its keys when `persist`.
-    pub fn restart_redis(&mut self, persist: bool, down_for: Duration) {
-        if !persist && self.config.record {
-            let erased = self.stored_now();
-            self.track.wiped.extend(erased);
-        }
-        self.redis.restart(persist);
-        self.redis_up = false;
-        for r in 0..self.replicas.len() {
-            let replica = &mut self.replicas[r];
-            replica.killed = replica.epoch;
-            if replica.linked {
-                replica.linked = false;
-                if let Some(machine) = replica.replica.as_mut() {
-                    machine.handle_link_down(self.now, "connection reset");
-                    self.dirty_replicas.push(r);
-                }
-            }
-        }
-        self.schedule.push(self.now + down_for, Event::RedisUp);
         self.settle();
     }
 
@@ -1091,100 +988,6 @@ impl ClusterSim {
             ReplicaEvent::JobsLost { count, .. } => self.counters.jobs_lost += count as u64,
             _ => {}
         }
-    }
-
-    // ----- checks and figures -----
-
-    /// Every property over the records, as violations (empty when all hold). Call
-    /// it once the cluster settled (no fault for a while).
-    pub fn check(&self) -> Vec<Violation> {
-        let mut violations = self.violations.clone();
-        let stored_now = self.stored_now();
-        violations.extend(track::check_stored(
-            &self.track,
-            &self.redis.log,
-            &stored_now,
-        ));
-        let clients = || {
-            self.clients
-                .iter()
-                .enumerate()
-                .map(|(c, client)| (self.id_of(c), &client.log))
-        };
-        violations.extend(track::check_duplicates(&self.track, clients()));
-        violations.extend(track::check_order(&self.track, clients()));
-        violations
-    }
-
-    /// What became of every message relayed (needs `record`).
-    pub fn summary(&self) -> track::Summary {
-        let clients = self
-            .clients
-            .iter()
-            .enumerate()
-            .map(|(c, client)| (self.id_of(c), &client.log));
-        track::summarize(&self.track, clients, &self.stored_now())
-    }
-
-    /// Every entry stored now, as `(id, entry text)`.
-    pub fn stored_now(&self) -> Vec<(String, String)> {
-        let key = self.config.replica.namespace.undelivered_messages();
-        let hash = self.redis.hash(&key).into_iter().flatten();
-        hash.flat_map(|(id, raw)| {
-            let entries = crate::sync::stored_entries(raw).unwrap_or_default();
-            entries.into_iter().map(|e| (id.clone(), e.to_owned()))
-        })
-        .collect()
-    }
-
-    /// Ids in `connected_clients` that lost their last connection at least
-    /// `bound` ago (and at least `bound` after Redis came back).
-    pub fn check_presence(&self, bound: Duration) -> Vec<Violation> {
-        let key = self.config.replica.namespace.connected_clients();
-        track::check_presence(
-            &self.track,
-            self.redis.members(&key).into_iter(),
-            self.now,
-            bound,
-            self.redis_since,
-        )
-    }
-
-    /// What a settled cluster must show in the keys Node replicas read:
-    /// `connected_clients` holds exactly the ids connected somewhere, and
-    /// `connected_clients_count` counts every open connection.
-    pub fn check_settled_keys(&self) -> Vec<Violation> {
-        let ns = &self.config.replica.namespace;
-        let mut violations = Vec::new();
-        let mut members: Vec<&str> = self.redis.members(&ns.connected_clients());
-        members.sort_unstable();
-        let mut online: Vec<&str> = self.track.online.keys().map(String::as_str).collect();
-        online.sort_unstable();
-        if members != online {
-            violations.push(format!(
-                "connected_clients {members:?} but online {online:?}"
-            ));
-        }
-        let count = self.redis.get(self.now, &ns.connected_clients_count());
-        let open = self.open_connections();
-        if count.and_then(|c| c.parse::<usize>().ok()).unwrap_or(0) != open {
-            violations.push(format!("connected_clients_count {count:?} but {open} open"));
-        }
-        violations
-    }
-
-    /// Open connections on live replicas.
-    pub fn open_connections(&self) -> usize {
-        self.replicas.iter().map(|r| r.conns.len()).sum()
-    }
-
-    /// The busiest replica's most pub/sub messages received in one second.
-    pub fn busiest_inbound_per_s(&self) -> u32 {
-        self.replicas
-            .iter()
-            .flat_map(|r| r.inbound.iter().copied())
-            .max()
-            .unwrap_or(0)
     }
 }
 

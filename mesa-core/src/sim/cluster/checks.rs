@@ -1,0 +1,100 @@
+//! What the simulated cluster checks and measures over its records.
+
+use std::time::Duration;
+
+use super::ClusterSim;
+use crate::sim::track::{self, Violation};
+
+impl ClusterSim {
+    /// Every property over the records, as violations (empty when all hold). Call
+    /// it once the cluster settled (no fault for a while).
+    pub fn check(&self) -> Vec<Violation> {
+        let mut violations = self.violations.clone();
+        let stored_now = self.stored_now();
+        violations.extend(track::check_stored(
+            &self.track,
+            &self.redis.log,
+            &stored_now,
+        ));
+        let clients = || {
+            self.clients
+                .iter()
+                .enumerate()
+                .map(|(c, client)| (self.id_of(c), &client.log))
+        };
+        violations.extend(track::check_duplicates(&self.track, clients()));
+        violations.extend(track::check_order(&self.track, clients()));
+        violations
+    }
+
+    /// What became of every message relayed (needs `record`).
+    pub fn summary(&self) -> track::Summary {
+        let clients = self
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(c, client)| (self.id_of(c), &client.log));
+        track::summarize(&self.track, clients, &self.stored_now())
+    }
+
+    /// Every entry stored now, as `(id, entry text)`.
+    pub fn stored_now(&self) -> Vec<(String, String)> {
+        let key = self.config.replica.namespace.undelivered_messages();
+        let hash = self.redis.hash(&key).into_iter().flatten();
+        hash.flat_map(|(id, raw)| {
+            let entries = crate::sync::stored_entries(raw).unwrap_or_default();
+            entries.into_iter().map(|e| (id.clone(), e.to_owned()))
+        })
+        .collect()
+    }
+
+    /// Ids in `connected_clients` that lost their last connection at least
+    /// `bound` ago (and at least `bound` after Redis came back).
+    pub fn check_presence(&self, bound: Duration) -> Vec<Violation> {
+        let key = self.config.replica.namespace.connected_clients();
+        track::check_presence(
+            &self.track,
+            self.redis.members(&key).into_iter(),
+            self.now,
+            bound,
+            self.redis_since,
+        )
+    }
+
+    /// What a settled cluster must show in the keys Node replicas read:
+    /// `connected_clients` holds exactly the ids connected somewhere, and
+    /// `connected_clients_count` counts every open connection.
+    pub fn check_settled_keys(&self) -> Vec<Violation> {
+        let ns = &self.config.replica.namespace;
+        let mut violations = Vec::new();
+        let mut members: Vec<&str> = self.redis.members(&ns.connected_clients());
+        members.sort_unstable();
+        let mut online: Vec<&str> = self.track.online.keys().map(String::as_str).collect();
+        online.sort_unstable();
+        if members != online {
+            violations.push(format!(
+                "connected_clients {members:?} but online {online:?}"
+            ));
+        }
+        let count = self.redis.get(self.now, &ns.connected_clients_count());
+        let open = self.open_connections();
+        if count.and_then(|c| c.parse::<usize>().ok()).unwrap_or(0) != open {
+            violations.push(format!("connected_clients_count {count:?} but {open} open"));
+        }
+        violations
+    }
+
+    /// Open connections on live replicas.
+    pub fn open_connections(&self) -> usize {
+        self.replicas.iter().map(|r| r.conns.len()).sum()
+    }
+
+    /// The busiest replica's most pub/sub messages received in one second.
+    pub fn busiest_inbound_per_s(&self) -> u32 {
+        self.replicas
+            .iter()
+            .flat_map(|r| r.inbound.iter().copied())
+            .max()
+            .unwrap_or(0)
+    }
+}
