@@ -9,10 +9,11 @@
 //!
 //! Phases: the clients connect (spread over `--ramp-secs`); with `--sync-load S` a
 //! share S of them goes offline; `--messages` messages are sent, each from a random
-//! client to `--fanout` random ids, over `--send-secs`; with `--storm` 10 replicas
-//! crash and their clients reconnect to the others; with `--redis-restart` Redis
-//! restarts (with persistence, down 2 s); the offline clients come back and get
-//! their stored messages; the cluster settles. Prints a table, then one JSON line.
+//! client to `--fanout` random ids, over `--send-secs`, while faults strike: with
+//! `--storm` 10 replicas crash halfway through and their clients reconnect to the
+//! others, with `--redis-restart` Redis restarts at three quarters (with
+//! persistence, down 2 s); the offline clients come back and get their stored
+//! messages; the cluster settles for 20 s. Prints a table, then one JSON line.
 
 use std::time::{Duration, Instant};
 
@@ -158,10 +159,25 @@ fn main() {
         format!("{} clients offline", offline.len()),
     );
 
-    // Send.
+    // Send; the faults strike while messages flow: the storm halfway through, the
+    // Redis restart at three quarters.
     let slices = args.send_secs * 100;
+    let expected = args.clients - offline.len();
     let mut sent = 0;
+    let mut crash_at = None;
+    let mut storm_all_back_s = None;
+    let mut victims = 0;
     for slice in 0..slices {
+        if args.storm && slice == slices / 2 {
+            victims = (1..=10).map(|r| sim.replicas[r].connections()).sum();
+            for r in 1..=10 {
+                sim.crash(r);
+            }
+            crash_at = Some(sim.now);
+        }
+        if args.redis_restart && slice == slices * 3 / 4 {
+            sim.restart_redis(true, Duration::from_secs(2));
+        }
         let due = (args.messages as u64 * (slice + 1) / slices) as usize;
         while sent < due {
             let from = rng.below_or_equal(args.clients as u64 - 1) as usize;
@@ -172,35 +188,27 @@ fn main() {
             sent += 1;
         }
         sim.run_for(Duration::from_millis(10));
+        if let (Some(at), None) = (crash_at, storm_all_back_s) {
+            if sim.authenticated >= expected {
+                storm_all_back_s = Some((sim.now - at).as_secs_f64());
+            }
+        }
+    }
+    if let (Some(at), None) = (crash_at, storm_all_back_s) {
+        run_while(&mut sim, Duration::from_secs(300), |sim| {
+            sim.authenticated < expected
+        });
+        storm_all_back_s = Some((sim.now - at).as_secs_f64());
     }
     sim.run_for(Duration::from_secs(2));
     let note = format!("{sent} messages, {} stored", sim.counters.stored);
     row(&sim, "send", note);
-
-    // Reconnect storm: 10 replicas crash; their clients come back elsewhere.
-    let mut storm_all_back_s = None;
-    if args.storm {
-        let expected = args.clients - offline.len();
-        let crash_at = sim.now;
-        let victims: usize = (1..=10).map(|r| sim.replicas[r].connections()).sum();
-        for r in 1..=10 {
-            sim.crash(r);
-        }
-        run_while(&mut sim, Duration::from_secs(300), |sim| {
-            sim.authenticated < expected
-        });
-        storm_all_back_s = Some((sim.now - crash_at).as_secs_f64());
-        let note = format!(
-            "{victims} clients of 10 crashed replicas back in {:.2} s",
-            storm_all_back_s.unwrap_or_default()
-        );
+    if let Some(back) = storm_all_back_s {
+        let note = format!("{victims} clients of 10 crashed replicas back in {back:.2} s");
         row(&sim, "storm", note);
     }
-
     if args.redis_restart {
-        sim.restart_redis(true, Duration::from_secs(2));
-        sim.run_for(Duration::from_secs(20));
-        let note = format!("{} link failures so far", sim.counters.link_downs);
+        let note = format!("{} link failures", sim.counters.link_downs);
         row(&sim, "redis restart", note);
     }
 
