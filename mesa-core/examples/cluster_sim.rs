@@ -222,6 +222,9 @@ fn main() {
     row(&sim, "settle", note);
 
     let summary = sim.summary();
+    // The properties of the tests, over this run's records: nothing stored lost,
+    // duplicates only in the at-least-once window, each sender's order.
+    let violations = sim.check();
     let calls = &sim.counters.redis_calls;
     let peak = calls.iter().copied().max().unwrap_or(0);
     let mean = calls.iter().sum::<u64>() as f64 / calls.len().max(1) as f64;
@@ -245,9 +248,13 @@ fn main() {
     println!("busiest replica inbound  {}/s", sim.busiest_inbound_per_s());
     println!("link failures            {}", sim.counters.link_downs);
     println!("jobs lost (reported)     {}", sim.counters.jobs_lost);
+    println!("property violations      {}", violations.len());
+    for violation in violations.iter().take(10) {
+        println!("  {violation}");
+    }
     let storm = storm_all_back_s.map_or("null".to_owned(), |s| format!("{s:.3}"));
     println!(
-        "{{\"replicas\":{},\"clients\":{},\"sent\":{},\"delivered\":{},\"lost\":{},\"duplicated\":{},\"redis_commands_per_s_peak\":{},\"redis_commands_per_s_mean\":{:.0},\"busiest_replica_inbound_per_s\":{},\"storm_all_back_s\":{},\"wall_s\":{:.1}}}",
+        "{{\"replicas\":{},\"clients\":{},\"sent\":{},\"delivered\":{},\"lost\":{},\"duplicated\":{},\"redis_commands_per_s_peak\":{},\"redis_commands_per_s_mean\":{:.0},\"busiest_replica_inbound_per_s\":{},\"storm_all_back_s\":{},\"violations\":{},\"wall_s\":{:.1}}}",
         args.replicas,
         args.clients,
         sim.counters.sent,
@@ -258,6 +265,7 @@ fn main() {
         mean,
         sim.busiest_inbound_per_s(),
         storm,
+        violations.len(),
         wall_s
     );
 }
