@@ -159,22 +159,33 @@ impl ClientTls {
         if let Some(error) = &self.error {
             return Err(error.clone());
         }
-        if let Some(config) = &self.config {
-            return Ok(TlsConnector::from(config.clone()));
-        }
-        let mut roots = default_roots()?;
-        for root in &self.extra_roots {
-            roots
-                .add(root.clone())
-                .map_err(|error| TlsError::Rejected(format!("root certificate: {error}")))?;
-        }
-        let config = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|error| TlsError::Rejected(error.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(TlsConnector::from(Arc::new(config)))
+        let config = match &self.config {
+            Some(config) => config.clone(),
+            None => client_config(&self.extra_roots)?,
+        };
+        Ok(TlsConnector::from(config))
     }
+}
+
+/// The configuration a client uses for `wss://` unless given one: the ring provider,
+/// rustls's safe defaults, and as roots the Mozilla roots (plus the platform's store
+/// with the `native-roots` feature) and `extra_roots`. For other code that speaks TLS
+/// to the same servers (a load generator) and should trust what a client trusts.
+pub fn client_config(
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = default_roots()?;
+    for root in extra_roots {
+        roots
+            .add(root.clone())
+            .map_err(|error| TlsError::Rejected(format!("root certificate: {error}")))?;
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|error| TlsError::Rejected(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// The Mozilla roots bundled by webpki-roots, plus the platform's store with the
