@@ -26,7 +26,7 @@ macro_rules! runtime_api {
             $crate::Server::builder($runtime)
         }
 
-        /// Start building a client of `url` (`ws://host:port/path`).
+        /// Start building a client of `url` (`ws://host:port/path` or `wss://...`).
         pub fn client(url: impl Into<String>) -> ClientBuilder {
             $crate::client($runtime, url)
         }

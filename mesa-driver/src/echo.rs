@@ -138,6 +138,7 @@ impl<R: Runtime> Echo<R> {
         let upgraded = handshake(
             &self.runtime,
             stream,
+            None,
             &self.transport,
             &self.limits,
             accept_any,

@@ -1,5 +1,5 @@
 //! The server: a typed builder over the core's configuration, the accept loop, the
-//! WebSocket handshake, and handing each connection to its driver loop.
+//! TLS and WebSocket handshakes, and handing each connection to its driver loop.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,6 +29,7 @@ use crate::handler::{Authenticator, Handler, Relay};
 use crate::middleware::{Middleware, Middlewares};
 use crate::router::{Router, ServerHandle};
 use crate::runtime::Runtime;
+use crate::tls::{MaybeTls, ServerTls};
 use crate::transport::TransportConfig;
 
 /// What every connection task shares.
@@ -41,6 +42,7 @@ pub(crate) struct Inner<R, H> {
     pub(crate) handler: H,
     pub(crate) router: Arc<Router>,
     admission: AdmissionPolicy,
+    tls: Option<ServerTls>,
     shutdown: Shutdown,
 }
 
@@ -112,6 +114,7 @@ pub struct ServerBuilder<R, H = Relay> {
     middleware: Vec<Arc<dyn Middleware>>,
     cluster: Option<ClusterConfig>,
     admission: AdmissionPolicy,
+    tls: Option<ServerTls>,
 }
 
 impl<R: Runtime> ServerBuilder<R, Relay> {
@@ -128,6 +131,7 @@ impl<R: Runtime> ServerBuilder<R, Relay> {
             middleware: Vec::new(),
             cluster: None,
             admission: AdmissionPolicy::default(),
+            tls: None,
         }
     }
 }
@@ -241,6 +245,18 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
+    /// Serve `wss://`: every accepted connection does a TLS handshake with this
+    /// configuration (an `Arc<rustls::ServerConfig>` or a [`ServerTls`]) before its
+    /// WebSocket handshake, both within the transport's handshake timeout and while
+    /// holding a slot of [`max_connections`](Self::max_connections). A client that
+    /// does not speak TLS (a plaintext request) fails its handshake and is dropped.
+    /// Keep a clone of the [`ServerTls`] to [`reload`](ServerTls::reload) the
+    /// certificate while the server runs; open connections keep theirs.
+    pub fn tls(mut self, tls: impl Into<ServerTls>) -> Self {
+        self.tls = Some(tls.into());
+        self
+    }
+
     /// Replicate through the Redis at `url` (upstream's layout: replicas of ours and
     /// of `@cryb/mesa` deliver each other's sends).
     pub fn redis(mut self, url: impl Into<String>) -> Self {
@@ -302,6 +318,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             middleware: self.middleware,
             cluster: self.cluster,
             admission: self.admission,
+            tls: self.tls,
         }
     }
 
@@ -351,6 +368,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
                 handler: self.handler,
                 router,
                 admission: self.admission,
+                tls: self.tls,
                 shutdown: Shutdown::default(),
             }),
         })
@@ -443,9 +461,10 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         }
     }
 
-    /// Perform the WebSocket handshake on an accepted stream, then drive it. The
-    /// request is refused with 404 off the endpoint's path, 403 from an origin that is
-    /// not allowed, and 503 when the server is full.
+    /// Perform the TLS handshake (with [`ServerBuilder::tls`]) and the WebSocket
+    /// handshake on an accepted stream, then drive it. The request is refused with
+    /// 404 off the endpoint's path, 403 from an origin that is not allowed, and 503
+    /// when the server is full.
     pub async fn serve_stream<S>(&self, stream: S, remote: Option<SocketAddr>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -479,6 +498,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         let ws = handshake(
             &inner.runtime,
             stream,
+            inner.tls.as_ref(),
             &inner.transport,
             inner.config.limits(),
             check,
@@ -631,28 +651,39 @@ pub(crate) async fn accept_loop<R, F, Fut>(
     }
 }
 
-/// Answer the WebSocket upgrade on `stream` with the driver's framing settings
-/// ([`TransportConfig::websocket`]) within `transport.handshake_timeout`, asking
-/// `check` whether to accept the request. `None` when the handshake failed, was
-/// refused or timed out (the stream is then dropped).
+/// Answer the TLS handshake (with `tls`) and the WebSocket upgrade on `stream`
+/// with the driver's framing settings ([`TransportConfig::websocket`]), both within
+/// `transport.handshake_timeout`, asking `check` whether to accept the request.
+/// `None` when a handshake failed, was refused or timed out (the stream is then
+/// dropped: a plaintext request to a TLS port ends here).
 pub(crate) async fn handshake<R, S, C>(
     runtime: &R,
     stream: S,
+    tls: Option<&ServerTls>,
     transport: &TransportConfig,
     limits: &Limits,
     check: C,
-) -> Option<WebSocketStream<S>>
+) -> Option<WebSocketStream<MaybeTls<S>>>
 where
     R: Runtime,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     C: Callback + Unpin + Send + 'static,
 {
     let config = transport.websocket(limits);
-    let handshake = Box::pin(async_tungstenite::accept_hdr_async_with_config(
-        stream,
-        check,
-        Some(config),
-    ));
+    let tls = tls.cloned();
+    let handshake = Box::pin(async move {
+        let stream = match tls {
+            None => MaybeTls::Plain(stream),
+            Some(tls) => MaybeTls::tls(
+                tls.accept(stream)
+                    .await
+                    .map_err(|error| format!("TLS handshake failed: {error}"))?,
+            ),
+        };
+        async_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
+            .await
+            .map_err(|error| error.to_string())
+    });
     let deadline = runtime.now() + transport.handshake_timeout;
     let timeout = Box::pin(runtime.sleep_until(deadline));
     match select(handshake, timeout).await {

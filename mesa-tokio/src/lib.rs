@@ -47,6 +47,29 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # TLS
+//!
+//! `wss://` URLs are verified against the Mozilla roots (and the platform's store
+//! with the `native-roots` feature) plus any root added; a server serves TLS with a
+//! [`ServerTls`] it can reload while running (see [`mesa_driver::tls`]).
+//!
+//! ```no_run
+//! use mesa_tokio::ServerTls;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let tls = ServerTls::from_pem(&std::fs::read("server.crt")?, &std::fs::read("server.key")?)?;
+//! let server = mesa_tokio::server().tls(tls.clone()).build()?;
+//! let listening = server.bind("127.0.0.1:4443".parse()?).await?;
+//! tokio::spawn(listening.run());
+//!
+//! let (client, _events) = mesa_tokio::client("wss://localhost:4443/")
+//!     .add_root_pem(std::fs::read("ca.crt")?)
+//!     .build()?;
+//! // Later, after a renewal: new connections get the new certificate.
+//! tls.reload_pem(&std::fs::read("server.crt")?, &std::fs::read("server.key")?)?;
+//! # drop(client); Ok(()) }
+//! ```
+//!
 //! # Sending from outside the servers
 //!
 //! A [`Dispatcher`] reaches the clients of every replica on one Redis (ours and
@@ -82,7 +105,8 @@ pub use mesa_core::{
 pub use mesa_driver::{
     self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,
     Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher, Handler, Ignore,
-    Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, TransportConfig,
+    Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, ServerTls,
+    TlsError, TransportConfig,
 };
 
 #[cfg(feature = "axum")]

@@ -1,8 +1,10 @@
 //! Browser tests: `tests/browser/run.js` drives Debian's chromium with playwright-core
 //! against the `mesa` binary: two pages chatting through `mesa serve --demo` (with
 //! Redis and sync: a message missed while offline comes back), a page that survives
-//! a server restart with its reconnect banner, and the published `mesa-js-client`
-//! 1.4.8 inside the browser.
+//! a server restart with its reconnect banner, the published `mesa-js-client`
+//! 1.4.8 inside the browser, and the demo over `https://` and `wss://` with a
+//! certificate of the tests' own CA (`tests/src/pki.rs`), which chromium trusts by
+//! its public key's hash (`--ignore-certificate-errors-spki-list`).
 //!
 //! Screenshots of the last run are kept in `target/browser-screenshots/`. With
 //! `MESA_UPDATE_DEMO_PNG=1` the chat test also refreshes `docs/demo.png`.
@@ -12,6 +14,10 @@
 //! points elsewhere). Without chromium the tests fail, unless the skip was asked for
 //! with `MESA_SKIP_BROWSER=1`: then each says on stderr which scenario it skipped.
 #![cfg(unix)]
+
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/pki.rs"]
+mod pki;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -62,6 +68,11 @@ fn browser_available(name: &str) -> bool {
 
 /// Run one scenario of `run.js` within [`BOUND`]; panic with its output if it fails.
 fn scenario(name: &str) {
+    scenario_with(name, &[]);
+}
+
+/// [`scenario`] with more arguments for `run.js`.
+fn scenario_with(name: &str, args: &[&std::ffi::OsStr]) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if !browser_available(name) {
         return;
@@ -75,6 +86,7 @@ fn scenario(name: &str) {
         .arg(env!("CARGO_BIN_EXE_mesa"))
         .arg("--out")
         .arg(root.join("target/browser-screenshots"))
+        .args(args)
         .current_dir(&root)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -137,4 +149,22 @@ fn a_page_shows_the_reconnect_banner_and_recovers_after_a_server_restart() {
 #[test]
 fn the_published_mesa_js_client_works_in_the_browser_against_our_server() {
     scenario("js-client");
+}
+
+#[test]
+fn the_demo_works_over_https_and_wss() {
+    let dir = pki::TempDir::new();
+    let ca = pki::TestCa::new("mesa test CA");
+    let (cert, key) = ca
+        .server(&["localhost", "127.0.0.1"])
+        .write(dir.path(), "server");
+    scenario_with(
+        "tls",
+        &[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ],
+    );
 }

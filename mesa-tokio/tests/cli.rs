@@ -2,10 +2,18 @@
 //! processes that talk over loopback. Every wait is bounded, and every child process
 //! is killed when its handle drops, so a failing test leaves nothing behind.
 //!
+//! The TLS tests (`mesa serve --tls-cert/--tls-key`) make their certificates with the
+//! workspace tests' PKI (`tests/src/pki.rs`) and run the published Node clients
+//! (`tests/node`, `npm ci` there first) trusting the test CA through
+//! `NODE_EXTRA_CA_CERTS`.
+//!
 //! Needs the `cli` feature: `cargo test -p mesa-tokio --features cli --test cli`.
 #![cfg(unix)]
 
 mod common;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/pki.rs"]
+mod pki;
 
 use common::{Lines, WAIT};
 use std::io::Write;
@@ -60,7 +68,10 @@ impl Mesa {
             l.starts_with("mesa listening on ")
         });
         let url = line["mesa listening on ".len()..].to_owned();
-        assert!(url.starts_with("ws://127.0.0.1:"), "unexpected URL {url}");
+        assert!(
+            url.starts_with("ws://127.0.0.1:") || url.starts_with("wss://127.0.0.1:"),
+            "unexpected URL {url}"
+        );
         (server, url)
     }
 
@@ -95,11 +106,16 @@ impl Mesa {
 
     /// Send SIGTERM.
     fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Send the signal `name` (`TERM`, `HUP`).
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// Wait for the process to exit, at most [`WAIT`].
@@ -390,4 +406,245 @@ fn limit_flags_refuse_upgrades_and_close_offenders_with_their_codes() {
 
     server.terminate();
     assert!(server.wait().success(), "{:#?}", server.stderr.all());
+}
+
+/// A Node peer of `tests/node` (`client.js` or `browser-client.js`) connected to
+/// `url`, trusting the PEM file `ca` (`NODE_EXTRA_CA_CERTS`), killed when dropped.
+struct NodeClient {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines,
+}
+
+impl NodeClient {
+    fn start(script: &str, url: &str, ca: &std::path::Path) -> Self {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node");
+        assert!(
+            dir.join("node_modules/@cryb/mesa").is_dir(),
+            "run `npm ci --prefix tests/node` first"
+        );
+        let mut child = Command::new("node")
+            .arg(dir.join(script))
+            .arg(url)
+            .env("NODE_EXTRA_CA_CERTS", ca)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("`node` starts (install Node.js 20)");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = Lines::new(child.stdout.take().expect("piped stdout"));
+        NodeClient {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn send(&mut self, command: Value) {
+        writeln!(self.stdin, "{command}")
+            .and_then(|()| self.stdin.flush())
+            .expect("write to node");
+    }
+
+    /// The next event named `event`.
+    fn expect(&self, event: &str) -> Value {
+        self.stdout
+            .expect_json(&format!("a `{event}` event"), |v| v["event"] == event)
+    }
+}
+
+impl Drop for NodeClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_over_tls_to_our_client_and_the_published_node_clients() {
+    let dir = pki::TempDir::new();
+    let ca = pki::TestCa::new("mesa test CA");
+    let ca_file = dir.file("ca.crt", &ca.pem());
+    let (cert, key) = ca
+        .server(&["localhost", "127.0.0.1"])
+        .write(dir.path(), "server");
+    // The certificate and key come from the environment, like every flag.
+    let (mut server, url) = Mesa::serve(
+        &["--listen", "127.0.0.1:0", "--auth", "dev"],
+        &[
+            ("MESA_TLS_CERT", cert.to_str().unwrap()),
+            ("MESA_TLS_KEY", key.to_str().unwrap()),
+        ],
+    );
+    assert!(url.starts_with("wss://"), "{url}");
+    let url = url.replace("127.0.0.1", "localhost");
+    let ca_path = ca_file.to_str().unwrap();
+
+    // Our client, trusting the test CA.
+    let mut alice = Mesa::client(
+        &url,
+        &["--ca-cert", ca_path, "--token", "alice"],
+        "connected",
+    );
+    alice.send(r#"{"op":0,"t":"ECHO","d":{"over":"tls"}}"#);
+    assert_eq!(alice.expect_message("ECHO")["d"]["over"], "tls");
+
+    // Without the CA: the documented reason, and exit 1 without reconnection.
+    let mut stranger = Mesa::start(&["client", &url, "--no-reconnect"], &[]);
+    stranger.stderr.expect("an unknown issuer", |l| {
+        l.starts_with("disconnected code=1006")
+            && l.contains("TLS handshake failed: invalid peer certificate: UnknownIssuer")
+    });
+    assert_eq!(stranger.wait().code(), Some(1));
+
+    // A plaintext HTTP request to the TLS port: no HTTP answer, the socket closed.
+    let addr = url
+        .trim_start_matches("wss://localhost")
+        .trim_end_matches('/');
+    let mut plain = std::net::TcpStream::connect(format!("127.0.0.1{addr}")).expect("connect");
+    plain.set_read_timeout(Some(WAIT)).expect("a read timeout");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut answer = Vec::new();
+    std::io::Read::read_to_end(&mut plain, &mut answer).expect("the server closes the socket");
+    assert!(!answer.starts_with(b"HTTP"), "{answer:?}");
+
+    // The published Node client and mesa-js-client (on `ws`), trusting the CA.
+    for (script, token) in [("client.js", "node"), ("browser-client.js", "js")] {
+        let mut peer = NodeClient::start(script, &url, &ca_file);
+        peer.expect("connected");
+        peer.send(json!({"cmd": "authenticate", "data": {"token": token}}));
+        peer.expect("authenticated");
+        peer.send(json!({"cmd": "send", "op": 0, "t": "ECHO", "d": {"from": token}}));
+        assert_eq!(peer.expect("message")["d"], json!({"from": token}));
+    }
+
+    // Alice saw none of it.
+    alice.send(r#"{"op":0,"t":"ECHO","d":{"n":2}}"#);
+    assert_eq!(alice.expect_message("ECHO")["d"]["n"], 2);
+    server.terminate();
+    assert!(server.wait().success(), "{:#?}", server.stderr.all());
+}
+
+/// Run `future` on `runtime` for at most [`WAIT`]; panic naming `what` past it.
+fn block_within<T>(
+    runtime: &tokio::runtime::Runtime,
+    what: &str,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    runtime.block_on(async {
+        tokio::time::timeout(WAIT, future)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not done within {WAIT:?}"))
+    })
+}
+
+#[test]
+fn sighup_reloads_the_certificate_without_dropping_100_connections() {
+    use mesa_tokio::ClientEvent;
+
+    const OPEN: usize = 100;
+    let dir = pki::TempDir::new();
+    let old_ca = pki::TestCa::new("old CA");
+    let (cert, key) = old_ca.server(&["localhost"]).write(dir.path(), "server");
+    let (server, url) = Mesa::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "dev",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let url = url.replace("127.0.0.1", "localhost");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let client = |ca: &pki::TestCa| {
+        mesa_tokio::client(url.clone())
+            .add_root_pem(ca.pem())
+            .backoff(mesa_tokio::BackoffConfig {
+                base: Duration::from_millis(20),
+                cap: Duration::from_millis(50),
+                base_is_fixed: true,
+            })
+    };
+    let _guard = runtime.enter();
+    let mut open = Vec::new();
+    for n in 0..OPEN {
+        let (client, events) = client(&old_ca).build().expect("a client");
+        let token = format!("c{n}");
+        block_within(
+            &runtime,
+            "authenticating",
+            client.authenticate(json!({ "token": token }), false),
+        )
+        .expect("authenticated");
+        open.push((client, events));
+    }
+
+    // A renewal half written (the new certificate with a key that is not its own)
+    // is refused and the current certificate stays.
+    let new_ca = pki::TestCa::new("new CA");
+    let renewed = new_ca.server(&["localhost"]);
+    std::fs::write(&cert, &renewed.cert_pem).expect("write the certificate");
+    server.signal("HUP");
+    server.stderr.expect("refusing the mismatched pair", |l| {
+        l.contains("TLS certificate not reloaded")
+    });
+    // The whole renewal: new connections get the new certificate.
+    std::fs::write(&key, &renewed.key_pem).expect("write the key");
+    server.signal("HUP");
+    server
+        .stderr
+        .expect("reloading", |l| l.contains("TLS certificate reloaded"));
+    let (fresh, _fresh_events) = client(&new_ca).build().expect("a client");
+    block_within(
+        &runtime,
+        "a new connection with the new certificate",
+        fresh.authenticate(json!({"token": "fresh"}), false),
+    )
+    .expect("authenticated");
+    let (_stale, mut stale_events) = client(&old_ca).build().expect("a client");
+    let refused = block_within(&runtime, "the old CA refused", async {
+        loop {
+            match stale_events.next().await {
+                Some(ClientEvent::Disconnected { close, .. }) => break close,
+                Some(_) => {}
+                None => panic!("the client stopped"),
+            }
+        }
+    });
+    assert!(refused.reason.ends_with("UnknownIssuer"), "{refused}");
+
+    // Every connection opened before the reload is still open and answers.
+    for (n, (client, events)) in open.iter_mut().enumerate() {
+        block_within(
+            &runtime,
+            "an echo",
+            client.send(mesa_tokio::Message::dispatch("ECHO", json!({ "n": n }))),
+        )
+        .expect("sent");
+        let echoed = block_within(&runtime, "the echo", async {
+            loop {
+                match events.next().await {
+                    Some(ClientEvent::Message(message)) => break message,
+                    Some(ClientEvent::Disconnected { close, .. }) => {
+                        panic!("connection {n} was dropped: {close}")
+                    }
+                    Some(_) => {}
+                    None => panic!("client {n} stopped"),
+                }
+            }
+        });
+        assert_eq!(echoed.d, json!({ "n": n }));
+    }
 }

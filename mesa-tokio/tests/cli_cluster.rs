@@ -7,6 +7,9 @@
 #![cfg(unix)]
 
 mod common;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/pki.rs"]
+mod pki;
 
 use common::{Lines, WAIT};
 use std::io::{Read, Write};
@@ -25,6 +28,11 @@ struct Redis {
 
 impl Redis {
     fn start() -> Self {
+        Redis::start_with(&[])
+    }
+
+    /// A `redis-server` with more options (`--tls-port ...`).
+    fn start_with(extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
@@ -32,6 +40,7 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -352,4 +361,58 @@ fn dispatch_reports_usage_and_redis_errors() {
         &[],
     );
     assert_eq!(not_json.status.code(), Some(2));
+}
+
+#[test]
+fn serve_and_dispatch_reach_their_redis_over_tls() {
+    let dir = pki::TempDir::new();
+    let ca = pki::TestCa::new("redis test CA");
+    let ca_file = dir.file("ca.crt", &ca.pem());
+    let (cert, key) = ca
+        .server(&["localhost", "127.0.0.1"])
+        .write(dir.path(), "redis");
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
+    let redis = Redis::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca_file.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://localhost:{tls_port}/");
+    // redis-rs trusts the platform's store, which SSL_CERT_FILE replaces.
+    let env = [
+        ("MESA_REDIS", url.as_str()),
+        ("SSL_CERT_FILE", ca_file.to_str().unwrap()),
+    ];
+    let server = Mesa::start(&["serve", "--listen", "127.0.0.1:0", "--auth", "dev"], &env);
+    let line = server.stdout.expect("announcing the URL", |l| {
+        l.starts_with("mesa listening on ")
+    });
+    let ws_url = line["mesa listening on ".len()..].to_owned();
+    let bob = Mesa::start(&["client", &ws_url, "--token", "bob"], &[]);
+    bob.stderr
+        .expect("authenticated as bob", |l| l.contains(r#""id":"bob""#));
+    // The server's presence went through the TLS link.
+    redis.wait_reply(&["SISMEMBER", "connected_clients", "bob"], ":1\r\n");
+
+    let sent = report(&dispatch(&["--type", "NOTE", "--to", "bob"], &env));
+    assert_eq!(sent["published"], 1, "{sent}");
+    let note = bob.stdout.expect_json("the NOTE", |m| m["t"] == "NOTE");
+    assert_eq!(note["t"], "NOTE");
+
+    // Without the CA, the dispatcher cannot verify Redis's certificate.
+    let refused = dispatch(&["--type", "NOTE"], &[("MESA_REDIS", url.as_str())]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("cannot reach the cluster"), "{stderr}");
 }

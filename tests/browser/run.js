@@ -11,6 +11,10 @@
 //               time, a message sent meanwhile is queued, and the page recovers
 //   js-client   the published mesa-js-client 1.4.8 (its UMD build) in a page:
 //               connects to `mesa serve --auth dev`, authenticates, exchanges messages
+//   tls         the demo over https:// and wss:// (`mesa serve --demo --tls-cert C
+//               --tls-key K`, given as `--tls-cert C --tls-key K` here); chromium
+//               trusts that one certificate by its public key's SHA-256
+//               (--ignore-certificate-errors-spki-list), nothing else
 //
 // Screenshots go to DIR (default target/browser-screenshots) as SCENARIO-*.png; the
 // previous ones of the same scenario are removed first. `--demo-png FILE` also saves
@@ -20,6 +24,7 @@
 // Every wait is bounded and the whole run stops after RUN_TIMEOUT.
 
 const { spawn, execFileSync } = require('child_process')
+const crypto = require('crypto')
 const fs = require('fs')
 const http = require('http')
 const net = require('net')
@@ -130,13 +135,13 @@ async function redisServer () {
 
 // ----- the browser -----
 
-async function browser () {
+async function browser (flags = []) {
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'mesa-chromium-'))
   cleanup.push(() => fs.rmSync(userDataDir, { recursive: true, force: true }))
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: chromiumPath,
     headless: true,
-    args: LAUNCH_FLAGS,
+    args: [...LAUNCH_FLAGS, ...flags],
     viewport: { width: 900, height: 560 },
     timeout: WAIT
   })
@@ -344,6 +349,30 @@ const scenarios = {
     await screenshot(tab, 'page')
     await stop(server.proc)
     return { ...result, problems: tab.problems }
+  },
+
+  // The demo over https:// and wss://: chromium trusts the server's certificate by
+  // the SHA-256 of its public key (base64), the way Chrome pins a test certificate.
+  async tls () {
+    const cert = option('--tls-cert')
+    const key = option('--tls-key')
+    if (!cert || !key) throw new Error('the tls scenario needs --tls-cert FILE --tls-key FILE')
+    const server = await mesaServe(['--demo', '--listen', '127.0.0.1:0', '--tls-cert', cert, '--tls-key', key])
+    if (!server.page.startsWith('https://') || !server.ws.startsWith('wss://')) {
+      throw new Error(`not announced over TLS: ${server.page} ${server.ws}`)
+    }
+    const publicKey = new crypto.X509Certificate(fs.readFileSync(cert)).publicKey
+    const spki = crypto.createHash('sha256').update(publicKey.export({ type: 'spki', format: 'der' })).digest('base64')
+    const context = await browser([`--ignore-certificate-errors-spki-list=${spki}`])
+    const page = await newPage(context, 'dave')
+    await login(page, server.page.replace('127.0.0.1', 'localhost'), 'dave')
+    await say(page, 'hello over TLS')
+    await seeMessage(page, 'hello over TLS')
+    const protocol = await page.evaluate(() => location.protocol)
+    if (protocol !== 'https:') throw new Error(`the page came over ${protocol}`)
+    await screenshot(page, 'page')
+    await stop(server.proc)
+    return { protocol, spki, problems: page.problems }
   }
 }
 

@@ -7,11 +7,13 @@
 //! our own client's events. Every wait is bounded ([`WAIT`] unless told otherwise) and
 //! fails with what the peer said. [`runtimes`] holds the conformance suite's harness:
 //! the same waits, servers and a raw WebSocket peer for any [`mesa_driver::Runtime`].
+//! [`pki`] makes the certificates of the TLS tests.
 
 use std::time::Duration;
 
 pub mod node;
 pub mod ours;
+pub mod pki;
 pub mod redis;
 pub mod runtimes;
 

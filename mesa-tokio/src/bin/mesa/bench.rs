@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! mesa bench idle    --url ws://127.0.0.1:4000/ --connections 10000 [--server-pid PID] [--hold-secs 5]
+//! mesa bench idle    --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
 //! mesa bench fanout  --url ws://127.0.0.1:4000/ --connections 1000 --messages 2000 [--window 10]
 //! mesa bench echo    --url ws://127.0.0.1:4000/ --connections 100 [--in-flight 4] [--secs 5]
 //! mesa bench storm   --url ws://127.0.0.1:4000/ --connections 10000 --server-cmd 'mesa serve ...'
@@ -37,7 +38,12 @@ use async_tungstenite::tungstenite::Message as WsMessage;
 use async_tungstenite::tungstenite::http::Uri;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use futures_util::future::Either;
 use futures_util::{SinkExt, StreamExt};
+use mesa_tokio::mesa_driver::futures_rustls::TlsConnector;
+use mesa_tokio::mesa_driver::futures_rustls::client::TlsStream;
+use mesa_tokio::mesa_driver::rustls::pki_types::ServerName;
+use mesa_tokio::mesa_driver::tls::{certificates_from_pem, client_config};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::{TcpSocket, TcpStream};
@@ -69,8 +75,8 @@ const QUIET_TIMEOUT: Duration = Duration::from_secs(3);
 /// The error kinds printed on stderr when connections fail.
 const ERRORS_SHOWN: usize = 5;
 
-/// A connection of the generator.
-type Ws = WebSocketStream<Compat<TcpStream>>;
+/// A connection of the generator: plain TCP or TLS (`wss://`).
+type Ws = WebSocketStream<Either<Compat<TcpStream>, TlsStream<Compat<TcpStream>>>>;
 
 /// Options of `mesa bench`.
 #[derive(Debug, clap::Args)]
@@ -104,10 +110,14 @@ enum Scenario {
 /// Options of every scenario that uses the raw generator.
 #[derive(Debug, clap::Args)]
 struct CommonArgs {
-    /// The server's URL, `ws://host:port/path`; repeat it to spread the connections
-    /// over several servers (connection `i` goes to the `i mod n`-th).
+    /// The server's URL, `ws://host:port/path` or `wss://...`; repeat it to spread
+    /// the connections over several servers (connection `i` goes to the `i mod n`-th).
     #[arg(long = "url", required = true)]
     urls: Vec<String>,
+
+    /// Also trust the certificates of this PEM file for `wss://` URLs (a test CA).
+    #[arg(long)]
+    ca_cert: Option<std::path::PathBuf>,
 
     /// How many connections to open; connection `i` authenticates as `u<i>`.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -485,24 +495,44 @@ struct Target {
     addr: SocketAddr,
     /// Whether to spread the connections over the loopback source addresses.
     spread: bool,
+    /// For `wss://`: the connector and the name the certificate must be valid for.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 impl Target {
-    /// Resolve `url` (`ws://host:port/path`), preferring an IPv4 address.
-    async fn resolve(url: &str) -> Result<Self, Failure> {
+    /// Resolve `url` (`ws://host:port/path` or `wss://`, trusting `ca` too),
+    /// preferring an IPv4 address.
+    async fn resolve(url: &str, ca: Option<&std::path::Path>) -> Result<Self, Failure> {
         let uri: Uri = url
             .parse()
             .map_err(|error| Failure::usage(format!("invalid --url `{url}`: {error}")))?;
-        if uri.scheme_str() != Some("ws") {
-            return Err(Failure::usage(format!(
-                "--url `{url}` must start with ws:// (the generator does not speak TLS)"
-            )));
-        }
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => {
+                return Err(Failure::usage(format!(
+                    "--url `{url}` must start with ws:// or wss://"
+                )));
+            }
+        };
         let host = uri
             .host()
             .ok_or_else(|| Failure::usage(format!("--url `{url}` has no host")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let tls = if secure {
+            let roots = match ca {
+                Some(path) => certificates_from_pem(&crate::tls::read(path, "--ca-cert")?)
+                    .map_err(|error| format!("--ca-cert {}: {error}", path.display()))?,
+                None => Vec::new(),
+            };
+            let config = client_config(&roots).map_err(|error| format!("TLS: {error}"))?;
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|error| Failure::usage(format!("--url `{url}`: {error}")))?;
+            Some((TlsConnector::from(config), name))
+        } else {
+            None
+        };
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
             .await
             .map_err(|error| format!("cannot resolve `{host}`: {error}"))?
@@ -517,6 +547,7 @@ impl Target {
             url: url.to_owned(),
             addr,
             spread: addr.is_ipv4() && addr.ip().is_loopback(),
+            tls,
         })
     }
 }
@@ -580,7 +611,7 @@ impl Ctx {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Result<(), String>>), Failure> {
         let mut targets = Vec::with_capacity(common.urls.len());
         for url in &common.urls {
-            targets.push(Target::resolve(url).await?);
+            targets.push(Target::resolve(url, common.ca_cert.as_deref()).await?);
         }
         let (ready, reports) = mpsc::unbounded_channel();
         let ctx = Ctx {
@@ -758,13 +789,19 @@ async fn open(ctx: &Ctx, index: u32, token: &str) -> Result<Ws, String> {
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) = async_tungstenite::client_async_with_config(
-        target.url.as_str(),
-        stream.compat(),
-        Some(config),
-    )
-    .await
-    .map_err(|error| format!("handshake: {error}"))?;
+    let stream = match &target.tls {
+        None => Either::Left(stream.compat()),
+        Some((connector, name)) => Either::Right(
+            connector
+                .connect(name.clone(), stream.compat())
+                .await
+                .map_err(|error| format!("TLS: {error}"))?,
+        ),
+    };
+    let (mut ws, _) =
+        async_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(config))
+            .await
+            .map_err(|error| format!("handshake: {error}"))?;
     if ctx.bare {
         return Ok(ws);
     }

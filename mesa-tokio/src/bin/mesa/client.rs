@@ -2,6 +2,7 @@
 //! server, state changes reported on stderr.
 
 use std::io::{self, BufRead, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,9 +22,14 @@ const CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// Options of `mesa client`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ClientArgs {
-    /// The server's URL, `ws://host:port/path`.
+    /// The server's URL, `ws://host:port/path` or `wss://host:port/path`.
     #[arg(env = "MESA_URL")]
     url: String,
+
+    /// Also trust the certificates of this PEM file for `wss://` (a private CA or a
+    /// self-signed server), beside the Mozilla roots.
+    #[arg(long, env = "MESA_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 
     /// Authenticate with `{"token": TOKEN}` (sent again after every reconnection).
     #[arg(long, env = "MESA_TOKEN", hide_env_values = true)]
@@ -61,8 +67,11 @@ type Line = Result<String, String>;
 /// `--no-reconnect`, the end of the connection.
 pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode, Failure> {
     let report = Reporter { format };
-    let (client, mut events) = mesa_tokio::client(args.url.clone())
-        .reconnect(!args.no_reconnect)
+    let mut builder = mesa_tokio::client(args.url.clone()).reconnect(!args.no_reconnect);
+    if let Some(path) = &args.ca_cert {
+        builder = builder.add_root_pem(crate::tls::read(path, "--ca-cert")?);
+    }
+    let (client, mut events) = builder
         .build()
         .map_err(|error| Failure::usage(error.to_string()))?;
     let mut signals = Signals::new().map_err(|error| format!("cannot handle signals: {error}"))?;

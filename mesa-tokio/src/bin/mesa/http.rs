@@ -13,9 +13,12 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use mesa_tokio::mesa_driver::Runtime;
 use mesa_tokio::metrics::Metrics;
-use mesa_tokio::{Handler, Server, Tokio};
+use mesa_tokio::{Handler, Server, ServerTls, Tokio};
+
+use crate::tls::TlsListener;
 
 /// A server's accept loop, however it is served.
 pub(crate) type Run = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
@@ -112,11 +115,13 @@ async fn ready(State((metrics, health)): State<(Metrics, Health)>) -> Response {
 }
 
 /// Bind `addr` and prepare an axum app that serves the chat demo's page at `/` and
-/// the Mesa endpoint of `server` at `path`; returns the bound address and the loop.
+/// the Mesa endpoint of `server` at `path` (over TLS with `tls`: `https://` and
+/// `wss://`); returns the bound address and the loop.
 pub(crate) async fn serve_demo<H: Handler>(
     server: &Server<H>,
     addr: SocketAddr,
     path: &str,
+    tls: Option<ServerTls>,
 ) -> Result<(SocketAddr, Run), String> {
     // The runtime's own bind: SO_REUSEADDR and a long listen backlog.
     let listener = Tokio
@@ -130,8 +135,15 @@ pub(crate) async fn serve_demo<H: Handler>(
         .route(path, get(mesa_tokio::axum::upgrade::<H>))
         .with_state(server.clone());
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    Ok((
-        local,
-        Box::pin(async move { axum::serve(listener, service).await }),
-    ))
+    let run: Run = match tls {
+        None => Box::pin(async move { axum::serve(listener, service).await }),
+        Some(tls) => {
+            // `tap_io` is how axum gives a custom listener's address to `ConnectInfo`.
+            let listener = TlsListener::new(listener, tls)
+                .map_err(|error| format!("cannot listen on {addr}: {error}"))?
+                .tap_io(|_| {});
+            Box::pin(async move { axum::serve(listener, service).await })
+        }
+    };
+    Ok((local, run))
 }

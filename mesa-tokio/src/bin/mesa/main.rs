@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! mesa serve  [--listen 127.0.0.1:4000] [--auth none|dev|jwt] ...
-//! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync]
+//! mesa serve  --tls-cert server.crt --tls-key server.key    (wss://, reloaded on SIGHUP)
+//! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync] [--ca-cert ca.crt]
 //! mesa bench  idle|fanout|echo|storm|cluster --url ws://127.0.0.1:4000/ --connections N ...
-//! mesa dispatch --redis redis://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
+//! mesa dispatch --redis redis[s]://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
 //! mesa portal --redis redis://127.0.0.1:6379/ [--all]
 //! ```
 //!
@@ -28,6 +29,7 @@ mod logging;
 mod portal;
 mod serve;
 mod signals;
+mod tls;
 
 /// Mesa real-time messaging (the protocol of `@cryb/mesa` 1.5.8) from the command line.
 #[derive(Debug, Parser)]

@@ -1,10 +1,12 @@
 //! `mesa serve`: a Mesa server with the relay behaviour, heartbeats and optional
 //! authentication, that shuts down cleanly on SIGTERM or ctrl-c; optionally with
-//! Prometheus metrics and health checks (`--metrics-listen`) or as the chat demo
-//! (`--demo`).
+//! Prometheus metrics and health checks (`--metrics-listen`), as the chat demo
+//! (`--demo`), and over TLS (`--tls-cert`, `--tls-key`: `wss://` and `https://`,
+//! the certificate reloaded on SIGHUP).
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -20,7 +22,8 @@ use crate::auth::{AuthMode, JwtAuthenticator};
 use crate::demo::DemoChat;
 use crate::http::{Health, Http};
 use crate::logging::LogConnections;
-use crate::signals::Signals;
+use crate::signals::{Hangups, Signals};
+use crate::tls::TlsFiles;
 
 /// How long open connections get to finish their closing handshake at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -223,6 +226,16 @@ pub(crate) struct ServeArgs {
         action = clap::ArgAction::SetTrue
     )]
     demo: bool,
+
+    /// Serve TLS (`wss://`, and `https://` for the demo) with this PEM certificate
+    /// chain, leaf first; reloaded with --tls-key on SIGHUP without dropping
+    /// connections.
+    #[arg(long, env = "MESA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert (PKCS #8, PKCS #1 or SEC1).
+    #[arg(long, env = "MESA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// How `--portals` picks a portal per event.
@@ -282,6 +295,13 @@ pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode, Failure> {
         }
     }
     let mut builder = configure(&args)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles::load(cert, key)?),
+        _ => None,
+    };
+    if let Some(tls) = &tls {
+        builder = builder.tls(tls.tls.clone());
+    }
     let addr = resolve(&args.listen).await?;
     let mut http = Http {
         metrics: None,
@@ -295,11 +315,11 @@ pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode, Failure> {
     }
     if args.demo {
         let demo = DemoChat::new(args.sync);
-        Ok(serve(builder.handler(demo), addr, &args.path, http).await?)
+        Ok(serve(builder.handler(demo), addr, &args.path, http, tls).await?)
     } else if args.no_relay {
-        Ok(serve(builder.handler(Ignore), addr, &args.path, http).await?)
+        Ok(serve(builder.handler(Ignore), addr, &args.path, http, tls).await?)
     } else {
-        Ok(serve(builder, addr, &args.path, http).await?)
+        Ok(serve(builder, addr, &args.path, http, tls).await?)
     }
 }
 
@@ -401,12 +421,14 @@ async fn resolve(listen: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("--listen `{listen}` resolves to no address"))
 }
 
-/// Bind, announce the URL on stdout, serve until a signal, then drain.
+/// Bind, announce the URL on stdout, serve until a signal (reloading the TLS
+/// certificate on SIGHUP), then drain.
 async fn serve<H: Handler>(
     builder: ServerBuilder<H>,
     addr: SocketAddr,
     path: &str,
     http: Http,
+    tls: Option<TlsFiles>,
 ) -> Result<ExitCode, String> {
     let server = builder
         .build()
@@ -414,6 +436,15 @@ async fn serve<H: Handler>(
     // Listen for signals before announcing, so a signal sent as soon as the URL is
     // printed is not fatal.
     let mut signals = Signals::new().map_err(|error| format!("cannot handle signals: {error}"))?;
+    let mut hangups = match &tls {
+        Some(_) => Some(Hangups::new().map_err(|error| format!("cannot handle SIGHUP: {error}"))?),
+        None => None,
+    };
+    let (ws, page) = if tls.is_some() {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
     let health = http.health.clone();
     if let Some((metrics_addr, metrics)) = http.metrics {
         let local = crate::http::serve_metrics(metrics_addr, metrics, health.clone()).await?;
@@ -421,11 +452,12 @@ async fn serve<H: Handler>(
         tracing::info!(%local, "metrics and health checks");
     }
     let run: crate::http::Run = if http.demo {
-        let (local, run) = crate::http::serve_demo(&server, addr, path).await?;
+        let demo_tls = tls.as_ref().map(|files| files.tls.clone());
+        let (local, run) = crate::http::serve_demo(&server, addr, path, demo_tls).await?;
         // Bound: connections wait in the backlog until the loop runs.
         health.set_accepting(true);
-        announce(&format!("mesa listening on ws://{local}{path}"))?;
-        announce(&format!("mesa demo on http://{local}/"))?;
+        announce(&format!("mesa listening on {ws}://{local}{path}"))?;
+        announce(&format!("mesa demo on {page}://{local}/"))?;
         tracing::info!(%local, path, "listening, with the chat demo at /");
         run
     } else {
@@ -435,17 +467,34 @@ async fn serve<H: Handler>(
             .map_err(|error| format!("cannot listen on {addr}: {error}"))?;
         let local = listening.local_addr();
         health.set_accepting(true);
-        announce(&format!("mesa listening on ws://{local}{path}"))?;
+        announce(&format!("mesa listening on {ws}://{local}{path}"))?;
         tracing::info!(%local, path, "listening");
         Box::pin(listening.run())
     };
 
-    tokio::select! {
-        outcome = run => {
-            outcome.map_err(|error| format!("the server stopped: {error}"))?;
-            return Ok(ExitCode::SUCCESS);
+    let mut run = run;
+    loop {
+        let hangup = async {
+            match hangups.as_mut() {
+                Some(hangups) => hangups.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            outcome = &mut run => {
+                outcome.map_err(|error| format!("the server stopped: {error}"))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            signal = signals.recv() => {
+                tracing::info!(signal, "shutting down");
+                break;
+            }
+            () = hangup => {
+                if let Some(tls) = &tls {
+                    tls.reload();
+                }
+            }
         }
-        signal = signals.recv() => tracing::info!(signal, "shutting down"),
     }
     health.set_accepting(false);
     drain(&server, &mut signals).await;

@@ -251,7 +251,7 @@ async fn watch(mut events: ClientEvents, shared: Arc<Shared>) -> Seen {
 
 /// Run `mesa bench storm`.
 pub(super) async fn run(args: StormArgs) -> Result<ExitCode, Failure> {
-    let target = Target::resolve(&args.url).await?;
+    let target = Target::resolve(&args.url, None).await?;
     let mut server = Server::start(&args.server_cmd, target.addr).await?;
     let shared = Arc::new(Shared {
         epoch: Instant::now(),

@@ -1,0 +1,132 @@
+//! TLS in the binary: the PEM files of `mesa serve --tls-cert/--tls-key` (loaded at
+//! start, reloaded on SIGHUP), the TLS listener of the demo's HTTP server, and the
+//! extra root of `--ca-cert`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use axum::serve::Listener;
+use mesa_tokio::mesa_driver::Runtime;
+use mesa_tokio::mesa_driver::futures_rustls::server::TlsStream;
+use mesa_tokio::{ServerTls, Tokio, TransportConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+/// Handshakes finished but not yet taken by the HTTP server.
+const READY_BACKLOG: usize = 64;
+
+/// The certificate chain and key files of `mesa serve`, and the TLS settings made
+/// from them.
+pub(crate) struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    /// Shared with the server: a reload reaches every new handshake.
+    pub(crate) tls: ServerTls,
+}
+
+impl TlsFiles {
+    /// Load `cert` (PEM, leaf first) and `key` (PEM).
+    pub(crate) fn load(cert: &Path, key: &Path) -> Result<Self, String> {
+        let (chain, secret) = read_pair(cert, key)?;
+        let tls = ServerTls::from_pem(&chain, &secret).map_err(|error| {
+            format!(
+                "cannot use --tls-cert {} with --tls-key {}: {error}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        Ok(TlsFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            tls,
+        })
+    }
+
+    /// Read the files again and use them for new connections; on any error the
+    /// current certificate stays and the error is logged (a renewal half-written
+    /// to disk must not take the server down).
+    pub(crate) fn reload(&self) {
+        let outcome = read_pair(&self.cert, &self.key).and_then(|(chain, secret)| {
+            self.tls
+                .reload_pem(&chain, &secret)
+                .map_err(|error| error.to_string())
+        });
+        match outcome {
+            Ok(()) => tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "TLS certificate not reloaded: keeping the current one")
+            }
+        }
+    }
+}
+
+/// The contents of the certificate and key files.
+fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), String> {
+    Ok((read(cert, "--tls-cert")?, read(key, "--tls-key")?))
+}
+
+/// The contents of the file of `flag`.
+pub(crate) fn read(path: &Path, flag: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|error| format!("cannot read {flag} {}: {error}", path.display()))
+}
+
+/// A TLS stream as tokio's IO traits (hyper's side).
+type Tls = Compat<TlsStream<Compat<TcpStream>>>;
+
+/// The demo's listener over TLS: connections are accepted in a task of its own and
+/// each handshake runs in its own task, bounded by the handshake timeout, so a slow
+/// or plaintext client holds up nobody; the HTTP server gets finished handshakes.
+pub(crate) struct TlsListener {
+    ready: mpsc::Receiver<(Tls, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Start accepting on `listener` with `tls`.
+    pub(crate) fn new(listener: TcpListener, tls: ServerTls) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(READY_BACKLOG);
+        let timeout = TransportConfig::default().handshake_timeout;
+        tokio::spawn(async move {
+            while !tx.is_closed() {
+                let (stream, remote) = match Tokio.accept(&listener).await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream.compat(), remote)).await;
+                        }
+                        Ok(Err(error)) => tracing::debug!(%error, %remote, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { ready, local })
+    }
+}
+
+impl Listener for TlsListener {
+    type Io = Tls;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Tls, SocketAddr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accept task ended: nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
