@@ -42,7 +42,7 @@ pub use dispatcher::{DispatchError, DispatchReport, Dispatcher};
 pub use handler::{AuthError, Authenticator, BoxFuture, DevAuthenticator, Handler, Ignore, Relay};
 pub use middleware::{BoxError, Middleware};
 pub use portal::{Portal, PortalBuilder, PortalError};
-pub use router::{SendReport, ServerHandle};
+pub use router::{Admission, SendReport, ServerHandle};
 pub use runtime::Runtime;
 pub use server::{Listening, Refusal, Server, ServerBuilder};
 pub use tls::{ServerTls, TlsError};

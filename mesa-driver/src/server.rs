@@ -27,7 +27,7 @@ use crate::runtime::entropy_seed;
 use crate::connection::drive;
 use crate::handler::{Authenticator, Handler, Relay};
 use crate::middleware::{Middleware, Middlewares};
-use crate::router::{Router, ServerHandle};
+use crate::router::{Admission, Router, ServerHandle};
 use crate::runtime::Runtime;
 use crate::tls::{MaybeTls, ServerTls};
 use crate::transport::TransportConfig;
@@ -454,11 +454,25 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         {
             return Err(Refusal::OriginNotAllowed);
         }
-        let max = self.inner.admission.max_connections;
-        match self.inner.router.admit(max) {
-            Some(_) => Ok(()),
-            None => Err(Refusal::Full),
-        }
+        self.admit().map(drop).ok_or(Refusal::Full)
+    }
+
+    /// Take one of the [`max_connections`](ServerBuilder::max_connections) slots for
+    /// a connection accepted outside the server, before work that should count against
+    /// the limit: a TLS handshake done by an HTTP framework's listener, which the
+    /// limit would otherwise only see at the WebSocket upgrade. The slot counts like
+    /// a connection in its handshake until the [`Admission`] is dropped. `None` when
+    /// the server is full (always `Some` without a limit).
+    pub fn admit(&self) -> Option<Admission> {
+        self.inner
+            .router
+            .admit(self.inner.admission.max_connections)
+    }
+
+    /// The transport settings ([`ServerBuilder::transport`]): an application that
+    /// does a handshake itself bounds it by their `handshake_timeout`.
+    pub fn transport(&self) -> &TransportConfig {
+        &self.inner.transport
     }
 
     /// Perform the TLS handshake (with [`ServerBuilder::tls`]) and the WebSocket
@@ -469,10 +483,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let admission = self
-            .inner
-            .router
-            .admit(self.inner.admission.max_connections);
+        let admission = self.admit();
         let full = admission.is_none();
         let path = self.inner.path.clone();
         let policy = self.inner.admission.clone();
@@ -518,11 +529,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
     {
         let ws_config = self.inner.transport.websocket(self.inner.config.limits());
         let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await;
-        match self
-            .inner
-            .router
-            .admit(self.inner.admission.max_connections)
-        {
+        match self.admit() {
             Some(admission) => drive(self.inner.clone(), ws, remote, Some(admission)).await,
             None => {
                 let full = Close::new(CloseCode::TRY_AGAIN_LATER, "too many connections");

@@ -103,10 +103,10 @@ pub use mesa_core::{
     Recipients, TooManyRecipients,
 };
 pub use mesa_driver::{
-    self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,
-    Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher, Handler, Ignore,
-    Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, ServerTls,
-    TlsError, TransportConfig,
+    self, Admission, AuthError, Authenticator, BuildError, ClientError, ClientEvents,
+    ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher,
+    Handler, Ignore, Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle,
+    ServerTls, TlsError, TransportConfig,
 };
 
 #[cfg(feature = "axum")]

@@ -648,3 +648,94 @@ fn sighup_reloads_the_certificate_without_dropping_100_connections() {
         assert_eq!(echoed.d, json!({ "n": n }));
     }
 }
+
+#[test]
+fn the_demo_over_tls_counts_tls_handshakes_against_max_connections() {
+    use mesa_tokio::ClientEvent;
+
+    let dir = pki::TempDir::new();
+    let ca = pki::TestCa::new("mesa test CA");
+    let (cert, key) = ca.server(&["localhost"]).write(dir.path(), "server");
+    let (_server, url) = Mesa::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--demo",
+            "--max-connections",
+            "2",
+            "--handshake-timeout",
+            "3000",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let addr = url
+        .trim_start_matches("wss://")
+        .trim_end_matches("/ws")
+        .to_owned();
+    let url = url.replace("127.0.0.1", "localhost");
+
+    // Two peers connect and never send a ClientHello: each holds a slot from its
+    // accept on, long before any WebSocket upgrade.
+    let stalled: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("TCP connect"))
+        .collect();
+
+    // A third client, accepted after them, finishes its TLS handshake and has its
+    // upgrade refused with 503 while they stall.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let _guard = runtime.enter();
+    let (_client, mut events) = mesa_tokio::client(url)
+        .add_root_pem(ca.pem())
+        .backoff(mesa_tokio::BackoffConfig {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(50),
+            base_is_fixed: true,
+        })
+        .build()
+        .expect("a client");
+    let first = block_within(&runtime, "the first attempt", async {
+        loop {
+            match events.next().await {
+                Some(
+                    event @ (ClientEvent::Connected { .. } | ClientEvent::Disconnected { .. }),
+                ) => {
+                    break event;
+                }
+                Some(_) => {}
+                None => panic!("the client stopped"),
+            }
+        }
+    });
+    match first {
+        ClientEvent::Disconnected { close, .. } => {
+            assert!(close.reason.contains("503"), "{close}")
+        }
+        other => panic!("connected past --max-connections: {other:?}"),
+    }
+
+    // The handshake timeout closes the stalled peers and gives their slots back: the
+    // client, still retrying, gets in.
+    for mut peer in stalled {
+        peer.set_read_timeout(Some(WAIT)).expect("a read timeout");
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut peer, &mut rest)
+            .expect("the server closes the stalled peer");
+    }
+    block_within(&runtime, "connecting once the slots are free", async {
+        loop {
+            match events.next().await {
+                Some(ClientEvent::Connected { .. }) => break,
+                Some(_) => {}
+                None => panic!("the client stopped"),
+            }
+        }
+    });
+}

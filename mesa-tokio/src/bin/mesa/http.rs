@@ -139,7 +139,7 @@ pub(crate) async fn serve_demo<H: Handler>(
         None => Box::pin(async move { axum::serve(listener, service).await }),
         Some(tls) => {
             // `tap_io` is how axum gives a custom listener's address to `ConnectInfo`.
-            let listener = TlsListener::new(listener, tls)
+            let listener = TlsListener::new(listener, tls, server.clone())
                 .map_err(|error| format!("cannot listen on {addr}: {error}"))?
                 .tap_io(|_| {});
             Box::pin(async move { axum::serve(listener, service).await })

@@ -14,7 +14,7 @@ use mesa_tokio::mesa_core::{PortalChoice, SyncConfig};
 use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{
     ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, RateLimitPolicy, Server,
-    ServerBuilder,
+    ServerBuilder, TransportConfig,
 };
 
 use crate::Failure;
@@ -200,6 +200,16 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "MESA_MAX_CONNECTIONS", default_value_t = 0)]
     max_connections: usize,
 
+    /// Milliseconds a new connection has for its TLS handshake and WebSocket
+    /// upgrade, holding a slot of --max-connections meanwhile; it is dropped past them.
+    #[arg(
+        long,
+        env = "MESA_HANDSHAKE_TIMEOUT",
+        default_value_t = duration_ms(TransportConfig::default().handshake_timeout),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    handshake_timeout: u64,
+
     /// Accept WebSocket upgrades only from pages of this origin, e.g.
     /// `https://app.example.com` (repeatable; the variable takes a comma-separated
     /// list). Others get HTTP 403: a defence against cross-site WebSocket hijacking.
@@ -254,6 +264,11 @@ pub(crate) enum RatePolicy {
     Slow,
     /// Close it with 1008.
     Close,
+}
+
+/// A default duration as a flag's milliseconds.
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A count that must be at least 1.
@@ -349,6 +364,10 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         max_json_depth: args.max_json_depth,
         max_recipients: args.max_recipients,
         ..Limits::default()
+    });
+    builder = builder.transport(TransportConfig {
+        handshake_timeout: Duration::from_millis(args.handshake_timeout),
+        ..TransportConfig::default()
     });
     if args.max_connections > 0 {
         builder = builder.max_connections(args.max_connections);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use axum::serve::Listener;
 use mesa_tokio::mesa_driver::Runtime;
 use mesa_tokio::mesa_driver::futures_rustls::server::TlsStream;
-use mesa_tokio::{ServerTls, Tokio, TransportConfig};
+use mesa_tokio::{Handler, Server, ServerTls, Tokio};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -75,19 +75,27 @@ pub(crate) fn read(path: &Path, flag: &str) -> Result<Vec<u8>, String> {
 type Tls = Compat<TlsStream<Compat<TcpStream>>>;
 
 /// The demo's listener over TLS: connections are accepted in a task of its own and
-/// each handshake runs in its own task, bounded by the handshake timeout, so a slow
-/// or plaintext client holds up nobody; the HTTP server gets finished handshakes.
+/// each handshake runs in its own task, bounded by the server's handshake timeout, so
+/// a slow or plaintext client holds up nobody; the HTTP server gets finished
+/// handshakes. Like the library's own listener, each connection takes a slot of
+/// `--max-connections` as it is accepted and holds it through its TLS handshake
+/// (the WebSocket upgrade then takes its own); past the limit the handshake still
+/// runs, so that the upgrade is answered 503 rather than cut off.
 pub(crate) struct TlsListener {
     ready: mpsc::Receiver<(Tls, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    /// Start accepting on `listener` with `tls`.
-    pub(crate) fn new(listener: TcpListener, tls: ServerTls) -> std::io::Result<Self> {
+    /// Start accepting on `listener` with `tls`, admitting connections to `server`.
+    pub(crate) fn new<H: Handler>(
+        listener: TcpListener,
+        tls: ServerTls,
+        server: Server<H>,
+    ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_BACKLOG);
-        let timeout = TransportConfig::default().handshake_timeout;
+        let timeout = server.transport().handshake_timeout;
         tokio::spawn(async move {
             while !tx.is_closed() {
                 let (stream, remote) = match Tokio.accept(&listener).await {
@@ -98,9 +106,13 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Taken here, in accept order, before the next connection is accepted.
+                let admission = server.admit();
                 let (tls, tx) = (tls.clone(), tx.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                    let handshake = tokio::time::timeout(timeout, tls.accept(stream)).await;
+                    drop(admission);
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream.compat(), remote)).await;
                         }
