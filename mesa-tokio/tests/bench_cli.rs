@@ -7,6 +7,10 @@
 //! `cargo test -p mesa-tokio --features cli --test bench_cli`.
 #![cfg(unix)]
 
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/pki.rs"]
+mod pki;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
@@ -226,19 +230,21 @@ fn echo_reports_round_trips() {
     assert!(echo["server_cpu_secs"].is_number(), "{echo}");
 }
 
-#[test]
-fn storm_restarts_the_server_and_every_client_comes_back() {
+/// Run `mesa bench storm` (20 clients, `BENCH` options) against `mesa serve SERVE`
+/// on a free port of `host` (`ws://` or, with `tls`, `wss://`), and check that every
+/// client came back.
+fn storm(host: &str, tls: bool, serve: &[&str], bench_options: &[&str]) {
     let port = free_port();
     let mut command = format!(
         "{} serve --listen 127.0.0.1:{port} --reconnect-interval 200",
         env!("CARGO_BIN_EXE_mesa")
     );
-    for option in SERVE {
+    for option in SERVE.iter().chain(serve) {
         command.push(' ');
         command.push_str(option);
     }
-    let url = format!("ws://127.0.0.1:{port}/");
-    let storm = bench(&[
+    let url = format!("{}://{host}:{port}/", if tls { "wss" } else { "ws" });
+    let mut args = vec![
         "storm",
         "--url",
         &url,
@@ -250,7 +256,9 @@ fn storm_restarts_the_server_and_every_client_comes_back() {
         "20",
         "--server-cmd",
         &command,
-    ]);
+    ];
+    args.extend_from_slice(bench_options);
+    let storm = bench(&args);
     assert_eq!(storm["scenario"], "storm", "{storm}");
     assert_eq!(storm["authenticated"], 20, "{storm}");
     assert_eq!(storm["back"], 20, "{storm}");
@@ -258,6 +266,26 @@ fn storm_restarts_the_server_and_every_client_comes_back() {
     assert_eq!(storm["recovered_within_twice_cap"], true, "{storm}");
     assert!(storm["peak_window_share"].is_number(), "{storm}");
     assert!(storm["server_cpu_secs"].is_number(), "{storm}");
+}
+
+#[test]
+fn storm_restarts_the_server_and_every_client_comes_back() {
+    storm("127.0.0.1", false, &[], &[]);
+}
+
+#[test]
+fn storm_over_tls_trusts_its_ca_cert() {
+    let dir = pki::TempDir::new();
+    let ca = pki::TestCa::new("bench test CA");
+    let ca_file = dir.file("ca.crt", &ca.pem());
+    let (cert, key) = ca.server(&["localhost"]).write(dir.path(), "server");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    storm(
+        "localhost",
+        true,
+        &["--tls-cert", cert, "--tls-key", key],
+        &["--ca-cert", ca_file.to_str().unwrap()],
+    );
 }
 
 #[test]

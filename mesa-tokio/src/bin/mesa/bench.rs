@@ -9,6 +9,7 @@
 //! mesa bench fanout  --url ws://127.0.0.1:4000/ --connections 1000 --messages 2000 [--window 10]
 //! mesa bench echo    --url ws://127.0.0.1:4000/ --connections 100 [--in-flight 4] [--secs 5]
 //! mesa bench storm   --url ws://127.0.0.1:4000/ --connections 10000 --server-cmd 'mesa serve ...'
+//! mesa bench storm   --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
 //! mesa bench cluster --url ws://127.0.0.1:4001/ --url ws://127.0.0.1:4002/ --redis redis://127.0.0.1:6379/ ...
 //! ```
 //!
@@ -42,6 +43,7 @@ use futures_util::future::Either;
 use futures_util::{SinkExt, StreamExt};
 use mesa_tokio::mesa_driver::futures_rustls::TlsConnector;
 use mesa_tokio::mesa_driver::futures_rustls::client::TlsStream;
+use mesa_tokio::mesa_driver::rustls::ClientConfig;
 use mesa_tokio::mesa_driver::rustls::pki_types::ServerName;
 use mesa_tokio::mesa_driver::tls::{certificates_from_pem, client_config};
 use serde::Deserialize;
@@ -495,8 +497,9 @@ struct Target {
     addr: SocketAddr,
     /// Whether to spread the connections over the loopback source addresses.
     spread: bool,
-    /// For `wss://`: the connector and the name the certificate must be valid for.
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// For `wss://`: what the client trusts (the default roots and `--ca-cert`) and
+    /// the name the certificate must be valid for.
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
 impl Target {
@@ -529,7 +532,7 @@ impl Target {
             let config = client_config(&roots).map_err(|error| format!("TLS: {error}"))?;
             let name = ServerName::try_from(host.to_owned())
                 .map_err(|error| Failure::usage(format!("--url `{url}`: {error}")))?;
-            Some((TlsConnector::from(config), name))
+            Some((config, name))
         } else {
             None
         };
@@ -791,8 +794,8 @@ async fn open(ctx: &Ctx, index: u32, token: &str) -> Result<Ws, String> {
         .write_buffer_size(0);
     let stream = match &target.tls {
         None => Either::Left(stream.compat()),
-        Some((connector, name)) => Either::Right(
-            connector
+        Some((config, name)) => Either::Right(
+            TlsConnector::from(config.clone())
                 .connect(name.clone(), stream.compat())
                 .await
                 .map_err(|error| format!("TLS: {error}"))?,

@@ -42,10 +42,14 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Options of `mesa bench storm`.
 #[derive(Debug, clap::Args)]
 pub(super) struct StormArgs {
-    /// The URL the server listens on, `ws://host:port/path` (a fixed port: the
-    /// restarted server must listen on it again).
+    /// The URL the server listens on, `ws://host:port/path` or `wss://...` (a fixed
+    /// port: the restarted server must listen on it again).
     #[arg(long)]
     url: String,
+
+    /// Also trust the certificates of this PEM file for a `wss://` URL (a test CA).
+    #[arg(long)]
+    ca_cert: Option<std::path::PathBuf>,
 
     /// How many clients; client `i` authenticates as `u<i>`.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -251,7 +255,7 @@ async fn watch(mut events: ClientEvents, shared: Arc<Shared>) -> Seen {
 
 /// Run `mesa bench storm`.
 pub(super) async fn run(args: StormArgs) -> Result<ExitCode, Failure> {
-    let target = Target::resolve(&args.url, None).await?;
+    let target = Target::resolve(&args.url, args.ca_cert.as_deref()).await?;
     let mut server = Server::start(&args.server_cmd, target.addr).await?;
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
@@ -266,10 +270,13 @@ pub(super) async fn run(args: StormArgs) -> Result<ExitCode, Failure> {
     let mut setups = JoinSet::new();
     let mut watchers = JoinSet::new();
     for index in 0..args.connections {
-        let (client, events) = match mesa_driver::client(runtime.clone(), args.url.clone())
-            .auto_connect(false)
-            .build()
-        {
+        let mut builder =
+            mesa_driver::client(runtime.clone(), args.url.clone()).auto_connect(false);
+        // One configuration for every client: the roots are parsed once.
+        if let Some((config, _)) = &target.tls {
+            builder = builder.tls_config(config.clone());
+        }
+        let (client, events) = match builder.build() {
             Ok(built) => built,
             Err(error) => return Err(Failure::usage(format!("invalid --url: {error}"))),
         };
