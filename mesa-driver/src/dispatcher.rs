@@ -19,7 +19,7 @@ use mesa_core::{
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
-use crate::cluster::link::commands;
+use crate::cluster::link::{self, check_ca_pem, commands};
 use crate::cluster::scripts::APPEND;
 use crate::cluster::{RemoteSend, execute};
 
@@ -33,6 +33,9 @@ pub enum DispatchError {
     /// A setting is out of range (e.g. a zero `max_stored`).
     #[error("invalid setting: {0}")]
     InvalidSetting(&'static str),
+    /// The CA certificates for `rediss://` cannot be used.
+    #[error("Redis CA certificate: {0}")]
+    Tls(#[from] crate::TlsError),
     /// The dispatch addressed more distinct ids than
     /// [`max_recipients`](Dispatcher::max_recipients); nothing was published or stored.
     #[error(transparent)]
@@ -92,36 +95,126 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
+/// Builds a [`Dispatcher`]: [`Dispatcher::builder`], the settings, then
+/// [`connect`](Self::connect).
+#[derive(Clone)]
+#[must_use]
+pub struct DispatcherBuilder {
+    url: String,
+    namespace: Option<String>,
+    sync: bool,
+    max_stored: usize,
+    max_recipients: usize,
+    redis_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for DispatcherBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherBuilder")
+            .field("url", &self.url)
+            .field("namespace", &self.namespace)
+            .field("sync", &self.sync)
+            .field("max_stored", &self.max_stored)
+            .field("max_recipients", &self.max_recipients)
+            .field("redis_ca_pem", &self.redis_ca_pem.is_some())
+            .finish()
+    }
+}
+
+impl DispatcherBuilder {
+    /// The cluster's namespace (`None` or empty: none).
+    pub fn namespace(mut self, namespace: Option<&str>) -> Self {
+        self.namespace = namespace.map(str::to_owned);
+        self
+    }
+
+    /// Store messages to ids connected nowhere for them (default false).
+    pub fn sync(mut self, sync: bool) -> Self {
+        self.sync = sync;
+        self
+    }
+
+    /// Keep at most `max` stored messages per id, the oldest going first (default
+    /// 1000, the servers' default).
+    pub fn max_stored(mut self, max: usize) -> Self {
+        self.max_stored = max;
+        self
+    }
+
+    /// Allow at most `max` distinct ids per dispatch ([`Limits::max_recipients`] by
+    /// default; see [`Dispatcher::with_max_recipients`]).
+    pub fn max_recipients(mut self, max: usize) -> Self {
+        self.max_recipients = max;
+        self
+    }
+
+    /// For a `rediss://` URL: trust these PEM certificates (a private CA) instead of
+    /// the platform's store ([`ClusterConfig::redis_ca_pem`](crate::ClusterConfig::redis_ca_pem)).
+    pub fn redis_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.redis_ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Validate the settings and connect (the connection is opened now, so that an
+    /// unreachable Redis fails here).
+    pub async fn connect(self) -> Result<Dispatcher, DispatchError> {
+        if self.max_stored == 0 {
+            return Err(DispatchError::InvalidSetting(
+                "max_stored must be at least 1",
+            ));
+        }
+        if let Some(pem) = &self.redis_ca_pem {
+            check_ca_pem(pem)?;
+        }
+        let client = link::client(&self.url, self.redis_ca_pem.as_deref())
+            .map_err(|error| DispatchError::InvalidUrl(error.to_string()))?;
+        let dispatcher = Dispatcher {
+            client,
+            conn: Mutex::new(None),
+            ns: Namespace::new(self.namespace),
+            sync: self.sync,
+            max_stored: self.max_stored,
+            max_recipients: Limits::default().max_recipients,
+        }
+        .with_max_recipients(self.max_recipients)?;
+        dispatcher.connection().await?;
+        Ok(dispatcher)
+    }
+}
+
 impl Dispatcher {
+    /// Start building a Dispatcher of the cluster on the Redis at `url` (e.g.
+    /// `redis://127.0.0.1:6379/`, or `rediss://` for TLS).
+    pub fn builder(url: impl Into<String>) -> DispatcherBuilder {
+        DispatcherBuilder {
+            url: url.into(),
+            namespace: None,
+            sync: false,
+            max_stored: 1000,
+            max_recipients: Limits::default().max_recipients,
+            redis_ca_pem: None,
+        }
+    }
+
     /// Connect to the Redis at `url` (e.g. `redis://127.0.0.1:6379/`) of the cluster
     /// using `namespace` (`None` or empty: none). With `sync`, messages to ids
     /// connected nowhere are stored for them, at most `max_stored` per id (the oldest
     /// go; the servers' default is 1000). A dispatch may address at most
     /// [`Limits::max_recipients`] distinct ids (100,000; see
-    /// [`with_max_recipients`](Self::with_max_recipients)).
+    /// [`with_max_recipients`](Self::with_max_recipients)). The same as
+    /// [`builder`](Self::builder), which has more settings (a CA for `rediss://`).
     pub async fn connect(
         url: &str,
         namespace: Option<&str>,
         sync: bool,
         max_stored: usize,
     ) -> Result<Dispatcher, DispatchError> {
-        if max_stored == 0 {
-            return Err(DispatchError::InvalidSetting(
-                "max_stored must be at least 1",
-            ));
-        }
-        let client = redis::Client::open(url)
-            .map_err(|error| DispatchError::InvalidUrl(error.to_string()))?;
-        let dispatcher = Dispatcher {
-            client,
-            conn: Mutex::new(None),
-            ns: Namespace::new(namespace.map(str::to_owned)),
-            sync,
-            max_stored,
-            max_recipients: Limits::default().max_recipients,
-        };
-        dispatcher.connection().await?;
-        Ok(dispatcher)
+        Dispatcher::builder(url)
+            .namespace(namespace)
+            .sync(sync)
+            .max_stored(max_stored)
+            .connect()
+            .await
     }
 
     /// Allow at most `max` distinct ids per dispatch (after `excluding`), like the

@@ -38,7 +38,7 @@ mod transport;
 pub use client::{BuildError, Client, ClientBuilder, ClientError, ClientEvents};
 pub use cluster::ClusterConfig;
 pub use connection::{Connection, SendError};
-pub use dispatcher::{DispatchError, DispatchReport, Dispatcher};
+pub use dispatcher::{DispatchError, DispatchReport, Dispatcher, DispatcherBuilder};
 pub use handler::{AuthError, Authenticator, BoxFuture, DevAuthenticator, Handler, Ignore, Relay};
 pub use middleware::{BoxError, Middleware};
 pub use portal::{Portal, PortalBuilder, PortalError};

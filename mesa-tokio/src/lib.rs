@@ -105,8 +105,8 @@ pub use mesa_core::{
 pub use mesa_driver::{
     self, Admission, AuthError, Authenticator, BuildError, ClientError, ClientEvents,
     ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher,
-    Handler, Ignore, Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle,
-    ServerTls, TlsError, TransportConfig,
+    DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, Relay, SendError,
+    SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
 };
 
 #[cfg(feature = "axum")]

@@ -8,8 +8,16 @@
 #![cfg(unix)]
 
 #[allow(unreachable_pub)]
+#[path = "../../tests/src/net.rs"]
+mod net;
+#[allow(unreachable_pub)]
 #[path = "../../tests/src/pki.rs"]
 mod pki;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/redis.rs"]
+mod redis_server;
+
+use net::free_port;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -194,14 +202,6 @@ fn idle_and_fanout_report_clean_runs() {
     assert!(fanout["server_cpu_secs"].is_number(), "{fanout}");
 }
 
-/// A TCP port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 #[test]
 fn echo_reports_round_trips() {
     let (server, url) = serve(&[]);
@@ -290,22 +290,8 @@ fn storm_over_tls_trusts_its_ca_cert() {
 
 #[test]
 fn cluster_publishes_once_per_message() {
-    let port = free_port();
-    let redis = Killed(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts (apt-get install redis-server)"),
-    );
-    let deadline = Instant::now() + WAIT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server never listened");
-        thread::sleep(Duration::from_millis(20));
-    }
-    let redis_url = format!("redis://127.0.0.1:{port}/");
+    let redis = redis_server::RedisServer::start();
+    let redis_url = redis.url();
     let (a, url_a) = serve(&["--redis", &redis_url]);
     let (b, url_b) = serve(&["--redis", &redis_url]);
     let (pid_a, pid_b) = (a.0.id().to_string(), b.0.id().to_string());

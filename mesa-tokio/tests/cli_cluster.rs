@@ -8,96 +8,22 @@
 
 mod common;
 #[allow(unreachable_pub)]
+#[path = "../../tests/src/net.rs"]
+mod net;
+#[allow(unreachable_pub)]
 #[path = "../../tests/src/pki.rs"]
 mod pki;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/redis.rs"]
+mod redis_server;
 
 use common::{Lines, WAIT};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use redis_server::RedisServer as Redis;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-/// A `redis-server` on a free port, keeping nothing on disk; killed on drop.
-struct Redis {
-    port: u16,
-    child: Child,
-}
-
-impl Redis {
-    fn start() -> Self {
-        Redis::start_with(&[])
-    }
-
-    /// A `redis-server` with more options (`--tls-port ...`).
-    fn start_with(extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts (apt-get install redis-server)");
-        let redis = Redis { port, child };
-        let deadline = Instant::now() + WAIT;
-        while redis.command(&["PING"]).as_deref() != Some("+PONG\r\n") {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server never answered PING"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// One command in RESP; the raw reply (small replies only).
-    fn command(&self, args: &[&str]) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        stream.write_all(request.as_bytes()).ok()?;
-        let mut reply = [0u8; 4096];
-        let n = stream.read(&mut reply).ok()?;
-        Some(String::from_utf8_lossy(&reply[..n]).into_owned())
-    }
-
-    /// Poll `args` until its reply is `expected`.
-    fn wait_reply(&self, args: &[&str], expected: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let reply = self.command(args);
-            if reply.as_deref() == Some(expected) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{args:?} answered {reply:?}, not {expected:?}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A long-running `mesa` process, killed on drop.
 struct Mesa {
@@ -364,37 +290,29 @@ fn dispatch_reports_usage_and_redis_errors() {
 }
 
 #[test]
-fn serve_and_dispatch_reach_their_redis_over_tls() {
-    let dir = pki::TempDir::new();
-    let ca = pki::TestCa::new("redis test CA");
-    let ca_file = dir.file("ca.crt", &ca.pem());
-    let (cert, key) = ca
-        .server(&["localhost", "127.0.0.1"])
-        .write(dir.path(), "redis");
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
-        .to_string();
-    let redis = Redis::start_with(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        cert.to_str().unwrap(),
-        "--tls-key-file",
-        key.to_str().unwrap(),
-        "--tls-ca-cert-file",
-        ca_file.to_str().unwrap(),
-        "--tls-auth-clients",
-        "no",
-    ]);
-    let url = format!("rediss://localhost:{tls_port}/");
-    // redis-rs trusts the platform's store, which SSL_CERT_FILE replaces.
-    let env = [
-        ("MESA_REDIS", url.as_str()),
-        ("SSL_CERT_FILE", ca_file.to_str().unwrap()),
-    ];
-    let server = Mesa::start(&["serve", "--listen", "127.0.0.1:0", "--auth", "dev"], &env);
+fn serve_dispatch_and_portal_reach_their_redis_over_tls() {
+    let redis = Redis::start_tls();
+    let url = redis.tls_url();
+    let ca_file = redis.ca_file();
+    let ca = ca_file.to_str().unwrap();
+    // The CA comes from the environment, like every flag.
+    let env = [("MESA_REDIS", url.as_str()), ("MESA_REDIS_CA_CERT", ca)];
+    let mut portal = Mesa::start(&["portal", "--id", "tls-portal"], &env);
+    portal
+        .stderr
+        .expect("joining the pool", |l| l.contains("portal joined the pool"));
+    let server = Mesa::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "dev",
+            "--portals",
+            "round-robin",
+        ],
+        &env,
+    );
     let line = server.stdout.expect("announcing the URL", |l| {
         l.starts_with("mesa listening on ")
     });
@@ -402,10 +320,17 @@ fn serve_and_dispatch_reach_their_redis_over_tls() {
     let bob = Mesa::start(&["client", &ws_url, "--token", "bob"], &[]);
     bob.stderr
         .expect("authenticated as bob", |l| l.contains(r#""id":"bob""#));
-    // The server's presence went through the TLS link.
+    // The server's presence and its portal events went through the TLS link.
     redis.wait_reply(&["SISMEMBER", "connected_clients", "bob"], ":1\r\n");
+    let authenticated = portal
+        .stdout
+        .expect_json("an authentication event", |e| e["type"] == "authentication");
+    assert_eq!(authenticated["clientId"], "bob");
 
-    let sent = report(&dispatch(&["--type", "NOTE", "--to", "bob"], &env));
+    let sent = report(&dispatch(
+        &["--type", "NOTE", "--to", "bob", "--redis-ca-cert", ca],
+        &[("MESA_REDIS", url.as_str())],
+    ));
     assert_eq!(sent["published"], 1, "{sent}");
     let note = bob.stdout.expect_json("the NOTE", |m| m["t"] == "NOTE");
     assert_eq!(note["t"], "NOTE");
@@ -415,4 +340,18 @@ fn serve_and_dispatch_reach_their_redis_over_tls() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("cannot reach the cluster"), "{stderr}");
+    // A CA for a plaintext URL is a usage error.
+    let plain = dispatch(
+        &["--type", "NOTE", "--redis-ca-cert", ca],
+        &[("MESA_REDIS", redis.url().as_str())],
+    );
+    assert_eq!(plain.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("needs a rediss:// URL"), "{stderr}");
+
+    portal.terminate();
+    assert!(portal.wait().success());
+    portal
+        .stderr
+        .expect("leaving the pool", |l| l.contains("portal left the pool"));
 }

@@ -11,13 +11,15 @@
 
 use std::time::Duration;
 
+pub mod net;
 pub mod node;
 pub mod ours;
 pub mod pki;
 pub mod redis;
 pub mod runtimes;
 
-pub use node::{ClientKind, NodePeer, free_port, node_dir, require_node};
+pub use net::free_port;
+pub use node::{ClientKind, NodePeer, node_dir, require_node};
 pub use redis::RedisServer;
 
 /// How long any single wait lasts by default.

@@ -88,6 +88,7 @@ impl ServerCert {
 }
 
 /// A new empty directory for this process's certificates, removed when dropped.
+#[derive(Debug)]
 pub struct TempDir(PathBuf);
 
 impl TempDir {

@@ -37,6 +37,10 @@ pub struct ClusterConfig {
     /// Most jobs (sends, presence changes) waiting for Redis while it is unreachable.
     /// Beyond it, new jobs are refused and reported. Default 10 000.
     pub max_pending: usize,
+    /// For a `rediss://` URL: PEM certificates to trust instead of the platform's
+    /// store (a private CA). Default `None`: the platform's store (which
+    /// `SSL_CERT_FILE` replaces). With a `redis://` URL the link cannot be made.
+    pub redis_ca_pem: Option<Vec<u8>>,
 }
 
 impl ClusterConfig {
@@ -48,6 +52,7 @@ impl ClusterConfig {
             lease: Duration::from_secs(10),
             portals: None,
             max_pending: 10_000,
+            redis_ca_pem: None,
         }
     }
 }

@@ -13,7 +13,7 @@ use mesa_core::{
 };
 use redis::{Msg, RedisResult};
 
-use super::link::{Link, bounded, commands};
+use super::link::{self, Link, bounded, commands};
 use super::scripts::{APPEND, JANITOR, LEAVE, RENEW, TRIM};
 use super::{ClusterConfig, ClusterHandle, Job, RemoteSend, clear, execute, load, trim};
 use crate::router::Router;
@@ -180,7 +180,7 @@ impl<R: Runtime> Task<R> {
     }
 
     async fn connect(&mut self) -> RedisResult<Link> {
-        let client = redis::Client::open(self.config.url.as_str())?;
+        let client = link::client(&self.config.url, self.config.redis_ca_pem.as_deref())?;
         let mut conn = commands(&client).await?;
         let info: String = redis::cmd("INFO")
             .arg("server")

@@ -10,13 +10,17 @@ use mesa_tokio::{DispatchReport, Dispatcher, Message, Recipients};
 use serde_json::{Value, json};
 
 use crate::Failure;
+use crate::tls::RedisCa;
 
 /// Options of `mesa dispatch`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DispatchArgs {
-    /// The cluster's Redis, e.g. `redis://127.0.0.1:6379/`.
+    /// The cluster's Redis, e.g. `redis://127.0.0.1:6379/` (`rediss://` for TLS).
     #[arg(long, env = "MESA_REDIS")]
     redis: String,
+
+    #[command(flatten)]
+    redis_ca: RedisCa,
 
     /// The cluster's namespace (as the servers' `--namespace`).
     #[arg(long, env = "MESA_NAMESPACE")]
@@ -96,17 +100,19 @@ fn parse_options(text: &str) -> Result<MessageOptions, String> {
 /// Dispatch once and print the report.
 pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
     let max_stored = usize::try_from(args.max_stored).unwrap_or(usize::MAX);
-    let dispatcher = Dispatcher::connect(
-        &args.redis,
-        args.namespace.as_deref(),
-        args.sync,
-        max_stored,
-    )
-    .await
-    .and_then(|dispatcher| {
-        dispatcher.with_max_recipients(usize::try_from(args.max_recipients).unwrap_or(usize::MAX))
-    })
-    .map_err(|error| format!("cannot reach the cluster: {error}"))?;
+    let max_recipients = usize::try_from(args.max_recipients).unwrap_or(usize::MAX);
+    let mut builder = Dispatcher::builder(&args.redis)
+        .namespace(args.namespace.as_deref())
+        .sync(args.sync)
+        .max_stored(max_stored)
+        .max_recipients(max_recipients);
+    if let Some(pem) = args.redis_ca.load(&args.redis)? {
+        builder = builder.redis_ca_pem(pem);
+    }
+    let dispatcher = builder
+        .connect()
+        .await
+        .map_err(|error| format!("cannot reach the cluster: {error}"))?;
     let to: Vec<String> = args.to.into_iter().filter(|id| !id.is_empty()).collect();
     let recipients = if to.is_empty() {
         Recipients::All

@@ -7,13 +7,17 @@ use std::process::ExitCode;
 
 use crate::Failure;
 use crate::signals::Signals;
+use crate::tls::RedisCa;
 
 /// Options of `mesa portal`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct PortalArgs {
-    /// The cluster's Redis, e.g. `redis://127.0.0.1:6379/`.
+    /// The cluster's Redis, e.g. `redis://127.0.0.1:6379/` (`rediss://` for TLS).
     #[arg(long, env = "MESA_REDIS")]
     redis: String,
+
+    #[command(flatten)]
+    redis_ca: RedisCa,
 
     /// The cluster's namespace (as the servers' `--namespace`).
     #[arg(long, env = "MESA_NAMESPACE")]
@@ -37,7 +41,11 @@ pub(crate) struct PortalArgs {
 /// Print events until a signal, then leave the pool.
 pub(crate) async fn run(args: PortalArgs) -> Result<ExitCode, Failure> {
     let mut signals = Signals::new().map_err(|error| format!("cannot handle signals: {error}"))?;
+    let ca = args.redis_ca.load(&args.redis)?;
     let mut builder = mesa_tokio::portal(args.redis).report_all_events(args.all);
+    if let Some(pem) = ca {
+        builder = builder.redis_ca_pem(pem);
+    }
     if let Some(namespace) = args.namespace {
         builder = builder.namespace(namespace);
     }

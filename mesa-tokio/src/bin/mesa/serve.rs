@@ -23,7 +23,7 @@ use crate::demo::DemoChat;
 use crate::http::{Health, Http};
 use crate::logging::LogConnections;
 use crate::signals::{Hangups, Signals};
-use crate::tls::TlsFiles;
+use crate::tls::{RedisCa, TlsFiles};
 
 /// How long open connections get to finish their closing handshake at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -92,10 +92,13 @@ pub(crate) struct ServeArgs {
     )]
     no_relay: bool,
 
-    /// Replicate through this Redis (e.g. `redis://127.0.0.1:6379/`): replicas of ours
-    /// and of @cryb/mesa on it deliver each other's sends.
+    /// Replicate through this Redis (e.g. `redis://127.0.0.1:6379/`, `rediss://` for
+    /// TLS): replicas of ours and of @cryb/mesa on it deliver each other's sends.
     #[arg(long, env = "MESA_REDIS")]
     redis: Option<String>,
+
+    #[command(flatten)]
+    redis_ca: RedisCa,
 
     /// Isolate this cluster from others on the same Redis.
     #[arg(long, env = "MESA_NAMESPACE", requires = "redis")]
@@ -383,6 +386,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
             PortalMode::RoundRobin => PortalChoice::RoundRobin,
             PortalMode::Random => PortalChoice::Random,
         });
+        cluster.redis_ca_pem = args.redis_ca.load(url)?;
         builder = builder.cluster(cluster);
     }
     if args.sync {

@@ -1,6 +1,6 @@
 //! TLS in the binary: the PEM files of `mesa serve --tls-cert/--tls-key` (loaded at
-//! start, reloaded on SIGHUP), the TLS listener of the demo's HTTP server, and the
-//! extra root of `--ca-cert`.
+//! start, reloaded on SIGHUP), the TLS listener of the demo's HTTP server, the extra
+//! root of `--ca-cert`, and the CA of a `rediss://` Redis (`--redis-ca-cert`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use axum::serve::Listener;
 use mesa_tokio::mesa_driver::Runtime;
 use mesa_tokio::mesa_driver::futures_rustls::server::TlsStream;
+use mesa_tokio::mesa_driver::tls::certificates_from_pem;
 use mesa_tokio::{Handler, Server, ServerTls, Tokio};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use crate::Failure;
 
 /// Handshakes finished but not yet taken by the HTTP server.
 const READY_BACKLOG: usize = 64;
@@ -58,6 +61,35 @@ impl TlsFiles {
                 tracing::error!(%error, "TLS certificate not reloaded: keeping the current one")
             }
         }
+    }
+}
+
+/// `--redis-ca-cert` of `mesa serve`, `mesa dispatch` and `mesa portal`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RedisCa {
+    /// Trust the certificates of this PEM file (a private CA) for a `rediss://`
+    /// --redis, instead of the platform's store.
+    #[arg(long, env = "MESA_REDIS_CA_CERT", requires = "redis")]
+    redis_ca_cert: Option<PathBuf>,
+}
+
+impl RedisCa {
+    /// The PEM certificates to trust for the Redis at `url`, checked: `None` without
+    /// the flag, an error when the file is unreadable, holds no certificate, or `url`
+    /// does not speak TLS.
+    pub(crate) fn load(&self, url: &str) -> Result<Option<Vec<u8>>, Failure> {
+        let Some(path) = &self.redis_ca_cert else {
+            return Ok(None);
+        };
+        if !url.starts_with("rediss://") {
+            return Err(Failure::usage(format!(
+                "--redis-ca-cert needs a rediss:// URL, not `{url}`"
+            )));
+        }
+        let pem = read(path, "--redis-ca-cert")?;
+        certificates_from_pem(&pem)
+            .map_err(|error| format!("--redis-ca-cert {}: {error}", path.display()))?;
+        Ok(Some(pem))
     }
 }
 
