@@ -25,7 +25,9 @@
 //!
 //! The cluster through Redis (replication, sync, presence, `Dispatcher` and
 //! `Portal`, re-exported here with `ClusterConfig`) runs on both runtimes through
-//! redis-rs's `smol-comp`.
+//! redis-rs's `smol-comp`, over TLS too (`rediss://`, its `smol-rustls-comp`; a
+//! private CA through `ClusterConfig::redis_ca_pem`, `DispatcherBuilder::redis_ca_pem`
+//! or `PortalBuilder::redis_ca_pem`).
 //!
 //! # A server and a client on smol
 //!

@@ -51,7 +51,12 @@
 //!
 //! `wss://` URLs are verified against the Mozilla roots (and the platform's store
 //! with the `native-roots` feature) plus any root added; a server serves TLS with a
-//! [`ServerTls`] it can reload while running (see [`mesa_driver::tls`]).
+//! [`ServerTls`] it can reload while running (see [`mesa_driver::tls`]). The TLS
+//! handshake holds a slot of `max_connections`; an HTTP framework that does the
+//! handshake itself takes one with [`Server::admit`](mesa_driver::Server::admit).
+//! `rediss://` Redis URLs trust the platform's store, or the PEM certificates of
+//! [`ClusterConfig::redis_ca_pem`] (and the same option of the Dispatcher and Portal
+//! builders).
 //!
 //! ```no_run
 //! use mesa_tokio::ServerTls;
@@ -86,6 +91,14 @@
 //!     .dispatch(Message::dispatch("NOTICE", json!({"text": "hi"})), None, to, &[])
 //!     .await?;
 //! println!("stored for {} offline ids", report.stored);
+//!
+//! // A Redis behind TLS, its certificate signed by a private CA:
+//! let secure = Dispatcher::builder("rediss://redis.internal:6380/")
+//!     .sync(true)
+//!     .redis_ca_pem(std::fs::read("redis-ca.crt")?)
+//!     .connect()
+//!     .await?;
+//! # drop(secure);
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs, unreachable_pub)]

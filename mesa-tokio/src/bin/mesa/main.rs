@@ -6,7 +6,8 @@
 //! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync] [--ca-cert ca.crt]
 //! mesa bench  idle|fanout|echo|storm|cluster --url ws://127.0.0.1:4000/ --connections N ...
 //! mesa dispatch --redis redis[s]://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
-//! mesa portal --redis redis://127.0.0.1:6379/ [--all]
+//! mesa portal --redis redis[s]://127.0.0.1:6379/ [--all]
+//!   (serve, dispatch and portal: --redis-ca-cert ca.crt trusts a private CA for rediss://)
 //! ```
 //!
 //! Every flag can also be set through the environment variable named in `--help`
