@@ -541,6 +541,44 @@ fn block_within<T>(
     })
 }
 
+/// A two-worker tokio runtime for the tests that drive our client library.
+fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Our client of `url` trusting `ca`, retrying every 20 to 50 ms.
+fn tls_client(url: &str, ca: &pki::TestCa) -> mesa_tokio::ClientBuilder {
+    mesa_tokio::client(url)
+        .add_root_pem(ca.pem())
+        .backoff(mesa_tokio::BackoffConfig {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(50),
+            base_is_fixed: true,
+        })
+}
+
+/// The next event of our client that `pred` accepts, dropping the others (bounded).
+fn next_event(
+    runtime: &tokio::runtime::Runtime,
+    events: &mut mesa_tokio::ClientEvents,
+    what: &str,
+    mut pred: impl FnMut(&mesa_tokio::ClientEvent) -> bool,
+) -> mesa_tokio::ClientEvent {
+    block_within(runtime, what, async {
+        loop {
+            match events.next().await {
+                Some(event) if pred(&event) => break event,
+                Some(_) => {}
+                None => panic!("the client stopped before {what}"),
+            }
+        }
+    })
+}
+
 #[test]
 fn sighup_reloads_the_certificate_without_dropping_100_connections() {
     use mesa_tokio::ClientEvent;
@@ -563,20 +601,8 @@ fn sighup_reloads_the_certificate_without_dropping_100_connections() {
         &[],
     );
     let url = url.replace("127.0.0.1", "localhost");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let client = |ca: &pki::TestCa| {
-        mesa_tokio::client(url.clone())
-            .add_root_pem(ca.pem())
-            .backoff(mesa_tokio::BackoffConfig {
-                base: Duration::from_millis(20),
-                cap: Duration::from_millis(50),
-                base_is_fixed: true,
-            })
-    };
+    let runtime = tokio_runtime();
+    let client = |ca: &pki::TestCa| tls_client(&url, ca);
     let _guard = runtime.enter();
     let mut open = Vec::new();
     for n in 0..OPEN {
@@ -614,16 +640,13 @@ fn sighup_reloads_the_certificate_without_dropping_100_connections() {
     )
     .expect("authenticated");
     let (_stale, mut stale_events) = client(&old_ca).build().expect("a client");
-    let refused = block_within(&runtime, "the old CA refused", async {
-        loop {
-            match stale_events.next().await {
-                Some(ClientEvent::Disconnected { close, .. }) => break close,
-                Some(_) => {}
-                None => panic!("the client stopped"),
-            }
-        }
+    let refused = next_event(&runtime, &mut stale_events, "the old CA refused", |e| {
+        matches!(e, ClientEvent::Disconnected { .. })
     });
-    assert!(refused.reason.ends_with("UnknownIssuer"), "{refused}");
+    let ClientEvent::Disconnected { close, .. } = refused else {
+        unreachable!("the predicate matched a disconnection")
+    };
+    assert!(close.reason.ends_with("UnknownIssuer"), "{close}");
 
     // Every connection opened before the reload is still open and answers.
     for (n, (client, events)) in open.iter_mut().enumerate() {
@@ -686,33 +709,14 @@ fn the_demo_over_tls_counts_tls_handshakes_against_max_connections() {
 
     // A third client, accepted after them, finishes its TLS handshake and has its
     // upgrade refused with 503 while they stall.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let runtime = tokio_runtime();
     let _guard = runtime.enter();
-    let (_client, mut events) = mesa_tokio::client(url)
-        .add_root_pem(ca.pem())
-        .backoff(mesa_tokio::BackoffConfig {
-            base: Duration::from_millis(20),
-            cap: Duration::from_millis(50),
-            base_is_fixed: true,
-        })
-        .build()
-        .expect("a client");
-    let first = block_within(&runtime, "the first attempt", async {
-        loop {
-            match events.next().await {
-                Some(
-                    event @ (ClientEvent::Connected { .. } | ClientEvent::Disconnected { .. }),
-                ) => {
-                    break event;
-                }
-                Some(_) => {}
-                None => panic!("the client stopped"),
-            }
-        }
+    let (_client, mut events) = tls_client(&url, &ca).build().expect("a client");
+    let first = next_event(&runtime, &mut events, "the first attempt", |e| {
+        matches!(
+            e,
+            ClientEvent::Connected { .. } | ClientEvent::Disconnected { .. }
+        )
     });
     match first {
         ClientEvent::Disconnected { close, .. } => {
@@ -729,13 +733,10 @@ fn the_demo_over_tls_counts_tls_handshakes_against_max_connections() {
         std::io::Read::read_to_end(&mut peer, &mut rest)
             .expect("the server closes the stalled peer");
     }
-    block_within(&runtime, "connecting once the slots are free", async {
-        loop {
-            match events.next().await {
-                Some(ClientEvent::Connected { .. }) => break,
-                Some(_) => {}
-                None => panic!("the client stopped"),
-            }
-        }
-    });
+    let _connected = next_event(
+        &runtime,
+        &mut events,
+        "connecting once the slots are free",
+        |e| matches!(e, ClientEvent::Connected { .. }),
+    );
 }

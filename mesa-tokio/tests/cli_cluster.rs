@@ -62,6 +62,27 @@ impl Mesa {
         }
     }
 
+    /// `mesa serve` with dev authentication and round-robin portals (and `extra`)
+    /// on a free port; returns it with the URL it announces.
+    fn serve(extra: &[&str], env: &[(&str, &str)]) -> (Self, String) {
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "dev",
+            "--portals",
+            "round-robin",
+        ];
+        args.extend_from_slice(extra);
+        let server = Mesa::start(&args, env);
+        let line = server.stdout.expect("announcing the URL", |l| {
+            l.starts_with("mesa listening on ")
+        });
+        let url = line["mesa listening on ".len()..].to_owned();
+        (server, url)
+    }
+
     fn terminate(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -138,23 +159,7 @@ fn dispatch_and_portal_work_with_a_cluster_server_and_a_client() {
         Some("*1\r\n$10\r\ncli-portal\r\n".to_owned())
     );
 
-    let server = Mesa::start(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--auth",
-            "dev",
-            "--sync",
-            "--portals",
-            "round-robin",
-        ],
-        &cluster,
-    );
-    let line = server.stdout.expect("announcing the URL", |l| {
-        l.starts_with("mesa listening on ")
-    });
-    let ws_url = line["mesa listening on ".len()..].to_owned();
+    let (_server, ws_url) = Mesa::serve(&["--sync"], &cluster);
     let mut alice = Mesa::start(
         &["client", &ws_url, "--token", "alice", "--no-reconnect"],
         &[],
@@ -301,22 +306,7 @@ fn serve_dispatch_and_portal_reach_their_redis_over_tls() {
     portal
         .stderr
         .expect("joining the pool", |l| l.contains("portal joined the pool"));
-    let server = Mesa::start(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--auth",
-            "dev",
-            "--portals",
-            "round-robin",
-        ],
-        &env,
-    );
-    let line = server.stdout.expect("announcing the URL", |l| {
-        l.starts_with("mesa listening on ")
-    });
-    let ws_url = line["mesa listening on ".len()..].to_owned();
+    let (_server, ws_url) = Mesa::serve(&[], &env);
     let bob = Mesa::start(&["client", &ws_url, "--token", "bob"], &[]);
     bob.stderr
         .expect("authenticated as bob", |l| l.contains(r#""id":"bob""#));

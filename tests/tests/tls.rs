@@ -83,7 +83,14 @@ async fn failed_attempts<R: Runtime>(rt: &R, builder: ClientBuilder<R>) -> Strin
             other => panic!("the client connected: {other:?}"),
         }
     }
-    assert_eq!(reasons[0], reasons[1], "the same failure each time");
+    // The same failure each time, up to the numbers in it (an expired certificate's
+    // reason carries the verification time, which moves on between attempts).
+    let shape = |reason: &str| reason.replace(|c: char| c.is_ascii_digit(), "");
+    assert_eq!(
+        shape(&reasons[0]),
+        shape(&reasons[1]),
+        "the same failure each time: {reasons:?}"
+    );
     reasons.remove(0)
 }
 
