@@ -1,6 +1,6 @@
 //! End-to-end test of `mesa bench`: real `mesa serve` processes measured by real
 //! `mesa bench` processes over loopback, every scenario briefly (idle, fanout, echo,
-//! storm, and cluster on a `redis-server` of its own). Every wait is bounded, and every
+//! storm, and cluster and offline on a `redis-server` of their own). Every wait is bounded, and every
 //! child process is killed when its handle drops.
 //!
 //! Needs the `cli` feature and `redis-server` on PATH:
@@ -260,8 +260,8 @@ fn storm_restarts_the_server_and_every_client_comes_back() {
     assert!(storm["server_cpu_secs"].is_number(), "{storm}");
 }
 
-#[test]
-fn cluster_publishes_once_per_message() {
+/// A `redis-server` of the test's own on a free port, and its URL.
+fn redis_server() -> (Killed, String) {
     let port = free_port();
     let redis = Killed(
         Command::new("redis-server")
@@ -277,7 +277,12 @@ fn cluster_publishes_once_per_message() {
         assert!(Instant::now() < deadline, "redis-server never listened");
         thread::sleep(Duration::from_millis(20));
     }
-    let redis_url = format!("redis://127.0.0.1:{port}/");
+    (redis, format!("redis://127.0.0.1:{port}/"))
+}
+
+#[test]
+fn cluster_publishes_once_per_message() {
+    let (redis, redis_url) = redis_server();
     let (a, url_a) = serve(&["--redis", &redis_url]);
     let (b, url_b) = serve(&["--redis", &redis_url]);
     let (pid_a, pid_b) = (a.0.id().to_string(), b.0.id().to_string());
@@ -306,4 +311,33 @@ fn cluster_publishes_once_per_message() {
     assert_eq!(cluster["redis_publish_calls"], 20, "{cluster}");
     assert_eq!(cluster["publish_per_send"], 1.0, "{cluster}");
     drop((a, b, redis));
+}
+
+#[test]
+fn offline_stores_a_copy_for_every_id() {
+    let (redis, redis_url) = redis_server();
+    let offline = bench(&[
+        "offline",
+        "--redis",
+        &redis_url,
+        "--recipients",
+        "2500",
+        "--message-bytes",
+        "100",
+        "--bystanders",
+        "5",
+        "--baseline-secs",
+        "1",
+        "--timeout-secs",
+        "30",
+    ]);
+    assert_eq!(offline["scenario"], "offline", "{offline}");
+    assert_eq!(offline["stored"], 2500, "{offline}");
+    assert_eq!(offline["stored_reported"], 2500, "{offline}");
+    assert_eq!(offline["complete"], true, "{offline}");
+    assert_eq!(offline["sample_ok"], true, "{offline}");
+    assert_eq!(offline["dropped"], 0, "{offline}");
+    assert!(offline["rss_growth_bytes"].is_u64(), "{offline}");
+    assert!(offline["baseline_p99_us"].is_u64(), "{offline}");
+    drop(redis);
 }

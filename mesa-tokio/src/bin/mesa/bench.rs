@@ -9,11 +9,13 @@
 //! mesa bench echo    --url ws://127.0.0.1:4000/ --connections 100 [--in-flight 4] [--secs 5]
 //! mesa bench storm   --url ws://127.0.0.1:4000/ --connections 10000 --server-cmd 'mesa serve ...'
 //! mesa bench cluster --url ws://127.0.0.1:4001/ --url ws://127.0.0.1:4002/ --redis redis://127.0.0.1:6379/ ...
+//! mesa bench offline --redis redis://127.0.0.1:6379/ [--recipients 100000] [--bystanders 100]
 //! ```
 //!
 //! The generator speaks raw WebSocket frames (async-tungstenite on tokio), not through
 //! [`mesa_tokio::Client`], so that it costs as little as possible; only `storm` uses
-//! the client library, because its backoff is what it measures. On a loopback server
+//! the client library, because its backoff is what it measures, and only `offline`
+//! runs a server itself (its send needs the server API). On a loopback server
 //! the connections are spread over the source addresses 127.0.0.2..=127.0.0.254 (each
 //! socket is bound before it connects), so that ephemeral ports do not run out. Every
 //! connection reads the hello, authenticates with `{"op":2,"d":{"token":"u<i>"}}`,
@@ -49,6 +51,7 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 use crate::Failure;
 
 mod echo;
+mod offline;
 mod stats;
 mod storm;
 
@@ -99,6 +102,10 @@ enum Scenario {
     /// replica): deliveries across replicas, and the PUBLISH commands Redis counted
     /// per message sent.
     Cluster(ClusterArgs),
+    /// One send to many ids connected nowhere, from a server running in this process
+    /// with a cluster and sync, while bystanders do ECHO round trips: this process's
+    /// memory growth, the time until every copy is stored, the bystanders' latency.
+    Offline(offline::OfflineArgs),
 }
 
 /// Options of every scenario that uses the raw generator.
@@ -194,6 +201,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             }
             fanout(args.fanout, Some(&args.redis)).await
         }
+        Scenario::Offline(args) => offline::run(args).await,
     }
 }
 
@@ -927,7 +935,7 @@ fn print_errors(errors: HashMap<String, u64>) {
 }
 
 /// Wait (a bounded time) for every connection task, then abort the rest.
-async fn join_all(mut tasks: JoinSet<Outcome>) -> Vec<Outcome> {
+async fn join_all<T: 'static>(mut tasks: JoinSet<T>) -> Vec<T> {
     let mut outcomes = Vec::with_capacity(tasks.len());
     let deadline = Instant::now() + JOIN_TIMEOUT;
     while let Ok(Some(joined)) = timeout_at(deadline, tasks.join_next()).await {
