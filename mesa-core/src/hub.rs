@@ -3,7 +3,7 @@
 //! One id may hold several connections (tabs, devices); a send to an id reaches all
 //! of them. The hub only decides; the adapter executes the returned [`Delivery`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::close::{Close, CloseCode};
 use crate::wire::{Frame, Message, Opcode};
@@ -33,6 +33,11 @@ impl Recipients {
 
     /// Remove `excluding` from an explicit list; a global send is left whole, as upstream.
     pub fn excluding(self, excluding: &[String]) -> Self {
+        if excluding.is_empty() {
+            return self;
+        }
+        // A set: both lists may hold many thousands of ids.
+        let excluding: HashSet<&String> = excluding.iter().collect();
         match self {
             Recipients::Ids(ids) => Recipients::Ids(
                 ids.into_iter()
@@ -186,10 +191,12 @@ impl Hub {
             Recipients::Ids(ids) => {
                 let mut targets = BTreeSet::new();
                 let mut absent = Vec::new();
+                // Each absent id once, in order; a set, for sends to many thousands.
+                let mut seen = HashSet::new();
                 for id in ids {
                     match self.by_id.get(id) {
                         Some(conns) => targets.extend(conns),
-                        None if !absent.contains(id) => absent.push(id.clone()),
+                        None if seen.insert(id) => absent.push(id.clone()),
                         None => {}
                     }
                 }

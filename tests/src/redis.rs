@@ -1,5 +1,6 @@
 //! Real `redis-server` processes for the cluster tests: each test starts its own on
-//! a free port, and can kill and restart it to test faults. They stop on drop.
+//! a free port, and can kill and restart it to test faults. They stop on drop. A
+//! [`SwallowingProxy`] in front of one plays a network that stops carrying traffic.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -154,6 +155,100 @@ impl Drop for RedisServer {
         self.kill();
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A TCP proxy in front of a [`RedisServer`] that can stop carrying traffic, as a
+/// network that silently drops packets: the client's commands then never reach Redis
+/// and it hears nothing until its own timeout. Runs on the test's tokio runtime.
+#[derive(Debug)]
+pub struct SwallowingProxy {
+    port: u16,
+    swallowing: tokio::sync::watch::Sender<bool>,
+}
+
+impl SwallowingProxy {
+    /// Listen on a free port, forwarding every connection to `target`'s port.
+    pub async fn start(target: &RedisServer) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port for the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let (swallowing, mode) = tokio::sync::watch::channel(false);
+        let upstream = target.port();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward(client, upstream, mode.clone()));
+            }
+        });
+        SwallowingProxy { port, swallowing }
+    }
+
+    /// The proxy's URL, for the client under test.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// From now on, drop whatever either side sends, on open and new connections.
+    pub fn swallow(&self) {
+        self.swallowing.send_replace(true);
+    }
+
+    /// Carry traffic again on new connections; those that lost traffic are closed
+    /// (their streams are broken), as a client that timed out would find them.
+    pub fn heal(&self) {
+        self.swallowing.send_replace(false);
+    }
+}
+
+/// Carry one connection between `client` and Redis on `upstream` until either side
+/// closes; after a swallowing spell, close it.
+async fn forward(
+    client: tokio::net::TcpStream,
+    upstream: u16,
+    mut mode: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let mut broken = *mode.borrow_and_update();
+    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        tokio::select! {
+            changed = mode.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let swallowing = *mode.borrow_and_update();
+                if swallowing {
+                    broken = true;
+                } else if broken {
+                    return;
+                }
+            }
+            read = client_read.read(&mut up) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) if !broken => {
+                    if server_write.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+            },
+            read = server_read.read(&mut down) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) if !broken => {
+                    if client_write.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+            },
         }
     }
 }

@@ -837,9 +837,13 @@ fn heartbeat_ack() -> WsMessage {
 
 /// A timestamped dispatch of type `t` (`ECHO` or `BROADCAST`) with sequence number `seq`.
 fn dispatch(t: &str, ctx: &Ctx, seq: u64) -> WsMessage {
+    dispatch_at(t, ctx.now_us(), seq)
+}
+
+/// [`dispatch`] stamped `ts` (microseconds since the generator's epoch).
+fn dispatch_at(t: &str, ts: u64, seq: u64) -> WsMessage {
     WsMessage::text(format!(
-        r#"{{"op":0,"t":"{t}","d":{{"ts":{},"seq":{seq}}}}}"#,
-        ctx.now_us()
+        r#"{{"op":0,"t":"{t}","d":{{"ts":{ts},"seq":{seq}}}}}"#
     ))
 }
 

@@ -1,7 +1,10 @@
 //! `mesa bench offline`: one send to N ids connected nowhere (sync on), while
 //! bystander connections keep doing ECHO round trips. Reported: the memory the send
-//! costs, how long until a copy is stored for every id, and what it does to the
-//! bystanders' latency.
+//! costs (peak VmRSS growth, read every 20 ms), how long until a copy is stored for
+//! every id (`HLEN` of the run's `undelivered_messages`, read every 20 ms), the CPU
+//! time of this process and of Redis meanwhile, and the bystanders' ECHO latency
+//! during a baseline phase without the send and while it is stored (by the time each
+//! ECHO was sent), with the ratio of the p99s.
 //!
 //! The server runs inside the generator's process, built with the library
 //! (`mesa_tokio::server()` with a cluster on `--redis` and sync), and the message is
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use async_tungstenite::tungstenite::Message as WsMessage;
 use futures_util::StreamExt;
 use mesa_tokio::mesa_core::SyncConfig;
 use mesa_tokio::mesa_driver::BoxError;
@@ -30,8 +34,8 @@ use tokio::time::{Instant, MissedTickBehavior, sleep, timeout};
 
 use super::stats::rss_bytes;
 use super::{
-    CommonArgs, Ctx, Histogram, Kind, Parsed, close, dispatch, emit, heartbeat_ack, join_all, open,
-    parse, round3,
+    CommonArgs, Ctx, Histogram, Kind, Parsed, close, cpu_secs, dispatch_at, emit, heartbeat_ack,
+    human_bytes, human_secs, join_all, open, own_cpu_ticks, parse, round3,
 };
 use crate::Failure;
 
@@ -40,6 +44,10 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// How long the server's Redis link gets to come up.
 const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An ECHO that goes out later than this after it was due (microseconds) was held up
+/// by a stall, not by the timer's resolution.
+const HELD_UP_US: u64 = 2_000;
 
 /// How long the ECHOs still in flight get once the storing is done.
 const DRAIN: Duration = Duration::from_millis(300);
@@ -197,13 +205,27 @@ pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
     let key = format!("undelivered_messages_{namespace}");
     let recipients = u64::from(args.recipients);
 
+    let baseline_cpu_before = own_cpu_ticks();
     sleep(Duration::from_secs(args.baseline_secs)).await;
     let me = std::process::id();
+    let redis_cpu_before = redis_cpu(&mut redis).await;
+    let cpu_before = own_cpu_ticks();
+    let baseline_cpu = cpu_secs(baseline_cpu_before, cpu_before);
     let rss_before = rss_bytes(me);
     let mut rss_peak = rss_before;
     let send_at = ctx.now_us();
     let started = Instant::now();
-    let _ = server.handle().send_to(&message, ids, &[]);
+    // On a worker thread, as an application's task (or a connection's, relaying a
+    // client's message) would call it. The caller's share of the work is routing
+    // the ids: the local connections among them, and the absent ones.
+    let handle = server.handle();
+    let send_call = tokio::spawn(async move {
+        let called = Instant::now();
+        let _ = handle.send_to(&message, ids, &[]);
+        called.elapsed().as_secs_f64()
+    })
+    .await
+    .map_err(|error| format!("the send panicked: {error}"))?;
     let deadline = started + Duration::from_secs(args.timeout_secs);
     let mut stored = 0_u64;
     let mut read_errors = 0_u64;
@@ -222,6 +244,11 @@ pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
     let store_secs = started.elapsed().as_secs_f64();
     let stored_at = ctx.now_us();
     let rss_after = rss_bytes(me);
+    let cpu = cpu_secs(cpu_before, own_cpu_ticks());
+    let redis_cpu = match (redis_cpu_before, redis_cpu(&mut redis).await) {
+        (Some(before), Some(after)) => Some(round3(after - before)),
+        _ => None,
+    };
     sleep(DRAIN).await;
     let _ = stop.send(true);
     let samples = join_all(tasks).await;
@@ -270,15 +297,18 @@ pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
     let reported = observe.0.stored.load(Ordering::SeqCst);
     let complete = stored == recipients;
     emit(&format!(
-        "offline recipients={} message={}B bystanders={} (every {}ms)  stored={}{} in {:.2}s  rss +{} (peak)  echo baseline {}  during {}  p99 x{}",
+        "offline recipients={} message={}B bystanders={} (every {}ms)  send_to {:.0}ms  stored={}{} in {:.2}s  cpu: process {} redis {}  rss +{} (peak)  echo baseline {}  during {}  p99 x{}",
         args.recipients,
         args.message_bytes,
         args.bystanders,
         args.echo_every_ms,
+        send_call * 1000.0,
         stored,
         if complete { "" } else { " (incomplete)" },
         store_secs,
-        super::stats::human_bytes(growth.map(|b| b as f64)),
+        human_secs(cpu),
+        human_secs(redis_cpu),
+        human_bytes(growth.map(|b| b as f64)),
         baseline.human(),
         during.human(),
         ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
@@ -295,8 +325,13 @@ pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
             "stored_reported": reported,
             "complete": complete,
             "sample_ok": sample_ok,
+            "send_call_secs": round3(send_call),
             "store_secs": round3(store_secs),
             "redis_read_errors": read_errors,
+            "baseline_secs": args.baseline_secs,
+            "baseline_process_cpu_secs": baseline_cpu,
+            "process_cpu_secs": cpu,
+            "redis_cpu_secs": redis_cpu,
             "rss_before_bytes": rss_before,
             "rss_peak_bytes": rss_peak,
             "rss_after_bytes": rss_after,
@@ -321,7 +356,8 @@ pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
 
 /// One bystander: connect as `u<index>`, then send an ECHO every `every` (the first
 /// after `offset`, so that the bystanders' ECHOs spread over the period) until told
-/// to stop. Returns (send time, round trip) of every ECHO answered, in microseconds.
+/// to stop. Returns (due time, round trip from it) of every ECHO answered, in
+/// microseconds.
 async fn bystander(
     ctx: Arc<Ctx>,
     index: u32,
@@ -344,39 +380,65 @@ async fn bystander(
         }
     };
     let _ = ready.send(Ok(()));
+    // The ECHOs a stall held up go out at once when it ends, stamped with the time
+    // they were due: a stall of this process (the server's, too) shows in the
+    // latency instead of in fewer samples. The others are stamped when they go out,
+    // which leaves the timer's resolution (1 ms) out of the figures.
     let mut ticks = tokio::time::interval_at(Instant::now() + offset, every);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut samples = Vec::new();
     let mut seq = 0_u64;
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            _ = ticks.tick() => {
-                if ws.send(dispatch("ECHO", &ctx, seq)).await.is_err() {
+            due = ticks.tick() => {
+                let due = u64::try_from(due.saturating_duration_since(ctx.epoch).as_micros())
+                    .unwrap_or(u64::MAX);
+                let now = ctx.now_us();
+                let stamp = if now > due + HELD_UP_US { due } else { now };
+                if ws.send(dispatch_at("ECHO", stamp, seq)).await.is_err() {
                     return Err("the connection failed while sending".to_owned());
                 }
                 seq += 1;
             }
-            frame = ws.next() => match frame {
-                Some(Ok(async_tungstenite::tungstenite::Message::Text(text))) => match parse(text.as_str()) {
-                    Parsed::Heartbeat => {
-                        if ws.send(heartbeat_ack()).await.is_err() {
-                            return Err("the connection failed while sending".to_owned());
-                        }
+            frame = ws.next() => {
+                let text = match frame {
+                    Some(Ok(WsMessage::Text(text))) => text,
+                    Some(Ok(_)) => continue,
+                    _ => return Err("the server closed the connection".to_owned()),
+                };
+                match parse(text.as_str()) {
+                    Parsed::Heartbeat if ws.send(heartbeat_ack()).await.is_err() => {
+                        return Err("the connection failed while sending".to_owned());
                     }
                     Parsed::Dispatch { kind: Kind::Echo, ts, .. } => {
                         samples.push((ts, ctx.now_us().saturating_sub(ts)));
                     }
                     _ => {}
-                },
-                Some(Ok(_)) => {}
-                _ => return Err("the server closed the connection".to_owned()),
-            },
+                }
+            }
         }
     }
     close(&mut ws).await;
     Ok(samples)
+}
+
+/// The CPU time Redis has used (`INFO cpu`: user plus system), in seconds.
+async fn redis_cpu(redis: &mut redis::aio::MultiplexedConnection) -> Option<f64> {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(redis)
+        .await
+        .ok()?;
+    let field = |name: &str| -> Option<f64> {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(field("used_cpu_user")? + field("used_cpu_sys")?)
 }
 
 /// Delete every key of `namespace` (`<key>_<namespace>`) on the bench's Redis.
