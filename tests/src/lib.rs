@@ -16,7 +16,7 @@ pub mod redis;
 pub mod runtimes;
 
 pub use node::{ClientKind, NodePeer, free_port, node_dir, require_node};
-pub use redis::{RedisServer, SwallowingProxy};
+pub use redis::{CuttingProxy, RedisServer};
 
 /// How long any single wait lasts by default.
 pub const WAIT: Duration = Duration::from_secs(10);

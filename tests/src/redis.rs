@@ -1,12 +1,18 @@
 //! Real `redis-server` processes for the cluster tests: each test starts its own on
 //! a free port, and can kill and restart it to test faults. They stop on drop. A
-//! [`SwallowingProxy`] in front of one plays a network that stops carrying traffic.
+//! [`CuttingProxy`] in front of one plays a network that fails mid-pipeline.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream as TokioStream};
+use tokio::sync::watch;
 
 use crate::node::free_port;
 
@@ -159,30 +165,36 @@ impl Drop for RedisServer {
     }
 }
 
-/// A TCP proxy in front of a [`RedisServer`] that can stop carrying traffic, as a
-/// network that silently drops packets: the client's commands then never reach Redis
-/// and it hears nothing until its own timeout. Runs on the test's tokio runtime.
+/// A TCP proxy in front of a [`RedisServer`] that can cut the link while a client's
+/// commands are on their way, as a network failing in the middle of a pipeline: after
+/// [`cut_at_next_command`](Self::cut_at_next_command), the next bytes any client sends
+/// are dropped (Redis never sees those commands) and every connection open then is
+/// closed (the client sees its connection end). Later connections pass. Runs on the
+/// test's tokio runtime.
 #[derive(Debug)]
-pub struct SwallowingProxy {
+pub struct CuttingProxy {
     port: u16,
-    swallowing: tokio::sync::watch::Sender<bool>,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<watch::Sender<u64>>,
 }
 
-impl SwallowingProxy {
+impl CuttingProxy {
     /// Listen on a free port, forwarding every connection to `target`'s port.
     pub async fn start(target: &RedisServer) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a port for the proxy");
         let port = listener.local_addr().expect("the proxy's address").port();
-        let (swallowing, mode) = tokio::sync::watch::channel(false);
+        let armed = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(watch::channel(0).0);
         let upstream = target.port();
+        let (trap, cutter) = (armed.clone(), cuts.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(forward(client, upstream, mode.clone()));
+                tokio::spawn(forward(client, upstream, trap.clone(), cutter.clone()));
             }
         });
-        SwallowingProxy { port, swallowing }
+        CuttingProxy { port, armed, cuts }
     }
 
     /// The proxy's URL, for the client under test.
@@ -190,64 +202,54 @@ impl SwallowingProxy {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// From now on, drop whatever either side sends, on open and new connections.
-    pub fn swallow(&self) {
-        self.swallowing.send_replace(true);
+    /// Cut at the next bytes a client sends (see the type).
+    pub fn cut_at_next_command(&self) {
+        self.armed.store(true, Ordering::SeqCst);
     }
 
-    /// Carry traffic again on new connections; those that lost traffic are closed
-    /// (their streams are broken), as a client that timed out would find them.
-    pub fn heal(&self) {
-        self.swallowing.send_replace(false);
+    /// How many cuts happened.
+    pub fn cuts(&self) -> u64 {
+        *self.cuts.borrow()
     }
 }
 
 /// Carry one connection between `client` and Redis on `upstream` until either side
-/// closes; after a swallowing spell, close it.
+/// closes, or a cut: this connection's (when `armed` at its next bytes), or another's.
 async fn forward(
-    client: tokio::net::TcpStream,
+    client: TokioStream,
     upstream: u16,
-    mut mode: tokio::sync::watch::Receiver<bool>,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<watch::Sender<u64>>,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+    let Ok(server) = TokioStream::connect(("127.0.0.1", upstream)).await else {
         return;
     };
+    let mut cut = cuts.subscribe();
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
-    let mut broken = *mode.borrow_and_update();
     let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
     loop {
         tokio::select! {
-            changed = mode.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let swallowing = *mode.borrow_and_update();
-                if swallowing {
-                    broken = true;
-                } else if broken {
-                    return;
-                }
-            }
+            _ = cut.changed() => return,
             read = client_read.read(&mut up) => match read {
                 Ok(0) | Err(_) => return,
-                Ok(n) if !broken => {
+                Ok(_) if armed.swap(false, Ordering::SeqCst) => {
+                    cuts.send_modify(|count| *count += 1);
+                    return;
+                }
+                Ok(n) => {
                     if server_write.write_all(&up[..n]).await.is_err() {
                         return;
                     }
                 }
-                Ok(_) => {}
             },
             read = server_read.read(&mut down) => match read {
                 Ok(0) | Err(_) => return,
-                Ok(n) if !broken => {
+                Ok(n) => {
                     if client_write.write_all(&down[..n]).await.is_err() {
                         return;
                     }
                 }
-                Ok(_) => {}
             },
         }
     }

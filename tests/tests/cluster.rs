@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use mesa_core::{Close, CloseCode, Limits, Message, Opcode, Recipients, SyncConfig};
 use mesa_tests::ours::{eventually, next_event, next_message, serve, url};
-use mesa_tests::{RedisServer, SwallowingProxy, WAIT};
+use mesa_tests::{CuttingProxy, RedisServer, WAIT};
 use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{ClientEvent, ClusterConfig, DevAuthenticator, Server};
 use redis::AsyncCommands;
@@ -699,37 +699,38 @@ async fn a_graceful_shutdown_removes_the_replicas_presence() {
     assert_eq!(count.unwrap_or(0), 0);
 }
 
-/// Redis stops answering (a network that drops everything) while a redelivery's trim,
-/// a connection's load and a store are on their way: each is kept, and done once the
-/// link is back. The trim removes exactly what was redelivered (entries appended
-/// meanwhile stay), the waiting connection gets its stored messages, the store lands.
+/// The link to Redis fails in the middle of a pipeline that carries a redelivery's
+/// trim, a connection's load and a presence change, and a store is issued while it
+/// is down: each that must not be lost is kept, and done once the link is back. The trim removes
+/// exactly what was redelivered (entries appended meanwhile stay), the waiting
+/// connection gets its stored messages, the store lands, nothing is reported dropped.
 #[tokio::test]
-async fn trims_loads_and_stores_issued_while_redis_is_unreachable_take_effect_once_it_is_back() {
+async fn a_pipeline_cut_midway_loses_none_of_its_trims_loads_and_stores() {
     let redis_server = RedisServer::start();
-    let proxy = SwallowingProxy::start(&redis_server).await;
+    let proxy = CuttingProxy::start(&redis_server).await;
     let metrics = Metrics::new();
+    let mut cluster = ClusterConfig::new(proxy.url());
+    // No liveness ping to cross the cut by chance.
+    cluster.lease = Duration::from_secs(30);
     // No heartbeats: a connection waits for its stored messages (up to 5 s), longer
     // than test heartbeats allow.
     let server = mesa_tokio::server()
         .authenticate(DevAuthenticator)
-        .redis(proxy.url())
+        .cluster(cluster)
         .sync(SyncConfig {
-            redelivery_interval: Duration::from_millis(50),
+            redelivery_interval: Duration::from_millis(20),
         })
         .middleware(metrics.clone())
         .build()
         .unwrap();
     let addr = serve(&server, any_port()).await;
     let note = |n: i64| Message::dispatch("NOTE", json!(n));
-    for n in 0..10 {
-        server
-            .handle()
-            .send(&note(n), &Recipients::Ids(vec!["dan".into()]));
-    }
-    for n in 0..3 {
-        server
-            .handle()
-            .send(&note(n), &Recipients::Ids(vec!["fay".into()]));
+    for (id, count) in [("dan", 10), ("fay", 3)] {
+        for n in 0..count {
+            server
+                .handle()
+                .send(&note(n), &Recipients::Ids(vec![id.into()]));
+        }
     }
     let mut conn = redis(&redis_server).await;
     eventually("dan's 10 and fay's 3 stored", WAIT, || {
@@ -741,23 +742,12 @@ async fn trims_loads_and_stores_issued_while_redis_is_unreachable_take_effect_on
     })
     .await;
 
-    // dan's redelivery starts; Redis goes silent before it ends (and its trim).
+    // dan's 10 are loaded and redelivered; another writer appends to his array meanwhile.
     let (_dan, mut dan_events) = user(addr, "dan").await;
     assert_eq!(next_message(&mut dan_events, "NOTE").await.s, Some(1));
-    proxy.swallow();
-    // Meanwhile: fay authenticates (her stored messages are loaded), gus is sent to.
-    let fay = tokio::spawn(async move { user(addr, "fay").await });
-    server
-        .handle()
-        .send(&note(0), &Recipients::Ids(vec!["gus".into()]));
-    for n in 1..10 {
-        assert_eq!(next_message(&mut dan_events, "NOTE").await.s, Some(n + 1));
-    }
-    // Another writer appends to dan's array behind his trim's back.
     let late =
         json!([{"op": 0, "d": "late 1", "t": "NOTE"}, {"op": 0, "d": "late 2", "t": "NOTE"}]);
     let mut array = stored(&mut conn, "undelivered_messages", "dan").await;
-    assert_eq!(array.len(), 10, "the trim waits for Redis");
     array.extend(late.as_array().unwrap().iter().cloned());
     let _: () = conn
         .hset(
@@ -768,12 +758,39 @@ async fn trims_loads_and_stores_issued_while_redis_is_unreachable_take_effect_on
         .await
         .unwrap();
 
-    eventually("the link seen down", WAIT, || {
-        let down = metrics.cluster_link_up() == Some(false);
-        async move { down }
+    // Redis holds every write: the cluster task waits on fay's connection count while
+    // her presence and load, and dan's trim, pile up behind it.
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "10000", "WRITE"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let fay = tokio::spawn(async move { user(addr, "fay").await });
+    for n in 2..=10 {
+        assert_eq!(next_message(&mut dan_events, "NOTE").await.s, Some(n));
+    }
+    eventually("fay authenticated", WAIT, || {
+        let text = metrics.render();
+        async move { text.contains("mesa_authentications_total 2\n") }
     })
     .await;
-    proxy.heal();
+    // Then the pipeline that carries them is cut on its way.
+    proxy.cut_at_next_command();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually("the link down", WAIT, || {
+        let text = metrics.render();
+        async move { text.contains("mesa_redis_link_failures_total 1\n") }
+    })
+    .await;
+    assert_eq!(proxy.cuts(), 1);
+    // A store for gus, while the link comes back.
+    server
+        .handle()
+        .send(&note(0), &Recipients::Ids(vec!["gus".into()]));
     eventually("the link back up", WAIT, || {
         let up = metrics.cluster_link_up() == Some(true);
         async move { up }

@@ -166,7 +166,8 @@ impl<R: Runtime> Task<R> {
                 break;
             }
         }
-        let left = self.sends.len() + self.others.len() + self.lost;
+        self.shelve();
+        let left = self.queued() + self.lost;
         self.dropped(left, "the cluster task ended with jobs Redis never got");
     }
 
@@ -202,10 +203,9 @@ impl<R: Runtime> Task<R> {
         self.sends.len() + self.others.len()
     }
 
-    /// The one path after any failure of the link: keep what is left to do (see
-    /// [`must_keep`]), then wait before reconnecting, keeping new jobs likewise.
-    /// Returns false when the server is gone or retired meanwhile.
-    async fn outage(&mut self) -> bool {
+    /// Keep of what is left to do only what must be kept (see [`must_keep`]),
+    /// counting the best-effort jobs let go as lost.
+    fn shelve(&mut self) {
         let sends = self.sends.len();
         self.sends.retain(kept_send);
         let portal_events = self
@@ -215,6 +215,13 @@ impl<R: Runtime> Task<R> {
             .count();
         self.others.retain(must_keep);
         self.lost += sends - self.sends.len() + portal_events;
+    }
+
+    /// The one path after any failure of the link: shelve what is left to do, then
+    /// wait before reconnecting, keeping new jobs likewise. Returns false when the
+    /// server is gone or retired meanwhile.
+    async fn outage(&mut self) -> bool {
+        self.shelve();
         if let Some(reply) = self.retiring.take() {
             // Redis is unreachable: nothing to retire from; our lease expires.
             let _ = reply.send(());

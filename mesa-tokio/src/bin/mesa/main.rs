@@ -4,6 +4,7 @@
 //! mesa serve  [--listen 127.0.0.1:4000] [--auth none|dev|jwt] ...
 //! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync]
 //! mesa bench  idle|fanout|echo|storm|cluster --url ws://127.0.0.1:4000/ --connections N ...
+//! mesa bench  offline --redis redis://127.0.0.1:6379/ [--recipients 100000]
 //! mesa dispatch --redis redis://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
 //! mesa portal --redis redis://127.0.0.1:6379/ [--all]
 //! ```
