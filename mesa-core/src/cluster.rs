@@ -1,6 +1,8 @@
 //! The Redis contract shared with upstream replicas, as pure encode/decode: key and
 //! channel names, the `ws` envelope, and portal events.
 
+use std::time::Duration;
+
 use serde_json::{Map, Value, json};
 
 use crate::hub::Recipients;
@@ -175,6 +177,91 @@ pub fn plan_remote(recipients: &Recipients, absent: Vec<String>, sync: bool) -> 
         Recipients::Ids(_) if absent.is_empty() => RemotePlan::Nothing,
         Recipients::Ids(_) if sync => RemotePlan::CheckPresence(absent),
         Recipients::Ids(_) => RemotePlan::Publish(Recipients::Ids(absent)),
+    }
+}
+
+impl RemotePlan {
+    /// The ids this plan asks the cluster to check for presence (none for a publish).
+    pub fn checked(&self) -> &[String] {
+        match self {
+            RemotePlan::CheckPresence(ids) => ids,
+            RemotePlan::Nothing | RemotePlan::Publish(_) => &[],
+        }
+    }
+
+    /// Forget the first `done` ids of a presence check: a round trip carried them
+    /// (see [`Round`]), and the rest waits for the next.
+    pub fn advance(&mut self, done: usize) {
+        if let RemotePlan::CheckPresence(ids) = self {
+            ids.drain(..done.min(ids.len()));
+        }
+    }
+}
+
+/// Most ids in one presence check (SMISMEMBER) or one store script call: Redis runs
+/// each command whole, so a bounded one keeps Redis's other clients served.
+pub const IDS_PER_COMMAND: usize = 1000;
+
+/// Most ids checked for presence (and so stored for) in one round trip to Redis, over
+/// all the sends it carries: between two round trips the cluster link serves its
+/// pub/sub messages, its lease and its other jobs, and what one round holds in memory
+/// does not grow with a send's recipients.
+pub const IDS_PER_ROUND: usize = 4 * IDS_PER_COMMAND;
+
+/// Most sends in one round trip to Redis.
+pub const SENDS_PER_ROUND: usize = 512;
+
+/// The share of a queue of remote sends (oldest first) that the next round trip to
+/// Redis carries.
+///
+/// A send too big for what is left of the round is cut: its first ids go now, and the
+/// rest stays at the head of the queue, ahead of every later send. So no later send
+/// is published to, or stored for, an id before an earlier one (per-sender order),
+/// however many recipients the earlier one has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[must_use]
+pub struct Round {
+    /// Sends carried whole, from the front of the queue.
+    pub whole: usize,
+    /// Then the first ids of the next send's presence check (0: none).
+    pub part: usize,
+    /// The ids checked for presence in all, at most [`IDS_PER_ROUND`].
+    pub ids: usize,
+}
+
+impl Round {
+    /// Plan the next round over the plans of the queued sends, oldest first.
+    pub fn plan<'a>(queue: impl IntoIterator<Item = &'a RemotePlan>) -> Round {
+        let mut round = Round::default();
+        let mut budget = IDS_PER_ROUND;
+        for plan in queue.into_iter().take(SENDS_PER_ROUND) {
+            let cost = plan.checked().len();
+            if cost > budget {
+                round.part = budget;
+                break;
+            }
+            budget -= cost;
+            round.whole += 1;
+        }
+        round.ids = IDS_PER_ROUND - budget + round.part;
+        round
+    }
+
+    /// How long the cluster link rests after this round, which took `took`, before
+    /// its next round of sends (serving everything else meanwhile): as long again
+    /// after a full round, none otherwise.
+    ///
+    /// A full round is bulk work (a send to many ids, or a flood of sends). Redis runs
+    /// one command at a time, so bulk work at full speed makes every other client
+    /// (other replicas' publishes, this replica's lease) wait behind its scripts, and
+    /// it competes with this process's connections for CPU; resting halves its share
+    /// of both. Ordinary traffic never fills a round and is never slowed.
+    pub fn rest(&self, took: Duration) -> Duration {
+        if self.ids >= IDS_PER_ROUND {
+            took
+        } else {
+            Duration::ZERO
+        }
     }
 }
 
@@ -454,6 +541,50 @@ mod tests {
         let no_sync = MessageOptions::no_sync();
         let split = split_by_presence(ids(&["c"]), &[false], Some(&no_sync));
         assert_eq!(split.undeliverable, ids(&["c"]));
+    }
+
+    #[test]
+    fn rounds_pack_small_sends_and_cut_a_big_one_in_order() {
+        let check = |n: usize| RemotePlan::CheckPresence((0..n).map(|i| i.to_string()).collect());
+        let publish = RemotePlan::Publish(Recipients::All);
+        // Small sends and publishes travel together, one round for all.
+        let small = [check(3), publish.clone(), check(IDS_PER_COMMAND)];
+        let round = Round::plan(&small);
+        assert_eq!(
+            (round.whole, round.part, round.ids),
+            (3, 0, 3 + IDS_PER_COMMAND)
+        );
+        let took = Duration::from_millis(7);
+        assert_eq!(
+            round.rest(took),
+            Duration::ZERO,
+            "ordinary traffic never rests"
+        );
+        // A big send behind small ones is cut where the round's ids run out.
+        let mut queue = vec![check(10), check(3 * IDS_PER_ROUND), check(1)];
+        let round = Round::plan(&queue);
+        assert_eq!((round.whole, round.part), (1, IDS_PER_ROUND - 10));
+        assert_eq!(
+            round.rest(took),
+            took,
+            "bulk work rests as long as it worked"
+        );
+        let _done = queue.remove(0);
+        queue[0].advance(IDS_PER_ROUND - 10);
+        assert_eq!(queue[0].checked().len(), 2 * IDS_PER_ROUND + 10);
+        // Its rest stays at the head: the later send waits until it is done.
+        let mut rounds = 0;
+        while queue[0].checked().len() > IDS_PER_ROUND {
+            let round = Round::plan(&queue);
+            assert_eq!((round.whole, round.part), (0, IDS_PER_ROUND));
+            queue[0].advance(round.part);
+            rounds += 1;
+        }
+        assert_eq!(rounds, 2);
+        assert_eq!(Round::plan(&queue).whole, 2);
+        // A round carries a bounded number of sends, however small.
+        let many = vec![publish; SENDS_PER_ROUND + 1];
+        assert_eq!(Round::plan(&many).whole, SENDS_PER_ROUND);
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub use client::{ClientConfig, ClientError, ClientEvent, ClientSession, ClientTr
 pub use close::{Close, CloseCode};
 pub use cluster::{
     Envelope, Namespace, PortalChoice, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,
-    PresenceSplit, RemotePlan, plan_remote, split_by_presence,
+    PresenceSplit, RemotePlan, Round, plan_remote, split_by_presence,
 };
 pub use config::{
     AuthConfig, ConfigError, HeartbeatConfig, ServerConfig, ServerConfigBuilder, SyncConfig,

@@ -8,8 +8,10 @@
 //! is stored for the offline ones in `ns("undelivered_messages")`, in upstream's
 //! format but appended atomically and capped per id (upstream's read-modify-write
 //! loses concurrent appends). The Redis work is the server's own
-//! (`cluster::execute`): one presence check and one PUBLISH per dispatch, pipelined.
+//! (`cluster::send_round`): presence checks and stores pipelined, one PUBLISH per
+//! dispatch (per round of a few thousand ids for a dispatch to more).
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
 use mesa_core::{
@@ -20,8 +22,8 @@ use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
 use crate::cluster::link::{self, check_ca_pem, commands};
-use crate::cluster::scripts::APPEND;
-use crate::cluster::{RemoteSend, execute};
+use crate::cluster::scripts::APPEND_MANY;
+use crate::cluster::{BatchOutcome, RemoteSend, send_round};
 
 /// Why a dispatch (or connecting a [`Dispatcher`]) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -311,19 +313,25 @@ impl Dispatcher {
             RemotePlan::Publish(Recipients::All) => None,
             RemotePlan::CheckPresence(ids) => Some(ids.len()),
         };
-        let send = RemoteSend {
+        let mut queue = VecDeque::from([RemoteSend {
             message,
             options,
             plan,
-        };
+        }]);
         let mut conn = self.connection().await?;
-        let outcome = match execute(&mut conn, &self.ns, None, self.max_stored, &[send]).await {
-            Ok(outcome) => outcome,
-            Err(error) => {
-                self.forget();
-                return Err(error.into());
+        // In rounds of bounded size, as a server's cluster link: what a round holds
+        // does not grow with the recipients, and Redis serves others in between
+        // (back to back, though: a Dispatcher has no timer to rest on).
+        let mut outcome = BatchOutcome::default();
+        while !queue.is_empty() {
+            match send_round(&mut conn, &self.ns, None, self.max_stored, &mut queue).await {
+                Ok((round, _)) => outcome.merge(round),
+                Err(error) => {
+                    self.forget();
+                    return Err(error.into());
+                }
             }
-        };
+        }
         report.stored = outcome.stored;
         report.dropped = outcome.dropped;
         report.undeliverable = outcome
@@ -349,7 +357,7 @@ impl Dispatcher {
             return Ok(conn);
         }
         let mut conn = commands(&self.client).await?;
-        APPEND.prepare_invoke().load_async(&mut conn).await?;
+        APPEND_MANY.prepare_invoke().load_async(&mut conn).await?;
         Ok(self.slot().get_or_insert(conn).clone())
     }
 

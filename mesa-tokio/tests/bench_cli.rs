@@ -1,6 +1,6 @@
 //! End-to-end test of `mesa bench`: real `mesa serve` processes measured by real
 //! `mesa bench` processes over loopback, every scenario briefly (idle, fanout, echo,
-//! storm, and cluster on a `redis-server` of its own). Every wait is bounded, and every
+//! storm, and cluster and offline on a `redis-server` of their own). Every wait is bounded, and every
 //! child process is killed when its handle drops.
 //!
 //! Needs the `cli` feature and `redis-server` on PATH:
@@ -320,4 +320,34 @@ fn cluster_publishes_once_per_message() {
     assert_eq!(cluster["redis_publish_calls"], 20, "{cluster}");
     assert_eq!(cluster["publish_per_send"], 1.0, "{cluster}");
     drop((a, b, redis));
+}
+
+#[test]
+fn offline_stores_a_copy_for_every_id() {
+    let redis = redis_server::RedisServer::start();
+    let redis_url = redis.url();
+    let offline = bench(&[
+        "offline",
+        "--redis",
+        &redis_url,
+        "--recipients",
+        "2500",
+        "--message-bytes",
+        "100",
+        "--bystanders",
+        "5",
+        "--baseline-secs",
+        "1",
+        "--timeout-secs",
+        "30",
+    ]);
+    assert_eq!(offline["scenario"], "offline", "{offline}");
+    assert_eq!(offline["stored"], 2500, "{offline}");
+    assert_eq!(offline["stored_reported"], 2500, "{offline}");
+    assert_eq!(offline["complete"], true, "{offline}");
+    assert_eq!(offline["sample_ok"], true, "{offline}");
+    assert_eq!(offline["dropped"], 0, "{offline}");
+    assert!(offline["rss_growth_bytes"].is_u64(), "{offline}");
+    assert!(offline["baseline_p99_us"].is_u64(), "{offline}");
+    drop(redis);
 }

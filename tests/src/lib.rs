@@ -20,7 +20,7 @@ pub mod runtimes;
 
 pub use net::free_port;
 pub use node::{ClientKind, NodePeer, node_dir, require_node};
-pub use redis::RedisServer;
+pub use redis::{CuttingProxy, RedisServer};
 
 /// How long any single wait lasts by default.
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -1,6 +1,7 @@
 //! Real `redis-server` processes for the cluster tests: each test starts its own on
 //! a free port, and can kill and restart it to test faults; one can also serve TLS
-//! with a certificate of the tests' own CA. They stop on drop.
+//! with a certificate of the tests' own CA. They stop on drop. A [`CuttingProxy`] in
+//! front of one plays a network that fails mid-pipeline.
 //!
 //! The `mesa` binary's tests include this file by path, with `net.rs` and `pki.rs`
 //! beside it as `crate::net` and `crate::pki`.
@@ -11,7 +12,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream as TokioStream};
+use tokio::sync::watch;
 
 use crate::net::free_port;
 use crate::pki::{TempDir, TestCa};
@@ -314,6 +321,96 @@ impl Drop for RedisServer {
         self.kill();
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A TCP proxy in front of a [`RedisServer`] that can cut the link while a client's
+/// commands are on their way, as a network failing in the middle of a pipeline: after
+/// [`cut_at_next_command`](Self::cut_at_next_command), the next bytes any client sends
+/// are dropped (Redis never sees those commands) and every connection open then is
+/// closed (the client sees its connection end). Later connections pass. Runs on the
+/// test's tokio runtime.
+#[derive(Debug)]
+pub struct CuttingProxy {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<watch::Sender<u64>>,
+}
+
+impl CuttingProxy {
+    /// Listen on a free port, forwarding every connection to `target`'s port.
+    pub async fn start(target: &RedisServer) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port for the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(watch::channel(0).0);
+        let upstream = target.port();
+        let (trap, cutter) = (armed.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward(client, upstream, trap.clone(), cutter.clone()));
+            }
+        });
+        CuttingProxy { port, armed, cuts }
+    }
+
+    /// The proxy's URL, for the client under test.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Cut at the next bytes a client sends (see the type).
+    pub fn cut_at_next_command(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// How many cuts happened.
+    pub fn cuts(&self) -> u64 {
+        *self.cuts.borrow()
+    }
+}
+
+/// Carry one connection between `client` and Redis on `upstream` until either side
+/// closes, or a cut: this connection's (when `armed` at its next bytes), or another's.
+async fn forward(
+    client: TokioStream,
+    upstream: u16,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<watch::Sender<u64>>,
+) {
+    let Ok(server) = TokioStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let mut cut = cuts.subscribe();
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        tokio::select! {
+            _ = cut.changed() => return,
+            read = client_read.read(&mut up) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) if armed.swap(false, Ordering::SeqCst) => {
+                    cuts.send_modify(|count| *count += 1);
+                    return;
+                }
+                Ok(n) => {
+                    if server_write.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            read = server_read.read(&mut down) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if client_write.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
         }
     }
 }

@@ -11,11 +11,13 @@
 //! mesa bench storm   --url ws://127.0.0.1:4000/ --connections 10000 --server-cmd 'mesa serve ...'
 //! mesa bench storm   --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
 //! mesa bench cluster --url ws://127.0.0.1:4001/ --url ws://127.0.0.1:4002/ --redis redis://127.0.0.1:6379/ ...
+//! mesa bench offline --redis redis://127.0.0.1:6379/ [--recipients 100000] [--bystanders 100]
 //! ```
 //!
 //! The generator speaks raw WebSocket frames (async-tungstenite on tokio), not through
 //! [`mesa_tokio::Client`], so that it costs as little as possible; only `storm` uses
-//! the client library, because its backoff is what it measures. On a loopback server
+//! the client library, because its backoff is what it measures, and only `offline`
+//! runs a server itself (its send needs the server API). On a loopback server
 //! the connections are spread over the source addresses 127.0.0.2..=127.0.0.254 (each
 //! socket is bound before it connects), so that ephemeral ports do not run out. Every
 //! connection reads the hello, authenticates with `{"op":2,"d":{"token":"u<i>"}}`,
@@ -57,6 +59,7 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 use crate::Failure;
 
 mod echo;
+mod offline;
 mod stats;
 mod storm;
 
@@ -107,6 +110,10 @@ enum Scenario {
     /// replica): deliveries across replicas, and the PUBLISH commands Redis counted
     /// per message sent.
     Cluster(ClusterArgs),
+    /// One send to many ids connected nowhere, from a server running in this process
+    /// with a cluster and sync, while bystanders do ECHO round trips: this process's
+    /// memory growth, the time until every copy is stored, the bystanders' latency.
+    Offline(offline::OfflineArgs),
 }
 
 /// Options of every scenario that uses the raw generator.
@@ -206,6 +213,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             }
             fanout(args.fanout, Some(&args.redis)).await
         }
+        Scenario::Offline(args) => offline::run(args).await,
     }
 }
 
@@ -869,9 +877,13 @@ fn heartbeat_ack() -> WsMessage {
 
 /// A timestamped dispatch of type `t` (`ECHO` or `BROADCAST`) with sequence number `seq`.
 fn dispatch(t: &str, ctx: &Ctx, seq: u64) -> WsMessage {
+    dispatch_at(t, ctx.now_us(), seq)
+}
+
+/// [`dispatch`] stamped `ts` (microseconds since the generator's epoch).
+fn dispatch_at(t: &str, ts: u64, seq: u64) -> WsMessage {
     WsMessage::text(format!(
-        r#"{{"op":0,"t":"{t}","d":{{"ts":{},"seq":{seq}}}}}"#,
-        ctx.now_us()
+        r#"{{"op":0,"t":"{t}","d":{{"ts":{ts},"seq":{seq}}}}}"#
     ))
 }
 
@@ -967,7 +979,7 @@ fn print_errors(errors: HashMap<String, u64>) {
 }
 
 /// Wait (a bounded time) for every connection task, then abort the rest.
-async fn join_all(mut tasks: JoinSet<Outcome>) -> Vec<Outcome> {
+async fn join_all<T: 'static>(mut tasks: JoinSet<T>) -> Vec<T> {
     let mut outcomes = Vec::with_capacity(tasks.len());
     let deadline = Instant::now() + JOIN_TIMEOUT;
     while let Ok(Some(joined)) = timeout_at(deadline, tasks.join_next()).await {

@@ -5,6 +5,7 @@
 //! mesa serve  --tls-cert server.crt --tls-key server.key    (wss://, reloaded on SIGHUP)
 //! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync] [--ca-cert ca.crt]
 //! mesa bench  idle|fanout|echo|storm|cluster --url ws://127.0.0.1:4000/ --connections N ...
+//! mesa bench  offline --redis redis://127.0.0.1:6379/ [--recipients 100000]
 //! mesa dispatch --redis redis[s]://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
 //! mesa portal --redis redis[s]://127.0.0.1:6379/ [--all]
 //!   (serve, dispatch and portal: --redis-ca-cert ca.crt trusts a private CA for rediss://)

@@ -181,6 +181,11 @@ impl Histogram {
         })
     }
 
+    /// How many values.
+    pub(super) fn count(&self) -> u64 {
+        self.total
+    }
+
     /// The largest value, or `None` when empty.
     pub(super) fn max(&self) -> Option<u64> {
         (self.total > 0).then_some(self.max)
@@ -243,7 +248,7 @@ pub(super) fn own_cpu_ticks() -> Option<u64> {
 }
 
 /// The resident memory of process `pid` (VmRSS in /proc/PID/status), in bytes.
-fn rss_bytes(pid: u32) -> Option<u64> {
+pub(super) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
