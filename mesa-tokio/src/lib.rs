@@ -191,3 +191,26 @@ mesa_driver::runtime_api!(Tokio, "tokio");
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+/// The user guide's chapters (`docs/guide`), compiled (and the runnable examples run)
+/// as doctests.
+#[cfg(doctest)]
+mod guide {
+    macro_rules! chapters {
+        ($($name:ident = $file:literal),* $(,)?) => {$(
+            #[doc = include_str!(concat!("../../docs/guide/src/", $file))]
+            pub struct $name;
+        )*};
+    }
+    chapters! {
+        QuickStart = "quick-start.md",
+        Authentication = "authentication.md",
+        Handlers = "handlers.md",
+        Sending = "sending.md",
+        Cluster = "cluster.md",
+        Tls = "tls.md",
+        Operations = "operations.md",
+        Runtimes = "runtimes.md",
+        Migrating = "migrating.md",
+    }
+}
