@@ -154,3 +154,10 @@ runtime! {
     name = "async-std",
     spawn = |future| drop(::async_std::task::spawn(future)),
 }
+
+/// The user guide's chapter on runtimes (`docs/guide/src/runtimes.md`), compiled (and
+/// its runnable examples run) as doctests; the other chapters are doctests of
+/// `mesa-tokio`.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide/src/runtimes.md")]
+pub struct GuideRuntimes;

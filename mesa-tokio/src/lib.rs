@@ -210,7 +210,6 @@ mod guide {
         Cluster = "cluster.md",
         Tls = "tls.md",
         Operations = "operations.md",
-        Runtimes = "runtimes.md",
         Migrating = "migrating.md",
     }
 }
