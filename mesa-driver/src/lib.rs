@@ -21,6 +21,8 @@ mod client;
 mod cluster;
 mod connection;
 mod dispatcher;
+#[cfg(feature = "test-echo")]
+#[doc(hidden)]
 pub mod echo;
 mod handler;
 mod io;

@@ -3,7 +3,7 @@
 //! the Redis link is down, and heartbeat misses counted by the library's middleware;
 //! and the pages of `mesa serve --demo` (the browser itself is `browser.rs`'s).
 //!
-//! Needs the `cli` feature: `cargo test -p mesa-tokio --features cli --test metrics`.
+//! `cargo test -p mesa-cli --test metrics`.
 #![cfg(unix)]
 
 use std::io::{BufRead, BufReader, Read, Write};

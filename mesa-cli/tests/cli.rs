@@ -7,7 +7,7 @@
 //! (`tests/node`, `npm ci` there first) trusting the test CA through
 //! `NODE_EXTRA_CA_CERTS`.
 //!
-//! Needs the `cli` feature: `cargo test -p mesa-tokio --features cli --test cli`.
+//! `cargo test -p mesa-cli --test cli`.
 #![cfg(unix)]
 
 mod common;

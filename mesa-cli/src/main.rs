@@ -4,8 +4,6 @@
 //! mesa serve  [--listen 127.0.0.1:4000] [--auth none|dev|jwt] ...
 //! mesa serve  --tls-cert server.crt --tls-key server.key    (wss://, reloaded on SIGHUP)
 //! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync] [--ca-cert ca.crt]
-//! mesa bench  idle|fanout|echo|storm|cluster --url ws://127.0.0.1:4000/ --connections N ...
-//! mesa bench  offline --redis redis://127.0.0.1:6379/ [--recipients 100000]
 //! mesa dispatch --redis redis[s]://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
 //! mesa portal --redis redis[s]://127.0.0.1:6379/ [--all]
 //!   (serve, dispatch and portal: --redis-ca-cert ca.crt trusts a private CA for rediss://)
@@ -22,7 +20,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod auth;
-mod bench;
 mod client;
 mod demo;
 mod dispatch;
@@ -59,8 +56,6 @@ enum Command {
     /// Connect to a Mesa server: print received messages as JSON lines on stdout and
     /// send each stdin line (a Mesa JSON message).
     Client(client::ClientArgs),
-    /// Measure a Mesa server (ours or another) with a lean load generator.
-    Bench(bench::BenchArgs),
     /// Send one message to the clients of a cluster through its Redis (like
     /// @cryb/mesa's Dispatcher) and print a JSON report line.
     Dispatch(dispatch::DispatchArgs),
@@ -89,7 +84,6 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Client(args) => client::run(args, cli.log_format).await,
-            Command::Bench(args) => bench::run(args).await,
             Command::Dispatch(args) => dispatch::run(args).await,
             Command::Portal(args) => portal::run(args).await,
         }

@@ -276,7 +276,7 @@ pub(super) fn emit(line: &str) {
 /// Exit 1 when no connection could be set up: nothing was measured.
 pub(super) fn exit_code(ok: u64) -> ExitCode {
     if ok == 0 {
-        eprintln!("mesa bench: no connection was set up");
+        eprintln!("mesa-bench: no connection was set up");
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -1,4 +1,4 @@
-//! `mesa bench offline`: one send to N ids connected nowhere (sync on), while
+//! `mesa-bench offline`: one send to N ids connected nowhere (sync on), while
 //! bystander connections keep doing ECHO round trips. Reported: the memory the send
 //! costs (peak VmRSS growth, read every 20 ms), how long until a copy is stored for
 //! every id (`HLEN` of the run's `undelivered_messages`, read every 20 ms), the CPU
@@ -52,7 +52,7 @@ const HELD_UP_US: u64 = 2_000;
 /// How long the ECHOs still in flight get once the storing is done.
 const DRAIN: Duration = Duration::from_millis(300);
 
-/// Options of `mesa bench offline`.
+/// Options of `mesa-bench offline`.
 #[derive(Debug, clap::Args)]
 pub(super) struct OfflineArgs {
     /// The Redis of the in-process server (a fresh namespace per run, deleted at the end).
@@ -110,7 +110,7 @@ impl Middleware for Observe {
     }
 }
 
-/// Run `mesa bench offline`.
+/// Run `mesa-bench offline`.
 pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
     let namespace = format!(
         "bench_offline_{}_{}",
@@ -182,7 +182,7 @@ pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
     while let Some(outcome) = ready.recv().await {
         match outcome {
             Ok(()) => connected += 1,
-            Err(error) => eprintln!("mesa bench: a bystander failed: {error}"),
+            Err(error) => eprintln!("mesa-bench: a bystander failed: {error}"),
         }
         if connected == args.bystanders {
             break;
@@ -350,7 +350,7 @@ pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
     Ok(if complete {
         ExitCode::SUCCESS
     } else {
-        eprintln!("mesa bench: {stored} of {recipients} copies stored in time");
+        eprintln!("mesa-bench: {stored} of {recipients} copies stored in time");
         ExitCode::FAILURE
     })
 }
@@ -456,7 +456,7 @@ async fn forget(redis: &mut redis::aio::MultiplexedConnection, namespace: &str) 
             .query_async(redis)
             .await
         else {
-            eprintln!("mesa bench: cannot list the run's keys in Redis (namespace {namespace})");
+            eprintln!("mesa-bench: cannot list the run's keys in Redis (namespace {namespace})");
             return;
         };
         if !keys.is_empty() {

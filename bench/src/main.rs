@@ -1,17 +1,17 @@
-//! `mesa bench`: a lean load generator that measures a Mesa server from the outside,
+//! `mesa-bench`: a lean load generator that measures a Mesa server from the outside,
 //! ours or any other that speaks the protocol (e.g. upstream `@cryb/mesa` with the
 //! relay behaviour and development authentication), or a bare WebSocket relay that
 //! speaks no Mesa at all (`--bare`: the transport floor).
 //!
 //! ```text
-//! mesa bench idle    --url ws://127.0.0.1:4000/ --connections 10000 [--server-pid PID] [--hold-secs 5]
-//! mesa bench idle    --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
-//! mesa bench fanout  --url ws://127.0.0.1:4000/ --connections 1000 --messages 2000 [--window 10]
-//! mesa bench echo    --url ws://127.0.0.1:4000/ --connections 100 [--in-flight 4] [--secs 5]
-//! mesa bench storm   --url ws://127.0.0.1:4000/ --connections 10000 --server-cmd 'mesa serve ...'
-//! mesa bench storm   --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
-//! mesa bench cluster --url ws://127.0.0.1:4001/ --url ws://127.0.0.1:4002/ --redis redis://127.0.0.1:6379/ ...
-//! mesa bench offline --redis redis://127.0.0.1:6379/ [--recipients 100000] [--bystanders 100]
+//! mesa-bench idle    --url ws://127.0.0.1:4000/ --connections 10000 [--server-pid PID] [--hold-secs 5]
+//! mesa-bench idle    --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
+//! mesa-bench fanout  --url ws://127.0.0.1:4000/ --connections 1000 --messages 2000 [--window 10]
+//! mesa-bench echo    --url ws://127.0.0.1:4000/ --connections 100 [--in-flight 4] [--secs 5]
+//! mesa-bench storm   --url ws://127.0.0.1:4000/ --connections 10000 --server-cmd 'mesa serve ...'
+//! mesa-bench storm   --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
+//! mesa-bench cluster --url ws://127.0.0.1:4001/ --url ws://127.0.0.1:4002/ --redis redis://127.0.0.1:6379/ ...
+//! mesa-bench offline --redis redis://127.0.0.1:6379/ [--recipients 100000] [--bystanders 100]
 //! ```
 //!
 //! The generator speaks raw WebSocket frames (async-tungstenite on tokio), not through
@@ -56,12 +56,68 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
-use crate::Failure;
-
 mod echo;
 mod offline;
 mod stats;
 mod storm;
+
+fn main() -> ExitCode {
+    use clap::Parser;
+    let args = BenchArgs::parse();
+    // Logs (of `offline`'s in-process server, of the client library) go to stderr.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("mesa-bench: error: cannot start the tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("mesa-bench: error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// Why `mesa-bench` stops with an error: the message for stderr and the exit code.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    /// Flags that do not go together: exit code 2, as clap's own usage errors.
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            code: 2,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    /// Anything else: exit code 1.
+    fn from(message: String) -> Self {
+        Failure { message, code: 1 }
+    }
+}
+
+/// Read the file of `flag`.
+fn read(path: &std::path::Path, flag: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|error| format!("cannot read {flag} {}: {error}", path.display()))
+}
 
 use stats::{
     Histogram, Probe, Tally, cpu_secs, emit, exit_code, human_bytes, human_cpu, human_secs,
@@ -83,9 +139,10 @@ const ERRORS_SHOWN: usize = 5;
 /// A connection of the generator: plain TCP or TLS (`wss://`).
 type Ws = WebSocketStream<Either<Compat<TcpStream>, TlsStream<Compat<TcpStream>>>>;
 
-/// Options of `mesa bench`.
-#[derive(Debug, clap::Args)]
-pub(crate) struct BenchArgs {
+/// Measure a Mesa server (ours or another) with a lean load generator.
+#[derive(Debug, clap::Parser)]
+#[command(name = "mesa-bench", version)]
+struct BenchArgs {
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -155,7 +212,7 @@ struct CommonArgs {
     setup_timeout_secs: u64,
 }
 
-/// Options of `mesa bench idle`.
+/// Options of `mesa-bench idle`.
 #[derive(Debug, clap::Args)]
 struct IdleArgs {
     #[command(flatten)]
@@ -167,7 +224,7 @@ struct IdleArgs {
     hold_secs: u64,
 }
 
-/// Options of `mesa bench fanout`.
+/// Options of `mesa-bench fanout`.
 #[derive(Debug, clap::Args)]
 struct FanoutArgs {
     #[command(flatten)]
@@ -186,7 +243,7 @@ struct FanoutArgs {
     timeout_secs: u64,
 }
 
-/// Options of `mesa bench cluster`.
+/// Options of `mesa-bench cluster`.
 #[derive(Debug, clap::Args)]
 struct ClusterArgs {
     #[command(flatten)]
@@ -199,7 +256,7 @@ struct ClusterArgs {
 }
 
 /// Run the chosen scenario.
-pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
+async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
     match args.scenario {
         Scenario::Idle(args) => idle(args).await,
         Scenario::Fanout(args) => fanout(args, None).await,
@@ -208,7 +265,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
         Scenario::Cluster(args) => {
             if args.fanout.common.urls.len() < 2 {
                 return Err(Failure::usage(
-                    "mesa bench cluster needs one --url per replica (at least two)",
+                    "mesa-bench cluster needs one --url per replica (at least two)",
                 ));
             }
             fanout(args.fanout, Some(&args.redis)).await
@@ -220,7 +277,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
 // ---------------------------------------------------------------------------------------
 // Scenarios
 
-/// `mesa bench idle`.
+/// `mesa-bench idle`.
 async fn idle(args: IdleArgs) -> Result<ExitCode, Failure> {
     let common = &args.common;
     let probe = Probe::new(&common.server_pids)?;
@@ -274,7 +331,7 @@ async fn idle(args: IdleArgs) -> Result<ExitCode, Failure> {
     Ok(exit_code(setup.ok))
 }
 
-/// `mesa bench fanout`, and `mesa bench cluster` (with the cluster's Redis).
+/// `mesa-bench fanout`, and `mesa-bench cluster` (with the cluster's Redis).
 async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failure> {
     let common = &args.common;
     let probe = Probe::new(&common.server_pids)?;
@@ -418,25 +475,25 @@ async fn publish(
         if in_flight < window && sent < messages {
             while in_flight < window && sent < messages {
                 if ws.feed(dispatch("BROADCAST", ctx, sent)).await.is_err() {
-                    eprintln!("mesa bench: the publisher's connection failed while sending");
+                    eprintln!("mesa-bench: the publisher's connection failed while sending");
                     return sent;
                 }
                 sent += 1;
                 in_flight += 1;
             }
             if ws.flush().await.is_err() {
-                eprintln!("mesa bench: the publisher's connection failed while sending");
+                eprintln!("mesa-bench: the publisher's connection failed while sending");
                 return sent;
             }
         }
         let frame = match timeout_at(deadline, ws.next()).await {
             Ok(Some(Ok(frame))) => frame,
             Ok(_) => {
-                eprintln!("mesa bench: the publisher's connection ended");
+                eprintln!("mesa-bench: the publisher's connection ended");
                 return sent;
             }
             Err(_) => {
-                eprintln!("mesa bench: the publishing phase timed out");
+                eprintln!("mesa-bench: the publishing phase timed out");
                 return sent;
             }
         };
@@ -533,7 +590,7 @@ impl Target {
         let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
         let tls = if secure {
             let roots = match ca {
-                Some(path) => certificates_from_pem(&crate::tls::read(path, "--ca-cert")?)
+                Some(path) => certificates_from_pem(&read(path, "--ca-cert")?)
                     .map_err(|error| format!("--ca-cert {}: {error}", path.display()))?,
                 None => Vec::new(),
             };
@@ -955,7 +1012,7 @@ async fn wait_setup(
             Ok(None) => break,
             Err(_) => {
                 let pending = total - reported;
-                eprintln!("mesa bench: {pending} connections still not set up at the deadline");
+                eprintln!("mesa-bench: {pending} connections still not set up at the deadline");
                 break;
             }
         }
@@ -974,7 +1031,7 @@ fn print_errors(errors: HashMap<String, u64>) {
     let mut errors: Vec<(String, u64)> = errors.into_iter().collect();
     errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     for (error, count) in errors.iter().take(ERRORS_SHOWN) {
-        eprintln!("mesa bench: {count} connections failed: {error}");
+        eprintln!("mesa-bench: {count} connections failed: {error}");
     }
 }
 
@@ -989,7 +1046,7 @@ async fn join_all<T: 'static>(mut tasks: JoinSet<T>) -> Vec<T> {
     }
     if !tasks.is_empty() {
         eprintln!(
-            "mesa bench: {} connections did not close in time",
+            "mesa-bench: {} connections did not close in time",
             tasks.len()
         );
         tasks.abort_all();

@@ -1,10 +1,11 @@
-//! End-to-end test of `mesa bench`: real `mesa serve` processes measured by real
-//! `mesa bench` processes over loopback, every scenario briefly (idle, fanout, echo,
+//! End-to-end test of `mesa-bench`: real `mesa serve` processes measured by real
+//! `mesa-bench` processes over loopback, every scenario briefly (idle, fanout, echo,
 //! storm, and cluster and offline on a `redis-server` of their own). Every wait is bounded, and every
 //! child process is killed when its handle drops.
 //!
-//! Needs the `cli` feature and `redis-server` on PATH:
-//! `cargo test -p mesa-tokio --features cli --test bench_cli`.
+//! Needs `redis-server` on PATH and the `mesa` binary of `mesa-cli` built beside
+//! `mesa-bench` (`cargo test --workspace` builds both; alone:
+//! `cargo build -p mesa-cli && cargo test -p mesa-bench`), or its path in `MESA_BIN`.
 #![cfg(unix)]
 
 #[allow(unreachable_pub)]
@@ -40,13 +41,39 @@ impl Drop for Killed {
     }
 }
 
-/// `mesa ARGS` with no `MESA_*` variable from the environment.
+/// The `mesa` binary (`mesa-cli`): `MESA_BIN`, or the one built beside `mesa-bench`.
+fn mesa_bin() -> std::path::PathBuf {
+    let path = std::env::var_os("MESA_BIN").map_or_else(
+        || std::path::Path::new(env!("CARGO_BIN_EXE_mesa-bench")).with_file_name("mesa"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "no `mesa` binary at {}: build it first (`cargo build -p mesa-cli`) or set MESA_BIN",
+        path.display()
+    );
+    path
+}
+
+/// `mesa ARGS` (`mesa-bench ARGS` when the first is `bench`) with no `MESA_*` variable
+/// from the environment.
 fn mesa(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mesa"));
+    let mut command = match args.split_first() {
+        Some((&"bench", rest)) => {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_mesa-bench"));
+            command.args(rest);
+            command
+        }
+        _ => {
+            let mut command = Command::new(mesa_bin());
+            command.args(args);
+            command
+        }
+    };
     for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("MESA_")) {
         command.env_remove(key);
     }
-    command.args(args).env("RUST_LOG", "warn");
+    command.env("RUST_LOG", "warn");
     command
 }
 
@@ -237,7 +264,7 @@ fn storm(host: &str, tls: bool, serve: &[&str], bench_options: &[&str]) {
     let port = free_port();
     let mut command = format!(
         "{} serve --listen 127.0.0.1:{port} --reconnect-interval 200",
-        env!("CARGO_BIN_EXE_mesa")
+        mesa_bin().display()
     );
     for option in SERVE.iter().chain(serve) {
         command.push(' ');

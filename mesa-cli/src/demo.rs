@@ -1,5 +1,5 @@
 //! `mesa serve --demo`: a chat room in the browser. The page and its client (our own
-//! Mesa client module, `mesa-tokio/demo/mesa-client.js`) are compiled into the binary.
+//! Mesa client module, `mesa-cli/demo/mesa-client.js`) are compiled into the binary.
 //!
 //! The room's protocol, on top of Mesa dispatches (op 0):
 //!
@@ -29,11 +29,11 @@ use mesa_tokio::{Close, Connection, Handler, Message, Recipients, ServerHandle};
 use serde_json::{Value, json};
 
 /// The page, with `{{MESA_PATH}}` standing for the WebSocket endpoint's path.
-const INDEX: &str = include_str!("../../../demo/index.html");
+const INDEX: &str = include_str!("../demo/index.html");
 /// The page's logic.
-const CHAT_JS: &str = include_str!("../../../demo/chat.js");
+const CHAT_JS: &str = include_str!("../demo/chat.js");
 /// The Mesa client module the page uses.
-const CLIENT_JS: &str = include_str!("../../../demo/mesa-client.js");
+const CLIENT_JS: &str = include_str!("../demo/mesa-client.js");
 
 /// Nicknames remembered as recipients of the room's messages, at most.
 const MAX_MEMBERS: usize = 1000;

@@ -1,4 +1,4 @@
-//! `mesa bench storm`: C clients of the `mesa_tokio` client library (reconnection
+//! `mesa-bench storm`: C clients of the `mesa_tokio` client library (reconnection
 //! with jittered exponential backoff, re-authentication) are connected to a server the
 //! generator started itself (`--server-cmd`); the server is killed (SIGKILL) and
 //! started again at once. Reported: how long until every client is authenticated
@@ -39,7 +39,7 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The client library's default backoff cap (`BackoffConfig::default().cap`).
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
-/// Options of `mesa bench storm`.
+/// Options of `mesa-bench storm`.
 #[derive(Debug, clap::Args)]
 pub(super) struct StormArgs {
     /// The URL the server listens on, `ws://host:port/path` or `wss://...` (a fixed
@@ -253,7 +253,7 @@ async fn watch(mut events: ClientEvents, shared: Arc<Shared>) -> Seen {
     seen
 }
 
-/// Run `mesa bench storm`.
+/// Run `mesa-bench storm`.
 pub(super) async fn run(args: StormArgs) -> Result<ExitCode, Failure> {
     let target = Target::resolve(&args.url, args.ca_cert.as_deref()).await?;
     let mut server = Server::start(&args.server_cmd, target.addr).await?;

@@ -1,4 +1,4 @@
-//! `mesa bench echo`: every connection keeps K ECHOs in flight for S seconds; the
+//! `mesa-bench echo`: every connection keeps K ECHOs in flight for S seconds; the
 //! server's cost of a round trip (decode, relay, encode, write) without any fanout.
 
 use std::process::ExitCode;
@@ -18,7 +18,7 @@ use crate::Failure;
 /// How long the answers still in flight get once the measured phase is over.
 const DRAIN: Duration = Duration::from_millis(500);
 
-/// Options of `mesa bench echo`.
+/// Options of `mesa-bench echo`.
 #[derive(Debug, clap::Args)]
 pub(super) struct EchoArgs {
     #[command(flatten)]
@@ -33,7 +33,7 @@ pub(super) struct EchoArgs {
     secs: u64,
 }
 
-/// Run `mesa bench echo`.
+/// Run `mesa-bench echo`.
 pub(super) async fn run(args: EchoArgs) -> Result<ExitCode, Failure> {
     let common = &args.common;
     let probe = Probe::new(&common.server_pids)?;

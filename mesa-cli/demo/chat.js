@@ -1,6 +1,6 @@
 // The chat demo's page: nickname login, messages, who is online, a typing
 // indicator, and a banner while the connection is down. The room's protocol is
-// described in mesa-tokio/src/bin/mesa/demo.rs.
+// described in mesa-cli/src/demo.rs.
 import { MesaClient } from '/mesa-client.js'
 
 const $ = id => document.getElementById(id)

@@ -2,8 +2,8 @@
 //! `mesa client`, on a `redis-server` process of its own. Every wait is bounded and
 //! every child process is killed when its handle drops.
 //!
-//! Needs the `cli` feature and `redis-server` on PATH:
-//! `cargo test -p mesa-tokio --features cli --test cli_cluster`.
+//! Needs `redis-server` on PATH:
+//! `cargo test -p mesa-cli --test cli_cluster`.
 #![cfg(unix)]
 
 mod common;
