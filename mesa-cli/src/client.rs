@@ -93,6 +93,9 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
         }
     });
 
+    // With --token, the first hello says whether the server authenticates at all: ours
+    // announces an authentication timeout exactly when authentication is on.
+    let mut hello_checked = args.token.is_none();
     let mut connected = false;
     let mut stdin_open = true;
     let mut linger_until: Option<Instant> = None;
@@ -116,6 +119,10 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
                 let Some(event) = event else {
                     return Err("the client stopped unexpectedly".to_owned().into());
                 };
+                if !hello_checked && matches!(event, ClientEvent::Connected { .. }) {
+                    hello_checked = true;
+                    tokio::spawn(warn_without_authentication(client.clone(), report.format));
+                }
                 if let Some(code) = handle(event, &report, &mut connected)? {
                     return Ok(code);
                 }
@@ -160,6 +167,26 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
         handle(event, &report, &mut connected)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Say on stderr when the server announces no authentication: `--token` would then
+/// never be answered.
+async fn warn_without_authentication(client: Client, format: LogFormat) {
+    if let Ok(hello) = client.hello().await {
+        if hello.authentication_timeout.is_none() {
+            Reporter { format }.event(
+                "authentication_unavailable",
+                [(
+                    "note",
+                    json!(
+                        "the server announces no authentication (no c_authentication_timeout \
+                         in its hello): --token is sent but nobody answers it; start the \
+                         server with --auth dev or --auth jwt"
+                    ),
+                )],
+            );
+        }
+    }
 }
 
 /// Print or report one client event; `Some(code)` when the process should exit

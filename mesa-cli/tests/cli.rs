@@ -220,6 +220,29 @@ fn clients_relay_through_a_dev_server_which_stops_cleanly_on_sigterm() {
     assert!(bob.wait().success(), "{:#?}", bob.stderr.all());
 }
 
+/// `mesa client --token` says on stderr when the server authenticates nobody, and
+/// not when it does.
+#[test]
+fn a_token_for_a_server_without_authentication_is_reported() {
+    let (_open, url) = Mesa::serve(&["--listen", "127.0.0.1:0"], &[]);
+    let alice = Mesa::client(&url, &["--token", "alice"], "connected");
+    alice.stderr.expect("the notice", |l| {
+        l.starts_with("authentication_unavailable") && l.contains("--auth dev")
+    });
+
+    let (_dev, url) = Mesa::serve(&["--listen", "127.0.0.1:0", "--auth", "dev"], &[]);
+    let bob = Mesa::client(&url, &["--token", "bob"], "connected");
+    bob.stderr
+        .expect("authenticated as bob", |l| l.contains(r#""id":"bob""#));
+    let stderr = bob.stderr.all();
+    assert!(
+        !stderr
+            .iter()
+            .any(|l| l.starts_with("authentication_unavailable")),
+        "{stderr:#?}"
+    );
+}
+
 #[test]
 fn a_jwt_server_accepts_valid_tokens_and_rejects_others_with_1008() {
     let secret = "a-test-secret-that-is-long-enough-for-hs256";
