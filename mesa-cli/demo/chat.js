@@ -20,13 +20,24 @@ function banner (text) {
   $('banner').classList.toggle('hidden', !text)
 }
 
+// Before joining the page says so ("not joined"), not "offline".
 function status (online) {
   $('status').textContent = online ? `online as ${me}` : 'offline'
   $('status').className = online ? 'online' : 'offline'
 }
 
+// Who is online is only known while connected: the list greys out (you included)
+// until the server sends it again.
+function staleOnline () {
+  $('online').classList.add('stale')
+  for (const item of $('online').children) {
+    if (item.dataset.id === me) item.textContent = `${me} (you, offline)`
+  }
+}
+
 client.on('disconnected', ({ code, reason, reconnectAt }) => {
   status(false)
+  staleOnline()
   if (reconnectAt === null) return banner(`Disconnected (${code}${reason ? `: ${reason}` : ''}).`)
   const why = `Connection lost (${code}${reason ? `: ${reason}` : ''}).`
   const at = new Date(reconnectAt).toLocaleTimeString()
@@ -48,6 +59,35 @@ client.on('authenticated', () => {
 })
 
 // ----- messages -----
+
+// The room's history stays in the page across reconnections and comes back with the
+// page (kept per nickname in localStorage, the last HISTORY_MAX messages), so that
+// coming back shows what was said before, and what was missed (with --sync) after it.
+const HISTORY_MAX = 200
+let history = []
+const historyKey = () => `mesa-demo-history:${me}`
+const messageKey = ({ from, text, at }) => `${at}|${from}|${text}`
+let seen = new Set()
+
+function loadHistory () {
+  try {
+    history = JSON.parse(localStorage.getItem(historyKey()) || '[]')
+  } catch {
+    history = []
+  }
+  seen = new Set(history.map(entry => messageKey(entry.d)))
+  for (const entry of history) addMessage(entry.d, entry.missed)
+}
+
+function remember (d, missed) {
+  const key = messageKey(d)
+  if (seen.has(key)) return false
+  seen.add(key)
+  history.push({ d: { from: d.from, text: d.text, at: d.at }, missed })
+  if (history.length > HISTORY_MAX) history.splice(0, history.length - HISTORY_MAX)
+  try { localStorage.setItem(historyKey(), JSON.stringify(history)) } catch {}
+  return true
+}
 
 function addMessage ({ from, text, at }, missed) {
   const item = document.createElement('li')
@@ -79,10 +119,12 @@ client.on('message', ({ t, d, s }) => {
   if (t === 'CHAT') {
     typists.delete(d.from)
     showTypists()
-    addMessage(d, s !== null)
+    if (remember(d, s !== null)) addMessage(d, s !== null)
   } else if (t === 'ONLINE') {
+    $('online').classList.remove('stale')
     $('online').replaceChildren(...d.ids.map(id => {
       const item = document.createElement('li')
+      item.dataset.id = id
       item.textContent = id === me ? `${id} (you)` : id
       return item
     }))
@@ -103,6 +145,8 @@ $('login-form').addEventListener('submit', async event => {
   $('login').classList.add('hidden')
   $('room').classList.remove('hidden')
   $('people').classList.remove('hidden')
+  status(false)
+  loadHistory()
   client.connect()
   // Dev authentication: the token is the nickname.
   await client.authenticate({ token: me }, { shouldSync: true })
