@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use async_tungstenite::tungstenite::Message as WsMessage;
 use futures_util::StreamExt;
-use mesa_tokio::mesa_core::SyncConfig;
-use mesa_tokio::mesa_driver::BoxError;
+use mesa_tokio::BoxError;
+use mesa_tokio::SyncConfig;
 use mesa_tokio::{ClusterConfig, DevAuthenticator, Limits, Message, Middleware};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};

@@ -123,15 +123,21 @@ mod runtime;
 mod timer;
 
 pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, RateLimitPolicy,
-    Recipients, TooManyRecipients,
+    self, BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
+    Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent, PortalEventKind,
+    RateLimitPolicy, Recipients, Redelivery, Rule, SyncConfig, TooManyRecipients,
 };
 pub use mesa_driver::{
-    self, Admission, AuthError, Authenticator, BuildError, ClientError, ClientEvents,
-    ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher,
-    DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, Relay, SendError,
-    SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
+    self, Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, ClientError,
+    ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport,
+    Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, Refusal,
+    Relay, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
 };
+/// TLS: certificates from PEM, rustls configurations, and the rustls crates themselves.
+pub mod tls {
+    pub use mesa_driver::tls::*;
+    pub use mesa_driver::{futures_rustls, rustls};
+}
 pub use timer::Sleep;
 
 runtime! {

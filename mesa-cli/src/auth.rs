@@ -2,7 +2,7 @@
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use mesa_tokio::mesa_driver::BoxFuture;
+use mesa_tokio::BoxFuture;
 use mesa_tokio::{AuthError, Authenticator};
 use serde_json::Value;
 

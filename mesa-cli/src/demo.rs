@@ -24,7 +24,7 @@ use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use mesa_tokio::mesa_core::MessageOptions;
+use mesa_tokio::MessageOptions;
 use mesa_tokio::{Close, Connection, Handler, Message, Recipients, ServerHandle};
 use serde_json::{Value, json};
 

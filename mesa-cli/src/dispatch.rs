@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use mesa_tokio::mesa_core::MessageOptions;
+use mesa_tokio::MessageOptions;
 use mesa_tokio::{DispatchReport, Dispatcher, Message, Recipients};
 use serde_json::{Value, json};
 

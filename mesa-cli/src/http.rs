@@ -14,7 +14,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
-use mesa_tokio::mesa_driver::Runtime;
+use mesa_tokio::Runtime;
 use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{Handler, Server, ServerTls, Tokio};
 

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io::IsTerminal;
 
-use mesa_tokio::mesa_driver::BoxError;
+use mesa_tokio::BoxError;
 use mesa_tokio::{Close, Connection, Message, Middleware};
 use tracing_subscriber::EnvFilter;
 

@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mesa_tokio::mesa_core::{PortalChoice, SyncConfig};
 use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{
     ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, RateLimitPolicy, Server,
     ServerBuilder, TransportConfig,
 };
+use mesa_tokio::{PortalChoice, SyncConfig};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use axum::serve::Listener;
-use mesa_tokio::mesa_driver::Runtime;
-use mesa_tokio::mesa_driver::futures_rustls::server::TlsStream;
-use mesa_tokio::mesa_driver::tls::certificates_from_pem;
+use mesa_tokio::Runtime;
+use mesa_tokio::tls::certificates_from_pem;
+use mesa_tokio::tls::futures_rustls::server::TlsStream;
 use mesa_tokio::{Handler, Server, ServerTls, Tokio};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

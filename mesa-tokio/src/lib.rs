@@ -112,15 +112,21 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, RateLimitPolicy,
-    Recipients, TooManyRecipients,
+    self, BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
+    Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent, PortalEventKind,
+    RateLimitPolicy, Recipients, Redelivery, Rule, SyncConfig, TooManyRecipients,
 };
 pub use mesa_driver::{
-    self, Admission, AuthError, Authenticator, BuildError, ClientError, ClientEvents,
-    ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher,
-    DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, Relay, SendError,
-    SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
+    self, Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, ClientError,
+    ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport,
+    Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, Refusal,
+    Relay, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
 };
+/// TLS: certificates from PEM, rustls configurations, and the rustls crates themselves.
+pub mod tls {
+    pub use mesa_driver::tls::*;
+    pub use mesa_driver::{futures_rustls, rustls};
+}
 
 #[cfg(feature = "axum")]
 pub mod axum;
