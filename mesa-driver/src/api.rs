@@ -4,7 +4,9 @@
 /// Generate a runtime crate's API for the unit-struct runtime `$runtime` (named
 /// `$name` in the docs): the `Server`, `ServerBuilder`, `Listening`, `Client`,
 /// `ClientBuilder` and `PortalBuilder` aliases and the `server()`, `client(url)` and
-/// `portal(url)` constructors.
+/// `portal(url)` constructors. An implementation detail of the runtime crates, hidden
+/// from the docs: users meet the items it generates there, not the macro.
+#[doc(hidden)]
 #[macro_export]
 macro_rules! runtime_api {
     ($runtime:ident, $name:literal) => {
