@@ -47,7 +47,7 @@ impl JwtAuthenticator {
             .and_then(Value::as_str)
             .ok_or_else(|| AuthError::new("a string `token` is required"))?;
         let claims = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation)
-            .map_err(|error| AuthError::new(reason(error.kind())))?
+            .map_err(|error| AuthError::with_source(reason(error.kind()), error))?
             .claims;
         let id = match (claims.get("sub"), claims.get("id")) {
             (Some(Value::String(sub)), _) if !sub.is_empty() => sub.clone(),
@@ -119,7 +119,8 @@ mod tests {
         let wrong_key = token(&json!({"sub": "alice"}), b"other");
         let no_id = token(&json!({"name": "Alice"}), b"secret");
         let expired = token(&json!({"sub": "alice", "exp": 1}), b"secret");
-        let reason = |credentials: Value| auth.verify(&credentials).unwrap_err().0;
+        let reason =
+            |credentials: Value| auth.verify(&credentials).unwrap_err().reason().to_owned();
         assert_eq!(
             reason(json!({"token": wrong_key})),
             "invalid token: bad signature"

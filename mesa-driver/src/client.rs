@@ -41,9 +41,10 @@ pub enum ClientError {
     /// The session refused the command (queue full, already connected, ...).
     #[error(transparent)]
     Session(#[from] mesa_core::ClientError),
-    /// The connection ended for good before the server answered.
+    /// The connection ended for good before the server answered; the close is the
+    /// cause.
     #[error("disconnected before the server answered: {0}")]
-    Disconnected(String),
+    Disconnected(#[source] Close),
     /// The client's task has stopped.
     #[error("the client has stopped")]
     Stopped,
@@ -412,7 +413,7 @@ impl<R: Runtime> Task<R> {
                         reconnect_at: None,
                     } => {
                         for waiter in auth_waiters.drain(..) {
-                            let _ = waiter.send(Err(ClientError::Disconnected(close.to_string())));
+                            let _ = waiter.send(Err(ClientError::Disconnected(close.clone())));
                         }
                     }
                     _ => {}

@@ -45,12 +45,12 @@ pub enum DispatchError {
     /// Redis is unreachable or failed a command. Nothing is retried: the dispatch may
     /// have been published or stored in part. The next dispatch reconnects.
     #[error("Redis: {0}")]
-    Redis(String),
+    Redis(#[source] crate::RedisFailure),
 }
 
 impl From<redis::RedisError> for DispatchError {
     fn from(error: redis::RedisError) -> Self {
-        DispatchError::Redis(error.to_string())
+        DispatchError::Redis(error.into())
     }
 }
 

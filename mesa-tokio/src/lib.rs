@@ -119,8 +119,9 @@ pub use mesa_core::{
 pub use mesa_driver::{
     self, Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, ClientError,
     ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport,
-    Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, Refusal,
-    Relay, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
+    Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, RedisFailure,
+    Refusal, Relay, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError,
+    TransportConfig,
 };
 /// TLS: certificates from PEM, rustls configurations, and the rustls crates themselves.
 pub mod tls {

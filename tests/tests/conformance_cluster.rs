@@ -240,7 +240,7 @@ async fn a_replica_a_dispatcher_and_a_portal_reach_redis_over_tls<R: Runtime>(rt
     )
     .await;
     assert!(
-        matches!(&refused, Err(DispatchError::Redis(reason)) if reason.contains("UnknownIssuer")),
+        matches!(&refused, Err(DispatchError::Redis(reason)) if reason.to_string().contains("UnknownIssuer")),
         "{refused:?}"
     );
 }
