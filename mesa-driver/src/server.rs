@@ -113,6 +113,10 @@ pub struct ServerBuilder<R, H = Relay> {
     handler: H,
     middleware: Vec<Arc<dyn Middleware>>,
     cluster: Option<ClusterConfig>,
+    /// Set by `namespace()` and `portals()` in any order with `redis()`/`cluster()`,
+    /// applied by `build()`.
+    namespace: Option<String>,
+    portals: Option<PortalChoice>,
     admission: AdmissionPolicy,
     tls: Option<ServerTls>,
 }
@@ -130,6 +134,8 @@ impl<R: Runtime> ServerBuilder<R, Relay> {
             handler: Relay,
             middleware: Vec::new(),
             cluster: None,
+            namespace: None,
+            portals: None,
             admission: AdmissionPolicy::default(),
             tls: None,
         }
@@ -268,26 +274,28 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
-    /// Every cluster setting at once (namespace, lease, portals, retry buffer).
+    /// Every cluster setting at once (namespace, lease, portals, retry buffer);
+    /// [`namespace`](Self::namespace) and [`portals`](Self::portals), called before or
+    /// after, override its namespace and portals.
     pub fn cluster(mut self, cluster: ClusterConfig) -> Self {
         self.cluster = Some(cluster);
         self
     }
 
-    /// Isolate this cluster from others on the same Redis (needs [`redis`](Self::redis)).
+    /// Isolate this cluster from others on the same Redis. Needs [`redis`](Self::redis)
+    /// or [`cluster`](Self::cluster), called before or after: without either,
+    /// [`build`](Self::build) fails with [`ConfigError::ClusterSettingWithoutRedis`].
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        if let Some(cluster) = &mut self.cluster {
-            cluster.namespace = Some(namespace.into());
-        }
+        self.namespace = Some(namespace.into());
         self
     }
 
-    /// Forward client events to portals, choosing one per event (needs
-    /// [`redis`](Self::redis)).
+    /// Forward client events to portals, choosing one per event. Needs
+    /// [`redis`](Self::redis) or [`cluster`](Self::cluster), called before or after:
+    /// without either, [`build`](Self::build) fails with
+    /// [`ConfigError::ClusterSettingWithoutRedis`].
     pub fn portals(mut self, choice: PortalChoice) -> Self {
-        if let Some(cluster) = &mut self.cluster {
-            cluster.portals = Some(choice);
-        }
+        self.portals = Some(choice);
         self
     }
 
@@ -317,6 +325,8 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             handler,
             middleware: self.middleware,
             cluster: self.cluster,
+            namespace: self.namespace,
+            portals: self.portals,
             admission: self.admission,
             tls: self.tls,
         }
@@ -341,13 +351,33 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         if config.sync().is_some() && self.cluster.is_none() {
             return Err(ConfigError::SyncWithoutStore);
         }
+        let cluster = match self.cluster {
+            Some(mut cluster) => {
+                if let Some(namespace) = self.namespace {
+                    cluster.namespace = Some(namespace);
+                }
+                if let Some(portals) = self.portals {
+                    cluster.portals = Some(portals);
+                }
+                Some(cluster)
+            }
+            None if self.namespace.is_some() => {
+                return Err(ConfigError::ClusterSettingWithoutRedis("a namespace"));
+            }
+            None if self.portals.is_some() => {
+                return Err(ConfigError::ClusterSettingWithoutRedis(
+                    "forwarding to portals",
+                ));
+            }
+            None => None,
+        };
         let router = Arc::new(Router::new(
             config.authentication_required(),
             Middlewares::new(self.middleware),
             self.transport.max_outbound_bytes,
             config.limits().max_recipients,
         ));
-        if let Some(cluster) = self.cluster {
+        if let Some(cluster) = cluster {
             let handle = cluster::spawn(
                 &self.runtime,
                 cluster,

@@ -618,3 +618,39 @@ async fn a_full_offline_queue_flushed_on_reconnect_arrives_whole_and_in_order() 
     assert!(!closed_with_1008(&mut events));
     assert!(restarted.handle().is_online("offline"));
 }
+
+/// Cluster settings do not depend on the order of the builder's calls: before
+/// `redis()` they apply, and without Redis at all `build()` says what is missing.
+#[tokio::test]
+async fn cluster_settings_work_in_any_order_or_fail_saying_what_is_missing() {
+    use mesa_tokio::{ConfigError, PortalChoice};
+
+    let error = mesa_tokio::server()
+        .namespace("tenant")
+        .build()
+        .err()
+        .expect("a namespace without Redis is refused");
+    assert_eq!(
+        error,
+        ConfigError::ClusterSettingWithoutRedis("a namespace")
+    );
+    assert!(error.to_string().contains("configure Redis"), "{error}");
+    let error = mesa_tokio::server()
+        .portals(PortalChoice::RoundRobin)
+        .build()
+        .err()
+        .expect("portals without Redis are refused");
+    assert_eq!(
+        error,
+        ConfigError::ClusterSettingWithoutRedis("forwarding to portals")
+    );
+
+    // Before redis(): accepted (the link connects in the background; nothing listens
+    // on port 1, which is fine for building).
+    let server = mesa_tokio::server()
+        .namespace("tenant")
+        .portals(PortalChoice::RoundRobin)
+        .redis("redis://127.0.0.1:1/")
+        .build();
+    assert!(server.is_ok());
+}
