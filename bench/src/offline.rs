@@ -130,6 +130,7 @@ pub(super) async fn run(args: OfflineArgs) -> Result<ExitCode, Failure> {
     let mut cluster = ClusterConfig::new(args.redis.clone());
     cluster.namespace = Some(namespace.clone());
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .authenticate(DevAuthenticator)
         .limits(Limits {
             max_messages_per_second: 1_000_000,

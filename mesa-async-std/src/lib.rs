@@ -38,7 +38,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! smol::block_on(async {
-//!     let server = mesa_async_std::smol::server()
+//!     let server = mesa_async_std::smol::server().handler(mesa_async_std::Relay)
 //!         .heartbeat(Duration::from_secs(10), 3)
 //!         .authenticate(DevAuthenticator)
 //!         .build()?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{
-    ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, RateLimitPolicy, Server,
+    ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, RateLimitPolicy, Relay, Server,
     ServerBuilder, TransportConfig,
 };
 use mesa_tokio::{PortalChoice, SyncConfig};
@@ -337,7 +337,7 @@ pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode, Failure> {
     } else if args.no_relay {
         Ok(serve(builder.handler(Ignore), addr, &args.path, http, tls).await?)
     } else {
-        Ok(serve(builder, addr, &args.path, http, tls).await?)
+        Ok(serve(builder.handler(Relay), addr, &args.path, http, tls).await?)
     }
 }
 

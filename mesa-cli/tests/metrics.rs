@@ -328,6 +328,7 @@ fn readyz_fails_while_the_redis_link_is_down() {
 async fn the_middleware_counts_heartbeat_misses_and_the_close_they_cause() {
     let metrics = Metrics::new();
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_millis(50), 1)
         .authenticate(DevAuthenticator)
         .middleware(metrics.clone())

@@ -10,12 +10,12 @@
 #[macro_export]
 macro_rules! runtime_api {
     ($runtime:ident, $name:literal) => {
-        #[doc = concat!("A Mesa server on ", $name, "; `H` handles connections and messages (the relay by default).")]
-        pub type Server<H = $crate::Relay> = $crate::Server<$runtime, H>;
+        #[doc = concat!("A Mesa server on ", $name, "; `H` handles connections and messages (by default [`Ignore`]: client messages reach only middleware; `.handler(Relay)` for the relay).")]
+        pub type Server<H = $crate::Ignore> = $crate::Server<$runtime, H>;
         /// Builds a [`Server`].
-        pub type ServerBuilder<H = $crate::Relay> = $crate::ServerBuilder<$runtime, H>;
+        pub type ServerBuilder<H = $crate::Ignore> = $crate::ServerBuilder<$runtime, H>;
         /// A bound [`Server`], ready to run.
-        pub type Listening<H = $crate::Relay> = $crate::Listening<$runtime, H>;
+        pub type Listening<H = $crate::Ignore> = $crate::Listening<$runtime, H>;
         #[doc = concat!("A Mesa client on ", $name, ".")]
         pub type Client = $crate::Client;
         /// Builds a [`Client`].

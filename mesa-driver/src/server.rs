@@ -25,7 +25,7 @@ use crate::cluster::{self, ClusterConfig, Job};
 use crate::runtime::entropy_seed;
 
 use crate::connection::drive;
-use crate::handler::{Authenticator, Handler, Relay};
+use crate::handler::{Authenticator, Handler, Ignore};
 use crate::middleware::{Middleware, Middlewares};
 use crate::router::{Admission, Router, ServerHandle};
 use crate::runtime::Runtime;
@@ -102,7 +102,7 @@ impl Refusal {
 /// Builds a [`Server`]. Every option of `@cryb/mesa`'s server, with its documented
 /// defaults; [`build`](Self::build) validates them once.
 #[must_use]
-pub struct ServerBuilder<R, H = Relay> {
+pub struct ServerBuilder<R, H = Ignore> {
     runtime: R,
     core: ServerConfigBuilder,
     auth: Option<AuthConfig>,
@@ -121,7 +121,7 @@ pub struct ServerBuilder<R, H = Relay> {
     tls: Option<ServerTls>,
 }
 
-impl<R: Runtime> ServerBuilder<R, Relay> {
+impl<R: Runtime> ServerBuilder<R, Ignore> {
     pub(crate) fn new(runtime: R) -> Self {
         ServerBuilder {
             runtime,
@@ -131,7 +131,7 @@ impl<R: Runtime> ServerBuilder<R, Relay> {
             transport: TransportConfig::default(),
             path: "/".to_owned(),
             authenticator: None,
-            handler: Relay,
+            handler: Ignore,
             middleware: Vec::new(),
             cluster: None,
             namespace: None,
@@ -312,7 +312,8 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
-    /// Handle connections and messages with `handler` (the default is [`Relay`]).
+    /// Handle connections and messages with `handler`. The default, [`Ignore`], leaves
+    /// client messages to middleware; [`Relay`](crate::Relay) is the ECHO/BROADCAST relay.
     pub fn handler<H2: Handler>(self, handler: H2) -> ServerBuilder<R, H2> {
         ServerBuilder {
             runtime: self.runtime,
@@ -406,7 +407,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
 }
 
 /// A Mesa server: accept connections, upgrade them, and drive each one.
-pub struct Server<R, H = Relay> {
+pub struct Server<R, H = Ignore> {
     inner: Arc<Inner<R, H>>,
 }
 
@@ -418,9 +419,9 @@ impl<R, H> Clone for Server<R, H> {
     }
 }
 
-impl<R: Runtime> Server<R, Relay> {
+impl<R: Runtime> Server<R, Ignore> {
     /// Start building a server on `runtime`.
-    pub fn builder(runtime: R) -> ServerBuilder<R, Relay> {
+    pub fn builder(runtime: R) -> ServerBuilder<R, Ignore> {
         ServerBuilder::new(runtime)
     }
 }

@@ -44,9 +44,10 @@ async fn ours(
     redis: &RedisServer,
     sync: bool,
     portals: Option<PortalChoice>,
-) -> (Server, SocketAddr) {
+) -> (Server<mesa_tokio::Relay>, SocketAddr) {
     let (tx, mut up) = watch::channel(false);
     let mut builder = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_millis(500), 3)
         .authenticate(DevAuthenticator)
         .middleware(LinkWatch(tx))

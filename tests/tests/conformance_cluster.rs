@@ -25,7 +25,12 @@ conformance!(
 );
 
 /// A replica on `rt` with development authentication and the relay handler.
-fn replica<R: Runtime>(rt: &R, redis: &RedisServer, sync: bool, portals: bool) -> Server<R> {
+fn replica<R: Runtime>(
+    rt: &R,
+    redis: &RedisServer,
+    sync: bool,
+    portals: bool,
+) -> Server<R, mesa_driver::Relay> {
     replica_of(rt, ClusterConfig::new(redis.url()), sync, portals)
 }
 
@@ -35,10 +40,11 @@ fn replica_of<R: Runtime>(
     mut cluster: ClusterConfig,
     sync: bool,
     portals: bool,
-) -> Server<R> {
+) -> Server<R, mesa_driver::Relay> {
     cluster.lease = Duration::from_millis(900);
     cluster.portals = portals.then_some(PortalChoice::RoundRobin);
     let builder = Server::builder(rt.clone())
+        .handler(mesa_driver::Relay)
         .authenticate(DevAuthenticator)
         .cluster(cluster);
     let builder = if sync {
