@@ -102,10 +102,12 @@ pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
     let max_stored = usize::try_from(args.max_stored).unwrap_or(usize::MAX);
     let max_recipients = usize::try_from(args.max_recipients).unwrap_or(usize::MAX);
     let mut builder = Dispatcher::builder(&args.redis)
-        .namespace(args.namespace.as_deref())
         .sync(args.sync)
         .max_stored(max_stored)
         .max_recipients(max_recipients);
+    if let Some(namespace) = &args.namespace {
+        builder = builder.namespace(namespace.as_str());
+    }
     if let Some(pem) = args.redis_ca.load(&args.redis)? {
         builder = builder.redis_ca_pem(pem);
     }

@@ -85,7 +85,10 @@
 //! use serde_json::json;
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dispatcher = Dispatcher::connect("redis://127.0.0.1:6379/", None, true, 1000).await?;
+//! let dispatcher = Dispatcher::builder("redis://127.0.0.1:6379/")
+//!     .sync(true)
+//!     .connect()
+//!     .await?;
 //! let to = Recipients::Ids(vec!["alice".into(), "bob".into()]);
 //! let report = dispatcher
 //!     .dispatch(Message::dispatch("NOTICE", json!({"text": "hi"})), None, to, &[])

@@ -1107,7 +1107,10 @@ async fn a_send_to_thousands_of_offline_ids_is_stored_for_each_in_order() {
 #[tokio::test]
 async fn a_dispatch_to_thousands_of_ids_stores_once_per_id() {
     let redis_server = RedisServer::start();
-    let dispatcher = mesa_tokio::Dispatcher::connect(&redis_server.url(), None, true, 1000)
+    let dispatcher = mesa_tokio::Dispatcher::builder(redis_server.url())
+        .sync(true)
+        .max_stored(1000)
+        .connect()
         .await
         .unwrap();
     let ids: Vec<String> = (0..6_000).map(|i| format!("off{}", i % 5_000)).collect();

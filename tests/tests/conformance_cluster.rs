@@ -136,11 +136,13 @@ async fn a_dispatcher_and_a_portal_reach_this_runtimes_replica<R: Runtime>(rt: R
     let dispatcher = within(
         &rt,
         "the dispatcher connecting",
-        Dispatcher::connect(&url, None, false, 1000),
+        Dispatcher::builder(&url)
+            .sync(false)
+            .max_stored(1000)
+            .max_recipients(1)
+            .connect(),
     )
     .await
-    .unwrap()
-    .with_max_recipients(1)
     .unwrap();
     // Two ids past a limit of one: refused before Redis sees it, so dana gets only
     // the next dispatch.
