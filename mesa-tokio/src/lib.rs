@@ -114,13 +114,20 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
+/// The sans-IO core (wire codec, sessions, hub, cluster decisions): for driving the
+/// protocol from an event loop of your own. Everything a server or client needs is
+/// also at this crate's root.
+pub use mesa_core;
 pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
-    Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent, PortalEventKind,
+    BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello, Limits,
+    Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent, PortalEventKind,
     RateLimitPolicy, Recipients, Redelivery, Rule, SyncConfig, TooManyRecipients,
 };
+/// The runtime-agnostic driver this crate instantiates; for implementing a
+/// [`Runtime`] of your own. Everything a server or client needs is at this crate's root.
+pub use mesa_driver;
 pub use mesa_driver::{
-    self, Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, ClientError,
+    Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, ClientError,
     ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport,
     Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, RedisFailure,
     Refusal, Relay, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError,
