@@ -126,26 +126,11 @@ mod timer;
 /// protocol from an event loop of your own. Everything a server or client needs is
 /// also at this crate's root.
 pub use mesa_core;
-pub use mesa_core::{
-    BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello, Limits,
-    Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent, PortalEventKind,
-    RateLimitPolicy, Recipients, Redelivery, Rule, SyncConfig, TooManyRecipients,
-};
 /// The runtime-agnostic driver this crate instantiates; for implementing a
 /// [`Runtime`] of your own. Everything a server or client needs is at this crate's root.
 pub use mesa_driver;
-pub use mesa_driver::{
-    Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, ClientError,
-    ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport,
-    Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, RedisFailure,
-    Refusal, Relay, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError,
-    TransportConfig,
-};
-/// TLS: certificates from PEM, rustls configurations, and the rustls crates themselves.
-pub mod tls {
-    pub use mesa_driver::tls::*;
-    pub use mesa_driver::{futures_rustls, rustls};
-}
+// Every type a user names, the same in every runtime crate.
+mesa_driver::root_exports!();
 pub use timer::Sleep;
 
 runtime! {

@@ -40,3 +40,32 @@ macro_rules! runtime_api {
         }
     };
 }
+
+/// Re-export at a runtime crate's root every type its users name (from `mesa_core`
+/// and `mesa_driver`) and a `tls` module, one list for every runtime crate. An
+/// implementation detail of the runtime crates, hidden from the docs.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! root_exports {
+    () => {
+        pub use $crate::mesa_core::{
+            BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
+            Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent,
+            PortalEventKind, RateLimitPolicy, Recipients, Redelivery, Rule, SyncConfig,
+            TooManyRecipients,
+        };
+        pub use $crate::{
+            Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, ClientError,
+            ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError,
+            DispatchReport, Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal,
+            PortalError, RedisFailure, Refusal, Relay, Runtime, SendError, SendReport,
+            ServerHandle, ServerTls, TlsError, TransportConfig,
+        };
+        /// TLS: certificates from PEM, rustls configurations, and the rustls crates
+        /// themselves.
+        pub mod tls {
+            pub use $crate::tls::*;
+            pub use $crate::{futures_rustls, rustls};
+        }
+    };
+}
