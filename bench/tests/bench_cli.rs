@@ -136,7 +136,7 @@ fn serve(extra: &[&str]) -> (Killed, String) {
     (server, url)
 }
 
-/// Run `mesa bench ARGS` to its end (bounded) and return its JSON line.
+/// Run `mesa-bench ARGS` to its end (bounded) and return its JSON line.
 fn bench(args: &[&str]) -> Value {
     let mut all = vec!["bench"];
     all.extend_from_slice(args);
@@ -145,25 +145,25 @@ fn bench(args: &[&str]) -> Value {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("mesa bench starts");
+        .expect("mesa-bench starts");
     let stdout = lines(child.stdout.take().expect("piped stdout"));
     let stderr = lines(child.stderr.take().expect("piped stderr"));
     let mut child = Killed(child);
     let deadline = Instant::now() + WAIT;
     let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait for mesa bench") {
+        if let Some(status) = child.0.try_wait().expect("wait for mesa-bench") {
             break status;
         }
         assert!(
             Instant::now() < deadline,
-            "mesa bench {args:?} still running after {WAIT:?}"
+            "mesa-bench {args:?} still running after {WAIT:?}"
         );
         thread::sleep(Duration::from_millis(20));
     };
     let (out, err) = (drain(&stdout), drain(&stderr));
     assert!(
         status.success(),
-        "mesa bench {args:?} failed: {status}\nstdout: {out:#?}\nstderr: {err:#?}"
+        "mesa-bench {args:?} failed: {status}\nstdout: {out:#?}\nstderr: {err:#?}"
     );
     assert_eq!(
         out.len(),
@@ -257,7 +257,7 @@ fn echo_reports_round_trips() {
     assert!(echo["server_cpu_secs"].is_number(), "{echo}");
 }
 
-/// Run `mesa bench storm` (20 clients, `BENCH` options) against `mesa serve SERVE`
+/// Run `mesa-bench storm` (20 clients, `BENCH` options) against `mesa serve SERVE`
 /// on a free port of `host` (`ws://` or, with `tls`, `wss://`), and check that every
 /// client came back.
 fn storm(host: &str, tls: bool, serve: &[&str], bench_options: &[&str]) {
