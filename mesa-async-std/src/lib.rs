@@ -38,7 +38,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! smol::block_on(async {
-//!     let server = mesa_async_std::smol::server()
+//!     let server = mesa_async_std::smol::server().handler(mesa_async_std::Relay)
 //!         .heartbeat(Duration::from_secs(10), 3)
 //!         .authenticate(DevAuthenticator)
 //!         .build()?;
@@ -122,16 +122,15 @@ mod net;
 mod runtime;
 mod timer;
 
-pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, RateLimitPolicy,
-    Recipients, TooManyRecipients,
-};
-pub use mesa_driver::{
-    self, Admission, AuthError, Authenticator, BuildError, ClientError, ClientEvents,
-    ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher,
-    DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, Relay, SendError,
-    SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
-};
+/// The sans-IO core (wire codec, sessions, hub, cluster decisions): for driving the
+/// protocol from an event loop of your own. Everything a server or client needs is
+/// also at this crate's root.
+pub use mesa_core;
+/// The runtime-agnostic driver this crate instantiates; for implementing a
+/// [`Runtime`] of your own. Everything a server or client needs is at this crate's root.
+pub use mesa_driver;
+// Every type a user names, the same in every runtime crate.
+mesa_driver::root_exports!();
 pub use timer::Sleep;
 
 runtime! {

@@ -18,7 +18,7 @@ use futures_util::future::{Either, select};
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use mesa_core::{
     BackoffConfig, ClientConfig, ClientEvent, ClientSession, ClientTransmit, Close, CloseCode,
-    ConfigError, Limits, Message,
+    ConfigError, Hello, Limits, Message,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
@@ -41,9 +41,10 @@ pub enum ClientError {
     /// The session refused the command (queue full, already connected, ...).
     #[error(transparent)]
     Session(#[from] mesa_core::ClientError),
-    /// The connection ended for good before the server answered.
+    /// The connection ended for good before the server answered; the close is the
+    /// cause.
     #[error("disconnected before the server answered: {0}")]
-    Disconnected(String),
+    Disconnected(#[source] Close),
     /// The client's task has stopped.
     #[error("the client has stopped")]
     Stopped,
@@ -193,6 +194,7 @@ impl<R: Runtime> ClientBuilder<R> {
             session,
             commands: command_rx,
             events: event_tx,
+            hello_waiters: Vec::new(),
         };
         self.runtime.spawn(task.run());
         Ok((
@@ -240,6 +242,7 @@ enum Command {
     Authenticate(Value, bool, oneshot::Sender<Result<Value, ClientError>>),
     Send(Message, oneshot::Sender<Result<(), ClientError>>),
     Disconnect(Close, oneshot::Sender<Result<(), ClientError>>),
+    Hello(oneshot::Sender<Hello>),
 }
 
 impl Client {
@@ -271,6 +274,17 @@ impl Client {
     /// handshake finished (or the close timeout passed).
     pub async fn disconnect(&self, close: Close) -> Result<(), ClientError> {
         self.call(|tx| Command::Disconnect(close, tx)).await?
+    }
+
+    /// The hello (op 10) of the current connection: the settings the server announced
+    /// (heartbeat, reconnect interval, authentication timeout, rules). Waits for the
+    /// next hello while none has arrived (connecting, backing off, or the transport
+    /// open and its hello on the way).
+    ///
+    /// A server that authenticates nobody announces no authentication timeout (ours
+    /// announces one exactly when authentication is on; `@cryb/mesa` always does).
+    pub async fn hello(&self) -> Result<Hello, ClientError> {
+        self.call(Command::Hello).await
     }
 
     async fn call<T>(
@@ -352,6 +366,8 @@ struct Task<R: Runtime> {
     session: ClientSession,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<ClientEvent>,
+    /// Callers of [`Client::hello`] waiting for the next hello.
+    hello_waiters: Vec<oneshot::Sender<Hello>>,
 }
 
 impl<R: Runtime> Task<R> {
@@ -397,7 +413,7 @@ impl<R: Runtime> Task<R> {
                         reconnect_at: None,
                     } => {
                         for waiter in auth_waiters.drain(..) {
-                            let _ = waiter.send(Err(ClientError::Disconnected(close.to_string())));
+                            let _ = waiter.send(Err(ClientError::Disconnected(close.clone())));
                         }
                     }
                     _ => {}
@@ -406,6 +422,13 @@ impl<R: Runtime> Task<R> {
             }
             if let Some(reply) = disconnect_reply.take() {
                 let _ = reply.send(Ok(()));
+            }
+            if !self.hello_waiters.is_empty() {
+                if let Some(hello) = self.session.hello() {
+                    for waiter in self.hello_waiters.drain(..) {
+                        let _ = waiter.send(hello.clone());
+                    }
+                }
             }
             if stopping {
                 if let Some(io) = io.take() {
@@ -517,6 +540,8 @@ impl<R: Runtime> Task<R> {
             Command::Connect(reply) => {
                 let _ = reply.send(self.session.connect(now).map_err(ClientError::from));
             }
+            // Answered at the top of the loop, once the session holds a hello.
+            Command::Hello(reply) => self.hello_waiters.push(reply),
             Command::Authenticate(credentials, should_sync, reply) => {
                 match self.session.authenticate(now, credentials, should_sync) {
                     Ok(()) => auth_waiters.push(reply),

@@ -45,12 +45,12 @@ pub enum DispatchError {
     /// Redis is unreachable or failed a command. Nothing is retried: the dispatch may
     /// have been published or stored in part. The next dispatch reconnects.
     #[error("Redis: {0}")]
-    Redis(String),
+    Redis(#[source] crate::RedisFailure),
 }
 
 impl From<redis::RedisError> for DispatchError {
     fn from(error: redis::RedisError) -> Self {
-        DispatchError::Redis(error.to_string())
+        DispatchError::Redis(error.into())
     }
 }
 
@@ -124,9 +124,9 @@ impl std::fmt::Debug for DispatcherBuilder {
 }
 
 impl DispatcherBuilder {
-    /// The cluster's namespace (`None` or empty: none).
-    pub fn namespace(mut self, namespace: Option<&str>) -> Self {
-        self.namespace = namespace.map(str::to_owned);
+    /// The cluster's namespace (default none; empty is none too).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
         self
     }
 
@@ -143,8 +143,9 @@ impl DispatcherBuilder {
         self
     }
 
-    /// Allow at most `max` distinct ids per dispatch ([`Limits::max_recipients`] by
-    /// default; see [`Dispatcher::with_max_recipients`]).
+    /// Allow at most `max` distinct ids per dispatch (after `excluding`), like the
+    /// servers' `Limits::max_recipients` (100,000 by default): a longer list is
+    /// refused with [`DispatchError::TooManyRecipients`]. Zero is an invalid setting.
     pub fn max_recipients(mut self, max: usize) -> Self {
         self.max_recipients = max;
         self
@@ -165,6 +166,11 @@ impl DispatcherBuilder {
                 "max_stored must be at least 1",
             ));
         }
+        if self.max_recipients == 0 {
+            return Err(DispatchError::InvalidSetting(
+                "max_recipients must be at least 1",
+            ));
+        }
         if let Some(pem) = &self.redis_ca_pem {
             check_ca_pem(pem)?;
         }
@@ -176,9 +182,8 @@ impl DispatcherBuilder {
             ns: Namespace::new(self.namespace),
             sync: self.sync,
             max_stored: self.max_stored,
-            max_recipients: Limits::default().max_recipients,
-        }
-        .with_max_recipients(self.max_recipients)?;
+            max_recipients: self.max_recipients,
+        };
         dispatcher.connection().await?;
         Ok(dispatcher)
     }
@@ -196,40 +201,6 @@ impl Dispatcher {
             max_recipients: Limits::default().max_recipients,
             redis_ca_pem: None,
         }
-    }
-
-    /// Connect to the Redis at `url` (e.g. `redis://127.0.0.1:6379/`) of the cluster
-    /// using `namespace` (`None` or empty: none). With `sync`, messages to ids
-    /// connected nowhere are stored for them, at most `max_stored` per id (the oldest
-    /// go; the servers' default is 1000). A dispatch may address at most
-    /// [`Limits::max_recipients`] distinct ids (100,000; see
-    /// [`with_max_recipients`](Self::with_max_recipients)). The same as
-    /// [`builder`](Self::builder), which has more settings (a CA for `rediss://`).
-    pub async fn connect(
-        url: &str,
-        namespace: Option<&str>,
-        sync: bool,
-        max_stored: usize,
-    ) -> Result<Dispatcher, DispatchError> {
-        Dispatcher::builder(url)
-            .namespace(namespace)
-            .sync(sync)
-            .max_stored(max_stored)
-            .connect()
-            .await
-    }
-
-    /// Allow at most `max` distinct ids per dispatch (after `excluding`), like the
-    /// servers' `Limits::max_recipients`: a longer list is refused with
-    /// [`DispatchError::TooManyRecipients`]. Zero is an invalid setting.
-    pub fn with_max_recipients(mut self, max: usize) -> Result<Dispatcher, DispatchError> {
-        if max == 0 {
-            return Err(DispatchError::InvalidSetting(
-                "max_recipients must be at least 1",
-            ));
-        }
-        self.max_recipients = max;
-        Ok(self)
     }
 
     /// The most distinct ids one dispatch may address.

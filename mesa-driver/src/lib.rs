@@ -21,6 +21,8 @@ mod client;
 mod cluster;
 mod connection;
 mod dispatcher;
+#[cfg(feature = "test-echo")]
+#[doc(hidden)]
 pub mod echo;
 mod handler;
 mod io;
@@ -29,6 +31,7 @@ pub mod metrics;
 mod middleware;
 mod outbox;
 mod portal;
+mod redis_failure;
 mod router;
 mod runtime;
 mod server;
@@ -42,6 +45,7 @@ pub use dispatcher::{DispatchError, DispatchReport, Dispatcher, DispatcherBuilde
 pub use handler::{AuthError, Authenticator, BoxFuture, DevAuthenticator, Handler, Ignore, Relay};
 pub use middleware::{BoxError, Middleware};
 pub use portal::{Portal, PortalBuilder, PortalError};
+pub use redis_failure::RedisFailure;
 pub use router::{Admission, SendReport, ServerHandle};
 pub use runtime::Runtime;
 pub use server::{Listening, Refusal, Server, ServerBuilder};

@@ -42,7 +42,7 @@ pub enum PortalError {
     InvalidUrl(String),
     /// Redis is unreachable or failed a command.
     #[error("Redis: {0}")]
-    Redis(String),
+    Redis(#[source] crate::RedisFailure),
     /// The CA certificates for `rediss://` cannot be used.
     #[error("Redis CA certificate: {0}")]
     Tls(#[from] crate::TlsError),
@@ -53,7 +53,7 @@ pub enum PortalError {
 
 impl From<redis::RedisError> for PortalError {
     fn from(error: redis::RedisError) -> Self {
-        PortalError::Redis(error.to_string())
+        PortalError::Redis(error.into())
     }
 }
 

@@ -25,7 +25,7 @@ use crate::cluster::{self, ClusterConfig, Job};
 use crate::runtime::entropy_seed;
 
 use crate::connection::drive;
-use crate::handler::{Authenticator, Handler, Relay};
+use crate::handler::{Authenticator, Handler, Ignore};
 use crate::middleware::{Middleware, Middlewares};
 use crate::router::{Admission, Router, ServerHandle};
 use crate::runtime::Runtime;
@@ -102,7 +102,7 @@ impl Refusal {
 /// Builds a [`Server`]. Every option of `@cryb/mesa`'s server, with its documented
 /// defaults; [`build`](Self::build) validates them once.
 #[must_use]
-pub struct ServerBuilder<R, H = Relay> {
+pub struct ServerBuilder<R, H = Ignore> {
     runtime: R,
     core: ServerConfigBuilder,
     auth: Option<AuthConfig>,
@@ -113,11 +113,15 @@ pub struct ServerBuilder<R, H = Relay> {
     handler: H,
     middleware: Vec<Arc<dyn Middleware>>,
     cluster: Option<ClusterConfig>,
+    /// Set by `namespace()` and `portals()` in any order with `redis()`/`cluster()`,
+    /// applied by `build()`.
+    namespace: Option<String>,
+    portals: Option<PortalChoice>,
     admission: AdmissionPolicy,
     tls: Option<ServerTls>,
 }
 
-impl<R: Runtime> ServerBuilder<R, Relay> {
+impl<R: Runtime> ServerBuilder<R, Ignore> {
     pub(crate) fn new(runtime: R) -> Self {
         ServerBuilder {
             runtime,
@@ -127,9 +131,11 @@ impl<R: Runtime> ServerBuilder<R, Relay> {
             transport: TransportConfig::default(),
             path: "/".to_owned(),
             authenticator: None,
-            handler: Relay,
+            handler: Ignore,
             middleware: Vec::new(),
             cluster: None,
+            namespace: None,
+            portals: None,
             admission: AdmissionPolicy::default(),
             tls: None,
         }
@@ -268,26 +274,28 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
-    /// Every cluster setting at once (namespace, lease, portals, retry buffer).
+    /// Every cluster setting at once (namespace, lease, portals, retry buffer);
+    /// [`namespace`](Self::namespace) and [`portals`](Self::portals), called before or
+    /// after, override its namespace and portals.
     pub fn cluster(mut self, cluster: ClusterConfig) -> Self {
         self.cluster = Some(cluster);
         self
     }
 
-    /// Isolate this cluster from others on the same Redis (needs [`redis`](Self::redis)).
+    /// Isolate this cluster from others on the same Redis. Needs [`redis`](Self::redis)
+    /// or [`cluster`](Self::cluster), called before or after: without either,
+    /// [`build`](Self::build) fails with [`ConfigError::ClusterSettingWithoutRedis`].
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        if let Some(cluster) = &mut self.cluster {
-            cluster.namespace = Some(namespace.into());
-        }
+        self.namespace = Some(namespace.into());
         self
     }
 
-    /// Forward client events to portals, choosing one per event (needs
-    /// [`redis`](Self::redis)).
+    /// Forward client events to portals, choosing one per event. Needs
+    /// [`redis`](Self::redis) or [`cluster`](Self::cluster), called before or after:
+    /// without either, [`build`](Self::build) fails with
+    /// [`ConfigError::ClusterSettingWithoutRedis`].
     pub fn portals(mut self, choice: PortalChoice) -> Self {
-        if let Some(cluster) = &mut self.cluster {
-            cluster.portals = Some(choice);
-        }
+        self.portals = Some(choice);
         self
     }
 
@@ -304,7 +312,8 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
-    /// Handle connections and messages with `handler` (the default is [`Relay`]).
+    /// Handle connections and messages with `handler`. The default, [`Ignore`], leaves
+    /// client messages to middleware; [`Relay`](crate::Relay) is the ECHO/BROADCAST relay.
     pub fn handler<H2: Handler>(self, handler: H2) -> ServerBuilder<R, H2> {
         ServerBuilder {
             runtime: self.runtime,
@@ -317,6 +326,8 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             handler,
             middleware: self.middleware,
             cluster: self.cluster,
+            namespace: self.namespace,
+            portals: self.portals,
             admission: self.admission,
             tls: self.tls,
         }
@@ -341,13 +352,33 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         if config.sync().is_some() && self.cluster.is_none() {
             return Err(ConfigError::SyncWithoutStore);
         }
+        let cluster = match self.cluster {
+            Some(mut cluster) => {
+                if let Some(namespace) = self.namespace {
+                    cluster.namespace = Some(namespace);
+                }
+                if let Some(portals) = self.portals {
+                    cluster.portals = Some(portals);
+                }
+                Some(cluster)
+            }
+            None if self.namespace.is_some() => {
+                return Err(ConfigError::ClusterSettingWithoutRedis("a namespace"));
+            }
+            None if self.portals.is_some() => {
+                return Err(ConfigError::ClusterSettingWithoutRedis(
+                    "forwarding to portals",
+                ));
+            }
+            None => None,
+        };
         let router = Arc::new(Router::new(
             config.authentication_required(),
             Middlewares::new(self.middleware),
             self.transport.max_outbound_bytes,
             config.limits().max_recipients,
         ));
-        if let Some(cluster) = self.cluster {
+        if let Some(cluster) = cluster {
             let handle = cluster::spawn(
                 &self.runtime,
                 cluster,
@@ -376,7 +407,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
 }
 
 /// A Mesa server: accept connections, upgrade them, and drive each one.
-pub struct Server<R, H = Relay> {
+pub struct Server<R, H = Ignore> {
     inner: Arc<Inner<R, H>>,
 }
 
@@ -388,9 +419,9 @@ impl<R, H> Clone for Server<R, H> {
     }
 }
 
-impl<R: Runtime> Server<R, Relay> {
+impl<R: Runtime> Server<R, Ignore> {
     /// Start building a server on `runtime`.
-    pub fn builder(runtime: R) -> ServerBuilder<R, Relay> {
+    pub fn builder(runtime: R) -> ServerBuilder<R, Ignore> {
         ServerBuilder::new(runtime)
     }
 }

@@ -85,7 +85,10 @@
 //! use serde_json::json;
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dispatcher = Dispatcher::connect("redis://127.0.0.1:6379/", None, true, 1000).await?;
+//! let dispatcher = Dispatcher::builder("redis://127.0.0.1:6379/")
+//!     .sync(true)
+//!     .connect()
+//!     .await?;
 //! let to = Recipients::Ids(vec!["alice".into(), "bob".into()]);
 //! let report = dispatcher
 //!     .dispatch(Message::dispatch("NOTICE", json!({"text": "hi"})), None, to, &[])
@@ -111,16 +114,15 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
-pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, RateLimitPolicy,
-    Recipients, TooManyRecipients,
-};
-pub use mesa_driver::{
-    self, Admission, AuthError, Authenticator, BuildError, ClientError, ClientEvents,
-    ClusterConfig, Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher,
-    DispatcherBuilder, Handler, Ignore, Middleware, Portal, PortalError, Relay, SendError,
-    SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
-};
+/// The sans-IO core (wire codec, sessions, hub, cluster decisions): for driving the
+/// protocol from an event loop of your own. Everything a server or client needs is
+/// also at this crate's root.
+pub use mesa_core;
+/// The runtime-agnostic driver this crate instantiates; for implementing a
+/// [`Runtime`] of your own. Everything a server or client needs is at this crate's root.
+pub use mesa_driver;
+// Every type a user names, the same in every runtime crate.
+mesa_driver::root_exports!();
 
 #[cfg(feature = "axum")]
 pub mod axum;

@@ -6,9 +6,11 @@
 //
 //   chat        two pages chat through `mesa serve --demo --redis --sync` (its own
 //               redis-server): login, who is online, typing indicator, messages both
-//               ways, and a message missed while offline redelivered on return
+//               ways, and on return the room's history kept by the page with the
+//               message missed while offline redelivered ("not joined" before login)
 //   reconnect   the server restarts under a page: the banner shows the next retry
-//               time, a message sent meanwhile is queued, and the page recovers
+//               time, who is online greys out, a message sent meanwhile is queued,
+//               and the page recovers
 //   js-client   the published mesa-js-client 1.4.8 (its UMD build) in a page:
 //               connects to `mesa serve --auth dev`, authenticates, exchanges messages
 //   tls         the demo over https:// and wss:// (`mesa serve --demo --tls-cert C
@@ -176,6 +178,9 @@ async function screenshot (page, name) {
 
 async function login (page, url, nick) {
   await page.goto(url)
+  // Before joining the page says so, not "offline".
+  const before = await page.$eval('#status', e => e.textContent)
+  if (before !== 'not joined') throw new Error(`the status before joining: ${before}`)
   await page.fill('#nick', nick)
   await page.click('#join')
   await page.waitForFunction(n => document.getElementById('status').textContent === `online as ${n}`, nick)
@@ -237,6 +242,9 @@ const scenarios = {
     await login(bob, server.page, 'bob')
     await waitFor('the missed message on bob\'s page', async () =>
       bob.$$eval('#messages li.missed .text', items => items.some(i => i.textContent === 'Bob, you missed this one.')))
+    // The history from before bob left came back with the page.
+    await seeMessage(bob, 'Hello Alice!')
+    await seeMessage(bob, 'Hi Bob, welcome to Mesa.')
     await screenshot(bob, 'bob-missed')
     const typing = await alice.$eval('#typing', e => e.textContent)
     if (typing !== '') throw new Error(`a stale typing indicator on alice's page: ${typing}`)
@@ -259,6 +267,12 @@ const scenarios = {
     await page.waitForFunction(() => {
       const banner = document.getElementById('banner')
       return !banner.classList.contains('hidden') && /Reconnecting at \d/.test(banner.textContent)
+    })
+    // Nobody is shown online in green while the page reconnects, carol included.
+    await page.waitForFunction(() => {
+      const online = document.getElementById('online')
+      return online.classList.contains('stale') &&
+        [...online.children].some(item => item.textContent === 'carol (you, offline)')
     })
     const banner = await page.$eval('#banner', e => e.textContent)
     log('banner:', banner)

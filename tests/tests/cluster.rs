@@ -18,11 +18,12 @@ fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-fn replica(redis: &RedisServer, namespace: Option<&str>, sync: bool) -> Server {
+fn replica(redis: &RedisServer, namespace: Option<&str>, sync: bool) -> Server<mesa_tokio::Relay> {
     let mut cluster = ClusterConfig::new(redis.url());
     cluster.namespace = namespace.map(str::to_owned);
     cluster.lease = Duration::from_millis(900);
     let mut builder = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_millis(300), 2)
         .reconnect_interval(Duration::from_millis(100))
         .authenticate(DevAuthenticator)
@@ -280,6 +281,7 @@ async fn a_drop_during_redelivery_keeps_the_rest_stored() {
     let mut cluster = ClusterConfig::new(redis_server.url());
     cluster.lease = Duration::from_millis(900);
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .authenticate(DevAuthenticator)
         .cluster(cluster)
         .sync(SyncConfig {
@@ -402,6 +404,7 @@ async fn after_a_redis_restart_from_disk_stale_presence_does_not_swallow_sends()
         let mut cluster = ClusterConfig::new(redis_server.url());
         cluster.lease = Duration::from_secs(30);
         mesa_tokio::server()
+            .handler(mesa_tokio::Relay)
             .authenticate(DevAuthenticator)
             .cluster(cluster)
             .sync(SyncConfig::default())
@@ -460,6 +463,7 @@ async fn after_a_redis_restart_from_disk_stale_presence_does_not_swallow_sends()
 async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhile() {
     let mut redis_server = RedisServer::start();
     let a = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .authenticate(DevAuthenticator)
         .redis(redis_server.url())
         .sync(SyncConfig::default())
@@ -499,6 +503,7 @@ async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhil
 async fn op_22_and_heartbeats_do_not_wait_for_a_frozen_redis() {
     let redis_server = RedisServer::start();
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_millis(200), 2)
         .authenticate(DevAuthenticator)
         .redis(redis_server.url())
@@ -638,6 +643,7 @@ async fn a_crashed_replicas_ids_leave_presence_within_the_lease_and_get_stored_f
             let mut cluster = ClusterConfig::new(url_redis);
             cluster.lease = Duration::from_millis(900);
             let b = mesa_tokio::server()
+                .handler(mesa_tokio::Relay)
                 .authenticate(DevAuthenticator)
                 .cluster(cluster)
                 .sync(SyncConfig::default())
@@ -861,6 +867,7 @@ async fn a_pipeline_cut_midway_loses_none_of_its_trims_loads_and_stores() {
     // The connection waits for its stored messages across the cut: past the default
     // load timeout (5 s) it would go on without them, so the wait is longer here.
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .authenticate(DevAuthenticator)
         .cluster(cluster)
         .sync(SyncConfig {
@@ -996,6 +1003,7 @@ async fn a_send_to_thousands_of_offline_ids_is_stored_for_each_in_order() {
     let redis_server = RedisServer::start();
     let capped = || {
         mesa_tokio::server()
+            .handler(mesa_tokio::Relay)
             .authenticate(DevAuthenticator)
             .redis(redis_server.url())
             .sync(SyncConfig::default())
@@ -1099,7 +1107,10 @@ async fn a_send_to_thousands_of_offline_ids_is_stored_for_each_in_order() {
 #[tokio::test]
 async fn a_dispatch_to_thousands_of_ids_stores_once_per_id() {
     let redis_server = RedisServer::start();
-    let dispatcher = mesa_tokio::Dispatcher::connect(&redis_server.url(), None, true, 1000)
+    let dispatcher = mesa_tokio::Dispatcher::builder(redis_server.url())
+        .sync(true)
+        .max_stored(1000)
+        .connect()
         .await
         .unwrap();
     let ids: Vec<String> = (0..6_000).map(|i| format!("off{}", i % 5_000)).collect();

@@ -25,7 +25,12 @@ conformance!(
 );
 
 /// A replica on `rt` with development authentication and the relay handler.
-fn replica<R: Runtime>(rt: &R, redis: &RedisServer, sync: bool, portals: bool) -> Server<R> {
+fn replica<R: Runtime>(
+    rt: &R,
+    redis: &RedisServer,
+    sync: bool,
+    portals: bool,
+) -> Server<R, mesa_driver::Relay> {
     replica_of(rt, ClusterConfig::new(redis.url()), sync, portals)
 }
 
@@ -35,10 +40,11 @@ fn replica_of<R: Runtime>(
     mut cluster: ClusterConfig,
     sync: bool,
     portals: bool,
-) -> Server<R> {
+) -> Server<R, mesa_driver::Relay> {
     cluster.lease = Duration::from_millis(900);
     cluster.portals = portals.then_some(PortalChoice::RoundRobin);
     let builder = Server::builder(rt.clone())
+        .handler(mesa_driver::Relay)
         .authenticate(DevAuthenticator)
         .cluster(cluster);
     let builder = if sync {
@@ -130,11 +136,13 @@ async fn a_dispatcher_and_a_portal_reach_this_runtimes_replica<R: Runtime>(rt: R
     let dispatcher = within(
         &rt,
         "the dispatcher connecting",
-        Dispatcher::connect(&url, None, false, 1000),
+        Dispatcher::builder(&url)
+            .sync(false)
+            .max_stored(1000)
+            .max_recipients(1)
+            .connect(),
     )
     .await
-    .unwrap()
-    .with_max_recipients(1)
     .unwrap();
     // Two ids past a limit of one: refused before Redis sees it, so dana gets only
     // the next dispatch.
@@ -240,7 +248,7 @@ async fn a_replica_a_dispatcher_and_a_portal_reach_redis_over_tls<R: Runtime>(rt
     )
     .await;
     assert!(
-        matches!(&refused, Err(DispatchError::Redis(reason)) if reason.contains("UnknownIssuer")),
+        matches!(&refused, Err(DispatchError::Redis(reason)) if reason.to_string().contains("UnknownIssuer")),
         "{refused:?}"
     );
 }

@@ -32,10 +32,11 @@ conformance!(
 );
 
 /// A development server (relay, dev authentication) serving TLS with `cert`.
-fn tls_server<R: Runtime>(rt: &R, cert: &ServerCert) -> ServerBuilder<R> {
+fn tls_server<R: Runtime>(rt: &R, cert: &ServerCert) -> ServerBuilder<R, mesa_driver::Relay> {
     let tls = ServerTls::from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())
         .expect("the test certificate loads");
     Server::builder(rt.clone())
+        .handler(mesa_driver::Relay)
         .authenticate(DevAuthenticator)
         .tls(tls)
 }
@@ -267,6 +268,7 @@ async fn a_reloaded_certificate_serves_new_connections_and_keeps_old_ones<R: Run
     let old = old_ca.server(&["localhost"]);
     let tls = ServerTls::from_pem(old.cert_pem.as_bytes(), old.key_pem.as_bytes()).unwrap();
     let server = Server::builder(rt.clone())
+        .handler(mesa_driver::Relay)
         .authenticate(DevAuthenticator)
         .tls(tls.clone())
         .build()
