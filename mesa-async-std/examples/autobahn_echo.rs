@@ -1,5 +1,5 @@
 //! A WebSocket echo server on smol with exactly the transport layer and limits of a
-//! Mesa server ([`mesa_driver::echo`]), for the Autobahn TestSuite's fuzzing client
+//! Mesa server (`mesa_driver::echo`, behind its test-support feature `test-echo`), for the Autobahn TestSuite's fuzzing client
 //! (`autobahn/run`).
 //!
 //! ```sh
@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use mesa_async_std::Smol;
-use mesa_async_std::mesa_driver::echo::EchoOptions;
+use mesa_driver::echo::EchoOptions;
 
 fn main() -> ExitCode {
     let options = match EchoOptions::parse(std::env::args().skip(1)) {

@@ -25,7 +25,9 @@
 //!
 //! The cluster through Redis (replication, sync, presence, `Dispatcher` and
 //! `Portal`, re-exported here with `ClusterConfig`) runs on both runtimes through
-//! redis-rs's `smol-comp`.
+//! redis-rs's `smol-comp`, over TLS too (`rediss://`, its `smol-rustls-comp`; a
+//! private CA through `ClusterConfig::redis_ca_pem`, `DispatcherBuilder::redis_ca_pem`
+//! or `PortalBuilder::redis_ca_pem`).
 //!
 //! # A server and a client on smol
 //!
@@ -36,7 +38,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! smol::block_on(async {
-//!     let server = mesa_async_std::smol::server()
+//!     let server = mesa_async_std::smol::server().handler(mesa_async_std::Relay)
 //!         .heartbeat(Duration::from_secs(10), 3)
 //!         .authenticate(DevAuthenticator)
 //!         .build()?;
@@ -120,15 +122,15 @@ mod net;
 mod runtime;
 mod timer;
 
-pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, RateLimitPolicy,
-    Recipients, TooManyRecipients,
-};
-pub use mesa_driver::{
-    self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,
-    Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher, Handler, Ignore,
-    Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, TransportConfig,
-};
+/// The sans-IO core (wire codec, sessions, hub, cluster decisions): for driving the
+/// protocol from an event loop of your own. Everything a server or client needs is
+/// also at this crate's root.
+pub use mesa_core;
+/// The runtime-agnostic driver this crate instantiates; for implementing a
+/// [`Runtime`] of your own. Everything a server or client needs is at this crate's root.
+pub use mesa_driver;
+// Every type a user names, the same in every runtime crate.
+mesa_driver::root_exports!();
 pub use timer::Sleep;
 
 runtime! {
@@ -151,3 +153,10 @@ runtime! {
     name = "async-std",
     spawn = |future| drop(::async_std::task::spawn(future)),
 }
+
+/// The user guide's chapter on runtimes (`docs/guide/src/runtimes.md`), compiled (and
+/// its runnable examples run) as doctests; the other chapters are doctests of
+/// `mesa-tokio`.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide/src/runtimes.md")]
+pub struct GuideRuntimes;

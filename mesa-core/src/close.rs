@@ -80,3 +80,6 @@ impl fmt::Display for Close {
         write!(f, "{} ({})", self.code, self.reason)
     }
 }
+
+/// A close is the cause of errors such as "disconnected before the server answered".
+impl std::error::Error for Close {}

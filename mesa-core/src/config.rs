@@ -265,6 +265,9 @@ pub enum ConfigError {
     /// Message sync needs a store (a Redis cluster) to keep messages in.
     #[error("message sync needs a store: configure Redis")]
     SyncWithoutStore,
+    /// A cluster setting (the namespace, portals) without a cluster to apply it to.
+    #[error("{0} needs a cluster: configure Redis")]
+    ClusterSettingWithoutRedis(&'static str),
     /// Authentication options were set, but nothing authenticates.
     #[error("authentication options need an authenticator")]
     MissingAuthenticator,

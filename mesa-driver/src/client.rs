@@ -1,9 +1,11 @@
 //! The client: a task that drives the core's [`ClientSession`] over reconnections,
 //! a cloneable [`Client`] handle for commands, and a stream of [`ClientEvent`]s.
+//! `ws://` and `wss://` URLs (TLS from [`crate::tls`]) on every runtime.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -11,17 +13,21 @@ use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_channel::{mpsc, oneshot};
+use futures_rustls::TlsConnector;
 use futures_util::future::{Either, select};
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use mesa_core::{
     BackoffConfig, ClientConfig, ClientEvent, ClientSession, ClientTransmit, Close, CloseCode,
-    ConfigError, Limits, Message,
+    ConfigError, Hello, Limits, Message,
 };
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
+use url::Url;
 
 use crate::handler::BoxFuture;
 use crate::io::Io;
 use crate::runtime::{Runtime, entropy_seed};
+use crate::tls::{ClientTls, MaybeTls, TlsError, certificates_from_pem, server_name};
 use crate::transport::{ReadFailure, TransportConfig, close_frame, core_close, read_failure, text};
 
 /// Events buffered for an application that reads them slowly; past this the client
@@ -35,9 +41,10 @@ pub enum ClientError {
     /// The session refused the command (queue full, already connected, ...).
     #[error(transparent)]
     Session(#[from] mesa_core::ClientError),
-    /// The connection ended for good before the server answered.
+    /// The connection ended for good before the server answered; the close is the
+    /// cause.
     #[error("disconnected before the server answered: {0}")]
-    Disconnected(String),
+    Disconnected(#[source] Close),
     /// The client's task has stopped.
     #[error("the client has stopped")]
     Stopped,
@@ -50,9 +57,18 @@ pub enum BuildError {
     /// The settings are invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The URL is not `ws://host:port[/path]`.
-    #[error("unsupported URL `{0}`: expected ws://host:port/path")]
-    Url(String),
+    /// The URL is not `ws://` or `wss://` with a host (and no user name or
+    /// password: credentials go in [`Client::authenticate`]).
+    #[error("unsupported URL `{url}`: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TLS settings are unusable (a root that does not parse, no trusted roots).
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Builds a [`Client`].
@@ -64,6 +80,7 @@ pub struct ClientBuilder<R> {
     transport: TransportConfig,
     auto_connect: bool,
     seed: Option<u64>,
+    tls: ClientTls,
 }
 
 impl<R: Runtime> ClientBuilder<R> {
@@ -75,6 +92,7 @@ impl<R: Runtime> ClientBuilder<R> {
             transport: TransportConfig::default(),
             auto_connect: true,
             seed: None,
+            tls: ClientTls::default(),
         }
     }
 
@@ -127,9 +145,38 @@ impl<R: Runtime> ClientBuilder<R> {
         self
     }
 
+    /// Trust the certificates of a PEM input for `wss://`, beside the default roots
+    /// (a private CA, a self-signed server). A PEM that does not parse fails
+    /// [`build`](Self::build).
+    pub fn add_root_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        match certificates_from_pem(pem.as_ref()) {
+            Ok(roots) => self.tls.extra_roots.extend(roots),
+            Err(error) => {
+                self.tls.error.get_or_insert(error);
+            }
+        }
+        self
+    }
+
+    /// Trust a DER certificate for `wss://`, beside the default roots.
+    pub fn add_root_der(mut self, der: impl Into<Vec<u8>>) -> Self {
+        self.tls.extra_roots.push(CertificateDer::from(der.into()));
+        self
+    }
+
+    /// Use this rustls configuration for `wss://` instead of the defaults (the
+    /// Mozilla roots, plus the platform's store with the `native-roots` feature, plus
+    /// the roots added here): for client certificates, pinned roots or a provider
+    /// of the application's choosing. The URL's host is still sent as SNI and
+    /// verified by the configuration's verifier.
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls.config = Some(config);
+        self
+    }
+
     /// Start the client's task.
     pub fn build(self) -> Result<(Client, ClientEvents), BuildError> {
-        let authority = authority(&self.url).ok_or_else(|| BuildError::Url(self.url.clone()))?;
+        let target = Target::parse(&self.url, &self.tls)?;
         let seed = self.seed.unwrap_or_else(entropy_seed);
         let mut session = ClientSession::new(self.config.clone(), seed)?;
         if self.auto_connect {
@@ -141,13 +188,13 @@ impl<R: Runtime> ClientBuilder<R> {
         let task = Task {
             ws_config: self.transport.websocket(&self.config.limits),
             runtime: self.runtime.clone(),
-            url: self.url,
-            authority,
+            target,
             transport: self.transport,
             limits: self.config.limits,
             session,
             commands: command_rx,
             events: event_tx,
+            hello_waiters: Vec::new(),
         };
         self.runtime.spawn(task.run());
         Ok((
@@ -195,6 +242,7 @@ enum Command {
     Authenticate(Value, bool, oneshot::Sender<Result<Value, ClientError>>),
     Send(Message, oneshot::Sender<Result<(), ClientError>>),
     Disconnect(Close, oneshot::Sender<Result<(), ClientError>>),
+    Hello(oneshot::Sender<Hello>),
 }
 
 impl Client {
@@ -228,6 +276,17 @@ impl Client {
         self.call(|tx| Command::Disconnect(close, tx)).await?
     }
 
+    /// The hello (op 10) of the current connection: the settings the server announced
+    /// (heartbeat, reconnect interval, authentication timeout, rules). Waits for the
+    /// next hello while none has arrived (connecting, backing off, or the transport
+    /// open and its hello on the way).
+    ///
+    /// A server that authenticates nobody announces no authentication timeout (ours
+    /// announces one exactly when authentication is on; `@cryb/mesa` always does).
+    pub async fn hello(&self) -> Result<Hello, ClientError> {
+        self.call(Command::Hello).await
+    }
+
     async fn call<T>(
         &self,
         command: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -242,6 +301,54 @@ impl Client {
     }
 }
 
+/// Where a client connects, from its URL.
+#[derive(Clone)]
+struct Target {
+    /// The URL of the WebSocket handshake (path and query kept).
+    url: String,
+    /// `host:port` to connect to (an IPv6 literal in brackets).
+    address: String,
+    /// For `wss://`: the connector and the name the certificate must be valid for.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl Target {
+    /// Parse a `ws://` or `wss://` URL (default ports 80 and 443).
+    fn parse(raw: &str, tls: &ClientTls) -> Result<Self, BuildError> {
+        let refuse = |reason: &str| BuildError::Url {
+            url: raw.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let url = Url::parse(raw).map_err(|error| refuse(&error.to_string()))?;
+        let secure = match url.scheme() {
+            "ws" => false,
+            "wss" => true,
+            _ => return Err(refuse("expected a ws:// or wss:// URL")),
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(refuse(
+                "user names and passwords do not go in the URL: authenticate instead",
+            ));
+        }
+        let (Some(host), Some(host_str), Some(port)) =
+            (url.host(), url.host_str(), url.port_or_known_default())
+        else {
+            return Err(refuse("no host"));
+        };
+        let tls = if secure {
+            // A client's configuration errors are caught here, not at each attempt.
+            Some((tls.connector()?, server_name(&host)?))
+        } else {
+            tls.error.clone().map_or(Ok(None), Err)?
+        };
+        Ok(Target {
+            address: format!("{host_str}:{port}"),
+            url: url.into(),
+            tls,
+        })
+    }
+}
+
 enum Wake<S> {
     Opened(Result<WebSocketStream<S>, String>),
     Read(Option<Result<WsMessage, WsError>>),
@@ -252,22 +359,22 @@ enum Wake<S> {
 
 struct Task<R: Runtime> {
     runtime: R,
-    url: String,
-    authority: String,
+    target: Target,
     transport: TransportConfig,
     ws_config: WebSocketConfig,
     limits: Limits,
     session: ClientSession,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<ClientEvent>,
+    /// Callers of [`Client::hello`] waiting for the next hello.
+    hello_waiters: Vec<oneshot::Sender<Hello>>,
 }
 
 impl<R: Runtime> Task<R> {
     async fn run(mut self) {
         let runtime = self.runtime.clone();
-        let mut io: Option<Io<R::TcpStream>> = None;
-        let mut opening: Option<BoxFuture<'static, Result<WebSocketStream<R::TcpStream>, String>>> =
-            None;
+        let mut io: Option<Io<MaybeTls<R::TcpStream>>> = None;
+        let mut opening: Option<BoxFuture<'static, Result<WebSocketStream<_>, String>>> = None;
         let mut timer: Option<(Instant, Pin<Box<R::Sleep>>)> = None;
         let mut auth_waiters: Vec<oneshot::Sender<Result<Value, ClientError>>> = Vec::new();
         let mut outgoing: VecDeque<ClientEvent> = VecDeque::new();
@@ -306,7 +413,7 @@ impl<R: Runtime> Task<R> {
                         reconnect_at: None,
                     } => {
                         for waiter in auth_waiters.drain(..) {
-                            let _ = waiter.send(Err(ClientError::Disconnected(close.to_string())));
+                            let _ = waiter.send(Err(ClientError::Disconnected(close.clone())));
                         }
                     }
                     _ => {}
@@ -315,6 +422,13 @@ impl<R: Runtime> Task<R> {
             }
             if let Some(reply) = disconnect_reply.take() {
                 let _ = reply.send(Ok(()));
+            }
+            if !self.hello_waiters.is_empty() {
+                if let Some(hello) = self.session.hello() {
+                    for waiter in self.hello_waiters.drain(..) {
+                        let _ = waiter.send(hello.clone());
+                    }
+                }
             }
             if stopping {
                 if let Some(io) = io.take() {
@@ -426,6 +540,8 @@ impl<R: Runtime> Task<R> {
             Command::Connect(reply) => {
                 let _ = reply.send(self.session.connect(now).map_err(ClientError::from));
             }
+            // Answered at the top of the loop, once the session holds a hello.
+            Command::Hello(reply) => self.hello_waiters.push(reply),
             Command::Authenticate(credentials, should_sync, reply) => {
                 match self.session.authenticate(now, credentials, should_sync) {
                     Ok(()) => auth_waiters.push(reply),
@@ -446,24 +562,41 @@ impl<R: Runtime> Task<R> {
         }
     }
 
-    /// Open a transport and do the client handshake, bounded by the handshake timeout.
+    /// Open a transport and do the client handshakes (TLS for `wss://`, then
+    /// WebSocket), bounded together by the handshake timeout. A failed certificate
+    /// check is a failed attempt like any other: its reason reaches the application
+    /// in the `Disconnected` event and the backoff decides the next attempt.
     fn open(
         &self,
-    ) -> impl std::future::Future<Output = Result<WebSocketStream<R::TcpStream>, String>> + Send + 'static
-    {
+    ) -> impl std::future::Future<Output = Result<WebSocketStream<MaybeTls<R::TcpStream>>, String>>
+    + Send
+    + 'static {
         let runtime = self.runtime.clone();
-        let (url, authority, config) = (self.url.clone(), self.authority.clone(), self.ws_config);
+        let (target, config) = (self.target.clone(), self.ws_config);
         let timeout = self.transport.handshake_timeout;
         async move {
             let attempt = Box::pin(async {
                 let stream = runtime
-                    .connect(&authority)
+                    .connect(&target.address)
                     .await
                     .map_err(|e| e.to_string())?;
-                async_tungstenite::client_async_with_config(url.as_str(), stream, Some(config))
-                    .await
-                    .map(|(ws, _)| ws)
-                    .map_err(|e| e.to_string())
+                let stream = match &target.tls {
+                    None => MaybeTls::Plain(stream),
+                    Some((connector, name)) => MaybeTls::tls(
+                        connector
+                            .connect(name.clone(), stream)
+                            .await
+                            .map_err(|e| format!("TLS handshake failed: {e}"))?,
+                    ),
+                };
+                async_tungstenite::client_async_with_config(
+                    target.url.as_str(),
+                    stream,
+                    Some(config),
+                )
+                .await
+                .map(|(ws, _)| ws)
+                .map_err(|e| e.to_string())
             });
             let deadline = Box::pin(runtime.sleep_until(runtime.now() + timeout));
             match select(attempt, deadline).await {
@@ -477,7 +610,7 @@ impl<R: Runtime> Task<R> {
     /// then answer `reply` (a deliberate disconnect waiting for its handshake).
     fn linger(
         &self,
-        mut io: Io<R::TcpStream>,
+        mut io: Io<MaybeTls<R::TcpStream>>,
         reply: Option<oneshot::Sender<Result<(), ClientError>>>,
     ) {
         let runtime = self.runtime.clone();
@@ -492,42 +625,55 @@ impl<R: Runtime> Task<R> {
     }
 }
 
-/// `host:port` of a `ws://` URL.
-fn authority(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("ws://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    if authority.is_empty() {
-        return None;
-    }
-    if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
-    {
-        Some(authority.to_owned())
-    } else {
-        Some(format!("{authority}:80"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::authority;
+    use super::{BuildError, ClientTls, Target};
+
+    fn parse(url: &str) -> Result<(String, String, bool), BuildError> {
+        Target::parse(url, &ClientTls::default())
+            .map(|target| (target.address, target.url, target.tls.is_some()))
+    }
 
     #[test]
-    fn reads_the_authority_of_ws_urls() {
+    fn parses_ws_and_wss_urls() {
+        let ok = |address: &str, url: &str, tls| Ok((address.to_owned(), url.to_owned(), tls));
         assert_eq!(
-            authority("ws://127.0.0.1:4000/"),
-            Some("127.0.0.1:4000".into())
+            parse("ws://127.0.0.1:4000/"),
+            ok("127.0.0.1:4000", "ws://127.0.0.1:4000/", false)
         );
         assert_eq!(
-            authority("ws://localhost:4000"),
-            Some("localhost:4000".into())
+            parse("ws://localhost:4000"),
+            ok("localhost:4000", "ws://localhost:4000/", false)
         );
         assert_eq!(
-            authority("ws://example.com/path"),
-            Some("example.com:80".into())
+            parse("ws://example.com/path?room=1"),
+            ok("example.com:80", "ws://example.com/path?room=1", false)
         );
-        assert_eq!(authority("wss://example.com"), None);
-        assert_eq!(authority("ws:///x"), None);
+        assert_eq!(
+            parse("wss://example.com/"),
+            ok("example.com:443", "wss://example.com/", true)
+        );
+        assert_eq!(
+            parse("wss://[::1]:8443/ws"),
+            ok("[::1]:8443", "wss://[::1]:8443/ws", true)
+        );
+        assert_eq!(parse("ws://[::1]/"), ok("[::1]:80", "ws://[::1]/", false));
+    }
+
+    #[test]
+    fn refuses_other_urls_with_a_reason() {
+        for (url, reason) in [
+            ("http://example.com/", "ws:// or wss://"),
+            ("ws://", "empty host"),
+            ("wss://user:secret@example.com/", "authenticate instead"),
+            ("not a url", "relative URL"),
+        ] {
+            match parse(url) {
+                Err(BuildError::Url { reason: why, .. }) => {
+                    assert!(why.contains(reason), "{url}: {why}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
     }
 }

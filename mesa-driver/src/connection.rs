@@ -455,7 +455,7 @@ where
                 let _ = self.session.accept(now, id, user);
             }
             Wake::Auth(Err(error)) => {
-                let _ = self.session.reject(now, &error.0);
+                let _ = self.session.reject(now, error.reason());
             }
             // Refused once the session's load timeout passed: the messages stay stored.
             Wake::Load(stored) => {

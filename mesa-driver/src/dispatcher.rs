@@ -8,8 +8,10 @@
 //! is stored for the offline ones in `ns("undelivered_messages")`, in upstream's
 //! format but appended atomically and capped per id (upstream's read-modify-write
 //! loses concurrent appends). The Redis work is the server's own
-//! (`cluster::execute`): one presence check and one PUBLISH per dispatch, pipelined.
+//! (`cluster::send_round`): presence checks and stores pipelined, one PUBLISH per
+//! dispatch (per round of a few thousand ids for a dispatch to more).
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
 use mesa_core::{
@@ -19,9 +21,9 @@ use mesa_core::{
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
-use crate::cluster::link::commands;
-use crate::cluster::scripts::APPEND;
-use crate::cluster::{RemoteSend, execute};
+use crate::cluster::link::{self, check_ca_pem, commands};
+use crate::cluster::scripts::APPEND_MANY;
+use crate::cluster::{BatchOutcome, RemoteSend, send_round};
 
 /// Why a dispatch (or connecting a [`Dispatcher`]) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +35,9 @@ pub enum DispatchError {
     /// A setting is out of range (e.g. a zero `max_stored`).
     #[error("invalid setting: {0}")]
     InvalidSetting(&'static str),
+    /// The CA certificates for `rediss://` cannot be used.
+    #[error("Redis CA certificate: {0}")]
+    Tls(#[from] crate::TlsError),
     /// The dispatch addressed more distinct ids than
     /// [`max_recipients`](Dispatcher::max_recipients); nothing was published or stored.
     #[error(transparent)]
@@ -40,12 +45,12 @@ pub enum DispatchError {
     /// Redis is unreachable or failed a command. Nothing is retried: the dispatch may
     /// have been published or stored in part. The next dispatch reconnects.
     #[error("Redis: {0}")]
-    Redis(String),
+    Redis(#[source] crate::RedisFailure),
 }
 
 impl From<redis::RedisError> for DispatchError {
     fn from(error: redis::RedisError) -> Self {
-        DispatchError::Redis(error.to_string())
+        DispatchError::Redis(error.into())
     }
 }
 
@@ -92,49 +97,110 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
-impl Dispatcher {
-    /// Connect to the Redis at `url` (e.g. `redis://127.0.0.1:6379/`) of the cluster
-    /// using `namespace` (`None` or empty: none). With `sync`, messages to ids
-    /// connected nowhere are stored for them, at most `max_stored` per id (the oldest
-    /// go; the servers' default is 1000). A dispatch may address at most
-    /// [`Limits::max_recipients`] distinct ids (100,000; see
-    /// [`with_max_recipients`](Self::with_max_recipients)).
-    pub async fn connect(
-        url: &str,
-        namespace: Option<&str>,
-        sync: bool,
-        max_stored: usize,
-    ) -> Result<Dispatcher, DispatchError> {
-        if max_stored == 0 {
+/// Builds a [`Dispatcher`]: [`Dispatcher::builder`], the settings, then
+/// [`connect`](Self::connect).
+#[derive(Clone)]
+#[must_use]
+pub struct DispatcherBuilder {
+    url: String,
+    namespace: Option<String>,
+    sync: bool,
+    max_stored: usize,
+    max_recipients: usize,
+    redis_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for DispatcherBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherBuilder")
+            .field("url", &self.url)
+            .field("namespace", &self.namespace)
+            .field("sync", &self.sync)
+            .field("max_stored", &self.max_stored)
+            .field("max_recipients", &self.max_recipients)
+            .field("redis_ca_pem", &self.redis_ca_pem.is_some())
+            .finish()
+    }
+}
+
+impl DispatcherBuilder {
+    /// The cluster's namespace (default none; empty is none too).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Store messages to ids connected nowhere for them (default false).
+    pub fn sync(mut self, sync: bool) -> Self {
+        self.sync = sync;
+        self
+    }
+
+    /// Keep at most `max` stored messages per id, the oldest going first (default
+    /// 1000, the servers' default).
+    pub fn max_stored(mut self, max: usize) -> Self {
+        self.max_stored = max;
+        self
+    }
+
+    /// Allow at most `max` distinct ids per dispatch (after `excluding`), like the
+    /// servers' `Limits::max_recipients` (100,000 by default): a longer list is
+    /// refused with [`DispatchError::TooManyRecipients`]. Zero is an invalid setting.
+    pub fn max_recipients(mut self, max: usize) -> Self {
+        self.max_recipients = max;
+        self
+    }
+
+    /// For a `rediss://` URL: trust these PEM certificates (a private CA) instead of
+    /// the platform's store ([`ClusterConfig::redis_ca_pem`](crate::ClusterConfig::redis_ca_pem)).
+    pub fn redis_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.redis_ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Validate the settings and connect (the connection is opened now, so that an
+    /// unreachable Redis fails here).
+    pub async fn connect(self) -> Result<Dispatcher, DispatchError> {
+        if self.max_stored == 0 {
             return Err(DispatchError::InvalidSetting(
                 "max_stored must be at least 1",
             ));
         }
-        let client = redis::Client::open(url)
-            .map_err(|error| DispatchError::InvalidUrl(error.to_string()))?;
-        let dispatcher = Dispatcher {
-            client,
-            conn: Mutex::new(None),
-            ns: Namespace::new(namespace.map(str::to_owned)),
-            sync,
-            max_stored,
-            max_recipients: Limits::default().max_recipients,
-        };
-        dispatcher.connection().await?;
-        Ok(dispatcher)
-    }
-
-    /// Allow at most `max` distinct ids per dispatch (after `excluding`), like the
-    /// servers' `Limits::max_recipients`: a longer list is refused with
-    /// [`DispatchError::TooManyRecipients`]. Zero is an invalid setting.
-    pub fn with_max_recipients(mut self, max: usize) -> Result<Dispatcher, DispatchError> {
-        if max == 0 {
+        if self.max_recipients == 0 {
             return Err(DispatchError::InvalidSetting(
                 "max_recipients must be at least 1",
             ));
         }
-        self.max_recipients = max;
-        Ok(self)
+        if let Some(pem) = &self.redis_ca_pem {
+            check_ca_pem(pem)?;
+        }
+        let client = link::client(&self.url, self.redis_ca_pem.as_deref())
+            .map_err(|error| DispatchError::InvalidUrl(error.to_string()))?;
+        let dispatcher = Dispatcher {
+            client,
+            conn: Mutex::new(None),
+            ns: Namespace::new(self.namespace),
+            sync: self.sync,
+            max_stored: self.max_stored,
+            max_recipients: self.max_recipients,
+        };
+        dispatcher.connection().await?;
+        Ok(dispatcher)
+    }
+}
+
+impl Dispatcher {
+    /// Start building a Dispatcher of the cluster on the Redis at `url` (e.g.
+    /// `redis://127.0.0.1:6379/`, or `rediss://` for TLS).
+    pub fn builder(url: impl Into<String>) -> DispatcherBuilder {
+        DispatcherBuilder {
+            url: url.into(),
+            namespace: None,
+            sync: false,
+            max_stored: 1000,
+            max_recipients: Limits::default().max_recipients,
+            redis_ca_pem: None,
+        }
     }
 
     /// The most distinct ids one dispatch may address.
@@ -218,19 +284,25 @@ impl Dispatcher {
             RemotePlan::Publish(Recipients::All) => None,
             RemotePlan::CheckPresence(ids) => Some(ids.len()),
         };
-        let send = RemoteSend {
+        let mut queue = VecDeque::from([RemoteSend {
             message,
             options,
             plan,
-        };
+        }]);
         let mut conn = self.connection().await?;
-        let outcome = match execute(&mut conn, &self.ns, None, self.max_stored, &[send]).await {
-            Ok(outcome) => outcome,
-            Err(error) => {
-                self.forget();
-                return Err(error.into());
+        // In rounds of bounded size, as a server's cluster link: what a round holds
+        // does not grow with the recipients, and Redis serves others in between
+        // (back to back, though: a Dispatcher has no timer to rest on).
+        let mut outcome = BatchOutcome::default();
+        while !queue.is_empty() {
+            match send_round(&mut conn, &self.ns, None, self.max_stored, &mut queue).await {
+                Ok((round, _)) => outcome.merge(round),
+                Err(error) => {
+                    self.forget();
+                    return Err(error.into());
+                }
             }
-        };
+        }
         report.stored = outcome.stored;
         report.dropped = outcome.dropped;
         report.undeliverable = outcome
@@ -256,7 +328,7 @@ impl Dispatcher {
             return Ok(conn);
         }
         let mut conn = commands(&self.client).await?;
-        APPEND.prepare_invoke().load_async(&mut conn).await?;
+        APPEND_MANY.prepare_invoke().load_async(&mut conn).await?;
         Ok(self.slot().get_or_insert(conn).clone())
     }
 

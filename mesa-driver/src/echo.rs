@@ -7,7 +7,8 @@
 //! session rules (JSON, authentication, message rate) are not what such a suite
 //! checks.
 //!
-//! The `autobahn_echo` examples of `mesa-tokio` and `mesa-async-std` are this module
+//! Test support (feature `test-echo`), not part of the API. The `autobahn_echo`
+//! examples of `mesa-tokio` and `mesa-async-std` are this module
 //! on each runtime, with [`EchoOptions`] as their command line:
 //!
 //! ```no_run
@@ -138,6 +139,7 @@ impl<R: Runtime> Echo<R> {
         let upgraded = handshake(
             &self.runtime,
             stream,
+            None,
             &self.transport,
             &self.limits,
             accept_any,

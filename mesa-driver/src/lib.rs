@@ -6,7 +6,8 @@
 //! The driver decides nothing about the protocol: it feeds frames, timer expiries and
 //! the application's answers to the core's state machines and executes what they
 //! output. Framing is async-tungstenite's, with small buffers (see
-//! [`TransportConfig`]).
+//! [`TransportConfig`]); TLS (`wss://`, both sides) is rustls's over the same
+//! `futures-io` streams (see [`tls`]), so every runtime gets it from this crate.
 #![warn(missing_docs, unreachable_pub)]
 
 #[cfg(not(any(feature = "tokio", feature = "smol")))]
@@ -20,6 +21,8 @@ mod client;
 mod cluster;
 mod connection;
 mod dispatcher;
+#[cfg(feature = "test-echo")]
+#[doc(hidden)]
 pub mod echo;
 mod handler;
 mod io;
@@ -28,27 +31,37 @@ pub mod metrics;
 mod middleware;
 mod outbox;
 mod portal;
+mod redis_failure;
 mod router;
 mod runtime;
 mod server;
+pub mod tls;
 mod transport;
 
 pub use client::{BuildError, Client, ClientBuilder, ClientError, ClientEvents};
 pub use cluster::ClusterConfig;
 pub use connection::{Connection, SendError};
-pub use dispatcher::{DispatchError, DispatchReport, Dispatcher};
+pub use dispatcher::{DispatchError, DispatchReport, Dispatcher, DispatcherBuilder};
 pub use handler::{AuthError, Authenticator, BoxFuture, DevAuthenticator, Handler, Ignore, Relay};
 pub use middleware::{BoxError, Middleware};
 pub use portal::{Portal, PortalBuilder, PortalError};
-pub use router::{SendReport, ServerHandle};
+pub use redis_failure::RedisFailure;
+pub use router::{Admission, SendReport, ServerHandle};
 pub use runtime::Runtime;
 pub use server::{Listening, Refusal, Server, ServerBuilder};
+pub use tls::{ServerTls, TlsError};
 pub use transport::TransportConfig;
 
 pub use async_tungstenite::tungstenite;
+/// The futures-io TLS streams of `wss://` ([`ServerTls::accept`] returns one).
+pub use futures_rustls;
 pub use mesa_core;
+/// The TLS library of `wss://`, for [`ClientBuilder::tls_config`] and
+/// [`ServerBuilder::tls`] (its `ring` provider is enabled).
+pub use rustls;
 
-/// Start building a client of `url` (`ws://host:port/path`) on `runtime`.
+/// Start building a client of `url` (`ws://host[:port]/path` or `wss://...`, TLS
+/// verified against the Mozilla roots unless told otherwise) on `runtime`.
 pub fn client<R: Runtime>(runtime: R, url: impl Into<String>) -> ClientBuilder<R> {
     ClientBuilder::new(runtime, url)
 }

@@ -39,6 +39,7 @@
 //! | `mesa_redis_link_up` | gauge | 1 while the cluster's Redis link is up, else 0 (0 without a cluster) |
 //! | `mesa_redis_link_failures_total` | counter | times the Redis link went down |
 //! | `mesa_redis_ping_seconds` | histogram | round trip of the Redis liveness ping (every third of the lease) |
+//! | `mesa_cluster_jobs_dropped_total` | counter | work for Redis given up (queue or retry buffer full, best effort lost to an outage, left at exit); presence changes not counted |
 //! | `mesa_errors_total` | counter | errors reported to middleware (Redis faults, refused cluster jobs, ...) |
 //!
 //! **Reconnections.** A connection that authenticates (for the first time on that
@@ -110,6 +111,7 @@ struct Inner {
     link_up: Gauge,
     link_failures: Counter,
     ping: Histogram,
+    jobs_dropped: Counter,
     errors: Counter,
     /// 0: no report yet (or no cluster), 1: up, 2: down.
     link: AtomicU8,
@@ -170,6 +172,7 @@ impl Metrics {
         let link_failures = Counter::default();
         // 0.25 ms to about 4 s.
         let ping = Histogram::new(exponential_buckets(0.000_25, 2.0, 15));
+        let jobs_dropped = Counter::default();
         let errors = Counter::default();
 
         let r = &mut registry;
@@ -273,6 +276,11 @@ impl Metrics {
             ping.clone(),
         );
         r.register(
+            "mesa_cluster_jobs_dropped",
+            "Work for the cluster's Redis given up",
+            jobs_dropped.clone(),
+        );
+        r.register(
             "mesa_errors",
             "Errors reported to middleware",
             errors.clone(),
@@ -301,6 +309,7 @@ impl Metrics {
                 link_up,
                 link_failures,
                 ping,
+                jobs_dropped,
                 errors,
                 link: AtomicU8::new(0),
                 reconnect_window: window,
@@ -476,6 +485,11 @@ impl Middleware for Metrics {
 
     fn on_cluster_latency(&self, latency: Duration) -> Result<(), BoxError> {
         self.inner.ping.observe(latency.as_secs_f64());
+        Ok(())
+    }
+
+    fn on_cluster_jobs_dropped(&self, jobs: usize) -> Result<(), BoxError> {
+        self.inner.jobs_dropped.inc_by(count(jobs));
         Ok(())
     }
 }

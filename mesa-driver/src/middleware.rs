@@ -100,6 +100,15 @@ pub trait Middleware: Send + Sync + 'static {
     fn on_cluster_latency(&self, latency: Duration) -> Result<(), BoxError> {
         Ok(())
     }
+    /// `jobs` pieces of work for the cluster's Redis were given up, and reported to
+    /// `on_error` with the reason: refused because the cluster's queue was full, kept
+    /// beyond the retry buffer while Redis was unreachable, best effort (sends
+    /// without sync, portal events) and lost to an outage, or left undone when the
+    /// server went away. Presence changes are never counted: every reconnection
+    /// re-registers presence from scratch.
+    fn on_cluster_jobs_dropped(&self, jobs: usize) -> Result<(), BoxError> {
+        Ok(())
+    }
 }
 
 /// The registered middleware, called in registration order with errors contained.

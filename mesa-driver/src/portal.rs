@@ -25,7 +25,7 @@ use mesa_core::rng::Rng;
 use mesa_core::{Backoff, BackoffConfig, Namespace, PortalEvent, PortalUpdate};
 use redis::{Msg, RedisResult};
 
-use crate::cluster::link::{Link, bounded, commands};
+use crate::cluster::link::{self, Link, bounded, check_ca_pem, commands};
 use crate::runtime::{Runtime, entropy_seed};
 
 /// How often a live link is checked with a PING.
@@ -42,7 +42,10 @@ pub enum PortalError {
     InvalidUrl(String),
     /// Redis is unreachable or failed a command.
     #[error("Redis: {0}")]
-    Redis(String),
+    Redis(#[source] crate::RedisFailure),
+    /// The CA certificates for `rediss://` cannot be used.
+    #[error("Redis CA certificate: {0}")]
+    Tls(#[from] crate::TlsError),
     /// The portal's task is gone (its runtime shut down).
     #[error("the portal's task is gone")]
     Gone,
@@ -50,7 +53,7 @@ pub enum PortalError {
 
 impl From<redis::RedisError> for PortalError {
     fn from(error: redis::RedisError) -> Self {
-        PortalError::Redis(error.to_string())
+        PortalError::Redis(error.into())
     }
 }
 
@@ -63,6 +66,7 @@ pub struct PortalBuilder<R> {
     namespace: Option<String>,
     report_all_events: bool,
     id: Option<String>,
+    redis_ca_pem: Option<Vec<u8>>,
 }
 
 impl<R: Runtime> PortalBuilder<R> {
@@ -74,6 +78,7 @@ impl<R: Runtime> PortalBuilder<R> {
             namespace: None,
             report_all_events: false,
             id: None,
+            redis_ca_pem: None,
         }
     }
 
@@ -96,10 +101,20 @@ impl<R: Runtime> PortalBuilder<R> {
         self
     }
 
+    /// For a `rediss://` URL: trust these PEM certificates (a private CA) instead of
+    /// the platform's store ([`ClusterConfig::redis_ca_pem`](crate::ClusterConfig::redis_ca_pem)).
+    pub fn redis_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.redis_ca_pem = Some(pem.into());
+        self
+    }
+
     /// Connect, subscribe to `ns("portal")`, then join the pool. Returns once the
     /// portal receives events; later link failures are repaired in the background.
     pub async fn start(self) -> Result<Portal, PortalError> {
-        let client = redis::Client::open(self.url.as_str())
+        if let Some(pem) = &self.redis_ca_pem {
+            check_ca_pem(pem)?;
+        }
+        let client = link::client(&self.url, self.redis_ca_pem.as_deref())
             .map_err(|error| PortalError::InvalidUrl(error.to_string()))?;
         let seed = entropy_seed();
         let id = self.id.unwrap_or_else(|| uuid_v4(seed));

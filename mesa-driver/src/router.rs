@@ -42,11 +42,19 @@ struct State {
     handshaking: usize,
 }
 
-/// A connection slot held from admission until the connection is registered (or
-/// its handshake fails); dropping it gives the slot back.
-#[must_use]
-pub(crate) struct Admission {
+/// One of a server's connection slots ([`ServerBuilder::max_connections`](crate::ServerBuilder::max_connections)),
+/// held from admission until the connection is registered, or until its handshakes
+/// fail or time out; dropping it gives the slot back. [`Server::admit`](crate::Server::admit)
+/// hands one to code that accepts connections itself.
+#[must_use = "the slot is given back as soon as the admission is dropped"]
+pub struct Admission {
     router: Arc<Router>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").finish_non_exhaustive()
+    }
 }
 
 impl Drop for Admission {

@@ -1,5 +1,5 @@
 //! The server: a typed builder over the core's configuration, the accept loop, the
-//! WebSocket handshake, and handing each connection to its driver loop.
+//! TLS and WebSocket handshakes, and handing each connection to its driver loop.
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,10 +25,11 @@ use crate::cluster::{self, ClusterConfig, Job};
 use crate::runtime::entropy_seed;
 
 use crate::connection::drive;
-use crate::handler::{Authenticator, Handler, Relay};
+use crate::handler::{Authenticator, Handler, Ignore};
 use crate::middleware::{Middleware, Middlewares};
-use crate::router::{Router, ServerHandle};
+use crate::router::{Admission, Router, ServerHandle};
 use crate::runtime::Runtime;
+use crate::tls::{MaybeTls, ServerTls};
 use crate::transport::TransportConfig;
 
 /// What every connection task shares.
@@ -41,6 +42,7 @@ pub(crate) struct Inner<R, H> {
     pub(crate) handler: H,
     pub(crate) router: Arc<Router>,
     admission: AdmissionPolicy,
+    tls: Option<ServerTls>,
     shutdown: Shutdown,
 }
 
@@ -100,7 +102,7 @@ impl Refusal {
 /// Builds a [`Server`]. Every option of `@cryb/mesa`'s server, with its documented
 /// defaults; [`build`](Self::build) validates them once.
 #[must_use]
-pub struct ServerBuilder<R, H = Relay> {
+pub struct ServerBuilder<R, H = Ignore> {
     runtime: R,
     core: ServerConfigBuilder,
     auth: Option<AuthConfig>,
@@ -111,10 +113,15 @@ pub struct ServerBuilder<R, H = Relay> {
     handler: H,
     middleware: Vec<Arc<dyn Middleware>>,
     cluster: Option<ClusterConfig>,
+    /// Set by `namespace()` and `portals()` in any order with `redis()`/`cluster()`,
+    /// applied by `build()`.
+    namespace: Option<String>,
+    portals: Option<PortalChoice>,
     admission: AdmissionPolicy,
+    tls: Option<ServerTls>,
 }
 
-impl<R: Runtime> ServerBuilder<R, Relay> {
+impl<R: Runtime> ServerBuilder<R, Ignore> {
     pub(crate) fn new(runtime: R) -> Self {
         ServerBuilder {
             runtime,
@@ -124,10 +131,13 @@ impl<R: Runtime> ServerBuilder<R, Relay> {
             transport: TransportConfig::default(),
             path: "/".to_owned(),
             authenticator: None,
-            handler: Relay,
+            handler: Ignore,
             middleware: Vec::new(),
             cluster: None,
+            namespace: None,
+            portals: None,
             admission: AdmissionPolicy::default(),
+            tls: None,
         }
     }
 }
@@ -241,6 +251,18 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
+    /// Serve `wss://`: every accepted connection does a TLS handshake with this
+    /// configuration (an `Arc<rustls::ServerConfig>` or a [`ServerTls`]) before its
+    /// WebSocket handshake, both within the transport's handshake timeout and while
+    /// holding a slot of [`max_connections`](Self::max_connections). A client that
+    /// does not speak TLS (a plaintext request) fails its handshake and is dropped.
+    /// Keep a clone of the [`ServerTls`] to [`reload`](ServerTls::reload) the
+    /// certificate while the server runs; open connections keep theirs.
+    pub fn tls(mut self, tls: impl Into<ServerTls>) -> Self {
+        self.tls = Some(tls.into());
+        self
+    }
+
     /// Replicate through the Redis at `url` (upstream's layout: replicas of ours and
     /// of `@cryb/mesa` deliver each other's sends).
     pub fn redis(mut self, url: impl Into<String>) -> Self {
@@ -252,26 +274,28 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
-    /// Every cluster setting at once (namespace, lease, portals, retry buffer).
+    /// Every cluster setting at once (namespace, lease, portals, retry buffer);
+    /// [`namespace`](Self::namespace) and [`portals`](Self::portals), called before or
+    /// after, override its namespace and portals.
     pub fn cluster(mut self, cluster: ClusterConfig) -> Self {
         self.cluster = Some(cluster);
         self
     }
 
-    /// Isolate this cluster from others on the same Redis (needs [`redis`](Self::redis)).
+    /// Isolate this cluster from others on the same Redis. Needs [`redis`](Self::redis)
+    /// or [`cluster`](Self::cluster), called before or after: without either,
+    /// [`build`](Self::build) fails with [`ConfigError::ClusterSettingWithoutRedis`].
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        if let Some(cluster) = &mut self.cluster {
-            cluster.namespace = Some(namespace.into());
-        }
+        self.namespace = Some(namespace.into());
         self
     }
 
-    /// Forward client events to portals, choosing one per event (needs
-    /// [`redis`](Self::redis)).
+    /// Forward client events to portals, choosing one per event. Needs
+    /// [`redis`](Self::redis) or [`cluster`](Self::cluster), called before or after:
+    /// without either, [`build`](Self::build) fails with
+    /// [`ConfigError::ClusterSettingWithoutRedis`].
     pub fn portals(mut self, choice: PortalChoice) -> Self {
-        if let Some(cluster) = &mut self.cluster {
-            cluster.portals = Some(choice);
-        }
+        self.portals = Some(choice);
         self
     }
 
@@ -288,7 +312,8 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
-    /// Handle connections and messages with `handler` (the default is [`Relay`]).
+    /// Handle connections and messages with `handler`. The default, [`Ignore`], leaves
+    /// client messages to middleware; [`Relay`](crate::Relay) is the ECHO/BROADCAST relay.
     pub fn handler<H2: Handler>(self, handler: H2) -> ServerBuilder<R, H2> {
         ServerBuilder {
             runtime: self.runtime,
@@ -301,7 +326,10 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             handler,
             middleware: self.middleware,
             cluster: self.cluster,
+            namespace: self.namespace,
+            portals: self.portals,
             admission: self.admission,
+            tls: self.tls,
         }
     }
 
@@ -324,13 +352,33 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         if config.sync().is_some() && self.cluster.is_none() {
             return Err(ConfigError::SyncWithoutStore);
         }
+        let cluster = match self.cluster {
+            Some(mut cluster) => {
+                if let Some(namespace) = self.namespace {
+                    cluster.namespace = Some(namespace);
+                }
+                if let Some(portals) = self.portals {
+                    cluster.portals = Some(portals);
+                }
+                Some(cluster)
+            }
+            None if self.namespace.is_some() => {
+                return Err(ConfigError::ClusterSettingWithoutRedis("a namespace"));
+            }
+            None if self.portals.is_some() => {
+                return Err(ConfigError::ClusterSettingWithoutRedis(
+                    "forwarding to portals",
+                ));
+            }
+            None => None,
+        };
         let router = Arc::new(Router::new(
             config.authentication_required(),
             Middlewares::new(self.middleware),
             self.transport.max_outbound_bytes,
             config.limits().max_recipients,
         ));
-        if let Some(cluster) = self.cluster {
+        if let Some(cluster) = cluster {
             let handle = cluster::spawn(
                 &self.runtime,
                 cluster,
@@ -351,6 +399,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
                 handler: self.handler,
                 router,
                 admission: self.admission,
+                tls: self.tls,
                 shutdown: Shutdown::default(),
             }),
         })
@@ -358,7 +407,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
 }
 
 /// A Mesa server: accept connections, upgrade them, and drive each one.
-pub struct Server<R, H = Relay> {
+pub struct Server<R, H = Ignore> {
     inner: Arc<Inner<R, H>>,
 }
 
@@ -370,9 +419,9 @@ impl<R, H> Clone for Server<R, H> {
     }
 }
 
-impl<R: Runtime> Server<R, Relay> {
+impl<R: Runtime> Server<R, Ignore> {
     /// Start building a server on `runtime`.
-    pub fn builder(runtime: R) -> ServerBuilder<R, Relay> {
+    pub fn builder(runtime: R) -> ServerBuilder<R, Ignore> {
         ServerBuilder::new(runtime)
     }
 }
@@ -436,24 +485,36 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         {
             return Err(Refusal::OriginNotAllowed);
         }
-        let max = self.inner.admission.max_connections;
-        match self.inner.router.admit(max) {
-            Some(_) => Ok(()),
-            None => Err(Refusal::Full),
-        }
+        self.admit().map(drop).ok_or(Refusal::Full)
     }
 
-    /// Perform the WebSocket handshake on an accepted stream, then drive it. The
-    /// request is refused with 404 off the endpoint's path, 403 from an origin that is
-    /// not allowed, and 503 when the server is full.
+    /// Take one of the [`max_connections`](ServerBuilder::max_connections) slots for
+    /// a connection accepted outside the server, before work that should count against
+    /// the limit: a TLS handshake done by an HTTP framework's listener, which the
+    /// limit would otherwise only see at the WebSocket upgrade. The slot counts like
+    /// a connection in its handshake until the [`Admission`] is dropped. `None` when
+    /// the server is full (always `Some` without a limit).
+    pub fn admit(&self) -> Option<Admission> {
+        self.inner
+            .router
+            .admit(self.inner.admission.max_connections)
+    }
+
+    /// The transport settings ([`ServerBuilder::transport`]): an application that
+    /// does a handshake itself bounds it by their `handshake_timeout`.
+    pub fn transport(&self) -> &TransportConfig {
+        &self.inner.transport
+    }
+
+    /// Perform the TLS handshake (with [`ServerBuilder::tls`]) and the WebSocket
+    /// handshake on an accepted stream, then drive it. The request is refused with
+    /// 404 off the endpoint's path, 403 from an origin that is not allowed, and 503
+    /// when the server is full.
     pub async fn serve_stream<S>(&self, stream: S, remote: Option<SocketAddr>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let admission = self
-            .inner
-            .router
-            .admit(self.inner.admission.max_connections);
+        let admission = self.admit();
         let full = admission.is_none();
         let path = self.inner.path.clone();
         let policy = self.inner.admission.clone();
@@ -479,6 +540,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         let ws = handshake(
             &inner.runtime,
             stream,
+            inner.tls.as_ref(),
             &inner.transport,
             inner.config.limits(),
             check,
@@ -498,11 +560,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
     {
         let ws_config = self.inner.transport.websocket(self.inner.config.limits());
         let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await;
-        match self
-            .inner
-            .router
-            .admit(self.inner.admission.max_connections)
-        {
+        match self.admit() {
             Some(admission) => drive(self.inner.clone(), ws, remote, Some(admission)).await,
             None => {
                 let full = Close::new(CloseCode::TRY_AGAIN_LATER, "too many connections");
@@ -631,28 +689,39 @@ pub(crate) async fn accept_loop<R, F, Fut>(
     }
 }
 
-/// Answer the WebSocket upgrade on `stream` with the driver's framing settings
-/// ([`TransportConfig::websocket`]) within `transport.handshake_timeout`, asking
-/// `check` whether to accept the request. `None` when the handshake failed, was
-/// refused or timed out (the stream is then dropped).
+/// Answer the TLS handshake (with `tls`) and the WebSocket upgrade on `stream`
+/// with the driver's framing settings ([`TransportConfig::websocket`]), both within
+/// `transport.handshake_timeout`, asking `check` whether to accept the request.
+/// `None` when a handshake failed, was refused or timed out (the stream is then
+/// dropped: a plaintext request to a TLS port ends here).
 pub(crate) async fn handshake<R, S, C>(
     runtime: &R,
     stream: S,
+    tls: Option<&ServerTls>,
     transport: &TransportConfig,
     limits: &Limits,
     check: C,
-) -> Option<WebSocketStream<S>>
+) -> Option<WebSocketStream<MaybeTls<S>>>
 where
     R: Runtime,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     C: Callback + Unpin + Send + 'static,
 {
     let config = transport.websocket(limits);
-    let handshake = Box::pin(async_tungstenite::accept_hdr_async_with_config(
-        stream,
-        check,
-        Some(config),
-    ));
+    let tls = tls.cloned();
+    let handshake = Box::pin(async move {
+        let stream = match tls {
+            None => MaybeTls::Plain(stream),
+            Some(tls) => MaybeTls::tls(
+                tls.accept(stream)
+                    .await
+                    .map_err(|error| format!("TLS handshake failed: {error}"))?,
+            ),
+        };
+        async_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
+            .await
+            .map_err(|error| error.to_string())
+    });
     let deadline = runtime.now() + transport.handshake_timeout;
     let timeout = Box::pin(runtime.sleep_until(deadline));
     match select(handshake, timeout).await {

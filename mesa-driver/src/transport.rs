@@ -25,7 +25,8 @@ pub struct TransportConfig {
     /// Bytes of frames waiting for a connection that does not read fast enough;
     /// past it the connection is closed with 1013 (slow consumer). Default 1 MiB.
     pub max_outbound_bytes: usize,
-    /// Time a client has to finish the WebSocket handshake. Default 10 s.
+    /// Time a connection has to finish its handshakes: TLS (for `wss://`) and
+    /// WebSocket together, on the server and in the client. Default 10 s.
     pub handshake_timeout: Duration,
     /// Time to wait for the peer's close frame after sending ours. Default 2 s.
     pub close_timeout: Duration,

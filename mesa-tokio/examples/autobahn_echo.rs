@@ -1,5 +1,5 @@
 //! A WebSocket echo server on tokio with exactly the transport layer and limits of
-//! `mesa serve` ([`mesa_driver::echo`]), for the Autobahn TestSuite's fuzzing client
+//! `mesa serve` (`mesa_driver::echo`, behind its test-support feature `test-echo`), for the Autobahn TestSuite's fuzzing client
 //! (`autobahn/run`).
 //!
 //! ```sh
@@ -8,8 +8,8 @@
 
 use std::process::ExitCode;
 
+use mesa_driver::echo::EchoOptions;
 use mesa_tokio::Tokio;
-use mesa_tokio::mesa_driver::echo::EchoOptions;
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use mesa_tokio::{DevAuthenticator, Server};
+use mesa_tokio::{DevAuthenticator, Relay, Server};
 
 /// The application: `GET /health` answers `ok`, `/ws` is the Mesa endpoint of `server`.
 ///
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that Mesa
 /// learns each peer's address (it works without, the address is then unknown).
-pub fn app(server: Server) -> Router {
+pub fn app(server: Server<Relay>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ws", get(mesa_tokio::axum::upgrade))
@@ -48,6 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tracing::warn!("DevAuthenticator accepts any token as the user's id: demos only");
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_secs(10), 3)
         .authenticate(DevAuthenticator)
         .build()?;

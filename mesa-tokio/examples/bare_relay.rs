@@ -1,4 +1,4 @@
-//! A bare tokio-tungstenite relay, the transport floor of `mesa bench`: no Mesa at
+//! A bare tokio-tungstenite relay, the transport floor of `mesa-bench`: no Mesa at
 //! all (no hello, no authentication, no heartbeats, no JSON parsing), tungstenite's
 //! default buffers, and only two behaviours: a text frame containing
 //! `"t":"BROADCAST"` goes to every connection (the sender included), one containing

@@ -47,6 +47,34 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # TLS
+//!
+//! `wss://` URLs are verified against the Mozilla roots (and the platform's store
+//! with the `native-roots` feature) plus any root added; a server serves TLS with a
+//! [`ServerTls`] it can reload while running (see [`mesa_driver::tls`]). The TLS
+//! handshake holds a slot of `max_connections`; an HTTP framework that does the
+//! handshake itself takes one with [`Server::admit`](mesa_driver::Server::admit).
+//! `rediss://` Redis URLs trust the platform's store, or the PEM certificates of
+//! [`ClusterConfig::redis_ca_pem`] (and the same option of the Dispatcher and Portal
+//! builders).
+//!
+//! ```no_run
+//! use mesa_tokio::ServerTls;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let tls = ServerTls::from_pem(&std::fs::read("server.crt")?, &std::fs::read("server.key")?)?;
+//! let server = mesa_tokio::server().tls(tls.clone()).build()?;
+//! let listening = server.bind("127.0.0.1:4443".parse()?).await?;
+//! tokio::spawn(listening.run());
+//!
+//! let (client, _events) = mesa_tokio::client("wss://localhost:4443/")
+//!     .add_root_pem(std::fs::read("ca.crt")?)
+//!     .build()?;
+//! // Later, after a renewal: new connections get the new certificate.
+//! tls.reload_pem(&std::fs::read("server.crt")?, &std::fs::read("server.key")?)?;
+//! # drop(client); Ok(()) }
+//! ```
+//!
 //! # Sending from outside the servers
 //!
 //! A [`Dispatcher`] reaches the clients of every replica on one Redis (ours and
@@ -57,12 +85,23 @@
 //! use serde_json::json;
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dispatcher = Dispatcher::connect("redis://127.0.0.1:6379/", None, true, 1000).await?;
+//! let dispatcher = Dispatcher::builder("redis://127.0.0.1:6379/")
+//!     .sync(true)
+//!     .connect()
+//!     .await?;
 //! let to = Recipients::Ids(vec!["alice".into(), "bob".into()]);
 //! let report = dispatcher
 //!     .dispatch(Message::dispatch("NOTICE", json!({"text": "hi"})), None, to, &[])
 //!     .await?;
 //! println!("stored for {} offline ids", report.stored);
+//!
+//! // A Redis behind TLS, its certificate signed by a private CA:
+//! let secure = Dispatcher::builder("rediss://redis.internal:6380/")
+//!     .sync(true)
+//!     .redis_ca_pem(std::fs::read("redis-ca.crt")?)
+//!     .connect()
+//!     .await?;
+//! # drop(secure);
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs, unreachable_pub)]
@@ -75,15 +114,15 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
-pub use mesa_core::{
-    self, BackoffConfig, ClientEvent, Close, CloseCode, Limits, Message, Opcode, RateLimitPolicy,
-    Recipients, TooManyRecipients,
-};
-pub use mesa_driver::{
-    self, AuthError, Authenticator, BuildError, ClientError, ClientEvents, ClusterConfig,
-    Connection, DevAuthenticator, DispatchError, DispatchReport, Dispatcher, Handler, Ignore,
-    Middleware, Portal, PortalError, Relay, SendError, SendReport, ServerHandle, TransportConfig,
-};
+/// The sans-IO core (wire codec, sessions, hub, cluster decisions): for driving the
+/// protocol from an event loop of your own. Everything a server or client needs is
+/// also at this crate's root.
+pub use mesa_core;
+/// The runtime-agnostic driver this crate instantiates; for implementing a
+/// [`Runtime`] of your own. Everything a server or client needs is at this crate's root.
+pub use mesa_driver;
+// Every type a user names, the same in every runtime crate.
+mesa_driver::root_exports!();
 
 #[cfg(feature = "axum")]
 pub mod axum;
@@ -154,3 +193,25 @@ mesa_driver::runtime_api!(Tokio, "tokio");
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+/// The user guide's chapters (`docs/guide`), compiled (and the runnable examples run)
+/// as doctests.
+#[cfg(doctest)]
+mod guide {
+    macro_rules! chapters {
+        ($($name:ident = $file:literal),* $(,)?) => {$(
+            #[doc = include_str!(concat!("../../docs/guide/src/", $file))]
+            pub struct $name;
+        )*};
+    }
+    chapters! {
+        QuickStart = "quick-start.md",
+        Authentication = "authentication.md",
+        Handlers = "handlers.md",
+        Sending = "sending.md",
+        Cluster = "cluster.md",
+        Tls = "tls.md",
+        Operations = "operations.md",
+        Migrating = "migrating.md",
+    }
+}

@@ -56,6 +56,7 @@ async fn get(addr: SocketAddr, path: &str, extra_headers: &str) -> String {
 async fn http_routes_and_mesa_share_the_axum_app() {
     let remotes = Remotes::default();
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .authenticate(DevAuthenticator)
         .middleware(remotes.clone())
         .build()

@@ -26,8 +26,9 @@ async fn start<H: Handler>(server: Server<H>) -> SocketAddr {
     addr
 }
 
-fn dev_server() -> mesa_tokio::ServerBuilder {
+fn dev_server() -> mesa_tokio::ServerBuilder<mesa_tokio::Relay> {
     mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_millis(200), 2)
         .reconnect_interval(Duration::from_millis(100))
         .authenticate(DevAuthenticator)
@@ -401,7 +402,11 @@ async fn a_slow_consumer_is_closed_with_1013_and_others_are_served() {
         max_outbound_bytes: 64 * 1024,
         ..Default::default()
     };
-    let server = mesa_tokio::server().transport(transport).build().unwrap();
+    let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
+        .transport(transport)
+        .build()
+        .unwrap();
     let handle = server.handle();
     let addr = start(server).await;
     let (client, mut events) = mesa_tokio::client(url(addr)).build().unwrap();
@@ -472,6 +477,7 @@ async fn a_deliberate_disconnect_does_not_reconnect() {
 #[tokio::test(start_paused = true)]
 async fn heartbeats_run_on_tokio_paused_time() {
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_secs(10), 2)
         .build()
         .unwrap();
@@ -617,4 +623,91 @@ async fn a_full_offline_queue_flushed_on_reconnect_arrives_whole_and_in_order() 
     arrive_in_order(&mut arrivals, queue, Duration::from_secs(120)).await;
     assert!(!closed_with_1008(&mut events));
     assert!(restarted.handle().is_online("offline"));
+}
+
+/// Cluster settings do not depend on the order of the builder's calls: before
+/// `redis()` they apply, and without Redis at all `build()` says what is missing.
+#[tokio::test]
+async fn cluster_settings_work_in_any_order_or_fail_saying_what_is_missing() {
+    use mesa_tokio::{ConfigError, PortalChoice};
+
+    let error = mesa_tokio::server()
+        .namespace("tenant")
+        .build()
+        .err()
+        .expect("a namespace without Redis is refused");
+    assert_eq!(
+        error,
+        ConfigError::ClusterSettingWithoutRedis("a namespace")
+    );
+    assert!(error.to_string().contains("configure Redis"), "{error}");
+    let error = mesa_tokio::server()
+        .portals(PortalChoice::RoundRobin)
+        .build()
+        .err()
+        .expect("portals without Redis are refused");
+    assert_eq!(
+        error,
+        ConfigError::ClusterSettingWithoutRedis("forwarding to portals")
+    );
+
+    // Before redis(): accepted (the link connects in the background; nothing listens
+    // on port 1, which is fine for building).
+    let server = mesa_tokio::server()
+        .namespace("tenant")
+        .portals(PortalChoice::RoundRobin)
+        .redis("redis://127.0.0.1:1/")
+        .build();
+    assert!(server.is_ok());
+}
+
+/// Safe by default: a server built without a handler does nothing with client
+/// messages (no ECHO, no BROADCAST to everyone); middleware still sees them.
+#[tokio::test]
+async fn a_server_without_a_handler_ignores_client_messages() {
+    #[derive(Default)]
+    struct Seen(Arc<AtomicUsize>);
+    impl Middleware for Seen {
+        fn on_message_received(
+            &self,
+            _conn: &Connection,
+            _message: &Message,
+        ) -> Result<(), mesa_tokio::BoxError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let seen = Arc::new(AtomicUsize::new(0));
+    let server = mesa_tokio::server()
+        .authenticate(DevAuthenticator)
+        .middleware(Seen(seen.clone()))
+        .build()
+        .unwrap();
+    let addr = start(server.clone()).await;
+    let (client, mut events) = mesa_tokio::client(url(addr)).build().unwrap();
+    client
+        .authenticate(json!({"token": "alice"}), false)
+        .await
+        .unwrap();
+    client
+        .send(Message::dispatch("ECHO", json!({"n": 1})))
+        .await
+        .unwrap();
+    client
+        .send(Message::dispatch("BROADCAST", json!({"n": 2})))
+        .await
+        .unwrap();
+    timeout(WAIT, async {
+        while seen.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the middleware sees both messages");
+    // The first message the client gets is the server's own, not an echo or a relay.
+    server
+        .handle()
+        .broadcast(&Message::dispatch("MARKER", json!({})));
+    let first = next_message(&mut events).await;
+    assert_eq!(first.t.as_deref(), Some("MARKER"), "{first:?}");
 }

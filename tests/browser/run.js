@@ -6,11 +6,17 @@
 //
 //   chat        two pages chat through `mesa serve --demo --redis --sync` (its own
 //               redis-server): login, who is online, typing indicator, messages both
-//               ways, and a message missed while offline redelivered on return
+//               ways, and on return the room's history kept by the page with the
+//               message missed while offline redelivered ("not joined" before login)
 //   reconnect   the server restarts under a page: the banner shows the next retry
-//               time, a message sent meanwhile is queued, and the page recovers
+//               time, who is online greys out, a message sent meanwhile is queued,
+//               and the page recovers
 //   js-client   the published mesa-js-client 1.4.8 (its UMD build) in a page:
 //               connects to `mesa serve --auth dev`, authenticates, exchanges messages
+//   tls         the demo over https:// and wss:// (`mesa serve --demo --tls-cert C
+//               --tls-key K`, given as `--tls-cert C --tls-key K` here); chromium
+//               trusts that one certificate by its public key's SHA-256
+//               (--ignore-certificate-errors-spki-list), nothing else
 //
 // Screenshots go to DIR (default target/browser-screenshots) as SCENARIO-*.png; the
 // previous ones of the same scenario are removed first. `--demo-png FILE` also saves
@@ -20,6 +26,7 @@
 // Every wait is bounded and the whole run stops after RUN_TIMEOUT.
 
 const { spawn, execFileSync } = require('child_process')
+const crypto = require('crypto')
 const fs = require('fs')
 const http = require('http')
 const net = require('net')
@@ -130,13 +137,13 @@ async function redisServer () {
 
 // ----- the browser -----
 
-async function browser () {
+async function browser (flags = []) {
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'mesa-chromium-'))
   cleanup.push(() => fs.rmSync(userDataDir, { recursive: true, force: true }))
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: chromiumPath,
     headless: true,
-    args: LAUNCH_FLAGS,
+    args: [...LAUNCH_FLAGS, ...flags],
     viewport: { width: 900, height: 560 },
     timeout: WAIT
   })
@@ -171,6 +178,9 @@ async function screenshot (page, name) {
 
 async function login (page, url, nick) {
   await page.goto(url)
+  // Before joining the page says so, not "offline".
+  const before = await page.$eval('#status', e => e.textContent)
+  if (before !== 'not joined') throw new Error(`the status before joining: ${before}`)
   await page.fill('#nick', nick)
   await page.click('#join')
   await page.waitForFunction(n => document.getElementById('status').textContent === `online as ${n}`, nick)
@@ -232,6 +242,9 @@ const scenarios = {
     await login(bob, server.page, 'bob')
     await waitFor('the missed message on bob\'s page', async () =>
       bob.$$eval('#messages li.missed .text', items => items.some(i => i.textContent === 'Bob, you missed this one.')))
+    // The history from before bob left came back with the page.
+    await seeMessage(bob, 'Hello Alice!')
+    await seeMessage(bob, 'Hi Bob, welcome to Mesa.')
     await screenshot(bob, 'bob-missed')
     const typing = await alice.$eval('#typing', e => e.textContent)
     if (typing !== '') throw new Error(`a stale typing indicator on alice's page: ${typing}`)
@@ -254,6 +267,12 @@ const scenarios = {
     await page.waitForFunction(() => {
       const banner = document.getElementById('banner')
       return !banner.classList.contains('hidden') && /Reconnecting at \d/.test(banner.textContent)
+    })
+    // Nobody is shown online in green while the page reconnects, carol included.
+    await page.waitForFunction(() => {
+      const online = document.getElementById('online')
+      return online.classList.contains('stale') &&
+        [...online.children].some(item => item.textContent === 'carol (you, offline)')
     })
     const banner = await page.$eval('#banner', e => e.textContent)
     log('banner:', banner)
@@ -344,6 +363,30 @@ const scenarios = {
     await screenshot(tab, 'page')
     await stop(server.proc)
     return { ...result, problems: tab.problems }
+  },
+
+  // The demo over https:// and wss://: chromium trusts the server's certificate by
+  // the SHA-256 of its public key (base64), the way Chrome pins a test certificate.
+  async tls () {
+    const cert = option('--tls-cert')
+    const key = option('--tls-key')
+    if (!cert || !key) throw new Error('the tls scenario needs --tls-cert FILE --tls-key FILE')
+    const server = await mesaServe(['--demo', '--listen', '127.0.0.1:0', '--tls-cert', cert, '--tls-key', key])
+    if (!server.page.startsWith('https://') || !server.ws.startsWith('wss://')) {
+      throw new Error(`not announced over TLS: ${server.page} ${server.ws}`)
+    }
+    const publicKey = new crypto.X509Certificate(fs.readFileSync(cert)).publicKey
+    const spki = crypto.createHash('sha256').update(publicKey.export({ type: 'spki', format: 'der' })).digest('base64')
+    const context = await browser([`--ignore-certificate-errors-spki-list=${spki}`])
+    const page = await newPage(context, 'dave')
+    await login(page, server.page.replace('127.0.0.1', 'localhost'), 'dave')
+    await say(page, 'hello over TLS')
+    await seeMessage(page, 'hello over TLS')
+    const protocol = await page.evaluate(() => location.protocol)
+    if (protocol !== 'https:') throw new Error(`the page came over ${protocol}`)
+    await screenshot(page, 'page')
+    await stop(server.proc)
+    return { protocol, spki, problems: page.problems }
   }
 }
 

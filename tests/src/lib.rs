@@ -7,16 +7,20 @@
 //! our own client's events. Every wait is bounded ([`WAIT`] unless told otherwise) and
 //! fails with what the peer said. [`runtimes`] holds the conformance suite's harness:
 //! the same waits, servers and a raw WebSocket peer for any [`mesa_driver::Runtime`].
+//! [`pki`] makes the certificates of the TLS tests.
 
 use std::time::Duration;
 
+pub mod net;
 pub mod node;
 pub mod ours;
+pub mod pki;
 pub mod redis;
 pub mod runtimes;
 
-pub use node::{ClientKind, NodePeer, free_port, node_dir, require_node};
-pub use redis::RedisServer;
+pub use net::free_port;
+pub use node::{ClientKind, NodePeer, node_dir, require_node};
+pub use redis::{CuttingProxy, RedisServer};
 
 /// How long any single wait lasts by default.
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -58,14 +58,6 @@ fn check_node() -> Result<String, String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
-/// A port that was free a moment ago on 127.0.0.1 (another process may take it).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port()
-}
-
 /// Which upstream client a [`NodePeer::client`] drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientKind {

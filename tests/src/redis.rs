@@ -1,13 +1,27 @@
 //! Real `redis-server` processes for the cluster tests: each test starts its own on
-//! a free port, and can kill and restart it to test faults. They stop on drop.
+//! a free port, and can kill and restart it to test faults; one can also serve TLS
+//! with a certificate of the tests' own CA. They stop on drop. A [`CuttingProxy`] in
+//! front of one plays a network that fails mid-pipeline.
+//!
+//! The `mesa` binary's tests include this file by path, with `net.rs` and `pki.rs`
+//! beside it as `crate::net` and `crate::pki`.
+// Each test file uses its own part of this module.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::node::free_port;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream as TokioStream};
+use tokio::sync::watch;
+
+use crate::net::free_port;
+use crate::pki::{TempDir, TestCa};
 
 /// One `redis-server` on 127.0.0.1, keeping nothing on disk (unless
 /// [`persistent`](RedisServer::start_persistent)).
@@ -17,6 +31,18 @@ pub struct RedisServer {
     child: Option<Child>,
     /// The directory of the append-only file of a persistent server.
     dir: Option<PathBuf>,
+    /// The TLS port of a server [started with TLS](RedisServer::start_tls).
+    tls: Option<Tls>,
+}
+
+/// The TLS side of a [`RedisServer`]: its port, and the files of its certificate.
+#[derive(Debug)]
+struct Tls {
+    port: u16,
+    /// The test CA's certificate, what clients trust.
+    ca_pem: String,
+    /// `ca.crt`, `redis.crt` and `redis.key`.
+    files: TempDir,
 }
 
 impl RedisServer {
@@ -26,6 +52,31 @@ impl RedisServer {
             port: free_port(),
             child: None,
             dir: None,
+            tls: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Start a server that also serves TLS (`--tls-port`, no client certificates)
+    /// with a certificate for `localhost` and 127.0.0.1 signed by a CA of its own
+    /// ([`ca_pem`](Self::ca_pem)); the plain port stays for assertions.
+    pub fn start_tls() -> Self {
+        let files = TempDir::new();
+        let ca = TestCa::new("redis test CA");
+        let ca_pem = ca.pem();
+        files.file("ca.crt", &ca_pem);
+        ca.server(&["localhost", "127.0.0.1"])
+            .write(files.path(), "redis");
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: None,
+            tls: Some(Tls {
+                port: free_port(),
+                ca_pem,
+                files,
+            }),
         };
         server.restart();
         server
@@ -43,6 +94,7 @@ impl RedisServer {
             port,
             child: None,
             dir: Some(dir),
+            tls: None,
         };
         server.restart();
         server
@@ -51,6 +103,28 @@ impl RedisServer {
     /// The server's URL.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The URL of the TLS port, `rediss://localhost:PORT/` (a server
+    /// [started with TLS](Self::start_tls) only).
+    pub fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}/", self.tls().port)
+    }
+
+    /// The PEM certificate of the CA that signed the TLS port's certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.tls().ca_pem
+    }
+
+    /// The file of [`ca_pem`](Self::ca_pem), for `--redis-ca-cert`.
+    pub fn ca_file(&self) -> PathBuf {
+        self.tls().files.path().join("ca.crt")
+    }
+
+    fn tls(&self) -> &Tls {
+        self.tls
+            .as_ref()
+            .expect("a redis-server started with RedisServer::start_tls")
     }
 
     /// A client connection for assertions, patient enough for a loaded machine (a
@@ -113,6 +187,18 @@ impl RedisServer {
                 .arg(dir),
             None => command.args(["--appendonly", "no"]),
         };
+        if let Some(tls) = &self.tls {
+            let file = |name: &str| tls.files.path().join(name);
+            command
+                .args(["--tls-port", &tls.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(file("redis.crt"))
+                .arg("--tls-key-file")
+                .arg(file("redis.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(file("ca.crt"))
+                .args(["--tls-auth-clients", "no"]);
+        }
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -159,6 +245,23 @@ impl RedisServer {
             }
         }
         Some(String::from_utf8_lossy(&reply).into_owned())
+    }
+
+    /// Poll `args` until Redis answers exactly `expected` (raw RESP), for at most 10 s;
+    /// blocking, for tests that are not async.
+    pub fn wait_reply(&self, args: &[&str], expected: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = self.command(args);
+            if reply.as_deref() == Some(expected) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{args:?} answered {reply:?}, not {expected:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// An integer reply (`SISMEMBER`, `HLEN`, `SCARD`, ...); `None` if Redis gave none.
@@ -218,6 +321,96 @@ impl Drop for RedisServer {
         self.kill();
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A TCP proxy in front of a [`RedisServer`] that can cut the link while a client's
+/// commands are on their way, as a network failing in the middle of a pipeline: after
+/// [`cut_at_next_command`](Self::cut_at_next_command), the next bytes any client sends
+/// are dropped (Redis never sees those commands) and every connection open then is
+/// closed (the client sees its connection end). Later connections pass. Runs on the
+/// test's tokio runtime.
+#[derive(Debug)]
+pub struct CuttingProxy {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<watch::Sender<u64>>,
+}
+
+impl CuttingProxy {
+    /// Listen on a free port, forwarding every connection to `target`'s port.
+    pub async fn start(target: &RedisServer) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port for the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(watch::channel(0).0);
+        let upstream = target.port();
+        let (trap, cutter) = (armed.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward(client, upstream, trap.clone(), cutter.clone()));
+            }
+        });
+        CuttingProxy { port, armed, cuts }
+    }
+
+    /// The proxy's URL, for the client under test.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Cut at the next bytes a client sends (see the type).
+    pub fn cut_at_next_command(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// How many cuts happened.
+    pub fn cuts(&self) -> u64 {
+        *self.cuts.borrow()
+    }
+}
+
+/// Carry one connection between `client` and Redis on `upstream` until either side
+/// closes, or a cut: this connection's (when `armed` at its next bytes), or another's.
+async fn forward(
+    client: TokioStream,
+    upstream: u16,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<watch::Sender<u64>>,
+) {
+    let Ok(server) = TokioStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let mut cut = cuts.subscribe();
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        tokio::select! {
+            _ = cut.changed() => return,
+            read = client_read.read(&mut up) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) if armed.swap(false, Ordering::SeqCst) => {
+                    cuts.send_modify(|count| *count += 1);
+                    return;
+                }
+                Ok(n) => {
+                    if server_write.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            read = server_read.read(&mut down) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if client_write.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
         }
     }
 }

@@ -231,7 +231,16 @@ pub async fn signed_in<R: Runtime>(
     addr: SocketAddr,
     token: &str,
 ) -> (mesa_driver::Client, mesa_driver::ClientEvents) {
-    let (client, events) = mesa_driver::client(rt.clone(), url(addr)).build().unwrap();
+    signed_in_with(rt, mesa_driver::client(rt.clone(), url(addr)), token).await
+}
+
+/// The client `builder` builds, authenticated as `token`.
+pub async fn signed_in_with<R: Runtime>(
+    rt: &R,
+    builder: mesa_driver::ClientBuilder<R>,
+    token: &str,
+) -> (mesa_driver::Client, mesa_driver::ClientEvents) {
+    let (client, events) = builder.build().unwrap();
     let user = within(
         rt,
         &format!("{token} authenticating"),

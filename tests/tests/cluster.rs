@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::Message as WsMessage;
-use mesa_core::{Close, CloseCode, Message, Opcode, Recipients, SyncConfig};
+use mesa_core::{Close, CloseCode, Limits, Message, Opcode, Recipients, SyncConfig};
 use mesa_tests::ours::{eventually, next_event, next_message, serve, url};
 use mesa_tests::runtimes::{Tokio, next_json, raw};
-use mesa_tests::{RedisServer, WAIT};
+use mesa_tests::{CuttingProxy, RedisServer, WAIT};
+use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{ClientEvent, ClusterConfig, DevAuthenticator, Server};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -17,11 +18,12 @@ fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-fn replica(redis: &RedisServer, namespace: Option<&str>, sync: bool) -> Server {
+fn replica(redis: &RedisServer, namespace: Option<&str>, sync: bool) -> Server<mesa_tokio::Relay> {
     let mut cluster = ClusterConfig::new(redis.url());
     cluster.namespace = namespace.map(str::to_owned);
     cluster.lease = Duration::from_millis(900);
     let mut builder = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_millis(300), 2)
         .reconnect_interval(Duration::from_millis(100))
         .authenticate(DevAuthenticator)
@@ -279,6 +281,7 @@ async fn a_drop_during_redelivery_keeps_the_rest_stored() {
     let mut cluster = ClusterConfig::new(redis_server.url());
     cluster.lease = Duration::from_millis(900);
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .authenticate(DevAuthenticator)
         .cluster(cluster)
         .sync(SyncConfig {
@@ -401,6 +404,7 @@ async fn after_a_redis_restart_from_disk_stale_presence_does_not_swallow_sends()
         let mut cluster = ClusterConfig::new(redis_server.url());
         cluster.lease = Duration::from_secs(30);
         mesa_tokio::server()
+            .handler(mesa_tokio::Relay)
             .authenticate(DevAuthenticator)
             .cluster(cluster)
             .sync(SyncConfig::default())
@@ -459,6 +463,7 @@ async fn after_a_redis_restart_from_disk_stale_presence_does_not_swallow_sends()
 async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhile() {
     let mut redis_server = RedisServer::start();
     let a = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .authenticate(DevAuthenticator)
         .redis(redis_server.url())
         .sync(SyncConfig::default())
@@ -498,6 +503,7 @@ async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhil
 async fn op_22_and_heartbeats_do_not_wait_for_a_frozen_redis() {
     let redis_server = RedisServer::start();
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_millis(200), 2)
         .authenticate(DevAuthenticator)
         .redis(redis_server.url())
@@ -637,6 +643,7 @@ async fn a_crashed_replicas_ids_leave_presence_within_the_lease_and_get_stored_f
             let mut cluster = ClusterConfig::new(url_redis);
             cluster.lease = Duration::from_millis(900);
             let b = mesa_tokio::server()
+                .handler(mesa_tokio::Relay)
                 .authenticate(DevAuthenticator)
                 .cluster(cluster)
                 .sync(SyncConfig::default())
@@ -842,4 +849,288 @@ async fn a_graceful_shutdown_removes_the_replicas_presence() {
     assert!(replicas.is_empty(), "{replicas:?}");
     let count: Option<i64> = conn.get("connected_clients_count").await.unwrap();
     assert_eq!(count.unwrap_or(0), 0);
+}
+
+/// The link to Redis fails in the middle of a pipeline that carries a redelivery's
+/// trim, a connection's load and a presence change, and a store is issued while it
+/// is down: each that must not be lost is kept, and done once the link is back. The trim removes
+/// exactly what was redelivered (entries appended meanwhile stay), the waiting
+/// connection gets its stored messages, the store lands, nothing is reported dropped.
+#[tokio::test]
+async fn a_pipeline_cut_midway_loses_none_of_its_trims_loads_and_stores() {
+    let redis_server = RedisServer::start();
+    let proxy = CuttingProxy::start(&redis_server).await;
+    let metrics = Metrics::new();
+    let mut cluster = ClusterConfig::new(proxy.url());
+    // No liveness ping to cross the cut by chance.
+    cluster.lease = Duration::from_secs(30);
+    // The connection waits for its stored messages across the cut: past the default
+    // load timeout (5 s) it would go on without them, so the wait is longer here.
+    let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
+        .authenticate(DevAuthenticator)
+        .cluster(cluster)
+        .sync(SyncConfig {
+            redelivery_interval: Duration::from_millis(20),
+            load_timeout: WAIT,
+        })
+        .middleware(metrics.clone())
+        .build()
+        .unwrap();
+    let addr = serve(&server, any_port()).await;
+    let note = |n: i64| Message::dispatch("NOTE", json!(n));
+    for (id, count) in [("dan", 10), ("fay", 3)] {
+        for n in 0..count {
+            server
+                .handle()
+                .send(&note(n), &Recipients::Ids(vec![id.into()]))
+                .unwrap();
+        }
+    }
+    let mut conn = redis(&redis_server).await;
+    eventually("dan's 10 and fay's 3 stored", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "dan").await.len() == 10
+                && stored(&mut conn, "undelivered_messages", "fay").await.len() == 3
+        }
+    })
+    .await;
+
+    // dan's 10 are loaded and redelivered; another writer appends to his array meanwhile.
+    let (_dan, mut dan_events) = user(addr, "dan").await;
+    assert_eq!(next_message(&mut dan_events, "NOTE").await.s, Some(1));
+    let late =
+        json!([{"op": 0, "d": "late 1", "t": "NOTE"}, {"op": 0, "d": "late 2", "t": "NOTE"}]);
+    let mut array = stored(&mut conn, "undelivered_messages", "dan").await;
+    array.extend(late.as_array().unwrap().iter().cloned());
+    let _: () = conn
+        .hset(
+            "undelivered_messages",
+            "dan",
+            Value::from(array).to_string(),
+        )
+        .await
+        .unwrap();
+
+    // Redis holds every write: the cluster task waits on fay's connection count while
+    // her presence and load, and dan's trim, pile up behind it.
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "10000", "WRITE"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let fay = tokio::spawn(async move { user(addr, "fay").await });
+    for n in 2..=10 {
+        assert_eq!(next_message(&mut dan_events, "NOTE").await.s, Some(n));
+    }
+    eventually("fay authenticated", WAIT, || {
+        let text = metrics.render();
+        async move { text.contains("mesa_authentications_total 2\n") }
+    })
+    .await;
+    // Then the pipeline that carries them is cut on its way.
+    proxy.cut_at_next_command();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually("the link down", WAIT, || {
+        let text = metrics.render();
+        async move { text.contains("mesa_redis_link_failures_total 1\n") }
+    })
+    .await;
+    assert_eq!(proxy.cuts(), 1);
+    // A store for gus, while the link comes back.
+    server
+        .handle()
+        .send(&note(0), &Recipients::Ids(vec!["gus".into()]))
+        .unwrap();
+    eventually("the link back up", WAIT, || {
+        let up = metrics.cluster_link_up() == Some(true);
+        async move { up }
+    })
+    .await;
+
+    let (_fay, mut fay_events) = fay.await.unwrap();
+    for n in 0..3 {
+        let message = next_message(&mut fay_events, "NOTE").await;
+        assert_eq!((message.d, message.s), (json!(n), Some(n as u64 + 1)));
+    }
+    eventually("gus's message stored, fay's trimmed", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "gus").await.len() == 1
+                && stored(&mut conn, "undelivered_messages", "fay")
+                    .await
+                    .is_empty()
+        }
+    })
+    .await;
+    // dan's trim ran before fay's (it was queued first), and exactly once.
+    assert_eq!(
+        Value::from(stored(&mut conn, "undelivered_messages", "dan").await),
+        late
+    );
+    assert!(
+        metrics
+            .render()
+            .contains("mesa_cluster_jobs_dropped_total 0\n"),
+        "nothing was dropped"
+    );
+}
+
+/// `calls` of `cmdstat_publish` in the test's Redis.
+async fn publish_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+/// One send to more ids than one round trip to Redis carries: a copy is stored for
+/// each offline id, in upstream's text format, with the per-id cap and the corruption
+/// handling; the one id online elsewhere gets it through one PUBLISH; and a later
+/// send to the same ids is stored after it (order holds across the rounds).
+#[tokio::test]
+async fn a_send_to_thousands_of_offline_ids_is_stored_for_each_in_order() {
+    let redis_server = RedisServer::start();
+    let capped = || {
+        mesa_tokio::server()
+            .handler(mesa_tokio::Relay)
+            .authenticate(DevAuthenticator)
+            .redis(redis_server.url())
+            .sync(SyncConfig::default())
+            .limits(Limits {
+                max_stored_per_id: 2,
+                ..Limits::default()
+            })
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (capped(), capped());
+    serve(&a, any_port()).await;
+    let addr_b = serve(&b, any_port()).await;
+    let (bob, mut bob_events) = user(addr_b, "bob").await;
+    let mut conn = redis(&redis_server).await;
+    eventually("bob online", WAIT, || {
+        let mut conn = conn.clone();
+        async move { is_member(&mut conn, "connected_clients", "bob").await }
+    })
+    .await;
+    let old = r#"[{"op":0,"d":"old 1","t":"NOTE"},{"op":0,"d":"old 2","t":"NOTE"}]"#;
+    let _: () = conn
+        .hset_multiple(
+            "undelivered_messages",
+            &[("off0", "not json"), ("off1", old)],
+        )
+        .await
+        .unwrap();
+    let publishes = publish_calls(&mut conn).await;
+
+    let mut ids: Vec<String> = (0..10_000).map(|i| format!("off{i}")).collect();
+    ids.insert(5_000, "bob".into());
+    let first = Message::dispatch("NOTE", json!("first"));
+    let second = Message::dispatch("NOTE", json!("second"));
+    a.handle().send(&first, &Recipients::Ids(ids)).unwrap();
+    a.handle()
+        .send(
+            &second,
+            &Recipients::Ids(vec!["off9999".into(), "off0".into()]),
+        )
+        .unwrap();
+    eventually("the second send stored after the first", WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            stored(&mut conn, "undelivered_messages", "off9999")
+                .await
+                .len()
+                == 2
+        }
+    })
+    .await;
+    let fields: usize = conn.hlen("undelivered_messages").await.unwrap();
+    assert_eq!(fields, 10_001, "one field per offline id, and off0:corrupt");
+    let raw = |id: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            conn.hget::<_, _, String>("undelivered_messages", id)
+                .await
+                .unwrap()
+        }
+    };
+    let (first_text, second_text) = (
+        r#"{"op":0,"d":"first","t":"NOTE"}"#,
+        r#"{"op":0,"d":"second","t":"NOTE"}"#,
+    );
+    assert_eq!(raw("off5000").await, format!("[{first_text}]"));
+    assert_eq!(
+        raw("off9999").await,
+        format!("[{first_text},{second_text}]")
+    );
+    assert_eq!(raw("off0").await, format!("[{first_text},{second_text}]"));
+    assert_eq!(raw("off0:corrupt").await, "not json");
+    assert_eq!(
+        raw("off1").await,
+        format!(r#"[{{"op":0,"d":"old 2","t":"NOTE"}},{first_text}]"#)
+    );
+
+    assert_eq!(
+        next_message(&mut bob_events, "NOTE").await.d,
+        json!("first")
+    );
+    bob.send(Message::dispatch("ECHO", json!("marker")))
+        .await
+        .unwrap();
+    let next = next_event(
+        &mut bob_events,
+        "the marker",
+        |e| matches!(e, ClientEvent::Message(_)),
+        WAIT,
+    )
+    .await;
+    assert!(
+        matches!(&next, ClientEvent::Message(m) if m.t.as_deref() == Some("ECHO")),
+        "bob got the send twice: {next:?}"
+    );
+    assert_eq!(publish_calls(&mut conn).await - publishes, 1);
+}
+
+/// A Dispatcher's dispatch to thousands of ids (some listed twice) is stored once per
+/// id, in the same bounded rounds as a server's sends.
+#[tokio::test]
+async fn a_dispatch_to_thousands_of_ids_stores_once_per_id() {
+    let redis_server = RedisServer::start();
+    let dispatcher = mesa_tokio::Dispatcher::builder(redis_server.url())
+        .sync(true)
+        .max_stored(1000)
+        .connect()
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..6_000).map(|i| format!("off{}", i % 5_000)).collect();
+    let report = dispatcher
+        .dispatch(
+            Message::dispatch("NOTE", json!("hi")),
+            None,
+            Recipients::Ids(ids),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((report.stored, report.published), (5_000, 0));
+    let mut conn = redis(&redis_server).await;
+    let fields: usize = conn.hlen("undelivered_messages").await.unwrap();
+    assert_eq!(fields, 5_000);
+    assert_eq!(
+        stored(&mut conn, "undelivered_messages", "off4999")
+            .await
+            .len(),
+        1
+    );
 }

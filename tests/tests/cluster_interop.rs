@@ -44,9 +44,10 @@ async fn ours(
     redis: &RedisServer,
     sync: bool,
     portals: Option<PortalChoice>,
-) -> (Server, SocketAddr) {
+) -> (Server<mesa_tokio::Relay>, SocketAddr) {
     let (tx, mut up) = watch::channel(false);
     let mut builder = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_millis(500), 3)
         .authenticate(DevAuthenticator)
         .middleware(LinkWatch(tx))
@@ -282,7 +283,10 @@ async fn dispatchers_of_each_side_reach_clients_on_the_replicas_of_the_other() {
         &[],
     );
     their_dispatcher.expect_event("ready").await;
-    let dispatcher = Dispatcher::connect(&redis.url(), None, false, 1000)
+    let dispatcher = Dispatcher::builder(redis.url())
+        .sync(false)
+        .max_stored(1000)
+        .connect()
         .await
         .unwrap();
 
@@ -541,7 +545,10 @@ async fn our_dispatchers_stores_are_redelivered_by_their_replica() {
     let redis = RedisServer::start();
     let conn = connection(&redis).await;
     let (_node, port) = theirs(&redis, json!({"sync": {"enabled": true}})).await;
-    let dispatcher = Dispatcher::connect(&redis.url(), None, true, 1000)
+    let dispatcher = Dispatcher::builder(redis.url())
+        .sync(true)
+        .max_stored(1000)
+        .connect()
         .await
         .unwrap();
     let frank = || Recipients::Ids(ids(&["frank"]));
@@ -654,12 +661,18 @@ async fn two_dispatchers_store_every_one_of_1000_concurrent_messages() {
     let conn = connection(&redis).await;
     let dispatchers = [
         Arc::new(
-            Dispatcher::connect(&redis.url(), None, true, 10_000)
+            Dispatcher::builder(redis.url())
+                .sync(true)
+                .max_stored(10_000)
+                .connect()
                 .await
                 .unwrap(),
         ),
         Arc::new(
-            Dispatcher::connect(&redis.url(), None, true, 10_000)
+            Dispatcher::builder(redis.url())
+                .sync(true)
+                .max_stored(10_000)
+                .connect()
                 .await
                 .unwrap(),
         ),
@@ -703,7 +716,10 @@ async fn two_dispatchers_store_every_one_of_1000_concurrent_messages() {
     );
 
     // The cap keeps the newest messages and says how many went.
-    let capped = Dispatcher::connect(&redis.url(), None, true, 5)
+    let capped = Dispatcher::builder(redis.url())
+        .sync(true)
+        .max_stored(5)
+        .connect()
         .await
         .unwrap();
     let mut dropped = 0;
@@ -766,7 +782,10 @@ async fn their_dispatcher_loses_concurrent_stores() {
 #[tokio::test]
 async fn our_dispatcher_and_portal_recover_from_a_redis_restart() {
     let mut redis = RedisServer::start();
-    let dispatcher = Dispatcher::connect(&redis.url(), None, true, 1000)
+    let dispatcher = Dispatcher::builder(redis.url())
+        .sync(true)
+        .max_stored(1000)
+        .connect()
         .await
         .unwrap();
     let mut portal = mesa_tokio::portal(redis.url())
@@ -861,7 +880,11 @@ fn our_dispatcher_and_portal_run_on_smol() {
         .unwrap();
         let dispatcher = on_smol(
             "dispatcher",
-            Dispatcher::connect(&redis.url(), Some("s"), true, 10),
+            Dispatcher::builder(redis.url())
+                .namespace("s")
+                .sync(true)
+                .max_stored(10)
+                .connect(),
         )
         .await
         .unwrap();

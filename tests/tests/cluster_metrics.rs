@@ -42,6 +42,7 @@ async fn redis_link_latency_and_sync_are_counted() {
     // A ping every 100 ms.
     cluster.lease = Duration::from_millis(300);
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .authenticate(DevAuthenticator)
         .cluster(cluster)
         .sync(SyncConfig::default())

@@ -53,8 +53,9 @@ conformance!(
 
 /// Heartbeats every 200 ms (2 misses allowed), reconnect interval 100 ms,
 /// development authentication, the relay handler.
-fn dev_server<R: Runtime>(rt: &R) -> ServerBuilder<R> {
+fn dev_server<R: Runtime>(rt: &R) -> ServerBuilder<R, mesa_driver::Relay> {
     Server::builder(rt.clone())
+        .handler(mesa_driver::Relay)
         .heartbeat(Duration::from_millis(200), 2)
         .reconnect_interval(Duration::from_millis(100))
         .authenticate(DevAuthenticator)

@@ -27,8 +27,9 @@ const RECONNECT: Duration = Duration::from_millis(200);
 
 /// Our server as the scenarios want it: heartbeats every 300 ms (2 misses allowed),
 /// reconnect interval 200 ms, development authentication, the relay handler.
-fn our_server() -> mesa_tokio::ServerBuilder {
+fn our_server() -> mesa_tokio::ServerBuilder<mesa_tokio::Relay> {
     mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(BEAT, 2)
         .reconnect_interval(RECONNECT)
         .authenticate(DevAuthenticator)

@@ -175,6 +175,7 @@ async fn hostile_peers_are_closed_with_their_codes_while_bystanders_lose_nothing
         ..Limits::default()
     };
     let server = mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
         .heartbeat(Duration::from_secs(10), 3)
         .authenticate(DevAuthenticator)
         .auth_timeout(AUTH_TIMEOUT)

@@ -16,6 +16,29 @@ use crate::runtime::Runtime;
 /// Time Redis has to answer any command before the link counts as broken.
 pub(crate) const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A client of the Redis at `url`. With `ca_pem` (PEM certificates; a `rediss://`
+/// URL only, or this fails) its TLS link trusts those roots instead of the platform's
+/// store: redis-rs's [`TlsCertificates`](redis::TlsCertificates), the same for the
+/// tokio and the smol runtime of redis-rs (async-std uses the smol one).
+pub(crate) fn client(url: &str, ca_pem: Option<&[u8]>) -> RedisResult<redis::Client> {
+    match ca_pem {
+        None => redis::Client::open(url),
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+    }
+}
+
+/// Check that `pem` holds certificates before redis-rs gets it (an empty input would
+/// only fail later, as an unknown issuer at every connection).
+pub(crate) fn check_ca_pem(pem: &[u8]) -> Result<(), crate::TlsError> {
+    crate::tls::certificates_from_pem(pem).map(drop)
+}
+
 /// A command connection whose connects and replies are bounded by [`REDIS_TIMEOUT`].
 pub(crate) async fn commands(client: &redis::Client) -> RedisResult<MultiplexedConnection> {
     let settings = AsyncConnectionConfig::new()

@@ -18,7 +18,9 @@ use std::time::Duration;
 use futures_channel::{mpsc, oneshot};
 use mesa_core::{Message, MessageOptions, PortalChoice, PortalEventKind, RemotePlan};
 
-pub(crate) use ops::{BatchOutcome, RemoteSend, clear, execute, load, trim};
+use crate::middleware::Middlewares;
+
+pub(crate) use ops::{BatchOutcome, RemoteSend, send_round};
 pub(crate) use task::spawn;
 
 /// How a server joins a cluster.
@@ -34,9 +36,16 @@ pub struct ClusterConfig {
     pub lease: Duration,
     /// Forward client events to portals, picking one per event this way.
     pub portals: Option<PortalChoice>,
-    /// Most jobs (sends, presence changes) waiting for Redis while it is unreachable.
-    /// Beyond it, new jobs are refused and reported. Default 10 000.
+    /// Most jobs (sends, presence changes, redelivery reads and trims) waiting for
+    /// Redis: queued for the cluster task (beyond it, new jobs are refused), and
+    /// kept by it while Redis is unreachable (beyond it, they are dropped). Both are
+    /// reported to the middleware (`on_error`, `on_cluster_jobs_dropped`).
+    /// Default 10 000.
     pub max_pending: usize,
+    /// For a `rediss://` URL: PEM certificates to trust instead of the platform's
+    /// store (a private CA). Default `None`: the platform's store (which
+    /// `SSL_CERT_FILE` replaces). With a `redis://` URL the link cannot be made.
+    pub redis_ca_pem: Option<Vec<u8>>,
 }
 
 impl ClusterConfig {
@@ -48,6 +57,7 @@ impl ClusterConfig {
             lease: Duration::from_secs(10),
             portals: None,
             max_pending: 10_000,
+            redis_ca_pem: None,
         }
     }
 }
@@ -82,17 +92,33 @@ pub(crate) enum Job {
 }
 
 /// What the rest of the server holds to reach the cluster task.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ClusterHandle {
     jobs: mpsc::Sender<Job>,
+    /// Told of every job refused (`on_cluster_jobs_dropped`).
+    middleware: Middlewares,
     pub(crate) sync: bool,
     pub(crate) portals: bool,
 }
 
 impl ClusterHandle {
-    /// Queue a job; `false` when the queue is full (Redis unreachable for long).
+    /// Queue a job; `false` when the queue is full (Redis unreachable for long, or
+    /// far behind).
     pub(crate) fn submit(&self, job: Job) -> bool {
-        self.jobs.clone().try_send(job).is_ok()
+        match self.jobs.clone().try_send(job) {
+            Ok(()) => true,
+            Err(refused) => {
+                // Presence is re-registered at the next renewal anyway.
+                let presence = matches!(
+                    refused.into_inner(),
+                    Job::Arrive(_) | Job::Leave(_) | Job::Connections(_)
+                );
+                if !presence {
+                    self.middleware.emit(|m| m.on_cluster_jobs_dropped(1));
+                }
+                false
+            }
+        }
     }
 
     /// Queue the remote part of a send, if it has one.

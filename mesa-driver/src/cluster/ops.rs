@@ -1,15 +1,18 @@
-//! Redis operations shared by a server's cluster link and the Dispatcher: sending to
-//! recipients elsewhere (presence check, atomic store, one PUBLISH per send, all
-//! pipelined), and reading or trimming an id's stored messages.
+//! The Redis side of sending, shared by a server's cluster link and the Dispatcher:
+//! sending to recipients elsewhere (presence check, atomic store, one PUBLISH per
+//! send, all pipelined) in rounds of bounded size.
 
-use mesa_core::sync::{decode_stored, encode_stored};
+use std::collections::VecDeque;
+
+use mesa_core::cluster::IDS_PER_COMMAND;
+use mesa_core::sync::encode_stored;
 use mesa_core::{
-    Envelope, Message, MessageOptions, Namespace, Recipients, RemotePlan, split_by_presence,
+    Envelope, Message, MessageOptions, Namespace, Recipients, RemotePlan, Round, split_by_presence,
 };
 use redis::aio::MultiplexedConnection;
 use redis::{Pipeline, RedisResult};
 
-use super::scripts::{APPEND, TRIM};
+use super::scripts::APPEND_MANY;
 
 /// One send's remote part, as the cluster link or a Dispatcher executes it.
 #[derive(Debug, Clone)]
@@ -34,15 +37,56 @@ pub(crate) struct BatchOutcome {
     pub(crate) published_after_check: Vec<(Message, Vec<String>)>,
 }
 
-/// Execute remote sends in two pipelined round trips at most: presence checks (and
-/// direct publishes), then stores and the publishes that needed the check. Each send
-/// is one PUBLISH, whatever its number of recipients.
-pub(crate) async fn execute(
+impl BatchOutcome {
+    /// Add what a later round did.
+    pub(crate) fn merge(&mut self, later: BatchOutcome) {
+        self.stored += later.stored;
+        self.dropped += later.dropped;
+        self.undeliverable.extend(later.undeliverable);
+        self.published_after_check
+            .extend(later.published_after_check);
+    }
+}
+
+/// Execute the next round of the queued remote sends (oldest first; see [`Round`]),
+/// and remove from the queue what it did; returns what it did and the round.
+/// Nothing is removed when it fails: the queue holds exactly what is left to do.
+pub(crate) async fn send_round(
     conn: &mut MultiplexedConnection,
     ns: &Namespace,
     origin: Option<&str>,
     max_stored: usize,
-    sends: &[RemoteSend],
+    queue: &mut VecDeque<RemoteSend>,
+) -> RedisResult<(BatchOutcome, Round)> {
+    let round = Round::plan(queue.iter().map(|send| &send.plan));
+    let cut = queue
+        .get(round.whole)
+        .filter(|_| round.part > 0)
+        .map(|send| (send, &send.plan.checked()[..round.part]));
+    let shares: Vec<(&RemoteSend, &[String])> = queue
+        .iter()
+        .take(round.whole)
+        .map(|send| (send, send.plan.checked()))
+        .chain(cut)
+        .collect();
+    let outcome = execute(conn, ns, origin, max_stored, &shares).await?;
+    queue.drain(..round.whole);
+    if let Some(rest) = queue.front_mut() {
+        rest.plan.advance(round.part);
+    }
+    Ok((outcome, round))
+}
+
+/// Execute the shares of one round (each send, with the ids of its presence check
+/// that this round carries) in two pipelined round trips at most: presence checks
+/// (and direct publishes), then stores and the publishes that needed the check. Each
+/// share is one PUBLISH, whatever its number of recipients.
+async fn execute(
+    conn: &mut MultiplexedConnection,
+    ns: &Namespace,
+    origin: Option<&str>,
+    max_stored: usize,
+    shares: &[(&RemoteSend, &[String])],
 ) -> RedisResult<BatchOutcome> {
     let channel = ns.ws_channel();
     let publish = |pipe: &mut Pipeline, send: &RemoteSend, recipients: Recipients| {
@@ -60,13 +104,18 @@ pub(crate) async fn execute(
 
     let mut first = redis::pipe();
     let mut checks = Vec::new();
-    for (index, send) in sends.iter().enumerate() {
+    for &(send, ids) in shares {
         match &send.plan {
             RemotePlan::Nothing => {}
             RemotePlan::Publish(recipients) => publish(&mut first, send, recipients.clone()),
-            RemotePlan::CheckPresence(ids) => {
-                first.cmd("SMISMEMBER").arg(ns.connected_clients()).arg(ids);
-                checks.push(index);
+            RemotePlan::CheckPresence(_) => {
+                for chunk in ids.chunks(IDS_PER_COMMAND) {
+                    first
+                        .cmd("SMISMEMBER")
+                        .arg(ns.connected_clients())
+                        .arg(chunk);
+                }
+                checks.push((send, ids));
             }
         }
     }
@@ -78,13 +127,13 @@ pub(crate) async fn execute(
 
     let mut outcome = BatchOutcome::default();
     let mut second = redis::pipe();
-    let mut appends = 0;
-    for (index, online) in checks.into_iter().zip(answers) {
-        let send = &sends[index];
-        let RemotePlan::CheckPresence(ids) = &send.plan else {
-            continue;
-        };
-        let split = split_by_presence(ids.clone(), &online, send.options.as_ref());
+    let mut answers = answers.into_iter();
+    for (send, ids) in checks {
+        let mut online = Vec::with_capacity(ids.len());
+        for _ in ids.chunks(IDS_PER_COMMAND) {
+            online.extend(answers.next().unwrap_or_default());
+        }
+        let split = split_by_presence(ids.to_vec(), &online, send.options.as_ref());
         if !split.publish.is_empty() {
             publish(&mut second, send, Recipients::Ids(split.publish.clone()));
             outcome
@@ -93,15 +142,14 @@ pub(crate) async fn execute(
         }
         if !split.store.is_empty() {
             let stored = encode_stored(&send.message);
-            for id in &split.store {
-                let mut invocation = APPEND.prepare_invoke();
+            for chunk in split.store.chunks(IDS_PER_COMMAND) {
+                let mut invocation = APPEND_MANY.prepare_invoke();
                 invocation
                     .key(ns.undelivered_messages())
-                    .arg(id)
                     .arg(&stored)
-                    .arg(max_stored);
+                    .arg(max_stored)
+                    .arg(chunk);
                 second.invoke_script(&invocation);
-                appends += 1;
             }
         }
         if !split.undeliverable.is_empty() {
@@ -112,51 +160,8 @@ pub(crate) async fn execute(
     }
     if second.cmd_iter().next().is_some() {
         let results: Vec<(usize, usize)> = second.query_async(conn).await?;
-        debug_assert_eq!(results.len(), appends);
-        outcome.stored = results.len();
+        outcome.stored = results.iter().map(|(stored, _)| stored).sum();
         outcome.dropped = results.iter().map(|(_, dropped)| dropped).sum();
     }
     Ok(outcome)
-}
-
-/// The messages stored for `id`, oldest first (entries that are not messages skipped).
-pub(crate) async fn load(
-    conn: &mut MultiplexedConnection,
-    ns: &Namespace,
-    id: &str,
-) -> RedisResult<Vec<Message>> {
-    let raw: Option<String> = redis::cmd("HGET")
-        .arg(ns.undelivered_messages())
-        .arg(id)
-        .query_async(conn)
-        .await?;
-    Ok(raw
-        .and_then(|raw| decode_stored(&raw).ok())
-        .map(|(messages, _)| messages)
-        .unwrap_or_default())
-}
-
-/// Remove the first `count` stored messages of `id`.
-pub(crate) async fn trim(
-    conn: &mut MultiplexedConnection,
-    ns: &Namespace,
-    id: &str,
-    count: usize,
-) -> RedisResult<()> {
-    let mut invocation = TRIM.prepare_invoke();
-    invocation.key(ns.undelivered_messages()).arg(id).arg(count);
-    invocation.invoke_async::<usize>(conn).await.map(drop)
-}
-
-/// Delete every stored message of `id` (`shouldSync: false`).
-pub(crate) async fn clear(
-    conn: &mut MultiplexedConnection,
-    ns: &Namespace,
-    id: &str,
-) -> RedisResult<()> {
-    redis::cmd("HDEL")
-        .arg(ns.undelivered_messages())
-        .arg(id)
-        .query_async(conn)
-        .await
 }

@@ -30,34 +30,43 @@ local function drop_first(body)
 end
 "#;
 
-/// Append `ARGV[2]` to the array of field `ARGV[1]` in hash `KEYS[1]`, keeping at most
-/// `ARGV[3]` elements (the oldest go). Returns `{count, dropped}`. Upstream's
-/// HGET+HSET loses concurrent appends; this cannot.
-pub(crate) static APPEND: LazyLock<Script> = LazyLock::new(|| {
+/// Append `ARGV[1]` (one stored message) to the array of each field `ARGV[3..]` in
+/// hash `KEYS[1]`, keeping at most `ARGV[2]` elements per field (the oldest go).
+/// Returns `{stored, dropped}`: the fields appended to, and the oldest elements
+/// dropped over all of them. The message travels once for the whole list of ids
+/// (the driver bounds its length). A value that is not a JSON array is kept aside
+/// under `<field>:corrupt` and replaced. Upstream's HGET+HSET loses concurrent
+/// appends; this cannot.
+pub(crate) static APPEND_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{FIRST_END}
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local cap = tonumber(ARGV[3])
-local body, count = '', 0
-if raw then
-  local ok, decoded = pcall(cjson.decode, raw)
-  local inner = string.match(raw, '^%s*%[(.*)%]%s*$')
-  if ok and type(decoded) == 'table' and inner then
-    count = #decoded
-    body = inner
-  else
-    redis.call('HSET', KEYS[1], ARGV[1] .. ':corrupt', raw)
+local entry, cap = ARGV[1], tonumber(ARGV[2])
+local alone = '[' .. entry .. ']'
+local dropped = 0
+for i = 3, #ARGV do
+  local field = ARGV[i]
+  -- Most ids of a big send have nothing stored yet: one command each.
+  if redis.call('HSETNX', KEYS[1], field, alone) == 0 then
+    local raw = redis.call('HGET', KEYS[1], field)
+    local body, count = '', 0
+    local ok, decoded = pcall(cjson.decode, raw)
+    local inner = string.match(raw, '^%s*%[(.*)%]%s*$')
+    if ok and type(decoded) == 'table' and inner then
+      count = #decoded
+      body = inner
+    else
+      redis.call('HSET', KEYS[1], field .. ':corrupt', raw)
+    end
+    while count >= cap and body ~= '' do
+      body = drop_first(body)
+      count = count - 1
+      dropped = dropped + 1
+    end
+    if body == '' then body = entry else body = body .. ',' .. entry end
+    redis.call('HSET', KEYS[1], field, '[' .. body .. ']')
   end
 end
-local dropped = 0
-while count >= cap and body ~= '' do
-  body = drop_first(body)
-  count = count - 1
-  dropped = dropped + 1
-end
-if body == '' then body = ARGV[2] else body = body .. ',' .. ARGV[2] end
-redis.call('HSET', KEYS[1], ARGV[1], '[' .. body .. ']')
-return {{count + 1, dropped}}
+return {{#ARGV - 2, dropped}}
 "#
     ))
 });

@@ -2,24 +2,29 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
-use futures_channel::mpsc;
+use futures_channel::{mpsc, oneshot};
 use futures_util::StreamExt;
+use mesa_core::sync::decode_stored;
 use mesa_core::{
     Backoff, BackoffConfig, Envelope, Namespace, PortalEvent, PortalPool, PortalUpdate, Recipients,
+    RemotePlan,
 };
 use redis::{Msg, RedisResult};
 
-use super::link::{Link, bounded, commands};
-use super::scripts::{APPEND, JANITOR, LEAVE, RENEW, TRIM};
-use super::{ClusterConfig, ClusterHandle, Job, RemoteSend, clear, execute, load, trim};
+use super::link::{self, Link, bounded, commands};
+use super::scripts::{APPEND_MANY, JANITOR, LEAVE, RENEW, TRIM};
+use super::{ClusterConfig, ClusterHandle, Job, RemoteSend, send_round};
 use crate::router::Router;
 use crate::runtime::Runtime;
 
-/// Jobs executed in one pipelined batch at most.
+/// Jobs other than sends executed in one pipelined round trip at most, and jobs
+/// taken from the channel at one wake-up at most (sends are cut into rounds by
+/// `mesa_core::Round`).
 const BATCH: usize = 512;
 
 /// Start the cluster task of a server; the router reaches it through the handle.
@@ -35,6 +40,10 @@ pub(crate) fn spawn<R: Runtime>(
     let replica: Arc<str> = format!("{seed:016x}").into();
     let handle = ClusterHandle {
         jobs: tx,
+        middleware: router
+            .upgrade()
+            .map(|router| router.middleware.clone())
+            .unwrap_or_default(),
         sync,
         portals: config.portals.is_some(),
     };
@@ -50,7 +59,10 @@ pub(crate) fn spawn<R: Runtime>(
             },
             seed,
         ),
-        pending: VecDeque::new(),
+        sends: VecDeque::new(),
+        others: VecDeque::new(),
+        retiring: None,
+        lost: 0,
         run_id: String::new(),
         config,
         replica,
@@ -70,8 +82,22 @@ struct Task<R> {
     max_stored: usize,
     router: Weak<Router>,
     jobs: mpsc::Receiver<Job>,
-    /// Jobs that must not be lost, kept while Redis is unreachable (bounded).
-    pending: VecDeque<Job>,
+    /// Remote sends received and not yet done, oldest first. The first may have been
+    /// cut (`mesa_core::Round`): its plan holds the ids still to check.
+    sends: VecDeque<RemoteSend>,
+    /// The other jobs received and not yet done, oldest first.
+    ///
+    /// With `sends`, the one buffer of what is left to do, bounded by `max_pending`.
+    /// A job leaves it only once Redis has answered the round trip that carried it, so
+    /// a failure of the link loses nothing that must be kept (see [`Task::outage`]);
+    /// a round trip whose commands reached Redis but whose answer did not is done
+    /// again after the reconnection (at least once).
+    others: VecDeque<Job>,
+    /// The reply of a Retire job: answered once everything received before it is done.
+    retiring: Option<oneshot::Sender<()>>,
+    /// Best-effort jobs (sends without sync, portal events) lost to an outage since
+    /// the last report.
+    lost: usize,
     /// The run id of the Redis process of the current link: leases hold it.
     run_id: String,
     pool: PortalPool,
@@ -79,39 +105,70 @@ struct Task<R> {
 }
 
 enum Wake {
-    Jobs(Vec<Job>),
+    /// There are jobs to do.
+    Work,
+    /// Everything received before the Retire job is done.
+    Retire,
+    /// No job will come any more (the server is gone).
     JobsClosed,
     Message(Option<Msg>),
     Tick,
 }
 
+/// Whether a job is kept through a failure of the link, to be done after the
+/// reconnection.
+fn must_keep(job: &Job) -> bool {
+    match job {
+        // With sync, a send to ids elsewhere stores for the offline ones: kept, in
+        // order. Without, it is best effort, as upstream's publish: delivered late,
+        // after an outage, it would arrive out of order with what came since.
+        Job::Send(send) => kept_send(send),
+        // Re-derived, so not kept: the renewal that follows every reconnection
+        // registers this replica's ids from the hub (removing those that left) and
+        // reconciles its share of the connection count; replayed after it, these
+        // would be stale.
+        Job::Arrive(_) | Job::Leave(_) | Job::Connections(_) => false,
+        // An event about a moment that has passed; best effort, as upstream's.
+        Job::Portal { .. } => false,
+        // A connection waits (briefly) for its stored messages, a client that asked
+        // for none must not get them later, and what a redelivery wrote to the
+        // socket must leave the store, or it is redelivered again.
+        Job::Trim { .. } | Job::Clear { .. } | Job::Load { .. } => true,
+        // Kept apart, in `Task::retiring`.
+        Job::Retire { .. } => false,
+    }
+}
+
+/// Whether a remote send is kept through a failure of the link: with sync (a
+/// presence check, then stores), yes; see [`must_keep`].
+fn kept_send(send: &RemoteSend) -> bool {
+    matches!(send.plan, RemotePlan::CheckPresence(_))
+}
+
 impl<R: Runtime> Task<R> {
     async fn run(mut self) {
-        let mut retiring = None;
         loop {
-            let link = match self.connect().await {
-                Ok(link) => link,
-                Err(error) => {
-                    tracing::warn!(%error, "cluster link down: cannot reach Redis");
-                    if !self.wait_backoff(&mut retiring).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            self.backoff.reset();
-            self.report(true, None);
-            match self.serve(link, &mut retiring).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "cluster link down");
-                    self.report(false, Some(error.to_string()));
-                    if !self.wait_backoff(&mut retiring).await {
-                        return;
+            match self.connect().await {
+                Ok(link) => {
+                    self.backoff.reset();
+                    self.report(true, None);
+                    match self.serve(link).await {
+                        Ok(()) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "cluster link down");
+                            self.report(false, Some(error.to_string()));
+                        }
                     }
                 }
+                Err(error) => tracing::warn!(%error, "cluster link down: cannot reach Redis"),
+            }
+            if !self.outage().await {
+                break;
             }
         }
+        self.shelve();
+        let left = self.queued() + self.lost;
+        self.dropped(left, "the cluster task ended with jobs Redis never got");
     }
 
     fn report(&self, up: bool, error: Option<String>) {
@@ -128,9 +185,48 @@ impl<R: Runtime> Task<R> {
         }
     }
 
-    /// Wait before reconnecting, keeping jobs that must not be lost. Returns false
-    /// when the server is gone or retired meanwhile.
-    async fn wait_backoff(&mut self, retiring: &mut Option<Job>) -> bool {
+    /// Report `count` jobs given up (`what` says why): logged, reported to the
+    /// middleware and counted by its `on_cluster_jobs_dropped`.
+    fn dropped(&self, count: usize, what: &str) {
+        if count == 0 {
+            return;
+        }
+        tracing::warn!(jobs = count, "{what}");
+        if let Some(router) = self.router.upgrade() {
+            router.middleware.report(&format!("{what}: {count} jobs"));
+            router.middleware.emit(|m| m.on_cluster_jobs_dropped(count));
+        }
+    }
+
+    /// Jobs received and not yet done.
+    fn queued(&self) -> usize {
+        self.sends.len() + self.others.len()
+    }
+
+    /// Keep of what is left to do only what must be kept (see [`must_keep`]),
+    /// counting the best-effort jobs let go as lost.
+    fn shelve(&mut self) {
+        let sends = self.sends.len();
+        self.sends.retain(kept_send);
+        let portal_events = self
+            .others
+            .iter()
+            .filter(|job| matches!(job, Job::Portal { .. }))
+            .count();
+        self.others.retain(must_keep);
+        self.lost += sends - self.sends.len() + portal_events;
+    }
+
+    /// The one path after any failure of the link: shelve what is left to do, then
+    /// wait before reconnecting, keeping new jobs likewise. Returns false when the
+    /// server is gone or retired meanwhile.
+    async fn outage(&mut self) -> bool {
+        self.shelve();
+        if let Some(reply) = self.retiring.take() {
+            // Redis is unreachable: nothing to retire from; our lease expires.
+            let _ = reply.send(());
+            return false;
+        }
         let until = self.runtime.now() + self.backoff.next_delay();
         let mut sleep = Box::pin(self.runtime.sleep_until(until));
         loop {
@@ -142,52 +238,51 @@ impl<R: Runtime> Task<R> {
             })
             .await;
             match next {
-                None => return self.router.strong_count() > 0,
+                None => break,
                 Some(None) => return false,
                 Some(Some(Job::Retire { reply })) => {
-                    // Redis is unreachable: nothing to retire from; our lease expires.
                     let _ = reply.send(());
-                    *retiring = None;
                     return false;
                 }
                 Some(Some(job)) => self.keep(job),
             }
         }
+        let lost = std::mem::take(&mut self.lost);
+        self.dropped(
+            lost,
+            "Redis unreachable: best-effort jobs (sends without sync, portal events) dropped",
+        );
+        self.router.strong_count() > 0
     }
 
-    /// Keep a job for after the reconnection, if it must not be lost.
+    /// Keep a job received while Redis is unreachable, if it must not be lost and the
+    /// buffer has room.
     fn keep(&mut self, job: Job) {
-        let must_keep = match &job {
-            Job::Send(send) => matches!(send.plan, mesa_core::RemotePlan::CheckPresence(_)),
-            // Presence and counts are re-registered from the hub at every renewal.
-            Job::Arrive(_) | Job::Leave(_) | Job::Connections(_) | Job::Portal { .. } => false,
-            // A redelivery waits (briefly, see the connection) for Redis to come back.
-            Job::Trim { .. } | Job::Clear { .. } | Job::Load { .. } => true,
-            Job::Retire { .. } => false,
-        };
-        if !must_keep {
-            return;
-        }
-        if self.pending.len() >= self.config.max_pending {
-            if let Some(router) = self.router.upgrade() {
-                router
-                    .middleware
-                    .report("cluster link down and its retry buffer is full");
+        if !must_keep(&job) {
+            if matches!(job, Job::Send(_) | Job::Portal { .. }) {
+                self.lost += 1;
             }
             return;
         }
-        self.pending.push_back(job);
+        if self.queued() >= self.config.max_pending {
+            self.dropped(1, "cluster link down and its retry buffer is full");
+            return;
+        }
+        match job {
+            Job::Send(send) => self.sends.push_back(send),
+            other => self.others.push_back(other),
+        }
     }
 
     async fn connect(&mut self) -> RedisResult<Link> {
-        let client = redis::Client::open(self.config.url.as_str())?;
+        let client = link::client(&self.config.url, self.config.redis_ca_pem.as_deref())?;
         let mut conn = commands(&client).await?;
         let info: String = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut conn)
             .await?;
         self.run_id = run_id(&info);
-        for script in [&*APPEND, &*TRIM, &*LEAVE, &*RENEW, &*JANITOR] {
+        for script in [&*APPEND_MANY, &*TRIM, &*LEAVE, &*RENEW, &*JANITOR] {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
         let pubsub = bounded(&self.runtime, client.get_async_pubsub()).await?;
@@ -218,12 +313,14 @@ impl<R: Runtime> Task<R> {
     }
 
     /// Serve a live link until it fails (`Err`) or the server retires or goes (`Ok`).
-    async fn serve(&mut self, mut link: Link, retiring: &mut Option<Job>) -> RedisResult<()> {
-        let pending: Vec<Job> = self.pending.drain(..).collect();
-        self.process(&mut link, pending).await?;
+    /// Between two bounded round trips of work it serves pub/sub messages and the
+    /// lease, so a send to many ids holds up neither.
+    async fn serve(&mut self, mut link: Link) -> RedisResult<()> {
         let period = self.config.lease / 3;
         let mut tick_at = self.runtime.now() + period;
         let mut tick = Box::pin(self.runtime.sleep_until(tick_at));
+        // After a full round of sends, the rest before the next (`Round::rest`).
+        let mut resting: Option<Pin<Box<R::Sleep>>> = None;
         loop {
             let wake = poll_fn(|cx| {
                 if tick.as_mut().poll(cx).is_ready() {
@@ -232,19 +329,24 @@ impl<R: Runtime> Task<R> {
                 if let Poll::Ready(message) = link.messages.poll_next_unpin(cx) {
                     return Poll::Ready(Wake::Message(message));
                 }
-                match self.jobs.poll_next_unpin(cx) {
-                    Poll::Ready(Some(first)) => {
-                        let mut batch = vec![first];
-                        while batch.len() < BATCH {
-                            match self.jobs.poll_next_unpin(cx) {
-                                Poll::Ready(Some(job)) => batch.push(job),
-                                _ => break,
-                            }
-                        }
-                        Poll::Ready(Wake::Jobs(batch))
-                    }
-                    Poll::Ready(None) => Poll::Ready(Wake::JobsClosed),
-                    Poll::Pending => Poll::Pending,
+                let closed = self.receive(cx);
+                if resting
+                    .as_mut()
+                    .is_some_and(|rest| rest.as_mut().poll(cx).is_ready())
+                {
+                    resting = None;
+                }
+                let sends_due = resting.is_none() && !self.sends.is_empty();
+                if sends_due || !self.others.is_empty() {
+                    Poll::Ready(Wake::Work)
+                } else if self.queued() > 0 {
+                    Poll::Pending
+                } else if self.retiring.is_some() {
+                    Poll::Ready(Wake::Retire)
+                } else if closed {
+                    Poll::Ready(Wake::JobsClosed)
+                } else {
+                    Poll::Pending
                 }
             })
             .await;
@@ -270,18 +372,14 @@ impl<R: Runtime> Task<R> {
                         "the pub/sub connection closed",
                     )));
                 }
-                Wake::Jobs(batch) => {
-                    if let Some(position) =
-                        batch.iter().position(|j| matches!(j, Job::Retire { .. }))
-                    {
-                        let mut batch = batch;
-                        let retire = batch.remove(position);
-                        self.process(&mut link, batch).await?;
-                        *retiring = Some(retire);
-                        return self.retire(&mut link, retiring).await;
+                Wake::Work => {
+                    let rest = self.work(&mut link, resting.is_none()).await?;
+                    if !rest.is_zero() {
+                        let until = self.runtime.now() + rest;
+                        resting = Some(Box::pin(self.runtime.sleep_until(until)));
                     }
-                    self.process(&mut link, batch).await?;
                 }
+                Wake::Retire => return self.retire(&mut link).await,
                 Wake::JobsClosed => return Ok(()),
             }
             if self.router.strong_count() == 0 {
@@ -290,32 +388,81 @@ impl<R: Runtime> Task<R> {
         }
     }
 
+    /// Take new jobs from the channel (at most [`BATCH`], none after a Retire, and
+    /// none beyond the buffer's bound: the channel then holds them, and refuses more).
+    /// Returns true when the channel is closed.
+    fn receive(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        for _ in 0..BATCH {
+            if self.retiring.is_some() || self.queued() >= self.config.max_pending {
+                return false;
+            }
+            match self.jobs.poll_next_unpin(cx) {
+                Poll::Ready(Some(Job::Retire { reply })) => self.retiring = Some(reply),
+                Poll::Ready(Some(Job::Send(send))) => self.sends.push_back(send),
+                Poll::Ready(Some(job)) => self.others.push_back(job),
+                Poll::Ready(None) => return true,
+                Poll::Pending => return false,
+            }
+        }
+        false
+    }
+
     /// Give up the lease and this replica's presence, then answer the retire job.
-    async fn retire(&mut self, link: &mut Link, retiring: &mut Option<Job>) -> RedisResult<()> {
+    async fn retire(&mut self, link: &mut Link) -> RedisResult<()> {
         let outcome = self.janitor(link, true).await.map(drop);
-        if let Some(Job::Retire { reply }) = retiring.take() {
+        if let Some(reply) = self.retiring.take() {
             let _ = reply.send(());
         }
         outcome
     }
 
-    /// Execute a batch; on failure keep what must not be lost, and fail the link.
-    async fn process(&mut self, link: &mut Link, batch: Vec<Job>) -> RedisResult<()> {
-        let mut sends: Vec<RemoteSend> = Vec::new();
+    /// Do one bounded round of work: the oldest other jobs (at most [`BATCH`]) in one
+    /// pipeline, then, when `sends_due`, one round of the sends. Each leaves its queue
+    /// once Redis has answered; on failure the rest stays queued for
+    /// [`Task::outage`]. Returns how long to rest before the next round of sends.
+    async fn work(&mut self, link: &mut Link, sends_due: bool) -> RedisResult<Duration> {
+        if !self.others.is_empty() {
+            self.other_jobs(link).await?;
+        }
+        if !sends_due || self.sends.is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        let started = self.runtime.now();
+        let origin = Some(&*self.replica);
+        let (outcome, round) = send_round(
+            &mut link.conn,
+            &self.ns,
+            origin,
+            self.max_stored,
+            &mut self.sends,
+        )
+        .await?;
+        self.observe(outcome);
+        Ok(round.rest(self.runtime.now().saturating_duration_since(started)))
+    }
+
+    /// The oldest other jobs (at most [`BATCH`]) in one pipelined round trip; the
+    /// stored messages read for Load jobs go to their connections.
+    async fn other_jobs(&mut self, link: &mut Link) -> RedisResult<()> {
+        let count = self.others.len().min(BATCH);
         let mut pipe = redis::pipe();
-        let mut rest = Vec::new();
-        for job in batch {
+        for job in self.others.iter().take(count) {
             match job {
-                Job::Send(send) => sends.push(send),
                 Job::Arrive(id) => {
                     pipe.cmd("SADD")
                         .arg(self.ns.connected_clients())
-                        .arg(&id)
+                        .arg(id)
                         .ignore();
                     pipe.cmd("SADD")
                         .arg(self.ns.replica_ids(&self.replica))
-                        .arg(&id)
+                        .arg(id)
                         .ignore();
+                }
+                Job::Leave(id) => {
+                    let mut invocation = LEAVE.prepare_invoke();
+                    self.replica_args(&mut invocation);
+                    invocation.arg(id);
+                    pipe.invoke_script(&invocation).ignore();
                 }
                 Job::Connections(delta) => {
                     pipe.cmd("INCRBY")
@@ -330,8 +477,8 @@ impl<R: Runtime> Task<R> {
                 Job::Portal { kind, client_id } => {
                     if let Some(portal) = self.pool.pick() {
                         let event = PortalEvent {
-                            kind,
-                            client_id,
+                            kind: kind.clone(),
+                            client_id: client_id.clone(),
                             portal_id: portal.to_owned(),
                         };
                         pipe.cmd("PUBLISH")
@@ -340,46 +487,45 @@ impl<R: Runtime> Task<R> {
                             .ignore();
                     }
                 }
-                other => rest.push(other),
-            }
-        }
-        if !sends.is_empty() {
-            let origin = Some(&*self.replica);
-            match execute(&mut link.conn, &self.ns, origin, self.max_stored, &sends).await {
-                Ok(outcome) => self.observe(outcome),
-                Err(error) => {
-                    sends
-                        .into_iter()
-                        .for_each(|send| self.keep(Job::Send(send)));
-                    rest.into_iter().for_each(|job| self.keep(job));
-                    return Err(error);
+                // The one command whose answer is read.
+                Job::Load { id, .. } => {
+                    pipe.cmd("HGET").arg(self.ns.undelivered_messages()).arg(id);
                 }
+                Job::Trim { id, count } => {
+                    let mut invocation = TRIM.prepare_invoke();
+                    invocation
+                        .key(self.ns.undelivered_messages())
+                        .arg(id)
+                        .arg(count);
+                    pipe.invoke_script(&invocation).ignore();
+                }
+                // `shouldSync: false`.
+                Job::Clear { id } => {
+                    pipe.cmd("HDEL")
+                        .arg(self.ns.undelivered_messages())
+                        .arg(id)
+                        .ignore();
+                }
+                // Never queued here (see `receive`).
+                Job::Send(_) | Job::Retire { .. } => {}
             }
         }
-        if pipe.cmd_iter().next().is_some() {
-            pipe.query_async::<()>(&mut link.conn).await?;
-        }
-        let mut jobs = rest.into_iter();
-        while let Some(job) = jobs.next() {
-            let outcome = match &job {
-                Job::Leave(id) => self.leave(link, id).await,
-                Job::Load { id, .. } => match load(&mut link.conn, &self.ns, id).await {
-                    Ok(messages) => {
-                        if let Job::Load { reply, .. } = job {
-                            let _ = reply.send(messages);
-                        }
-                        continue;
-                    }
-                    Err(error) => Err(error),
-                },
-                Job::Trim { id, count } => trim(&mut link.conn, &self.ns, id, *count).await,
-                Job::Clear { id } => clear(&mut link.conn, &self.ns, id).await,
-                _ => Ok(()),
-            };
-            if let Err(error) = outcome {
-                self.keep(job);
-                jobs.for_each(|job| self.keep(job));
-                return Err(error);
+        let loaded: Vec<Option<String>> = if pipe.cmd_iter().next().is_some() {
+            pipe.query_async(&mut link.conn).await?
+        } else {
+            Vec::new()
+        };
+        let mut loaded = loaded.into_iter();
+        for job in self.others.drain(..count) {
+            if let Job::Load { reply, .. } = job {
+                // Entries that are not messages are skipped.
+                let messages = loaded
+                    .next()
+                    .flatten()
+                    .and_then(|raw| decode_stored(&raw).ok())
+                    .map(|(messages, _)| messages)
+                    .unwrap_or_default();
+                let _ = reply.send(messages);
             }
         }
         Ok(())
@@ -422,16 +568,6 @@ impl<R: Runtime> Task<R> {
             .arg("mesa_replica_lease:")
             .arg("mesa_replica_conns:")
             .arg(self.ns.key(""));
-    }
-
-    async fn leave(&self, link: &mut Link, id: &str) -> RedisResult<()> {
-        let mut invocation = LEAVE.prepare_invoke();
-        self.replica_args(&mut invocation);
-        invocation.arg(id);
-        invocation
-            .invoke_async::<i64>(&mut link.conn)
-            .await
-            .map(drop)
     }
 
     async fn renew(&self, link: &mut Link) -> RedisResult<()> {

@@ -1,0 +1,689 @@
+//! `mesa-bench-report`: turns the JSON lines that `bench/run` collected (one line per
+//! `mesa-bench` run, tagged with `server` and `rep`, and one `machine` line) into
+//! `BENCHMARKS.md` (medians, ratios to both baselines, targets, the machine) and an
+//! SVG chart drawn with plotters.
+//!
+//! ```text
+//! mesa-bench-report RESULTS.jsonl BENCHMARKS.md docs/bench.svg [NOTES.md]
+//! ```
+//!
+//! `NOTES.md`, when given, is appended as it is (the analysis of the figures).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+/// The servers, in the order of the tables: ours first, then the two baselines.
+const SERVERS: [(&str, &str); 3] = [
+    ("ours", "mesa-rs"),
+    ("upstream", "@cryb/mesa 1.5.8"),
+    ("bare", "bare tokio-tungstenite"),
+];
+
+/// Whether more or less of a metric is better.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Better {
+    /// Throughput.
+    Higher,
+    /// Memory, latency, time.
+    Lower,
+}
+
+/// One row of a scenario's table.
+struct Metric {
+    /// The scenario of the runs it reads.
+    scenario: &'static str,
+    /// The row's label.
+    label: &'static str,
+    /// The field of the JSON line.
+    field: &'static str,
+    /// The field's value is divided by this for display.
+    scale: f64,
+    /// Digits after the point.
+    decimals: usize,
+    /// Which direction is better.
+    better: Better,
+}
+
+/// Every row of every table, scenario by scenario: scenario, label, JSON field, the
+/// divisor for display, digits after the point, which way is better.
+#[rustfmt::skip]
+const METRICS: &[Metric] = &[
+    metric("fanout", "deliveries per server CPU-second", "deliveries_per_server_cpu_sec", 1.0, 0, Better::Higher),
+    metric("fanout", "deliveries per second (wall clock)", "deliveries_per_sec", 1.0, 0, Better::Higher),
+    metric("fanout", "server CPU seconds", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("fanout", "latency p50 (ms)", "latency_p50_us", 1000.0, 1, Better::Lower),
+    metric("fanout", "latency p99 (ms)", "latency_p99_us", 1000.0, 1, Better::Lower),
+    metric("fanout", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
+    metric("idle", "server RSS per connection (KiB)", "bytes_per_conn", 1024.0, 2, Better::Lower),
+    metric("idle", "connections held", "authenticated", 1.0, 0, Better::Higher),
+    metric("idle", "setup (connections per second)", "setup_rate", 1.0, 0, Better::Higher),
+    metric("idle", "server CPU seconds (setup and hold)", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("echo", "round trips per server CPU-second", "round_trips_per_server_cpu_sec", 1.0, 0, Better::Higher),
+    metric("echo", "round trips per second (wall clock)", "round_trips_per_sec", 1.0, 0, Better::Higher),
+    metric("echo", "server CPU seconds", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("echo", "latency p50 (ms)", "latency_p50_us", 1000.0, 2, Better::Lower),
+    metric("echo", "latency p99 (ms)", "latency_p99_us", 1000.0, 2, Better::Lower),
+    metric("storm", "all clients back after the kill (s)", "recovery_secs", 1.0, 2, Better::Lower),
+    metric("storm", "server listening again after (s)", "restart_secs", 1.0, 2, Better::Lower),
+    metric("storm", "peak 100 ms window (% of reconnections)", "peak_window_share", 0.01, 1, Better::Lower),
+    metric("storm", "failed attempts", "failed_attempts", 1.0, 0, Better::Lower),
+    metric("storm", "restarted server CPU seconds", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("cluster", "deliveries per server CPU-second (both replicas)", "deliveries_per_server_cpu_sec", 1.0, 0, Better::Higher),
+    metric("cluster", "deliveries per second (wall clock)", "deliveries_per_sec", 1.0, 0, Better::Higher),
+    metric("cluster", "server CPU seconds (both replicas)", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("cluster", "Redis PUBLISH per message sent", "publish_per_send", 1.0, 2, Better::Lower),
+    metric("cluster", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
+];
+
+/// A row of [`METRICS`].
+const fn metric(
+    scenario: &'static str,
+    label: &'static str,
+    field: &'static str,
+    scale: f64,
+    decimals: usize,
+    better: Better,
+) -> Metric {
+    Metric {
+        scenario,
+        label,
+        field,
+        scale,
+        decimals,
+        better,
+    }
+}
+
+/// The scenarios, in the order of the report, with what each measures.
+const SCENARIOS: &[(&str, &str)] = &[
+    (
+        "fanout",
+        "subscribers receive every BROADCAST of one publisher (window of messages in flight)",
+    ),
+    (
+        "idle",
+        "authenticated connections held with heartbeats; server RSS after minus before",
+    ),
+    (
+        "echo",
+        "every client keeps ECHOs in flight for a fixed time",
+    ),
+    (
+        "storm",
+        "clients of the mesa-rs client library; the server is killed (SIGKILL) and started again",
+    ),
+    (
+        "cluster",
+        "fanout with the clients split over two replicas sharing one Redis",
+    ),
+];
+
+/// The runs read from the results file: `runs[scenario][server]` holds one JSON object
+/// per repetition.
+type Runs = BTreeMap<String, BTreeMap<String, Vec<Value>>>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !(3..=4).contains(&args.len()) {
+        eprintln!("usage: mesa-bench-report RESULTS.jsonl BENCHMARKS.md CHART.svg [NOTES.md]");
+        return ExitCode::from(2);
+    }
+    match report(
+        &args[0],
+        &args[1],
+        &args[2],
+        args.get(3).map(String::as_str),
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mesa-bench-report: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Read `results`, write `markdown` and `svg`.
+fn report(results: &str, markdown: &str, svg: &str, notes: Option<&str>) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(results).map_err(|error| format!("reading {results}: {error}"))?;
+    let (machine, runs) = parse(&text)?;
+    let notes = match notes {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|error| format!("reading {path}: {error}"))?
+        }
+        None => String::new(),
+    };
+    let chart_link = relative_link(markdown, svg);
+    let document = render(&machine, &runs, &chart_link, &notes);
+    std::fs::write(markdown, document).map_err(|error| format!("writing {markdown}: {error}"))?;
+    if let Some(dir) = std::path::Path::new(svg).parent() {
+        std::fs::create_dir_all(dir).map_err(|error| format!("creating {dir:?}: {error}"))?;
+    }
+    chart(&runs, svg).map_err(|error| format!("drawing {svg}: {error}"))
+}
+
+/// The chart's path as seen from the Markdown file's directory.
+fn relative_link(markdown: &str, svg: &str) -> String {
+    let base = std::path::Path::new(markdown)
+        .parent()
+        .unwrap_or(std::path::Path::new(""));
+    std::path::Path::new(svg)
+        .strip_prefix(base)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| svg.to_owned())
+}
+
+/// Split the lines into the machine description and the runs; derived fields are added
+/// to each run (`lost_or_duplicated`, `setup_rate`).
+fn parse(text: &str) -> Result<(Value, Runs), String> {
+    let mut machine = Value::Null;
+    let mut runs = Runs::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut value: Value = serde_json::from_str(line)
+            .map_err(|error| format!("line {}: not JSON: {error}", number + 1))?;
+        if let Some(described) = value.get("machine") {
+            machine = described.clone();
+            continue;
+        }
+        let scenario = value["scenario"].as_str().unwrap_or_default().to_owned();
+        let server = value["server"].as_str().unwrap_or_default().to_owned();
+        if scenario.is_empty() || server.is_empty() {
+            return Err(format!("line {}: no scenario or server", number + 1));
+        }
+        derive(&mut value);
+        runs.entry(scenario)
+            .or_default()
+            .entry(server)
+            .or_default()
+            .push(value);
+    }
+    Ok((machine, runs))
+}
+
+/// Add the fields computed from others.
+fn derive(run: &mut Value) {
+    let number = |key: &str| run.get(key).and_then(Value::as_f64);
+    let lost = number("lost").zip(number("duplicated")).map(|(l, d)| l + d);
+    let setup_rate = number("authenticated")
+        .zip(number("setup_secs"))
+        .filter(|(_, secs)| *secs > 0.0)
+        .map(|(ok, secs)| (ok / secs).round());
+    if let Value::Object(object) = run {
+        if let Some(lost) = lost {
+            object.insert("lost_or_duplicated".into(), lost.into());
+        }
+        if let Some(rate) = setup_rate {
+            object.insert("setup_rate".into(), rate.into());
+        }
+    }
+}
+
+/// The median of `field` over `runs` (the mean of the middle two for an even count).
+fn median(runs: &[Value], field: &str) -> Option<f64> {
+    let mut values: Vec<f64> = runs
+        .iter()
+        .filter_map(|run| run.get(field).and_then(Value::as_f64))
+        .collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    })
+}
+
+/// The median of `field` for `server` in `scenario`.
+fn value(runs: &Runs, scenario: &str, server: &str, field: &str) -> Option<f64> {
+    median(runs.get(scenario)?.get(server)?, field)
+}
+
+/// A number with thousands separators and `decimals` digits.
+fn number(value: f64, decimals: usize) -> String {
+    let text = format!("{:.*}", decimals, value.abs());
+    let (whole, fraction) = text.split_once('.').unwrap_or((&text, ""));
+    let mut grouped = String::new();
+    for (i, digit) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    let sign = if value < 0.0 { "-" } else { "" };
+    if fraction.is_empty() {
+        format!("{sign}{grouped}")
+    } else {
+        format!("{sign}{grouped}.{fraction}")
+    }
+}
+
+/// `ours / theirs`, formatted, or `–`.
+fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
+    match (ours, theirs) {
+        (Some(ours), Some(theirs)) if theirs != 0.0 => format!("{:.2}x", ours / theirs),
+        _ => "–".to_owned(),
+    }
+}
+
+/// A displayed metric value, or `–`.
+fn shown(value: Option<f64>, metric: &Metric) -> String {
+    value.map_or("–".to_owned(), |v| {
+        number(v / metric.scale, metric.decimals)
+    })
+}
+
+/// The whole Markdown document.
+fn render(machine: &Value, runs: &Runs, chart_link: &str, notes: &str) -> String {
+    let mut out = String::new();
+    let text = |key: &str| machine[key].as_str().unwrap_or("?").to_owned();
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Generated by `bench/run` ({}, revision {}): every scenario runs against each server \
+         in turn, {} times; the tables show medians. Ratios are mesa-rs divided by the \
+         baseline (for rows where less is better, below 1.00x means mesa-rs is better). \
+         The load generator is `mesa-bench` (see `mesa-bench --help`); server CPU time \
+         comes from `/proc/PID/stat`, memory from `/proc/PID/status` (VmRSS).\n",
+        text("date"),
+        text("revision"),
+        machine["reps"].as_u64().unwrap_or(0),
+    );
+    let _ = writeln!(
+        out,
+        "![deliveries per second and memory per connection]({chart_link})\n"
+    );
+
+    let _ = writeln!(out, "## Headline\n");
+    headline(&mut out, runs);
+
+    let _ = writeln!(out, "\n## Targets\n");
+    targets(&mut out, runs);
+
+    for (scenario, description) in SCENARIOS {
+        let Some(servers) = runs.get(*scenario) else {
+            continue;
+        };
+        let _ = writeln!(out, "\n## {scenario}\n");
+        let sizes = servers
+            .values()
+            .next()
+            .and_then(|r| r.first())
+            .map(sizes)
+            .unwrap_or_default();
+        let _ = writeln!(out, "{description}; {sizes}.\n");
+        let present: Vec<(&str, &str)> = SERVERS
+            .iter()
+            .copied()
+            .filter(|(key, _)| servers.contains_key(*key))
+            .collect();
+        let _ = write!(out, "| metric |");
+        for (_, name) in &present {
+            let _ = write!(out, " {name} |");
+        }
+        let baselines: Vec<&(&str, &str)> =
+            present.iter().filter(|(key, _)| *key != "ours").collect();
+        for (_, name) in &baselines {
+            let _ = write!(out, " mesa-rs / {name} |");
+        }
+        let _ = write!(out, "\n|---|");
+        for _ in 0..present.len() + baselines.len() {
+            let _ = write!(out, "---:|");
+        }
+        let _ = writeln!(out);
+        for metric in METRICS.iter().filter(|m| m.scenario == *scenario) {
+            // Rows no run measured (results of an older generator) are left out.
+            if present
+                .iter()
+                .all(|(key, _)| value(runs, scenario, key, metric.field).is_none())
+            {
+                continue;
+            }
+            let arrow = match metric.better {
+                Better::Higher => "↑",
+                Better::Lower => "↓",
+            };
+            let _ = write!(out, "| {} {arrow} |", metric.label);
+            for (key, _) in &present {
+                let _ = write!(
+                    out,
+                    " {} |",
+                    shown(value(runs, scenario, key, metric.field), metric)
+                );
+            }
+            let ours = value(runs, scenario, "ours", metric.field);
+            for (key, _) in &baselines {
+                let _ = write!(
+                    out,
+                    " {} |",
+                    ratio(ours, value(runs, scenario, key, metric.field))
+                );
+            }
+            let _ = writeln!(out);
+        }
+        let Some(first) = METRICS.iter().find(|m| m.scenario == *scenario) else {
+            continue;
+        };
+        let _ = writeln!(out, "\nEvery run ({}):\n", first.label);
+        for (key, name) in &present {
+            let all: Vec<String> = servers[*key]
+                .iter()
+                .map(|run| shown(run.get(first.field).and_then(Value::as_f64), first))
+                .collect();
+            let _ = writeln!(out, "- {name}: {}", all.join("; "));
+        }
+    }
+
+    let _ = writeln!(out, "\n## Machine\n");
+    for (label, key) in [
+        ("CPU", "cpu"),
+        ("cores (nproc)", "nproc"),
+        ("memory", "memory"),
+        ("kernel", "kernel"),
+        ("open files per process", "open_files"),
+        ("rustc", "rustc"),
+        ("Node.js", "node"),
+        ("redis-server", "redis"),
+        ("load average at the start (1, 5, 15 min)", "load"),
+    ] {
+        let shown = match &machine[key] {
+            Value::String(s) => s.clone(),
+            Value::Null => "?".to_owned(),
+            other => other.to_string(),
+        };
+        let _ = writeln!(out, "- {label}: {shown}");
+    }
+    let _ = writeln!(
+        out,
+        "\nThe load generator and the servers share this machine's cores, so wall-clock \
+         rates are bounded by the generator too; per-CPU-second figures compare the \
+         servers' own cost."
+    );
+    if !notes.trim().is_empty() {
+        let _ = writeln!(out, "\n{}", notes.trim_end());
+    }
+    out
+}
+
+/// The sizes of a run: connections, messages, window, in flight, seconds.
+fn sizes(run: &Value) -> String {
+    let mut parts = Vec::new();
+    for (key, label) in [
+        ("connections", "connections"),
+        ("messages", "messages"),
+        ("window", "in flight (publisher)"),
+        ("in_flight", "in flight per connection"),
+        ("elapsed_secs", "seconds"),
+        ("hold_secs", "seconds held"),
+    ] {
+        if key == "elapsed_secs" && run.get("in_flight").is_none() {
+            continue;
+        }
+        if let Some(v) = run.get(key).and_then(Value::as_f64) {
+            parts.push(format!("{} {label}", number(v, 0)));
+        }
+    }
+    parts.join(", ")
+}
+
+/// The headline table: one row per scenario's main figure.
+fn headline(out: &mut String, runs: &Runs) {
+    let _ = writeln!(
+        out,
+        "| scenario | figure | mesa-rs | @cryb/mesa | bare | vs @cryb/mesa | vs bare |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+    for (scenario, field) in [
+        ("fanout", "deliveries_per_server_cpu_sec"),
+        ("fanout", "deliveries_per_sec"),
+        ("idle", "bytes_per_conn"),
+        ("echo", "round_trips_per_server_cpu_sec"),
+        ("storm", "recovery_secs"),
+        ("storm", "peak_window_share"),
+        ("cluster", "deliveries_per_server_cpu_sec"),
+        ("cluster", "publish_per_send"),
+    ] {
+        let Some(metric) = METRICS
+            .iter()
+            .find(|m| m.scenario == scenario && m.field == field)
+        else {
+            continue;
+        };
+        let get = |server| value(runs, scenario, server, field);
+        let _ = writeln!(
+            out,
+            "| {scenario} | {} | {} | {} | {} | {} | {} |",
+            metric.label,
+            shown(get("ours"), metric),
+            shown(get("upstream"), metric),
+            shown(get("bare"), metric),
+            ratio(get("ours"), get("upstream")),
+            ratio(get("ours"), get("bare")),
+        );
+    }
+}
+
+/// The issue's targets, met or missed, with the measured figures.
+fn targets(out: &mut String, runs: &Runs) {
+    let per_cpu = "deliveries_per_server_cpu_sec";
+    let fanout = value(runs, "fanout", "ours", per_cpu);
+    let verdict = |met: Option<bool>| match met {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    };
+    let at_least = |ours: Option<f64>, theirs: Option<f64>, goal: f64| {
+        let r = ours.zip(theirs).map(|(o, t)| o / t);
+        let text = r.map_or("–".to_owned(), |r| format!("{r:.2}x"));
+        (r.map(|r| r >= goal), text)
+    };
+    let _ = writeln!(out, "| target | measured | verdict |");
+    let _ = writeln!(out, "|---|---:|---|");
+    let (met, text) = at_least(fanout, value(runs, "fanout", "upstream", per_cpu), 5.0);
+    let _ = writeln!(
+        out,
+        "| fanout: deliveries per server CPU-second >= 5x @cryb/mesa | {text} | {} |",
+        verdict(met)
+    );
+    let (met, text) = at_least(fanout, value(runs, "fanout", "bare", per_cpu), 1.0);
+    let _ = writeln!(
+        out,
+        "| fanout: deliveries per server CPU-second >= 1.0x bare tokio-tungstenite | {text} | {} |",
+        verdict(met)
+    );
+    let idle = value(runs, "idle", "ours", "bytes_per_conn").map(|b| b / 1024.0);
+    let _ = writeln!(
+        out,
+        "| idle: <= 4 KiB server RSS per connection | {} | {} |",
+        idle.map_or("–".to_owned(), |k| format!("{k:.2} KiB")),
+        verdict(idle.map(|k| k <= 4.0))
+    );
+    let echo = "round_trips_per_server_cpu_sec";
+    let (met, text) = at_least(
+        value(runs, "echo", "ours", echo),
+        value(runs, "echo", "upstream", echo),
+        3.0,
+    );
+    let _ = writeln!(
+        out,
+        "| echo: round trips per server CPU-second >= 3x @cryb/mesa | {text} | {} |",
+        verdict(met)
+    );
+    let share = value(runs, "storm", "ours", "peak_window_share");
+    let _ = writeln!(
+        out,
+        "| storm: no 100 ms window holds more than 10% of the reconnections | {} | {} |",
+        share.map_or("–".to_owned(), |s| format!("{:.1}%", s * 100.0)),
+        verdict(share.map(|s| s <= 0.10))
+    );
+    let recovery = value(runs, "storm", "ours", "recovery_secs");
+    let cap = runs
+        .get("storm")
+        .and_then(|s| s.get("ours"))
+        .and_then(|r| r.first())
+        .and_then(|r| r["backoff_cap_secs"].as_f64())
+        .unwrap_or(30.0);
+    let _ = writeln!(
+        out,
+        "| storm: all back within 2x the backoff cap ({} s) | {} | {} |",
+        number(2.0 * cap, 0),
+        recovery.map_or("–".to_owned(), |s| format!("{s:.2} s")),
+        verdict(recovery.map(|s| s <= 2.0 * cap))
+    );
+    let publishes = value(runs, "cluster", "ours", "publish_per_send");
+    let _ = writeln!(
+        out,
+        "| cluster: one PUBLISH per logical send | {} | {} |",
+        publishes.map_or("–".to_owned(), |p| format!("{p:.2}")),
+        verdict(publishes.map(|p| (p - 1.0).abs() < 1e-9))
+    );
+}
+
+/// The colours of the servers' bars.
+fn colour(server: &str) -> RGBColor {
+    match server {
+        "ours" => RGBColor(0xd9, 0x5f, 0x02),
+        "upstream" => RGBColor(0x75, 0x70, 0xb3),
+        _ => RGBColor(0x66, 0x66, 0x66),
+    }
+}
+
+/// Draw four bar panels: fanout deliveries per second and per server CPU-second, echo
+/// round trips per server CPU-second, and idle memory per connection.
+fn chart(runs: &Runs, path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1000, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((2, 2));
+    let specs = [
+        (
+            "fanout",
+            "deliveries_per_sec",
+            "fanout: deliveries per second",
+            1.0,
+        ),
+        (
+            "fanout",
+            "deliveries_per_server_cpu_sec",
+            "fanout: deliveries per server CPU-second",
+            1.0,
+        ),
+        (
+            "echo",
+            "round_trips_per_server_cpu_sec",
+            "echo: round trips per server CPU-second",
+            1.0,
+        ),
+        (
+            "idle",
+            "bytes_per_conn",
+            "idle: server memory per connection (KiB)",
+            1024.0,
+        ),
+    ];
+    for (panel, (scenario, field, title, scale)) in panels.iter().zip(specs) {
+        let bars: Vec<(&str, &str, f64)> = SERVERS
+            .iter()
+            .filter_map(|(key, name)| {
+                let name = name.split(' ').next().unwrap_or(name);
+                value(runs, scenario, key, field).map(|v| (*key, name, v / scale))
+            })
+            .collect();
+        let top = bars.iter().map(|b| b.2).fold(0.0_f64, f64::max).max(1e-9) * 1.25;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(10)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..3.0_f64, 0.0..top)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_x_axis()
+            .y_labels(6)
+            .y_label_formatter(&|v| short(*v))
+            .draw()?;
+        for (i, (key, name, v)) in bars.iter().enumerate() {
+            let x = i as f64;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(x + 0.15, 0.0), (x + 0.85, *v)],
+                colour(key).filled(),
+            )))?;
+            chart.draw_series(std::iter::once(Text::new(
+                format!("{name}: {}", short(*v)),
+                (x + 0.12, v + top * 0.05),
+                ("sans-serif", 12),
+            )))?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// `1.2M`, `350k`, `9.1`: a short axis or bar label.
+fn short(value: f64) -> String {
+    if value >= 1e6 {
+        format!("{:.2}M", value / 1e6)
+    } else if value >= 1e4 {
+        format!("{:.0}k", value / 1e3)
+    } else if value >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_numbers() {
+        let runs: Vec<Value> = [3.0, 1.0, 2.0]
+            .iter()
+            .map(|v| serde_json::json!({ "x": v }))
+            .collect();
+        assert_eq!(median(&runs, "x"), Some(2.0));
+        assert_eq!(median(&runs[..2], "x"), Some(2.0));
+        assert_eq!(median(&runs, "y"), None);
+        assert_eq!(number(1_234_567.0, 0), "1,234,567");
+        assert_eq!(number(12.345, 2), "12.35");
+        assert_eq!(ratio(Some(10.0), Some(4.0)), "2.50x");
+        assert_eq!(ratio(Some(1.0), None), "–");
+    }
+
+    #[test]
+    fn renders_a_report_from_lines() {
+        let lines = [
+            r#"{"machine":{"cpu":"X","nproc":2,"date":"d","revision":"r","reps":1}}"#,
+            r#"{"scenario":"fanout","server":"ours","rep":1,"deliveries_per_server_cpu_sec":600,"deliveries_per_sec":10,"lost":0,"duplicated":0}"#,
+            r#"{"scenario":"fanout","server":"upstream","rep":1,"deliveries_per_server_cpu_sec":100,"deliveries_per_sec":5,"lost":0,"duplicated":0}"#,
+            r#"{"scenario":"idle","server":"ours","rep":1,"bytes_per_conn":3072,"authenticated":10,"setup_secs":1}"#,
+        ]
+        .join("\n");
+        let (machine, runs) = parse(&lines).expect("valid lines");
+        let document = render(&machine, &runs, "docs/bench.svg", "## Notes\n");
+        assert!(
+            document.contains(
+                "| fanout | deliveries per server CPU-second | 600 | 100 | – | 6.00x | – |"
+            )
+        );
+        assert!(document.contains("| idle: <= 4 KiB server RSS per connection | 3.00 KiB | met |"));
+        assert!(document.contains("## Notes"));
+        let dir = std::env::temp_dir().join(format!("mesa-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let svg = dir.join("bench.svg");
+        chart(&runs, svg.to_str().expect("utf-8 path")).expect("chart");
+        let drawn = std::fs::read_to_string(&svg).expect("svg written");
+        assert!(drawn.contains("<svg"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

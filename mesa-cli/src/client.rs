@@ -1,0 +1,341 @@
+//! `mesa client`: received messages as JSON lines on stdout, stdin lines sent to the
+//! server, state changes reported on stderr.
+
+use std::io::{self, BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mesa_tokio::{Client, ClientEvent, Close, CloseCode, Limits, Message};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::Failure;
+use crate::logging::LogFormat;
+use crate::signals::Signals;
+
+/// How long the closing handshake gets before the process exits. The driver finishes
+/// it on a detached task that cannot be awaited, so this is a grace period.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
+
+/// Options of `mesa client`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ClientArgs {
+    /// The server's URL, `ws://host:port/path` or `wss://host:port/path`.
+    #[arg(env = "MESA_URL")]
+    url: String,
+
+    /// Also trust the certificates of this PEM file for `wss://` (a private CA or a
+    /// self-signed server), beside the Mozilla roots.
+    #[arg(long, env = "MESA_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+
+    /// Authenticate with `{"token": TOKEN}` (sent again after every reconnection).
+    #[arg(long, env = "MESA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// Do not ask for the messages stored while offline (`shouldSync: false`).
+    #[arg(
+        long,
+        env = "MESA_NO_SYNC",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    no_sync: bool,
+
+    /// Exit when the connection is lost (code 0 after a normal close, 1 otherwise)
+    /// instead of reconnecting with backoff.
+    #[arg(
+        long,
+        env = "MESA_NO_RECONNECT",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    no_reconnect: bool,
+
+    /// Milliseconds to keep running after stdin ends: time for a connection to send
+    /// what was queued while disconnected, and for replies to be printed.
+    #[arg(long, env = "MESA_LINGER", default_value_t = 1_000)]
+    linger: u64,
+}
+
+/// One line of stdin, as the reader thread hands it over.
+type Line = Result<String, String>;
+
+/// Run the client until stdin ends (and the linger time passed), a signal, or, with
+/// `--no-reconnect`, the end of the connection.
+pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode, Failure> {
+    let report = Reporter { format };
+    let mut builder = mesa_tokio::client(args.url.clone()).reconnect(!args.no_reconnect);
+    if let Some(path) = &args.ca_cert {
+        builder = builder.add_root_pem(crate::tls::read(path, "--ca-cert")?);
+    }
+    let (client, mut events) = builder
+        .build()
+        .map_err(|error| Failure::usage(error.to_string()))?;
+    let mut signals = Signals::new().map_err(|error| format!("cannot handle signals: {error}"))?;
+    let mut lines = stdin_lines()?;
+
+    // Authenticate before any stdin line is sent: the future's first poll queues the
+    // credentials, and `biased` polls it first.
+    let mut auth_pending = args.token.is_some();
+    let auth_client = client.clone();
+    let should_sync = !args.no_sync;
+    let token = args.token.clone();
+    let mut auth = std::pin::pin!(async move {
+        match token {
+            Some(token) => auth_client
+                .authenticate(json!({ "token": token }), should_sync)
+                .await
+                .map(drop),
+            None => Ok(()),
+        }
+    });
+
+    // With --token, the first hello says whether the server authenticates at all: ours
+    // announces an authentication timeout exactly when authentication is on.
+    let mut hello_checked = args.token.is_none();
+    let mut connected = false;
+    let mut stdin_open = true;
+    let mut linger_until: Option<Instant> = None;
+    let mut line_number = 0u64;
+    loop {
+        let linger = async {
+            match linger_until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            outcome = auth.as_mut(), if auth_pending => {
+                auth_pending = false;
+                if let Err(error) = outcome {
+                    report.event("authentication_failed", [("error", json!(error.to_string()))]);
+                }
+            }
+            event = events.next() => {
+                let Some(event) = event else {
+                    return Err("the client stopped unexpectedly".to_owned().into());
+                };
+                if !hello_checked && matches!(event, ClientEvent::Connected { .. }) {
+                    hello_checked = true;
+                    tokio::spawn(warn_without_authentication(client.clone(), report.format));
+                }
+                if let Some(code) = handle(event, &report, &mut connected)? {
+                    return Ok(code);
+                }
+            }
+            line = lines.recv(), if stdin_open => match line {
+                Some(Ok(line)) => {
+                    line_number += 1;
+                    send_line(&client, &line, line_number, &report).await;
+                }
+                Some(Err(error)) => {
+                    line_number += 1;
+                    report.event("bad_input", [("line", json!(line_number)), ("error", json!(error))]);
+                }
+                None => {
+                    stdin_open = false;
+                    linger_until = Some(Instant::now() + Duration::from_millis(args.linger));
+                }
+            },
+            () = linger => break,
+            signal = signals.recv() => {
+                report.event("interrupted", [("signal", json!(signal))]);
+                break;
+            }
+        }
+    }
+
+    if !connected {
+        report.event(
+            "not_connected",
+            [(
+                "note",
+                json!("exiting while disconnected: messages queued since are not sent"),
+            )],
+        );
+    }
+    let _ = client
+        .disconnect(Close::new(CloseCode::NORMAL, "client closed"))
+        .await;
+    // Report the last events (our own `disconnected`) and let the close frame go out.
+    let deadline = Instant::now() + CLOSE_GRACE;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.next()).await {
+        handle(event, &report, &mut connected)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Say on stderr when the server announces no authentication: `--token` would then
+/// never be answered.
+async fn warn_without_authentication(client: Client, format: LogFormat) {
+    if let Ok(hello) = client.hello().await {
+        if hello.authentication_timeout.is_none() {
+            Reporter { format }.event(
+                "authentication_unavailable",
+                [(
+                    "note",
+                    json!(
+                        "the server announces no authentication (no c_authentication_timeout \
+                         in its hello): --token is sent but nobody answers it; start the \
+                         server with --auth dev or --auth jwt"
+                    ),
+                )],
+            );
+        }
+    }
+}
+
+/// Print or report one client event; `Some(code)` when the process should exit
+/// because the connection ended for good.
+fn handle(
+    event: ClientEvent,
+    report: &Reporter,
+    connected: &mut bool,
+) -> Result<Option<ExitCode>, String> {
+    match event {
+        ClientEvent::Connected {
+            is_initial_connection,
+            is_initial_session_connection,
+            is_automatic_reconnection,
+        } => {
+            *connected = true;
+            report.event(
+                "connected",
+                [
+                    ("is_initial_connection", json!(is_initial_connection)),
+                    (
+                        "is_initial_session_connection",
+                        json!(is_initial_session_connection),
+                    ),
+                    (
+                        "is_automatic_reconnection",
+                        json!(is_automatic_reconnection),
+                    ),
+                ],
+            );
+        }
+        ClientEvent::Authenticated { user } => report.event("authenticated", [("user", user)]),
+        ClientEvent::Message(message) => print_message(&message)?,
+        ClientEvent::Disconnected {
+            close,
+            reconnect_at,
+        } => {
+            *connected = false;
+            let retry = match reconnect_at {
+                Some(at) => {
+                    let wait = at.saturating_duration_since(std::time::Instant::now());
+                    json!(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+                }
+                None => Value::Null,
+            };
+            report.event(
+                "disconnected",
+                [
+                    ("code", json!(close.code.0)),
+                    ("reason", json!(close.reason)),
+                    ("reconnect_in_ms", retry),
+                ],
+            );
+            // Only the last events after our own `disconnect` get here deliberately;
+            // in the main loop this is the end of the connection for good.
+            if reconnect_at.is_none() {
+                let normal = matches!(close.code, CloseCode::NORMAL | CloseCode::GOING_AWAY);
+                return Ok(Some(if normal {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }));
+            }
+        }
+        ClientEvent::InvalidFrame(error) => {
+            report.event("invalid_frame", [("error", json!(error.to_string()))]);
+        }
+    }
+    Ok(None)
+}
+
+/// Decode one stdin line and send it; errors are reported, never fatal.
+async fn send_line(client: &Client, line: &str, number: u64, report: &Reporter) {
+    let line = line.trim();
+    if line.is_empty() {
+        return;
+    }
+    let (event, error) = match Message::decode(line, &Limits::default()) {
+        Ok(message) => match client.send(message).await {
+            Ok(()) => return,
+            Err(error) => ("send_failed", error.to_string()),
+        },
+        Err(error) => ("bad_input", format!("not a Mesa message: {error}")),
+    };
+    report.event(event, [("line", json!(number)), ("error", json!(error))]);
+}
+
+/// Write `message` as one JSON line on stdout.
+fn print_message(message: &Message) -> Result<(), String> {
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{}", message.to_value())
+        .and_then(|()| stdout.flush())
+        .map_err(|error| format!("cannot write to stdout: {error}"))
+}
+
+/// Read stdin on a thread of its own (a blocking read cannot be cancelled, and must
+/// not hold up the exit); the channel closes at the end of stdin.
+fn stdin_lines() -> Result<mpsc::Receiver<Line>, String> {
+    let (tx, rx) = mpsc::channel::<Line>(64);
+    std::thread::Builder::new()
+        .name("stdin".to_owned())
+        .spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut buffer = Vec::new();
+            loop {
+                buffer.clear();
+                let line = match stdin.read_until(b'\n', &mut buffer) {
+                    Ok(0) => return,
+                    Ok(_) => String::from_utf8(std::mem::take(&mut buffer))
+                        .map_err(|_| "the line is not UTF-8".to_owned()),
+                    Err(error) => {
+                        let _ = tx.blocking_send(Err(format!("cannot read stdin: {error}")));
+                        return;
+                    }
+                };
+                if tx.blocking_send(line).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|error| format!("cannot start the stdin reader: {error}"))?;
+    Ok(rx)
+}
+
+/// Writes the client's state changes on stderr, as `event key=value ...` or as JSON.
+struct Reporter {
+    format: LogFormat,
+}
+
+impl Reporter {
+    /// Report `event` with its fields (strings are written JSON-quoted in text).
+    fn event<const N: usize>(&self, event: &str, fields: [(&str, Value); N]) {
+        let line = match self.format {
+            LogFormat::Text => {
+                let mut line = event.to_owned();
+                for (key, value) in fields {
+                    line.push_str(&format!(" {key}={value}"));
+                }
+                line
+            }
+            LogFormat::Json => {
+                let mut object = Map::new();
+                object.insert("event".to_owned(), json!(event));
+                for (key, value) in fields {
+                    object.insert(key.to_owned(), value);
+                }
+                Value::Object(object).to_string()
+            }
+        };
+        let _ = writeln!(io::stderr().lock(), "{line}");
+    }
+}

@@ -1,0 +1,347 @@
+//! End-to-end smoke test of `mesa dispatch` and `mesa portal` with `mesa serve` and
+//! `mesa client`, on a `redis-server` process of its own. Every wait is bounded and
+//! every child process is killed when its handle drops.
+//!
+//! Needs `redis-server` on PATH:
+//! `cargo test -p mesa-cli --test cli_cluster`.
+#![cfg(unix)]
+
+mod common;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/net.rs"]
+mod net;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/pki.rs"]
+mod pki;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/redis.rs"]
+mod redis_server;
+
+use common::{Lines, WAIT};
+use redis_server::RedisServer as Redis;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A long-running `mesa` process, killed on drop.
+struct Mesa {
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+/// `mesa ARGS` with `env` and no other `MESA_*` variable.
+fn mesa(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mesa"));
+    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("MESA_")) {
+        command.env_remove(key);
+    }
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info");
+    command
+}
+
+impl Mesa {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = mesa(args, env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the mesa binary starts");
+        let stdout = Lines::new(child.stdout.take().expect("piped stdout"));
+        let stderr = Lines::new(child.stderr.take().expect("piped stderr"));
+        Mesa {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// `mesa serve` with dev authentication and round-robin portals (and `extra`)
+    /// on a free port; returns it with the URL it announces.
+    fn serve(extra: &[&str], env: &[(&str, &str)]) -> (Self, String) {
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "dev",
+            "--portals",
+            "round-robin",
+        ];
+        args.extend_from_slice(extra);
+        let server = Mesa::start(&args, env);
+        let line = server.stdout.expect("announcing the URL", |l| {
+            l.starts_with("mesa listening on ")
+        });
+        let url = line["mesa listening on ".len()..].to_owned();
+        (server, url)
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running after {WAIT:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mesa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `mesa dispatch ARGS` to the end (bounded).
+fn dispatch(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut all = vec!["dispatch"];
+    all.extend_from_slice(args);
+    let mut child = mesa(&all, env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the mesa binary starts");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mesa dispatch {args:?} still running after {WAIT:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("its output")
+}
+
+/// The one JSON report line of a successful `mesa dispatch`.
+fn report(output: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "mesa dispatch failed: {}; stderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("not one JSON line: {stdout}"))
+}
+
+#[test]
+fn dispatch_and_portal_work_with_a_cluster_server_and_a_client() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let cluster = [("MESA_REDIS", url.as_str()), ("MESA_NAMESPACE", "ns1")];
+
+    // The portal joins the pool first, so that the server finds it when it connects.
+    let mut portal = Mesa::start(&["portal", "--id", "cli-portal"], &cluster);
+    portal
+        .stderr
+        .expect("joining the pool", |l| l.contains("portal joined the pool"));
+    assert_eq!(
+        redis.command(&["SMEMBERS", "available_portals_pool_ns1"]),
+        Some("*1\r\n$10\r\ncli-portal\r\n".to_owned())
+    );
+
+    let (_server, ws_url) = Mesa::serve(&["--sync"], &cluster);
+    let mut alice = Mesa::start(
+        &["client", &ws_url, "--token", "alice", "--no-reconnect"],
+        &[],
+    );
+    alice
+        .stderr
+        .expect("authenticated as alice", |l| l.contains(r#""id":"alice""#));
+
+    // The portal prints the server's events in upstream's format.
+    let opened = portal
+        .stdout
+        .expect_json("a connection event", |e| e["type"] == "connection");
+    assert_eq!(
+        opened,
+        json!({"type": "connection", "portalId": "cli-portal"})
+    );
+    let authenticated = portal
+        .stdout
+        .expect_json("an authentication event", |e| e["type"] == "authentication");
+    assert_eq!(
+        authenticated,
+        json!({"type": "authentication", "clientId": "alice", "portalId": "cli-portal"})
+    );
+
+    // A dispatch with sync: alice (online) gets it, bob (offline) has it stored.
+    redis.wait_reply(&["SISMEMBER", "connected_clients_ns1", "alice"], ":1\r\n");
+    let sent = report(&dispatch(
+        &[
+            "--sync",
+            "--type",
+            "NOTE",
+            "--data",
+            r#"{"n":1}"#,
+            "--to",
+            "alice,bob,carol",
+            "--except",
+            "carol",
+        ],
+        &cluster,
+    ));
+    assert_eq!(
+        sent,
+        json!({"type": "NOTE", "global": false, "published": 1, "stored": 1, "dropped": 0, "undeliverable": []})
+    );
+    let note = alice.stdout.expect_json("the NOTE", |m| m["t"] == "NOTE");
+    assert_eq!(note, json!({"op": 0, "d": {"n": 1}, "t": "NOTE"}));
+    let stored = r#"[{"op":0,"d":{"n":1},"t":"NOTE"}]"#;
+    assert_eq!(
+        redis.command(&["HGET", "undelivered_messages_ns1", "bob"]),
+        Some(format!("${}\r\n{stored}\r\n", stored.len()))
+    );
+
+    // Past --max-recipients the dispatch is refused, with the reason, and nothing sent.
+    let refused = dispatch(
+        &[
+            "--type",
+            "NOTE",
+            "--to",
+            "bob,carol,dave",
+            "--max-recipients",
+            "2",
+        ],
+        &cluster,
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("too many recipients: 3 > 2"), "{stderr}");
+
+    // Every flag reads the environment too; an op 5 event disconnects alice (1000).
+    let kicked = report(&dispatch(
+        &[],
+        &[
+            ("MESA_REDIS", url.as_str()),
+            ("MESA_NAMESPACE", "ns1"),
+            ("MESA_EVENT", "DISCONNECT_CLIENT"),
+            ("MESA_TO", "alice"),
+        ],
+    ));
+    assert_eq!(kicked["event"], "DISCONNECT_CLIENT");
+    assert_eq!(kicked["published"], 1);
+    let status = alice.wait();
+    assert!(status.success(), "alice was closed normally: {status}");
+    portal
+        .stdout
+        .expect_json("a disconnection event", |e| e["type"] == "disconnection");
+
+    // SIGTERM: the portal leaves the pool and exits cleanly.
+    portal.terminate();
+    let status = portal.wait();
+    assert!(status.success(), "mesa portal exited with {status}");
+    portal
+        .stderr
+        .expect("leaving the pool", |l| l.contains("portal left the pool"));
+    assert_eq!(
+        redis.command(&["SMEMBERS", "available_portals_pool_ns1"]),
+        Some("*0\r\n".to_owned())
+    );
+}
+
+#[test]
+fn dispatch_reports_usage_and_redis_errors() {
+    let unreachable = dispatch(&["--redis", "redis://127.0.0.1:1/", "--type", "X"], &[]);
+    assert_eq!(unreachable.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(stderr.contains("cannot reach the cluster"), "{stderr}");
+
+    let conflicting = dispatch(
+        &[
+            "--redis",
+            "redis://127.0.0.1:1/",
+            "--event",
+            "X",
+            "--data",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(conflicting.status.code(), Some(2));
+    let missing = dispatch(&["--redis", "redis://127.0.0.1:1/"], &[]);
+    assert_eq!(missing.status.code(), Some(2));
+    let not_json = dispatch(
+        &[
+            "--redis",
+            "redis://127.0.0.1:1/",
+            "--type",
+            "X",
+            "--data",
+            "{",
+        ],
+        &[],
+    );
+    assert_eq!(not_json.status.code(), Some(2));
+}
+
+#[test]
+fn serve_dispatch_and_portal_reach_their_redis_over_tls() {
+    let redis = Redis::start_tls();
+    let url = redis.tls_url();
+    let ca_file = redis.ca_file();
+    let ca = ca_file.to_str().unwrap();
+    // The CA comes from the environment, like every flag.
+    let env = [("MESA_REDIS", url.as_str()), ("MESA_REDIS_CA_CERT", ca)];
+    let mut portal = Mesa::start(&["portal", "--id", "tls-portal"], &env);
+    portal
+        .stderr
+        .expect("joining the pool", |l| l.contains("portal joined the pool"));
+    let (_server, ws_url) = Mesa::serve(&[], &env);
+    let bob = Mesa::start(&["client", &ws_url, "--token", "bob"], &[]);
+    bob.stderr
+        .expect("authenticated as bob", |l| l.contains(r#""id":"bob""#));
+    // The server's presence and its portal events went through the TLS link.
+    redis.wait_reply(&["SISMEMBER", "connected_clients", "bob"], ":1\r\n");
+    let authenticated = portal
+        .stdout
+        .expect_json("an authentication event", |e| e["type"] == "authentication");
+    assert_eq!(authenticated["clientId"], "bob");
+
+    let sent = report(&dispatch(
+        &["--type", "NOTE", "--to", "bob", "--redis-ca-cert", ca],
+        &[("MESA_REDIS", url.as_str())],
+    ));
+    assert_eq!(sent["published"], 1, "{sent}");
+    let note = bob.stdout.expect_json("the NOTE", |m| m["t"] == "NOTE");
+    assert_eq!(note["t"], "NOTE");
+
+    // Without the CA, the dispatcher cannot verify Redis's certificate.
+    let refused = dispatch(&["--type", "NOTE"], &[("MESA_REDIS", url.as_str())]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("cannot reach the cluster"), "{stderr}");
+    // A CA for a plaintext URL is a usage error.
+    let plain = dispatch(
+        &["--type", "NOTE", "--redis-ca-cert", ca],
+        &[("MESA_REDIS", redis.url().as_str())],
+    );
+    assert_eq!(plain.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("needs a rediss:// URL"), "{stderr}");
+
+    portal.terminate();
+    assert!(portal.wait().success());
+    portal
+        .stderr
+        .expect("leaving the pool", |l| l.contains("portal left the pool"));
+}
