@@ -3,6 +3,7 @@
 //! restarting.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ClusterSim, Event, SimReplica};
@@ -39,7 +40,10 @@ impl ClusterSim {
         let replica = &mut self.replicas[r];
         replica.incarnation += 1;
         replica.name = format!("r{r}.{}", replica.incarnation);
-        replica.keys = Keys::new(self.config.replica.namespace.clone(), replica.name.clone());
+        replica.keys = Arc::new(Keys::new(
+            self.config.replica.namespace.clone(),
+            replica.name.clone(),
+        ));
         let seed = self.rng.next_u64();
         let name = replica.name.clone();
         replica.replica = Some(
@@ -58,7 +62,10 @@ impl ClusterSim {
         let replica = Replica::new(self.config.replica.clone(), name.clone(), seed, self.now)
             .expect("a valid replica configuration");
         self.replicas.push(SimReplica {
-            keys: Keys::new(self.config.replica.namespace.clone(), name.clone()),
+            keys: Arc::new(Keys::new(
+                self.config.replica.namespace.clone(),
+                name.clone(),
+            )),
             name,
             replica: Some(replica),
             incarnation: 0,

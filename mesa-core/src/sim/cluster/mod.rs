@@ -104,6 +104,8 @@ enum Event {
         epoch: u64,
         token: Token,
         command: Box<Command>,
+        /// The keys of the replica that sent it (a restarted one has others).
+        keys: Arc<Keys>,
     },
     /// Redis's answer reaches the replica.
     Reply {
@@ -151,7 +153,7 @@ pub struct SimReplica {
     pub name: String,
     /// The state machine; `None` while crashed.
     pub replica: Option<Replica>,
-    keys: Keys,
+    keys: Arc<Keys>,
     incarnation: u32,
     conns: BTreeMap<ConnId, Conn>,
     /// The current link to Redis; links up to `killed` are dead (a partition or a
@@ -448,7 +450,8 @@ impl ClusterSim {
                 epoch,
                 token,
                 command,
-            } => self.execute(replica, epoch, token, *command),
+                keys,
+            } => self.execute(replica, epoch, token, *command, &keys),
             Event::Reply {
                 replica: r,
                 epoch,
@@ -513,12 +516,12 @@ impl ClusterSim {
     }
 
     /// A command reaches Redis: run it, answer, and hand out what it published.
-    fn execute(&mut self, r: usize, epoch: u64, token: Token, command: Command) {
+    fn execute(&mut self, r: usize, epoch: u64, token: Token, command: Command, keys: &Keys) {
         let now = self.now;
         if epoch <= self.replicas[r].killed || !self.redis_up || self.partitioned(r) {
             return;
         }
-        let calls = command.calls(&self.replicas[r].keys);
+        let calls = command.calls(keys);
         let second = self.second();
         if self.counters.redis_calls.len() <= second {
             self.counters.redis_calls.resize(second + 1, 0);
@@ -536,8 +539,10 @@ impl ClusterSim {
             _ => {}
         }
         let reply = self.redis.execute(now, &calls);
+        // (A command of a crashed incarnation is no command of the current one.)
+        let current = epoch == self.replicas[r].epoch;
         if let Some(outstanding) = self.replicas[r].outstanding.get_mut(&token) {
-            outstanding.executed = true;
+            outstanding.executed |= current;
         }
         for published in self.redis.take_published() {
             let message = Arc::new((published.channel, published.payload));
@@ -959,6 +964,7 @@ impl ClusterSim {
                 epoch,
                 token,
                 command: Box::new(command),
+                keys: replica.keys.clone(),
             },
         );
     }
