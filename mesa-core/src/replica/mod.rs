@@ -16,56 +16,7 @@
 //! Every transition of the replica is in this file; the other files of the module
 //! hold its data types.
 //!
-//! # The run loop
-//!
-//! The driver feeds it connection events, Redis answers and pub/sub messages, and
-//! executes what it asks; here the driver is played by hand:
-//!
-//! ```
-//! use std::time::Instant;
-//! use mesa_core::{Action, Command, Message, Recipients, RedisValue, Replica, ReplicaConfig};
-//! use mesa_core::SessionEvent;
-//! use serde_json::json;
-//!
-//! let now = Instant::now(); // the driver's clock, not the core's
-//! let config = ReplicaConfig { sync: true, ..ReplicaConfig::default() };
-//! let mut replica = Replica::new(config, "replica-1", 42, now)?;
-//!
-//! // Its first command opens the link (connect, `INFO server`, load the scripts,
-//! // subscribe to `replica.channels()`).
-//! assert!(matches!(replica.poll_command(), Some((_, Command::Connect))));
-//! replica.handle_link_up(now, "the run_id of INFO server");
-//!
-//! // Every session event of a connection goes to the replica.
-//! let alice = replica.handle_connection_opened(now);
-//! let event = SessionEvent::Authenticated { id: "alice".into(), user: json!({}), initial: true };
-//! replica.handle_session_event(now, alice, &event);
-//!
-//! // A send reaches local connections at once, one frame for all.
-//! let hi = Message::dispatch("HI", json!({}));
-//! let to = Recipients::Ids(vec!["alice".into(), "bob".into()]);
-//! replica.handle_send(now, &hi, None, &to)?;
-//! let delivery = replica.poll_delivery().expect("alice is here");
-//! assert!(matches!(delivery.action, Action::Write(_)) && delivery.targets == [alice]);
-//!
-//! // The rest is Redis work: each command is the Redis calls it stands for, every
-//! // key and argument decided here; its answer goes back with its token.
-//! while let Some((token, command)) = replica.poll_command() {
-//!     let calls = command.calls(replica.keys());
-//!     let answer = match command {
-//!         // bob is connected nowhere: his message is stored.
-//!         Command::CheckPresence { ids } => vec![RedisValue::Array(vec![RedisValue::Int(0); ids.len()])],
-//!         Command::StoreMany { ids, .. } => vec![RedisValue::Array(vec![
-//!             RedisValue::Int(ids.len() as i64),
-//!             RedisValue::Int(0),
-//!         ])],
-//!         _ => vec![RedisValue::Int(1); calls.len()],
-//!     };
-//!     replica.handle_reply(now, token, Ok(answer));
-//! }
-//! assert!(replica.poll_timeout().is_some(), "the lease is renewed on a timer");
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+#![doc = include_str!("../../docs/replica-run-loop.md")]
 //!
 //! # What survives a failure of the link
 //!
