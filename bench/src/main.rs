@@ -56,7 +56,11 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
+use failure::{Failure, read};
+
 mod echo;
+#[path = "../../mesa-cli/src/failure.rs"]
+mod failure;
 mod offline;
 mod stats;
 mod storm;
@@ -71,52 +75,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("mesa-bench: error: cannot start the tokio runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(code) => code,
-        Err(failure) => {
-            eprintln!("mesa-bench: error: {}", failure.message);
-            ExitCode::from(failure.code)
-        }
-    }
-}
-
-/// Why `mesa-bench` stops with an error: the message for stderr and the exit code.
-#[derive(Debug)]
-struct Failure {
-    message: String,
-    code: u8,
-}
-
-impl Failure {
-    /// Flags that do not go together: exit code 2, as clap's own usage errors.
-    fn usage(message: impl Into<String>) -> Self {
-        Failure {
-            message: message.into(),
-            code: 2,
-        }
-    }
-}
-
-impl From<String> for Failure {
-    /// Anything else: exit code 1.
-    fn from(message: String) -> Self {
-        Failure { message, code: 1 }
-    }
-}
-
-/// Read the file of `flag`.
-fn read(path: &std::path::Path, flag: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|error| format!("cannot read {flag} {}: {error}", path.display()))
+    failure::run_to_exit("mesa-bench", run(args))
 }
 
 use stats::{

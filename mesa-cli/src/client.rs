@@ -69,7 +69,7 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
     let report = Reporter { format };
     let mut builder = mesa_tokio::client(args.url.clone()).reconnect(!args.no_reconnect);
     if let Some(path) = &args.ca_cert {
-        builder = builder.add_root_pem(crate::tls::read(path, "--ca-cert")?);
+        builder = builder.add_root_pem(crate::failure::read(path, "--ca-cert")?);
     }
     let (client, mut events) = builder
         .build()
@@ -119,12 +119,14 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
                 let Some(event) = event else {
                     return Err("the client stopped unexpectedly".to_owned().into());
                 };
-                if !hello_checked && matches!(event, ClientEvent::Connected { .. }) {
-                    hello_checked = true;
-                    tokio::spawn(warn_without_authentication(client.clone(), report.format));
-                }
+                let first = !hello_checked && matches!(event, ClientEvent::Connected { .. });
                 if let Some(code) = handle(event, &report, &mut connected)? {
                     return Ok(code);
+                }
+                // After `connected` is printed, so the notice never comes before it.
+                if first {
+                    hello_checked = true;
+                    tokio::spawn(warn_without_authentication(client.clone(), report.format));
                 }
             }
             line = lines.recv(), if stdin_open => match line {

@@ -18,11 +18,13 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use failure::Failure;
 
 mod auth;
 mod client;
 mod demo;
 mod dispatch;
+mod failure;
 mod http;
 mod logging;
 mod portal;
@@ -70,53 +72,12 @@ fn main() -> ExitCode {
         eprintln!("mesa: error: cannot set up logging: {error}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("mesa: error: cannot start the tokio runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let outcome = runtime.block_on(async move {
+    failure::run_to_exit("mesa", async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Client(args) => client::run(args, cli.log_format).await,
             Command::Dispatch(args) => dispatch::run(args).await,
             Command::Portal(args) => portal::run(args).await,
         }
-    });
-    match outcome {
-        Ok(code) => code,
-        Err(failure) => {
-            eprintln!("mesa: error: {}", failure.message);
-            ExitCode::from(failure.code)
-        }
-    }
-}
-
-/// Why `mesa` stops with an error: the message for stderr and the exit code.
-#[derive(Debug)]
-struct Failure {
-    message: String,
-    code: u8,
-}
-
-impl Failure {
-    /// Flags that do not go together: exit code 2, as clap's own usage errors.
-    fn usage(message: impl Into<String>) -> Self {
-        Failure {
-            message: message.into(),
-            code: 2,
-        }
-    }
-}
-
-impl From<String> for Failure {
-    /// Anything else: exit code 1.
-    fn from(message: String) -> Self {
-        Failure { message, code: 1 }
-    }
+    })
 }

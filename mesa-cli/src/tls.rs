@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use crate::Failure;
+use crate::failure::read;
 
 /// Handshakes finished but not yet taken by the HTTP server.
 const READY_BACKLOG: usize = 64;
@@ -96,11 +97,6 @@ impl RedisCa {
 /// The contents of the certificate and key files.
 fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), String> {
     Ok((read(cert, "--tls-cert")?, read(key, "--tls-key")?))
-}
-
-/// The contents of the file of `flag`.
-pub(crate) fn read(path: &Path, flag: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|error| format!("cannot read {flag} {}: {error}", path.display()))
 }
 
 /// A TLS stream as tokio's IO traits (hyper's side).

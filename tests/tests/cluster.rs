@@ -47,6 +47,19 @@ async fn user(addr: SocketAddr, id: &str) -> (mesa_tokio::Client, mesa_tokio::Cl
     (client, events)
 }
 
+/// A relaying server with development authentication in `cluster`, storing for ids
+/// connected nowhere with `sync`: the start of every sync scenario's server.
+fn synced(
+    cluster: ClusterConfig,
+    sync: SyncConfig,
+) -> mesa_tokio::ServerBuilder<mesa_tokio::Relay> {
+    mesa_tokio::server()
+        .handler(mesa_tokio::Relay)
+        .authenticate(DevAuthenticator)
+        .cluster(cluster)
+        .sync(sync)
+}
+
 async fn redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     server.connection().await
 }
@@ -280,16 +293,11 @@ async fn a_drop_during_redelivery_keeps_the_rest_stored() {
     let redis_server = RedisServer::start();
     let mut cluster = ClusterConfig::new(redis_server.url());
     cluster.lease = Duration::from_millis(900);
-    let server = mesa_tokio::server()
-        .handler(mesa_tokio::Relay)
-        .authenticate(DevAuthenticator)
-        .cluster(cluster)
-        .sync(SyncConfig {
-            redelivery_interval: Duration::from_millis(20),
-            ..SyncConfig::default()
-        })
-        .build()
-        .unwrap();
+    let sync = SyncConfig {
+        redelivery_interval: Duration::from_millis(20),
+        ..SyncConfig::default()
+    };
+    let server = synced(cluster, sync).build().unwrap();
     let addr = serve(&server, any_port()).await;
     for n in 0..40 {
         server
@@ -403,13 +411,7 @@ async fn after_a_redis_restart_from_disk_stale_presence_does_not_swallow_sends()
     let long_lease = || {
         let mut cluster = ClusterConfig::new(redis_server.url());
         cluster.lease = Duration::from_secs(30);
-        mesa_tokio::server()
-            .handler(mesa_tokio::Relay)
-            .authenticate(DevAuthenticator)
-            .cluster(cluster)
-            .sync(SyncConfig::default())
-            .build()
-            .unwrap()
+        synced(cluster, SyncConfig::default()).build().unwrap()
     };
     let (a, b) = (long_lease(), long_lease());
     let (addr_a, addr_b) = (serve(&a, any_port()).await, serve(&b, any_port()).await);
@@ -462,13 +464,12 @@ async fn after_a_redis_restart_from_disk_stale_presence_does_not_swallow_sends()
 #[tokio::test]
 async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhile() {
     let mut redis_server = RedisServer::start();
-    let a = mesa_tokio::server()
-        .handler(mesa_tokio::Relay)
-        .authenticate(DevAuthenticator)
-        .redis(redis_server.url())
-        .sync(SyncConfig::default())
-        .build()
-        .unwrap();
+    let a = synced(
+        ClusterConfig::new(redis_server.url()),
+        SyncConfig::default(),
+    )
+    .build()
+    .unwrap();
     let addr_a = serve(&a, any_port()).await;
     let (alice, mut alice_events) = user(addr_a, "alice").await;
     subscribed(&redis_server, "ws", 1).await;
@@ -502,16 +503,13 @@ async fn a_send_that_waited_for_redis_reaches_an_id_that_connected_here_meanwhil
 #[tokio::test]
 async fn op_22_and_heartbeats_do_not_wait_for_a_frozen_redis() {
     let redis_server = RedisServer::start();
-    let server = mesa_tokio::server()
-        .handler(mesa_tokio::Relay)
+    let sync = SyncConfig {
+        // Longer than Redis stays frozen, retries included.
+        load_timeout: Duration::from_secs(60),
+        ..SyncConfig::default()
+    };
+    let server = synced(ClusterConfig::new(redis_server.url()), sync)
         .heartbeat(Duration::from_millis(200), 2)
-        .authenticate(DevAuthenticator)
-        .redis(redis_server.url())
-        .sync(SyncConfig {
-            // Longer than Redis stays frozen, retries included.
-            load_timeout: Duration::from_secs(60),
-            ..SyncConfig::default()
-        })
         .build()
         .unwrap();
     let addr = serve(&server, any_port()).await;
@@ -642,13 +640,7 @@ async fn a_crashed_replicas_ids_leave_presence_within_the_lease_and_get_stored_f
         runtime.block_on(async {
             let mut cluster = ClusterConfig::new(url_redis);
             cluster.lease = Duration::from_millis(900);
-            let b = mesa_tokio::server()
-                .handler(mesa_tokio::Relay)
-                .authenticate(DevAuthenticator)
-                .cluster(cluster)
-                .sync(SyncConfig::default())
-                .build()
-                .unwrap();
+            let b = synced(cluster, SyncConfig::default()).build().unwrap();
             let listening = b.bind(any_port()).await.unwrap();
             addr_tx.send(listening.local_addr()).unwrap();
             tokio::spawn(listening.run());
@@ -866,14 +858,11 @@ async fn a_pipeline_cut_midway_loses_none_of_its_trims_loads_and_stores() {
     cluster.lease = Duration::from_secs(30);
     // The connection waits for its stored messages across the cut: past the default
     // load timeout (5 s) it would go on without them, so the wait is longer here.
-    let server = mesa_tokio::server()
-        .handler(mesa_tokio::Relay)
-        .authenticate(DevAuthenticator)
-        .cluster(cluster)
-        .sync(SyncConfig {
-            redelivery_interval: Duration::from_millis(20),
-            load_timeout: WAIT,
-        })
+    let sync = SyncConfig {
+        redelivery_interval: Duration::from_millis(20),
+        load_timeout: WAIT,
+    };
+    let server = synced(cluster, sync)
         .middleware(metrics.clone())
         .build()
         .unwrap();
@@ -1002,17 +991,16 @@ async fn publish_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 async fn a_send_to_thousands_of_offline_ids_is_stored_for_each_in_order() {
     let redis_server = RedisServer::start();
     let capped = || {
-        mesa_tokio::server()
-            .handler(mesa_tokio::Relay)
-            .authenticate(DevAuthenticator)
-            .redis(redis_server.url())
-            .sync(SyncConfig::default())
-            .limits(Limits {
-                max_stored_per_id: 2,
-                ..Limits::default()
-            })
-            .build()
-            .unwrap()
+        synced(
+            ClusterConfig::new(redis_server.url()),
+            SyncConfig::default(),
+        )
+        .limits(Limits {
+            max_stored_per_id: 2,
+            ..Limits::default()
+        })
+        .build()
+        .unwrap()
     };
     let (a, b) = (capped(), capped());
     serve(&a, any_port()).await;
