@@ -41,8 +41,8 @@ pub use limits::{Limits, RateLimitPolicy};
 pub use rate::TokenBucket;
 pub use relay::{RelayAction, dev_authenticate, relay};
 pub use replica::{
-    Call, Command, Keys, Loss, RedisValue, Replica, ReplicaConfig, ReplicaEvent, Reply, Script,
-    SendReport, Token,
+    Call, Command, Dispatch, DispatchConfig, DispatchReport, Keys, LocalDelivery, Loss, RedisValue,
+    Replica, ReplicaConfig, ReplicaEvent, Reply, Script, SendReport, Token,
 };
 pub use session::{ServerSession, SessionError, SessionEvent, Transmit};
 pub use sync::{MessageOptions, Redelivery};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use mesa_core::cluster::{IDS_PER_COMMAND, IDS_PER_ROUND};
 use mesa_core::{
-    Action, Close, CloseCode, Command, ConnId, Delivery, Envelope, Loss, Message, Opcode,
+    Action, Close, CloseCode, Command, ConnId, Envelope, LocalDelivery, Loss, Message, Opcode,
     PortalChoice, PortalEvent, PortalEventKind, PortalUpdate, Recipients, RedisValue, Replica,
     ReplicaConfig, ReplicaEvent, SessionEvent, Token,
 };
@@ -29,7 +29,7 @@ fn ids(list: &[&str]) -> Vec<String> {
 #[derive(Default, Debug)]
 struct Out {
     commands: Vec<(Token, Command)>,
-    deliveries: Vec<Delivery>,
+    deliveries: Vec<LocalDelivery>,
     events: Vec<ReplicaEvent>,
 }
 
@@ -150,19 +150,20 @@ fn open_as(replica: &mut Replica, id: &str) -> ConnId {
     conn
 }
 
+/// A replica forwarding to portals whose link is opening (its Connect drained).
+fn opening_with_portals() -> Replica {
+    let config = ReplicaConfig {
+        portals: Some(PortalChoice::RoundRobin),
+        ..config()
+    };
+    let mut replica = Replica::new(config, "me", 7, t0()).unwrap();
+    assert_eq!(drain(&mut replica).kinds(), ["Connect"]);
+    replica
+}
+
 #[test]
 fn opening_the_link_cleans_up_then_registers_presence() {
-    let mut replica = Replica::new(
-        ReplicaConfig {
-            portals: Some(PortalChoice::RoundRobin),
-            ..config()
-        },
-        "me",
-        1,
-        t0(),
-    )
-    .unwrap();
-    assert_eq!(drain(&mut replica).kinds(), ["Connect"]);
+    let mut replica = opening_with_portals();
     assert_eq!(replica.channels(), ["ws", "available_portals_pool"]);
     replica.handle_link_up(t0(), "run1");
     let out = drain(&mut replica);
@@ -315,6 +316,51 @@ fn client_events_go_to_one_portal_each_in_turn() {
             (PortalEventKind::Message(message), Some("alice"), "p1"),
             (PortalEventKind::Disconnection, Some("alice"), "p2"),
         ]
+    );
+}
+
+#[test]
+fn client_events_before_the_first_link_wait_for_it_and_for_the_pool() {
+    let mut replica = opening_with_portals();
+    // A client connects while the server's link is still opening.
+    open_as(&mut replica, "alice");
+    let out = drain(&mut replica);
+    assert!(out.commands.is_empty() && out.events.is_empty(), "{out:?}");
+    replica.handle_link_up(t0(), "run1");
+    let out = drain(&mut replica);
+    // The pool is read first; the events wait for its answer.
+    assert_eq!(out.find("Publish").len(), 0, "{:?}", out.kinds());
+    let (load, _) = out.find("LoadPortals")[0].clone();
+    replica.handle_reply(
+        t0(),
+        load,
+        Ok(vec![RedisValue::Array(vec![RedisValue::Text("p1".into())])]),
+    );
+    let out = answer_all(&mut replica, t0());
+    let told: Vec<PortalEventKind> = out
+        .find("Publish")
+        .into_iter()
+        .map(|(_, c)| {
+            let Command::Publish { payload, .. } = c else {
+                panic!()
+            };
+            PortalEvent::decode(payload).unwrap().kind
+        })
+        .collect();
+    assert_eq!(
+        told,
+        [PortalEventKind::Connection, PortalEventKind::Authentication]
+    );
+    // Once the link was up, a failure costs best-effort work as documented.
+    replica.handle_link_down(t0(), "gone");
+    open_as(&mut replica, "bob");
+    let lost = drain(&mut replica).events;
+    assert!(
+        lost.contains(&ReplicaEvent::JobsLost {
+            count: 1,
+            reason: Loss::Outage
+        }),
+        "{lost:?}"
     );
 }
 

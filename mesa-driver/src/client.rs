@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use url::Url;
 
-use crate::handler::BoxFuture;
+use crate::hooks::BoxFuture;
 use crate::io::Io;
 use crate::runtime::{Runtime, entropy_seed};
 use crate::tls::{ClientTls, MaybeTls, TlsError, certificates_from_pem, server_name};

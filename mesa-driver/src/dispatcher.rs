@@ -7,23 +7,24 @@
 //! the recipients are first checked against `ns("connected_clients")` and the message
 //! is stored for the offline ones in `ns("undelivered_messages")`, in upstream's
 //! format but appended atomically and capped per id (upstream's read-modify-write
-//! loses concurrent appends). The Redis work is the server's own
-//! (`cluster::send_round`): presence checks and stores pipelined, one PUBLISH per
-//! dispatch (per round of a few thousand ids for a dispatch to more).
+//! loses concurrent appends). What to ask Redis is decided by `mesa_core::Dispatch`,
+//! in the rounds a server's replica uses (presence checks and stores pipelined, one
+//! PUBLISH per dispatch, per round of a few thousand ids for a dispatch to more);
+//! this shell only executes it.
 
-use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use mesa_core::{
-    Limits, Message, MessageOptions, Namespace, Opcode, Recipients, RemotePlan, TooManyRecipients,
-    distinct_ids, plan_remote,
+    Dispatch, DispatchConfig, DispatchReport, Limits, Message, MessageOptions, Namespace, Opcode,
+    Recipients, TooManyRecipients,
 };
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
+use crate::cluster::calls::{Batch, ScriptHashes, load_scripts};
 use crate::cluster::link::{self, check_ca_pem, commands};
-use crate::cluster::scripts::APPEND_MANY;
-use crate::cluster::{BatchOutcome, RemoteSend, send_round};
+use crate::redis_failure::RedisFailure;
 
 /// Why a dispatch (or connecting a [`Dispatcher`]) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +38,7 @@ pub enum DispatchError {
     InvalidSetting(&'static str),
     /// The CA certificates for `rediss://` cannot be used.
     #[error("Redis CA certificate: {0}")]
-    Tls(#[from] crate::TlsError),
+    Tls(#[from] crate::tls::TlsError),
     /// The dispatch addressed more distinct ids than
     /// [`max_recipients`](Dispatcher::max_recipients); nothing was published or stored.
     #[error(transparent)]
@@ -45,30 +46,13 @@ pub enum DispatchError {
     /// Redis is unreachable or failed a command. Nothing is retried: the dispatch may
     /// have been published or stored in part. The next dispatch reconnects.
     #[error("Redis: {0}")]
-    Redis(#[source] crate::RedisFailure),
+    Redis(#[source] RedisFailure),
 }
 
 impl From<redis::RedisError> for DispatchError {
     fn from(error: redis::RedisError) -> Self {
         DispatchError::Redis(error.into())
     }
-}
-
-/// What one dispatch did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DispatchReport {
-    /// The message went to every connection of every replica (`["*"]`).
-    pub global: bool,
-    /// Ids the envelope was published to: with sync, those found connected; without,
-    /// every recipient (after `excluding`). 0 for a global dispatch.
-    pub published: usize,
-    /// Offline ids for whom the message was stored (sync only).
-    pub stored: usize,
-    /// Older stored messages dropped to keep those ids under `max_stored`.
-    pub dropped: usize,
-    /// Offline ids for whom nothing was stored: the message said `sync: false`, or the
-    /// id is blank (as upstream).
-    pub undeliverable: Vec<String>,
 }
 
 /// Sends to the clients of a cluster through its Redis, from any process.
@@ -80,19 +64,14 @@ pub struct DispatchReport {
 pub struct Dispatcher {
     client: redis::Client,
     conn: Mutex<Option<MultiplexedConnection>>,
-    ns: Namespace,
-    sync: bool,
-    max_stored: usize,
-    max_recipients: usize,
+    config: DispatchConfig,
+    hashes: ScriptHashes,
 }
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
-            .field("namespace", &self.ns)
-            .field("sync", &self.sync)
-            .field("max_stored", &self.max_stored)
-            .field("max_recipients", &self.max_recipients)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
@@ -171,6 +150,12 @@ impl DispatcherBuilder {
                 "max_recipients must be at least 1",
             ));
         }
+        let config = DispatchConfig {
+            namespace: Namespace::new(self.namespace),
+            sync: self.sync,
+            max_stored_per_id: self.max_stored,
+            max_recipients: self.max_recipients,
+        };
         if let Some(pem) = &self.redis_ca_pem {
             check_ca_pem(pem)?;
         }
@@ -179,10 +164,8 @@ impl DispatcherBuilder {
         let dispatcher = Dispatcher {
             client,
             conn: Mutex::new(None),
-            ns: Namespace::new(self.namespace),
-            sync: self.sync,
-            max_stored: self.max_stored,
-            max_recipients: self.max_recipients,
+            config,
+            hashes: ScriptHashes::new(),
         };
         dispatcher.connection().await?;
         Ok(dispatcher)
@@ -205,17 +188,17 @@ impl Dispatcher {
 
     /// The most distinct ids one dispatch may address.
     pub fn max_recipients(&self) -> usize {
-        self.max_recipients
+        self.config.max_recipients
     }
 
     /// Whether messages to offline ids are stored.
     pub fn sync(&self) -> bool {
-        self.sync
+        self.config.sync
     }
 
     /// The key and channel names this Dispatcher uses.
     pub fn namespace(&self) -> &Namespace {
-        &self.ns
+        &self.config.namespace
     }
 
     /// Send `message` to `recipients` (minus `excluding`, which only filters an
@@ -236,9 +219,7 @@ impl Dispatcher {
         recipients: Recipients,
         excluding: &[String],
     ) -> Result<DispatchReport, DispatchError> {
-        let message = Message { s: None, ..message };
-        let sync = self.sync && message.op != Opcode::Internal;
-        self.send(message, options, recipients.excluding(excluding), sync)
+        self.send(message, options, recipients.excluding(excluding))
             .await
     }
 
@@ -254,66 +235,40 @@ impl Dispatcher {
     ) -> Result<DispatchReport, DispatchError> {
         let mut message = Message::new(Opcode::Internal, json!({}));
         message.t = Some(action.to_owned());
-        self.send(message, None, recipients.excluding(excluding), false)
+        self.send(message, None, recipients.excluding(excluding))
             .await
     }
 
+    /// Execute the dispatch `mesa_core::Dispatch` plans, one pipelined round trip
+    /// per step of its rounds.
     async fn send(
         &self,
         message: Message,
         options: Option<MessageOptions>,
         recipients: Recipients,
-        sync: bool,
     ) -> Result<DispatchReport, DispatchError> {
-        recipients.at_most(self.max_recipients)?;
-        let mut report = DispatchReport::default();
-        let plan = match &recipients {
-            Recipients::All => {
-                report.global = true;
-                plan_remote(&recipients, Vec::new(), sync)
+        let mut dispatch =
+            Dispatch::new(&self.config, message, options, &recipients, Instant::now())?;
+        let mut conn = None;
+        loop {
+            let commands: Vec<_> = std::iter::from_fn(|| dispatch.poll_command()).collect();
+            if commands.is_empty() {
+                break;
             }
-            // A Dispatcher has no connection of its own: every id is elsewhere.
-            Recipients::Ids(ids) => plan_remote(&recipients, distinct_ids(ids), sync),
-        };
-        let checked = match &plan {
-            RemotePlan::Nothing => return Ok(report),
-            RemotePlan::Publish(Recipients::Ids(ids)) => {
-                report.published = ids.len();
-                None
-            }
-            RemotePlan::Publish(Recipients::All) => None,
-            RemotePlan::CheckPresence(ids) => Some(ids.len()),
-        };
-        let mut queue = VecDeque::from([RemoteSend {
-            message,
-            options,
-            plan,
-        }]);
-        let mut conn = self.connection().await?;
-        // In rounds of bounded size, as a server's cluster link: what a round holds
-        // does not grow with the recipients, and Redis serves others in between
-        // (back to back, though: a Dispatcher has no timer to rest on).
-        let mut outcome = BatchOutcome::default();
-        while !queue.is_empty() {
-            match send_round(&mut conn, &self.ns, None, self.max_stored, &mut queue).await {
-                Ok((round, _)) => outcome.merge(round),
-                Err(error) => {
-                    self.forget();
-                    return Err(error.into());
-                }
+            let conn = match &mut conn {
+                Some(conn) => conn,
+                None => conn.insert(self.connection().await?),
+            };
+            let batch = Batch::new(commands, dispatch.keys(), &self.hashes);
+            let replies = batch.execute(conn).await.inspect_err(|_| self.forget())?;
+            let now = Instant::now();
+            for (token, reply) in replies {
+                dispatch.handle_reply(now, token, reply);
             }
         }
-        report.stored = outcome.stored;
-        report.dropped = outcome.dropped;
-        report.undeliverable = outcome
-            .undeliverable
-            .into_iter()
-            .flat_map(|(_, ids)| ids)
-            .collect();
-        if let Some(checked) = checked {
-            report.published = checked - report.stored - report.undeliverable.len();
-        }
-        Ok(report)
+        dispatch
+            .finish()
+            .map_err(|refused| DispatchError::Redis(RedisFailure::refused(refused)))
     }
 
     fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
@@ -328,7 +283,7 @@ impl Dispatcher {
             return Ok(conn);
         }
         let mut conn = commands(&self.client).await?;
-        APPEND_MANY.prepare_invoke().load_async(&mut conn).await?;
+        load_scripts(&mut conn).await?;
         Ok(self.slot().get_or_insert(conn).clone())
     }
 

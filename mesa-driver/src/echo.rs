@@ -34,9 +34,9 @@ use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::future::select;
 use mesa_core::{Close, DecodeError, Limits};
 
+use crate::accept::{accept_loop, handshake};
 use crate::io::Io;
 use crate::runtime::Runtime;
-use crate::server::{accept_loop, handshake};
 use crate::transport::{ReadFailure, TransportConfig, close_frame, read_failure};
 
 /// The command line of the `autobahn_echo` examples:

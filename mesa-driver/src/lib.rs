@@ -16,23 +16,25 @@ compile_error!(
      (mesa-tokio and mesa-async-std do)"
 );
 
+mod accept;
 mod api;
 mod client;
 mod cluster;
-mod connection;
+mod connection_loop;
+mod context;
 mod dispatcher;
 #[cfg(feature = "test-echo")]
 #[doc(hidden)]
 pub mod echo;
-mod handler;
+mod handle;
+mod hooks;
 mod io;
 #[cfg(feature = "metrics")]
 pub mod metrics;
-mod middleware;
 mod outbox;
 mod portal;
 mod redis_failure;
-mod router;
+mod registry;
 mod runtime;
 mod server;
 pub mod tls;
@@ -40,13 +42,16 @@ mod transport;
 
 pub use client::{BuildError, Client, ClientBuilder, ClientError, ClientEvents};
 pub use cluster::ClusterConfig;
-pub use connection::{Connection, SendError};
-pub use dispatcher::{DispatchError, DispatchReport, Dispatcher, DispatcherBuilder};
-pub use handler::{AuthError, Authenticator, BoxFuture, DevAuthenticator, Handler, Ignore, Relay};
-pub use middleware::{BoxError, Middleware};
+pub use dispatcher::{DispatchError, Dispatcher, DispatcherBuilder};
+pub use handle::{Admission, Connection, SendError, ServerHandle};
+pub use hooks::{
+    AuthError, Authenticator, BoxError, BoxFuture, DevAuthenticator, Handler, Ignore, Middleware,
+    Relay,
+};
+pub use mesa_core::DispatchReport;
 pub use portal::{Portal, PortalBuilder, PortalError};
 pub use redis_failure::RedisFailure;
-pub use router::{Admission, SendReport, ServerHandle};
+pub use registry::SendReport;
 pub use runtime::Runtime;
 pub use server::{Listening, Refusal, Server, ServerBuilder};
 pub use tls::{ServerTls, TlsError};

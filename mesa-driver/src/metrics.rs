@@ -63,8 +63,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::connection::Connection;
-use crate::middleware::{BoxError, Middleware};
+use crate::handle::Connection;
+use crate::hooks::{BoxError, Middleware};
 
 /// How many recently departed ids the reconnection count remembers at most.
 const MAX_DEPARTED: usize = 65_536;

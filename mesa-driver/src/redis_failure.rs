@@ -11,6 +11,13 @@ use std::sync::Arc;
 pub struct RedisFailure(Arc<redis::RedisError>);
 
 impl RedisFailure {
+    /// Redis answered a command with an error reply, or with a reply of the wrong
+    /// shape.
+    pub(crate) fn refused(detail: String) -> Self {
+        let kind = redis::ErrorKind::Extension;
+        RedisFailure(Arc::new((kind, "Redis refused a command", detail).into()))
+    }
+
     /// The redis-rs error.
     pub fn redis_error(&self) -> &redis::RedisError {
         &self.0

@@ -3,75 +3,30 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Poll, Waker};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::handshake::server::{
-    Callback, ErrorResponse, Request, Response,
-};
+use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use async_tungstenite::tungstenite::http::{StatusCode, header};
 use async_tungstenite::tungstenite::protocol::Role;
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_util::future::{Either, select};
+use futures_util::future::select;
 use mesa_core::{
-    AuthConfig, Close, CloseCode, ConfigError, HeartbeatConfig, Limits, PortalChoice, ServerConfig,
-    ServerConfigBuilder, SyncConfig,
+    AuthConfig, Close, CloseCode, ConfigError, HeartbeatConfig, Limits, PortalChoice, Replica,
+    ReplicaConfig, ServerConfig, ServerConfigBuilder, SyncConfig,
 };
 
-use crate::cluster::{self, ClusterConfig, Job};
-use crate::runtime::entropy_seed;
-
-use crate::connection::drive;
-use crate::handler::{Authenticator, Handler, Ignore};
-use crate::middleware::{Middleware, Middlewares};
-use crate::router::{Admission, Router, ServerHandle};
-use crate::runtime::Runtime;
-use crate::tls::{MaybeTls, ServerTls};
+use crate::accept::{accept_loop, handshake};
+use crate::cluster::{self, ClusterConfig};
+use crate::connection_loop::drive;
+use crate::context::{AdmissionPolicy, ServerContext, Shutdown};
+use crate::handle::{Admission, ServerHandle};
+use crate::hooks::{Authenticator, Handler, Ignore, Middleware, Middlewares};
+use crate::registry::{Registry, Settings};
+use crate::runtime::{Runtime, entropy_seed};
+use crate::tls::ServerTls;
 use crate::transport::TransportConfig;
-
-/// What every connection task shares.
-pub(crate) struct Inner<R, H> {
-    pub(crate) runtime: R,
-    pub(crate) config: Arc<ServerConfig>,
-    pub(crate) transport: TransportConfig,
-    pub(crate) path: String,
-    pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
-    pub(crate) handler: H,
-    pub(crate) router: Arc<Router>,
-    admission: AdmissionPolicy,
-    tls: Option<ServerTls>,
-    shutdown: Shutdown,
-}
-
-/// Who may open a WebSocket: checked while the upgrade request is answered.
-#[derive(Debug, Clone, Default)]
-struct AdmissionPolicy {
-    /// Most connections open or handshaking at once (HTTP 503 past it).
-    max_connections: Option<usize>,
-    /// Accepted `Origin` values, lowercase and without a trailing `/` (HTTP 403 for
-    /// any other); `None` accepts every origin.
-    allowed_origins: Option<Vec<String>>,
-}
-
-impl AdmissionPolicy {
-    /// Whether a request with this `Origin` header may upgrade. A request without
-    /// one is accepted: browsers always send it on a WebSocket handshake, and
-    /// cross-site WebSocket hijacking needs a browser.
-    fn allows_origin(&self, origin: Option<&[u8]>) -> bool {
-        match (&self.allowed_origins, origin) {
-            (None, _) | (Some(_), None) => true,
-            (Some(allowed), Some(origin)) => {
-                let origin = origin.strip_suffix(b"/").unwrap_or(origin);
-                allowed
-                    .iter()
-                    .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin))
-            }
-        }
-    }
-}
 
 /// Why an upgrade request was refused, as the HTTP answer it gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -372,32 +327,34 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             }
             None => None,
         };
-        let router = Arc::new(Router::new(
-            config.authentication_required(),
-            Middlewares::new(self.middleware),
-            self.transport.max_outbound_bytes,
-            config.limits().max_recipients,
-        ));
-        if let Some(cluster) = cluster {
-            let handle = cluster::spawn(
-                &self.runtime,
-                cluster,
-                config.sync().is_some(),
-                config.limits().max_stored_per_id,
-                Arc::downgrade(&router),
-                entropy_seed(),
-            );
-            let _ = router.cluster.set(handle);
+        let middleware = Middlewares::new(self.middleware);
+        let replica = match &cluster {
+            Some(cluster) => Some(replica(&self.runtime, &config, cluster)?),
+            None => None,
+        };
+        let clock = self.runtime.clone();
+        let settings = Settings {
+            auth_required: config.authentication_required(),
+            outbound_cap: self.transport.max_outbound_bytes,
+            max_recipients: config.limits().max_recipients,
+            observer: Arc::new(middleware.clone()),
+            clock: Box::new(move || clock.now()),
+        };
+        let (registry, inbox) = Registry::new(settings, replica);
+        let registry = Arc::new(registry);
+        if let (Some(cluster), Some(inbox)) = (cluster, inbox) {
+            cluster::spawn(&self.runtime, cluster, Arc::downgrade(&registry), inbox);
         }
         Ok(Server {
-            inner: Arc::new(Inner {
+            inner: Arc::new(ServerContext {
                 runtime: self.runtime,
                 config: Arc::new(config),
                 transport: self.transport,
                 path: self.path,
                 authenticator: self.authenticator,
                 handler: self.handler,
-                router,
+                middleware,
+                registry,
                 admission: self.admission,
                 tls: self.tls,
                 shutdown: Shutdown::default(),
@@ -406,9 +363,27 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
     }
 }
 
+/// The cluster's replica of a server: the server's settings, the cluster's, a new
+/// name and seed.
+fn replica<R: Runtime>(
+    runtime: &R,
+    config: &ServerConfig,
+    cluster: &ClusterConfig,
+) -> Result<Replica, ConfigError> {
+    let seed = entropy_seed();
+    let settings = ReplicaConfig {
+        namespace: mesa_core::Namespace::new(cluster.namespace.clone()),
+        lease: cluster.lease,
+        portals: cluster.portals,
+        max_pending: cluster.max_pending,
+        ..ReplicaConfig::new(config)
+    };
+    Replica::new(settings, format!("{seed:016x}"), seed, runtime.now())
+}
+
 /// A Mesa server: accept connections, upgrade them, and drive each one.
 pub struct Server<R, H = Ignore> {
-    inner: Arc<Inner<R, H>>,
+    inner: Arc<ServerContext<R, H>>,
 }
 
 impl<R, H> Clone for Server<R, H> {
@@ -429,9 +404,7 @@ impl<R: Runtime> Server<R, Ignore> {
 impl<R: Runtime, H: Handler> Server<R, H> {
     /// A handle for sending to connections from anywhere.
     pub fn handle(&self) -> ServerHandle {
-        ServerHandle {
-            router: self.inner.router.clone(),
-        }
+        ServerHandle::new(self.inner.registry.clone())
     }
 
     /// The validated core configuration.
@@ -495,9 +468,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
     /// a connection in its handshake until the [`Admission`] is dropped. `None` when
     /// the server is full (always `Some` without a limit).
     pub fn admit(&self) -> Option<Admission> {
-        self.inner
-            .router
-            .admit(self.inner.admission.max_connections)
+        Admission::take(&self.inner.registry, self.inner.admission.max_connections)
     }
 
     /// The transport settings ([`ServerBuilder::transport`]): an application that
@@ -577,7 +548,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
     pub fn shutdown(&self) {
         self.inner.shutdown.trigger();
         let close = Close::new(CloseCode::GOING_AWAY, "server shutting down");
-        self.inner.router.close_all(&close);
+        self.inner.registry.close_all(&close);
     }
 
     /// Shut down within `drain`: stop accepting, close every connection with 1001,
@@ -587,17 +558,14 @@ impl<R: Runtime, H: Handler> Server<R, H> {
         let runtime = &self.inner.runtime;
         let deadline = runtime.now() + drain;
         self.shutdown();
-        while self.inner.router.live_tasks() > 0 && runtime.now() < deadline {
+        while self.inner.registry.live_tasks() > 0 && runtime.now() < deadline {
             runtime
                 .sleep_until(runtime.now() + Duration::from_millis(10))
                 .await;
         }
-        if let Some(cluster) = self.inner.router.cluster.get() {
-            let (reply, retired) = futures_channel::oneshot::channel();
-            if cluster.submit(Job::Retire { reply }) {
-                let timeout = Box::pin(runtime.sleep_until(deadline.max(runtime.now())));
-                let _ = select(retired, timeout).await;
-            }
+        if let Some(retired) = self.inner.registry.retire() {
+            let timeout = Box::pin(runtime.sleep_until(deadline.max(runtime.now())));
+            let _ = select(retired, timeout).await;
         }
     }
 }
@@ -621,118 +589,10 @@ impl<R: Runtime, H: Handler> Listening<R, H> {
     }
 }
 
-/// A one-shot, many-waiter shutdown signal.
-#[derive(Default)]
-struct Shutdown {
-    triggered: AtomicBool,
-    wakers: Mutex<Vec<Waker>>,
-}
-
-impl Shutdown {
-    fn trigger(&self) {
-        self.triggered.store(true, Ordering::SeqCst);
-        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
-        wakers.into_iter().for_each(Waker::wake);
-    }
-
-    fn wait(&self) -> impl std::future::Future<Output = ()> + Unpin + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.triggered.load(Ordering::SeqCst) {
-                return Poll::Ready(());
-            }
-            let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
-            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                wakers.push(cx.waker().clone());
-            }
-            if self.triggered.load(Ordering::SeqCst) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-    }
-}
-
 /// The HTTP answer to a refused upgrade request.
 fn refuse(refusal: Refusal) -> ErrorResponse {
     let mut error = ErrorResponse::new(Some(refusal.to_string()));
     *error.status_mut() =
         StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     error
-}
-
-/// Accept connections on `listener` until `stop` completes, handing each to
-/// `serve` in a task of its own. Accept errors (running out of file descriptors)
-/// pause the loop briefly instead of ending it.
-pub(crate) async fn accept_loop<R, F, Fut>(
-    runtime: &R,
-    listener: &R::TcpListener,
-    stop: impl std::future::Future<Output = ()> + Unpin,
-    serve: F,
-) where
-    R: Runtime,
-    F: Fn(R::TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let mut stop = stop;
-    loop {
-        let accept = Box::pin(runtime.accept(listener));
-        match select(accept, &mut stop).await {
-            Either::Left((Ok((stream, remote)), _)) => runtime.spawn(serve(stream, remote)),
-            Either::Left((Err(error), _)) => {
-                tracing::warn!(%error, "accept failed");
-                let pause = runtime.now() + Duration::from_millis(50);
-                runtime.sleep_until(pause).await;
-            }
-            Either::Right(((), _)) => return,
-        }
-    }
-}
-
-/// Answer the TLS handshake (with `tls`) and the WebSocket upgrade on `stream`
-/// with the driver's framing settings ([`TransportConfig::websocket`]), both within
-/// `transport.handshake_timeout`, asking `check` whether to accept the request.
-/// `None` when a handshake failed, was refused or timed out (the stream is then
-/// dropped: a plaintext request to a TLS port ends here).
-pub(crate) async fn handshake<R, S, C>(
-    runtime: &R,
-    stream: S,
-    tls: Option<&ServerTls>,
-    transport: &TransportConfig,
-    limits: &Limits,
-    check: C,
-) -> Option<WebSocketStream<MaybeTls<S>>>
-where
-    R: Runtime,
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    C: Callback + Unpin + Send + 'static,
-{
-    let config = transport.websocket(limits);
-    let tls = tls.cloned();
-    let handshake = Box::pin(async move {
-        let stream = match tls {
-            None => MaybeTls::Plain(stream),
-            Some(tls) => MaybeTls::tls(
-                tls.accept(stream)
-                    .await
-                    .map_err(|error| format!("TLS handshake failed: {error}"))?,
-            ),
-        };
-        async_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
-            .await
-            .map_err(|error| error.to_string())
-    });
-    let deadline = runtime.now() + transport.handshake_timeout;
-    let timeout = Box::pin(runtime.sleep_until(deadline));
-    match select(handshake, timeout).await {
-        Either::Left((Ok(ws), _)) => Some(ws),
-        Either::Left((Err(error), _)) => {
-            tracing::debug!(%error, "handshake failed");
-            None
-        }
-        Either::Right(_) => {
-            tracing::debug!("handshake timed out");
-            None
-        }
-    }
 }

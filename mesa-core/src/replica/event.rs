@@ -3,8 +3,20 @@
 
 use std::time::Duration;
 
-use crate::hub::ConnId;
+use crate::hub::{Action, ConnId};
 use crate::wire::Message;
+
+/// A message for local connections: a send made here, or an envelope another
+/// replica published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalDelivery {
+    /// The message, for observers (the frame of `action` is its encoding).
+    pub message: Message,
+    /// What to do to every target (never [`Action::Ignore`]).
+    pub action: Action,
+    /// The local connections, in connection order, without repeats.
+    pub targets: Vec<ConnId>,
+}
 
 /// Something the application, its middleware or the driver must learn.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,23 +87,26 @@ pub enum ReplicaEvent {
 }
 
 /// Why jobs were given up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Loss {
     /// The buffer of pending jobs was full (`max_pending`): a new job was refused.
+    #[error("the buffer of jobs waiting for Redis is full")]
     Full,
     /// Best-effort jobs (sends without sync, portal events) were queued or in flight
     /// when the link failed.
+    #[error("Redis unreachable: best-effort jobs (sends without sync, portal events) dropped")]
     Outage,
     /// The replica retired, or the connection that needed the job closed, before
     /// Redis could be reached.
+    #[error("abandoned before Redis could be reached")]
     Abandoned,
 }
 
 /// What [`Replica::handle_send`](super::Replica::handle_send) did with a send.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SendReport {
-    /// Local connections the message goes to (one [`Delivery`](crate::Delivery)).
+    /// Local connections the message goes to (one [`LocalDelivery`]).
     pub local: usize,
     /// Explicit recipient ids with no connection here.
     pub absent: Vec<String>,

@@ -6,11 +6,11 @@
 //! arrives in `connected_clients`, its last one leaves), the lease that proves the
 //! replica alive and the janitor that cleans up after those that died, which client
 //! events go to which portal, the remote part of every send (published, or checked
-//! for presence and stored for the ids connected nowhere, in bounded [`Round`]s),
+//! for presence and stored for the ids connected nowhere, in bounded [`Round`](crate::Round)s),
 //! delivering envelopes to local connections (our own global ones excepted),
 //! loading, trimming and clearing stored messages, and what survives a failure of the
 //! link to Redis. It performs nothing: Redis work leaves as typed [`Command`]s, each
-//! with a [`Token`] its reply is matched by; local deliveries leave as [`Delivery`]s
+//! with a [`Token`] its reply is matched by; local deliveries leave as [`LocalDelivery`]s
 //! (connection ids and one shared frame); the rest as [`ReplicaEvent`]s.
 //!
 //! Every transition of the replica is in this file; the other files of the module
@@ -28,7 +28,7 @@
 //! | work | fate |
 //! |---|---|
 //! | a send with sync (presence check, then stores) | kept, in order; done again from its last finished round |
-//! | a send without sync (a publish), a portal event | lost, reported ([`Loss::Outage`]) |
+//! | a send without sync (a publish), a portal event | lost, reported ([`Loss::Outage`]); made before the link first opened, it waits for it instead |
 //! | presence (arrive, leave, connection counts) | forgotten: the renewal after the reconnection registers it anew |
 //! | a load, a clear, a trim | kept (a load is dropped once its session stopped waiting, a clear once its connection closed) |
 //!
@@ -68,8 +68,10 @@
 
 mod command;
 mod config;
+mod dispatch;
 mod event;
 mod job;
+mod rounds;
 pub mod scripts;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -77,22 +79,24 @@ use std::time::{Duration, Instant};
 
 pub use command::{Call, Command, Keys, RedisValue, Reply, Token};
 pub use config::ReplicaConfig;
-pub use event::{Loss, ReplicaEvent, SendReport};
+pub use dispatch::{Dispatch, DispatchConfig, DispatchReport};
+pub use event::{LocalDelivery, Loss, ReplicaEvent, SendReport};
 pub use scripts::Script;
 
 use crate::backoff::Backoff;
 use crate::cluster::{
     Envelope, IDS_PER_COMMAND, PortalEvent, PortalEventKind, PortalPool, PortalUpdate, RemotePlan,
-    Round, plan_remote, split_by_presence,
+    plan_remote,
 };
 use crate::config::ConfigError;
-use crate::hub::{Action, ConnId, Delivery, Hub, Recipients, TooManyRecipients};
+use crate::hub::{Action, ConnId, Hub, Recipients, TooManyRecipients};
 use crate::session::SessionEvent;
-use crate::sync::{MessageOptions, encode_stored, stored_entries};
+use crate::sync::{MessageOptions, stored_entries};
 use crate::timer::TimerTable;
 use crate::wire::{Message, Opcode};
 
 use job::{Fate, Job, RemoteSend};
+use rounds::{Advance, Rounds, Step};
 
 /// Commands of jobs other than sends in flight at once: beyond it, jobs wait (and
 /// presence changes coalesce) until Redis answers.
@@ -129,17 +133,8 @@ enum Link {
 enum Flight {
     /// A job other than a send.
     Job(Job),
-    /// A presence check of the round's share `share`, from its id `offset` on.
-    Check {
-        share: usize,
-        offset: usize,
-    },
-    /// The round's stores for the message of share `share`.
-    Store {
-        share: usize,
-    },
-    /// One publish of the round.
-    Publish,
+    /// A command of the round of sends in flight.
+    Round(Step),
     Ping,
     LoadPortals,
     Renew,
@@ -155,40 +150,9 @@ struct Sent {
     at: Instant,
 }
 
-/// The round of sends in flight: it checks presence (and publishes the sends that
-/// need no check), stores for the ids connected nowhere, then publishes to the ids
-/// connected elsewhere (see [`Phase`]).
-#[derive(Debug)]
-struct RoundState {
-    plan: Round,
-    started: Instant,
-    phase: Phase,
-    /// Commands of the current phase not yet answered.
-    waiting: usize,
-    /// Per share: the presence of each of its ids.
-    online: Vec<Vec<bool>>,
-    stored: usize,
-    dropped: usize,
-    /// Per share: the ids to publish to once the stores are done.
-    publish: Vec<Vec<String>>,
-    /// Learned from the checks, reported when the round is done.
-    undeliverable: Vec<(Message, Vec<String>)>,
-}
-
-/// Where a round of sends is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Presence checks, and the publishes of sends that need none.
-    Checking,
-    /// Stores for the ids connected nowhere.
-    Storing,
-    /// Publishes to the ids connected elsewhere.
-    Publishing,
-}
-
 /// One server replica of a cluster, as a state machine.
 ///
-/// Methods come in four groups, as in quinn-proto: getters (`keys`, `channels`,
+/// Methods come in four groups, as in quinn-proto: getters (`keys`, `channels`, `awaits`,
 /// `hub`, `is_linked`, `is_retired`, `pending`), inputs (`handle_*`), commands
 /// (`handle_send`, `handle_retire`, which also return what they did), and outputs
 /// (`poll_*`). After every input drain [`poll_delivery`](Self::poll_delivery), then
@@ -209,8 +173,12 @@ pub struct Replica {
     timers: TimerTable<TIMERS>,
     next_token: u64,
     retiring: bool,
-    /// Remote sends not yet done, oldest first.
-    sends: VecDeque<RemoteSend>,
+    /// The link was up once: before, best-effort work waits for it.
+    ever_linked: bool,
+    /// The portal pool is being read: portal events wait for it.
+    portals_loading: bool,
+    /// Remote sends not yet done, and the round in flight.
+    rounds: Rounds,
     /// Other jobs not yet sent, oldest first.
     jobs: VecDeque<Job>,
     /// Presence changes not yet sent, oldest first (sent before the other jobs, so
@@ -221,12 +189,11 @@ pub struct Replica {
     /// Jobs among `flights`: presence changes, and the others.
     presence_in_flight: usize,
     jobs_in_flight: usize,
-    round: Option<RoundState>,
     /// Per connection redelivering its stored messages: the index and text of each
     /// loaded entry that is a message, to trim exactly what it wrote.
     loaded: HashMap<ConnId, Vec<(usize, String)>>,
     commands: VecDeque<(Token, Command)>,
-    deliveries: VecDeque<Delivery>,
+    deliveries: VecDeque<LocalDelivery>,
     events: VecDeque<ReplicaEvent>,
 }
 
@@ -241,8 +208,9 @@ impl Replica {
         now: Instant,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
+        let name: String = replica.into();
         let mut replica = Replica {
-            keys: Keys::new(config.namespace.clone(), replica),
+            keys: Keys::new(config.namespace.clone(), name.clone()),
             hub: Hub::new(config.auth_required),
             pool: PortalPool::new(config.portals.unwrap_or_default(), seed),
             backoff: Backoff::new(config.reconnect, seed.rotate_left(17)),
@@ -250,13 +218,18 @@ impl Replica {
             timers: TimerTable::new(),
             next_token: 0,
             retiring: false,
-            sends: VecDeque::new(),
+            ever_linked: false,
+            portals_loading: false,
+            rounds: Rounds::new(
+                config.namespace.ws_channel(),
+                Some(name),
+                config.max_stored_per_id,
+            ),
             jobs: VecDeque::new(),
             presence: VecDeque::new(),
             presence_in_flight: 0,
             flights: BTreeMap::new(),
             jobs_in_flight: 0,
-            round: None,
             loaded: HashMap::new(),
             commands: VecDeque::new(),
             deliveries: VecDeque::new(),
@@ -304,6 +277,13 @@ impl Replica {
         matches!(self.link, Link::Retired)
     }
 
+    /// Whether the replica still waits for the answer to the command of `token`: a
+    /// command polled before the link failed is not, and a driver that has not sent
+    /// it yet drops it (done after the reconnection, it would run twice).
+    pub fn awaits(&self, token: Token) -> bool {
+        self.flights.contains_key(&token)
+    }
+
     /// Jobs waiting for Redis, queued or in flight: at most `max_pending` sends,
     /// loads, trims, clears and portal events, and as many presence changes.
     pub fn pending(&self) -> usize {
@@ -312,7 +292,7 @@ impl Replica {
 
     /// The jobs `max_pending` bounds, besides presence changes.
     fn work_pending(&self) -> usize {
-        self.sends.len() + self.jobs.len() + self.jobs_in_flight
+        self.rounds.len() + self.jobs.len() + self.jobs_in_flight
     }
 
     // ----- inputs: connections -----
@@ -401,10 +381,12 @@ impl Replica {
         self.link = Link::Up {
             run_id: run_id.to_owned(),
         };
+        self.ever_linked = true;
         self.backoff.reset();
         self.events.push_back(ReplicaEvent::LinkUp);
         if self.config.portals.is_some() {
             self.issue(now, Flight::LoadPortals, Command::LoadPortals);
+            self.portals_loading = true;
         }
         // Before anything is decided on presence: forget the leases (and so the ids)
         // of replicas that have not renewed since Redis restarted.
@@ -463,7 +445,7 @@ impl Replica {
                         && envelope.origin.as_deref() == Some(self.keys.replica()) => {}
                 // Our own list names only ids absent here when it was sent: those that
                 // connected here since get it now, when every other replica delivers.
-                Ok(envelope) => self.deliver(&envelope.message, &envelope.recipients),
+                Ok(envelope) => self.deliver(envelope.message, &envelope.recipients),
                 Err(error) => self.undecodable(channel, error.to_string()),
             }
         } else if channel == ns.available_portals_pool() && self.config.portals.is_some() {
@@ -507,7 +489,7 @@ impl Replica {
     // ----- commands -----
 
     /// Send `message` to `recipients`: local connections get it at once (one
-    /// [`Delivery`]), the rest is queued for Redis (published to ids elsewhere, with
+    /// [`LocalDelivery`]), the rest is queued for Redis (published to ids elsewhere, with
     /// sync stored for ids connected nowhere). A list of more distinct ids than
     /// `max_recipients` is refused before anything is done. An op 5 event is never
     /// stored: redelivered later, it would disconnect the client.
@@ -532,10 +514,10 @@ impl Replica {
         };
         if !targets.is_empty() && action != Action::Ignore {
             report.local = targets.len();
-            self.deliveries.push_back(Delivery {
+            self.deliveries.push_back(LocalDelivery {
+                message: message.clone(),
                 action,
                 targets,
-                absent: Vec::new(),
             });
         }
         let sync = self.config.sync && message.op != Opcode::Internal;
@@ -567,7 +549,7 @@ impl Replica {
     /// The next local delivery: apply its action to each target connection. A
     /// connection waiting for its stored messages
     /// (`ServerSession::awaits_undelivered`) holds its deliveries back until they came.
-    pub fn poll_delivery(&mut self) -> Option<Delivery> {
+    pub fn poll_delivery(&mut self) -> Option<LocalDelivery> {
         self.deliveries.pop_front()
     }
 
@@ -615,12 +597,13 @@ impl Replica {
     }
 
     /// Deliver to the local connections among `recipients`.
-    fn deliver(&mut self, message: &Message, recipients: &Recipients) {
-        let delivery = self.hub.send(message, recipients);
+    fn deliver(&mut self, message: Message, recipients: &Recipients) {
+        let delivery = self.hub.send(&message, recipients);
         if !delivery.targets.is_empty() && delivery.action != Action::Ignore {
-            self.deliveries.push_back(Delivery {
-                absent: Vec::new(),
-                ..delivery
+            self.deliveries.push_back(LocalDelivery {
+                message,
+                action: delivery.action,
+                targets: delivery.targets,
             });
         }
     }
@@ -635,9 +618,9 @@ impl Replica {
     /// Queue a job, coalescing presence changes with the last queued one; refuse it
     /// when the buffer is full or the replica retires.
     fn push_job(&mut self, job: Job) {
-        let unlinked = matches!(self.link, Link::Down | Link::Connecting { .. });
+        let unlinked = self.unlinked();
         if self.is_retired() || self.retiring || unlinked {
-            match job.fate() {
+            match self.fate(job.fate()) {
                 Fate::Forget => return,
                 Fate::Lost(reason) if unlinked && !self.retiring => {
                     return self.lost(1, reason);
@@ -668,12 +651,12 @@ impl Replica {
 
     /// Queue the remote part of a send; false when it was refused.
     fn push_send(&mut self, send: RemoteSend) -> bool {
-        let unlinked = matches!(self.link, Link::Down | Link::Connecting { .. });
+        let unlinked = self.unlinked();
         if self.retiring || self.is_retired() {
             self.lost(1, Loss::Abandoned);
             return false;
         }
-        if let (true, Fate::Lost(reason)) = (unlinked, send.fate()) {
+        if let (true, Fate::Lost(reason)) = (unlinked, self.fate(send.fate())) {
             self.lost(1, reason);
             return false;
         }
@@ -681,8 +664,23 @@ impl Replica {
             self.lost(1, Loss::Full);
             return false;
         }
-        self.sends.push_back(send);
+        self.rounds.push(send);
         true
+    }
+
+    /// Whether the link is down or reopening.
+    fn unlinked(&self) -> bool {
+        matches!(self.link, Link::Down | Link::Connecting { .. })
+    }
+
+    /// A job's fate now: best-effort work made before the link first opened waits
+    /// for it (bounded by `max_pending`), as upstream's offline queue does at
+    /// startup; only a failure of a link that was up costs it.
+    fn fate(&self, fate: Fate) -> Fate {
+        match fate {
+            Fate::Lost(Loss::Outage) if !self.ever_linked => Fate::Keep,
+            fate => fate,
+        }
     }
 
     fn token(&mut self) -> Token {
@@ -761,7 +759,7 @@ impl Replica {
         let flights = std::mem::take(&mut self.flights);
         for sent in flights.into_values() {
             if let Flight::Job(job) = sent.flight {
-                match job.fate() {
+                match self.fate(job.fate()) {
                     Fate::Keep => kept.push_back(job),
                     Fate::Forget => {}
                     Fate::Lost(_) => outage += 1,
@@ -769,7 +767,7 @@ impl Replica {
             }
         }
         for job in std::mem::take(&mut self.jobs) {
-            match job.fate() {
+            match self.fate(job.fate()) {
                 Fate::Keep => kept.push_back(job),
                 Fate::Forget => {}
                 Fate::Lost(_) => outage += 1,
@@ -779,10 +777,11 @@ impl Replica {
         self.jobs_in_flight = 0;
         self.presence.clear();
         self.presence_in_flight = 0;
-        let sends = self.sends.len();
-        self.sends.retain(|send| send.fate() == Fate::Keep);
-        outage += sends - self.sends.len();
-        self.round = None;
+        let ever_linked = self.ever_linked;
+        outage += self
+            .rounds
+            .interrupt(|send| send.fate() == Fate::Keep || !ever_linked);
+        self.portals_loading = false;
         for timer in [Timer::Tick, Timer::Reply, Timer::Rest] {
             self.timers.stop(timer as usize);
         }
@@ -800,14 +799,13 @@ impl Replica {
 
     /// Retire at once: without a link, the lease expires by itself.
     fn retire(&mut self) {
-        let left = self.sends.len() + self.jobs.iter().filter(|j| j.counted()).count();
-        self.sends.clear();
+        let left =
+            self.rounds.interrupt(|_| false) + self.jobs.iter().filter(|j| j.counted()).count();
         self.jobs.clear();
         self.presence.clear();
         self.flights.clear();
         self.jobs_in_flight = 0;
         self.presence_in_flight = 0;
-        self.round = None;
         self.timers.stop_all();
         self.lost(left, Loss::Abandoned);
         self.link = Link::Retired;
@@ -847,37 +845,13 @@ impl Replica {
                     }
                 }
             }
-            Flight::Check { share, offset } => {
-                let online = bools(first).ok_or("a presence check")?;
-                let round = self.round.as_mut().ok_or("a presence check")?;
-                let answers = round.online.get_mut(share).ok_or("a presence check")?;
-                for (slot, online) in answers.iter_mut().skip(offset).zip(online) {
-                    *slot = online;
-                }
-                round.waiting -= 1;
-            }
-            Flight::Store { share } => {
-                let (stored, dropped, online) = store_reply(first).ok_or("a store")?;
-                let round = self.round.as_mut().ok_or("a store")?;
-                round.stored += stored;
-                round.dropped += dropped;
-                round.waiting -= 1;
-                // Connected since the check: published to instead, with the others.
-                round
-                    .publish
-                    .get_mut(share)
-                    .ok_or("a store")?
-                    .extend(online);
-            }
-            Flight::Publish => {
-                let round = self.round.as_mut().ok_or("a publish")?;
-                round.waiting -= 1;
-            }
+            Flight::Round(step) => self.rounds.answered(step, first)?,
             Flight::Ping => {
                 let latency = now.saturating_duration_since(sent.at);
                 self.events.push_back(ReplicaEvent::Latency(latency));
             }
             Flight::LoadPortals => {
+                self.portals_loading = false;
                 let portals = texts(first).ok_or("the portal pool")?;
                 self.pool.reset(portals);
             }
@@ -888,9 +862,7 @@ impl Replica {
                 self.events.push_back(ReplicaEvent::Retired);
             }
         }
-        if self.round.as_ref().is_some_and(|r| r.waiting == 0) {
-            self.next_phase(now);
-        }
+        self.advance_rounds(now);
         Ok(())
     }
 
@@ -918,8 +890,18 @@ impl Replica {
     /// none is in flight and no rest is due, and retire once everything is done.
     fn pump(&mut self, now: Instant) {
         while self.jobs_in_flight + self.presence_in_flight < JOBS_IN_FLIGHT {
-            let Some(job) = self.presence.pop_front().or_else(|| self.jobs.pop_front()) else {
-                break;
+            let job = match self.presence.pop_front() {
+                Some(job) => job,
+                // A portal event waits for the pool, which the link's opening reads.
+                None if self.portals_loading
+                    && matches!(self.jobs.front(), Some(Job::Portal { .. })) =>
+                {
+                    break;
+                }
+                None => match self.jobs.pop_front() {
+                    Some(job) => job,
+                    None => break,
+                },
             };
             match job {
                 // The session stopped waiting: the messages stay stored.
@@ -931,10 +913,10 @@ impl Replica {
             }
         }
         let resting = self.timers.get(Timer::Rest as usize).is_some();
-        if self.round.is_none() && !resting && !self.sends.is_empty() {
+        if !self.rounds.in_round() && !resting && !self.rounds.is_empty() {
             self.start_round(now);
         }
-        let idle = self.sends.is_empty()
+        let idle = self.rounds.is_empty()
             && self.jobs.is_empty()
             && self.presence.is_empty()
             && self.flights.is_empty();
@@ -976,186 +958,41 @@ impl Replica {
         self.issue(now, Flight::Job(job), command);
     }
 
-    /// The ids of share `share` of a round: the whole check of the sends carried
-    /// whole, the first `part` of the next one's.
-    fn share_ids(&self, plan: Round, share: usize) -> &[String] {
-        let ids = self.sends[share].plan.checked();
-        if share == plan.whole {
-            &ids[..plan.part.min(ids.len())]
-        } else {
-            ids
-        }
-    }
-
-    fn envelope(&self, send: &RemoteSend, recipients: Recipients) -> Command {
-        let envelope = Envelope {
-            message: send.message.clone(),
-            options: send.options.clone(),
-            recipients,
-            origin: Some(self.keys.replica().to_owned()),
-        };
-        Command::Publish {
-            channel: self.keys.namespace().ws_channel(),
-            payload: envelope.encode(),
-        }
-    }
-
-    /// The first phase of the next round: presence checks, and the publishes that
-    /// need none.
+    /// Start the next round of sends.
     fn start_round(&mut self, now: Instant) {
-        let plan = Round::plan(self.sends.iter().map(|send| &send.plan));
-        let shares = plan.whole + usize::from(plan.part > 0);
-        let mut commands = Vec::new();
-        let mut online = Vec::with_capacity(shares);
-        for share in 0..shares {
-            let send = &self.sends[share];
-            let ids = self.share_ids(plan, share);
-            online.push(vec![false; ids.len()]);
-            match &send.plan {
-                RemotePlan::Nothing => {}
-                RemotePlan::Publish(recipients) => {
-                    commands.push((Flight::Publish, self.envelope(send, recipients.clone())));
-                }
-                RemotePlan::CheckPresence(_) => {
-                    for (chunk, ids) in ids.chunks(IDS_PER_COMMAND).enumerate() {
-                        let flight = Flight::Check {
-                            share,
-                            offset: chunk * IDS_PER_COMMAND,
-                        };
-                        let ids = ids.to_vec();
-                        commands.push((flight, Command::CheckPresence { ids }));
-                    }
+        for (step, command) in self.rounds.start(now) {
+            self.issue(now, Flight::Round(step), command);
+        }
+        self.advance_rounds(now);
+    }
+
+    /// Go on with the round in flight once its phase was answered: issue the next
+    /// phase, or report what the finished round did and rest before the next.
+    fn advance_rounds(&mut self, now: Instant) {
+        match self.rounds.advance(now) {
+            Advance::Wait => {}
+            Advance::Issue(commands) => {
+                for (step, command) in commands {
+                    self.issue(now, Flight::Round(step), command);
                 }
             }
-        }
-        self.round = Some(RoundState {
-            plan,
-            started: now,
-            phase: Phase::Checking,
-            publish: vec![Vec::new(); shares],
-            waiting: commands.len(),
-            online,
-            stored: 0,
-            dropped: 0,
-            undeliverable: Vec::new(),
-        });
-        for (flight, command) in commands {
-            self.issue(now, flight, command);
-        }
-        if commands_empty(&self.round) {
-            self.next_phase(now);
-        }
-    }
-
-    /// The current phase was answered: go on to the next (phases with nothing to
-    /// do are skipped), or finish the round.
-    fn next_phase(&mut self, now: Instant) {
-        let Some(mut round) = self.round.take() else {
-            return;
-        };
-        let commands = match round.phase {
-            Phase::Checking => {
-                round.phase = Phase::Storing;
-                let stores = self.stores(&mut round);
-                if stores.is_empty() {
-                    round.phase = Phase::Publishing;
-                    self.publishes(&mut round)
-                } else {
-                    stores
+            Advance::Finished(done) => {
+                if done.stored > 0 {
+                    self.events.push_back(ReplicaEvent::Stored {
+                        stored: done.stored,
+                        dropped: done.dropped,
+                    });
+                }
+                for (message, ids) in done.undeliverable {
+                    self.events
+                        .push_back(ReplicaEvent::Undeliverable { message, ids });
+                }
+                if done.rest > Duration::ZERO {
+                    self.timers.set(Timer::Rest as usize, now + done.rest);
                 }
             }
-            Phase::Storing => {
-                round.phase = Phase::Publishing;
-                self.publishes(&mut round)
-            }
-            Phase::Publishing => return self.finish_round(now, round),
-        };
-        round.waiting = commands.len();
-        self.round = Some(round);
-        for (flight, command) in commands {
-            self.issue(now, flight, command);
-        }
-        if commands_empty(&self.round) {
-            self.next_phase(now);
         }
     }
-
-    /// Split each checked share by presence: the connected ids wait to be published
-    /// to, the others are stored for (the stores go first).
-    fn stores(&self, round: &mut RoundState) -> Vec<(Flight, Command)> {
-        let mut commands = Vec::new();
-        let cap = self.config.max_stored_per_id;
-        for (share, online) in round.online.iter().enumerate() {
-            let send = &self.sends[share];
-            if !matches!(send.plan, RemotePlan::CheckPresence(_)) {
-                continue;
-            }
-            let ids = self.share_ids(round.plan, share).to_vec();
-            let split = split_by_presence(ids, online, send.options.as_ref());
-            round.publish[share] = split.publish;
-            let text = encode_stored(&send.message);
-            for ids in split.store.chunks(IDS_PER_COMMAND) {
-                let command = Command::StoreMany {
-                    ids: ids.to_vec(),
-                    text: text.clone(),
-                    cap,
-                };
-                commands.push((Flight::Store { share }, command));
-            }
-            if !split.undeliverable.is_empty() {
-                round
-                    .undeliverable
-                    .push((send.message.clone(), split.undeliverable));
-            }
-        }
-        commands
-    }
-
-    /// One publish per checked share to its connected ids (those the check found,
-    /// and those the stores found connected since), in the order of the sends, so a
-    /// later send never reaches an id before an earlier one.
-    fn publishes(&self, round: &mut RoundState) -> Vec<(Flight, Command)> {
-        let publish = std::mem::take(&mut round.publish);
-        publish
-            .into_iter()
-            .enumerate()
-            .filter(|(_, ids)| !ids.is_empty())
-            .map(|(share, ids)| {
-                let command = self.envelope(&self.sends[share], Recipients::Ids(ids));
-                (Flight::Publish, command)
-            })
-            .collect()
-    }
-
-    /// Everything of the round was answered: its sends (or the part of the cut one)
-    /// leave the queue, and what it did is reported.
-    fn finish_round(&mut self, now: Instant, round: RoundState) {
-        self.sends.drain(..round.plan.whole);
-        if let Some(rest) = self.sends.front_mut().filter(|_| round.plan.part > 0) {
-            rest.plan.advance(round.plan.part);
-        }
-        if round.stored > 0 {
-            self.events.push_back(ReplicaEvent::Stored {
-                stored: round.stored,
-                dropped: round.dropped,
-            });
-        }
-        for (message, ids) in round.undeliverable {
-            self.events
-                .push_back(ReplicaEvent::Undeliverable { message, ids });
-        }
-        let rest = round
-            .plan
-            .rest(now.saturating_duration_since(round.started));
-        if rest > Duration::ZERO {
-            self.timers.set(Timer::Rest as usize, now + rest);
-        }
-    }
-}
-
-/// Whether the round in flight waits for nothing.
-fn commands_empty(round: &Option<RoundState>) -> bool {
-    round.as_ref().is_some_and(|r| r.waiting == 0)
 }
 
 /// The messages of a stored array (oldest first; entries that are not messages
@@ -1177,37 +1014,8 @@ fn loaded_messages(raw: &str) -> (Vec<Message>, Vec<(usize, String)>) {
     (messages, entries)
 }
 
-/// `SMISMEMBER`'s answer.
-fn bools(value: Option<RedisValue>) -> Option<Vec<bool>> {
-    match value? {
-        RedisValue::Array(items) => items
-            .into_iter()
-            .map(|item| match item {
-                RedisValue::Int(n) => Some(n != 0),
-                _ => None,
-            })
-            .collect(),
-        _ => None,
-    }
-}
-
-/// `APPEND_MANY`'s answer: `{stored, dropped, online...}`.
-fn store_reply(value: Option<RedisValue>) -> Option<(usize, usize, Vec<String>)> {
-    let RedisValue::Array(items) = value? else {
-        return None;
-    };
-    let mut items = items.into_iter();
-    let mut count = || match items.next()? {
-        RedisValue::Int(n) => usize::try_from(n).ok(),
-        _ => None,
-    };
-    let (stored, dropped) = (count()?, count()?);
-    let online = texts(Some(RedisValue::Array(items.collect())))?;
-    Some((stored, dropped, online))
-}
-
 /// `SMEMBERS`'s answer.
-fn texts(value: Option<RedisValue>) -> Option<Vec<String>> {
+pub(crate) fn texts(value: Option<RedisValue>) -> Option<Vec<String>> {
     match value? {
         RedisValue::Array(items) => items
             .into_iter()

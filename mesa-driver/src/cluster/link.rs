@@ -35,7 +35,7 @@ pub(crate) fn client(url: &str, ca_pem: Option<&[u8]>) -> RedisResult<redis::Cli
 
 /// Check that `pem` holds certificates before redis-rs gets it (an empty input would
 /// only fail later, as an unknown issuer at every connection).
-pub(crate) fn check_ca_pem(pem: &[u8]) -> Result<(), crate::TlsError> {
+pub(crate) fn check_ca_pem(pem: &[u8]) -> Result<(), crate::tls::TlsError> {
     crate::tls::certificates_from_pem(pem).map(drop)
 }
 

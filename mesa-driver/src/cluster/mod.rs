@@ -1,26 +1,17 @@
-//! The cluster link of a server: replication through Redis pub/sub, message sync,
-//! presence with a lease per replica, and portal events, in upstream's Redis layout.
-//!
-//! One task per server owns the Redis connections. Connection tasks and handles hand
-//! it [`Job`]s; it batches them into pipelines, delivers envelopes from other
-//! replicas to local connections, renews this replica's lease, cleans up after
-//! replicas whose lease expired, and reconnects (resubscribing and re-registering)
-//! after any failure. The decisions (what to publish, store, redeliver) come from
-//! `mesa_core`; this module only performs them.
+//! The cluster link of a server: one task per server executes its replica's Redis
+//! commands (`mesa_core::Replica` decides replication, sync, presence and its lease,
+//! portal events, in upstream's Redis layout) and feeds back the answers, the
+//! pub/sub messages and the replica's timer. The Redis helpers the Dispatcher and
+//! the Portal share live here too.
 
+pub(crate) mod calls;
 pub(crate) mod link;
-mod ops;
-pub(crate) mod scripts;
 mod task;
 
 use std::time::Duration;
 
-use futures_channel::{mpsc, oneshot};
-use mesa_core::{Message, MessageOptions, PortalChoice, PortalEventKind, RemotePlan};
+use mesa_core::PortalChoice;
 
-use crate::middleware::Middlewares;
-
-pub(crate) use ops::{BatchOutcome, RemoteSend, send_round};
 pub(crate) use task::spawn;
 
 /// How a server joins a cluster.
@@ -59,82 +50,5 @@ impl ClusterConfig {
             max_pending: 10_000,
             redis_ca_pem: None,
         }
-    }
-}
-
-/// Work for the cluster task.
-#[derive(Debug)]
-pub(crate) enum Job {
-    /// The remote part of a send.
-    Send(RemoteSend),
-    /// A first connection of this id here (SADD `connected_clients`).
-    Arrive(String),
-    /// The last connection of this id here closed.
-    Leave(String),
-    /// A connection opened (+1) or closed (-1): `connected_clients_count`.
-    Connections(i64),
-    /// Read the stored messages of an id.
-    Load {
-        id: String,
-        reply: oneshot::Sender<Vec<Message>>,
-    },
-    /// Remove the first `count` stored messages of an id (written to its socket).
-    Trim { id: String, count: usize },
-    /// Delete the stored messages of an id.
-    Clear { id: String },
-    /// Tell a portal about a client event.
-    Portal {
-        kind: PortalEventKind,
-        client_id: Option<String>,
-    },
-    /// Leave the cluster: flush, give up the lease, remove this replica's presence.
-    Retire { reply: oneshot::Sender<()> },
-}
-
-/// What the rest of the server holds to reach the cluster task.
-#[derive(Clone)]
-pub(crate) struct ClusterHandle {
-    jobs: mpsc::Sender<Job>,
-    /// Told of every job refused (`on_cluster_jobs_dropped`).
-    middleware: Middlewares,
-    pub(crate) sync: bool,
-    pub(crate) portals: bool,
-}
-
-impl ClusterHandle {
-    /// Queue a job; `false` when the queue is full (Redis unreachable for long, or
-    /// far behind).
-    pub(crate) fn submit(&self, job: Job) -> bool {
-        match self.jobs.clone().try_send(job) {
-            Ok(()) => true,
-            Err(refused) => {
-                // Presence is re-registered at the next renewal anyway.
-                let presence = matches!(
-                    refused.into_inner(),
-                    Job::Arrive(_) | Job::Leave(_) | Job::Connections(_)
-                );
-                if !presence {
-                    self.middleware.emit(|m| m.on_cluster_jobs_dropped(1));
-                }
-                false
-            }
-        }
-    }
-
-    /// Queue the remote part of a send, if it has one.
-    pub(crate) fn send(
-        &self,
-        message: &Message,
-        options: Option<&MessageOptions>,
-        plan: RemotePlan,
-    ) -> bool {
-        if plan == RemotePlan::Nothing {
-            return true;
-        }
-        self.submit(Job::Send(RemoteSend {
-            message: message.clone(),
-            options: options.cloned(),
-            plan,
-        }))
     }
 }

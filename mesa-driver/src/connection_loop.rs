@@ -1,6 +1,7 @@
-//! One connection: the handle the application holds, and the driver loop that feeds
-//! the core's [`ServerSession`] and executes its outputs (quinn's `ConnectionDriver`
-//! shape). The loop decides nothing about the protocol.
+//! One connection's driver loop: it feeds the core's [`ServerSession`] and executes
+//! its outputs (quinn's `ConnectionDriver` shape), and hands the session's events to
+//! the registry (the cluster's replica decides presence, portals and stored
+//! messages), the middleware and the application. It decides nothing.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -14,131 +15,21 @@ use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_channel::oneshot;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::FutureExt;
-use mesa_core::{
-    Close, CloseCode, ConnId, Message, PortalEventKind, ServerSession, SessionEvent, Transmit,
-};
+use mesa_core::{Close, CloseCode, Message, ServerSession, SessionEvent, Transmit};
 use serde_json::Value;
 
-use crate::cluster::Job;
-use crate::handler::{AuthError, BoxFuture, Handler};
+use crate::context::ServerContext;
+use crate::handle::{Admission, Connection};
+use crate::hooks::{AuthError, BoxFuture, Handler};
 use crate::io::Io;
-use crate::outbox::{Drained, Outbound, Refused};
-use crate::router::{Admission, ConnShared, Identity, Router, ServerHandle};
+use crate::outbox::{Drained, Outbound};
+use crate::registry::{ConnShared, Identity, lock};
 use crate::runtime::Runtime;
-use crate::server::Inner;
 use crate::transport::{ReadFailure, close_frame, core_close, read_failure, text};
 
 /// Frames written but not yet flushed before the outbox stops being drained: the
 /// outbox's byte cap, not this queue, absorbs a slow reader.
 const WRITE_BACKLOG: usize = 32;
-
-/// A connection as the application sees it. Cloning is cheap; every method works
-/// from any task.
-#[derive(Clone)]
-pub struct Connection {
-    shared: Arc<ConnShared>,
-    router: Arc<Router>,
-}
-
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection")
-            .field("conn", &self.shared.conn)
-            .field("id", &self.id())
-            .finish()
-    }
-}
-
-/// Why a connection (or, for too many recipients, a server) did not take a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SendError {
-    /// The connection is closed.
-    #[error("the connection is closed")]
-    Closed,
-    /// The connection's outbound queue is full; it is being closed as a slow consumer.
-    #[error("the connection's outbound queue is full")]
-    Overflow,
-    /// A send addressed more distinct ids than `Limits::max_recipients`; nothing of it
-    /// was delivered, published or stored.
-    #[error(transparent)]
-    TooManyRecipients(#[from] mesa_core::TooManyRecipients),
-}
-
-impl From<Refused> for SendError {
-    fn from(refused: Refused) -> Self {
-        match refused {
-            Refused::Closed => SendError::Closed,
-            Refused::Overflow => SendError::Overflow,
-        }
-    }
-}
-
-impl Connection {
-    /// The connection's handle inside this server.
-    pub fn conn_id(&self) -> ConnId {
-        self.shared.conn
-    }
-
-    /// The peer's address, when known.
-    pub fn remote_addr(&self) -> Option<SocketAddr> {
-        self.shared.remote
-    }
-
-    /// The authenticated id.
-    pub fn id(&self) -> Option<String> {
-        self.identity().map(|i| i.id)
-    }
-
-    /// The authenticated user object.
-    pub fn user(&self) -> Option<Value> {
-        self.identity().map(|i| i.user)
-    }
-
-    /// Whether the connection has authenticated.
-    pub fn is_authenticated(&self) -> bool {
-        self.identity().is_some()
-    }
-
-    fn identity(&self) -> Option<Identity> {
-        self.shared
-            .identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Send `message` to this connection only.
-    pub fn send(&self, message: &Message) -> Result<(), SendError> {
-        Ok(self.shared.outbox.push(Outbound::Frame(message.encode()))?)
-    }
-
-    /// Close the connection with `close`.
-    pub fn disconnect(&self, close: Close) -> Result<(), SendError> {
-        Ok(self.shared.outbox.push(Outbound::Close(close))?)
-    }
-
-    /// Replace the user object (no frame is sent, as upstream).
-    pub fn update_user(&self, user: Value) -> Result<(), SendError> {
-        if let Some(identity) = self
-            .shared
-            .identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            identity.user = user.clone();
-        }
-        Ok(self.shared.outbox.push(Outbound::UpdateUser(user))?)
-    }
-
-    /// A handle for sending to other connections.
-    pub fn server(&self) -> ServerHandle {
-        ServerHandle {
-            router: self.router.clone(),
-        }
-    }
-}
 
 /// What woke the driver loop.
 enum Wake {
@@ -147,8 +38,10 @@ enum Wake {
     Outbox(Drained),
     Timer,
     Auth(Result<(String, Value), AuthError>),
-    /// The stored messages the cluster loaded (none if it dropped the job).
+    /// The stored messages the cluster loaded (none if it dropped the load).
     Load(Vec<Message>),
+    /// The application's hook in progress returned.
+    Handled,
 }
 
 /// Drive one upgraded connection until it closes. Its `admission` slot (if any) is
@@ -158,7 +51,7 @@ enum Wake {
 /// its arguments for its whole life beside the locals made from them, so taking the
 /// stream by value would hold it twice in every connection's task (~700 bytes).
 pub(crate) fn drive<R, S, H>(
-    inner: Arc<Inner<R, H>>,
+    inner: Arc<ServerContext<R, H>>,
     ws: WebSocketStream<S>,
     remote: Option<SocketAddr>,
     admission: Option<Admission>,
@@ -173,7 +66,7 @@ where
 
 /// The life of one connection of [`drive`], on a boxed stream: register, loop, leave.
 async fn run<R, S, H>(
-    inner: Arc<Inner<R, H>>,
+    inner: Arc<ServerContext<R, H>>,
     io: Box<Io<S>>,
     remote: Option<SocketAddr>,
     admission: Option<Admission>,
@@ -182,9 +75,9 @@ async fn run<R, S, H>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let router = inner.router.clone();
-    let _live = router.live_task();
-    let shared = router.register(remote);
+    let registry = inner.registry.clone();
+    let _live = registry.live_task();
+    let shared = registry.register(remote);
     drop(admission);
     let mut driver = Driver::new(inner, io, shared);
     driver.open().await;
@@ -192,12 +85,18 @@ async fn run<R, S, H>(
     driver.finish(close).await;
 }
 
+/// A call of the application's handler, waiting its turn.
+enum AppCall {
+    Authenticated,
+    Message(Message),
+}
+
 /// One connection's loop (quinn's `ConnectionDriver`): the session, the socket, and
 /// the inputs the loop waits on besides the socket. Every input is polled, never
 /// awaited inside the drain step, so that nothing (the application's
-/// authentication, a Redis load) holds back writing and heartbeats.
+/// authentication or handler, a Redis load) holds back writing and heartbeats.
 struct Driver<R: Runtime, S, H> {
-    inner: Arc<Inner<R, H>>,
+    inner: Arc<ServerContext<R, H>>,
     conn: Connection,
     session: ServerSession,
     io: Box<Io<S>>,
@@ -207,8 +106,11 @@ struct Driver<R: Runtime, S, H> {
     auth: Option<BoxFuture<'static, Result<(String, Value), AuthError>>>,
     /// The cluster's answer to the pending load of stored messages.
     load: Option<oneshot::Receiver<Vec<Message>>>,
-    /// Authenticated ids go to the cluster's presence set.
-    presence: bool,
+    /// The handler's hook in progress, and the calls waiting behind it, in the
+    /// order the session produced them. Reading waits while either is there: a
+    /// slow handler slows its own client down, never the heartbeats.
+    hook: Option<BoxFuture<'static, ()>>,
+    calls: std::collections::VecDeque<AppCall>,
 }
 
 impl<R, S, H> Driver<R, S, H>
@@ -217,16 +119,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    fn new(inner: Arc<Inner<R, H>>, io: Box<Io<S>>, shared: Arc<ConnShared>) -> Self {
-        let conn = Connection {
-            shared,
-            router: inner.router.clone(),
-        };
+    fn new(inner: Arc<ServerContext<R, H>>, io: Box<Io<S>>, shared: Arc<ConnShared>) -> Self {
+        let conn = Connection::new(shared, inner.registry.clone());
         let session = ServerSession::new(inner.config.clone(), inner.runtime.now());
-        let presence = inner
-            .config
-            .authentication()
-            .is_none_or(|a| a.store_connected_users);
         Driver {
             inner,
             conn,
@@ -235,54 +130,28 @@ where
             timer: None,
             auth: None,
             load: None,
-            presence,
+            hook: None,
+            calls: std::collections::VecDeque::new(),
         }
     }
 
-    fn router(&self) -> &Router {
-        &self.conn.router
+    fn shared(&self) -> &ConnShared {
+        self.conn.shared()
     }
 
-    /// Hand `job` to the cluster task, if there is one; a full queue is reported,
-    /// never waited for.
-    fn submit(&self, job: Job) {
-        if let Some(cluster) = self.router().cluster.get() {
-            if !cluster.submit(job) {
-                self.router()
-                    .middleware
-                    .report("cluster queue full: a job was refused");
-            }
-        }
-    }
-
-    /// Whether client events are forwarded to portals.
-    fn portals(&self) -> bool {
-        self.router().cluster.get().is_some_and(|c| c.portals)
-    }
-
-    /// Tell the portals about a client event, when they are told.
-    fn to_portal(&self, kind: PortalEventKind, client_id: Option<String>) {
-        if self.portals() {
-            self.submit(Job::Portal { kind, client_id });
-        }
-    }
-
-    /// Count the connection in and tell the observers and the application.
+    /// Tell the observers and the application.
     async fn open(&mut self) {
-        self.submit(Job::Connections(1));
-        self.to_portal(PortalEventKind::Connection, None);
-        self.router()
-            .middleware
-            .emit(|m| m.on_connection(&self.conn));
+        self.inner.middleware.emit(|m| m.on_connection(&self.conn));
         self.inner.handler.on_connect(&self.conn).await;
     }
 
     /// Feed inputs to the session and execute its outputs until it closes.
     async fn run(&mut self) -> Close {
         loop {
-            if let Some(close) = self.drain().await {
+            if let Some(close) = self.drain() {
                 return close;
             }
+            self.next_hook();
             self.arm_timer();
             let wake = poll_fn(|cx| self.poll_wake(cx)).await;
             self.handle(wake);
@@ -291,7 +160,7 @@ where
 
     /// Queue the session's frames for the writer and act on its events until both
     /// are drained; the close once the session closed.
-    async fn drain(&mut self) -> Option<Close> {
+    fn drain(&mut self) -> Option<Close> {
         let (mut frames, mut bytes) = (0, 0);
         let closed = loop {
             while let Some(transmit) = self.session.poll_transmit() {
@@ -307,20 +176,34 @@ where
             let Some(event) = self.session.poll_event() else {
                 break None;
             };
-            if let Some(close) = self.handle_event(event).await {
+            if let Some(close) = self.handle_event(event) {
                 break Some(close);
             }
         };
         if frames > 0 {
-            self.router()
+            self.inner
                 .middleware
                 .emit(|m| m.on_frames_sent(&self.conn, frames, bytes));
         }
         closed
     }
 
-    /// Act on one event of the session; the close if it was the last.
-    async fn handle_event(&mut self, event: SessionEvent) -> Option<Close> {
+    /// Act on one event of the session; the close if it was the last. The registry
+    /// hears every event first (the cluster's replica acts on authentication,
+    /// messages and stored messages).
+    fn handle_event(&mut self, event: SessionEvent) -> Option<Close> {
+        if let SessionEvent::Closed { close, .. } = event {
+            return Some(close);
+        }
+        if let SessionEvent::LoadUndelivered { .. } = &event {
+            // The answer is one more input (`Wake::Load`): op 22 and heartbeats go
+            // out meanwhile, and the session's load timeout bounds the wait.
+            self.load = Some(self.shared().await_stored());
+        }
+        let middleware = &self.inner.middleware;
+        self.inner
+            .registry
+            .session_event(self.shared().conn, &event);
         match event {
             SessionEvent::AuthenticationRequested { credentials, .. } => {
                 self.auth = self
@@ -330,69 +213,45 @@ where
                     .map(|a| a.authenticate(credentials));
             }
             SessionEvent::Authenticated { id, user, .. } => {
-                if let Some(departure) = self.router().authenticate(self.conn.shared.conn, &id) {
-                    if departure.last && self.presence {
-                        self.submit(Job::Leave(departure.id));
-                    }
-                }
-                if self.presence {
-                    self.submit(Job::Arrive(id.clone()));
-                }
-                self.to_portal(PortalEventKind::Authentication, Some(id.clone()));
-                *self
-                    .conn
-                    .shared
-                    .identity
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(Identity { id, user });
-                self.router()
-                    .middleware
-                    .emit(|m| m.on_authenticated(&self.conn));
-                self.inner.handler.on_authenticated(&self.conn).await;
+                *lock(&self.shared().identity) = Some(Identity { id, user });
+                middleware.emit(|m| m.on_authenticated(&self.conn));
+                self.calls.push_back(AppCall::Authenticated);
             }
             SessionEvent::Message(message) => {
-                if self.portals() {
-                    let kind = PortalEventKind::Message(message.clone());
-                    self.to_portal(kind, self.conn.id());
-                }
-                self.router()
-                    .middleware
-                    .emit(|m| m.on_message_received(&self.conn, &message));
-                self.inner.handler.on_message(&self.conn, message).await;
+                middleware.emit(|m| m.on_message_received(&self.conn, &message));
+                self.calls.push_back(AppCall::Message(message));
             }
-            SessionEvent::LoadUndelivered { id } => {
-                // The answer is one more input (`Wake::Load`): op 22 and heartbeats go
-                // out meanwhile, and the session's load timeout bounds the wait.
-                let (reply, stored) = oneshot::channel();
-                self.submit(Job::Load { id, reply });
-                self.load = Some(stored);
-            }
-            SessionEvent::ClearUndelivered { id } => self.submit(Job::Clear { id }),
-            SessionEvent::Redelivered {
-                id,
-                delivered,
-                dropped,
-            } => {
-                if delivered + dropped > 0 {
-                    self.submit(Job::Trim {
-                        id,
-                        count: delivered + dropped,
-                    });
-                }
-                if delivered > 0 {
-                    self.router()
-                        .middleware
-                        .emit(|m| m.on_redelivered(&self.conn, delivered));
-                }
+            SessionEvent::Redelivered { delivered, .. } if delivered > 0 => {
+                middleware.emit(|m| m.on_redelivered(&self.conn, delivered));
             }
             SessionEvent::HeartbeatMissed { misses } => {
-                self.router()
-                    .middleware
-                    .emit(|m| m.on_heartbeat_missed(&self.conn, misses));
+                middleware.emit(|m| m.on_heartbeat_missed(&self.conn, misses));
             }
-            SessionEvent::Closed { close, .. } => return Some(close),
+            _ => {}
         }
         None
+    }
+
+    /// Start the next handler call when none is in progress.
+    fn next_hook(&mut self) {
+        if self.hook.is_some() {
+            return;
+        }
+        if let Some(call) = self.calls.pop_front() {
+            self.hook = Some(self.hook_future(call));
+        }
+    }
+
+    /// The handler's hook for `call`, owning what it borrows.
+    fn hook_future(&self, call: AppCall) -> BoxFuture<'static, ()> {
+        let inner = self.inner.clone();
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            match call {
+                AppCall::Authenticated => inner.handler.on_authenticated(&conn).await,
+                AppCall::Message(message) => inner.handler.on_message(&conn, message).await,
+            }
+        })
     }
 
     /// Arm the timer for the session's next deadline, unless it is armed for it.
@@ -418,15 +277,21 @@ where
         if let Some(stored) = self.load.as_mut() {
             if let Poll::Ready(outcome) = stored.poll_unpin(cx) {
                 self.load = None;
-                // A job the cluster dropped (its queue full, or it stopped) loads nothing.
+                // A load the cluster dropped (it gave up on it) loads nothing.
                 return Poll::Ready(Wake::Load(outcome.unwrap_or_default()));
+            }
+        }
+        if let Some(hook) = self.hook.as_mut() {
+            if hook.poll_unpin(cx).is_ready() {
+                self.hook = None;
+                return Poll::Ready(Wake::Handled);
             }
         }
         // Stored messages precede live ones: while they load, live items wait in the
         // outbox (whose overflow is still reported).
         let take_items =
             self.io.pending.len() < WRITE_BACKLOG && !self.session.awaits_undelivered();
-        if let Poll::Ready(drained) = self.conn.shared.outbox.poll_drain(cx, take_items) {
+        if let Poll::Ready(drained) = self.shared().outbox.poll_drain(cx, take_items) {
             return Poll::Ready(Wake::Outbox(drained));
         }
         if let Some((_, sleep)) = self.timer.as_mut() {
@@ -435,8 +300,8 @@ where
                 return Poll::Ready(Wake::Timer);
             }
         }
-        if self.session.read_paused_until().is_some() {
-            // Past its message rate: the peer waits in TCP until the timer resumes us.
+        // Past its message rate, or its handler still busy: the peer waits in TCP.
+        if self.session.read_paused_until().is_some() || self.hook.is_some() {
             return Poll::Pending;
         }
         self.io.poll_read(cx).map(Wake::Read)
@@ -469,6 +334,7 @@ where
                 }
             }
             Wake::Outbox(drained) => self.handle_outbox(drained),
+            Wake::Handled => {}
         }
     }
 
@@ -477,8 +343,7 @@ where
         let session = &mut self.session;
         match read {
             Some(Ok(WsMessage::Text(text))) => {
-                self.conn
-                    .router
+                self.inner
                     .middleware
                     .emit(|m| m.on_frames_received(&self.conn, 1, text.len()));
                 session.handle_frame(now, &text)
@@ -503,7 +368,7 @@ where
     /// Hand what other tasks queued for this connection to the session.
     fn handle_outbox(&mut self, drained: Drained) {
         if drained.overflowed {
-            self.router()
+            self.inner
                 .middleware
                 .emit(|m| m.on_queue_overflow(&self.conn));
             let reason = "slow consumer: outbound queue full";
@@ -520,23 +385,22 @@ where
         }
     }
 
-    /// Leave the hub and the cluster, finish the closing handshake (bounded), then
-    /// tell the observers and the application.
+    /// Let the handler finish the calls it was given, leave the registry, finish the
+    /// closing handshake (bounded), then tell the observers and the application.
     async fn finish(mut self, close: Close) {
-        let conn = &self.conn;
-        if let Some(departure) = conn.router.unregister(conn.shared.conn) {
-            if departure.last && self.presence {
-                self.submit(Job::Leave(departure.id));
-            }
+        if let Some(hook) = self.hook.take() {
+            hook.await;
         }
-        self.submit(Job::Connections(-1));
-        self.to_portal(PortalEventKind::Disconnection, self.conn.id());
+        while let Some(call) = self.calls.pop_front() {
+            self.hook_future(call).await;
+        }
+        self.inner.registry.unregister(self.shared().conn);
         let runtime = &self.inner.runtime;
         let linger = runtime.sleep_until(runtime.now() + self.inner.transport.close_timeout);
         futures_util::future::select(Box::pin(self.io.linger()), Box::pin(linger)).await;
         let conn = &self.conn;
-        tracing::debug!(conn = conn.shared.conn.0, code = close.code.0, reason = %close.reason, "closed");
-        conn.router
+        tracing::debug!(conn = conn.conn_id().0, code = close.code.0, reason = %close.reason, "closed");
+        self.inner
             .middleware
             .emit(|m| m.on_disconnection(conn, &close));
         self.inner.handler.on_disconnect(conn, &close).await;

@@ -6,9 +6,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesa_core::{Close, Message};
+use mesa_core::{Close, Message, ReplicaEvent};
 
-use crate::connection::Connection;
+use crate::handle::Connection;
+use crate::registry::Observer;
 
 /// An error a middleware reports.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -139,6 +140,53 @@ impl Middlewares {
         tracing::warn!(error, "middleware error");
         for middleware in self.0.iter() {
             let _ = catch_unwind(AssertUnwindSafe(|| middleware.on_error(error)));
+        }
+    }
+}
+
+/// The registry's reports, as middleware hooks.
+impl Observer for Middlewares {
+    fn message_sent(&self, message: &Message, recipients: usize) {
+        self.emit(|m| m.on_message_sent(message, recipients));
+    }
+
+    fn undeliverable(&self, message: &Message, ids: &[String]) {
+        self.emit(|m| m.on_undeliverable(message, ids));
+    }
+
+    fn replica_event(&self, event: &ReplicaEvent) {
+        match event {
+            ReplicaEvent::LinkUp => {
+                tracing::info!("cluster link up");
+                self.emit(|m| m.on_cluster_link(true));
+            }
+            ReplicaEvent::LinkDown { reason } => {
+                tracing::warn!(%reason, "cluster link down");
+                self.emit(|m| m.on_cluster_link(false));
+                self.report(&format!("cluster link down: {reason}"));
+            }
+            ReplicaEvent::Latency(latency) => self.emit(|m| m.on_cluster_latency(*latency)),
+            ReplicaEvent::Stored { stored, dropped } => {
+                self.emit(|m| m.on_stored(*stored, *dropped));
+                if *dropped > 0 {
+                    self.report(&format!(
+                        "sync: {dropped} oldest stored messages dropped to respect the per-id limit"
+                    ));
+                }
+            }
+            ReplicaEvent::Undeliverable { message, ids } => self.undeliverable(message, ids),
+            ReplicaEvent::JobsLost { count, reason } => {
+                tracing::warn!(jobs = count, %reason, "cluster jobs given up");
+                self.report(&format!("cluster: {count} jobs given up: {reason}"));
+                self.emit(|m| m.on_cluster_jobs_dropped(*count));
+            }
+            ReplicaEvent::PortalJoined { id } => self.emit(|m| m.on_portal_join(id)),
+            ReplicaEvent::PortalLeft { id } => self.emit(|m| m.on_portal_leave(id)),
+            ReplicaEvent::Undecodable { channel, error } => {
+                self.report(&format!("undecodable message on {channel}: {error}"));
+            }
+            // The registry acts on these itself.
+            ReplicaEvent::Loaded { .. } | ReplicaEvent::Retired => {}
         }
     }
 }

@@ -1,0 +1,262 @@
+//! One dispatch as a state machine: a send from a process that runs no server
+//! (upstream's `Dispatcher`), done in the [`Round`](crate::Round)s a replica uses:
+//! presence checked, the message stored for the ids connected nowhere, one envelope
+//! published to the others. It has no connection of its own, so every id is
+//! elsewhere, and no origin, so every replica delivers its envelopes.
+//!
+//! ```
+//! # use std::time::Instant;
+//! use mesa_core::{Dispatch, DispatchConfig, Message, Recipients, RedisValue, Command};
+//! use serde_json::json;
+//!
+//! # #[allow(clippy::disallowed_methods)] let now = Instant::now();
+//! let config = DispatchConfig { sync: true, ..DispatchConfig::default() };
+//! let to = Recipients::Ids(vec!["bob".into()]);
+//! let mut dispatch = Dispatch::new(&config, Message::dispatch("HI", json!({})), None, &to, now)?;
+//! while let Some((token, command)) = dispatch.poll_command() {
+//!     // Execute `command.calls(dispatch.keys())` on Redis; here bob is offline.
+//!     let answer = match command {
+//!         Command::CheckPresence { .. } => vec![RedisValue::Array(vec![RedisValue::Int(0)])],
+//!         Command::StoreMany { .. } => vec![RedisValue::Array(vec![RedisValue::Int(1), RedisValue::Int(0)])],
+//!         _ => vec![RedisValue::Int(1)],
+//!     };
+//!     dispatch.handle_reply(now, token, Ok(answer));
+//! }
+//! let report = dispatch.finish()?;
+//! assert_eq!((report.stored, report.published), (1, 0));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use crate::cluster::{Namespace, RemotePlan, plan_remote};
+use crate::config::ConfigError;
+use crate::hub::{Recipients, TooManyRecipients, distinct_ids};
+use crate::limits::Limits;
+use crate::sync::MessageOptions;
+use crate::wire::{Message, Opcode};
+
+use super::command::{Command, Keys, Reply, Token};
+use super::job::RemoteSend;
+use super::rounds::{Advance, Rounds, Step};
+
+/// How a dispatcher sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchConfig {
+    /// The cluster's namespace.
+    pub namespace: Namespace,
+    /// Store messages for ids connected nowhere. Default off, as upstream's.
+    pub sync: bool,
+    /// Most messages stored per id. Default 1000.
+    pub max_stored_per_id: usize,
+    /// Most distinct ids one dispatch may address. Default: [`Limits::max_recipients`].
+    pub max_recipients: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            namespace: Namespace::default(),
+            sync: false,
+            max_stored_per_id: 1000,
+            max_recipients: Limits::default().max_recipients,
+        }
+    }
+}
+
+impl DispatchConfig {
+    /// Check the settings once, before dispatches use them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_stored_per_id == 0 {
+            return Err(ConfigError::ZeroCount("max stored messages per id"));
+        }
+        if self.max_recipients == 0 {
+            return Err(ConfigError::ZeroCount("max recipients"));
+        }
+        Ok(())
+    }
+}
+
+/// What one dispatch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DispatchReport {
+    /// The message went to every connection of every replica (`["*"]`).
+    pub global: bool,
+    /// Ids the envelope was published to: with sync, those found connected; without,
+    /// every recipient (after `excluding`). 0 for a global dispatch.
+    pub published: usize,
+    /// Offline ids for whom the message was stored (sync only).
+    pub stored: usize,
+    /// Older stored messages dropped to keep those ids under `max_stored_per_id`.
+    pub dropped: usize,
+    /// Offline ids for whom nothing was stored: the message said `sync: false`, or the
+    /// id is blank (as upstream).
+    pub undeliverable: Vec<String>,
+}
+
+/// One dispatch, as a state machine.
+///
+/// Inputs: [`handle_reply`](Self::handle_reply). Outputs:
+/// [`poll_command`](Self::poll_command) (drain it after every input) and, once it has
+/// nothing more, [`finish`](Self::finish). Nothing is retried: an
+/// error ends the dispatch, which may then have been published or stored in part.
+#[derive(Debug)]
+pub struct Dispatch {
+    keys: Keys,
+    rounds: Rounds,
+    next_token: u64,
+    flights: BTreeMap<Token, Step>,
+    commands: VecDeque<(Token, Command)>,
+    report: DispatchReport,
+    /// The ids the presence check covers, to count those published to.
+    checked: Option<usize>,
+    outcome: Option<Result<DispatchReport, String>>,
+}
+
+impl Dispatch {
+    /// Plan the dispatch of `message` to `recipients`, at `now`. An op 5 event is
+    /// never stored (redelivered later, it would disconnect the client). A list of
+    /// more distinct ids than `max_recipients` is refused before anything is done.
+    pub fn new(
+        config: &DispatchConfig,
+        message: Message,
+        options: Option<MessageOptions>,
+        recipients: &Recipients,
+        now: Instant,
+    ) -> Result<Self, TooManyRecipients> {
+        recipients.at_most(config.max_recipients)?;
+        let message = Message { s: None, ..message };
+        let sync = config.sync && message.op != Opcode::Internal;
+        let mut report = DispatchReport::default();
+        let plan = match recipients {
+            Recipients::All => {
+                report.global = true;
+                plan_remote(recipients, Vec::new(), sync)
+            }
+            // No connection of its own: every id is elsewhere.
+            Recipients::Ids(ids) => plan_remote(recipients, distinct_ids(ids), sync),
+        };
+        let mut checked = None;
+        match &plan {
+            RemotePlan::Publish(Recipients::Ids(ids)) => report.published = ids.len(),
+            RemotePlan::CheckPresence(ids) => checked = Some(ids.len()),
+            RemotePlan::Publish(Recipients::All) | RemotePlan::Nothing => {}
+        }
+        let namespace = config.namespace.clone();
+        let mut rounds = Rounds::new(namespace.ws_channel(), None, config.max_stored_per_id);
+        let nothing = plan == RemotePlan::Nothing;
+        rounds.push(RemoteSend {
+            message,
+            options,
+            plan,
+        });
+        let mut dispatch = Dispatch {
+            // A dispatcher is no replica: none of its commands uses a replica's keys.
+            keys: Keys::new(namespace, ""),
+            rounds,
+            next_token: 0,
+            flights: BTreeMap::new(),
+            commands: VecDeque::new(),
+            report,
+            checked,
+            outcome: None,
+        };
+        if nothing {
+            dispatch.outcome = Some(Ok(dispatch.report.clone()));
+        } else {
+            dispatch.start_round(now);
+        }
+        Ok(dispatch)
+    }
+
+    /// Where the dispatch's data is in Redis; [`Command::calls`] needs it.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Redis answered the command of `token`: an error (or an answer of the wrong
+    /// shape) ends the dispatch.
+    pub fn handle_reply(&mut self, now: Instant, token: Token, reply: Reply) {
+        let Some(step) = self.flights.remove(&token) else {
+            return;
+        };
+        let answered = match reply {
+            Ok(values) => self
+                .rounds
+                .answered(step, values.into_iter().next())
+                .map_err(|what| format!("unexpected reply to {what}")),
+            Err(error) => Err(error),
+        };
+        match answered {
+            Ok(()) => self.advance(now),
+            Err(error) => self.fail(error),
+        }
+    }
+
+    /// The next command for Redis, and the token to answer it with.
+    pub fn poll_command(&mut self) -> Option<(Token, Command)> {
+        self.commands.pop_front()
+    }
+
+    /// What the dispatch did, once [`poll_command`](Self::poll_command) has nothing
+    /// more after every reply: its report, or the error that ended it (a dispatch
+    /// whose commands were not all answered reports that instead).
+    pub fn finish(self) -> Result<DispatchReport, String> {
+        self.outcome.unwrap_or_else(|| {
+            let unanswered = self.flights.len() + self.commands.len();
+            Err(format!(
+                "the dispatch ended with {unanswered} commands unanswered"
+            ))
+        })
+    }
+
+    fn start_round(&mut self, now: Instant) {
+        let commands = self.rounds.start(now);
+        self.issue(commands);
+        self.advance(now);
+    }
+
+    /// Go on once the round's current phase was answered.
+    fn advance(&mut self, now: Instant) {
+        match self.rounds.advance(now) {
+            Advance::Wait => {}
+            Advance::Issue(commands) => self.issue(commands),
+            Advance::Finished(done) => {
+                self.report.stored += done.stored;
+                self.report.dropped += done.dropped;
+                let undeliverable = done.undeliverable.into_iter().flat_map(|(_, ids)| ids);
+                self.report.undeliverable.extend(undeliverable);
+                // Back to back: a dispatch has nothing else to let through.
+                if self.rounds.is_empty() {
+                    self.done();
+                } else {
+                    self.start_round(now);
+                }
+            }
+        }
+    }
+
+    fn issue(&mut self, commands: Vec<(Step, Command)>) {
+        for (step, command) in commands {
+            self.next_token += 1;
+            let token = Token(self.next_token);
+            self.flights.insert(token, step);
+            self.commands.push_back((token, command));
+        }
+    }
+
+    fn done(&mut self) {
+        if let Some(checked) = self.checked {
+            let elsewhere = self.report.stored + self.report.undeliverable.len();
+            self.report.published = checked.saturating_sub(elsewhere);
+        }
+        self.outcome = Some(Ok(std::mem::take(&mut self.report)));
+    }
+
+    fn fail(&mut self, error: String) {
+        self.flights.clear();
+        self.commands.clear();
+        self.outcome = Some(Err(error));
+    }
+}
