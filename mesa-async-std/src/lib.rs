@@ -9,8 +9,10 @@
 //! # Choosing a runtime
 //!
 //! Each runtime has a type, enabled by the feature of the same name, and a module
-//! with the API of `mesa-tokio`'s crate root (`Server`, `ServerBuilder`, `Listening`,
-//! `Client`, `ClientBuilder`, `server()`, `client(url)`):
+//! with what depends on the runtime: `server()`, `client(url)` and `portal(url)`
+//! with their `ServerBuilder`, `Server`, `Listening`, `ClientBuilder` and
+//! `PortalBuilder` (`mesa-tokio` has them at its root). Everything else, `Client`
+//! included, is at this crate's root.
 //!
 //! | feature | runtime type | module | spawns with |
 //! |---|---|---|---|

@@ -2,7 +2,8 @@
 //! in how they spawn; clock, timer and sockets are async-io's for both.
 
 /// Define a runtime type spawning with `spawn`, its `Runtime` impl, and its module of
-/// `mesa-tokio`-shaped aliases, all behind `feature`.
+/// the runtime's server, client and portal API (`mesa_driver::runtime_api!`), all
+/// behind `feature`.
 macro_rules! runtime {
     (
         $(#[$doc:meta])*
@@ -72,7 +73,11 @@ macro_rules! runtime {
             }
         }
 
-        #[doc = concat!("Mesa on ", $name, ": the API of `mesa-tokio`'s crate root, on [`", stringify!($runtime), "`].")]
+        #[doc = concat!(
+            "Mesa on ", $name, ": servers, clients and portals whose tasks run on [`",
+            stringify!($runtime), "`]; what does not depend on the runtime (`Client`, ",
+            "handlers, `Dispatcher`, …) is at the crate root."
+        )]
         #[cfg(feature = $feature)]
         pub mod $module {
             use $crate::$runtime;

@@ -1,7 +1,8 @@
 //! The runtime-agnostic driver of [`mesa_core`]: the per-connection loop, the server's
 //! shared registry, and the client task, written once and generic over a small
 //! [`Runtime`] trait and `futures-io` streams. Runtime crates (`mesa-tokio`,
-//! `mesa-async-std`) implement [`Runtime`] and re-export these types.
+//! `mesa-async-std`) implement [`Runtime`] and re-export these types, the generic
+//! ones with their runtime filled in.
 //!
 //! The driver decides nothing about the protocol: it feeds frames, timer expiries and
 //! the application's answers to the core's state machines and executes what they
@@ -58,6 +59,9 @@ pub use tls::{ServerTls, TlsError};
 pub use transport::TransportConfig;
 
 pub use async_tungstenite::tungstenite;
+/// The IO traits of the streams a server drives ([`Server::serve_stream`]) and of a
+/// [`Runtime`]'s sockets.
+pub use futures_io;
 /// The futures-io TLS streams of `wss://` ([`ServerTls::accept`] returns one).
 pub use futures_rustls;
 pub use mesa_core;

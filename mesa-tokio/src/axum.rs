@@ -22,7 +22,7 @@
 //! implementation; Mesa's driver wants the raw upgraded byte stream instead, so the
 //! handshake is answered here: check the request (RFC 6455, section 4.2.1), reply
 //! `101 Switching Protocols` with `Sec-WebSocket-Accept`, and give the stream that
-//! `hyper::upgrade::on` yields to [`Server::serve_upgraded`](mesa_driver::Server::serve_upgraded).
+//! `hyper::upgrade::on` yields to [`Server::serve_upgraded`].
 
 use std::net::SocketAddr;
 
@@ -40,7 +40,7 @@ use crate::Server;
 /// An axum handler: answer a WebSocket handshake and hand the upgraded stream to the
 /// Mesa server in the router's state. The route decides the endpoint's path; the
 /// server's admission rules still apply: an `Origin` that is not allowed gets 403,
-/// a full server 503 (see [`Server::check_upgrade`](mesa_driver::Server::check_upgrade)).
+/// a full server 503 (see [`Server::check_upgrade`]).
 /// Requests that are not WebSocket handshakes get 426 (or 400, 505) with a short
 /// reason.
 pub async fn upgrade<H: Handler>(

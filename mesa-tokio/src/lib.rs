@@ -53,7 +53,7 @@
 //! with the `native-roots` feature) plus any root added; a server serves TLS with a
 //! [`ServerTls`] it can reload while running (see [`mesa_driver::tls`]). The TLS
 //! handshake holds a slot of `max_connections`; an HTTP framework that does the
-//! handshake itself takes one with [`Server::admit`](mesa_driver::Server::admit).
+//! handshake itself takes one with [`Server::admit`].
 //! `rediss://` Redis URLs trust the platform's store, or the PEM certificates of
 //! [`ClusterConfig::redis_ca_pem`] (and the same option of the Dispatcher and Portal
 //! builders).
