@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
@@ -195,6 +195,13 @@ impl<R: Runtime> ClientBuilder<R> {
             commands: command_rx,
             events: event_tx,
             hello_waiters: Vec::new(),
+            auth_waiters: Vec::new(),
+            disconnect_reply: None,
+            io: None,
+            opening: None,
+            timer: None,
+            outgoing: VecDeque::new(),
+            stopping: false,
         };
         self.runtime.spawn(task.run());
         Ok((
@@ -357,6 +364,11 @@ enum Wake<S> {
     Timer,
 }
 
+/// A transport being opened: the WebSocket, or why it could not be.
+type Opening<S> = BoxFuture<'static, Result<WebSocketStream<S>, String>>;
+
+/// The client's task (quinn's `ConnectionDriver` shape, like the server's loop): the
+/// session, the transport of the moment, and the inputs it waits on.
 struct Task<R: Runtime> {
     runtime: R,
     target: Target,
@@ -368,174 +380,197 @@ struct Task<R: Runtime> {
     events: mpsc::Sender<ClientEvent>,
     /// Callers of [`Client::hello`] waiting for the next hello.
     hello_waiters: Vec<oneshot::Sender<Hello>>,
+    /// Callers of [`Client::authenticate`] waiting for the outcome.
+    auth_waiters: Vec<oneshot::Sender<Result<Value, ClientError>>>,
+    /// Answered when the close handshake of a deliberate disconnect ends.
+    disconnect_reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+    io: Option<Io<MaybeTls<R::TcpStream>>>,
+    opening: Option<Opening<MaybeTls<R::TcpStream>>>,
+    /// The sleep armed for the session's next deadline, with that deadline.
+    timer: Option<(Instant, Pin<Box<R::Sleep>>)>,
+    /// Events the application has not taken yet (its channel is bounded).
+    outgoing: VecDeque<ClientEvent>,
+    /// Every handle is gone: leave once the session said goodbye.
+    stopping: bool,
 }
 
 impl<R: Runtime> Task<R> {
     async fn run(mut self) {
-        let runtime = self.runtime.clone();
-        let mut io: Option<Io<MaybeTls<R::TcpStream>>> = None;
-        let mut opening: Option<BoxFuture<'static, Result<WebSocketStream<_>, String>>> = None;
-        let mut timer: Option<(Instant, Pin<Box<R::Sleep>>)> = None;
-        let mut auth_waiters: Vec<oneshot::Sender<Result<Value, ClientError>>> = Vec::new();
-        let mut outgoing: VecDeque<ClientEvent> = VecDeque::new();
-        let mut stopping = false;
-        // Answered when the close handshake of a deliberate disconnect ends.
-        let mut disconnect_reply: Option<oneshot::Sender<Result<(), ClientError>>> = None;
-
         loop {
-            while let Some(transmit) = self.session.poll_transmit() {
-                match transmit {
-                    ClientTransmit::Connect => opening = Some(Box::pin(self.open())),
-                    ClientTransmit::Text(frame) => {
-                        if let Some(io) = io.as_mut() {
-                            io.pending.push_back(text(frame));
-                        }
-                    }
-                    ClientTransmit::Close(close) => {
-                        opening = None;
-                        if let Some(mut old) = io.take() {
-                            old.pending
-                                .push_back(WsMessage::Close(Some(close_frame(&close))));
-                            self.linger(old, disconnect_reply.take());
-                        }
-                    }
-                }
-            }
-            while let Some(event) = self.session.poll_event() {
-                match &event {
-                    ClientEvent::Authenticated { user } => {
-                        for waiter in auth_waiters.drain(..) {
-                            let _ = waiter.send(Ok(user.clone()));
-                        }
-                    }
-                    ClientEvent::Disconnected {
-                        close,
-                        reconnect_at: None,
-                    } => {
-                        for waiter in auth_waiters.drain(..) {
-                            let _ = waiter.send(Err(ClientError::Disconnected(close.clone())));
-                        }
-                    }
-                    _ => {}
-                }
-                outgoing.push_back(event);
-            }
-            if let Some(reply) = disconnect_reply.take() {
-                let _ = reply.send(Ok(()));
-            }
-            if !self.hello_waiters.is_empty() {
-                if let Some(hello) = self.session.hello() {
-                    for waiter in self.hello_waiters.drain(..) {
-                        let _ = waiter.send(hello.clone());
-                    }
-                }
-            }
-            if stopping {
-                if let Some(io) = io.take() {
+            self.drain();
+            if self.stopping {
+                if let Some(io) = self.io.take() {
                     self.linger(io, None);
                 }
                 return;
             }
-            let deadline = self.session.poll_timeout();
-            if timer.as_ref().map(|(at, _)| *at) != deadline {
-                timer = deadline.map(|at| (at, Box::pin(runtime.sleep_until(at))));
+            self.arm_timer();
+            let wake = poll_fn(|cx| self.poll_wake(cx)).await;
+            self.handle(wake);
+        }
+    }
+
+    /// Execute the session's transmits, queue its events for the application, and
+    /// answer whoever waits on what they decided.
+    fn drain(&mut self) {
+        while let Some(transmit) = self.session.poll_transmit() {
+            match transmit {
+                ClientTransmit::Connect => self.opening = Some(Box::pin(self.open())),
+                ClientTransmit::Text(frame) => {
+                    if let Some(io) = self.io.as_mut() {
+                        io.pending.push_back(text(frame));
+                    }
+                }
+                ClientTransmit::Close(close) => {
+                    self.opening = None;
+                    if let Some(mut old) = self.io.take() {
+                        old.pending
+                            .push_back(WsMessage::Close(Some(close_frame(&close))));
+                        let reply = self.disconnect_reply.take();
+                        self.linger(old, reply);
+                    }
+                }
             }
-
-            let wake = poll_fn(|cx| {
-                if let Some(io) = io.as_mut() {
-                    if let Poll::Ready(Err(_)) = io.poll_write(cx) {
-                        return Poll::Ready(Wake::WriteFailed);
-                    }
-                }
-                while !outgoing.is_empty() {
-                    match self.events.poll_ready(cx) {
-                        Poll::Ready(Ok(())) => {
-                            if let Some(event) = outgoing.pop_front() {
-                                let _ = self.events.start_send(event);
-                            }
-                        }
-                        // Nobody listens: the events have no reader to reach.
-                        Poll::Ready(Err(_)) => outgoing.clear(),
-                        Poll::Pending => break,
-                    }
-                }
-                if let Some(future) = opening.as_mut() {
-                    if let Poll::Ready(outcome) = future.poll_unpin(cx) {
-                        opening = None;
-                        return Poll::Ready(Wake::Opened(outcome));
-                    }
-                }
-                if let Poll::Ready(command) = self.commands.poll_next_unpin(cx) {
-                    return Poll::Ready(Wake::Command(command));
-                }
-                if let Some((_, sleep)) = timer.as_mut() {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        timer = None;
-                        return Poll::Ready(Wake::Timer);
-                    }
-                }
-                match io.as_mut() {
-                    Some(io) if outgoing.is_empty() => io.poll_read(cx).map(Wake::Read),
-                    _ => Poll::Pending,
-                }
-            })
-            .await;
-
-            let now = runtime.now();
-            match wake {
-                Wake::Opened(Ok(ws)) => {
-                    io = Some(Io::new(ws));
-                    let _ = self.session.handle_connected(now);
-                }
-                Wake::Opened(Err(reason)) => {
-                    let _ = self.session.handle_connect_failed(now, &reason);
-                }
-                Wake::Read(Some(Ok(WsMessage::Text(text)))) => {
-                    self.session.handle_frame(now, &text)
-                }
-                Wake::Read(Some(Ok(WsMessage::Close(frame)))) => {
-                    if let Some(io) = io.take() {
-                        self.linger(io, None);
-                    }
-                    self.session.handle_closed(now, Some(core_close(frame)));
-                }
-                Wake::Read(Some(Ok(_))) => {}
-                Wake::Read(Some(Err(error))) => {
-                    io = None;
-                    let close = match read_failure(error, &self.limits) {
-                        ReadFailure::Invalid(error) => {
-                            Close::new(error.close_code(), error.to_string())
-                        }
-                        ReadFailure::Violation(close) | ReadFailure::Gone(close) => close,
-                    };
-                    self.session.handle_closed(now, Some(close));
-                }
-                Wake::Read(None) | Wake::WriteFailed => {
-                    io = None;
-                    self.session.handle_closed(now, None);
-                }
-                Wake::Timer => self.session.handle_timeout(now),
-                Wake::Command(Some(command)) => {
-                    self.execute(now, command, &mut auth_waiters, &mut disconnect_reply);
-                }
-                Wake::Command(None) => {
-                    // Every handle is gone: leave politely.
-                    let _ = self
-                        .session
-                        .disconnect(now, Close::new(CloseCode::NORMAL, "client dropped"));
-                    stopping = true;
+        }
+        while let Some(event) = self.session.poll_event() {
+            self.answer_auth(&event);
+            self.outgoing.push_back(event);
+        }
+        if let Some(reply) = self.disconnect_reply.take() {
+            let _ = reply.send(Ok(()));
+        }
+        if !self.hello_waiters.is_empty() {
+            if let Some(hello) = self.session.hello() {
+                for waiter in self.hello_waiters.drain(..) {
+                    let _ = waiter.send(hello.clone());
                 }
             }
         }
     }
 
-    fn execute(
-        &mut self,
-        now: Instant,
-        command: Command,
-        auth_waiters: &mut Vec<oneshot::Sender<Result<Value, ClientError>>>,
-        disconnect_reply: &mut Option<oneshot::Sender<Result<(), ClientError>>>,
-    ) {
+    /// Answer the callers waiting for an authentication, once it is decided.
+    fn answer_auth(&mut self, event: &ClientEvent) {
+        let outcome = match event {
+            ClientEvent::Authenticated { user } => Ok(user.clone()),
+            ClientEvent::Disconnected {
+                close,
+                reconnect_at: None,
+            } => Err(ClientError::Disconnected(close.clone())),
+            _ => return,
+        };
+        for waiter in self.auth_waiters.drain(..) {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+
+    /// Arm the timer for the session's next deadline, unless it is armed for it.
+    fn arm_timer(&mut self) {
+        let deadline = self.session.poll_timeout();
+        if self.timer.as_ref().map(|(at, _)| *at) != deadline {
+            let runtime = &self.runtime;
+            self.timer = deadline.map(|at| (at, Box::pin(runtime.sleep_until(at))));
+        }
+    }
+
+    /// Write what can be written, hand events to the application, then return the
+    /// first input that is ready. Reading waits while the application is behind.
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake<MaybeTls<R::TcpStream>>> {
+        if let Some(io) = self.io.as_mut() {
+            if let Poll::Ready(Err(_)) = io.poll_write(cx) {
+                return Poll::Ready(Wake::WriteFailed);
+            }
+        }
+        while !self.outgoing.is_empty() {
+            match self.events.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Some(event) = self.outgoing.pop_front() {
+                        let _ = self.events.start_send(event);
+                    }
+                }
+                // Nobody listens: the events have no reader to reach.
+                Poll::Ready(Err(_)) => self.outgoing.clear(),
+                Poll::Pending => break,
+            }
+        }
+        if let Some(future) = self.opening.as_mut() {
+            if let Poll::Ready(outcome) = future.poll_unpin(cx) {
+                self.opening = None;
+                return Poll::Ready(Wake::Opened(outcome));
+            }
+        }
+        if let Poll::Ready(command) = self.commands.poll_next_unpin(cx) {
+            return Poll::Ready(Wake::Command(command));
+        }
+        if let Some((_, sleep)) = self.timer.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                self.timer = None;
+                return Poll::Ready(Wake::Timer);
+            }
+        }
+        match self.io.as_mut() {
+            Some(io) if self.outgoing.is_empty() => io.poll_read(cx).map(Wake::Read),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Feed one input to the session.
+    fn handle(&mut self, wake: Wake<MaybeTls<R::TcpStream>>) {
+        let now = self.runtime.now();
+        match wake {
+            Wake::Opened(Ok(ws)) => {
+                self.io = Some(Io::new(ws));
+                let _ = self.session.handle_connected(now);
+            }
+            Wake::Opened(Err(reason)) => {
+                let _ = self.session.handle_connect_failed(now, &reason);
+            }
+            Wake::Read(read) => self.handle_read(now, read),
+            Wake::WriteFailed => {
+                self.io = None;
+                self.session.handle_closed(now, None);
+            }
+            Wake::Timer => self.session.handle_timeout(now),
+            Wake::Command(Some(command)) => self.execute(now, command),
+            Wake::Command(None) => {
+                // Every handle is gone: leave politely.
+                let _ = self
+                    .session
+                    .disconnect(now, Close::new(CloseCode::NORMAL, "client dropped"));
+                self.stopping = true;
+            }
+        }
+    }
+
+    /// Feed what the transport gave to the session.
+    fn handle_read(&mut self, now: Instant, read: Option<Result<WsMessage, WsError>>) {
+        match read {
+            Some(Ok(WsMessage::Text(text))) => self.session.handle_frame(now, &text),
+            Some(Ok(WsMessage::Close(frame))) => {
+                if let Some(io) = self.io.take() {
+                    self.linger(io, None);
+                }
+                self.session.handle_closed(now, Some(core_close(frame)));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                self.io = None;
+                let close = match read_failure(error, &self.limits) {
+                    ReadFailure::Invalid(error) => {
+                        Close::new(error.close_code(), error.to_string())
+                    }
+                    ReadFailure::Violation(close) | ReadFailure::Gone(close) => close,
+                };
+                self.session.handle_closed(now, Some(close));
+            }
+            None => {
+                self.io = None;
+                self.session.handle_closed(now, None);
+            }
+        }
+    }
+
+    /// Act on a command of a [`Client`] handle.
+    fn execute(&mut self, now: Instant, command: Command) {
         match command {
             Command::Connect(reply) => {
                 let _ = reply.send(self.session.connect(now).map_err(ClientError::from));
@@ -544,7 +579,7 @@ impl<R: Runtime> Task<R> {
             Command::Hello(reply) => self.hello_waiters.push(reply),
             Command::Authenticate(credentials, should_sync, reply) => {
                 match self.session.authenticate(now, credentials, should_sync) {
-                    Ok(()) => auth_waiters.push(reply),
+                    Ok(()) => self.auth_waiters.push(reply),
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
                     }
@@ -554,7 +589,7 @@ impl<R: Runtime> Task<R> {
                 let _ = reply.send(self.session.send(now, message).map_err(ClientError::from));
             }
             Command::Disconnect(close, reply) => match self.session.disconnect(now, close) {
-                Ok(()) => *disconnect_reply = Some(reply),
+                Ok(()) => self.disconnect_reply = Some(reply),
                 Err(error) => {
                     let _ = reply.send(Err(error.into()));
                 }

@@ -27,10 +27,11 @@ pub struct ClusterConfig {
     pub lease: Duration,
     /// Forward client events to portals, picking one per event this way.
     pub portals: Option<PortalChoice>,
-    /// Most jobs (sends, presence changes, redelivery reads and trims) waiting for
-    /// Redis: queued for the cluster task (beyond it, new jobs are refused), and
-    /// kept by it while Redis is unreachable (beyond it, they are dropped). Both are
-    /// reported to the middleware (`on_error`, `on_cluster_jobs_dropped`).
+    /// Most jobs (sends, redelivery reads, trims and clears, portal events) waiting
+    /// for Redis, queued or in flight, also while Redis is unreachable; beyond it a
+    /// new job is refused and reported to the middleware (`on_error`,
+    /// `on_cluster_jobs_dropped`). Presence changes wait besides, and are registered
+    /// anew by the lease renewal anyway (`mesa_core::ReplicaConfig::max_pending`).
     /// Default 10 000.
     pub max_pending: usize,
     /// For a `rediss://` URL: PEM certificates to trust instead of the platform's
