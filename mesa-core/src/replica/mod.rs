@@ -27,7 +27,7 @@
 //!
 //! | work | fate |
 //! |---|---|
-//! | a send with sync (presence check, then stores) | kept, in order; done again from its last finished round |
+//! | a send with sync (presence check, then stores) | kept, in order; done again from its last finished round, unless every command of it in the interrupted round was answered and nothing was left for it to do |
 //! | a send without sync (a publish), a portal event | lost, reported ([`Loss::Outage`]); made before the link first opened, it waits for it instead |
 //! | presence (arrive, leave, connection counts) | forgotten: the renewal after the reconnection registers it anew |
 //! | a load, a clear, a trim | kept (a load is dropped once its session stopped waiting, a clear once its connection closed) |
@@ -96,7 +96,7 @@ use crate::timer::TimerTable;
 use crate::wire::{Message, Opcode};
 
 use job::{Fate, Job, RemoteSend};
-use rounds::{Advance, Rounds, Step};
+use rounds::{Advance, Finished, Rounds, Step};
 
 /// Commands of jobs other than sends in flight at once: beyond it, jobs wait (and
 /// presence changes coalesce) until Redis answers.
@@ -778,9 +778,11 @@ impl Replica {
         self.presence.clear();
         self.presence_in_flight = 0;
         let ever_linked = self.ever_linked;
-        outage += self
+        let (let_go, done) = self
             .rounds
             .interrupt(|send| send.fate() == Fate::Keep || !ever_linked);
+        outage += let_go;
+        self.report_round(done);
         self.portals_loading = false;
         for timer in [Timer::Tick, Timer::Reply, Timer::Rest] {
             self.timers.stop(timer as usize);
@@ -799,8 +801,9 @@ impl Replica {
 
     /// Retire at once: without a link, the lease expires by itself.
     fn retire(&mut self) {
-        let left =
-            self.rounds.interrupt(|_| false) + self.jobs.iter().filter(|j| j.counted()).count();
+        let (let_go, done) = self.rounds.interrupt(|_| false);
+        self.report_round(done);
+        let left = let_go + self.jobs.iter().filter(|j| j.counted()).count();
         self.jobs.clear();
         self.presence.clear();
         self.flights.clear();
@@ -977,20 +980,25 @@ impl Replica {
                 }
             }
             Advance::Finished(done) => {
-                if done.stored > 0 {
-                    self.events.push_back(ReplicaEvent::Stored {
-                        stored: done.stored,
-                        dropped: done.dropped,
-                    });
-                }
-                for (message, ids) in done.undeliverable {
-                    self.events
-                        .push_back(ReplicaEvent::Undeliverable { message, ids });
-                }
                 if done.rest > Duration::ZERO {
                     self.timers.set(Timer::Rest as usize, now + done.rest);
                 }
+                self.report_round(done);
             }
+        }
+    }
+
+    /// Report what (the finished part of) a round did.
+    fn report_round(&mut self, done: Finished) {
+        if done.stored > 0 {
+            self.events.push_back(ReplicaEvent::Stored {
+                stored: done.stored,
+                dropped: done.dropped,
+            });
+        }
+        for (message, ids) in done.undeliverable {
+            self.events
+                .push_back(ReplicaEvent::Undeliverable { message, ids });
         }
     }
 }

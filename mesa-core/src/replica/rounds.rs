@@ -26,8 +26,8 @@ pub(crate) enum Step {
     Check { share: usize, offset: usize },
     /// The round's stores for the message of share `share`.
     Store { share: usize },
-    /// One publish of the round.
-    Publish,
+    /// The publish of share `share`.
+    Publish { share: usize },
 }
 
 /// Where a round of sends is.
@@ -49,14 +49,36 @@ struct RoundState {
     phase: Phase,
     /// Commands of the current phase not yet answered.
     waiting: usize,
-    /// Per share: the presence of each of its ids.
-    online: Vec<Vec<bool>>,
+    shares: Vec<Share>,
+}
+
+/// Where one share of a round (a send, or the cut part of one) is.
+#[derive(Debug, Default)]
+struct Share {
+    /// Its commands of the current phase not yet answered.
+    open: usize,
+    /// The presence of each of its ids.
+    online: Vec<bool>,
     stored: usize,
     dropped: usize,
-    /// Per share: the ids to publish to once the stores are done.
-    publish: Vec<Vec<String>>,
-    /// Learned from the checks, reported when the round is done.
-    undeliverable: Vec<(Message, Vec<String>)>,
+    /// The ids to publish to once the stores are done.
+    publish: Vec<String>,
+    /// Ids connected nowhere it was not stored for.
+    undeliverable: Vec<String>,
+}
+
+impl RoundState {
+    /// Whether share `index` has nothing left to do: everything it asked in the
+    /// current phase was answered, and no later phase has work for it.
+    fn share_done(&self, index: usize, plan: &RemotePlan) -> bool {
+        let share = &self.shares[index];
+        share.open == 0
+            && match self.phase {
+                Phase::Checking => !matches!(plan, RemotePlan::CheckPresence(_)),
+                Phase::Storing => share.publish.is_empty(),
+                Phase::Publishing => true,
+            }
+    }
 }
 
 /// What a finished round did.
@@ -126,14 +148,43 @@ impl Rounds {
         self.sends.push_back(send);
     }
 
-    /// The link failed: forget the round in flight (its sends stay, to be done
-    /// again from their last finished round) and keep only the sends `keep` keeps;
-    /// returns how many were let go.
-    pub(crate) fn interrupt(&mut self, keep: impl FnMut(&RemoteSend) -> bool) -> usize {
-        self.round = None;
+    /// The link failed: forget the round in flight and keep only the sends `keep`
+    /// keeps; returns how many were let go, and what the round finished. A send of
+    /// the round whose every command was answered, and that no later phase had work
+    /// for, is done and leaves the queue; the others are done again from their last
+    /// finished round (at least once).
+    ///
+    /// Order holds: a send left to redo whose publish Redis never ran can only be
+    /// followed by a finished one that stored (a later publish to the same ids would
+    /// have been unanswered too, Redis answering in order); stored messages are
+    /// redelivered in the order they were stored.
+    pub(crate) fn interrupt(&mut self, keep: impl FnMut(&RemoteSend) -> bool) -> (usize, Finished) {
+        let mut finished = Finished::default();
+        if let Some(round) = self.round.take() {
+            let plan = round.plan;
+            let done: Vec<bool> = (0..round.shares.len())
+                .map(|index| round.share_done(index, &self.sends[index].plan))
+                .collect();
+            for (index, share) in round.shares.into_iter().enumerate() {
+                if done[index] {
+                    finished.add(share, &self.sends[index].message);
+                }
+            }
+            // The cut send (its first `part` ids) is the last share.
+            if plan.part > 0 && done.get(plan.whole) == Some(&true) {
+                if let Some(cut) = self.sends.get_mut(plan.whole) {
+                    cut.plan.advance(plan.part);
+                }
+            }
+            for index in (0..plan.whole).rev() {
+                if done[index] {
+                    self.sends.remove(index);
+                }
+            }
+        }
         let before = self.sends.len();
         self.sends.retain(keep);
-        before - self.sends.len()
+        (before - self.sends.len(), finished)
     }
 
     /// The commands of the next round's first phase (presence checks, and the
@@ -141,40 +192,43 @@ impl Rounds {
     /// at once when there are none.
     pub(crate) fn start(&mut self, now: Instant) -> Vec<(Step, Command)> {
         let plan = Round::plan(self.sends.iter().map(|send| &send.plan));
-        let shares = plan.whole + usize::from(plan.part > 0);
+        let count = plan.whole + usize::from(plan.part > 0);
         let mut commands = Vec::new();
-        let mut online = Vec::with_capacity(shares);
-        for share in 0..shares {
-            let send = &self.sends[share];
-            let ids = self.share_ids(plan, share);
-            online.push(vec![false; ids.len()]);
+        let mut shares = Vec::with_capacity(count);
+        for index in 0..count {
+            let send = &self.sends[index];
+            let ids = self.share_ids(plan, index);
+            let mut share = Share {
+                online: vec![false; ids.len()],
+                ..Share::default()
+            };
             match &send.plan {
                 RemotePlan::Nothing => {}
                 RemotePlan::Publish(recipients) => {
-                    commands.push((Step::Publish, self.envelope(send, recipients.clone())));
+                    let step = Step::Publish { share: index };
+                    commands.push((step, self.envelope(send, recipients.clone())));
+                    share.open += 1;
                 }
                 RemotePlan::CheckPresence(_) => {
                     for (chunk, ids) in ids.chunks(IDS_PER_COMMAND).enumerate() {
                         let step = Step::Check {
-                            share,
+                            share: index,
                             offset: chunk * IDS_PER_COMMAND,
                         };
                         let ids = ids.to_vec();
                         commands.push((step, Command::CheckPresence { ids }));
+                        share.open += 1;
                     }
                 }
             }
+            shares.push(share);
         }
         self.round = Some(RoundState {
             plan,
             started: now,
             phase: Phase::Checking,
-            publish: vec![Vec::new(); shares],
             waiting: commands.len(),
-            online,
-            stored: 0,
-            dropped: 0,
-            undeliverable: Vec::new(),
+            shares,
         });
         commands
     }
@@ -186,34 +240,31 @@ impl Rounds {
         step: Step,
         value: Option<RedisValue>,
     ) -> Result<(), &'static str> {
+        let (index, what) = match step {
+            Step::Check { share, .. } => (share, "a presence check"),
+            Step::Store { share } => (share, "a store"),
+            Step::Publish { share } => (share, "a publish"),
+        };
+        let round = self.round.as_mut().ok_or(what)?;
+        let share = round.shares.get_mut(index).ok_or(what)?;
         match step {
-            Step::Check { share, offset } => {
-                let online = bools(value).ok_or("a presence check")?;
-                let round = self.round.as_mut().ok_or("a presence check")?;
-                let answers = round.online.get_mut(share).ok_or("a presence check")?;
-                for (slot, online) in answers.iter_mut().skip(offset).zip(online) {
+            Step::Check { offset, .. } => {
+                let online = bools(value).ok_or(what)?;
+                for (slot, online) in share.online.iter_mut().skip(offset).zip(online) {
                     *slot = online;
                 }
-                round.waiting -= 1;
             }
-            Step::Store { share } => {
-                let (stored, dropped, online) = store_reply(value).ok_or("a store")?;
-                let round = self.round.as_mut().ok_or("a store")?;
-                round.stored += stored;
-                round.dropped += dropped;
-                round.waiting -= 1;
+            Step::Store { .. } => {
+                let (stored, dropped, online) = store_reply(value).ok_or(what)?;
+                share.stored += stored;
+                share.dropped += dropped;
                 // Connected since the check: published to instead, with the others.
-                round
-                    .publish
-                    .get_mut(share)
-                    .ok_or("a store")?
-                    .extend(online);
+                share.publish.extend(online);
             }
-            Step::Publish => {
-                let round = self.round.as_mut().ok_or("a publish")?;
-                round.waiting -= 1;
-            }
+            Step::Publish { .. } => {}
         }
+        share.open = share.open.saturating_sub(1);
+        round.waiting -= 1;
         Ok(())
     }
 
@@ -275,14 +326,15 @@ impl Rounds {
     /// to, the others are stored for (the stores go first).
     fn stores(&self, round: &mut RoundState) -> Vec<(Step, Command)> {
         let mut commands = Vec::new();
-        for (share, online) in round.online.iter().enumerate() {
-            let send = &self.sends[share];
+        for (index, share) in round.shares.iter_mut().enumerate() {
+            let send = &self.sends[index];
             if !matches!(send.plan, RemotePlan::CheckPresence(_)) {
                 continue;
             }
-            let ids = self.share_ids(round.plan, share).to_vec();
-            let split = split_by_presence(ids, online, send.options.as_ref());
-            round.publish[share] = split.publish;
+            let ids = self.share_ids(round.plan, index).to_vec();
+            let split = split_by_presence(ids, &share.online, send.options.as_ref());
+            share.publish = split.publish;
+            share.undeliverable = split.undeliverable;
             let text = encode_stored(&send.message);
             for ids in split.store.chunks(IDS_PER_COMMAND) {
                 let command = Command::StoreMany {
@@ -290,12 +342,8 @@ impl Rounds {
                     text: text.clone(),
                     cap: self.cap,
                 };
-                commands.push((Step::Store { share }, command));
-            }
-            if !split.undeliverable.is_empty() {
-                round
-                    .undeliverable
-                    .push((send.message.clone(), split.undeliverable));
+                commands.push((Step::Store { share: index }, command));
+                share.open += 1;
             }
         }
         commands
@@ -305,32 +353,47 @@ impl Rounds {
     /// and those the stores found connected since), in the order of the sends, so a
     /// later send never reaches an id before an earlier one.
     fn publishes(&self, round: &mut RoundState) -> Vec<(Step, Command)> {
-        let publish = std::mem::take(&mut round.publish);
-        publish
-            .into_iter()
-            .enumerate()
-            .filter(|(_, ids)| !ids.is_empty())
-            .map(|(share, ids)| {
-                let command = self.envelope(&self.sends[share], Recipients::Ids(ids));
-                (Step::Publish, command)
-            })
-            .collect()
+        let mut commands = Vec::new();
+        for (index, share) in round.shares.iter_mut().enumerate() {
+            if share.publish.is_empty() {
+                continue;
+            }
+            let ids = std::mem::take(&mut share.publish);
+            let command = self.envelope(&self.sends[index], Recipients::Ids(ids));
+            commands.push((Step::Publish { share: index }, command));
+            share.open += 1;
+        }
+        commands
     }
 
     /// Everything of the round was answered: its sends (or the part of the cut one)
     /// leave the queue.
     fn finish(&mut self, now: Instant, round: RoundState) -> Finished {
+        let mut finished = Finished {
+            rest: round
+                .plan
+                .rest(now.saturating_duration_since(round.started)),
+            ..Finished::default()
+        };
+        for (index, share) in round.shares.into_iter().enumerate() {
+            finished.add(share, &self.sends[index].message);
+        }
         self.sends.drain(..round.plan.whole);
         if let Some(rest) = self.sends.front_mut().filter(|_| round.plan.part > 0) {
             rest.plan.advance(round.plan.part);
         }
-        Finished {
-            stored: round.stored,
-            dropped: round.dropped,
-            undeliverable: round.undeliverable,
-            rest: round
-                .plan
-                .rest(now.saturating_duration_since(round.started)),
+        finished
+    }
+}
+
+impl Finished {
+    /// Count in what a share of `message` did.
+    fn add(&mut self, share: Share, message: &Message) {
+        self.stored += share.stored;
+        self.dropped += share.dropped;
+        if !share.undeliverable.is_empty() {
+            self.undeliverable
+                .push((message.clone(), share.undeliverable));
         }
     }
 }

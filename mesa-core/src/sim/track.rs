@@ -222,8 +222,10 @@ pub fn check_order<'a>(
                 continue;
             };
             if !reception.redelivered {
+                // Relayed in the same instant as the authentication counts as before
+                // it: the simulation may have handled the relay first.
                 let authenticated = track.auth_at.get(&reception.link);
-                if authenticated.is_none_or(|at| relayed.at < *at) {
+                if authenticated.is_none_or(|at| relayed.at <= *at) {
                     continue;
                 }
             }

@@ -75,6 +75,7 @@ impl ClusterSim {
             linked: false,
             partitioned_until: None,
             slow: None,
+            reply_floor: None,
             timer: None,
             outstanding: BTreeMap::new(),
             inbound: Vec::new(),

@@ -164,6 +164,9 @@ pub struct SimReplica {
     linked: bool,
     partitioned_until: Option<Instant>,
     slow: Option<(Instant, Duration)>,
+    /// The link and the time of its last reply: one connection answers in order, so
+    /// a reply never overtakes an earlier slow one.
+    reply_floor: Option<(u64, Instant)>,
     timer: Option<Instant>,
     outstanding: BTreeMap<Token, Outstanding>,
     /// Pub/sub messages received, per second of the run.
@@ -562,8 +565,15 @@ impl ClusterSim {
             Some((until, extra)) if until > now => extra,
             _ => Duration::ZERO,
         };
+        let mut at = now + self.config.redis_latency + slow;
+        if let Some((link, floor)) = self.replicas[r].reply_floor {
+            if link == epoch {
+                at = at.max(floor);
+            }
+        }
+        self.replicas[r].reply_floor = Some((epoch, at));
         self.schedule.push(
-            now + self.config.redis_latency + slow,
+            at,
             Event::Reply {
                 replica: r,
                 epoch,
