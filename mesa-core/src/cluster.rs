@@ -14,6 +14,9 @@ use crate::wire::{DecodeError, Message};
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Namespace(Option<String>);
 
+/// What every room channel starts with.
+pub const ROOM_CHANNEL_PREFIX: &str = "mesa_room:";
+
 impl Namespace {
     /// A namespace; an empty string means none, as in upstream (`if (namespace)`).
     pub fn new(namespace: Option<String>) -> Self {
@@ -61,6 +64,11 @@ impl Namespace {
     /// Ours only (upstream never reads it): the set of live mesa-rs replica ids.
     pub fn replicas(&self) -> String {
         self.key("mesa_replicas")
+    }
+
+    /// The pub/sub channel of a room (ours; Node replicas never subscribe to it).
+    pub fn room_channel(&self, room: &str) -> String {
+        self.key(&format!("{ROOM_CHANNEL_PREFIX}{room}"))
     }
 
     /// Ours only: a replica's lease, a key with a TTL renewed while it is alive.

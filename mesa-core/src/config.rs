@@ -83,6 +83,7 @@ pub struct ServerConfig {
     pub(crate) store_messages: bool,
     pub(crate) sync: Option<SyncConfig>,
     pub(crate) limits: Limits,
+    pub(crate) rooms: bool,
 }
 
 impl ServerConfig {
@@ -118,6 +119,11 @@ impl ServerConfig {
         &self.limits
     }
 
+    /// Whether clients may opt in to rooms (the hello's `rooms` rule).
+    pub fn rooms(&self) -> bool {
+        self.rooms
+    }
+
     /// Whether server-wide sends skip unauthenticated connections.
     pub fn authentication_required(&self) -> bool {
         self.authentication.is_some_and(|auth| auth.required)
@@ -137,6 +143,9 @@ impl ServerConfig {
             .is_some_and(|auth| auth.send_user_object)
         {
             rules.push(Rule::SendsUserObject);
+        }
+        if self.rooms {
+            rules.push(Rule::Rooms);
         }
         Hello {
             heartbeat_interval: self.heartbeat.map(|h| h.interval),
@@ -183,6 +192,13 @@ impl ServerConfigBuilder {
     /// Announce the `store_messages` rule.
     pub fn store_messages(mut self, on: bool) -> Self {
         self.config.store_messages = on;
+        self
+    }
+
+    /// Let clients opt in to rooms: the hello announces the `rooms` rule, and the
+    /// connections that opt in may send room requests (see `docs/protocol.md`).
+    pub fn rooms(mut self, on: bool) -> Self {
+        self.config.rooms = on;
         self
     }
 

@@ -15,6 +15,8 @@ pub enum Rule {
     StoreMessages,
     /// `sends_user_object`: op 22 carries the user object.
     SendsUserObject,
+    /// `rooms` (ours): clients may opt in to rooms (see `docs/protocol.md`).
+    Rooms,
     /// A rule this version does not know.
     Other(String),
 }
@@ -26,6 +28,7 @@ impl Rule {
             Rule::EnforceEqualVersions => "enforce_equal_versions",
             Rule::StoreMessages => "store_messages",
             Rule::SendsUserObject => "sends_user_object",
+            Rule::Rooms => crate::rooms::ROOMS_RULE,
             Rule::Other(name) => name,
         }
     }
@@ -35,6 +38,7 @@ impl Rule {
             "enforce_equal_versions" => Rule::EnforceEqualVersions,
             "store_messages" => Rule::StoreMessages,
             "sends_user_object" => Rule::SendsUserObject,
+            crate::rooms::ROOMS_RULE => Rule::Rooms,
             other => Rule::Other(other.to_owned()),
         }
     }

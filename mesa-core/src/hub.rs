@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::close::{Close, CloseCode};
+use crate::room_table::{Joined, RoomTable};
+use crate::rooms::{RefusalCode, RoomRefusal};
 use crate::wire::{Frame, Message, Opcode};
 
 /// A connection's handle inside one server process.
@@ -136,6 +138,7 @@ pub struct Hub {
     auth_required: bool,
     connections: BTreeMap<ConnId, Option<String>>,
     by_id: HashMap<String, BTreeSet<ConnId>>,
+    rooms: RoomTable,
 }
 
 impl Hub {
@@ -202,10 +205,53 @@ impl Hub {
         previous.map(|previous| self.forget(conn, previous))
     }
 
-    /// Remove a closed connection; reports its id's presence change, if it had one.
+    /// Remove a closed connection (and its room memberships: see
+    /// [`leave_rooms`](Self::leave_rooms) to learn which rooms it empties); reports
+    /// its id's presence change, if it had one.
     pub fn disconnect(&mut self, conn: ConnId) -> Option<Departure> {
+        self.rooms.leave_all(conn);
         let id = self.connections.remove(&conn)??;
         Some(self.forget(conn, id))
+    }
+
+    /// The connections of `id` here.
+    pub fn conns_of(&self, id: &str) -> Vec<ConnId> {
+        self.by_id
+            .get(id)
+            .map(|conns| conns.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The room memberships of the connections here.
+    pub fn rooms(&self) -> &RoomTable {
+        &self.rooms
+    }
+
+    /// `conn` opted in to rooms.
+    pub fn extend(&mut self, conn: ConnId) {
+        if self.contains(conn) {
+            self.rooms.extend(conn);
+        }
+    }
+
+    /// Put `conn` in `room`, unless it is in `max` rooms already (or closed).
+    pub fn join(&mut self, conn: ConnId, room: &str, max: usize) -> Result<Joined, RoomRefusal> {
+        if !self.contains(conn) {
+            let reason = "the connection is closed";
+            return Err(RoomRefusal::new(RefusalCode::BadRequest, reason));
+        }
+        self.rooms.join(conn, room, max)
+    }
+
+    /// Take `conn` out of `room`: `None` when it was not in it, else whether the room
+    /// has no member here any more.
+    pub fn leave(&mut self, conn: ConnId, room: &str) -> Option<bool> {
+        self.rooms.leave(conn, room)
+    }
+
+    /// Take `conn` out of every room; returns the rooms left with no member here.
+    pub fn leave_rooms(&mut self, conn: ConnId) -> Vec<String> {
+        self.rooms.leave_all(conn)
     }
 
     fn forget(&mut self, conn: ConnId, id: String) -> Departure {

@@ -16,6 +16,8 @@ pub mod rate;
 pub mod relay;
 pub mod replica;
 pub mod rng;
+pub mod room_table;
+pub mod rooms;
 pub mod session;
 #[cfg(feature = "sim")]
 pub mod sim;

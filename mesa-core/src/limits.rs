@@ -30,6 +30,12 @@ pub struct Limits {
     /// What happens to a connection that sends faster than its rate and burst.
     /// Default [`RateLimitPolicy::Slow`].
     pub rate_limit_policy: RateLimitPolicy,
+    /// Most rooms one connection may be in; a join beyond it is refused with
+    /// `too_many_rooms`. Default 128.
+    pub max_rooms_per_connection: usize,
+    /// Longest room name, in bytes (see [`check_room`](crate::rooms::check_room)).
+    /// Default 128.
+    pub max_room_name_bytes: usize,
 }
 
 /// What the server does with a connection that outpaces its inbound message rate.
@@ -61,6 +67,8 @@ impl Default for Limits {
             max_message_burst: 200,
             max_recipients: 100_000,
             rate_limit_policy: RateLimitPolicy::Slow,
+            max_rooms_per_connection: 128,
+            max_room_name_bytes: 128,
         }
     }
 }

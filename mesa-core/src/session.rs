@@ -14,6 +14,7 @@ use crate::config::ServerConfig;
 use crate::heartbeat::{Beat, Heartbeat};
 use crate::limits::RateLimitPolicy;
 use crate::rate::TokenBucket;
+use crate::rooms::{self, RoomNotice, RoomRequest};
 use crate::sync::Redelivery;
 use crate::timer::TimerTable;
 use crate::wire::{DecodeError, Frame, Message, Opcode};
@@ -50,6 +51,13 @@ pub enum SessionEvent {
     },
     /// An application message from the client.
     Message(Message),
+    /// The client opted in to rooms (once per connection): its room requests arrive as
+    /// [`SessionEvent::Room`], and room messages to it carry their room.
+    Extended,
+    /// A room request of an extended client, well formed and naming a valid room:
+    /// answer it with [`ServerSession::room_notice`] (a publish that went through is
+    /// not answered).
+    Room(RoomRequest),
     /// Sync: read the messages stored for `id` and answer with
     /// [`ServerSession::handle_undelivered`].
     LoadUndelivered {
@@ -176,6 +184,8 @@ pub struct ServerSession {
     timers: TimerTable<TIMERS>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SessionEvent>,
+    /// The client opted in to rooms.
+    extended: bool,
 }
 
 impl ServerSession {
@@ -210,6 +220,7 @@ impl ServerSession {
             timers,
             transmits: VecDeque::from([hello]),
             events: VecDeque::new(),
+            extended: false,
         }
     }
 
@@ -481,6 +492,23 @@ impl ServerSession {
         }
     }
 
+    /// Whether the client opted in to rooms.
+    pub fn is_extended(&self) -> bool {
+        self.extended
+    }
+
+    /// Answer a room request, or tell the client of a room change the server made;
+    /// only an extended client hears of it (the others get nothing new).
+    pub fn room_notice(&mut self, notice: RoomNotice) -> Result<(), SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        if self.extended {
+            self.transmits.push_back(Transmit::Text(notice.encode()));
+        }
+        Ok(())
+    }
+
     /// Queue an already encoded frame (a broadcast shares one [`Frame`]).
     pub fn send(&mut self, frame: Frame) -> Result<(), SessionError> {
         if self.is_closed() {
@@ -534,14 +562,38 @@ impl ServerSession {
             Opcode::Authenticate if self.config.authentication.is_some() => {
                 self.request_authentication(message.d)
             }
+            // Without authentication, op 2 only opts in.
+            Opcode::Authenticate if self.config.rooms => {
+                let mut d = message.d;
+                self.take_opt_in(&mut d);
+            }
             Opcode::Dispatch if self.is_version_check(&message) => {
                 self.check_version(&message.d);
+            }
+            Opcode::Dispatch if self.extended => {
+                match RoomRequest::parse(&message, &self.config.limits) {
+                    None => self.events.push_back(SessionEvent::Message(message)),
+                    Some(Ok(request)) => self.events.push_back(SessionEvent::Room(request)),
+                    Some(Err(refused)) => {
+                        let notice = RoomNotice::Refused(*refused).encode();
+                        self.transmits.push_back(Transmit::Text(notice));
+                    }
+                }
             }
             _ => self.events.push_back(SessionEvent::Message(message)),
         }
     }
 
-    fn request_authentication(&mut self, credentials: Value) {
+    /// Take the rooms opt-in out of op 2's data (when the server has rooms).
+    fn take_opt_in(&mut self, credentials: &mut Value) {
+        if self.config.rooms && rooms::take_opt_in(credentials) && !self.extended {
+            self.extended = true;
+            self.events.push_back(SessionEvent::Extended);
+        }
+    }
+
+    fn request_authentication(&mut self, mut credentials: Value) {
+        self.take_opt_in(&mut credentials);
         let State::Open {
             pending_auth,
             queued_auth,

@@ -104,13 +104,7 @@ impl Message {
 
     /// Decode one text frame, enforcing `limits` before any JSON tree is built.
     pub fn decode(text: &str, limits: &Limits) -> Result<Message, DecodeError> {
-        if text.len() > limits.max_message_bytes {
-            return Err(DecodeError::TooBig {
-                len: text.len(),
-                max: limits.max_message_bytes,
-            });
-        }
-        check_depth(text.as_bytes(), limits.max_json_depth)?;
+        check_size_and_depth(text, limits)?;
         let value: Value = serde_json::from_str(text).map_err(|_| DecodeError::NotJson)?;
         Message::from_value(value)
     }
@@ -170,7 +164,7 @@ impl Message {
 /// An encoded text frame. Cloning shares the bytes, so a broadcast to many
 /// connections is serialized once.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Frame(Arc<str>);
+pub struct Frame(pub(crate) Arc<str>);
 
 impl Frame {
     /// The frame's text.
@@ -270,6 +264,17 @@ impl DecodeError {
 ///
 /// Brackets inside strings do not count; an unbalanced document is left for the parser
 /// to reject.
+/// Refuse a frame over the size or nesting limits before parsing it.
+pub(crate) fn check_size_and_depth(text: &str, limits: &Limits) -> Result<(), DecodeError> {
+    if text.len() > limits.max_message_bytes {
+        return Err(DecodeError::TooBig {
+            len: text.len(),
+            max: limits.max_message_bytes,
+        });
+    }
+    check_depth(text.as_bytes(), limits.max_json_depth)
+}
+
 fn check_depth(bytes: &[u8], max: usize) -> Result<(), DecodeError> {
     let mut depth = 0usize;
     let mut in_string = false;

@@ -50,6 +50,8 @@ fn kind(command: &Command) -> &'static str {
     match command {
         Command::Connect => "Connect",
         Command::Ping => "Ping",
+        Command::Subscribe { .. } => "Subscribe",
+        Command::Unsubscribe { .. } => "Unsubscribe",
         Command::LoadPortals => "LoadPortals",
         Command::Publish { .. } => "Publish",
         Command::CheckPresence { .. } => "CheckPresence",

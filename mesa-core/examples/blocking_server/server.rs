@@ -356,9 +356,12 @@ impl Connection {
             SessionEvent::LoadUndelivered { .. } => {
                 let _ = self.session.handle_undelivered(now, Vec::new());
             }
+            // Rooms are off in this example: these never come.
             SessionEvent::ClearUndelivered { .. }
             | SessionEvent::Redelivered { .. }
-            | SessionEvent::HeartbeatMissed { .. } => {}
+            | SessionEvent::HeartbeatMissed { .. }
+            | SessionEvent::Extended
+            | SessionEvent::Room(_) => {}
             SessionEvent::Closed { close, by_peer } => {
                 let side = if by_peer { "peer" } else { "server" };
                 eprintln!("{}: closed by {side}: {close}", self.peer);

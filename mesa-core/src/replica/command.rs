@@ -30,11 +30,23 @@ pub enum Command {
     Connect,
     /// `PING` on the subscription connection: any answer proves it alive.
     Ping,
+    /// `SUBSCRIBE channels..` on the subscription connection: rooms that got their
+    /// first member here. Answered with no value.
+    Subscribe {
+        /// At most [`CHANNELS_PER_COMMAND`](super::CHANNELS_PER_COMMAND).
+        channels: Vec<String>,
+    },
+    /// `UNSUBSCRIBE channels..` on the subscription connection: rooms that lost their
+    /// last member here. Answered with no value.
+    Unsubscribe {
+        /// At most [`CHANNELS_PER_COMMAND`](super::CHANNELS_PER_COMMAND).
+        channels: Vec<String>,
+    },
     /// `SMEMBERS ns(available_portals_pool)`: the portals available now.
     LoadPortals,
-    /// `PUBLISH channel payload`: a `ws` envelope, or a portal event.
+    /// `PUBLISH channel payload`: a `ws` envelope, a room's envelope, or a portal event.
     Publish {
-        /// `ns("ws")` or `ns("portal")`.
+        /// `ns("ws")`, a room's channel, or `ns("portal")`.
         channel: String,
         /// The encoded envelope or portal event.
         payload: String,
@@ -222,6 +234,8 @@ impl Command {
         match self {
             Command::Connect => Vec::new(),
             Command::Ping => vec![plain("PING", Vec::new())],
+            Command::Subscribe { channels } => vec![plain("SUBSCRIBE", channels.clone())],
+            Command::Unsubscribe { channels } => vec![plain("UNSUBSCRIBE", channels.clone())],
             Command::LoadPortals => vec![plain("SMEMBERS", vec![ns.available_portals_pool()])],
             Command::Publish { channel, payload } => {
                 vec![plain("PUBLISH", vec![channel.clone(), payload.clone()])]

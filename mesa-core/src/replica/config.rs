@@ -35,6 +35,8 @@ pub struct ReplicaConfig {
     pub max_stored_per_id: usize,
     /// Most distinct ids one send may address. Default: the server's limit (100 000).
     pub max_recipients: usize,
+    /// Most rooms one connection may be in. Default: the server's limit (128).
+    pub max_rooms_per_connection: usize,
     /// How long a connection waits for its stored messages; a load still queued
     /// after it is dropped (the session went on without). Default: the server's (5 s).
     pub load_timeout: Duration,
@@ -60,6 +62,7 @@ impl ReplicaConfig {
             auth_required: server.authentication_required(),
             max_stored_per_id: server.limits().max_stored_per_id,
             max_recipients: server.limits().max_recipients,
+            max_rooms_per_connection: server.limits().max_rooms_per_connection,
             load_timeout: server
                 .sync()
                 .map_or(Duration::from_secs(5), |s| s.load_timeout),

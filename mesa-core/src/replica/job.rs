@@ -48,6 +48,8 @@ pub(crate) enum Job {
         kind: PortalEventKind,
         client_id: Option<String>,
     },
+    /// Publish a room's envelope on its channel.
+    Publish { channel: String, payload: String },
 }
 
 /// What becomes of a job when the link fails.
@@ -69,8 +71,10 @@ impl Job {
     pub(crate) fn fate(&self) -> Fate {
         match self {
             Job::Arrive(_) | Job::Leave(_) | Job::Connections(_) => Fate::Forget,
-            // An event about a moment that has passed; best effort, as upstream's.
-            Job::Portal { .. } => Fate::Lost(Loss::Outage),
+            // An event about a moment that has passed, and a room's message, which
+            // would arrive out of order with what came since: best effort, as
+            // upstream's publishes.
+            Job::Portal { .. } | Job::Publish { .. } => Fate::Lost(Loss::Outage),
             // A read, a delete of what the client declined, and a trim that finds
             // what it removes by its text: each may run twice.
             Job::Load { .. } | Job::Clear { .. } | Job::Trim { .. } => Fate::Keep,

@@ -85,11 +85,13 @@ pub use scripts::Script;
 
 use crate::backoff::Backoff;
 use crate::cluster::{
-    Envelope, IDS_PER_COMMAND, PortalEvent, PortalEventKind, PortalPool, PortalUpdate, RemotePlan,
-    plan_remote,
+    Envelope, IDS_PER_COMMAND, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,
+    ROOM_CHANNEL_PREFIX, RemotePlan, plan_remote,
 };
 use crate::config::ConfigError;
 use crate::hub::{Action, ConnId, Hub, Recipients, TooManyRecipients};
+use crate::room_table::Joined;
+use crate::rooms::{RoomEnvelope, RoomRefusal};
 use crate::session::SessionEvent;
 use crate::sync::{MessageOptions, stored_entries};
 use crate::timer::TimerTable;
@@ -101,6 +103,9 @@ use rounds::{Advance, Finished, Rounds, Step};
 /// Commands of jobs other than sends in flight at once: beyond it, jobs wait (and
 /// presence changes coalesce) until Redis answers.
 const JOBS_IN_FLIGHT: usize = 512;
+
+/// Channels one `SUBSCRIBE` or `UNSUBSCRIBE` names at most.
+pub const CHANNELS_PER_COMMAND: usize = 512;
 
 #[derive(Debug, Clone, Copy)]
 enum Timer {
@@ -137,6 +142,8 @@ enum Flight {
     Round(Step),
     Ping,
     LoadPortals,
+    /// A `SUBSCRIBE` or `UNSUBSCRIBE` of room channels.
+    Subscription,
     Renew,
     Janitor,
     /// The janitor that retires this replica.
@@ -177,6 +184,10 @@ pub struct Replica {
     ever_linked: bool,
     /// The portal pool is being read: portal events wait for it.
     portals_loading: bool,
+    /// Room channels to subscribe to and to unsubscribe from, not yet asked (never
+    /// the same channel in both).
+    subscribe: Vec<String>,
+    unsubscribe: Vec<String>,
     /// Remote sends not yet done, and the round in flight.
     rounds: Rounds,
     /// Other jobs not yet sent, oldest first.
@@ -220,6 +231,8 @@ impl Replica {
             retiring: false,
             ever_linked: false,
             portals_loading: false,
+            subscribe: Vec::new(),
+            unsubscribe: Vec::new(),
             rounds: Rounds::new(
                 config.namespace.ws_channel(),
                 Some(name),
@@ -313,6 +326,7 @@ impl Replica {
     pub fn handle_session_event(&mut self, now: Instant, conn: ConnId, event: &SessionEvent) {
         match event {
             SessionEvent::Authenticated { id, .. } => self.authenticated(conn, id),
+            SessionEvent::Extended => self.hub.extend(conn),
             SessionEvent::Message(message) => {
                 let client_id = self.hub.id_of(conn).map(str::to_owned);
                 self.tell_portals(PortalEventKind::Message(message.clone()), client_id);
@@ -359,6 +373,9 @@ impl Replica {
             return;
         }
         let client_id = self.hub.id_of(conn).map(str::to_owned);
+        for room in self.hub.leave_rooms(conn) {
+            self.subscription(&room, false);
+        }
         if let Some(departure) = self.hub.disconnect(conn) {
             if departure.last && self.config.presence {
                 self.push_job(Job::Leave(departure.id));
@@ -383,6 +400,15 @@ impl Replica {
         };
         self.ever_linked = true;
         self.backoff.reset();
+        // The rooms with a member here, whatever was asked on an earlier link.
+        let ns = self.keys.namespace();
+        self.subscribe = self
+            .hub
+            .rooms()
+            .rooms()
+            .map(|room| ns.room_channel(room))
+            .collect();
+        self.unsubscribe.clear();
         self.events.push_back(ReplicaEvent::LinkUp);
         if self.config.portals.is_some() {
             self.issue(now, Flight::LoadPortals, Command::LoadPortals);
@@ -446,6 +472,15 @@ impl Replica {
                 // Our own list names only ids absent here when it was sent: those that
                 // connected here since get it now, when every other replica delivers.
                 Ok(envelope) => self.deliver(envelope.message, &envelope.recipients),
+                Err(error) => self.undecodable(channel, error.to_string()),
+            }
+        } else if channel.starts_with(ROOM_CHANNEL_PREFIX) {
+            match RoomEnvelope::decode(payload) {
+                // Our own: its members here got it when it was sent.
+                Ok(envelope) if envelope.origin.as_deref() == Some(self.keys.replica()) => {}
+                Ok(envelope) => {
+                    self.deliver_room(envelope.message, &envelope.room);
+                }
                 Err(error) => self.undecodable(channel, error.to_string()),
             }
         } else if channel == ns.available_portals_pool() && self.config.portals.is_some() {
@@ -533,6 +568,58 @@ impl Replica {
         Ok(report)
     }
 
+    /// Put connection `conn` in `room` (whoever asked was authorized): the room's
+    /// first member here subscribes the replica to its channel. Refused when the
+    /// connection is in `max_rooms_per_connection` rooms already, or closed.
+    pub fn handle_join(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        room: &str,
+    ) -> Result<Joined, RoomRefusal> {
+        let joined = self
+            .hub
+            .join(conn, room, self.config.max_rooms_per_connection)?;
+        if joined.first_here {
+            self.subscription(room, true);
+        }
+        self.settle(now);
+        Ok(joined)
+    }
+
+    /// Take connection `conn` out of `room` (whether it was in it): the room's last
+    /// member here unsubscribes the replica from its channel.
+    pub fn handle_leave(&mut self, now: Instant, conn: ConnId, room: &str) -> bool {
+        let left = self.hub.leave(conn, room);
+        if left == Some(true) {
+            self.subscription(room, false);
+        }
+        self.settle(now);
+        left.is_some()
+    }
+
+    /// Send `message` to the members of `room`: here at once (the extended ones see
+    /// the room), elsewhere through the room's channel, best effort as a publish.
+    /// Returns the local connections it goes to.
+    pub fn handle_room_send(&mut self, now: Instant, message: &Message, room: &str) -> usize {
+        let message = Message {
+            s: None,
+            ..message.clone()
+        };
+        let local = self.deliver_room(message.clone(), room);
+        let envelope = RoomEnvelope {
+            room: room.to_owned(),
+            message,
+            origin: Some(self.keys.replica().to_owned()),
+        };
+        self.push_job(Job::Publish {
+            channel: self.keys.namespace().room_channel(room),
+            payload: envelope.encode(),
+        });
+        self.settle(now);
+        local
+    }
+
     /// Leave the cluster: take no more work, finish what is queued, then give up the
     /// lease and this replica's presence ([`ReplicaEvent::Retired`]). Without a link
     /// there is nothing to give up: the lease expires by itself.
@@ -594,6 +681,39 @@ impl Replica {
             channel: channel.to_owned(),
             error,
         });
+    }
+
+    /// Ask for (or give up) a room's channel, cancelling the opposite request not
+    /// asked yet. Without a link nothing is asked: the next link subscribes to every
+    /// room with a member here.
+    fn subscription(&mut self, room: &str, on: bool) {
+        if !self.is_linked() {
+            return;
+        }
+        let channel = self.keys.namespace().room_channel(room);
+        let (ask, cancel) = if on {
+            (&mut self.subscribe, &mut self.unsubscribe)
+        } else {
+            (&mut self.unsubscribe, &mut self.subscribe)
+        };
+        match cancel.iter().position(|pending| *pending == channel) {
+            Some(index) => drop(cancel.swap_remove(index)),
+            None => ask.push(channel),
+        }
+    }
+
+    /// Deliver `message` to the members of `room` here; how many.
+    fn deliver_room(&mut self, message: Message, room: &str) -> usize {
+        let mut count = 0;
+        for (action, targets) in self.hub.rooms().deliveries(&message, room) {
+            count += targets.len();
+            self.deliveries.push_back(LocalDelivery {
+                message: message.clone(),
+                action,
+                targets,
+            });
+        }
+        count
     }
 
     /// Deliver to the local connections among `recipients`.
@@ -784,6 +904,8 @@ impl Replica {
         outage += let_go;
         self.report_round(done);
         self.portals_loading = false;
+        self.subscribe.clear();
+        self.unsubscribe.clear();
         for timer in [Timer::Tick, Timer::Reply, Timer::Rest] {
             self.timers.stop(timer as usize);
         }
@@ -858,7 +980,7 @@ impl Replica {
                 let portals = texts(first).ok_or("the portal pool")?;
                 self.pool.reset(portals);
             }
-            Flight::Renew | Flight::Janitor => {}
+            Flight::Renew | Flight::Janitor | Flight::Subscription => {}
             Flight::Retire => {
                 self.link = Link::Retired;
                 self.timers.stop_all();
@@ -892,6 +1014,16 @@ impl Replica {
     /// Send queued jobs (up to [`JOBS_IN_FLIGHT`]), start the next round of sends when
     /// none is in flight and no rest is due, and retire once everything is done.
     fn pump(&mut self, now: Instant) {
+        let subscribe = std::mem::take(&mut self.subscribe);
+        let unsubscribe = std::mem::take(&mut self.unsubscribe);
+        for chunk in subscribe.chunks(CHANNELS_PER_COMMAND) {
+            let channels = chunk.to_vec();
+            self.issue(now, Flight::Subscription, Command::Subscribe { channels });
+        }
+        for chunk in unsubscribe.chunks(CHANNELS_PER_COMMAND) {
+            let channels = chunk.to_vec();
+            self.issue(now, Flight::Subscription, Command::Unsubscribe { channels });
+        }
         while self.jobs_in_flight + self.presence_in_flight < JOBS_IN_FLIGHT {
             let job = match self.presence.pop_front() {
                 Some(job) => job,
@@ -942,6 +1074,10 @@ impl Replica {
                 last: last.clone(),
             },
             Job::Clear { id, .. } => Command::Clear { id: id.clone() },
+            Job::Publish { channel, payload } => Command::Publish {
+                channel: channel.clone(),
+                payload: payload.clone(),
+            },
             Job::Portal { kind, client_id } => {
                 // No portal known: nobody to tell.
                 let Some(portal) = self.pool.pick() else {

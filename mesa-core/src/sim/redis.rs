@@ -115,6 +115,16 @@ impl RedisModel {
             .insert(subscriber);
     }
 
+    /// End `subscriber`'s subscription to `channel`.
+    pub fn unsubscribe(&mut self, subscriber: usize, channel: &str) {
+        if let Some(subscribers) = self.subscriptions.get_mut(channel) {
+            subscribers.remove(&subscriber);
+            if subscribers.is_empty() {
+                self.subscriptions.remove(channel);
+            }
+        }
+    }
+
     /// End every subscription of `subscriber` (its connection closed).
     pub fn unsubscribe_all(&mut self, subscriber: usize) {
         for subscribers in self.subscriptions.values_mut() {
@@ -224,6 +234,9 @@ impl RedisModel {
         let key = || arg(args, 0);
         Ok(match name {
             "PING" => RedisValue::Text("PONG".into()),
+            // Subscriptions belong to a connection, which calls here do not name: the
+            // cluster simulation applies them per replica (`subscribe`, `unsubscribe`).
+            "SUBSCRIBE" | "UNSUBSCRIBE" => RedisValue::Nil,
             "PUBLISH" => {
                 let channel = key()?.to_owned();
                 let subscribers: Vec<usize> = self

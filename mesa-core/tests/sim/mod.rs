@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesa_core::rng::Rng;
+use mesa_core::rooms::{RefusalCode, Refused, RoomNotice, RoomRefusal, RoomRequest};
 pub use mesa_core::sim::net::ClientLog;
 use mesa_core::sim::net::{Link, Packet, SimClient};
 use mesa_core::{
@@ -444,9 +445,70 @@ impl Sim {
                 }
             }
             SessionEvent::HeartbeatMissed { .. } => {}
+            SessionEvent::Extended => self.hub.extend(conn),
+            SessionEvent::Room(request) => self.room_request(conn, request),
             SessionEvent::Closed { .. } => {
                 let _ = self.hub.disconnect(conn);
                 self.sessions.remove(&conn);
+            }
+        }
+    }
+
+    /// An open rooms policy: every subscribe and publish is allowed.
+    fn room_request(&mut self, conn: ConnId, request: RoomRequest) {
+        let max = self.config.limits().max_rooms_per_connection;
+        let refused = |room: String, reference, refusal| {
+            RoomNotice::Refused(Refused {
+                room: Some(room),
+                reference,
+                refusal,
+            })
+        };
+        let notice = match request {
+            RoomRequest::Subscribe {
+                room, reference, ..
+            } => match self.hub.join(conn, &room, max) {
+                Ok(_) => RoomNotice::Subscribed { room, reference },
+                Err(refusal) => refused(room, reference, refusal),
+            },
+            RoomRequest::Unsubscribe { room, reference } => match self.hub.leave(conn, &room) {
+                Some(_) => RoomNotice::Unsubscribed { room, reference },
+                None => {
+                    let refusal = RoomRefusal::new(RefusalCode::NotSubscribed, "not in the room");
+                    refused(room, reference, refusal)
+                }
+            },
+            RoomRequest::Publish { room, message, .. } => {
+                return self.publish(Some(conn), &message, &room);
+            }
+        };
+        let session = self.sessions.get_mut(&conn).expect("session");
+        let _ = session.room_notice(notice);
+    }
+
+    /// Publish to a room from the "application", as `ServerHandle::publish` would.
+    pub fn server_publish(&mut self, message: &Message, room: &str) {
+        self.publish(None, message, room);
+    }
+
+    fn publish(&mut self, from: Option<ConnId>, message: &Message, room: &str) {
+        for (action, targets) in self.hub.rooms().deliveries(message, room) {
+            self.apply(from, &action, &targets);
+        }
+    }
+
+    /// Put every connection of `id` in `room`, as `ServerHandle::join_id` would.
+    pub fn server_join_id(&mut self, id: &str, room: &str) {
+        let max = self.config.limits().max_rooms_per_connection;
+        for conn in self.hub.conns_of(id) {
+            if self.hub.join(conn, room, max).is_ok() {
+                let session = self.sessions.get_mut(&conn).expect("session");
+                let notice = RoomNotice::Subscribed {
+                    room: room.to_owned(),
+                    reference: serde_json::Value::Null,
+                };
+                let _ = session.room_notice(notice);
+                self.flush_server(conn);
             }
         }
     }
@@ -456,12 +518,11 @@ impl Sim {
         self.deliver(None, message, recipients);
     }
 
-    /// Execute a hub decision; `from` is the connection whose flush is in progress.
-    fn deliver(&mut self, from: Option<ConnId>, message: &Message, recipients: &Recipients) {
-        let delivery = self.hub.send(message, recipients);
-        for target in &delivery.targets {
+    /// Apply `action` to `targets`; `from` is the connection whose flush is in progress.
+    fn apply(&mut self, from: Option<ConnId>, action: &Action, targets: &[ConnId]) {
+        for target in targets {
             if let Some(session) = self.sessions.get_mut(target) {
-                let _ = match &delivery.action {
+                let _ = match action {
                     Action::Write(frame) => session.send(frame.clone()),
                     Action::Close(close) => session.disconnect(close.clone()),
                     Action::Ignore => Ok(()),
@@ -471,6 +532,12 @@ impl Sim {
                 self.flush_server(*target);
             }
         }
+    }
+
+    /// Execute a hub decision; `from` is the connection whose flush is in progress.
+    fn deliver(&mut self, from: Option<ConnId>, message: &Message, recipients: &Recipients) {
+        let delivery = self.hub.send(message, recipients);
+        self.apply(from, &delivery.action, &delivery.targets);
         if self.sync {
             for id in delivery.absent {
                 if mesa_core::sync::should_store(&id, None) {

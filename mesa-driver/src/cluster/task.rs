@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_channel::mpsc;
-use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, Stream, StreamExt};
 use mesa_core::{Command, Keys, RedisValue, Reply, Token};
 use redis::aio::{MultiplexedConnection, PubSubSink};
@@ -47,7 +46,8 @@ pub(crate) fn spawn<R: Runtime>(
         connecting: None,
         queue: VecDeque::new(),
         batch: None,
-        pings: FuturesUnordered::new(),
+        sink_queue: VecDeque::new(),
+        sink_op: None,
         timer: None,
     };
     runtime.spawn(task.run());
@@ -79,8 +79,10 @@ struct Task<R: Runtime> {
     queue: VecDeque<(Token, Command)>,
     /// The pipeline in flight: one at a time, so Redis runs commands in their order.
     batch: Option<Answers>,
-    /// Pings on the subscription connection.
-    pings: FuturesUnordered<BoxFuture<'static, (Token, Reply)>>,
+    /// Pings, subscribes and unsubscribes for the subscription connection, oldest
+    /// first, and the one in flight (one at a time, so they run in their order).
+    sink_queue: VecDeque<(Token, Command)>,
+    sink_op: Option<Answers>,
     /// The sleep armed for the replica's deadline, with that deadline.
     timer: Option<(Instant, Pin<Box<R::Sleep>>)>,
 }
@@ -102,6 +104,7 @@ impl<R: Runtime> Task<R> {
                 return;
             };
             self.send_batch(&registry);
+            self.send_sink_op();
             self.arm_timer(&registry);
             drop(registry);
             let wake = poll_fn(|cx| self.poll_wake(cx)).await;
@@ -112,7 +115,12 @@ impl<R: Runtime> Task<R> {
                 Wake::Inbox(None) => return,
                 Wake::Inbox(Some(LinkWork::Rearm)) => {}
                 Wake::Inbox(Some(LinkWork::Command(_, Command::Connect))) => self.open(&registry),
-                Wake::Inbox(Some(LinkWork::Command(token, Command::Ping))) => self.ping(token),
+                Wake::Inbox(Some(LinkWork::Command(
+                    token,
+                    command @ (Command::Ping
+                    | Command::Subscribe { .. }
+                    | Command::Unsubscribe { .. }),
+                ))) => self.sink_queue.push_back((token, command)),
                 Wake::Inbox(Some(LinkWork::Command(token, command))) => {
                     self.queue.push_back((token, command));
                 }
@@ -167,8 +175,11 @@ impl<R: Runtime> Task<R> {
                 return Poll::Ready(Wake::Answers(answers));
             }
         }
-        if let Poll::Ready(Some(answer)) = self.pings.poll_next_unpin(cx) {
-            return Poll::Ready(Wake::Answers(vec![answer]));
+        if let Some(op) = self.sink_op.as_mut() {
+            if let Poll::Ready(answers) = op.poll_unpin(cx) {
+                self.sink_op = None;
+                return Poll::Ready(Wake::Answers(answers));
+            }
         }
         if let Some(link) = self.link.as_mut() {
             if let Poll::Ready(message) = link.messages.poll_next_unpin(cx) {
@@ -197,7 +208,8 @@ impl<R: Runtime> Task<R> {
         self.link = None;
         self.batch = None;
         self.queue.clear();
-        self.pings = FuturesUnordered::new();
+        self.sink_queue.clear();
+        self.sink_op = None;
         let channels = registry
             .replica(|replica| replica.channels())
             .unwrap_or_default();
@@ -205,18 +217,30 @@ impl<R: Runtime> Task<R> {
         self.connecting = Some(Box::pin(open(client, channels)));
     }
 
-    /// Ping on the subscription connection: any answer proves it alive.
-    fn ping(&mut self, token: Token) {
+    /// Run the oldest queued operation of the subscription connection, unless one
+    /// is in flight: a ping (any answer proves the connection alive), a subscribe or
+    /// an unsubscribe.
+    fn send_sink_op(&mut self) {
         let Some(link) = &self.link else {
             return;
         };
+        if self.sink_op.is_some() {
+            return;
+        }
+        let Some((token, command)) = self.sink_queue.pop_front() else {
+            return;
+        };
         let mut sink = link.sink.clone();
-        self.pings.push(Box::pin(async move {
-            let reply = match sink.ping::<redis::Value>().await {
-                Ok(_) => Ok(vec![RedisValue::Text("PONG".to_owned())]),
-                Err(error) => Err(error.to_string()),
+        self.sink_op = Some(Box::pin(async move {
+            let done = match command {
+                Command::Subscribe { channels } => sink.subscribe(channels).await,
+                Command::Unsubscribe { channels } => sink.unsubscribe(channels).await,
+                _ => sink.ping::<redis::Value>().await.map(drop),
             };
-            (token, reply)
+            let reply = done
+                .map(|()| Vec::<RedisValue>::new())
+                .map_err(|e| e.to_string());
+            vec![(token, reply)]
         }));
     }
 

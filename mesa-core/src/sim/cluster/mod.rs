@@ -541,6 +541,15 @@ impl ClusterSim {
             }
             _ => {}
         }
+        match &command {
+            Command::Subscribe { channels } => {
+                channels.iter().for_each(|c| self.redis.subscribe(r, c));
+            }
+            Command::Unsubscribe { channels } => {
+                channels.iter().for_each(|c| self.redis.unsubscribe(r, c));
+            }
+            _ => {}
+        }
         let reply = self.redis.execute(now, &calls);
         // (A command of a crashed incarnation is no command of the current one.)
         let current = epoch == self.replicas[r].epoch;

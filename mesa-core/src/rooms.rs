@@ -1,0 +1,598 @@
+//! Rooms on the wire, for the clients that opt in (see `docs/protocol.md`).
+//!
+//! The published clients hand every frame but ops 1, 10 and 22 to the application
+//! and read only `op`, `d`, `t`, `s`, so rooms are built to go unnoticed by them:
+//! the hello announces the `"rooms"` rule, a client opts in inside its op 2 data
+//! (`"mesa": {"caps": ["rooms"]}`, removed before the application's authenticator
+//! sees the credentials), and only a connection that opted in (an *extended* one)
+//! ever receives a control dispatch (`t` starting with `mesa:`) or a top-level
+//! `room` field. Everyone else receives a room's messages as ordinary dispatches.
+//!
+//! This module holds the shapes: room names and their limits, the requests an
+//! extended client makes, the notices the server answers with, and room messages.
+
+use serde_json::{Map, Value, json};
+
+use crate::limits::Limits;
+use crate::wire::{DecodeError, Frame, Message, Opcode};
+
+/// The hello rule a server with rooms announces.
+pub const ROOMS_RULE: &str = "rooms";
+
+/// The key of op 2's data a client opts in with (`{"caps": ["rooms"]}`).
+pub const OPT_IN_KEY: &str = "mesa";
+
+/// The capability of rooms, inside the opt-in's `caps`.
+pub const ROOMS_CAP: &str = "rooms";
+
+/// The prefix of every control dispatch type, reserved as Pusher reserves `pusher:`.
+pub const CONTROL_PREFIX: &str = "mesa:";
+
+/// Take the opt-in out of op 2's data: whether the client asked for rooms. The key
+/// is removed whatever it holds, so the application never sees it.
+pub fn take_opt_in(credentials: &mut Value) -> bool {
+    let Some(opt_in) = credentials
+        .as_object_mut()
+        .and_then(|object| object.remove(OPT_IN_KEY))
+    else {
+        return false;
+    };
+    opt_in
+        .get("caps")
+        .and_then(Value::as_array)
+        .is_some_and(|caps| caps.iter().any(|cap| cap == ROOMS_CAP))
+}
+
+/// The opt-in a client adds to its op 2 data.
+pub fn opt_in() -> Value {
+    json!({ "caps": [ROOMS_CAP] })
+}
+
+/// Why a room request was refused, as the client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalCode {
+    /// The request is malformed (a field missing or of the wrong type).
+    BadRequest,
+    /// The room name is empty, too long, or has a character outside the allowed set.
+    InvalidRoom,
+    /// The server's authorization denied it.
+    Unauthorized,
+    /// The connection is in the most rooms it may be in.
+    TooManyRooms,
+    /// An unsubscribe from, or a publish to, a room the connection is not in.
+    NotSubscribed,
+}
+
+impl RefusalCode {
+    /// The code on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::BadRequest => "bad_request",
+            RefusalCode::InvalidRoom => "invalid_room",
+            RefusalCode::Unauthorized => "unauthorized",
+            RefusalCode::TooManyRooms => "too_many_rooms",
+            RefusalCode::NotSubscribed => "not_subscribed",
+        }
+    }
+
+    fn parse(code: &str) -> Option<RefusalCode> {
+        [
+            RefusalCode::BadRequest,
+            RefusalCode::InvalidRoom,
+            RefusalCode::Unauthorized,
+            RefusalCode::TooManyRooms,
+            RefusalCode::NotSubscribed,
+        ]
+        .into_iter()
+        .find(|known| known.as_str() == code)
+    }
+}
+
+/// A refused room request: a code for programs, a reason for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason} ({})", code.as_str())]
+pub struct RoomRefusal {
+    /// What kind of refusal.
+    pub code: RefusalCode,
+    /// Why, in words.
+    pub reason: String,
+}
+
+impl RoomRefusal {
+    /// A refusal with `code` and `reason`.
+    pub fn new(code: RefusalCode, reason: impl Into<String>) -> Self {
+        RoomRefusal {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Check a room name: 1 to `max_room_name_bytes` bytes of ASCII letters, digits and
+/// `_ - . : @ / # = +` (no spaces, no quotes, nothing a log or a Redis key would
+/// need escaped).
+pub fn check_room(room: &str, limits: &Limits) -> Result<(), RoomRefusal> {
+    if room.is_empty() || room.len() > limits.max_room_name_bytes {
+        let reason = format!(
+            "a room name has 1 to {} bytes, not {}",
+            limits.max_room_name_bytes,
+            room.len()
+        );
+        return Err(RoomRefusal::new(RefusalCode::InvalidRoom, reason));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:@/#=+".contains(c);
+    match room.chars().find(|c| !allowed(*c)) {
+        None => Ok(()),
+        Some(c) => Err(RoomRefusal::new(
+            RefusalCode::InvalidRoom,
+            format!("{c:?} is not allowed in a room name"),
+        )),
+    }
+}
+
+/// What an extended client asks of the server.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoomRequest {
+    /// `mesa:subscribe`: join `room`, with an optional token for the authorization.
+    Subscribe {
+        /// The room.
+        room: String,
+        /// Echoed in the answer.
+        reference: Value,
+        /// Handed to the server's authorization.
+        token: Option<String>,
+    },
+    /// `mesa:unsubscribe`: leave `room`.
+    Unsubscribe {
+        /// The room.
+        room: String,
+        /// Echoed in the answer.
+        reference: Value,
+    },
+    /// `mesa:publish`: send `message` (its `t` and `d`) to the members of `room`.
+    Publish {
+        /// The room.
+        room: String,
+        /// The message.
+        message: Message,
+        /// Echoed in a refusal (nothing answers a publish that went through).
+        reference: Value,
+    },
+}
+
+impl RoomRequest {
+    /// Read a request from a dispatch of an extended client: `None` when its type is
+    /// not a control type (an ordinary message), a refusal (to answer with) when it is
+    /// one but malformed or names an invalid room.
+    pub fn parse(message: &Message, limits: &Limits) -> Option<Result<RoomRequest, Box<Refused>>> {
+        if message.op != Opcode::Dispatch {
+            return None;
+        }
+        let kind = message.t.as_deref()?.strip_prefix(CONTROL_PREFIX)?;
+        let d = &message.d;
+        let reference = d.get("ref").cloned().unwrap_or(Value::Null);
+        let refused = |code, reason: &str| {
+            Err(Box::new(Refused {
+                room: d.get("room").and_then(Value::as_str).map(str::to_owned),
+                reference: reference.clone(),
+                refusal: RoomRefusal::new(code, reason),
+            }))
+        };
+        let Some(room) = d.get("room").and_then(Value::as_str) else {
+            return Some(refused(
+                RefusalCode::BadRequest,
+                "a string `room` is needed",
+            ));
+        };
+        if let Err(refusal) = check_room(room, limits) {
+            return Some(refused(refusal.code, &refusal.reason));
+        }
+        let room = room.to_owned();
+        let request = match kind {
+            "subscribe" => {
+                let token = match d.get("token") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(token)) => Some(token.clone()),
+                    Some(_) => {
+                        return Some(refused(RefusalCode::BadRequest, "`token` is a string"));
+                    }
+                };
+                RoomRequest::Subscribe {
+                    room,
+                    reference,
+                    token,
+                }
+            }
+            "unsubscribe" => RoomRequest::Unsubscribe { room, reference },
+            "publish" => {
+                let Some(t) = d.get("t").and_then(Value::as_str) else {
+                    return Some(refused(RefusalCode::BadRequest, "a string `t` is needed"));
+                };
+                if t.starts_with(CONTROL_PREFIX) {
+                    let reason = "`mesa:` types are reserved";
+                    return Some(refused(RefusalCode::BadRequest, reason));
+                }
+                let data = d.get("d").cloned().unwrap_or_else(|| json!({}));
+                RoomRequest::Publish {
+                    room,
+                    message: Message::dispatch(t, data),
+                    reference,
+                }
+            }
+            other => {
+                let reason = format!("unknown request `{CONTROL_PREFIX}{other}`");
+                return Some(refused(RefusalCode::BadRequest, &reason));
+            }
+        };
+        Some(Ok(request))
+    }
+
+    /// The request as the client sends it.
+    pub fn encode(&self) -> Frame {
+        let (kind, mut d) = match self {
+            RoomRequest::Subscribe {
+                room,
+                reference,
+                token,
+            } => {
+                let mut d = json!({ "room": room, "ref": reference });
+                if let Some(token) = token {
+                    d["token"] = Value::from(token.as_str());
+                }
+                ("subscribe", d)
+            }
+            RoomRequest::Unsubscribe { room, reference } => {
+                ("unsubscribe", json!({ "room": room, "ref": reference }))
+            }
+            RoomRequest::Publish {
+                room,
+                message,
+                reference,
+            } => {
+                let t = message.t.clone().unwrap_or_default();
+                let d = json!({ "room": room, "t": t, "d": message.d, "ref": reference });
+                ("publish", d)
+            }
+        };
+        if d.get("ref").is_some_and(Value::is_null) {
+            if let Some(object) = d.as_object_mut() {
+                object.remove("ref");
+            }
+        }
+        Message::dispatch(format!("{CONTROL_PREFIX}{kind}"), d).encode()
+    }
+}
+
+/// A malformed request, as answered: the room and reference it named, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The room the request named, if it named one.
+    pub room: Option<String>,
+    /// The request's reference.
+    pub reference: Value,
+    /// Why.
+    pub refusal: RoomRefusal,
+}
+
+/// What the server tells an extended client about its rooms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoomNotice {
+    /// `mesa:subscribed`: the connection is in `room`.
+    Subscribed {
+        /// The room.
+        room: String,
+        /// The request's reference (null when the server joined it on its own).
+        reference: Value,
+    },
+    /// `mesa:unsubscribed`: the connection left `room`.
+    Unsubscribed {
+        /// The room.
+        room: String,
+        /// The request's reference (null when the server removed it on its own).
+        reference: Value,
+    },
+    /// `mesa:error`: a request was refused.
+    Refused(Refused),
+}
+
+impl RoomNotice {
+    /// The notice's frame.
+    pub fn encode(&self) -> Frame {
+        let (kind, d) = match self {
+            RoomNotice::Subscribed { room, reference } => {
+                ("subscribed", json!({ "room": room, "ref": reference }))
+            }
+            RoomNotice::Unsubscribed { room, reference } => {
+                ("unsubscribed", json!({ "room": room, "ref": reference }))
+            }
+            RoomNotice::Refused(refused) => (
+                "error",
+                json!({
+                    "room": refused.room,
+                    "ref": refused.reference,
+                    "code": refused.refusal.code.as_str(),
+                    "reason": refused.refusal.reason,
+                }),
+            ),
+        };
+        Message::dispatch(format!("{CONTROL_PREFIX}{kind}"), d).encode()
+    }
+
+    /// Read a notice from a dispatch the server sent (`None`: not a notice).
+    pub fn parse(message: &Message) -> Option<RoomNotice> {
+        if message.op != Opcode::Dispatch {
+            return None;
+        }
+        let kind = message.t.as_deref()?.strip_prefix(CONTROL_PREFIX)?;
+        let d = &message.d;
+        let room = d.get("room").and_then(Value::as_str).map(str::to_owned);
+        let reference = d.get("ref").cloned().unwrap_or(Value::Null);
+        match kind {
+            "subscribed" => Some(RoomNotice::Subscribed {
+                room: room?,
+                reference,
+            }),
+            "unsubscribed" => Some(RoomNotice::Unsubscribed {
+                room: room?,
+                reference,
+            }),
+            "error" => {
+                let code = d.get("code").and_then(Value::as_str)?;
+                let reason = d.get("reason").and_then(Value::as_str).unwrap_or_default();
+                Some(RoomNotice::Refused(Refused {
+                    room,
+                    reference,
+                    refusal: RoomRefusal::new(RefusalCode::parse(code)?, reason),
+                }))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A room's message as an extended connection receives it: the dispatch with a
+/// top-level `room`.
+pub fn room_frame(message: &Message, room: &str) -> Frame {
+    let mut value = message.to_value();
+    if let Value::Object(object) = &mut value {
+        object.insert("room".into(), Value::from(room));
+    }
+    Frame(serde_json::to_string(&value).unwrap_or_default().into())
+}
+
+/// A room's message between replicas, on the room's channel:
+/// `{"room": R, "message": {"op","d","t"}, "origin": replica}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomEnvelope {
+    /// The room.
+    pub room: String,
+    /// The message.
+    pub message: Message,
+    /// The replica that published it and delivered it to its own members at once;
+    /// none for a Dispatcher's.
+    pub origin: Option<String>,
+}
+
+impl RoomEnvelope {
+    /// The payload to publish.
+    pub fn encode(&self) -> String {
+        let mut message = self.message.to_value();
+        if let Value::Object(object) = &mut message {
+            object.remove("s");
+        }
+        let mut envelope = json!({ "room": self.room, "message": message });
+        if let Some(origin) = &self.origin {
+            envelope["origin"] = Value::from(origin.as_str());
+        }
+        envelope.to_string()
+    }
+
+    /// Read a payload of a room channel.
+    pub fn decode(payload: &str) -> Result<RoomEnvelope, DecodeError> {
+        let value: Value = serde_json::from_str(payload).map_err(|_| DecodeError::NotJson)?;
+        let Value::Object(mut object) = value else {
+            return Err(DecodeError::NotObject);
+        };
+        let room = match object.remove("room") {
+            Some(Value::String(room)) => room,
+            _ => return Err(DecodeError::BadField("room")),
+        };
+        let raw = object
+            .remove("message")
+            .ok_or(DecodeError::BadField("message"))?;
+        let message = Message {
+            s: None,
+            ..Message::from_value(raw)?
+        };
+        let origin = match object.remove("origin") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(origin)) => Some(origin),
+            Some(_) => return Err(DecodeError::BadField("origin")),
+        };
+        Ok(RoomEnvelope {
+            room,
+            message,
+            origin,
+        })
+    }
+}
+
+/// Decode a frame from the server, with the room it came from (`None` for a
+/// message not sent to a room).
+pub fn decode_room_message(
+    text: &str,
+    limits: &Limits,
+) -> Result<(Message, Option<String>), DecodeError> {
+    crate::wire::check_size_and_depth(text, limits)?;
+    let mut value: Value = serde_json::from_str(text).map_err(|_| DecodeError::NotJson)?;
+    let room = value
+        .as_object_mut()
+        .and_then(|object: &mut Map<String, Value>| object.remove("room"))
+        .and_then(|room| room.as_str().map(str::to_owned));
+    Ok((Message::from_value(value)?, room))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits::default()
+    }
+
+    fn parse(text: &str) -> Option<Result<RoomRequest, Box<Refused>>> {
+        RoomRequest::parse(&Message::decode(text, &limits()).unwrap(), &limits())
+    }
+
+    #[test]
+    fn the_opt_in_is_taken_out_of_the_credentials() {
+        let mut credentials = json!({"token": "t", "mesa": {"caps": ["rooms"]}});
+        assert!(take_opt_in(&mut credentials));
+        assert_eq!(credentials, json!({"token": "t"}));
+        let mut other = json!({"token": "t", "mesa": {"caps": ["offsets"]}});
+        assert!(!take_opt_in(&mut other));
+        assert_eq!(other, json!({"token": "t"}));
+        assert!(!take_opt_in(&mut json!({"token": "t"})));
+        assert!(!take_opt_in(&mut json!("not an object")));
+    }
+
+    #[test]
+    fn room_names_are_bounded_and_plain() {
+        for ok in ["chat:42", "a", "team/x@y.z#1=2+3_-"] {
+            assert_eq!(check_room(ok, &limits()), Ok(()), "{ok}");
+        }
+        let long = "x".repeat(limits().max_room_name_bytes + 1);
+        for bad in ["", "with space", "quo\"te", "é", long.as_str()] {
+            let refusal = check_room(bad, &limits()).unwrap_err();
+            assert_eq!(refusal.code, RefusalCode::InvalidRoom, "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_and_ordinary_dispatches_are_not_requests() {
+        let requests = [
+            RoomRequest::Subscribe {
+                room: "r".into(),
+                reference: json!(1),
+                token: Some("tok".into()),
+            },
+            RoomRequest::Unsubscribe {
+                room: "r".into(),
+                reference: json!("two"),
+            },
+            RoomRequest::Publish {
+                room: "r".into(),
+                message: Message::dispatch("CHAT", json!({"x": 1})),
+                reference: Value::Null,
+            },
+        ];
+        for request in requests {
+            let frame = request.encode();
+            assert_eq!(parse(frame.as_str()), Some(Ok(request)));
+        }
+        assert_eq!(parse(r#"{"op":0,"t":"CHAT","d":{}}"#), None);
+        assert_eq!(parse(r#"{"op":2,"t":"mesa:subscribe","d":{}}"#), None);
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_with_their_reference() {
+        let cases = [
+            (
+                r#"{"op":0,"t":"mesa:subscribe","d":{"ref":7}}"#,
+                RefusalCode::BadRequest,
+            ),
+            (
+                r#"{"op":0,"t":"mesa:subscribe","d":{"room":"a b","ref":7}}"#,
+                RefusalCode::InvalidRoom,
+            ),
+            (
+                r#"{"op":0,"t":"mesa:subscribe","d":{"room":"a","token":1,"ref":7}}"#,
+                RefusalCode::BadRequest,
+            ),
+            (
+                r#"{"op":0,"t":"mesa:publish","d":{"room":"a","ref":7}}"#,
+                RefusalCode::BadRequest,
+            ),
+            (
+                r#"{"op":0,"t":"mesa:publish","d":{"room":"a","t":"mesa:x","ref":7}}"#,
+                RefusalCode::BadRequest,
+            ),
+            (
+                r#"{"op":0,"t":"mesa:dance","d":{"room":"a","ref":7}}"#,
+                RefusalCode::BadRequest,
+            ),
+        ];
+        for (text, code) in cases {
+            let refused = parse(text).unwrap().unwrap_err();
+            assert_eq!(
+                (refused.refusal.code, refused.reference),
+                (code, json!(7)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn notices_round_trip() {
+        let notices = [
+            RoomNotice::Subscribed {
+                room: "r".into(),
+                reference: json!(1),
+            },
+            RoomNotice::Unsubscribed {
+                room: "r".into(),
+                reference: Value::Null,
+            },
+            RoomNotice::Refused(Refused {
+                room: Some("r".into()),
+                reference: json!(3),
+                refusal: RoomRefusal::new(RefusalCode::TooManyRooms, "128 rooms at most"),
+            }),
+        ];
+        for notice in notices {
+            let message = Message::decode(notice.encode().as_str(), &limits()).unwrap();
+            assert_eq!(RoomNotice::parse(&message), Some(notice));
+        }
+    }
+
+    #[test]
+    fn room_envelopes_round_trip_and_garbage_is_refused() {
+        let envelope = RoomEnvelope {
+            room: "lobby".into(),
+            message: Message::dispatch("CHAT", json!({"x": 1})),
+            origin: Some("r1".into()),
+        };
+        assert_eq!(
+            RoomEnvelope::decode(&envelope.encode()),
+            Ok(envelope.clone())
+        );
+        let dispatcher = RoomEnvelope {
+            origin: None,
+            ..envelope
+        };
+        assert_eq!(RoomEnvelope::decode(&dispatcher.encode()), Ok(dispatcher));
+        for bad in [
+            "",
+            "[]",
+            r#"{"message":{"op":0}}"#,
+            r#"{"room":1,"message":{"op":0}}"#,
+        ] {
+            assert!(RoomEnvelope::decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_room_message_carries_its_room_only_in_the_extended_frame() {
+        let message = Message::dispatch("CHAT", json!({"x": 1}));
+        let frame = room_frame(&message, "lobby");
+        assert_eq!(
+            frame.as_str(),
+            r#"{"op":0,"d":{"x":1},"t":"CHAT","room":"lobby"}"#
+        );
+        let (decoded, room) = decode_room_message(frame.as_str(), &limits()).unwrap();
+        assert_eq!((decoded, room.as_deref()), (message.clone(), Some("lobby")));
+        let plain = decode_room_message(message.encode().as_str(), &limits()).unwrap();
+        assert_eq!(plain, (message, None));
+    }
+}

@@ -1,0 +1,303 @@
+//! Rooms in the core: what a server session negotiates and reads, and what a
+//! replica decides (channels subscribed only while a member is here, deliveries with
+//! and without the room, envelopes across replicas).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use mesa_core::rooms::{RefusalCode, RoomEnvelope, RoomNotice, RoomRequest, room_frame};
+use mesa_core::{
+    Action, AuthConfig, Command, ConnId, Message, RedisValue, Replica, ReplicaConfig, ServerConfig,
+    ServerSession, SessionEvent, Transmit,
+};
+use serde_json::{Value, json};
+
+fn t0() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(|| {
+        #[allow(clippy::disallowed_methods)]
+        Instant::now()
+    })
+}
+
+fn config(rooms: bool, auth: bool) -> Arc<ServerConfig> {
+    let mut builder = ServerConfig::builder().rooms(rooms);
+    if auth {
+        builder = builder.authentication(AuthConfig::default());
+    }
+    Arc::new(builder.build().unwrap())
+}
+
+fn drain(session: &mut ServerSession) -> (Vec<String>, Vec<SessionEvent>) {
+    let frames = std::iter::from_fn(|| session.poll_transmit())
+        .filter_map(|t| match t {
+            Transmit::Text(frame) => Some(frame.as_str().to_owned()),
+            Transmit::Close(_) => None,
+        })
+        .collect();
+    (
+        frames,
+        std::iter::from_fn(|| session.poll_event()).collect(),
+    )
+}
+
+/// A session past its hello, authenticated with the opt-in when `opt_in`.
+fn session(rooms: bool, opt_in: bool) -> ServerSession {
+    let mut session = ServerSession::new(config(rooms, true), t0());
+    let (hello, _) = drain(&mut session);
+    assert_eq!(hello[0].contains(r#""rooms""#), rooms, "{hello:?}");
+    let d = if opt_in {
+        json!({"token": "t", "mesa": {"caps": ["rooms"]}})
+    } else {
+        json!({"token": "t"})
+    };
+    session.handle_frame(t0(), &json!({"op": 2, "d": d}).to_string());
+    let (_, events) = drain(&mut session);
+    let credentials = events.iter().find_map(|e| match e {
+        SessionEvent::AuthenticationRequested { credentials, .. } => Some(credentials.clone()),
+        _ => None,
+    });
+    // With rooms on, the application never sees the opt-in (off, the key is not
+    // ours: it stays).
+    let mut sent = d.clone();
+    if rooms {
+        sent.as_object_mut().unwrap().remove("mesa");
+    }
+    assert_eq!(credentials, Some(sent));
+    assert_eq!(
+        events.contains(&SessionEvent::Extended),
+        rooms && opt_in,
+        "{events:?}"
+    );
+    session.accept(t0(), "alice".into(), json!({})).unwrap();
+    drain(&mut session);
+    session
+}
+
+#[test]
+fn an_extended_client_s_requests_are_events_and_its_answers_frames() {
+    let mut s = session(true, true);
+    assert!(s.is_extended());
+    s.handle_frame(
+        t0(),
+        r#"{"op":0,"t":"mesa:subscribe","d":{"room":"lobby","ref":1,"token":"k"}}"#,
+    );
+    let (_, events) = drain(&mut s);
+    let expected = RoomRequest::Subscribe {
+        room: "lobby".into(),
+        reference: json!(1),
+        token: Some("k".into()),
+    };
+    assert_eq!(events, [SessionEvent::Room(expected)]);
+    s.room_notice(RoomNotice::Subscribed {
+        room: "lobby".into(),
+        reference: json!(1),
+    })
+    .unwrap();
+    let (frames, _) = drain(&mut s);
+    assert_eq!(
+        frames,
+        [r#"{"op":0,"d":{"room":"lobby","ref":1},"t":"mesa:subscribed"}"#]
+    );
+    // A malformed request is answered by the session itself, never closed.
+    s.handle_frame(
+        t0(),
+        r#"{"op":0,"t":"mesa:subscribe","d":{"room":"a b","ref":2}}"#,
+    );
+    let (frames, events) = drain(&mut s);
+    assert!(events.is_empty());
+    let error: Value = serde_json::from_str(&frames[0]).unwrap();
+    assert_eq!(error["t"], "mesa:error");
+    assert_eq!(error["d"]["code"], RefusalCode::InvalidRoom.as_str());
+    assert_eq!(error["d"]["ref"], 2);
+    assert!(!s.is_closed());
+    // An ordinary dispatch stays a message.
+    s.handle_frame(t0(), r#"{"op":0,"t":"CHAT","d":{}}"#);
+    assert!(matches!(drain(&mut s).1[..], [SessionEvent::Message(_)]));
+}
+
+#[test]
+fn an_old_client_sees_nothing_new_and_its_mesa_dispatches_are_messages() {
+    for (rooms, opt_in) in [(true, false), (false, true)] {
+        let mut s = session(rooms, opt_in);
+        assert!(!s.is_extended());
+        s.handle_frame(
+            t0(),
+            r#"{"op":0,"t":"mesa:subscribe","d":{"room":"lobby"}}"#,
+        );
+        assert!(matches!(drain(&mut s).1[..], [SessionEvent::Message(_)]));
+        s.room_notice(RoomNotice::Subscribed {
+            room: "lobby".into(),
+            reference: Value::Null,
+        })
+        .unwrap();
+        assert!(drain(&mut s).0.is_empty(), "a notice reached an old client");
+    }
+}
+
+#[test]
+fn without_authentication_op_2_only_opts_in() {
+    let mut s = ServerSession::new(config(true, false), t0());
+    drain(&mut s);
+    s.handle_frame(t0(), r#"{"op":2,"d":{"mesa":{"caps":["rooms"]}}}"#);
+    let (frames, events) = drain(&mut s);
+    assert!(frames.is_empty());
+    assert_eq!(events, [SessionEvent::Extended]);
+    assert!(s.is_extended());
+}
+
+// ----- the replica -----
+
+fn linked() -> Replica {
+    let mut replica = Replica::new(ReplicaConfig::default(), "me", 1, t0()).unwrap();
+    drain_replica(&mut replica);
+    replica.handle_link_up(t0(), "run");
+    answer(&mut replica);
+    replica
+}
+
+/// Answer every command; returns them.
+fn answer(replica: &mut Replica) -> Vec<Command> {
+    let mut all = Vec::new();
+    while let Some((token, command)) = replica.poll_command() {
+        let value = match &command {
+            Command::LoadPortals => RedisValue::Array(Vec::new()),
+            _ => RedisValue::Int(1),
+        };
+        replica.handle_reply(t0(), token, Ok(vec![value]));
+        all.push(command);
+    }
+    all
+}
+
+fn drain_replica(replica: &mut Replica) -> Vec<Command> {
+    std::iter::from_fn(|| replica.poll_command())
+        .map(|(_, c)| c)
+        .collect()
+}
+
+fn member(replica: &mut Replica, extended: bool) -> ConnId {
+    let conn = replica.handle_connection_opened(t0());
+    if extended {
+        replica.handle_session_event(t0(), conn, &SessionEvent::Extended);
+    }
+    answer(replica);
+    conn
+}
+
+#[test]
+fn a_replica_subscribes_to_a_room_while_a_member_is_here() {
+    let mut replica = linked();
+    let (a, b) = (member(&mut replica, false), member(&mut replica, false));
+    let channel = "mesa_room:lobby".to_owned();
+    replica.handle_join(t0(), a, "lobby").unwrap();
+    assert_eq!(
+        answer(&mut replica),
+        [Command::Subscribe {
+            channels: vec![channel.clone()]
+        }]
+    );
+    replica.handle_join(t0(), b, "lobby").unwrap();
+    assert!(answer(&mut replica).is_empty(), "one subscription per room");
+    assert!(replica.handle_leave(t0(), a, "lobby"));
+    assert!(answer(&mut replica).is_empty());
+    replica.handle_connection_closed(t0(), b);
+    let commands = answer(&mut replica);
+    assert!(commands.contains(&Command::Unsubscribe {
+        channels: vec![channel.clone()]
+    }));
+    // Joined then left: asked in that order, so the channel ends unsubscribed.
+    let c = member(&mut replica, false);
+    replica.handle_join(t0(), c, "quick").unwrap();
+    replica.handle_leave(t0(), c, "quick");
+    let quick = vec!["mesa_room:quick".to_owned()];
+    assert_eq!(
+        drain_replica(&mut replica),
+        [
+            Command::Subscribe {
+                channels: quick.clone()
+            },
+            Command::Unsubscribe { channels: quick }
+        ]
+    );
+    // Over the limit.
+    let config = ReplicaConfig {
+        max_rooms_per_connection: 1,
+        ..ReplicaConfig::default()
+    };
+    let mut small = Replica::new(config, "me", 1, t0()).unwrap();
+    let d = small.handle_connection_opened(t0());
+    small.handle_join(t0(), d, "one").unwrap();
+    let refused = small.handle_join(t0(), d, "two").unwrap_err();
+    assert_eq!(refused.code, RefusalCode::TooManyRooms);
+}
+
+#[test]
+fn a_new_link_subscribes_to_every_room_with_a_member_here() {
+    let mut replica = linked();
+    let a = member(&mut replica, false);
+    replica.handle_join(t0(), a, "x").unwrap();
+    answer(&mut replica);
+    replica.handle_link_down(t0(), "gone");
+    replica.handle_join(t0(), a, "y").unwrap();
+    replica.handle_timeout(t0() + std::time::Duration::from_secs(10));
+    assert_eq!(drain_replica(&mut replica), [Command::Connect]);
+    replica.handle_link_up(t0(), "run2");
+    let commands = answer(&mut replica);
+    let subscribed: Vec<&Vec<String>> = commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::Subscribe { channels } => Some(channels),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subscribed.len(), 1);
+    let mut channels = subscribed[0].clone();
+    channels.sort();
+    assert_eq!(channels, ["mesa_room:x", "mesa_room:y"]);
+}
+
+#[test]
+fn room_messages_reach_members_here_at_once_and_elsewhere_through_the_channel() {
+    let mut replica = linked();
+    let (old, new, outside) = (
+        member(&mut replica, false),
+        member(&mut replica, true),
+        member(&mut replica, true),
+    );
+    replica.handle_join(t0(), old, "lobby").unwrap();
+    replica.handle_join(t0(), new, "lobby").unwrap();
+    answer(&mut replica);
+    let message = Message::dispatch("CHAT", json!({"x": 1}));
+    assert_eq!(replica.handle_room_send(t0(), &message, "lobby"), 2);
+    let deliveries: Vec<_> = std::iter::from_fn(|| replica.poll_delivery()).collect();
+    assert_eq!(deliveries.len(), 2);
+    assert_eq!(
+        deliveries[0].action,
+        Action::Write(room_frame(&message, "lobby"))
+    );
+    assert_eq!(deliveries[0].targets, [new]);
+    assert_eq!(deliveries[1].action, Action::Write(message.encode()));
+    assert_eq!(deliveries[1].targets, [old]);
+    let published = answer(&mut replica);
+    let Command::Publish { channel, payload } = &published[0] else {
+        panic!("{published:?}")
+    };
+    assert_eq!(channel, "mesa_room:lobby");
+    let envelope = RoomEnvelope::decode(payload).unwrap();
+    assert_eq!(envelope.origin.as_deref(), Some("me"));
+    // Our own envelope back: already delivered.
+    replica.handle_pubsub(t0(), channel, payload);
+    assert!(replica.poll_delivery().is_none());
+    // Another replica's (or a Dispatcher's).
+    let theirs = RoomEnvelope {
+        origin: None,
+        ..envelope
+    };
+    replica.handle_pubsub(t0(), channel, &theirs.encode());
+    let targets: Vec<ConnId> = std::iter::from_fn(|| replica.poll_delivery())
+        .flat_map(|d| d.targets)
+        .collect();
+    assert_eq!(targets, [new, old]);
+    assert!(!targets.contains(&outside));
+}
