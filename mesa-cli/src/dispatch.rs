@@ -81,6 +81,11 @@ pub(crate) struct DispatchArgs {
     #[arg(long, env = "MESA_TO", value_delimiter = ',')]
     to: Vec<String>,
 
+    /// Publish to the members of this room instead (servers with `--rooms`; best
+    /// effort, never stored).
+    #[arg(long, env = "MESA_ROOM", conflicts_with_all = ["to", "except", "event", "options"])]
+    room: Option<String>,
+
     /// Ids removed from `--to` (a send to everyone is not filtered, as upstream).
     #[arg(long, env = "MESA_EXCEPT", value_delimiter = ',')]
     except: Vec<String>,
@@ -122,6 +127,14 @@ pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
         Recipients::from_ids(to)
     };
     let (label, report) = match (&args.event, args.message_type) {
+        (None, Some(t)) if args.room.is_some() => {
+            let room = args.room.unwrap_or_default();
+            let message = Message::dispatch(t.clone(), args.data);
+            (
+                json!({"type": t, "room": room}),
+                dispatcher.dispatch_room(&room, message).await,
+            )
+        }
         (Some(action), _) => (
             json!({"event": action}),
             dispatcher

@@ -15,7 +15,7 @@ use mesa_tokio::{
     ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, RateLimitPolicy, Relay, Server,
     ServerBuilder, TransportConfig,
 };
-use mesa_tokio::{PortalChoice, SyncConfig};
+use mesa_tokio::{PortalChoice, RoomPolicy, SyncConfig};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};
@@ -130,6 +130,11 @@ pub(crate) struct ServeArgs {
     /// Forward client events to portals: `round-robin` (upstream's distributeLoad) or `random`.
     #[arg(long, env = "MESA_PORTALS", value_enum, requires = "redis")]
     portals: Option<PortalMode>,
+
+    /// Rooms (docs/protocol.md): `off`; `authenticated`: any authenticated client may
+    /// subscribe to and publish in any room; `open`: any client at all (demos only).
+    #[arg(long, env = "MESA_ROOMS", value_enum, default_value = "off")]
+    rooms: RoomsMode,
 
     /// Milliseconds this replica's presence survives without renewal (a crashed
     /// replica's ids leave `connected_clients` within about this time).
@@ -260,6 +265,17 @@ pub(crate) enum PortalMode {
     Random,
 }
 
+/// Who `--rooms` lets subscribe and publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum RoomsMode {
+    /// No rooms: the hello announces none.
+    Off,
+    /// Any authenticated client.
+    Authenticated,
+    /// Any client, authenticated or not: for demos only.
+    Open,
+}
+
 /// How `--rate-limit-policy` treats a connection past its message rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum RatePolicy {
@@ -377,6 +393,16 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
     }
     if !args.allowed_origins.is_empty() {
         builder = builder.allowed_origins(args.allowed_origins.iter().cloned());
+    }
+    match args.rooms {
+        RoomsMode::Off => {}
+        RoomsMode::Authenticated => builder = builder.rooms(RoomPolicy::Authenticated),
+        RoomsMode::Open => {
+            tracing::warn!(
+                "--rooms open lets any client, even unauthenticated, subscribe to and publish in any room: for demos only"
+            );
+            builder = builder.rooms(RoomPolicy::Open);
+        }
     }
     if let Some(url) = &args.redis {
         let mut cluster = ClusterConfig::new(url.clone());

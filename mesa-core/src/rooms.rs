@@ -109,6 +109,33 @@ impl RoomRefusal {
     }
 }
 
+/// Who may subscribe and publish to rooms without asking the application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomGate {
+    /// Every client, authenticated or not: for demos only.
+    Open,
+    /// Every authenticated client.
+    Authenticated,
+    /// The application's authorization decides each request (it denies by default).
+    Ask,
+}
+
+impl RoomGate {
+    /// The decision the gate makes alone about a subscribe or a publish: `None` when
+    /// the application's authorization decides.
+    pub fn decide(self, authenticated: bool) -> Option<Result<(), RoomRefusal>> {
+        match self {
+            RoomGate::Open => Some(Ok(())),
+            RoomGate::Authenticated if authenticated => Some(Ok(())),
+            RoomGate::Authenticated => Some(Err(RoomRefusal::new(
+                RefusalCode::Unauthorized,
+                "authenticate first",
+            ))),
+            RoomGate::Ask => None,
+        }
+    }
+}
+
 /// Check a room name: 1 to `max_room_name_bytes` bytes of ASCII letters, digits and
 /// `_ - . : @ / # = +` (no spaces, no quotes, nothing a log or a Redis key would
 /// need escaped).
@@ -443,6 +470,15 @@ mod tests {
 
     fn parse(text: &str) -> Option<Result<RoomRequest, Box<Refused>>> {
         RoomRequest::parse(&Message::decode(text, &limits()).unwrap(), &limits())
+    }
+
+    #[test]
+    fn the_gate_decides_alone_except_when_it_asks() {
+        assert_eq!(RoomGate::Open.decide(false), Some(Ok(())));
+        assert_eq!(RoomGate::Authenticated.decide(true), Some(Ok(())));
+        let refused = RoomGate::Authenticated.decide(false).unwrap().unwrap_err();
+        assert_eq!(refused.code, RefusalCode::Unauthorized);
+        assert_eq!(RoomGate::Ask.decide(true), None);
     }
 
     #[test]

@@ -211,6 +211,24 @@ fn an_error_or_a_wrong_reply_ends_the_dispatch() {
     assert!(dispatch(&synced(), hi, &to).finish().is_err());
 }
 
+#[test]
+fn a_dispatch_to_a_room_is_one_publish_on_its_channel() {
+    let hi = Message::dispatch("HI", json!({}));
+    let mut dispatch = Dispatch::to_room(&synced(), hi.clone(), "lobby").unwrap();
+    let (token, command) = dispatch.poll_command().unwrap();
+    let Command::Publish { channel, payload } = command else {
+        panic!("{command:?}")
+    };
+    assert_eq!(channel, "mesa_room:lobby");
+    let envelope = mesa_core::rooms::RoomEnvelope::decode(&payload).unwrap();
+    assert_eq!((envelope.room.as_str(), envelope.origin), ("lobby", None));
+    assert_eq!(envelope.message, hi);
+    dispatch.handle_reply(t0(), token, Ok(vec![RedisValue::Int(2)]));
+    assert!(dispatch.poll_command().is_none());
+    assert_eq!(dispatch.finish().unwrap().room.as_deref(), Some("lobby"));
+    assert!(Dispatch::to_room(&synced(), hi, "not a room").is_err());
+}
+
 proptest! {
     /// Whatever presence Redis reports, every distinct id is accounted for exactly
     /// once (published to, stored for or undeliverable), nothing is published to an

@@ -106,6 +106,11 @@ macro_rules! runtime_api {
                 /// Store messages for offline ids and redeliver them when they authenticate
                 /// (needs [`redis`](Self::redis)).
                 sync(sync: $crate::mesa_core::SyncConfig);
+                /// Turn rooms on with `policy` deciding who may subscribe and publish
+                /// (`docs/protocol.md`): the hello announces them, and clients that opt in
+                /// may subscribe. The server itself may always put connections in rooms and
+                /// publish to them. Off by default.
+                rooms(policy: $crate::RoomPolicy);
                 /// Register an observer.
                 middleware(middleware: impl $crate::Middleware);
             }
@@ -358,6 +363,7 @@ macro_rules! runtime_api {
 #[macro_export]
 macro_rules! root_exports {
     () => {
+        pub use $crate::mesa_core::rooms::{RefusalCode, RoomRefusal};
         pub use $crate::mesa_core::{
             BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
             Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent,
@@ -368,8 +374,9 @@ macro_rules! root_exports {
             Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, Client,
             ClientError, ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError,
             DispatchReport, Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal,
-            PortalError, RedisFailure, Refusal, Relay, Runtime, SendError, SendReport,
-            ServerHandle, ServerTls, TlsError, TransportConfig,
+            PortalError, RedisFailure, Refusal, Relay, RoomAccess, RoomAccessKind, RoomAuthorizer,
+            RoomPolicy, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError,
+            TransportConfig,
         };
         /// TLS: certificates from PEM, rustls configurations, and the rustls crates
         /// themselves.

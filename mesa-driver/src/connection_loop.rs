@@ -15,12 +15,13 @@ use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_channel::oneshot;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::FutureExt;
+use mesa_core::rooms::{RefusalCode, Refused, RoomNotice, RoomRefusal, RoomRequest};
 use mesa_core::{Close, CloseCode, Message, ServerSession, SessionEvent, Transmit};
 use serde_json::Value;
 
 use crate::context::ServerContext;
 use crate::handle::{Admission, Connection};
-use crate::hooks::{AuthError, BoxFuture, Handler};
+use crate::hooks::{AuthError, BoxFuture, Handler, RoomAccess, RoomAccessKind};
 use crate::io::Io;
 use crate::outbox::{Drained, Outbound};
 use crate::registry::{ConnShared, Identity, lock};
@@ -40,9 +41,13 @@ enum Wake {
     Auth(Result<(String, Value), AuthError>),
     /// The stored messages the cluster loaded (none if it dropped the load).
     Load(Vec<Message>),
-    /// The application's hook in progress returned.
-    Handled,
+    /// The application's hook in progress returned (an authorization, with its
+    /// request and decision).
+    Handled(Option<Authorized>),
 }
+
+/// A room request and the authorization's decision.
+type Authorized = (RoomRequest, Result<(), RoomRefusal>);
 
 /// Drive one upgraded connection until it closes. Its `admission` slot (if any) is
 /// given back once the connection is registered, and so counted as open.
@@ -85,10 +90,11 @@ async fn run<R, S, H>(
     driver.finish(close).await;
 }
 
-/// A call of the application's handler, waiting its turn.
+/// A call of the application's handler or room authorization, waiting its turn.
 enum AppCall {
     Authenticated,
     Message(Message),
+    Authorize(RoomRequest),
 }
 
 /// One connection's loop (quinn's `ConnectionDriver`): the session, the socket, and
@@ -109,7 +115,7 @@ struct Driver<R: Runtime, S, H> {
     /// The handler's hook in progress, and the calls waiting behind it, in the
     /// order the session produced them. Reading waits while either is there: a
     /// slow handler slows its own client down, never the heartbeats.
-    hook: Option<BoxFuture<'static, ()>>,
+    hook: Option<BoxFuture<'static, Option<Authorized>>>,
     calls: std::collections::VecDeque<AppCall>,
 }
 
@@ -227,9 +233,77 @@ where
             SessionEvent::HeartbeatMissed { misses } => {
                 middleware.emit(|m| m.on_heartbeat_missed(&self.conn, misses));
             }
+            SessionEvent::Room(request) => self.room_request(request),
             _ => {}
         }
         None
+    }
+
+    /// A room request: an unsubscribe is done at once; a subscribe or a publish as the
+    /// room policy decides, or once the application's authorization answered.
+    fn room_request(&mut self, request: RoomRequest) {
+        // The session reads room requests only when rooms are on.
+        let Some(policy) = &self.inner.rooms else {
+            return;
+        };
+        if let RoomRequest::Unsubscribe { room, reference } = request {
+            let registry = &self.inner.registry;
+            let notice = if registry.leave(self.shared().conn, &room, false) {
+                RoomNotice::Unsubscribed { room, reference }
+            } else {
+                let refusal = RoomRefusal::new(RefusalCode::NotSubscribed, "not in the room");
+                refused(room, reference, refusal)
+            };
+            let _ = self.session.room_notice(notice);
+            return;
+        }
+        match policy.gate().decide(self.session.is_authenticated()) {
+            Some(decision) => self.authorized(request, decision),
+            None => self.calls.push_back(AppCall::Authorize(request)),
+        }
+    }
+
+    /// Carry out a subscribe or a publish the policy decided, and answer it.
+    fn authorized(&mut self, request: RoomRequest, decision: Result<(), RoomRefusal>) {
+        let registry = &self.inner.registry;
+        let conn = self.shared().conn;
+        let notice = match (request, decision) {
+            (
+                RoomRequest::Subscribe {
+                    room, reference, ..
+                },
+                Ok(()),
+            ) => match registry.join(conn, &room, false) {
+                Ok(_) => RoomNotice::Subscribed { room, reference },
+                Err(refusal) => refused(room, reference, refusal),
+            },
+            (
+                RoomRequest::Publish {
+                    room,
+                    message,
+                    reference,
+                },
+                Ok(()),
+            ) => {
+                match registry.publish(&message, &room) {
+                    // A publish that went through is not answered.
+                    Ok(_) => return,
+                    Err(refusal) => refused(room, reference, refusal),
+                }
+            }
+            (
+                RoomRequest::Subscribe {
+                    room, reference, ..
+                }
+                | RoomRequest::Publish {
+                    room, reference, ..
+                }
+                | RoomRequest::Unsubscribe { room, reference },
+                Err(refusal),
+            ) => refused(room, reference, refusal),
+            (RoomRequest::Unsubscribe { .. }, Ok(())) => return,
+        };
+        let _ = self.session.room_notice(notice);
     }
 
     /// Start the next handler call when none is in progress.
@@ -242,15 +316,33 @@ where
         }
     }
 
-    /// The handler's hook for `call`, owning what it borrows.
-    fn hook_future(&self, call: AppCall) -> BoxFuture<'static, ()> {
+    /// The application's hook for `call`, owning what it borrows.
+    fn hook_future(&self, call: AppCall) -> BoxFuture<'static, Option<Authorized>> {
         let inner = self.inner.clone();
         let conn = self.conn.clone();
+        if let AppCall::Authorize(request) = call {
+            let (room, kind) = match &request {
+                RoomRequest::Subscribe { room, token, .. } => {
+                    let token = token.clone();
+                    (room.clone(), RoomAccessKind::Subscribe { token })
+                }
+                RoomRequest::Publish { room, .. } | RoomRequest::Unsubscribe { room, .. } => {
+                    (room.clone(), RoomAccessKind::Publish)
+                }
+            };
+            let decision = match &inner.rooms {
+                Some(policy) => policy.ask(&conn, RoomAccess { room, kind }),
+                None => return Box::pin(std::future::ready(None)),
+            };
+            return Box::pin(async move { Some((request, decision.await)) });
+        }
         Box::pin(async move {
             match call {
                 AppCall::Authenticated => inner.handler.on_authenticated(&conn).await,
                 AppCall::Message(message) => inner.handler.on_message(&conn, message).await,
+                AppCall::Authorize(_) => {}
             }
+            None
         })
     }
 
@@ -282,9 +374,9 @@ where
             }
         }
         if let Some(hook) = self.hook.as_mut() {
-            if hook.poll_unpin(cx).is_ready() {
+            if let Poll::Ready(outcome) = hook.poll_unpin(cx) {
                 self.hook = None;
-                return Poll::Ready(Wake::Handled);
+                return Poll::Ready(Wake::Handled(outcome));
             }
         }
         // Stored messages precede live ones: while they load, live items wait in the
@@ -334,7 +426,8 @@ where
                 }
             }
             Wake::Outbox(drained) => self.handle_outbox(drained),
-            Wake::Handled => {}
+            Wake::Handled(Some((request, decision))) => self.authorized(request, decision),
+            Wake::Handled(None) => {}
         }
     }
 
@@ -392,7 +485,10 @@ where
             hook.await;
         }
         while let Some(call) = self.calls.pop_front() {
-            self.hook_future(call).await;
+            // A room request waiting for its authorization needs no answer any more.
+            if !matches!(call, AppCall::Authorize(_)) {
+                self.hook_future(call).await;
+            }
         }
         self.inner.registry.unregister(self.shared().conn);
         let runtime = &self.inner.runtime;
@@ -405,4 +501,13 @@ where
             .emit(|m| m.on_disconnection(conn, &close));
         self.inner.handler.on_disconnect(conn, &close).await;
     }
+}
+
+/// A refusal of a request naming `room`.
+fn refused(room: String, reference: serde_json::Value, refusal: RoomRefusal) -> RoomNotice {
+    RoomNotice::Refused(Refused {
+        room: Some(room),
+        reference,
+        refusal,
+    })
 }

@@ -7,7 +7,7 @@ use std::task::{Poll, Waker};
 
 use mesa_core::ServerConfig;
 
-use crate::hooks::{Authenticator, Middlewares};
+use crate::hooks::{Authenticator, Middlewares, RoomPolicy};
 use crate::registry::Registry;
 use crate::tls::ServerTls;
 use crate::transport::TransportConfig;
@@ -24,6 +24,8 @@ pub(crate) struct ServerContext<R, H> {
     pub(crate) registry: Arc<Registry>,
     pub(crate) admission: AdmissionPolicy,
     pub(crate) tls: Option<ServerTls>,
+    /// Who may subscribe and publish to rooms; `None`: rooms are off.
+    pub(crate) rooms: Option<RoomPolicy>,
     pub(crate) shutdown: Shutdown,
 }
 

@@ -15,6 +15,7 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use mesa_core::rooms::RoomRefusal;
 use mesa_core::{
     Dispatch, DispatchConfig, DispatchReport, Limits, Message, MessageOptions, Namespace, Opcode,
     Recipients, TooManyRecipients,
@@ -43,6 +44,9 @@ pub enum DispatchError {
     /// [`max_recipients`](Dispatcher::max_recipients); nothing was published or stored.
     #[error(transparent)]
     TooManyRecipients(#[from] TooManyRecipients),
+    /// The room name is not valid (see `mesa_core::rooms::check_room`).
+    #[error("invalid room: {0}")]
+    InvalidRoom(#[from] RoomRefusal),
     /// Redis is unreachable or failed a command. Nothing is retried: the dispatch may
     /// have been published or stored in part. The next dispatch reconnects.
     #[error("Redis: {0}")]
@@ -239,16 +243,32 @@ impl Dispatcher {
             .await
     }
 
-    /// Execute the dispatch `mesa_core::Dispatch` plans, one pipelined round trip
-    /// per step of its rounds.
+    /// Send `message` to the members of `room` on every replica (one publish on the
+    /// room's channel; best effort, nothing is stored). Refused for an invalid room
+    /// name before Redis is asked.
+    pub async fn dispatch_room(
+        &self,
+        room: &str,
+        message: Message,
+    ) -> Result<DispatchReport, DispatchError> {
+        let dispatch = Dispatch::to_room(&self.config, message, room)?;
+        self.execute(dispatch).await
+    }
+
     async fn send(
         &self,
         message: Message,
         options: Option<MessageOptions>,
         recipients: Recipients,
     ) -> Result<DispatchReport, DispatchError> {
-        let mut dispatch =
-            Dispatch::new(&self.config, message, options, &recipients, Instant::now())?;
+        let now = Instant::now();
+        let dispatch = Dispatch::new(&self.config, message, options, &recipients, now)?;
+        self.execute(dispatch).await
+    }
+
+    /// Execute what `mesa_core::Dispatch` plans, one pipelined round trip per step of
+    /// its rounds.
+    async fn execute(&self, mut dispatch: Dispatch) -> Result<DispatchReport, DispatchError> {
         let mut conn = None;
         loop {
             let commands: Vec<_> = std::iter::from_fn(|| dispatch.poll_command()).collect();

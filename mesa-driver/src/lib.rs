@@ -47,7 +47,7 @@ pub use dispatcher::{DispatchError, Dispatcher, DispatcherBuilder};
 pub use handle::{Admission, Connection, SendError, ServerHandle};
 pub use hooks::{
     AuthError, Authenticator, BoxError, BoxFuture, DevAuthenticator, Handler, Ignore, Middleware,
-    Relay,
+    Relay, RoomAccess, RoomAccessKind, RoomAuthorizer, RoomPolicy,
 };
 pub use mesa_core::DispatchReport;
 pub use portal::{Portal, PortalBuilder, PortalError};

@@ -22,7 +22,7 @@ use crate::cluster::{self, ClusterConfig};
 use crate::connection_loop::drive;
 use crate::context::{AdmissionPolicy, ServerContext, Shutdown};
 use crate::handle::{Admission, ServerHandle};
-use crate::hooks::{Authenticator, Handler, Ignore, Middleware, Middlewares};
+use crate::hooks::{Authenticator, Handler, Ignore, Middleware, Middlewares, RoomPolicy};
 use crate::registry::{Registry, Settings};
 use crate::runtime::{Runtime, entropy_seed};
 use crate::tls::ServerTls;
@@ -74,6 +74,7 @@ pub struct ServerBuilder<R, H = Ignore> {
     portals: Option<PortalChoice>,
     admission: AdmissionPolicy,
     tls: Option<ServerTls>,
+    rooms: Option<RoomPolicy>,
 }
 
 impl<R: Runtime> ServerBuilder<R, Ignore> {
@@ -93,6 +94,7 @@ impl<R: Runtime> ServerBuilder<R, Ignore> {
             portals: None,
             admission: AdmissionPolicy::default(),
             tls: None,
+            rooms: None,
         }
     }
 }
@@ -261,6 +263,16 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         self
     }
 
+    /// Turn rooms on with `policy` deciding who may subscribe and publish (see
+    /// `docs/protocol.md`): the hello announces them, and clients that opt in may
+    /// subscribe. The server itself may always put connections in rooms and publish
+    /// to them ([`ServerHandle::join`], [`ServerHandle::publish`]). Off by default.
+    pub fn rooms(mut self, policy: RoomPolicy) -> Self {
+        self.core = self.core.rooms(true);
+        self.rooms = Some(policy);
+        self
+    }
+
     /// Register an observer.
     pub fn middleware(mut self, middleware: impl Middleware) -> Self {
         self.middleware.push(Arc::new(middleware));
@@ -285,6 +297,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             portals: self.portals,
             admission: self.admission,
             tls: self.tls,
+            rooms: self.rooms,
         }
     }
 
@@ -336,7 +349,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
         let settings = Settings {
             auth_required: config.authentication_required(),
             outbound_cap: self.transport.max_outbound_bytes,
-            max_recipients: config.limits().max_recipients,
+            limits: config.limits().clone(),
             observer: Arc::new(middleware.clone()),
             clock: Box::new(move || clock.now()),
         };
@@ -357,6 +370,7 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
                 registry,
                 admission: self.admission,
                 tls: self.tls,
+                rooms: self.rooms,
                 shutdown: Shutdown::default(),
             }),
         })

@@ -4,28 +4,7 @@
 //! published to the others. It has no connection of its own, so every id is
 //! elsewhere, and no origin, so every replica delivers its envelopes.
 //!
-//! ```
-//! # use std::time::Instant;
-//! use mesa_core::{Dispatch, DispatchConfig, Message, Recipients, RedisValue, Command};
-//! use serde_json::json;
-//!
-//! # #[allow(clippy::disallowed_methods)] let now = Instant::now();
-//! let config = DispatchConfig { sync: true, ..DispatchConfig::default() };
-//! let to = Recipients::Ids(vec!["bob".into()]);
-//! let mut dispatch = Dispatch::new(&config, Message::dispatch("HI", json!({})), None, &to, now)?;
-//! while let Some((token, command)) = dispatch.poll_command() {
-//!     // Execute `command.calls(dispatch.keys())` on Redis; here bob is offline.
-//!     let answer = match command {
-//!         Command::CheckPresence { .. } => vec![RedisValue::Array(vec![RedisValue::Int(0)])],
-//!         Command::StoreMany { .. } => vec![RedisValue::Array(vec![RedisValue::Int(1), RedisValue::Int(0)])],
-//!         _ => vec![RedisValue::Int(1)],
-//!     };
-//!     dispatch.handle_reply(now, token, Ok(answer));
-//! }
-//! let report = dispatch.finish()?;
-//! assert_eq!((report.stored, report.published), (1, 0));
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+#![doc = include_str!("../../docs/dispatch-run-loop.md")]
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
@@ -34,6 +13,7 @@ use crate::cluster::{Namespace, RemotePlan, plan_remote};
 use crate::config::ConfigError;
 use crate::hub::{Recipients, TooManyRecipients, distinct_ids};
 use crate::limits::Limits;
+use crate::rooms::{RoomEnvelope, RoomRefusal, check_room};
 use crate::sync::MessageOptions;
 use crate::wire::{Message, Opcode};
 
@@ -93,6 +73,9 @@ pub struct DispatchReport {
     /// Offline ids for whom nothing was stored: the message said `sync: false`, or the
     /// id is blank (as upstream).
     pub undeliverable: Vec<String>,
+    /// The room it was published to (a room's message reaches its members on every
+    /// replica, best effort: nothing is stored).
+    pub room: Option<String>,
 }
 
 /// One dispatch, as a state machine.
@@ -111,6 +94,8 @@ pub struct Dispatch {
     report: DispatchReport,
     /// The ids the presence check covers, to count those published to.
     checked: Option<usize>,
+    /// The publish of a dispatch to a room, in flight.
+    room_publish: Option<Token>,
     outcome: Option<Result<DispatchReport, String>>,
 }
 
@@ -160,6 +145,7 @@ impl Dispatch {
             commands: VecDeque::new(),
             report,
             checked,
+            room_publish: None,
             outcome: None,
         };
         if nothing {
@@ -170,6 +156,41 @@ impl Dispatch {
         Ok(dispatch)
     }
 
+    /// Plan the dispatch of `message` to the members of `room`, on every replica: one
+    /// publish on the room's channel. Refused for an invalid room name.
+    pub fn to_room(
+        config: &DispatchConfig,
+        message: Message,
+        room: &str,
+    ) -> Result<Self, RoomRefusal> {
+        check_room(room, &Limits::default())?;
+        let namespace = config.namespace.clone();
+        let envelope = RoomEnvelope {
+            room: room.to_owned(),
+            message: Message { s: None, ..message },
+            origin: None,
+        };
+        let token = Token(1);
+        let publish = Command::Publish {
+            channel: namespace.room_channel(room),
+            payload: envelope.encode(),
+        };
+        Ok(Dispatch {
+            rounds: Rounds::new(namespace.ws_channel(), None, config.max_stored_per_id),
+            keys: Keys::new(namespace, ""),
+            next_token: token.0,
+            flights: BTreeMap::new(),
+            commands: VecDeque::from([(token, publish)]),
+            report: DispatchReport {
+                room: Some(room.to_owned()),
+                ..DispatchReport::default()
+            },
+            checked: None,
+            room_publish: Some(token),
+            outcome: None,
+        })
+    }
+
     /// Where the dispatch's data is in Redis; [`Command::calls`] needs it.
     pub fn keys(&self) -> &Keys {
         &self.keys
@@ -178,6 +199,13 @@ impl Dispatch {
     /// Redis answered the command of `token`: an error (or an answer of the wrong
     /// shape) ends the dispatch.
     pub fn handle_reply(&mut self, now: Instant, token: Token, reply: Reply) {
+        if self.room_publish == Some(token) {
+            self.room_publish = None;
+            return match reply {
+                Ok(_) => self.done(),
+                Err(error) => self.fail(error),
+            };
+        }
         let Some(step) = self.flights.remove(&token) else {
             return;
         };
@@ -204,7 +232,8 @@ impl Dispatch {
     /// whose commands were not all answered reports that instead).
     pub fn finish(self) -> Result<DispatchReport, String> {
         self.outcome.unwrap_or_else(|| {
-            let unanswered = self.flights.len() + self.commands.len();
+            let unanswered =
+                self.flights.len() + self.commands.len() + usize::from(self.room_publish.is_some());
             Err(format!(
                 "the dispatch ended with {unanswered} commands unanswered"
             ))

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use mesa_core::rooms::RoomRefusal;
 use mesa_core::{Close, ConnId, Message};
 use serde_json::Value;
 
@@ -74,6 +75,16 @@ impl Connection {
             identity.user = user.clone();
         }
         Ok(self.shared.outbox.push(Outbound::UpdateUser(user))?)
+    }
+
+    /// Put this connection in `room` (see [`ServerHandle::join`]).
+    pub fn join(&self, room: &str) -> Result<(), RoomRefusal> {
+        self.server().join(self.shared.conn, room)
+    }
+
+    /// Take this connection out of `room`; whether it was in it.
+    pub fn leave(&self, room: &str) -> bool {
+        self.server().leave(self.shared.conn, room)
     }
 
     /// A handle for sending to other connections.

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use mesa_core::{Message, MessageOptions, Recipients};
+use mesa_core::rooms::RoomRefusal;
+use mesa_core::{ConnId, Message, MessageOptions, Recipients};
 
 use crate::registry::{Registry, SendReport};
 
@@ -83,6 +84,59 @@ impl ServerHandle {
     /// set on the server builder): handlers that route their own messages check against it.
     pub fn max_recipients(&self) -> usize {
         self.registry.max_recipients()
+    }
+
+    /// Put connection `conn` in `room`, whatever the room policy says (an extended
+    /// client hears `mesa:subscribed`; an old one just receives the room's messages).
+    /// Refused for an invalid room name, a closed connection, or one in
+    /// `Limits::max_rooms_per_connection` rooms already.
+    pub fn join(&self, conn: ConnId, room: &str) -> Result<(), RoomRefusal> {
+        self.registry.join(conn, room, true).map(drop)
+    }
+
+    /// Take connection `conn` out of `room`; whether it was in it.
+    pub fn leave(&self, conn: ConnId, room: &str) -> bool {
+        self.registry.leave(conn, room, true)
+    }
+
+    /// Put every connection of `id` on this server in `room` (the way old clients get
+    /// into rooms: call it when they authenticate); how many joined. The first refusal
+    /// ends it.
+    pub fn join_id(&self, id: &str, room: &str) -> Result<usize, RoomRefusal> {
+        let mut joined = 0;
+        for conn in self.registry.conns_of(id) {
+            if !self.registry.join(conn, room, true)?.already {
+                joined += 1;
+            }
+        }
+        Ok(joined)
+    }
+
+    /// Take every connection of `id` on this server out of `room`; how many left.
+    pub fn leave_id(&self, id: &str, room: &str) -> usize {
+        self.registry
+            .conns_of(id)
+            .into_iter()
+            .filter(|conn| self.registry.leave(*conn, room, true))
+            .count()
+    }
+
+    /// Send `message` to every member of `room`, on every replica of the cluster:
+    /// extended clients receive it with its room, old ones as an ordinary dispatch.
+    /// Best effort across replicas, as upstream's publishes (no sync for rooms).
+    /// Refused for an invalid room name.
+    pub fn publish(&self, room: &str, message: &Message) -> Result<SendReport, RoomRefusal> {
+        self.registry.publish(message, room)
+    }
+
+    /// Rooms with a member on this server.
+    pub fn room_count(&self) -> usize {
+        self.registry.room_counts().0
+    }
+
+    /// Room memberships on this server, over all rooms.
+    pub fn membership_count(&self) -> usize {
+        self.registry.room_counts().1
     }
 
     /// Open connections.

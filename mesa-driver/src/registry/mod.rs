@@ -14,14 +14,17 @@ mod observer;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use futures_channel::{mpsc, oneshot};
+use mesa_core::room_table::Joined;
+use mesa_core::rooms::{RoomNotice, RoomRefusal, check_room};
 use mesa_core::{
-    Action, Close, Command, ConnId, Hub, Keys, Message, MessageOptions, Recipients, Replica,
-    ReplicaEvent, SessionEvent, Token, TooManyRecipients,
+    Action, Close, Command, ConnId, Hub, Keys, Limits, Message, MessageOptions, Recipients,
+    Replica, ReplicaEvent, SessionEvent, Token, TooManyRecipients,
 };
+use serde_json::Value;
 
 use crate::outbox::{Outbound, Refused};
 
@@ -123,8 +126,8 @@ pub(crate) struct Settings {
     pub(crate) auth_required: bool,
     /// Each connection's outbox cap, in bytes.
     pub(crate) outbound_cap: usize,
-    /// The most distinct ids one send may address.
-    pub(crate) max_recipients: usize,
+    /// The limits of what a peer controls (recipients, rooms).
+    pub(crate) limits: Limits,
     pub(crate) observer: Arc<dyn Observer>,
     /// The runtime's clock.
     pub(crate) clock: Box<dyn Fn() -> Instant + Send + Sync>,
@@ -136,7 +139,7 @@ pub(crate) struct Registry {
     observer: Arc<dyn Observer>,
     clock: Box<dyn Fn() -> Instant + Send + Sync>,
     outbound_cap: usize,
-    max_recipients: usize,
+    limits: Limits,
     /// Connection tasks still running, closing handshakes included (a connection
     /// leaves the hub first, then finishes writing its close frame).
     live: AtomicUsize,
@@ -182,7 +185,7 @@ impl Registry {
             observer: settings.observer,
             clock: settings.clock,
             outbound_cap: settings.outbound_cap,
-            max_recipients: settings.max_recipients,
+            limits: settings.limits,
             live: AtomicUsize::new(0),
             retired: Mutex::new(None),
         };
@@ -223,9 +226,7 @@ impl Registry {
         };
         let shared = Arc::new(ConnShared::new(conn, remote, self.outbound_cap));
         state.conns.insert(conn, shared.clone());
-        let effects = drain(&mut state);
-        drop(state);
-        self.act(effects);
+        self.settle(state);
         shared
     }
 
@@ -237,15 +238,15 @@ impl Registry {
         match &mut state.core {
             Core::Alone(hub) => {
                 // Alone, a server neither stores nor forwards: the hub only learns ids.
-                if let SessionEvent::Authenticated { id, .. } = event {
-                    hub.authenticate(conn, id);
+                match event {
+                    SessionEvent::Authenticated { id, .. } => drop(hub.authenticate(conn, id)),
+                    SessionEvent::Extended => hub.extend(conn),
+                    _ => {}
                 }
             }
             Core::Cluster { replica, .. } => replica.handle_session_event(now, conn, event),
         }
-        let effects = drain(&mut state);
-        drop(state);
-        self.act(effects);
+        self.settle(state);
     }
 
     /// Connection `conn` closed: it leaves the core and its outbox refuses more.
@@ -259,9 +260,7 @@ impl Registry {
             Core::Alone(hub) => drop(hub.disconnect(conn)),
             Core::Cluster { replica, .. } => replica.handle_connection_closed(now, conn),
         }
-        let effects = drain(&mut state);
-        drop(state);
-        self.act(effects);
+        self.settle(state);
     }
 
     // ----- sending -----
@@ -279,7 +278,7 @@ impl Registry {
         let mut state = self.lock();
         let (effects, absent) = match &mut state.core {
             Core::Alone(hub) => {
-                recipients.at_most(self.max_recipients)?;
+                recipients.at_most(self.limits.max_recipients)?;
                 let delivery = hub.send(message, recipients);
                 let mut effects = Effects::default();
                 effects.deliver(
@@ -317,6 +316,89 @@ impl Registry {
         }
     }
 
+    // ----- rooms -----
+
+    /// Put `conn` in `room`. A join the server decided on its own (`notify`) is told
+    /// to an extended connection (`mesa:subscribed` without a ref); one answering the
+    /// client's request is answered by its session.
+    pub(crate) fn join(
+        &self,
+        conn: ConnId,
+        room: &str,
+        notify: bool,
+    ) -> Result<Joined, RoomRefusal> {
+        check_room(room, &self.limits)?;
+        let now = (self.clock)();
+        let max = self.limits.max_rooms_per_connection;
+        let mut state = self.lock();
+        let joined = match &mut state.core {
+            Core::Alone(hub) => hub.join(conn, room, max),
+            Core::Cluster { replica, .. } => replica.handle_join(now, conn, room),
+        }?;
+        if notify && !joined.already {
+            tell(&state, conn, room, true);
+        }
+        self.settle(state);
+        Ok(joined)
+    }
+
+    /// Take `conn` out of `room`; whether it was in it. A leave the server decided on
+    /// its own (`notify`) is told to an extended connection.
+    pub(crate) fn leave(&self, conn: ConnId, room: &str, notify: bool) -> bool {
+        let now = (self.clock)();
+        let mut state = self.lock();
+        let left = match &mut state.core {
+            Core::Alone(hub) => hub.leave(conn, room).is_some(),
+            Core::Cluster { replica, .. } => replica.handle_leave(now, conn, room),
+        };
+        if notify && left {
+            tell(&state, conn, room, false);
+        }
+        self.settle(state);
+        left
+    }
+
+    /// The connections of `id` here.
+    pub(crate) fn conns_of(&self, id: &str) -> Vec<ConnId> {
+        self.lock().core.hub().conns_of(id)
+    }
+
+    /// Send `message` to the members of `room`: here at once, on the other replicas
+    /// through the room's channel.
+    pub(crate) fn publish(&self, message: &Message, room: &str) -> Result<SendReport, RoomRefusal> {
+        check_room(room, &self.limits)?;
+        let now = (self.clock)();
+        let mut state = self.lock();
+        let effects = match &mut state.core {
+            Core::Alone(hub) => {
+                let mut effects = Effects::default();
+                for (action, targets) in hub.rooms().deliveries(message, room) {
+                    effects.deliver(&state.conns, message.clone(), &targets, &action);
+                }
+                effects
+            }
+            Core::Cluster { replica, .. } => {
+                replica.handle_room_send(now, message, room);
+                drain(&mut state)
+            }
+        };
+        drop(state);
+        let report = SendReport {
+            delivered: effects.sent.iter().map(|(_, delivered)| delivered).sum(),
+            overflowed: effects.overflowed,
+            absent: Vec::new(),
+        };
+        self.act(effects);
+        Ok(report)
+    }
+
+    /// Rooms with a member here, and memberships over all of them.
+    pub(crate) fn room_counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        let rooms = state.core.hub().rooms();
+        (rooms.len(), rooms.memberships())
+    }
+
     // ----- the cluster -----
 
     /// Feed one input to the replica (nothing without a cluster) and execute what
@@ -328,9 +410,7 @@ impl Registry {
             return None;
         };
         let output = input(replica, now);
-        let effects = drain(&mut state);
-        drop(state);
-        self.act(effects);
+        self.settle(state);
         Some(output)
     }
 
@@ -354,6 +434,13 @@ impl Registry {
         *lock(&self.retired) = Some(reply);
         self.feed(|replica, now| replica.handle_retire(now))?;
         Some(retired)
+    }
+
+    /// Execute what the last input decided, release the lock, then tell observers.
+    fn settle(&self, mut state: MutexGuard<'_, State>) {
+        let effects = drain(&mut state);
+        drop(state);
+        self.act(effects);
     }
 
     /// Tell the observers, and whoever waits for the retirement.
@@ -388,7 +475,7 @@ impl Registry {
 
     /// The most distinct ids one send may address.
     pub(crate) fn max_recipients(&self) -> usize {
-        self.max_recipients
+        self.limits.max_recipients
     }
 
     pub(crate) fn connection_count(&self) -> usize {
@@ -407,6 +494,22 @@ impl Registry {
             .map(str::to_owned)
             .collect()
     }
+}
+
+/// Tell an extended connection that the server put it in `room` (`joined`) or took
+/// it out.
+fn tell(state: &State, conn: ConnId, room: &str, joined: bool) {
+    let extended = state.core.hub().rooms().is_extended(conn);
+    let Some(shared) = state.conns.get(&conn).filter(|_| extended) else {
+        return;
+    };
+    let (room, reference) = (room.to_owned(), Value::Null);
+    let notice = if joined {
+        RoomNotice::Subscribed { room, reference }
+    } else {
+        RoomNotice::Unsubscribed { room, reference }
+    };
+    let _ = shared.outbox.push(Outbound::Frame(notice.encode()));
 }
 
 /// Execute what the replica decided (nothing alone): deliveries into the outboxes,

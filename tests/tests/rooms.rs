@@ -1,0 +1,251 @@
+//! Rooms through our server (docs/protocol.md), with raw WebSockets in the roles of
+//! an extended client and an old one: negotiation, the room policy and the
+//! application's authorization, the server's own joins and publishes, limits, and
+//! rooms across two replicas on one `redis-server`.
+
+use std::net::SocketAddr;
+
+use async_tungstenite::tungstenite::Message as WsMessage;
+use mesa_core::{Limits, Message};
+use mesa_tests::ours::{eventually, serve};
+use mesa_tests::runtimes::{Raw, Tokio, next_json, raw};
+use mesa_tests::{RedisServer, WAIT};
+use mesa_tokio::{
+    ClusterConfig, DevAuthenticator, RefusalCode, RoomAccess, RoomAccessKind, RoomPolicy,
+    RoomRefusal, Server,
+};
+use serde_json::{Value, json};
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn builder(policy: RoomPolicy) -> mesa_tokio::ServerBuilder {
+    mesa_tokio::server()
+        .authenticate(DevAuthenticator)
+        .rooms(policy)
+}
+
+async fn start<H: mesa_tokio::Handler>(server: Server<H>) -> SocketAddr {
+    serve(&server, any_port()).await
+}
+
+async fn send(ws: &mut Raw<Tokio>, frame: Value) {
+    ws.send(WsMessage::text(frame.to_string()))
+        .await
+        .expect("frame sent");
+}
+
+/// A raw client past its hello (returned) and signed in as `id`, opted in to rooms
+/// when `extended`.
+async fn client(addr: SocketAddr, id: &str, extended: bool) -> (Raw<Tokio>, Value) {
+    let mut ws = raw(&Tokio, addr).await;
+    let hello = next_json(&Tokio, &mut ws).await;
+    let mut d = json!({"token": id});
+    if extended {
+        d["mesa"] = json!({"caps": ["rooms"]});
+    }
+    send(&mut ws, json!({"op": 2, "d": d})).await;
+    assert_eq!(next_json(&Tokio, &mut ws).await["op"], 22, "{id} signed in");
+    (ws, hello)
+}
+
+async fn subscribe(ws: &mut Raw<Tokio>, room: &str, reference: u64) -> Value {
+    let d = json!({"room": room, "ref": reference});
+    send(ws, json!({"op": 0, "t": "mesa:subscribe", "d": d})).await;
+    next_json(&Tokio, ws).await
+}
+
+#[tokio::test]
+async fn an_extended_client_subscribes_and_members_receive_with_or_without_the_room() {
+    let server = builder(RoomPolicy::Authenticated).build().unwrap();
+    let handle = server.handle();
+    let addr = start(server).await;
+    let (mut new, hello) = client(addr, "alice", true).await;
+    assert!(
+        hello["d"]["rules"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("rooms"))
+    );
+    let (mut old, _) = client(addr, "bob", false).await;
+
+    let answer = subscribe(&mut new, "lobby", 1).await;
+    assert_eq!(
+        answer,
+        json!({"op": 0, "t": "mesa:subscribed", "d": {"room": "lobby", "ref": 1}})
+    );
+    // The old client gets in by the server, and hears nothing of it.
+    assert_eq!(handle.join_id("bob", "lobby").unwrap(), 1);
+    assert_eq!((handle.room_count(), handle.membership_count()), (1, 2));
+
+    let chat = Message::dispatch("CHAT", json!({"text": "hi"}));
+    let report = handle.publish("lobby", &chat).unwrap();
+    assert_eq!(report.delivered, 2);
+    assert_eq!(
+        next_json(&Tokio, &mut new).await,
+        json!({"op": 0, "d": {"text": "hi"}, "t": "CHAT", "room": "lobby"})
+    );
+    assert_eq!(
+        next_json(&Tokio, &mut old).await,
+        json!({"op": 0, "d": {"text": "hi"}, "t": "CHAT"})
+    );
+
+    // A client publishes; then leaves.
+    let d = json!({"room": "lobby", "t": "CHAT", "d": {"text": "yo"}, "ref": 2});
+    send(&mut new, json!({"op": 0, "t": "mesa:publish", "d": d})).await;
+    assert_eq!(next_json(&Tokio, &mut new).await["room"], "lobby");
+    assert_eq!(next_json(&Tokio, &mut old).await["d"]["text"], "yo");
+    let d = json!({"room": "lobby", "ref": 3});
+    send(&mut new, json!({"op": 0, "t": "mesa:unsubscribe", "d": d})).await;
+    assert_eq!(next_json(&Tokio, &mut new).await["t"], "mesa:unsubscribed");
+    assert_eq!(handle.membership_count(), 1);
+}
+
+#[tokio::test]
+async fn an_old_client_s_mesa_dispatch_is_an_ordinary_message() {
+    let server = builder(RoomPolicy::Open)
+        .handler(mesa_tokio::Relay)
+        .build()
+        .unwrap();
+    let handle = server.handle();
+    let addr = start(server).await;
+    let (mut old, _) = client(addr, "bob", false).await;
+    let d = json!({"room": "lobby", "ref": 1});
+    send(&mut old, json!({"op": 0, "t": "mesa:subscribe", "d": d})).await;
+    // The relay ECHOs only ECHO; the frame reached the application, not the rooms.
+    send(&mut old, json!({"op": 0, "t": "ECHO", "d": {}})).await;
+    assert_eq!(next_json(&Tokio, &mut old).await["t"], "ECHO");
+    assert_eq!(handle.membership_count(), 0);
+}
+
+#[tokio::test]
+async fn the_authorization_decides_and_denies_what_it_does_not_allow() {
+    let policy = RoomPolicy::authorizer(
+        |conn: mesa_tokio::Connection, access: RoomAccess| async move {
+            let allowed = match &access.kind {
+                RoomAccessKind::Subscribe { token } => token.as_deref() == Some("ok"),
+                RoomAccessKind::Publish => false,
+            };
+            if allowed && conn.id().is_some() {
+                Ok(())
+            } else {
+                Err(RoomRefusal::new(RefusalCode::Unauthorized, "not for you"))
+            }
+        },
+    );
+    let server = builder(policy).build().unwrap();
+    let addr = start(server).await;
+    let (mut ws, _) = client(addr, "alice", true).await;
+    let d = json!({"room": "vip", "ref": 1});
+    send(&mut ws, json!({"op": 0, "t": "mesa:subscribe", "d": d})).await;
+    let refused = next_json(&Tokio, &mut ws).await;
+    assert_eq!(refused["t"], "mesa:error");
+    assert_eq!(
+        refused["d"],
+        json!({"room": "vip", "ref": 1, "code": "unauthorized", "reason": "not for you"})
+    );
+    let d = json!({"room": "vip", "ref": 2, "token": "ok"});
+    send(&mut ws, json!({"op": 0, "t": "mesa:subscribe", "d": d})).await;
+    assert_eq!(next_json(&Tokio, &mut ws).await["t"], "mesa:subscribed");
+    let d = json!({"room": "vip", "t": "X", "d": {}, "ref": 3});
+    send(&mut ws, json!({"op": 0, "t": "mesa:publish", "d": d})).await;
+    assert_eq!(
+        next_json(&Tokio, &mut ws).await["d"]["code"],
+        "unauthorized"
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_clients_are_refused_unless_rooms_are_open_and_limits_hold() {
+    let limits = Limits {
+        max_rooms_per_connection: 1,
+        ..Limits::default()
+    };
+    let server = builder(RoomPolicy::Authenticated)
+        .limits(limits)
+        .build()
+        .unwrap();
+    let handle = server.handle();
+    let addr = start(server).await;
+    let (mut ws, _) = client(addr, "alice", true).await;
+    assert_eq!(subscribe(&mut ws, "one", 1).await["t"], "mesa:subscribed");
+    let over = subscribe(&mut ws, "two", 2).await;
+    assert_eq!(over["d"]["code"], "too_many_rooms");
+    let bad = subscribe(&mut ws, "a room", 3).await;
+    assert_eq!(bad["d"]["code"], "invalid_room");
+    assert!(
+        handle
+            .publish("a room", &Message::dispatch("X", json!({})))
+            .is_err()
+    );
+
+    // Without authentication, op 2 only opts in; `authenticated` refuses.
+    let server = mesa_tokio::server()
+        .rooms(RoomPolicy::Authenticated)
+        .build()
+        .unwrap();
+    let addr = start(server).await;
+    let mut anon = raw(&Tokio, addr).await;
+    next_json(&Tokio, &mut anon).await;
+    send(
+        &mut anon,
+        json!({"op": 2, "d": {"mesa": {"caps": ["rooms"]}}}),
+    )
+    .await;
+    assert_eq!(
+        subscribe(&mut anon, "lobby", 1).await["d"]["code"],
+        "unauthorized"
+    );
+}
+
+#[tokio::test]
+async fn a_room_spans_replicas_and_a_replica_listens_only_while_it_has_a_member() {
+    let redis = RedisServer::start();
+    let replica = || {
+        builder(RoomPolicy::Authenticated)
+            .cluster(ClusterConfig::new(redis.url()))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (replica(), replica());
+    let (handle_a, handle_b) = (a.handle(), b.handle());
+    let (addr_a, addr_b) = (start(a).await, start(b).await);
+    let (mut alice, _) = client(addr_a, "alice", true).await;
+    let (mut bob, _) = client(addr_b, "bob", false).await;
+    assert_eq!(
+        subscribe(&mut alice, "lobby", 1).await["t"],
+        "mesa:subscribed"
+    );
+    handle_b.join_id("bob", "lobby").unwrap();
+    let channel = "mesa_room:lobby";
+    eventually("both replicas subscribed", WAIT, || async {
+        redis.subscribers(channel) == 2
+    })
+    .await;
+
+    handle_a
+        .publish("lobby", &Message::dispatch("CHAT", json!({"n": 1})))
+        .unwrap();
+    assert_eq!(next_json(&Tokio, &mut alice).await["room"], "lobby");
+    let at_bob = next_json(&Tokio, &mut bob).await;
+    assert_eq!(at_bob, json!({"op": 0, "d": {"n": 1}, "t": "CHAT"}));
+
+    // Bob leaves: replica B has no member any more and stops listening.
+    assert_eq!(handle_b.leave_id("bob", "lobby"), 1);
+    eventually("replica B unsubscribed", WAIT, || async {
+        redis.subscribers(channel) == 1
+    })
+    .await;
+    // A dispatcher reaches the members too.
+    let dispatcher = mesa_tokio::Dispatcher::builder(redis.url())
+        .connect()
+        .await
+        .unwrap();
+    let report = dispatcher
+        .dispatch_room("lobby", Message::dispatch("NOTE", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(report.room.as_deref(), Some("lobby"));
+    assert_eq!(next_json(&Tokio, &mut alice).await["t"], "NOTE");
+}
