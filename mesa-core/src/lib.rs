@@ -12,6 +12,7 @@ pub mod heartbeat;
 pub mod hello;
 pub mod hub;
 pub mod limits;
+pub mod portal;
 pub mod rate;
 pub mod relay;
 pub mod replica;
@@ -40,6 +41,7 @@ pub use hub::{
     Action, ConnId, Delivery, Departure, Hub, Recipients, TooManyRecipients, distinct_ids,
 };
 pub use limits::{Limits, RateLimitPolicy};
+pub use portal::{PortalCommand, PortalKeys, PortalMember, PortalMemberConfig, PortalMemberEvent};
 pub use rate::TokenBucket;
 pub use relay::{RelayAction, dev_authenticate, relay};
 pub use replica::{

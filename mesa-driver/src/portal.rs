@@ -2,34 +2,40 @@
 //! authentications, messages, disconnections) in any process, wire-compatible with
 //! `@cryb/mesa`'s `Portal`.
 //!
-//! A portal registers its id in `ns("available_portals_pool")` (the set, and a
-//! `{"id","ready":true}` on the same-named channel); servers with portals on pick one
-//! portal per event (round robin or at random) and publish it on `ns("portal")`. A
-//! portal takes the events addressed to it, or every event with
+//! A portal registers its id in `ns("available_portals_pool")`; servers with portals
+//! on pick one portal per event (round robin or at random) and publish it on
+//! `ns("portal")`. A portal takes the events addressed to it, or every event with
 //! [`report_all_events`](PortalBuilder::report_all_events). [`Portal::close`] (or
-//! dropping it) leaves the pool.
+//! dropping it) leaves the pool. Unlike upstream's, ours notices a dead link,
+//! reconnects with backoff and registers again when Redis lost its registration.
 //!
-//! Unlike upstream's (ioredis resubscribes but never registers again), ours detects a
-//! dead link with its own PING timeout, reconnects with backoff, resubscribes, and
-//! registers again when Redis lost its registration (a restart).
+//! Every one of those decisions is [`mesa_core::PortalMember`]'s. This module is its
+//! shell: it opens the Redis connections, executes the member's commands, feeds back
+//! what Redis answered, the subscription's messages and the member's timer, and
+//! hands the client events to the application.
 
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use futures_channel::{mpsc, oneshot};
-use futures_util::future::{Either, select};
-use futures_util::{Stream, StreamExt};
-use mesa_core::rng::Rng;
-use mesa_core::{Backoff, BackoffConfig, Namespace, PortalEvent, PortalUpdate};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, Stream, StreamExt};
+use mesa_core::{
+    Call, Namespace, PortalCommand, PortalEvent, PortalMember, PortalMemberConfig,
+    PortalMemberEvent, Reply, Token,
+};
 use redis::{Msg, RedisResult};
 
-use crate::cluster::link::{self, Link, bounded, check_ca_pem, commands};
+use crate::cluster::calls::reply;
+use crate::cluster::link::{self, Link, check_ca_pem, commands};
+use crate::hooks::BoxFuture;
+use crate::redis_failure::RedisFailure;
 use crate::runtime::{Runtime, entropy_seed};
+use crate::tls::TlsError;
 
-/// How often a live link is checked with a PING.
-const PING_EVERY: Duration = Duration::from_secs(5);
 /// Events received and not yet taken; beyond it the portal stops reading Redis.
 const CAPACITY: usize = 1024;
 
@@ -42,10 +48,10 @@ pub enum PortalError {
     InvalidUrl(String),
     /// Redis is unreachable or failed a command.
     #[error("Redis: {0}")]
-    Redis(#[source] crate::RedisFailure),
+    Redis(#[source] RedisFailure),
     /// The CA certificates for `rediss://` cannot be used.
     #[error("Redis CA certificate: {0}")]
-    Tls(#[from] crate::TlsError),
+    Tls(#[from] TlsError),
     /// The portal's task is gone (its runtime shut down).
     #[error("the portal's task is gone")]
     Gone,
@@ -116,29 +122,38 @@ impl<R: Runtime> PortalBuilder<R> {
         }
         let client = link::client(&self.url, self.redis_ca_pem.as_deref())
             .map_err(|error| PortalError::InvalidUrl(error.to_string()))?;
-        let seed = entropy_seed();
-        let id = self.id.unwrap_or_else(|| uuid_v4(seed));
+        let config = PortalMemberConfig {
+            namespace: Namespace::new(self.namespace),
+            report_all_events: self.report_all_events,
+            id: self.id,
+            ..PortalMemberConfig::default()
+        };
+        let member = PortalMember::new(config, entropy_seed(), self.runtime.now())
+            .expect("the default timings are valid");
         let (events, receiver) = mpsc::channel(CAPACITY);
         let (stop_tx, stop) = oneshot::channel();
-        let mut task = PortalTask {
+        let mut shell = Shell {
             runtime: self.runtime.clone(),
             client,
-            ns: Namespace::new(self.namespace),
-            id: id.clone(),
-            all: self.report_all_events,
-            events,
-            stop,
-            backoff: Backoff::new(
-                BackoffConfig {
-                    base: Duration::from_millis(100),
-                    cap: Duration::from_secs(5),
-                    base_is_fixed: true,
-                },
-                seed,
-            ),
+            member,
+            events: Some(events),
+            stop: Some(stop),
+            reply: None,
+            link: None,
+            opening: None,
+            queue: VecDeque::new(),
+            answer: None,
+            pings: FuturesUnordered::new(),
+            timer: None,
+            milestones: VecDeque::new(),
         };
-        let link = task.connect().await?;
-        self.runtime.spawn(task.run(link));
+        if let Milestone::Stopped(outcome) = shell.next().await {
+            // It stops before joining only when its first link failed.
+            outcome.map_err(failure)?;
+            return Err(PortalError::Gone);
+        }
+        let id = shell.member.id().to_owned();
+        self.runtime.spawn(shell.serve());
         Ok(Portal {
             id,
             events: receiver,
@@ -196,230 +211,279 @@ impl Stream for Portal {
     }
 }
 
-/// A random UUID v4 in upstream's format (`xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`).
-fn uuid_v4(seed: u64) -> String {
-    let mut rng = Rng::new(seed);
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&rng.next_u64().to_be_bytes());
-    bytes[8..].copy_from_slice(&rng.next_u64().to_be_bytes());
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+/// Why the portal stopped, as its owner learns it: the member's reason, shown as is.
+fn failure(reason: String) -> PortalError {
+    redis::RedisError::from(std::io::Error::other(reason)).into()
 }
 
-/// The background half of a portal: owns its Redis connections.
-struct PortalTask<R> {
+/// What the portal said that its owner acts on.
+enum Milestone {
+    /// It is in the pool (again).
+    Joined,
+    /// It stopped: it left the pool, or why not.
+    Stopped(Result<(), String>),
+}
+
+/// A link being opened.
+type Opening = BoxFuture<'static, RedisResult<Link>>;
+
+/// A command in flight, or a ping, answered.
+type Answer = BoxFuture<'static, (Token, Reply)>;
+
+/// The portal's member and its Redis connections: the background half of a portal.
+struct Shell<R: Runtime> {
     runtime: R,
     client: redis::Client,
-    ns: Namespace,
-    id: String,
-    all: bool,
-    events: mpsc::Sender<PortalEvent>,
-    stop: oneshot::Receiver<Stop>,
-    backoff: Backoff,
+    member: PortalMember,
+    /// Where client events go (`None` once the portal was dropped).
+    events: Option<mpsc::Sender<PortalEvent>>,
+    /// [`Portal::close`]'s request (`None` once it came, or the portal was dropped).
+    stop: Option<oneshot::Receiver<Stop>>,
+    /// Where the outcome of [`Portal::close`] goes.
+    reply: Option<Stop>,
+    link: Option<Link>,
+    opening: Option<Opening>,
+    /// Commands received and not yet sent, with their calls, oldest first.
+    queue: VecDeque<(Token, Vec<Call>)>,
+    /// The command in flight: one at a time, so Redis runs them in their order.
+    answer: Option<Answer>,
+    /// Pings on the subscription connection.
+    pings: FuturesUnordered<Answer>,
+    /// The sleep armed for the member's deadline, with that deadline.
+    timer: Option<(Instant, Pin<Box<R::Sleep>>)>,
+    milestones: VecDeque<Milestone>,
 }
 
+/// What woke the shell.
 enum Wake {
-    /// Asked to stop (`None`: the portal was dropped).
+    /// [`Portal::close`] (`None`: the portal was dropped).
     Stop(Option<Stop>),
-    /// The portal no longer takes events.
+    /// The application no longer takes events.
     Dropped,
+    Opened(RedisResult<Link>),
+    Answer((Token, Reply)),
     Message(Option<Msg>),
-    Tick,
+    Timer,
 }
 
-impl<R: Runtime> PortalTask<R> {
-    async fn run(mut self, link: Link) {
-        let mut link = Some(link);
+impl<R: Runtime> Shell<R> {
+    /// Serve until the member stops, then answer [`Portal::close`].
+    async fn serve(mut self) {
         loop {
-            let live = match link.take() {
-                Some(live) => live,
-                None => match self.connect().await {
-                    Ok(live) => {
-                        tracing::info!(portal = %self.id, "portal link up");
-                        self.backoff.reset();
-                        live
-                    }
-                    Err(error) => {
-                        tracing::warn!(portal = %self.id, %error, "portal link down: cannot reach Redis");
-                        if let Some(stop) = self.wait_backoff().await {
-                            // Redis is unreachable: nothing to leave.
-                            if let Some(reply) = stop {
-                                let _ = reply.send(Err(error));
-                            }
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
-            match self.serve(live).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(portal = %self.id, %error, "portal link down");
-                    if let Some(stop) = self.wait_backoff().await {
-                        if let Some(reply) = stop {
-                            let _ = reply.send(Err(error.into()));
-                        }
-                        return;
-                    }
+            if let Milestone::Stopped(outcome) = self.next().await {
+                if let Some(reply) = self.reply.take() {
+                    let _ = reply.send(outcome.map_err(failure));
                 }
+                return;
             }
         }
     }
 
-    /// Sleep before reconnecting; `Some` when asked to stop meanwhile.
-    async fn wait_backoff(&mut self) -> Option<Option<Stop>> {
-        let until = self.runtime.now() + self.backoff.next_delay();
-        let sleep = Box::pin(self.runtime.sleep_until(until));
-        match select(sleep, &mut self.stop).await {
-            Either::Left(((), _)) => None,
-            Either::Right((stop, _)) => Some(stop.ok()),
-        }
-    }
-
-    /// Connect, subscribe, and join the pool.
-    async fn connect(&mut self) -> Result<Link, PortalError> {
-        let mut conn = commands(&self.client).await?;
-        let pubsub = bounded(&self.runtime, self.client.get_async_pubsub()).await?;
-        let (mut sink, stream) = pubsub.split();
-        bounded(&self.runtime, sink.subscribe(self.ns.portal_channel())).await?;
-        // Subscribed first, so no event addressed to us is published before we listen.
-        // Announce only when the set did not hold us: an upstream server appends every
-        // announcement to its list (a duplicate skews its round robin).
-        let pool = self.ns.available_portals_pool();
-        let added: i64 = redis::cmd("SADD")
-            .arg(&pool)
-            .arg(&self.id)
-            .query_async(&mut conn)
-            .await?;
-        if added == 1 {
-            let update = PortalUpdate {
-                id: self.id.clone(),
-                ready: true,
-            };
-            redis::cmd("PUBLISH")
-                .arg(&pool)
-                .arg(update.encode())
-                .query_async::<i64>(&mut conn)
-                .await?;
-        }
-        Ok(Link {
-            conn,
-            sink,
-            messages: Box::pin(stream),
-        })
-    }
-
-    /// Forward events until asked to stop (`Ok`) or the link fails (`Err`).
-    async fn serve(&mut self, mut link: Link) -> RedisResult<()> {
-        let mut tick = Box::pin(self.runtime.sleep_until(self.runtime.now() + PING_EVERY));
+    /// Execute, feed and forward until the member joins the pool or stops.
+    async fn next(&mut self) -> Milestone {
         loop {
-            let wake = poll_fn(|cx| {
-                if let Poll::Ready(stop) = Pin::new(&mut self.stop).poll(cx) {
-                    return Poll::Ready(Wake::Stop(stop.ok()));
-                }
-                if tick.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Tick);
-                }
-                // Read Redis only when the portal can take an event (backpressure).
-                match self.events.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => link.messages.poll_next_unpin(cx).map(Wake::Message),
-                    Poll::Ready(Err(_)) => Poll::Ready(Wake::Dropped),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await;
+            self.drain();
+            if let Some(milestone) = self.milestones.pop_front() {
+                return milestone;
+            }
+            self.send_next();
+            self.arm_timer();
+            let wake = poll_fn(|cx| self.poll_wake(cx)).await;
+            let now = self.runtime.now();
+            let member = &mut self.member;
             match wake {
                 Wake::Stop(reply) => {
-                    let outcome = self.leave(&mut link).await;
-                    if let Some(reply) = reply {
-                        let _ = reply.send(outcome.map_err(PortalError::from));
-                    }
-                    return Ok(());
+                    self.reply = reply;
+                    member.handle_close(now);
                 }
                 Wake::Dropped => {
-                    let _ = self.leave(&mut link).await;
-                    return Ok(());
+                    self.events = None;
+                    member.handle_close(now);
                 }
-                Wake::Tick => {
-                    tick = Box::pin(self.runtime.sleep_until(self.runtime.now() + PING_EVERY));
-                    // In subscribed mode the reply is an array, not +PONG: any answer will do.
-                    bounded(&self.runtime, link.sink.ping::<redis::Value>()).await?;
+                Wake::Opened(Ok(link)) => {
+                    self.link = Some(link);
+                    member.handle_link_up(now);
                 }
-                Wake::Message(Some(message)) => self.on_message(&message),
+                Wake::Opened(Err(error)) => member.handle_link_down(now, &error.to_string()),
+                Wake::Answer((token, reply)) => member.handle_reply(now, token, reply),
+                Wake::Message(Some(message)) => {
+                    let channel = message.get_channel_name();
+                    member.handle_pubsub(now, channel, message.get_payload_bytes());
+                }
                 Wake::Message(None) => {
-                    return Err(redis::RedisError::from((
-                        redis::ErrorKind::Io,
-                        "the pub/sub connection closed",
-                    )));
+                    member.handle_link_down(now, "the pub/sub connection closed");
+                }
+                Wake::Timer => {
+                    self.timer = None;
+                    member.handle_timeout(now);
                 }
             }
         }
     }
 
-    fn on_message(&mut self, message: &Msg) {
-        let Ok(payload) = message.get_payload::<String>() else {
+    /// Execute the member's commands, then act on its events.
+    fn drain(&mut self) {
+        while let Some((token, command)) = self.member.poll_command() {
+            self.execute(token, command);
+        }
+        while let Some(event) = self.member.poll_event() {
+            let id = self.member.id();
+            match event {
+                PortalMemberEvent::Client(event) => {
+                    if let Some(events) = &mut self.events {
+                        // Room was reserved before reading (one event per message at
+                        // most); a failure means the application is gone, which the
+                        // next wake reports.
+                        let _ = events.try_send(event);
+                    }
+                }
+                PortalMemberEvent::LinkUp => tracing::info!(portal = %id, "portal link up"),
+                PortalMemberEvent::LinkDown { reason } => {
+                    tracing::warn!(portal = %id, %reason, "portal link down");
+                }
+                PortalMemberEvent::Undecodable { channel, error } => {
+                    tracing::debug!(portal = %id, %channel, %error, "undecodable portal message");
+                }
+                PortalMemberEvent::Joined => {
+                    tracing::info!(portal = %id, "portal in the pool");
+                    self.milestones.push_back(Milestone::Joined);
+                }
+                PortalMemberEvent::Stopped { outcome } => {
+                    self.milestones.push_back(Milestone::Stopped(outcome));
+                }
+            }
+        }
+    }
+
+    fn execute(&mut self, token: Token, command: PortalCommand) {
+        match command {
+            PortalCommand::Connect { channel } => {
+                self.opening = Some(Box::pin(open(self.client.clone(), channel)));
+            }
+            PortalCommand::Disconnect => {
+                self.link = None;
+                self.opening = None;
+                self.queue.clear();
+                self.answer = None;
+                self.pings = FuturesUnordered::new();
+            }
+            PortalCommand::Ping => self.ping(token),
+            command => {
+                let calls = command.calls(self.member.keys());
+                self.queue.push_back((token, calls));
+            }
+        }
+    }
+
+    /// Ping on the subscription connection. Without a link the member's reply
+    /// timer answers for Redis.
+    fn ping(&mut self, token: Token) {
+        let Some(link) = &self.link else {
             return;
         };
-        match PortalEvent::decode(&payload) {
-            Ok(event) if self.all || event.portal_id == self.id => {
-                // Room was checked before reading: this cannot be full.
-                let _ = self.events.try_send(event);
-            }
-            Ok(_) => {}
-            Err(error) => tracing::debug!(portal = %self.id, %error, "undecodable portal event"),
+        let mut sink = link.sink.clone();
+        self.pings.push(Box::pin(async move {
+            let answer = match sink.ping::<redis::Value>().await {
+                Ok(value) => reply(vec![value]),
+                Err(error) => Err(error.to_string()),
+            };
+            (token, answer)
+        }));
+    }
+
+    /// Send the oldest queued command, unless one is in flight.
+    fn send_next(&mut self) {
+        let (Some(link), None) = (&self.link, &self.answer) else {
+            return;
+        };
+        let Some((token, calls)) = self.queue.pop_front() else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for call in calls {
+            match call {
+                Call::Plain { name, args } => pipe.cmd(name).arg(args),
+                Call::Script { script, keys, args } => pipe
+                    .cmd("EVAL")
+                    .arg(script.source())
+                    .arg(keys.len())
+                    .arg(keys)
+                    .arg(args),
+            };
+        }
+        let mut conn = link.conn.clone();
+        self.answer = Some(Box::pin(async move {
+            let answer = match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
+                Ok(values) => reply(values),
+                Err(error) => Err(error.to_string()),
+            };
+            (token, answer)
+        }));
+    }
+
+    /// Arm the timer for the member's next deadline, unless it is armed for it.
+    fn arm_timer(&mut self) {
+        let deadline = self.member.poll_timeout();
+        if self.timer.as_ref().map(|(at, _)| *at) != deadline {
+            let runtime = &self.runtime;
+            self.timer = deadline.map(|at| (at, Box::pin(runtime.sleep_until(at))));
         }
     }
 
-    /// Leave the pool: SREM, then announce it (only when we were still in the set, so
-    /// that an upstream server never hears of a portal it did not know: it would
-    /// remove the last one of its list instead).
-    async fn leave(&self, link: &mut Link) -> RedisResult<()> {
-        let pool = self.ns.available_portals_pool();
-        let removed: i64 = redis::cmd("SREM")
-            .arg(&pool)
-            .arg(&self.id)
-            .query_async(&mut link.conn)
-            .await?;
-        if removed == 1 {
-            let update = PortalUpdate {
-                id: self.id.clone(),
-                ready: false,
-            };
-            redis::cmd("PUBLISH")
-                .arg(&pool)
-                .arg(update.encode())
-                .query_async::<i64>(&mut link.conn)
-                .await?;
+    /// The first input that is ready.
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        if let Poll::Ready(stop) = poll_once(&mut self.stop, cx) {
+            return Poll::Ready(Wake::Stop(stop.ok()));
         }
-        Ok(())
+        if let Poll::Ready(opened) = poll_once(&mut self.opening, cx) {
+            return Poll::Ready(Wake::Opened(opened));
+        }
+        if let Poll::Ready(answer) = poll_once(&mut self.answer, cx) {
+            return Poll::Ready(Wake::Answer(answer));
+        }
+        if let Poll::Ready(Some(answer)) = self.pings.poll_next_unpin(cx) {
+            return Poll::Ready(Wake::Answer(answer));
+        }
+        if let Some((_, sleep)) = self.timer.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+        }
+        // Read Redis only when the application can take an event (backpressure).
+        if let (Some(events), Some(link)) = (self.events.as_mut(), self.link.as_mut()) {
+            match events.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Poll::Ready(message) = link.messages.poll_next_unpin(cx) {
+                        return Poll::Ready(Wake::Message(message));
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Dropped),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Poll the future in `slot`, if any, emptying the slot once it is done.
+fn poll_once<F: Future + Unpin>(slot: &mut Option<F>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    let Some(future) = slot.as_mut() else {
+        return Poll::Pending;
+    };
+    let output = ready!(future.poll_unpin(cx));
+    *slot = None;
+    Poll::Ready(output)
+}
 
-    #[test]
-    fn ids_look_like_upstreams_uuids() {
-        let id = uuid_v4(42);
-        assert_eq!(id.len(), 36);
-        let parts: Vec<&str> = id.split('-').collect();
-        assert_eq!(
-            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            [8, 4, 4, 4, 12]
-        );
-        assert!(parts[2].starts_with('4'));
-        assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"));
-        assert_ne!(uuid_v4(1), uuid_v4(2));
-    }
+/// Open a link: a command connection, and a subscription to `channel`.
+async fn open(client: redis::Client, channel: String) -> RedisResult<Link> {
+    let conn = commands(&client).await?;
+    let (mut sink, messages) = client.get_async_pubsub().await?.split();
+    sink.subscribe(channel).await?;
+    Ok(Link {
+        conn,
+        sink,
+        messages: Box::pin(messages),
+    })
 }

@@ -8,13 +8,16 @@
 //!
 //! [`cluster::ClusterSim`] runs N replicas and many clients with faults (cuts,
 //! crashes, partitions, slow answers, Redis restarts); [`track`] holds the records
-//! of every message and the properties checked over them.
+//! of every message and the properties checked over them; [`portal::PortalRig`]
+//! drives one [`PortalMember`](crate::PortalMember) through a failing link.
 
 pub mod cluster;
 pub mod net;
+pub mod portal;
 pub mod redis;
 pub mod schedule;
 pub mod track;
 
 pub use cluster::{ClusterSim, Counters, SimConfig, SimReplica};
+pub use portal::PortalRig;
 pub use redis::RedisModel;

@@ -1,5 +1,6 @@
 //! An in-memory model of Redis for exactly the commands and scripts the cluster uses
-//! (see [`Command::calls`](crate::Command::calls)): strings with a time to live,
+//! (see [`Command::calls`](crate::Command::calls) and
+//! [`PortalCommand::calls`](crate::PortalCommand::calls)): strings with a time to live,
 //! counters, sets, hashes of upstream's JSON-array text, pub/sub with one delivery
 //! per subscriber, and our Lua scripts implemented natively, reading their `KEYS` and
 //! `ARGV` exactly as the Lua does.
@@ -253,6 +254,10 @@ impl RedisModel {
                 RedisValue::Int(receivers)
             }
             "SADD" => RedisValue::Int(self.sadd(key()?, &args[1..]) as i64),
+            "SREM" => {
+                let key = key()?;
+                RedisValue::Int(args[1..].iter().filter(|m| self.srem(key, m)).count() as i64)
+            }
             "SMEMBERS" => RedisValue::Array(
                 self.members(key()?)
                     .into_iter()
@@ -314,13 +319,16 @@ impl RedisModel {
         members.iter().filter(|m| set.insert((*m).clone())).count()
     }
 
-    fn srem(&mut self, key: &str, member: &str) {
-        if let Some(set) = self.sets.get_mut(key) {
-            set.remove(member);
-            if set.is_empty() {
-                self.sets.remove(key);
-            }
+    /// Whether `member` was in the set.
+    fn srem(&mut self, key: &str, member: &str) -> bool {
+        let Some(set) = self.sets.get_mut(key) else {
+            return false;
+        };
+        let removed = set.remove(member);
+        if set.is_empty() {
+            self.sets.remove(key);
         }
+        removed
     }
 
     fn incrby(&mut self, now: Instant, key: &str, by: i64) -> Result<i64, CallError> {

@@ -1,17 +1,13 @@
 //! What every Redis user of the driver shares (the cluster task, the Dispatcher, the
-//! Portal): one timeout, command connections that honour it, a bound for the calls
-//! that have none of their own (pub/sub), and the shape of a live subscription.
+//! Portal): one timeout, command connections that honour it, and the shape of a live
+//! subscription.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::Stream;
-use futures_util::future::{Either, select};
 use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{AsyncConnectionConfig, Msg, RedisResult};
-
-use crate::runtime::Runtime;
 
 /// Time Redis has to answer any command before the link counts as broken.
 pub(crate) const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -47,21 +43,6 @@ pub(crate) async fn commands(client: &redis::Client) -> RedisResult<MultiplexedC
     client
         .get_multiplexed_async_connection_with_config(&settings)
         .await
-}
-
-/// Run `future` within [`REDIS_TIMEOUT`] on `runtime`'s timer.
-pub(crate) async fn bounded<R: Runtime, T>(
-    runtime: &R,
-    future: impl Future<Output = RedisResult<T>>,
-) -> RedisResult<T> {
-    let deadline = Box::pin(runtime.sleep_until(runtime.now() + REDIS_TIMEOUT));
-    match select(Box::pin(future), deadline).await {
-        Either::Left((outcome, _)) => outcome,
-        Either::Right(_) => Err(redis::RedisError::from((
-            redis::ErrorKind::Io,
-            "Redis did not answer in time",
-        ))),
-    }
 }
 
 /// A live link: commands, and a subscription's sink and messages.
