@@ -55,6 +55,9 @@ pub enum PortalError {
     /// The portal's task is gone (its runtime shut down).
     #[error("the portal's task is gone")]
     Gone,
+    /// A setting cannot work.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(#[from] mesa_core::ConfigError),
 }
 
 impl From<redis::RedisError> for PortalError {
@@ -128,8 +131,7 @@ impl<R: Runtime> PortalBuilder<R> {
             id: self.id,
             ..PortalMemberConfig::default()
         };
-        let member = PortalMember::new(config, entropy_seed(), self.runtime.now())
-            .expect("the default timings are valid");
+        let member = PortalMember::new(config, entropy_seed(), self.runtime.now())?;
         let (events, receiver) = mpsc::channel(CAPACITY);
         let (stop_tx, stop) = oneshot::channel();
         let mut shell = Shell {
