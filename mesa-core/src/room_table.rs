@@ -14,6 +14,8 @@ pub struct RoomTable {
     members: HashMap<String, BTreeSet<ConnId>>,
     joined: HashMap<ConnId, BTreeSet<String>>,
     extended: HashSet<ConnId>,
+    /// Memberships over all rooms, kept as they change.
+    memberships: usize,
 }
 
 /// What a join changed.
@@ -53,6 +55,7 @@ impl RoomTable {
             return Err(RoomRefusal::new(RefusalCode::TooManyRooms, reason));
         }
         rooms.insert(room.to_owned());
+        self.memberships += 1;
         let members = self.members.entry(room.to_owned()).or_default();
         members.insert(conn);
         Ok(Joined {
@@ -87,6 +90,7 @@ impl RoomTable {
 
     /// Remove `conn` from `room`'s members; whether none is left.
     fn forget(&mut self, conn: ConnId, room: &str) -> bool {
+        self.memberships -= 1;
         let Some(members) = self.members.get_mut(room) else {
             return true;
         };
@@ -136,7 +140,7 @@ impl RoomTable {
 
     /// Memberships here, over all rooms.
     pub fn memberships(&self) -> usize {
-        self.joined.values().map(BTreeSet::len).sum()
+        self.memberships
     }
 
     /// What `message` to `room` does to its members here: the extended ones get the

@@ -40,6 +40,10 @@
 //! | `mesa_redis_link_failures_total` | counter | times the Redis link went down |
 //! | `mesa_redis_ping_seconds` | histogram | round trip of the Redis liveness ping (every third of the lease) |
 //! | `mesa_cluster_jobs_dropped_total` | counter | work for Redis given up (queue or retry buffer full, best effort lost to an outage, left at exit); presence changes not counted |
+//! | `mesa_rooms` | gauge | rooms with a member on this server |
+//! | `mesa_room_memberships` | gauge | room memberships on this server, over all rooms |
+//! | `mesa_cluster_messages_received_total` | counter | envelopes (of sends and of rooms) received from Redis |
+//! | `mesa_cluster_messages_unneeded_total` | counter | of those, the ones with no local recipient |
 //! | `mesa_errors_total` | counter | errors reported to middleware (Redis faults, refused cluster jobs, ...) |
 //!
 //! **Reconnections.** A connection that authenticates (for the first time on that
@@ -112,6 +116,10 @@ struct Inner {
     link_failures: Counter,
     ping: Histogram,
     jobs_dropped: Counter,
+    rooms: Gauge,
+    memberships: Gauge,
+    cluster_received: Counter,
+    cluster_unneeded: Counter,
     errors: Counter,
     /// 0: no report yet (or no cluster), 1: up, 2: down.
     link: AtomicU8,
@@ -173,6 +181,10 @@ impl Metrics {
         // 0.25 ms to about 4 s.
         let ping = Histogram::new(exponential_buckets(0.000_25, 2.0, 15));
         let jobs_dropped = Counter::default();
+        let rooms = Gauge::default();
+        let memberships = Gauge::default();
+        let cluster_received = Counter::default();
+        let cluster_unneeded = Counter::default();
         let errors = Counter::default();
 
         let r = &mut registry;
@@ -280,6 +292,22 @@ impl Metrics {
             "Work for the cluster's Redis given up",
             jobs_dropped.clone(),
         );
+        r.register("mesa_rooms", "Rooms with a member here", rooms.clone());
+        r.register(
+            "mesa_room_memberships",
+            "Room memberships here, over all rooms",
+            memberships.clone(),
+        );
+        r.register(
+            "mesa_cluster_messages_received",
+            "Envelopes received from Redis",
+            cluster_received.clone(),
+        );
+        r.register(
+            "mesa_cluster_messages_unneeded",
+            "Envelopes received from Redis with no local recipient",
+            cluster_unneeded.clone(),
+        );
         r.register(
             "mesa_errors",
             "Errors reported to middleware",
@@ -310,6 +338,10 @@ impl Metrics {
                 link_failures,
                 ping,
                 jobs_dropped,
+                rooms,
+                memberships,
+                cluster_received,
+                cluster_unneeded,
                 errors,
                 link: AtomicU8::new(0),
                 reconnect_window: window,
@@ -351,6 +383,11 @@ impl Metrics {
 
 fn count(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// A size as a gauge's value.
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Middleware for Metrics {
@@ -490,6 +527,20 @@ impl Middleware for Metrics {
 
     fn on_cluster_jobs_dropped(&self, jobs: usize) -> Result<(), BoxError> {
         self.inner.jobs_dropped.inc_by(count(jobs));
+        Ok(())
+    }
+
+    fn on_cluster_message(&self, local: usize) -> Result<(), BoxError> {
+        self.inner.cluster_received.inc();
+        if local == 0 {
+            self.inner.cluster_unneeded.inc();
+        }
+        Ok(())
+    }
+
+    fn on_rooms(&self, rooms: usize, memberships: usize) -> Result<(), BoxError> {
+        self.inner.rooms.set(gauge(rooms));
+        self.inner.memberships.set(gauge(memberships));
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ use mesa_core::{Limits, Message};
 use mesa_tests::ours::{eventually, serve};
 use mesa_tests::runtimes::{Raw, Tokio, next_json, raw};
 use mesa_tests::{RedisServer, WAIT};
+use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{
     ClusterConfig, DevAuthenticator, RefusalCode, RoomAccess, RoomAccessKind, RoomPolicy,
     RoomRefusal, Server,
@@ -202,13 +203,15 @@ async fn unauthenticated_clients_are_refused_unless_rooms_are_open_and_limits_ho
 #[tokio::test]
 async fn a_room_spans_replicas_and_a_replica_listens_only_while_it_has_a_member() {
     let redis = RedisServer::start();
-    let replica = || {
+    let (metrics_a, metrics_b) = (Metrics::new(), Metrics::new());
+    let replica = |metrics: &Metrics| {
         builder(RoomPolicy::Authenticated)
             .cluster(ClusterConfig::new(redis.url()))
+            .middleware(metrics.clone())
             .build()
             .unwrap()
     };
-    let (a, b) = (replica(), replica());
+    let (a, b) = (replica(&metrics_a), replica(&metrics_b));
     let (handle_a, handle_b) = (a.handle(), b.handle());
     let (addr_a, addr_b) = (start(a).await, start(b).await);
     let (mut alice, _) = client(addr_a, "alice", true).await;
@@ -248,4 +251,34 @@ async fn a_room_spans_replicas_and_a_replica_listens_only_while_it_has_a_member(
         .unwrap();
     assert_eq!(report.room.as_deref(), Some("lobby"));
     assert_eq!(next_json(&Tokio, &mut alice).await["t"], "NOTE");
+
+    // What each replica received from Redis, and needed: A got its own CHAT back
+    // (unneeded) and the NOTE; B got the CHAT only, for bob.
+    let a = metrics_a.render();
+    assert_eq!(sample(&a, "mesa_rooms"), Some(1.0), "{a}");
+    assert_eq!(sample(&a, "mesa_room_memberships"), Some(1.0));
+    assert_eq!(
+        sample(&a, "mesa_cluster_messages_received_total"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&a, "mesa_cluster_messages_unneeded_total"),
+        Some(1.0)
+    );
+    let b = metrics_b.render();
+    assert_eq!(sample(&b, "mesa_rooms"), Some(0.0), "{b}");
+    assert_eq!(
+        sample(&b, "mesa_cluster_messages_received_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&b, "mesa_cluster_messages_unneeded_total"),
+        Some(0.0)
+    );
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .find_map(|value| value.trim().parse().ok())
 }

@@ -74,6 +74,12 @@ pub enum ReplicaEvent {
         /// Its id.
         id: String,
     },
+    /// An envelope (of a send or of a room) arrived from Redis, for `local`
+    /// connections here (0: it was not needed here).
+    Received {
+        /// Local connections it was delivered to.
+        local: usize,
+    },
     /// A pub/sub message could not be decoded; it was skipped.
     Undecodable {
         /// The channel it came on.

@@ -468,18 +468,27 @@ impl Replica {
                 // Our own global send: its local part was delivered when it was made.
                 Ok(envelope)
                     if envelope.recipients == Recipients::All
-                        && envelope.origin.as_deref() == Some(self.keys.replica()) => {}
+                        && envelope.origin.as_deref() == Some(self.keys.replica()) =>
+                {
+                    self.received(0);
+                }
                 // Our own list names only ids absent here when it was sent: those that
                 // connected here since get it now, when every other replica delivers.
-                Ok(envelope) => self.deliver(envelope.message, &envelope.recipients),
+                Ok(envelope) => {
+                    let local = self.deliver(envelope.message, &envelope.recipients);
+                    self.received(local);
+                }
                 Err(error) => self.undecodable(channel, error.to_string()),
             }
         } else if channel.starts_with(ROOM_CHANNEL_PREFIX) {
             match RoomEnvelope::decode(payload) {
                 // Our own: its members here got it when it was sent.
-                Ok(envelope) if envelope.origin.as_deref() == Some(self.keys.replica()) => {}
+                Ok(envelope) if envelope.origin.as_deref() == Some(self.keys.replica()) => {
+                    self.received(0);
+                }
                 Ok(envelope) => {
-                    self.deliver_room(envelope.message, &envelope.room);
+                    let local = self.deliver_room(envelope.message, &envelope.room);
+                    self.received(local);
                 }
                 Err(error) => self.undecodable(channel, error.to_string()),
             }
@@ -716,16 +725,24 @@ impl Replica {
         count
     }
 
-    /// Deliver to the local connections among `recipients`.
-    fn deliver(&mut self, message: Message, recipients: &Recipients) {
+    /// Deliver to the local connections among `recipients`; how many.
+    fn deliver(&mut self, message: Message, recipients: &Recipients) -> usize {
         let delivery = self.hub.send(&message, recipients);
-        if !delivery.targets.is_empty() && delivery.action != Action::Ignore {
-            self.deliveries.push_back(LocalDelivery {
-                message,
-                action: delivery.action,
-                targets: delivery.targets,
-            });
+        if delivery.targets.is_empty() || delivery.action == Action::Ignore {
+            return 0;
         }
+        let local = delivery.targets.len();
+        self.deliveries.push_back(LocalDelivery {
+            message,
+            action: delivery.action,
+            targets: delivery.targets,
+        });
+        local
+    }
+
+    /// An envelope arrived for `local` connections here.
+    fn received(&mut self, local: usize) {
+        self.events.push_back(ReplicaEvent::Received { local });
     }
 
     fn lost(&mut self, count: usize, reason: Loss) {

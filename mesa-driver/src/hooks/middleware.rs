@@ -110,6 +110,16 @@ pub trait Middleware: Send + Sync + 'static {
     fn on_cluster_jobs_dropped(&self, jobs: usize) -> Result<(), BoxError> {
         Ok(())
     }
+    /// An envelope (of a send or of a room) arrived from Redis for `local`
+    /// connections here (0: this replica did not need it).
+    fn on_cluster_message(&self, local: usize) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// Room memberships changed: `rooms` have a member here, with `memberships` over
+    /// all of them.
+    fn on_rooms(&self, rooms: usize, memberships: usize) -> Result<(), BoxError> {
+        Ok(())
+    }
 }
 
 /// The registered middleware, called in registration order with errors contained.
@@ -154,6 +164,10 @@ impl Observer for Middlewares {
         self.emit(|m| m.on_undeliverable(message, ids));
     }
 
+    fn rooms(&self, rooms: usize, memberships: usize) {
+        self.emit(|m| m.on_rooms(rooms, memberships));
+    }
+
     fn replica_event(&self, event: &ReplicaEvent) {
         match event {
             ReplicaEvent::LinkUp => {
@@ -182,6 +196,7 @@ impl Observer for Middlewares {
             }
             ReplicaEvent::PortalJoined { id } => self.emit(|m| m.on_portal_join(id)),
             ReplicaEvent::PortalLeft { id } => self.emit(|m| m.on_portal_leave(id)),
+            ReplicaEvent::Received { local } => self.emit(|m| m.on_cluster_message(*local)),
             ReplicaEvent::Undecodable { channel, error } => {
                 self.report(&format!("undecodable message on {channel}: {error}"));
             }

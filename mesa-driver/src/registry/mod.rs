@@ -43,7 +43,7 @@ pub(crate) enum LinkWork {
 /// The core the registry feeds.
 enum Core {
     /// A server on its own.
-    Alone(Hub),
+    Alone(Box<Hub>),
     /// A replica of a cluster (it owns the hub), the cluster task's inbox, and the
     /// replica's deadline the task last heard of.
     Cluster {
@@ -68,6 +68,8 @@ struct State {
     /// Connections admitted but still in their handshakes: they count toward the
     /// connection limit, so a burst of upgrades cannot overshoot it.
     handshaking: usize,
+    /// The room counts observers heard last (rooms with a member, memberships).
+    rooms_told: (usize, usize),
 }
 
 /// What a send did here.
@@ -89,6 +91,8 @@ struct Effects {
     /// Connections that overflowed instead (they are being closed).
     overflowed: usize,
     events: Vec<ReplicaEvent>,
+    /// New room counts (rooms with a member, memberships), when they changed.
+    rooms: Option<(usize, usize)>,
 }
 
 impl Effects {
@@ -165,7 +169,10 @@ impl Registry {
         replica: Option<Replica>,
     ) -> (Self, Option<mpsc::UnboundedReceiver<LinkWork>>) {
         let (core, inbox) = match replica {
-            None => (Core::Alone(Hub::new(settings.auth_required)), None),
+            None => (
+                Core::Alone(Box::new(Hub::new(settings.auth_required))),
+                None,
+            ),
             Some(replica) => {
                 let (link, inbox) = mpsc::unbounded();
                 let core = Core::Cluster {
@@ -181,6 +188,7 @@ impl Registry {
                 core,
                 conns: HashMap::new(),
                 handshaking: 0,
+                rooms_told: (0, 0),
             }),
             observer: settings.observer,
             clock: settings.clock,
@@ -438,13 +446,22 @@ impl Registry {
 
     /// Execute what the last input decided, release the lock, then tell observers.
     fn settle(&self, mut state: MutexGuard<'_, State>) {
-        let effects = drain(&mut state);
+        let mut effects = drain(&mut state);
+        let rooms = state.core.hub().rooms();
+        let counts = (rooms.len(), rooms.memberships());
+        if counts != state.rooms_told {
+            state.rooms_told = counts;
+            effects.rooms = Some(counts);
+        }
         drop(state);
         self.act(effects);
     }
 
     /// Tell the observers, and whoever waits for the retirement.
     fn act(&self, effects: Effects) {
+        if let Some((rooms, memberships)) = effects.rooms {
+            self.observer.rooms(rooms, memberships);
+        }
         for (message, recipients) in &effects.sent {
             self.observer.message_sent(message, *recipients);
         }

@@ -12,6 +12,9 @@ pub(crate) trait Observer: Send + Sync {
     /// Nothing can be done for these ids of a send: no connection here, no cluster.
     fn undeliverable(&self, message: &Message, ids: &[String]);
 
+    /// Room memberships changed: `rooms` have a member here, `memberships` in all.
+    fn rooms(&self, rooms: usize, memberships: usize);
+
     /// The cluster's replica told something (the registry itself acts on the loads
     /// and the retirement).
     fn replica_event(&self, event: &ReplicaEvent);
