@@ -209,6 +209,7 @@ mod guide {
         Authentication = "authentication.md",
         Handlers = "handlers.md",
         Sending = "sending.md",
+        Rooms = "rooms.md",
         Cluster = "cluster.md",
         Tls = "tls.md",
         Operations = "operations.md",
