@@ -9,7 +9,7 @@ use async_tungstenite::tungstenite::Message as WsMessage;
 use mesa_core::{Limits, Message};
 use mesa_tests::ours::{eventually, serve};
 use mesa_tests::runtimes::{Raw, Tokio, next_json, raw};
-use mesa_tests::{RedisServer, WAIT};
+use mesa_tests::{ClientKind, NodePeer, RedisServer, WAIT};
 use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{
     ClusterConfig, DevAuthenticator, RefusalCode, RoomAccess, RoomAccessKind, RoomPolicy,
@@ -281,4 +281,102 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .find_map(|value| value.trim().parse().ok())
+}
+
+/// Every authenticated connection goes into the lobby, the way an application puts
+/// old clients into rooms.
+struct Lobby;
+
+impl mesa_tokio::Handler for Lobby {
+    async fn on_authenticated(&self, conn: &mesa_tokio::Connection) {
+        conn.join("lobby").expect("within the limits");
+    }
+}
+
+/// With rooms on and an extended client busy beside them, the published clients
+/// receive 10,000 room messages and sends as ordinary dispatches: no control dispatch,
+/// no new field (the raw old client checks the frames themselves).
+#[tokio::test]
+async fn the_published_clients_never_see_anything_new_over_ten_thousand_messages() {
+    const MESSAGES: usize = 10_000;
+    let server = builder(RoomPolicy::Authenticated)
+        .handler(Lobby)
+        .build()
+        .unwrap();
+    let handle = server.handle();
+    let addr = start(server).await;
+    let url = mesa_tests::ours::url(addr);
+    let mut node = NodePeer::client("node", ClientKind::Node, &url);
+    let mut browser = NodePeer::client("browser", ClientKind::Browser, &url);
+    for (peer, id) in [(&mut node, "node"), (&mut browser, "browser")] {
+        peer.expect_event("connected").await;
+        peer.authenticate(id).await;
+        peer.expect_event("authenticated").await;
+    }
+    let (mut old, _) = client(addr, "old", false).await;
+    let (mut new, _) = client(addr, "new", true).await;
+    assert_eq!(
+        subscribe(&mut new, "lobby", 1).await["t"],
+        "mesa:subscribed"
+    );
+    eventually("everyone in the lobby", WAIT, || async {
+        handle.membership_count() == 4
+    })
+    .await;
+
+    let ids = ["node", "browser", "old", "new"];
+    for n in 0..MESSAGES {
+        let message = Message::dispatch("N", json!({"n": n}));
+        if n % 2 == 0 {
+            handle.publish("lobby", &message).unwrap();
+        } else {
+            handle.send_to(&message, ids, &[]).unwrap();
+        }
+        if n % 500 == 499 {
+            // The extended client asks for more control traffic meanwhile.
+            let d = json!({"room": format!("side{n}"), "ref": n});
+            send(&mut new, json!({"op": 0, "t": "mesa:subscribe", "d": d})).await;
+            tokio::task::yield_now().await;
+        }
+    }
+    // It gets every message (the lobby's with their room) and every answer.
+    let (mut answers, mut messages) = (0, 0);
+    while answers + messages < MESSAGES + MESSAGES / 500 {
+        let frame = next_json(&Tokio, &mut new).await;
+        match frame["t"].as_str() {
+            Some("mesa:subscribed") => answers += 1,
+            _ => {
+                let n = frame["d"]["n"].as_u64().unwrap();
+                assert_eq!(frame.get("room").is_some(), n % 2 == 0, "{frame}");
+                messages += 1;
+            }
+        }
+    }
+    assert_eq!(answers, MESSAGES / 500);
+    for n in 0..MESSAGES {
+        let frame = next_json(&Tokio, &mut old).await;
+        let keys: Vec<&str> = frame
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["op", "d", "t"], "frame {n}: {frame}");
+        assert_eq!(frame["d"]["n"], n, "in order");
+    }
+    for peer in [&mut node, &mut browser] {
+        let received =
+            |peer: &mut NodePeer| peer.count(|e| e["event"] == "message" && e["t"] == "N");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while received(peer) < MESSAGES {
+            assert!(tokio::time::Instant::now() < deadline, "{}", peer.report());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        peer.assert_none("a control dispatch", |e| {
+            e["t"].as_str().is_some_and(|t| t.starts_with("mesa:"))
+        });
+        peer.assert_none("a sequence number", |e| {
+            e["event"] == "message" && !e["s"].is_null()
+        });
+    }
 }
