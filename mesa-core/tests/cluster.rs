@@ -41,6 +41,33 @@ fn a_quiet_cluster_connects_everyone_and_delivers_everything_once() {
     );
 }
 
+#[test]
+fn a_quiet_cluster_delivers_each_room_message_once_to_every_member() {
+    let mut config = SimConfig::new(3, 12, 7);
+    config.rooms = 3;
+    let mut sim = ClusterSim::new(config, start());
+    for c in 0..12 {
+        sim.connect(c);
+    }
+    sim.run_for(Duration::from_secs(2));
+    for c in 0..12 {
+        sim.room_send(c);
+    }
+    sim.run_for(Duration::from_secs(2));
+    // 12 messages, each to the 4 members of its sender's room.
+    for c in 0..12 {
+        let got: Vec<MessageKey> = received(&sim, c).into_iter().map(|(k, _)| k).collect();
+        let expected: Vec<MessageKey> = (0..12u32)
+            .filter(|s| *s as usize % 3 == c % 3)
+            .map(|s| (s, 1))
+            .collect();
+        let mut got_sorted = got.clone();
+        got_sorted.sort();
+        assert_eq!(got_sorted, expected, "client {c}");
+    }
+    assert_eq!(sim.check(), Vec::<String>::new());
+}
+
 /// The messages client `c` received: which, and whether from the store.
 fn received(sim: &ClusterSim, c: usize) -> Vec<(MessageKey, bool)> {
     let receptions = &sim.clients[c].log.receptions;
@@ -138,6 +165,8 @@ const REPLICAS: usize = 3;
 const CLIENTS: usize = 8;
 /// Two ids have two clients each (tabs): presence counts connections per id.
 const IDS: usize = 6;
+/// Rooms: ids `u<i>` are in room `i % ROOMS`.
+const ROOMS: usize = 2;
 
 /// One step of a schedule. Replica 0 never fails, so some replica always runs the
 /// janitor (the presence bound needs one).
@@ -163,6 +192,8 @@ enum Step {
         persist: bool,
         down_ms: u64,
     },
+    /// A message to the members of the sender's room.
+    RoomSend(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -182,6 +213,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(replica, extra, for_ms)| Step::Slow { replica, extra, for_ms }),
         1 => (any::<bool>(), 0u64..3000)
             .prop_map(|(persist, down_ms)| Step::RedisRestart { persist, down_ms }),
+        3 => (0..CLIENTS).prop_map(Step::RoomSend),
     ]
 }
 
@@ -202,6 +234,7 @@ fn run_schedule(seed: u64, steps: &[Step]) -> ClusterSim {
     let mut config = SimConfig::new(REPLICAS, CLIENTS, seed);
     config.ids = IDS;
     config.check_contract = true;
+    config.rooms = ROOMS;
     let mut sim = ClusterSim::new(config, start());
     for c in 0..CLIENTS {
         sim.connect(c);
@@ -230,6 +263,7 @@ fn run_schedule(seed: u64, steps: &[Step]) -> ClusterSim {
                 Duration::from_millis(*extra),
                 Duration::from_millis(*for_ms),
             ),
+            Step::RoomSend(c) => drop(sim.room_send(*c)),
             Step::RedisRestart { persist, down_ms } => {
                 sim.restart_redis(*persist, Duration::from_millis(*down_ms))
             }

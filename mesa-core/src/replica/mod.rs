@@ -65,6 +65,14 @@
 //! Sends leave in the order they were made: one round at a time, and a send cut by
 //! a round keeps the head of the queue until it is done. So the messages of one
 //! sender reach each connection in order, live ones and redelivered ones alike.
+//!
+//! # Rooms
+//!
+//! A room's messages go straight to its channel, best effort as a publish: never
+//! stored, never done twice (a publish is not retried), and lost when the link
+//! fails before Redis took them. Order is per channel, as in every pub/sub system:
+//! a sender's room messages reach each member in order, but a room message may
+//! overtake the sender's earlier send to ids, which waits for its presence check.
 
 mod command;
 mod config;

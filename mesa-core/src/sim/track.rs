@@ -87,8 +87,11 @@ pub struct Relayed {
     pub at: Instant,
     /// The link of the sender's connection (a sender's order is per connection).
     pub sender_link: u32,
-    /// The recipient ids.
+    /// The recipient ids (none for a room's message).
     pub to: Vec<String>,
+    /// A room's message: ordered with the sender's other room messages only (order
+    /// is per channel, as in every pub/sub system: a room's channel, or the sends).
+    pub room: bool,
 }
 
 /// The simulation's records of its messages.
@@ -213,7 +216,7 @@ pub fn check_order<'a>(
 ) -> Vec<Violation> {
     let mut violations = Vec::new();
     for (id, received) in clients {
-        let mut last: BTreeMap<(u32, u32, bool), u32> = BTreeMap::new();
+        let mut last: BTreeMap<(u32, u32, bool, bool), u32> = BTreeMap::new();
         let mut seen = HashSet::new();
         for reception in &received.receptions {
             // A second copy is the duplicate check's business, not a reordering.
@@ -229,7 +232,12 @@ pub fn check_order<'a>(
                     continue;
                 }
             }
-            let group = (reception.link, relayed.sender_link, reception.redelivered);
+            let group = (
+                reception.link,
+                relayed.sender_link,
+                reception.redelivered,
+                relayed.room,
+            );
             let n = reception.key.1;
             if let Some(previous) = last.insert(group, n) {
                 if n < previous {

@@ -31,6 +31,15 @@ use crate::sim::schedule::Schedule;
 use crate::sim::track::{self, MessageKey, Received, Relayed, Track, Violation, message_key};
 use crate::wire::{Message, Opcode};
 
+/// The type of a simulated client's message to the members of its room.
+pub const ROOM_SEND: &str = "ROOM_SEND";
+
+/// The room of id `u<i>` among `rooms` (none when there are no rooms).
+fn room_of(rooms: usize, id: &str) -> Option<String> {
+    let index: usize = id.strip_prefix('u')?.parse().ok()?;
+    (rooms > 0).then(|| format!("room{}", index % rooms))
+}
+
 /// How a simulated cluster is built.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -56,6 +65,9 @@ pub struct SimConfig {
     pub record: bool,
     /// Check the keys Node replicas read after every event.
     pub check_contract: bool,
+    /// Rooms: each connection of id `u<i>` joins room `room<i % rooms>` when it
+    /// authenticates (as an application puts old clients in rooms). 0: none.
+    pub rooms: usize,
 }
 
 impl SimConfig {
@@ -81,6 +93,7 @@ impl SimConfig {
             redis_latency: Duration::from_millis(1),
             record: true,
             check_contract: false,
+            rooms: 0,
         }
     }
 }
@@ -370,6 +383,26 @@ impl ClusterSim {
         self.flush_client(c);
         self.settle();
         key
+    }
+
+    /// Client `c` sends a message to the members of its room (relayed by its
+    /// replica); returns its key. Needs [`SimConfig::rooms`].
+    pub fn room_send(&mut self, c: usize) -> MessageKey {
+        self.numbers[c] += 1;
+        let key = (c as u32, self.numbers[c]);
+        let message = Message::dispatch(ROOM_SEND, json!({"from": key.0, "n": key.1}));
+        self.counters.sent += 1;
+        if self.clients[c].session.send(self.now, message).is_err() {
+            self.counters.refused += 1;
+        }
+        self.flush_client(c);
+        self.settle();
+        key
+    }
+
+    /// The room the connections of `id` join (see [`SimConfig::rooms`]).
+    pub fn room_of(&self, id: &str) -> Option<String> {
+        room_of(self.config.rooms, id)
     }
 
     /// The replica client `c` is connected to.
@@ -867,6 +900,33 @@ impl ClusterSim {
                 }
                 self.track.arrive(&id);
                 self.track.auth_at.entry(link).or_insert(now);
+                if let (Some(room), Some(replica)) = (
+                    room_of(self.config.rooms, &id),
+                    self.replicas[r].replica.as_mut(),
+                ) {
+                    let _ = replica.handle_join(now, conn, &room);
+                    self.dirty_replicas.push(r);
+                }
+            }
+            SessionEvent::Message(message) if message.t.as_deref() == Some(ROOM_SEND) => {
+                let link = entry.link as u32;
+                let rooms = self.config.rooms;
+                let room = entry.id.as_deref().and_then(|id| room_of(rooms, id));
+                if let (Some(room), Some(key)) = (room, message_key(&message)) {
+                    self.track.relayed.insert(
+                        key,
+                        Relayed {
+                            at: now,
+                            sender_link: link,
+                            to: Vec::new(),
+                            room: true,
+                        },
+                    );
+                    if let Some(replica) = self.replicas[r].replica.as_mut() {
+                        let _ = replica.handle_room_send(now, &message, &room);
+                        self.dirty_replicas.push(r);
+                    }
+                }
             }
             SessionEvent::Message(message) => {
                 let link = entry.link as u32;
@@ -909,6 +969,7 @@ impl ClusterSim {
                     at: now,
                     sender_link: link,
                     to,
+                    room: false,
                 },
             );
         }
