@@ -7,6 +7,7 @@
 //! mesa-bench idle    --url ws://127.0.0.1:4000/ --connections 10000 [--server-pid PID] [--hold-secs 5]
 //! mesa-bench idle    --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
 //! mesa-bench fanout  --url ws://127.0.0.1:4000/ --connections 1000 --messages 2000 [--window 10]
+//! mesa-bench fanout  --url ws://127.0.0.1:4000/ --connections 5000 --messages 200 --rate 20
 //! mesa-bench echo    --url ws://127.0.0.1:4000/ --connections 100 [--in-flight 4] [--secs 5]
 //! mesa-bench storm   --url ws://127.0.0.1:4000/ --connections 10000 --server-cmd 'mesa serve ...'
 //! mesa-bench storm   --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
@@ -197,6 +198,12 @@ struct FanoutArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     window: u32,
 
+    /// Send at this fixed rate (messages per second) instead of a window: an open
+    /// loop, where a closed one would hide latency behind throughput. Each message
+    /// is stamped with the time it was due, so a late send counts in its latency.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rate: Option<u32>,
+
     /// Seconds the publishing phase may take, deliveries included.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
@@ -372,12 +379,17 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
         .filter(|&secs| secs > 0.0)
         .map(|secs| total.received as f64 / secs);
     let per_send = publishes.map(|calls| calls as f64 / published.max(1) as f64);
-    let scenario = if redis.is_some() { "cluster" } else { "fanout" };
+    let scenario = match (redis, args.rate) {
+        (Some(_), _) => "cluster",
+        (None, Some(_)) => "rate",
+        (None, None) => "fanout",
+    };
     emit(&format!(
-        "{scenario:<7} {} msgs={} window={} published={}  {:.0} deliveries/s in {:.2}s  lost={} dup={}  {}  {}{}",
+        "{scenario:<7} {} msgs={} {} published={}  {:.0} deliveries/s in {:.2}s  lost={} dup={}  {}  {}{}",
         setup.human(common, dropped),
         messages,
-        args.window,
+        args.rate
+            .map_or(format!("window={}", args.window), |r| format!("rate={r}/s")),
         published,
         rate,
         elapsed,
@@ -396,7 +408,8 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
         &[
             json!({
                 "messages": messages,
-                "window": args.window,
+                "window": args.rate.map_or(Some(args.window), |_| None),
+                "rate": args.rate,
                 "published": published,
                 "expected": expected,
                 "received": total.received,
@@ -419,8 +432,9 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
     Ok(exit_code(setup.ok))
 }
 
-/// Send `args.messages` BROADCASTs with at most `args.window` in flight; a message is
-/// completed when the publisher receives it back. Returns how many were sent.
+/// Send `args.messages` BROADCASTs with at most `args.window` in flight, or at
+/// `args.rate` per second; a message is completed when the publisher receives it
+/// back. Returns how many were sent.
 async fn publish(
     ctx: &Ctx,
     ws: &mut Ws,
@@ -429,28 +443,47 @@ async fn publish(
     deadline: Instant,
 ) -> u64 {
     let (messages, window) = (u64::from(args.messages), u64::from(args.window));
+    let start_us = ctx.now_us();
+    // When message `i` is due at a fixed rate (microseconds since the epoch).
+    let due_us = |i: u64| {
+        args.rate
+            .map(|rate| start_us + i * 1_000_000 / u64::from(rate))
+    };
     let (mut sent, mut in_flight) = (0_u64, 0_u64);
     while own.received < messages {
-        if in_flight < window && sent < messages {
-            while in_flight < window && sent < messages {
-                if ws.feed(dispatch("BROADCAST", ctx, sent)).await.is_err() {
-                    eprintln!("mesa-bench: the publisher's connection failed while sending");
-                    return sent;
-                }
-                sent += 1;
-                in_flight += 1;
-            }
-            if ws.flush().await.is_err() {
+        let mut fed = false;
+        while sent < messages {
+            let stamp = match due_us(sent) {
+                Some(due) if due <= ctx.now_us() => due,
+                None if in_flight < window => ctx.now_us(),
+                _ => break,
+            };
+            if ws
+                .feed(dispatch_at("BROADCAST", stamp, sent))
+                .await
+                .is_err()
+            {
                 eprintln!("mesa-bench: the publisher's connection failed while sending");
                 return sent;
             }
+            sent += 1;
+            in_flight += 1;
+            fed = true;
         }
-        let frame = match timeout_at(deadline, ws.next()).await {
+        if fed && ws.flush().await.is_err() {
+            eprintln!("mesa-bench: the publisher's connection failed while sending");
+            return sent;
+        }
+        // Wait for a frame, or until the next message is due.
+        let next = due_us(sent).filter(|_| sent < messages);
+        let wake = next.map_or(deadline, |due| deadline.min(ctx.at_us(due)));
+        let frame = match timeout_at(wake, ws.next()).await {
             Ok(Some(Ok(frame))) => frame,
             Ok(_) => {
                 eprintln!("mesa-bench: the publisher's connection ended");
                 return sent;
             }
+            Err(_) if Instant::now() < deadline => continue,
             Err(_) => {
                 eprintln!("mesa-bench: the publishing phase timed out");
                 return sent;
@@ -652,6 +685,11 @@ impl Ctx {
             epoch: Instant::now(),
         };
         Ok((Arc::new(ctx), reports))
+    }
+
+    /// The instant `us` microseconds after the epoch.
+    fn at_us(&self, us: u64) -> Instant {
+        self.epoch + Duration::from_micros(us)
     }
 
     /// Microseconds since the epoch.

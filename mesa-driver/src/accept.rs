@@ -10,6 +10,7 @@ use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::future::{Either, select};
 use mesa_core::Limits;
 
+use crate::read_pool::PooledRead;
 use crate::runtime::Runtime;
 use crate::tls::{MaybeTls, ServerTls};
 use crate::transport::TransportConfig;
@@ -54,13 +55,14 @@ pub(crate) async fn handshake<R, S, C>(
     transport: &TransportConfig,
     limits: &Limits,
     check: C,
-) -> Option<WebSocketStream<MaybeTls<S>>>
+) -> Option<WebSocketStream<PooledRead<MaybeTls<S>>>>
 where
     R: Runtime,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     C: Callback + Unpin + Send + 'static,
 {
-    let config = transport.websocket(limits);
+    let config = transport.server_websocket(limits);
+    let chunk = transport.read_buffer_bytes;
     let tls = tls.cloned();
     let handshake = Box::pin(async move {
         let stream = match tls {
@@ -71,9 +73,13 @@ where
                     .map_err(|error| format!("TLS handshake failed: {error}"))?,
             ),
         };
-        async_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
-            .await
-            .map_err(|error| error.to_string())
+        async_tungstenite::accept_hdr_async_with_config(
+            PooledRead::new(stream, chunk),
+            check,
+            Some(config),
+        )
+        .await
+        .map_err(|error| error.to_string())
     });
     let deadline = runtime.now() + transport.handshake_timeout;
     let timeout = Box::pin(runtime.sleep_until(deadline));

@@ -3,6 +3,7 @@
 //! the registry (the cluster's replica decides presence, portals and stored
 //! messages), the middleware and the application. It decides nothing.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -49,12 +50,14 @@ enum Wake {
 /// A room request and the authorization's decision.
 type Authorized = (RoomRequest, Result<(), RoomRefusal>);
 
-/// Drive one upgraded connection until it closes. Its `admission` slot (if any) is
-/// given back once the connection is registered, and so counted as open.
+/// Drive one upgraded connection until it closes: open, loop, leave. Its
+/// `admission` slot (if any) is given back once the connection is registered, and
+/// so counted as open.
 ///
-/// The stream goes to the heap before the loop's future exists: an async fn keeps
-/// its arguments for its whole life beside the locals made from them, so taking the
-/// stream by value would hold it twice in every connection's task (~700 bytes).
+/// The connection is registered and its driver built before the loop's future
+/// exists, which captures only the driver: an async fn keeps its arguments for its
+/// whole life beside the locals made from them, so the stream, the address and the
+/// admission would each keep room in every connection's task (the stream twice).
 pub(crate) fn drive<R, S, H>(
     inner: Arc<ServerContext<R, H>>,
     ws: WebSocketStream<S>,
@@ -66,28 +69,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    run(inner, Box::new(Io::new(ws)), remote, admission)
-}
-
-/// The life of one connection of [`drive`], on a boxed stream: register, loop, leave.
-async fn run<R, S, H>(
-    inner: Arc<ServerContext<R, H>>,
-    io: Box<Io<S>>,
-    remote: Option<SocketAddr>,
-    admission: Option<Admission>,
-) where
-    R: Runtime,
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Handler,
-{
     let registry = inner.registry.clone();
-    let _live = registry.live_task();
     let shared = registry.register(remote);
     drop(admission);
-    let mut driver = Driver::new(inner, io, shared);
-    driver.open().await;
-    let close = driver.run().await;
-    driver.finish(close).await;
+    let mut driver = Driver::new(inner, Box::new(Io::new(ws)), shared);
+    async move {
+        let _live = registry.live_task();
+        // Opening and finishing await the application's hooks, once each: boxed,
+        // their state takes memory only while they run, not in every task.
+        Box::pin(driver.open()).await;
+        let close = driver.run().await;
+        Box::pin(driver.finish(close)).await;
+    }
 }
 
 /// A call of the application's handler or room authorization, waiting its turn.
@@ -116,7 +109,7 @@ struct Driver<R: Runtime, S, H> {
     /// order the session produced them. Reading waits while either is there: a
     /// slow handler slows its own client down, never the heartbeats.
     hook: Option<BoxFuture<'static, Option<Authorized>>>,
-    calls: std::collections::VecDeque<AppCall>,
+    calls: VecDeque<AppCall>,
 }
 
 impl<R, S, H> Driver<R, S, H>
@@ -137,7 +130,7 @@ where
             auth: None,
             load: None,
             hook: None,
-            calls: std::collections::VecDeque::new(),
+            calls: VecDeque::new(),
         }
     }
 
@@ -221,11 +214,11 @@ where
             SessionEvent::Authenticated { id, user, .. } => {
                 *lock(&self.shared().identity) = Some(Identity { id, user });
                 middleware.emit(|m| m.on_authenticated(&self.conn));
-                self.calls.push_back(AppCall::Authenticated);
+                self.call(AppCall::Authenticated);
             }
             SessionEvent::Message(message) => {
                 middleware.emit(|m| m.on_message_received(&self.conn, &message));
-                self.calls.push_back(AppCall::Message(message));
+                self.call(AppCall::Message(message));
             }
             SessionEvent::Redelivered { delivered, .. } if delivered > 0 => {
                 middleware.emit(|m| m.on_redelivered(&self.conn, delivered));
@@ -259,7 +252,7 @@ where
         }
         match policy.gate().decide(self.session.is_authenticated()) {
             Some(decision) => self.authorized(request, decision),
-            None => self.calls.push_back(AppCall::Authorize(request)),
+            None => self.call(AppCall::Authorize(request)),
         }
     }
 
@@ -306,13 +299,27 @@ where
         let _ = self.session.room_notice(notice);
     }
 
-    /// Start the next handler call when none is in progress.
+    /// Start a handler call, or queue it behind the one in progress.
+    fn call(&mut self, call: AppCall) {
+        if self.hook.is_none() && self.calls.is_empty() {
+            self.hook = Some(self.hook_future(call));
+        } else {
+            self.calls.push_back(call);
+        }
+    }
+
+    /// Start the next queued handler call when none is in progress.
     fn next_hook(&mut self) {
         if self.hook.is_some() {
             return;
         }
         if let Some(call) = self.calls.pop_front() {
             self.hook = Some(self.hook_future(call));
+            if self.calls.is_empty() {
+                // Calls queue up only behind a slow handler: an idle connection
+                // keeps no queue allocated.
+                self.calls = VecDeque::new();
+            }
         }
     }
 
@@ -355,11 +362,35 @@ where
         }
     }
 
-    /// Write what can be written, then return the first input that is ready.
+    /// Hand the sink what the session wrote, then return the first input that is
+    /// ready. Only when none is (every frame available read and answered) does the
+    /// batch leave, in one system call.
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
-        if let Poll::Ready(Err(error)) = self.io.poll_write(cx) {
+        if let Poll::Ready(Err(error)) = self.io.poll_send(cx) {
             return Poll::Ready(Wake::WriteFailed(error));
         }
+        if let Poll::Ready(wake) = self.poll_input(cx) {
+            return Poll::Ready(wake);
+        }
+        // Past its message rate, or its handler still busy: the peer waits in TCP.
+        if self.session.read_paused_until().is_none() && self.hook.is_none() {
+            if self.io.read_batch_full() {
+                if let Poll::Ready(Err(error)) = self.io.poll_flush(cx) {
+                    return Poll::Ready(Wake::WriteFailed(error));
+                }
+            }
+            if let Poll::Ready(read) = self.io.poll_read(cx) {
+                return Poll::Ready(Wake::Read(read));
+            }
+        }
+        match self.io.poll_flush(cx) {
+            Poll::Ready(Err(error)) => Poll::Ready(Wake::WriteFailed(error)),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// The first input besides the socket's that is ready.
+    fn poll_input(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
         if let Some(future) = self.auth.as_mut() {
             if let Poll::Ready(outcome) = future.poll_unpin(cx) {
                 self.auth = None;
@@ -392,11 +423,7 @@ where
                 return Poll::Ready(Wake::Timer);
             }
         }
-        // Past its message rate, or its handler still busy: the peer waits in TCP.
-        if self.session.read_paused_until().is_some() || self.hook.is_some() {
-            return Poll::Pending;
-        }
-        self.io.poll_read(cx).map(Wake::Read)
+        Poll::Pending
     }
 
     /// Feed one input to the session.

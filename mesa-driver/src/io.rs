@@ -14,6 +14,10 @@ use futures_util::{SinkExt, StreamExt};
 /// Most bytes of unparsable input read and discarded after our close frame.
 const DRAIN_LIMIT: usize = 64 << 20;
 
+/// Frames read before what they answered is flushed, when the peer has more: the
+/// loop reads every frame available and writes the answers with one system call.
+const READ_BATCH: u8 = 64;
+
 /// Bytes read at a time while discarding.
 const DRAIN_CHUNK: usize = 16 << 10;
 
@@ -24,6 +28,8 @@ pub(crate) struct Io<S> {
     /// The peer's input failed to parse (too big, invalid UTF-8, a protocol error):
     /// the stream yields nothing more, but the peer may still be writing.
     unparsable: bool,
+    /// Frames read since the last flush (capped at [`READ_BATCH`]'s type).
+    reads: u8,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
@@ -32,6 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
             ws,
             pending: VecDeque::new(),
             unparsable: false,
+            reads: 0,
         }
     }
 
@@ -41,18 +48,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<WsMessage, WsError>>> {
         let read = self.ws.poll_next_unpin(cx);
-        if let Poll::Ready(Some(Err(_))) = read {
-            self.unparsable = true;
+        match &read {
+            Poll::Ready(Some(Err(_))) => self.unparsable = true,
+            Poll::Ready(Some(Ok(_))) => self.reads = self.reads.saturating_add(1),
+            _ => {}
         }
         read
     }
 
-    /// Write what the sink takes and flush; `Ready(Err)` only on failure.
-    pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        if self.pending.is_empty() && self.pending.capacity() > 0 {
-            // All written: an idle connection keeps no queue allocated (most are idle).
-            self.pending = VecDeque::new();
-        }
+    /// Hand the sink what it takes, without flushing: tungstenite gathers the frames
+    /// (writing only past its gather size), and [`poll_flush`](Self::poll_flush)
+    /// sends the batch once the loop has nothing else to do. `Ready(Err)` only on
+    /// failure.
+    pub(crate) fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         while !self.pending.is_empty() {
             match self.ws.poll_ready_unpin(cx) {
                 Poll::Ready(Ok(())) => {
@@ -67,7 +75,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        self.ws.poll_flush_unpin(cx)
+        if self.pending.capacity() > 0 {
+            // All handed over: an idle connection keeps no queue allocated (most are).
+            self.pending = VecDeque::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Write out what the sink gathered; `Ready(Err)` only on failure
+    /// (tungstenite's answers to pings and closes included).
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        let flushed = self.ws.poll_flush_unpin(cx);
+        if flushed.is_ready() {
+            self.reads = 0;
+        }
+        flushed
+    }
+
+    /// Hand the sink everything and flush it; `Ready(Err)` only on failure.
+    pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        match self.poll_send(cx) {
+            Poll::Ready(Ok(())) => self.poll_flush(cx),
+            other => other,
+        }
+    }
+
+    /// Whether [`READ_BATCH`] frames were read since the last flush: a peer that
+    /// never stops sending still gets its answers that often.
+    pub(crate) fn read_batch_full(&self) -> bool {
+        self.reads >= READ_BATCH
     }
 
     /// After the session closed: finish writing (our close frame included) and read

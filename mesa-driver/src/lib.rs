@@ -34,6 +34,7 @@ mod io;
 pub mod metrics;
 mod outbox;
 mod portal;
+mod read_pool;
 mod redis_failure;
 mod registry;
 mod runtime;

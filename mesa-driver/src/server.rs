@@ -23,6 +23,7 @@ use crate::connection_loop::drive;
 use crate::context::{AdmissionPolicy, ServerContext, Shutdown};
 use crate::handle::{Admission, ServerHandle};
 use crate::hooks::{Authenticator, Handler, Ignore, Middleware, Middlewares, RoomPolicy};
+use crate::read_pool::PooledRead;
 use crate::registry::{Registry, Settings};
 use crate::runtime::{Runtime, entropy_seed};
 use crate::tls::ServerTls;
@@ -543,7 +544,9 @@ impl<R: Runtime, H: Handler> Server<R, H> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let ws_config = self.inner.transport.websocket(self.inner.config.limits());
+        let transport = &self.inner.transport;
+        let ws_config = transport.server_websocket(self.inner.config.limits());
+        let stream = PooledRead::new(stream, transport.read_buffer_bytes);
         let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await;
         match self.admit() {
             Some(admission) => drive(self.inner.clone(), ws, remote, Some(admission)).await,

@@ -11,16 +11,27 @@ use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf
 use bytes::Bytes;
 use mesa_core::{Close, CloseCode, DecodeError, Frame, Limits};
 
+#[cfg(doc)]
+use crate::read_pool::PooledRead;
+
 /// Bytes of frames gathered before tungstenite writes to the socket (the driver
 /// flushes every batch anyway).
 const WRITE_GATHER: usize = 16 * 1024;
 
+/// Capacity of a server connection's own read buffer, where tungstenite assembles a
+/// frame: bytes come from the pooled buffer of [`PooledRead`], so this one only
+/// needs to hold a frame header and a small frame, and it is kept while idle.
+const FRAME_BUFFER: usize = 64;
+
 /// Transport settings the driver applies to every connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportConfig {
-    /// Capacity of each connection's read buffer. tungstenite's default (128 KiB,
-    /// allocated eagerly) dominates the memory of an idle connection; Mesa frames are
-    /// small, and a larger one grows on demand. Default 512 bytes.
+    /// Bytes read from the socket at a time. tungstenite's default (128 KiB, a
+    /// buffer allocated eagerly and kept) would dominate the memory of an idle
+    /// connection: a client keeps a buffer of this size, while a server connection
+    /// borrows one from a per-thread pool only while it holds unread bytes (Mesa
+    /// frames are small; a larger frame is assembled in a buffer that grows on
+    /// demand). Default 512 bytes.
     pub read_buffer_bytes: usize,
     /// Bytes of frames waiting for a connection that does not read fast enough;
     /// past it the connection is closed with 1013 (slow consumer). Default 1 MiB.
@@ -56,6 +67,13 @@ impl TransportConfig {
             .max_write_buffer_size(self.max_outbound_bytes.saturating_add(max))
             .max_message_size(Some(max))
             .max_frame_size(Some(max))
+    }
+
+    /// [`websocket`](Self::websocket)'s settings for a server connection, whose
+    /// socket is read through a [`PooledRead`]: its own read buffer only assembles
+    /// frames.
+    pub(crate) fn server_websocket(&self, limits: &Limits) -> WebSocketConfig {
+        self.websocket(limits).read_buffer_size(FRAME_BUFFER)
     }
 }
 
