@@ -96,11 +96,12 @@ struct Effects {
 }
 
 impl Effects {
-    /// Apply `action` to each target's outbox.
+    /// Apply `action` to each target's outbox; `message` (taken only when someone
+    /// got it, so a send to nobody here copies nothing) is what observers hear of.
     fn deliver(
         &mut self,
         conns: &HashMap<ConnId, Arc<ConnShared>>,
-        message: Message,
+        message: impl FnOnce() -> Message,
         targets: &[ConnId],
         action: &Action,
     ) {
@@ -118,7 +119,7 @@ impl Effects {
             }
         }
         if delivered > 0 {
-            self.sent.push((message, delivered));
+            self.sent.push((message(), delivered));
         }
     }
 }
@@ -291,7 +292,7 @@ impl Registry {
                 let mut effects = Effects::default();
                 effects.deliver(
                     &state.conns,
-                    message.clone(),
+                    || message.clone(),
                     &delivery.targets,
                     &delivery.action,
                 );
@@ -381,7 +382,7 @@ impl Registry {
             Core::Alone(hub) => {
                 let mut effects = Effects::default();
                 for (action, targets) in hub.rooms().deliveries(message, room) {
-                    effects.deliver(&state.conns, message.clone(), &targets, &action);
+                    effects.deliver(&state.conns, || message.clone(), &targets, &action);
                 }
                 effects
             }
@@ -544,7 +545,8 @@ fn drain(state: &mut State) -> Effects {
         return effects;
     };
     while let Some(delivery) = replica.poll_delivery() {
-        effects.deliver(conns, delivery.message, &delivery.targets, &delivery.action);
+        let message = delivery.message;
+        effects.deliver(conns, || message, &delivery.targets, &delivery.action);
     }
     while let Some((token, command)) = replica.poll_command() {
         // Closed only once the cluster task is gone with the server.
