@@ -1,6 +1,7 @@
-// The chat demo's page: nickname login, messages, who is online, a typing
-// indicator, and a banner while the connection is down. The room's protocol is
-// described in mesa-cli/src/demo.rs.
+// The chat demo's page: nickname login, a list of rooms (a few fixed ones and any
+// created by name), join and leave, messages and who is online per room, a typing
+// indicator, and a banner while the connection is down. The chat's protocol is
+// described in mesa-cli/src/demo.rs; the client is clients/js.
 import { MesaClient } from '/mesa-client.js'
 
 const $ = id => document.getElementById(id)
@@ -10,6 +11,14 @@ const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}
 const client = new MesaClient(url)
 window.mesa = client // for the console and the browser tests
 let me = null
+
+const FIXED_ROOMS = ['general', 'random', 'rust']
+// docs/protocol.md's room names.
+const ROOM_NAME = /^[A-Za-z0-9_\-.:@/#=+]{1,128}$/
+const known = new Set(FIXED_ROOMS) // rooms in the list
+const joined = new Set() // rooms this page is in (kept per nickname in localStorage)
+let current = 'general' // the room shown
+const unread = new Map() // room -> messages arrived while another room was shown
 
 // ----- connection state -----
 
@@ -26,18 +35,10 @@ function status (online) {
   $('status').className = online ? 'online' : 'offline'
 }
 
-// Who is online is only known while connected: the list greys out (you included)
-// until the server sends it again.
-function staleOnline () {
-  $('online').classList.add('stale')
-  for (const item of $('online').children) {
-    if (item.dataset.id === me) item.textContent = `${me} (you, offline)`
-  }
-}
-
 client.on('disconnected', ({ code, reason, reconnectAt }) => {
   status(false)
-  staleOnline()
+  $('online').classList.add('stale')
+  showOnline()
   if (reconnectAt === null) return banner(`Disconnected (${code}${reason ? `: ${reason}` : ''}).`)
   const why = `Connection lost (${code}${reason ? `: ${reason}` : ''}).`
   const at = new Date(reconnectAt).toLocaleTimeString()
@@ -55,18 +56,113 @@ client.on('connecting', ({ automatic }) => {
 client.on('authenticated', () => {
   banner('')
   status(true)
-  client.send('WHO')
 })
+// Made again after every reconnection: tell the server's presence each time.
+client.on('subscribed', ({ room }) => {
+  if (joined.has(room)) client.send('JOIN', { room })
+})
+
+// ----- rooms -----
+
+const roomsKey = () => `mesa-demo-rooms:${me}`
+function saveRooms () {
+  try { localStorage.setItem(roomsKey(), JSON.stringify([...joined])) } catch {}
+}
+function loadRooms () {
+  let saved
+  try { saved = JSON.parse(localStorage.getItem(roomsKey()) || '["general"]') } catch { saved = ['general'] }
+  return Array.isArray(saved) ? saved.filter(room => ROOM_NAME.test(room)) : ['general']
+}
+
+function join (room) {
+  known.add(room)
+  joined.add(room)
+  saveRooms()
+  client.subscribe(room).catch(error => {
+    joined.delete(room)
+    saveRooms()
+    banner(`Cannot join #${room}: ${error.reason || error.message}`)
+    showRooms()
+  })
+}
+
+function leave (room) {
+  client.send('LEAVE', { room })
+  joined.delete(room)
+  presence.delete(room)
+  saveRooms()
+  client.unsubscribe(room).catch(() => {}) // not subscribed yet: nothing to undo
+  select(room)
+}
+
+function select (room) {
+  current = room
+  unread.delete(room)
+  $('room-title').textContent = `#${room}`
+  $('people-title').textContent = `Online in #${room}`
+  const inside = joined.has(room)
+  $('leave').classList.toggle('hidden', !inside)
+  $('enter').classList.toggle('hidden', inside)
+  $('text').disabled = $('send').disabled = !inside
+  $('messages').replaceChildren()
+  for (const entry of history) if (entry.d.room === room) addMessage(entry.d, entry.missed)
+  showRooms()
+  showOnline()
+  showTypists()
+}
+
+function showRooms () {
+  $('room-list').replaceChildren(...[...known].map(room => {
+    const item = document.createElement('li')
+    item.dataset.room = room
+    item.textContent = `#${room}`
+    item.classList.toggle('joined', joined.has(room))
+    item.classList.toggle('current', room === current)
+    if (unread.get(room)) {
+      const count = document.createElement('span')
+      count.className = 'unread'
+      count.textContent = unread.get(room)
+      item.append(count)
+    }
+    item.addEventListener('click', () => {
+      if (!joined.has(room)) join(room)
+      select(room)
+    })
+    return item
+  }))
+}
+
+// ----- who is online, per room and per replica -----
+
+const presence = new Map() // room -> replica -> { ids, expires }
+
+function showOnline () {
+  const now = Date.now()
+  const ids = new Set()
+  for (const [replica, list] of presence.get(current) || []) {
+    if (list.expires < now) presence.get(current).delete(replica)
+    else for (const id of list.ids) ids.add(id)
+  }
+  const offline = $('online').classList.contains('stale')
+  $('online').replaceChildren(...[...ids].sort().map(id => {
+    const item = document.createElement('li')
+    item.dataset.id = id
+    item.textContent = id === me ? `${id} (you${offline ? ', offline' : ''})` : id
+    return item
+  }))
+}
+// Lists a replica stopped refreshing (it stopped, or left the cluster) fade out.
+setInterval(showOnline, 1000)
 
 // ----- messages -----
 
-// The room's history stays in the page across reconnections and comes back with the
+// The rooms' history stays in the page across reconnections and comes back with the
 // page (kept per nickname in localStorage, the last HISTORY_MAX messages), so that
 // coming back shows what was said before, and what was missed (with --sync) after it.
 const HISTORY_MAX = 200
 let history = []
 const historyKey = () => `mesa-demo-history:${me}`
-const messageKey = ({ from, text, at }) => `${at}|${from}|${text}`
+const messageKey = ({ room, from, text, at }) => `${room}|${at}|${from}|${text}`
 let seen = new Set()
 
 function loadHistory () {
@@ -76,21 +172,23 @@ function loadHistory () {
     history = []
   }
   seen = new Set(history.map(entry => messageKey(entry.d)))
-  for (const entry of history) addMessage(entry.d, entry.missed)
+  for (const entry of history) known.add(entry.d.room)
 }
 
+// Keep a message; false when it is a copy of one kept already.
 function remember (d, missed) {
   const key = messageKey(d)
   if (seen.has(key)) return false
   seen.add(key)
-  history.push({ d: { from: d.from, text: d.text, at: d.at }, missed })
+  history.push({ d: { room: d.room, from: d.from, text: d.text, at: d.at }, missed })
   if (history.length > HISTORY_MAX) history.splice(0, history.length - HISTORY_MAX)
   try { localStorage.setItem(historyKey(), JSON.stringify(history)) } catch {}
   return true
 }
 
-function addMessage ({ from, text, at }, missed) {
+function addMessage ({ room, from, text, at }, missed) {
   const item = document.createElement('li')
+  item.dataset.room = room
   if (from === me) item.classList.add('mine')
   if (missed) item.classList.add('missed')
   const time = document.createElement('span')
@@ -107,32 +205,43 @@ function addMessage ({ from, text, at }, missed) {
   item.scrollIntoView({ block: 'end' })
 }
 
-const typists = new Map() // nickname -> timer that forgets them
+const typists = new Map() // room -> nickname -> timer that forgets them
 function showTypists () {
-  const names = [...typists.keys()]
+  const names = [...(typists.get(current) || new Map()).keys()]
   $('typing').textContent = names.length === 0
     ? ''
     : `${names.join(', ')} ${names.length === 1 ? 'is' : 'are'} typing…`
 }
+function typist (room, from, typing) {
+  if (!typists.has(room)) typists.set(room, new Map())
+  const here = typists.get(room)
+  clearTimeout(here.get(from))
+  if (typing) here.set(from, setTimeout(() => typist(room, from, false), 5000))
+  else here.delete(from)
+  if (room === current) showTypists()
+}
 
-client.on('message', ({ t, d, s }) => {
+client.on('message', ({ t, d, s, room }) => {
+  // A room's messages carry their room; those stored while offline (sent by id)
+  // carry it in their data.
+  const where = room ?? (d && d.room)
+  if (typeof where !== 'string') return
   if (t === 'CHAT') {
-    typists.delete(d.from)
-    showTypists()
-    if (remember(d, s !== null)) addMessage(d, s !== null)
+    typist(where, d.from, false)
+    const missed = s !== null
+    if (!remember({ ...d, room: where }, missed)) return
+    known.add(where)
+    if (where === current) addMessage({ ...d, room: where }, missed)
+    else unread.set(where, (unread.get(where) || 0) + 1)
+    showRooms()
   } else if (t === 'ONLINE') {
+    if (!joined.has(where)) return
+    if (!presence.has(where)) presence.set(where, new Map())
+    presence.get(where).set(d.replica, { ids: d.ids, expires: Date.now() + d.ttl })
     $('online').classList.remove('stale')
-    $('online').replaceChildren(...d.ids.map(id => {
-      const item = document.createElement('li')
-      item.dataset.id = id
-      item.textContent = id === me ? `${id} (you)` : id
-      return item
-    }))
+    if (where === current) showOnline()
   } else if (t === 'TYPING') {
-    clearTimeout(typists.get(d.from))
-    if (d.typing) typists.set(d.from, setTimeout(() => { typists.delete(d.from); showTypists() }, 5000))
-    else typists.delete(d.from)
-    showTypists()
+    if (d.from !== me) typist(where, d.from, d.typing)
   }
 })
 
@@ -143,15 +252,31 @@ $('login-form').addEventListener('submit', async event => {
   me = $('nick').value.trim()
   if (!me) return
   $('login').classList.add('hidden')
-  $('room').classList.remove('hidden')
-  $('people').classList.remove('hidden')
+  for (const id of ['rooms', 'room', 'people']) $(id).classList.remove('hidden')
   status(false)
   loadHistory()
+  const rooms = loadRooms()
+  for (const room of rooms) join(room)
+  select(rooms[0] || 'general')
   client.connect()
   // Dev authentication: the token is the nickname.
   await client.authenticate({ token: me }, { shouldSync: true })
   $('text').focus()
 })
+
+$('new-room').addEventListener('submit', event => {
+  event.preventDefault()
+  const room = $('room-name').value.trim()
+  if (!ROOM_NAME.test(room)) return banner(`A room name is 1 to 128 letters, digits or _ - . : @ / # = +`)
+  $('room-name').value = ''
+  join(room)
+  select(room)
+})
+$('enter').addEventListener('click', () => {
+  join(current)
+  select(current)
+})
+$('leave').addEventListener('click', () => leave(current))
 
 let typing = false
 let typingTimer = null
@@ -160,15 +285,15 @@ function setTyping (now) {
   if (now) typingTimer = setTimeout(() => setTyping(false), 2000)
   if (now === typing || !client.ready()) return
   typing = now
-  client.send('TYPING', { typing })
+  client.send('TYPING', { room: current, typing })
 }
 
 $('text').addEventListener('input', () => setTyping($('text').value !== ''))
 $('composer').addEventListener('submit', event => {
   event.preventDefault()
   const text = $('text').value.trim()
-  if (!text) return
+  if (!text || !joined.has(current)) return
   setTyping(false)
-  client.send('CHAT', { text }) // queued while offline
+  client.send('CHAT', { room: current, text }) // queued while offline
   $('text').value = ''
 })

@@ -236,7 +236,8 @@ pub(crate) struct ServeArgs {
     metrics_listen: Option<String>,
 
     /// Serve the chat demo: a web page at `http://<listen>/` whose WebSocket is `/ws`
-    /// (unless --path says otherwise). Uses dev authentication unless --auth jwt.
+    /// (unless --path says otherwise). Uses dev authentication unless --auth jwt, and
+    /// rooms (`--rooms authenticated` unless --rooms open).
     #[arg(
         long,
         env = "MESA_DEMO",
@@ -318,6 +319,10 @@ pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode, Failure> {
             args.auth = AuthMode::Dev;
         }
         args.auth_required = true;
+        // The page subscribes to the rooms it joins.
+        if args.rooms == RoomsMode::Off {
+            args.rooms = RoomsMode::Authenticated;
+        }
         if args.path == "/" {
             args.path = "/ws".to_owned();
         }

@@ -418,10 +418,15 @@ fn the_demo_serves_its_page_and_client_module_beside_the_endpoint() {
             "{head}"
         );
     }
+    // The page's client is the browser client package, as it is in the repository.
+    let package = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../clients/js/index.js"
+    ))
+    .expect("clients/js/index.js");
     assert!(
-        get(addr, "/mesa-client.js")
-            .2
-            .contains("export class MesaClient")
+        get(addr, "/mesa-client.js").2 == package,
+        "/mesa-client.js is not clients/js/index.js"
     );
     // A plain GET of the endpoint is refused: it only takes WebSocket handshakes.
     assert_eq!(get(addr, "/ws").0, 426);

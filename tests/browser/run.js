@@ -8,6 +8,11 @@
 //               redis-server): login, who is online, typing indicator, messages both
 //               ways, and on return the room's history kept by the page with the
 //               message missed while offline redelivered ("not joined" before login)
+//   rooms       three pages on two replicas (`mesa serve --demo --redis` twice, one
+//               redis-server): two join a room on different replicas, one posts,
+//               the other gets it with its room; a page in another room (created by
+//               name, #general left) does not; who is online per room shows both;
+//               a refused subscribe rejects with the server's code and reason
 //   reconnect   the server restarts under a page: the banner shows the next retry
 //               time, who is online greys out, a message sent meanwhile is queued,
 //               and the page recovers
@@ -186,6 +191,20 @@ async function login (page, url, nick) {
   await page.waitForFunction(n => document.getElementById('status').textContent === `online as ${n}`, nick)
 }
 
+// Click room `room` in the page's list (joining it if the page is not in it) and wait
+// until the page shows it.
+async function openRoom (page, room) {
+  await page.click(`#room-list li[data-room="${room}"]`)
+  await page.waitForFunction(r => document.getElementById('room-title').textContent === `#${r}`, room)
+}
+
+// Keep every message the page's client hands to the page in `window.received`.
+const recordMessages = page => page.evaluate(() => {
+  window.received = []
+  window.mesa.on('message', message => window.received.push(message))
+})
+const received = page => page.evaluate(() => window.received)
+
 const texts = page => page.$$eval('#messages li .text', items => items.map(i => i.textContent))
 const onlineIds = page => page.$$eval('#online li', items => items.map(i => i.textContent.replace(' (you)', '')))
 
@@ -250,6 +269,71 @@ const scenarios = {
     if (typing !== '') throw new Error(`a stale typing indicator on alice's page: ${typing}`)
     await stop(server.proc)
     return { problems: [...alice.problems, ...bob.problems] }
+  },
+
+  // Three pages on two replicas: rooms route across replicas and only to members.
+  async rooms () {
+    const redis = await redisServer()
+    const argv = ['--demo', '--listen', '127.0.0.1:0', '--redis', redis, '--reconnect-interval', '500']
+    const one = await mesaServe(argv)
+    const two = await mesaServe(argv)
+    const context = await browser()
+    const alice = await newPage(context, 'alice')
+    const bob = await newPage(context, 'bob')
+    const carol = await newPage(context, 'carol')
+    await login(alice, one.page, 'alice')
+    await login(bob, two.page, 'bob')
+    await login(carol, one.page, 'carol')
+    for (const page of [alice, bob, carol]) await recordMessages(page)
+
+    // Carol creates a room of her own by name and leaves #general.
+    await carol.fill('#room-name', 'lounge')
+    await carol.click('#create')
+    await carol.waitForFunction(() => document.getElementById('room-title').textContent === '#lounge')
+    await openRoom(carol, 'general')
+    await carol.click('#leave')
+    await openRoom(carol, 'lounge')
+    await waitFor('carol alone online in #lounge', async () => JSON.stringify(await onlineIds(carol)) === '["carol"]')
+
+    // Alice (replica one) and bob (replica two) join #rust.
+    await openRoom(alice, 'rust')
+    await openRoom(bob, 'rust')
+    const both = ids => JSON.stringify(ids) === '["alice","bob"]'
+    await waitFor('alice and bob online in #rust on alice\'s page', async () => both(await onlineIds(alice)))
+    await waitFor('alice and bob online in #rust on bob\'s page', async () => both(await onlineIds(bob)))
+
+    await say(bob, 'Hello from replica two')
+    await seeMessage(alice, 'Hello from replica two')
+    const room = await alice.$$eval('#messages li', items => items.filter(i =>
+      i.querySelector('.text').textContent === 'Hello from replica two').map(i => i.dataset.room))
+    if (JSON.stringify(room) !== '["rust"]') throw new Error(`the message is shown in ${JSON.stringify(room)} on alice's page`)
+    const got = (await received(alice)).filter(m => m.t === 'CHAT' && m.d.text === 'Hello from replica two')
+    if (got.length !== 1 || got[0].room !== 'rust') throw new Error(`alice's client got ${JSON.stringify(got)}`)
+
+    // Carol's replica delivered anything for #rust to her before alice saw it: a
+    // round trip of her own through #lounge comes after it.
+    await say(carol, 'marker in the lounge')
+    await seeMessage(carol, 'marker in the lounge')
+    const leaked = (await received(carol)).filter(m => m.room === 'rust' || (m.d && m.d.room === 'rust'))
+    if (leaked.length > 0) throw new Error(`carol, not in #rust, got ${JSON.stringify(leaked)}`)
+    if ((await texts(carol)).includes('Hello from replica two')) throw new Error('carol\'s page shows #rust\'s message')
+    const mine = (await received(carol)).filter(m => m.t === 'CHAT' && m.d.text === 'marker in the lounge')
+    if (mine.length !== 1 || mine[0].room !== 'lounge') throw new Error(`carol's client got ${JSON.stringify(mine)}`)
+    // A refused subscribe rejects with the server's code and reason.
+    const refusal = await carol.evaluate(() => window.mesa.subscribe('no spaces allowed').then(
+      () => null, error => ({ name: error.name, code: error.code, reason: error.reason, room: error.room })))
+    if (!refusal || refusal.name !== 'MesaRoomError' || refusal.code !== 'invalid_room' || !refusal.reason || refusal.room !== 'no spaces allowed') {
+      throw new Error(`a subscribe to an invalid room ended with ${JSON.stringify(refusal)}`)
+    }
+    // Alice's page never heard of carol's room.
+    if (await alice.$('#room-list li[data-room="lounge"]')) throw new Error('#lounge is listed on alice\'s page')
+
+    await screenshot(alice, 'alice')
+    await screenshot(bob, 'bob')
+    await screenshot(carol, 'carol')
+    await stop(one.proc)
+    await stop(two.proc)
+    return { problems: [...alice.problems, ...bob.problems, ...carol.problems] }
   },
 
   // The server restarts under a page; the page shows the banner and recovers.

@@ -1,0 +1,111 @@
+// Types of @mesa-rs/client (index.js), written by hand: the module has no build step.
+
+/** The opcodes of the Mesa protocol. */
+export declare const Opcode: Readonly<{
+  DISPATCH: 0
+  HEARTBEAT: 1
+  AUTHENTICATE: 2
+  HELLO: 10
+  HEARTBEAT_ACK: 11
+  AUTHENTICATED: 22
+}>
+
+/** Options of a client; every one has a default. */
+export interface MesaClientOptions {
+  /** Reconnect automatically after a lost connection (default true). */
+  reconnect?: boolean
+  /** Ceiling of the first reconnection delay in ms until a hello says otherwise (default 1000). */
+  backoffBase?: number
+  /** Ceiling of every reconnection delay in ms (default 30000). */
+  backoffCap?: number
+  /** Heartbeats the server may skip before it counts as dead (default 3). */
+  heartbeatMaxAttempts?: number
+  /** Sends kept while disconnected (default 1024); beyond that send() throws. */
+  maxQueued?: number
+  /** Opt in to rooms when the server's hello offers them (default true). */
+  rooms?: boolean
+  /** Sent as CLIENT_VERSION when the server enforces equal versions (default none). */
+  version?: string | null
+  /** The WebSocket constructor (default globalThis.WebSocket). */
+  WebSocket?: typeof WebSocket
+}
+
+/** The op 10 data of a connection. */
+export interface Hello {
+  c_heartbeat_interval?: number
+  c_reconnect_interval?: number
+  c_authentication_timeout?: number
+  rules?: string[]
+}
+
+/** A message for the application: an op 0 dispatch, or any op the client does not handle. */
+export interface MesaMessage<D = unknown> {
+  op: number
+  /** The dispatch's type. */
+  t: string | null
+  d: D
+  /** Set (1, 2...) on messages stored while offline and redelivered. */
+  s: number | null
+  /** The room the message was published to, for a room's messages. */
+  room: string | null
+}
+
+/** A room request the server refused, or one that could not be made. */
+export declare class MesaRoomError extends Error {
+  readonly room: string
+  /**
+   * The server's code (`bad_request`, `invalid_room`, `unauthorized`, `too_many_rooms`,
+   * `not_subscribed`) or the client's own (`unsupported`: the server has no rooms;
+   * `unsubscribed`: unsubscribe() came first; `disconnected`: no answer before the
+   * connection closed).
+   */
+  readonly code: string
+  readonly reason: string
+}
+
+export interface MesaClientEvents {
+  connecting: { automatic: boolean; attempt: number }
+  connected: { initial: boolean; automatic: boolean }
+  authenticated: { user: unknown }
+  message: MesaMessage
+  /** A subscription was made (again, after a reconnection), or the server joined this connection (byServer). */
+  subscribed: { room: string; byServer: boolean }
+  /** A subscription ended: by unsubscribe(), or by the server (byServer). */
+  unsubscribed: { room: string; byServer: boolean }
+  /** `reconnectAt` (ms since the epoch) is null when no reconnection follows. */
+  disconnected: { code: number; reason: string; reconnectAt: number | null; attempt?: number }
+  /** A frame that is not Mesa, or a refused publish (a MesaRoomError). */
+  error: Error
+}
+
+export declare class MesaClient {
+  constructor (url: string, options?: MesaClientOptions)
+  readonly url: string
+  /** `idle`, `connecting`, `open` or `backoff`. */
+  readonly state: 'idle' | 'connecting' | 'open' | 'backoff'
+  readonly hello: Hello | null
+  readonly user: unknown
+  /** When the next connection attempt starts (ms since the epoch), while waiting for it. */
+  readonly reconnectAt: number | null
+
+  /** Listen to an event; returns a function that stops listening. */
+  on<E extends keyof MesaClientEvents> (event: E, listener: (detail: MesaClientEvents[E]) => void): () => void
+  /** Connect now, cutting a pending reconnection delay short. */
+  connect (): void
+  /** Authenticate (again after every reconnection); resolves with op 22's user. */
+  authenticate (credentials: Record<string, unknown>, options?: { shouldSync?: boolean }): Promise<unknown>
+  /** Send a dispatch now, or queue it until the connection is ready. */
+  send (t: string, d?: unknown): void
+  /** Subscribe to a room (restored after every reconnection); rejects with a MesaRoomError. */
+  subscribe (room: string, options?: { token?: string }): Promise<void>
+  /** Leave a room; rejects with a MesaRoomError. */
+  unsubscribe (room: string): Promise<void>
+  /** Publish to a room now, or queue it; a refusal is an `error` event. */
+  publish (room: string, t: string, d?: unknown): void
+  /** The rooms subscribed to, made or waiting to be made. */
+  rooms (): string[]
+  /** Whether a send goes out now (open, and authenticated when credentials were given). */
+  ready (): boolean
+  /** Close deliberately: no reconnection follows. */
+  disconnect (code?: number, reason?: string): void
+}
