@@ -554,6 +554,63 @@ fn serve_over_tls_to_our_client_and_the_published_node_clients() {
     assert!(server.wait().success(), "{:#?}", server.stderr.all());
 }
 
+/// `--subscribe` on a server with rooms: a room line of one client reaches every
+/// member, printed with its room.
+#[test]
+fn subscribers_print_room_messages_with_their_room() {
+    let (mut server, url) = Mesa::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "dev",
+            "--rooms",
+            "authenticated",
+        ],
+        &[],
+    );
+    let subscribed = |room: &str| format!("subscribed room=\"{room}\" by_server=false");
+    let mut alice = Mesa::client(
+        &url,
+        &["--token", "alice", "--subscribe", "lobby"],
+        "connected",
+    );
+    let bob = Mesa::client(
+        &url,
+        &[
+            "--token",
+            "bob",
+            "--subscribe",
+            "lobby",
+            "--subscribe",
+            "news",
+        ],
+        "connected",
+    );
+    alice
+        .stderr
+        .expect("alice in the lobby", |l| l == subscribed("lobby"));
+    for room in ["lobby", "news"] {
+        bob.stderr
+            .expect(&format!("bob in {room}"), |l| l == subscribed(room));
+    }
+    alice.send(r#"{"room":"lobby","t":"CHAT","d":{"text":"hi"}}"#);
+    for client in [&alice, &bob] {
+        assert_eq!(
+            client.expect_message("CHAT"),
+            json!({"op": 0, "d": {"text": "hi"}, "t": "CHAT", "room": "lobby"})
+        );
+    }
+    // A line without a room is sent as before.
+    alice.send(r#"{"op":0,"t":"ECHO","d":{"n":1}}"#);
+    assert_eq!(
+        alice.expect_message("ECHO"),
+        json!({"op": 0, "d": {"n": 1}, "t": "ECHO"})
+    );
+    server.terminate();
+    assert!(server.wait().success(), "{:#?}", server.stderr.all());
+}
+
 /// `--subscribe` against the published server, which has no rooms: said on stderr,
 /// as is a room line; everything else works as before.
 #[test]
