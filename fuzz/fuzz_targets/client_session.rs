@@ -7,8 +7,14 @@
 //! - the outputs of each step are exactly the model's, in order (frames compared as
 //!   decoded messages; the jittered reconnect time is taken from the session and then
 //!   checked against its bounds);
-//! - the send queue never exceeds `limits.max_queued_sends`, and queued sends go out
-//!   in order, after the credentials, as soon as a transport opens;
+//! - nothing is written before the hello; the send queue (with the publishes waiting
+//!   for rooms) never exceeds `limits.max_queued_sends`, and queued sends go out in
+//!   order, after the credentials, as soon as the hello arrives;
+//! - every op 2 carries the rooms opt-in exactly when the client wants rooms and the
+//!   hello has the `rooms` rule; room requests go out only on a connection that
+//!   carries rooms (after the hello on a server without authentication, else after op
+//!   22), the held subscriptions first, in order, each under a reference not used on
+//!   that connection before; at most `max_rooms_per_connection` are held;
 //! - after `disconnect`, no `ClientTransmit::Connect` is emitted until `connect`;
 //! - every `Disconnected { reconnect_at: Some(at) }` has
 //!   `now <= at <= now + min(cap, base · 2^attempt)` (so `at <= now + cap`);
@@ -21,13 +27,21 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use mesa_core::rooms::{self, RoomNotice, RoomRequest};
 use mesa_core::{
     BackoffConfig, ClientConfig, ClientError, ClientEvent, ClientSession, ClientTransmit, Close,
-    CloseCode, Limits, Message, Opcode,
+    CloseCode, Limits, Message, Opcode, Reference,
 };
 use serde_json::{Value, json};
 
 const VERSION: &str = "1.5.8";
+
+/// The rooms ops name (the last is invalid).
+const ROOMS: [&str; 4] = ["a", "b", "c", "not a room"];
+
+fn room(index: u8) -> &'static str {
+    ROOMS[usize::from(index) % ROOMS.len()]
+}
 
 #[derive(Arbitrary, Debug)]
 struct Setup {
@@ -38,6 +52,8 @@ struct Setup {
     heartbeat_max_attempts: u8,
     with_version: bool,
     seed: u64,
+    rooms: bool,
+    max_rooms: u8,
 }
 
 /// Frames a real server sends, so the fuzzer reaches past the decoder quickly.
@@ -47,10 +63,17 @@ enum Known {
         heartbeat_ms: Option<u16>,
         reconnect_ms: Option<u16>,
         enforce_equal_versions: bool,
+        rooms: bool,
+        authentication: bool,
     },
     Heartbeat,
     Authenticated(String),
     Dispatch(String),
+    /// `mesa:subscribed` (`None`: null reference, the server acting on its own).
+    Subscribed(u8, Option<u8>),
+    Unsubscribed(u8, Option<u8>),
+    Refused(u8, Option<u8>),
+    RoomMessage(u8),
 }
 
 impl Known {
@@ -60,6 +83,8 @@ impl Known {
                 heartbeat_ms,
                 reconnect_ms,
                 enforce_equal_versions,
+                rooms,
+                authentication,
             } => {
                 let mut d = json!({});
                 if let Some(ms) = heartbeat_ms {
@@ -68,20 +93,47 @@ impl Known {
                 if let Some(ms) = reconnect_ms {
                     d["c_reconnect_interval"] = json!(ms);
                 }
-                let rules = if *enforce_equal_versions {
-                    json!(["enforce_equal_versions"])
-                } else {
-                    json!([])
-                };
-                d["rules"] = rules;
+                if *authentication {
+                    d["c_authentication_timeout"] = json!(10_000);
+                }
+                let rules = [
+                    (*enforce_equal_versions, "enforce_equal_versions"),
+                    (*rooms, rooms::ROOMS_RULE),
+                ];
+                d["rules"] = rules
+                    .iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, rule)| json!(rule))
+                    .collect();
                 Message::new(Opcode::Hello, d)
             }
             Known::Heartbeat => Message::new(Opcode::Heartbeat, json!({})),
             Known::Authenticated(id) => Message::new(Opcode::Authenticated, json!({ "id": id })),
             Known::Dispatch(t) => Message::dispatch(t.clone(), json!({"x": 1})),
+            Known::Subscribed(r, reference) => return notice("subscribed", *r, *reference),
+            Known::Unsubscribed(r, reference) => return notice("unsubscribed", *r, *reference),
+            Known::Refused(r, reference) => return notice("error", *r, *reference),
+            Known::RoomMessage(r) => {
+                let message = Message::dispatch("CHAT", json!({"x": 1}));
+                return rooms::room_frame(&message, room(*r)).as_str().to_owned();
+            }
         };
         message.encode().as_str().to_owned()
     }
+}
+
+/// A control dispatch from the server about `room`.
+fn notice(kind: &str, r: u8, reference: Option<u8>) -> String {
+    let d = json!({
+        "room": room(r),
+        "ref": reference,
+        "code": "unauthorized",
+        "reason": "no",
+    });
+    Message::dispatch(format!("mesa:{kind}"), d)
+        .encode()
+        .as_str()
+        .to_owned()
 }
 
 #[derive(Arbitrary, Debug)]
@@ -100,12 +152,45 @@ enum Op {
     },
     Send,
     Disconnect(u16),
+    Subscribe {
+        room: u8,
+        token: bool,
+    },
+    Unsubscribe(u8),
+    /// `typed` false publishes a message without a type (misuse).
+    Publish {
+        room: u8,
+        typed: bool,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
 struct Input {
     setup: Setup,
     ops: Vec<Op>,
+}
+
+/// What the model expects of the current connection's rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Plain,
+    OptedIn,
+    Rooms,
+}
+
+/// The current connection's hello, as far as rooms go.
+#[derive(Debug, Clone, Copy)]
+struct Greeting {
+    rooms: bool,
+    authenticates: bool,
+}
+
+/// A subscription the model holds.
+#[derive(Debug, Clone)]
+struct Held {
+    room: String,
+    token: Option<String>,
+    pending: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +228,16 @@ struct Model {
     liveness: Option<Instant>,
     reconnect: Option<Instant>,
     sends: u64,
+    /// The hello of the current connection, once it arrived.
+    hello: Option<Greeting>,
+    link: Link,
+    held: Vec<Held>,
+    /// Publishes waiting for a connection that carries rooms.
+    waiting: Vec<(u64, String, Message)>,
+    /// The last reference drawn.
+    last_ref: u64,
+    /// References of the room requests written on the current connection.
+    refs_on_connection: Vec<u64>,
     // Expected outputs of the current step.
     out: Vec<Out>,
     events: Vec<ClientEvent>,
@@ -181,6 +276,7 @@ impl Model {
         self.reconnect = None;
         self.user = None;
         self.heartbeat = None;
+        self.end_connection();
         let drawn = self
             .drawn
             .pop_front()
@@ -238,8 +334,14 @@ impl Model {
             return;
         }
         self.refresh_liveness();
-        let message = match Message::decode(text, &self.config.limits) {
-            Ok(message) => message,
+        let opted_in = self.link != Link::Plain;
+        let decoded = if opted_in {
+            rooms::decode_room_message(text, &self.config.limits)
+        } else {
+            Message::decode(text, &self.config.limits).map(|m| (m, None))
+        };
+        let (message, room) = match decoded {
+            Ok(decoded) => decoded,
             Err(error) => {
                 self.events.push(ClientEvent::InvalidFrame(error));
                 return;
@@ -278,6 +380,22 @@ impl Model {
                     self.liveness = None;
                 }
                 self.refresh_liveness();
+                // Every hello replaces the last; only the first is answered.
+                let first = self.hello.is_none();
+                let has = |rule: &str| {
+                    message
+                        .d
+                        .get("rules")
+                        .and_then(Value::as_array)
+                        .is_some_and(|rules| rules.iter().any(|r| r == rule))
+                };
+                self.hello = Some(Greeting {
+                    rooms: has(rooms::ROOMS_RULE),
+                    authenticates: millis("c_authentication_timeout").is_some(),
+                });
+                if first {
+                    self.greet();
+                }
             }
             Opcode::Heartbeat => self
                 .out
@@ -286,9 +404,259 @@ impl Model {
                 self.user = Some(message.d.clone());
                 self.events
                     .push(ClientEvent::Authenticated { user: message.d });
+                if self.link == Link::OptedIn {
+                    self.start_rooms();
+                }
             }
+            Opcode::Dispatch if opted_in => match (RoomNotice::parse(&message), room) {
+                (Some(notice), _) => self.notice(notice),
+                (None, Some(room)) => self.events.push(ClientEvent::RoomMessage { room, message }),
+                (None, None) => self.events.push(ClientEvent::Message(message)),
+            },
             _ => self.events.push(ClientEvent::Message(message)),
         }
+    }
+
+    // ----- rooms -----
+
+    fn end_connection(&mut self) {
+        self.hello = None;
+        self.link = Link::Plain;
+        self.refs_on_connection.clear();
+    }
+
+    fn draw(&mut self) -> u64 {
+        self.last_ref += 1;
+        self.last_ref
+    }
+
+    fn spoken(&self) -> bool {
+        self.state == State::Open && self.hello.is_some()
+    }
+
+    fn carries(&self) -> bool {
+        self.state == State::Open && self.link == Link::Rooms
+    }
+
+    fn opts_in(&self) -> bool {
+        self.config.rooms && self.hello.is_some_and(|h| h.rooms)
+    }
+
+    fn queued(&self) -> usize {
+        self.queue.len() + self.waiting.len()
+    }
+
+    fn request(&mut self, request: RoomRequest) {
+        let (RoomRequest::Subscribe { reference, .. }
+        | RoomRequest::Unsubscribe { reference, .. }
+        | RoomRequest::Publish { reference, .. }) = &request;
+        let reference = reference.as_u64().expect("a numbered reference");
+        assert!(
+            !self.refs_on_connection.contains(&reference),
+            "reference {reference} used twice on one connection"
+        );
+        self.refs_on_connection.push(reference);
+        let message = Message::decode(request.encode().as_str(), &Limits::default())
+            .expect("a request decodes");
+        self.out.push(Out::Text(message));
+    }
+
+    fn send_credentials(&mut self, mut data: Value) {
+        if self.opts_in() {
+            data["mesa"] = json!({"caps": ["rooms"]});
+            if self.link == Link::Plain {
+                self.link = Link::OptedIn;
+            }
+        }
+        self.out
+            .push(Out::Text(Message::new(Opcode::Authenticate, data)));
+    }
+
+    fn greet(&mut self) {
+        let hello = self.hello.expect("greeted after the hello");
+        let alone = self.opts_in() && !hello.authenticates;
+        match self.credentials.clone() {
+            Some(credentials) => self.send_credentials(credentials),
+            None if alone => self.send_credentials(json!({})),
+            None => {}
+        }
+        if alone {
+            self.start_rooms();
+        }
+        if !hello.rooms {
+            let mut dropped: Vec<(Reference, String)> = self
+                .held
+                .iter()
+                .filter_map(|h| h.pending.map(|r| (Reference::from_u64(r), h.room.clone())))
+                .collect();
+            self.held.retain(|h| h.pending.is_none());
+            dropped.extend(
+                self.waiting
+                    .drain(..)
+                    .map(|(r, room, _)| (Reference::from_u64(r), room)),
+            );
+            if !dropped.is_empty() {
+                self.events.push(ClientEvent::RoomsUnavailable { dropped });
+            }
+        }
+        for message in std::mem::take(&mut self.queue) {
+            self.out.push(Out::Text(message));
+        }
+    }
+
+    fn start_rooms(&mut self) {
+        self.link = Link::Rooms;
+        for index in 0..self.held.len() {
+            if self.held[index].pending.is_none() {
+                self.held[index].pending = Some(self.draw());
+            }
+            let held = self.held[index].clone();
+            self.request(RoomRequest::Subscribe {
+                room: held.room,
+                reference: json!(held.pending),
+                token: held.token,
+            });
+        }
+        for (reference, room, message) in std::mem::take(&mut self.waiting) {
+            self.request(RoomRequest::Publish {
+                room,
+                message,
+                reference: json!(reference),
+            });
+        }
+    }
+
+    fn notice(&mut self, notice: RoomNotice) {
+        let event = match notice {
+            RoomNotice::Subscribed { room, reference } => {
+                let reference = reference.as_u64();
+                if let Some(held) = self
+                    .held
+                    .iter_mut()
+                    .find(|h| h.room == room && reference.is_some() && h.pending == reference)
+                {
+                    held.pending = None;
+                }
+                ClientEvent::Subscribed {
+                    room,
+                    reference: reference.map(Reference::from_u64),
+                }
+            }
+            RoomNotice::Unsubscribed { room, reference } => {
+                let reference = reference.as_u64();
+                if reference.is_none() {
+                    self.held.retain(|h| h.room != room || h.pending.is_some());
+                }
+                ClientEvent::Unsubscribed {
+                    room,
+                    reference: reference.map(Reference::from_u64),
+                }
+            }
+            RoomNotice::Refused(refused) => {
+                let reference = refused.reference.as_u64();
+                if reference.is_some() {
+                    self.held.retain(|h| h.pending != reference);
+                }
+                ClientEvent::RoomRefused {
+                    room: refused.room,
+                    reference: reference.map(Reference::from_u64),
+                    refusal: refused.refusal,
+                }
+            }
+        };
+        self.events.push(event);
+    }
+
+    /// The checks of a command naming a room, in the session's order.
+    fn check_room(&self, room: &str) -> Result<(), ClientError> {
+        if !self.config.rooms {
+            return Err(ClientError::RoomsDisabled);
+        }
+        rooms::check_room(room, &self.config.limits).map_err(ClientError::InvalidRoom)?;
+        if self.spoken() && !self.hello.is_some_and(|h| h.rooms) {
+            return Err(ClientError::NoRooms);
+        }
+        Ok(())
+    }
+
+    fn subscribe(&mut self, room: &str, token: Option<String>) -> Result<Reference, ClientError> {
+        self.check_room(room)?;
+        let max = self.config.limits.max_rooms_per_connection;
+        let index = match self.held.iter().position(|h| h.room == room) {
+            Some(index) => index,
+            None if self.held.len() >= max => return Err(ClientError::TooManyRooms(max)),
+            None => {
+                self.held.push(Held {
+                    room: room.to_owned(),
+                    token: None,
+                    pending: None,
+                });
+                self.held.len() - 1
+            }
+        };
+        let carries = self.carries();
+        let reference = match self.held[index].pending {
+            Some(reference) if !carries => reference,
+            _ => self.draw(),
+        };
+        self.held[index].token = token;
+        self.held[index].pending = Some(reference);
+        if carries {
+            let held = self.held[index].clone();
+            self.request(RoomRequest::Subscribe {
+                room: held.room,
+                reference: json!(reference),
+                token: held.token,
+            });
+        }
+        Ok(Reference::from_u64(reference))
+    }
+
+    fn unsubscribe(&mut self, room: &str) -> Result<Reference, ClientError> {
+        if !self.config.rooms {
+            return Err(ClientError::RoomsDisabled);
+        }
+        rooms::check_room(room, &self.config.limits).map_err(ClientError::InvalidRoom)?;
+        let held = self.held.iter().any(|h| h.room == room);
+        self.held.retain(|h| h.room != room);
+        if !held && !self.carries() {
+            return Err(ClientError::NotSubscribed);
+        }
+        let reference = self.draw();
+        if self.carries() {
+            self.request(RoomRequest::Unsubscribe {
+                room: room.to_owned(),
+                reference: json!(reference),
+            });
+        } else {
+            self.events.push(ClientEvent::Unsubscribed {
+                room: room.to_owned(),
+                reference: Some(Reference::from_u64(reference)),
+            });
+        }
+        Ok(Reference::from_u64(reference))
+    }
+
+    fn publish(&mut self, room: &str, message: Message) -> Result<Reference, ClientError> {
+        self.check_room(room)?;
+        if message.t.as_deref().is_none_or(|t| t.starts_with("mesa:")) {
+            return Err(ClientError::InvalidRoomMessage);
+        }
+        if !self.carries() {
+            if self.queued() >= self.config.limits.max_queued_sends {
+                return Err(ClientError::QueueFull(self.queued()));
+            }
+            let reference = self.draw();
+            self.waiting.push((reference, room.to_owned(), message));
+            return Ok(Reference::from_u64(reference));
+        }
+        let reference = self.draw();
+        self.request(RoomRequest::Publish {
+            room: room.to_owned(),
+            message,
+            reference: json!(reference),
+        });
+        Ok(Reference::from_u64(reference))
     }
 }
 
@@ -314,8 +682,10 @@ impl Harness {
                 max_json_depth: 4,
                 max_queued_sends: 4,
                 max_stored_per_id: 3,
+                max_rooms_per_connection: usize::from(setup.max_rooms % 4) + 1,
                 ..Limits::default()
             },
+            rooms: setup.rooms,
         };
         let session = ClientSession::new(config.clone(), setup.seed).expect("valid config");
         Harness {
@@ -336,6 +706,12 @@ impl Harness {
                 liveness: None,
                 reconnect: None,
                 sends: 0,
+                hello: None,
+                link: Link::Plain,
+                held: Vec::new(),
+                waiting: Vec::new(),
+                last_ref: 0,
+                refs_on_connection: Vec::new(),
                 out: Vec::new(),
                 events: Vec::new(),
                 drawn: VecDeque::new(),
@@ -408,10 +784,21 @@ impl Harness {
             model.user.is_some(),
             "{what:?}: authenticated"
         );
+        assert_eq!(session.queued(), model.queued(), "{what:?}: queue length");
         assert_eq!(
-            session.queued(),
-            model.queue.len(),
-            "{what:?}: queue length"
+            session.carries_rooms(),
+            model.carries(),
+            "{what:?}: carries rooms"
+        );
+        assert!(
+            session
+                .subscriptions()
+                .eq(model.held.iter().map(|h| h.room.as_str())),
+            "{what:?}: subscriptions"
+        );
+        assert!(
+            model.held.len() <= model.config.limits.max_rooms_per_connection,
+            "more rooms held than allowed"
         );
         assert!(
             session.queued() <= model.config.limits.max_queued_sends,
@@ -506,15 +893,7 @@ impl Harness {
                     model.initial_session = false;
                     model.user = None;
                     model.heartbeat = None;
-                    if let Some(credentials) = &model.credentials {
-                        model.out.push(Out::Text(Message::new(
-                            Opcode::Authenticate,
-                            credentials.clone(),
-                        )));
-                    }
-                    for message in model.queue.drain(..) {
-                        model.out.push(Out::Text(message));
-                    }
+                    model.end_connection();
                 } else {
                     assert_eq!(result, Err(ClientError::UnexpectedInput));
                 }
@@ -571,10 +950,8 @@ impl Harness {
                         assert_eq!(result, Ok(()));
                         data.insert("shouldSync".into(), Value::Bool(*should_sync));
                         let data = Value::Object(data);
-                        if model.state == State::Open {
-                            model
-                                .out
-                                .push(Out::Text(Message::new(Opcode::Authenticate, data.clone())));
+                        if model.spoken() {
+                            model.send_credentials(data.clone());
                             // Servers take a re-authentication silently: it resolves at once.
                             if let Some(user) = model.user.clone() {
                                 model.events.push(ClientEvent::Authenticated { user });
@@ -589,14 +966,14 @@ impl Harness {
                 model.sends += 1;
                 let message = Message::dispatch("SEND", json!({ "n": model.sends }));
                 let result = self.session.send(now, message.clone());
-                if model.state == State::Open {
+                if model.spoken() {
                     assert_eq!(result, Ok(()));
                     model.out.push(Out::Text(message));
-                } else if model.queue.len() < model.config.limits.max_queued_sends {
+                } else if model.queued() < model.config.limits.max_queued_sends {
                     assert_eq!(result, Ok(()));
                     model.queue.push(message);
                 } else {
-                    assert_eq!(result, Err(ClientError::QueueFull(model.queue.len())));
+                    assert_eq!(result, Err(ClientError::QueueFull(model.queued())));
                 }
             }
             Op::Disconnect(code) => {
@@ -623,10 +1000,28 @@ impl Harness {
                         model.reconnect = None;
                         model.user = None;
                         model.heartbeat = None;
+                        model.end_connection();
                         model.initial_session = true;
                         model.stopped = true;
                     }
                 }
+            }
+            Op::Subscribe { room: r, token } => {
+                let token = token.then(|| "k".to_owned());
+                let result = self.session.subscribe(now, room(*r), token.as_deref());
+                assert_eq!(result, model.subscribe(room(*r), token), "subscribe");
+            }
+            Op::Unsubscribe(r) => {
+                let result = self.session.unsubscribe(now, room(*r));
+                assert_eq!(result, model.unsubscribe(room(*r)), "unsubscribe");
+            }
+            Op::Publish { room: r, typed } => {
+                let mut message = Message::dispatch("CHAT", json!({"r": r}));
+                if !typed {
+                    message.t = None;
+                }
+                let result = self.session.publish(now, room(*r), message.clone());
+                assert_eq!(result, model.publish(room(*r), message), "publish");
             }
         }
         let (out, events) = self.drain();

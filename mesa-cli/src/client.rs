@@ -1,12 +1,14 @@
-//! `mesa client`: received messages as JSON lines on stdout, stdin lines sent to the
-//! server, state changes reported on stderr.
+//! `mesa client`: received messages as JSON lines on stdout (a room's with its
+//! `"room"`), stdin lines sent to the server (a line with a `"room"` is published to
+//! it), state changes reported on stderr.
 
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mesa_tokio::{Client, ClientEvent, Close, CloseCode, Limits, Message};
+use mesa_tokio::mesa_core::rooms::{self, check_room};
+use mesa_tokio::{Client, ClientError, ClientEvent, Close, CloseCode, Limits, Message};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -58,6 +60,26 @@ pub(crate) struct ClientArgs {
     /// what was queued while disconnected, and for replies to be printed.
     #[arg(long, env = "MESA_LINGER", default_value_t = 1_000)]
     linger: u64,
+
+    /// Subscribe to ROOM (repeatable; comma-separated in the environment variable),
+    /// on a server with rooms, again after every reconnection. Its messages print
+    /// with a `"room"` field; a stdin line `{"room":"R","t":"TYPE","d":{...}}`
+    /// publishes to room R.
+    #[arg(
+        long = "subscribe",
+        value_name = "ROOM",
+        env = "MESA_SUBSCRIBE",
+        value_delimiter = ',',
+        value_parser = parse_room
+    )]
+    subscribe: Vec<String>,
+}
+
+/// A room name, checked as the server checks it.
+fn parse_room(room: &str) -> Result<String, String> {
+    check_room(room, &Limits::default())
+        .map(|()| room.to_owned())
+        .map_err(|refusal| refusal.reason)
 }
 
 /// One line of stdin, as the reader thread hands it over.
@@ -93,6 +115,15 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
         }
     });
 
+    // Subscribe before any stdin line is published, as for the credentials; the
+    // answers (and those after every reconnection) are reported as events.
+    let mut subscribes_pending = !args.subscribe.is_empty();
+    let mut subscribes = std::pin::pin!(subscribe_all(
+        client.clone(),
+        args.subscribe.clone(),
+        report.format
+    ));
+
     // With --token, the first hello says whether the server authenticates at all: ours
     // announces an authentication timeout exactly when authentication is on.
     let mut hello_checked = args.token.is_none();
@@ -115,6 +146,7 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
                     report.event("authentication_failed", [("error", json!(error.to_string()))]);
                 }
             }
+            () = subscribes.as_mut(), if subscribes_pending => subscribes_pending = false,
             event = events.next() => {
                 let Some(event) = event else {
                     return Err("the client stopped unexpectedly".to_owned().into());
@@ -256,30 +288,126 @@ fn handle(
         ClientEvent::InvalidFrame(error) => {
             report.event("invalid_frame", [("error", json!(error.to_string()))]);
         }
+        ClientEvent::RoomMessage { room, message } => {
+            print_line(rooms::room_frame(&message, &room).as_str())?
+        }
+        ClientEvent::Subscribed { room, reference } => report.event(
+            "subscribed",
+            [
+                ("room", json!(room)),
+                ("by_server", json!(reference.is_none())),
+            ],
+        ),
+        ClientEvent::Unsubscribed { room, reference } => report.event(
+            "unsubscribed",
+            [
+                ("room", json!(room)),
+                ("by_server", json!(reference.is_none())),
+            ],
+        ),
+        ClientEvent::RoomRefused { room, refusal, .. } => report.event(
+            "room_refused",
+            [
+                ("room", json!(room)),
+                ("code", json!(refusal.code.as_str())),
+                ("reason", json!(refusal.reason)),
+            ],
+        ),
+        ClientEvent::RoomsUnavailable { dropped } => {
+            let rooms: Vec<&str> = dropped.iter().map(|(_, room)| room.as_str()).collect();
+            report.event(
+                "rooms_unavailable",
+                [
+                    ("dropped", json!(rooms)),
+                    (
+                        "note",
+                        json!("the server has no rooms (no `rooms` rule in its hello): start it with --rooms"),
+                    ),
+                ],
+            );
+        }
     }
     Ok(None)
 }
 
-/// Decode one stdin line and send it; errors are reported, never fatal.
+/// Subscribe to every room of `--subscribe`. Only what no event reports is reported
+/// here: the client's own refusals (a refused or unavailable subscribe is an event).
+async fn subscribe_all(client: Client, rooms: Vec<String>, format: LogFormat) {
+    let subscribes = rooms.into_iter().map(|room| {
+        let client = client.clone();
+        async move {
+            match client.subscribe(room.clone()).await {
+                Err(ClientError::Session(error))
+                    if error != mesa_tokio::mesa_core::ClientError::NoRooms =>
+                {
+                    Reporter { format }.event(
+                        "subscribe_failed",
+                        [("room", json!(room)), ("error", json!(error.to_string()))],
+                    );
+                }
+                _ => {}
+            }
+        }
+    });
+    futures_util::future::join_all(subscribes).await;
+}
+
+/// What a stdin line asks for.
+#[derive(Debug, PartialEq)]
+enum Input {
+    /// Send a Mesa message.
+    Send(Message),
+    /// Publish `{"t","d"}` to a room.
+    Publish(String, Message),
+}
+
+/// Read a stdin line: a Mesa message, or `{"room":"R","t":"TYPE","d":{...}}`.
+fn parse_line(line: &str) -> Result<Input, String> {
+    let mut value: Value =
+        serde_json::from_str(line).map_err(|error| format!("not JSON: {error}"))?;
+    let Some(room) = value.as_object_mut().and_then(|line| line.remove("room")) else {
+        return Message::decode(line, &Limits::default())
+            .map(Input::Send)
+            .map_err(|error| format!("not a Mesa message: {error}"));
+    };
+    let (Value::String(room), Some(Value::String(t))) = (room, value.get("t").cloned()) else {
+        return Err("a room line has a string `room` and a string `t`".to_owned());
+    };
+    let d = value.get("d").cloned().unwrap_or_else(|| json!({}));
+    Ok(Input::Publish(room, Message::dispatch(t, d)))
+}
+
+/// Decode one stdin line and send or publish it; errors are reported, never fatal.
 async fn send_line(client: &Client, line: &str, number: u64, report: &Reporter) {
     let line = line.trim();
     if line.is_empty() {
         return;
     }
-    let (event, error) = match Message::decode(line, &Limits::default()) {
-        Ok(message) => match client.send(message).await {
-            Ok(()) => return,
-            Err(error) => ("send_failed", error.to_string()),
-        },
-        Err(error) => ("bad_input", format!("not a Mesa message: {error}")),
+    let (event, error) = match parse_line(line) {
+        Ok(input) => {
+            let sent = match input {
+                Input::Send(message) => client.send(message).await,
+                Input::Publish(room, message) => client.publish(room, message).await,
+            };
+            match sent {
+                Ok(()) => return,
+                Err(error) => ("send_failed", error.to_string()),
+            }
+        }
+        Err(error) => ("bad_input", error),
     };
     report.event(event, [("line", json!(number)), ("error", json!(error))]);
 }
 
 /// Write `message` as one JSON line on stdout.
 fn print_message(message: &Message) -> Result<(), String> {
+    print_line(&message.to_value().to_string())
+}
+
+/// Write `line` on stdout.
+fn print_line(line: &str) -> Result<(), String> {
     let mut stdout = io::stdout().lock();
-    writeln!(stdout, "{}", message.to_value())
+    writeln!(stdout, "{line}")
         .and_then(|()| stdout.flush())
         .map_err(|error| format!("cannot write to stdout: {error}"))
 }
@@ -339,5 +467,47 @@ impl Reporter {
             }
         };
         let _ = writeln!(io::stderr().lock(), "{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_with_a_room_is_a_publish_and_others_are_messages() {
+        assert_eq!(
+            parse_line(r#"{"room":"chat:1","t":"CHAT","d":{"text":"hi"}}"#),
+            Ok(Input::Publish(
+                "chat:1".into(),
+                Message::dispatch("CHAT", json!({"text": "hi"}))
+            ))
+        );
+        assert_eq!(
+            parse_line(r#"{"room":"r","t":"PING"}"#),
+            Ok(Input::Publish(
+                "r".into(),
+                Message::dispatch("PING", json!({}))
+            ))
+        );
+        assert_eq!(
+            parse_line(r#"{"op":0,"t":"ECHO","d":{"hi":1}}"#),
+            Ok(Input::Send(Message::dispatch("ECHO", json!({"hi": 1}))))
+        );
+        for bad in [
+            r#"{"room":"r","d":{}}"#,
+            r#"{"room":1,"t":"X"}"#,
+            r#"{"t":"X"}"#,
+            "not json",
+        ] {
+            assert!(parse_line(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subscribe_flags_name_valid_rooms() {
+        assert_eq!(parse_room("chat:42"), Ok("chat:42".to_owned()));
+        assert!(parse_room("two words").is_err());
+        assert!(parse_room("").is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! mesa serve  [--listen 127.0.0.1:4000] [--auth none|dev|jwt] ...
 //! mesa serve  --tls-cert server.crt --tls-key server.key    (wss://, reloaded on SIGHUP)
-//! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync] [--ca-cert ca.crt]
+//! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync] [--ca-cert ca.crt] [--subscribe ROOM]...
 //! mesa dispatch --redis redis[s]://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
 //! mesa portal --redis redis[s]://127.0.0.1:6379/ [--all]
 //!   (serve, dispatch and portal: --redis-ca-cert ca.crt trusts a private CA for rediss://)
@@ -13,7 +13,8 @@
 //! (`MESA_LISTEN`, `MESA_AUTH`, `MESA_JWT_SECRET`, ...); a flag on the command line
 //! wins. Logs go to stderr (levels from `RUST_LOG`, default `info`); stdout carries
 //! only what other programs parse: the server's `mesa listening on ws://...` line and
-//! the client's received messages, one JSON object per line.
+//! the client's received messages, one JSON object per line (a room's with its
+//! `"room"`).
 
 use std::process::ExitCode;
 
@@ -55,8 +56,9 @@ struct Cli {
 enum Command {
     /// Run a Mesa server (relay behaviour: ECHO and BROADCAST) until SIGTERM or ctrl-c.
     Serve(serve::ServeArgs),
-    /// Connect to a Mesa server: print received messages as JSON lines on stdout and
-    /// send each stdin line (a Mesa JSON message).
+    /// Connect to a Mesa server: print received messages as JSON lines on stdout (a
+    /// room's with its "room") and send each stdin line (a Mesa JSON message, or
+    /// {"room":"R","t":"TYPE","d":{...}} to publish to room R).
     Client(client::ClientArgs),
     /// Send one message to the clients of a cluster through its Redis (like
     /// @cryb/mesa's Dispatcher) and print a JSON report line.

@@ -431,16 +431,18 @@ fn limit_flags_refuse_upgrades_and_close_offenders_with_their_codes() {
     assert!(server.wait().success(), "{:#?}", server.stderr.all());
 }
 
-/// A Node peer of `tests/node` (`client.js` or `browser-client.js`) connected to
-/// `url`, trusting the PEM file `ca` (`NODE_EXTRA_CA_CERTS`), killed when dropped.
-struct NodeClient {
+/// A Node peer of `tests/node` (`client.js` or `browser-client.js` connected to a
+/// URL, or `server.js`), killed when dropped.
+struct NodePeer {
     child: Child,
     stdin: ChildStdin,
     stdout: Lines,
 }
 
-impl NodeClient {
-    fn start(script: &str, url: &str, ca: &std::path::Path) -> Self {
+impl NodePeer {
+    /// Run `script` with `args` and the environment `env` (`NODE_EXTRA_CA_CERTS` to
+    /// trust a CA).
+    fn start(script: &str, args: &[&str], env: &[(&str, &std::path::Path)]) -> Self {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node");
         assert!(
             dir.join("node_modules/@cryb/mesa").is_dir(),
@@ -448,8 +450,8 @@ impl NodeClient {
         );
         let mut child = Command::new("node")
             .arg(dir.join(script))
-            .arg(url)
-            .env("NODE_EXTRA_CA_CERTS", ca)
+            .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -457,7 +459,7 @@ impl NodeClient {
             .expect("`node` starts (install Node.js 20)");
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = Lines::new(child.stdout.take().expect("piped stdout"));
-        NodeClient {
+        NodePeer {
             child,
             stdin,
             stdout,
@@ -477,7 +479,7 @@ impl NodeClient {
     }
 }
 
-impl Drop for NodeClient {
+impl Drop for NodePeer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -536,7 +538,8 @@ fn serve_over_tls_to_our_client_and_the_published_node_clients() {
 
     // The published Node client and mesa-js-client (on `ws`), trusting the CA.
     for (script, token) in [("client.js", "node"), ("browser-client.js", "js")] {
-        let mut peer = NodeClient::start(script, &url, &ca_file);
+        let env = [("NODE_EXTRA_CA_CERTS", ca_file.as_path())];
+        let mut peer = NodePeer::start(script, &[&url], &env);
         peer.expect("connected");
         peer.send(json!({"cmd": "authenticate", "data": {"token": token}}));
         peer.expect("authenticated");
@@ -549,6 +552,89 @@ fn serve_over_tls_to_our_client_and_the_published_node_clients() {
     assert_eq!(alice.expect_message("ECHO")["d"]["n"], 2);
     server.terminate();
     assert!(server.wait().success(), "{:#?}", server.stderr.all());
+}
+
+/// `--subscribe` on a server with rooms: a room line of one client reaches every
+/// member, printed with its room.
+#[test]
+fn subscribers_print_room_messages_with_their_room() {
+    let (mut server, url) = Mesa::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "dev",
+            "--rooms",
+            "authenticated",
+        ],
+        &[],
+    );
+    let subscribed = |room: &str| format!("subscribed room=\"{room}\" by_server=false");
+    let mut alice = Mesa::client(
+        &url,
+        &["--token", "alice", "--subscribe", "lobby"],
+        "connected",
+    );
+    let bob = Mesa::client(
+        &url,
+        &[
+            "--token",
+            "bob",
+            "--subscribe",
+            "lobby",
+            "--subscribe",
+            "news",
+        ],
+        "connected",
+    );
+    alice
+        .stderr
+        .expect("alice in the lobby", |l| l == subscribed("lobby"));
+    for room in ["lobby", "news"] {
+        bob.stderr
+            .expect(&format!("bob in {room}"), |l| l == subscribed(room));
+    }
+    alice.send(r#"{"room":"lobby","t":"CHAT","d":{"text":"hi"}}"#);
+    for client in [&alice, &bob] {
+        assert_eq!(
+            client.expect_message("CHAT"),
+            json!({"op": 0, "d": {"text": "hi"}, "t": "CHAT", "room": "lobby"})
+        );
+    }
+    // A line without a room is sent as before.
+    alice.send(r#"{"op":0,"t":"ECHO","d":{"n":1}}"#);
+    assert_eq!(
+        alice.expect_message("ECHO"),
+        json!({"op": 0, "d": {"n": 1}, "t": "ECHO"})
+    );
+    server.terminate();
+    assert!(server.wait().success(), "{:#?}", server.stderr.all());
+}
+
+/// `--subscribe` against the published server, which has no rooms: said on stderr,
+/// as is a room line; everything else works as before.
+#[test]
+fn rooms_on_a_server_without_them_are_reported() {
+    let theirs = NodePeer::start("server.js", &["0", "{}"], &[]);
+    let port = theirs.expect("listening")["port"].clone();
+    let url = format!("ws://127.0.0.1:{port}/");
+    let mut alice = Mesa::client(
+        &url,
+        &["--token", "alice", "--subscribe", "lobby"],
+        "connected",
+    );
+    alice.stderr.expect("the rooms dropped", |l| {
+        l.starts_with("rooms_unavailable dropped=[\"lobby\"]")
+    });
+    alice.send(r#"{"room":"lobby","t":"CHAT","d":{}}"#);
+    alice.stderr.expect("the publish refused", |l| {
+        l.starts_with("send_failed line=1") && l.contains("no rooms")
+    });
+    alice.send(r#"{"op":0,"t":"ECHO","d":{"n":1}}"#);
+    assert_eq!(alice.expect_message("ECHO")["d"]["n"], 1);
+    let bad = Mesa::start(&["client", &url, "--subscribe", "two words"], &[]);
+    bad.stderr
+        .expect("the invalid room refused", |l| l.contains("--subscribe"));
 }
 
 /// Run `future` on `runtime` for at most [`WAIT`]; panic naming `what` past it.

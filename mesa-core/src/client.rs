@@ -1,8 +1,16 @@
 //! The client side: connection lifecycle, hello adoption, heartbeat replies,
 //! dead-server detection, authentication (and re-authentication after a reconnect),
-//! a bounded queue of sends made while disconnected, and jittered reconnection.
+//! a bounded queue of sends made while disconnected, jittered reconnection, and rooms
+//! (subscriptions restored on every connection, see `docs/protocol.md`).
 //!
-//! Every state change of a client happens in this file.
+//! A connection speaks only once the server's hello arrived: the hello says whether
+//! the server has rooms, and so whether the op 2 carries the opt-in, and op 2 goes
+//! before anything queued. Room requests go out once the connection *carries rooms*:
+//! at the hello on a server without authentication (after an op 2 holding the opt-in
+//! alone), else at op 22, so that the server's authorization knows who asks.
+//!
+//! Every state change of a client happens in this file; the subscriptions' bookkeeping
+//! is in `subscriptions.rs`.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -14,6 +22,11 @@ use crate::close::{Close, CloseCode};
 use crate::config::{ConfigError, validate_limits};
 use crate::hello::{Hello, Rule};
 use crate::limits::Limits;
+use crate::rooms::{
+    self, CONTROL_PREFIX, OPT_IN_KEY, RoomNotice, RoomRefusal, RoomRequest, check_room,
+};
+pub use crate::subscriptions::Reference;
+use crate::subscriptions::Subscriptions;
 use crate::timer::TimerTable;
 use crate::wire::{DecodeError, Frame, Message, Opcode};
 
@@ -29,8 +42,16 @@ pub struct ClientConfig {
     pub heartbeat_max_attempts: u32,
     /// The version sent as `CLIENT_VERSION` when the server enforces equal versions.
     pub version: Option<String>,
-    /// Limits on frames from the server and on the send queue.
+    /// Limits on frames from the server, on the send queue and on subscriptions.
     pub limits: Limits,
+    /// Opt in to rooms on servers that have them (their hello's `rooms` rule): every
+    /// op 2 then carries `"mesa": {"caps": ["rooms"]}`, and on such a server without
+    /// authentication an op 2 with the opt-in alone follows the hello. Default true:
+    /// it costs those few bytes (and that one frame) only on servers that announce
+    /// rooms, and without it the server's own joins arrive as plain
+    /// [`ClientEvent::Message`]s whose room is unknown. Off, room commands fail
+    /// with [`ClientError::RoomsDisabled`] and no frame of the client mentions rooms.
+    pub rooms: bool,
 }
 
 impl Default for ClientConfig {
@@ -41,6 +62,7 @@ impl Default for ClientConfig {
             heartbeat_max_attempts: 3,
             version: None,
             limits: Limits::default(),
+            rooms: true,
         }
     }
 }
@@ -102,6 +124,51 @@ pub enum ClientEvent {
     },
     /// A frame from the server could not be decoded; it was skipped.
     InvalidFrame(DecodeError),
+    /// The connection is in `room`: the answer to
+    /// [`subscribe`](ClientSession::subscribe) (again for every subscription restored
+    /// on a new connection, under a reference the client drew), or the server put it
+    /// there on its own (`reference: None`; such a room is not restored by the client).
+    Subscribed {
+        /// The room.
+        room: String,
+        /// The request answered; `None` when the server acted on its own.
+        reference: Option<Reference>,
+    },
+    /// The connection left `room`: the answer to
+    /// [`unsubscribe`](ClientSession::unsubscribe) (given at once when the
+    /// connection does not carry rooms), or the server took it out on its own
+    /// (`reference: None`; the subscription then ends).
+    Unsubscribed {
+        /// The room.
+        room: String,
+        /// The request answered; `None` when the server acted on its own.
+        reference: Option<Reference>,
+    },
+    /// The server refused a room request; a refused subscribe (or restore) ends the
+    /// subscription.
+    RoomRefused {
+        /// The room the refusal names.
+        room: Option<String>,
+        /// The request refused.
+        reference: Option<Reference>,
+        /// Its code and reason.
+        refusal: RoomRefusal,
+    },
+    /// A message published to a room the connection is in.
+    RoomMessage {
+        /// The room.
+        room: String,
+        /// The message (`op` 0 with its `t` and `d`).
+        message: Message,
+    },
+    /// The server of this connection has no rooms (its hello lacks the `rooms` rule),
+    /// so the room requests that waited for an answer or for a connection are
+    /// dropped; subscriptions the server confirmed before are kept for the next
+    /// server that has rooms.
+    RoomsUnavailable {
+        /// Each request dropped, with its room.
+        dropped: Vec<(Reference, String)>,
+    },
 }
 
 impl ClientEvent {
@@ -137,6 +204,26 @@ pub enum ClientError {
     /// without a pending `Connect`).
     #[error("unexpected transport input in the current state")]
     UnexpectedInput,
+    /// A room command while rooms are off in the settings ([`ClientConfig::rooms`]).
+    #[error("rooms are off in this client's settings")]
+    RoomsDisabled,
+    /// A room command on a connection whose server has no rooms (its hello has no
+    /// `rooms` rule: an older server, or one started with rooms off).
+    #[error("the server has no rooms (its hello has no `rooms` rule)")]
+    NoRooms,
+    /// The room name is empty, too long, or has a character outside the allowed set.
+    #[error("invalid room: {0}")]
+    InvalidRoom(RoomRefusal),
+    /// The client holds `max_rooms_per_connection` subscriptions already.
+    #[error("the client is in the most rooms it may be in ({0})")]
+    TooManyRooms(usize),
+    /// `unsubscribe` from a room the client does not hold, with no connection that
+    /// could ask the server.
+    #[error("not subscribed to this room")]
+    NotSubscribed,
+    /// A room message needs a type `t`, outside the reserved `mesa:` prefix.
+    #[error("a room message needs a type `t` that does not start with `mesa:`")]
+    InvalidRoomMessage,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -152,19 +239,36 @@ enum State {
     Idle,
     /// A `Connect` was issued; waiting for the transport.
     Connecting { automatic: bool },
-    /// The transport is open.
-    Open { hello: Option<Hello> },
+    /// The transport is open; it speaks once the hello arrived.
+    Open { hello: Option<Hello>, rooms: Link },
     /// Waiting for the reconnect timer.
     Backoff,
+}
+
+/// What the current connection does with rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// No opt-in went out: no hello yet, no rooms on the server or in the settings,
+    /// or no credentials yet on a server that authenticates.
+    Plain,
+    /// The opt-in went out with the credentials; room requests wait for op 22.
+    OptedIn,
+    /// Room requests go out at once.
+    Rooms,
 }
 
 /// The client side of a Mesa connection, across reconnections.
 ///
 /// Methods come in four groups: getters (`is_open`, `is_authenticated`, `hello`,
-/// `queued`), inputs (`handle_*`), commands (`connect`, `authenticate`, `send`,
+/// `queued`, `subscriptions`, `carries_rooms`), inputs (`handle_*`), commands
+/// (`connect`, `authenticate`, `send`, `subscribe`, `unsubscribe`, `publish`,
 /// `disconnect`), and outputs (`poll_*`). After every input or command, drain
 /// `poll_transmit` until `None`, then `poll_event` until `None`, then re-arm the timer
 /// from `poll_timeout`.
+///
+/// On every connection the client waits for the hello, then sends `CLIENT_VERSION`
+/// (when the server enforces versions), its credentials, its subscriptions (when the
+/// connection carries rooms by then), then what was queued.
 #[derive(Debug)]
 pub struct ClientSession {
     config: ClientConfig,
@@ -180,6 +284,8 @@ pub struct ClientSession {
     /// The user object of op 22 on the current connection, once authenticated.
     user: Option<Value>,
     queue: VecDeque<Message>,
+    /// Rooms held and publishes waiting, across connections.
+    subscriptions: Subscriptions,
     transmits: VecDeque<ClientTransmit>,
     events: VecDeque<ClientEvent>,
 }
@@ -198,6 +304,7 @@ impl ClientSession {
             credentials: None,
             user: None,
             queue: VecDeque::new(),
+            subscriptions: Subscriptions::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -218,14 +325,27 @@ impl ClientSession {
     /// The hello of the current connection.
     pub fn hello(&self) -> Option<&Hello> {
         match &self.state {
-            State::Open { hello } => hello.as_ref(),
+            State::Open { hello, .. } => hello.as_ref(),
             _ => None,
         }
     }
 
-    /// Sends waiting for a connection.
+    /// Sends and publishes waiting for a connection (together at most
+    /// `limits.max_queued_sends`).
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.subscriptions.waiting()
+    }
+
+    /// The rooms the client holds, in the order subscribed: sent again on every
+    /// connection that carries rooms.
+    pub fn subscriptions(&self) -> impl Iterator<Item = &str> {
+        self.subscriptions.rooms()
+    }
+
+    /// Whether room requests go out at once on the current connection (else they wait
+    /// for one that carries rooms).
+    pub fn carries_rooms(&self) -> bool {
+        self.link() == Link::Rooms
     }
 
     /// The backoff state (attempts so far, current base).
@@ -248,8 +368,9 @@ impl ClientSession {
     }
 
     /// Authenticate with `credentials` (a JSON object); `should_sync` asks for the
-    /// messages stored while offline. Sent now if open, else on the next open, and
-    /// again after every automatic reconnection. Resolves with
+    /// messages stored while offline. Sent now if the hello arrived, else after the
+    /// next hello, and again after every reconnection; with the rooms opt-in when the
+    /// server has rooms. Resolves with
     /// [`ClientEvent::Authenticated`]: from the server's op 22, or at once on a
     /// connection that is already authenticated, since Mesa servers take a
     /// re-authentication silently (no second op 22; a rejection closes with 1008).
@@ -264,8 +385,8 @@ impl ClientSession {
         };
         data.insert("shouldSync".into(), Value::Bool(should_sync));
         let data = Value::Object(data);
-        if self.is_open() {
-            self.transmit(Message::new(Opcode::Authenticate, data.clone()));
+        if self.hello().is_some() {
+            self.send_credentials(data.clone());
             if let Some(user) = self.user.clone() {
                 self.events.push_back(ClientEvent::Authenticated { user });
             }
@@ -274,17 +395,98 @@ impl ClientSession {
         Ok(())
     }
 
-    /// Send `message` now if open; otherwise queue it for the next open.
+    /// Send `message` now if the hello arrived; otherwise queue it for the next one.
     pub fn send(&mut self, _now: Instant, message: Message) -> Result<(), ClientError> {
-        if self.is_open() {
+        if self.hello().is_some() {
             self.transmit(message);
             return Ok(());
         }
-        if self.queue.len() >= self.config.limits.max_queued_sends {
-            return Err(ClientError::QueueFull(self.queue.len()));
-        }
+        self.check_queue()?;
         self.queue.push_back(message);
         Ok(())
+    }
+
+    /// Subscribe to `room` (with `token` for the server's authorization) and keep the
+    /// subscription: it is sent now if the connection carries rooms, else once one
+    /// does, and again on every later one. The answer is a [`ClientEvent::Subscribed`]
+    /// or a [`ClientEvent::RoomRefused`] with the returned reference. A subscribe not
+    /// sent yet shares the reference of one waiting for the same room.
+    pub fn subscribe(
+        &mut self,
+        _now: Instant,
+        room: &str,
+        token: Option<&str>,
+    ) -> Result<Reference, ClientError> {
+        self.check_room_command(room)?;
+        let max = self.config.limits.max_rooms_per_connection;
+        if !self.subscriptions.holds(room) && self.subscriptions.len() >= max {
+            return Err(ClientError::TooManyRooms(max));
+        }
+        let now_sent = self.carries_rooms();
+        let reference = self.subscriptions.subscribe(room, token, now_sent);
+        if now_sent && let Some(request) = self.subscriptions.request(room) {
+            self.transmit_request(&request);
+        }
+        Ok(reference)
+    }
+
+    /// Leave `room` and stop holding it. On a connection that carries rooms the
+    /// server is asked (also for rooms it joined on its own) and answers with a
+    /// [`ClientEvent::Unsubscribed`] or a refusal; otherwise the connection is in no
+    /// room of the client's, and the event comes at once.
+    pub fn unsubscribe(&mut self, _now: Instant, room: &str) -> Result<Reference, ClientError> {
+        if !self.config.rooms {
+            return Err(ClientError::RoomsDisabled);
+        }
+        check_room(room, &self.config.limits).map_err(ClientError::InvalidRoom)?;
+        let held = self.subscriptions.unsubscribe(room);
+        if !held && !self.carries_rooms() {
+            return Err(ClientError::NotSubscribed);
+        }
+        let reference = self.subscriptions.draw();
+        if self.carries_rooms() {
+            self.transmit_request(&RoomRequest::Unsubscribe {
+                room: room.to_owned(),
+                reference: reference.to_wire(),
+            });
+        } else {
+            self.events.push_back(ClientEvent::Unsubscribed {
+                room: room.to_owned(),
+                reference: Some(reference),
+            });
+        }
+        Ok(reference)
+    }
+
+    /// Publish `message` (its `t` and `d`) to the members of `room`: now if the
+    /// connection carries rooms, else once one does (queued with the sends, within
+    /// the same bound). Nothing answers a publish that went through; a refusal is a
+    /// [`ClientEvent::RoomRefused`] with the returned reference.
+    pub fn publish(
+        &mut self,
+        _now: Instant,
+        room: &str,
+        message: Message,
+    ) -> Result<Reference, ClientError> {
+        self.check_room_command(room)?;
+        if message
+            .t
+            .as_deref()
+            .is_none_or(|t| t.starts_with(CONTROL_PREFIX))
+        {
+            return Err(ClientError::InvalidRoomMessage);
+        }
+        if !self.carries_rooms() {
+            self.check_queue()?;
+            return Ok(self.subscriptions.wait_to_publish(room, message));
+        }
+        let reference = self.subscriptions.draw();
+        self.transmit_request(&RoomRequest::Publish {
+            room: room.to_owned(),
+            message,
+            reference: reference.to_wire(),
+        });
+        Ok(reference)
     }
 
     /// Disconnect deliberately: no automatic reconnection follows, and the next
@@ -317,7 +519,10 @@ impl ClientSession {
         let State::Connecting { automatic } = self.state else {
             return Err(ClientError::UnexpectedInput);
         };
-        self.state = State::Open { hello: None };
+        self.state = State::Open {
+            hello: None,
+            rooms: Link::Plain,
+        };
         self.events.push_back(ClientEvent::Connected {
             is_initial_connection: self.initial_connection,
             is_initial_session_connection: self.initial_session,
@@ -326,12 +531,6 @@ impl ClientSession {
         self.initial_connection = false;
         self.initial_session = false;
         self.user = None;
-        if let Some(credentials) = self.credentials.clone() {
-            self.transmit(Message::new(Opcode::Authenticate, credentials));
-        }
-        while let Some(message) = self.queue.pop_front() {
-            self.transmit(message);
-        }
         Ok(())
     }
 
@@ -351,8 +550,15 @@ impl ClientSession {
             return;
         }
         self.refresh_liveness(now);
-        let message = match Message::decode(text, &self.config.limits) {
-            Ok(message) => message,
+        // Only a connection that opted in receives room fields and control dispatches.
+        let opted_in = self.link() != Link::Plain;
+        let decoded = if opted_in {
+            rooms::decode_room_message(text, &self.config.limits)
+        } else {
+            Message::decode(text, &self.config.limits).map(|message| (message, None))
+        };
+        let (message, room) = match decoded {
+            Ok(decoded) => decoded,
             Err(error) => {
                 self.events.push_back(ClientEvent::InvalidFrame(error));
                 return;
@@ -365,7 +571,17 @@ impl ClientSession {
                 self.user = Some(message.d.clone());
                 self.events
                     .push_back(ClientEvent::Authenticated { user: message.d });
+                if self.link() == Link::OptedIn {
+                    self.start_rooms();
+                }
             }
+            Opcode::Dispatch if opted_in => match (RoomNotice::parse(&message), room) {
+                (Some(notice), _) => self.handle_notice(notice),
+                (None, Some(room)) => self
+                    .events
+                    .push_back(ClientEvent::RoomMessage { room, message }),
+                (None, None) => self.events.push_back(ClientEvent::Message(message)),
+            },
             _ => self.events.push_back(ClientEvent::Message(message)),
         }
     }
@@ -423,6 +639,136 @@ impl ClientSession {
             .push_back(ClientTransmit::Text(message.encode()));
     }
 
+    fn transmit_request(&mut self, request: &RoomRequest) {
+        self.transmits
+            .push_back(ClientTransmit::Text(request.encode()));
+    }
+
+    /// The current connection's rooms (a closed one has none).
+    fn link(&self) -> Link {
+        match self.state {
+            State::Open { rooms, .. } => rooms,
+            _ => Link::Plain,
+        }
+    }
+
+    fn set_link(&mut self, link: Link) {
+        if let State::Open { rooms, .. } = &mut self.state {
+            *rooms = link;
+        }
+    }
+
+    /// Whether this client opts in on the current connection: it wants rooms and the
+    /// hello announces them.
+    fn opts_in(&self) -> bool {
+        self.config.rooms && self.hello().is_some_and(|h| h.has_rule(&Rule::Rooms))
+    }
+
+    /// The checks every command naming a room shares: rooms wanted, a valid name, and
+    /// not a server known to have no rooms.
+    fn check_room_command(&self, room: &str) -> Result<(), ClientError> {
+        if !self.config.rooms {
+            return Err(ClientError::RoomsDisabled);
+        }
+        check_room(room, &self.config.limits).map_err(ClientError::InvalidRoom)?;
+        if self.hello().is_some_and(|h| !h.has_rule(&Rule::Rooms)) {
+            return Err(ClientError::NoRooms);
+        }
+        Ok(())
+    }
+
+    /// Whether one more send or publish may wait for a connection.
+    fn check_queue(&self) -> Result<(), ClientError> {
+        if self.queued() >= self.config.limits.max_queued_sends {
+            return Err(ClientError::QueueFull(self.queued()));
+        }
+        Ok(())
+    }
+
+    /// Send op 2 with `credentials`, adding the opt-in when the server has rooms.
+    fn send_credentials(&mut self, mut credentials: Value) {
+        if self.opts_in() {
+            if let Value::Object(data) = &mut credentials {
+                data.insert(OPT_IN_KEY.into(), rooms::opt_in());
+            }
+            if self.link() == Link::Plain {
+                self.set_link(Link::OptedIn);
+            }
+        }
+        self.transmit(Message::new(Opcode::Authenticate, credentials));
+    }
+
+    /// The first hello of a connection arrived: speak. Credentials first (or, on a
+    /// server with rooms and no authentication, the opt-in alone), then the
+    /// subscriptions if the connection carries rooms already, then the queue.
+    fn greet(&mut self) {
+        let opts_in = self.opts_in();
+        let (has_rooms, without_authentication) = self.hello().map_or((false, true), |h| {
+            (h.has_rule(&Rule::Rooms), h.authentication_timeout.is_none())
+        });
+        match self.credentials.clone() {
+            Some(credentials) => self.send_credentials(credentials),
+            None if opts_in && without_authentication => {
+                self.send_credentials(json!({}));
+            }
+            None => {}
+        }
+        if opts_in && without_authentication {
+            self.start_rooms();
+        }
+        if !has_rooms {
+            let dropped = self.subscriptions.drop_unanswered();
+            if !dropped.is_empty() {
+                self.events
+                    .push_back(ClientEvent::RoomsUnavailable { dropped });
+            }
+        }
+        while let Some(message) = self.queue.pop_front() {
+            self.transmit(message);
+        }
+    }
+
+    /// The connection carries rooms from now on: restore the subscriptions, then
+    /// send the publishes that waited.
+    fn start_rooms(&mut self) {
+        self.set_link(Link::Rooms);
+        for request in self.subscriptions.restore() {
+            self.transmit_request(&request);
+        }
+    }
+
+    /// What the server said about the client's rooms.
+    fn handle_notice(&mut self, notice: RoomNotice) {
+        let event = match notice {
+            RoomNotice::Subscribed { room, reference } => {
+                let reference = Reference::from_wire(&reference);
+                if let Some(reference) = reference {
+                    self.subscriptions.confirmed(&room, reference);
+                }
+                ClientEvent::Subscribed { room, reference }
+            }
+            RoomNotice::Unsubscribed { room, reference } => {
+                let reference = Reference::from_wire(&reference);
+                if reference.is_none() {
+                    self.subscriptions.removed_by_server(&room);
+                }
+                ClientEvent::Unsubscribed { room, reference }
+            }
+            RoomNotice::Refused(refused) => {
+                let reference = Reference::from_wire(&refused.reference);
+                if let Some(reference) = reference {
+                    self.subscriptions.refused(reference);
+                }
+                ClientEvent::RoomRefused {
+                    room: refused.room,
+                    reference,
+                    refusal: refused.refusal,
+                }
+            }
+        };
+        self.events.push_back(event);
+    }
+
     fn adopt_hello(&mut self, now: Instant, hello: Hello) {
         if let Some(base) = hello.reconnect_interval {
             self.backoff.adopt_base(base);
@@ -437,10 +783,14 @@ impl ClientSession {
             // A server that stopped announcing heartbeats is not expected to beat.
             self.timers.stop(Timer::Liveness as usize);
         }
-        if let State::Open { hello: slot } = &mut self.state {
+        let first = self.hello().is_none();
+        if let State::Open { hello: slot, .. } = &mut self.state {
             *slot = Some(hello);
         }
         self.refresh_liveness(now);
+        if first {
+            self.greet();
+        }
     }
 
     /// Push the dead-server deadline out to `interval × (max_attempts + 1)` from now.

@@ -22,12 +22,15 @@ pub mod rooms;
 pub mod session;
 #[cfg(feature = "sim")]
 pub mod sim;
+mod subscriptions;
 pub mod sync;
 mod timer;
 pub mod wire;
 
 pub use backoff::{Backoff, BackoffConfig};
-pub use client::{ClientConfig, ClientError, ClientEvent, ClientSession, ClientTransmit};
+pub use client::{
+    ClientConfig, ClientError, ClientEvent, ClientSession, ClientTransmit, Reference,
+};
 pub use close::{Close, CloseCode};
 pub use cluster::{
     Envelope, Namespace, PortalChoice, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,

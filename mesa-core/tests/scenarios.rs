@@ -1003,3 +1003,104 @@ fn a_drop_during_redelivery_keeps_the_rest_for_next_time() {
         (4..10).map(|n| (Some(n - 3), json!(n))).collect::<Vec<_>>()
     );
 }
+
+// ----- rooms -----
+
+/// The room messages client `c` received, with their rooms.
+fn room_messages(sim: &Sim, c: usize) -> Vec<(String, Message)> {
+    sim.clients[c]
+        .log
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ClientEvent::RoomMessage { room, message } => Some((room.clone(), message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn subscribed(sim: &Sim, c: usize, room: &str) -> usize {
+    sim.clients[c].log.count(
+        |e| matches!(e, ClientEvent::Subscribed { room: r, reference: Some(_) } if r == room),
+    )
+}
+
+#[test]
+fn room_members_receive_with_the_room_and_an_old_client_sees_plain_dispatches() {
+    let config = ServerConfig::builder()
+        .rooms(true)
+        .authentication(AuthConfig::default())
+        .reconnect_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let mut sim = Sim::new(config, 21);
+    let old = ClientConfig {
+        rooms: false,
+        ..ClientConfig::default()
+    };
+    let clients = [
+        (sim.add_client(ClientConfig::default()), "alice"),
+        (sim.add_client(ClientConfig::default()), "bob"),
+        (sim.add_client(old), "carol"),
+    ];
+    let [(alice, _), (bob, _), (carol, _)] = clients;
+    for (c, token) in clients {
+        sim.authenticate(c, token, false);
+        sim.connect(c);
+    }
+    // Subscribed before the connection exists: sent once the server knows who asks.
+    for c in [alice, bob] {
+        sim.command(c, |s, now| s.subscribe(now, "lobby", None))
+            .unwrap();
+    }
+    sim.run_for(Duration::from_millis(100));
+    assert_eq!(
+        (
+            subscribed(&sim, alice, "lobby"),
+            subscribed(&sim, bob, "lobby")
+        ),
+        (1, 1)
+    );
+    sim.server_join_id("carol", "lobby");
+    let hi = Message::dispatch("CHAT", json!({"text": "hi"}));
+    sim.command(alice, |s, now| s.publish(now, "lobby", hi.clone()))
+        .unwrap();
+    sim.run_for(Duration::from_millis(100));
+    for c in [alice, bob] {
+        assert_eq!(room_messages(&sim, c), [("lobby".to_owned(), hi.clone())]);
+    }
+    assert_eq!(sim.clients[carol].log.messages(), [&hi]);
+    // Nothing new reached the client that did not opt in.
+    let carol_frames: Vec<String> = sim
+        .conn_logs
+        .values()
+        .filter(|log| log.client == carol)
+        .flat_map(|log| &log.transmits)
+        .filter_map(|t| match t {
+            Transmit::Text(frame) => Some(frame.as_str().to_owned()),
+            Transmit::Close(_) => None,
+        })
+        .collect();
+    assert!(
+        carol_frames
+            .iter()
+            .all(|f| !f.contains("mesa:") && !f.contains(r#""room""#)),
+        "{carol_frames:?}"
+    );
+
+    // A reconnection restores bob's subscription by itself.
+    sim.cut(bob);
+    let restored = sim.drive_bounded(10_000, Duration::from_secs(10), |sim| {
+        subscribed(sim, bob, "lobby") == 2
+    });
+    assert!(restored, "bob subscribed again after reconnecting");
+    let again = Message::dispatch("CHAT", json!({"text": "again"}));
+    sim.server_publish(&again, "lobby");
+    sim.run_for(Duration::from_millis(100));
+    assert_eq!(
+        room_messages(&sim, bob).last(),
+        Some(&("lobby".to_owned(), again))
+    );
+    assert_eq!(room_messages(&sim, alice).len(), 2);
+    assert_eq!(sim.clients[carol].log.messages().len(), 2);
+}

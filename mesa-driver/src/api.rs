@@ -271,8 +271,13 @@ macro_rules! runtime_api {
                 heartbeat_max_attempts(attempts: u32);
                 /// The version announced when the server enforces equal versions.
                 version(version: impl Into<String>);
-                /// Limits on frames from the server and on the offline send queue.
+                /// Limits on frames from the server, on the offline send queue and on
+                /// subscriptions.
                 limits(limits: $crate::mesa_core::Limits);
+                /// Opt in to rooms on servers that announce them (default true); off, no
+                /// frame of the client mentions rooms and room commands fail (see
+                /// [`ClientConfig::rooms`](crate::mesa_core::ClientConfig::rooms)).
+                rooms(on: bool);
                 /// Transport settings (connect/handshake timeout, buffers).
                 transport(transport: $crate::TransportConfig);
                 /// Connect as soon as the client is built (default true); otherwise call
@@ -367,7 +372,7 @@ macro_rules! root_exports {
         pub use $crate::mesa_core::{
             BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
             Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent,
-            PortalEventKind, RateLimitPolicy, Recipients, Redelivery, Rule, SyncConfig,
+            PortalEventKind, RateLimitPolicy, Recipients, Redelivery, Reference, Rule, SyncConfig,
             TooManyRecipients,
         };
         pub use $crate::{

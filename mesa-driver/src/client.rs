@@ -1,6 +1,8 @@
 //! The client: a task that drives the core's [`ClientSession`] over reconnections,
 //! a cloneable [`Client`] handle for commands, and a stream of [`ClientEvent`]s.
-//! `ws://` and `wss://` URLs (TLS from [`crate::tls`]) on every runtime.
+//! `ws://` and `wss://` URLs (TLS from [`crate::tls`]) on every runtime. Rooms
+//! (subscriptions kept across reconnections, room messages with their room) are the
+//! session's; the task only matches a subscribe's answer to its caller.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -16,9 +18,10 @@ use futures_channel::{mpsc, oneshot};
 use futures_rustls::TlsConnector;
 use futures_util::future::{Either, select};
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
+use mesa_core::rooms::RoomRefusal;
 use mesa_core::{
     BackoffConfig, ClientConfig, ClientEvent, ClientSession, ClientTransmit, Close, CloseCode,
-    ConfigError, Hello, Limits, Message,
+    ConfigError, Hello, Limits, Message, Reference,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
@@ -48,6 +51,9 @@ pub enum ClientError {
     /// The client's task has stopped.
     #[error("the client has stopped")]
     Stopped,
+    /// The server refused the room request (its authorization, or a limit).
+    #[error("the server refused: {0}")]
+    Refused(#[source] RoomRefusal),
 }
 
 /// Why a client could not be built.
@@ -120,9 +126,17 @@ impl<R: Runtime> ClientBuilder<R> {
         self
     }
 
-    /// Limits on frames from the server and on the offline send queue.
+    /// Limits on frames from the server, on the offline send queue and on
+    /// subscriptions.
     pub fn limits(mut self, limits: Limits) -> Self {
         self.config.limits = limits;
+        self
+    }
+
+    /// Opt in to rooms on servers that announce them (default true); off, no frame of
+    /// the client mentions rooms and room commands fail (see [`ClientConfig::rooms`]).
+    pub fn rooms(mut self, on: bool) -> Self {
+        self.config.rooms = on;
         self
     }
 
@@ -196,6 +210,7 @@ impl<R: Runtime> ClientBuilder<R> {
             events: event_tx,
             hello_waiters: Vec::new(),
             auth_waiters: Vec::new(),
+            subscribe_waiters: Vec::new(),
             disconnect_reply: None,
             io: None,
             opening: None,
@@ -220,7 +235,8 @@ pub struct Client {
     commands: mpsc::Sender<Command>,
 }
 
-/// The client's events: connected, authenticated, messages, disconnected.
+/// The client's events: connected, authenticated, messages, rooms (answers and room
+/// messages with their room), disconnected.
 #[derive(Debug)]
 pub struct ClientEvents {
     events: mpsc::Receiver<ClientEvent>,
@@ -250,6 +266,13 @@ enum Command {
     Send(Message, oneshot::Sender<Result<(), ClientError>>),
     Disconnect(Close, oneshot::Sender<Result<(), ClientError>>),
     Hello(oneshot::Sender<Hello>),
+    Subscribe(
+        String,
+        Option<String>,
+        oneshot::Sender<Result<(), ClientError>>,
+    ),
+    Unsubscribe(String, oneshot::Sender<Result<(), ClientError>>),
+    Publish(String, Message, oneshot::Sender<Result<(), ClientError>>),
 }
 
 impl Client {
@@ -275,6 +298,53 @@ impl Client {
     /// an error, never a silent drop).
     pub async fn send(&self, message: Message) -> Result<(), ClientError> {
         self.call(|tx| Command::Send(message, tx)).await?
+    }
+
+    /// Subscribe to `room` and wait for the server's answer: `Ok` once the
+    /// connection is in it (or once the room was left again before the answer came),
+    /// [`ClientError::Refused`] with the server's code and reason,
+    /// `Session(NoRooms)` when the server has no rooms. While no connection carries
+    /// rooms the request waits for one. The client keeps the subscription and makes
+    /// it again after every reconnection; room messages arrive as
+    /// [`ClientEvent::RoomMessage`], and the answers to those later subscribes as
+    /// events too.
+    pub async fn subscribe(&self, room: impl Into<String>) -> Result<(), ClientError> {
+        self.subscribe_with(room.into(), None).await
+    }
+
+    /// [`subscribe`](Self::subscribe) with a token for the server's authorization
+    /// (kept, and sent again with every later subscribe of the room).
+    pub async fn subscribe_with_token(
+        &self,
+        room: impl Into<String>,
+        token: impl Into<String>,
+    ) -> Result<(), ClientError> {
+        self.subscribe_with(room.into(), Some(token.into())).await
+    }
+
+    /// Leave `room`: the client stops holding the subscription at once, and the
+    /// server's answer arrives as a [`ClientEvent::Unsubscribed`] (or a
+    /// [`ClientEvent::RoomRefused`] for a room the connection was not in).
+    pub async fn unsubscribe(&self, room: impl Into<String>) -> Result<(), ClientError> {
+        let room = room.into();
+        self.call(|tx| Command::Unsubscribe(room, tx)).await?
+    }
+
+    /// Publish `message` (a dispatch: its `t` and `d`) to the members of `room`: now
+    /// if the connection carries rooms, else queued like [`send`](Self::send). Nothing
+    /// answers a publish that went through; a refusal arrives as a
+    /// [`ClientEvent::RoomRefused`].
+    pub async fn publish(
+        &self,
+        room: impl Into<String>,
+        message: Message,
+    ) -> Result<(), ClientError> {
+        let room = room.into();
+        self.call(|tx| Command::Publish(room, message, tx)).await?
+    }
+
+    async fn subscribe_with(&self, room: String, token: Option<String>) -> Result<(), ClientError> {
+        self.call(|tx| Command::Subscribe(room, token, tx)).await?
     }
 
     /// Disconnect deliberately: no reconnection follows. Returns once the close
@@ -364,6 +434,9 @@ enum Wake<S> {
     Timer,
 }
 
+/// A caller of [`Client::subscribe`]: the request's reference and room, and its reply.
+type SubscribeWaiter = (Reference, String, oneshot::Sender<Result<(), ClientError>>);
+
 /// A transport being opened: the WebSocket, or why it could not be.
 type Opening<S> = BoxFuture<'static, Result<WebSocketStream<S>, String>>;
 
@@ -382,6 +455,8 @@ struct Task<R: Runtime> {
     hello_waiters: Vec<oneshot::Sender<Hello>>,
     /// Callers of [`Client::authenticate`] waiting for the outcome.
     auth_waiters: Vec<oneshot::Sender<Result<Value, ClientError>>>,
+    /// Callers of [`Client::subscribe`] waiting for the answer to their request.
+    subscribe_waiters: Vec<SubscribeWaiter>,
     /// Answered when the close handshake of a deliberate disconnect ends.
     disconnect_reply: Option<oneshot::Sender<Result<(), ClientError>>>,
     io: Option<Io<MaybeTls<R::TcpStream>>>,
@@ -434,6 +509,7 @@ impl<R: Runtime> Task<R> {
         }
         while let Some(event) = self.session.poll_event() {
             self.answer_auth(&event);
+            self.answer_subscribes(&event);
             self.outgoing.push_back(event);
         }
         if let Some(reply) = self.disconnect_reply.take() {
@@ -460,6 +536,48 @@ impl<R: Runtime> Task<R> {
         };
         for waiter in self.auth_waiters.drain(..) {
             let _ = waiter.send(outcome.clone());
+        }
+    }
+
+    /// Answer the callers waiting for a subscribe that `event` decides.
+    fn answer_subscribes(&mut self, event: &ClientEvent) {
+        if self.subscribe_waiters.is_empty() {
+            return;
+        }
+        let outcome = |reference: Reference, room: &str| match event {
+            ClientEvent::Subscribed {
+                reference: Some(answered),
+                ..
+            } if *answered == reference => Some(Ok(())),
+            // The application left the room before the answer came.
+            ClientEvent::Unsubscribed {
+                room: left,
+                reference: Some(_),
+            } if left == room => Some(Ok(())),
+            ClientEvent::RoomRefused {
+                reference: Some(refused),
+                refusal,
+                ..
+            } if *refused == reference => Some(Err(ClientError::Refused(refusal.clone()))),
+            ClientEvent::RoomsUnavailable { dropped }
+                if dropped.iter().any(|(r, _)| *r == reference) =>
+            {
+                Some(Err(mesa_core::ClientError::NoRooms.into()))
+            }
+            ClientEvent::Disconnected {
+                close,
+                reconnect_at: None,
+            } => Some(Err(ClientError::Disconnected(close.clone()))),
+            _ => None,
+        };
+        let waiters = std::mem::take(&mut self.subscribe_waiters);
+        for (reference, room, reply) in waiters {
+            match outcome(reference, &room) {
+                Some(result) => {
+                    let _ = reply.send(result);
+                }
+                None => self.subscribe_waiters.push((reference, room, reply)),
+            }
         }
     }
 
@@ -587,6 +705,22 @@ impl<R: Runtime> Task<R> {
             }
             Command::Send(message, reply) => {
                 let _ = reply.send(self.session.send(now, message).map_err(ClientError::from));
+            }
+            Command::Subscribe(room, token, reply) => {
+                match self.session.subscribe(now, &room, token.as_deref()) {
+                    Ok(reference) => self.subscribe_waiters.push((reference, room, reply)),
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
+            }
+            Command::Unsubscribe(room, reply) => {
+                let result = self.session.unsubscribe(now, &room);
+                let _ = reply.send(result.map(drop).map_err(ClientError::from));
+            }
+            Command::Publish(room, message, reply) => {
+                let result = self.session.publish(now, &room, message);
+                let _ = reply.send(result.map(drop).map_err(ClientError::from));
             }
             Command::Disconnect(close, reply) => match self.session.disconnect(now, close) {
                 Ok(()) => self.disconnect_reply = Some(reply),

@@ -62,6 +62,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                 },
                 Some(ClientEvent::InvalidFrame(error)) => eprintln!("skipped a frame: {error}"),
+                // Rooms: this client subscribes to none, but a server may join it to some.
+                Some(room_event) => println!("{room_event:?}"),
                 None => break,
             },
             _ = tokio::signal::ctrl_c() => {

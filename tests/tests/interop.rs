@@ -771,6 +771,48 @@ async fn our_client_kicked_by_their_server_comes_back() {
     assert_eq!(connections, 2, "one connection, then one reconnection");
 }
 
+/// Their server has no rooms: our client's room commands fail with `NoRooms` (a
+/// subscribe made before the hello, once the hello says so), and everything else
+/// works as before.
+#[tokio::test]
+async fn our_client_s_rooms_fail_clearly_on_their_server() {
+    let (_theirs, port) = NodePeer::server("their server", 0, &their_options()).await;
+    let (alice, mut events) = mesa_tokio::client(format!("ws://127.0.0.1:{port}"))
+        .build()
+        .unwrap();
+    let no_rooms = Err(mesa_tokio::ClientError::Session(
+        mesa_core::ClientError::NoRooms,
+    ));
+    let (subscribed, user) = bounded("a subscribe and an authentication", async {
+        tokio::join!(
+            alice.subscribe("lobby"),
+            alice.authenticate(json!({"token": "alice"}), true)
+        )
+    })
+    .await;
+    assert_eq!(subscribed, no_rooms);
+    assert_eq!(user.unwrap(), json!({"id": "alice"}));
+    let unavailable = next_event(
+        &mut events,
+        "RoomsUnavailable",
+        |e| matches!(e, ClientEvent::RoomsUnavailable { .. }),
+        WAIT,
+    )
+    .await;
+    assert!(
+        matches!(&unavailable, ClientEvent::RoomsUnavailable { dropped } if dropped.len() == 1 && dropped[0].1 == "lobby"),
+        "{unavailable:?}"
+    );
+    assert_eq!(alice.subscribe("lobby").await, no_rooms);
+    let chat = Message::dispatch("CHAT", json!({}));
+    assert_eq!(alice.publish("lobby", chat).await, no_rooms);
+    alice
+        .send(Message::dispatch("ECHO", json!({"n": 1})))
+        .await
+        .unwrap();
+    assert_eq!(next_message(&mut events, "ECHO").await.d, json!({"n": 1}));
+}
+
 /// An upstream client may call `authenticate()` twice in a row (say, once at start-up
 /// and once in its `connected` handler). Upstream's server checks both and stays
 /// connected; ours must too, also when its authenticator takes a moment.

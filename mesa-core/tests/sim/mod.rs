@@ -110,6 +110,17 @@ impl Sim {
         result
     }
 
+    /// Run a command on client `c`'s session now, then carry out what it decided.
+    pub fn command<T>(
+        &mut self,
+        c: usize,
+        command: impl FnOnce(&mut ClientSession, Instant) -> T,
+    ) -> T {
+        let result = command(&mut self.clients[c].session, self.now);
+        self.flush_client(c);
+        result
+    }
+
     pub fn disconnect(&mut self, c: usize, close: Close) {
         self.clients[c]
             .session
