@@ -56,6 +56,7 @@ export declare class MesaRoomError extends Error {
   /**
    * The server's code (`bad_request`, `invalid_room`, `unauthorized`, `too_many_rooms`,
    * `not_subscribed`) or the client's own (`unsupported`: the server has no rooms;
+   * `unauthorized`: the server authenticates and `authenticate` was not called;
    * `unsubscribed`: unsubscribe() came first; `disconnected`: no answer before the
    * connection closed).
    */

@@ -11,8 +11,9 @@
 //    nothing for interval x (maxAttempts + 1) is dead: drop the socket, reconnect.
 // 3. Authenticate with op 2 ({...credentials, shouldSync}); op 22 answers once.
 //    When the hello has the rule `rooms`, op 2 also opts in to rooms
-//    (`mesa: {caps: ['rooms']}`); without credentials, op 2 carries the opt-in alone
-//    once the application subscribes. After every automatic reconnection,
+//    (`mesa: {caps: ['rooms']}`); without credentials, on a server that does not
+//    authenticate (no c_authentication_timeout in the hello), op 2 carries the
+//    opt-in alone once the application subscribes. After every automatic reconnection,
 //    authenticate again with the same data. With shouldSync, messages stored while
 //    offline arrive next, numbered s = 1, 2...
 // 4. Once ready (open, and authenticated when credentials were given), subscribe
@@ -204,6 +205,11 @@ export class MesaClient {
     return this.options.rooms && rules.includes('rooms')
   }
 
+  // Whether the server authenticates (its hello announces an authentication timeout).
+  authenticates () {
+    return this.hello !== null && this.hello.c_authentication_timeout !== undefined
+  }
+
   open (automatic) {
     this.state = 'connecting'
     this.reconnectAt = null
@@ -292,9 +298,11 @@ export class MesaClient {
     this.transmit({ op: Opcode.AUTHENTICATE, d })
   }
 
-  // op 2 with the opt-in alone, for a connection without credentials.
+  // op 2 with the opt-in alone, for a connection without credentials on a server
+  // that does not authenticate: on one that does, op 2 is an authentication
+  // attempt, and rooms wait for `authenticate`.
   optIn () {
-    if (this.extended || !this.offersRooms()) return
+    if (this.extended || !this.offersRooms() || this.authenticates()) return
     this.transmit({ op: Opcode.AUTHENTICATE, d: { mesa: { caps: ['rooms'] } } })
     this.extended = true
   }
@@ -314,7 +322,10 @@ export class MesaClient {
     if (this.credentials === null) this.optIn()
     if (!this.extended) {
       this.subscriptions.delete(room)
-      return this.settle(entry, new MesaRoomError(room, 'unsupported', 'the server offers no rooms'))
+      const error = this.offersRooms()
+        ? new MesaRoomError(room, 'unauthorized', 'authenticate first: the server authenticates')
+        : new MesaRoomError(room, 'unsupported', 'the server offers no rooms')
+      return this.settle(entry, error)
     }
     entry.ref = this.nextRef++
     const d = { room, ref: entry.ref }

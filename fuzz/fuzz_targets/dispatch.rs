@@ -88,7 +88,10 @@ fuzz_target!(|input: Input| {
     };
     let Ok(mut dispatch) = Dispatch::new(&config, message, None, &recipients, now) else {
         let distinct: BTreeSet<&String> = list.iter().collect();
-        assert!(distinct.len() > config.max_recipients, "refused within the limit");
+        assert!(
+            distinct.len() > config.max_recipients,
+            "refused within the limit"
+        );
         return;
     };
     let mut tokens = BTreeSet::new();
@@ -99,7 +102,10 @@ fuzz_target!(|input: Input| {
         while let Some((token, command)) = dispatch.poll_command() {
             assert!(tokens.insert(token), "token {token:?} reused");
             if matches!(command, Command::StoreMany { .. }) {
-                assert!(input.sync && !input.internal, "stored without sync: {command:?}");
+                assert!(
+                    input.sync && !input.internal,
+                    "stored without sync: {command:?}"
+                );
             }
             outstanding.push((token, command));
         }
@@ -130,7 +136,8 @@ fuzz_target!(|input: Input| {
         if how == How::Stale {
             dispatch.handle_reply(now, Token(u64::MAX), reply.clone());
         }
-        failed |= matches!(how, How::Error) || (how == How::Wrong && !matches!(command, Command::Publish { .. }));
+        failed |= matches!(how, How::Error)
+            || (how == How::Wrong && !matches!(command, Command::Publish { .. }));
         dispatch.handle_reply(now, token, reply);
     }
     match dispatch.finish() {

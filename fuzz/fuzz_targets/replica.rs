@@ -43,21 +43,60 @@ const MAX_PENDING: usize = 16;
 #[derive(Arbitrary, Debug)]
 enum Op {
     Open,
-    Authenticate { conn: u8, id: u8 },
-    Message { conn: u8 },
-    Load { conn: u8 },
-    Clear { conn: u8 },
-    Redelivered { conn: u8, delivered: u8, dropped: u8 },
-    Close { conn: u8 },
-    Send { ids: Vec<u8>, global: bool, internal: bool, no_sync: bool },
-    Envelope { ours: bool, ids: Vec<u8>, disconnect: bool },
-    Portal { id: u8, ready: bool },
-    Garbage { portal_channel: bool, text: String },
-    Answer { which: u8, how: How },
-    AnswerStale { token: u64 },
-    LinkUp { restarted: bool },
+    Authenticate {
+        conn: u8,
+        id: u8,
+    },
+    Message {
+        conn: u8,
+    },
+    Load {
+        conn: u8,
+    },
+    Clear {
+        conn: u8,
+    },
+    Redelivered {
+        conn: u8,
+        delivered: u8,
+        dropped: u8,
+    },
+    Close {
+        conn: u8,
+    },
+    Send {
+        ids: Vec<u8>,
+        global: bool,
+        internal: bool,
+        no_sync: bool,
+    },
+    Envelope {
+        ours: bool,
+        ids: Vec<u8>,
+        disconnect: bool,
+    },
+    Portal {
+        id: u8,
+        ready: bool,
+    },
+    Garbage {
+        portal_channel: bool,
+        text: String,
+    },
+    Answer {
+        which: u8,
+        how: How,
+    },
+    AnswerStale {
+        token: u64,
+    },
+    LinkUp {
+        restarted: bool,
+    },
     LinkDown,
-    Advance { ms: u16 },
+    Advance {
+        ms: u16,
+    },
     Retire,
 }
 
@@ -114,7 +153,10 @@ impl Harness {
             assert_eq!(sorted.len(), delivery.targets.len(), "targets unique");
             assert!(delivery.targets.windows(2).all(|w| w[0] < w[1]), "sorted");
             for target in &delivery.targets {
-                assert!(self.conns.contains_key(target), "delivery to a closed {target:?}");
+                assert!(
+                    self.conns.contains_key(target),
+                    "delivery to a closed {target:?}"
+                );
             }
         }
         while let Some((token, command)) = self.replica.poll_command() {
@@ -244,7 +286,14 @@ fuzz_target!(|ops: Vec<Op>| {
                     let id = IDS[usize::from(id) % IDS.len()].to_owned();
                     *held = Some(id.clone());
                     let user = json!({});
-                    h.session_event(conn, SessionEvent::Authenticated { id, user, initial: true });
+                    h.session_event(
+                        conn,
+                        SessionEvent::Authenticated {
+                            id,
+                            user,
+                            initial: true,
+                        },
+                    );
                 }
             }
             Op::Message { conn } => {
@@ -272,15 +321,26 @@ fuzz_target!(|ops: Vec<Op>| {
             } => {
                 let conn = h.conn(conn);
                 if let Some(Some(id)) = h.conns.get(&conn).cloned() {
-                    let (delivered, dropped) = (usize::from(delivered % 5), usize::from(dropped % 3));
-                    let event = SessionEvent::Redelivered { id, delivered, dropped };
+                    let (delivered, dropped) =
+                        (usize::from(delivered % 5), usize::from(dropped % 3));
+                    let event = SessionEvent::Redelivered {
+                        id,
+                        delivered,
+                        dropped,
+                    };
                     h.session_event(conn, event);
                 }
             }
             Op::Close { conn } => {
                 let conn = h.conn(conn);
                 let close = Close::new(CloseCode::NORMAL, "");
-                h.session_event(conn, SessionEvent::Closed { close, by_peer: true });
+                h.session_event(
+                    conn,
+                    SessionEvent::Closed {
+                        close,
+                        by_peer: true,
+                    },
+                );
                 h.conns.remove(&conn);
             }
             Op::Send {
@@ -292,27 +352,47 @@ fuzz_target!(|ops: Vec<Op>| {
                 let recipients = if global {
                     Recipients::All
                 } else {
-                    Recipients::Ids(ids.iter().map(|i| IDS[usize::from(*i) % IDS.len()].to_owned()).collect())
+                    Recipients::Ids(
+                        ids.iter()
+                            .map(|i| IDS[usize::from(*i) % IDS.len()].to_owned())
+                            .collect(),
+                    )
                 };
                 let message = if internal {
-                    Message { t: Some("DISCONNECT_CLIENT".into()), ..Message::new(Opcode::Internal, json!({})) }
+                    Message {
+                        t: Some("DISCONNECT_CLIENT".into()),
+                        ..Message::new(Opcode::Internal, json!({}))
+                    }
                 } else {
                     Message::dispatch("M", json!({"n": h.tokens.len()}))
                 };
                 let options = no_sync.then(MessageOptions::no_sync);
-                let report = h.replica.handle_send(now, &message, options.as_ref(), &recipients);
+                let report = h
+                    .replica
+                    .handle_send(now, &message, options.as_ref(), &recipients);
                 assert!(report.is_ok(), "a short list is never refused");
             }
-            Op::Envelope { ours, ids, disconnect } => {
+            Op::Envelope {
+                ours,
+                ids,
+                disconnect,
+            } => {
                 let message = if disconnect {
-                    Message { t: Some("DISCONNECT_CLIENT".into()), ..Message::new(Opcode::Internal, json!({})) }
+                    Message {
+                        t: Some("DISCONNECT_CLIENT".into()),
+                        ..Message::new(Opcode::Internal, json!({}))
+                    }
                 } else {
                     Message::dispatch("E", json!({}))
                 };
                 let envelope = Envelope {
                     message,
                     options: None,
-                    recipients: Recipients::from_ids(ids.iter().map(|i| IDS[usize::from(*i) % IDS.len()].to_owned()).collect()),
+                    recipients: Recipients::from_ids(
+                        ids.iter()
+                            .map(|i| IDS[usize::from(*i) % IDS.len()].to_owned())
+                            .collect(),
+                    ),
                     origin: ours.then(|| "me".to_owned()),
                 };
                 h.replica.handle_pubsub(now, "ws", &envelope.encode());
@@ -323,10 +403,18 @@ fuzz_target!(|ops: Vec<Op>| {
                     h.portals.insert(id.clone());
                 }
                 let update = PortalUpdate { id, ready };
-                h.replica.handle_pubsub(now, "available_portals_pool", &update.encode());
+                h.replica
+                    .handle_pubsub(now, "available_portals_pool", &update.encode());
             }
-            Op::Garbage { portal_channel, text } => {
-                let channel = if portal_channel { "available_portals_pool" } else { "ws" };
+            Op::Garbage {
+                portal_channel,
+                text,
+            } => {
+                let channel = if portal_channel {
+                    "available_portals_pool"
+                } else {
+                    "ws"
+                };
                 h.replica.handle_pubsub(now, channel, &text);
             }
             Op::Answer { which, how } => h.answer(which, how),
@@ -334,8 +422,13 @@ fuzz_target!(|ops: Vec<Op>| {
                 let token = Token(token);
                 if !h.outstanding.iter().any(|(t, _)| *t == token) {
                     let before = h.replica.pending();
-                    h.replica.handle_reply(now, token, Ok(vec![RedisValue::Nil]));
-                    assert_eq!(h.replica.pending(), before, "a stale answer changed the work");
+                    h.replica
+                        .handle_reply(now, token, Ok(vec![RedisValue::Nil]));
+                    assert_eq!(
+                        h.replica.pending(),
+                        before,
+                        "a stale answer changed the work"
+                    );
                 }
             }
             Op::LinkUp { restarted } => {
@@ -357,8 +450,14 @@ fuzz_target!(|ops: Vec<Op>| {
                     h.replica.handle_timeout(now);
                     h.drain();
                     h.replica.handle_timeout(now);
-                    assert!(h.replica.poll_command().is_none(), "a second timeout did more");
-                    assert!(h.replica.poll_timeout().is_none_or(|at| at > now), "due after firing");
+                    assert!(
+                        h.replica.poll_command().is_none(),
+                        "a second timeout did more"
+                    );
+                    assert!(
+                        h.replica.poll_timeout().is_none_or(|at| at > now),
+                        "due after firing"
+                    );
                 }
             }
             Op::Retire => h.replica.handle_retire(now),

@@ -39,8 +39,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mesa_core::{
     AuthConfig, Close, CloseCode, DecodeError, HeartbeatConfig, Limits, Message, Opcode,
-    RateLimitPolicy, ServerConfig, ServerSession, SessionError, SessionEvent, SyncConfig,
-    Transmit,
+    RateLimitPolicy, ServerConfig, ServerSession, SessionError, SessionEvent, SyncConfig, Transmit,
 };
 use serde_json::{Value, json};
 
@@ -206,6 +205,8 @@ impl Harness {
             } else {
                 RateLimitPolicy::Close
             },
+            max_rooms_per_connection: 2,
+            max_room_name_bytes: 8,
         };
         let sync = SyncConfig {
             redelivery_interval: Duration::from_millis(u64::from(setup.redelivery_ms % 4)),
@@ -396,6 +397,11 @@ impl Harness {
                     let fatal = misses > self.heartbeat.max_attempts
                         && matches!(&closed_now, Some(c) if c.code == CloseCode::GOING_AWAY);
                     assert!(reported || fatal, "miss {misses} without its beat or close");
+                }
+                // Rooms are off here (the `rooms` target fuzzes their decoding, and
+                // the rooms tests their negotiation): `mesa:` dispatches are messages.
+                SessionEvent::Extended | SessionEvent::Room(_) => {
+                    panic!("a room event with rooms off: {event:?}")
                 }
                 SessionEvent::Closed { close, by_peer } => {
                     match &closed_now {
