@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mesa_tokio::mesa_core::rooms::{self, check_room};
+use mesa_tokio::rooms::{self, check_room};
 use mesa_tokio::{Client, ClientError, ClientEvent, Close, CloseCode, Limits, Message};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
@@ -338,7 +338,7 @@ async fn subscribe_all(client: Client, rooms: Vec<String>, format: LogFormat) {
         async move {
             match client.subscribe(room.clone()).await {
                 Err(ClientError::Session(error))
-                    if error != mesa_tokio::mesa_core::ClientError::NoRooms =>
+                    if error != mesa_tokio::ClientSessionError::NoRooms =>
                 {
                     Reporter { format }.event(
                         "subscribe_failed",

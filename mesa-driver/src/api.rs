@@ -368,6 +368,8 @@ macro_rules! runtime_api {
 #[macro_export]
 macro_rules! root_exports {
     () => {
+        /// Why the client's session refused a command (inside [`ClientError::Session`]).
+        pub use $crate::mesa_core::ClientError as ClientSessionError;
         pub use $crate::mesa_core::rooms::{RefusalCode, RoomRefusal};
         pub use $crate::mesa_core::{
             BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
@@ -383,6 +385,11 @@ macro_rules! root_exports {
             RoomPolicy, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError,
             TransportConfig,
         };
+        /// Rooms on the wire (`docs/protocol.md`): room names and their check, requests,
+        /// notices and room messages.
+        pub mod rooms {
+            pub use $crate::mesa_core::rooms::*;
+        }
         /// TLS: certificates from PEM, rustls configurations, and the rustls crates
         /// themselves.
         pub mod tls {
