@@ -66,6 +66,16 @@ impl Namespace {
         self.key("mesa_replicas")
     }
 
+    /// The connections of each id in `room`, over the cluster (ours).
+    pub fn room_members(&self, room: &str) -> String {
+        self.key(&format!("mesa_room_members:{room}"))
+    }
+
+    /// The room memberships of `replica`, for its presence in rooms (ours).
+    pub fn replica_rooms(&self, replica: &str) -> String {
+        self.key(&format!("mesa_replica_rooms:{replica}"))
+    }
+
     /// The pub/sub channel of a room (ours; Node replicas never subscribe to it).
     pub fn room_channel(&self, room: &str) -> String {
         self.key(&format!("{ROOM_CHANNEL_PREFIX}{room}"))

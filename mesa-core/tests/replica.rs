@@ -52,6 +52,8 @@ fn kind(command: &Command) -> &'static str {
         Command::Ping => "Ping",
         Command::Subscribe { .. } => "Subscribe",
         Command::Unsubscribe { .. } => "Unsubscribe",
+        Command::Rooms { .. } => "Rooms",
+        Command::RoomMembers { .. } => "RoomMembers",
         Command::LoadPortals => "LoadPortals",
         Command::Publish { .. } => "Publish",
         Command::CheckPresence { .. } => "CheckPresence",

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use mesa_core::rooms::{RefusalCode, RoomEnvelope, RoomNotice, RoomRequest, room_frame};
 use mesa_core::{
-    Action, AuthConfig, Command, ConnId, Message, RedisValue, Replica, ReplicaConfig, ServerConfig,
-    ServerSession, SessionEvent, Transmit,
+    Action, AuthConfig, Command, ConnId, Message, RedisValue, Replica, ReplicaConfig, ReplicaEvent,
+    ServerConfig, ServerSession, SessionEvent, Transmit,
 };
 use serde_json::{Value, json};
 
@@ -300,4 +300,92 @@ fn room_messages_reach_members_here_at_once_and_elsewhere_through_the_channel() 
         .collect();
     assert_eq!(targets, [new, old]);
     assert!(!targets.contains(&outside));
+}
+
+/// A change of room presence: room, id, connections.
+type Entry = (String, String, i64);
+
+#[test]
+fn a_replica_counts_its_members_in_room_presence_by_id() {
+    let mut replica = linked();
+    let alice = member(&mut replica, false);
+    replica.handle_session_event(t0(), alice, &authenticated("alice"));
+    answer(&mut replica);
+    // An unauthenticated member has no id to count.
+    let anon = member(&mut replica, false);
+    replica.handle_join(t0(), anon, "lobby").unwrap();
+    replica.handle_join(t0(), alice, "lobby").unwrap();
+    let rooms = |commands: &[Command]| -> Vec<(bool, Vec<Entry>)> {
+        commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Rooms { clear, entries } => Some((*clear, entries.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let entry = |by: i64| ("lobby".to_owned(), "alice".to_owned(), by);
+    assert_eq!(rooms(&answer(&mut replica)), [(false, vec![entry(1)])]);
+    // Authenticating later counts the rooms it is in.
+    replica.handle_session_event(t0(), anon, &authenticated("bob"));
+    let bob = ("lobby".to_owned(), "bob".to_owned(), 1);
+    assert_eq!(rooms(&answer(&mut replica)), [(false, vec![bob])]);
+    replica.handle_leave(t0(), alice, "lobby");
+    assert_eq!(rooms(&answer(&mut replica)), [(false, vec![entry(-1)])]);
+    replica.handle_join(t0(), alice, "lobby").unwrap();
+    answer(&mut replica);
+    // A new link clears what Redis held and registers every membership here.
+    replica.handle_link_down(t0(), "gone");
+    replica.handle_timeout(t0() + std::time::Duration::from_secs(10));
+    drain_replica(&mut replica);
+    replica.handle_link_up(t0(), "run2");
+    let anew = rooms(&answer(&mut replica));
+    let bob = ("lobby".to_owned(), "bob".to_owned(), 1);
+    assert_eq!(anew, [(true, vec![entry(1), bob])]);
+    // Closing leaves.
+    replica.handle_connection_closed(t0(), alice);
+    assert_eq!(rooms(&answer(&mut replica)), [(false, vec![entry(-1)])]);
+}
+
+#[test]
+fn who_is_in_a_room_is_asked_of_redis_and_answered_by_query() {
+    let mut replica = linked();
+    replica.handle_room_members(t0(), 7, "lobby");
+    let (token, command) = replica.poll_command().unwrap();
+    assert_eq!(
+        command,
+        Command::RoomMembers {
+            room: "lobby".into()
+        }
+    );
+    let text = |s: &str| RedisValue::Text(s.into());
+    let reply = RedisValue::Array(vec![text("bob"), text("2"), text("alice"), text("1")]);
+    replica.handle_reply(t0(), token, Ok(vec![reply]));
+    let events: Vec<ReplicaEvent> = std::iter::from_fn(|| replica.poll_event()).collect();
+    let members = vec![("alice".to_owned(), 1), ("bob".to_owned(), 2)];
+    assert!(events.contains(&ReplicaEvent::RoomMembers {
+        query: 7,
+        room: "lobby".into(),
+        members: Ok(members),
+    }));
+    // Without a link: an answer at once, saying so.
+    replica.handle_link_down(t0(), "gone");
+    replica.handle_room_members(t0(), 8, "lobby");
+    let events: Vec<ReplicaEvent> = std::iter::from_fn(|| replica.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        ReplicaEvent::RoomMembers {
+            query: 8,
+            members: Err(_),
+            ..
+        }
+    )));
+}
+
+fn authenticated(id: &str) -> SessionEvent {
+    SessionEvent::Authenticated {
+        id: id.into(),
+        user: json!({}),
+        initial: true,
+    }
 }

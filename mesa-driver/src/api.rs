@@ -381,9 +381,9 @@ macro_rules! root_exports {
             Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, Client,
             ClientError, ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError,
             DispatchReport, Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal,
-            PortalError, RedisFailure, Refusal, Relay, RoomAccess, RoomAccessKind, RoomAuthorizer,
-            RoomPolicy, Runtime, SendError, SendReport, ServerHandle, ServerTls, TlsError,
-            TransportConfig,
+            PortalError, PresenceError, RedisFailure, Refusal, Relay, RoomAccess, RoomAccessKind,
+            RoomAuthorizer, RoomMember, RoomPolicy, Runtime, SendError, SendReport, ServerHandle,
+            ServerTls, TlsError, TransportConfig,
         };
         /// Rooms on the wire (`docs/protocol.md`): room names and their check, requests,
         /// notices and room messages.

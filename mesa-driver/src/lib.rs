@@ -45,7 +45,7 @@ mod transport;
 pub use client::{BuildError, Client, ClientBuilder, ClientError, ClientEvents};
 pub use cluster::ClusterConfig;
 pub use dispatcher::{DispatchError, Dispatcher, DispatcherBuilder};
-pub use handle::{Admission, Connection, SendError, ServerHandle};
+pub use handle::{Admission, Connection, PresenceError, RoomMember, SendError, ServerHandle};
 pub use hooks::{
     AuthError, Authenticator, BoxError, BoxFuture, DevAuthenticator, Handler, Ignore, Middleware,
     Relay, RoomAccess, RoomAccessKind, RoomAuthorizer, RoomPolicy,

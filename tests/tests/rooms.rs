@@ -379,3 +379,100 @@ async fn the_published_clients_never_see_anything_new_over_ten_thousand_messages
         });
     }
 }
+
+/// Who is in a room, asked of one replica: the members of every replica, by id with
+/// their connections; a member that leaves goes; a replica that crashes takes its
+/// members with it within its lease.
+#[tokio::test]
+async fn who_is_in_a_room_counts_every_replica_and_forgets_a_crashed_one() {
+    let redis = RedisServer::start();
+    let cluster = || {
+        let mut cluster = ClusterConfig::new(redis.url());
+        cluster.lease = std::time::Duration::from_millis(900);
+        cluster
+    };
+    let a = builder(RoomPolicy::Authenticated)
+        .cluster(cluster())
+        .build()
+        .unwrap();
+    let handle = a.handle();
+    let addr_a = start(a).await;
+    // Replica b runs on a runtime of its own, so that dropping it is a crash.
+    let b_cluster = cluster();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (crash_tx, crash_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let b = builder(RoomPolicy::Authenticated)
+                .cluster(b_cluster)
+                .build()
+                .unwrap();
+            let listening = b.bind(any_port()).await.unwrap();
+            addr_tx.send(listening.local_addr()).unwrap();
+            tokio::spawn(listening.run());
+            tokio::task::spawn_blocking(move || crash_rx.recv())
+                .await
+                .unwrap()
+                .ok();
+        });
+        runtime.shutdown_background();
+    });
+    let addr_b = addr_rx.recv().unwrap();
+
+    let (mut alice, _) = client(addr_a, "alice", true).await;
+    assert_eq!(
+        subscribe(&mut alice, "lobby", 1).await["t"],
+        "mesa:subscribed"
+    );
+    let mut tabs = Vec::new();
+    for tab in 0..2 {
+        let (mut bob, _) = client(addr_b, "bob", true).await;
+        assert_eq!(
+            subscribe(&mut bob, "lobby", tab).await["t"],
+            "mesa:subscribed"
+        );
+        tabs.push(bob);
+    }
+    let members = |expected: Vec<(&'static str, u64)>| {
+        let handle = handle.clone();
+        async move {
+            // Until the link is up, Redis cannot tell.
+            let Ok(members) = handle.room_members("lobby").await else {
+                return false;
+            };
+            let got: Vec<(&str, u64)> = members
+                .iter()
+                .map(|m| (m.id.as_str(), m.connections))
+                .collect();
+            got == expected
+        }
+    };
+    eventually("alice and bob's two tabs", WAIT, || {
+        members(vec![("alice", 1), ("bob", 2)])
+    })
+    .await;
+
+    let d = json!({"room": "lobby", "ref": 9});
+    send(
+        &mut alice,
+        json!({"op": 0, "t": "mesa:unsubscribe", "d": d}),
+    )
+    .await;
+    eventually("alice left", WAIT, || members(vec![("bob", 2)])).await;
+
+    crash_tx.send(()).unwrap();
+    thread.join().unwrap();
+    eventually("the crashed replica's members gone", WAIT, || {
+        members(Vec::new())
+    })
+    .await;
+    assert!(matches!(
+        handle.room_members("not a room").await,
+        Err(mesa_tokio::PresenceError::InvalidRoom(_))
+    ));
+}

@@ -115,6 +115,20 @@ pub enum Command {
         /// The ids with a connection here (none when presence is off).
         ids: Vec<String>,
     },
+    /// [`Script::Rooms`]: this replica's presence in rooms. With `clear`, every
+    /// membership it registered is taken out first (a new link); then `entries`
+    /// (room, id, connections: negative to leave) are added.
+    Rooms {
+        /// Take out every membership registered before.
+        clear: bool,
+        /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND).
+        entries: Vec<(String, String, i64)>,
+    },
+    /// `HGETALL ns(mesa_room_members:<room>)`: who is in `room`, with connections.
+    RoomMembers {
+        /// The room.
+        room: String,
+    },
     /// [`Script::Janitor`]: clean up after replicas whose lease expired; with
     /// `retire`, give up this replica's own lease first.
     Janitor {
@@ -294,6 +308,19 @@ impl Command {
                 let args = head.into_iter().chain(ids.iter().cloned());
                 vec![keys.replica_call(Script::Renew, args)]
             }
+            Command::Rooms { clear, entries } => {
+                let mode = if *clear { "clear" } else { "add" };
+                let mut args = vec![ns.key(""), mode.to_owned()];
+                for (room, id, by) in entries {
+                    args.extend([room.clone(), id.clone(), by.to_string()]);
+                }
+                vec![Call::Script {
+                    script: Script::Rooms,
+                    keys: vec![ns.replica_rooms(&keys.replica)],
+                    args,
+                }]
+            }
+            Command::RoomMembers { room } => vec![plain("HGETALL", vec![ns.room_members(room)])],
             Command::Janitor { retire, run_id } => {
                 let mode = if *retire { "retire" } else { "" };
                 vec![keys.replica_call(Script::Janitor, [mode.to_owned(), run_id.clone()])]

@@ -80,6 +80,17 @@ pub enum ReplicaEvent {
         /// Local connections it was delivered to.
         local: usize,
     },
+    /// The answer to [`Replica::handle_room_members`](super::Replica::handle_room_members):
+    /// the ids in `room` over the cluster, with their connections, or why Redis could
+    /// not tell.
+    RoomMembers {
+        /// The query's number.
+        query: u64,
+        /// The room.
+        room: String,
+        /// Each id and its connections in the room, by id.
+        members: Result<Vec<(String, u64)>, String>,
+    },
     /// A pub/sub message could not be decoded; it was skipped.
     Undecodable {
         /// The channel it came on.

@@ -50,6 +50,8 @@ pub(crate) enum Job {
     },
     /// Publish a room's envelope on its channel.
     Publish { channel: String, payload: String },
+    /// Changes of this replica's presence in rooms: room, id, connections.
+    Rooms(Vec<(String, String, i64)>),
 }
 
 /// What becomes of a job when the link fails.
@@ -70,7 +72,7 @@ impl Job {
     /// answered (Redis may have run it) or not sent yet.
     pub(crate) fn fate(&self) -> Fate {
         match self {
-            Job::Arrive(_) | Job::Leave(_) | Job::Connections(_) => Fate::Forget,
+            Job::Arrive(_) | Job::Leave(_) | Job::Connections(_) | Job::Rooms(_) => Fate::Forget,
             // An event about a moment that has passed, and a room's message, which
             // would arrive out of order with what came since: best effort, as
             // upstream's publishes.
@@ -84,7 +86,10 @@ impl Job {
     /// Whether the job counts toward `max_pending` (presence is re-registered at
     /// every renewal, so refusing it loses nothing).
     pub(crate) fn counted(&self) -> bool {
-        !matches!(self, Job::Arrive(_) | Job::Leave(_) | Job::Connections(_))
+        !matches!(
+            self,
+            Job::Arrive(_) | Job::Leave(_) | Job::Connections(_) | Job::Rooms(_)
+        )
     }
 }
 

@@ -152,6 +152,13 @@ enum Flight {
     LoadPortals,
     /// A `SUBSCRIBE` or `UNSUBSCRIBE` of room channels.
     Subscription,
+    /// This replica's presence in rooms registered anew (a new link).
+    RoomsAnew,
+    /// Who is in a room, for query `query`.
+    Members {
+        query: u64,
+        room: String,
+    },
     Renew,
     Janitor,
     /// The janitor that retires this replica.
@@ -196,6 +203,9 @@ pub struct Replica {
     /// the same channel in both).
     subscribe: Vec<String>,
     unsubscribe: Vec<String>,
+    /// Room presence was ever registered: a new link registers it anew (a server
+    /// without rooms asks nothing of the kind).
+    rooms_registered: bool,
     /// Remote sends not yet done, and the round in flight.
     rounds: Rounds,
     /// Other jobs not yet sent, oldest first.
@@ -241,6 +251,7 @@ impl Replica {
             portals_loading: false,
             subscribe: Vec::new(),
             unsubscribe: Vec::new(),
+            rooms_registered: false,
             rounds: Rounds::new(
                 config.namespace.ws_channel(),
                 Some(name),
@@ -381,6 +392,8 @@ impl Replica {
             return;
         }
         let client_id = self.hub.id_of(conn).map(str::to_owned);
+        let rooms: Vec<String> = self.hub.rooms().rooms_of(conn).map(str::to_owned).collect();
+        self.room_presence(conn, rooms, -1);
         for room in self.hub.leave_rooms(conn) {
             self.subscription(&room, false);
         }
@@ -426,6 +439,7 @@ impl Replica {
         // of replicas that have not renewed since Redis restarted.
         self.janitor(now, false);
         self.renew(now);
+        self.rooms_anew(now);
         self.timers
             .set(Timer::Tick as usize, now + self.config.lease / 3);
         self.settle(now);
@@ -600,6 +614,9 @@ impl Replica {
         if joined.first_here {
             self.subscription(room, true);
         }
+        if !joined.already {
+            self.room_presence(conn, [room.to_owned()], 1);
+        }
         self.settle(now);
         Ok(joined)
     }
@@ -607,12 +624,33 @@ impl Replica {
     /// Take connection `conn` out of `room` (whether it was in it): the room's last
     /// member here unsubscribes the replica from its channel.
     pub fn handle_leave(&mut self, now: Instant, conn: ConnId, room: &str) -> bool {
+        if self.hub.rooms().is_member(conn, room) {
+            self.room_presence(conn, [room.to_owned()], -1);
+        }
         let left = self.hub.leave(conn, room);
         if left == Some(true) {
             self.subscription(room, false);
         }
         self.settle(now);
         left.is_some()
+    }
+
+    /// Ask who is in `room` over the cluster: answered by
+    /// [`ReplicaEvent::RoomMembers`] with `query` (at once, with an error, without a
+    /// link).
+    pub fn handle_room_members(&mut self, now: Instant, query: u64, room: &str) {
+        let room = room.to_owned();
+        if self.is_linked() {
+            let command = Command::RoomMembers { room: room.clone() };
+            self.issue(now, Flight::Members { query, room }, command);
+        } else {
+            self.events.push_back(ReplicaEvent::RoomMembers {
+                query,
+                room,
+                members: Err("Redis is unreachable".to_owned()),
+            });
+        }
+        self.settle(now);
     }
 
     /// Send `message` to the members of `room`: here at once (the extended ones see
@@ -675,7 +713,16 @@ impl Replica {
     // ----- transitions -----
 
     fn authenticated(&mut self, conn: ConnId, id: &str) {
+        // The connection's rooms count for its id: another id's presence ends.
+        let rooms: Vec<String> = self.hub.rooms().rooms_of(conn).map(str::to_owned).collect();
+        let changed = self.hub.id_of(conn) != Some(id);
+        if changed {
+            self.room_presence(conn, rooms.clone(), -1);
+        }
         let departure = self.hub.authenticate(conn, id);
+        if changed {
+            self.room_presence(conn, rooms, 1);
+        }
         if self.config.presence {
             if let Some(departure) = departure.filter(|d| d.last) {
                 self.push_job(Job::Leave(departure.id));
@@ -698,6 +745,59 @@ impl Replica {
             channel: channel.to_owned(),
             error,
         });
+    }
+
+    /// Count `conn` in (`by` 1) or out of (`by` -1) the presence of `rooms`, by its id
+    /// (an unauthenticated connection has none to count).
+    fn room_presence(&mut self, conn: ConnId, rooms: impl IntoIterator<Item = String>, by: i64) {
+        if !self.config.presence {
+            return;
+        }
+        let Some(id) = self.hub.id_of(conn).map(str::to_owned) else {
+            return;
+        };
+        let entries: Vec<(String, String, i64)> = rooms
+            .into_iter()
+            .map(|room| (room, id.clone(), by))
+            .collect();
+        if !entries.is_empty() {
+            self.rooms_registered = true;
+            self.push_job(Job::Rooms(entries));
+        }
+    }
+
+    /// A new link: take out what Redis holds of this replica's room presence (it may
+    /// be stale, or lost), then register every membership here, by id.
+    fn rooms_anew(&mut self, now: Instant) {
+        if !self.config.presence || !self.rooms_registered {
+            return;
+        }
+        let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for room in self.hub.rooms().rooms() {
+            for conn in self.hub.rooms().members(room) {
+                if let Some(id) = self.hub.id_of(conn) {
+                    *counts.entry((room.to_owned(), id.to_owned())).or_default() += 1;
+                }
+            }
+        }
+        let entries: Vec<(String, String, i64)> = counts
+            .into_iter()
+            .map(|((room, id), count)| (room, id, count))
+            .collect();
+        let mut chunks = entries.chunks(IDS_PER_COMMAND);
+        let first = chunks.next().unwrap_or_default().to_vec();
+        let clear = Command::Rooms {
+            clear: true,
+            entries: first,
+        };
+        self.issue(now, Flight::RoomsAnew, clear);
+        for chunk in chunks {
+            let add = Command::Rooms {
+                clear: false,
+                entries: chunk.to_vec(),
+            };
+            self.issue(now, Flight::RoomsAnew, add);
+        }
     }
 
     /// Ask for (or give up) a room's channel, cancelling the opposite request not
@@ -790,6 +890,9 @@ impl Replica {
                 ids.extend(more);
             }
             (Some(Job::Connections(delta)), Job::Connections(more)) => *delta += more,
+            (Some(Job::Rooms(entries)), Job::Rooms(more)) if entries.len() < IDS_PER_COMMAND => {
+                entries.extend(more);
+            }
             (_, job) => self.presence.push_back(job),
         }
     }
@@ -903,6 +1006,14 @@ impl Replica {
         let mut kept = VecDeque::new();
         let flights = std::mem::take(&mut self.flights);
         for sent in flights.into_values() {
+            if let Flight::Members { query, room } = sent.flight {
+                self.events.push_back(ReplicaEvent::RoomMembers {
+                    query,
+                    room,
+                    members: Err(reason.to_owned()),
+                });
+                continue;
+            }
             if let Flight::Job(job) = sent.flight {
                 match self.fate(job.fate()) {
                     Fate::Keep => kept.push_back(job),
@@ -1005,7 +1116,16 @@ impl Replica {
                 let portals = texts(first).ok_or("the portal pool")?;
                 self.pool.reset(portals);
             }
-            Flight::Renew | Flight::Janitor | Flight::Subscription => {}
+            Flight::Renew | Flight::Janitor | Flight::Subscription | Flight::RoomsAnew => {}
+            Flight::Members { query, room } => {
+                let mut members = room_members(first).ok_or("a room's members")?;
+                members.sort_unstable();
+                self.events.push_back(ReplicaEvent::RoomMembers {
+                    query,
+                    room,
+                    members: Ok(members),
+                });
+            }
             Flight::Retire => {
                 self.link = Link::Retired;
                 self.timers.stop_all();
@@ -1092,6 +1212,10 @@ impl Replica {
             Job::Leave(id) => Command::Leave { id: id.clone() },
             Job::Connections(0) => return,
             Job::Connections(delta) => Command::ConnectionsDelta { delta: *delta },
+            Job::Rooms(entries) => Command::Rooms {
+                clear: false,
+                entries: entries.clone(),
+            },
             Job::Load { id, .. } => Command::Load { id: id.clone() },
             Job::Trim { id, count, last } => Command::Trim {
                 id: id.clone(),
@@ -1181,6 +1305,22 @@ fn loaded_messages(raw: &str) -> (Vec<Message>, Vec<(usize, String)>) {
         }
     }
     (messages, entries)
+}
+
+/// `HGETALL`'s answer of a room's members: each id with its connections.
+fn room_members(value: Option<RedisValue>) -> Option<Vec<(String, u64)>> {
+    let RedisValue::Array(items) = value? else {
+        return None;
+    };
+    items
+        .chunks(2)
+        .map(|pair| match pair {
+            [RedisValue::Text(id), RedisValue::Text(count)] => {
+                Some((id.clone(), count.parse().ok()?))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// `SMEMBERS`'s answer.

@@ -71,16 +71,19 @@ pub enum Script {
     Renew,
     /// [`JANITOR`].
     Janitor,
+    /// [`ROOMS`].
+    Rooms,
 }
 
 impl Script {
     /// Every script, to load them all when the link opens.
-    pub const ALL: [Script; 5] = [
+    pub const ALL: [Script; 6] = [
         Script::AppendMany,
         Script::Trim,
         Script::Leave,
         Script::Renew,
         Script::Janitor,
+        Script::Rooms,
     ];
 
     /// The Lua source.
@@ -91,6 +94,7 @@ impl Script {
             Script::Leave => LEAVE,
             Script::Renew => RENEW,
             Script::Janitor => JANITOR,
+            Script::Rooms => ROOMS,
         }
     }
 }
@@ -266,6 +270,20 @@ for _, r in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     me = previous
     local counted = tonumber(redis.call('GET', conns_key(r)) or '0')
     if counted ~= 0 then redis.call('INCRBY', KEYS[3], -counted) end
+    -- Its room memberships leave each room's presence.
+    local held = 'mesa_replica_rooms:' .. r .. ARGV[5]
+    local entries = redis.call('HGETALL', held)
+    for i = 1, #entries, 2 do
+      local cut = string.find(entries[i], ' ', 1, true)
+      if cut then
+        local members = 'mesa_room_members:' .. string.sub(entries[i], 1, cut - 1) .. ARGV[5]
+        local id = string.sub(entries[i], cut + 1)
+        if redis.call('HINCRBY', members, id, -tonumber(entries[i + 1])) <= 0 then
+          redis.call('HDEL', members, id)
+        end
+      end
+    end
+    redis.call('DEL', held)
     redis.call('DEL', ids_key(r), conns_key(r))
     redis.call('SREM', KEYS[2], r)
   end
@@ -273,3 +291,41 @@ end
 return removed
 "#
 );
+
+/// Room presence of this replica: `KEYS[1]` is its hash of memberships (field
+/// `<room> <id>`, the connections of that id in that room here; room names have no
+/// space), `ARGV[1]` the namespace suffix, `ARGV[2]` the mode, then triples of room,
+/// id and count, added (negative to leave). `clear` takes every entry of the hash
+/// out first (a new link clears, then adds what it holds: what Redis kept may be
+/// stale, or lost). Either way the difference goes to each room's hash
+/// of members (`mesa_room_members:<room>`, id to connections over the cluster),
+/// where an id at 0 is removed. A leave the hash never saw (Redis lost it) removes
+/// nothing. Returns the entries changed.
+pub const ROOMS: &str = r#"
+local function apply(room, id, by)
+  if by == 0 then return 0 end
+  local field = room .. ' ' .. id
+  local mine = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  if mine + by < 0 then by = -mine end
+  if by == 0 then return 0 end
+  if mine + by == 0 then redis.call('HDEL', KEYS[1], field)
+  else redis.call('HSET', KEYS[1], field, mine + by) end
+  local members = 'mesa_room_members:' .. room .. ARGV[1]
+  if redis.call('HINCRBY', members, id, by) <= 0 then redis.call('HDEL', members, id) end
+  return 1
+end
+local changed = 0
+if ARGV[2] == 'clear' then
+  local entries = redis.call('HGETALL', KEYS[1])
+  for i = 1, #entries, 2 do
+    local cut = string.find(entries[i], ' ', 1, true)
+    if cut then
+      local room, id = string.sub(entries[i], 1, cut - 1), string.sub(entries[i], cut + 1)
+      changed = changed + apply(room, id, -tonumber(entries[i + 1]))
+    end
+  end
+  redis.call('DEL', KEYS[1])
+end
+for i = 3, #ARGV, 3 do changed = changed + apply(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])) end
+return changed
+"#;

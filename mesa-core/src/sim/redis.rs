@@ -222,6 +222,7 @@ impl RedisModel {
                 Script::Leave => self.leave(now, &Scope::new(keys, args)?, arg(args, 5)?),
                 Script::Renew => self.renew(now, &Scope::new(keys, args)?, args),
                 Script::Janitor => self.janitor(now, &Scope::new(keys, args)?, args),
+                Script::Rooms => self.rooms(keys, args),
             },
         }
     }
@@ -274,6 +275,19 @@ impl RedisModel {
                 )
             }
             "INCRBY" => RedisValue::Int(self.incrby(now, key()?, int(arg(args, 1)?)?)?),
+            "HGETALL" => RedisValue::Array(
+                self.hashes
+                    .get(key()?)
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|(field, value)| {
+                        [
+                            RedisValue::Text(field.clone()),
+                            RedisValue::Text(value.clone()),
+                        ]
+                    })
+                    .collect(),
+            ),
             "HGET" => match self.hashes.get(key()?).and_then(|h| h.get(args.get(1)?)) {
                 Some(value) => RedisValue::Text(value.clone()),
                 None => RedisValue::Nil,
@@ -350,6 +364,26 @@ impl RedisModel {
             .entry(key.to_owned())
             .or_default()
             .insert(field.to_owned(), value);
+    }
+
+    /// `HINCRBY` (a field that is no number counts as 0).
+    fn hincrby(&mut self, key: &str, field: &str, by: i64) -> i64 {
+        let current = self
+            .hashes
+            .get(key)
+            .and_then(|h| h.get(field))
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        self.hset(key, field, (current + by).to_string());
+        current + by
+    }
+
+    /// The fields and values of a hash.
+    fn entries(&self, key: &str) -> Vec<(String, String)> {
+        self.hashes
+            .get(key)
+            .map(|h| h.iter().map(|(f, v)| (f.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
     fn hdel(&mut self, key: &str, field: &str) -> Option<String> {
@@ -555,11 +589,72 @@ impl RedisModel {
             if counted != 0 {
                 self.incrby(now, &scope.count, -counted)?;
             }
+            // Its room memberships leave each room's presence.
+            let held = format!("mesa_replica_rooms:{r}{}", scope.suffix);
+            for (field, count) in self.entries(&held) {
+                if let Some((room, id)) = field.split_once(' ') {
+                    let members = format!("mesa_room_members:{room}{}", scope.suffix);
+                    if self.hincrby(&members, id, -int(&count)?) <= 0 {
+                        self.hdel(&members, id);
+                    }
+                }
+            }
+            self.del(&held);
             self.del(&scope.ids(r));
             self.del(&scope.conns(r));
             self.srem(&scope.replicas, r);
         }
         Ok(RedisValue::Int(removed))
+    }
+}
+
+impl RedisModel {
+    /// [`Script::Rooms`].
+    fn rooms(&mut self, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
+        let mine = arg(keys, 0)?.to_owned();
+        let suffix = arg(args, 0)?.to_owned();
+        let mut changed = 0;
+        if arg(args, 1)? == "clear" {
+            for (field, count) in self.entries(&mine) {
+                if let Some((room, id)) = field.split_once(' ') {
+                    changed += self.apply_room(&mine, &suffix, room, id, -int(&count)?);
+                }
+            }
+            self.del(&mine);
+        }
+        for triple in args[2..].chunks(3) {
+            let [room, id, by] = triple else {
+                return Err("ERR rooms: triples of room, id and count".into());
+            };
+            changed += self.apply_room(&mine, &suffix, room, id, int(by)?);
+        }
+        Ok(RedisValue::Int(changed))
+    }
+
+    /// Add `by` connections of `id` in `room` here, and to the room's members.
+    fn apply_room(&mut self, mine: &str, suffix: &str, room: &str, id: &str, by: i64) -> i64 {
+        let field = format!("{room} {id}");
+        let held = self
+            .hashes
+            .get(mine)
+            .and_then(|h| h.get(&field))
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        // A leave the hash never saw removes nothing.
+        let by = by.max(-held);
+        if by == 0 {
+            return 0;
+        }
+        if held + by == 0 {
+            self.hdel(mine, &field);
+        } else {
+            self.hset(mine, &field, (held + by).to_string());
+        }
+        let members = format!("mesa_room_members:{room}{suffix}");
+        if self.hincrby(&members, id, by) <= 0 {
+            self.hdel(&members, id);
+        }
+        1
     }
 }
 

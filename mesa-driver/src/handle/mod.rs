@@ -28,6 +28,27 @@ pub enum SendError {
     TooManyRecipients(#[from] mesa_core::TooManyRecipients),
 }
 
+/// An id in a room, with its connections there over the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomMember {
+    /// The id.
+    pub id: String,
+    /// Its connections in the room, on every replica.
+    pub connections: u64,
+}
+
+/// Why who is in a room could not be told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PresenceError {
+    /// The room name is not valid.
+    #[error(transparent)]
+    InvalidRoom(#[from] mesa_core::rooms::RoomRefusal),
+    /// The cluster's Redis could not answer.
+    #[error("room presence unavailable: {0}")]
+    Unavailable(String),
+}
+
 impl From<Refused> for SendError {
     fn from(refused: Refused) -> Self {
         match refused {

@@ -7,7 +7,7 @@ use mesa_core::{ConnId, Message, MessageOptions, Recipients};
 
 use crate::registry::{Registry, SendReport};
 
-use super::SendError;
+use super::{PresenceError, RoomMember, SendError};
 
 /// A cheap, cloneable handle for sending from anywhere in the application.
 #[derive(Clone)]
@@ -127,6 +127,23 @@ impl ServerHandle {
     /// Refused for an invalid room name.
     pub fn publish(&self, room: &str, message: &Message) -> Result<SendReport, RoomRefusal> {
         self.registry.publish(message, room)
+    }
+
+    /// Who is in `room` on every replica of the cluster: each authenticated id in it
+    /// with its connections there, by id (read from Redis in one command, O(members);
+    /// a replica that crashed leaves it within its lease). A server alone answers
+    /// with its own members. Refused for an invalid room name; with the cluster's
+    /// Redis unreachable, [`PresenceError::Unavailable`].
+    pub async fn room_members(&self, room: &str) -> Result<Vec<RoomMember>, PresenceError> {
+        let members = self.registry.room_members(room)?;
+        let members = members
+            .await
+            .map_err(|_| PresenceError::Unavailable("the server is gone".to_owned()))?
+            .map_err(PresenceError::Unavailable)?;
+        Ok(members
+            .into_iter()
+            .map(|(id, connections)| RoomMember { id, connections })
+            .collect())
     }
 
     /// Rooms with a member on this server.

@@ -201,7 +201,9 @@ impl Observer for Middlewares {
                 self.report(&format!("undecodable message on {channel}: {error}"));
             }
             // The registry acts on these itself.
-            ReplicaEvent::Loaded { .. } | ReplicaEvent::Retired => {}
+            ReplicaEvent::Loaded { .. }
+            | ReplicaEvent::Retired
+            | ReplicaEvent::RoomMembers { .. } => {}
         }
     }
 }

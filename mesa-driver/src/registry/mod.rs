@@ -11,9 +11,9 @@
 mod conn;
 mod observer;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -150,7 +150,14 @@ pub(crate) struct Registry {
     live: AtomicUsize,
     /// Told when the replica retired.
     retired: Mutex<Option<oneshot::Sender<()>>>,
+    /// Who waits for which room presence query, and the next query's number.
+    queries: Mutex<HashMap<u64, oneshot::Sender<Members>>>,
+    next_query: AtomicU64,
 }
+
+/// A room's members over the cluster, each id with its connections; or why Redis
+/// could not tell.
+pub(crate) type Members = Result<Vec<(String, u64)>, String>;
 
 /// Counts a connection task as running until it is dropped.
 pub(crate) struct LiveTask<'a>(&'a Registry);
@@ -197,6 +204,8 @@ impl Registry {
             limits: settings.limits,
             live: AtomicUsize::new(0),
             retired: Mutex::new(None),
+            queries: Mutex::new(HashMap::new()),
+            next_query: AtomicU64::new(0),
         };
         registry.feed(|_, _| ());
         (registry, inbox)
@@ -401,6 +410,34 @@ impl Registry {
         Ok(report)
     }
 
+    /// Who is in `room`: on a server alone, its members here; in a cluster, Redis's
+    /// record of every replica's.
+    pub(crate) fn room_members(
+        &self,
+        room: &str,
+    ) -> Result<oneshot::Receiver<Members>, RoomRefusal> {
+        check_room(room, &self.limits)?;
+        let (reply, members) = oneshot::channel();
+        let query = self.next_query.fetch_add(1, Ordering::SeqCst);
+        lock(&self.queries).insert(query, reply);
+        let asked = self.feed(|replica, now| replica.handle_room_members(now, query, room));
+        if asked.is_none() {
+            let state = self.lock();
+            let hub = state.core.hub();
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            for conn in hub.rooms().members(room) {
+                if let Some(id) = hub.id_of(conn) {
+                    *counts.entry(id.to_owned()).or_default() += 1;
+                }
+            }
+            drop(state);
+            if let Some(reply) = lock(&self.queries).remove(&query) {
+                let _ = reply.send(Ok(counts.into_iter().collect()));
+            }
+        }
+        Ok(members)
+    }
+
     /// Rooms with a member here, and memberships over all of them.
     pub(crate) fn room_counts(&self) -> (usize, usize) {
         let state = self.lock();
@@ -471,6 +508,11 @@ impl Registry {
                 ReplicaEvent::Retired => {
                     if let Some(reply) = lock(&self.retired).take() {
                         let _ = reply.send(());
+                    }
+                }
+                ReplicaEvent::RoomMembers { query, members, .. } => {
+                    if let Some(reply) = lock(&self.queries).remove(query) {
+                        let _ = reply.send(members.clone());
                     }
                 }
                 event => self.observer.replica_event(event),

@@ -1,5 +1,7 @@
 //! What the simulated cluster checks and measures over its records.
 
+use std::collections::BTreeMap;
+
 use std::time::Duration;
 
 use super::ClusterSim;
@@ -80,6 +82,43 @@ impl ClusterSim {
         let open = self.open_connections();
         if count.and_then(|c| c.parse::<usize>().ok()).unwrap_or(0) != open {
             violations.push(format!("connected_clients_count {count:?} but {open} open"));
+        }
+        violations.extend(self.check_room_presence());
+        violations
+    }
+
+    /// Each room's members in Redis are its members on the live replicas: every
+    /// id with its connections in the room.
+    fn check_room_presence(&self) -> Vec<Violation> {
+        let ns = &self.config.replica.namespace;
+        let mut expected: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for replica in self.replicas.iter().filter_map(|r| r.replica.as_ref()) {
+            let hub = replica.hub();
+            for room in hub.rooms().rooms() {
+                for conn in hub.rooms().members(room) {
+                    if let Some(id) = hub.id_of(conn) {
+                        let ids = expected.entry(room.to_owned()).or_default();
+                        *ids.entry(id.to_owned()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let rooms = self.config.rooms;
+        let mut violations = Vec::new();
+        for room in (0..rooms).map(|i| format!("room{i}")) {
+            let held: BTreeMap<String, u64> = self
+                .redis
+                .hash(&ns.room_members(&room))
+                .into_iter()
+                .flatten()
+                .map(|(id, n)| (id.clone(), n.parse().unwrap_or(0)))
+                .collect();
+            let want = expected.remove(&room).unwrap_or_default();
+            if held != want {
+                violations.push(format!(
+                    "{room}: Redis holds {held:?}, the replicas {want:?}"
+                ));
+            }
         }
         violations
     }
