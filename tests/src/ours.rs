@@ -90,3 +90,56 @@ where
     }
     panic!("{what}: not within {timeout:?}");
 }
+
+/// A server on a runtime of its own, so that [`crash`](Self::crash) drops it with
+/// everything it runs: no goodbye to its clients, nothing left in Redis cleaned up.
+pub struct Crashable {
+    addr: SocketAddr,
+    crash: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Crashable {
+    /// Build a server with `build` on a new runtime and serve it on a free port.
+    pub fn start<H: Handler>(build: impl FnOnce() -> Server<H> + Send + 'static) -> Crashable {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (crash, crash_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let server = build();
+                let listening = server
+                    .bind("127.0.0.1:0".parse().expect("an address"))
+                    .await
+                    .expect("bound");
+                addr_tx
+                    .send(listening.local_addr())
+                    .expect("the test waits");
+                tokio::spawn(listening.run());
+                let _ = tokio::task::spawn_blocking(move || crash_rx.recv()).await;
+            });
+            runtime.shutdown_background();
+        });
+        let addr = addr_rx.recv().expect("the server's address");
+        Crashable {
+            addr,
+            crash,
+            thread,
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drop the server's runtime at once.
+    pub fn crash(self) {
+        let _ = self.crash.send(());
+        let _ = self.thread.join();
+    }
+}

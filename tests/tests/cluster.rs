@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::Message as WsMessage;
 use mesa_core::{Close, CloseCode, Limits, Message, Opcode, Recipients, SyncConfig};
-use mesa_tests::ours::{eventually, next_event, next_message, serve, url};
+use mesa_tests::ours::{Crashable, eventually, next_event, next_message, serve, url};
 use mesa_tests::runtimes::{Tokio, next_json, raw};
 use mesa_tests::{CuttingProxy, RedisServer, WAIT};
 use mesa_tokio::metrics::Metrics;
@@ -629,29 +629,12 @@ async fn a_crashed_replicas_ids_leave_presence_within_the_lease_and_get_stored_f
     let addr_a = serve(&a, any_port()).await;
     // Replica b runs on its own runtime, so that dropping it is a crash: no cleanup.
     let url_redis = redis_server.url();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (crash_tx, crash_rx) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let mut cluster = ClusterConfig::new(url_redis);
-            cluster.lease = Duration::from_millis(900);
-            let b = synced(cluster, SyncConfig::default()).build().unwrap();
-            let listening = b.bind(any_port()).await.unwrap();
-            addr_tx.send(listening.local_addr()).unwrap();
-            tokio::spawn(listening.run());
-            tokio::task::spawn_blocking(move || crash_rx.recv())
-                .await
-                .unwrap()
-                .ok();
-        });
-        runtime.shutdown_background();
+    let b = Crashable::start(move || {
+        let mut cluster = ClusterConfig::new(url_redis);
+        cluster.lease = Duration::from_millis(900);
+        synced(cluster, SyncConfig::default()).build().unwrap()
     });
-    let addr_b = addr_rx.recv().unwrap();
+    let addr_b = b.addr();
     let (_frank, _frank_events) = user(addr_b, "frank").await;
     let mut conn = redis(&redis_server).await;
     eventually("frank online", WAIT, || {
@@ -660,8 +643,7 @@ async fn a_crashed_replicas_ids_leave_presence_within_the_lease_and_get_stored_f
     })
     .await;
 
-    crash_tx.send(()).unwrap();
-    thread.join().unwrap();
+    b.crash();
     let crashed = Instant::now();
     let took = eventually("frank's presence expired", Duration::from_secs(5), || {
         let mut conn = conn.clone();

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use async_tungstenite::tungstenite::Message as WsMessage;
 use mesa_core::{Limits, Message};
-use mesa_tests::ours::{eventually, serve};
+use mesa_tests::ours::{Crashable, eventually, serve};
 use mesa_tests::runtimes::{Raw, Tokio, next_json, raw};
 use mesa_tests::{ClientKind, NodePeer, RedisServer, WAIT};
 use mesa_tokio::metrics::Metrics;
@@ -399,30 +399,13 @@ async fn who_is_in_a_room_counts_every_replica_and_forgets_a_crashed_one() {
     let addr_a = start(a).await;
     // Replica b runs on a runtime of its own, so that dropping it is a crash.
     let b_cluster = cluster();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (crash_tx, crash_rx) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
+    let b = Crashable::start(move || {
+        builder(RoomPolicy::Authenticated)
+            .cluster(b_cluster)
             .build()
-            .unwrap();
-        runtime.block_on(async {
-            let b = builder(RoomPolicy::Authenticated)
-                .cluster(b_cluster)
-                .build()
-                .unwrap();
-            let listening = b.bind(any_port()).await.unwrap();
-            addr_tx.send(listening.local_addr()).unwrap();
-            tokio::spawn(listening.run());
-            tokio::task::spawn_blocking(move || crash_rx.recv())
-                .await
-                .unwrap()
-                .ok();
-        });
-        runtime.shutdown_background();
+            .unwrap()
     });
-    let addr_b = addr_rx.recv().unwrap();
+    let addr_b = b.addr();
 
     let (mut alice, _) = client(addr_a, "alice", true).await;
     assert_eq!(
@@ -465,8 +448,7 @@ async fn who_is_in_a_room_counts_every_replica_and_forgets_a_crashed_one() {
     .await;
     eventually("alice left", WAIT, || members(vec![("bob", 2)])).await;
 
-    crash_tx.send(()).unwrap();
-    thread.join().unwrap();
+    b.crash();
     eventually("the crashed replica's members gone", WAIT, || {
         members(Vec::new())
     })

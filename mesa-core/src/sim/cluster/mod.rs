@@ -373,25 +373,23 @@ impl ClusterSim {
     /// Client `c` sends a message to the clients of ids `to` (relayed as a
     /// `BROADCAST`); returns its key.
     pub fn send(&mut self, c: usize, to: &[String]) -> MessageKey {
-        self.numbers[c] += 1;
-        let key = (c as u32, self.numbers[c]);
-        let message = Message::dispatch("BROADCAST", json!({"to": to, "from": key.0, "n": key.1}));
-        self.counters.sent += 1;
-        if self.clients[c].session.send(self.now, message).is_err() {
-            self.counters.refused += 1;
-        }
-        self.flush_client(c);
-        self.settle();
-        key
+        self.client_send(c, "BROADCAST", json!({"to": to}))
     }
 
     /// Client `c` sends a message to the members of its room (relayed by its
     /// replica); returns its key. Needs [`SimConfig::rooms`].
     pub fn room_send(&mut self, c: usize) -> MessageKey {
+        self.client_send(c, ROOM_SEND, json!({}))
+    }
+
+    /// Client `c` sends a `t` message with data `d` and its key (`from`, `n`).
+    fn client_send(&mut self, c: usize, t: &str, mut d: serde_json::Value) -> MessageKey {
         self.numbers[c] += 1;
         let key = (c as u32, self.numbers[c]);
-        let message = Message::dispatch(ROOM_SEND, json!({"from": key.0, "n": key.1}));
+        d["from"] = json!(key.0);
+        d["n"] = json!(key.1);
         self.counters.sent += 1;
+        let message = Message::dispatch(t, d);
         if self.clients[c].session.send(self.now, message).is_err() {
             self.counters.refused += 1;
         }
