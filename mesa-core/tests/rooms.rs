@@ -368,8 +368,19 @@ fn who_is_in_a_room_is_asked_of_redis_and_answered_by_query() {
         room: "lobby".into(),
         members: Ok(members),
     }));
-    // Without a link: an answer at once, saying so.
+    // Asked, then the link fails: answered, saying so.
+    replica.handle_room_members(t0(), 9, "lobby");
     replica.handle_link_down(t0(), "gone");
+    let events: Vec<ReplicaEvent> = std::iter::from_fn(|| replica.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        ReplicaEvent::RoomMembers {
+            query: 9,
+            members: Err(_),
+            ..
+        }
+    )));
+    // Without a link: an answer at once, saying so.
     replica.handle_room_members(t0(), 8, "lobby");
     let events: Vec<ReplicaEvent> = std::iter::from_fn(|| replica.poll_event()).collect();
     assert!(events.iter().any(|e| matches!(

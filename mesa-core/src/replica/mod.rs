@@ -28,7 +28,7 @@
 //! | work | fate |
 //! |---|---|
 //! | a send with sync (presence check, then stores) | kept, in order; done again from its last finished round, unless every command of it in the interrupted round was answered and nothing was left for it to do |
-//! | a send without sync (a publish), a portal event | lost, reported ([`Loss::Outage`]); made before the link first opened, it waits for it instead |
+//! | a send without sync (a publish), a room's message, a portal event | lost, reported ([`Loss::Outage`]); a portal event made before the link first opened waits for it instead |
 //! | presence (arrive, leave, connection counts) | forgotten: the renewal after the reconnection registers it anew |
 //! | a load, a clear, a trim | kept (a load is dropped once its session stopped waiting, a clear once its connection closed) |
 //!
@@ -644,11 +644,7 @@ impl Replica {
             let command = Command::RoomMembers { room: room.clone() };
             self.issue(now, Flight::Members { query, room }, command);
         } else {
-            self.events.push_back(ReplicaEvent::RoomMembers {
-                query,
-                room,
-                members: Err("Redis is unreachable".to_owned()),
-            });
+            self.unanswered(query, room, "Redis is unreachable");
         }
         self.settle(now);
     }
@@ -744,6 +740,15 @@ impl Replica {
         self.events.push_back(ReplicaEvent::Undecodable {
             channel: channel.to_owned(),
             error,
+        });
+    }
+
+    /// Answer a room presence query that Redis cannot answer: nobody waits forever.
+    fn unanswered(&mut self, query: u64, room: String, reason: &str) {
+        self.events.push_back(ReplicaEvent::RoomMembers {
+            query,
+            room,
+            members: Err(reason.to_owned()),
         });
     }
 
@@ -865,7 +870,7 @@ impl Replica {
     fn push_job(&mut self, job: Job) {
         let unlinked = self.unlinked();
         if self.is_retired() || self.retiring || unlinked {
-            match self.fate(job.fate()) {
+            match self.fate(&job) {
                 Fate::Forget => return,
                 Fate::Lost(reason) if unlinked && !self.retiring => {
                     return self.lost(1, reason);
@@ -904,7 +909,7 @@ impl Replica {
             self.lost(1, Loss::Abandoned);
             return false;
         }
-        if let (true, Fate::Lost(reason)) = (unlinked, self.fate(send.fate())) {
+        if let (true, Fate::Lost(reason)) = (unlinked, send.fate()) {
             self.lost(1, reason);
             return false;
         }
@@ -921,13 +926,14 @@ impl Replica {
         matches!(self.link, Link::Down | Link::Connecting { .. })
     }
 
-    /// A job's fate now: best-effort work made before the link first opened waits
-    /// for it (bounded by `max_pending`), as upstream's offline queue does at
-    /// startup; only a failure of a link that was up costs it.
-    fn fate(&self, fate: Fate) -> Fate {
-        match fate {
-            Fate::Lost(Loss::Outage) if !self.ever_linked => Fate::Keep,
-            fate => fate,
+    /// A job's fate now: a portal event made before the link first opened waits for
+    /// it (bounded by `max_pending`), as upstream's offline queue does at startup.
+    /// Not a publish to clients: delivered late, it could reach a member twice,
+    /// once here and once after it moved (the properties found it).
+    fn fate(&self, job: &Job) -> Fate {
+        match job {
+            Job::Portal { .. } if !self.ever_linked => Fate::Keep,
+            job => job.fate(),
         }
     }
 
@@ -1007,15 +1013,11 @@ impl Replica {
         let flights = std::mem::take(&mut self.flights);
         for sent in flights.into_values() {
             if let Flight::Members { query, room } = sent.flight {
-                self.events.push_back(ReplicaEvent::RoomMembers {
-                    query,
-                    room,
-                    members: Err(reason.to_owned()),
-                });
+                self.unanswered(query, room, reason);
                 continue;
             }
             if let Flight::Job(job) = sent.flight {
-                match self.fate(job.fate()) {
+                match self.fate(&job) {
                     Fate::Keep => kept.push_back(job),
                     Fate::Forget => {}
                     Fate::Lost(_) => outage += 1,
@@ -1023,7 +1025,7 @@ impl Replica {
             }
         }
         for job in std::mem::take(&mut self.jobs) {
-            match self.fate(job.fate()) {
+            match self.fate(&job) {
                 Fate::Keep => kept.push_back(job),
                 Fate::Forget => {}
                 Fate::Lost(_) => outage += 1,
@@ -1033,10 +1035,7 @@ impl Replica {
         self.jobs_in_flight = 0;
         self.presence.clear();
         self.presence_in_flight = 0;
-        let ever_linked = self.ever_linked;
-        let (let_go, done) = self
-            .rounds
-            .interrupt(|send| send.fate() == Fate::Keep || !ever_linked);
+        let (let_go, done) = self.rounds.interrupt(|send| send.fate() == Fate::Keep);
         outage += let_go;
         self.report_round(done);
         self.portals_loading = false;
