@@ -31,6 +31,7 @@ const IDS: [&str; 5] = ["alice", "bob", "carol", "dave", " "];
 #[derive(Arbitrary, Debug)]
 struct Input {
     sync: bool,
+    legacy_bus: bool,
     global: bool,
     internal: bool,
     ids: Vec<u8>,
@@ -55,6 +56,7 @@ fuzz_target!(|input: Input| {
     let now = start();
     let config = DispatchConfig {
         sync: input.sync,
+        legacy_bus: input.legacy_bus,
         max_recipients: 8,
         ..DispatchConfig::default()
     };
@@ -137,7 +139,8 @@ fuzz_target!(|input: Input| {
             dispatch.handle_reply(now, Token(u64::MAX), reply.clone());
         }
         failed |= matches!(how, How::Error)
-            || (how == How::Wrong && !matches!(command, Command::Publish { .. }));
+            || (how == How::Wrong
+                && !matches!(command, Command::Publish { .. } | Command::Route { .. }));
         dispatch.handle_reply(now, token, reply);
     }
     match dispatch.finish() {

@@ -200,6 +200,12 @@ impl Harness {
                 let envelope = Envelope::decode(payload).expect("our envelope decodes");
                 assert_eq!(envelope.origin.as_deref(), Some("me"));
             }
+            Command::Route { head, tail, ids } => {
+                assert!(!ids.is_empty(), "a route to nobody");
+                let envelope =
+                    Envelope::decode(&format!("{head}{tail}")).expect("our envelope decodes");
+                assert_eq!(envelope.origin.as_deref(), Some("me"));
+            }
             Command::Publish { payload, .. } => {
                 let event = PortalEvent::decode(payload).expect("our portal event decodes");
                 assert!(self.portals.contains(&event.portal_id), "unknown portal");
@@ -246,8 +252,10 @@ impl Harness {
     }
 }
 
-fuzz_target!(|ops: Vec<Op>| {
+fuzz_target!(|input: (bool, Vec<Op>)| {
+    let (legacy_bus, ops) = input;
     let config = ReplicaConfig {
+        legacy_bus,
         sync: true,
         max_pending: MAX_PENDING,
         max_stored_per_id: 3,

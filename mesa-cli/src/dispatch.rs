@@ -10,6 +10,7 @@ use mesa_tokio::{DispatchReport, Dispatcher, Message, Recipients};
 use serde_json::{Value, json};
 
 use crate::Failure;
+use crate::bus::LegacyBus;
 use crate::tls::RedisCa;
 
 /// Options of `mesa dispatch`.
@@ -21,6 +22,9 @@ pub(crate) struct DispatchArgs {
 
     #[command(flatten)]
     redis_ca: RedisCa,
+
+    #[command(flatten)]
+    bus: LegacyBus,
 
     /// The cluster's namespace (as the servers' `--namespace`).
     #[arg(long, env = "MESA_NAMESPACE")]
@@ -109,7 +113,8 @@ pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
     let mut builder = Dispatcher::builder(&args.redis)
         .sync(args.sync)
         .max_stored(max_stored)
-        .max_recipients(max_recipients);
+        .max_recipients(max_recipients)
+        .legacy_bus(args.bus.on);
     if let Some(namespace) = &args.namespace {
         builder = builder.namespace(namespace.as_str());
     }

@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
 use failure::Failure;
 
 mod auth;
+mod bus;
 mod client;
 mod demo;
 mod dispatch;

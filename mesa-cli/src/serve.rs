@@ -19,6 +19,7 @@ use mesa_tokio::{PortalChoice, RoomPolicy, SyncConfig};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};
+use crate::bus::LegacyBus;
 use crate::demo::DemoChat;
 use crate::http::{Health, Http};
 use crate::logging::LogConnections;
@@ -99,6 +100,9 @@ pub(crate) struct ServeArgs {
 
     #[command(flatten)]
     redis_ca: RedisCa,
+
+    #[command(flatten)]
+    bus: LegacyBus,
 
     /// Isolate this cluster from others on the same Redis.
     #[arg(long, env = "MESA_NAMESPACE", requires = "redis")]
@@ -413,6 +417,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         let mut cluster = ClusterConfig::new(url.clone());
         cluster.namespace = args.namespace.clone();
         cluster.lease = Duration::from_millis(args.lease);
+        cluster.legacy_bus = args.bus.on;
         cluster.portals = args.portals.map(|mode| match mode {
             PortalMode::RoundRobin => PortalChoice::RoundRobin,
             PortalMode::Random => PortalChoice::Random,

@@ -159,7 +159,8 @@ fn dispatch_and_portal_work_with_a_cluster_server_and_a_client() {
         Some("*1\r\n$10\r\ncli-portal\r\n".to_owned())
     );
 
-    let (_server, ws_url) = Mesa::serve(&["--sync"], &cluster);
+    // Sends to ids routed to the replicas that hold them (the shared `ws` bus off).
+    let (_server, ws_url) = Mesa::serve(&["--sync", "--legacy-bus", "off"], &cluster);
     let mut alice = Mesa::start(
         &["client", &ws_url, "--token", "alice", "--no-reconnect"],
         &[],
@@ -228,12 +229,14 @@ fn dispatch_and_portal_work_with_a_cluster_server_and_a_client() {
     assert!(!refused.status.success(), "{stderr}");
     assert!(stderr.contains("too many recipients: 3 > 2"), "{stderr}");
 
-    // Every flag reads the environment too; an op 5 event disconnects alice (1000).
+    // Every flag reads the environment too; an op 5 event, routed, disconnects alice
+    // (1000).
     let kicked = report(&dispatch(
         &[],
         &[
             ("MESA_REDIS", url.as_str()),
             ("MESA_NAMESPACE", "ns1"),
+            ("MESA_LEGACY_BUS", "off"),
             ("MESA_EVENT", "DISCONNECT_CLIENT"),
             ("MESA_TO", "alice"),
         ],
@@ -278,6 +281,17 @@ fn dispatch_reports_usage_and_redis_errors() {
         &[],
     );
     assert_eq!(conflicting.status.code(), Some(2));
+    let bad_bus = dispatch(
+        &[
+            "--redis",
+            "redis://127.0.0.1:1/",
+            "--legacy-bus",
+            "sometimes",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&bad_bus.stderr);
+    assert!(stderr.contains("--legacy-bus"), "{stderr}");
     let missing = dispatch(&["--redis", "redis://127.0.0.1:1/"], &[]);
     assert_eq!(missing.status.code(), Some(2));
     let not_json = dispatch(

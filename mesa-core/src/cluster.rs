@@ -17,6 +17,9 @@ pub struct Namespace(Option<String>);
 /// What every room channel starts with.
 pub const ROOM_CHANNEL_PREFIX: &str = "mesa_room:";
 
+/// What every replica's own channel starts with.
+pub const REPLICA_CHANNEL_PREFIX: &str = "mesa_replica:";
+
 impl Namespace {
     /// A namespace; an empty string means none, as in upstream (`if (namespace)`).
     pub fn new(namespace: Option<String>) -> Self {
@@ -81,6 +84,18 @@ impl Namespace {
         self.key(&format!("{ROOM_CHANNEL_PREFIX}{room}"))
     }
 
+    /// The pub/sub channel of one replica (ours): the ids sends routed to it, when
+    /// senders route by interest instead of publishing on `ws`.
+    pub fn replica_channel(&self, replica: &str) -> String {
+        self.key(&format!("{REPLICA_CHANNEL_PREFIX}{replica}"))
+    }
+
+    /// The replicas holding a connection of `id` (ours): the route table of sends
+    /// routed by interest, kept by the presence scripts beside each replica's ids set.
+    pub fn routes(&self, id: &str) -> String {
+        self.key(&format!("mesa_routes:{id}"))
+    }
+
     /// Ours only: a replica's lease, a key with a TTL renewed while it is alive.
     pub fn replica_lease(&self, replica: &str) -> String {
         self.key(&format!("mesa_replica_lease:{replica}"))
@@ -115,6 +130,20 @@ pub struct Envelope {
 impl Envelope {
     /// `{"message": {"op","d","t"[,"o"]}, "recipients": [..] | ["*"][, "origin"]}`.
     pub fn encode(&self) -> String {
+        let (head, tail) = self.halves();
+        let recipients = match &self.recipients {
+            Recipients::All => vec![Value::from("*")],
+            Recipients::Ids(ids) => ids.iter().cloned().map(Value::from).collect(),
+        };
+        let list = Value::Array(recipients).to_string();
+        format!("{head}{}{tail}", &list[1..list.len() - 1])
+    }
+
+    /// The encoded envelope before and after the items of its recipients' list (its
+    /// recipients ignored): a script that routes ids to replicas (see
+    /// [`Script::Route`](crate::replica::Script::Route)) puts each replica's share
+    /// in between, as JSON strings separated by commas.
+    pub fn halves(&self) -> (String, String) {
         let mut message = match self.message.to_value() {
             Value::Object(object) => object,
             _ => Map::new(),
@@ -123,15 +152,12 @@ impl Envelope {
         if let Some(options) = &self.options {
             message.insert("o".into(), Value::Object(options.raw.clone()));
         }
-        let recipients = match &self.recipients {
-            Recipients::All => vec![Value::from("*")],
-            Recipients::Ids(ids) => ids.iter().cloned().map(Value::from).collect(),
+        let head = format!(r#"{{"message":{},"recipients":["#, Value::Object(message));
+        let tail = match &self.origin {
+            Some(origin) => format!(r#"],"origin":{}}}"#, Value::from(origin.as_str())),
+            None => "]}".to_owned(),
         };
-        let mut envelope = json!({"message": message, "recipients": recipients});
-        if let Some(origin) = &self.origin {
-            envelope["origin"] = Value::from(origin.clone());
-        }
-        envelope.to_string()
+        (head, tail)
     }
 
     /// Parse an envelope published by any replica or Dispatcher.

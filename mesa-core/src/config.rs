@@ -284,6 +284,12 @@ pub enum ConfigError {
     /// A cluster setting (the namespace, portals) without a cluster to apply it to.
     #[error("{0} needs a cluster: configure Redis")]
     ClusterSettingWithoutRedis(&'static str),
+    /// Sends routed by interest (the legacy bus off) need the ids' presence, which
+    /// keeps the route table.
+    #[error(
+        "routing sends by interest (the legacy bus off) needs presence (store_connected_users)"
+    )]
+    RoutingWithoutPresence,
     /// Authentication options were set, but nothing authenticates.
     #[error("authentication options need an authenticator")]
     MissingAuthenticator,

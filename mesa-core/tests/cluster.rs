@@ -13,8 +13,13 @@ fn start() -> Instant {
 }
 
 fn settled(replicas: usize, clients: usize, seed: u64) -> ClusterSim {
-    let mut config = SimConfig::new(replicas, clients, seed);
+    settled_with(SimConfig::new(replicas, clients, seed))
+}
+
+/// The cluster of `config` once every client connected (contract checked).
+fn settled_with(mut config: SimConfig) -> ClusterSim {
     config.check_contract = true;
+    let clients = config.clients;
     let mut sim = ClusterSim::new(config, start());
     for c in 0..clients {
         sim.connect(c);
@@ -23,22 +28,46 @@ fn settled(replicas: usize, clients: usize, seed: u64) -> ClusterSim {
     sim
 }
 
-#[test]
-fn a_quiet_cluster_connects_everyone_and_delivers_everything_once() {
-    let mut sim = settled(3, 12, 1);
-    assert_eq!(sim.authenticated, 12);
+/// Each of 12 clients sends to the ids of the next client and of the fifth after
+/// it; returns how many messages the clients received.
+fn send_around(sim: &mut ClusterSim) -> u64 {
     for c in 0..12 {
         let to = vec![sim.id_of((c + 1) % 12), sim.id_of((c + 5) % 12)];
         sim.send(c, &to);
     }
     sim.run_for(Duration::from_secs(2));
-    let received: u64 = sim.clients.iter().map(|c| c.log.count).sum();
-    assert_eq!(received, 24);
+    sim.clients.iter().map(|c| c.log.count).sum()
+}
+
+#[test]
+fn a_quiet_cluster_connects_everyone_and_delivers_everything_once() {
+    let mut sim = settled(3, 12, 1);
+    assert_eq!(sim.authenticated, 12);
+    assert_eq!(send_around(&mut sim), 24);
     assert_eq!(sim.check(), Vec::<String>::new());
     assert_eq!(
         sim.check_presence(Duration::from_secs(15)),
         Vec::<String>::new()
     );
+}
+
+#[test]
+fn routed_sends_reach_only_the_replicas_that_hold_their_ids() {
+    let run = |legacy_bus: bool| {
+        let mut config = SimConfig::new(3, 12, 1);
+        config.replica.legacy_bus = legacy_bus;
+        let mut sim = settled_with(config);
+        assert_eq!(send_around(&mut sim), 24);
+        no_violations(sim.check());
+        no_violations(sim.check_settled_keys());
+        sim.counters.clone()
+    };
+    let shared = run(true);
+    let routed = run(false);
+    // On `ws`, every replica parses every envelope: most are for nobody there.
+    assert!(shared.unneeded > 0, "{shared:?}");
+    assert_eq!(routed.unneeded, 0, "{routed:?}");
+    assert!(routed.envelopes < shared.envelopes, "{routed:?} {shared:?}");
 }
 
 #[test]
@@ -231,10 +260,17 @@ fn presence_bound(sim: &ClusterSim) -> Duration {
 }
 
 fn run_schedule(seed: u64, steps: &[Step]) -> ClusterSim {
+    run_schedule_with(seed, steps, true)
+}
+
+/// A schedule run with sends to ids on the shared `ws` channel (`legacy_bus`), or
+/// routed to the replicas that hold the ids.
+fn run_schedule_with(seed: u64, steps: &[Step], legacy_bus: bool) -> ClusterSim {
     let mut config = SimConfig::new(REPLICAS, CLIENTS, seed);
     config.ids = IDS;
     config.check_contract = true;
     config.rooms = ROOMS;
+    config.replica.legacy_bus = legacy_bus;
     let mut sim = ClusterSim::new(config, start());
     for c in 0..CLIENTS {
         sim.connect(c);
@@ -293,6 +329,20 @@ proptest! {
         steps in prop::collection::vec(step(), 1..40),
     ) {
         let sim = run_schedule(seed, &steps);
+        let broken = sim.check();
+        prop_assert!(broken.is_empty(), "{:#?}", broken);
+        let keys = sim.check_settled_keys();
+        prop_assert!(keys.is_empty(), "{:#?}", keys);
+    }
+
+    /// The same promises with sends to ids routed to the replicas that hold them
+    /// (the legacy bus off), and the route table exact once quiet.
+    #[test]
+    fn the_cluster_keeps_its_promises_when_routing_by_interest(
+        seed in any::<u64>(),
+        steps in prop::collection::vec(step(), 1..40),
+    ) {
+        let sim = run_schedule_with(seed, &steps, false);
         let broken = sim.check();
         prop_assert!(broken.is_empty(), "{:#?}", broken);
         let keys = sim.check_settled_keys();

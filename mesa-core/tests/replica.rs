@@ -56,6 +56,7 @@ fn kind(command: &Command) -> &'static str {
         Command::RoomMembers { .. } => "RoomMembers",
         Command::LoadPortals => "LoadPortals",
         Command::Publish { .. } => "Publish",
+        Command::Route { .. } => "Route",
         Command::CheckPresence { .. } => "CheckPresence",
         Command::StoreMany { .. } => "StoreMany",
         Command::Load { .. } => "Load",
@@ -168,7 +169,10 @@ fn opening_with_portals() -> Replica {
 #[test]
 fn opening_the_link_cleans_up_then_registers_presence() {
     let mut replica = opening_with_portals();
-    assert_eq!(replica.channels(), ["ws", "available_portals_pool"]);
+    assert_eq!(
+        replica.channels(),
+        ["ws", "mesa_replica:me", "available_portals_pool"]
+    );
     replica.handle_link_up(t0(), "run1");
     let out = drain(&mut replica);
     assert_eq!(out.kinds(), ["LoadPortals", "Janitor", "Renew"]);
@@ -868,4 +872,68 @@ fn local_recipients_are_served_at_once_with_one_shared_frame() {
         .unwrap();
     let out = drain(&mut replica);
     assert_eq!(out.kinds(), ["Publish"]);
+}
+
+#[test]
+fn with_the_legacy_bus_off_sends_to_ids_are_routed_and_global_ones_stay_on_ws() {
+    let mut replica = linked(ReplicaConfig {
+        sync: false,
+        legacy_bus: false,
+        ..config()
+    });
+    // More ids than one command carries: one route per chunk, in order.
+    let ids: Vec<String> = (0..IDS_PER_COMMAND + 1).map(|i| format!("u{i}")).collect();
+    let message = Message::dispatch("HI", json!({}));
+    let to = Recipients::Ids(ids.clone());
+    replica.handle_send(t0(), &message, None, &to).unwrap();
+    replica
+        .handle_send(t0(), &message, None, &Recipients::All)
+        .unwrap();
+    let out = answer_all(&mut replica, t0());
+    let routes: Vec<(usize, String)> = out
+        .find("Route")
+        .into_iter()
+        .map(|(_, command)| {
+            let Command::Route { ids, head, tail } = command else {
+                panic!()
+            };
+            (ids.len(), format!("{head}{tail}"))
+        })
+        .collect();
+    let halves = r#"{"message":{"op":0,"d":{},"t":"HI"},"recipients":[],"origin":"me"}"#;
+    assert_eq!(
+        routes,
+        [(IDS_PER_COMMAND, halves.to_owned()), (1, halves.to_owned())]
+    );
+    let published = out.find("Publish");
+    let [(_, Command::Publish { channel, payload })] = published.as_slice() else {
+        panic!("{published:?}")
+    };
+    assert_eq!(channel, "ws");
+    assert!(payload.contains(r#""recipients":["*"]"#), "{payload}");
+    // An envelope routed here is delivered like one on `ws`.
+    assert!(replica.channels().contains(&"mesa_replica:me".to_owned()));
+    let bob = open_as(&mut replica, "bob");
+    drain(&mut replica);
+    let routed = format!(
+        "{}\"bob\"{}",
+        r#"{"message":{"op":0,"d":{},"t":"HI"},"recipients":["#, "]}"
+    );
+    replica.handle_pubsub(t0(), "mesa_replica:me", &routed);
+    let out = drain(&mut replica);
+    assert_eq!(out.deliveries.len(), 1);
+    assert_eq!(out.deliveries[0].targets, [bob]);
+}
+
+#[test]
+fn routing_by_interest_needs_presence() {
+    let config = ReplicaConfig {
+        legacy_bus: false,
+        presence: false,
+        ..config()
+    };
+    assert_eq!(
+        Replica::new(config, "me", 7, t0()).unwrap_err(),
+        mesa_core::ConfigError::RoutingWithoutPresence
+    );
 }

@@ -91,6 +91,7 @@ pub struct DispatcherBuilder {
     max_stored: usize,
     max_recipients: usize,
     redis_ca_pem: Option<Vec<u8>>,
+    legacy_bus: bool,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -102,6 +103,7 @@ impl std::fmt::Debug for DispatcherBuilder {
             .field("max_stored", &self.max_stored)
             .field("max_recipients", &self.max_recipients)
             .field("redis_ca_pem", &self.redis_ca_pem.is_some())
+            .field("legacy_bus", &self.legacy_bus)
             .finish()
     }
 }
@@ -141,6 +143,15 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Publish dispatches to ids on the shared `ws` channel, which every replica reads
+    /// (default true: @cryb/mesa's replicas need it). False routes each to the
+    /// mesa-rs replicas that hold its ids
+    /// ([`ClusterConfig::legacy_bus`](crate::ClusterConfig::legacy_bus)).
+    pub fn legacy_bus(mut self, on: bool) -> Self {
+        self.legacy_bus = on;
+        self
+    }
+
     /// Validate the settings and connect (the connection is opened now, so that an
     /// unreachable Redis fails here).
     pub async fn connect(self) -> Result<Dispatcher, DispatchError> {
@@ -159,6 +170,7 @@ impl DispatcherBuilder {
             sync: self.sync,
             max_stored_per_id: self.max_stored,
             max_recipients: self.max_recipients,
+            legacy_bus: self.legacy_bus,
         };
         if let Some(pem) = &self.redis_ca_pem {
             check_ca_pem(pem)?;
@@ -187,6 +199,7 @@ impl Dispatcher {
             max_stored: 1000,
             max_recipients: Limits::default().max_recipients,
             redis_ca_pem: None,
+            legacy_bus: true,
         }
     }
 

@@ -391,6 +391,7 @@ fn replica<R: Runtime>(
         lease: cluster.lease,
         portals: cluster.portals,
         max_pending: cluster.max_pending,
+        legacy_bus: cluster.legacy_bus,
         ..ReplicaConfig::new(config)
     };
     Replica::new(settings, format!("{seed:016x}"), seed, runtime.now())

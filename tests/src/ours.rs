@@ -14,6 +14,14 @@ pub fn url(addr: SocketAddr) -> String {
     format!("ws://{addr}/")
 }
 
+/// The value of the sample `series` (name and labels, exactly as exposed) in a
+/// rendering of `mesa_tokio::metrics::Metrics`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .find_map(|value| value.trim().parse().ok())
+}
+
 /// Bind `server` to `addr` and run it in a task; returns the bound address. A port
 /// still held by a server that was just shut down is tried again until [`WAIT`]
 /// passes.

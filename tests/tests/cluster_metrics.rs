@@ -5,18 +5,11 @@
 use std::time::{Duration, Instant};
 
 use mesa_core::{Message, SyncConfig};
-use mesa_tests::ours::{next_message, serve, url};
+use mesa_tests::ours::{next_message, sample, serve, url};
 use mesa_tests::{RedisServer, WAIT};
 use mesa_tokio::metrics::Metrics;
 use mesa_tokio::{ClusterConfig, DevAuthenticator};
 use serde_json::json;
-
-/// The value of the sample `series` (name and labels, exactly as exposed).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .find_map(|value| value.trim().parse().ok())
-}
 
 /// Render until `check` holds on the text, at most [`WAIT`]; returns the text.
 async fn until(metrics: &Metrics, what: &str, check: impl Fn(&str) -> bool) -> String {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use async_tungstenite::tungstenite::Message as WsMessage;
 use mesa_core::{Limits, Message};
-use mesa_tests::ours::{Crashable, eventually, serve};
+use mesa_tests::ours::{Crashable, eventually, sample, serve};
 use mesa_tests::runtimes::{Raw, Tokio, next_json, raw};
 use mesa_tests::{ClientKind, NodePeer, RedisServer, WAIT};
 use mesa_tokio::metrics::Metrics;
@@ -275,12 +275,6 @@ async fn a_room_spans_replicas_and_a_replica_listens_only_while_it_has_a_member(
         sample(&b, "mesa_cluster_messages_unneeded_total"),
         Some(0.0)
     );
-}
-
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .find_map(|value| value.trim().parse().ok())
 }
 
 /// Every authenticated connection goes into the lobby, the way an application puts

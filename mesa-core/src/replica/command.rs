@@ -51,6 +51,17 @@ pub enum Command {
         /// The encoded envelope or portal event.
         payload: String,
     },
+    /// [`Script::Route`]: publish an envelope to `ids` on the channel of each live
+    /// replica holding some of them (routing by interest, instead of on `ws`).
+    Route {
+        /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND).
+        ids: Vec<String>,
+        /// The envelope around its recipients
+        /// ([`Envelope::halves`](crate::cluster::Envelope::halves)).
+        head: String,
+        /// See `head`.
+        tail: String,
+    },
     /// `SMISMEMBER ns(connected_clients) ids..`: which ids are connected anywhere.
     CheckPresence {
         /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND).
@@ -87,8 +98,8 @@ pub enum Command {
         /// The id whose messages to delete.
         id: String,
     },
-    /// `SADD ns(connected_clients) ids..` and `SADD` to this replica's ids set: the
-    /// first connection of each id here authenticated.
+    /// [`Script::Arrive`]: the first connection of each id here authenticated; it
+    /// goes to `connected_clients`, this replica's ids set and its route.
     Arrive {
         /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND).
         ids: Vec<String>,
@@ -279,10 +290,11 @@ impl Command {
             Command::Clear { id } => {
                 vec![plain("HDEL", vec![ns.undelivered_messages(), id.clone()])]
             }
-            Command::Arrive { ids } => vec![
-                plain("SADD", with_key(ns.connected_clients(), ids)),
-                plain("SADD", with_key(ns.replica_ids(&keys.replica), ids)),
-            ],
+            Command::Arrive { ids } => vec![keys.replica_call(Script::Arrive, ids.clone())],
+            Command::Route { ids, head, tail } => {
+                let args = [head.clone(), tail.clone()].into_iter();
+                vec![keys.replica_call(Script::Route, args.chain(ids.iter().cloned()))]
+            }
             Command::Leave { id } => vec![keys.replica_call(Script::Leave, [id.clone()])],
             Command::ConnectionsDelta { delta } => vec![
                 plain(
@@ -339,19 +351,21 @@ mod tests {
         let arrive = Command::Arrive {
             ids: vec!["a".into(), "b".into()],
         };
-        assert_eq!(
-            arrive.calls(&keys),
-            [
-                plain(
-                    "SADD",
-                    vec!["connected_clients_prod".into(), "a".into(), "b".into()]
-                ),
-                plain(
-                    "SADD",
-                    vec!["mesa_replica_ids:r1_prod".into(), "a".into(), "b".into()]
-                ),
-            ]
-        );
+        let Call::Script { script, args, .. } = &arrive.calls(&keys)[0] else {
+            panic!()
+        };
+        assert_eq!(*script, Script::Arrive);
+        assert_eq!(&args[5..], ["a", "b"]);
+        let route = Command::Route {
+            ids: vec!["a".into()],
+            head: "{".into(),
+            tail: "}".into(),
+        };
+        let Call::Script { script, args, .. } = &route.calls(&keys)[0] else {
+            panic!()
+        };
+        assert_eq!(*script, Script::Route);
+        assert_eq!(&args[5..], ["{", "}", "a"]);
         let Call::Script {
             script,
             keys: k,

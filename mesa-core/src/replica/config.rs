@@ -45,6 +45,15 @@ pub struct ReplicaConfig {
     pub reply_timeout: Duration,
     /// Delays between attempts to reopen the link. Default 100 ms to 5 s, full jitter.
     pub reconnect: BackoffConfig,
+    /// Publish sends to ids on the shared `ws` channel, which every replica reads
+    /// (Node replicas too: a mixed cluster needs it). Off, a send is routed to the
+    /// replicas that hold its ids ([`Command::Route`](super::Command::Route)), so a
+    /// replica parses only what its connections need; Node replicas then never get
+    /// our sends to ids. Global sends stay on `ws` either way, and every replica
+    /// delivers what comes on `ws` and on its own channel, so replicas of either
+    /// setting and upstream's Dispatchers work together. Needs `presence` (the route
+    /// table is kept with it). Default on.
+    pub legacy_bus: bool,
 }
 
 impl ReplicaConfig {
@@ -72,6 +81,7 @@ impl ReplicaConfig {
                 cap: Duration::from_secs(5),
                 base_is_fixed: true,
             },
+            legacy_bus: true,
         }
     }
 
@@ -88,6 +98,9 @@ impl ReplicaConfig {
         }
         if self.reconnect.cap < self.reconnect.base {
             return Err(ConfigError::BackoffCapBelowBase);
+        }
+        if !self.legacy_bus && !self.presence {
+            return Err(ConfigError::RoutingWithoutPresence);
         }
         let counts = [
             (self.max_pending, "max pending cluster jobs"),

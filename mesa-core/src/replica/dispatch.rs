@@ -32,6 +32,10 @@ pub struct DispatchConfig {
     pub max_stored_per_id: usize,
     /// Most distinct ids one dispatch may address. Default: [`Limits::max_recipients`].
     pub max_recipients: usize,
+    /// Publish sends to ids on the shared `ws` channel, which every replica (Node ones
+    /// too) reads. Off, they are routed to the replicas that hold the ids
+    /// ([`Command::Route`]): only mesa-rs replicas get them. Default on.
+    pub legacy_bus: bool,
 }
 
 impl Default for DispatchConfig {
@@ -41,6 +45,7 @@ impl Default for DispatchConfig {
             sync: false,
             max_stored_per_id: 1000,
             max_recipients: Limits::default().max_recipients,
+            legacy_bus: true,
         }
     }
 }
@@ -129,7 +134,12 @@ impl Dispatch {
             RemotePlan::Publish(Recipients::All) | RemotePlan::Nothing => {}
         }
         let namespace = config.namespace.clone();
-        let mut rounds = Rounds::new(namespace.ws_channel(), None, config.max_stored_per_id);
+        let mut rounds = Rounds::new(
+            namespace.ws_channel(),
+            !config.legacy_bus,
+            None,
+            config.max_stored_per_id,
+        );
         let nothing = plan == RemotePlan::Nothing;
         rounds.push(RemoteSend {
             message,
@@ -176,7 +186,12 @@ impl Dispatch {
             payload: envelope.encode(),
         };
         Ok(Dispatch {
-            rounds: Rounds::new(namespace.ws_channel(), None, config.max_stored_per_id),
+            rounds: Rounds::new(
+                namespace.ws_channel(),
+                !config.legacy_bus,
+                None,
+                config.max_stored_per_id,
+            ),
             keys: Keys::new(namespace, ""),
             next_token: token.0,
             flights: BTreeMap::new(),

@@ -74,6 +74,20 @@
 //! a sender's room messages reach each member in order, but a room message may
 //! overtake the sender's earlier send to ids, which waits for its presence check.
 
+//!
+//! # Routing by interest
+//!
+//! With [`ReplicaConfig::legacy_bus`] off, the remote part of a send to ids is not
+//! published on `ws`, which every replica parses, but routed ([`Command::Route`]):
+//! Redis looks up each id's replicas in the route table (`mesa_routes:<id>`, kept by
+//! the presence scripts beside each replica's ids set, and read only while the
+//! replica's lease lives) and publishes one envelope per replica on its own channel.
+//! A replica then parses only what its connections need. The route is read when the
+//! publish runs, after the presence check and the stores, as the `ws` publish is;
+//! one difference: a second connection of an id on a replica where the id had none
+//! gets routed sends from when its arrival reached Redis (on `ws` it got those
+//! published after it authenticated), a round trip later. Global sends stay on `ws`.
+
 mod command;
 mod config;
 mod dispatch;
@@ -254,6 +268,7 @@ impl Replica {
             rooms_registered: false,
             rounds: Rounds::new(
                 config.namespace.ws_channel(),
+                !config.legacy_bus,
                 Some(name),
                 config.max_stored_per_id,
             ),
@@ -279,10 +294,12 @@ impl Replica {
         &self.keys
     }
 
-    /// The pub/sub channels the link subscribes to.
+    /// The pub/sub channels the link subscribes to: `ws`, this replica's own (sends
+    /// routed to it), and the portal pool's when portals are on (room channels
+    /// follow, as rooms get members here).
     pub fn channels(&self) -> Vec<String> {
         let ns = self.keys.namespace();
-        let mut channels = vec![ns.ws_channel()];
+        let mut channels = vec![ns.ws_channel(), ns.replica_channel(self.keys.replica())];
         if self.config.portals.is_some() {
             channels.push(ns.available_portals_pool());
         }
@@ -483,9 +500,13 @@ impl Replica {
     /// moment every other replica delivers it. Delivered any later (say when the
     /// replica learns its publish succeeded), it would reach twice an id that was
     /// served elsewhere and moved here meanwhile.
+    ///
+    /// An envelope routed to this replica (on its own channel) names the ids that
+    /// Redis found here when it routed it: it is delivered as a `ws` one that lists
+    /// ids.
     pub fn handle_pubsub(&mut self, now: Instant, channel: &str, payload: &str) {
         let ns = self.keys.namespace();
-        if channel == ns.ws_channel() {
+        if channel == ns.ws_channel() || channel == ns.replica_channel(self.keys.replica()) {
             match Envelope::decode(payload) {
                 // Our own global send: its local part was delivered when it was made.
                 Ok(envelope)

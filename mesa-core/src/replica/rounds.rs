@@ -109,6 +109,9 @@ pub(crate) enum Advance {
 pub(crate) struct Rounds {
     /// `ns("ws")`.
     channel: String,
+    /// Route sends to ids to the replicas that hold them ([`Command::Route`])
+    /// instead of publishing them on `ws`; global sends stay on `ws`.
+    route: bool,
     /// The `origin` of the envelopes (a replica's name; none for a Dispatcher).
     origin: Option<String>,
     /// Most messages stored per id.
@@ -120,9 +123,10 @@ pub(crate) struct Rounds {
 }
 
 impl Rounds {
-    pub(crate) fn new(channel: String, origin: Option<String>, cap: usize) -> Self {
+    pub(crate) fn new(channel: String, route: bool, origin: Option<String>, cap: usize) -> Self {
         Rounds {
             channel,
+            route,
             origin,
             cap,
             sends: VecDeque::new(),
@@ -206,8 +210,10 @@ impl Rounds {
                 RemotePlan::Nothing => {}
                 RemotePlan::Publish(recipients) => {
                     let step = Step::Publish { share: index };
-                    commands.push((step, self.envelope(send, recipients.clone())));
-                    share.open += 1;
+                    for command in self.envelopes(send, recipients.clone()) {
+                        commands.push((step, command));
+                        share.open += 1;
+                    }
                 }
                 RemotePlan::CheckPresence(_) => {
                     for (chunk, ids) in ids.chunks(IDS_PER_COMMAND).enumerate() {
@@ -309,16 +315,31 @@ impl Rounds {
         }
     }
 
-    fn envelope(&self, send: &RemoteSend, recipients: Recipients) -> Command {
+    /// The commands that publish `send` to `recipients`: one envelope on `ws`, or,
+    /// routing by interest, one route per [`IDS_PER_COMMAND`] ids (each id's
+    /// replicas found when Redis runs it).
+    fn envelopes(&self, send: &RemoteSend, recipients: Recipients) -> Vec<Command> {
         let envelope = Envelope {
             message: send.message.clone(),
             options: send.options.clone(),
             recipients,
             origin: self.origin.clone(),
         };
-        Command::Publish {
-            channel: self.channel.clone(),
-            payload: envelope.encode(),
+        match &envelope.recipients {
+            Recipients::Ids(ids) if self.route => {
+                let (head, tail) = envelope.halves();
+                ids.chunks(IDS_PER_COMMAND)
+                    .map(|ids| Command::Route {
+                        ids: ids.to_vec(),
+                        head: head.clone(),
+                        tail: tail.clone(),
+                    })
+                    .collect()
+            }
+            _ => vec![Command::Publish {
+                channel: self.channel.clone(),
+                payload: envelope.encode(),
+            }],
         }
     }
 
@@ -359,9 +380,10 @@ impl Rounds {
                 continue;
             }
             let ids = std::mem::take(&mut share.publish);
-            let command = self.envelope(&self.sends[index], Recipients::Ids(ids));
-            commands.push((Step::Publish { share: index }, command));
-            share.open += 1;
+            for command in self.envelopes(&self.sends[index], Recipients::Ids(ids)) {
+                commands.push((Step::Publish { share: index }, command));
+                share.open += 1;
+            }
         }
         commands
     }

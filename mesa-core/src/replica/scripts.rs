@@ -37,7 +37,9 @@ end
 /// Key helpers shared by the presence scripts: `ARGV[1]` is this replica's id,
 /// `ARGV[2..4]` the prefixes of the ids set, the lease and the connection counter,
 /// `ARGV[5]` the namespace suffix; `KEYS` are `connected_clients`, the replicas set
-/// and `connected_clients_count`.
+/// and `connected_clients_count`. `routes_key(id)` is the set of replicas holding
+/// a connection of `id` (the route table, [`ROUTE`]), kept beside each replica's
+/// ids set by every script that changes one.
 macro_rules! replica_keys {
     () => {
         r#"
@@ -45,6 +47,7 @@ local me = ARGV[1]
 local function ids_key(r) return ARGV[2] .. r .. ARGV[5] end
 local function lease_key(r) return ARGV[3] .. r .. ARGV[5] end
 local function conns_key(r) return ARGV[4] .. r .. ARGV[5] end
+local function routes_key(id) return 'mesa_routes:' .. id .. ARGV[5] end
 local function held_elsewhere(id)
   for _, r in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     if r ~= me and redis.call('EXISTS', lease_key(r)) == 1
@@ -73,17 +76,23 @@ pub enum Script {
     Janitor,
     /// [`ROOMS`].
     Rooms,
+    /// [`ARRIVE`].
+    Arrive,
+    /// [`ROUTE`].
+    Route,
 }
 
 impl Script {
     /// Every script, to load them all when the link opens.
-    pub const ALL: [Script; 6] = [
+    pub const ALL: [Script; 8] = [
         Script::AppendMany,
         Script::Trim,
         Script::Leave,
         Script::Renew,
         Script::Janitor,
         Script::Rooms,
+        Script::Arrive,
+        Script::Route,
     ];
 
     /// The Lua source.
@@ -95,6 +104,8 @@ impl Script {
             Script::Renew => RENEW,
             Script::Janitor => JANITOR,
             Script::Rooms => ROOMS,
+            Script::Arrive => ARRIVE,
+            Script::Route => ROUTE,
         }
     }
 }
@@ -186,12 +197,14 @@ return removed
 "#
 );
 
-/// This replica's last connection of `ARGV[6]` closed: forget it here, and remove it
-/// from `connected_clients` (`KEYS[1]`) unless another live replica still holds it.
+/// This replica's last connection of `ARGV[6]` closed: forget it here (and its
+/// route), and remove it from `connected_clients` (`KEYS[1]`) unless another live
+/// replica still holds it.
 pub const LEAVE: &str = concat!(
     replica_keys!(),
     r#"
 redis.call('SREM', ids_key(me), ARGV[6])
+redis.call('SREM', routes_key(ARGV[6]), me)
 if held_elsewhere(ARGV[6]) then return 0 end
 redis.call('SREM', KEYS[1], ARGV[6])
 return 1
@@ -199,7 +212,7 @@ return 1
 );
 
 /// Renew this replica's lease (`ARGV[6]` ms), register it in `KEYS[2]`, replace its
-/// ids set with `ARGV[9..]` and make sure they are all in `connected_clients`
+/// ids set (and its routes) with `ARGV[9..]` and make sure they are all in `connected_clients`
 /// (another replica's janitor or an upstream replica may have removed them), remove
 /// from `connected_clients` the ids it held before but holds no more unless another
 /// live replica holds them (their departure happened while Redis was unreachable,
@@ -220,9 +233,11 @@ for i = 9, #ARGV, 1000 do
   redis.call('SADD', ids_key(me), unpack(ARGV, i, last))
   redis.call('SADD', KEYS[1], unpack(ARGV, i, last))
 end
+for i = 9, #ARGV do redis.call('SADD', routes_key(ARGV[i]), me) end
 for _, id in ipairs(before) do
-  if redis.call('SISMEMBER', ids_key(me), id) == 0 and not held_elsewhere(id) then
-    redis.call('SREM', KEYS[1], id)
+  if redis.call('SISMEMBER', ids_key(me), id) == 0 then
+    redis.call('SREM', routes_key(id), me)
+    if not held_elsewhere(id) then redis.call('SREM', KEYS[1], id) end
   end
 end
 local counted = tonumber(redis.call('GET', conns_key(me)) or '0')
@@ -236,7 +251,7 @@ return 1
 );
 
 /// Clean up after replicas whose lease expired (crashed, or cut off from Redis): their
-/// ids leave `connected_clients` unless a live replica holds them, and their share of
+/// routes go, their ids leave `connected_clients` unless a live replica holds them, and their share of
 /// the connection counter is taken back. With `ARGV[6]` = "retire", this replica's own
 /// lease is dropped first (graceful shutdown).
 ///
@@ -262,6 +277,7 @@ for _, r in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     local previous = me
     me = r
     for _, id in ipairs(redis.call('SMEMBERS', ids_key(r))) do
+      redis.call('SREM', routes_key(id), r)
       if not held_elsewhere(id) then
         redis.call('SREM', KEYS[1], id)
         removed = removed + 1
@@ -329,3 +345,50 @@ end
 for i = 3, #ARGV, 3 do changed = changed + apply(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])) end
 return changed
 "#;
+
+/// The first connections of the ids `ARGV[6..]` here authenticated: each goes to
+/// `connected_clients` (`KEYS[1]`), this replica's ids set, and its route.
+pub const ARRIVE: &str = concat!(
+    replica_keys!(),
+    r#"
+for i = 6, #ARGV do
+  redis.call('SADD', KEYS[1], ARGV[i])
+  redis.call('SADD', ids_key(me), ARGV[i])
+  redis.call('SADD', routes_key(ARGV[i]), me)
+end
+return #ARGV - 5
+"#
+);
+
+/// Route an envelope to the replicas holding its ids (routing by interest): for
+/// each id `ARGV[8..]`, the live replicas (their lease exists) in its route table;
+/// then one `PUBLISH` per replica, on its channel (`mesa_replica:<r>`), of the
+/// envelope `ARGV[6] .. ids .. ARGV[7]` naming that replica's ids (see
+/// [`Envelope::halves`](crate::cluster::Envelope::halves)), in the replicas' order.
+/// An id held nowhere is published to nobody, as it is on `ws`. Returns
+/// `{replicas published to, ids held nowhere}`.
+pub const ROUTE: &str = concat!(
+    replica_keys!(),
+    r#"
+local shares, order, live, nowhere = {}, {}, {}, 0
+for i = 8, #ARGV do
+  local held = false
+  for _, r in ipairs(redis.call('SMEMBERS', routes_key(ARGV[i]))) do
+    if live[r] == nil then live[r] = redis.call('EXISTS', lease_key(r)) == 1 end
+    if live[r] then
+      if not shares[r] then shares[r] = {}; order[#order + 1] = r end
+      local share = shares[r]
+      share[#share + 1] = cjson.encode(ARGV[i])
+      held = true
+    end
+  end
+  if not held then nowhere = nowhere + 1 end
+end
+table.sort(order)
+for _, r in ipairs(order) do
+  local envelope = ARGV[6] .. table.concat(shares[r], ',') .. ARGV[7]
+  redis.call('PUBLISH', 'mesa_replica:' .. r .. ARGV[5], envelope)
+end
+return {#order, nowhere}
+"#
+);

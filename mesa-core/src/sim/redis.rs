@@ -223,6 +223,8 @@ impl RedisModel {
                 Script::Renew => self.renew(now, &Scope::new(keys, args)?, args),
                 Script::Janitor => self.janitor(now, &Scope::new(keys, args)?, args),
                 Script::Rooms => self.rooms(keys, args),
+                Script::Arrive => self.arrive(&Scope::new(keys, args)?, &args[5..]),
+                Script::Route => self.route(now, &Scope::new(keys, args)?, args),
             },
         }
     }
@@ -489,6 +491,7 @@ impl RedisModel {
     /// [`Script::Leave`].
     fn leave(&mut self, now: Instant, scope: &Scope, id: &str) -> Result<RedisValue, CallError> {
         self.srem(&scope.ids(&scope.me), id);
+        self.srem(&scope.routes(id), &scope.me);
         if self.held_elsewhere(now, scope, &scope.me, id) {
             return Ok(RedisValue::Int(0));
         }
@@ -528,8 +531,15 @@ impl RedisModel {
             self.sadd(&ids_key, ids);
             self.sadd(&scope.clients, ids);
         }
+        for id in ids {
+            self.sadd(&scope.routes(id), std::slice::from_ref(&me));
+        }
         for id in before {
-            if !self.is_member(&ids_key, &id) && !self.held_elsewhere(now, scope, &me, &id) {
+            if self.is_member(&ids_key, &id) {
+                continue;
+            }
+            self.srem(&scope.routes(&id), &me);
+            if !self.held_elsewhere(now, scope, &me, &id) {
                 self.srem(&scope.clients, &id);
             }
         }
@@ -580,6 +590,7 @@ impl RedisModel {
                 .map(str::to_owned)
                 .collect();
             for id in ids {
+                self.srem(&scope.routes(&id), r);
                 if !self.held_elsewhere(now, scope, r, &id) {
                     self.srem(&scope.clients, &id);
                     removed += 1;
@@ -609,6 +620,55 @@ impl RedisModel {
 }
 
 impl RedisModel {
+    /// [`Script::Arrive`].
+    fn arrive(&mut self, scope: &Scope, ids: &[String]) -> Result<RedisValue, CallError> {
+        self.sadd(&scope.clients, ids);
+        self.sadd(&scope.ids(&scope.me), ids);
+        for id in ids {
+            self.sadd(&scope.routes(id), std::slice::from_ref(&scope.me));
+        }
+        Ok(RedisValue::Int(ids.len() as i64))
+    }
+
+    /// [`Script::Route`].
+    fn route(
+        &mut self,
+        now: Instant,
+        scope: &Scope,
+        args: &[String],
+    ) -> Result<RedisValue, CallError> {
+        let (head, tail) = (arg(args, 5)?, arg(args, 6)?);
+        let mut shares: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut nowhere = 0;
+        for id in &args[7..] {
+            let live: Vec<String> = self
+                .members(&scope.routes(id))
+                .into_iter()
+                .filter(|r| self.exists(now, &scope.lease(r)))
+                .map(str::to_owned)
+                .collect();
+            if live.is_empty() {
+                nowhere += 1;
+            }
+            for r in live {
+                shares
+                    .entry(r)
+                    .or_default()
+                    .push(Value::from(id.as_str()).to_string());
+            }
+        }
+        let published = shares.len() as i64;
+        for (r, ids) in shares {
+            let channel = format!("mesa_replica:{r}{}", scope.suffix);
+            let payload = format!("{head}{}{tail}", ids.join(","));
+            self.plain(now, "PUBLISH", &[channel, payload])?;
+        }
+        Ok(RedisValue::Array(vec![
+            RedisValue::Int(published),
+            RedisValue::Int(nowhere),
+        ]))
+    }
+
     /// [`Script::Rooms`].
     fn rooms(&mut self, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
         let mine = arg(keys, 0)?.to_owned();
@@ -695,6 +755,11 @@ impl Scope {
 
     fn conns(&self, r: &str) -> String {
         format!("{}{r}{}", self.conns_prefix, self.suffix)
+    }
+
+    /// The route table's entry of `id`.
+    fn routes(&self, id: &str) -> String {
+        format!("mesa_routes:{id}{}", self.suffix)
     }
 }
 

@@ -38,6 +38,12 @@ pub struct ClusterConfig {
     /// store (a private CA). Default `None`: the platform's store (which
     /// `SSL_CERT_FILE` replaces). With a `redis://` URL the link cannot be made.
     pub redis_ca_pem: Option<Vec<u8>>,
+    /// Publish sends to ids on the shared `ws` channel, which every replica reads,
+    /// @cryb/mesa's too (a mixed cluster needs it). Off, each send is routed to the
+    /// replicas that hold its ids, so a replica parses only what its connections need,
+    /// but Node replicas no longer get our sends to ids
+    /// (`mesa_core::ReplicaConfig::legacy_bus`). Default on.
+    pub legacy_bus: bool,
 }
 
 impl ClusterConfig {
@@ -50,6 +56,7 @@ impl ClusterConfig {
             portals: None,
             max_pending: 10_000,
             redis_ca_pem: None,
+            legacy_bus: true,
         }
     }
 }

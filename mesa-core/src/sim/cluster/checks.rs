@@ -84,6 +84,33 @@ impl ClusterSim {
             violations.push(format!("connected_clients_count {count:?} but {open} open"));
         }
         violations.extend(self.check_room_presence());
+        violations.extend(self.check_routes());
+        violations
+    }
+
+    /// Each id's route table entry names exactly the live replicas holding a
+    /// connection of it.
+    fn check_routes(&self) -> Vec<Violation> {
+        let ns = &self.config.replica.namespace;
+        let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for replica in self.replicas.iter().filter_map(|r| r.replica.as_ref()) {
+            for id in replica.hub().online_ids() {
+                let name = replica.keys().replica().to_owned();
+                expected.entry(id.to_owned()).or_default().push(name);
+            }
+        }
+        let mut violations = Vec::new();
+        for id in (0..self.config.ids).map(|i| format!("u{i}")) {
+            let mut held: Vec<&str> = self.redis.members(&ns.routes(&id));
+            held.sort_unstable();
+            let mut want = expected.remove(&id).unwrap_or_default();
+            want.sort_unstable();
+            if held != want {
+                violations.push(format!(
+                    "routes of {id}: Redis holds {held:?}, the replicas {want:?}"
+                ));
+            }
+        }
         violations
     }
 

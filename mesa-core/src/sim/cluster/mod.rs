@@ -214,6 +214,10 @@ pub struct Counters {
     pub undeliverable: u64,
     /// Sends a client refused (its queue full).
     pub refused: u64,
+    /// Envelopes the replicas received from Redis.
+    pub envelopes: u64,
+    /// Envelopes among them for no connection of the replica that received them.
+    pub unneeded: u64,
 }
 
 /// The cluster.
@@ -662,6 +666,12 @@ impl ClusterSim {
                 Command::Publish { payload, .. } => crate::cluster::Envelope::decode(payload)
                     .ok()
                     .and_then(|e| message_key(&e.message)),
+                // The envelope with no recipients between its halves.
+                Command::Route { head, tail, .. } => {
+                    crate::cluster::Envelope::decode(&format!("{head}{tail}"))
+                        .ok()
+                        .and_then(|e| message_key(&e.message))
+                }
                 _ => None,
             };
             if let Some(key) = key {
@@ -1070,6 +1080,10 @@ impl ClusterSim {
                 self.counters.undeliverable += ids.len() as u64;
             }
             ReplicaEvent::JobsLost { count, .. } => self.counters.jobs_lost += count as u64,
+            ReplicaEvent::Received { local } => {
+                self.counters.envelopes += 1;
+                self.counters.unneeded += u64::from(local == 0);
+            }
             _ => {}
         }
     }
