@@ -114,7 +114,6 @@ enum Op {
     Reject,
     Send,
     Disconnect(u16),
-    UpdateUser,
     Undelivered(Vec<String>),
 }
 
@@ -682,7 +681,6 @@ impl Harness {
                 };
                 assert_eq!(result, Ok(()));
                 assert_eq!(self.session.id(), Some(id.as_str()));
-                assert_eq!(self.session.user(), Some(&user));
                 let initial = !self.authenticated;
                 self.expected_events.push(SessionEvent::Authenticated {
                     id: id.clone(),
@@ -753,19 +751,6 @@ impl Harness {
                     must: open,
                     requested: true,
                 });
-            }
-            Op::UpdateUser => {
-                let user = json!({ "updated": true });
-                let result = self.session.update_user(user.clone());
-                if self.closed() {
-                    assert_eq!(result, Err(SessionError::Closed));
-                } else if !self.authenticated {
-                    assert_eq!(result, Err(SessionError::NotAuthenticated));
-                } else {
-                    assert_eq!(result, Ok(()));
-                    assert_eq!(self.session.user(), Some(&user));
-                }
-                self.drain(&CloseRule::none());
             }
             Op::Undelivered(texts) => {
                 let messages: Vec<Message> = texts

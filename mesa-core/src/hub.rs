@@ -4,6 +4,7 @@
 //! of them. The hub only decides; the adapter executes the returned [`Delivery`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::close::{Close, CloseCode};
 use crate::room_table::{Joined, RoomTable};
@@ -136,9 +137,58 @@ pub struct Departure {
 pub struct Hub {
     next: u64,
     auth_required: bool,
-    connections: BTreeMap<ConnId, Option<String>>,
-    by_id: HashMap<String, BTreeSet<ConnId>>,
+    /// Each connection's id, and each id's connections: one shared copy of the id.
+    connections: BTreeMap<ConnId, Option<Arc<str>>>,
+    by_id: HashMap<Arc<str>, ConnSet>,
     rooms: RoomTable,
+}
+
+/// The connections of one id here: one inline (most ids have one; a set of one
+/// would cost every connection a hundred bytes), more in a set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConnSet {
+    One(ConnId),
+    Many(BTreeSet<ConnId>),
+}
+
+impl ConnSet {
+    fn len(&self) -> usize {
+        match self {
+            ConnSet::One(_) => 1,
+            ConnSet::Many(conns) => conns.len(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = ConnId> + '_ {
+        let (one, many) = match self {
+            ConnSet::One(conn) => (Some(*conn), None),
+            ConnSet::Many(conns) => (None, Some(conns)),
+        };
+        one.into_iter().chain(many.into_iter().flatten().copied())
+    }
+
+    fn insert(&mut self, conn: ConnId) {
+        match self {
+            ConnSet::One(one) if *one == conn => {}
+            ConnSet::One(one) => *self = ConnSet::Many(BTreeSet::from([*one, conn])),
+            ConnSet::Many(conns) => drop(conns.insert(conn)),
+        }
+    }
+
+    /// Take `conn` out; whether none is left.
+    fn remove(&mut self, conn: ConnId) -> bool {
+        match self {
+            ConnSet::One(one) => *one == conn,
+            ConnSet::Many(conns) => {
+                conns.remove(&conn);
+                let empty = conns.is_empty();
+                if let (1, Some(&only)) = (conns.len(), conns.first()) {
+                    *self = ConnSet::One(only);
+                }
+                empty
+            }
+        }
+    }
 }
 
 impl Hub {
@@ -167,7 +217,7 @@ impl Hub {
 
     /// How many connections `id` has here.
     pub fn connections_of(&self, id: &str) -> usize {
-        self.by_id.get(id).map_or(0, BTreeSet::len)
+        self.by_id.get(id).map_or(0, ConnSet::len)
     }
 
     /// Whether `conn` is an open connection here.
@@ -177,7 +227,7 @@ impl Hub {
 
     /// The ids with at least one connection here.
     pub fn online_ids(&self) -> impl Iterator<Item = &str> {
-        self.by_id.keys().map(String::as_str)
+        self.by_id.keys().map(|id| &**id)
     }
 
     /// The id a connection authenticated as.
@@ -200,9 +250,25 @@ impl Hub {
         if slot.as_deref() == Some(id) {
             return None;
         }
-        let previous = slot.replace(id.to_owned());
-        self.by_id.entry(id.to_owned()).or_default().insert(conn);
-        previous.map(|previous| self.forget(conn, previous))
+        let known = self
+            .by_id
+            .get_key_value(id)
+            .map(|(shared, _)| shared.clone());
+        let shared = match known {
+            Some(shared) => {
+                if let Some(conns) = self.by_id.get_mut(id) {
+                    conns.insert(conn);
+                }
+                shared
+            }
+            None => {
+                let shared: Arc<str> = Arc::from(id);
+                self.by_id.insert(shared.clone(), ConnSet::One(conn));
+                shared
+            }
+        };
+        let previous = slot.replace(shared);
+        previous.map(|previous| self.forget(conn, &previous))
     }
 
     /// Remove a closed connection (and its room memberships: see
@@ -211,14 +277,14 @@ impl Hub {
     pub fn disconnect(&mut self, conn: ConnId) -> Option<Departure> {
         self.rooms.leave_all(conn);
         let id = self.connections.remove(&conn)??;
-        Some(self.forget(conn, id))
+        Some(self.forget(conn, &id))
     }
 
     /// The connections of `id` here.
     pub fn conns_of(&self, id: &str) -> Vec<ConnId> {
         self.by_id
             .get(id)
-            .map(|conns| conns.iter().copied().collect())
+            .map(|conns| conns.iter().collect())
             .unwrap_or_default()
     }
 
@@ -254,16 +320,16 @@ impl Hub {
         self.rooms.leave_all(conn)
     }
 
-    fn forget(&mut self, conn: ConnId, id: String) -> Departure {
-        let conns = self.by_id.get_mut(&id);
-        let last = conns.is_none_or(|conns| {
-            conns.remove(&conn);
-            conns.is_empty()
-        });
+    fn forget(&mut self, conn: ConnId, id: &str) -> Departure {
+        let conns = self.by_id.get_mut(id);
+        let last = conns.is_none_or(|conns| conns.remove(conn));
         if last {
-            self.by_id.remove(&id);
+            self.by_id.remove(id);
         }
-        Departure { id, last }
+        Departure {
+            id: id.to_owned(),
+            last,
+        }
     }
 
     /// The local connections `recipients` reach, and the explicit ids absent here (each
@@ -283,8 +349,8 @@ impl Hub {
                 let mut targets = BTreeSet::new();
                 let mut absent = Vec::new();
                 for id in first_seen(ids) {
-                    match self.by_id.get(id) {
-                        Some(conns) => targets.extend(conns),
+                    match self.by_id.get(id.as_str()) {
+                        Some(conns) => targets.extend(conns.iter()),
                         None => absent.push(id.clone()),
                     }
                 }

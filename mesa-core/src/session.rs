@@ -130,8 +130,10 @@ const TIMERS: usize = 5;
 enum Identity {
     /// Not authenticated (yet).
     Anonymous,
-    /// Authenticated as `id` with `user`.
-    User { id: String, user: Value },
+    /// Authenticated as `id`. (The user object is the application's: it leaves with
+    /// [`SessionEvent::Authenticated`], and a session keeps no copy, which would cost
+    /// every idle connection hundreds of bytes.)
+    User { id: String },
 }
 
 #[derive(Debug)]
@@ -142,7 +144,8 @@ enum State {
         pending_auth: Option<bool>,
         /// The latest op 2 that arrived while one was pending: decided next. Later
         /// ones replace it, so a flood costs one decision per answer, not a queue.
-        queued_auth: Option<Value>,
+        /// Boxed: rare, and a `Value` inline would cost every connection 80 bytes.
+        queued_auth: Option<Box<Value>>,
         /// A `LoadUndelivered` awaits the adapter's answer.
         pending_sync: bool,
         redelivery: Option<Box<Redelivery>>,
@@ -152,9 +155,9 @@ enum State {
 
 /// The server side of one Mesa connection.
 ///
-/// Methods come in four groups, as in quinn-proto: getters (`id`, `user`,
+/// Methods come in four groups, as in quinn-proto: getters (`id`,
 /// `is_authenticated`, `is_closed`, `read_paused_until`, `awaits_undelivered`),
-/// inputs (`handle_*`), commands (`accept`, `reject`, `send`, `update_user`,
+/// inputs (`handle_*`), commands (`accept`, `reject`, `send`,
 /// `disconnect`), and outputs (`poll_*`). After every input or
 /// command, drain `poll_transmit` until `None`, then `poll_event` until `None`, then
 /// re-arm the timer from `poll_timeout`. Apply the events (notably
@@ -233,17 +236,6 @@ impl ServerSession {
                 identity: Identity::User { id, .. },
                 ..
             } => Some(id),
-            _ => None,
-        }
-    }
-
-    /// The user object of an authenticated connection.
-    pub fn user(&self) -> Option<&Value> {
-        match &self.state {
-            State::Open {
-                identity: Identity::User { user, .. },
-                ..
-            } => Some(user),
             _ => None,
         }
     }
@@ -424,10 +416,7 @@ impl ServerSession {
             .take()
             .ok_or(SessionError::NoPendingAuthentication)?;
         let initial = matches!(identity, Identity::Anonymous);
-        *identity = Identity::User {
-            id: id.clone(),
-            user: user.clone(),
-        };
+        *identity = Identity::User { id: id.clone() };
         if initial {
             self.timers.stop(Timer::AuthTimeout as usize);
             let d = if send_user { user.clone() } else { json!({}) };
@@ -477,21 +466,6 @@ impl ServerSession {
         Ok(())
     }
 
-    /// Replace the user object of an authenticated connection (no frame is sent).
-    pub fn update_user(&mut self, user: Value) -> Result<(), SessionError> {
-        match &mut self.state {
-            State::Open {
-                identity: Identity::User { user: current, .. },
-                ..
-            } => {
-                *current = user;
-                Ok(())
-            }
-            State::Open { .. } => Err(SessionError::NotAuthenticated),
-            State::Closed => Err(SessionError::Closed),
-        }
-    }
-
     /// Whether the client opted in to rooms.
     pub fn is_extended(&self) -> bool {
         self.extended
@@ -531,7 +505,13 @@ impl ServerSession {
 
     /// The next thing to write to the transport.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let transmit = self.transmits.pop_front();
+        if transmit.is_none() && self.transmits.capacity() > 0 {
+            // Drained: an idle session keeps no frame buffer either (the hello's
+            // stays otherwise, on every connection).
+            self.transmits = VecDeque::new();
+        }
+        transmit
     }
 
     /// The next event for the application or the adapter.
@@ -604,7 +584,7 @@ impl ServerSession {
         };
         if pending_auth.is_some() {
             // One decision at a time, as upstream answers each op 2 in turn.
-            *queued_auth = Some(credentials);
+            *queued_auth = Some(Box::new(credentials));
             return;
         }
         let should_sync = credentials.get("shouldSync").is_none_or(is_truthy);
@@ -619,7 +599,7 @@ impl ServerSession {
     fn request_queued_authentication(&mut self) {
         if let State::Open { queued_auth, .. } = &mut self.state {
             if let Some(credentials) = queued_auth.take() {
-                self.request_authentication(credentials);
+                self.request_authentication(*credentials);
             }
         }
     }

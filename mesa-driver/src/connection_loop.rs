@@ -212,7 +212,7 @@ where
                     .map(|a| a.authenticate(credentials));
             }
             SessionEvent::Authenticated { id, user, .. } => {
-                *lock(&self.shared().identity) = Some(Identity { id, user });
+                *lock(&self.shared().identity) = Some(Identity::new(&id, &user));
                 middleware.emit(|m| m.on_authenticated(&self.conn));
                 self.call(AppCall::Authenticated);
             }
@@ -500,7 +500,6 @@ where
             let _ = match item {
                 Outbound::Frame(frame) => self.session.send(frame),
                 Outbound::Close(close) => self.session.disconnect(close),
-                Outbound::UpdateUser(user) => self.session.update_user(user),
             };
         }
     }

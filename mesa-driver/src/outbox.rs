@@ -1,5 +1,4 @@
-//! A connection's inbox of work from other tasks (frames to write, a close, a user
-//! update), bounded by bytes so that a client that stops reading cannot grow the
+//! A connection's inbox of work from other tasks (frames to write, a close), bounded by bytes so that a client that stops reading cannot grow the
 //! server's memory without limit.
 
 use std::collections::VecDeque;
@@ -8,14 +7,12 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 use mesa_core::{Close, Frame};
-use serde_json::Value;
 
 /// One piece of work for a connection's task.
 #[derive(Debug)]
 pub(crate) enum Outbound {
     Frame(Frame),
     Close(Close),
-    UpdateUser(Value),
 }
 
 /// Why a push was refused.
@@ -106,6 +103,11 @@ impl Outbox {
             VecDeque::new()
         };
         Poll::Ready(Drained { items, overflowed })
+    }
+
+    /// Whether it refuses everything (the connection is gone).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Refuse everything from now on.

@@ -42,21 +42,18 @@ impl Connection {
 
     /// The authenticated id.
     pub fn id(&self) -> Option<String> {
-        self.identity().map(|i| i.id)
+        self.shared.id()
     }
 
-    /// The authenticated user object.
+    /// The authenticated user object (decoded anew at each call: the connection keeps
+    /// it as text, which costs an idle connection far less).
     pub fn user(&self) -> Option<Value> {
-        self.identity().map(|i| i.user)
+        lock(&self.shared.identity).as_ref().map(Identity::user)
     }
 
     /// Whether the connection has authenticated.
     pub fn is_authenticated(&self) -> bool {
-        self.identity().is_some()
-    }
-
-    fn identity(&self) -> Option<Identity> {
-        self.shared.identity()
+        lock(&self.shared.identity).is_some()
     }
 
     /// Send `message` to this connection only.
@@ -69,12 +66,16 @@ impl Connection {
         Ok(self.shared.outbox.push(Outbound::Close(close))?)
     }
 
-    /// Replace the user object (no frame is sent, as upstream).
+    /// Replace the user object (no frame is sent, as upstream); refused once the
+    /// connection closed.
     pub fn update_user(&self, user: Value) -> Result<(), SendError> {
-        if let Some(identity) = lock(&self.shared.identity).as_mut() {
-            identity.user = user.clone();
+        if self.shared.outbox.is_closed() {
+            return Err(SendError::Closed);
         }
-        Ok(self.shared.outbox.push(Outbound::UpdateUser(user))?)
+        if let Some(identity) = lock(&self.shared.identity).as_mut() {
+            identity.set_user(&user);
+        }
+        Ok(())
     }
 
     /// Put this connection in `room` (see [`ServerHandle::join`]).
