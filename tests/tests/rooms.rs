@@ -380,31 +380,37 @@ async fn the_published_clients_never_see_anything_new_over_ten_thousand_messages
     }
 }
 
+/// A cluster on `redis` whose leases last 900 ms: a crashed replica's members go soon.
+fn short_lease(redis: &RedisServer) -> ClusterConfig {
+    let mut cluster = ClusterConfig::new(redis.url());
+    cluster.lease = std::time::Duration::from_millis(900);
+    cluster
+}
+
+/// A replica of that cluster on a runtime of its own, so that dropping it is a crash.
+fn crashable(redis: &RedisServer) -> Crashable {
+    let cluster = short_lease(redis);
+    Crashable::start(move || {
+        builder(RoomPolicy::Authenticated)
+            .cluster(cluster)
+            .build()
+            .unwrap()
+    })
+}
+
 /// Who is in a room, asked of one replica: the members of every replica, by id with
 /// their connections; a member that leaves goes; a replica that crashes takes its
 /// members with it within its lease.
 #[tokio::test]
 async fn who_is_in_a_room_counts_every_replica_and_forgets_a_crashed_one() {
     let redis = RedisServer::start();
-    let cluster = || {
-        let mut cluster = ClusterConfig::new(redis.url());
-        cluster.lease = std::time::Duration::from_millis(900);
-        cluster
-    };
     let a = builder(RoomPolicy::Authenticated)
-        .cluster(cluster())
+        .cluster(short_lease(&redis))
         .build()
         .unwrap();
     let handle = a.handle();
     let addr_a = start(a).await;
-    // Replica b runs on a runtime of its own, so that dropping it is a crash.
-    let b_cluster = cluster();
-    let b = Crashable::start(move || {
-        builder(RoomPolicy::Authenticated)
-            .cluster(b_cluster)
-            .build()
-            .unwrap()
-    });
+    let b = crashable(&redis);
     let addr_b = b.addr();
 
     let (mut alice, _) = client(addr_a, "alice", true).await;
@@ -485,26 +491,15 @@ async fn notices(ws: &mut Raw<Tokio>, own: &str, count: usize) -> Vec<(String, S
 #[tokio::test]
 async fn members_that_ask_hear_each_id_join_and_leave_over_the_cluster() {
     let redis = RedisServer::start();
-    let cluster = || {
-        let mut cluster = ClusterConfig::new(redis.url());
-        cluster.lease = std::time::Duration::from_millis(900);
-        cluster
-    };
     // The relay echoes: an echo ends what a client received.
     let a = builder(RoomPolicy::Authenticated)
-        .cluster(cluster())
+        .cluster(short_lease(&redis))
         .handler(mesa_tokio::Relay)
         .build()
         .unwrap();
     let handle = a.handle();
     let addr_a = start(a).await;
-    let b_cluster = cluster();
-    let b = Crashable::start(move || {
-        builder(RoomPolicy::Authenticated)
-            .cluster(b_cluster)
-            .build()
-            .unwrap()
-    });
+    let b = crashable(&redis);
     let (mut alice, _) = client(addr_a, "alice", true).await;
     let d = json!({"room": "lobby", "ref": 1, "presence": true});
     send(&mut alice, json!({"op": 0, "t": "mesa:subscribe", "d": d})).await;
