@@ -55,7 +55,7 @@ export declare class MesaRoomError extends Error {
   readonly room: string
   /**
    * The server's code (`bad_request`, `invalid_room`, `unauthorized`, `too_many_rooms`,
-   * `not_subscribed`) or the client's own (`unsupported`: the server has no rooms;
+   * `not_subscribed`, `too_many_requests`, `unavailable`) or the client's own (`unsupported`: the server has no rooms;
    * `unauthorized`: the server authenticates and `authenticate` was not called;
    * `unsubscribed`: unsubscribe() came first; `disconnected`: no answer before the
    * connection closed).
@@ -73,6 +73,10 @@ export interface MesaClientEvents {
   subscribed: { room: string; byServer: boolean }
   /** A subscription ended: by unsubscribe(), or by the server (byServer). */
   unsubscribed: { room: string; byServer: boolean }
+  /** An id's first connection joined a room subscribed to with `presence: true`. */
+  join: { room: string; id: string }
+  /** An id's last connection left such a room. */
+  leave: { room: string; id: string }
   /** `reconnectAt` (ms since the epoch) is null when no reconnection follows. */
   disconnected: { code: number; reason: string; reconnectAt: number | null; attempt?: number }
   /** A frame that is not Mesa, or a refused publish (a MesaRoomError). */
@@ -97,8 +101,13 @@ export declare class MesaClient {
   authenticate (credentials: Record<string, unknown>, options?: { shouldSync?: boolean }): Promise<unknown>
   /** Send a dispatch now, or queue it until the connection is ready. */
   send (t: string, d?: unknown): void
-  /** Subscribe to a room (restored after every reconnection); rejects with a MesaRoomError. */
-  subscribe (room: string, options?: { token?: string }): Promise<void>
+  /**
+   * Subscribe to a room (restored after every reconnection); rejects with a MesaRoomError.
+   * With `presence`, `join` and `leave` events tell who comes and goes.
+   */
+  subscribe (room: string, options?: { token?: string; presence?: boolean }): Promise<void>
+  /** Who is in a room this connection is in: each id with its connections there. */
+  presence (room: string): Promise<Record<string, number>>
   /** Leave a room; rejects with a MesaRoomError. */
   unsubscribe (room: string): Promise<void>
   /** Publish to a room now, or queue it; a refusal is an `error` event. */

@@ -20,7 +20,10 @@
 //    again to every room subscribed to, then flush the sends queued while
 //    disconnected (bounded), in order.
 // 5. Rooms are control dispatches (op 0, `t` starting with `mesa:`) with a `ref`
-//    that the answer echoes: `mesa:subscribed`, `mesa:unsubscribed` or `mesa:error`.
+//    that the answer echoes: `mesa:subscribed`, `mesa:unsubscribed`, `mesa:presence`
+//    or `mesa:error`. A subscription made with `presence: true` also hears
+//    `mesa:join` and `mesa:leave` (no ref): an id's first connection in the room,
+//    its last one gone.
 //    A room message is an op 0 with a top-level `room`.
 // 6. When the connection is lost, reconnect after a delay with full jitter: attempt n
 //    waits a uniform delay in [0, min(cap, base x 2^n)], base being the server's
@@ -89,7 +92,7 @@ export class MesaClient {
   // ----- events -----
 
   // Listen to 'connecting', 'connected', 'authenticated', 'message', 'subscribed',
-  // 'unsubscribed', 'disconnected' or 'error'. Returns a function that stops listening.
+  // 'unsubscribed', 'join', 'leave', 'disconnected' or 'error'. Returns a function that stops listening.
   on (event, listener) {
     if (!this.listeners.has(event)) this.listeners.set(event, new Set())
     this.listeners.get(event).add(listener)
@@ -135,11 +138,12 @@ export class MesaClient {
   // Subscribe to `room` (with the server's authorization `token`, if any). Resolves
   // on `mesa:subscribed`, rejects with a MesaRoomError on `mesa:error` or when the
   // server has no rooms. Made now if ready, else once ready; restored after every
-  // reconnection until unsubscribe().
-  subscribe (room, { token } = {}) {
+  // reconnection until unsubscribe(). With `presence: true`, 'join' and 'leave'
+  // events tell who comes and goes (per id, over the cluster).
+  subscribe (room, { token, presence = false } = {}) {
     let entry = this.subscriptions.get(room)
     if (entry === undefined) {
-      entry = { token, ref: null, subscribed: false, waiters: [] }
+      entry = { token, presence, ref: null, subscribed: false, waiters: [] }
       this.subscriptions.set(room, entry)
       this.requestSubscription(room)
     }
@@ -156,6 +160,17 @@ export class MesaClient {
     this.settle(entry, new MesaRoomError(room, 'unsubscribed', 'unsubscribed before the answer'))
     if (entry.ref === null || !this.roomsReady()) return Promise.resolve()
     return this.request('mesa:unsubscribe', { room })
+  }
+
+  // Who is in `room` (a room this connection is in): resolves with an object of each
+  // id and its connections there, rejects with a MesaRoomError (`not_subscribed`,
+  // `unavailable`, `too_many_requests`, or `disconnected` when the connection ends
+  // first). Asked of the connection of the moment only: never queued.
+  presence (room) {
+    if (!this.roomsReady()) {
+      return Promise.reject(new MesaRoomError(room, 'disconnected', 'no connection carries rooms now'))
+    }
+    return this.request('mesa:presence', { room })
   }
 
   // Publish a message of type `t` with data `d` to `room` (when the server allows
@@ -330,6 +345,7 @@ export class MesaClient {
     entry.ref = this.nextRef++
     const d = { room, ref: entry.ref }
     if (entry.token !== undefined) d.token = entry.token
+    if (entry.presence) d.presence = true
     this.requests.set(entry.ref, { kind: 'subscribe', room })
     this.transmit({ op: Opcode.DISPATCH, t: `${CONTROL}subscribe`, d })
   }
@@ -356,6 +372,13 @@ export class MesaClient {
         this.settle(entry, null)
       }
       return this.emit('subscribed', { room, byServer: request === undefined })
+    }
+    if (t === `${CONTROL}join` || t === `${CONTROL}leave`) {
+      return this.emit(t.slice(CONTROL.length), { room, id: d.id })
+    }
+    if (t === `${CONTROL}presence`) {
+      if (request !== undefined && request.resolve) request.resolve(d.members)
+      return
     }
     if (t === `${CONTROL}unsubscribed`) {
       if (request === undefined) this.subscriptions.delete(room)

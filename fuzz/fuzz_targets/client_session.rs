@@ -74,6 +74,10 @@ enum Known {
     Unsubscribed(u8, Option<u8>),
     Refused(u8, Option<u8>),
     RoomMessage(u8),
+    /// `mesa:join` (`true`) or `mesa:leave` of an id.
+    Presence(u8, bool, String),
+    /// `mesa:presence`: the answer to a presence request.
+    Members(u8, Option<u8>),
 }
 
 impl Known {
@@ -113,6 +117,14 @@ impl Known {
             Known::Subscribed(r, reference) => return notice("subscribed", *r, *reference),
             Known::Unsubscribed(r, reference) => return notice("unsubscribed", *r, *reference),
             Known::Refused(r, reference) => return notice("error", *r, *reference),
+            Known::Presence(r, joined, id) => {
+                let kind = if *joined { "mesa:join" } else { "mesa:leave" };
+                Message::dispatch(kind, json!({"room": room(*r), "id": id}))
+            }
+            Known::Members(r, reference) => Message::dispatch(
+                "mesa:presence",
+                json!({"room": room(*r), "ref": reference, "members": {"alice": 2}}),
+            ),
             Known::RoomMessage(r) => {
                 let message = Message::dispatch("CHAT", json!({"x": 1}));
                 return rooms::room_frame(&message, room(*r)).as_str().to_owned();
@@ -155,8 +167,11 @@ enum Op {
     Subscribe {
         room: u8,
         token: bool,
+        presence: bool,
     },
     Unsubscribe(u8),
+    /// A presence request.
+    Presence(u8),
     /// `typed` false publishes a message without a type (misuse).
     Publish {
         room: u8,
@@ -190,6 +205,7 @@ struct Greeting {
 struct Held {
     room: String,
     token: Option<String>,
+    presence: bool,
     pending: Option<u64>,
 }
 
@@ -449,7 +465,8 @@ impl Model {
     fn request(&mut self, request: RoomRequest) {
         let (RoomRequest::Subscribe { reference, .. }
         | RoomRequest::Unsubscribe { reference, .. }
-        | RoomRequest::Publish { reference, .. }) = &request;
+        | RoomRequest::Publish { reference, .. }
+        | RoomRequest::Presence { reference, .. }) = &request;
         let reference = reference.as_u64().expect("a numbered reference");
         assert!(
             !self.refs_on_connection.contains(&reference),
@@ -515,6 +532,7 @@ impl Model {
                 room: held.room,
                 reference: json!(held.pending),
                 token: held.token,
+                presence: held.presence,
             });
         }
         for (reference, room, message) in std::mem::take(&mut self.waiting) {
@@ -563,6 +581,17 @@ impl Model {
                     refusal: refused.refusal,
                 }
             }
+            RoomNotice::Join { room, id } => ClientEvent::MemberJoined { room, id },
+            RoomNotice::Leave { room, id } => ClientEvent::MemberLeft { room, id },
+            RoomNotice::Members {
+                room,
+                reference,
+                members,
+            } => ClientEvent::Members {
+                room,
+                reference: reference.as_u64().map(Reference::from_u64),
+                members,
+            },
         };
         self.events.push(event);
     }
@@ -579,7 +608,25 @@ impl Model {
         Ok(())
     }
 
-    fn subscribe(&mut self, room: &str, token: Option<String>) -> Result<Reference, ClientError> {
+    fn presence(&mut self, room: &str) -> Result<Reference, ClientError> {
+        self.check_room(room)?;
+        if !self.carries() {
+            return Err(ClientError::NotCarryingRooms);
+        }
+        let reference = self.draw();
+        self.request(RoomRequest::Presence {
+            room: room.to_owned(),
+            reference: json!(reference),
+        });
+        Ok(Reference::from_u64(reference))
+    }
+
+    fn subscribe(
+        &mut self,
+        room: &str,
+        token: Option<String>,
+        presence: bool,
+    ) -> Result<Reference, ClientError> {
         self.check_room(room)?;
         let max = self.config.limits.max_rooms_per_connection;
         let index = match self.held.iter().position(|h| h.room == room) {
@@ -589,6 +636,7 @@ impl Model {
                 self.held.push(Held {
                     room: room.to_owned(),
                     token: None,
+                    presence,
                     pending: None,
                 });
                 self.held.len() - 1
@@ -600,6 +648,7 @@ impl Model {
             _ => self.draw(),
         };
         self.held[index].token = token;
+        self.held[index].presence = presence;
         self.held[index].pending = Some(reference);
         if carries {
             let held = self.held[index].clone();
@@ -607,6 +656,7 @@ impl Model {
                 room: held.room,
                 reference: json!(reference),
                 token: held.token,
+                presence: held.presence,
             });
         }
         Ok(Reference::from_u64(reference))
@@ -1006,10 +1056,24 @@ impl Harness {
                     }
                 }
             }
-            Op::Subscribe { room: r, token } => {
+            Op::Subscribe {
+                room: r,
+                token,
+                presence,
+            } => {
                 let token = token.then(|| "k".to_owned());
-                let result = self.session.subscribe(now, room(*r), token.as_deref());
-                assert_eq!(result, model.subscribe(room(*r), token), "subscribe");
+                let result = if *presence {
+                    self.session
+                        .subscribe_with_presence(now, room(*r), token.as_deref())
+                } else {
+                    self.session.subscribe(now, room(*r), token.as_deref())
+                };
+                let expected = model.subscribe(room(*r), token, *presence);
+                assert_eq!(result, expected, "subscribe");
+            }
+            Op::Presence(r) => {
+                let result = self.session.presence(now, room(*r));
+                assert_eq!(result, model.presence(room(*r)), "presence");
             }
             Op::Unsubscribe(r) => {
                 let result = self.session.unsubscribe(now, room(*r));

@@ -1,6 +1,7 @@
 //! Arbitrary text read as everything of rooms that comes from a peer: a client's
 //! request (as a dispatch of an extended connection), a server's notice, a frame
-//! with its room, and a room envelope from Redis.
+//! with its room, and a room channel's payload from Redis (an envelope or a change
+//! of presence).
 //!
 //! Invariants: nothing panics; whatever parses encodes back to something that
 //! parses to the same value; a request's refusal names the reference it carried; a
@@ -8,7 +9,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesa_core::rooms::{RoomEnvelope, RoomNotice, RoomRequest, check_room, decode_room_message};
+use mesa_core::rooms::{
+    RoomEnvelope, RoomNotice, RoomPayload, RoomRequest, check_room, decode_room_message,
+};
 use mesa_core::{Limits, Message};
 use serde_json::Value;
 
@@ -23,7 +26,8 @@ fuzz_target!(|text: &str| {
                 let room = match &request {
                     RoomRequest::Subscribe { room, .. }
                     | RoomRequest::Unsubscribe { room, .. }
-                    | RoomRequest::Publish { room, .. } => room,
+                    | RoomRequest::Publish { room, .. }
+                    | RoomRequest::Presence { room, .. } => room,
                 };
                 assert!(check_room(room, &limits).is_ok(), "an invalid room passed");
                 assert!(room.len() <= limits.max_room_name_bytes);
@@ -43,6 +47,17 @@ fuzz_target!(|text: &str| {
         }
     }
     let _ = decode_room_message(text, &limits);
+    match RoomPayload::decode(text) {
+        Ok(RoomPayload::Message(envelope)) => {
+            assert_eq!(RoomEnvelope::decode(text), Ok(envelope), "one reading");
+        }
+        Ok(RoomPayload::Presence(change)) => {
+            let again = RoomPayload::decode(&change.encode());
+            assert_eq!(again, Ok(RoomPayload::Presence(change)), "round trip");
+            assert!(RoomEnvelope::decode(text).is_err(), "never both");
+        }
+        Err(_) => {}
+    }
     if let Ok(envelope) = RoomEnvelope::decode(text) {
         assert_eq!(
             RoomEnvelope::decode(&envelope.encode()),

@@ -206,6 +206,7 @@ impl Harness {
             },
             max_rooms_per_connection: 2,
             max_room_name_bytes: 8,
+            max_presence_requests: 1,
         };
         let sync = SyncConfig {
             redelivery_interval: Duration::from_millis(u64::from(setup.redelivery_ms % 4)),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mesa_tokio::rooms::{self, check_room};
+use mesa_tokio::rooms::{self, RoomNotice, check_room};
 use mesa_tokio::{Client, ClientError, ClientEvent, Close, CloseCode, Limits, Message};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
@@ -73,6 +73,12 @@ pub(crate) struct ClientArgs {
         value_parser = parse_room
     )]
     subscribe: Vec<String>,
+
+    /// With --subscribe: also hear who joins and leaves each room (per id, over the
+    /// cluster); each change prints as its notice,
+    /// `{"op":0,"d":{"room":"R","id":"ID"},"t":"mesa:join"}` or `"mesa:leave"`.
+    #[arg(long, env = "MESA_PRESENCE", requires = "subscribe")]
+    presence: bool,
 }
 
 /// A room name, checked as the server checks it.
@@ -121,6 +127,7 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
     let mut subscribes = std::pin::pin!(subscribe_all(
         client.clone(),
         args.subscribe.clone(),
+        args.presence,
         report.format
     ));
 
@@ -291,6 +298,14 @@ fn handle(
         ClientEvent::RoomMessage { room, message } => {
             print_line(rooms::room_frame(&message, &room).as_str())?
         }
+        ClientEvent::MemberJoined { room, id } => {
+            print_line(RoomNotice::Join { room, id }.encode().as_str())?
+        }
+        ClientEvent::MemberLeft { room, id } => {
+            print_line(RoomNotice::Leave { room, id }.encode().as_str())?
+        }
+        // This command asks no presence request.
+        ClientEvent::Members { .. } => {}
         ClientEvent::Subscribed { room, reference } => report.event(
             "subscribed",
             [
@@ -332,11 +347,16 @@ fn handle(
 
 /// Subscribe to every room of `--subscribe`. Only what no event reports is reported
 /// here: the client's own refusals (a refused or unavailable subscribe is an event).
-async fn subscribe_all(client: Client, rooms: Vec<String>, format: LogFormat) {
+async fn subscribe_all(client: Client, rooms: Vec<String>, presence: bool, format: LogFormat) {
     let subscribes = rooms.into_iter().map(|room| {
         let client = client.clone();
         async move {
-            match client.subscribe(room.clone()).await {
+            let subscribed = if presence {
+                client.subscribe_with_presence(room.clone(), None).await
+            } else {
+                client.subscribe(room.clone()).await
+            };
+            match subscribed {
                 Err(ClientError::Session(error))
                     if error != mesa_tokio::ClientSessionError::NoRooms =>
                 {

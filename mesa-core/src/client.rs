@@ -161,6 +161,30 @@ pub enum ClientEvent {
         /// The message (`op` 0 with its `t` and `d`).
         message: Message,
     },
+    /// `id` has its first connection in `room` (over the cluster): told to a
+    /// subscription made with presence ([`subscribe_with_presence`](ClientSession::subscribe_with_presence)).
+    MemberJoined {
+        /// The room.
+        room: String,
+        /// The id that joined.
+        id: String,
+    },
+    /// `id`'s last connection in `room` left it.
+    MemberLeft {
+        /// The room.
+        room: String,
+        /// The id that left.
+        id: String,
+    },
+    /// The answer to [`presence`](ClientSession::presence): who is in `room`.
+    Members {
+        /// The room.
+        room: String,
+        /// The request answered.
+        reference: Option<Reference>,
+        /// Each id in the room with its connections in it, by id.
+        members: Vec<(String, u64)>,
+    },
     /// The server of this connection has no rooms (its hello lacks the `rooms` rule),
     /// so the room requests that waited for an answer or for a connection are
     /// dropped; subscriptions the server confirmed before are kept for the next
@@ -224,6 +248,10 @@ pub enum ClientError {
     /// A room message needs a type `t`, outside the reserved `mesa:` prefix.
     #[error("a room message needs a type `t` that does not start with `mesa:`")]
     InvalidRoomMessage,
+    /// A presence request while no connection carries rooms (it is asked of the
+    /// connection of the moment, never queued).
+    #[error("no connection carries rooms now")]
+    NotCarryingRooms,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -417,13 +445,53 @@ impl ClientSession {
         room: &str,
         token: Option<&str>,
     ) -> Result<Reference, ClientError> {
+        self.subscribe_as(room, token, false)
+    }
+
+    /// [`subscribe`](Self::subscribe) with `"presence": true`: the connection also
+    /// hears which ids join and leave the room ([`ClientEvent::MemberJoined`],
+    /// [`ClientEvent::MemberLeft`]), on every connection the subscription is made on.
+    pub fn subscribe_with_presence(
+        &mut self,
+        _now: Instant,
+        room: &str,
+        token: Option<&str>,
+    ) -> Result<Reference, ClientError> {
+        self.subscribe_as(room, token, true)
+    }
+
+    /// Ask who is in `room` (a room the connection is in): answered by a
+    /// [`ClientEvent::Members`] or a [`ClientEvent::RoomRefused`] with the returned
+    /// reference. Asked of the connection of the moment only: without one that
+    /// carries rooms it is an error, and a connection that drops takes it along.
+    pub fn presence(&mut self, _now: Instant, room: &str) -> Result<Reference, ClientError> {
+        self.check_room_command(room)?;
+        if !self.carries_rooms() {
+            return Err(ClientError::NotCarryingRooms);
+        }
+        let reference = self.subscriptions.draw();
+        self.transmit_request(&RoomRequest::Presence {
+            room: room.to_owned(),
+            reference: reference.to_wire(),
+        });
+        Ok(reference)
+    }
+
+    fn subscribe_as(
+        &mut self,
+        room: &str,
+        token: Option<&str>,
+        presence: bool,
+    ) -> Result<Reference, ClientError> {
         self.check_room_command(room)?;
         let max = self.config.limits.max_rooms_per_connection;
         if !self.subscriptions.holds(room) && self.subscriptions.len() >= max {
             return Err(ClientError::TooManyRooms(max));
         }
         let now_sent = self.carries_rooms();
-        let reference = self.subscriptions.subscribe(room, token, now_sent);
+        let reference = self
+            .subscriptions
+            .subscribe(room, token, presence, now_sent);
         if now_sent && let Some(request) = self.subscriptions.request(room) {
             self.transmit_request(&request);
         }
@@ -765,6 +833,17 @@ impl ClientSession {
                     refusal: refused.refusal,
                 }
             }
+            RoomNotice::Join { room, id } => ClientEvent::MemberJoined { room, id },
+            RoomNotice::Leave { room, id } => ClientEvent::MemberLeft { room, id },
+            RoomNotice::Members {
+                room,
+                reference,
+                members,
+            } => ClientEvent::Members {
+                room,
+                reference: Reference::from_wire(&reference),
+                members,
+            },
         };
         self.events.push_back(event);
     }

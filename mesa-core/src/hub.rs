@@ -3,12 +3,12 @@
 //! One id may hold several connections (tabs, devices); a send to an id reaches all
 //! of them. The hub only decides; the adapter executes the returned [`Delivery`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::close::{Close, CloseCode};
 use crate::room_table::{Joined, RoomTable};
-use crate::rooms::{RefusalCode, RoomRefusal};
+use crate::rooms::{PresenceChange, RefusalCode, RoomRefusal};
 use crate::wire::{Frame, Message, Opcode};
 
 /// A connection's handle inside one server process.
@@ -141,6 +141,10 @@ pub struct Hub {
     connections: BTreeMap<ConnId, Option<Arc<str>>>,
     by_id: HashMap<Arc<str>, ConnSet>,
     rooms: RoomTable,
+    /// The hub decides room presence changes itself (a server alone; in a cluster,
+    /// Redis's scripts do): they wait in `changes` for [`poll_presence`](Hub::poll_presence).
+    decides_presence: bool,
+    changes: VecDeque<PresenceChange>,
 }
 
 /// The connections of one id here: one inline (most ids have one; a set of one
@@ -198,6 +202,21 @@ impl Hub {
             auth_required,
             ..Hub::default()
         }
+    }
+
+    /// A hub that decides room presence itself, for a server alone: each id's first
+    /// connection in a room and its last one leaving become [`PresenceChange`]s
+    /// (anonymous connections have no id and change nothing).
+    pub fn deciding_presence(auth_required: bool) -> Self {
+        Hub {
+            decides_presence: true,
+            ..Hub::new(auth_required)
+        }
+    }
+
+    /// The next room presence change (only a hub that decides presence makes any).
+    pub fn poll_presence(&mut self) -> Option<PresenceChange> {
+        self.changes.pop_front()
     }
 
     /// Number of open connections.
@@ -268,14 +287,20 @@ impl Hub {
             }
         };
         let previous = slot.replace(shared);
-        previous.map(|previous| self.forget(conn, &previous))
+        let rooms = self.rooms_of(conn);
+        let departure = previous.map(|previous| self.forget(conn, &previous));
+        if let Some(departure) = &departure {
+            self.presence_changed(&departure.id, &rooms, false);
+        }
+        self.presence_changed(id, &rooms, true);
+        departure
     }
 
     /// Remove a closed connection (and its room memberships: see
     /// [`leave_rooms`](Self::leave_rooms) to learn which rooms it empties); reports
     /// its id's presence change, if it had one.
     pub fn disconnect(&mut self, conn: ConnId) -> Option<Departure> {
-        self.rooms.leave_all(conn);
+        self.leave_rooms(conn);
         let id = self.connections.remove(&conn)??;
         Some(self.forget(conn, &id))
     }
@@ -306,18 +331,91 @@ impl Hub {
             let reason = "the connection is closed";
             return Err(RoomRefusal::new(RefusalCode::BadRequest, reason));
         }
-        self.rooms.join(conn, room, max)
+        let joined = self.rooms.join(conn, room, max)?;
+        if !joined.already {
+            self.conn_presence_changed(conn, &[room.to_owned()], true);
+        }
+        Ok(joined)
+    }
+
+    /// Whether member `conn` hears `room`'s presence notices (see
+    /// [`RoomTable::watch`]); returns whether it does now.
+    pub fn watch(&mut self, conn: ConnId, room: &str, on: bool) -> bool {
+        self.rooms.watch(conn, room, on)
     }
 
     /// Take `conn` out of `room`: `None` when it was not in it, else whether the room
     /// has no member here any more.
     pub fn leave(&mut self, conn: ConnId, room: &str) -> Option<bool> {
-        self.rooms.leave(conn, room)
+        let left = self.rooms.leave(conn, room);
+        if left.is_some() {
+            self.conn_presence_changed(conn, &[room.to_owned()], false);
+        }
+        left
     }
 
     /// Take `conn` out of every room; returns the rooms left with no member here.
     pub fn leave_rooms(&mut self, conn: ConnId) -> Vec<String> {
-        self.rooms.leave_all(conn)
+        let rooms = self.rooms_of(conn);
+        let emptied = self.rooms.leave_all(conn);
+        self.conn_presence_changed(conn, &rooms, false);
+        emptied
+    }
+
+    /// Who is in `room` here: each id with its connections in it, by id (anonymous
+    /// members have no id and are not counted).
+    pub fn room_members(&self, room: &str) -> Vec<(String, u64)> {
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for conn in self.rooms.members(room) {
+            if let Some(id) = self.id_of(conn) {
+                *counts.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+        counts.into_iter().collect()
+    }
+
+    /// Refuse a request that needs `conn` in `room` (a presence request) when it is
+    /// not.
+    pub fn check_member(&self, conn: ConnId, room: &str) -> Result<(), RoomRefusal> {
+        if self.rooms.is_member(conn, room) {
+            return Ok(());
+        }
+        Err(RoomRefusal::new(
+            RefusalCode::NotSubscribed,
+            "not in the room",
+        ))
+    }
+
+    /// The rooms `conn` is in.
+    fn rooms_of(&self, conn: ConnId) -> Vec<String> {
+        self.rooms.rooms_of(conn).map(str::to_owned).collect()
+    }
+
+    /// `conn` joined (`joined`) or left `rooms`: see [`presence_changed`](Self::presence_changed).
+    fn conn_presence_changed(&mut self, conn: ConnId, rooms: &[String], joined: bool) {
+        if let Some(id) = self.id_of(conn).map(str::to_owned) {
+            self.presence_changed(&id, rooms, joined);
+        }
+    }
+
+    /// A connection of `id` joined (`joined`) or left `rooms`: where it is now the
+    /// id's only connection, or where none is left, a hub that decides presence
+    /// records the change. Linear in the id's connections here.
+    fn presence_changed(&mut self, id: &str, rooms: &[String], joined: bool) {
+        if !self.decides_presence {
+            return;
+        }
+        for room in rooms {
+            let conns = self.by_id.get(id).into_iter().flat_map(ConnSet::iter);
+            let here = conns.filter(|c| self.rooms.is_member(*c, room)).count();
+            if here == usize::from(joined) {
+                self.changes.push_back(PresenceChange {
+                    room: room.clone(),
+                    id: id.to_owned(),
+                    joined,
+                });
+            }
+        }
     }
 
     fn forget(&mut self, conn: ConnId, id: &str) -> Departure {
@@ -463,6 +561,46 @@ mod tests {
         assert_eq!(close.code, CloseCode::NORMAL);
         let other = Message::new(Opcode::Internal, json!({}));
         assert_eq!(Action::for_message(&other), Action::Ignore);
+    }
+
+    #[test]
+    fn a_hub_alone_decides_room_presence_per_id() {
+        let mut hub = Hub::deciding_presence(false);
+        let (a1, a2, anon) = (hub.connect(), hub.connect(), hub.connect());
+        hub.authenticate(a1, "alice");
+        hub.authenticate(a2, "alice");
+        let drain = |hub: &mut Hub| -> Vec<(String, bool)> {
+            std::iter::from_fn(|| hub.poll_presence())
+                .map(|c| (c.id, c.joined))
+                .collect()
+        };
+        assert!(drain(&mut hub).is_empty(), "no room, no change");
+        let join = |id: &str| (id.to_owned(), true);
+        let leave = |id: &str| (id.to_owned(), false);
+        // Two tabs of one id: one join, one leave.
+        hub.join(a1, "r", 8).unwrap();
+        hub.join(a2, "r", 8).unwrap();
+        assert_eq!(drain(&mut hub), [join("alice")]);
+        // An anonymous member has no id: nothing, until it authenticates.
+        hub.join(anon, "r", 8).unwrap();
+        assert!(drain(&mut hub).is_empty());
+        hub.authenticate(anon, "bob");
+        assert_eq!(drain(&mut hub), [join("bob")]);
+        // Another id: bob leaves, carol joins.
+        hub.authenticate(anon, "carol");
+        assert_eq!(drain(&mut hub), [leave("bob"), join("carol")]);
+        hub.leave(a1, "r");
+        assert!(drain(&mut hub).is_empty());
+        hub.disconnect(a2);
+        assert_eq!(drain(&mut hub), [leave("alice")]);
+        hub.leave_rooms(anon);
+        assert_eq!(drain(&mut hub), [leave("carol")]);
+        // A hub inside a replica leaves it to Redis.
+        let mut replica_hub = Hub::new(false);
+        let c = replica_hub.connect();
+        replica_hub.authenticate(c, "dave");
+        replica_hub.join(c, "r", 8).unwrap();
+        assert!(drain(&mut replica_hub).is_empty());
     }
 
     #[test]

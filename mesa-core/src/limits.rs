@@ -36,6 +36,10 @@ pub struct Limits {
     /// Longest room name, in bytes (see [`check_room`](crate::rooms::check_room)).
     /// Default 128.
     pub max_room_name_bytes: usize,
+    /// Most `mesa:presence` requests of one connection awaiting their answers (each
+    /// costs a round trip to Redis); one beyond it is refused with
+    /// `too_many_requests`. Default 4.
+    pub max_presence_requests: usize,
 }
 
 /// What the server does with a connection that outpaces its inbound message rate.
@@ -69,6 +73,7 @@ impl Default for Limits {
             rate_limit_policy: RateLimitPolicy::Slow,
             max_rooms_per_connection: 128,
             max_room_name_bytes: 128,
+            max_presence_requests: 4,
         }
     }
 }

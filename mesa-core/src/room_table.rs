@@ -1,11 +1,12 @@
-//! Which local connections are in which rooms, and which connections opted in to
-//! rooms (they receive a room's messages with their room, see [`crate::rooms`]).
+//! Which local connections are in which rooms, which connections opted in to
+//! rooms (they receive a room's messages with their room, see [`crate::rooms`]),
+//! and which members asked for the room's presence notices.
 //! Every lookup is by room or by connection: no operation scans every room.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::hub::{Action, ConnId};
-use crate::rooms::{RefusalCode, RoomRefusal, room_frame};
+use crate::rooms::{PresenceChange, RefusalCode, RoomRefusal, room_frame};
 use crate::wire::Message;
 
 /// The room memberships of one server's connections.
@@ -14,6 +15,8 @@ pub struct RoomTable {
     members: HashMap<String, BTreeSet<ConnId>>,
     joined: HashMap<ConnId, BTreeSet<String>>,
     extended: HashSet<ConnId>,
+    /// Per room, the extended members that hear its `mesa:join` and `mesa:leave`.
+    watchers: HashMap<String, BTreeSet<ConnId>>,
     /// Memberships over all rooms, kept as they change.
     memberships: usize,
 }
@@ -88,8 +91,44 @@ impl RoomTable {
             .collect()
     }
 
+    /// Whether `conn`, a member of `room`, hears the room's presence notices (`on`);
+    /// only an extended connection can. Returns whether it does now.
+    pub fn watch(&mut self, conn: ConnId, room: &str, on: bool) -> bool {
+        let on = on && self.is_extended(conn) && self.is_member(conn, room);
+        if on {
+            self.watchers
+                .entry(room.to_owned())
+                .or_default()
+                .insert(conn);
+        } else {
+            self.unwatch(conn, room);
+        }
+        on
+    }
+
+    /// The members of `room` that hear its presence notices, in connection order.
+    pub fn watchers(&self, room: &str) -> impl Iterator<Item = ConnId> + '_ {
+        self.watchers.get(room).into_iter().flatten().copied()
+    }
+
+    /// The notice of `change` and the members here that hear it (none: `None`).
+    pub fn presence_delivery(&self, change: &PresenceChange) -> Option<(Message, Vec<ConnId>)> {
+        let targets: Vec<ConnId> = self.watchers(&change.room).collect();
+        (!targets.is_empty()).then(|| (change.notice().to_message(), targets))
+    }
+
+    fn unwatch(&mut self, conn: ConnId, room: &str) {
+        if let Some(watchers) = self.watchers.get_mut(room) {
+            watchers.remove(&conn);
+            if watchers.is_empty() {
+                self.watchers.remove(room);
+            }
+        }
+    }
+
     /// Remove `conn` from `room`'s members; whether none is left.
     fn forget(&mut self, conn: ConnId, room: &str) -> bool {
+        self.unwatch(conn, room);
         self.memberships -= 1;
         let Some(members) = self.members.get_mut(room) else {
             return true;
@@ -207,5 +246,36 @@ mod tests {
             ]
         );
         assert!(table.deliveries(&message, "empty").is_empty());
+    }
+
+    #[test]
+    fn only_extended_members_hear_presence_until_they_leave() {
+        let mut table = RoomTable::default();
+        let (old, new, outside) = (ConnId(1), ConnId(2), ConnId(3));
+        table.join(old, "lobby", 8).unwrap();
+        table.join(new, "lobby", 8).unwrap();
+        table.extend(new);
+        table.extend(outside);
+        assert!(
+            !table.watch(old, "lobby", true),
+            "an old client hears nothing new"
+        );
+        assert!(!table.watch(outside, "lobby", true), "only a member hears");
+        assert!(table.watch(new, "lobby", true));
+        let change = PresenceChange {
+            room: "lobby".into(),
+            id: "alice".into(),
+            joined: true,
+        };
+        let (message, targets) = table.presence_delivery(&change).unwrap();
+        assert_eq!(
+            (message.t.as_deref(), targets),
+            (Some("mesa:join"), vec![new])
+        );
+        assert!(!table.watch(new, "lobby", false));
+        assert!(table.presence_delivery(&change).is_none());
+        table.watch(new, "lobby", true);
+        table.leave(new, "lobby");
+        assert!(table.presence_delivery(&change).is_none());
     }
 }

@@ -60,8 +60,14 @@ pub enum RefusalCode {
     Unauthorized,
     /// The connection is in the most rooms it may be in.
     TooManyRooms,
-    /// An unsubscribe from, or a publish to, a room the connection is not in.
+    /// An unsubscribe from, or a presence request about, a room the connection is
+    /// not in.
     NotSubscribed,
+    /// More presence requests than [`Limits::max_presence_requests`] await their
+    /// answers on the connection.
+    TooManyRequests,
+    /// The server cannot answer now (a presence request while Redis is unreachable).
+    Unavailable,
 }
 
 impl RefusalCode {
@@ -73,6 +79,8 @@ impl RefusalCode {
             RefusalCode::Unauthorized => "unauthorized",
             RefusalCode::TooManyRooms => "too_many_rooms",
             RefusalCode::NotSubscribed => "not_subscribed",
+            RefusalCode::TooManyRequests => "too_many_requests",
+            RefusalCode::Unavailable => "unavailable",
         }
     }
 
@@ -83,6 +91,8 @@ impl RefusalCode {
             RefusalCode::Unauthorized,
             RefusalCode::TooManyRooms,
             RefusalCode::NotSubscribed,
+            RefusalCode::TooManyRequests,
+            RefusalCode::Unavailable,
         ]
         .into_iter()
         .find(|known| known.as_str() == code)
@@ -169,6 +179,8 @@ pub enum RoomRequest {
         reference: Value,
         /// Handed to the server's authorization.
         token: Option<String>,
+        /// `"presence": true`: hear `mesa:join` and `mesa:leave` of the room's ids.
+        presence: bool,
     },
     /// `mesa:unsubscribe`: leave `room`.
     Unsubscribe {
@@ -184,6 +196,14 @@ pub enum RoomRequest {
         /// The message.
         message: Message,
         /// Echoed in a refusal (nothing answers a publish that went through).
+        reference: Value,
+    },
+    /// `mesa:presence`: who is in `room` (a room the connection is in), answered by
+    /// [`RoomNotice::Members`].
+    Presence {
+        /// The room.
+        room: String,
+        /// Echoed in the answer.
         reference: Value,
     },
 }
@@ -225,13 +245,22 @@ impl RoomRequest {
                         return Some(refused(RefusalCode::BadRequest, "`token` is a string"));
                     }
                 };
+                let presence = match d.get("presence") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(presence)) => *presence,
+                    Some(_) => {
+                        return Some(refused(RefusalCode::BadRequest, "`presence` is a boolean"));
+                    }
+                };
                 RoomRequest::Subscribe {
                     room,
                     reference,
                     token,
+                    presence,
                 }
             }
             "unsubscribe" => RoomRequest::Unsubscribe { room, reference },
+            "presence" => RoomRequest::Presence { room, reference },
             "publish" => {
                 let Some(t) = d.get("t").and_then(Value::as_str) else {
                     return Some(refused(RefusalCode::BadRequest, "a string `t` is needed"));
@@ -262,15 +291,22 @@ impl RoomRequest {
                 room,
                 reference,
                 token,
+                presence,
             } => {
                 let mut d = json!({ "room": room, "ref": reference });
                 if let Some(token) = token {
                     d["token"] = Value::from(token.as_str());
                 }
+                if *presence {
+                    d["presence"] = Value::Bool(true);
+                }
                 ("subscribe", d)
             }
             RoomRequest::Unsubscribe { room, reference } => {
                 ("unsubscribe", json!({ "room": room, "ref": reference }))
+            }
+            RoomRequest::Presence { room, reference } => {
+                ("presence", json!({ "room": room, "ref": reference }))
             }
             RoomRequest::Publish {
                 room,
@@ -321,11 +357,49 @@ pub enum RoomNotice {
     },
     /// `mesa:error`: a request was refused.
     Refused(Refused),
+    /// `mesa:join`: `id` has its first connection in `room` (over the cluster); sent
+    /// to the members that subscribed with `"presence": true`.
+    Join {
+        /// The room.
+        room: String,
+        /// The id that joined.
+        id: String,
+    },
+    /// `mesa:leave`: `id`'s last connection in `room` left it (over the cluster).
+    Leave {
+        /// The room.
+        room: String,
+        /// The id that left.
+        id: String,
+    },
+    /// `mesa:presence`: the answer to [`RoomRequest::Presence`].
+    Members {
+        /// The room.
+        room: String,
+        /// The request's reference.
+        reference: Value,
+        /// Each id in the room with its connections in it, by id.
+        members: Vec<(String, u64)>,
+    },
 }
 
 impl RoomNotice {
+    /// The refusal of a request about `room`.
+    pub fn refused(room: String, reference: Value, refusal: RoomRefusal) -> RoomNotice {
+        RoomNotice::Refused(Refused {
+            room: Some(room),
+            reference,
+            refusal,
+        })
+    }
+
     /// The notice's frame.
     pub fn encode(&self) -> Frame {
+        self.to_message().encode()
+    }
+
+    /// The notice as a dispatch (a delivery to many members encodes it once).
+    pub fn to_message(&self) -> Message {
         let (kind, d) = match self {
             RoomNotice::Subscribed { room, reference } => {
                 ("subscribed", json!({ "room": room, "ref": reference }))
@@ -342,8 +416,24 @@ impl RoomNotice {
                     "reason": refused.refusal.reason,
                 }),
             ),
+            RoomNotice::Join { room, id } => ("join", json!({ "room": room, "id": id })),
+            RoomNotice::Leave { room, id } => ("leave", json!({ "room": room, "id": id })),
+            RoomNotice::Members {
+                room,
+                reference,
+                members,
+            } => {
+                let members: Map<String, Value> = members
+                    .iter()
+                    .map(|(id, count)| (id.clone(), Value::from(*count)))
+                    .collect();
+                (
+                    "presence",
+                    json!({ "room": room, "ref": reference, "members": members }),
+                )
+            }
         };
-        Message::dispatch(format!("{CONTROL_PREFIX}{kind}"), d).encode()
+        Message::dispatch(format!("{CONTROL_PREFIX}{kind}"), d)
     }
 
     /// Read a notice from a dispatch the server sent (`None`: not a notice).
@@ -372,6 +462,27 @@ impl RoomNotice {
                     reference,
                     refusal: RoomRefusal::new(RefusalCode::parse(code)?, reason),
                 }))
+            }
+            "join" | "leave" => {
+                let (room, id) = (room?, d.get("id").and_then(Value::as_str)?.to_owned());
+                Some(if kind == "join" {
+                    RoomNotice::Join { room, id }
+                } else {
+                    RoomNotice::Leave { room, id }
+                })
+            }
+            "presence" => {
+                let members = d
+                    .get("members")?
+                    .as_object()?
+                    .iter()
+                    .map(|(id, count)| Some((id.clone(), count.as_u64()?)))
+                    .collect::<Option<Vec<_>>>()?;
+                Some(RoomNotice::Members {
+                    room: room?,
+                    reference,
+                    members,
+                })
             }
             _ => None,
         }
@@ -445,6 +556,79 @@ impl RoomEnvelope {
     }
 }
 
+/// An id's presence in a room changed over the cluster: its first connection
+/// joined (`joined`) or its last one left. The `ROOMS` and `JANITOR` scripts publish
+/// it on the room's channel, as `{"room": R, "join": id}` or `{"room": R, "leave": id}`,
+/// at the moment the id's count in the room's hash of members goes from 0 or to 0;
+/// a server alone decides it from its hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The room.
+    pub room: String,
+    /// The id.
+    pub id: String,
+    /// Its first connection joined (else its last one left).
+    pub joined: bool,
+}
+
+impl PresenceChange {
+    /// The payload to publish (the simulator's model of Redis publishes what the
+    /// scripts do).
+    pub fn encode(&self) -> String {
+        let kind = if self.joined { "join" } else { "leave" };
+        json!({ "room": self.room, kind: self.id }).to_string()
+    }
+
+    /// The notice the room's members that asked for presence receive.
+    pub fn notice(&self) -> RoomNotice {
+        let (room, id) = (self.room.clone(), self.id.clone());
+        if self.joined {
+            RoomNotice::Join { room, id }
+        } else {
+            RoomNotice::Leave { room, id }
+        }
+    }
+}
+
+/// What comes on a room's channel: a message, or a change of presence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoomPayload {
+    /// A room's message.
+    Message(RoomEnvelope),
+    /// An id joined or left the room.
+    Presence(PresenceChange),
+}
+
+impl RoomPayload {
+    /// Read a payload of a room channel: one with `message` is a message (and names
+    /// no `join` or `leave`), one without names exactly one of `join` and `leave`.
+    pub fn decode(payload: &str) -> Result<RoomPayload, DecodeError> {
+        let value: Value = serde_json::from_str(payload).map_err(|_| DecodeError::NotJson)?;
+        let Value::Object(object) = &value else {
+            return Err(DecodeError::NotObject);
+        };
+        let join = object.get("join");
+        let leave = object.get("leave");
+        if object.contains_key("message") {
+            if join.is_some() || leave.is_some() {
+                return Err(DecodeError::BadField("message"));
+            }
+            return RoomEnvelope::decode(payload).map(RoomPayload::Message);
+        }
+        let room = match object.get("room") {
+            Some(Value::String(room)) => room.clone(),
+            _ => return Err(DecodeError::BadField("room")),
+        };
+        let (id, joined) = match (join, leave) {
+            (Some(Value::String(id)), None) => (id.clone(), true),
+            (None, Some(Value::String(id))) => (id.clone(), false),
+            (None, None) => return Err(DecodeError::BadField("message")),
+            _ => return Err(DecodeError::BadField("join")),
+        };
+        Ok(RoomPayload::Presence(PresenceChange { room, id, joined }))
+    }
+}
+
 /// Decode a frame from the server, with the room it came from (`None` for a
 /// message not sent to a room).
 pub fn decode_room_message(
@@ -512,6 +696,17 @@ mod tests {
                 room: "r".into(),
                 reference: json!(1),
                 token: Some("tok".into()),
+                presence: false,
+            },
+            RoomRequest::Subscribe {
+                room: "r".into(),
+                reference: json!(2),
+                token: None,
+                presence: true,
+            },
+            RoomRequest::Presence {
+                room: "r".into(),
+                reference: json!(7),
             },
             RoomRequest::Unsubscribe {
                 room: "r".into(),
@@ -558,6 +753,14 @@ mod tests {
                 r#"{"op":0,"t":"mesa:dance","d":{"room":"a","ref":7}}"#,
                 RefusalCode::BadRequest,
             ),
+            (
+                r#"{"op":0,"t":"mesa:subscribe","d":{"room":"a","presence":1,"ref":7}}"#,
+                RefusalCode::BadRequest,
+            ),
+            (
+                r#"{"op":0,"t":"mesa:presence","d":{"ref":7}}"#,
+                RefusalCode::BadRequest,
+            ),
         ];
         for (text, code) in cases {
             let refused = parse(text).unwrap().unwrap_err();
@@ -585,6 +788,24 @@ mod tests {
                 reference: json!(3),
                 refusal: RoomRefusal::new(RefusalCode::TooManyRooms, "128 rooms at most"),
             }),
+            RoomNotice::Refused(Refused {
+                room: Some("r".into()),
+                reference: json!(4),
+                refusal: RoomRefusal::new(RefusalCode::Unavailable, "Redis is unreachable"),
+            }),
+            RoomNotice::Join {
+                room: "r".into(),
+                id: "alice".into(),
+            },
+            RoomNotice::Leave {
+                room: "r".into(),
+                id: "alice".into(),
+            },
+            RoomNotice::Members {
+                room: "r".into(),
+                reference: json!(7),
+                members: vec![("alice".into(), 2), ("bob".into(), 1)],
+            },
         ];
         for notice in notices {
             let message = Message::decode(notice.encode().as_str(), &limits()).unwrap();
@@ -615,6 +836,78 @@ mod tests {
             r#"{"room":1,"message":{"op":0}}"#,
         ] {
             assert!(RoomEnvelope::decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn notices_have_the_documented_shapes() {
+        let join = RoomNotice::Join {
+            room: "chat:42".into(),
+            id: "alice".into(),
+        };
+        assert_eq!(
+            join.encode().as_str(),
+            r#"{"op":0,"d":{"room":"chat:42","id":"alice"},"t":"mesa:join"}"#
+        );
+        let members = RoomNotice::Members {
+            room: "chat:42".into(),
+            reference: json!(7),
+            members: vec![("alice".into(), 2), ("bob".into(), 1)],
+        };
+        let d = members.to_message().d;
+        assert_eq!(
+            d,
+            json!({"room":"chat:42","ref":7,"members":{"alice":2,"bob":1}})
+        );
+    }
+
+    #[test]
+    fn a_room_channel_carries_messages_and_presence_changes_unambiguously() {
+        let change = PresenceChange {
+            room: "chat:42".into(),
+            id: "al\"ice".into(),
+            joined: false,
+        };
+        assert_eq!(
+            RoomPayload::decode(&change.encode()),
+            Ok(RoomPayload::Presence(change.clone()))
+        );
+        assert_eq!(
+            change.notice(),
+            RoomNotice::Leave {
+                room: "chat:42".into(),
+                id: "al\"ice".into(),
+            }
+        );
+        // As Redis's cjson writes it (slashes escaped, keys in any order).
+        let scripted = r#"{"join":"a\/b","room":"chat\/1"}"#;
+        let joined = PresenceChange {
+            room: "chat/1".into(),
+            id: "a/b".into(),
+            joined: true,
+        };
+        assert_eq!(
+            RoomPayload::decode(scripted),
+            Ok(RoomPayload::Presence(joined))
+        );
+        let envelope = RoomEnvelope {
+            room: "lobby".into(),
+            message: Message::dispatch("CHAT", json!({"x": 1})),
+            origin: None,
+        };
+        assert_eq!(
+            RoomPayload::decode(&envelope.encode()),
+            Ok(RoomPayload::Message(envelope))
+        );
+        for bad in [
+            r#"{"room":"r"}"#,
+            r#"{"room":"r","join":"a","leave":"b"}"#,
+            r#"{"room":"r","join":1}"#,
+            r#"{"room":"r","join":"a","message":{"op":0}}"#,
+            r#"{"join":"a"}"#,
+            "[]",
+        ] {
+            assert!(RoomPayload::decode(bad).is_err(), "{bad}");
         }
     }
 

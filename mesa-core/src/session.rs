@@ -14,7 +14,7 @@ use crate::config::ServerConfig;
 use crate::heartbeat::{Beat, Heartbeat};
 use crate::limits::RateLimitPolicy;
 use crate::rate::TokenBucket;
-use crate::rooms::{self, RoomNotice, RoomRequest};
+use crate::rooms::{self, RefusalCode, RoomNotice, RoomRefusal, RoomRequest};
 use crate::sync::Redelivery;
 use crate::timer::TimerTable;
 use crate::wire::{DecodeError, Frame, Message, Opcode};
@@ -56,7 +56,7 @@ pub enum SessionEvent {
     Extended,
     /// A room request of an extended client, well formed and naming a valid room:
     /// answer it with [`ServerSession::room_notice`] (a publish that went through is
-    /// not answered).
+    /// not answered), a presence request with [`ServerSession::presence_answer`].
     Room(RoomRequest),
     /// Sync: read the messages stored for `id` and answer with
     /// [`ServerSession::handle_undelivered`].
@@ -189,6 +189,9 @@ pub struct ServerSession {
     events: VecDeque<SessionEvent>,
     /// The client opted in to rooms.
     extended: bool,
+    /// Presence requests awaiting their answers (at most
+    /// [`Limits::max_presence_requests`](crate::Limits::max_presence_requests)).
+    presence_asked: usize,
 }
 
 impl ServerSession {
@@ -224,6 +227,7 @@ impl ServerSession {
             transmits: VecDeque::from([hello]),
             events: VecDeque::new(),
             extended: false,
+            presence_asked: 0,
         }
     }
 
@@ -483,6 +487,27 @@ impl ServerSession {
         Ok(())
     }
 
+    /// Answer the presence request `reference` about `room`: its members, or why
+    /// they cannot be told. The request stops counting toward
+    /// [`Limits::max_presence_requests`](crate::Limits::max_presence_requests).
+    pub fn presence_answer(
+        &mut self,
+        room: String,
+        reference: Value,
+        members: Result<Vec<(String, u64)>, RoomRefusal>,
+    ) -> Result<(), SessionError> {
+        self.presence_asked = self.presence_asked.saturating_sub(1);
+        let notice = match members {
+            Ok(members) => RoomNotice::Members {
+                room,
+                reference,
+                members,
+            },
+            Err(refusal) => RoomNotice::refused(room, reference, refusal),
+        };
+        self.room_notice(notice)
+    }
+
     /// Queue an already encoded frame (a broadcast shares one [`Frame`]).
     pub fn send(&mut self, frame: Frame) -> Result<(), SessionError> {
         if self.is_closed() {
@@ -553,7 +578,21 @@ impl ServerSession {
             Opcode::Dispatch if self.extended => {
                 match RoomRequest::parse(&message, &self.config.limits) {
                     None => self.events.push_back(SessionEvent::Message(message)),
-                    Some(Ok(request)) => self.events.push_back(SessionEvent::Room(request)),
+                    Some(Ok(RoomRequest::Presence { room, reference }))
+                        if self.presence_asked >= self.config.limits.max_presence_requests =>
+                    {
+                        let max = self.config.limits.max_presence_requests;
+                        let reason = format!("{max} presence requests at most await answers");
+                        let refusal = RoomRefusal::new(RefusalCode::TooManyRequests, reason);
+                        let notice = RoomNotice::refused(room, reference, refusal).encode();
+                        self.transmits.push_back(Transmit::Text(notice));
+                    }
+                    Some(Ok(request)) => {
+                        if matches!(request, RoomRequest::Presence { .. }) {
+                            self.presence_asked += 1;
+                        }
+                        self.events.push_back(SessionEvent::Room(request));
+                    }
                     Some(Err(refused)) => {
                         let notice = RoomNotice::Refused(*refused).encode();
                         self.transmits.push_back(Transmit::Text(notice));

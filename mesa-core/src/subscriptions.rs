@@ -46,6 +46,8 @@ impl Reference {
 struct Subscription {
     room: String,
     token: Option<String>,
+    /// Asked with `"presence": true`.
+    presence: bool,
     /// The subscribe awaiting its answer; `None` once the server confirmed it.
     pending: Option<Reference>,
 }
@@ -56,6 +58,7 @@ impl Subscription {
             room: self.room.clone(),
             reference: self.pending.map_or(Value::Null, Reference::to_wire),
             token: self.token.clone(),
+            presence: self.presence,
         }
     }
 }
@@ -96,7 +99,8 @@ impl Subscriptions {
         Reference(self.last)
     }
 
-    /// Hold `room` (with `token` for the server's authorization) and return the
+    /// Hold `room` (with `token` for the server's authorization, and `presence`
+    /// notices if asked) and return the
     /// reference its answer will carry. A subscribe that has not gone out yet
     /// (`sent_now` false) keeps the reference of one already waiting for the same
     /// room: the server will answer it once, so both callers share that answer.
@@ -105,6 +109,7 @@ impl Subscriptions {
         &mut self,
         room: &str,
         token: Option<&str>,
+        presence: bool,
         sent_now: bool,
     ) -> Reference {
         let token = token.map(str::to_owned);
@@ -114,6 +119,7 @@ impl Subscriptions {
                 self.held.push(Subscription {
                     room: room.to_owned(),
                     token: None,
+                    presence,
                     pending: None,
                 });
                 self.held.len() - 1
@@ -123,6 +129,7 @@ impl Subscriptions {
         let reference = shared.unwrap_or_else(|| self.draw());
         let held = &mut self.held[index];
         held.token = token;
+        held.presence = presence;
         held.pending = Some(reference);
         reference
     }
@@ -224,7 +231,8 @@ mod tests {
             .map(|request| match request {
                 RoomRequest::Subscribe { reference, .. }
                 | RoomRequest::Unsubscribe { reference, .. }
-                | RoomRequest::Publish { reference, .. } => reference.clone(),
+                | RoomRequest::Publish { reference, .. }
+                | RoomRequest::Presence { reference, .. } => reference.clone(),
             })
             .collect()
     }
@@ -232,8 +240,8 @@ mod tests {
     #[test]
     fn a_restore_keeps_unanswered_references_and_draws_new_ones_for_confirmed_rooms() {
         let mut subs = Subscriptions::default();
-        let a = subs.subscribe("a", None, true);
-        let b = subs.subscribe("b", Some("t"), true);
+        let a = subs.subscribe("a", None, false, true);
+        let b = subs.subscribe("b", Some("t"), false, true);
         subs.confirmed("a", a);
         let p = subs.wait_to_publish("a", Message::dispatch("CHAT", Value::Null));
         let restored = subs.restore();
@@ -252,9 +260,9 @@ mod tests {
     #[test]
     fn a_subscribe_not_yet_sent_shares_the_reference_of_the_one_waiting() {
         let mut subs = Subscriptions::default();
-        let first = subs.subscribe("a", None, false);
-        assert_eq!(subs.subscribe("a", Some("t"), false), first);
-        let again = subs.subscribe("a", None, true);
+        let first = subs.subscribe("a", None, false, false);
+        assert_eq!(subs.subscribe("a", Some("t"), false, false), first);
+        let again = subs.subscribe("a", None, false, true);
         assert_ne!(again, first);
         assert_eq!(subs.len(), 1);
     }
@@ -262,8 +270,8 @@ mod tests {
     #[test]
     fn refusals_and_removals_end_only_what_they_name() {
         let mut subs = Subscriptions::default();
-        let a = subs.subscribe("a", None, true);
-        let b = subs.subscribe("b", None, true);
+        let a = subs.subscribe("a", None, false, true);
+        let b = subs.subscribe("b", None, false, true);
         subs.confirmed("a", a);
         // A stale answer confirms nothing.
         subs.confirmed("b", a);
@@ -278,9 +286,9 @@ mod tests {
     #[test]
     fn a_server_without_rooms_drops_what_waits_and_keeps_what_was_confirmed() {
         let mut subs = Subscriptions::default();
-        let a = subs.subscribe("a", None, true);
+        let a = subs.subscribe("a", None, false, true);
         subs.confirmed("a", a);
-        let b = subs.subscribe("b", None, false);
+        let b = subs.subscribe("b", None, false, false);
         let p = subs.wait_to_publish("c", Message::dispatch("CHAT", Value::Null));
         assert_eq!(
             subs.drop_unanswered(),

@@ -507,7 +507,8 @@ fn references_unique(sim: &Sim) -> Result<(), TestCaseError> {
             if let SessionEvent::Room(request) = event {
                 let (RoomRequest::Subscribe { reference, .. }
                 | RoomRequest::Unsubscribe { reference, .. }
-                | RoomRequest::Publish { reference, .. }) = request;
+                | RoomRequest::Publish { reference, .. }
+                | RoomRequest::Presence { reference, .. }) = request;
                 prop_assert!(seen.insert(reference.to_string()), "{} twice", reference);
             }
         }
@@ -572,4 +573,98 @@ proptest! {
         ));
         prop_assert_eq!(refused, 0);
     }
+}
+
+/// The presence events client `c` received, in order: `(room, id, joined)`.
+fn presence_events(sim: &Sim, c: usize) -> Vec<(String, String, bool)> {
+    sim.clients[c]
+        .log
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ClientEvent::MemberJoined { room, id } => Some((room.clone(), id.clone(), true)),
+            ClientEvent::MemberLeft { room, id } => Some((room.clone(), id.clone(), false)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_server_alone_tells_presence_per_id_to_the_subscriptions_that_asked() {
+    let (mut sim, watcher) = rooms_sim();
+    let quiet = sim.add_client(ClientConfig::default());
+    sim.authenticate(quiet, "carol", true);
+    sim.connect(quiet);
+    let tabs: Vec<usize> = (0..2)
+        .map(|_| {
+            let tab = sim.add_client(ClientConfig::default());
+            sim.authenticate(tab, "bob", true);
+            sim.connect(tab);
+            tab
+        })
+        .collect();
+    sim.command(watcher, |s, now| {
+        s.subscribe_with_presence(now, "lobby", None)
+    })
+    .unwrap();
+    sim.command(quiet, |s, now| s.subscribe(now, "lobby", None))
+        .unwrap();
+    let carried = |sim: &Sim| {
+        (0..sim.clients.len()).all(|c| sim.clients[c].session.carries_rooms() && !sim.in_flight(c))
+    };
+    assert!(sim.drive_bounded(10_000, Duration::from_secs(10), carried));
+    for &tab in &tabs {
+        sim.command(tab, |s, now| s.subscribe(now, "lobby", None))
+            .unwrap();
+    }
+    sim.run_for(Duration::from_millis(100));
+    // Both tabs leave: one leave.
+    for &tab in &tabs {
+        sim.command(tab, |s, now| s.unsubscribe(now, "lobby"))
+            .unwrap();
+    }
+    sim.run_for(Duration::from_millis(100));
+    let event = |id: &str, joined| ("lobby".to_owned(), id.to_owned(), joined);
+    assert_eq!(
+        presence_events(&sim, watcher),
+        [
+            event("alice", true),
+            event("carol", true),
+            event("bob", true),
+            event("bob", false)
+        ]
+    );
+    assert!(presence_events(&sim, quiet).is_empty(), "it did not ask");
+    // Who is in the room now, asked by a member.
+    let asked = sim
+        .command(quiet, |s, now| s.presence(now, "lobby"))
+        .unwrap();
+    sim.run_for(Duration::from_millis(100));
+    let members = sim.clients[quiet]
+        .log
+        .events
+        .iter()
+        .find_map(|(_, e)| match e {
+            ClientEvent::Members {
+                room,
+                reference: Some(reference),
+                members,
+            } if *reference == asked && room == "lobby" => Some(members.clone()),
+            _ => None,
+        });
+    let expected = vec![("alice".to_owned(), 1), ("carol".to_owned(), 1)];
+    assert_eq!(members, Some(expected));
+    // By one that is not a member: refused.
+    let outside = sim
+        .command(tabs[0], |s, now| s.presence(now, "lobby"))
+        .unwrap();
+    sim.run_for(Duration::from_millis(100));
+    let refused = sim.clients[tabs[0]].log.count(|e| {
+        matches!(
+            e,
+            ClientEvent::RoomRefused { reference: Some(r), refusal, .. }
+                if *r == outside && refusal.code == RefusalCode::NotSubscribed
+        )
+    });
+    assert_eq!(refused, 1);
 }

@@ -5,10 +5,13 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use mesa_core::rooms::{RefusalCode, RoomEnvelope, RoomNotice, RoomRequest, room_frame};
+use mesa_core::rooms::{
+    PresenceChange, RefusalCode, RoomEnvelope, RoomNotice, RoomRefusal, RoomRequest, room_frame,
+};
+use mesa_core::sim::redis::RedisModel;
 use mesa_core::{
-    Action, AuthConfig, Command, ConnId, Message, RedisValue, Replica, ReplicaConfig, ReplicaEvent,
-    ServerConfig, ServerSession, SessionEvent, Transmit,
+    Action, AuthConfig, Command, ConnId, Keys, Message, Namespace, RedisValue, Replica,
+    ReplicaConfig, ReplicaEvent, ServerConfig, ServerSession, SessionEvent, Transmit,
 };
 use serde_json::{Value, json};
 
@@ -87,6 +90,7 @@ fn an_extended_client_s_requests_are_events_and_its_answers_frames() {
         room: "lobby".into(),
         reference: json!(1),
         token: Some("k".into()),
+        presence: false,
     };
     assert_eq!(events, [SessionEvent::Room(expected)]);
     s.room_notice(RoomNotice::Subscribed {
@@ -399,4 +403,159 @@ fn authenticated(id: &str) -> SessionEvent {
         user: json!({}),
         initial: true,
     }
+}
+
+#[test]
+fn presence_requests_are_bounded_per_connection_and_answered_by_the_session() {
+    let mut s = session(true, true);
+    let ask = |s: &mut ServerSession, n: u64| {
+        let frame = json!({"op":0,"t":"mesa:presence","d":{"room":"lobby","ref":n}});
+        s.handle_frame(t0(), &frame.to_string());
+        drain(s)
+    };
+    let max = mesa_core::Limits::default().max_presence_requests as u64;
+    for n in 0..max {
+        let (frames, events) = ask(&mut s, n);
+        assert!(frames.is_empty());
+        let request = RoomRequest::Presence {
+            room: "lobby".into(),
+            reference: json!(n),
+        };
+        assert_eq!(events, [SessionEvent::Room(request)]);
+    }
+    // One more awaits no Redis: refused at once, with a reason.
+    let (frames, events) = ask(&mut s, 99);
+    assert!(events.is_empty());
+    let error: Value = serde_json::from_str(&frames[0]).unwrap();
+    assert_eq!(error["d"]["code"], "too_many_requests");
+    assert_eq!(error["d"]["ref"], 99);
+    // An answer (members, or a refusal) makes room for the next.
+    let members = vec![("alice".to_owned(), 2), ("bob".to_owned(), 1)];
+    s.presence_answer("lobby".into(), json!(0), Ok(members))
+        .unwrap();
+    let (frames, _) = drain(&mut s);
+    assert_eq!(
+        frames,
+        [
+            r#"{"op":0,"d":{"room":"lobby","ref":0,"members":{"alice":2,"bob":1}},"t":"mesa:presence"}"#
+        ]
+    );
+    let unavailable = RoomRefusal::new(RefusalCode::Unavailable, "Redis is unreachable");
+    s.presence_answer("lobby".into(), json!(1), Err(unavailable))
+        .unwrap();
+    let (frames, _) = drain(&mut s);
+    assert!(frames[0].contains(r#""code":"unavailable""#), "{frames:?}");
+    let (frames, events) = ask(&mut s, 100);
+    assert!(frames.is_empty() && events.len() == 1);
+}
+
+#[test]
+fn presence_changes_on_a_room_channel_reach_only_the_members_that_asked() {
+    let mut replica = linked();
+    let (old, quiet, watcher, outside) = (
+        member(&mut replica, false),
+        member(&mut replica, true),
+        member(&mut replica, true),
+        member(&mut replica, true),
+    );
+    for conn in [old, quiet, watcher] {
+        replica.handle_join(t0(), conn, "lobby").unwrap();
+    }
+    replica.handle_join(t0(), outside, "elsewhere").unwrap();
+    assert!(!replica.handle_watch(old, "lobby", true), "an old client");
+    assert!(
+        !replica.handle_watch(outside, "lobby", true),
+        "not a member"
+    );
+    assert!(replica.handle_watch(watcher, "lobby", true));
+    answer(&mut replica);
+    let change = PresenceChange {
+        room: "lobby".into(),
+        id: "alice".into(),
+        joined: true,
+    };
+    replica.handle_pubsub(t0(), "mesa_room:lobby", &change.encode());
+    let deliveries: Vec<_> = std::iter::from_fn(|| replica.poll_delivery()).collect();
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].targets, [watcher]);
+    let notice = RoomNotice::Join {
+        room: "lobby".into(),
+        id: "alice".into(),
+    };
+    assert_eq!(deliveries[0].action, Action::Write(notice.encode()));
+    // Not an envelope of a message: the metrics of envelopes do not count it.
+    let events: Vec<ReplicaEvent> = std::iter::from_fn(|| replica.poll_event()).collect();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ReplicaEvent::Received { .. }))
+    );
+    // Left the room: it hears nothing more.
+    replica.handle_leave(t0(), watcher, "lobby");
+    replica.handle_pubsub(t0(), "mesa_room:lobby", &change.encode());
+    assert!(replica.poll_delivery().is_none());
+}
+
+/// Run `command` of replica `name` on the model; the presence changes it published.
+fn run(redis: &mut RedisModel, name: &str, command: &Command) -> Vec<(String, bool)> {
+    let keys = Keys::new(Namespace::default(), name);
+    redis.execute(t0(), &command.calls(&keys)).unwrap();
+    redis
+        .take_published()
+        .into_iter()
+        .map(
+            |p| match mesa_core::rooms::RoomPayload::decode(&p.payload) {
+                Ok(mesa_core::rooms::RoomPayload::Presence(change)) => {
+                    assert_eq!(p.channel, format!("mesa_room:{}", change.room));
+                    (change.id, change.joined)
+                }
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect()
+}
+
+fn rooms(clear: bool, entries: &[(&str, &str, i64)]) -> Command {
+    Command::Rooms {
+        clear,
+        entries: entries
+            .iter()
+            .map(|(room, id, by)| (room.to_string(), id.to_string(), *by))
+            .collect(),
+    }
+}
+
+#[test]
+fn the_rooms_script_publishes_an_id_s_first_join_and_last_leave_over_the_cluster() {
+    let mut redis = RedisModel::new();
+    let join = |id: &str| vec![(id.to_owned(), true)];
+    let leave = |id: &str| vec![(id.to_owned(), false)];
+    // Two tabs of alice on two replicas: one join, one leave.
+    assert_eq!(
+        run(&mut redis, "r1", &rooms(false, &[("lobby", "alice", 1)])),
+        join("alice")
+    );
+    assert!(run(&mut redis, "r2", &rooms(false, &[("lobby", "alice", 1)])).is_empty());
+    assert!(run(&mut redis, "r1", &rooms(false, &[("lobby", "alice", -1)])).is_empty());
+    // A leave the replica never registered changes nothing.
+    assert!(run(&mut redis, "r1", &rooms(false, &[("lobby", "alice", -1)])).is_empty());
+    assert_eq!(
+        run(&mut redis, "r2", &rooms(false, &[("lobby", "alice", -1)])),
+        leave("alice")
+    );
+    // A new link registering what Redis holds already publishes nothing; only the
+    // difference is published.
+    run(
+        &mut redis,
+        "r1",
+        &rooms(false, &[("lobby", "bob", 2), ("lobby", "carol", 1)]),
+    );
+    let anew = rooms(true, &[("lobby", "bob", 1), ("lobby", "dave", 1)]);
+    let mut changed = run(&mut redis, "r1", &anew);
+    changed.sort();
+    assert_eq!(
+        changed,
+        [("carol".to_owned(), false), ("dave".to_owned(), true)]
+    );
+    assert!(run(&mut redis, "r1", &anew).is_empty());
 }

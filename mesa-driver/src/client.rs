@@ -27,6 +27,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use url::Url;
 
+use crate::handle::RoomMember;
 use crate::hooks::BoxFuture;
 use crate::io::Io;
 use crate::runtime::{Runtime, entropy_seed};
@@ -211,6 +212,7 @@ impl<R: Runtime> ClientBuilder<R> {
             hello_waiters: Vec::new(),
             auth_waiters: Vec::new(),
             subscribe_waiters: Vec::new(),
+            presence_waiters: Vec::new(),
             disconnect_reply: None,
             io: None,
             opening: None,
@@ -266,10 +268,10 @@ enum Command {
     Send(Message, oneshot::Sender<Result<(), ClientError>>),
     Disconnect(Close, oneshot::Sender<Result<(), ClientError>>),
     Hello(oneshot::Sender<Hello>),
-    Subscribe(
+    Subscribe(Subscribe, oneshot::Sender<Result<(), ClientError>>),
+    Presence(
         String,
-        Option<String>,
-        oneshot::Sender<Result<(), ClientError>>,
+        oneshot::Sender<Result<Vec<RoomMember>, ClientError>>,
     ),
     Unsubscribe(String, oneshot::Sender<Result<(), ClientError>>),
     Publish(String, Message, oneshot::Sender<Result<(), ClientError>>),
@@ -309,7 +311,32 @@ impl Client {
     /// [`ClientEvent::RoomMessage`], and the answers to those later subscribes as
     /// events too.
     pub async fn subscribe(&self, room: impl Into<String>) -> Result<(), ClientError> {
-        self.subscribe_with(room.into(), None).await
+        self.subscribe_with(room.into(), None, false).await
+    }
+
+    /// [`subscribe`](Self::subscribe) with `"presence": true` (and `token`, if any,
+    /// for the server's authorization): the connection also hears who joins and
+    /// leaves the room over the cluster, as [`ClientEvent::MemberJoined`] and
+    /// [`ClientEvent::MemberLeft`] (per id: its first connection in the room, its
+    /// last one gone). Pair it with [`presence`](Self::presence) for who is there
+    /// already.
+    pub async fn subscribe_with_presence(
+        &self,
+        room: impl Into<String>,
+        token: Option<String>,
+    ) -> Result<(), ClientError> {
+        self.subscribe_with(room.into(), token, true).await
+    }
+
+    /// Who is in `room` (a room the connection is in) over the cluster: each id with
+    /// its connections there, by id. Asked of the current connection only:
+    /// `Session(NotCarryingRooms)` without one that carries rooms,
+    /// [`ClientError::Refused`] when the server refuses (`not_subscribed`,
+    /// `unavailable` while its Redis is unreachable, `too_many_requests`), and
+    /// [`ClientError::Disconnected`] when the connection drops first.
+    pub async fn presence(&self, room: impl Into<String>) -> Result<Vec<RoomMember>, ClientError> {
+        let room = room.into();
+        self.call(|tx| Command::Presence(room, tx)).await?
     }
 
     /// [`subscribe`](Self::subscribe) with a token for the server's authorization
@@ -319,7 +346,8 @@ impl Client {
         room: impl Into<String>,
         token: impl Into<String>,
     ) -> Result<(), ClientError> {
-        self.subscribe_with(room.into(), Some(token.into())).await
+        self.subscribe_with(room.into(), Some(token.into()), false)
+            .await
     }
 
     /// Leave `room`: the client stops holding the subscription at once, and the
@@ -343,8 +371,18 @@ impl Client {
         self.call(|tx| Command::Publish(room, message, tx)).await?
     }
 
-    async fn subscribe_with(&self, room: String, token: Option<String>) -> Result<(), ClientError> {
-        self.call(|tx| Command::Subscribe(room, token, tx)).await?
+    async fn subscribe_with(
+        &self,
+        room: String,
+        token: Option<String>,
+        presence: bool,
+    ) -> Result<(), ClientError> {
+        let subscribe = Subscribe {
+            room,
+            token,
+            presence,
+        };
+        self.call(|tx| Command::Subscribe(subscribe, tx)).await?
     }
 
     /// Disconnect deliberately: no reconnection follows. Returns once the close
@@ -434,6 +472,19 @@ enum Wake<S> {
     Timer,
 }
 
+/// What [`Client::subscribe`] and its variants ask.
+struct Subscribe {
+    room: String,
+    token: Option<String>,
+    presence: bool,
+}
+
+/// A caller of [`Client::presence`]: the request's reference, and its reply.
+type PresenceWaiter = (
+    Reference,
+    oneshot::Sender<Result<Vec<RoomMember>, ClientError>>,
+);
+
 /// A caller of [`Client::subscribe`]: the request's reference and room, and its reply.
 type SubscribeWaiter = (Reference, String, oneshot::Sender<Result<(), ClientError>>);
 
@@ -457,6 +508,8 @@ struct Task<R: Runtime> {
     auth_waiters: Vec<oneshot::Sender<Result<Value, ClientError>>>,
     /// Callers of [`Client::subscribe`] waiting for the answer to their request.
     subscribe_waiters: Vec<SubscribeWaiter>,
+    /// Callers of [`Client::presence`] waiting for the answer to their request.
+    presence_waiters: Vec<PresenceWaiter>,
     /// Answered when the close handshake of a deliberate disconnect ends.
     disconnect_reply: Option<oneshot::Sender<Result<(), ClientError>>>,
     io: Option<Io<MaybeTls<R::TcpStream>>>,
@@ -510,6 +563,7 @@ impl<R: Runtime> Task<R> {
         while let Some(event) = self.session.poll_event() {
             self.answer_auth(&event);
             self.answer_subscribes(&event);
+            self.answer_presence(&event);
             self.outgoing.push_back(event);
         }
         if let Some(reply) = self.disconnect_reply.take() {
@@ -577,6 +631,45 @@ impl<R: Runtime> Task<R> {
                     let _ = reply.send(result);
                 }
                 None => self.subscribe_waiters.push((reference, room, reply)),
+            }
+        }
+    }
+
+    /// Answer the callers waiting for a presence request that `event` decides: its
+    /// answer, its refusal, or the end of the connection it was asked on.
+    fn answer_presence(&mut self, event: &ClientEvent) {
+        if self.presence_waiters.is_empty() {
+            return;
+        }
+        let outcome = |reference: Reference| match event {
+            ClientEvent::Members {
+                reference: Some(answered),
+                members,
+                ..
+            } if *answered == reference => Some(Ok(members
+                .iter()
+                .map(|(id, connections)| RoomMember {
+                    id: id.clone(),
+                    connections: *connections,
+                })
+                .collect())),
+            ClientEvent::RoomRefused {
+                reference: Some(refused),
+                refusal,
+                ..
+            } if *refused == reference => Some(Err(ClientError::Refused(refusal.clone()))),
+            ClientEvent::Disconnected { close, .. } => {
+                Some(Err(ClientError::Disconnected(close.clone())))
+            }
+            _ => None,
+        };
+        let waiters = std::mem::take(&mut self.presence_waiters);
+        for (reference, reply) in waiters {
+            match outcome(reference) {
+                Some(result) => {
+                    let _ = reply.send(result);
+                }
+                None => self.presence_waiters.push((reference, reply)),
             }
         }
     }
@@ -706,14 +799,31 @@ impl<R: Runtime> Task<R> {
             Command::Send(message, reply) => {
                 let _ = reply.send(self.session.send(now, message).map_err(ClientError::from));
             }
-            Command::Subscribe(room, token, reply) => {
-                match self.session.subscribe(now, &room, token.as_deref()) {
+            Command::Subscribe(subscribe, reply) => {
+                let Subscribe {
+                    room,
+                    token,
+                    presence,
+                } = subscribe;
+                let token = token.as_deref();
+                let asked = if presence {
+                    self.session.subscribe_with_presence(now, &room, token)
+                } else {
+                    self.session.subscribe(now, &room, token)
+                };
+                match asked {
                     Ok(reference) => self.subscribe_waiters.push((reference, room, reply)),
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
                     }
                 }
             }
+            Command::Presence(room, reply) => match self.session.presence(now, &room) {
+                Ok(reference) => self.presence_waiters.push((reference, reply)),
+                Err(error) => {
+                    let _ = reply.send(Err(error.into()));
+                }
+            },
             Command::Unsubscribe(room, reply) => {
                 let result = self.session.unsubscribe(now, &room);
                 let _ = reply.send(result.map(drop).map_err(ClientError::from));

@@ -16,7 +16,7 @@ use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use futures_channel::oneshot;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::FutureExt;
-use mesa_core::rooms::{RefusalCode, Refused, RoomNotice, RoomRefusal, RoomRequest};
+use mesa_core::rooms::{RefusalCode, RoomNotice, RoomRefusal, RoomRequest};
 use mesa_core::{Close, CloseCode, Message, ServerSession, SessionEvent, Transmit};
 use serde_json::Value;
 
@@ -25,7 +25,7 @@ use crate::handle::{Admission, Connection};
 use crate::hooks::{AuthError, BoxFuture, Handler, RoomAccess, RoomAccessKind};
 use crate::io::Io;
 use crate::outbox::{Drained, Outbound};
-use crate::registry::{ConnShared, Identity, lock};
+use crate::registry::{ConnShared, Identity, Members, lock};
 use crate::runtime::Runtime;
 use crate::transport::{ReadFailure, close_frame, core_close, read_failure, text};
 
@@ -45,7 +45,13 @@ enum Wake {
     /// The application's hook in progress returned (an authorization, with its
     /// request and decision).
     Handled(Option<Authorized>),
+    /// The answer to a presence request: its room and reference, and the members
+    /// (or why there are none to tell).
+    Presence(String, Value, Result<Vec<(String, u64)>, RoomRefusal>),
 }
+
+/// A presence request awaiting the cluster's answer: its room and reference.
+type PendingPresence = (String, Value, oneshot::Receiver<Members>);
 
 /// A room request and the authorization's decision.
 type Authorized = (RoomRequest, Result<(), RoomRefusal>);
@@ -110,6 +116,8 @@ struct Driver<R: Runtime, S, H> {
     /// slow handler slows its own client down, never the heartbeats.
     hook: Option<BoxFuture<'static, Option<Authorized>>>,
     calls: VecDeque<AppCall>,
+    /// Presence requests awaiting their answers (the session bounds them).
+    presence: Vec<PendingPresence>,
 }
 
 impl<R, S, H> Driver<R, S, H>
@@ -131,6 +139,7 @@ where
             load: None,
             hook: None,
             calls: VecDeque::new(),
+            presence: Vec::new(),
         }
     }
 
@@ -239,13 +248,24 @@ where
         let Some(policy) = &self.inner.rooms else {
             return;
         };
+        if let RoomRequest::Presence { room, reference } = request {
+            let asked = self
+                .inner
+                .registry
+                .presence_request(self.shared().conn, &room);
+            match asked {
+                Ok(members) => self.presence.push((room, reference, members)),
+                Err(refusal) => drop(self.session.presence_answer(room, reference, Err(refusal))),
+            }
+            return;
+        }
         if let RoomRequest::Unsubscribe { room, reference } = request {
             let registry = &self.inner.registry;
             let notice = if registry.leave(self.shared().conn, &room, false) {
                 RoomNotice::Unsubscribed { room, reference }
             } else {
                 let refusal = RoomRefusal::new(RefusalCode::NotSubscribed, "not in the room");
-                refused(room, reference, refusal)
+                RoomNotice::refused(room, reference, refusal)
             };
             let _ = self.session.room_notice(notice);
             return;
@@ -263,12 +283,15 @@ where
         let notice = match (request, decision) {
             (
                 RoomRequest::Subscribe {
-                    room, reference, ..
+                    room,
+                    reference,
+                    presence,
+                    ..
                 },
                 Ok(()),
-            ) => match registry.join(conn, &room, false) {
+            ) => match registry.join(conn, &room, false, presence) {
                 Ok(_) => RoomNotice::Subscribed { room, reference },
-                Err(refusal) => refused(room, reference, refusal),
+                Err(refusal) => RoomNotice::refused(room, reference, refusal),
             },
             (
                 RoomRequest::Publish {
@@ -281,7 +304,7 @@ where
                 match registry.publish(&message, &room) {
                     // A publish that went through is not answered.
                     Ok(_) => return,
-                    Err(refusal) => refused(room, reference, refusal),
+                    Err(refusal) => RoomNotice::refused(room, reference, refusal),
                 }
             }
             (
@@ -291,10 +314,11 @@ where
                 | RoomRequest::Publish {
                     room, reference, ..
                 }
-                | RoomRequest::Unsubscribe { room, reference },
+                | RoomRequest::Unsubscribe { room, reference }
+                | RoomRequest::Presence { room, reference },
                 Err(refusal),
-            ) => refused(room, reference, refusal),
-            (RoomRequest::Unsubscribe { .. }, Ok(())) => return,
+            ) => RoomNotice::refused(room, reference, refusal),
+            (RoomRequest::Unsubscribe { .. } | RoomRequest::Presence { .. }, Ok(())) => return,
         };
         let _ = self.session.room_notice(notice);
     }
@@ -333,9 +357,9 @@ where
                     let token = token.clone();
                     (room.clone(), RoomAccessKind::Subscribe { token })
                 }
-                RoomRequest::Publish { room, .. } | RoomRequest::Unsubscribe { room, .. } => {
-                    (room.clone(), RoomAccessKind::Publish)
-                }
+                RoomRequest::Publish { room, .. }
+                | RoomRequest::Unsubscribe { room, .. }
+                | RoomRequest::Presence { room, .. } => (room.clone(), RoomAccessKind::Publish),
             };
             let decision = match &inner.rooms {
                 Some(policy) => policy.ask(&conn, RoomAccess { room, kind }),
@@ -404,6 +428,15 @@ where
                 return Poll::Ready(Wake::Load(outcome.unwrap_or_default()));
             }
         }
+        for index in 0..self.presence.len() {
+            if let Poll::Ready(answer) = self.presence[index].2.poll_unpin(cx) {
+                let (room, reference, _) = self.presence.swap_remove(index);
+                let members = answer
+                    .unwrap_or_else(|_| Err("the server is gone".to_owned()))
+                    .map_err(|reason| RoomRefusal::new(RefusalCode::Unavailable, reason));
+                return Poll::Ready(Wake::Presence(room, reference, members));
+            }
+        }
         if let Some(hook) = self.hook.as_mut() {
             if let Poll::Ready(outcome) = hook.poll_unpin(cx) {
                 self.hook = None;
@@ -437,6 +470,9 @@ where
             }
             Wake::Auth(Ok((id, user))) => {
                 let _ = self.session.accept(now, id, user);
+            }
+            Wake::Presence(room, reference, members) => {
+                let _ = self.session.presence_answer(room, reference, members);
             }
             Wake::Auth(Err(error)) => {
                 let _ = self.session.reject(now, error.reason());
@@ -527,13 +563,4 @@ where
             .emit(|m| m.on_disconnection(conn, &close));
         self.inner.handler.on_disconnect(conn, &close).await;
     }
-}
-
-/// A refusal of a request naming `room`.
-fn refused(room: String, reference: serde_json::Value, refusal: RoomRefusal) -> RoomNotice {
-    RoomNotice::Refused(Refused {
-        room: Some(room),
-        reference,
-        refusal,
-    })
 }

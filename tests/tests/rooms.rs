@@ -374,31 +374,37 @@ async fn the_published_clients_never_see_anything_new_over_ten_thousand_messages
     }
 }
 
+/// A cluster on `redis` whose leases last 900 ms: a crashed replica's members go soon.
+fn short_lease(redis: &RedisServer) -> ClusterConfig {
+    let mut cluster = ClusterConfig::new(redis.url());
+    cluster.lease = std::time::Duration::from_millis(900);
+    cluster
+}
+
+/// A replica of that cluster on a runtime of its own, so that dropping it is a crash.
+fn crashable(redis: &RedisServer) -> Crashable {
+    let cluster = short_lease(redis);
+    Crashable::start(move || {
+        builder(RoomPolicy::Authenticated)
+            .cluster(cluster)
+            .build()
+            .unwrap()
+    })
+}
+
 /// Who is in a room, asked of one replica: the members of every replica, by id with
 /// their connections; a member that leaves goes; a replica that crashes takes its
 /// members with it within its lease.
 #[tokio::test]
 async fn who_is_in_a_room_counts_every_replica_and_forgets_a_crashed_one() {
     let redis = RedisServer::start();
-    let cluster = || {
-        let mut cluster = ClusterConfig::new(redis.url());
-        cluster.lease = std::time::Duration::from_millis(900);
-        cluster
-    };
     let a = builder(RoomPolicy::Authenticated)
-        .cluster(cluster())
+        .cluster(short_lease(&redis))
         .build()
         .unwrap();
     let handle = a.handle();
     let addr_a = start(a).await;
-    // Replica b runs on a runtime of its own, so that dropping it is a crash.
-    let b_cluster = cluster();
-    let b = Crashable::start(move || {
-        builder(RoomPolicy::Authenticated)
-            .cluster(b_cluster)
-            .build()
-            .unwrap()
-    });
+    let b = crashable(&redis);
     let addr_b = b.addr();
 
     let (mut alice, _) = client(addr_a, "alice", true).await;
@@ -451,4 +457,194 @@ async fn who_is_in_a_room_counts_every_replica_and_forgets_a_crashed_one() {
         handle.room_members("not a room").await,
         Err(mesa_tokio::PresenceError::InvalidRoom(_))
     ));
+}
+
+/// Read frames until `count` presence notices (`mesa:join`, `mesa:leave`) about ids
+/// other than `own` came; each as `(t, id)`. Its own id's first join may or may not
+/// come (see docs/protocol.md, Presence): it is skipped.
+async fn notices(ws: &mut Raw<Tokio>, own: &str, count: usize) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let frame = next_json(&Tokio, ws).await;
+        let t = frame["t"].as_str().unwrap_or_default().to_owned();
+        if t == "mesa:join" || t == "mesa:leave" {
+            assert_eq!(frame["d"]["room"], "lobby", "{frame}");
+            let id = frame["d"]["id"].as_str().unwrap().to_owned();
+            if id != own {
+                seen.push((t, id));
+            }
+        }
+    }
+    seen
+}
+
+/// Presence across two replicas: a member that asked hears one join and one leave
+/// per id (two tabs of bob on the other replica make one), a crashed replica's ids
+/// leave when the janitor takes its lease, a member asks who is there, and members
+/// that did not ask, or old clients, hear nothing.
+#[tokio::test]
+async fn members_that_ask_hear_each_id_join_and_leave_over_the_cluster() {
+    let redis = RedisServer::start();
+    // The relay echoes: an echo ends what a client received.
+    let a = builder(RoomPolicy::Authenticated)
+        .cluster(short_lease(&redis))
+        .handler(mesa_tokio::Relay)
+        .build()
+        .unwrap();
+    let handle = a.handle();
+    let addr_a = start(a).await;
+    let b = crashable(&redis);
+    let (mut alice, _) = client(addr_a, "alice", true).await;
+    let d = json!({"room": "lobby", "ref": 1, "presence": true});
+    send(&mut alice, json!({"op": 0, "t": "mesa:subscribe", "d": d})).await;
+    // Replica a listens on the room's channel before anyone else comes.
+    eventually("a subscribed to the lobby", WAIT, || {
+        std::future::ready(redis.subscribers("mesa_room:lobby") == 1)
+    })
+    .await;
+    // A member that did not ask, and an old client the server put in the room.
+    let (mut quiet, _) = client(addr_a, "carol", true).await;
+    assert_eq!(
+        subscribe(&mut quiet, "lobby", 1).await["t"],
+        "mesa:subscribed"
+    );
+    let (mut old, _) = client(addr_a, "dave", false).await;
+    assert_eq!(handle.join_id("dave", "lobby").unwrap(), 1);
+    let joined = |id: &str| ("mesa:join".to_owned(), id.to_owned());
+    let left = |id: &str| ("mesa:leave".to_owned(), id.to_owned());
+    assert_eq!(
+        notices(&mut alice, "alice", 2).await,
+        [joined("carol"), joined("dave")]
+    );
+
+    // Two tabs of bob on replica b: one join.
+    let mut tabs = Vec::new();
+    for tab in 0..2 {
+        let (mut bob, _) = client(b.addr(), "bob", true).await;
+        assert_eq!(
+            subscribe(&mut bob, "lobby", tab).await["t"],
+            "mesa:subscribed"
+        );
+        tabs.push(bob);
+    }
+    assert_eq!(notices(&mut alice, "alice", 1).await, [joined("bob")]);
+
+    // Who is there, asked by a member (once bob's second tab is registered too);
+    // refused to a connection that is not one.
+    eventually("bob's two tabs registered", WAIT, || {
+        let handle = handle.clone();
+        async move {
+            let members = handle.room_members("lobby").await.unwrap_or_default();
+            members.iter().any(|m| m.id == "bob" && m.connections == 2)
+        }
+    })
+    .await;
+    let d = json!({"room": "lobby", "ref": 7});
+    send(
+        &mut quiet,
+        json!({"op": 0, "t": "mesa:presence", "d": d.clone()}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&Tokio, &mut quiet).await,
+        json!({"op": 0, "t": "mesa:presence", "d": {"room": "lobby", "ref": 7,
+            "members": {"alice": 1, "bob": 2, "carol": 1, "dave": 1}}})
+    );
+    let (mut outsider, _) = client(addr_a, "erin", true).await;
+    send(
+        &mut outsider,
+        json!({"op": 0, "t": "mesa:presence", "d": d}),
+    )
+    .await;
+    let refused = next_json(&Tokio, &mut outsider).await;
+    assert_eq!(refused["t"], "mesa:error");
+    assert_eq!(refused["d"]["code"], "not_subscribed");
+
+    // One tab leaves: nothing; the replica with the other crashes: bob leaves once
+    // the janitor took its lease.
+    let d = json!({"room": "lobby", "ref": 9});
+    send(
+        &mut tabs[0],
+        json!({"op": 0, "t": "mesa:unsubscribe", "d": d}),
+    )
+    .await;
+    b.crash();
+    assert_eq!(notices(&mut alice, "alice", 1).await, [left("bob")]);
+    // The old client leaves.
+    assert_eq!(handle.leave_id("dave", "lobby"), 1);
+    assert_eq!(notices(&mut alice, "alice", 1).await, [left("dave")]);
+
+    // The member that did not ask, and the old client, heard no notice.
+    send(
+        &mut quiet,
+        json!({"op": 0, "t": "ECHO", "d": {"last": true}}),
+    )
+    .await;
+    let frame = next_json(&Tokio, &mut quiet).await;
+    assert_eq!(frame["t"], "ECHO", "nothing before the echo: {frame}");
+    send(&mut old, json!({"op": 0, "t": "ECHO", "d": {"last": true}})).await;
+    let frame = next_json(&Tokio, &mut old).await;
+    assert_eq!(frame["t"], "ECHO", "nothing before the echo: {frame}");
+}
+
+/// A connection has at most `max_presence_requests` awaiting answers; a presence
+/// request while Redis is unreachable is answered with `unavailable`.
+#[tokio::test]
+async fn presence_requests_are_bounded_and_answered_unavailable_without_redis() {
+    let mut redis = RedisServer::start();
+    let limits = Limits {
+        max_presence_requests: 1,
+        ..Limits::default()
+    };
+    let server = builder(RoomPolicy::Authenticated)
+        .cluster(ClusterConfig::new(redis.url()))
+        .limits(limits)
+        .build()
+        .unwrap();
+    let handle = server.handle();
+    let addr = start(server).await;
+    let (mut alice, _) = client(addr, "alice", true).await;
+    assert_eq!(
+        subscribe(&mut alice, "lobby", 1).await["t"],
+        "mesa:subscribed"
+    );
+    eventually("alice registered in the lobby", WAIT, || {
+        let handle = handle.clone();
+        async move {
+            handle
+                .room_members("lobby")
+                .await
+                .is_ok_and(|m| m.len() == 1)
+        }
+    })
+    .await;
+    let ask = |reference: u64| {
+        let d = json!({"room": "lobby", "ref": reference});
+        json!({"op": 0, "t": "mesa:presence", "d": d})
+    };
+    // Redis does not answer the first: the second is over the bound.
+    redis.freeze();
+    send(&mut alice, ask(2)).await;
+    send(&mut alice, ask(3)).await;
+    let refused = next_json(&Tokio, &mut alice).await;
+    assert_eq!(
+        (&refused["d"]["ref"], &refused["d"]["code"]),
+        (&json!(3), &json!("too_many_requests")),
+        "{refused}"
+    );
+    redis.thaw();
+    let answer = next_json(&Tokio, &mut alice).await;
+    assert_eq!(
+        answer,
+        json!({"op": 0, "t": "mesa:presence", "d": {"room": "lobby", "ref": 2,
+            "members": {"alice": 1}}})
+    );
+    redis.kill();
+    send(&mut alice, ask(4)).await;
+    let unavailable = next_json(&Tokio, &mut alice).await;
+    assert_eq!(
+        (&unavailable["d"]["ref"], &unavailable["d"]["code"]),
+        (&json!(4), &json!("unavailable")),
+        "{unavailable}"
+    );
 }

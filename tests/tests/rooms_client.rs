@@ -217,3 +217,55 @@ async fn a_server_without_rooms_says_so() {
     let chat = Message::dispatch("CHAT", json!({}));
     assert_eq!(alice.publish("lobby", chat).await, no_rooms);
 }
+
+/// A subscription with presence hears who joins and leaves (two tabs of bob: one of
+/// each) and asks who is there; a presence request about a room the client is not in
+/// is refused.
+#[tokio::test]
+async fn a_subscription_with_presence_hears_ids_join_and_leave_and_asks_who_is_there() {
+    let (_, addr) = authenticating(RoomPolicy::Authenticated).await;
+    let (alice, mut events) = client(addr, Some("alice")).await;
+    alice.subscribe_with_presence("lobby", None).await.unwrap();
+    let mut tabs = Vec::new();
+    for _ in 0..2 {
+        let (bob, bob_events) = client(addr, Some("bob")).await;
+        bob.subscribe("lobby").await.unwrap();
+        tabs.push((bob, bob_events));
+    }
+    let members = alice.presence("lobby").await.unwrap();
+    let members: Vec<(&str, u64)> = members
+        .iter()
+        .map(|m| (m.id.as_str(), m.connections))
+        .collect();
+    assert_eq!(members, [("alice", 1), ("bob", 2)]);
+    let joined = |e: &ClientEvent| matches!(e, ClientEvent::MemberJoined { id, .. } if id == "bob");
+    let _ = next_event(&mut events, "bob joined", joined, WAIT).await;
+    for (bob, _) in &tabs {
+        bob.unsubscribe("lobby").await.unwrap();
+    }
+    let left = next_event(
+        &mut events,
+        "bob left",
+        |e| {
+            matches!(
+                e,
+                ClientEvent::MemberLeft { .. } | ClientEvent::MemberJoined { .. }
+            )
+        },
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        left,
+        ClientEvent::MemberLeft {
+            room: "lobby".into(),
+            id: "bob".into()
+        },
+        "one join, then one leave"
+    );
+    let refused = alice.presence("elsewhere").await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Refused(r) if r.code == RefusalCode::NotSubscribed),
+        "{refused:?}"
+    );
+}

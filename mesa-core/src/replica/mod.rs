@@ -113,7 +113,7 @@ use crate::cluster::{
 use crate::config::ConfigError;
 use crate::hub::{Action, ConnId, Hub, Recipients, TooManyRecipients};
 use crate::room_table::Joined;
-use crate::rooms::{RoomEnvelope, RoomRefusal};
+use crate::rooms::{PresenceChange, RoomEnvelope, RoomPayload, RoomRefusal};
 use crate::session::SessionEvent;
 use crate::sync::{MessageOptions, stored_entries};
 use crate::timer::TimerTable;
@@ -524,15 +524,21 @@ impl Replica {
                 Err(error) => self.undecodable(channel, error.to_string()),
             }
         } else if channel.starts_with(ROOM_CHANNEL_PREFIX) {
-            match RoomEnvelope::decode(payload) {
+            match RoomPayload::decode(payload) {
                 // Our own: its members here got it when it was sent.
-                Ok(envelope) if envelope.origin.as_deref() == Some(self.keys.replica()) => {
+                Ok(RoomPayload::Message(envelope))
+                    if envelope.origin.as_deref() == Some(self.keys.replica()) =>
+                {
                     self.received(0);
                 }
-                Ok(envelope) => {
+                Ok(RoomPayload::Message(envelope)) => {
                     let local = self.deliver_room(envelope.message, &envelope.room);
                     self.received(local);
                 }
+                // Published by Redis's scripts, so every replica's members (ours too)
+                // hear a room's changes in one order. Not an envelope: not counted
+                // as one received.
+                Ok(RoomPayload::Presence(change)) => self.deliver_presence(&change),
                 Err(error) => self.undecodable(channel, error.to_string()),
             }
         } else if channel == ns.available_portals_pool() && self.config.portals.is_some() {
@@ -654,6 +660,14 @@ impl Replica {
         }
         self.settle(now);
         left.is_some()
+    }
+
+    /// Whether member `conn` of `room` hears who joins and leaves it over the
+    /// cluster (`mesa:join`, `mesa:leave`); only an extended connection can. Returns
+    /// whether it does now. Needs presence on (`ReplicaConfig::presence`): without
+    /// it no replica counts room presence, and no change is published.
+    pub fn handle_watch(&mut self, conn: ConnId, room: &str, on: bool) -> bool {
+        self.hub.watch(conn, room, on)
     }
 
     /// Ask who is in `room` over the cluster: answered by
@@ -857,6 +871,17 @@ impl Replica {
             });
         }
         count
+    }
+
+    /// Tell the members of `change`'s room here that asked for presence.
+    fn deliver_presence(&mut self, change: &PresenceChange) {
+        if let Some((message, targets)) = self.hub.rooms().presence_delivery(change) {
+            self.deliveries.push_back(LocalDelivery {
+                action: Action::for_message(&message),
+                message,
+                targets,
+            });
+        }
     }
 
     /// Deliver to the local connections among `recipients`; how many.

@@ -251,8 +251,10 @@ return 1
 );
 
 /// Clean up after replicas whose lease expired (crashed, or cut off from Redis): their
-/// routes go, their ids leave `connected_clients` unless a live replica holds them, and their share of
-/// the connection counter is taken back. With `ARGV[6]` = "retire", this replica's own
+/// routes go, their ids leave `connected_clients` unless a live replica holds them,
+/// their share of the connection counter is taken back, and their room memberships
+/// leave the rooms (an id with no connection left in a room is published as left, as
+/// by [`ROOMS`]). With `ARGV[6]` = "retire", this replica's own
 /// lease is dropped first (graceful shutdown).
 ///
 /// A lease that does not hold `ARGV[7]`, the run id of this Redis process, was
@@ -296,6 +298,8 @@ for _, r in ipairs(redis.call('SMEMBERS', KEYS[2])) do
         local id = string.sub(entries[i], cut + 1)
         if redis.call('HINCRBY', members, id, -tonumber(entries[i + 1])) <= 0 then
           redis.call('HDEL', members, id)
+          local room = string.sub(entries[i], 1, cut - 1)
+          redis.call('PUBLISH', 'mesa_room:' .. room .. ARGV[5], cjson.encode({room = room, leave = id}))
         end
       end
     end
@@ -311,12 +315,17 @@ return removed
 /// Room presence of this replica: `KEYS[1]` is its hash of memberships (field
 /// `<room> <id>`, the connections of that id in that room here; room names have no
 /// space), `ARGV[1]` the namespace suffix, `ARGV[2]` the mode, then triples of room,
-/// id and count, added (negative to leave). `clear` takes every entry of the hash
-/// out first (a new link clears, then adds what it holds: what Redis kept may be
-/// stale, or lost). Either way the difference goes to each room's hash
-/// of members (`mesa_room_members:<room>`, id to connections over the cluster),
-/// where an id at 0 is removed. A leave the hash never saw (Redis lost it) removes
-/// nothing. Returns the entries changed.
+/// id and count, added (negative to leave). `clear` (a new link) makes the hash hold
+/// exactly the triples instead: what Redis kept may be stale, or lost. Either way the
+/// difference goes to each room's hash of members (`mesa_room_members:<room>`, id to
+/// connections over the cluster), where an id at 0 is removed. A leave the hash never
+/// saw (Redis lost it) removes nothing.
+///
+/// When an id's connections in a room go from 0, or to 0, the change is published
+/// on the room's channel (`{"room": R, "join": id}`, `{"room": R, "leave": id}`), in
+/// the same step, so every replica hears each room's changes once and in order. A
+/// `clear` changes only the difference: a link that comes back to a Redis that kept
+/// its data publishes nothing. Returns the entries changed.
 pub const ROOMS: &str = r#"
 local function apply(room, id, by)
   if by == 0 then return 0 end
@@ -327,22 +336,41 @@ local function apply(room, id, by)
   if mine + by == 0 then redis.call('HDEL', KEYS[1], field)
   else redis.call('HSET', KEYS[1], field, mine + by) end
   local members = 'mesa_room_members:' .. room .. ARGV[1]
-  if redis.call('HINCRBY', members, id, by) <= 0 then redis.call('HDEL', members, id) end
+  local now = redis.call('HINCRBY', members, id, by)
+  local channel = 'mesa_room:' .. room .. ARGV[1]
+  if now <= 0 then
+    redis.call('HDEL', members, id)
+    redis.call('PUBLISH', channel, cjson.encode({room = room, leave = id}))
+  elseif now == by then
+    redis.call('PUBLISH', channel, cjson.encode({room = room, join = id}))
+  end
   return 1
 end
 local changed = 0
+local wanted = {}
 if ARGV[2] == 'clear' then
+  for i = 3, #ARGV, 3 do
+    local field = ARGV[i] .. ' ' .. ARGV[i + 1]
+    local prior = wanted[field]
+    wanted[field] = {ARGV[i], ARGV[i + 1], (prior and prior[3] or 0) + tonumber(ARGV[i + 2])}
+  end
   local entries = redis.call('HGETALL', KEYS[1])
   for i = 1, #entries, 2 do
     local cut = string.find(entries[i], ' ', 1, true)
+    local want = wanted[entries[i]]
+    local count = want and want[3] or 0
+    wanted[entries[i]] = nil
     if cut then
       local room, id = string.sub(entries[i], 1, cut - 1), string.sub(entries[i], cut + 1)
-      changed = changed + apply(room, id, -tonumber(entries[i + 1]))
+      changed = changed + apply(room, id, count - tonumber(entries[i + 1]))
+    else
+      redis.call('HDEL', KEYS[1], entries[i])
     end
   end
-  redis.call('DEL', KEYS[1])
+  for _, want in pairs(wanted) do changed = changed + apply(want[1], want[2], want[3]) end
+else
+  for i = 3, #ARGV, 3 do changed = changed + apply(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])) end
 end
-for i = 3, #ARGV, 3 do changed = changed + apply(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])) end
 return changed
 "#;
 

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::cluster::Namespace;
 use crate::replica::{Call, RedisValue, Script};
+use crate::rooms::PresenceChange;
 use crate::sync::split_first_entry as split_first;
 
 /// What the model answers a call that cannot work (a wrong type, a bad argument).
@@ -243,18 +244,7 @@ impl RedisModel {
             "SUBSCRIBE" | "UNSUBSCRIBE" => RedisValue::Nil,
             "PUBLISH" => {
                 let channel = key()?.to_owned();
-                let subscribers: Vec<usize> = self
-                    .subscriptions
-                    .get(&channel)
-                    .map(|s| s.iter().copied().collect())
-                    .unwrap_or_default();
-                let receivers = subscribers.len() as i64;
-                self.published.push(Published {
-                    channel,
-                    payload: arg(args, 1)?.to_owned(),
-                    subscribers,
-                });
-                RedisValue::Int(receivers)
+                RedisValue::Int(self.publish(channel, arg(args, 1)?.to_owned()))
             }
             "SADD" => RedisValue::Int(self.sadd(key()?, &args[1..]) as i64),
             "SREM" => {
@@ -366,6 +356,22 @@ impl RedisModel {
             .entry(key.to_owned())
             .or_default()
             .insert(field.to_owned(), value);
+    }
+
+    /// `PUBLISH`: hand `payload` to the subscribers of `channel`; how many.
+    fn publish(&mut self, channel: String, payload: String) -> i64 {
+        let subscribers: Vec<usize> = self
+            .subscriptions
+            .get(&channel)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let receivers = subscribers.len() as i64;
+        self.published.push(Published {
+            channel,
+            payload,
+            subscribers,
+        });
+        receivers
     }
 
     /// `HINCRBY` (a field that is no number counts as 0).
@@ -607,6 +613,7 @@ impl RedisModel {
                     let members = format!("mesa_room_members:{room}{}", scope.suffix);
                     if self.hincrby(&members, id, -int(&count)?) <= 0 {
                         self.hdel(&members, id);
+                        self.publish_presence(&scope.suffix, room, id, false);
                     }
                 }
             }
@@ -673,25 +680,37 @@ impl RedisModel {
     fn rooms(&mut self, keys: &[String], args: &[String]) -> Result<RedisValue, CallError> {
         let mine = arg(keys, 0)?.to_owned();
         let suffix = arg(args, 0)?.to_owned();
-        let mut changed = 0;
-        if arg(args, 1)? == "clear" {
-            for (field, count) in self.entries(&mine) {
-                if let Some((room, id)) = field.split_once(' ') {
-                    changed += self.apply_room(&mine, &suffix, room, id, -int(&count)?);
-                }
-            }
-            self.del(&mine);
-        }
+        let mut triples = Vec::new();
         for triple in args[2..].chunks(3) {
             let [room, id, by] = triple else {
                 return Err("ERR rooms: triples of room, id and count".into());
             };
-            changed += self.apply_room(&mine, &suffix, room, id, int(by)?);
+            triples.push((format!("{room} {id}"), int(by)?));
+        }
+        // `clear` changes only the difference with what the hash holds.
+        if arg(args, 1)? == "clear" {
+            let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
+            for (field, by) in triples.drain(..) {
+                *wanted.entry(field).or_default() += by;
+            }
+            for (field, count) in self.entries(&mine) {
+                let want = wanted.remove(&field).unwrap_or(0);
+                triples.push((field, want - int(&count)?));
+            }
+            triples.extend(wanted);
+        }
+        let mut changed = 0;
+        for (field, by) in triples {
+            match field.split_once(' ') {
+                Some((room, id)) => changed += self.apply_room(&mine, &suffix, room, id, by),
+                None => drop(self.hdel(&mine, &field)),
+            }
         }
         Ok(RedisValue::Int(changed))
     }
 
-    /// Add `by` connections of `id` in `room` here, and to the room's members.
+    /// Add `by` connections of `id` in `room` here, and to the room's members,
+    /// publishing the change when the id's count there leaves or reaches 0.
     fn apply_room(&mut self, mine: &str, suffix: &str, room: &str, id: &str, by: i64) -> i64 {
         let field = format!("{room} {id}");
         let held = self
@@ -711,10 +730,24 @@ impl RedisModel {
             self.hset(mine, &field, (held + by).to_string());
         }
         let members = format!("mesa_room_members:{room}{suffix}");
-        if self.hincrby(&members, id, by) <= 0 {
+        let now = self.hincrby(&members, id, by);
+        if now <= 0 {
             self.hdel(&members, id);
+            self.publish_presence(suffix, room, id, false);
+        } else if now == by {
+            self.publish_presence(suffix, room, id, true);
         }
         1
+    }
+
+    /// Publish a change of `id`'s presence in `room`, as the scripts do.
+    fn publish_presence(&mut self, suffix: &str, room: &str, id: &str, joined: bool) {
+        let change = PresenceChange {
+            room: room.to_owned(),
+            id: id.to_owned(),
+            joined,
+        };
+        self.publish(format!("mesa_room:{room}{suffix}"), change.encode());
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesa_core::rng::Rng;
-use mesa_core::rooms::{RefusalCode, Refused, RoomNotice, RoomRefusal, RoomRequest};
+use mesa_core::rooms::{RefusalCode, RoomNotice, RoomRefusal, RoomRequest};
 pub use mesa_core::sim::net::ClientLog;
 use mesa_core::sim::net::{Link, Packet, SimClient};
 use mesa_core::{
@@ -60,7 +60,7 @@ impl Sim {
             server_up: true,
             sync: config.sync().is_some(),
             config: Arc::new(config),
-            hub: Hub::new(false),
+            hub: Hub::deciding_presence(false),
             sessions: BTreeMap::new(),
             conn_logs: BTreeMap::new(),
             store: HashMap::new(),
@@ -71,7 +71,7 @@ impl Sim {
     }
 
     pub fn with_auth_required(mut self) -> Self {
-        self.hub = Hub::new(true);
+        self.hub = Hub::deciding_presence(true);
         self
     }
 
@@ -409,6 +409,16 @@ impl Sim {
                 .events
                 .push(event.clone());
             self.handle_session_event(conn, event);
+            self.tell_presence(Some(conn));
+        }
+    }
+
+    /// Deliver the room presence changes the hub decided.
+    fn tell_presence(&mut self, from: Option<ConnId>) {
+        while let Some(change) = self.hub.poll_presence() {
+            if let Some((message, targets)) = self.hub.rooms().presence_delivery(&change) {
+                self.apply(from, &Action::for_message(&message), &targets);
+            }
         }
     }
 
@@ -468,20 +478,27 @@ impl Sim {
     /// An open rooms policy: every subscribe and publish is allowed.
     fn room_request(&mut self, conn: ConnId, request: RoomRequest) {
         let max = self.config.limits().max_rooms_per_connection;
-        let refused = |room: String, reference, refusal| {
-            RoomNotice::Refused(Refused {
-                room: Some(room),
-                reference,
-                refusal,
-            })
-        };
+        let refused = RoomNotice::refused;
         let notice = match request {
             RoomRequest::Subscribe {
-                room, reference, ..
+                room,
+                reference,
+                presence,
+                ..
             } => match self.hub.join(conn, &room, max) {
-                Ok(_) => RoomNotice::Subscribed { room, reference },
+                Ok(_) => {
+                    self.hub.watch(conn, &room, presence);
+                    RoomNotice::Subscribed { room, reference }
+                }
                 Err(refusal) => refused(room, reference, refusal),
             },
+            RoomRequest::Presence { room, reference } => {
+                let members = self.hub.check_member(conn, &room);
+                let members = members.map(|()| self.hub.room_members(&room));
+                let session = self.sessions.get_mut(&conn).expect("session");
+                let _ = session.presence_answer(room, reference, members);
+                return;
+            }
             RoomRequest::Unsubscribe { room, reference } => match self.hub.leave(conn, &room) {
                 Some(_) => RoomNotice::Unsubscribed { room, reference },
                 None => {

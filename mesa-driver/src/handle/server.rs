@@ -89,9 +89,19 @@ impl ServerHandle {
     /// Put connection `conn` in `room`, whatever the room policy says (an extended
     /// client hears `mesa:subscribed`; an old one just receives the room's messages).
     /// Refused for an invalid room name, a closed connection, or one in
-    /// `Limits::max_rooms_per_connection` rooms already.
+    /// `Limits::max_rooms_per_connection` rooms already. The membership hears no
+    /// `mesa:join` or `mesa:leave` unless [`set_presence`](Self::set_presence) turns
+    /// them on.
     pub fn join(&self, conn: ConnId, room: &str) -> Result<(), RoomRefusal> {
-        self.registry.join(conn, room, true).map(drop)
+        self.registry.join(conn, room, true, false).map(drop)
+    }
+
+    /// Whether connection `conn`, a member of `room`, hears who joins and leaves it
+    /// (`mesa:join`, `mesa:leave`, as a client's subscribe with `"presence": true`);
+    /// returns whether it does now. Only an extended connection can (an old client
+    /// never receives a control dispatch): for the others it stays off.
+    pub fn set_presence(&self, conn: ConnId, room: &str, on: bool) -> bool {
+        self.registry.watch(conn, room, on)
     }
 
     /// Take connection `conn` out of `room`; whether it was in it.
@@ -105,7 +115,7 @@ impl ServerHandle {
     pub fn join_id(&self, id: &str, room: &str) -> Result<usize, RoomRefusal> {
         let mut joined = 0;
         for conn in self.registry.conns_of(id) {
-            if !self.registry.join(conn, room, true)?.already {
+            if !self.registry.join(conn, room, true, false)?.already {
                 joined += 1;
             }
         }

@@ -11,7 +11,7 @@
 mod conn;
 mod observer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -178,7 +178,7 @@ impl Registry {
     ) -> (Self, Option<mpsc::UnboundedReceiver<LinkWork>>) {
         let (core, inbox) = match replica {
             None => (
-                Core::Alone(Box::new(Hub::new(settings.auth_required))),
+                Core::Alone(Box::new(Hub::deciding_presence(settings.auth_required))),
                 None,
             ),
             Some(replica) => {
@@ -336,28 +336,50 @@ impl Registry {
 
     // ----- rooms -----
 
-    /// Put `conn` in `room`. A join the server decided on its own (`notify`) is told
-    /// to an extended connection (`mesa:subscribed` without a ref); one answering the
-    /// client's request is answered by its session.
+    /// Put `conn` in `room`, hearing who joins and leaves it when `presence` (an
+    /// extended connection only). A join the server decided on its own (`notify`) is
+    /// told to an extended connection (`mesa:subscribed` without a ref); one
+    /// answering the client's request is answered by its session.
     pub(crate) fn join(
         &self,
         conn: ConnId,
         room: &str,
         notify: bool,
+        presence: bool,
     ) -> Result<Joined, RoomRefusal> {
         check_room(room, &self.limits)?;
         let now = (self.clock)();
         let max = self.limits.max_rooms_per_connection;
         let mut state = self.lock();
         let joined = match &mut state.core {
-            Core::Alone(hub) => hub.join(conn, room, max),
-            Core::Cluster { replica, .. } => replica.handle_join(now, conn, room),
-        }?;
+            Core::Alone(hub) => {
+                let joined = hub.join(conn, room, max)?;
+                hub.watch(conn, room, presence);
+                joined
+            }
+            Core::Cluster { replica, .. } => {
+                let joined = replica.handle_join(now, conn, room)?;
+                replica.handle_watch(conn, room, presence);
+                joined
+            }
+        };
         if notify && !joined.already {
             tell(&state, conn, room, true);
         }
         self.settle(state);
         Ok(joined)
+    }
+
+    /// Whether member `conn` of `room` hears who joins and leaves it (see
+    /// [`Hub::watch`]); whether it does now.
+    pub(crate) fn watch(&self, conn: ConnId, room: &str, on: bool) -> bool {
+        let mut state = self.lock();
+        let watching = match &mut state.core {
+            Core::Alone(hub) => hub.watch(conn, room, on),
+            Core::Cluster { replica, .. } => replica.handle_watch(conn, room, on),
+        };
+        self.settle(state);
+        watching
     }
 
     /// Take `conn` out of `room`; whether it was in it. A leave the server decided on
@@ -422,20 +444,23 @@ impl Registry {
         lock(&self.queries).insert(query, reply);
         let asked = self.feed(|replica, now| replica.handle_room_members(now, query, room));
         if asked.is_none() {
-            let state = self.lock();
-            let hub = state.core.hub();
-            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-            for conn in hub.rooms().members(room) {
-                if let Some(id) = hub.id_of(conn) {
-                    *counts.entry(id.to_owned()).or_default() += 1;
-                }
-            }
-            drop(state);
+            let here = self.lock().core.hub().room_members(room);
             if let Some(reply) = lock(&self.queries).remove(&query) {
-                let _ = reply.send(Ok(counts.into_iter().collect()));
+                let _ = reply.send(Ok(here));
             }
         }
         Ok(members)
+    }
+
+    /// A client's presence request: who is in `room`, asked by member `conn` (else
+    /// refused with `not_subscribed`).
+    pub(crate) fn presence_request(
+        &self,
+        conn: ConnId,
+        room: &str,
+    ) -> Result<oneshot::Receiver<Members>, RoomRefusal> {
+        self.lock().core.hub().check_member(conn, room)?;
+        self.room_members(room)
     }
 
     /// Rooms with a member here, and memberships over all of them.
@@ -572,19 +597,28 @@ fn tell(state: &State, conn: ConnId, room: &str, joined: bool) {
     let _ = shared.outbox.push(Outbound::Frame(notice.encode()));
 }
 
-/// Execute what the replica decided (nothing alone): deliveries into the outboxes,
+/// Execute what the core decided (alone, only the room presence changes its hub
+/// decided): deliveries into the outboxes,
 /// commands into the cluster task's inbox (with a re-arm when the deadline moved),
 /// stored messages to their connections; the rest is returned for [`Registry::act`].
 fn drain(state: &mut State) -> Effects {
     let mut effects = Effects::default();
     let State { core, conns, .. } = state;
-    let Core::Cluster {
-        replica,
-        link,
-        deadline,
-    } = core
-    else {
-        return effects;
+    let (replica, link, deadline) = match core {
+        Core::Cluster {
+            replica,
+            link,
+            deadline,
+        } => (replica, link, deadline),
+        Core::Alone(hub) => {
+            while let Some(change) = hub.poll_presence() {
+                if let Some((message, targets)) = hub.rooms().presence_delivery(&change) {
+                    let action = Action::for_message(&message);
+                    effects.deliver(conns, || message, &targets, &action);
+                }
+            }
+            return effects;
+        }
     };
     while let Some(delivery) = replica.poll_delivery() {
         let message = delivery.message;

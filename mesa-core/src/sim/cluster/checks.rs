@@ -115,7 +115,8 @@ impl ClusterSim {
     }
 
     /// Each room's members in Redis are its members on the live replicas: every
-    /// id with its connections in the room.
+    /// id with its connections in the room; and the last presence change published
+    /// of each id says whether it is in the room.
     fn check_room_presence(&self) -> Vec<Violation> {
         let ns = &self.config.replica.namespace;
         let mut expected: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
@@ -145,6 +146,18 @@ impl ClusterSim {
                 violations.push(format!(
                     "{room}: Redis holds {held:?}, the replicas {want:?}"
                 ));
+            }
+            // The last change published of each id is its presence now.
+            let told = self.presence_told.iter().filter(|((r, _), _)| *r == room);
+            for ((_, id), joined) in told {
+                if *joined != held.contains_key(id) {
+                    violations.push(format!("{room}: {id} last told joined {joined}"));
+                }
+            }
+            for id in held.keys() {
+                if !self.presence_told.contains_key(&(room.clone(), id.clone())) {
+                    violations.push(format!("{room}: {id} is in it, never told joined"));
+                }
             }
         }
         violations

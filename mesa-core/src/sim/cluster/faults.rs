@@ -104,6 +104,9 @@ impl ClusterSim {
             let erased = self.stored_now();
             self.track.wiped.extend(erased);
         }
+        if !persist {
+            self.presence_told.clear();
+        }
         self.redis.restart(persist);
         self.redis_up = false;
         for r in 0..self.replicas.len() {

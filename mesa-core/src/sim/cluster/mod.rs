@@ -24,6 +24,7 @@ use crate::hub::{Action, ConnId};
 use crate::relay::{dev_authenticate, relay};
 use crate::replica::{Command, Keys, Replica, ReplicaConfig, ReplicaEvent, Reply, Token};
 use crate::rng::Rng;
+use crate::rooms::RoomPayload;
 use crate::session::{ServerSession, SessionEvent, Transmit};
 use crate::sim::net::{ClientFlush, Link, Packet, SimClient};
 use crate::sim::redis::RedisModel;
@@ -251,8 +252,12 @@ pub struct ClusterSim {
     pub counters: Counters,
     /// The records the checks read.
     pub track: Track,
-    /// Broken contracts seen along the way (keys Node replicas read).
+    /// Broken contracts seen along the way (keys Node replicas read, room presence
+    /// changes published out of turn).
     pub violations: Vec<Violation>,
+    /// The last presence change Redis published of each room and id (forgotten
+    /// with Redis's data).
+    presence_told: BTreeMap<(String, String), bool>,
     /// Events processed.
     pub steps: u64,
 }
@@ -295,6 +300,7 @@ impl ClusterSim {
             counters: Counters::default(),
             track: Track::default(),
             violations: Vec::new(),
+            presence_told: BTreeMap::new(),
             steps: 0,
             config,
         };
@@ -592,6 +598,7 @@ impl ClusterSim {
             outstanding.executed |= current;
         }
         for published in self.redis.take_published() {
+            self.presence_published(&published.payload);
             let message = Arc::new((published.channel, published.payload));
             for subscriber in published.subscribers {
                 let epoch = self.replicas[subscriber].epoch;
@@ -984,6 +991,20 @@ impl ClusterSim {
         if let Some(replica) = self.replicas[r].replica.as_mut() {
             let _ = replica.handle_send(now, message, None, recipients);
             self.dirty_replicas.push(r);
+        }
+    }
+
+    /// A room's presence changes alternate: an id joins, then leaves, then joins.
+    fn presence_published(&mut self, payload: &str) {
+        if let Ok(RoomPayload::Presence(change)) = RoomPayload::decode(payload) {
+            let key = (change.room, change.id);
+            if self.presence_told.get(&key) == Some(&change.joined) {
+                let (room, id) = &key;
+                let what = if change.joined { "joined" } else { "left" };
+                let violation = format!("{id} {what} {room} twice in a row");
+                self.violations.push(violation);
+            }
+            self.presence_told.insert(key, change.joined);
         }
     }
 
