@@ -293,6 +293,9 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
                 "unneeded_share_max": worst.map(round4),
                 "unneeded_share_all": share_all.map(round4),
                 "shared_channel_unneeded_share": predicted.iter().copied().map(round4).collect::<Vec<_>>(),
+                "shared_channel_unneeded_share_all": round4(
+                    missing.iter().sum::<u64>() as f64 / (messages * replicas as u64) as f64
+                ),
             }),
             total.latency.fields(),
         ],
