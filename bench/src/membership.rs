@@ -1,6 +1,6 @@
 //! Who is in which room, for `mesa-bench rooms`: every room has the same number of
-//! members, spread over 1, 2, ... up to every replica in turn, so that most rooms
-//! genuinely have members on only some replicas (what routing by interest saves).
+//! members, spread over 1, 2, ... up to every replica (or fewer) in turn, so that most
+//! rooms genuinely have members on only some replicas (what routing by interest saves).
 
 /// The rooms of a run and their members. Connection `i` is on replica `i mod replicas`
 /// (the generator's rule for repeated `--url`s).
@@ -15,9 +15,10 @@ pub(super) struct Membership {
 
 impl Membership {
     /// Put `members` connections in each of `rooms` rooms, `connections` connections
-    /// spread over `replicas`. Room `r` has members on `1 + r mod replicas` replicas
-    /// (consecutive ones, starting at `(r / replicas) mod replicas`, so that every
-    /// replica holds the same share), split as evenly as possible; each replica hands
+    /// spread over `replicas`. Room `r` has members on `1 + r mod max_spread` replicas
+    /// (`max_spread` at most `replicas`; consecutive ones, starting at
+    /// `(r / max_spread) mod replicas`, so that every replica holds the same share),
+    /// split as evenly as possible; each replica hands
     /// its memberships to its connections in turn, so a connection is in about
     /// `rooms * members / connections` rooms and never twice in one. An error when a
     /// replica has fewer connections than one room needs there.
@@ -26,8 +27,10 @@ impl Membership {
         rooms: u32,
         members: u32,
         replicas: usize,
+        max_spread: usize,
     ) -> Result<Self, String> {
         let replicas = replicas.max(1);
+        let max_spread = max_spread.clamp(1, replicas);
         let local: Vec<Vec<u32>> = (0..replicas)
             .map(|replica| {
                 (0..connections)
@@ -42,8 +45,8 @@ impl Membership {
             rooms_of: vec![Vec::new(); connections as usize],
         };
         for room in 0..rooms {
-            let spread = 1 + room as usize % replicas;
-            let first = (room as usize / replicas) % replicas;
+            let spread = 1 + room as usize % max_spread;
+            let first = (room as usize / max_spread) % replicas;
             let (each, extra) = (members as usize / spread, members as usize % spread);
             let mut in_room = Vec::with_capacity(members as usize);
             for k in 0..spread {
@@ -119,7 +122,7 @@ mod tests {
 
     #[test]
     fn rooms_spread_over_one_two_and_three_replicas_evenly() {
-        let plan = Membership::new(300, 90, 10, 3).expect("enough connections");
+        let plan = Membership::new(300, 90, 10, 3, 3).expect("enough connections");
         assert_eq!(plan.memberships(), 900);
         assert_eq!(plan.spreads(), vec![30, 30, 30]);
         for room in 0..plan.rooms() {
@@ -134,14 +137,21 @@ mod tests {
     }
 
     #[test]
+    fn rooms_may_be_kept_on_one_replica_each() {
+        let plan = Membership::new(300, 90, 10, 3, 1).expect("enough connections");
+        assert_eq!(plan.spreads(), vec![90, 0, 0]);
+        assert!((0..300).all(|conn| plan.rooms_of(conn).len() == 3));
+    }
+
+    #[test]
     fn one_replica_holds_every_room() {
-        let plan = Membership::new(100, 100, 10, 1).expect("enough connections");
+        let plan = Membership::new(100, 100, 10, 1, 1).expect("enough connections");
         assert_eq!(plan.spreads(), vec![100]);
         assert!((0..100).all(|conn| plan.rooms_of(conn).len() == 10));
     }
 
     #[test]
     fn too_few_connections_is_an_error() {
-        assert!(Membership::new(6, 3, 10, 3).is_err());
+        assert!(Membership::new(6, 3, 10, 3, 3).is_err());
     }
 }

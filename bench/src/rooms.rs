@@ -88,6 +88,11 @@ pub(super) struct RoomsArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     members: u32,
 
+    /// Room `r` has members on `1 + r mod N` replicas (default: every replica count,
+    /// in equal numbers; 1 keeps each room on one replica).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_spread: Option<u32>,
+
     /// Send each message to its room, or to the room's members' ids.
     #[arg(long, value_enum, default_value_t = SendTo::Rooms)]
     send: SendTo,
@@ -118,8 +123,15 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
             "mesa-bench rooms needs one --metrics per --url, in the same order",
         ));
     }
-    let plan = Membership::new(common.connections, args.rooms, args.members, replicas)
-        .map_err(Failure::usage)?;
+    let max_spread = args.max_spread.map_or(replicas, |n| n as usize);
+    let plan = Membership::new(
+        common.connections,
+        args.rooms,
+        args.members,
+        replicas,
+        max_spread,
+    )
+    .map_err(Failure::usage)?;
     let probe = Probe::new(&common.server_pids)?;
     let dispatcher = Dispatcher::builder(args.redis.clone())
         .connect()
