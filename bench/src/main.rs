@@ -85,8 +85,8 @@ fn main() -> ExitCode {
 }
 
 use stats::{
-    Histogram, Probe, Tally, cpu_secs, emit, exit_code, human_bytes, human_cpu, human_secs,
-    own_cpu_ticks, round3,
+    Delivered, Histogram, Probe, Tally, cpu_secs, emit, exit_code, human_bytes, human_cpu,
+    human_secs, own_cpu_ticks, round3,
 };
 
 /// How long one connection gets for its closing handshake at the end of a run.
@@ -364,19 +364,13 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
     for tally in outcomes.into_iter().filter_map(|o| o.tally) {
         total.merge(tally);
     }
-
-    let elapsed = total.last_us.saturating_sub(start_us) as f64 / 1e6;
-    let rate = if elapsed > 0.0 {
-        total.received as f64 / elapsed
-    } else {
-        0.0
-    };
-    let lost = expected.saturating_sub(total.received);
-    let server_cpu = cpu_secs(cpu_before, cpu_after);
-    let gen_cpu = cpu_secs(gen_cpu_before, gen_cpu_after);
-    let per_cpu = server_cpu
-        .filter(|&secs| secs > 0.0)
-        .map(|secs| total.received as f64 / secs);
+    let delivered = Delivered::new(
+        total,
+        expected,
+        start_us,
+        cpu_secs(cpu_before, cpu_after),
+        cpu_secs(gen_cpu_before, gen_cpu_after),
+    );
     let per_send = publishes.map(|calls| calls as f64 / published.max(1) as f64);
     let scenario = match (redis, args.rate) {
         (Some(_), _) => "cluster",
@@ -384,18 +378,13 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
         (None, None) => "fanout",
     };
     emit(&format!(
-        "{scenario:<7} {} msgs={} {} published={}  {:.0} deliveries/s in {:.2}s  lost={} dup={}  {}  {}{}",
+        "{scenario:<7} {} msgs={} {} published={}  {}{}",
         setup.human(common, dropped),
         messages,
         args.rate
             .map_or(format!("window={}", args.window), |r| format!("rate={r}/s")),
         published,
-        rate,
-        elapsed,
-        lost,
-        total.duplicated,
-        total.latency.human(),
-        human_cpu(server_cpu, per_cpu, "deliveries", gen_cpu),
+        delivered.human(),
         per_send.map_or(String::new(), |n| format!("  PUBLISH per send={n:.2}")),
     ));
     let report = report(
@@ -410,21 +399,11 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
                 "window": args.rate.map_or(Some(args.window), |_| None),
                 "rate": args.rate,
                 "published": published,
-                "expected": expected,
-                "received": total.received,
-                "lost": lost,
-                "duplicated": total.duplicated,
-                "unexpected": total.unexpected,
-                "elapsed_secs": round3(elapsed),
-                "deliveries_per_sec": rate.round(),
-                "server_cpu_secs": server_cpu,
-                "deliveries_per_server_cpu_sec": per_cpu.map(f64::round),
-                "generator_cpu_secs": gen_cpu,
                 "rss_after_bytes": rss_after,
                 "redis_publish_calls": publishes,
                 "publish_per_send": per_send.map(round3),
             }),
-            total.latency.fields(),
+            delivered.fields(),
         ],
     );
     emit(&report.to_string());
@@ -804,9 +783,11 @@ async fn connection(
             return failed;
         }
     };
+    // The phase as seen before reporting ready: the scenario moves on only after
+    // every report, so the next phase is always a change this loop sees.
+    let mut now_in = *phase.borrow_and_update();
     let _ = ctx.ready.send(Ok(()));
 
-    let mut now_in = *phase.borrow_and_update();
     let mut seq = 0_u64;
     let mut dropped = false;
     loop {

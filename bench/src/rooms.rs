@@ -32,8 +32,8 @@ use super::membership::Membership;
 use super::scrape::{ClusterFigures, cluster_figures};
 use super::stats::human_bytes;
 use super::{
-    CommonArgs, Ctx, Phase, Probe, QUIET_TIMEOUT, Role, Tally, cpu_secs, emit, exit_code,
-    human_cpu, join_all, own_cpu_ticks, report, round3, spawn_connections, wait_deliveries,
+    CommonArgs, Ctx, Delivered, Phase, Probe, QUIET_TIMEOUT, Role, Tally, cpu_secs, emit,
+    exit_code, join_all, own_cpu_ticks, report, round3, spawn_connections, wait_deliveries,
     wait_setup,
 };
 use crate::Failure;
@@ -222,34 +222,31 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
         .iter()
         .map(|m| *m as f64 / messages as f64)
         .collect();
-    let elapsed = total.last_us.saturating_sub(start_us) as f64 / 1e6;
-    let rate = total.received as f64 / elapsed.max(1e-9);
-    let server_cpu = cpu_secs(cpu_before, cpu_after);
-    let gen_cpu = cpu_secs(gen_cpu_before, gen_cpu_after);
-    let per_cpu = server_cpu
-        .filter(|&secs| secs > 0.0)
-        .map(|secs| total.received as f64 / secs);
+    let delivered = Delivered::new(
+        total,
+        expected,
+        start_us,
+        cpu_secs(cpu_before, cpu_after),
+        cpu_secs(gen_cpu_before, gen_cpu_after),
+    );
     let per_membership = match memory {
         Some((Some(before), Some(after))) if confirmed > 0 => {
             Some((after as f64 - before as f64) / confirmed as f64)
         }
         _ => None,
     };
-    let lost = expected.saturating_sub(total.received);
     let percent =
         |share: Option<f64>| share.map_or("-".to_owned(), |s| format!("{:.1}%", s * 100.0));
 
     emit(&format!(
         "rooms   {} send={} replicas={replicas} rooms={} members={} subscribed={confirmed} \
-         msgs={messages} rate={}/s  {:.0} deliveries/s  lost={lost} dup={}  unneeded: {} \
-         (worst {}, shared channel {})  {}  {}  {} /membership",
+         msgs={messages} rate={}/s  {}  unneeded: {} (worst {}, shared channel {})  {} /membership",
         setup.human(common, dropped),
         args.send.name(),
         args.rooms,
         args.members,
         args.rate,
-        rate,
-        total.duplicated,
+        delivered.human(),
         shares
             .iter()
             .map(|s| percent(*s))
@@ -261,8 +258,6 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
             .map(|s| percent(Some(*s)))
             .collect::<Vec<_>>()
             .join(" "),
-        total.latency.human(),
-        human_cpu(server_cpu, per_cpu, "deliveries", gen_cpu),
         human_bytes(per_membership),
     ));
     let line = report(
@@ -289,16 +284,6 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
                 "messages": messages,
                 "rate": args.rate,
                 "dispatch_failed": failed,
-                "expected": expected,
-                "received": total.received,
-                "lost": lost,
-                "duplicated": total.duplicated,
-                "unexpected": total.unexpected,
-                "elapsed_secs": round3(elapsed),
-                "deliveries_per_sec": rate.round(),
-                "server_cpu_secs": server_cpu,
-                "deliveries_per_server_cpu_sec": per_cpu.map(f64::round),
-                "generator_cpu_secs": gen_cpu,
                 "cluster_received": changed.iter().map(|f| f.received).collect::<Vec<_>>(),
                 "cluster_unneeded": changed.iter().map(|f| f.unneeded).collect::<Vec<_>>(),
                 "unneeded_share": shares.iter().map(|s| s.map(round4)).collect::<Vec<_>>(),
@@ -309,7 +294,7 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
                     missing.iter().sum::<u64>() as f64 / (messages * replicas as u64) as f64
                 ),
             }),
-            total.latency.fields(),
+            delivered.fields(),
         ],
     );
     emit(&line.to_string());

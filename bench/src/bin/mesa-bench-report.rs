@@ -331,6 +331,11 @@ fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
     }
 }
 
+/// A share as a percentage with one decimal, or `–`.
+fn percent(share: Option<f64>) -> String {
+    share.map_or("–".to_owned(), |s| format!("{:.1}%", s * 100.0))
+}
+
 /// A displayed metric value, or `–`.
 fn shown(value: Option<f64>, metric: &Metric) -> String {
     value.map_or("–".to_owned(), |v| {
@@ -614,7 +619,7 @@ fn targets(out: &mut String, runs: &Runs) {
     let _ = writeln!(
         out,
         "| storm: no 100 ms window holds more than 10% of the reconnections | {} | {} |",
-        share.map_or("–".to_owned(), |s| format!("{:.1}%", s * 100.0)),
+        percent(share),
         verdict(share.map(|s| s <= 0.10))
     );
     let recovery = value(runs, "storm", "ours", "recovery_secs");
@@ -642,7 +647,7 @@ fn targets(out: &mut String, runs: &Runs) {
     let _ = writeln!(
         out,
         "| rooms: at most 5% of the room messages a replica receives are unneeded (3 replicas, every replica) | {} | {} |",
-        unneeded.map_or("–".to_owned(), |u| format!("{:.1}%", u * 100.0)),
+        percent(unneeded),
         verdict(unneeded.map(|u| u <= 0.05))
     );
 }
