@@ -85,8 +85,8 @@ fn main() -> ExitCode {
 }
 
 use stats::{
-    Delivered, Histogram, Probe, Tally, cpu_secs, emit, exit_code, human_bytes, human_cpu,
-    human_secs, own_cpu_ticks, round3,
+    CpuMeter, Delivered, Histogram, Probe, Tally, cpu_secs, emit, exit_code, human_bytes,
+    human_cpu, human_secs, own_cpu_ticks, round3,
 };
 
 /// How long one connection gets for its closing handshake at the end of a run.
@@ -342,15 +342,13 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
 
     // The measured phase: publish, then wait for the subscribers to catch up.
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let cpu_before = probe.cpu_ticks();
-    let gen_cpu_before = own_cpu_ticks();
+    let meter = CpuMeter::start(&probe);
     let start_us = ctx.now_us();
     let mut own = Tally::new(messages, false);
     let published = publish(&ctx, &mut publisher, &mut own, &args, deadline).await;
     let expected = (setup.ok + 1) * messages;
     wait_deliveries(&ctx, expected, deadline).await;
-    let cpu_after = probe.cpu_ticks();
-    let gen_cpu_after = own_cpu_ticks();
+    let cpu = meter.read(&probe);
     let rss_after = probe.rss();
     let publishes = match (redis, publishes_before) {
         (Some(url), Some(before)) => Some(publish_calls(url).await?.saturating_sub(before)),
@@ -364,13 +362,7 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
     for tally in outcomes.into_iter().filter_map(|o| o.tally) {
         total.merge(tally);
     }
-    let delivered = Delivered::new(
-        total,
-        expected,
-        start_us,
-        cpu_secs(cpu_before, cpu_after),
-        cpu_secs(gen_cpu_before, gen_cpu_after),
-    );
+    let delivered = Delivered::new(total, expected, start_us, cpu);
     let per_send = publishes.map(|calls| calls as f64 / published.max(1) as f64);
     let scenario = match (redis, args.rate) {
         (Some(_), _) => "cluster",

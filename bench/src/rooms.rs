@@ -32,9 +32,8 @@ use super::membership::Membership;
 use super::scrape::{ClusterFigures, cluster_figures};
 use super::stats::human_bytes;
 use super::{
-    CommonArgs, Ctx, Delivered, Phase, Probe, QUIET_TIMEOUT, Role, Tally, cpu_secs, emit,
-    exit_code, join_all, own_cpu_ticks, report, round3, spawn_connections, wait_deliveries,
-    wait_setup,
+    CommonArgs, CpuMeter, Ctx, Delivered, Phase, Probe, QUIET_TIMEOUT, Role, Tally, emit,
+    exit_code, join_all, report, round3, spawn_connections, wait_deliveries, wait_setup,
 };
 use crate::Failure;
 
@@ -179,15 +178,13 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
 
     // The measured phase: publish at the rate, then wait for the members.
     let figures_before = figures(&args.metrics).await?;
-    let cpu_before = probe.cpu_ticks();
-    let gen_cpu_before = own_cpu_ticks();
+    let meter = CpuMeter::start(&probe);
     let start_us = ctx.now_us();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let failed = publish(&ctx, &dispatcher, &plan, &args, deadline).await;
     let expected = messages * u64::from(args.members);
     wait_deliveries(&ctx, expected, deadline).await;
-    let cpu_after = probe.cpu_ticks();
-    let gen_cpu_after = own_cpu_ticks();
+    let cpu = meter.read(&probe);
     // A replica with nobody to deliver to may still be reading the last envelopes.
     let missing = missing_members(&plan, messages, replicas);
     let envelopes: Vec<u64> = match args.send {
@@ -222,13 +219,7 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
         .iter()
         .map(|m| *m as f64 / messages as f64)
         .collect();
-    let delivered = Delivered::new(
-        total,
-        expected,
-        start_us,
-        cpu_secs(cpu_before, cpu_after),
-        cpu_secs(gen_cpu_before, gen_cpu_after),
-    );
+    let delivered = Delivered::new(total, expected, start_us, cpu);
     let per_membership = match memory {
         Some((Some(before), Some(after))) if confirmed > 0 => {
             Some((after as f64 - before as f64) / confirmed as f64)

@@ -82,6 +82,41 @@ impl Tally {
     }
 }
 
+/// CPU time from the start of a measured phase: the servers' and the generator's.
+pub(super) struct CpuMeter {
+    /// The servers' CPU time at the start, in clock ticks.
+    server: Option<u64>,
+    /// The generator's.
+    generator: Option<u64>,
+}
+
+impl CpuMeter {
+    /// Start measuring the servers of `probe` and the generator.
+    pub(super) fn start(probe: &Probe) -> Self {
+        CpuMeter {
+            server: probe.cpu_ticks(),
+            generator: own_cpu_ticks(),
+        }
+    }
+
+    /// The seconds of CPU since the start.
+    pub(super) fn read(&self, probe: &Probe) -> CpuSpent {
+        CpuSpent {
+            server: cpu_secs(self.server, probe.cpu_ticks()),
+            generator: cpu_secs(self.generator, own_cpu_ticks()),
+        }
+    }
+}
+
+/// Seconds of CPU a measured phase cost.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CpuSpent {
+    /// The servers', summed (unknown without their pids).
+    pub(super) server: Option<f64>,
+    /// The generator's.
+    pub(super) generator: Option<f64>,
+}
+
 /// What the receivers of a run got, against what was expected, and what it cost.
 pub(super) struct Delivered {
     /// Every receiver's tally, merged.
@@ -90,28 +125,19 @@ pub(super) struct Delivered {
     expected: u64,
     /// Seconds from the start of the sending to the last delivery.
     elapsed: f64,
-    /// The servers' CPU time meanwhile.
-    server_cpu: Option<f64>,
-    /// The generator's CPU time meanwhile.
-    generator_cpu: Option<f64>,
+    /// The CPU time meanwhile.
+    cpu: CpuSpent,
 }
 
 impl Delivered {
     /// `total` received of `expected`, the sending having started at `start_us`.
-    pub(super) fn new(
-        total: Tally,
-        expected: u64,
-        start_us: u64,
-        server_cpu: Option<f64>,
-        generator_cpu: Option<f64>,
-    ) -> Self {
+    pub(super) fn new(total: Tally, expected: u64, start_us: u64, cpu: CpuSpent) -> Self {
         let elapsed = total.last_us.saturating_sub(start_us) as f64 / 1e6;
         Delivered {
             total,
             expected,
             elapsed,
-            server_cpu,
-            generator_cpu,
+            cpu,
         }
     }
 
@@ -131,7 +157,8 @@ impl Delivered {
 
     /// Deliveries per second of the servers' CPU.
     fn per_cpu(&self) -> Option<f64> {
-        self.server_cpu
+        self.cpu
+            .server
             .filter(|&secs| secs > 0.0)
             .map(|secs| self.total.received as f64 / secs)
     }
@@ -147,10 +174,10 @@ impl Delivered {
             self.total.duplicated,
             self.total.latency.human(),
             human_cpu(
-                self.server_cpu,
+                self.cpu.server,
                 self.per_cpu(),
                 "deliveries",
-                self.generator_cpu
+                self.cpu.generator
             ),
         )
     }
@@ -165,9 +192,9 @@ impl Delivered {
             "unexpected": self.total.unexpected,
             "elapsed_secs": round3(self.elapsed),
             "deliveries_per_sec": self.rate().round(),
-            "server_cpu_secs": self.server_cpu,
+            "server_cpu_secs": self.cpu.server,
             "deliveries_per_server_cpu_sec": self.per_cpu().map(f64::round),
-            "generator_cpu_secs": self.generator_cpu,
+            "generator_cpu_secs": self.cpu.generator,
         });
         if let (Some(fields), serde_json::Value::Object(latency)) =
             (fields.as_object_mut(), self.total.latency.fields())

@@ -554,11 +554,6 @@ fn headline(out: &mut String, runs: &Runs) {
 fn targets(out: &mut String, runs: &Runs) {
     let per_cpu = "deliveries_per_server_cpu_sec";
     let fanout = value(runs, "fanout", "ours", per_cpu);
-    let verdict = |met: Option<bool>| match met {
-        Some(true) => "met",
-        Some(false) => "**missed**",
-        None => "not measured",
-    };
     let at_least = |ours: Option<f64>, theirs: Option<f64>, goal: f64| {
         let r = ours.zip(theirs).map(|(o, t)| o / t);
         let text = r.map_or("–".to_owned(), |r| format!("{r:.2}x"));
@@ -615,12 +610,11 @@ fn targets(out: &mut String, runs: &Runs) {
             verdict(met)
         );
     }
-    let share = value(runs, "storm", "ours", "peak_window_share");
-    let _ = writeln!(
+    share_target(
         out,
-        "| storm: no 100 ms window holds more than 10% of the reconnections | {} | {} |",
-        percent(share),
-        verdict(share.map(|s| s <= 0.10))
+        "storm: no 100 ms window holds more than 10% of the reconnections",
+        value(runs, "storm", "ours", "peak_window_share"),
+        0.10,
     );
     let recovery = value(runs, "storm", "ours", "recovery_secs");
     let cap = runs
@@ -643,12 +637,30 @@ fn targets(out: &mut String, runs: &Runs) {
         publishes.map_or("–".to_owned(), |p| format!("{p:.2}")),
         verdict(publishes.map(|p| (p - 1.0).abs() < 1e-9))
     );
-    let unneeded = value(runs, "rooms", "rooms-3", "unneeded_share_max");
+    share_target(
+        out,
+        "rooms: at most 5% of the room messages a replica receives are unneeded (3 replicas, every replica)",
+        value(runs, "rooms", "rooms-3", "unneeded_share_max"),
+        0.05,
+    );
+}
+
+/// A target's verdict: met, missed, or not measured.
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+/// The row of a target that `share` be at most `limit`.
+fn share_target(out: &mut String, label: &str, share: Option<f64>, limit: f64) {
     let _ = writeln!(
         out,
-        "| rooms: at most 5% of the room messages a replica receives are unneeded (3 replicas, every replica) | {} | {} |",
-        percent(unneeded),
-        verdict(unneeded.map(|u| u <= 0.05))
+        "| {label} | {} | {} |",
+        percent(share),
+        verdict(share.map(|s| s <= limit))
     );
 }
 
