@@ -66,6 +66,7 @@ mod echo;
 mod failure;
 mod membership;
 mod offline;
+mod publisher;
 mod rooms;
 mod scrape;
 mod stats;

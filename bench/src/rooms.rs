@@ -9,26 +9,26 @@
 //! was due), and the servers' memory per room membership (VmRSS with every member in
 //! its rooms minus before any subscribed).
 //!
-//! The messages go through a [`Dispatcher`] on the cluster's Redis, not through a
-//! client's `mesa:publish`: one PUBLISH per message on one multiplexed connection
-//! costs the generator (which shares the cores) less than a WebSocket publisher, the
-//! servers' CPU is then the delivery alone, the same for both kinds of send and any
-//! number of replicas, and an envelope without an origin is judged by interest alone
-//! (a replica gets its own room publishes back from Redis and counts them as
-//! unneeded).
+//! By default the messages go through a [`Dispatcher`] on the cluster's Redis rather
+//! than a client's `mesa:publish` (`--via replicas`, see [`Publisher`]): one PUBLISH
+//! per message on one multiplexed connection costs the generator (which shares the
+//! cores) less than WebSocket publishers, the servers' CPU is then the delivery alone,
+//! the same for both kinds of send and any number of replicas, and an envelope
+//! without an origin is judged by interest alone (a replica gets its own room
+//! publishes back from Redis and counts them as unneeded).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use mesa_tokio::{Dispatcher, Message, Recipients};
+use mesa_tokio::Dispatcher;
 use serde_json::json;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 
 use super::membership::Membership;
+use super::publisher::{Publication, Publisher, Via};
 use super::scrape::{ClusterFigures, cluster_figures};
 use super::stats::human_bytes;
 use super::{
@@ -36,10 +36,6 @@ use super::{
     exit_code, join_all, report, round3, spawn_connections, wait_deliveries, wait_setup,
 };
 use crate::Failure;
-
-/// Dispatches in flight at most; past it the publisher waits (and the wait shows in
-/// the latency, each message being stamped with when it was due).
-const MAX_IN_FLIGHT: usize = 256;
 
 /// How often the subscription phase looks at the confirmations and Redis's channels.
 const POLL: Duration = Duration::from_millis(20);
@@ -95,6 +91,12 @@ pub(super) struct RoomsArgs {
     /// Send each message to its room, or to the room's members' ids.
     #[arg(long, value_enum, default_value_t = SendTo::Rooms)]
     send: SendTo,
+
+    /// Publish through a Dispatcher on --redis, or through a client on each replica
+    /// (`mesa:publish`, or a relay BROADCAST with `d.to`; needs `mesa serve --rooms
+    /// open` and no rate limit in the way).
+    #[arg(long, value_enum, default_value_t = Via::Dispatcher)]
+    via: Via,
 
     /// How many messages (message `i` goes to room `i mod rooms`).
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -176,12 +178,25 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
     }
     let confirmed = ctx.subscribed.load(Ordering::Relaxed);
 
+    let publisher = match args.via {
+        Via::Dispatcher => Ok(Publisher::dispatcher(dispatcher.clone())),
+        Via::Replicas => Publisher::replicas(&ctx, common.connections).await,
+    };
+    let publisher = match publisher {
+        Ok(publisher) => publisher,
+        Err(error) => {
+            let _ = phase.send(Phase::Stop);
+            join_all(tasks).await;
+            return Err(error.into());
+        }
+    };
+
     // The measured phase: publish at the rate, then wait for the members.
     let figures_before = figures(&args.metrics).await?;
     let meter = CpuMeter::start(&probe);
     let start_us = ctx.now_us();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let failed = publish(&ctx, &dispatcher, &plan, &args, deadline).await;
+    let failed = publish(&ctx, publisher, &plan, &args, deadline).await;
     let expected = messages * u64::from(args.members);
     wait_deliveries(&ctx, expected, deadline).await;
     let cpu = meter.read(&probe);
@@ -274,7 +289,8 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
                 "bytes_per_membership": per_membership.map(f64::round),
                 "messages": messages,
                 "rate": args.rate,
-                "dispatch_failed": failed,
+                "via": args.via.name(),
+                "publish_failed": failed,
                 "cluster_received": changed.iter().map(|f| f.received).collect::<Vec<_>>(),
                 "cluster_unneeded": changed.iter().map(|f| f.unneeded).collect::<Vec<_>>(),
                 "unneeded_share": shares.iter().map(|s| s.map(round4)).collect::<Vec<_>>(),
@@ -376,62 +392,44 @@ async fn figures(urls: &[String]) -> Result<Vec<ClusterFigures>, String> {
 
 /// Publish `args.messages` at `args.rate` per second, message `i` to room `i mod
 /// rooms` (or its members' ids), each stamped with when it was due; how many
-/// dispatches failed (or were not made by `deadline`).
+/// publishes failed (or were not made by `deadline`).
 async fn publish(
     ctx: &Ctx,
-    dispatcher: &Arc<Dispatcher>,
+    mut publisher: Publisher,
     plan: &Membership,
     args: &RoomsArgs,
     deadline: Instant,
 ) -> u64 {
     let start_us = ctx.now_us();
-    let mut in_flight = JoinSet::new();
-    let mut failed = 0_u64;
+    let mut late = 0;
     for seq in 0..u64::from(args.messages) {
         let due_us = start_us + seq * 1_000_000 / u64::from(args.rate);
         if ctx.at_us(due_us) >= deadline {
             eprintln!("mesa-bench: the publishing phase timed out");
-            failed += u64::from(args.messages) - seq;
+            late = u64::from(args.messages) - seq;
             break;
         }
         sleep_until(ctx.at_us(due_us)).await;
-        while in_flight.len() >= MAX_IN_FLIGHT {
-            failed += failure(in_flight.join_next().await);
-        }
         let room = (seq % u64::from(plan.rooms())) as u32;
-        let message = Message::dispatch("BROADCAST", json!({"ts": due_us, "seq": seq}));
-        let dispatcher = dispatcher.clone();
-        match args.send {
-            SendTo::Rooms => {
-                let room = Membership::name(room);
-                in_flight
-                    .spawn(async move { dispatcher.dispatch_room(&room, message).await.is_ok() });
-            }
-            SendTo::Ids => {
-                let ids = plan
-                    .members(room)
-                    .iter()
-                    .map(|conn| format!("u{conn}"))
-                    .collect();
-                in_flight.spawn(async move {
-                    let to = Recipients::Ids(ids);
-                    dispatcher.dispatch(message, None, to, &[]).await.is_ok()
-                });
-            }
-        }
+        let ids = (args.send == SendTo::Ids).then(|| {
+            plan.members(room)
+                .iter()
+                .map(|conn| format!("u{conn}"))
+                .collect()
+        });
+        publisher
+            .publish(Publication {
+                data: json!({"ts": due_us, "seq": seq}),
+                room: Membership::name(room),
+                ids,
+            })
+            .await;
     }
-    while !in_flight.is_empty() {
-        failed += failure(in_flight.join_next().await);
-    }
+    let failed = late + publisher.finish().await;
     if failed > 0 {
-        eprintln!("mesa-bench: {failed} dispatches failed");
+        eprintln!("mesa-bench: {failed} publishes failed");
     }
     failed
-}
-
-/// 1 for a dispatch that failed (or whose task did), else 0.
-fn failure(joined: Option<Result<bool, tokio::task::JoinError>>) -> u64 {
-    u64::from(!matches!(joined, Some(Ok(true))))
 }
 
 /// Per replica, how many of the messages have no member there: what a replica
