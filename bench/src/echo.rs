@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 
 use super::{
-    CommonArgs, Ctx, Histogram, Phase, Probe, Role, cpu_secs, emit, exit_code, human_cpu, join_all,
-    own_cpu_ticks, report, round3, spawn_connections, wait_setup,
+    CommonArgs, CpuMeter, Ctx, Histogram, Phase, Probe, Role, emit, exit_code, human_cpu, join_all,
+    report, round3, spawn_connections, wait_setup,
 };
 use crate::Failure;
 
@@ -44,16 +44,14 @@ pub(super) async fn run(args: EchoArgs) -> Result<ExitCode, Failure> {
     });
     let setup = wait_setup(&mut ready, common).await;
 
-    let cpu_before = probe.cpu_ticks();
-    let gen_cpu_before = own_cpu_ticks();
+    let meter = CpuMeter::start(&probe);
     let started = Instant::now();
     let _ = phase.send(Phase::Run);
     sleep(Duration::from_secs(args.secs)).await;
     let round_trips = ctx.received.load(Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     let _ = phase.send(Phase::Drain);
-    let cpu_after = probe.cpu_ticks();
-    let gen_cpu_after = own_cpu_ticks();
+    let cpu = meter.read(&probe);
     let rss_after = probe.rss();
     sleep(DRAIN).await;
     let _ = phase.send(Phase::Stop);
@@ -65,8 +63,7 @@ pub(super) async fn run(args: EchoArgs) -> Result<ExitCode, Failure> {
     }
 
     let rate = round_trips as f64 / elapsed.max(1e-9);
-    let server_cpu = cpu_secs(cpu_before, cpu_after);
-    let gen_cpu = cpu_secs(gen_cpu_before, gen_cpu_after);
+    let (server_cpu, gen_cpu) = (cpu.server, cpu.generator);
     let per_cpu = server_cpu
         .filter(|&secs| secs > 0.0)
         .map(|secs| round_trips as f64 / secs);

@@ -13,12 +13,14 @@
 //! mesa-bench storm   --url wss://localhost:4443/ --ca-cert ca.crt ...   (the same over TLS)
 //! mesa-bench cluster --url ws://127.0.0.1:4001/ --url ws://127.0.0.1:4002/ --redis redis://127.0.0.1:6379/ ...
 //! mesa-bench offline --redis redis://127.0.0.1:6379/ [--recipients 100000] [--bystanders 100]
+//! mesa-bench rooms   --url ws://127.0.0.1:4001/ --metrics http://127.0.0.1:9001/metrics ... --redis redis://127.0.0.1:6379/ [--send rooms|ids]
 //! ```
 //!
 //! The generator speaks raw WebSocket frames (async-tungstenite on tokio), not through
 //! [`mesa_tokio::Client`], so that it costs as little as possible; only `storm` uses
-//! the client library, because its backoff is what it measures, and only `offline`
-//! runs a server itself (its send needs the server API). On a loopback server
+//! the client library, because its backoff is what it measures, only `offline`
+//! runs a server itself (its send needs the server API), and only `rooms` publishes
+//! through a `mesa_tokio::Dispatcher` (see there why). On a loopback server
 //! the connections are spread over the source addresses 127.0.0.2..=127.0.0.254 (each
 //! socket is bound before it connects), so that ephemeral ports do not run out. Every
 //! connection reads the hello, authenticates with `{"op":2,"d":{"token":"u<i>"}}`,
@@ -62,7 +64,11 @@ use failure::{Failure, read};
 mod echo;
 #[path = "../../mesa-cli/src/failure.rs"]
 mod failure;
+mod membership;
 mod offline;
+mod publisher;
+mod rooms;
+mod scrape;
 mod stats;
 mod storm;
 
@@ -80,8 +86,8 @@ fn main() -> ExitCode {
 }
 
 use stats::{
-    Histogram, Probe, Tally, cpu_secs, emit, exit_code, human_bytes, human_cpu, human_secs,
-    own_cpu_ticks, round3,
+    CpuMeter, Delivered, Histogram, Probe, Tally, cpu_secs, emit, exit_code, human_bytes,
+    human_cpu, human_secs, own_cpu_ticks, round3,
 };
 
 /// How long one connection gets for its closing handshake at the end of a run.
@@ -131,6 +137,11 @@ enum Scenario {
     /// with a cluster and sync, while bystanders do ECHO round trips: this process's
     /// memory growth, the time until every copy is stored, the bystanders' latency.
     Offline(offline::OfflineArgs),
+    /// Room members spread over the replicas of a cluster (one --url, --metrics and
+    /// --server-pid per replica), messages published to rooms (or, --send ids, to the
+    /// members' ids over the shared channel) at a fixed rate: each replica's share of
+    /// unneeded envelopes, deliveries per server CPU-second, memory per membership.
+    Rooms(rooms::RoomsArgs),
 }
 
 /// Options of every scenario that uses the raw generator.
@@ -237,6 +248,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             fanout(args.fanout, Some(&args.redis)).await
         }
         Scenario::Offline(args) => offline::run(args).await,
+        Scenario::Rooms(args) => rooms::run(args).await,
     }
 }
 
@@ -331,27 +343,13 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
 
     // The measured phase: publish, then wait for the subscribers to catch up.
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let cpu_before = probe.cpu_ticks();
-    let gen_cpu_before = own_cpu_ticks();
+    let meter = CpuMeter::start(&probe);
     let start_us = ctx.now_us();
     let mut own = Tally::new(messages, false);
     let published = publish(&ctx, &mut publisher, &mut own, &args, deadline).await;
     let expected = (setup.ok + 1) * messages;
-    let mut last_progress = (ctx.received.load(Ordering::Relaxed), Instant::now());
-    loop {
-        let received = ctx.received.load(Ordering::Relaxed);
-        if received >= expected || Instant::now() >= deadline {
-            break;
-        }
-        if received != last_progress.0 {
-            last_progress = (received, Instant::now());
-        } else if last_progress.1.elapsed() >= QUIET_TIMEOUT {
-            break;
-        }
-        sleep(Duration::from_millis(2)).await;
-    }
-    let cpu_after = probe.cpu_ticks();
-    let gen_cpu_after = own_cpu_ticks();
+    wait_deliveries(&ctx, expected, deadline).await;
+    let cpu = meter.read(&probe);
     let rss_after = probe.rss();
     let publishes = match (redis, publishes_before) {
         (Some(url), Some(before)) => Some(publish_calls(url).await?.saturating_sub(before)),
@@ -365,19 +363,7 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
     for tally in outcomes.into_iter().filter_map(|o| o.tally) {
         total.merge(tally);
     }
-
-    let elapsed = total.last_us.saturating_sub(start_us) as f64 / 1e6;
-    let rate = if elapsed > 0.0 {
-        total.received as f64 / elapsed
-    } else {
-        0.0
-    };
-    let lost = expected.saturating_sub(total.received);
-    let server_cpu = cpu_secs(cpu_before, cpu_after);
-    let gen_cpu = cpu_secs(gen_cpu_before, gen_cpu_after);
-    let per_cpu = server_cpu
-        .filter(|&secs| secs > 0.0)
-        .map(|secs| total.received as f64 / secs);
+    let delivered = Delivered::new(total, expected, start_us, cpu);
     let per_send = publishes.map(|calls| calls as f64 / published.max(1) as f64);
     let scenario = match (redis, args.rate) {
         (Some(_), _) => "cluster",
@@ -385,18 +371,13 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
         (None, None) => "fanout",
     };
     emit(&format!(
-        "{scenario:<7} {} msgs={} {} published={}  {:.0} deliveries/s in {:.2}s  lost={} dup={}  {}  {}{}",
+        "{scenario:<7} {} msgs={} {} published={}  {}{}",
         setup.human(common, dropped),
         messages,
         args.rate
             .map_or(format!("window={}", args.window), |r| format!("rate={r}/s")),
         published,
-        rate,
-        elapsed,
-        lost,
-        total.duplicated,
-        total.latency.human(),
-        human_cpu(server_cpu, per_cpu, "deliveries", gen_cpu),
+        delivered.human(),
         per_send.map_or(String::new(), |n| format!("  PUBLISH per send={n:.2}")),
     ));
     let report = report(
@@ -411,25 +392,33 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
                 "window": args.rate.map_or(Some(args.window), |_| None),
                 "rate": args.rate,
                 "published": published,
-                "expected": expected,
-                "received": total.received,
-                "lost": lost,
-                "duplicated": total.duplicated,
-                "unexpected": total.unexpected,
-                "elapsed_secs": round3(elapsed),
-                "deliveries_per_sec": rate.round(),
-                "server_cpu_secs": server_cpu,
-                "deliveries_per_server_cpu_sec": per_cpu.map(f64::round),
-                "generator_cpu_secs": gen_cpu,
                 "rss_after_bytes": rss_after,
                 "redis_publish_calls": publishes,
                 "publish_per_send": per_send.map(round3),
             }),
-            total.latency.fields(),
+            delivered.fields(),
         ],
     );
     emit(&report.to_string());
     Ok(exit_code(setup.ok))
+}
+
+/// Wait until the connections received `expected` messages, none came for
+/// [`QUIET_TIMEOUT`], or `deadline`.
+async fn wait_deliveries(ctx: &Ctx, expected: u64, deadline: Instant) {
+    let mut last_progress = (ctx.received.load(Ordering::Relaxed), Instant::now());
+    loop {
+        let received = ctx.received.load(Ordering::Relaxed);
+        if received >= expected || Instant::now() >= deadline {
+            return;
+        }
+        if received != last_progress.0 {
+            last_progress = (received, Instant::now());
+        } else if last_progress.1.elapsed() >= QUIET_TIMEOUT {
+            return;
+        }
+        sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Send `args.messages` BROADCASTs with at most `args.window` in flight, or at
@@ -507,7 +496,8 @@ async fn publish(
                     in_flight = in_flight.saturating_sub(1);
                 }
             }
-            Parsed::Dispatch { .. } | Parsed::Other(_) => {}
+            Parsed::Dispatch { .. } | Parsed::Subscribed | Parsed::RoomError | Parsed::Other(_) => {
+            }
         }
     }
     sent
@@ -635,6 +625,8 @@ fn socket_for(addr: SocketAddr, index: u32, spread: bool) -> std::io::Result<Tcp
 enum Phase {
     /// Connecting and authenticating; then holding.
     Setup,
+    /// Room members subscribe to their rooms.
+    Subscribe,
     /// The measured phase (echo: keep ECHOs in flight).
     Run,
     /// The measured phase is over: send nothing new, let the answers arrive.
@@ -649,6 +641,8 @@ struct Ctx {
     targets: Vec<Target>,
     /// The server speaks no Mesa.
     bare: bool,
+    /// Connections opt in to rooms (`"mesa":{"caps":["rooms"]}` in op 2).
+    rooms: bool,
     /// Bounds the connections being set up at once.
     setup: Semaphore,
     /// How long one connection gets to connect and authenticate.
@@ -660,6 +654,10 @@ struct Ctx {
     received: AtomicU64,
     /// Connections that the server closed (or that failed) after authenticating.
     dropped: AtomicU64,
+    /// Room subscriptions the server confirmed (`mesa:subscribed`).
+    subscribed: AtomicU64,
+    /// Room requests the server refused (`mesa:error`).
+    refused: AtomicU64,
     /// The shared clock of the message timestamps.
     epoch: Instant,
 }
@@ -669,6 +667,14 @@ impl Ctx {
     async fn new(
         common: &CommonArgs,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Result<(), String>>), Failure> {
+        Self::opting_in(common, false).await
+    }
+
+    /// [`Ctx::new`], the connections opting in to rooms when `rooms`.
+    async fn opting_in(
+        common: &CommonArgs,
+        rooms: bool,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Result<(), String>>), Failure> {
         let mut targets = Vec::with_capacity(common.urls.len());
         for url in &common.urls {
             targets.push(Target::resolve(url, common.ca_cert.as_deref()).await?);
@@ -677,11 +683,14 @@ impl Ctx {
         let ctx = Ctx {
             targets,
             bare: common.bare,
+            rooms,
             setup: Semaphore::new(common.concurrency as usize),
             connect_timeout: Duration::from_secs(common.connect_timeout_secs),
             ready,
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            subscribed: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             epoch: Instant::now(),
         };
         Ok((Arc::new(ctx), reports))
@@ -704,6 +713,9 @@ enum Role {
     Idle,
     /// Count the BROADCASTs received (fanout, cluster).
     Subscriber(Tally),
+    /// Subscribe to these rooms when the phase becomes `Subscribe`, then count the
+    /// BROADCASTs received like a subscriber (rooms).
+    Member(Vec<String>, Tally),
     /// Keep this many ECHOs in flight while the phase is `Run`, and time them.
     Echo(u32, Histogram),
 }
@@ -764,9 +776,11 @@ async fn connection(
             return failed;
         }
     };
+    // The phase as seen before reporting ready: the scenario moves on only after
+    // every report, so the next phase is always a change this loop sees.
+    let mut now_in = *phase.borrow_and_update();
     let _ = ctx.ready.send(Ok(()));
 
-    let mut now_in = *phase.borrow_and_update();
     let mut seq = 0_u64;
     let mut dropped = false;
     loop {
@@ -777,10 +791,23 @@ async fn connection(
                 if changed.is_err() || next == Phase::Stop {
                     break;
                 }
-                if let (Role::Echo(in_flight, _), Phase::Setup, Phase::Run) = (&role, now_in, next) {
-                    for _ in 0..*in_flight {
-                        let _ = ws.feed(dispatch("ECHO", &ctx, seq)).await;
-                        seq += 1;
+                let opening: Vec<WsMessage> = match (&role, now_in, next) {
+                    (Role::Echo(in_flight, _), Phase::Setup, Phase::Run) => (0..*in_flight)
+                        .map(|i| dispatch("ECHO", &ctx, seq + u64::from(i)))
+                        .collect(),
+                    (Role::Member(rooms, _), Phase::Setup, Phase::Subscribe) => rooms
+                        .iter()
+                        .enumerate()
+                        .map(|(i, room)| subscribe(room, i))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if !opening.is_empty() {
+                    if let Role::Echo(..) = role {
+                        seq += opening.len() as u64;
+                    }
+                    for frame in opening {
+                        let _ = ws.feed(frame).await;
                     }
                     if ws.flush().await.is_err() {
                         dropped = true;
@@ -793,8 +820,16 @@ async fn connection(
                 Some(Ok(WsMessage::Text(text))) => {
                     let reply = match (parse(text.as_str()), &mut role) {
                         (Parsed::Heartbeat, _) => Some(heartbeat_ack()),
-                        (Parsed::Dispatch { kind: Kind::Broadcast, seq, ts }, Role::Subscriber(tally)) => {
+                        (Parsed::Dispatch { kind: Kind::Broadcast, seq, ts }, Role::Subscriber(tally) | Role::Member(_, tally)) => {
                             tally.record(&ctx, seq, ts);
+                            None
+                        }
+                        (Parsed::Subscribed, _) => {
+                            ctx.subscribed.fetch_add(1, Ordering::Relaxed);
+                            None
+                        }
+                        (Parsed::RoomError, _) => {
+                            ctx.refused.fetch_add(1, Ordering::Relaxed);
                             None
                         }
                         (Parsed::Dispatch { kind: Kind::Echo, ts, .. }, Role::Echo(_, latency)) if now_in == Phase::Run => {
@@ -827,7 +862,7 @@ async fn connection(
     }
     let (tally, latency) = match role {
         Role::Idle => (None, None),
-        Role::Subscriber(tally) => (Some(tally), None),
+        Role::Subscriber(tally) | Role::Member(_, tally) => (Some(tally), None),
         Role::Echo(_, latency) => (None, Some(latency)),
     };
     Outcome {
@@ -875,7 +910,12 @@ async fn open(ctx: &Ctx, index: u32, token: &str) -> Result<Ws, String> {
         Parsed::Other(10) => {}
         other => return Err(format!("expected the hello (op 10) first, got {other:?}")),
     }
-    let auth = json!({"op": 2, "d": {"token": token}}).to_string();
+    let auth = if ctx.rooms {
+        json!({"op": 2, "d": {"token": token, "mesa": {"caps": ["rooms"]}}})
+    } else {
+        json!({"op": 2, "d": {"token": token}})
+    };
+    let auth = auth.to_string();
     ws.send(WsMessage::text(auth))
         .await
         .map_err(|error| format!("sending op 2: {error}"))?;
@@ -932,6 +972,12 @@ fn heartbeat_ack() -> WsMessage {
 /// A timestamped dispatch of type `t` (`ECHO` or `BROADCAST`) with sequence number `seq`.
 fn dispatch(t: &str, ctx: &Ctx, seq: u64) -> WsMessage {
     dispatch_at(t, ctx.now_us(), seq)
+}
+
+/// The request to subscribe to `room` (`reference` is echoed in the answer).
+fn subscribe(room: &str, reference: usize) -> WsMessage {
+    let request = json!({"op": 0, "t": "mesa:subscribe", "d": {"room": room, "ref": reference}});
+    WsMessage::text(request.to_string())
 }
 
 /// [`dispatch`] stamped `ts` (microseconds since the generator's epoch).
@@ -1068,6 +1114,10 @@ enum Parsed {
         /// When it was sent, in microseconds since the generator's epoch.
         ts: u64,
     },
+    /// `mesa:subscribed`: a room subscription confirmed.
+    Subscribed,
+    /// `mesa:error`: a room request refused.
+    RoomError,
     /// Any other opcode (or -1 when the frame is not a Mesa message).
     Other(i64),
 }
@@ -1131,6 +1181,12 @@ fn parse(text: &str) -> Parsed {
             seq,
             ts,
         },
+        Ok(Frame {
+            op: 0, t: Some(t), ..
+        }) if t == "mesa:subscribed" => Parsed::Subscribed,
+        Ok(Frame {
+            op: 0, t: Some(t), ..
+        }) if t == "mesa:error" => Parsed::RoomError,
         Ok(frame) => Parsed::Other(frame.op),
         Err(_) => match serde_json::from_str::<OpOnly>(text) {
             Ok(OpOnly { op: 1 }) => Parsed::Heartbeat,
@@ -1168,6 +1224,21 @@ mod tests {
             Parsed::Other(10)
         ));
         assert!(matches!(parse(r#"{"op":22,"d":"x"}"#), Parsed::Other(22)));
+        assert!(matches!(
+            parse(r#"{"op":0,"t":"mesa:subscribed","d":{"room":"r","ref":1}}"#),
+            Parsed::Subscribed
+        ));
+        assert!(matches!(
+            parse(r#"{"op":0,"t":"mesa:error","d":{"room":"r","ref":1,"code":"x","reason":"y"}}"#),
+            Parsed::RoomError
+        ));
+        assert!(matches!(
+            parse(r#"{"op":0,"d":{"ts":5,"seq":7},"t":"BROADCAST","room":"r"}"#),
+            Parsed::Dispatch {
+                kind: Kind::Broadcast,
+                ..
+            }
+        ));
         assert!(matches!(parse("nope"), Parsed::Other(-1)));
     }
 

@@ -82,6 +82,129 @@ impl Tally {
     }
 }
 
+/// CPU time from the start of a measured phase: the servers' and the generator's.
+pub(super) struct CpuMeter {
+    /// The servers' CPU time at the start, in clock ticks.
+    server: Option<u64>,
+    /// The generator's.
+    generator: Option<u64>,
+}
+
+impl CpuMeter {
+    /// Start measuring the servers of `probe` and the generator.
+    pub(super) fn start(probe: &Probe) -> Self {
+        CpuMeter {
+            server: probe.cpu_ticks(),
+            generator: own_cpu_ticks(),
+        }
+    }
+
+    /// The seconds of CPU since the start.
+    pub(super) fn read(&self, probe: &Probe) -> CpuSpent {
+        CpuSpent {
+            server: cpu_secs(self.server, probe.cpu_ticks()),
+            generator: cpu_secs(self.generator, own_cpu_ticks()),
+        }
+    }
+}
+
+/// Seconds of CPU a measured phase cost.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CpuSpent {
+    /// The servers', summed (unknown without their pids).
+    pub(super) server: Option<f64>,
+    /// The generator's.
+    pub(super) generator: Option<f64>,
+}
+
+/// What the receivers of a run got, against what was expected, and what it cost.
+pub(super) struct Delivered {
+    /// Every receiver's tally, merged.
+    pub(super) total: Tally,
+    /// Deliveries expected.
+    expected: u64,
+    /// Seconds from the start of the sending to the last delivery.
+    elapsed: f64,
+    /// The CPU time meanwhile.
+    cpu: CpuSpent,
+}
+
+impl Delivered {
+    /// `total` received of `expected`, the sending having started at `start_us`.
+    pub(super) fn new(total: Tally, expected: u64, start_us: u64, cpu: CpuSpent) -> Self {
+        let elapsed = total.last_us.saturating_sub(start_us) as f64 / 1e6;
+        Delivered {
+            total,
+            expected,
+            elapsed,
+            cpu,
+        }
+    }
+
+    /// Expected deliveries that did not arrive.
+    pub(super) fn lost(&self) -> u64 {
+        self.expected.saturating_sub(self.total.received)
+    }
+
+    /// Deliveries per second of wall clock.
+    fn rate(&self) -> f64 {
+        if self.elapsed > 0.0 {
+            self.total.received as f64 / self.elapsed
+        } else {
+            0.0
+        }
+    }
+
+    /// Deliveries per second of the servers' CPU.
+    fn per_cpu(&self) -> Option<f64> {
+        self.cpu
+            .server
+            .filter(|&secs| secs > 0.0)
+            .map(|secs| self.total.received as f64 / secs)
+    }
+
+    /// `.. deliveries/s in ..s  lost=.. dup=..  latency ..  server cpu=..`, for a
+    /// human-readable line.
+    pub(super) fn human(&self) -> String {
+        format!(
+            "{:.0} deliveries/s in {:.2}s  lost={} dup={}  {}  {}",
+            self.rate(),
+            self.elapsed,
+            self.lost(),
+            self.total.duplicated,
+            self.total.latency.human(),
+            human_cpu(
+                self.cpu.server,
+                self.per_cpu(),
+                "deliveries",
+                self.cpu.generator
+            ),
+        )
+    }
+
+    /// The JSON fields of the deliveries, their cost and their latency.
+    pub(super) fn fields(&self) -> serde_json::Value {
+        let mut fields = serde_json::json!({
+            "expected": self.expected,
+            "received": self.total.received,
+            "lost": self.lost(),
+            "duplicated": self.total.duplicated,
+            "unexpected": self.total.unexpected,
+            "elapsed_secs": round3(self.elapsed),
+            "deliveries_per_sec": self.rate().round(),
+            "server_cpu_secs": self.cpu.server,
+            "deliveries_per_server_cpu_sec": self.per_cpu().map(f64::round),
+            "generator_cpu_secs": self.cpu.generator,
+        });
+        if let (Some(fields), serde_json::Value::Object(latency)) =
+            (fields.as_object_mut(), self.total.latency.fields())
+        {
+            fields.extend(latency);
+        }
+        fields
+    }
+}
+
 /// Bits of the sub-bucket within a power of two: 32 sub-buckets, about 3% precision.
 const SUB_BITS: u32 = 5;
 

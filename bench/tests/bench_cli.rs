@@ -1,6 +1,6 @@
 //! End-to-end test of `mesa-bench`: real `mesa serve` processes measured by real
 //! `mesa-bench` processes over loopback, every scenario briefly (idle, fanout, echo,
-//! storm, and cluster and offline on a `redis-server` of their own). Every wait is bounded, and every
+//! storm, and cluster, offline and rooms on a `redis-server` of their own). Every wait is bounded, and every
 //! child process is killed when its handle drops.
 //!
 //! Needs `redis-server` on PATH and the `mesa` binary of `mesa-cli` built beside
@@ -115,6 +115,13 @@ const SERVE: [&str; 8] = [
 
 /// Start `mesa serve` (on a free port, plus `extra` options); return it with its URL.
 fn serve(extra: &[&str]) -> (Killed, String) {
+    let (server, url, _) = serve_announcing(extra);
+    (server, url)
+}
+
+/// [`serve`], and the URL of its metrics when `extra` asks for them
+/// (`--metrics-listen`, announced before the WebSocket URL).
+fn serve_announcing(extra: &[&str]) -> (Killed, String, Option<String>) {
     let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
     args.extend_from_slice(&SERVE);
     args.extend_from_slice(extra);
@@ -126,14 +133,19 @@ fn serve(extra: &[&str]) -> (Killed, String) {
         .expect("mesa serve starts");
     let stdout = lines(child.stdout.take().expect("piped stdout"));
     let server = Killed(child);
-    let line = stdout
-        .recv_timeout(WAIT)
-        .expect("mesa serve announces its URL");
-    let url = line
-        .strip_prefix("mesa listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line}"))
-        .to_owned();
-    (server, url)
+    let mut metrics = None;
+    loop {
+        let line = stdout
+            .recv_timeout(WAIT)
+            .expect("mesa serve announces its URL");
+        if let Some(url) = line.strip_prefix("mesa metrics on ") {
+            metrics = Some(url.to_owned());
+        } else if let Some(url) = line.strip_prefix("mesa listening on ") {
+            return (server, url.to_owned(), metrics);
+        } else {
+            panic!("unexpected line {line}");
+        }
+    }
 }
 
 /// Run `mesa-bench ARGS` to its end (bounded) and return its JSON line.
@@ -377,4 +389,121 @@ fn offline_stores_a_copy_for_every_id() {
     assert!(offline["rss_growth_bytes"].is_u64(), "{offline}");
     assert!(offline["baseline_p99_us"].is_u64(), "{offline}");
     drop(redis);
+}
+
+#[test]
+fn rooms_reports_unneeded_shares_for_rooms_and_for_ids() {
+    let redis = redis_server::RedisServer::start();
+    let redis_url = redis.url();
+    let replicas: Vec<(Killed, String, Option<String>)> = (0..3)
+        .map(|_| {
+            serve_announcing(&[
+                "--redis",
+                &redis_url,
+                "--rooms",
+                "open",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+        })
+        .collect();
+    let pids: Vec<String> = replicas.iter().map(|r| r.0.0.id().to_string()).collect();
+    let mut args = vec!["rooms", "--redis", &redis_url];
+    for ((_, url, metrics), pid) in replicas.iter().zip(&pids) {
+        let metrics = metrics.as_deref().expect("metrics announced");
+        args.extend(["--url", url, "--metrics", metrics, "--server-pid", pid]);
+    }
+    args.extend([
+        "--connections",
+        "30",
+        "--rooms",
+        "18",
+        "--members",
+        "5",
+        "--messages",
+        "180",
+        "--rate",
+        "600",
+        "--settle-secs",
+        "0",
+        "--setup-timeout-secs",
+        "20",
+        "--timeout-secs",
+        "20",
+    ]);
+    for (send, via) in [
+        ("rooms", "dispatcher"),
+        ("ids", "dispatcher"),
+        ("rooms", "replicas"),
+    ] {
+        let mut with_send = args.clone();
+        with_send.extend(["--send", send, "--via", via]);
+        let rooms = bench(&with_send);
+        assert_eq!(rooms["scenario"], "rooms", "{rooms}");
+        assert_eq!(rooms["send"], send, "{rooms}");
+        assert_eq!(rooms["via"], via, "{rooms}");
+        assert_eq!(rooms["authenticated"], 30, "{rooms}");
+        assert_eq!(rooms["dropped"], 0, "{rooms}");
+        // 18 rooms with members on 1, 2 and 3 replicas, six of each.
+        assert_eq!(
+            rooms["rooms_by_spread"],
+            serde_json::json!([6, 6, 6]),
+            "{rooms}"
+        );
+        assert_eq!(rooms["publish_failed"], 0, "{rooms}");
+        assert_eq!(rooms["expected"], 180 * 5, "{rooms}");
+        assert_eq!(rooms["received"], 180 * 5, "{rooms}");
+        assert_eq!(rooms["duplicated"], 0, "{rooms}");
+        assert!(
+            rooms["deliveries_per_server_cpu_sec"].is_number(),
+            "{rooms}"
+        );
+        assert!(rooms["latency_p99_us"].is_u64(), "{rooms}");
+        let shares = rooms["unneeded_share"].as_array().expect("one per replica");
+        assert_eq!(shares.len(), 3, "{rooms}");
+        // Each message's room misses 2, 1 or 0 of the 3 replicas: a third of the
+        // shared channel is for nobody on a replica, on average.
+        let predicted = rooms["shared_channel_unneeded_share"]
+            .as_array()
+            .expect("one per replica");
+        assert!(
+            predicted
+                .iter()
+                .all(|s| (s.as_f64().unwrap() - 1.0 / 3.0).abs() < 0.01),
+            "{rooms}"
+        );
+        if via == "replicas" {
+            // A replica gets back from Redis the room messages its own client
+            // published: unneeded where it holds members of the room.
+            assert_eq!(rooms["subscribed"], 90, "{rooms}");
+            assert!(
+                rooms["unneeded_share_max"]
+                    .as_f64()
+                    .is_some_and(|s| s > 0.0),
+                "{rooms}"
+            );
+        } else if send == "rooms" {
+            assert_eq!(rooms["subscribed"], 90, "{rooms}");
+            // The replicas' gauge is told after their lock is released, so it may lag.
+            assert!(rooms["server_memberships"].is_number(), "{rooms}");
+            assert_eq!(rooms["unneeded_share_max"], 0.0, "{rooms}");
+            assert!(rooms["bytes_per_membership"].is_number(), "{rooms}");
+        } else {
+            assert_eq!(rooms["subscribed"], 0, "{rooms}");
+            // Every replica reads every envelope of the shared channel.
+            assert!(
+                rooms["cluster_received"]
+                    .as_array()
+                    .expect("one per replica")
+                    .iter()
+                    .all(|n| n == 180.0),
+                "{rooms}"
+            );
+            assert_eq!(
+                rooms["unneeded_share"], rooms["shared_channel_unneeded_share"],
+                "{rooms}"
+            );
+        }
+    }
+    drop((replicas, redis));
 }

@@ -1,5 +1,6 @@
 //! `mesa-bench-report`: turns the JSON lines that `bench/run` collected (one line per
-//! `mesa-bench` run, tagged with `server` and `rep`, and one `machine` line) into
+//! `mesa-bench` run, tagged with `server` and `rep`, and `variant` where one server
+//! runs several ways, and one `machine` line) into
 //! `BENCHMARKS.md` (medians, ratios to both baselines, targets, the machine) and an
 //! SVG chart drawn with plotters.
 //!
@@ -21,6 +22,19 @@ const SERVERS: [(&str, &str); 3] = [
     ("ours", "mesa-rs"),
     ("upstream", "@cryb/mesa 1.5.8"),
     ("bare", "bare tokio-tungstenite"),
+];
+
+/// The variants of `rooms` (ours alone, several ways), in the order of its table: its
+/// columns. A variant not listed here gets a column after these, named by its tag.
+const ROOM_VARIANTS: [(&str, &str); 8] = [
+    ("rooms-3", "rooms, 3 replicas"),
+    ("ids-3", "ids on the shared channel, 3 replicas"),
+    ("rooms-clients-3", "rooms, published by clients, 3 replicas"),
+    ("ids-clients-3", "ids, sent by clients, 3 replicas"),
+    ("rooms-1", "rooms, 1 replica"),
+    ("ids-1", "ids on the shared channel, 1 replica"),
+    ("rooms-clients-1", "rooms, published by a client, 1 replica"),
+    ("ids-clients-1", "ids, sent by a client, 1 replica"),
 ];
 
 /// Whether more or less of a metric is better.
@@ -82,6 +96,17 @@ const METRICS: &[Metric] = &[
     metric("cluster", "server CPU seconds (both replicas)", "server_cpu_secs", 1.0, 2, Better::Lower),
     metric("cluster", "Redis PUBLISH per message sent", "publish_per_send", 1.0, 2, Better::Lower),
     metric("cluster", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
+    metric("rooms", "unneeded share, worst replica (%)", "unneeded_share_max", 0.01, 1, Better::Lower),
+    metric("rooms", "unneeded share, all replicas (%)", "unneeded_share_all", 0.01, 1, Better::Lower),
+    metric("rooms", "the shared channel's unneeded share for these members (%)", "shared_channel_unneeded_share_all", 0.01, 1, Better::Lower),
+    metric("rooms", "deliveries per server CPU-second (all replicas)", "deliveries_per_server_cpu_sec", 1.0, 0, Better::Higher),
+    metric("rooms", "deliveries per second (wall clock)", "deliveries_per_sec", 1.0, 0, Better::Higher),
+    metric("rooms", "server CPU seconds (all replicas)", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("rooms", "latency p50 (ms)", "latency_p50_us", 1000.0, 2, Better::Lower),
+    metric("rooms", "latency p99 (ms)", "latency_p99_us", 1000.0, 2, Better::Lower),
+    metric("rooms", "server RSS per room membership (B)", "bytes_per_membership", 1.0, 0, Better::Lower),
+    metric("rooms", "subscribing every member, until Redis counts every replica's channels (s)", "subscribe_secs", 1.0, 2, Better::Lower),
+    metric("rooms", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
 ];
 
 /// A row of [`METRICS`].
@@ -129,10 +154,14 @@ const SCENARIOS: &[(&str, &str)] = &[
         "cluster",
         "fanout with the clients split over two replicas sharing one Redis",
     ),
+    (
+        "rooms",
+        "room members over the replicas of one Redis (rooms with members on 1, 2 and 3 replicas in equal numbers), messages published at a fixed rate by a Dispatcher (or, where said, by a client on each replica), each to a room in turn, or to the members' ids on the channel every replica reads; the unneeded share is a replica's `mesa_cluster_messages_unneeded_total` over `mesa_cluster_messages_received_total` during the publishing; mesa-rs only",
+    ),
 ];
 
-/// The runs read from the results file: `runs[scenario][server]` holds one JSON object
-/// per repetition.
+/// The runs read from the results file: `runs[scenario][column]` holds one JSON object
+/// per repetition; the column is the run's `variant`, or else its `server`.
 type Runs = BTreeMap<String, BTreeMap<String, Vec<Value>>>;
 
 fn main() -> ExitCode {
@@ -206,10 +235,11 @@ fn parse(text: &str) -> Result<(Value, Runs), String> {
         if scenario.is_empty() || server.is_empty() {
             return Err(format!("line {}: no scenario or server", number + 1));
         }
+        let column = value["variant"].as_str().map_or(server, str::to_owned);
         derive(&mut value);
         runs.entry(scenario)
             .or_default()
-            .entry(server)
+            .entry(column)
             .or_default()
             .push(value);
     }
@@ -252,9 +282,30 @@ fn median(runs: &[Value], field: &str) -> Option<f64> {
     })
 }
 
-/// The median of `field` for `server` in `scenario`.
-fn value(runs: &Runs, scenario: &str, server: &str, field: &str) -> Option<f64> {
-    median(runs.get(scenario)?.get(server)?, field)
+/// The median of `field` for `column` (a server or a variant) in `scenario`.
+fn value(runs: &Runs, scenario: &str, column: &str, field: &str) -> Option<f64> {
+    median(runs.get(scenario)?.get(column)?, field)
+}
+
+/// The columns of a scenario's table, keys and names, the first the one the others
+/// are compared with: the servers, or the variants of `rooms`.
+fn columns(scenario: &str, present: &BTreeMap<String, Vec<Value>>) -> Vec<(String, String)> {
+    let known: &[(&str, &str)] = if scenario == "rooms" {
+        &ROOM_VARIANTS
+    } else {
+        &SERVERS
+    };
+    let mut columns: Vec<(String, String)> = known
+        .iter()
+        .filter(|(key, _)| present.contains_key(*key))
+        .map(|(key, name)| ((*key).to_owned(), (*name).to_owned()))
+        .collect();
+    for key in present.keys() {
+        if !known.iter().any(|(known, _)| known == key) {
+            columns.push((key.clone(), key.clone()));
+        }
+    }
+    columns
 }
 
 /// A number with thousands separators and `decimals` digits.
@@ -282,6 +333,11 @@ fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
         (Some(ours), Some(theirs)) if theirs != 0.0 => format!("{:.2}x", ours / theirs),
         _ => "–".to_owned(),
     }
+}
+
+/// A share as a percentage with one decimal, or `–`.
+fn percent(share: Option<f64>) -> String {
+    share.map_or("–".to_owned(), |s| format!("{:.1}%", s * 100.0))
 }
 
 /// A displayed metric value, or `–`.
@@ -330,19 +386,22 @@ fn render(machine: &Value, runs: &Runs, chart_link: &str, notes: &str) -> String
             .map(sizes)
             .unwrap_or_default();
         let _ = writeln!(out, "{description}; {sizes}.\n");
-        let present: Vec<(&str, &str)> = SERVERS
-            .iter()
-            .copied()
-            .filter(|(key, _)| servers.contains_key(*key))
-            .collect();
+        let present = columns(scenario, servers);
+        let Some((first, first_name)) = present.first().cloned() else {
+            continue;
+        };
+        let first_name = if first == "ours" {
+            "mesa-rs".to_owned()
+        } else {
+            first_name
+        };
         let _ = write!(out, "| metric |");
         for (_, name) in &present {
             let _ = write!(out, " {name} |");
         }
-        let baselines: Vec<&(&str, &str)> =
-            present.iter().filter(|(key, _)| *key != "ours").collect();
-        for (_, name) in &baselines {
-            let _ = write!(out, " mesa-rs / {name} |");
+        let baselines = &present[1..];
+        for (_, name) in baselines {
+            let _ = write!(out, " {first_name} / {name} |");
         }
         let _ = write!(out, "\n|---|");
         for _ in 0..present.len() + baselines.len() {
@@ -369,8 +428,8 @@ fn render(machine: &Value, runs: &Runs, chart_link: &str, notes: &str) -> String
                     shown(value(runs, scenario, key, metric.field), metric)
                 );
             }
-            let ours = value(runs, scenario, "ours", metric.field);
-            for (key, _) in &baselines {
+            let ours = value(runs, scenario, &first, metric.field);
+            for (key, _) in baselines {
                 let _ = write!(
                     out,
                     " {} |",
@@ -384,7 +443,7 @@ fn render(machine: &Value, runs: &Runs, chart_link: &str, notes: &str) -> String
         };
         let _ = writeln!(out, "\nEvery run ({}):\n", first.label);
         for (key, name) in &present {
-            let all: Vec<String> = servers[*key]
+            let all: Vec<String> = servers[key]
                 .iter()
                 .map(|run| shown(run.get(first.field).and_then(Value::as_f64), first))
                 .collect();
@@ -428,6 +487,8 @@ fn sizes(run: &Value) -> String {
     let mut parts = Vec::new();
     for (key, label) in [
         ("connections", "connections"),
+        ("rooms", "rooms"),
+        ("members_per_room", "members per room"),
         ("messages", "messages"),
         ("window", "in flight (publisher)"),
         ("rate", "messages per second"),
@@ -452,18 +513,23 @@ fn headline(out: &mut String, runs: &Runs) {
         "| scenario | figure | mesa-rs | @cryb/mesa | bare | vs @cryb/mesa | vs bare |"
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
-    for (scenario, field) in [
-        ("fanout", "deliveries_per_server_cpu_sec"),
-        ("fanout", "deliveries_per_sec"),
-        ("rate", "latency_p50_us"),
-        ("rate", "latency_p99_us"),
-        ("idle", "bytes_per_conn"),
-        ("idle", "setup_rate"),
-        ("echo", "round_trips_per_server_cpu_sec"),
-        ("storm", "recovery_secs"),
-        ("storm", "peak_window_share"),
-        ("cluster", "deliveries_per_server_cpu_sec"),
-        ("cluster", "publish_per_send"),
+    // The column of ours: the server, or the variant of `rooms` the headline shows.
+    for (scenario, ours, field) in [
+        ("fanout", "ours", "deliveries_per_server_cpu_sec"),
+        ("fanout", "ours", "deliveries_per_sec"),
+        ("rate", "ours", "latency_p50_us"),
+        ("rate", "ours", "latency_p99_us"),
+        ("idle", "ours", "bytes_per_conn"),
+        ("idle", "ours", "setup_rate"),
+        ("echo", "ours", "round_trips_per_server_cpu_sec"),
+        ("storm", "ours", "recovery_secs"),
+        ("storm", "ours", "peak_window_share"),
+        ("cluster", "ours", "deliveries_per_server_cpu_sec"),
+        ("cluster", "ours", "publish_per_send"),
+        ("rooms", "rooms-3", "unneeded_share_max"),
+        ("rooms", "ids-3", "unneeded_share_max"),
+        ("rooms", "rooms-3", "deliveries_per_server_cpu_sec"),
+        ("rooms", "rooms-3", "bytes_per_membership"),
     ] {
         let Some(metric) = METRICS
             .iter()
@@ -472,15 +538,18 @@ fn headline(out: &mut String, runs: &Runs) {
             continue;
         };
         let get = |server| value(runs, scenario, server, field);
+        let label = match ROOM_VARIANTS.iter().find(|(key, _)| *key == ours) {
+            Some((_, variant)) => format!("{}: {variant}", metric.label),
+            None => metric.label.to_owned(),
+        };
         let _ = writeln!(
             out,
-            "| {scenario} | {} | {} | {} | {} | {} | {} |",
-            metric.label,
-            shown(get("ours"), metric),
+            "| {scenario} | {label} | {} | {} | {} | {} | {} |",
+            shown(get(ours), metric),
             shown(get("upstream"), metric),
             shown(get("bare"), metric),
-            ratio(get("ours"), get("upstream")),
-            ratio(get("ours"), get("bare")),
+            ratio(get(ours), get("upstream")),
+            ratio(get(ours), get("bare")),
         );
     }
 }
@@ -489,11 +558,6 @@ fn headline(out: &mut String, runs: &Runs) {
 fn targets(out: &mut String, runs: &Runs) {
     let per_cpu = "deliveries_per_server_cpu_sec";
     let fanout = value(runs, "fanout", "ours", per_cpu);
-    let verdict = |met: Option<bool>| match met {
-        Some(true) => "met",
-        Some(false) => "**missed**",
-        None => "not measured",
-    };
     let at_least = |ours: Option<f64>, theirs: Option<f64>, goal: f64| {
         let r = ours.zip(theirs).map(|(o, t)| o / t);
         let text = r.map_or("–".to_owned(), |r| format!("{r:.2}x"));
@@ -550,12 +614,11 @@ fn targets(out: &mut String, runs: &Runs) {
             verdict(met)
         );
     }
-    let share = value(runs, "storm", "ours", "peak_window_share");
-    let _ = writeln!(
+    share_target(
         out,
-        "| storm: no 100 ms window holds more than 10% of the reconnections | {} | {} |",
-        share.map_or("–".to_owned(), |s| format!("{:.1}%", s * 100.0)),
-        verdict(share.map(|s| s <= 0.10))
+        "storm: no 100 ms window holds more than 10% of the reconnections",
+        value(runs, "storm", "ours", "peak_window_share"),
+        0.10,
     );
     let recovery = value(runs, "storm", "ours", "recovery_secs");
     let cap = runs
@@ -577,6 +640,35 @@ fn targets(out: &mut String, runs: &Runs) {
         "| cluster: one PUBLISH per logical send | {} | {} |",
         publishes.map_or("–".to_owned(), |p| format!("{p:.2}")),
         verdict(publishes.map(|p| (p - 1.0).abs() < 1e-9))
+    );
+    for (variant, by) in [("rooms-3", "a Dispatcher"), ("rooms-clients-3", "clients")] {
+        share_target(
+            out,
+            &format!(
+                "rooms: at most 5% of the room messages a replica receives are unneeded (3 replicas, every replica, published by {by})"
+            ),
+            value(runs, "rooms", variant, "unneeded_share_max"),
+            0.05,
+        );
+    }
+}
+
+/// A target's verdict: met, missed, or not measured.
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+/// The row of a target that `share` be at most `limit`.
+fn share_target(out: &mut String, label: &str, share: Option<f64>, limit: f64) {
+    let _ = writeln!(
+        out,
+        "| {label} | {} | {} |",
+        percent(share),
+        verdict(share.map(|s| s <= limit))
     );
 }
 
@@ -699,6 +791,9 @@ mod tests {
             r#"{"scenario":"fanout","server":"ours","rep":1,"deliveries_per_server_cpu_sec":600,"deliveries_per_sec":10,"lost":0,"duplicated":0}"#,
             r#"{"scenario":"fanout","server":"upstream","rep":1,"deliveries_per_server_cpu_sec":100,"deliveries_per_sec":5,"lost":0,"duplicated":0}"#,
             r#"{"scenario":"idle","server":"ours","rep":1,"bytes_per_conn":3072,"authenticated":10,"setup_secs":1}"#,
+            r#"{"scenario":"rooms","server":"ours","variant":"rooms-3","rep":1,"unneeded_share_max":0.0,"deliveries_per_server_cpu_sec":300}"#,
+            r#"{"scenario":"rooms","server":"ours","variant":"ids-3","rep":1,"unneeded_share_max":0.34,"deliveries_per_server_cpu_sec":200}"#,
+            r#"{"scenario":"rooms","server":"ours","variant":"ids-routed-3","rep":1,"unneeded_share_max":0.01,"deliveries_per_server_cpu_sec":250}"#,
         ]
         .join("\n");
         let (machine, runs) = parse(&lines).expect("valid lines");
@@ -710,6 +805,17 @@ mod tests {
         );
         assert!(document.contains("| idle: <= 3 KiB server RSS per connection | 3.00 KiB | met |"));
         assert!(document.contains("## Notes"));
+        assert!(document.contains(
+            "| rooms: at most 5% of the room messages a replica receives are unneeded (3 replicas, every replica, published by a Dispatcher) | 0.0% | met |"
+        ));
+        // Variants are columns, compared with the first; an unknown one comes last.
+        assert!(document.contains(
+            "| metric | rooms, 3 replicas | ids on the shared channel, 3 replicas | ids-routed-3 | \
+             rooms, 3 replicas / ids on the shared channel, 3 replicas | rooms, 3 replicas / ids-routed-3 |"
+        ));
+        assert!(document.contains(
+            "| deliveries per server CPU-second (all replicas) ↑ | 300 | 200 | 250 | 1.50x | 1.20x |"
+        ));
         let dir = std::env::temp_dir().join(format!("mesa-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temporary directory");
         let svg = dir.join("bench.svg");
