@@ -447,10 +447,10 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
                     h.connecting = false;
                     h.linked = true;
                     let run_id = h.redis.run_id().to_owned();
-                    h.replica.handle_link_up(now, &run_id);
+                    h.replica.handle_link_up(now, 0, &run_id);
                 }
             }
-            Op::LinkDown => h.replica.handle_link_down(now, "fuzzed"),
+            Op::LinkDown => h.replica.handle_link_down(now, 0, "fuzzed"),
             Op::Advance { ms } => {
                 h.now += Duration::from_millis(u64::from(ms));
                 let now = h.now;

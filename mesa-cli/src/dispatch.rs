@@ -16,9 +16,10 @@ use crate::tls::RedisCa;
 /// Options of `mesa dispatch`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DispatchArgs {
-    /// The cluster's Redis, e.g. `redis://127.0.0.1:6379/` (`rediss://` for TLS).
-    #[arg(long, env = "MESA_REDIS")]
-    redis: String,
+    /// The cluster's Redis, e.g. `redis://127.0.0.1:6379/` (`rediss://` for TLS);
+    /// several (repeated, or comma-separated) as the servers' `--redis`.
+    #[arg(long, env = "MESA_REDIS", value_delimiter = ',', required = true)]
+    redis: Vec<String>,
 
     #[command(flatten)]
     redis_ca: RedisCa,
@@ -110,7 +111,8 @@ fn parse_options(text: &str) -> Result<MessageOptions, String> {
 pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
     let max_stored = usize::try_from(args.max_stored).unwrap_or(usize::MAX);
     let max_recipients = usize::try_from(args.max_recipients).unwrap_or(usize::MAX);
-    let mut builder = Dispatcher::builder(&args.redis)
+    let mut builder = Dispatcher::builder(&args.redis[0])
+        .shard_urls(args.redis[1..].iter().cloned())
         .sync(args.sync)
         .max_stored(max_stored)
         .max_recipients(max_recipients)
@@ -118,7 +120,7 @@ pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
     if let Some(namespace) = &args.namespace {
         builder = builder.namespace(namespace.as_str());
     }
-    if let Some(pem) = args.redis_ca.load(&args.redis)? {
+    if let Some(pem) = args.redis_ca.load_for(&args.redis)? {
         builder = builder.redis_ca_pem(pem);
     }
     let dispatcher = builder

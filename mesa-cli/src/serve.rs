@@ -95,8 +95,11 @@ pub(crate) struct ServeArgs {
 
     /// Replicate through this Redis (e.g. `redis://127.0.0.1:6379/`, `rediss://` for
     /// TLS): replicas of ours and of @cryb/mesa on it deliver each other's sends.
-    #[arg(long, env = "MESA_REDIS")]
-    redis: Option<String>,
+    /// Several (repeated, or comma-separated) spread ids and rooms over them by a
+    /// consistent hash, in the order given (the same on every replica and
+    /// Dispatcher; needs --legacy-bus off).
+    #[arg(long, env = "MESA_REDIS", value_delimiter = ',')]
+    redis: Vec<String>,
 
     #[command(flatten)]
     redis_ca: RedisCa,
@@ -349,7 +352,7 @@ pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode, Failure> {
     let mut http = Http {
         metrics: None,
         demo: args.demo,
-        health: Health::new(args.redis.is_some()),
+        health: Health::new(!args.redis.is_empty()),
     };
     if let Some(listen) = &args.metrics_listen {
         let metrics = Metrics::new();
@@ -413,8 +416,9 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
             builder = builder.rooms(RoomPolicy::Open);
         }
     }
-    if let Some(url) = &args.redis {
+    if let Some((url, shard_urls)) = args.redis.split_first() {
         let mut cluster = ClusterConfig::new(url.clone());
+        cluster.shard_urls = shard_urls.to_vec();
         cluster.namespace = args.namespace.clone();
         cluster.lease = Duration::from_millis(args.lease);
         cluster.legacy_bus = args.bus.on;
@@ -422,7 +426,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
             PortalMode::RoundRobin => PortalChoice::RoundRobin,
             PortalMode::Random => PortalChoice::Random,
         });
-        cluster.redis_ca_pem = args.redis_ca.load(url)?;
+        cluster.redis_ca_pem = args.redis_ca.load_for(&args.redis)?;
         builder = builder.cluster(cluster);
     }
     if args.sync {

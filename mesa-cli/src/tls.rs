@@ -75,6 +75,16 @@ pub(crate) struct RedisCa {
 }
 
 impl RedisCa {
+    /// [`load`](Self::load), checked against every URL of a cluster: `None` without
+    /// the flag or without a URL.
+    pub(crate) fn load_for(&self, urls: &[String]) -> Result<Option<Vec<u8>>, Failure> {
+        let mut pem = None;
+        for url in urls {
+            pem = self.load(url)?;
+        }
+        Ok(pem)
+    }
+
     /// The PEM certificates to trust for the Redis at `url`, checked: `None` without
     /// the flag, an error when the file is unreadable, holds no certificate, or `url`
     /// does not speak TLS.

@@ -292,6 +292,18 @@ fn dispatch_reports_usage_and_redis_errors() {
     );
     let stderr = String::from_utf8_lossy(&bad_bus.stderr);
     assert!(stderr.contains("--legacy-bus"), "{stderr}");
+    // Several Redis instances need the legacy bus off.
+    let sharded = dispatch(
+        &[
+            "--redis",
+            "redis://127.0.0.1:1/,redis://127.0.0.1:2/",
+            "--type",
+            "X",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&sharded.stderr);
+    assert!(stderr.contains("legacy bus off"), "{stderr}");
     let missing = dispatch(&["--redis", "redis://127.0.0.1:1/"], &[]);
     assert_eq!(missing.status.code(), Some(2));
     let not_json = dispatch(

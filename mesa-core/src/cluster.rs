@@ -199,6 +199,30 @@ impl Envelope {
     }
 }
 
+/// Which of `shards` Redis instances holds the data of `key` (an id or a room):
+/// jump consistent hashing (Lamping and Veach) of its 64-bit FNV-1a hash, so that
+/// every replica and Dispatcher, whatever its version, agrees, and adding an
+/// instance moves only a share of the keys. Global data (`ws`, portals, the
+/// connection counter) lives on shard 0.
+pub fn shard_of(key: &str, shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let (mut bucket, mut next) = (0u64, 0u64);
+    while next < shards as u64 {
+        bucket = next;
+        hash = hash.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        let step = f64::from(1u32 << 31) / ((hash >> 33) + 1) as f64;
+        next = ((bucket + 1) as f64 * step) as u64;
+    }
+    bucket as usize
+}
+
 /// What a send still needs from the cluster once the local connections are served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
@@ -225,6 +249,29 @@ pub fn plan_remote(recipients: &Recipients, absent: Vec<String>, sync: bool) -> 
 }
 
 impl RemotePlan {
+    /// The part of this plan each of `shards` Redis instances does: every id's on its
+    /// own instance ([`shard_of`]); a global send on the first. Nothing to do, no part.
+    pub fn by_shard(self, shards: usize) -> Vec<(usize, RemotePlan)> {
+        let split = |ids: Vec<String>| {
+            let mut parts: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
+            for id in ids {
+                parts.entry(shard_of(&id, shards)).or_default().push(id);
+            }
+            parts.into_iter()
+        };
+        match self {
+            RemotePlan::Nothing => Vec::new(),
+            plan @ RemotePlan::Publish(Recipients::All) => vec![(0, plan)],
+            plan if shards <= 1 => vec![(0, plan)],
+            RemotePlan::Publish(Recipients::Ids(ids)) => split(ids)
+                .map(|(shard, ids)| (shard, RemotePlan::Publish(Recipients::Ids(ids))))
+                .collect(),
+            RemotePlan::CheckPresence(ids) => split(ids)
+                .map(|(shard, ids)| (shard, RemotePlan::CheckPresence(ids)))
+                .collect(),
+        }
+    }
+
     /// The ids this plan asks the cluster to check for presence (none for a publish).
     pub fn checked(&self) -> &[String] {
         match self {
@@ -525,6 +572,32 @@ mod tests {
         assert_eq!(
             Namespace::new(Some(String::new())).portal_channel(),
             "portal"
+        );
+    }
+
+    #[test]
+    fn keys_spread_evenly_over_shards_and_few_move_when_one_is_added() {
+        assert_eq!(shard_of("anything", 1), 0);
+        let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i}")).collect();
+        let mut counts = [0usize; 4];
+        for key in &keys {
+            counts[shard_of(key, 4)] += 1;
+        }
+        assert!(
+            counts.iter().all(|n| (2_200..2_800).contains(n)),
+            "{counts:?}"
+        );
+        // From 4 to 5 instances, about a fifth of the keys move, all to the new one.
+        let moved: Vec<&String> = keys
+            .iter()
+            .filter(|key| shard_of(key, 4) != shard_of(key, 5))
+            .collect();
+        assert!((1_700..2_300).contains(&moved.len()), "{}", moved.len());
+        assert!(moved.iter().all(|key| shard_of(key, 5) == 4));
+        // Fixed forever: replicas of any version must agree.
+        assert_eq!(
+            ["alice", "bob", "room:1", "u0", "u1"].map(|key| shard_of(key, 3)),
+            [0, 2, 2, 0, 1]
         );
     }
 

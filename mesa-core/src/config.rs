@@ -290,6 +290,13 @@ pub enum ConfigError {
         "routing sends by interest (the legacy bus off) needs presence (store_connected_users)"
     )]
     RoutingWithoutPresence,
+    /// A cluster spreads its data over 1 to 256 Redis instances.
+    #[error("a cluster has 1 to 256 Redis instances, not {0}")]
+    Shards(usize),
+    /// Several Redis instances with the legacy bus on: Node replicas, which read
+    /// `ws`, know one Redis, and a send to ids must go to the instance of each id.
+    #[error("several Redis instances need the legacy bus off (routing by interest)")]
+    ShardingWithLegacyBus,
     /// Authentication options were set, but nothing authenticates.
     #[error("authentication options need an authenticator")]
     MissingAuthenticator,

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use mesa_core::cluster::shard_of;
 use mesa_core::sim::track::MessageKey;
 use mesa_core::sim::{ClusterSim, SimConfig};
 
@@ -71,6 +72,34 @@ fn routed_sends_reach_only_the_replicas_that_hold_their_ids() {
 }
 
 #[test]
+fn ids_and_rooms_spread_over_redis_instances_reach_everyone() {
+    let mut config = SimConfig::new(3, 12, 3);
+    config.replica.legacy_bus = false;
+    config.replica.shards = 2;
+    config.rooms = 3;
+    let mut sim = settled_with(config);
+    assert_eq!(send_around(&mut sim), 24);
+    for c in 0..12 {
+        sim.room_send(c);
+    }
+    sim.run_for(Duration::from_secs(2));
+    // 24 sends, and 12 room messages to the 4 members of each sender's room.
+    assert_eq!(
+        sim.clients.iter().map(|c| c.log.count).sum::<u64>(),
+        24 + 48
+    );
+    no_violations(sim.check());
+    no_violations(sim.check_settled_keys());
+    // Each instance holds the presence of its own ids only, and both hold some.
+    let key = sim.config().replica.namespace.connected_clients();
+    for (shard, redis) in sim.redis.iter().enumerate() {
+        let ids = redis.members(&key);
+        assert!(!ids.is_empty(), "shard {shard} holds nobody");
+        assert!(ids.iter().all(|id| shard_of(id, 2) == shard), "{ids:?}");
+    }
+}
+
+#[test]
 fn a_quiet_cluster_delivers_each_room_message_once_to_every_member() {
     let mut config = SimConfig::new(3, 12, 7);
     config.rooms = 3;
@@ -118,11 +147,11 @@ fn a_message_to_an_offline_id_is_stored_then_redelivered_once_and_trimmed() {
     sim.send(1, &to);
     sim.run_for(Duration::from_secs(1));
     let stored = sim.config().replica.namespace.undelivered_messages();
-    assert_eq!(sim.redis.hash(&stored).map(|h| h.len()), Some(1));
+    assert_eq!(sim.redis[0].hash(&stored).map(|h| h.len()), Some(1));
     sim.connect(3);
     sim.run_for(Duration::from_secs(2));
     assert_eq!(received(&sim, 3), [((0, 1), true), ((1, 1), true)]);
-    assert_eq!(sim.redis.hash(&stored), None, "trimmed to nothing");
+    assert_eq!(sim.redis[0].hash(&stored), None, "trimmed to nothing");
     no_violations(sim.check());
     no_violations(sim.check_settled_keys());
 }
@@ -260,17 +289,18 @@ fn presence_bound(sim: &ClusterSim) -> Duration {
 }
 
 fn run_schedule(seed: u64, steps: &[Step]) -> ClusterSim {
-    run_schedule_with(seed, steps, true)
+    run_schedule_with(seed, steps, true, 1)
 }
 
 /// A schedule run with sends to ids on the shared `ws` channel (`legacy_bus`), or
-/// routed to the replicas that hold the ids.
-fn run_schedule_with(seed: u64, steps: &[Step], legacy_bus: bool) -> ClusterSim {
+/// routed to the replicas that hold the ids, on `shards` Redis instances.
+fn run_schedule_with(seed: u64, steps: &[Step], legacy_bus: bool, shards: usize) -> ClusterSim {
     let mut config = SimConfig::new(REPLICAS, CLIENTS, seed);
     config.ids = IDS;
     config.check_contract = true;
     config.rooms = ROOMS;
     config.replica.legacy_bus = legacy_bus;
+    config.replica.shards = shards;
     let mut sim = ClusterSim::new(config, start());
     for c in 0..CLIENTS {
         sim.connect(c);
@@ -315,6 +345,15 @@ fn run_schedule_with(seed: u64, steps: &[Step], legacy_bus: bool) -> ClusterSim 
     sim
 }
 
+/// Every property holds over the run, and the keys are exact once quiet.
+fn promises_kept(sim: ClusterSim) -> Result<(), TestCaseError> {
+    let broken = sim.check();
+    prop_assert!(broken.is_empty(), "{:#?}", broken);
+    let keys = sim.check_settled_keys();
+    prop_assert!(keys.is_empty(), "{:#?}", keys);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -328,11 +367,7 @@ proptest! {
         seed in any::<u64>(),
         steps in prop::collection::vec(step(), 1..40),
     ) {
-        let sim = run_schedule(seed, &steps);
-        let broken = sim.check();
-        prop_assert!(broken.is_empty(), "{:#?}", broken);
-        let keys = sim.check_settled_keys();
-        prop_assert!(keys.is_empty(), "{:#?}", keys);
+        promises_kept(run_schedule(seed, &steps))?;
     }
 
     /// The same promises with sends to ids routed to the replicas that hold them
@@ -342,11 +377,17 @@ proptest! {
         seed in any::<u64>(),
         steps in prop::collection::vec(step(), 1..40),
     ) {
-        let sim = run_schedule_with(seed, &steps, false);
-        let broken = sim.check();
-        prop_assert!(broken.is_empty(), "{:#?}", broken);
-        let keys = sim.check_settled_keys();
-        prop_assert!(keys.is_empty(), "{:#?}", keys);
+        promises_kept(run_schedule_with(seed, &steps, false, 1))?;
+    }
+
+    /// The same promises with the ids and rooms spread over three Redis instances
+    /// (each with its own link, lease and janitor; Redis restarts restart them all).
+    #[test]
+    fn the_cluster_keeps_its_promises_on_several_redis_instances(
+        seed in any::<u64>(),
+        steps in prop::collection::vec(step(), 1..40),
+    ) {
+        promises_kept(run_schedule_with(seed, &steps, false, 3))?;
     }
 }
 
@@ -414,7 +455,7 @@ fn coverage_of_random_schedules() {
         totals.link_downs += sim.counters.link_downs;
         totals.jobs_lost += sim.counters.jobs_lost;
         uncertain += sim.track.uncertain_messages.len() + sim.track.uncertain_ids.len();
-        trims += sim.redis.log.trimmed.len();
+        trims += sim.store_log().trimmed.len();
         dups += sim
             .clients
             .iter()

@@ -112,7 +112,7 @@ fn linked(config: ReplicaConfig) -> Replica {
     let mut replica = Replica::new(config, "me", 7, t0()).unwrap();
     let out = drain(&mut replica);
     assert_eq!(out.kinds(), ["Connect"]);
-    replica.handle_link_up(t0(), "run1");
+    replica.handle_link_up(t0(), 0, "run1");
     answer_all(&mut replica, t0());
     replica
 }
@@ -170,13 +170,13 @@ fn opening_with_portals() -> Replica {
 fn opening_the_link_cleans_up_then_registers_presence() {
     let mut replica = opening_with_portals();
     assert_eq!(
-        replica.channels(),
+        replica.channels(0),
         ["ws", "mesa_replica:me", "available_portals_pool"]
     );
-    replica.handle_link_up(t0(), "run1");
+    replica.handle_link_up(t0(), 0, "run1");
     let out = drain(&mut replica);
     assert_eq!(out.kinds(), ["LoadPortals", "Janitor", "Renew"]);
-    assert_eq!(out.events, [ReplicaEvent::LinkUp]);
+    assert_eq!(out.events, [ReplicaEvent::LinkUp { shard: 0 }]);
     let Command::Janitor { retire, run_id } = &out.commands[1].1 else {
         panic!()
     };
@@ -334,7 +334,7 @@ fn client_events_before_the_first_link_wait_for_it_and_for_the_pool() {
     open_as(&mut replica, "alice");
     let out = drain(&mut replica);
     assert!(out.commands.is_empty() && out.events.is_empty(), "{out:?}");
-    replica.handle_link_up(t0(), "run1");
+    replica.handle_link_up(t0(), 0, "run1");
     let out = drain(&mut replica);
     // The pool is read first; the events wait for its answer.
     assert_eq!(out.find("Publish").len(), 0, "{:?}", out.kinds());
@@ -360,7 +360,7 @@ fn client_events_before_the_first_link_wait_for_it_and_for_the_pool() {
         [PortalEventKind::Connection, PortalEventKind::Authentication]
     );
     // Once the link was up, a failure costs best-effort work as documented.
-    replica.handle_link_down(t0(), "gone");
+    replica.handle_link_down(t0(), 0, "gone");
     open_as(&mut replica, "bob");
     let lost = drain(&mut replica).events;
     assert!(
@@ -447,13 +447,13 @@ fn a_load_answers_its_connection_and_is_given_up_with_its_session() {
     assert_eq!((*c, messages.len()), (conn, 2));
 
     // Asked while the link is down: kept, but only as long as the session waits.
-    replica.handle_link_down(t0(), "cut");
+    replica.handle_link_down(t0(), 0, "cut");
     drain(&mut replica);
     replica.handle_session_event(t0(), conn, &load);
     let late = t0() + Duration::from_secs(6);
     replica.handle_timeout(late);
     assert_eq!(drain(&mut replica).kinds(), ["Connect"]);
-    replica.handle_link_up(late, "run1");
+    replica.handle_link_up(late, 0, "run1");
     assert!(
         drain(&mut replica).find("Load").is_empty(),
         "the session went on without them"
@@ -490,12 +490,13 @@ fn an_outage_keeps_synced_sends_and_loses_best_effort_work_loudly() {
         .unwrap();
     let out = drain(&mut replica);
     assert_eq!(out.kinds(), ["CheckPresence", "Trim"]);
-    replica.handle_link_down(t0(), "reset");
+    replica.handle_link_down(t0(), 0, "reset");
     let out = drain(&mut replica);
     assert_eq!(
         out.events,
         [
             ReplicaEvent::LinkDown {
+                shard: 0,
                 reason: "reset".into()
             },
             ReplicaEvent::JobsLost {
@@ -536,7 +537,7 @@ fn an_outage_keeps_synced_sends_and_loses_best_effort_work_loudly() {
     );
     replica.handle_timeout(at);
     assert_eq!(drain(&mut replica).kinds(), ["Connect"]);
-    replica.handle_link_up(at, "run2");
+    replica.handle_link_up(at, 0, "run2");
     let out = drain(&mut replica);
     assert_eq!(
         out.kinds(),
@@ -800,24 +801,24 @@ fn a_silent_redis_fails_the_link_and_a_late_answer_is_ignored() {
     let at = replica.poll_timeout().unwrap();
     replica.handle_timeout(at);
     drain(&mut replica);
-    replica.handle_link_up(at, "run1");
+    replica.handle_link_up(at, 0, "run1");
     let out = drain(&mut replica);
     let (token, _) = out.find("CheckPresence")[0];
     replica.handle_reply(at, *token, Ok(vec![RedisValue::Text("?".into())]));
     assert!(matches!(
         drain(&mut replica).events.as_slice(),
-        [ReplicaEvent::LinkDown { reason }] if reason.contains("presence check")
+        [ReplicaEvent::LinkDown { reason, .. }] if reason.contains("presence check")
     ));
     // An error reply likewise.
     let at = replica.poll_timeout().unwrap();
     replica.handle_timeout(at);
     drain(&mut replica);
-    replica.handle_link_up(at, "run1");
+    replica.handle_link_up(at, 0, "run1");
     let out = drain(&mut replica);
     replica.handle_reply(at, out.commands[0].0, Err("OOM".into()));
     assert!(matches!(
         drain(&mut replica).events.as_slice(),
-        [ReplicaEvent::LinkDown { reason }] if reason == "Redis: OOM"
+        [ReplicaEvent::LinkDown { reason, .. }] if reason == "Redis: OOM"
     ));
 }
 
@@ -912,7 +913,7 @@ fn with_the_legacy_bus_off_sends_to_ids_are_routed_and_global_ones_stay_on_ws() 
     assert_eq!(channel, "ws");
     assert!(payload.contains(r#""recipients":["*"]"#), "{payload}");
     // An envelope routed here is delivered like one on `ws`.
-    assert!(replica.channels().contains(&"mesa_replica:me".to_owned()));
+    assert!(replica.channels(0).contains(&"mesa_replica:me".to_owned()));
     let bob = open_as(&mut replica, "bob");
     drain(&mut replica);
     let routed = format!(

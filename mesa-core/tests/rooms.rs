@@ -155,7 +155,7 @@ fn without_authentication_op_2_only_opts_in() {
 fn linked() -> Replica {
     let mut replica = Replica::new(ReplicaConfig::default(), "me", 1, t0()).unwrap();
     drain_replica(&mut replica);
-    replica.handle_link_up(t0(), "run");
+    replica.handle_link_up(t0(), 0, "run");
     answer(&mut replica);
     replica
 }
@@ -242,11 +242,11 @@ fn a_new_link_subscribes_to_every_room_with_a_member_here() {
     let a = member(&mut replica, false);
     replica.handle_join(t0(), a, "x").unwrap();
     answer(&mut replica);
-    replica.handle_link_down(t0(), "gone");
+    replica.handle_link_down(t0(), 0, "gone");
     replica.handle_join(t0(), a, "y").unwrap();
     replica.handle_timeout(t0() + std::time::Duration::from_secs(10));
     assert_eq!(drain_replica(&mut replica), [Command::Connect]);
-    replica.handle_link_up(t0(), "run2");
+    replica.handle_link_up(t0(), 0, "run2");
     let commands = answer(&mut replica);
     let subscribed: Vec<&Vec<String>> = commands
         .iter()
@@ -339,10 +339,10 @@ fn a_replica_counts_its_members_in_room_presence_by_id() {
     replica.handle_join(t0(), alice, "lobby").unwrap();
     answer(&mut replica);
     // A new link clears what Redis held and registers every membership here.
-    replica.handle_link_down(t0(), "gone");
+    replica.handle_link_down(t0(), 0, "gone");
     replica.handle_timeout(t0() + std::time::Duration::from_secs(10));
     drain_replica(&mut replica);
-    replica.handle_link_up(t0(), "run2");
+    replica.handle_link_up(t0(), 0, "run2");
     let anew = rooms(&answer(&mut replica));
     let bob = ("lobby".to_owned(), "bob".to_owned(), 1);
     assert_eq!(anew, [(true, vec![entry(1), bob])]);
@@ -374,7 +374,7 @@ fn who_is_in_a_room_is_asked_of_redis_and_answered_by_query() {
     }));
     // Asked, then the link fails: answered, saying so.
     replica.handle_room_members(t0(), 9, "lobby");
-    replica.handle_link_down(t0(), "gone");
+    replica.handle_link_down(t0(), 0, "gone");
     let events: Vec<ReplicaEvent> = std::iter::from_fn(|| replica.poll_event()).collect();
     assert!(events.iter().any(|e| matches!(
         e,

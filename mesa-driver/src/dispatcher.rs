@@ -15,10 +15,11 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use futures_util::future::join_all;
 use mesa_core::rooms::RoomRefusal;
 use mesa_core::{
-    Dispatch, DispatchConfig, DispatchReport, Limits, Message, MessageOptions, Namespace, Opcode,
-    Recipients, TooManyRecipients,
+    Command, Dispatch, DispatchConfig, DispatchReport, Keys, Limits, Message, MessageOptions,
+    Namespace, Opcode, Recipients, Reply, Token, TooManyRecipients,
 };
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
@@ -66,8 +67,9 @@ impl From<redis::RedisError> for DispatchError {
 /// of its own, so it runs on whichever runtime redis-rs was built for (mesa-driver's
 /// `tokio` or `smol` feature).
 pub struct Dispatcher {
-    client: redis::Client,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// One per Redis instance, in shard order, each with its shared connection.
+    clients: Vec<redis::Client>,
+    conns: Mutex<Vec<Option<MultiplexedConnection>>>,
     config: DispatchConfig,
     hashes: ScriptHashes,
 }
@@ -86,6 +88,7 @@ impl std::fmt::Debug for Dispatcher {
 #[must_use]
 pub struct DispatcherBuilder {
     url: String,
+    shard_urls: Vec<String>,
     namespace: Option<String>,
     sync: bool,
     max_stored: usize,
@@ -98,6 +101,7 @@ impl std::fmt::Debug for DispatcherBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DispatcherBuilder")
             .field("url", &self.url)
+            .field("shard_urls", &self.shard_urls)
             .field("namespace", &self.namespace)
             .field("sync", &self.sync)
             .field("max_stored", &self.max_stored)
@@ -152,6 +156,14 @@ impl DispatcherBuilder {
         self
     }
 
+    /// The cluster's further Redis instances, in the servers' order
+    /// ([`ClusterConfig::shard_urls`](crate::ClusterConfig::shard_urls)); needs the
+    /// legacy bus off.
+    pub fn shard_urls(mut self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.shard_urls = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Validate the settings and connect (the connection is opened now, so that an
     /// unreachable Redis fails here).
     pub async fn connect(self) -> Result<Dispatcher, DispatchError> {
@@ -171,19 +183,30 @@ impl DispatcherBuilder {
             max_stored_per_id: self.max_stored,
             max_recipients: self.max_recipients,
             legacy_bus: self.legacy_bus,
+            shards: 1 + self.shard_urls.len(),
         };
+        if config.validate().is_err() {
+            return Err(DispatchError::InvalidSetting(
+                "several Redis instances need the legacy bus off, and at most 256",
+            ));
+        }
         if let Some(pem) = &self.redis_ca_pem {
             check_ca_pem(pem)?;
         }
-        let client = link::client(&self.url, self.redis_ca_pem.as_deref())
+        let urls = std::iter::once(&self.url).chain(&self.shard_urls);
+        let clients = urls
+            .map(|url| link::client(url, self.redis_ca_pem.as_deref()))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|error| DispatchError::InvalidUrl(error.to_string()))?;
         let dispatcher = Dispatcher {
-            client,
-            conn: Mutex::new(None),
+            conns: Mutex::new(vec![None; clients.len()]),
+            clients,
             config,
             hashes: ScriptHashes::new(),
         };
-        dispatcher.connection().await?;
+        for shard in 0..dispatcher.clients.len() {
+            dispatcher.connection(shard).await?;
+        }
         Ok(dispatcher)
     }
 }
@@ -194,6 +217,7 @@ impl Dispatcher {
     pub fn builder(url: impl Into<String>) -> DispatcherBuilder {
         DispatcherBuilder {
             url: url.into(),
+            shard_urls: Vec::new(),
             namespace: None,
             sync: false,
             max_stored: 1000,
@@ -280,23 +304,27 @@ impl Dispatcher {
     }
 
     /// Execute what `mesa_core::Dispatch` plans, one pipelined round trip per step of
-    /// its rounds.
+    /// its rounds, on every Redis instance it asks at once.
     async fn execute(&self, mut dispatch: Dispatch) -> Result<DispatchReport, DispatchError> {
-        let mut conn = None;
         loop {
-            let commands: Vec<_> = std::iter::from_fn(|| dispatch.poll_command()).collect();
-            if commands.is_empty() {
+            let mut by_shard: Vec<Vec<_>> = vec![Vec::new(); self.clients.len()];
+            for (token, command) in std::iter::from_fn(|| dispatch.poll_command()) {
+                by_shard[token.shard()].push((token, command));
+            }
+            if by_shard.iter().all(Vec::is_empty) {
                 break;
             }
-            let conn = match &mut conn {
-                Some(conn) => conn,
-                None => conn.insert(self.connection().await?),
-            };
-            let batch = Batch::new(commands, dispatch.keys(), &self.hashes);
-            let replies = batch.execute(conn).await.inspect_err(|_| self.forget())?;
-            let now = Instant::now();
-            for (token, reply) in replies {
-                dispatch.handle_reply(now, token, reply);
+            let keys = dispatch.keys().clone();
+            let rounds = by_shard
+                .into_iter()
+                .enumerate()
+                .filter(|(_, commands)| !commands.is_empty())
+                .map(|(shard, commands)| self.round_trip(shard, commands, &keys));
+            for replies in join_all(rounds).await {
+                let now = Instant::now();
+                for (token, reply) in replies? {
+                    dispatch.handle_reply(now, token, reply);
+                }
             }
         }
         dispatch
@@ -304,24 +332,40 @@ impl Dispatcher {
             .map_err(|refused| DispatchError::Redis(RedisFailure::refused(refused)))
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
-        self.conn
+    /// Pipeline `commands` on instance `shard`'s connection.
+    async fn round_trip(
+        &self,
+        shard: usize,
+        commands: Vec<(Token, Command)>,
+        keys: &Keys,
+    ) -> Result<Vec<(Token, Reply)>, DispatchError> {
+        let mut conn = self.connection(shard).await?;
+        let batch = Batch::new(commands, keys, &self.hashes);
+        Ok(batch
+            .execute(&mut conn)
+            .await
+            .inspect_err(|_| self.forget(shard))?)
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Vec<Option<MultiplexedConnection>>> {
+        self.conns
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The shared connection, opened (with the store script loaded) when there is none.
-    async fn connection(&self) -> Result<MultiplexedConnection, DispatchError> {
-        if let Some(conn) = self.slot().clone() {
+    /// Instance `shard`'s shared connection, opened (with the scripts loaded) when
+    /// there is none.
+    async fn connection(&self, shard: usize) -> Result<MultiplexedConnection, DispatchError> {
+        if let Some(conn) = self.slots()[shard].clone() {
             return Ok(conn);
         }
-        let mut conn = commands(&self.client).await?;
+        let mut conn = commands(&self.clients[shard]).await?;
         load_scripts(&mut conn).await?;
-        Ok(self.slot().get_or_insert(conn).clone())
+        Ok(self.slots()[shard].get_or_insert(conn).clone())
     }
 
     /// Drop a connection that failed; the next dispatch opens a new one.
-    fn forget(&self) {
-        *self.slot() = None;
+    fn forget(&self, shard: usize) {
+        self.slots()[shard] = None;
     }
 }

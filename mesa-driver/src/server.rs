@@ -392,6 +392,7 @@ fn replica<R: Runtime>(
         portals: cluster.portals,
         max_pending: cluster.max_pending,
         legacy_bus: cluster.legacy_bus,
+        shards: 1 + cluster.shard_urls.len(),
         ..ReplicaConfig::new(config)
     };
     Replica::new(settings, format!("{seed:016x}"), seed, runtime.now())

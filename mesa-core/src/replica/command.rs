@@ -11,6 +11,25 @@ use super::scripts::Script;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Token(pub u64);
 
+impl Token {
+    /// Low bits of a token that name its shard (so at most 256 shards).
+    const SHARD_BITS: u32 = 8;
+
+    /// Shards a cluster may have at most.
+    pub const MAX_SHARDS: usize = 1 << Self::SHARD_BITS;
+
+    /// The token of the `sequence`th command of shard `shard`.
+    pub(crate) fn new(sequence: u64, shard: usize) -> Token {
+        Token(sequence << Self::SHARD_BITS | (shard % Self::MAX_SHARDS) as u64)
+    }
+
+    /// The Redis instance the command of this token goes to (the index of its URL
+    /// among the cluster's; always 0 with one Redis).
+    pub fn shard(self) -> usize {
+        (self.0 % Self::MAX_SHARDS as u64) as usize
+    }
+}
+
 /// One piece of work for Redis, executed as the pipelined [`Call`]s of
 /// [`calls`](Command::calls) in one round trip, and answered with
 /// [`Replica::handle_reply`](super::Replica::handle_reply): one [`RedisValue`] per call, in

@@ -54,6 +54,13 @@ pub struct ReplicaConfig {
     /// setting and upstream's Dispatchers work together. Needs `presence` (the route
     /// table is kept with it). Default on.
     pub legacy_bus: bool,
+    /// Redis instances the cluster's data is spread over (1 to
+    /// [`Token::MAX_SHARDS`](super::Token::MAX_SHARDS)): each id's and each room's
+    /// keys and channels on the one [`shard_of`](crate::cluster::shard_of) names,
+    /// the global ones (`ws`, portals, the connection counter) on the first. Every
+    /// replica links to each. More than one needs the legacy bus off: Node replicas
+    /// know one Redis. Default 1.
+    pub shards: usize,
 }
 
 impl ReplicaConfig {
@@ -82,6 +89,7 @@ impl ReplicaConfig {
                 base_is_fixed: true,
             },
             legacy_bus: true,
+            shards: 1,
         }
     }
 
@@ -101,6 +109,12 @@ impl ReplicaConfig {
         }
         if !self.legacy_bus && !self.presence {
             return Err(ConfigError::RoutingWithoutPresence);
+        }
+        if !(1..=super::Token::MAX_SHARDS).contains(&self.shards) {
+            return Err(ConfigError::Shards(self.shards));
+        }
+        if self.shards > 1 && self.legacy_bus {
+            return Err(ConfigError::ShardingWithLegacyBus);
         }
         let counts = [
             (self.max_pending, "max pending cluster jobs"),

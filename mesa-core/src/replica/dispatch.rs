@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
-use crate::cluster::{Namespace, RemotePlan, plan_remote};
+use crate::cluster::{Namespace, RemotePlan, plan_remote, shard_of};
 use crate::config::ConfigError;
 use crate::hub::{Recipients, TooManyRecipients, distinct_ids};
 use crate::limits::Limits;
@@ -36,6 +36,9 @@ pub struct DispatchConfig {
     /// too) reads. Off, they are routed to the replicas that hold the ids
     /// ([`Command::Route`]): only mesa-rs replicas get them. Default on.
     pub legacy_bus: bool,
+    /// Redis instances the cluster's data is spread over
+    /// ([`ReplicaConfig::shards`](super::ReplicaConfig::shards)). Default 1.
+    pub shards: usize,
 }
 
 impl Default for DispatchConfig {
@@ -46,6 +49,7 @@ impl Default for DispatchConfig {
             max_stored_per_id: 1000,
             max_recipients: Limits::default().max_recipients,
             legacy_bus: true,
+            shards: 1,
         }
     }
 }
@@ -58,6 +62,12 @@ impl DispatchConfig {
         }
         if self.max_recipients == 0 {
             return Err(ConfigError::ZeroCount("max recipients"));
+        }
+        if !(1..=Token::MAX_SHARDS).contains(&self.shards) {
+            return Err(ConfigError::Shards(self.shards));
+        }
+        if self.shards > 1 && self.legacy_bus {
+            return Err(ConfigError::ShardingWithLegacyBus);
         }
         Ok(())
     }
@@ -92,7 +102,8 @@ pub struct DispatchReport {
 #[derive(Debug)]
 pub struct Dispatch {
     keys: Keys,
-    rounds: Rounds,
+    /// One per Redis instance: each id's part goes to its instance.
+    rounds: Vec<Rounds>,
     next_token: u64,
     flights: BTreeMap<Token, Step>,
     commands: VecDeque<(Token, Command)>,
@@ -134,18 +145,24 @@ impl Dispatch {
             RemotePlan::Publish(Recipients::All) | RemotePlan::Nothing => {}
         }
         let namespace = config.namespace.clone();
-        let mut rounds = Rounds::new(
-            namespace.ws_channel(),
-            !config.legacy_bus,
-            None,
-            config.max_stored_per_id,
-        );
+        let mut rounds: Vec<Rounds> = (0..config.shards)
+            .map(|_| {
+                Rounds::new(
+                    namespace.ws_channel(),
+                    !config.legacy_bus,
+                    None,
+                    config.max_stored_per_id,
+                )
+            })
+            .collect();
         let nothing = plan == RemotePlan::Nothing;
-        rounds.push(RemoteSend {
-            message,
-            options,
-            plan,
-        });
+        for (shard, plan) in plan.by_shard(config.shards) {
+            rounds[shard].push(RemoteSend {
+                message: message.clone(),
+                options: options.clone(),
+                plan,
+            });
+        }
         let mut dispatch = Dispatch {
             // A dispatcher is no replica: none of its commands uses a replica's keys.
             keys: Keys::new(namespace, ""),
@@ -161,7 +178,9 @@ impl Dispatch {
         if nothing {
             dispatch.outcome = Some(Ok(dispatch.report.clone()));
         } else {
-            dispatch.start_round(now);
+            for shard in 0..config.shards {
+                dispatch.start_round(now, shard);
+            }
         }
         Ok(dispatch)
     }
@@ -180,18 +199,13 @@ impl Dispatch {
             message: Message { s: None, ..message },
             origin: None,
         };
-        let token = Token(1);
+        let token = Token::new(1, shard_of(room, config.shards));
         let publish = Command::Publish {
             channel: namespace.room_channel(room),
             payload: envelope.encode(),
         };
         Ok(Dispatch {
-            rounds: Rounds::new(
-                namespace.ws_channel(),
-                !config.legacy_bus,
-                None,
-                config.max_stored_per_id,
-            ),
+            rounds: Vec::new(),
             keys: Keys::new(namespace, ""),
             next_token: token.0,
             flights: BTreeMap::new(),
@@ -224,15 +238,15 @@ impl Dispatch {
         let Some(step) = self.flights.remove(&token) else {
             return;
         };
+        let shard = token.shard();
         let answered = match reply {
-            Ok(values) => self
-                .rounds
+            Ok(values) => self.rounds[shard]
                 .answered(step, values.into_iter().next())
                 .map_err(|what| format!("unexpected reply to {what}")),
             Err(error) => Err(error),
         };
         match answered {
-            Ok(()) => self.advance(now),
+            Ok(()) => self.advance(now, shard),
             Err(error) => self.fail(error),
         }
     }
@@ -255,36 +269,40 @@ impl Dispatch {
         })
     }
 
-    fn start_round(&mut self, now: Instant) {
-        let commands = self.rounds.start(now);
-        self.issue(commands);
-        self.advance(now);
+    fn start_round(&mut self, now: Instant, shard: usize) {
+        if self.rounds[shard].is_empty() {
+            return;
+        }
+        let commands = self.rounds[shard].start(now);
+        self.issue(shard, commands);
+        self.advance(now, shard);
     }
 
-    /// Go on once the round's current phase was answered.
-    fn advance(&mut self, now: Instant) {
-        match self.rounds.advance(now) {
+    /// Go on once the current phase of instance `shard`'s round was answered; done
+    /// once every instance is.
+    fn advance(&mut self, now: Instant, shard: usize) {
+        match self.rounds[shard].advance(now) {
             Advance::Wait => {}
-            Advance::Issue(commands) => self.issue(commands),
+            Advance::Issue(commands) => self.issue(shard, commands),
             Advance::Finished(done) => {
                 self.report.stored += done.stored;
                 self.report.dropped += done.dropped;
                 let undeliverable = done.undeliverable.into_iter().flat_map(|(_, ids)| ids);
                 self.report.undeliverable.extend(undeliverable);
                 // Back to back: a dispatch has nothing else to let through.
-                if self.rounds.is_empty() {
+                if !self.rounds[shard].is_empty() {
+                    self.start_round(now, shard);
+                } else if self.rounds.iter().all(Rounds::is_empty) {
                     self.done();
-                } else {
-                    self.start_round(now);
                 }
             }
         }
     }
 
-    fn issue(&mut self, commands: Vec<(Step, Command)>) {
+    fn issue(&mut self, shard: usize, commands: Vec<(Step, Command)>) {
         for (step, command) in commands {
             self.next_token += 1;
-            let token = Token(self.next_token);
+            let token = Token::new(self.next_token, shard);
             self.flights.insert(token, step);
             self.commands.push_back((token, command));
         }

@@ -22,11 +22,17 @@ pub struct LocalDelivery {
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
 pub enum ReplicaEvent {
-    /// The link to Redis is open (again): presence is being registered anew.
-    LinkUp,
-    /// The link to Redis failed; a [`Command::Connect`](super::Command::Connect)
-    /// follows after a backoff.
+    /// The link to Redis instance `shard` is open (again): presence is being
+    /// registered anew there.
+    LinkUp {
+        /// Which instance (0 with one Redis).
+        shard: usize,
+    },
+    /// The link to Redis instance `shard` failed; a
+    /// [`Command::Connect`](super::Command::Connect) follows after a backoff.
     LinkDown {
+        /// Which instance (0 with one Redis).
+        shard: usize,
         /// Why.
         reason: String,
     },

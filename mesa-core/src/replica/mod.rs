@@ -88,6 +88,16 @@
 //! gets routed sends from when its arrival reached Redis (on `ws` it got those
 //! published after it authenticated), a round trip later. Global sends stay on `ws`.
 
+//!
+//! # Several Redis instances
+//!
+//! With [`ReplicaConfig::shards`] above 1, each id's and each room's data lives on
+//! the instance [`shard_of`] names, the global data on the
+//! first, and the replica keeps one link per instance, each with its own lease,
+//! presence, janitor, jobs and rounds of sends: everything above holds per instance.
+//! A send is split by its ids' instances; each part keeps its order, and a recipient
+//! lives on one instance, so a sender's messages still reach each recipient in order.
+
 mod command;
 mod config;
 mod dispatch;
@@ -95,6 +105,7 @@ mod event;
 mod job;
 mod rounds;
 pub mod scripts;
+mod shard;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -108,7 +119,7 @@ pub use scripts::Script;
 use crate::backoff::Backoff;
 use crate::cluster::{
     Envelope, IDS_PER_COMMAND, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,
-    ROOM_CHANNEL_PREFIX, RemotePlan, plan_remote,
+    ROOM_CHANNEL_PREFIX, plan_remote, shard_of,
 };
 use crate::config::ConfigError;
 use crate::hub::{Action, ConnId, Hub, Recipients, TooManyRecipients};
@@ -116,11 +127,11 @@ use crate::room_table::Joined;
 use crate::rooms::{PresenceChange, RoomEnvelope, RoomPayload, RoomRefusal};
 use crate::session::SessionEvent;
 use crate::sync::{MessageOptions, stored_entries};
-use crate::timer::TimerTable;
 use crate::wire::{Message, Opcode};
 
 use job::{Fate, Job, RemoteSend};
-use rounds::{Advance, Finished, Rounds, Step};
+use rounds::{Advance, Finished, Rounds};
+use shard::{Flight, Link, Sent, Shard, Timer};
 
 /// Commands of jobs other than sends in flight at once: beyond it, jobs wait (and
 /// presence changes coalesce) until Redis answers.
@@ -128,63 +139,6 @@ const JOBS_IN_FLIGHT: usize = 512;
 
 /// Channels one `SUBSCRIBE` or `UNSUBSCRIBE` names at most.
 pub const CHANNELS_PER_COMMAND: usize = 512;
-
-#[derive(Debug, Clone, Copy)]
-enum Timer {
-    /// Ping, renew the lease and run the janitor (every third of the lease).
-    Tick,
-    /// Reopen the link.
-    Reconnect,
-    /// The oldest command (or the Connect) waits no longer.
-    Reply,
-    /// The next round of sends may start (after a full round, see [`Round::rest`]).
-    Rest,
-}
-const TIMERS: usize = 4;
-
-/// The link to Redis.
-#[derive(Debug)]
-enum Link {
-    /// No link; the Reconnect timer is armed.
-    Down,
-    /// A [`Command::Connect`] is out, due by then.
-    Connecting { deadline: Instant },
-    /// Open to the Redis process with this run id.
-    Up { run_id: String },
-    /// Retired: nothing more is asked of Redis.
-    Retired,
-}
-
-/// What a command in flight was for.
-#[derive(Debug)]
-enum Flight {
-    /// A job other than a send.
-    Job(Job),
-    /// A command of the round of sends in flight.
-    Round(Step),
-    Ping,
-    LoadPortals,
-    /// A `SUBSCRIBE` or `UNSUBSCRIBE` of room channels.
-    Subscription,
-    /// This replica's presence in rooms registered anew (a new link).
-    RoomsAnew,
-    /// Who is in a room, for query `query`.
-    Members {
-        query: u64,
-        room: String,
-    },
-    Renew,
-    Janitor,
-    /// The janitor that retires this replica.
-    Retire,
-}
-
-/// A command in flight.
-#[derive(Debug)]
-struct Sent {
-    flight: Flight,
-    at: Instant,
-}
 
 /// One server replica of a cluster, as a state machine.
 ///
@@ -195,6 +149,10 @@ struct Sent {
 /// [`poll_command`](Self::poll_command), then [`poll_event`](Self::poll_event) until
 /// each gives `None`, then re-arm the timer from [`poll_timeout`](Self::poll_timeout).
 ///
+/// With several Redis instances ([`ReplicaConfig::shards`]) each has its own link:
+/// a command goes to the instance its token names ([`Token::shard`]), and the
+/// link's inputs name theirs.
+///
 /// A server holds its replica where its connections reach it synchronously (in a
 /// mutex, as quinn's shared `Endpoint`): a send delivers to local connections before
 /// it returns.
@@ -204,34 +162,10 @@ pub struct Replica {
     keys: Keys,
     hub: Hub,
     pool: PortalPool,
-    backoff: Backoff,
-    link: Link,
-    timers: TimerTable<TIMERS>,
+    /// One per Redis instance.
+    shards: Vec<Shard>,
     next_token: u64,
     retiring: bool,
-    /// The link was up once: before, best-effort work waits for it.
-    ever_linked: bool,
-    /// The portal pool is being read: portal events wait for it.
-    portals_loading: bool,
-    /// Room channels to subscribe to and to unsubscribe from, not yet asked (never
-    /// the same channel in both).
-    subscribe: Vec<String>,
-    unsubscribe: Vec<String>,
-    /// Room presence was ever registered: a new link registers it anew (a server
-    /// without rooms asks nothing of the kind).
-    rooms_registered: bool,
-    /// Remote sends not yet done, and the round in flight.
-    rounds: Rounds,
-    /// Other jobs not yet sent, oldest first.
-    jobs: VecDeque<Job>,
-    /// Presence changes not yet sent, oldest first (sent before the other jobs, so
-    /// that an id arrives before its connection loads its stored messages).
-    presence: VecDeque<Job>,
-    /// Commands sent and not answered, oldest first.
-    flights: BTreeMap<Token, Sent>,
-    /// Jobs among `flights`: presence changes, and the others.
-    presence_in_flight: usize,
-    jobs_in_flight: usize,
     /// Per connection redelivering its stored messages: the index and text of each
     /// loaded entry that is a message, to trim exactly what it wrote.
     loaded: HashMap<ConnId, Vec<(usize, String)>>,
@@ -243,7 +177,7 @@ pub struct Replica {
 impl Replica {
     /// A replica named `replica` (the `origin` of its envelopes, unique in the
     /// cluster), starting at `now`; `seed` drives the portal choice and the reconnect
-    /// jitter. Its first command opens the link.
+    /// jitter. Its first commands open the links.
     pub fn new(
         config: ReplicaConfig,
         replica: impl Into<String>,
@@ -252,38 +186,34 @@ impl Replica {
     ) -> Result<Self, ConfigError> {
         config.validate()?;
         let name: String = replica.into();
+        let shards = (0..config.shards)
+            .map(|index| {
+                let backoff = Backoff::new(config.reconnect, seed.rotate_left(17 + index as u32));
+                let rounds = Rounds::new(
+                    config.namespace.ws_channel(),
+                    !config.legacy_bus,
+                    Some(name.clone()),
+                    config.max_stored_per_id,
+                );
+                Shard::new(backoff, rounds)
+            })
+            .collect();
         let mut replica = Replica {
-            keys: Keys::new(config.namespace.clone(), name.clone()),
+            keys: Keys::new(config.namespace.clone(), name),
             hub: Hub::new(config.auth_required),
             pool: PortalPool::new(config.portals.unwrap_or_default(), seed),
-            backoff: Backoff::new(config.reconnect, seed.rotate_left(17)),
-            link: Link::Down,
-            timers: TimerTable::new(),
+            shards,
             next_token: 0,
             retiring: false,
-            ever_linked: false,
-            portals_loading: false,
-            subscribe: Vec::new(),
-            unsubscribe: Vec::new(),
-            rooms_registered: false,
-            rounds: Rounds::new(
-                config.namespace.ws_channel(),
-                !config.legacy_bus,
-                Some(name),
-                config.max_stored_per_id,
-            ),
-            jobs: VecDeque::new(),
-            presence: VecDeque::new(),
-            presence_in_flight: 0,
-            flights: BTreeMap::new(),
-            jobs_in_flight: 0,
             loaded: HashMap::new(),
             commands: VecDeque::new(),
             deliveries: VecDeque::new(),
             events: VecDeque::new(),
             config,
         };
-        replica.connect(now);
+        for shard in 0..replica.shards.len() {
+            replica.connect(now, shard);
+        }
         Ok(replica)
     }
 
@@ -294,13 +224,17 @@ impl Replica {
         &self.keys
     }
 
-    /// The pub/sub channels the link subscribes to: `ws`, this replica's own (sends
-    /// routed to it), and the portal pool's when portals are on (room channels
-    /// follow, as rooms get members here).
-    pub fn channels(&self) -> Vec<String> {
+    /// The pub/sub channels the link to instance `shard` subscribes to: this
+    /// replica's own (sends routed to it), and on shard 0 `ws` and the portal pool's
+    /// when portals are on (room channels follow, as rooms get members here).
+    pub fn channels(&self, shard: usize) -> Vec<String> {
         let ns = self.keys.namespace();
-        let mut channels = vec![ns.ws_channel(), ns.replica_channel(self.keys.replica())];
-        if self.config.portals.is_some() {
+        let mut channels = Vec::new();
+        if shard == 0 {
+            channels.push(ns.ws_channel());
+        }
+        channels.push(ns.replica_channel(self.keys.replica()));
+        if shard == 0 && self.config.portals.is_some() {
             channels.push(ns.available_portals_pool());
         }
         channels
@@ -316,32 +250,44 @@ impl Replica {
         &self.config
     }
 
-    /// Whether the link to Redis is open.
+    /// Whether the link to every Redis instance is open.
     pub fn is_linked(&self) -> bool {
-        matches!(self.link, Link::Up { .. })
+        self.shards.iter().all(Shard::is_linked)
     }
 
     /// Whether the replica retired.
     pub fn is_retired(&self) -> bool {
-        matches!(self.link, Link::Retired)
+        self.shards.iter().all(Shard::is_retired)
     }
 
     /// Whether the replica still waits for the answer to the command of `token`: a
-    /// command polled before the link failed is not, and a driver that has not sent
+    /// command polled before its link failed is not, and a driver that has not sent
     /// it yet drops it (done after the reconnection, it would run twice).
     pub fn awaits(&self, token: Token) -> bool {
-        self.flights.contains_key(&token)
+        self.shards
+            .get(token.shard())
+            .is_some_and(|shard| shard.flights.contains_key(&token))
     }
 
     /// Jobs waiting for Redis, queued or in flight: at most `max_pending` sends,
     /// loads, trims, clears and portal events, and as many presence changes.
     pub fn pending(&self) -> usize {
-        self.work_pending() + self.presence.len() + self.presence_in_flight
+        self.work_pending()
+            + self
+                .shards
+                .iter()
+                .map(Shard::presence_pending)
+                .sum::<usize>()
     }
 
-    /// The jobs `max_pending` bounds, besides presence changes.
+    /// The jobs `max_pending` bounds, besides presence changes, over every instance.
     fn work_pending(&self) -> usize {
-        self.rounds.len() + self.jobs.len() + self.jobs_in_flight
+        self.shards.iter().map(Shard::work_pending).sum()
+    }
+
+    /// The instance that holds the data of `key` (an id or a room).
+    fn shard_of(&self, key: &str) -> usize {
+        shard_of(key, self.shards.len())
     }
 
     // ----- inputs: connections -----
@@ -350,7 +296,7 @@ impl Replica {
     /// and the portals hear of it.
     pub fn handle_connection_opened(&mut self, now: Instant) -> ConnId {
         let conn = self.hub.connect();
-        self.push_job(Job::Connections(1));
+        self.push_job(0, Job::Connections(1));
         self.tell_portals(PortalEventKind::Connection, None);
         self.settle(now);
         conn
@@ -367,15 +313,21 @@ impl Replica {
                 let client_id = self.hub.id_of(conn).map(str::to_owned);
                 self.tell_portals(PortalEventKind::Message(message.clone()), client_id);
             }
-            SessionEvent::LoadUndelivered { id } => self.push_job(Job::Load {
-                conn,
-                id: id.clone(),
-                until: now + self.config.load_timeout,
-            }),
-            SessionEvent::ClearUndelivered { id } => self.push_job(Job::Clear {
-                conn,
-                id: id.clone(),
-            }),
+            SessionEvent::LoadUndelivered { id } => {
+                let load = Job::Load {
+                    conn,
+                    id: id.clone(),
+                    until: now + self.config.load_timeout,
+                };
+                self.push_job(self.shard_of(id), load);
+            }
+            SessionEvent::ClearUndelivered { id } => {
+                let clear = Job::Clear {
+                    conn,
+                    id: id.clone(),
+                };
+                self.push_job(self.shard_of(id), clear);
+            }
             // Exactly what the session wrote to the transport (or skipped over the
             // cap) leaves the store, found by the text of its last entry; the rest
             // stays for next time.
@@ -387,11 +339,12 @@ impl Replica {
                 let loaded = self.loaded.remove(&conn).unwrap_or_default();
                 let done = (delivered + dropped).checked_sub(1);
                 if let Some((index, last)) = done.and_then(|i| loaded.into_iter().nth(i)) {
-                    self.push_job(Job::Trim {
+                    let trim = Job::Trim {
                         id: id.clone(),
                         count: index + 1,
                         last,
-                    });
+                    };
+                    self.push_job(self.shard_of(id), trim);
                 }
             }
             SessionEvent::Closed { .. } => return self.handle_connection_closed(now, conn),
@@ -416,77 +369,92 @@ impl Replica {
         }
         if let Some(departure) = self.hub.disconnect(conn) {
             if departure.last && self.config.presence {
-                self.push_job(Job::Leave(departure.id));
+                let shard = self.shard_of(&departure.id);
+                self.push_job(shard, Job::Leave(departure.id));
             }
         }
-        self.push_job(Job::Connections(-1));
+        self.push_job(0, Job::Connections(-1));
         self.tell_portals(PortalEventKind::Disconnection, client_id);
         self.settle(now);
     }
 
     // ----- inputs: Redis -----
 
-    /// The link opened (in answer to [`Command::Connect`]) to the Redis process with
-    /// this `run_id` (`INFO server`; empty when unknown). Presence is registered
-    /// anew, then the kept work resumes. Ignored unless a Connect is out.
-    pub fn handle_link_up(&mut self, now: Instant, run_id: &str) {
-        if !matches!(self.link, Link::Connecting { .. }) {
+    /// The link to instance `shard` opened (in answer to [`Command::Connect`]) to
+    /// the Redis process with this `run_id` (`INFO server`; empty when unknown).
+    /// Presence is registered anew, then the kept work resumes. Ignored unless a
+    /// Connect is out.
+    pub fn handle_link_up(&mut self, now: Instant, shard: usize, run_id: &str) {
+        let Some(link) = self.shards.get_mut(shard) else {
+            return;
+        };
+        if !matches!(link.link, Link::Connecting { .. }) {
             return;
         }
-        self.link = Link::Up {
+        link.link = Link::Up {
             run_id: run_id.to_owned(),
         };
-        self.ever_linked = true;
-        self.backoff.reset();
-        // The rooms with a member here, whatever was asked on an earlier link.
+        link.ever_linked = true;
+        link.backoff.reset();
+        // The rooms of this instance with a member here, whatever was asked on an
+        // earlier link.
         let ns = self.keys.namespace();
-        self.subscribe = self
+        let count = self.shards.len();
+        let subscribe = self
             .hub
             .rooms()
             .rooms()
+            .filter(|room| shard_of(room, count) == shard)
             .map(|room| ns.room_channel(room))
             .collect();
-        self.unsubscribe.clear();
-        self.events.push_back(ReplicaEvent::LinkUp);
-        if self.config.portals.is_some() {
-            self.issue(now, Flight::LoadPortals, Command::LoadPortals);
-            self.portals_loading = true;
+        let link = &mut self.shards[shard];
+        link.subscribe = subscribe;
+        link.unsubscribe.clear();
+        link.rooms_dirty = link.rooms_registered;
+        self.events.push_back(ReplicaEvent::LinkUp { shard });
+        if shard == 0 && self.config.portals.is_some() {
+            self.issue(now, 0, Flight::LoadPortals, Command::LoadPortals);
+            self.shards[0].portals_loading = true;
         }
         // Before anything is decided on presence: forget the leases (and so the ids)
         // of replicas that have not renewed since Redis restarted.
-        self.janitor(now, false);
-        self.renew(now);
-        self.rooms_anew(now);
-        self.timers
+        self.janitor(now, shard, false);
+        self.renew(now, shard);
+        self.rooms_anew(now, shard);
+        self.shards[shard]
+            .timers
             .set(Timer::Tick as usize, now + self.config.lease / 3);
         self.settle(now);
     }
 
-    /// The link failed, or a Connect could not open it: keep what must not be lost
-    /// and reconnect after a backoff. Ignored when there is no link.
-    pub fn handle_link_down(&mut self, now: Instant, reason: &str) {
-        self.outage(now, reason);
+    /// The link to instance `shard` failed, or a Connect could not open it: keep what
+    /// must not be lost and reconnect after a backoff. Ignored when there is no link.
+    pub fn handle_link_down(&mut self, now: Instant, shard: usize, reason: &str) {
+        if shard < self.shards.len() {
+            self.outage(now, shard, reason);
+        }
         self.settle(now);
     }
 
-    /// Redis answered the command of `token`. An error fails the link, as does an
+    /// Redis answered the command of `token`. An error fails its link, as does an
     /// answer of the wrong shape; an answer to a command of a failed link is ignored.
     pub fn handle_reply(&mut self, now: Instant, token: Token, reply: Reply) {
-        if !self.flights.contains_key(&token) {
+        let shard = token.shard();
+        if !self.awaits(token) {
             return;
         }
         let values = match reply {
             Ok(values) => values,
             Err(error) => {
-                self.outage(now, &format!("Redis: {error}"));
+                self.outage(now, shard, &format!("Redis: {error}"));
                 return self.settle(now);
             }
         };
-        let Some(sent) = self.flights.remove(&token) else {
+        let Some(sent) = self.shards[shard].flights.remove(&token) else {
             return;
         };
-        if let Err(what) = self.answered(now, sent, values) {
-            self.outage(now, &format!("unexpected reply to {what}"));
+        if let Err(what) = self.answered(now, shard, sent, values) {
+            self.outage(now, shard, &format!("unexpected reply to {what}"));
         }
         self.settle(now);
     }
@@ -558,24 +526,36 @@ impl Replica {
         self.settle(now);
     }
 
-    /// Fire every timer that is due at `now`: renew the lease, run the janitor and
-    /// ping; give up on a command Redis did not answer in time; reopen the link; start
+    /// Fire every timer that is due at `now`: renew the leases, run the janitors and
+    /// ping; give up on a command Redis did not answer in time; reopen a link; start
     /// the next round of sends after a rest. Calling early or twice does nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.timers.expire(Timer::Reply as usize, now) {
-            self.outage(now, "Redis did not answer in time");
+        for shard in 0..self.shards.len() {
+            let timers = &mut self.shards[shard].timers;
+            if timers.expire(Timer::Reply as usize, now) {
+                self.outage(now, shard, "Redis did not answer in time");
+            }
+            if self.shards[shard]
+                .timers
+                .expire(Timer::Reconnect as usize, now)
+            {
+                self.connect(now, shard);
+            }
+            let link = &mut self.shards[shard];
+            if link.timers.expire(Timer::Tick as usize, now) && link.is_linked() {
+                self.issue(now, shard, Flight::Ping, Command::Ping);
+                self.renew(now, shard);
+                self.janitor(now, shard, false);
+                // A change of room presence was given up: register it anew.
+                if self.shards[shard].rooms_dirty {
+                    self.rooms_anew(now, shard);
+                }
+                self.shards[shard]
+                    .timers
+                    .set(Timer::Tick as usize, now + self.config.lease / 3);
+            }
+            self.shards[shard].timers.expire(Timer::Rest as usize, now);
         }
-        if self.timers.expire(Timer::Reconnect as usize, now) {
-            self.connect(now);
-        }
-        if self.timers.expire(Timer::Tick as usize, now) && self.is_linked() {
-            self.issue(now, Flight::Ping, Command::Ping);
-            self.renew(now);
-            self.janitor(now, false);
-            self.timers
-                .set(Timer::Tick as usize, now + self.config.lease / 3);
-        }
-        self.timers.expire(Timer::Rest as usize, now);
         self.settle(now);
     }
 
@@ -583,9 +563,10 @@ impl Replica {
 
     /// Send `message` to `recipients`: local connections get it at once (one
     /// [`LocalDelivery`]), the rest is queued for Redis (published to ids elsewhere, with
-    /// sync stored for ids connected nowhere). A list of more distinct ids than
-    /// `max_recipients` is refused before anything is done. An op 5 event is never
-    /// stored: redelivered later, it would disconnect the client.
+    /// sync stored for ids connected nowhere), each id's part on its instance. A list
+    /// of more distinct ids than `max_recipients` is refused before anything is done.
+    /// An op 5 event is never stored: redelivered later, it would disconnect the
+    /// client.
     pub fn handle_send(
         &mut self,
         now: Instant,
@@ -615,12 +596,13 @@ impl Replica {
         }
         let sync = self.config.sync && message.op != Opcode::Internal;
         let plan = plan_remote(recipients, absent, sync);
-        if plan != RemotePlan::Nothing {
-            report.queued = self.push_send(RemoteSend {
-                message,
+        for (shard, plan) in plan.by_shard(self.shards.len()) {
+            let send = RemoteSend {
+                message: message.clone(),
                 options: options.cloned(),
                 plan,
-            });
+            };
+            report.queued |= self.push_send(shard, send);
         }
         self.settle(now);
         Ok(report)
@@ -672,12 +654,13 @@ impl Replica {
 
     /// Ask who is in `room` over the cluster: answered by
     /// [`ReplicaEvent::RoomMembers`] with `query` (at once, with an error, without a
-    /// link).
+    /// link to the room's instance).
     pub fn handle_room_members(&mut self, now: Instant, query: u64, room: &str) {
         let room = room.to_owned();
-        if self.is_linked() {
+        let shard = self.shard_of(&room);
+        if self.shards[shard].is_linked() {
             let command = Command::RoomMembers { room: room.clone() };
-            self.issue(now, Flight::Members { query, room }, command);
+            self.issue(now, shard, Flight::Members { query, room }, command);
         } else {
             self.unanswered(query, room, "Redis is unreachable");
         }
@@ -698,21 +681,25 @@ impl Replica {
             message,
             origin: Some(self.keys.replica().to_owned()),
         };
-        self.push_job(Job::Publish {
+        let publish = Job::Publish {
             channel: self.keys.namespace().room_channel(room),
             payload: envelope.encode(),
-        });
+        };
+        self.push_job(self.shard_of(room), publish);
         self.settle(now);
         local
     }
 
     /// Leave the cluster: take no more work, finish what is queued, then give up the
-    /// lease and this replica's presence ([`ReplicaEvent::Retired`]). Without a link
+    /// leases and this replica's presence ([`ReplicaEvent::Retired`]). Without a link
     /// there is nothing to give up: the lease expires by itself.
     pub fn handle_retire(&mut self, now: Instant) {
         self.retiring = true;
-        if !self.is_linked() {
-            self.retire();
+        for shard in 0..self.shards.len() {
+            let link = &self.shards[shard];
+            if !link.is_linked() && !link.is_retired() {
+                self.retire(shard);
+            }
         }
         self.settle(now);
     }
@@ -726,7 +713,8 @@ impl Replica {
         self.deliveries.pop_front()
     }
 
-    /// The next command for Redis, and the token to answer it with.
+    /// The next command for Redis, and the token to answer it with; the token names
+    /// the instance it goes to ([`Token::shard`]).
     pub fn poll_command(&mut self) -> Option<(Token, Command)> {
         self.commands.pop_front()
     }
@@ -738,7 +726,7 @@ impl Replica {
 
     /// When [`handle_timeout`](Self::handle_timeout) next needs calling.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        self.shards.iter().filter_map(|s| s.timers.next()).min()
     }
 
     // ----- transitions -----
@@ -756,10 +744,11 @@ impl Replica {
         }
         if self.config.presence {
             if let Some(departure) = departure.filter(|d| d.last) {
-                self.push_job(Job::Leave(departure.id));
+                let shard = self.shard_of(&departure.id);
+                self.push_job(shard, Job::Leave(departure.id));
             }
             if self.hub.connections_of(id) == 1 && self.hub.id_of(conn) == Some(id) {
-                self.push_job(Job::Arrive(vec![id.to_owned()]));
+                self.push_job(self.shard_of(id), Job::Arrive(vec![id.to_owned()]));
             }
         }
         self.tell_portals(PortalEventKind::Authentication, Some(id.to_owned()));
@@ -767,7 +756,7 @@ impl Replica {
 
     fn tell_portals(&mut self, kind: PortalEventKind, client_id: Option<String>) {
         if self.config.portals.is_some() {
-            self.push_job(Job::Portal { kind, client_id });
+            self.push_job(0, Job::Portal { kind, client_id });
         }
     }
 
@@ -788,7 +777,7 @@ impl Replica {
     }
 
     /// Count `conn` in (`by` 1) or out of (`by` -1) the presence of `rooms`, by its id
-    /// (an unauthenticated connection has none to count).
+    /// (an unauthenticated connection has none to count), each room on its instance.
     fn room_presence(&mut self, conn: ConnId, rooms: impl IntoIterator<Item = String>, by: i64) {
         if !self.config.presence {
             return;
@@ -796,24 +785,36 @@ impl Replica {
         let Some(id) = self.hub.id_of(conn).map(str::to_owned) else {
             return;
         };
-        let entries: Vec<(String, String, i64)> = rooms
-            .into_iter()
-            .map(|room| (room, id.clone(), by))
-            .collect();
-        if !entries.is_empty() {
-            self.rooms_registered = true;
-            self.push_job(Job::Rooms(entries));
+        let mut by_shard: BTreeMap<usize, Vec<(String, String, i64)>> = BTreeMap::new();
+        for room in rooms {
+            let entry = (room, id.clone(), by);
+            by_shard
+                .entry(self.shard_of(&entry.0))
+                .or_default()
+                .push(entry);
+        }
+        for (shard, entries) in by_shard {
+            self.shards[shard].rooms_registered = true;
+            self.push_job(shard, Job::Rooms(entries));
         }
     }
 
-    /// A new link: take out what Redis holds of this replica's room presence (it may
-    /// be stale, or lost), then register every membership here, by id.
-    fn rooms_anew(&mut self, now: Instant) {
-        if !self.config.presence || !self.rooms_registered {
+    /// A new link to `shard`, or a change of room presence that was given up: take
+    /// out what Redis holds of this replica's room presence there (it may be stale,
+    /// or lost), then register every membership here in that instance's rooms, by
+    /// id.
+    fn rooms_anew(&mut self, now: Instant, shard: usize) {
+        let link = &mut self.shards[shard];
+        if !self.config.presence || !link.rooms_dirty {
             return;
         }
+        link.rooms_dirty = false;
         let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let count = self.shards.len();
         for room in self.hub.rooms().rooms() {
+            if shard_of(room, count) != shard {
+                continue;
+            }
             for conn in self.hub.rooms().members(room) {
                 if let Some(id) = self.hub.id_of(conn) {
                     *counts.entry((room.to_owned(), id.to_owned())).or_default() += 1;
@@ -830,28 +831,30 @@ impl Replica {
             clear: true,
             entries: first,
         };
-        self.issue(now, Flight::RoomsAnew, clear);
+        self.issue(now, shard, Flight::RoomsAnew, clear);
         for chunk in chunks {
             let add = Command::Rooms {
                 clear: false,
                 entries: chunk.to_vec(),
             };
-            self.issue(now, Flight::RoomsAnew, add);
+            self.issue(now, shard, Flight::RoomsAnew, add);
         }
     }
 
-    /// Ask for (or give up) a room's channel, cancelling the opposite request not
-    /// asked yet. Without a link nothing is asked: the next link subscribes to every
-    /// room with a member here.
+    /// Ask for (or give up) a room's channel on its instance, cancelling the opposite
+    /// request not asked yet. Without a link nothing is asked: the next link
+    /// subscribes to every room of its instance with a member here.
     fn subscription(&mut self, room: &str, on: bool) {
-        if !self.is_linked() {
+        let channel = self.keys.namespace().room_channel(room);
+        let shard = self.shard_of(room);
+        let link = &mut self.shards[shard];
+        if !link.is_linked() {
             return;
         }
-        let channel = self.keys.namespace().room_channel(room);
         let (ask, cancel) = if on {
-            (&mut self.subscribe, &mut self.unsubscribe)
+            (&mut link.subscribe, &mut link.unsubscribe)
         } else {
-            (&mut self.unsubscribe, &mut self.subscribe)
+            (&mut link.unsubscribe, &mut link.subscribe)
         };
         match cancel.iter().position(|pending| *pending == channel) {
             Some(index) => drop(cancel.swap_remove(index)),
@@ -911,12 +914,12 @@ impl Replica {
         }
     }
 
-    /// Queue a job, coalescing presence changes with the last queued one; refuse it
-    /// when the buffer is full or the replica retires.
-    fn push_job(&mut self, job: Job) {
-        let unlinked = self.unlinked();
-        if self.is_retired() || self.retiring || unlinked {
-            match self.fate(&job) {
+    /// Queue a job for instance `shard`, coalescing presence changes with the last
+    /// queued one; refuse it when the buffer is full or the replica retires.
+    fn push_job(&mut self, shard: usize, job: Job) {
+        let unlinked = self.shards[shard].unlinked();
+        if self.shards[shard].is_retired() || self.retiring || unlinked {
+            match self.fate(shard, &job) {
                 Fate::Forget => return,
                 Fate::Lost(reason) if unlinked && !self.retiring => {
                     return self.lost(1, reason);
@@ -929,14 +932,19 @@ impl Replica {
             if self.work_pending() >= self.config.max_pending {
                 return self.lost(1, Loss::Full);
             }
-            return self.jobs.push_back(job);
+            return self.shards[shard].jobs.push_back(job);
         }
+        let link = &mut self.shards[shard];
         // Beyond the bound a presence change waits for the next renewal (a third of
-        // the lease at most), which registers exactly the ids connected here.
-        if self.presence.len() + self.presence_in_flight >= self.config.max_pending {
+        // the lease at most), which registers exactly the ids connected here, and
+        // room presence anew.
+        if link.presence_pending() >= self.config.max_pending {
+            if matches!(job, Job::Rooms(_)) {
+                link.rooms_dirty = true;
+            }
             return;
         }
-        match (self.presence.back_mut(), job) {
+        match (link.presence.back_mut(), job) {
             (Some(Job::Arrive(ids)), Job::Arrive(more)) if ids.len() < IDS_PER_COMMAND => {
                 ids.extend(more);
             }
@@ -944,14 +952,15 @@ impl Replica {
             (Some(Job::Rooms(entries)), Job::Rooms(more)) if entries.len() < IDS_PER_COMMAND => {
                 entries.extend(more);
             }
-            (_, job) => self.presence.push_back(job),
+            (_, job) => link.presence.push_back(job),
         }
     }
 
-    /// Queue the remote part of a send; false when it was refused.
-    fn push_send(&mut self, send: RemoteSend) -> bool {
-        let unlinked = self.unlinked();
-        if self.retiring || self.is_retired() {
+    /// Queue the remote part of a send for instance `shard`; false when it was
+    /// refused.
+    fn push_send(&mut self, shard: usize, send: RemoteSend) -> bool {
+        let unlinked = self.shards[shard].unlinked();
+        if self.retiring || self.shards[shard].is_retired() {
             self.lost(1, Loss::Abandoned);
             return false;
         }
@@ -963,64 +972,60 @@ impl Replica {
             self.lost(1, Loss::Full);
             return false;
         }
-        self.rounds.push(send);
+        self.shards[shard].rounds.push(send);
         true
-    }
-
-    /// Whether the link is down or reopening.
-    fn unlinked(&self) -> bool {
-        matches!(self.link, Link::Down | Link::Connecting { .. })
     }
 
     /// A job's fate now: a portal event made before the link first opened waits for
     /// it (bounded by `max_pending`), as upstream's offline queue does at startup.
     /// Not a publish to clients: delivered late, it could reach a member twice,
     /// once here and once after it moved (the properties found it).
-    fn fate(&self, job: &Job) -> Fate {
+    fn fate(&self, shard: usize, job: &Job) -> Fate {
         match job {
-            Job::Portal { .. } if !self.ever_linked => Fate::Keep,
+            Job::Portal { .. } if !self.shards[shard].ever_linked => Fate::Keep,
             job => job.fate(),
         }
     }
 
-    fn token(&mut self) -> Token {
+    fn token(&mut self, shard: usize) -> Token {
         self.next_token += 1;
-        Token(self.next_token)
+        Token::new(self.next_token, shard)
     }
 
-    /// Send a command and remember what it was for.
-    fn issue(&mut self, now: Instant, flight: Flight, command: Command) {
-        let token = self.token();
+    /// Send a command to instance `shard` and remember what it was for.
+    fn issue(&mut self, now: Instant, shard: usize, flight: Flight, command: Command) {
+        let token = self.token(shard);
+        let link = &mut self.shards[shard];
         match &flight {
-            Flight::Job(job) if job.counted() => self.jobs_in_flight += 1,
-            Flight::Job(_) => self.presence_in_flight += 1,
+            Flight::Job(job) if job.counted() => link.jobs_in_flight += 1,
+            Flight::Job(_) => link.presence_in_flight += 1,
             _ => {}
         }
-        self.flights.insert(token, Sent { flight, at: now });
+        link.flights.insert(token, Sent { flight, at: now });
         self.commands.push_back((token, command));
     }
 
-    fn connect(&mut self, now: Instant) {
-        if !matches!(self.link, Link::Down) {
+    fn connect(&mut self, now: Instant, shard: usize) {
+        if !matches!(self.shards[shard].link, Link::Down) {
             return;
         }
-        let token = self.token();
+        let token = self.token(shard);
         self.commands.push_back((token, Command::Connect));
-        self.link = Link::Connecting {
+        self.shards[shard].link = Link::Connecting {
             deadline: now + self.config.reply_timeout,
         };
     }
 
-    fn run_id(&self) -> String {
-        match &self.link {
-            Link::Up { run_id } => run_id.clone(),
-            _ => String::new(),
-        }
-    }
-
-    fn renew(&mut self, now: Instant) {
+    /// Renew the lease on instance `shard`, with the ids of that instance connected
+    /// here (the connection count goes to shard 0 only).
+    fn renew(&mut self, now: Instant, shard: usize) {
+        let count = self.shards.len();
         let mut ids: Vec<String> = if self.config.presence {
-            self.hub.online_ids().map(str::to_owned).collect()
+            self.hub
+                .online_ids()
+                .filter(|id| shard_of(id, count) == shard)
+                .map(str::to_owned)
+                .collect()
         } else {
             Vec::new()
         };
@@ -1028,111 +1033,125 @@ impl Replica {
         ids.sort_unstable();
         let command = Command::Renew {
             lease_ms: u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX),
-            connections: self.hub.len(),
-            run_id: self.run_id(),
+            connections: if shard == 0 { self.hub.len() } else { 0 },
+            run_id: self.shards[shard].run_id(),
             ids,
         };
-        self.issue(now, Flight::Renew, command);
+        self.issue(now, shard, Flight::Renew, command);
     }
 
-    fn janitor(&mut self, now: Instant, retire: bool) {
+    fn janitor(&mut self, now: Instant, shard: usize, retire: bool) {
         let command = Command::Janitor {
             retire,
-            run_id: self.run_id(),
+            run_id: self.shards[shard].run_id(),
         };
         let flight = if retire {
             Flight::Retire
         } else {
             Flight::Janitor
         };
-        self.issue(now, flight, command);
+        self.issue(now, shard, flight, command);
     }
 
-    /// The link failed: keep what must be kept, in order, report what is lost, and
-    /// reconnect after a backoff (or retire, when retiring).
-    fn outage(&mut self, now: Instant, reason: &str) {
-        if matches!(self.link, Link::Down | Link::Retired) {
+    /// The link to instance `shard` failed: keep what must be kept, in order, report
+    /// what is lost, and reconnect after a backoff (or retire, when retiring).
+    fn outage(&mut self, now: Instant, shard: usize, reason: &str) {
+        if matches!(self.shards[shard].link, Link::Down | Link::Retired) {
             return;
         }
         let mut outage = 0;
         let mut kept = VecDeque::new();
-        let flights = std::mem::take(&mut self.flights);
+        let flights = std::mem::take(&mut self.shards[shard].flights);
         for sent in flights.into_values() {
             if let Flight::Members { query, room } = sent.flight {
                 self.unanswered(query, room, reason);
                 continue;
             }
             if let Flight::Job(job) = sent.flight {
-                match self.fate(&job) {
+                match self.fate(shard, &job) {
                     Fate::Keep => kept.push_back(job),
                     Fate::Forget => {}
                     Fate::Lost(_) => outage += 1,
                 }
             }
         }
-        for job in std::mem::take(&mut self.jobs) {
-            match self.fate(&job) {
+        for job in std::mem::take(&mut self.shards[shard].jobs) {
+            match self.fate(shard, &job) {
                 Fate::Keep => kept.push_back(job),
                 Fate::Forget => {}
                 Fate::Lost(_) => outage += 1,
             }
         }
-        self.jobs = kept;
-        self.jobs_in_flight = 0;
-        self.presence.clear();
-        self.presence_in_flight = 0;
-        let (let_go, done) = self.rounds.interrupt(|send| send.fate() == Fate::Keep);
+        let link = &mut self.shards[shard];
+        link.jobs = kept;
+        link.jobs_in_flight = 0;
+        link.presence.clear();
+        link.presence_in_flight = 0;
+        let (let_go, done) = link.rounds.interrupt(|send| send.fate() == Fate::Keep);
         outage += let_go;
-        self.report_round(done);
-        self.portals_loading = false;
-        self.subscribe.clear();
-        self.unsubscribe.clear();
+        link.portals_loading = false;
+        link.subscribe.clear();
+        link.unsubscribe.clear();
         for timer in [Timer::Tick, Timer::Reply, Timer::Rest] {
-            self.timers.stop(timer as usize);
+            link.timers.stop(timer as usize);
         }
+        link.link = Link::Down;
+        self.report_round(done);
         self.events.push_back(ReplicaEvent::LinkDown {
+            shard,
             reason: reason.to_owned(),
         });
         self.lost(outage, Loss::Outage);
-        self.link = Link::Down;
         if self.retiring {
-            return self.retire();
+            return self.retire(shard);
         }
-        let delay = self.backoff.next_delay();
-        self.timers.set(Timer::Reconnect as usize, now + delay);
+        let link = &mut self.shards[shard];
+        let delay = link.backoff.next_delay();
+        link.timers.set(Timer::Reconnect as usize, now + delay);
     }
 
-    /// Retire at once: without a link, the lease expires by itself.
-    fn retire(&mut self) {
-        let (let_go, done) = self.rounds.interrupt(|_| false);
+    /// Retire from instance `shard` at once: without a link, the lease expires by
+    /// itself.
+    fn retire(&mut self, shard: usize) {
+        let link = &mut self.shards[shard];
+        let (let_go, done) = link.rounds.interrupt(|_| false);
+        let left = let_go + link.jobs.iter().filter(|j| j.counted()).count();
+        link.jobs.clear();
+        link.presence.clear();
+        link.flights.clear();
+        link.jobs_in_flight = 0;
+        link.presence_in_flight = 0;
+        link.timers.stop_all();
+        link.link = Link::Retired;
         self.report_round(done);
-        let left = let_go + self.jobs.iter().filter(|j| j.counted()).count();
-        self.jobs.clear();
-        self.presence.clear();
-        self.flights.clear();
-        self.jobs_in_flight = 0;
-        self.presence_in_flight = 0;
-        self.timers.stop_all();
         self.lost(left, Loss::Abandoned);
-        self.link = Link::Retired;
-        self.events.push_back(ReplicaEvent::Retired);
+        self.retired();
     }
 
-    /// Act on the answer to one command; `Err` names a command whose answer had the
-    /// wrong shape.
+    /// Once retired from every instance, say so.
+    fn retired(&mut self) {
+        if self.is_retired() {
+            self.events.push_back(ReplicaEvent::Retired);
+        }
+    }
+
+    /// Act on the answer to one command of instance `shard`; `Err` names a command
+    /// whose answer had the wrong shape.
     fn answered(
         &mut self,
         now: Instant,
+        shard: usize,
         sent: Sent,
         values: Vec<RedisValue>,
     ) -> Result<(), &'static str> {
         let first = values.into_iter().next();
         match sent.flight {
             Flight::Job(job) => {
+                let link = &mut self.shards[shard];
                 if job.counted() {
-                    self.jobs_in_flight -= 1;
+                    link.jobs_in_flight -= 1;
                 } else {
-                    self.presence_in_flight -= 1;
+                    link.presence_in_flight -= 1;
                 }
                 if let Job::Load { conn, id, .. } = job {
                     let raw = match first {
@@ -1151,13 +1170,13 @@ impl Replica {
                     }
                 }
             }
-            Flight::Round(step) => self.rounds.answered(step, first)?,
+            Flight::Round(step) => self.shards[shard].rounds.answered(step, first)?,
             Flight::Ping => {
                 let latency = now.saturating_duration_since(sent.at);
                 self.events.push_back(ReplicaEvent::Latency(latency));
             }
             Flight::LoadPortals => {
-                self.portals_loading = false;
+                self.shards[shard].portals_loading = false;
                 let portals = texts(first).ok_or("the portal pool")?;
                 self.pool.reset(portals);
             }
@@ -1172,58 +1191,69 @@ impl Replica {
                 });
             }
             Flight::Retire => {
-                self.link = Link::Retired;
-                self.timers.stop_all();
-                self.events.push_back(ReplicaEvent::Retired);
+                let link = &mut self.shards[shard];
+                link.link = Link::Retired;
+                link.timers.stop_all();
+                self.retired();
             }
         }
-        self.advance_rounds(now);
+        self.advance_rounds(now, shard);
         Ok(())
     }
 
-    /// After every input: send what can be sent, and arm the reply timer.
+    /// After every input: send what can be sent, and arm the reply timers.
     fn settle(&mut self, now: Instant) {
-        if self.is_linked() {
-            self.pump(now);
-        }
-        let deadline = match &self.link {
-            Link::Connecting { deadline } => Some(*deadline),
-            Link::Up { .. } => self
-                .flights
-                .values()
-                .next()
-                .map(|sent| sent.at + self.config.reply_timeout),
-            Link::Down | Link::Retired => None,
-        };
-        match deadline {
-            Some(at) => self.timers.set(Timer::Reply as usize, at),
-            None => self.timers.stop(Timer::Reply as usize),
+        for shard in 0..self.shards.len() {
+            if self.shards[shard].is_linked() {
+                self.pump(now, shard);
+            }
+            let link = &mut self.shards[shard];
+            let deadline = match &link.link {
+                Link::Connecting { deadline } => Some(*deadline),
+                Link::Up { .. } => link
+                    .flights
+                    .values()
+                    .next()
+                    .map(|sent| sent.at + self.config.reply_timeout),
+                Link::Down | Link::Retired => None,
+            };
+            match deadline {
+                Some(at) => link.timers.set(Timer::Reply as usize, at),
+                None => link.timers.stop(Timer::Reply as usize),
+            }
         }
     }
 
-    /// Send queued jobs (up to [`JOBS_IN_FLIGHT`]), start the next round of sends when
-    /// none is in flight and no rest is due, and retire once everything is done.
-    fn pump(&mut self, now: Instant) {
-        let subscribe = std::mem::take(&mut self.subscribe);
-        let unsubscribe = std::mem::take(&mut self.unsubscribe);
+    /// Send the queued jobs of instance `shard` (up to [`JOBS_IN_FLIGHT`]), start its
+    /// next round of sends when none is in flight and no rest is due, and retire
+    /// from it once everything is done.
+    fn pump(&mut self, now: Instant, shard: usize) {
+        let subscribe = std::mem::take(&mut self.shards[shard].subscribe);
+        let unsubscribe = std::mem::take(&mut self.shards[shard].unsubscribe);
         for chunk in subscribe.chunks(CHANNELS_PER_COMMAND) {
             let channels = chunk.to_vec();
-            self.issue(now, Flight::Subscription, Command::Subscribe { channels });
+            let command = Command::Subscribe { channels };
+            self.issue(now, shard, Flight::Subscription, command);
         }
         for chunk in unsubscribe.chunks(CHANNELS_PER_COMMAND) {
             let channels = chunk.to_vec();
-            self.issue(now, Flight::Subscription, Command::Unsubscribe { channels });
+            let command = Command::Unsubscribe { channels };
+            self.issue(now, shard, Flight::Subscription, command);
         }
-        while self.jobs_in_flight + self.presence_in_flight < JOBS_IN_FLIGHT {
-            let job = match self.presence.pop_front() {
+        loop {
+            let link = &mut self.shards[shard];
+            if link.jobs_in_flight + link.presence_in_flight >= JOBS_IN_FLIGHT {
+                break;
+            }
+            let job = match link.presence.pop_front() {
                 Some(job) => job,
                 // A portal event waits for the pool, which the link's opening reads.
-                None if self.portals_loading
-                    && matches!(self.jobs.front(), Some(Job::Portal { .. })) =>
+                None if link.portals_loading
+                    && matches!(link.jobs.front(), Some(Job::Portal { .. })) =>
                 {
                     break;
                 }
-                None => match self.jobs.pop_front() {
+                None => match link.jobs.pop_front() {
                     Some(job) => job,
                     None => break,
                 },
@@ -1234,23 +1264,20 @@ impl Replica {
                 Job::Clear { conn, .. } if !self.hub.contains(conn) => {
                     self.lost(1, Loss::Abandoned)
                 }
-                job => self.issue_job(now, job),
+                job => self.issue_job(now, shard, job),
             }
         }
-        let resting = self.timers.get(Timer::Rest as usize).is_some();
-        if !self.rounds.in_round() && !resting && !self.rounds.is_empty() {
-            self.start_round(now);
+        let link = &self.shards[shard];
+        let resting = link.timers.get(Timer::Rest as usize).is_some();
+        if !link.rounds.in_round() && !resting && !link.rounds.is_empty() {
+            self.start_round(now, shard);
         }
-        let idle = self.rounds.is_empty()
-            && self.jobs.is_empty()
-            && self.presence.is_empty()
-            && self.flights.is_empty();
-        if self.retiring && idle {
-            self.janitor(now, true);
+        if self.retiring && self.shards[shard].is_idle() {
+            self.janitor(now, shard, true);
         }
     }
 
-    fn issue_job(&mut self, now: Instant, job: Job) {
+    fn issue_job(&mut self, now: Instant, shard: usize, job: Job) {
         let ns = self.keys.namespace();
         let command = match &job {
             Job::Arrive(ids) => Command::Arrive { ids: ids.clone() },
@@ -1288,30 +1315,33 @@ impl Replica {
                 }
             }
         };
-        self.issue(now, Flight::Job(job), command);
+        self.issue(now, shard, Flight::Job(job), command);
     }
 
-    /// Start the next round of sends.
-    fn start_round(&mut self, now: Instant) {
-        for (step, command) in self.rounds.start(now) {
-            self.issue(now, Flight::Round(step), command);
+    /// Start the next round of sends of instance `shard`.
+    fn start_round(&mut self, now: Instant, shard: usize) {
+        for (step, command) in self.shards[shard].rounds.start(now) {
+            self.issue(now, shard, Flight::Round(step), command);
         }
-        self.advance_rounds(now);
+        self.advance_rounds(now, shard);
     }
 
-    /// Go on with the round in flight once its phase was answered: issue the next
-    /// phase, or report what the finished round did and rest before the next.
-    fn advance_rounds(&mut self, now: Instant) {
-        match self.rounds.advance(now) {
+    /// Go on with the round in flight on instance `shard` once its phase was
+    /// answered: issue the next phase, or report what the finished round did and rest
+    /// before the next.
+    fn advance_rounds(&mut self, now: Instant, shard: usize) {
+        match self.shards[shard].rounds.advance(now) {
             Advance::Wait => {}
             Advance::Issue(commands) => {
                 for (step, command) in commands {
-                    self.issue(now, Flight::Round(step), command);
+                    self.issue(now, shard, Flight::Round(step), command);
                 }
             }
             Advance::Finished(done) => {
                 if done.rest > Duration::ZERO {
-                    self.timers.set(Timer::Rest as usize, now + done.rest);
+                    self.shards[shard]
+                        .timers
+                        .set(Timer::Rest as usize, now + done.rest);
                 }
                 self.report_round(done);
             }

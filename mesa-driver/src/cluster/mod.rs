@@ -19,6 +19,14 @@ pub(crate) use task::spawn;
 pub struct ClusterConfig {
     /// The Redis URL, e.g. `redis://127.0.0.1:6379/`.
     pub url: String,
+    /// Further Redis instances to spread the cluster's data over (sharding): each
+    /// id's and each room's keys and channels live on one instance, chosen by a
+    /// consistent hash ([`mesa_core::cluster::shard_of`]), the global ones (`ws`,
+    /// portals, the connection counter) on `url`'s; every replica links to each.
+    /// Every replica and Dispatcher of the cluster must list the same URLs in the
+    /// same order, and the legacy bus must be off (Node replicas know one Redis).
+    /// Default none.
+    pub shard_urls: Vec<String>,
     /// Isolates clusters sharing one Redis (`ns(x)` = `x_<namespace>`).
     pub namespace: Option<String>,
     /// How long this replica's presence survives without renewal: the ids of a replica
@@ -51,6 +59,7 @@ impl ClusterConfig {
     pub fn new(url: impl Into<String>) -> Self {
         ClusterConfig {
             url: url.into(),
+            shard_urls: Vec::new(),
             namespace: None,
             lease: Duration::from_secs(10),
             portals: None,
@@ -58,5 +67,10 @@ impl ClusterConfig {
             redis_ca_pem: None,
             legacy_bus: true,
         }
+    }
+
+    /// Every Redis instance's URL, in shard order (`url` first).
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.shard_urls.iter().map(String::as_str))
     }
 }

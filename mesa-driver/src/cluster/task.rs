@@ -35,6 +35,7 @@ pub(crate) fn spawn<R: Runtime>(
     let Some(keys) = registry.upgrade().and_then(|registry| registry.keys()) else {
         return;
     };
+    let slots = config.urls().map(|_| Slot::default()).collect();
     let task = Task {
         runtime: runtime.clone(),
         config,
@@ -42,12 +43,7 @@ pub(crate) fn spawn<R: Runtime>(
         hashes: ScriptHashes::new(),
         registry,
         inbox,
-        link: None,
-        connecting: None,
-        queue: VecDeque::new(),
-        batch: None,
-        sink_queue: VecDeque::new(),
-        sink_op: None,
+        slots,
         timer: None,
     };
     runtime.spawn(task.run());
@@ -66,13 +62,9 @@ type Opening = BoxFuture<'static, RedisResult<(Link, String)>>;
 /// Commands in flight, answered together.
 type Answers = BoxFuture<'static, Vec<(Token, Reply)>>;
 
-struct Task<R: Runtime> {
-    runtime: R,
-    config: ClusterConfig,
-    keys: Keys,
-    hashes: ScriptHashes,
-    registry: Weak<Registry>,
-    inbox: mpsc::UnboundedReceiver<LinkWork>,
+/// The link to one Redis instance (a shard of the cluster's data) and its work.
+#[derive(Default)]
+struct Slot {
     link: Option<Link>,
     connecting: Option<Opening>,
     /// Commands received and not yet sent, oldest first.
@@ -83,16 +75,27 @@ struct Task<R: Runtime> {
     /// first, and the one in flight (one at a time, so they run in their order).
     sink_queue: VecDeque<(Token, Command)>,
     sink_op: Option<Answers>,
+}
+
+struct Task<R: Runtime> {
+    runtime: R,
+    config: ClusterConfig,
+    keys: Keys,
+    hashes: ScriptHashes,
+    registry: Weak<Registry>,
+    inbox: mpsc::UnboundedReceiver<LinkWork>,
+    /// One per Redis instance, in the order of their URLs.
+    slots: Vec<Slot>,
     /// The sleep armed for the replica's deadline, with that deadline.
     timer: Option<(Instant, Pin<Box<R::Sleep>>)>,
 }
 
-/// What woke the task.
+/// What woke the task; `usize` names the Redis instance.
 enum Wake {
     Inbox(Option<LinkWork>),
-    Opened(RedisResult<(Link, String)>),
+    Opened(usize, RedisResult<(Link, String)>),
     Answers(Vec<(Token, Reply)>),
-    Message(Option<Msg>),
+    Message(usize, Option<Msg>),
     Timer,
 }
 
@@ -103,8 +106,10 @@ impl<R: Runtime> Task<R> {
             let Some(registry) = self.registry.upgrade() else {
                 return;
             };
-            self.send_batch(&registry);
-            self.send_sink_op();
+            for shard in 0..self.slots.len() {
+                self.send_batch(&registry, shard);
+                self.send_sink_op(shard);
+            }
             self.arm_timer(&registry);
             drop(registry);
             let wake = poll_fn(|cx| self.poll_wake(cx)).await;
@@ -114,23 +119,25 @@ impl<R: Runtime> Task<R> {
             match wake {
                 Wake::Inbox(None) => return,
                 Wake::Inbox(Some(LinkWork::Rearm)) => {}
-                Wake::Inbox(Some(LinkWork::Command(_, Command::Connect))) => self.open(&registry),
-                Wake::Inbox(Some(LinkWork::Command(
-                    token,
-                    command @ (Command::Ping
-                    | Command::Subscribe { .. }
-                    | Command::Unsubscribe { .. }),
-                ))) => self.sink_queue.push_back((token, command)),
                 Wake::Inbox(Some(LinkWork::Command(token, command))) => {
-                    self.queue.push_back((token, command));
+                    let Some(slot) = self.slots.get_mut(token.shard()) else {
+                        continue;
+                    };
+                    match command {
+                        Command::Connect => self.open(&registry, token.shard()),
+                        Command::Ping | Command::Subscribe { .. } | Command::Unsubscribe { .. } => {
+                            slot.sink_queue.push_back((token, command));
+                        }
+                        command => slot.queue.push_back((token, command)),
+                    }
                 }
-                Wake::Opened(Ok((link, run_id))) => {
-                    self.link = Some(link);
-                    registry.feed(|replica, now| replica.handle_link_up(now, &run_id));
+                Wake::Opened(shard, Ok((link, run_id))) => {
+                    self.slots[shard].link = Some(link);
+                    registry.feed(|replica, now| replica.handle_link_up(now, shard, &run_id));
                 }
-                Wake::Opened(Err(error)) => {
+                Wake::Opened(shard, Err(error)) => {
                     let reason = format!("cannot reach Redis: {error}");
-                    registry.feed(|replica, now| replica.handle_link_down(now, &reason));
+                    registry.feed(|replica, now| replica.handle_link_down(now, shard, &reason));
                 }
                 Wake::Answers(answers) => {
                     registry.feed(|replica, now| {
@@ -139,16 +146,16 @@ impl<R: Runtime> Task<R> {
                         }
                     });
                 }
-                Wake::Message(Some(message)) => {
+                Wake::Message(_, Some(message)) => {
                     let channel = message.get_channel_name();
                     if let Ok(payload) = message.get_payload::<String>() {
                         registry.feed(|replica, now| replica.handle_pubsub(now, channel, &payload));
                     }
                 }
-                Wake::Message(None) => {
-                    self.link = None;
+                Wake::Message(shard, None) => {
+                    self.slots[shard].link = None;
                     let reason = "the pub/sub connection closed";
-                    registry.feed(|replica, now| replica.handle_link_down(now, reason));
+                    registry.feed(|replica, now| replica.handle_link_down(now, shard, reason));
                 }
                 Wake::Timer => {
                     self.timer = None;
@@ -163,27 +170,29 @@ impl<R: Runtime> Task<R> {
         if let Poll::Ready(work) = self.inbox.poll_next_unpin(cx) {
             return Poll::Ready(Wake::Inbox(work));
         }
-        if let Some(opening) = self.connecting.as_mut() {
-            if let Poll::Ready(opened) = opening.poll_unpin(cx) {
-                self.connecting = None;
-                return Poll::Ready(Wake::Opened(opened));
+        for (shard, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(opening) = slot.connecting.as_mut() {
+                if let Poll::Ready(opened) = opening.poll_unpin(cx) {
+                    slot.connecting = None;
+                    return Poll::Ready(Wake::Opened(shard, opened));
+                }
             }
-        }
-        if let Some(batch) = self.batch.as_mut() {
-            if let Poll::Ready(answers) = batch.poll_unpin(cx) {
-                self.batch = None;
-                return Poll::Ready(Wake::Answers(answers));
+            if let Some(batch) = slot.batch.as_mut() {
+                if let Poll::Ready(answers) = batch.poll_unpin(cx) {
+                    slot.batch = None;
+                    return Poll::Ready(Wake::Answers(answers));
+                }
             }
-        }
-        if let Some(op) = self.sink_op.as_mut() {
-            if let Poll::Ready(answers) = op.poll_unpin(cx) {
-                self.sink_op = None;
-                return Poll::Ready(Wake::Answers(answers));
+            if let Some(op) = slot.sink_op.as_mut() {
+                if let Poll::Ready(answers) = op.poll_unpin(cx) {
+                    slot.sink_op = None;
+                    return Poll::Ready(Wake::Answers(answers));
+                }
             }
-        }
-        if let Some(link) = self.link.as_mut() {
-            if let Poll::Ready(message) = link.messages.poll_next_unpin(cx) {
-                return Poll::Ready(Wake::Message(message));
+            if let Some(link) = slot.link.as_mut() {
+                if let Poll::Ready(message) = link.messages.poll_next_unpin(cx) {
+                    return Poll::Ready(Wake::Message(shard, message));
+                }
             }
         }
         if let Some((_, sleep)) = self.timer.as_mut() {
@@ -203,35 +212,36 @@ impl<R: Runtime> Task<R> {
         }
     }
 
-    /// Open a new link, dropping the old one with whatever it had in flight.
-    fn open(&mut self, registry: &Registry) {
-        self.link = None;
-        self.batch = None;
-        self.queue.clear();
-        self.sink_queue.clear();
-        self.sink_op = None;
+    /// Open a new link to instance `shard`, dropping the old one with whatever it
+    /// had in flight.
+    fn open(&mut self, registry: &Registry, shard: usize) {
         let channels = registry
-            .replica(|replica| replica.channels())
+            .replica(|replica| replica.channels(shard))
             .unwrap_or_default();
-        let client = link::client(&self.config.url, self.config.redis_ca_pem.as_deref());
-        self.connecting = Some(Box::pin(open(client, channels)));
+        let url = self.config.urls().nth(shard).unwrap_or_default();
+        let client = link::client(url, self.config.redis_ca_pem.as_deref());
+        self.slots[shard] = Slot {
+            connecting: Some(Box::pin(open(client, channels))),
+            ..Slot::default()
+        };
     }
 
-    /// Run the oldest queued operation of the subscription connection, unless one
-    /// is in flight: a ping (any answer proves the connection alive), a subscribe or
-    /// an unsubscribe.
-    fn send_sink_op(&mut self) {
-        let Some(link) = &self.link else {
+    /// Run the oldest queued operation of instance `shard`'s subscription
+    /// connection, unless one is in flight: a ping (any answer proves the connection
+    /// alive), a subscribe or an unsubscribe.
+    fn send_sink_op(&mut self, shard: usize) {
+        let slot = &mut self.slots[shard];
+        let Some(link) = &slot.link else {
             return;
         };
-        if self.sink_op.is_some() {
+        if slot.sink_op.is_some() {
             return;
         }
-        let Some((token, command)) = self.sink_queue.pop_front() else {
+        let Some((token, command)) = slot.sink_queue.pop_front() else {
             return;
         };
         let mut sink = link.sink.clone();
-        self.sink_op = Some(Box::pin(async move {
+        slot.sink_op = Some(Box::pin(async move {
             let done = match command {
                 Command::Subscribe { channels } => sink.subscribe(channels).await,
                 Command::Unsubscribe { channels } => sink.unsubscribe(channels).await,
@@ -244,24 +254,25 @@ impl<R: Runtime> Task<R> {
         }));
     }
 
-    /// Pipeline the oldest queued commands the replica still waits for, unless a
-    /// pipeline is in flight.
-    fn send_batch(&mut self, registry: &Registry) {
-        let Some(link) = &self.link else {
+    /// Pipeline the oldest queued commands of instance `shard` the replica still
+    /// waits for, unless a pipeline is in flight there.
+    fn send_batch(&mut self, registry: &Registry, shard: usize) {
+        let slot = &mut self.slots[shard];
+        let Some(link) = &slot.link else {
             return;
         };
-        if self.batch.is_some() || self.queue.is_empty() {
+        if slot.batch.is_some() || slot.queue.is_empty() {
             return;
         }
-        registry.replica(|replica| self.queue.retain(|(token, _)| replica.awaits(*token)));
-        let count = self.queue.len().min(BATCH);
-        let batch = Batch::new(self.queue.drain(..count), &self.keys, &self.hashes);
+        registry.replica(|replica| slot.queue.retain(|(token, _)| replica.awaits(*token)));
+        let count = slot.queue.len().min(BATCH);
+        let batch = Batch::new(slot.queue.drain(..count), &self.keys, &self.hashes);
         if batch.is_empty() {
             return;
         }
         let tokens: Vec<Token> = batch.tokens().collect();
         let mut conn = link.conn.clone();
-        self.batch = Some(Box::pin(async move {
+        slot.batch = Some(Box::pin(async move {
             match batch.execute(&mut conn).await {
                 Ok(replies) => replies,
                 Err(error) => tokens

@@ -170,12 +170,12 @@ impl Observer for Middlewares {
 
     fn replica_event(&self, event: &ReplicaEvent) {
         match event {
-            ReplicaEvent::LinkUp => {
-                tracing::info!("cluster link up");
+            ReplicaEvent::LinkUp { shard } => {
+                tracing::info!(shard, "cluster link up");
                 self.emit(|m| m.on_cluster_link(true));
             }
-            ReplicaEvent::LinkDown { reason } => {
-                tracing::warn!(%reason, "cluster link down");
+            ReplicaEvent::LinkDown { shard, reason } => {
+                tracing::warn!(shard, %reason, "cluster link down");
                 self.emit(|m| m.on_cluster_link(false));
                 self.report(&format!("cluster link down: {reason}"));
             }

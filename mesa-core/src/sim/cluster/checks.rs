@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::ClusterSim;
+use crate::cluster::shard_of;
+use crate::sim::redis::{RedisModel, StoreLog};
 use crate::sim::track::{self, Violation};
 
 impl ClusterSim {
@@ -15,7 +17,7 @@ impl ClusterSim {
         let stored_now = self.stored_now();
         violations.extend(track::check_stored(
             &self.track,
-            &self.redis.log,
+            &self.store_log(),
             &stored_now,
         ));
         let clients = || {
@@ -42,7 +44,11 @@ impl ClusterSim {
     /// Every entry stored now, as `(id, entry text)`.
     pub fn stored_now(&self) -> Vec<(String, String)> {
         let key = self.config.replica.namespace.undelivered_messages();
-        let hash = self.redis.hash(&key).into_iter().flatten();
+        let hash = self
+            .redis
+            .iter()
+            .flat_map(|redis| redis.hash(&key))
+            .flatten();
         hash.flat_map(|(id, raw)| {
             let entries = crate::sync::stored_entries(raw).unwrap_or_default();
             entries.into_iter().map(|e| (id.clone(), e.to_owned()))
@@ -56,7 +62,7 @@ impl ClusterSim {
         let key = self.config.replica.namespace.connected_clients();
         track::check_presence(
             &self.track,
-            self.redis.members(&key).into_iter(),
+            self.redis.iter().flat_map(|redis| redis.members(&key)),
             self.now,
             bound,
             self.redis_since,
@@ -69,7 +75,12 @@ impl ClusterSim {
     pub fn check_settled_keys(&self) -> Vec<Violation> {
         let ns = &self.config.replica.namespace;
         let mut violations = Vec::new();
-        let mut members: Vec<&str> = self.redis.members(&ns.connected_clients());
+        let key = ns.connected_clients();
+        let mut members: Vec<&str> = self
+            .redis
+            .iter()
+            .flat_map(|redis| redis.members(&key))
+            .collect();
         members.sort_unstable();
         let mut online: Vec<&str> = self.track.online.keys().map(String::as_str).collect();
         online.sort_unstable();
@@ -78,7 +89,7 @@ impl ClusterSim {
                 "connected_clients {members:?} but online {online:?}"
             ));
         }
-        let count = self.redis.get(self.now, &ns.connected_clients_count());
+        let count = self.redis[0].get(self.now, &ns.connected_clients_count());
         let open = self.open_connections();
         if count.and_then(|c| c.parse::<usize>().ok()).unwrap_or(0) != open {
             violations.push(format!("connected_clients_count {count:?} but {open} open"));
@@ -101,7 +112,7 @@ impl ClusterSim {
         }
         let mut violations = Vec::new();
         for id in (0..self.config.ids).map(|i| format!("u{i}")) {
-            let mut held: Vec<&str> = self.redis.members(&ns.routes(&id));
+            let mut held: Vec<&str> = self.redis_of(&id).members(&ns.routes(&id));
             held.sort_unstable();
             let mut want = expected.remove(&id).unwrap_or_default();
             want.sort_unstable();
@@ -135,7 +146,7 @@ impl ClusterSim {
         let mut violations = Vec::new();
         for room in (0..rooms).map(|i| format!("room{i}")) {
             let held: BTreeMap<String, u64> = self
-                .redis
+                .redis_of(&room)
                 .hash(&ns.room_members(&room))
                 .into_iter()
                 .flatten()
@@ -161,6 +172,23 @@ impl ClusterSim {
             }
         }
         violations
+    }
+
+    /// The Redis instance that holds the keys of `key` (an id or a room).
+    pub fn redis_of(&self, key: &str) -> &RedisModel {
+        &self.redis[shard_of(key, self.redis.len())]
+    }
+
+    /// What happened to stored messages, over every instance.
+    pub fn store_log(&self) -> StoreLog {
+        let mut log = StoreLog::default();
+        for redis in &self.redis {
+            log.appended.extend(redis.log.appended.iter().cloned());
+            log.trimmed.extend(redis.log.trimmed.iter().cloned());
+            log.dropped.extend(redis.log.dropped.iter().cloned());
+            log.cleared.extend(redis.log.cleared.iter().cloned());
+        }
+        log
     }
 
     /// Open connections on live replicas.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ClusterSim, Event, SimReplica};
+use super::{ClusterSim, Event, RedisLink, SimReplica};
 use crate::replica::{Keys, Replica};
 
 impl ClusterSim {
@@ -16,11 +16,16 @@ impl ClusterSim {
         let Some(_) = self.replicas[r].replica.take() else {
             return;
         };
-        self.uncertain(r);
+        self.uncertain(r, None);
         let replica = &mut self.replicas[r];
-        replica.linked = false;
+        replica
+            .redis_links
+            .iter_mut()
+            .for_each(|link| link.linked = false);
         replica.timer = None;
-        self.redis.unsubscribe_all(r);
+        self.redis
+            .iter_mut()
+            .for_each(|redis| redis.unsubscribe_all(r));
         let conns = std::mem::take(&mut self.replicas[r].conns);
         for (_, conn) in conns {
             if let Some(id) = &conn.id {
@@ -70,12 +75,9 @@ impl ClusterSim {
             replica: Some(replica),
             incarnation: 0,
             conns: BTreeMap::new(),
-            epoch: 0,
-            killed: 0,
-            linked: false,
+            redis_links: vec![RedisLink::default(); self.config.replica.shards],
             partitioned_until: None,
             slow: None,
-            reply_floor: None,
             timer: None,
             outstanding: BTreeMap::new(),
             inbound: Vec::new(),
@@ -88,8 +90,12 @@ impl ClusterSim {
     pub fn partition(&mut self, r: usize, duration: Duration) {
         let replica = &mut self.replicas[r];
         replica.partitioned_until = Some(self.now + duration);
-        replica.killed = replica.epoch;
-        self.redis.unsubscribe_all(r);
+        for link in &mut replica.redis_links {
+            link.killed = link.epoch;
+        }
+        self.redis
+            .iter_mut()
+            .for_each(|redis| redis.unsubscribe_all(r));
     }
 
     /// Redis answers replica `r` `extra` later than usual for `duration`.
@@ -97,8 +103,8 @@ impl ClusterSim {
         self.replicas[r].slow = Some((self.now + duration, extra));
     }
 
-    /// Restart Redis: every link resets now, Redis is back after `down_for`, with
-    /// its keys when `persist`.
+    /// Restart Redis (every instance): every link resets now, Redis is back after
+    /// `down_for`, with its keys when `persist`.
     pub fn restart_redis(&mut self, persist: bool, down_for: Duration) {
         if !persist && self.config.record {
             let erased = self.stored_now();
@@ -107,16 +113,20 @@ impl ClusterSim {
         if !persist {
             self.presence_told.clear();
         }
-        self.redis.restart(persist);
+        self.redis
+            .iter_mut()
+            .for_each(|redis| redis.restart(persist));
         self.redis_up = false;
         for r in 0..self.replicas.len() {
             let replica = &mut self.replicas[r];
-            replica.killed = replica.epoch;
-            if replica.linked {
-                replica.linked = false;
-                if let Some(machine) = replica.replica.as_mut() {
-                    machine.handle_link_down(self.now, "connection reset");
-                    self.dirty_replicas.push(r);
+            for (shard, link) in replica.redis_links.iter_mut().enumerate() {
+                link.killed = link.epoch;
+                if link.linked {
+                    link.linked = false;
+                    if let Some(machine) = replica.replica.as_mut() {
+                        machine.handle_link_down(self.now, shard, "connection reset");
+                        self.dirty_replicas.push(r);
+                    }
                 }
             }
         }

@@ -112,7 +112,7 @@ enum Event {
     Session(usize, ConnId),
     /// A replica's timer may be due.
     Replica(usize),
-    /// A command reaches Redis.
+    /// A command reaches Redis (the instance its token names).
     Command {
         replica: usize,
         epoch: u64,
@@ -128,11 +128,16 @@ enum Event {
         token: Token,
         reply: Reply,
     },
-    /// A connection attempt to Redis resolves.
-    Opened { replica: usize, epoch: u64 },
-    /// A pub/sub message reaches a replica.
+    /// A connection attempt to Redis instance `shard` resolves.
+    Opened {
+        replica: usize,
+        shard: usize,
+        epoch: u64,
+    },
+    /// A pub/sub message of instance `shard` reaches a replica.
     PubSub {
         replica: usize,
+        shard: usize,
         epoch: u64,
         /// Shared by every subscriber's copy.
         message: Arc<(String, String)>,
@@ -170,21 +175,28 @@ pub struct SimReplica {
     keys: Arc<Keys>,
     incarnation: u32,
     conns: BTreeMap<ConnId, Conn>,
-    /// The current link to Redis; links up to `killed` are dead (a partition or a
-    /// Redis restart): nothing on them arrives.
-    epoch: u64,
-    killed: u64,
-    /// The replica believes its link up and subscribed.
-    linked: bool,
+    /// Its link to each Redis instance.
+    redis_links: Vec<RedisLink>,
     partitioned_until: Option<Instant>,
     slow: Option<(Instant, Duration)>,
-    /// The link and the time of its last reply: one connection answers in order, so
-    /// a reply never overtakes an earlier slow one.
-    reply_floor: Option<(u64, Instant)>,
     timer: Option<Instant>,
     outstanding: BTreeMap<Token, Outstanding>,
     /// Pub/sub messages received, per second of the run.
     inbound: Vec<u32>,
+}
+
+/// A replica's link to one Redis instance.
+#[derive(Debug, Default, Clone)]
+struct RedisLink {
+    /// The current link; links up to `killed` are dead (a partition or a Redis
+    /// restart): nothing on them arrives.
+    epoch: u64,
+    killed: u64,
+    /// The replica believes the link up and subscribed.
+    linked: bool,
+    /// The link and the time of its last reply: one connection answers in order, so
+    /// a reply never overtakes an earlier slow one.
+    reply_floor: Option<(u64, Instant)>,
 }
 
 impl SimReplica {
@@ -232,7 +244,8 @@ pub struct ClusterSim {
     rng: Rng,
     schedule: Schedule<Event>,
     /// Redis.
-    pub redis: RedisModel,
+    /// The Redis instances (one per shard).
+    pub redis: Vec<RedisModel>,
     redis_up: bool,
     /// When Redis last came up.
     redis_since: Instant,
@@ -278,8 +291,13 @@ impl ClusterSim {
                 SimClient::new(session, received)
             })
             .collect();
-        let mut redis = RedisModel::new();
-        redis.logging = config.record;
+        let redis = (0..config.replica.shards)
+            .map(|_| {
+                let mut redis = RedisModel::new();
+                redis.logging = config.record;
+                redis
+            })
+            .collect();
         let mut sim = ClusterSim {
             now: start,
             start,
@@ -337,9 +355,11 @@ impl ClusterSim {
             self.settle();
             if self.config.check_contract {
                 let ns = self.config.replica.namespace.clone();
-                if let Err(broken) = self.redis.check_upstream_contract(self.now, &ns) {
-                    self.violations
-                        .push(format!("at {:?}: {broken}", self.elapsed()));
+                for redis in &self.redis {
+                    if let Err(broken) = redis.check_upstream_contract(self.now, &ns) {
+                        self.violations
+                            .push(format!("at {:?}: {broken}", self.elapsed()));
+                    }
                 }
             }
         }
@@ -502,7 +522,7 @@ impl ClusterSim {
                 token,
                 reply,
             } => {
-                if !self.reaches(r, epoch) {
+                if !self.reaches(r, token.shard(), epoch) {
                     return;
                 }
                 self.replicas[r].outstanding.remove(&token);
@@ -511,14 +531,19 @@ impl ClusterSim {
                     self.dirty_replicas.push(r);
                 }
             }
-            Event::Opened { replica: r, epoch } => self.opened(r, epoch),
+            Event::Opened {
+                replica: r,
+                shard,
+                epoch,
+            } => self.opened(r, shard, epoch),
             Event::PubSub {
                 replica: r,
+                shard,
                 epoch,
                 message,
             } => {
                 let (channel, payload) = &*message;
-                if !self.reaches(r, epoch) {
+                if !self.reaches(r, shard, epoch) {
                     return;
                 }
                 let second = self.second();
@@ -543,12 +568,14 @@ impl ClusterSim {
         self.elapsed().as_secs() as usize
     }
 
-    /// Whether something sent on link `epoch` of replica `r` reaches it now.
-    fn reaches(&self, r: usize, epoch: u64) -> bool {
+    /// Whether something sent on link `epoch` of replica `r` to instance `shard`
+    /// reaches it now.
+    fn reaches(&self, r: usize, shard: usize, epoch: u64) -> bool {
         let replica = &self.replicas[r];
-        replica.linked
-            && epoch == replica.epoch
-            && epoch > replica.killed
+        let link = &replica.redis_links[shard];
+        link.linked
+            && epoch == link.epoch
+            && epoch > link.killed
             && replica.replica.is_some()
             && !self.partitioned(r)
     }
@@ -562,7 +589,9 @@ impl ClusterSim {
     /// A command reaches Redis: run it, answer, and hand out what it published.
     fn execute(&mut self, r: usize, epoch: u64, token: Token, command: Command, keys: &Keys) {
         let now = self.now;
-        if epoch <= self.replicas[r].killed || !self.redis_up || self.partitioned(r) {
+        let shard = token.shard();
+        let killed = self.replicas[r].redis_links[shard].killed;
+        if epoch <= killed || !self.redis_up || self.partitioned(r) {
             return;
         }
         let calls = command.calls(keys);
@@ -584,28 +613,31 @@ impl ClusterSim {
         }
         match &command {
             Command::Subscribe { channels } => {
-                channels.iter().for_each(|c| self.redis.subscribe(r, c));
+                let redis = &mut self.redis[shard];
+                channels.iter().for_each(|c| redis.subscribe(r, c));
             }
             Command::Unsubscribe { channels } => {
-                channels.iter().for_each(|c| self.redis.unsubscribe(r, c));
+                let redis = &mut self.redis[shard];
+                channels.iter().for_each(|c| redis.unsubscribe(r, c));
             }
             _ => {}
         }
-        let reply = self.redis.execute(now, &calls);
+        let reply = self.redis[shard].execute(now, &calls);
         // (A command of a crashed incarnation is no command of the current one.)
-        let current = epoch == self.replicas[r].epoch;
+        let current = epoch == self.replicas[r].redis_links[shard].epoch;
         if let Some(outstanding) = self.replicas[r].outstanding.get_mut(&token) {
             outstanding.executed |= current;
         }
-        for published in self.redis.take_published() {
+        for published in self.redis[shard].take_published() {
             self.presence_published(&published.payload);
             let message = Arc::new((published.channel, published.payload));
             for subscriber in published.subscribers {
-                let epoch = self.replicas[subscriber].epoch;
+                let epoch = self.replicas[subscriber].redis_links[shard].epoch;
                 self.schedule.push(
                     now + self.config.redis_latency,
                     Event::PubSub {
                         replica: subscriber,
+                        shard,
                         epoch,
                         message: message.clone(),
                     },
@@ -617,12 +649,13 @@ impl ClusterSim {
             _ => Duration::ZERO,
         };
         let mut at = now + self.config.redis_latency + slow;
-        if let Some((link, floor)) = self.replicas[r].reply_floor {
-            if link == epoch {
+        let link = &mut self.replicas[r].redis_links[shard];
+        if let Some((floor_epoch, floor)) = link.reply_floor {
+            if floor_epoch == epoch {
                 at = at.max(floor);
             }
         }
-        self.replicas[r].reply_floor = Some((epoch, at));
+        link.reply_floor = Some((epoch, at));
         self.schedule.push(
             at,
             Event::Reply {
@@ -634,9 +667,9 @@ impl ClusterSim {
         );
     }
 
-    /// A connection attempt of replica `r` to Redis resolves.
-    fn opened(&mut self, r: usize, epoch: u64) {
-        if epoch != self.replicas[r].epoch || self.partitioned(r) {
+    /// A connection attempt of replica `r` to Redis instance `shard` resolves.
+    fn opened(&mut self, r: usize, shard: usize, epoch: u64) {
+        if epoch != self.replicas[r].redis_links[shard].epoch || self.partitioned(r) {
             // A partition: the attempt hangs until the replica gives up on it.
             return;
         }
@@ -645,26 +678,35 @@ impl ClusterSim {
             return;
         };
         if !self.redis_up {
-            replica.handle_link_down(now, "connection refused");
+            replica.handle_link_down(now, shard, "connection refused");
             self.dirty_replicas.push(r);
             return;
         }
-        for channel in replica.channels() {
-            self.redis.subscribe(r, &channel);
+        for channel in replica.channels(shard) {
+            self.redis[shard].subscribe(r, &channel);
         }
-        self.replicas[r].linked = true;
-        let run_id = self.redis.run_id().to_owned();
+        self.replicas[r].redis_links[shard].linked = true;
+        let run_id = self.redis[shard].run_id().to_owned();
         if let Some(replica) = self.replicas[r].replica.as_mut() {
-            replica.handle_link_up(now, &run_id);
+            replica.handle_link_up(now, shard, &run_id);
         }
         self.dirty_replicas.push(r);
     }
 
-    /// Record what a failed link leaves uncertain: stores and publishes Redis ran
-    /// without the answer arriving may be done again.
-    fn uncertain(&mut self, r: usize) {
-        let outstanding = std::mem::take(&mut self.replicas[r].outstanding);
-        for (_, sent) in outstanding {
+    /// Record what a failed link to instance `shard` (every instance: `None`) leaves
+    /// uncertain: stores and publishes Redis ran without the answer arriving may be
+    /// done again.
+    fn uncertain(&mut self, r: usize, shard: Option<usize>) {
+        let outstanding = &mut self.replicas[r].outstanding;
+        let failed: Vec<Token> = outstanding
+            .keys()
+            .filter(|token| shard.is_none_or(|shard| token.shard() == shard))
+            .copied()
+            .collect();
+        for token in failed {
+            let Some(sent) = self.replicas[r].outstanding.remove(&token) else {
+                continue;
+            };
             if !sent.executed {
                 continue;
             }
@@ -1049,13 +1091,19 @@ impl ClusterSim {
         let now = self.now;
         let latency = self.config.redis_latency;
         let replica = &mut self.replicas[r];
+        let shard = token.shard();
         if command == Command::Connect {
-            replica.epoch += 1;
-            replica.linked = false;
-            self.redis.unsubscribe_all(r);
-            let epoch = replica.epoch;
-            self.schedule
-                .push(now + 2 * latency, Event::Opened { replica: r, epoch });
+            let link = &mut replica.redis_links[shard];
+            link.epoch += 1;
+            link.linked = false;
+            self.redis[shard].unsubscribe_all(r);
+            let epoch = link.epoch;
+            let opened = Event::Opened {
+                replica: r,
+                shard,
+                epoch,
+            };
+            self.schedule.push(now + 2 * latency, opened);
             return;
         }
         replica.outstanding.insert(
@@ -1065,7 +1113,7 @@ impl ClusterSim {
                 executed: false,
             },
         );
-        let epoch = replica.epoch;
+        let epoch = replica.redis_links[shard].epoch;
         self.schedule.push(
             now + latency,
             Event::Command {
@@ -1081,11 +1129,11 @@ impl ClusterSim {
     fn replica_event(&mut self, r: usize, event: ReplicaEvent) {
         let now = self.now;
         match event {
-            ReplicaEvent::LinkDown { .. } => {
+            ReplicaEvent::LinkDown { shard, .. } => {
                 self.counters.link_downs += 1;
-                self.uncertain(r);
-                self.replicas[r].linked = false;
-                self.redis.unsubscribe_all(r);
+                self.uncertain(r, Some(shard));
+                self.replicas[r].redis_links[shard].linked = false;
+                self.redis[shard].unsubscribe_all(r);
             }
             ReplicaEvent::Loaded { conn, messages, .. } => {
                 if let Some(entry) = self.replicas[r].conns.get_mut(&conn) {
