@@ -559,3 +559,38 @@ fn the_rooms_script_publishes_an_id_s_first_join_and_last_leave_over_the_cluster
     );
     assert!(run(&mut redis, "r1", &anew).is_empty());
 }
+
+#[test]
+fn room_presence_given_up_on_a_full_buffer_is_registered_anew_at_the_next_tick() {
+    let config = ReplicaConfig {
+        max_pending: 2,
+        ..ReplicaConfig::default()
+    };
+    let mut replica = Replica::new(config, "me", 1, t0()).unwrap();
+    drain_replica(&mut replica);
+    replica.handle_link_up(t0(), 0, "run");
+    answer(&mut replica);
+    let alice = member(&mut replica, false);
+    replica.handle_session_event(t0(), alice, &authenticated("alice"));
+    answer(&mut replica);
+    // Two changes in flight fill the bound: the third is given up (answers come
+    // after all three joins).
+    for room in ["a", "b", "c"] {
+        replica.handle_join(t0(), alice, room).unwrap();
+    }
+    let sent = answer(&mut replica);
+    let registered = |commands: &[Command]| -> Vec<(bool, usize)> {
+        commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Rooms { clear, entries } => Some((*clear, entries.len())),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(registered(&sent), [(false, 1), (false, 1)]);
+    // The next tick registers every membership here anew.
+    let tick = t0() + replica.config().lease / 3;
+    replica.handle_timeout(tick);
+    assert_eq!(registered(&drain_replica(&mut replica)), [(true, 3)]);
+}
