@@ -648,3 +648,54 @@ async fn presence_requests_are_bounded_and_answered_unavailable_without_redis() 
         "{unavailable}"
     );
 }
+
+/// Redis restarts empty: every replica subscribes to its rooms' channels again and
+/// registers its members anew, so room messages and presence come back by
+/// themselves.
+#[tokio::test]
+async fn room_subscriptions_and_presence_come_back_after_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let replica = || {
+        builder(RoomPolicy::Authenticated)
+            .cluster(short_lease(&redis))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (replica(), replica());
+    let (handle_a, handle_b) = (a.handle(), b.handle());
+    let (addr_a, addr_b) = (start(a).await, start(b).await);
+    let (mut alice, _) = client(addr_a, "alice", true).await;
+    let (mut bob, _) = client(addr_b, "bob", true).await;
+    for ws in [&mut alice, &mut bob] {
+        assert_eq!(subscribe(ws, "lobby", 1).await["t"], "mesa:subscribed");
+    }
+    eventually("both replicas in the lobby", WAIT, || {
+        both_in_lobby(&handle_a, &redis)
+    })
+    .await;
+
+    redis.restart();
+    eventually("subscribed and registered anew", WAIT, || {
+        both_in_lobby(&handle_a, &redis)
+    })
+    .await;
+    handle_b
+        .publish("lobby", &Message::dispatch("BACK", json!({})))
+        .unwrap();
+    for ws in [&mut alice, &mut bob] {
+        let message = next_json(&Tokio, ws).await;
+        assert_eq!(
+            (&message["t"], &message["room"]),
+            (&json!("BACK"), &json!("lobby"))
+        );
+    }
+}
+
+/// Whether Redis knows alice and bob in the lobby and both replicas listen to it.
+async fn both_in_lobby(handle: &mesa_tokio::ServerHandle, redis: &RedisServer) -> bool {
+    let Ok(members) = handle.room_members("lobby").await else {
+        return false;
+    };
+    let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+    ids == ["alice", "bob"] && redis.subscribers("mesa_room:lobby") == 2
+}
