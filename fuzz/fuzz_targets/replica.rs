@@ -1,8 +1,9 @@
 //! Random inputs replayed against a `Replica`: connections opening, authenticating,
 //! sending and closing, sends from the application, pub/sub messages (envelopes of
-//! ours and others', portal updates, garbage), the link going up and down, time
-//! passing, and Redis answers given in any order: right (the model of Redis runs the
-//! command), of the wrong shape, errors, late, twice, or never.
+//! ours and others', portal updates, garbage), the links going up and down (one
+//! Redis, or two with the data spread over them), time passing, and Redis answers
+//! given in any order: right (the model of that Redis instance runs the command), of
+//! the wrong shape, errors, late, twice, or never.
 //!
 //! Invariants:
 //! - tokens are unique; an answer to a token the replica no longer waits for changes
@@ -10,8 +11,8 @@
 //! - every command's calls run on the model of Redis without an error (keys and
 //!   arguments are laid out as the scripts read them), and after each the keys are
 //!   what a Node replica expects;
-//! - nothing but a `Connect` is asked while the link is not up, and nothing at all
-//!   once retired;
+//! - nothing but a `Connect` is asked of an instance while its link is not up, and
+//!   nothing at all once retired;
 //! - the envelopes published are ours (`origin`) and decode; portal events name a
 //!   portal of the pool;
 //! - a delivery targets open connections, sorted and unique, and never does nothing;
@@ -91,9 +92,12 @@ enum Op {
         token: u64,
     },
     LinkUp {
+        shard: u8,
         restarted: bool,
     },
-    LinkDown,
+    LinkDown {
+        shard: u8,
+    },
     Advance {
         ms: u16,
     },
@@ -117,7 +121,8 @@ fn start() -> Instant {
 
 struct Harness {
     replica: Replica,
-    redis: RedisModel,
+    /// One per Redis instance.
+    redis: Vec<RedisModel>,
     now: Instant,
     /// Connections as the replica numbered them: their id, if authenticated.
     conns: BTreeMap<ConnId, Option<String>>,
@@ -125,8 +130,9 @@ struct Harness {
     /// Commands sent and not answered, oldest first.
     outstanding: Vec<(Token, Command)>,
     tokens: BTreeSet<Token>,
-    linked: bool,
-    connecting: bool,
+    /// Per instance.
+    linked: Vec<bool>,
+    connecting: Vec<bool>,
     retired: bool,
     /// Connections that asked for their stored messages.
     asked: BTreeSet<ConnId>,
@@ -159,28 +165,38 @@ impl Harness {
                 );
             }
         }
+        let mut owed = Vec::new();
         while let Some((token, command)) = self.replica.poll_command() {
             assert!(!self.retired, "{command:?} after retiring");
             assert!(self.tokens.insert(token), "token {token:?} reused");
+            let shard = token.shard();
+            assert!(shard < self.redis.len(), "{token:?} of no instance");
             if command == Command::Connect {
-                assert!(!self.linked && !self.connecting, "Connect while linked");
-                self.connecting = true;
+                // Either the link is down, or its failure is among the events of this
+                // same drain (commands are drained first): a zero backoff reconnects
+                // at once.
+                if self.linked[shard] || self.connecting[shard] {
+                    owed.push(shard);
+                } else {
+                    self.connecting[shard] = true;
+                }
                 continue;
             }
-            assert!(self.linked, "{command:?} without a link");
+            assert!(self.linked[shard], "{command:?} without a link");
             self.check_command(&command);
             self.outstanding.push((token, command));
         }
         while let Some(event) = self.replica.poll_event() {
             match event {
-                ReplicaEvent::LinkDown { .. } => {
-                    self.linked = false;
-                    self.connecting = false;
-                    self.outstanding.clear();
+                ReplicaEvent::LinkDown { shard, .. } => {
+                    self.linked[shard] = false;
+                    self.outstanding.retain(|(token, _)| token.shard() != shard);
+                    let reconnecting = owed.iter().position(|owed| *owed == shard);
+                    self.connecting[shard] = reconnecting.map(|at| owed.remove(at)).is_some();
                 }
                 ReplicaEvent::Retired => {
                     self.retired = true;
-                    self.linked = false;
+                    self.linked.iter_mut().for_each(|linked| *linked = false);
                 }
                 ReplicaEvent::Loaded { conn, id, .. } => {
                     assert!(self.asked.contains(&conn), "loaded for {conn:?} unasked");
@@ -190,6 +206,7 @@ impl Harness {
                 _ => {}
             }
         }
+        assert!(owed.is_empty(), "Connect while linked to {owed:?}");
         let pending = self.replica.pending();
         assert!(pending <= 2 * MAX_PENDING, "{pending} jobs pending");
     }
@@ -228,14 +245,14 @@ impl Harness {
         let reply = match how {
             How::Right => {
                 let calls = command.calls(self.replica.keys());
-                let values = self
-                    .redis
+                let redis = &mut self.redis[token.shard()];
+                let values = redis
                     .execute(self.now, &calls)
                     .unwrap_or_else(|error| panic!("{command:?} failed on Redis: {error}"));
-                self.redis
+                redis
                     .check_upstream_contract(self.now, self.replica.keys().namespace())
                     .unwrap_or_else(|broken| panic!("after {command:?}: {broken}"));
-                let _ = self.redis.take_published();
+                let _ = redis.take_published();
                 if let (Command::Load { id }, Some(RedisValue::Text(raw))) =
                     (&command, values.first())
                 {
@@ -252,10 +269,13 @@ impl Harness {
     }
 }
 
-fuzz_target!(|input: (bool, Vec<Op>)| {
-    let (legacy_bus, ops) = input;
+fuzz_target!(|input: (bool, bool, Vec<Op>)| {
+    let (legacy_bus, two, ops) = input;
+    // Several instances need the legacy bus off.
+    let shards = if two && !legacy_bus { 2 } else { 1 };
     let config = ReplicaConfig {
         legacy_bus,
+        shards,
         sync: true,
         max_pending: MAX_PENDING,
         max_stored_per_id: 3,
@@ -265,14 +285,14 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
     let now = start();
     let mut h = Harness {
         replica: Replica::new(config, "me", 7, now).expect("valid"),
-        redis: RedisModel::new(),
+        redis: (0..shards).map(|_| RedisModel::new()).collect(),
         now,
         conns: BTreeMap::new(),
         opened: Vec::new(),
         outstanding: Vec::new(),
         tokens: BTreeSet::new(),
-        linked: false,
-        connecting: false,
+        linked: vec![false; shards],
+        connecting: vec![false; shards],
         retired: false,
         asked: BTreeSet::new(),
         loaded: HashMap::new(),
@@ -439,18 +459,22 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
                     );
                 }
             }
-            Op::LinkUp { restarted } => {
-                if h.connecting {
+            Op::LinkUp { shard, restarted } => {
+                let shard = usize::from(shard) % shards;
+                if h.connecting[shard] {
                     if restarted {
-                        h.redis.restart(true);
+                        h.redis[shard].restart(true);
                     }
-                    h.connecting = false;
-                    h.linked = true;
-                    let run_id = h.redis.run_id().to_owned();
-                    h.replica.handle_link_up(now, 0, &run_id);
+                    h.connecting[shard] = false;
+                    h.linked[shard] = true;
+                    let run_id = h.redis[shard].run_id().to_owned();
+                    h.replica.handle_link_up(now, shard, &run_id);
                 }
             }
-            Op::LinkDown => h.replica.handle_link_down(now, 0, "fuzzed"),
+            Op::LinkDown { shard } => {
+                let shard = usize::from(shard) % shards;
+                h.replica.handle_link_down(now, shard, "fuzzed");
+            }
             Op::Advance { ms } => {
                 h.now += Duration::from_millis(u64::from(ms));
                 let now = h.now;

@@ -934,11 +934,12 @@ impl Replica {
             }
             return self.shards[shard].jobs.push_back(job);
         }
+        let presence: usize = self.shards.iter().map(Shard::presence_pending).sum();
         let link = &mut self.shards[shard];
         // Beyond the bound a presence change waits for the next renewal (a third of
         // the lease at most), which registers exactly the ids connected here, and
         // room presence anew.
-        if link.presence_pending() >= self.config.max_pending {
+        if presence >= self.config.max_pending {
             if matches!(job, Job::Rooms(_)) {
                 link.rooms_dirty = true;
             }
