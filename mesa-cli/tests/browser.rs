@@ -2,8 +2,9 @@
 //! against the `mesa` binary: two pages chatting through `mesa serve --demo` (with
 //! Redis and sync: a message missed while offline comes back), three pages on two
 //! replicas of the demo sharing one Redis (a room's message reaches its members on
-//! both replicas with its room, not a page in another room; who is online per room
-//! shows both members), a page that survives
+//! both replicas with its room, not a page in another room; who is online per room,
+//! the room's presence, shows both members and follows a leave and a closed page),
+//! a page that survives
 //! a server restart with its reconnect banner, the published `mesa-js-client`
 //! 1.4.8 inside the browser, and the demo over `https://` and `wss://` with a
 //! certificate of the tests' own CA (`tests/src/pki.rs`), which chromium trusts by

@@ -11,7 +11,9 @@
 //   rooms       three pages on two replicas (`mesa serve --demo --redis` twice, one
 //               redis-server): two join a room on different replicas, one posts,
 //               the other gets it with its room; a page in another room (created by
-//               name, #general left) does not; who is online per room shows both;
+//               name, #general left) does not; who is online per room (the room's
+//               presence) shows both, and loses one when it leaves the room or closes
+//               its page, and a page back in six rooms at once lists itself in each;
 //               a refused subscribe rejects with the server's code and reason
 //   reconnect   the server restarts under a page: the banner shows the next retry
 //               time, who is online greys out, a message sent meanwhile is queued,
@@ -331,6 +333,33 @@ const scenarios = {
     await screenshot(alice, 'alice')
     await screenshot(bob, 'bob')
     await screenshot(carol, 'carol')
+
+    // Who is online is the room's presence over both replicas: alice leaves #rust,
+    // comes back (asking who is there), and closes her page.
+    const bobAlone = ids => JSON.stringify(ids) === '["bob"]'
+    await alice.click('#leave')
+    await waitFor('alice out of #rust on bob\'s page', async () => bobAlone(await onlineIds(bob)))
+    await alice.click('#enter')
+    await waitFor('alice back in #rust on bob\'s page', async () => both(await onlineIds(bob)))
+    await waitFor('bob in #rust on alice\'s page again', async () => both(await onlineIds(alice)))
+    await alice.close()
+    await waitFor('alice out of #rust on bob\'s page once her page closed', async () => bobAlone(await onlineIds(bob)))
+    const heard = (await received(bob)).filter(m => m.t === 'ONLINE')
+    if (heard.length > 0) throw new Error(`the server still sends its own presence: ${JSON.stringify(heard[0])}`)
+    // Back in more rooms at once than the server answers presence requests for (4 per
+    // connection), bob's page is still told who is in each.
+    const many = ['r1', 'r2', 'r3', 'r4']
+    await bob.bringToFront() // a page behind another runs its timers slowly
+    for (const room of many) {
+      await bob.fill('#room-name', room)
+      await bob.click('#create')
+    }
+    await bob.reload()
+    await login(bob, two.page, 'bob')
+    for (const room of ['general', 'rust', ...many]) {
+      await openRoom(bob, room)
+      await waitFor(`bob online in #${room} after a reload`, async () => bobAlone(await onlineIds(bob)))
+    }
     await stop(one.proc)
     await stop(two.proc)
     return { problems: [...alice.problems, ...bob.problems, ...carol.problems] }
