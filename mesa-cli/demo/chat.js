@@ -1,7 +1,8 @@
 // The chat demo's page: nickname login, a list of rooms (a few fixed ones and any
 // created by name), join and leave, messages and who is online per room, a typing
 // indicator, and a banner while the connection is down. The chat's protocol is
-// described in mesa-cli/src/demo.rs; the client is clients/js.
+// described in mesa-cli/src/demo.rs; the client is clients/js. Who is online is Mesa's
+// room presence (docs/protocol.md).
 import { MesaClient } from '/mesa-client.js'
 
 const $ = id => document.getElementById(id)
@@ -57,9 +58,12 @@ client.on('authenticated', () => {
   banner('')
   status(true)
 })
-// Made again after every reconnection: tell the server's presence each time.
+// Made again after every reconnection: tell the server each time (it keeps the rooms'
+// members for their stored messages) and ask again who is there.
 client.on('subscribed', ({ room }) => {
-  if (joined.has(room)) client.send('JOIN', { room })
+  if (!joined.has(room)) return
+  client.send('JOIN', { room })
+  askOnline(room)
 })
 
 // ----- rooms -----
@@ -78,7 +82,7 @@ function join (room) {
   known.add(room)
   joined.add(room)
   saveRooms()
-  client.subscribe(room).catch(error => {
+  client.subscribe(room, { presence: true }).catch(error => {
     joined.delete(room)
     saveRooms()
     banner(`Cannot join #${room}: ${error.reason || error.message}`)
@@ -89,7 +93,7 @@ function join (room) {
 function leave (room) {
   client.send('LEAVE', { room })
   joined.delete(room)
-  presence.delete(room)
+  online.delete(room)
   saveRooms()
   client.unsubscribe(room).catch(() => {}) // not subscribed yet: nothing to undo
   select(room)
@@ -132,27 +136,44 @@ function showRooms () {
   }))
 }
 
-// ----- who is online, per room and per replica -----
+// ----- who is online, per room -----
 
-const presence = new Map() // room -> replica -> { ids, expires }
+// Set from the room's presence after every subscription, then kept by its joins and
+// leaves. The page is in the room, so it lists itself, whether its own join was missed
+// (docs/protocol.md) or a leave of its id comes late from a connection it had before.
+const online = new Map() // room -> ids
+
+// One request at a time: the server refuses a connection's requests beyond a few
+// awaiting answers, and a page rejoins all its rooms at once after a reconnection.
+let asking = Promise.resolve()
+function askOnline (room) {
+  asking = asking.then(() => client.presence(room)).then(members => {
+    if (!joined.has(room)) return
+    online.set(room, new Set([...Object.keys(members), me]))
+    $('online').classList.remove('stale')
+    if (room === current) showOnline()
+  }, () => {}) // unsubscribed or disconnected meanwhile: the next subscription asks again
+}
+
+function changeOnline (room, id, present) {
+  const ids = online.get(room)
+  if (!ids) return // not in the room, or its presence not in yet
+  if (present) ids.add(id)
+  else if (id !== me) ids.delete(id)
+  if (room === current) showOnline()
+}
+client.on('join', ({ room, id }) => changeOnline(room, id, true))
+client.on('leave', ({ room, id }) => changeOnline(room, id, false))
 
 function showOnline () {
-  const now = Date.now()
-  const ids = new Set()
-  for (const [replica, list] of presence.get(current) || []) {
-    if (list.expires < now) presence.get(current).delete(replica)
-    else for (const id of list.ids) ids.add(id)
-  }
-  const offline = $('online').classList.contains('stale')
-  $('online').replaceChildren(...[...ids].sort().map(id => {
+  const stale = $('online').classList.contains('stale')
+  $('online').replaceChildren(...[...(online.get(current) || [])].sort().map(id => {
     const item = document.createElement('li')
     item.dataset.id = id
-    item.textContent = id === me ? `${id} (you${offline ? ', offline' : ''})` : id
+    item.textContent = id === me ? `${id} (you${stale ? ', offline' : ''})` : id
     return item
   }))
 }
-// Lists a replica stopped refreshing (it stopped, or left the cluster) fade out.
-setInterval(showOnline, 1000)
 
 // ----- messages -----
 
@@ -234,12 +255,6 @@ client.on('message', ({ t, d, s, room }) => {
     if (where === current) addMessage({ ...d, room: where }, missed)
     else unread.set(where, (unread.get(where) || 0) + 1)
     showRooms()
-  } else if (t === 'ONLINE') {
-    if (!joined.has(where)) return
-    if (!presence.has(where)) presence.set(where, new Map())
-    presence.get(where).set(d.replica, { ids: d.ids, expires: Date.now() + d.ttl })
-    $('online').classList.remove('stale')
-    if (where === current) showOnline()
   } else if (t === 'TYPING') {
     if (d.from !== me) typist(where, d.from, d.typing)
   }

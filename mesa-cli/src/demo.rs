@@ -13,28 +13,27 @@
 //! | client | `TYPING` | `{"room", "typing": bool}` | started or stopped typing |
 //! | room | `CHAT` | `{"room", "from", "text", "at"}` | someone said something (`at`: ms since the epoch) |
 //! | room | `TYPING` | `{"room", "from", "typing"}` | someone typing, or not any more |
-//! | room | `ONLINE` | `{"room", "replica", "ids", "ttl"}` | who is in the room on one replica |
 //!
-//! Who is online per room is kept by each replica from the `JOIN`s, `LEAVE`s and
-//! disconnections it sees, and published to the room (so to every replica's members)
-//! on every change and every [`REFRESH`]; a page shows the union of the replicas' lists
-//! and drops one not refreshed within its `ttl`. Best effort: cluster-wide room
-//! presence in Redis is future work. `JOIN` is taken at its word, as nicknames are.
+//! Who is online per room is Mesa's room presence (docs/protocol.md): the page
+//! subscribes with `presence`, asks `mesa:presence` after each subscription and follows
+//! `mesa:join` and `mesa:leave`; the server adds nothing to it.
 //!
-//! Room messages are not stored for offline members (rooms have no sync). So with
-//! `--redis --sync`, a `CHAT` is also sent by id to the room's members that joined here
-//! and are not connected here, so that the offline ones get it stored and redelivered
-//! when they come back; the page drops the copies it already has.
+//! Room messages are not stored for offline members (rooms have no sync), and presence
+//! forgets an id once its last connection is gone. So with `--redis --sync`, the
+//! server remembers the ids that `JOIN`ed a room here and did not `LEAVE` it, and a
+//! `CHAT` is also sent by id to those not connected here, so that the offline ones get
+//! it stored and redelivered when they come back; the page drops the copies it already
+//! has. `JOIN` is taken at its word, as nicknames are.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use mesa_tokio::{Close, ConnId, Connection, Handler, Message, Recipients, ServerHandle};
+use mesa_tokio::{Connection, Handler, Message, Recipients, ServerHandle};
 use serde_json::{Value, json};
 
 /// The page, with `{{MESA_PATH}}` standing for the WebSocket endpoint's path.
@@ -51,11 +50,6 @@ const MAX_MEMBERS: usize = 1000;
 const MAX_ROOMS: usize = 256;
 /// Characters of a chat message kept, at most.
 const MAX_TEXT: usize = 2000;
-/// How often each replica publishes who is in its rooms, for pages that joined after
-/// its last change (on other replicas, they never saw it).
-const REFRESH: Duration = Duration::from_secs(3);
-/// How long a page keeps a replica's list without a refresh.
-const TTL: Duration = Duration::from_secs(10);
 
 /// The paths of the demo's own routes.
 pub(crate) const PAGES: [&str; 3] = ["/", "/chat.js", "/mesa-client.js"];
@@ -84,52 +78,25 @@ pub(crate) fn pages<S: Clone + Send + Sync + 'static>(path: &str) -> Router<S> {
 
 /// The chat's behaviour.
 pub(crate) struct DemoChat {
-    /// Whether messages are stored for offline members (`--sync`).
+    /// Whether messages are stored for offline members (`--sync`); without it, `JOIN`
+    /// and `LEAVE` change nothing.
     sync: bool,
-    /// Who is in which room, shared with the refresher.
-    rooms: Arc<Mutex<Rooms>>,
-    /// The task publishing presence every [`REFRESH`], started with the first
-    /// authenticated connection (the first moment a server handle is at hand).
-    refresher: OnceLock<()>,
+    /// The rooms' members as this replica heard of them.
+    members: Mutex<Members>,
 }
 
-/// The rooms as this replica sees them.
-struct Rooms {
-    /// This replica's name in `ONLINE`, so that pages keep one list per replica.
-    replica: String,
-    /// Per room, the connections here in it and their ids.
-    present: HashMap<String, HashMap<ConnId, String>>,
-    /// Per room, the ids that joined here and did not leave, oldest first.
-    members: HashMap<String, VecDeque<String>>,
-}
+/// Per room, the ids that joined it here and did not leave, oldest first: the
+/// recipients of its stored messages.
+#[derive(Default)]
+struct Members(HashMap<String, VecDeque<String>>);
 
-impl Rooms {
-    /// `ONLINE` for `room`: the sorted, distinct ids in it here.
-    fn online(&self, room: &str) -> Message {
-        let mut ids: Vec<&String> = self
-            .present
-            .get(room)
-            .into_iter()
-            .flat_map(HashMap::values)
-            .collect();
-        ids.sort();
-        ids.dedup();
-        let ttl = u64::try_from(TTL.as_millis()).unwrap_or(u64::MAX);
-        Message::dispatch(
-            "ONLINE",
-            json!({ "room": room, "replica": self.replica, "ids": ids, "ttl": ttl }),
-        )
-    }
-
-    fn join(&mut self, room: &str, conn: ConnId, id: &str) {
-        self.present
-            .entry(room.to_owned())
-            .or_default()
-            .insert(conn, id.to_owned());
-        if self.members.len() >= MAX_ROOMS && !self.members.contains_key(room) {
+impl Members {
+    /// Remember `id` in `room`, as its newest member.
+    fn join(&mut self, room: &str, id: &str) {
+        if self.0.len() >= MAX_ROOMS && !self.0.contains_key(room) {
             return;
         }
-        let members = self.members.entry(room.to_owned()).or_default();
+        let members = self.0.entry(room.to_owned()).or_default();
         members.retain(|m| m != id);
         if members.len() >= MAX_MEMBERS {
             members.pop_front();
@@ -137,28 +104,24 @@ impl Rooms {
         members.push_back(id.to_owned());
     }
 
-    /// Take `conn` out of `room`; with `forget`, its id stops being a member too.
-    fn leave(&mut self, room: &str, conn: ConnId, forget: bool) -> Option<String> {
-        let present = self.present.get_mut(room)?;
-        let id = present.remove(&conn)?;
-        if present.is_empty() {
-            self.present.remove(room);
-        }
-        if let Some(members) = self.members.get_mut(room).filter(|_| forget) {
-            members.retain(|m| *m != id);
+    /// Forget `id` in `room`.
+    fn leave(&mut self, room: &str, id: &str) {
+        if let Some(members) = self.0.get_mut(room) {
+            members.retain(|m| m != id);
             if members.is_empty() {
-                self.members.remove(room);
+                self.0.remove(room);
             }
         }
-        Some(id)
     }
 
-    /// The rooms `conn` is in.
-    fn rooms_of(&self, conn: ConnId) -> Vec<String> {
-        self.present
-            .iter()
-            .filter(|(_, conns)| conns.contains_key(&conn))
-            .map(|(room, _)| room.clone())
+    /// The members of `room` for whom `offline` holds.
+    fn offline(&self, room: &str, offline: impl Fn(&str) -> bool) -> Vec<String> {
+        self.0
+            .get(room)
+            .into_iter()
+            .flatten()
+            .filter(|id| offline(id))
+            .cloned()
             .collect()
     }
 }
@@ -167,30 +130,15 @@ impl DemoChat {
     /// A chat; with `sync`, chat messages are also addressed to the offline members so
     /// that they get them later.
     pub(crate) fn new(sync: bool) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
         DemoChat {
             sync,
-            rooms: Arc::new(Mutex::new(Rooms {
-                replica: format!("{}-{nanos:x}", std::process::id()),
-                present: HashMap::new(),
-                members: HashMap::new(),
-            })),
-            refresher: OnceLock::new(),
+            members: Mutex::new(Members::default()),
         }
     }
 
-    fn rooms(&self) -> std::sync::MutexGuard<'_, Rooms> {
-        lock(&self.rooms)
-    }
-
-    /// Publish who is in `room` here to the room.
-    fn announce(&self, server: &ServerHandle, room: &str) {
-        let online = self.rooms().online(room);
-        if let Err(error) = server.publish(room, &online) {
-            tracing::debug!(%error, room, "presence not published");
-        }
+    /// The members; a panic elsewhere leaves them usable.
+    fn members(&self) -> std::sync::MutexGuard<'_, Members> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Publish `chat` to `room`, and with sync send it to the room's members not
@@ -203,15 +151,7 @@ impl DemoChat {
         if !self.sync {
             return;
         }
-        let elsewhere: Vec<String> = self
-            .rooms()
-            .members
-            .get(room)
-            .into_iter()
-            .flatten()
-            .filter(|id| !server.is_online(id))
-            .cloned()
-            .collect();
+        let elsewhere = self.members().offline(room, |id| !server.is_online(id));
         if elsewhere.is_empty() {
             return;
         }
@@ -220,35 +160,6 @@ impl DemoChat {
             tracing::warn!(%error, "a chat message was not stored for offline members");
         }
     }
-
-    /// Start publishing every room's presence every [`REFRESH`], once.
-    fn start_refresher(&self, server: ServerHandle) {
-        self.refresher.get_or_init(|| {
-            let rooms = Arc::clone(&self.rooms);
-            tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(REFRESH);
-                loop {
-                    ticks.tick().await;
-                    let announcements: Vec<(String, Message)> = {
-                        let rooms = lock(&rooms);
-                        rooms
-                            .present
-                            .keys()
-                            .map(|room| (room.clone(), rooms.online(room)))
-                            .collect()
-                    };
-                    for (room, online) in announcements {
-                        let _ = server.publish(&room, &online);
-                    }
-                }
-            });
-        });
-    }
-}
-
-/// Lock `rooms`; a panic elsewhere leaves them usable.
-fn lock(rooms: &Mutex<Rooms>) -> std::sync::MutexGuard<'_, Rooms> {
-    rooms.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_ms() -> u64 {
@@ -258,10 +169,6 @@ fn now_ms() -> u64 {
 }
 
 impl Handler for DemoChat {
-    async fn on_authenticated(&self, conn: &Connection) {
-        self.start_refresher(conn.server());
-    }
-
     async fn on_message(&self, conn: &Connection, message: Message) {
         // Authentication is required: nothing is said anonymously.
         let Some(from) = conn.id() else { return };
@@ -270,16 +177,8 @@ impl Handler for DemoChat {
         };
         let server = conn.server();
         match message.t.as_deref() {
-            Some("JOIN") => {
-                self.rooms().join(room, conn.conn_id(), &from);
-                self.announce(&server, room);
-            }
-            Some("LEAVE") => {
-                let was_in = self.rooms().leave(room, conn.conn_id(), true).is_some();
-                if was_in {
-                    self.announce(&server, room);
-                }
-            }
+            Some("JOIN") if self.sync => self.members().join(room, &from),
+            Some("LEAVE") if self.sync => self.members().leave(room, &from),
             Some("CHAT") => {
                 let Some(text) = message.d.get("text").and_then(Value::as_str) else {
                     return;
@@ -305,59 +204,27 @@ impl Handler for DemoChat {
             _ => {}
         }
     }
-
-    async fn on_disconnect(&self, conn: &Connection, _close: &Close) {
-        let server = conn.server();
-        let left: Vec<String> = {
-            let mut rooms = self.rooms();
-            let joined = rooms.rooms_of(conn.conn_id());
-            for room in &joined {
-                rooms.leave(room, conn.conn_id(), false);
-            }
-            joined
-        };
-        for room in left {
-            self.announce(&server, &room);
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rooms() -> Rooms {
-        Rooms {
-            replica: "r".to_owned(),
-            present: HashMap::new(),
-            members: HashMap::new(),
-        }
-    }
-
     #[test]
-    fn presence_counts_an_id_once_and_a_disconnection_keeps_it_a_member() {
-        let mut rooms = rooms();
-        rooms.join("general", ConnId(1), "alice");
-        rooms.join("general", ConnId(2), "alice");
-        rooms.join("general", ConnId(3), "bob");
-        rooms.join("rust", ConnId(3), "bob");
-        assert_eq!(rooms.online("general").d["ids"], json!(["alice", "bob"]));
-        assert_eq!(rooms.rooms_of(ConnId(3)).len(), 2);
+    fn a_member_is_kept_once_newest_last_until_it_leaves() {
+        let mut members = Members::default();
+        members.join("general", "alice");
+        members.join("general", "bob");
+        members.join("general", "alice");
+        members.join("rust", "bob");
+        assert_eq!(members.offline("general", |_| true), ["bob", "alice"]);
+        assert_eq!(members.offline("general", |id| id != "bob"), ["alice"]);
 
-        // Disconnected: out of the room, still a recipient of what is stored.
-        assert_eq!(
-            rooms.leave("rust", ConnId(3), false).as_deref(),
-            Some("bob")
-        );
-        assert!(!rooms.present.contains_key("rust"));
-        assert_eq!(rooms.members["rust"], ["bob"]);
-        // Left: neither.
-        assert_eq!(
-            rooms.leave("general", ConnId(3), true).as_deref(),
-            Some("bob")
-        );
-        assert_eq!(rooms.online("general").d["ids"], json!(["alice"]));
-        assert_eq!(rooms.members["general"], ["alice"]);
-        assert_eq!(rooms.leave("general", ConnId(3), true), None);
+        members.leave("rust", "bob");
+        assert!(!members.0.contains_key("rust"));
+        members.leave("general", "bob");
+        members.leave("general", "carol");
+        assert_eq!(members.offline("general", |_| true), ["alice"]);
+        assert!(members.offline("lounge", |_| true).is_empty());
     }
 }

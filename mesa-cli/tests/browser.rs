@@ -2,8 +2,10 @@
 //! against the `mesa` binary: two pages chatting through `mesa serve --demo` (with
 //! Redis and sync: a message missed while offline comes back), three pages on two
 //! replicas of the demo sharing one Redis (a room's message reaches its members on
-//! both replicas with its room, not a page in another room; who is online per room
-//! shows both members), a page that survives
+//! both replicas with its room, not a page in another room; who is online per room,
+//! the room's presence, shows both members and follows a leave and a closed page),
+//! `clients/js`'s `presence()` and join and leave events over two replicas (several
+//! clients of one id count once), a page that survives
 //! a server restart with its reconnect banner, the published `mesa-js-client`
 //! 1.4.8 inside the browser, and the demo over `https://` and `wss://` with a
 //! certificate of the tests' own CA (`tests/src/pki.rs`), which chromium trusts by
@@ -147,6 +149,11 @@ fn two_pages_chat_through_the_demo_and_missed_messages_come_back() {
 #[test]
 fn pages_on_two_replicas_share_a_room_and_a_page_in_another_room_hears_nothing() {
     scenario("rooms");
+}
+
+#[test]
+fn the_browser_client_tells_who_is_in_a_room_over_two_replicas() {
+    scenario("presence");
 }
 
 #[test]

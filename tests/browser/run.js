@@ -11,8 +11,14 @@
 //   rooms       three pages on two replicas (`mesa serve --demo --redis` twice, one
 //               redis-server): two join a room on different replicas, one posts,
 //               the other gets it with its room; a page in another room (created by
-//               name, #general left) does not; who is online per room shows both;
+//               name, #general left) does not; who is online per room (the room's
+//               presence) shows both, and loses one when it leaves the room or closes
+//               its page, and a page back in six rooms at once lists itself in each;
 //               a refused subscribe rejects with the server's code and reason
+//   presence    clients/js in a page of the demo (not logged in), against two replicas:
+//               presence() before subscribing is refused, then over both replicas
+//               who is in a room counts an id's tabs, and join and leave events come
+//               once per id, in order, to the subscription with presence only
 //   reconnect   the server restarts under a page: the banner shows the next retry
 //               time, who is online greys out, a message sent meanwhile is queued,
 //               and the page recovers
@@ -331,6 +337,33 @@ const scenarios = {
     await screenshot(alice, 'alice')
     await screenshot(bob, 'bob')
     await screenshot(carol, 'carol')
+
+    // Who is online is the room's presence over both replicas: alice leaves #rust,
+    // comes back (asking who is there), and closes her page.
+    const bobAlone = ids => JSON.stringify(ids) === '["bob"]'
+    await alice.click('#leave')
+    await waitFor('alice out of #rust on bob\'s page', async () => bobAlone(await onlineIds(bob)))
+    await alice.click('#enter')
+    await waitFor('alice back in #rust on bob\'s page', async () => both(await onlineIds(bob)))
+    await waitFor('bob in #rust on alice\'s page again', async () => both(await onlineIds(alice)))
+    await alice.close()
+    await waitFor('alice out of #rust on bob\'s page once her page closed', async () => bobAlone(await onlineIds(bob)))
+    const heard = (await received(bob)).filter(m => m.t === 'ONLINE')
+    if (heard.length > 0) throw new Error(`the server still sends its own presence: ${JSON.stringify(heard[0])}`)
+    // Back in more rooms at once than the server answers presence requests for (4 per
+    // connection), bob's page is still told who is in each.
+    const many = ['r1', 'r2', 'r3', 'r4']
+    await bob.bringToFront() // a page behind another runs its timers slowly
+    for (const room of many) {
+      await bob.fill('#room-name', room)
+      await bob.click('#create')
+    }
+    await bob.reload()
+    await login(bob, two.page, 'bob')
+    for (const room of ['general', 'rust', ...many]) {
+      await openRoom(bob, room)
+      await waitFor(`bob online in #${room} after a reload`, async () => bobAlone(await onlineIds(bob)))
+    }
     await stop(one.proc)
     await stop(two.proc)
     return { problems: [...alice.problems, ...bob.problems, ...carol.problems] }
@@ -377,6 +410,86 @@ const scenarios = {
     await screenshot(page, 'recovered')
     await stop(server.proc)
     return { banner, problems: page.problems }
+  },
+
+  // clients/js's presence in the browser, over two replicas: a page of the demo (not
+  // logged in) runs clients of its own from the module the demo serves.
+  async presence () {
+    const redis = await redisServer()
+    const argv = ['--demo', '--listen', '127.0.0.1:0', '--redis', redis]
+    const one = await mesaServe(argv)
+    const two = await mesaServe(argv)
+    const context = await browser()
+    const page = await newPage(context, 'presence')
+    await page.goto(one.page)
+    // window.clients[name]: a client authenticated as `id` on `url`, its join and
+    // leave events in `heard`.
+    await page.evaluate(() => { window.clients = {} })
+    const connect = (name, id, url) => page.evaluate(async ({ name, id, url }) => {
+      const { MesaClient } = await import('/mesa-client.js')
+      const client = new MesaClient(url)
+      client.heard = []
+      for (const event of ['join', 'leave']) client.on(event, ({ room, id }) => client.heard.push(`${event} ${room} ${id}`))
+      client.connect()
+      await client.authenticate({ token: id }, { shouldSync: false })
+      window.clients[name] = client
+    }, { name, id, url })
+    // `action(client)` in the page, for the client called `name`; resolves with its result.
+    const run = (name, action) => page.evaluate(`(${action})(window.clients[${JSON.stringify(name)}])`)
+    const heard = name => run(name, client => client.heard)
+    // Presence goes to Redis in batches: wait until bob's presence() says `expected`.
+    const membersAre = async expected => {
+      const sorted = members => JSON.stringify(Object.entries(members).sort())
+      await waitFor(`presence ${JSON.stringify(expected)}`, async () =>
+        sorted(await run('bob', client => client.presence('lobby'))) === sorted(expected))
+      log('presence', JSON.stringify(expected))
+    }
+    // What bob heard of the others (his own join may be missed), once it includes `line`.
+    const bobHears = line => waitFor(`bob hearing "${line}"`, async () => {
+      const told = (await heard('bob')).filter(entry => !entry.endsWith(' bob'))
+      return told.includes(line) && told
+    })
+
+    await connect('bob', 'bob', two.ws)
+    await connect('alice1', 'alice', one.ws)
+    await connect('alice2', 'alice', two.ws)
+    await connect('carol', 'carol', one.ws)
+    // Asked before subscribing: refused with not_subscribed.
+    const refusal = await run('bob', client => client.presence('lobby').then(
+      () => null, error => ({ name: error.name, code: error.code, room: error.room })))
+    if (!refusal || refusal.name !== 'MesaRoomError' || refusal.code !== 'not_subscribed' || refusal.room !== 'lobby') {
+      throw new Error(`presence() before subscribing ended with ${JSON.stringify(refusal)}`)
+    }
+    await run('bob', client => client.subscribe('lobby', { presence: true }))
+    await run('carol', client => client.subscribe('lobby'))
+    await bobHears('join lobby carol')
+    await membersAre({ bob: 1, carol: 1 })
+
+    // Alice's first tab (on the other replica) joins: bob hears it; her second tab
+    // (bob's replica) joins too, and the id still joined once.
+    await run('alice1', client => client.subscribe('lobby'))
+    await bobHears('join lobby alice')
+    await run('alice2', client => client.subscribe('lobby'))
+    await membersAre({ alice: 2, bob: 1, carol: 1 })
+    // One tab gone: alice is still there, once.
+    await run('alice1', client => client.disconnect())
+    await membersAre({ alice: 1, bob: 1, carol: 1 })
+    // The other tab leaves the room, then carol closes: each is told once.
+    await run('alice2', client => client.unsubscribe('lobby'))
+    await bobHears('leave lobby alice')
+    await run('carol', client => client.disconnect())
+    const told = ['join lobby carol', 'join lobby alice', 'leave lobby alice', 'leave lobby carol']
+    const bobHeard = await bobHears('leave lobby carol')
+    if (JSON.stringify(bobHeard) !== JSON.stringify(told)) throw new Error(`bob heard ${JSON.stringify(bobHeard)}, not ${JSON.stringify(told)}`)
+    await membersAre({ bob: 1 })
+    // Carol and alice subscribed without presence: they were told nothing.
+    for (const name of ['alice1', 'alice2', 'carol']) {
+      const got = await heard(name)
+      if (got.length > 0) throw new Error(`${name}, without presence, heard ${JSON.stringify(got)}`)
+    }
+    await stop(one.proc)
+    await stop(two.proc)
+    return { heard: bobHeard, problems: page.problems }
   },
 
   // The published mesa-js-client 1.4.8, in the browser, against our server.
