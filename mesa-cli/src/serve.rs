@@ -94,7 +94,9 @@ pub(crate) struct ServeArgs {
     no_relay: bool,
 
     /// Replicate through this Redis (e.g. `redis://127.0.0.1:6379/`, `rediss://` for
-    /// TLS): replicas of ours and of @cryb/mesa on it deliver each other's sends.
+    /// TLS, `redis+sentinel://HOST:PORT,HOST:PORT/MASTER` for the primary that Redis
+    /// Sentinel names, followed through failovers): replicas of ours and of
+    /// @cryb/mesa on it deliver each other's sends.
     /// Several (repeated, or comma-separated) spread ids and rooms over them by a
     /// consistent hash, in the order given (the same on every replica and
     /// Dispatcher; needs --legacy-bus off).

@@ -68,7 +68,7 @@ impl From<redis::RedisError> for DispatchError {
 /// `tokio` or `smol` feature).
 pub struct Dispatcher {
     /// One per Redis instance, in shard order, each with its shared connection.
-    clients: Vec<redis::Client>,
+    targets: Vec<link::Target>,
     conns: Mutex<Vec<Option<MultiplexedConnection>>>,
     config: DispatchConfig,
     hashes: ScriptHashes,
@@ -194,17 +194,17 @@ impl DispatcherBuilder {
             check_ca_pem(pem)?;
         }
         let urls = std::iter::once(&self.url).chain(&self.shard_urls);
-        let clients = urls
-            .map(|url| link::client(url, self.redis_ca_pem.as_deref()))
+        let targets = urls
+            .map(|url| link::Target::parse(url, self.redis_ca_pem.as_deref()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| DispatchError::InvalidUrl(error.to_string()))?;
         let dispatcher = Dispatcher {
-            conns: Mutex::new(vec![None; clients.len()]),
-            clients,
+            conns: Mutex::new(vec![None; targets.len()]),
+            targets,
             config,
             hashes: ScriptHashes::new(),
         };
-        for shard in 0..dispatcher.clients.len() {
+        for shard in 0..dispatcher.targets.len() {
             dispatcher.connection(shard).await?;
         }
         Ok(dispatcher)
@@ -307,7 +307,7 @@ impl Dispatcher {
     /// its rounds, on every Redis instance it asks at once.
     async fn execute(&self, mut dispatch: Dispatch) -> Result<DispatchReport, DispatchError> {
         loop {
-            let mut by_shard: Vec<Vec<_>> = vec![Vec::new(); self.clients.len()];
+            let mut by_shard: Vec<Vec<_>> = vec![Vec::new(); self.targets.len()];
             for (token, command) in std::iter::from_fn(|| dispatch.poll_command()) {
                 by_shard[token.shard()].push((token, command));
             }
@@ -354,12 +354,13 @@ impl Dispatcher {
     }
 
     /// Instance `shard`'s shared connection, opened (with the scripts loaded) when
-    /// there is none.
+    /// there is none (through Sentinel, on the primary of now).
     async fn connection(&self, shard: usize) -> Result<MultiplexedConnection, DispatchError> {
         if let Some(conn) = self.slots()[shard].clone() {
             return Ok(conn);
         }
-        let mut conn = commands(&self.clients[shard]).await?;
+        let client = self.targets[shard].client().await?;
+        let mut conn = commands(&client).await?;
         load_scripts(&mut conn).await?;
         Ok(self.slots()[shard].get_or_insert(conn).clone())
     }

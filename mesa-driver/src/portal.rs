@@ -123,7 +123,7 @@ impl<R: Runtime> PortalBuilder<R> {
         if let Some(pem) = &self.redis_ca_pem {
             check_ca_pem(pem)?;
         }
-        let client = link::client(&self.url, self.redis_ca_pem.as_deref())
+        let target = link::Target::parse(&self.url, self.redis_ca_pem.as_deref())
             .map_err(|error| PortalError::InvalidUrl(error.to_string()))?;
         let config = PortalMemberConfig {
             namespace: Namespace::new(self.namespace),
@@ -136,7 +136,7 @@ impl<R: Runtime> PortalBuilder<R> {
         let (stop_tx, stop) = oneshot::channel();
         let mut shell = Shell {
             runtime: self.runtime.clone(),
-            client,
+            target,
             member,
             events: Some(events),
             stop: Some(stop),
@@ -235,7 +235,8 @@ type Answer = BoxFuture<'static, (Token, Reply)>;
 /// The portal's member and its Redis connections: the background half of a portal.
 struct Shell<R: Runtime> {
     runtime: R,
-    client: redis::Client,
+    /// Where the cluster's Redis is (resolved anew at every connection).
+    target: link::Target,
     member: PortalMember,
     /// Where client events go (`None` once the portal was dropped).
     events: Option<mpsc::Sender<PortalEvent>>,
@@ -360,7 +361,7 @@ impl<R: Runtime> Shell<R> {
     fn execute(&mut self, token: Token, command: PortalCommand) {
         match command {
             PortalCommand::Connect { channel } => {
-                self.opening = Some(Box::pin(open(self.client.clone(), channel)));
+                self.opening = Some(Box::pin(open(self.target.clone(), channel)));
             }
             PortalCommand::Disconnect => {
                 self.link = None;
@@ -479,7 +480,8 @@ fn poll_once<F: Future + Unpin>(slot: &mut Option<F>, cx: &mut Context<'_>) -> P
 }
 
 /// Open a link: a command connection, and a subscription to `channel`.
-async fn open(client: redis::Client, channel: String) -> RedisResult<Link> {
+async fn open(target: link::Target, channel: String) -> RedisResult<Link> {
+    let client = target.client().await?;
     let conn = commands(&client).await?;
     let (mut sink, messages) = client.get_async_pubsub().await?.split();
     sink.subscribe(channel).await?;

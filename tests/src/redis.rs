@@ -33,6 +33,8 @@ pub struct RedisServer {
     dir: Option<PathBuf>,
     /// The TLS port of a server [started with TLS](RedisServer::start_tls).
     tls: Option<Tls>,
+    /// The port of the primary a [replica](RedisServer::start_replica_of) follows.
+    primary: Option<u16>,
 }
 
 /// The TLS side of a [`RedisServer`]: its port, and the files of its certificate.
@@ -53,6 +55,20 @@ impl RedisServer {
             child: None,
             dir: None,
             tls: None,
+            primary: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Start a replica of `primary` (`--replicaof`), which Sentinel can promote.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: None,
+            tls: None,
+            primary: Some(primary.port),
         };
         server.restart();
         server
@@ -77,6 +93,7 @@ impl RedisServer {
                 ca_pem,
                 files,
             }),
+            primary: None,
         };
         server.restart();
         server
@@ -95,6 +112,7 @@ impl RedisServer {
             child: None,
             dir: Some(dir),
             tls: None,
+            primary: None,
         };
         server.restart();
         server
@@ -187,6 +205,9 @@ impl RedisServer {
                 .arg(dir),
             None => command.args(["--appendonly", "no"]),
         };
+        if let Some(primary) = self.primary {
+            command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
         if let Some(tls) = &self.tls {
             let file = |name: &str| tls.files.path().join(name);
             command
@@ -411,6 +432,118 @@ async fn forward(
                     }
                 }
             },
+        }
+    }
+}
+
+/// Three `redis-server --sentinel` processes watching one primary as `mymaster`,
+/// quick to fail over (down after 500 ms); they stop on drop.
+#[derive(Debug)]
+pub struct Sentinels {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    /// Their configuration files, which Sentinel rewrites.
+    _dir: TempDir,
+}
+
+impl Sentinels {
+    /// The name of the master they watch.
+    pub const MASTER: &'static str = "mymaster";
+
+    /// Start three sentinels watching `primary`; returns once each knows it.
+    pub fn start(primary: &RedisServer) -> Self {
+        let dir = TempDir::new();
+        let mut sentinels = Sentinels {
+            ports: Vec::new(),
+            children: Vec::new(),
+            _dir: dir,
+        };
+        for index in 0..3 {
+            let port = free_port();
+            let config = format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
+                 sentinel monitor {master} 127.0.0.1 {primary} 2\n\
+                 sentinel down-after-milliseconds {master} 500\n\
+                 sentinel failover-timeout {master} 2000\n\
+                 sentinel parallel-syncs {master} 1\n",
+                master = Self::MASTER,
+                primary = primary.port(),
+            );
+            let file = sentinels
+                ._dir
+                .file(&format!("sentinel-{index}.conf"), &config);
+            let child = Command::new("redis-server")
+                .arg(&file)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|error| {
+                    panic!("cannot start redis-server --sentinel ({error}): apt-get install redis-server")
+                });
+            sentinels.ports.push(port);
+            sentinels.children.push(child);
+        }
+        for index in 0..3 {
+            sentinels.wait_master(index, primary.port());
+        }
+        sentinels
+    }
+
+    /// The cluster URL of their master: `redis+sentinel://...,.../mymaster`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis+sentinel://{}/{}", hosts.join(","), Self::MASTER)
+    }
+
+    /// The port of the master sentinel `index` names now, if it answers.
+    pub fn master_port(&self, index: usize) -> Option<u16> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.ports[index])).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let master = Self::MASTER;
+        let request = format!(
+            "*3\r\n$8\r\nSENTINEL\r\n$23\r\nget-master-addr-by-name\r\n${}\r\n{master}\r\n",
+            master.len()
+        );
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut reply = Vec::new();
+        let mut buffer = [0u8; 1024];
+        while resp_end(&reply).is_none() {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => reply.extend_from_slice(&buffer[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        text.lines()
+            .filter(|line| !line.starts_with(['*', '$']))
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// Wait (at most 10 s) until sentinel `index` names the master on `port`.
+    pub fn wait_master(&self, index: usize, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.master_port(index) != Some(port) {
+            assert!(
+                Instant::now() < deadline,
+                "sentinel {index} does not name 127.0.0.1:{port} as the master"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

@@ -29,6 +29,69 @@ pub(crate) fn client(url: &str, ca_pem: Option<&[u8]>) -> RedisResult<redis::Cli
     }
 }
 
+/// Where a Redis instance is: at a URL, or behind Redis Sentinel, written
+/// `redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER` (the sentinels, and the name
+/// of the master they watch). Through Sentinel, every (re)connection asks the
+/// sentinels for the current primary, so a link broken by a failover reopens on the
+/// new one.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Direct(redis::Client),
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+/// The scheme of a Redis instance behind Sentinel.
+const SENTINEL_SCHEME: &str = "redis+sentinel://";
+
+impl Target {
+    /// The instance `url` names; `ca_pem` as for [`client`] (not with Sentinel).
+    pub(crate) fn parse(url: &str, ca_pem: Option<&[u8]>) -> RedisResult<Target> {
+        let Some(rest) = url.strip_prefix(SENTINEL_SCHEME) else {
+            return client(url, ca_pem).map(Target::Direct);
+        };
+        let invalid = |what: &'static str| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, what))
+        };
+        if ca_pem.is_some() {
+            return Err(invalid("TLS is not supported through Sentinel"));
+        }
+        let (hosts, master) = rest
+            .split_once('/')
+            .ok_or_else(|| invalid("redis+sentinel:// needs /MASTER after the sentinels"))?;
+        let master = master.trim_end_matches('/');
+        let sentinels: Vec<String> = hosts
+            .split(',')
+            .filter(|host| !host.is_empty())
+            .map(|host| format!("redis://{host}/"))
+            .collect();
+        if master.is_empty() || sentinels.is_empty() {
+            return Err(invalid(
+                "redis+sentinel:// needs sentinels and a master name",
+            ));
+        }
+        // Checked now, so that a wrong address fails when the URL is given.
+        redis::sentinel::Sentinel::build(sentinels.clone())?;
+        Ok(Target::Sentinel {
+            sentinels,
+            master: master.to_owned(),
+        })
+    }
+
+    /// A client of the instance now: through Sentinel, of the current primary.
+    pub(crate) async fn client(&self) -> RedisResult<redis::Client> {
+        match self {
+            Target::Direct(client) => Ok(client.clone()),
+            Target::Sentinel { sentinels, master } => {
+                let mut sentinel = redis::sentinel::Sentinel::build(sentinels.clone())?;
+                sentinel.async_master_for(master, None).await
+            }
+        }
+    }
+}
+
 /// Check that `pem` holds certificates before redis-rs gets it (an empty input would
 /// only fail later, as an unknown issuer at every connection).
 pub(crate) fn check_ca_pem(pem: &[u8]) -> Result<(), crate::tls::TlsError> {

@@ -17,7 +17,10 @@ pub(crate) use task::spawn;
 /// How a server joins a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// The Redis URL, e.g. `redis://127.0.0.1:6379/`.
+    /// The Redis URL, e.g. `redis://127.0.0.1:6379/`, `rediss://` for TLS, or
+    /// `redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER` for the primary that Redis
+    /// Sentinel names: every (re)connection asks the sentinels, so after a failover
+    /// the links reopen on the promoted replica.
     pub url: String,
     /// Further Redis instances to spread the cluster's data over (sharding): each
     /// id's and each room's keys and channels live on one instance, chosen by a

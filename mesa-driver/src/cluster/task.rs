@@ -219,9 +219,9 @@ impl<R: Runtime> Task<R> {
             .replica(|replica| replica.channels(shard))
             .unwrap_or_default();
         let url = self.config.urls().nth(shard).unwrap_or_default();
-        let client = link::client(url, self.config.redis_ca_pem.as_deref());
+        let target = link::Target::parse(url, self.config.redis_ca_pem.as_deref());
         self.slots[shard] = Slot {
-            connecting: Some(Box::pin(open(client, channels))),
+            connecting: Some(Box::pin(open(target, channels))),
             ..Slot::default()
         };
     }
@@ -287,10 +287,10 @@ impl<R: Runtime> Task<R> {
 /// Open a link: a command connection (whose Redis process's run id is read and
 /// whose scripts are loaded) and a subscription to `channels`.
 async fn open(
-    client: RedisResult<redis::Client>,
+    target: RedisResult<link::Target>,
     channels: Vec<String>,
 ) -> RedisResult<(Link, String)> {
-    let client = client?;
+    let client = target?.client().await?;
     let mut conn = commands(&client).await?;
     let info: String = redis::cmd("INFO")
         .arg("server")

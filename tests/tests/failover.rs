@@ -1,0 +1,100 @@
+//! Redis behind Sentinel with real processes: a `redis-server` primary, a replica
+//! and three `redis-server --sentinel`. The cluster finds the primary through the
+//! sentinels (`redis+sentinel://...`), and when the primary is killed it follows the
+//! promoted replica: links reopen there, presence is registered anew, sends flow
+//! again, for the servers and for a Dispatcher.
+
+use std::net::SocketAddr;
+
+use mesa_core::{Message, Recipients};
+use mesa_tests::ours::{eventually, sample, serve};
+use mesa_tests::redis::Sentinels;
+use mesa_tests::runtimes::{Tokio, next_json, raw_signed_in};
+use mesa_tests::{RedisServer, WAIT};
+use mesa_tokio::metrics::Metrics;
+use mesa_tokio::{ClusterConfig, DevAuthenticator, Server};
+use serde_json::json;
+
+fn replica(url: &str, metrics: &Metrics) -> Server {
+    let mut cluster = ClusterConfig::new(url);
+    cluster.lease = std::time::Duration::from_secs(2);
+    mesa_tokio::server()
+        .authenticate(DevAuthenticator)
+        .cluster(cluster)
+        .middleware(metrics.clone())
+        .build()
+        .expect("a valid server")
+}
+
+async fn start(server: &Server) -> SocketAddr {
+    serve(server, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// Whether `id` is in `connected_clients` of `redis`.
+fn present(redis: &RedisServer, id: &str) -> bool {
+    redis.integer(&["SISMEMBER", "connected_clients", id]) == Some(1)
+}
+
+/// Whether the replica counted a link failure and is linked again.
+fn relinked(metrics: &Metrics) -> bool {
+    let text = metrics.render();
+    sample(&text, "mesa_redis_link_failures_total").is_some_and(|n| n >= 1.0)
+        && sample(&text, "mesa_redis_link_up") == Some(1.0)
+}
+
+#[tokio::test]
+async fn the_cluster_follows_the_primary_that_sentinel_promotes() {
+    let mut primary = RedisServer::start();
+    let standby = RedisServer::start_replica_of(&primary);
+    let sentinels = Sentinels::start(&primary);
+    let url = sentinels.url();
+    let (metrics_a, metrics_b) = (Metrics::new(), Metrics::new());
+    let (a, b) = (replica(&url, &metrics_a), replica(&url, &metrics_b));
+    let _ = start(&a).await;
+    let addr_b = start(&b).await;
+    let mut bob = raw_signed_in(&Tokio, addr_b, "bob").await;
+    eventually("bob present on the primary", WAIT, || async {
+        present(&primary, "bob")
+    })
+    .await;
+    let to_bob = Recipients::Ids(vec!["bob".into()]);
+    let hi = |t: &str| Message::dispatch(t, json!({}));
+    a.handle().send(&hi("BEFORE"), &to_bob).unwrap();
+    assert_eq!(next_json(&Tokio, &mut bob).await["t"], "BEFORE");
+
+    primary.kill();
+    for index in 0..3 {
+        sentinels.wait_master(index, standby.port());
+    }
+    // Both replicas reopen their links on the promoted replica and register anew.
+    eventually("both replicas relinked", WAIT, || async {
+        relinked(&metrics_a) && relinked(&metrics_b)
+    })
+    .await;
+    eventually("bob present on the new primary", WAIT, || async {
+        present(&standby, "bob")
+    })
+    .await;
+    a.handle().send(&hi("AFTER"), &to_bob).unwrap();
+    assert_eq!(next_json(&Tokio, &mut bob).await["t"], "AFTER");
+
+    // A Dispatcher finds the new primary through the sentinels too.
+    let dispatcher = mesa_tokio::Dispatcher::builder(url)
+        .connect()
+        .await
+        .expect("a dispatcher");
+    dispatcher
+        .dispatch(hi("DISPATCHED"), None, to_bob, &[])
+        .await
+        .expect("dispatched");
+    assert_eq!(next_json(&Tokio, &mut bob).await["t"], "DISPATCHED");
+}
+
+#[tokio::test]
+async fn a_sentinel_url_without_a_master_is_refused() {
+    let refused = mesa_tokio::Dispatcher::builder("redis+sentinel://127.0.0.1:1")
+        .connect()
+        .await
+        .expect_err("no master name");
+    assert!(refused.to_string().contains("MASTER"), "{refused}");
+}
