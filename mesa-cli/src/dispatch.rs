@@ -10,7 +10,7 @@ use mesa_tokio::{DispatchReport, Dispatcher, Message, Recipients};
 use serde_json::{Value, json};
 
 use crate::Failure;
-use crate::bus::LegacyBus;
+use crate::bus::{Durability, LegacyBus};
 use crate::tls::RedisCa;
 
 /// Options of `mesa dispatch`.
@@ -26,6 +26,9 @@ pub(crate) struct DispatchArgs {
 
     #[command(flatten)]
     bus: LegacyBus,
+
+    #[command(flatten)]
+    durability: Durability,
 
     /// The cluster's namespace (as the servers' `--namespace`).
     #[arg(long, env = "MESA_NAMESPACE")]
@@ -119,6 +122,9 @@ pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
         .legacy_bus(args.bus.on);
     if let Some(namespace) = &args.namespace {
         builder = builder.namespace(namespace.as_str());
+    }
+    if let Some(wait) = args.durability.store_wait() {
+        builder = builder.store_wait(wait);
     }
     if let Some(pem) = args.redis_ca.load_for(&args.redis)? {
         builder = builder.redis_ca_pem(pem);

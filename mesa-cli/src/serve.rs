@@ -19,7 +19,7 @@ use mesa_tokio::{PortalChoice, RoomPolicy, SyncConfig};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};
-use crate::bus::LegacyBus;
+use crate::bus::{Durability, LegacyBus};
 use crate::demo::DemoChat;
 use crate::http::{Health, Http};
 use crate::logging::LogConnections;
@@ -108,6 +108,9 @@ pub(crate) struct ServeArgs {
 
     #[command(flatten)]
     bus: LegacyBus,
+
+    #[command(flatten)]
+    durability: Durability,
 
     /// Isolate this cluster from others on the same Redis.
     #[arg(long, env = "MESA_NAMESPACE", requires = "redis")]
@@ -424,6 +427,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         cluster.namespace = args.namespace.clone();
         cluster.lease = Duration::from_millis(args.lease);
         cluster.legacy_bus = args.bus.on;
+        cluster.store_wait = args.durability.store_wait();
         cluster.portals = args.portals.map(|mode| match mode {
             PortalMode::RoundRobin => PortalChoice::RoundRobin,
             PortalMode::Random => PortalChoice::Random,

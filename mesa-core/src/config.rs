@@ -297,6 +297,10 @@ pub enum ConfigError {
     /// `ws`, know one Redis, and a send to ids must go to the instance of each id.
     #[error("several Redis instances need the legacy bus off (routing by interest)")]
     ShardingWithLegacyBus,
+    /// A store's wait for Redis replicas must be positive and below the time Redis
+    /// has to answer a command.
+    #[error("a store's wait for Redis replicas must be positive and below {0:?}")]
+    StoreWait(std::time::Duration),
     /// Authentication options were set, but nothing authenticates.
     #[error("authentication options need an authenticator")]
     MissingAuthenticator,

@@ -49,7 +49,7 @@ pub use rate::TokenBucket;
 pub use relay::{RelayAction, dev_authenticate, relay};
 pub use replica::{
     Call, Command, Dispatch, DispatchConfig, DispatchReport, Keys, LocalDelivery, Loss, RedisValue,
-    Replica, ReplicaConfig, ReplicaEvent, Reply, Script, SendReport, Token,
+    Replica, ReplicaConfig, ReplicaEvent, Reply, Script, SendReport, StoreWait, Token,
 };
 pub use session::{ServerSession, SessionError, SessionEvent, Transmit};
 pub use sync::{MessageOptions, Redelivery};

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use mesa_core::cluster::{IDS_PER_COMMAND, IDS_PER_ROUND};
 use mesa_core::{
-    Action, Close, CloseCode, Command, ConnId, Envelope, LocalDelivery, Loss, Message, Opcode,
-    PortalChoice, PortalEvent, PortalEventKind, PortalUpdate, Recipients, RedisValue, Replica,
-    ReplicaConfig, ReplicaEvent, SessionEvent, Token,
+    Action, Call, Close, CloseCode, Command, ConnId, Envelope, LocalDelivery, Loss, Message,
+    Opcode, PortalChoice, PortalEvent, PortalEventKind, PortalUpdate, Recipients, RedisValue,
+    Replica, ReplicaConfig, ReplicaEvent, SessionEvent, StoreWait, Token,
 };
 use serde_json::{Value, json};
 
@@ -646,6 +646,7 @@ fn a_round_checks_stores_for_the_offline_then_publishes_to_the_online() {
                 ids: offline,
                 text,
                 cap,
+                wait: None,
             },
         ),
     ] = out.commands.as_slice()
@@ -685,7 +686,8 @@ fn a_round_checks_stores_for_the_offline_then_publishes_to_the_online() {
         [
             ReplicaEvent::Stored {
                 stored: 2,
-                dropped: 0
+                dropped: 0,
+                unreplicated: 0
             },
             ReplicaEvent::Undeliverable {
                 message,
@@ -937,4 +939,44 @@ fn routing_by_interest_needs_presence() {
         Replica::new(config, "me", 7, t0()).unwrap_err(),
         mesa_core::ConfigError::RoutingWithoutPresence
     );
+}
+
+#[test]
+fn a_store_too_few_redis_replicas_acknowledged_is_reported_and_never_done_again() {
+    let wait = StoreWait {
+        replicas: 1,
+        timeout: Duration::from_millis(100),
+    };
+    let mut replica = linked(ReplicaConfig {
+        store_wait: Some(wait),
+        ..config()
+    });
+    let message = Message::dispatch("HI", json!({}));
+    let mut store_once = |acknowledged: i64| {
+        let to_bob = Recipients::Ids(vec!["bob".into()]);
+        replica.handle_send(t0(), &message, None, &to_bob).unwrap();
+        let out = drain(&mut replica);
+        let (check, _) = out.find("CheckPresence")[0];
+        let offline = RedisValue::Array(vec![RedisValue::Int(0)]);
+        replica.handle_reply(t0(), *check, Ok(vec![offline]));
+        let out = drain(&mut replica);
+        let (store, command) = out.find("StoreMany")[0];
+        let calls = command.calls(replica.keys());
+        assert!(matches!(&calls[1], Call::Plain { name: "WAIT", args } if args == &["1", "100"]));
+        let stored = RedisValue::Array(vec![RedisValue::Int(1), RedisValue::Int(0)]);
+        let waited = RedisValue::Int(acknowledged);
+        replica.handle_reply(t0(), *store, Ok(vec![stored, waited]));
+        drain(&mut replica)
+    };
+    let stored = |unreplicated| ReplicaEvent::Stored {
+        stored: 1,
+        dropped: 0,
+        unreplicated,
+    };
+    assert_eq!(store_once(1).events, [stored(0)]);
+    // No Redis replica acknowledged it in time: stored all the same, and said so;
+    // nothing is done again (a store is not idempotent) and the link stays.
+    let out = store_once(0);
+    assert_eq!(out.events, [stored(1)]);
+    assert!(out.commands.is_empty() && replica.is_linked());
 }

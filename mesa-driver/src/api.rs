@@ -374,8 +374,8 @@ macro_rules! root_exports {
         pub use $crate::mesa_core::{
             BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
             Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent,
-            PortalEventKind, RateLimitPolicy, Recipients, Redelivery, Reference, Rule, SyncConfig,
-            TooManyRecipients,
+            PortalEventKind, RateLimitPolicy, Recipients, Redelivery, Reference, Rule, StoreWait,
+            SyncConfig, TooManyRecipients,
         };
         pub use $crate::{
             Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, Client,

@@ -19,7 +19,7 @@ use futures_util::future::join_all;
 use mesa_core::rooms::RoomRefusal;
 use mesa_core::{
     Command, Dispatch, DispatchConfig, DispatchReport, Keys, Limits, Message, MessageOptions,
-    Namespace, Opcode, Recipients, Reply, Token, TooManyRecipients,
+    Namespace, Opcode, Recipients, Reply, StoreWait, Token, TooManyRecipients,
 };
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
@@ -95,6 +95,7 @@ pub struct DispatcherBuilder {
     max_recipients: usize,
     redis_ca_pem: Option<Vec<u8>>,
     legacy_bus: bool,
+    store_wait: Option<StoreWait>,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -108,6 +109,7 @@ impl std::fmt::Debug for DispatcherBuilder {
             .field("max_recipients", &self.max_recipients)
             .field("redis_ca_pem", &self.redis_ca_pem.is_some())
             .field("legacy_bus", &self.legacy_bus)
+            .field("store_wait", &self.store_wait)
             .finish()
     }
 }
@@ -156,6 +158,14 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Stores wait for Redis replicas
+    /// ([`ClusterConfig::store_wait`](crate::ClusterConfig::store_wait)): the report's
+    /// `unreplicated` counts the stores too few of them acknowledged in time.
+    pub fn store_wait(mut self, wait: StoreWait) -> Self {
+        self.store_wait = Some(wait);
+        self
+    }
+
     /// The cluster's further Redis instances, in the servers' order
     /// ([`ClusterConfig::shard_urls`](crate::ClusterConfig::shard_urls)); needs the
     /// legacy bus off.
@@ -184,11 +194,17 @@ impl DispatcherBuilder {
             max_recipients: self.max_recipients,
             legacy_bus: self.legacy_bus,
             shards: 1 + self.shard_urls.len(),
+            store_wait: self.store_wait,
         };
         if config.validate().is_err() {
             return Err(DispatchError::InvalidSetting(
                 "several Redis instances need the legacy bus off, and at most 256",
             ));
+        }
+        if let Some(wait) = self.store_wait {
+            wait.check(link::REDIS_TIMEOUT).map_err(|_| {
+                DispatchError::InvalidSetting("a store's wait must be positive and below 3 s")
+            })?;
         }
         if let Some(pem) = &self.redis_ca_pem {
             check_ca_pem(pem)?;
@@ -224,6 +240,7 @@ impl Dispatcher {
             max_recipients: Limits::default().max_recipients,
             redis_ca_pem: None,
             legacy_bus: true,
+            store_wait: None,
         }
     }
 

@@ -393,6 +393,7 @@ fn replica<R: Runtime>(
         max_pending: cluster.max_pending,
         legacy_bus: cluster.legacy_bus,
         shards: 1 + cluster.shard_urls.len(),
+        store_wait: cluster.store_wait,
         ..ReplicaConfig::new(config)
     };
     Replica::new(settings, format!("{seed:016x}"), seed, runtime.now())

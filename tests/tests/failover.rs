@@ -12,7 +12,7 @@ use mesa_tests::redis::Sentinels;
 use mesa_tests::runtimes::{Tokio, next_json, raw_signed_in};
 use mesa_tests::{RedisServer, WAIT};
 use mesa_tokio::metrics::Metrics;
-use mesa_tokio::{ClusterConfig, DevAuthenticator, Server};
+use mesa_tokio::{ClusterConfig, DevAuthenticator, Server, StoreWait};
 use serde_json::json;
 
 fn replica(url: &str, metrics: &Metrics) -> Server {
@@ -97,4 +97,43 @@ async fn a_sentinel_url_without_a_master_is_refused() {
         .await
         .expect_err("no master name");
     assert!(refused.to_string().contains("MASTER"), "{refused}");
+}
+
+/// Stores that wait for a Redis replica: acknowledged while the replica follows,
+/// reported as unreplicated (and stored all the same) once it is gone.
+#[tokio::test]
+async fn stores_wait_for_a_redis_replica_and_say_when_none_acknowledged() {
+    let primary = RedisServer::start();
+    let mut standby = RedisServer::start_replica_of(&primary);
+    eventually("the replica in sync", WAIT, || async {
+        primary
+            .command(&["INFO", "replication"])
+            .is_some_and(|info| {
+                info.contains("connected_slaves:1") && info.contains("state=online")
+            })
+    })
+    .await;
+    let dispatcher = mesa_tokio::Dispatcher::builder(primary.url())
+        .sync(true)
+        .store_wait(StoreWait {
+            replicas: 1,
+            // Long enough for a loaded machine (the unacknowledged case waits it out),
+            // below Redis's reply timeout.
+            timeout: std::time::Duration::from_secs(1),
+        })
+        .connect()
+        .await
+        .expect("a dispatcher");
+    let store = |id: &str| {
+        let to = Recipients::Ids(vec![id.to_owned()]);
+        dispatcher.dispatch(Message::dispatch("KEPT", json!({})), None, to, &[])
+    };
+    let report = store("dave").await.expect("stored");
+    assert_eq!((report.stored, report.unreplicated), (1, 0));
+    assert_eq!(standby.stored("undelivered_messages", "dave").len(), 1);
+
+    standby.kill();
+    let report = store("erin").await.expect("stored all the same");
+    assert_eq!((report.stored, report.unreplicated), (1, 1));
+    assert_eq!(primary.stored("undelivered_messages", "erin").len(), 1);
 }

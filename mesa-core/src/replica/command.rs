@@ -3,6 +3,7 @@
 
 use crate::cluster::Namespace;
 
+use super::config::StoreWait;
 use super::scripts::Script;
 
 /// Matches a reply to the command that asked for it. Unique for the life of a
@@ -95,6 +96,8 @@ pub enum Command {
         text: String,
         /// Most messages kept per id.
         cap: usize,
+        /// Then `WAIT` for this many Redis replicas, this long.
+        wait: Option<StoreWait>,
     },
     /// `HGET ns(undelivered_messages) id`: the messages stored for `id`.
     Load {
@@ -287,16 +290,26 @@ impl Command {
             Command::CheckPresence { ids } => {
                 vec![plain("SMISMEMBER", with_key(ns.connected_clients(), ids))]
             }
-            Command::StoreMany { ids, text, cap } => {
+            Command::StoreMany {
+                ids,
+                text,
+                cap,
+                wait,
+            } => {
                 let mut args = Vec::with_capacity(ids.len() + 2);
                 args.push(text.clone());
                 args.push(cap.to_string());
                 args.extend_from_slice(ids);
-                vec![Call::Script {
+                let mut calls = vec![Call::Script {
                     script: Script::AppendMany,
                     keys: vec![ns.undelivered_messages(), ns.connected_clients()],
                     args,
-                }]
+                }];
+                if let Some(wait) = wait {
+                    let timeout = wait.timeout.as_millis().max(1).to_string();
+                    calls.push(plain("WAIT", vec![wait.replicas.to_string(), timeout]));
+                }
+                calls
             }
             Command::Load { id } => {
                 vec![plain("HGET", vec![ns.undelivered_messages(), id.clone()])]
@@ -410,11 +423,25 @@ mod tests {
             ids: vec!["x".into()],
             text: "{}".into(),
             cap: 3,
+            wait: None,
         };
         let Call::Script { args, .. } = &store.calls(&keys)[0] else {
             panic!()
         };
         assert_eq!(args, &["{}", "3", "x"]);
+        let waiting = Command::StoreMany {
+            ids: vec!["x".into()],
+            text: "{}".into(),
+            cap: 3,
+            wait: Some(StoreWait {
+                replicas: 1,
+                timeout: std::time::Duration::from_millis(250),
+            }),
+        };
+        assert_eq!(
+            waiting.calls(&keys)[1],
+            plain("WAIT", vec!["1".into(), "250".into()])
+        );
         assert!(Command::Connect.calls(&keys).is_empty());
         assert!(
             Script::ALL

@@ -7,6 +7,35 @@ use crate::backoff::BackoffConfig;
 use crate::cluster::{Namespace, PortalChoice};
 use crate::config::{ConfigError, ServerConfig};
 
+/// Stores that wait for Redis replicas (`WAIT` after each store): a message stored
+/// for an offline id survives a failover to a replica once `replicas` of them have
+/// it. The sends wait for it (at most `timeout` per store), so a later send's store
+/// never overtakes it; stores that too few replicas acknowledged in time stay stored
+/// on the primary and are reported
+/// ([`ReplicaEvent::Stored`](super::ReplicaEvent::Stored)`::unreplicated`), never
+/// retried (a store is not idempotent: it would be stored twice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreWait {
+    /// Redis replicas that must have each store.
+    pub replicas: usize,
+    /// How long Redis waits for them.
+    pub timeout: Duration,
+}
+
+impl StoreWait {
+    /// Check it against the time Redis has to answer a command: a wait as long would
+    /// fail the link instead of reporting the store.
+    pub fn check(&self, reply_timeout: Duration) -> Result<(), ConfigError> {
+        if self.replicas == 0 {
+            return Err(ConfigError::ZeroCount("replicas a store waits for"));
+        }
+        if self.timeout.is_zero() || self.timeout >= reply_timeout {
+            return Err(ConfigError::StoreWait(reply_timeout));
+        }
+        Ok(())
+    }
+}
+
 /// The settings of one replica, with the driver's defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaConfig {
@@ -61,6 +90,10 @@ pub struct ReplicaConfig {
     /// replica links to each. More than one needs the legacy bus off: Node replicas
     /// know one Redis. Default 1.
     pub shards: usize,
+    /// Stores wait for Redis replicas ([`StoreWait`]). Default `None`: a store counts
+    /// once the primary has it, and a failover may lose the last ones it had not
+    /// passed on.
+    pub store_wait: Option<StoreWait>,
 }
 
 impl ReplicaConfig {
@@ -90,6 +123,7 @@ impl ReplicaConfig {
             },
             legacy_bus: true,
             shards: 1,
+            store_wait: None,
         }
     }
 
@@ -115,6 +149,9 @@ impl ReplicaConfig {
         }
         if self.shards > 1 && self.legacy_bus {
             return Err(ConfigError::ShardingWithLegacyBus);
+        }
+        if let Some(wait) = self.store_wait {
+            wait.check(self.reply_timeout)?;
         }
         let counts = [
             (self.max_pending, "max pending cluster jobs"),

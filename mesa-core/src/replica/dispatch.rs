@@ -18,6 +18,7 @@ use crate::sync::MessageOptions;
 use crate::wire::{Message, Opcode};
 
 use super::command::{Command, Keys, Reply, Token};
+use super::config::StoreWait;
 use super::job::RemoteSend;
 use super::rounds::{Advance, Rounds, Step};
 
@@ -39,6 +40,10 @@ pub struct DispatchConfig {
     /// Redis instances the cluster's data is spread over
     /// ([`ReplicaConfig::shards`](super::ReplicaConfig::shards)). Default 1.
     pub shards: usize,
+    /// Stores wait for Redis replicas
+    /// ([`ReplicaConfig::store_wait`](super::ReplicaConfig::store_wait)); the report
+    /// counts those not acknowledged in time. Default `None`.
+    pub store_wait: Option<StoreWait>,
 }
 
 impl Default for DispatchConfig {
@@ -50,6 +55,7 @@ impl Default for DispatchConfig {
             max_recipients: Limits::default().max_recipients,
             legacy_bus: true,
             shards: 1,
+            store_wait: None,
         }
     }
 }
@@ -85,6 +91,9 @@ pub struct DispatchReport {
     pub stored: usize,
     /// Older stored messages dropped to keep those ids under `max_stored_per_id`.
     pub dropped: usize,
+    /// Of the stored, those too few Redis replicas acknowledged in time
+    /// ([`DispatchConfig::store_wait`]): a failover may lose them.
+    pub unreplicated: usize,
     /// Offline ids for whom nothing was stored: the message said `sync: false`, or the
     /// id is blank (as upstream).
     pub undeliverable: Vec<String>,
@@ -152,6 +161,7 @@ impl Dispatch {
                     !config.legacy_bus,
                     None,
                     config.max_stored_per_id,
+                    config.store_wait,
                 )
             })
             .collect();
@@ -241,7 +251,7 @@ impl Dispatch {
         let shard = token.shard();
         let answered = match reply {
             Ok(values) => self.rounds[shard]
-                .answered(step, values.into_iter().next())
+                .answered(step, values)
                 .map_err(|what| format!("unexpected reply to {what}")),
             Err(error) => Err(error),
         };
@@ -287,6 +297,7 @@ impl Dispatch {
             Advance::Finished(done) => {
                 self.report.stored += done.stored;
                 self.report.dropped += done.dropped;
+                self.report.unreplicated += done.unreplicated;
                 let undeliverable = done.undeliverable.into_iter().flat_map(|(_, ids)| ids);
                 self.report.undeliverable.extend(undeliverable);
                 // Back to back: a dispatch has nothing else to let through.

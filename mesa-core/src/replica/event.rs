@@ -54,6 +54,10 @@ pub enum ReplicaEvent {
         stored: usize,
         /// Older stored messages dropped to respect the per-id limit.
         dropped: usize,
+        /// Of the stored, those too few Redis replicas acknowledged in time (with
+        /// [`ReplicaConfig::store_wait`](super::ReplicaConfig::store_wait); 0
+        /// without): a failover may lose them.
+        unreplicated: usize,
     },
     /// Ids connected nowhere for whom `message` was not stored (sync off,
     /// `sync: false`, an op 5 event, or a blank id).

@@ -111,7 +111,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use command::{Call, Command, Keys, RedisValue, Reply, Token};
-pub use config::ReplicaConfig;
+pub use config::{ReplicaConfig, StoreWait};
 pub use dispatch::{Dispatch, DispatchConfig, DispatchReport};
 pub use event::{LocalDelivery, Loss, ReplicaEvent, SendReport};
 pub use scripts::Script;
@@ -194,6 +194,7 @@ impl Replica {
                     !config.legacy_bus,
                     Some(name.clone()),
                     config.max_stored_per_id,
+                    config.store_wait,
                 );
                 Shard::new(backoff, rounds)
             })
@@ -1145,7 +1146,11 @@ impl Replica {
         sent: Sent,
         values: Vec<RedisValue>,
     ) -> Result<(), &'static str> {
-        let first = values.into_iter().next();
+        // Most commands have one call; a round's store may have its `WAIT` besides.
+        let (first, more) = {
+            let mut values = values.into_iter();
+            (values.next(), values.collect::<Vec<_>>())
+        };
         match sent.flight {
             Flight::Job(job) => {
                 let link = &mut self.shards[shard];
@@ -1171,7 +1176,10 @@ impl Replica {
                     }
                 }
             }
-            Flight::Round(step) => self.shards[shard].rounds.answered(step, first)?,
+            Flight::Round(step) => {
+                let values = first.into_iter().chain(more).collect();
+                self.shards[shard].rounds.answered(step, values)?;
+            }
             Flight::Ping => {
                 let latency = now.saturating_duration_since(sent.at);
                 self.events.push_back(ReplicaEvent::Latency(latency));
@@ -1355,6 +1363,7 @@ impl Replica {
             self.events.push_back(ReplicaEvent::Stored {
                 stored: done.stored,
                 dropped: done.dropped,
+                unreplicated: done.unreplicated,
             });
         }
         for (message, ids) in done.undeliverable {

@@ -17,6 +17,7 @@ use crate::sync::encode_stored;
 use crate::wire::Message;
 
 use super::command::{Command, RedisValue};
+use super::config::StoreWait;
 use super::job::RemoteSend;
 
 /// Which part of a round a command is.
@@ -61,6 +62,8 @@ struct Share {
     online: Vec<bool>,
     stored: usize,
     dropped: usize,
+    /// Of the stored, those too few Redis replicas acknowledged in time.
+    unreplicated: usize,
     /// The ids to publish to once the stores are done.
     publish: Vec<String>,
     /// Ids connected nowhere it was not stored for.
@@ -87,6 +90,9 @@ pub(crate) struct Finished {
     /// Ids a message was stored for, and older stored messages dropped for the cap.
     pub(crate) stored: usize,
     pub(crate) dropped: usize,
+    /// Of the stored, those too few Redis replicas acknowledged in time
+    /// ([`StoreWait`]): a failover may lose them.
+    pub(crate) unreplicated: usize,
     /// Ids connected nowhere for whom a message was not stored.
     pub(crate) undeliverable: Vec<(Message, Vec<String>)>,
     /// How long to wait before the next round (see [`Round::rest`]).
@@ -116,6 +122,8 @@ pub(crate) struct Rounds {
     origin: Option<String>,
     /// Most messages stored per id.
     cap: usize,
+    /// Stores wait for Redis replicas.
+    wait: Option<StoreWait>,
     /// Sends not yet done, oldest first; the first may have been cut by a round,
     /// its plan holding the ids still to check.
     sends: VecDeque<RemoteSend>,
@@ -123,12 +131,19 @@ pub(crate) struct Rounds {
 }
 
 impl Rounds {
-    pub(crate) fn new(channel: String, route: bool, origin: Option<String>, cap: usize) -> Self {
+    pub(crate) fn new(
+        channel: String,
+        route: bool,
+        origin: Option<String>,
+        cap: usize,
+        wait: Option<StoreWait>,
+    ) -> Self {
         Rounds {
             channel,
             route,
             origin,
             cap,
+            wait,
             sends: VecDeque::new(),
             round: None,
         }
@@ -239,13 +254,22 @@ impl Rounds {
         commands
     }
 
-    /// Take the answer to one command of the round; `Err` names a command whose
-    /// answer had the wrong shape.
+    /// Take the answers to one command of the round (a store's `WAIT` second, see
+    /// [`StoreWait`]); `Err` names a command whose answer had the wrong shape.
     pub(crate) fn answered(
         &mut self,
         step: Step,
-        value: Option<RedisValue>,
+        values: Vec<RedisValue>,
     ) -> Result<(), &'static str> {
+        let mut values = values.into_iter();
+        let value = values.next();
+        let replicated = match (self.wait, values.next()) {
+            (Some(wait), Some(RedisValue::Int(n))) => {
+                usize::try_from(n).unwrap_or(0) >= wait.replicas
+            }
+            (Some(_), _) => false,
+            (None, _) => true,
+        };
         let (index, what) = match step {
             Step::Check { share, .. } => (share, "a presence check"),
             Step::Store { share } => (share, "a store"),
@@ -264,6 +288,9 @@ impl Rounds {
                 let (stored, dropped, online) = store_reply(value).ok_or(what)?;
                 share.stored += stored;
                 share.dropped += dropped;
+                if !replicated {
+                    share.unreplicated += stored;
+                }
                 // Connected since the check: published to instead, with the others.
                 share.publish.extend(online);
             }
@@ -362,6 +389,7 @@ impl Rounds {
                     ids: ids.to_vec(),
                     text: text.clone(),
                     cap: self.cap,
+                    wait: self.wait,
                 };
                 commands.push((Step::Store { share: index }, command));
                 share.open += 1;
@@ -413,6 +441,7 @@ impl Finished {
     fn add(&mut self, share: Share, message: &Message) {
         self.stored += share.stored;
         self.dropped += share.dropped;
+        self.unreplicated += share.unreplicated;
         if !share.undeliverable.is_empty() {
             self.undeliverable
                 .push((message.clone(), share.undeliverable));

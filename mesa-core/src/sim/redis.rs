@@ -239,6 +239,8 @@ impl RedisModel {
         let key = || arg(args, 0);
         Ok(match name {
             "PING" => RedisValue::Text("PONG".into()),
+            // Replication is perfect here: every replica asked for has the write.
+            "WAIT" => RedisValue::Int(int(arg(args, 0)?)?),
             // Subscriptions belong to a connection, which calls here do not name: the
             // cluster simulation applies them per replica (`subscribe`, `unsubscribe`).
             "SUBSCRIBE" | "UNSUBSCRIBE" => RedisValue::Nil,

@@ -10,7 +10,7 @@ mod task;
 
 use std::time::Duration;
 
-use mesa_core::PortalChoice;
+use mesa_core::{PortalChoice, StoreWait};
 
 pub(crate) use task::spawn;
 
@@ -55,6 +55,10 @@ pub struct ClusterConfig {
     /// but Node replicas no longer get our sends to ids
     /// (`mesa_core::ReplicaConfig::legacy_bus`). Default on.
     pub legacy_bus: bool,
+    /// Messages stored for offline ids count as stored only once this many Redis
+    /// replicas have them (`WAIT`; `mesa_core::StoreWait`): a failover then cannot lose
+    /// them. Default `None`.
+    pub store_wait: Option<StoreWait>,
 }
 
 impl ClusterConfig {
@@ -69,6 +73,7 @@ impl ClusterConfig {
             max_pending: 10_000,
             redis_ca_pem: None,
             legacy_bus: true,
+            store_wait: None,
         }
     }
 

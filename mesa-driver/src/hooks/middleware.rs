@@ -180,11 +180,20 @@ impl Observer for Middlewares {
                 self.report(&format!("cluster link down: {reason}"));
             }
             ReplicaEvent::Latency(latency) => self.emit(|m| m.on_cluster_latency(*latency)),
-            ReplicaEvent::Stored { stored, dropped } => {
+            ReplicaEvent::Stored {
+                stored,
+                dropped,
+                unreplicated,
+            } => {
                 self.emit(|m| m.on_stored(*stored, *dropped));
                 if *dropped > 0 {
                     self.report(&format!(
                         "sync: {dropped} oldest stored messages dropped to respect the per-id limit"
+                    ));
+                }
+                if *unreplicated > 0 {
+                    self.report(&format!(
+                        "sync: {unreplicated} stored messages not acknowledged by enough Redis replicas in time: a failover may lose them"
                     ));
                 }
             }

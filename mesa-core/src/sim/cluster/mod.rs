@@ -1141,7 +1141,9 @@ impl ClusterSim {
                     self.dirty_sessions.push((r, conn));
                 }
             }
-            ReplicaEvent::Stored { stored, dropped } => {
+            ReplicaEvent::Stored {
+                stored, dropped, ..
+            } => {
                 self.counters.stored += stored as u64;
                 self.counters.dropped += dropped as u64;
             }
