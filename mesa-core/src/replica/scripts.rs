@@ -212,7 +212,8 @@ return 1
 );
 
 /// Renew this replica's lease (`ARGV[6]` ms), register it in `KEYS[2]`, replace its
-/// ids set (and its routes) with `ARGV[9..]` and make sure they are all in `connected_clients`
+/// ids set (and its routes: added for the ids not in the set before, removed for
+/// those gone) with `ARGV[9..]` and make sure they are all in `connected_clients`
 /// (another replica's janitor or an upstream replica may have removed them), remove
 /// from `connected_clients` the ids it held before but holds no more unless another
 /// live replica holds them (their departure happened while Redis was unreachable,
@@ -233,7 +234,13 @@ for i = 9, #ARGV, 1000 do
   redis.call('SADD', ids_key(me), unpack(ARGV, i, last))
   redis.call('SADD', KEYS[1], unpack(ARGV, i, last))
 end
-for i = 9, #ARGV do redis.call('SADD', routes_key(ARGV[i]), me) end
+-- Routes only for the ids new here: nobody else changes this replica's routes
+-- (its janitor removes them with its ids set, which `before` then lacks).
+local had = {}
+for _, id in ipairs(before) do had[id] = true end
+for i = 9, #ARGV do
+  if not had[ARGV[i]] then redis.call('SADD', routes_key(ARGV[i]), me) end
+end
 for _, id in ipairs(before) do
   if redis.call('SISMEMBER', ids_key(me), id) == 0 then
     redis.call('SREM', routes_key(id), me)

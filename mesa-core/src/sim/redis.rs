@@ -528,7 +528,7 @@ impl RedisModel {
             .insert(scope.lease(&me), (run_id, Some(now + lease)));
         self.sadd(&scope.replicas, std::slice::from_ref(&me));
         let ids_key = scope.ids(&me);
-        let before: Vec<String> = self
+        let before: BTreeSet<String> = self
             .members(&ids_key)
             .into_iter()
             .map(str::to_owned)
@@ -539,7 +539,7 @@ impl RedisModel {
             self.sadd(&ids_key, ids);
             self.sadd(&scope.clients, ids);
         }
-        for id in ids {
+        for id in ids.iter().filter(|id| !before.contains(*id)) {
             self.sadd(&scope.routes(id), std::slice::from_ref(&me));
         }
         for id in before {
