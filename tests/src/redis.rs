@@ -74,6 +74,13 @@ impl RedisServer {
         server
     }
 
+    /// Restart this server as a replica of `primary` (an old primary coming back
+    /// after a failover), with no data of its own.
+    pub fn restart_as_replica_of(&mut self, primary: &RedisServer) {
+        self.primary = Some(primary.port);
+        self.restart();
+    }
+
     /// Start a server that also serves TLS (`--tls-port`, no client certificates)
     /// with a certificate for `localhost` and 127.0.0.1 signed by a CA of its own
     /// ([`ca_pem`](Self::ca_pem)); the plain port stays for assertions.
@@ -524,6 +531,47 @@ impl Sentinels {
             .nth(1)?
             .parse()
             .ok()
+    }
+
+    /// Whether sentinel `index` knows a replica on `port` that is up.
+    pub fn knows_replica(&self, index: usize, port: u16) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.ports[index])) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let master = Self::MASTER;
+        let request = format!(
+            "*3\r\n$8\r\nSENTINEL\r\n$8\r\nreplicas\r\n${}\r\n{master}\r\n",
+            master.len()
+        );
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut reply = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while resp_end(&reply).is_none() {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => reply.extend_from_slice(&buffer[..n]),
+            }
+        }
+        // Each replica is a flat list of field, value: its `name` is ip:port (first),
+        // its `flags` just `slave` when it is up.
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        let fields: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with(['*', '$']))
+            .collect();
+        let name = format!("127.0.0.1:{port}");
+        let mut this_one = false;
+        for field in fields.chunks(2) {
+            match field {
+                ["name", value] => this_one = *value == name,
+                ["flags", "slave"] if this_one => return true,
+                _ => {}
+            }
+        }
+        false
     }
 
     /// Wait (at most 10 s) until sentinel `index` names the master on `port`.
