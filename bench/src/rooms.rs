@@ -276,7 +276,7 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
     emit(&format!(
         "rooms   {} send={} replicas={replicas} rooms={} members={} subscribed={confirmed} \
          legacy_bus={} redis={} msgs={messages} rate={}/s  {}  unneeded: {} (worst {}, shared channel {})  \
-         {} /membership  redis: {} commands/send, cpu={:.2}s ({} deliveries/cpu-s)",
+         {} /membership  redis: {} commands/send ({} of the sends), cpu={:.2}s ({} deliveries/cpu-s)",
         setup.human(common, dropped),
         args.send.name(),
         args.rooms,
@@ -298,6 +298,7 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
             .join(" "),
         human_bytes(per_membership),
         per_send(redis.commands),
+        per_send(redis.sends),
         redis_cpu,
         per_redis_cpu(redis_cpu).map_or("-".to_owned(), |r| r.to_string()),
     ));
@@ -338,6 +339,7 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
                     missing.iter().sum::<u64>() as f64 / (messages * replicas as u64) as f64
                 ),
                 "redis_commands_per_send": per_send(redis.commands),
+                "redis_send_commands_per_send": per_send(redis.sends),
                 "redis_scripts_per_send": per_send(redis.scripts),
                 "redis_publish_per_send": per_send(redis.publish),
                 "redis_cpu_secs": round3(redis_cpu),
