@@ -598,9 +598,19 @@ fn cost_across_replicas(out: &mut String, runs: &Runs) {
             percent(get("routed", count, "unneeded_share_all")),
         );
     }
-    for (field, decimals, title) in [
-        (per_cpu, 0, "Deliveries per server CPU-second"),
-        (commands, 2, "Redis commands of the sends per send"),
+    for (field, decimals, title, unit) in [
+        (
+            per_cpu,
+            0,
+            "Deliveries per server CPU-second",
+            "deliveries/CPU-s",
+        ),
+        (
+            commands,
+            2,
+            "Redis commands of the sends per send",
+            "commands",
+        ),
     ] {
         let series = |bus: &str| -> Vec<f64> {
             REPLICA_COUNTS
@@ -624,7 +634,7 @@ fn cost_across_replicas(out: &mut String, runs: &Runs) {
         let _ = writeln!(
             out,
             "\n```mermaid\nxychart-beta\n    title \"{title}: shared channel (bars), routed (line)\"\n    \
-             x-axis \"replicas\" [{}]\n    y-axis 0 --> {:.decimals$}\n    bar [{}]\n    line [{}]\n```",
+             x-axis \"replicas\" [{}]\n    y-axis \"{unit}\" 0 --> {:.decimals$}\n    bar [{}]\n    line [{}]\n```",
             axis.join(", "),
             top * 1.2,
             list(&shared),
@@ -987,7 +997,7 @@ mod tests {
         ));
         assert!(document.contains("| 1 | – | – | – | – | – | – | – | – | – |"));
         assert!(document.contains(
-            "x-axis \"replicas\" [\"1\", \"2\", \"4\"]\n    y-axis 0 --> 1800\n    bar [0, 0, 1000]\n    line [0, 0, 1500]"
+            "x-axis \"replicas\" [\"1\", \"2\", \"4\"]\n    y-axis \"deliveries/CPU-s\" 0 --> 1800\n    bar [0, 0, 1000]\n    line [0, 0, 1500]"
         ));
         assert!(document.contains("bar [0.00, 0.00, 1.01]\n    line [0.00, 0.00, 14.50]"));
         assert!(document.contains(
