@@ -14,6 +14,7 @@
 //! mesa-bench cluster --url ws://127.0.0.1:4001/ --url ws://127.0.0.1:4002/ --redis redis://127.0.0.1:6379/ ...
 //! mesa-bench offline --redis redis://127.0.0.1:6379/ [--recipients 100000] [--bystanders 100]
 //! mesa-bench rooms   --url ws://127.0.0.1:4001/ --metrics http://127.0.0.1:9001/metrics ... --redis redis://127.0.0.1:6379/ [--send rooms|ids]
+//! mesa-bench rooms   ... --redis redis://127.0.0.1:6379/,redis://127.0.0.1:6380/ --send ids --legacy-bus off   (routed, sharded)
 //! ```
 //!
 //! The generator speaks raw WebSocket frames (async-tungstenite on tokio), not through
@@ -67,6 +68,7 @@ mod failure;
 mod membership;
 mod offline;
 mod publisher;
+mod redis_info;
 mod rooms;
 mod scrape;
 mod stats;
@@ -139,8 +141,9 @@ enum Scenario {
     Offline(offline::OfflineArgs),
     /// Room members spread over the replicas of a cluster (one --url, --metrics and
     /// --server-pid per replica), messages published to rooms (or, --send ids, to the
-    /// members' ids over the shared channel) at a fixed rate: each replica's share of
-    /// unneeded envelopes, deliveries per server CPU-second, memory per membership.
+    /// members' ids over the shared channel, or routed with --legacy-bus off) at a
+    /// fixed rate: each replica's share of unneeded envelopes, deliveries per server
+    /// and per Redis CPU-second, Redis commands per send, memory per membership.
     Rooms(rooms::RoomsArgs),
 }
 
@@ -336,8 +339,9 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
             return Err(error.into());
         }
     };
-    let publishes_before = match redis {
-        Some(url) => Some(publish_calls(url).await?),
+    let redis: Option<Vec<String>> = redis.map(|url| vec![url.to_owned()]);
+    let publishes_before = match &redis {
+        Some(urls) => Some(redis_info::read(urls).await?.publish),
         None => None,
     };
 
@@ -351,8 +355,10 @@ async fn fanout(args: FanoutArgs, redis: Option<&str>) -> Result<ExitCode, Failu
     wait_deliveries(&ctx, expected, deadline).await;
     let cpu = meter.read(&probe);
     let rss_after = probe.rss();
-    let publishes = match (redis, publishes_before) {
-        (Some(url), Some(before)) => Some(publish_calls(url).await?.saturating_sub(before)),
+    let publishes = match (&redis, publishes_before) {
+        (Some(urls), Some(before)) => {
+            Some(redis_info::read(urls).await?.publish.saturating_sub(before))
+        }
         _ => None,
     };
 
@@ -501,36 +507,6 @@ async fn publish(
         }
     }
     sent
-}
-
-/// The number of PUBLISH commands the Redis at `url` has executed (`INFO
-/// commandstats`, `cmdstat_publish:calls=N`).
-async fn publish_calls(url: &str) -> Result<u64, Failure> {
-    let client =
-        redis::Client::open(url).map_err(|error| format!("invalid --redis `{url}`: {error}"))?;
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|error| format!("cannot reach Redis at {url}: {error}"))?;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut connection)
-        .await
-        .map_err(|error| format!("INFO commandstats failed: {error}"))?;
-    Ok(parse_publish_calls(&info))
-}
-
-/// `calls` of the `cmdstat_publish` line (0 when Redis has not seen a PUBLISH).
-fn parse_publish_calls(info: &str) -> u64 {
-    info.lines()
-        .find_map(|line| line.strip_prefix("cmdstat_publish:"))
-        .and_then(|stats| {
-            stats
-                .split(',')
-                .find_map(|field| field.strip_prefix("calls="))
-        })
-        .and_then(|calls| calls.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1240,12 +1216,5 @@ mod tests {
             }
         ));
         assert!(matches!(parse("nope"), Parsed::Other(-1)));
-    }
-
-    #[test]
-    fn reads_publish_calls_from_commandstats() {
-        let info = "# Commandstats\r\ncmdstat_ping:calls=3,usec=1\r\ncmdstat_publish:calls=42,usec=100,usec_per_call=2.38\r\n";
-        assert_eq!(parse_publish_calls(info), 42);
-        assert_eq!(parse_publish_calls("# Commandstats\r\n"), 0);
     }
 }

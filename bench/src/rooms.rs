@@ -16,6 +16,11 @@
 //! the same for both kinds of send and any number of replicas, and an envelope
 //! without an origin is judged by interest alone (a replica gets its own room
 //! publishes back from Redis and counts them as unneeded).
+//!
+//! `--legacy-bus off` has the Dispatcher route sends to ids by interest (replicas
+//! started with `mesa serve --legacy-bus off`), and several `--redis` shard the
+//! cluster over them (`mesa serve --redis A,B`); every run reports Redis's commands
+//! per send and its CPU time (`INFO`), and deliveries per Redis CPU-second.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,6 +34,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 
 use super::membership::Membership;
 use super::publisher::{Publication, Publisher, Via};
+use super::redis_info;
 use super::scrape::{ClusterFigures, cluster_figures};
 use super::stats::human_bytes;
 use super::{
@@ -66,9 +72,21 @@ pub(super) struct RoomsArgs {
     common: CommonArgs,
 
     /// The cluster's Redis: messages are published there (a `Dispatcher`), and the
-    /// replicas' room subscriptions are awaited there (`PUBSUB NUMSUB`).
-    #[arg(long)]
-    redis: String,
+    /// replicas' room subscriptions are awaited there (`PUBSUB NUMSUB`). Several
+    /// (repeated, or comma-separated, in the replicas' order) shard the cluster.
+    #[arg(long, required = true, value_delimiter = ',')]
+    redis: Vec<String>,
+
+    /// `on`: the Dispatcher publishes sends to ids on the shared channel; `off`:
+    /// only to the replicas that hold them (which need `mesa serve --legacy-bus off`).
+    #[arg(
+        long = "legacy-bus",
+        value_name = "on|off",
+        default_value = "on",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
+    legacy_bus: bool,
 
     /// A replica's metrics (`mesa serve --metrics-listen`), e.g.
     /// `http://127.0.0.1:9001/metrics`: one per --url, in the same order.
@@ -134,10 +152,12 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
     )
     .map_err(Failure::usage)?;
     let probe = Probe::new(&common.server_pids)?;
-    let dispatcher = Dispatcher::builder(args.redis.clone())
+    let dispatcher = Dispatcher::builder(args.redis[0].clone())
+        .shard_urls(args.redis[1..].iter().cloned())
+        .legacy_bus(args.legacy_bus)
         .connect()
         .await
-        .map_err(|error| format!("cannot reach Redis at {}: {error}", args.redis))?;
+        .map_err(|error| format!("cannot reach Redis at {:?}: {error}", args.redis))?;
     let dispatcher = Arc::new(dispatcher);
     let subscribing = args.send == SendTo::Rooms;
     let messages = u64::from(args.messages);
@@ -193,6 +213,7 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
 
     // The measured phase: publish at the rate, then wait for the members.
     let figures_before = figures(&args.metrics).await?;
+    let redis_before = redis_info::read(&args.redis).await?;
     let meter = CpuMeter::start(&probe);
     let start_us = ctx.now_us();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
@@ -200,11 +221,13 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
     let expected = messages * u64::from(args.members);
     wait_deliveries(&ctx, expected, deadline).await;
     let cpu = meter.read(&probe);
+    let redis = redis_info::read(&args.redis).await?.since(&redis_before);
     // A replica with nobody to deliver to may still be reading the last envelopes.
     let missing = missing_members(&plan, messages, replicas);
-    let envelopes: Vec<u64> = match args.send {
-        SendTo::Rooms => missing.iter().map(|m| messages - m).collect(),
-        SendTo::Ids => vec![messages; replicas],
+    let envelopes: Vec<u64> = if args.send == SendTo::Ids && args.legacy_bus {
+        vec![messages; replicas]
+    } else {
+        missing.iter().map(|m| messages - m).collect()
     };
     let figures_after = figures_reaching(&args.metrics, &figures_before, &envelopes).await?;
 
@@ -243,14 +266,23 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
     };
     let percent =
         |share: Option<f64>| share.map_or("-".to_owned(), |s| format!("{:.1}%", s * 100.0));
+    let per_send = |count: u64| round3(count as f64 / messages as f64);
+    let redis_cpu = redis.cpu_total();
+    let per_redis_cpu =
+        |secs: f64| (secs > 0.0).then(|| (delivered.total.received as f64 / secs).round());
+    // What a cluster bound by Redis could pass is set by its busiest instance.
+    let busiest = redis.cpu_secs.iter().copied().fold(0.0, f64::max);
 
     emit(&format!(
         "rooms   {} send={} replicas={replicas} rooms={} members={} subscribed={confirmed} \
-         msgs={messages} rate={}/s  {}  unneeded: {} (worst {}, shared channel {})  {} /membership",
+         legacy_bus={} redis={} msgs={messages} rate={}/s  {}  unneeded: {} (worst {}, shared channel {})  \
+         {} /membership  redis: {} commands/send ({} of the sends), cpu={:.2}s ({} deliveries/cpu-s)",
         setup.human(common, dropped),
         args.send.name(),
         args.rooms,
         args.members,
+        if args.legacy_bus { "on" } else { "off" },
+        args.redis.len(),
         args.rate,
         delivered.human(),
         shares
@@ -265,6 +297,10 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
             .collect::<Vec<_>>()
             .join(" "),
         human_bytes(per_membership),
+        per_send(redis.commands),
+        per_send(redis.sends),
+        redis_cpu,
+        per_redis_cpu(redis_cpu).map_or("-".to_owned(), |r| r.to_string()),
     ));
     let line = report(
         "rooms",
@@ -290,6 +326,8 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
                 "messages": messages,
                 "rate": args.rate,
                 "via": args.via.name(),
+                "legacy_bus": args.legacy_bus,
+                "redis_instances": args.redis.len(),
                 "publish_failed": failed,
                 "cluster_received": changed.iter().map(|f| f.received).collect::<Vec<_>>(),
                 "cluster_unneeded": changed.iter().map(|f| f.unneeded).collect::<Vec<_>>(),
@@ -300,6 +338,14 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
                 "shared_channel_unneeded_share_all": round4(
                     missing.iter().sum::<u64>() as f64 / (messages * replicas as u64) as f64
                 ),
+                "redis_commands_per_send": per_send(redis.commands),
+                "redis_send_commands_per_send": per_send(redis.sends),
+                "redis_scripts_per_send": per_send(redis.scripts),
+                "redis_publish_per_send": per_send(redis.publish),
+                "redis_cpu_secs": round3(redis_cpu),
+                "redis_cpu_secs_each": redis.cpu_secs.iter().copied().map(round3).collect::<Vec<_>>(),
+                "deliveries_per_redis_cpu_sec": per_redis_cpu(redis_cpu),
+                "deliveries_per_busiest_redis_cpu_sec": per_redis_cpu(busiest),
             }),
             delivered.fields(),
         ],
@@ -309,13 +355,13 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
 }
 
 /// Wait until every membership is confirmed (or refused) and Redis counts one
-/// subscriber per replica with a member on every room's channel; an error at
-/// `deadline`.
+/// subscriber per replica with a member on every room's channel (summed over the
+/// instances: a room's channel lives on one); an error at `deadline`.
 async fn subscribed(
     ctx: &Ctx,
     plan: &Membership,
     dispatcher: &Dispatcher,
-    redis: &str,
+    redis: &[String],
     deadline: Instant,
 ) -> Result<(), String> {
     let wanted = plan.memberships();
@@ -328,11 +374,17 @@ async fn subscribed(
         }
         sleep(POLL).await;
     }
-    let client = redis::Client::open(redis).map_err(|error| format!("--redis: {error}"))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|error| format!("cannot reach Redis at {redis}: {error}"))?;
+    let mut conns = Vec::with_capacity(redis.len());
+    for url in redis {
+        let client =
+            redis::Client::open(url.as_str()).map_err(|error| format!("--redis: {error}"))?;
+        conns.push(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|error| format!("cannot reach Redis at {url}: {error}"))?,
+        );
+    }
     let channels: Vec<String> = (0..plan.rooms())
         .map(|room| dispatcher.namespace().room_channel(&Membership::name(room)))
         .collect();
@@ -340,13 +392,16 @@ async fn subscribed(
         .map(|room| plan.replicas_of(room).count() as u64)
         .sum();
     loop {
-        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channels)
-            .query_async(&mut conn)
-            .await
-            .map_err(|error| format!("PUBSUB NUMSUB failed: {error}"))?;
-        let subscribers: u64 = counts.iter().map(|(_, n)| n).sum();
+        let mut subscribers = 0;
+        for conn in &mut conns {
+            let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channels)
+                .query_async(conn)
+                .await
+                .map_err(|error| format!("PUBSUB NUMSUB failed: {error}"))?;
+            subscribers += counts.iter().map(|(_, n)| n).sum::<u64>();
+        }
         if subscribers >= wanted {
             return Ok(());
         }

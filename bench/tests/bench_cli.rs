@@ -1,6 +1,7 @@
 //! End-to-end test of `mesa-bench`: real `mesa serve` processes measured by real
 //! `mesa-bench` processes over loopback, every scenario briefly (idle, fanout, echo,
-//! storm, and cluster, offline and rooms on a `redis-server` of their own). Every wait is bounded, and every
+//! storm, and cluster, offline and rooms on a `redis-server` of their own, rooms routed
+//! by interest over two). Every wait is bounded, and every
 //! child process is killed when its handle drops.
 //!
 //! Needs `redis-server` on PATH and the `mesa` binary of `mesa-cli` built beside
@@ -391,29 +392,24 @@ fn offline_stores_a_copy_for_every_id() {
     drop(redis);
 }
 
-#[test]
-fn rooms_reports_unneeded_shares_for_rooms_and_for_ids() {
-    let redis = redis_server::RedisServer::start();
-    let redis_url = redis.url();
-    let replicas: Vec<(Killed, String, Option<String>)> = (0..3)
-        .map(|_| {
-            serve_announcing(&[
-                "--redis",
-                &redis_url,
-                "--rooms",
-                "open",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-        })
-        .collect();
-    let pids: Vec<String> = replicas.iter().map(|r| r.0.0.id().to_string()).collect();
-    let mut args = vec!["rooms", "--redis", &redis_url];
-    for ((_, url, metrics), pid) in replicas.iter().zip(&pids) {
-        let metrics = metrics.as_deref().expect("metrics announced");
-        args.extend(["--url", url, "--metrics", metrics, "--server-pid", pid]);
+/// Three replicas of `mesa serve --redis REDIS --rooms open` (plus `extra`) with their
+/// metrics, and the options of a tiny `mesa-bench rooms` over them: 30 connections in
+/// 18 rooms of 5 members, 180 messages.
+fn rooms_cluster(redis: &str, extra: &[&str]) -> (Vec<Killed>, Vec<String>) {
+    let mut replicas = Vec::new();
+    let mut args = vec!["rooms".to_owned(), "--redis".to_owned(), redis.to_owned()];
+    for _ in 0..3 {
+        let mut options = vec!["--redis", redis, "--rooms", "open"];
+        options.extend(["--metrics-listen", "127.0.0.1:0"]);
+        options.extend_from_slice(extra);
+        let (server, url, metrics) = serve_announcing(&options);
+        let metrics = metrics.expect("metrics announced");
+        let pid = server.0.id().to_string();
+        args.extend(["--url".to_owned(), url, "--metrics".to_owned(), metrics]);
+        args.extend(["--server-pid".to_owned(), pid]);
+        replicas.push(server);
     }
-    args.extend([
+    for option in [
         "--connections",
         "30",
         "--rooms",
@@ -430,7 +426,17 @@ fn rooms_reports_unneeded_shares_for_rooms_and_for_ids() {
         "20",
         "--timeout-secs",
         "20",
-    ]);
+    ] {
+        args.push(option.to_owned());
+    }
+    (replicas, args)
+}
+
+#[test]
+fn rooms_reports_unneeded_shares_for_rooms_and_for_ids() {
+    let redis = redis_server::RedisServer::start();
+    let (replicas, args) = rooms_cluster(&redis.url(), &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     for (send, via) in [
         ("rooms", "dispatcher"),
         ("ids", "dispatcher"),
@@ -506,4 +512,36 @@ fn rooms_reports_unneeded_shares_for_rooms_and_for_ids() {
         }
     }
     drop((replicas, redis));
+}
+
+#[test]
+fn rooms_routes_ids_by_interest_over_two_redis_instances() {
+    let (a, b) = (
+        redis_server::RedisServer::start(),
+        redis_server::RedisServer::start(),
+    );
+    let redis = format!("{},{}", a.url(), b.url());
+    let (replicas, args) = rooms_cluster(&redis, &["--legacy-bus", "off"]);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--send", "ids", "--legacy-bus", "off"]);
+    let rooms = bench(&args);
+    assert_eq!(rooms["legacy_bus"], false, "{rooms}");
+    assert_eq!(rooms["redis_instances"], 2, "{rooms}");
+    assert_eq!(rooms["publish_failed"], 0, "{rooms}");
+    assert_eq!(rooms["received"], 180 * 5, "{rooms}");
+    // Each send reaches only the replicas holding its ids.
+    assert_eq!(rooms["unneeded_share_max"], 0.0, "{rooms}");
+    // At least one ROUTE script per send, on the instance of its ids.
+    assert!(
+        rooms["redis_scripts_per_send"]
+            .as_f64()
+            .is_some_and(|n| n >= 1.0),
+        "{rooms}"
+    );
+    assert!(rooms["redis_commands_per_send"].is_number(), "{rooms}");
+    let each = rooms["redis_cpu_secs_each"]
+        .as_array()
+        .expect("one per instance");
+    assert_eq!(each.len(), 2, "{rooms}");
+    drop((replicas, a, b));
 }

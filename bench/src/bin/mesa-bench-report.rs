@@ -26,16 +26,35 @@ const SERVERS: [(&str, &str); 3] = [
 
 /// The variants of `rooms` (ours alone, several ways), in the order of its table: its
 /// columns. A variant not listed here gets a column after these, named by its tag.
-const ROOM_VARIANTS: [(&str, &str); 8] = [
+const ROOM_VARIANTS: &[(&str, &str)] = &[
     ("rooms-3", "rooms, 3 replicas"),
     ("ids-3", "ids on the shared channel, 3 replicas"),
+    ("ids-routed-3", "ids routed by interest, 3 replicas"),
     ("rooms-clients-3", "rooms, published by clients, 3 replicas"),
     ("ids-clients-3", "ids, sent by clients, 3 replicas"),
     ("rooms-1", "rooms, 1 replica"),
     ("ids-1", "ids on the shared channel, 1 replica"),
     ("rooms-clients-1", "rooms, published by a client, 1 replica"),
     ("ids-clients-1", "ids, sent by a client, 1 replica"),
+    ("ids-routed-1", "ids routed by interest, 1 replica"),
 ];
+
+/// The replica counts of `replicas`, each measured with the legacy bus on and off.
+const REPLICA_COUNTS: [u32; 3] = [1, 2, 4];
+
+/// The variants of `replicas`: the legacy bus on (`legacy-N`) and off (`routed-N`) for
+/// each of [`REPLICA_COUNTS`].
+const REPLICA_VARIANTS: &[(&str, &str)] = &[
+    ("legacy-1", "shared channel, 1 replica"),
+    ("routed-1", "routed, 1 replica"),
+    ("legacy-2", "shared channel, 2 replicas"),
+    ("routed-2", "routed, 2 replicas"),
+    ("legacy-4", "shared channel, 4 replicas"),
+    ("routed-4", "routed, 4 replicas"),
+];
+
+/// The variants of `shards`: two Redis instances, compared with one.
+const SHARD_VARIANTS: &[(&str, &str)] = &[("redis-2", "2 Redis"), ("redis-1", "1 Redis")];
 
 /// Whether more or less of a metric is better.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -106,7 +125,31 @@ const METRICS: &[Metric] = &[
     metric("rooms", "latency p99 (ms)", "latency_p99_us", 1000.0, 2, Better::Lower),
     metric("rooms", "server RSS per room membership (B)", "bytes_per_membership", 1.0, 0, Better::Lower),
     metric("rooms", "subscribing every member, until Redis counts every replica's channels (s)", "subscribe_secs", 1.0, 2, Better::Lower),
+    metric("rooms", "Redis commands of the sends per message (PUBLISH, scripts and what ROUTE runs)", "redis_send_commands_per_send", 1.0, 2, Better::Lower),
     metric("rooms", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
+    metric("replicas", "deliveries per server CPU-second (all replicas)", "deliveries_per_server_cpu_sec", 1.0, 0, Better::Higher),
+    metric("replicas", "server CPU seconds (all replicas)", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("replicas", "Redis commands of the sends per send (PUBLISH, scripts and what ROUTE runs)", "redis_send_commands_per_send", 1.0, 2, Better::Lower),
+    metric("replicas", "Redis commands per send, all (presence upkeep included)", "redis_commands_per_send", 1.0, 2, Better::Lower),
+    metric("replicas", "Redis script calls per send", "redis_scripts_per_send", 1.0, 2, Better::Lower),
+    metric("replicas", "Redis PUBLISH per send", "redis_publish_per_send", 1.0, 2, Better::Lower),
+    metric("replicas", "Redis CPU seconds", "redis_cpu_secs", 1.0, 2, Better::Lower),
+    metric("replicas", "unneeded share, all replicas (%)", "unneeded_share_all", 0.01, 1, Better::Lower),
+    metric("replicas", "latency p50 (ms)", "latency_p50_us", 1000.0, 2, Better::Lower),
+    metric("replicas", "latency p99 (ms)", "latency_p99_us", 1000.0, 2, Better::Lower),
+    metric("replicas", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
+    metric("shards", "deliveries per second (wall clock)", "deliveries_per_sec", 1.0, 0, Better::Higher),
+    metric("shards", "deliveries per Redis CPU-second (all instances)", "deliveries_per_redis_cpu_sec", 1.0, 0, Better::Higher),
+    metric("shards", "deliveries per Redis CPU-second of the busiest instance", "deliveries_per_busiest_redis_cpu_sec", 1.0, 0, Better::Higher),
+    metric("shards", "deliveries per server CPU-second (all replicas)", "deliveries_per_server_cpu_sec", 1.0, 0, Better::Higher),
+    metric("shards", "Redis commands of the sends per send (PUBLISH, scripts and what ROUTE runs)", "redis_send_commands_per_send", 1.0, 2, Better::Lower),
+    metric("shards", "Redis commands per send, all (presence upkeep included)", "redis_commands_per_send", 1.0, 2, Better::Lower),
+    metric("shards", "Redis script calls per send", "redis_scripts_per_send", 1.0, 2, Better::Lower),
+    metric("shards", "Redis CPU seconds (all instances)", "redis_cpu_secs", 1.0, 2, Better::Lower),
+    metric("shards", "server CPU seconds (all replicas)", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("shards", "generator CPU seconds", "generator_cpu_secs", 1.0, 2, Better::Lower),
+    metric("shards", "seconds from the first send to the last delivery", "elapsed_secs", 1.0, 2, Better::Lower),
+    metric("shards", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
 ];
 
 /// A row of [`METRICS`].
@@ -156,7 +199,15 @@ const SCENARIOS: &[(&str, &str)] = &[
     ),
     (
         "rooms",
-        "room members over the replicas of one Redis (rooms with members on 1, 2 and 3 replicas in equal numbers), messages published at a fixed rate by a Dispatcher (or, where said, by a client on each replica), each to a room in turn, or to the members' ids on the channel every replica reads; the unneeded share is a replica's `mesa_cluster_messages_unneeded_total` over `mesa_cluster_messages_received_total` during the publishing; mesa-rs only",
+        "room members over the replicas of one Redis (rooms with members on 1, 2 and 3 replicas in equal numbers), messages published at a fixed rate by a Dispatcher (or, where said, by a client on each replica), each to a room in turn, or to the members' ids on the channel every replica reads (or, routed, only to the replicas that hold them: `--legacy-bus off`); the unneeded share is a replica's `mesa_cluster_messages_unneeded_total` over `mesa_cluster_messages_received_total` during the publishing; mesa-rs only",
+    ),
+    (
+        "replicas",
+        "the cost across replicas: `mesa-bench rooms --send ids` (each message from a Dispatcher to a room's members' ids, members spread over 1 to N replicas) on 1, 2 and 4 replicas of one Redis, with the legacy bus on (every replica reads every send on the shared channel) and off (routing by interest: a ROUTE script publishes to the replicas holding the ids); Redis's commands (`INFO commandstats`, the commands its scripts run included, the replicas' own lease renewals too) per send; mesa-rs only",
+    ),
+    (
+        "shards",
+        "as many sends as the machine passes (the generator's Dispatcher keeps 256 in flight), each to one id held on one of 3 replicas, routed by interest (`--legacy-bus off`), with the cluster on 1 Redis instance and then sharded over 2 (`--redis A,B`); Redis CPU from `INFO cpu` of each instance; mesa-rs only",
     ),
 ];
 
@@ -290,10 +341,11 @@ fn value(runs: &Runs, scenario: &str, column: &str, field: &str) -> Option<f64> 
 /// The columns of a scenario's table, keys and names, the first the one the others
 /// are compared with: the servers, or the variants of `rooms`.
 fn columns(scenario: &str, present: &BTreeMap<String, Vec<Value>>) -> Vec<(String, String)> {
-    let known: &[(&str, &str)] = if scenario == "rooms" {
-        &ROOM_VARIANTS
-    } else {
-        &SERVERS
+    let known: &[(&str, &str)] = match scenario {
+        "rooms" => ROOM_VARIANTS,
+        "replicas" => REPLICA_VARIANTS,
+        "shards" => SHARD_VARIANTS,
+        _ => &SERVERS,
     };
     let mut columns: Vec<(String, String)> = known
         .iter()
@@ -449,6 +501,9 @@ fn render(machine: &Value, runs: &Runs, chart_link: &str, notes: &str) -> String
                 .collect();
             let _ = writeln!(out, "- {name}: {}", all.join("; "));
         }
+        if *scenario == "replicas" {
+            cost_across_replicas(&mut out, runs);
+        }
     }
 
     let _ = writeln!(out, "\n## Machine\n");
@@ -506,6 +561,88 @@ fn sizes(run: &Value) -> String {
     parts.join(", ")
 }
 
+/// The cost across replicas (issue 15, item 5): per replica count, the legacy bus
+/// against routing by interest, as a table and as Mermaid charts (bars: the legacy
+/// bus; line: routed).
+fn cost_across_replicas(out: &mut String, runs: &Runs) {
+    let (per_cpu, commands, all) = (
+        "deliveries_per_server_cpu_sec",
+        "redis_send_commands_per_send",
+        "redis_commands_per_send",
+    );
+    let get = |bus: &str, count: u32, field: &str| {
+        value(runs, "replicas", &format!("{bus}-{count}"), field)
+    };
+    let shown = |v: Option<f64>, decimals| v.map_or("–".to_owned(), |v| number(v, decimals));
+    let _ = writeln!(
+        out,
+        "\nCost across replicas (medians; shared: the legacy bus on, routed: off):\n\n\
+         | replicas | deliveries per server CPU-second, shared | routed | routed / shared \
+         | Redis commands of the sends per send, shared | routed | all Redis commands per send, \
+         shared | routed | unneeded share, shared | routed |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for count in REPLICA_COUNTS {
+        let (shared, routed) = (get("legacy", count, per_cpu), get("routed", count, per_cpu));
+        let _ = writeln!(
+            out,
+            "| {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            shown(shared, 0),
+            shown(routed, 0),
+            ratio(routed, shared),
+            shown(get("legacy", count, commands), 2),
+            shown(get("routed", count, commands), 2),
+            shown(get("legacy", count, all), 2),
+            shown(get("routed", count, all), 2),
+            percent(get("legacy", count, "unneeded_share_all")),
+            percent(get("routed", count, "unneeded_share_all")),
+        );
+    }
+    for (field, decimals, title, unit) in [
+        (
+            per_cpu,
+            0,
+            "Deliveries per server CPU-second",
+            "deliveries/CPU-s",
+        ),
+        (
+            commands,
+            2,
+            "Redis commands of the sends per send",
+            "commands",
+        ),
+    ] {
+        let series = |bus: &str| -> Vec<f64> {
+            REPLICA_COUNTS
+                .iter()
+                .map(|count| get(bus, *count, field).unwrap_or(0.0))
+                .collect()
+        };
+        let (shared, routed) = (series("legacy"), series("routed"));
+        let top = shared.iter().chain(&routed).copied().fold(0.0, f64::max);
+        if top <= 0.0 {
+            continue;
+        }
+        let list = |values: &[f64]| {
+            values
+                .iter()
+                .map(|v| format!("{v:.decimals$}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let axis: Vec<String> = REPLICA_COUNTS.iter().map(|n| format!("\"{n}\"")).collect();
+        let _ = writeln!(
+            out,
+            "\n```mermaid\nxychart-beta\n    title \"{title}: shared channel (bars), routed (line)\"\n    \
+             x-axis \"replicas\" [{}]\n    y-axis \"{unit}\" 0 --> {:.decimals$}\n    bar [{}]\n    line [{}]\n```",
+            axis.join(", "),
+            top * 1.2,
+            list(&shared),
+            list(&routed),
+        );
+    }
+}
+
 /// The headline table: one row per scenario's main figure.
 fn headline(out: &mut String, runs: &Runs) {
     let _ = writeln!(
@@ -528,8 +665,13 @@ fn headline(out: &mut String, runs: &Runs) {
         ("cluster", "ours", "publish_per_send"),
         ("rooms", "rooms-3", "unneeded_share_max"),
         ("rooms", "ids-3", "unneeded_share_max"),
+        ("rooms", "ids-routed-3", "unneeded_share_max"),
         ("rooms", "rooms-3", "deliveries_per_server_cpu_sec"),
         ("rooms", "rooms-3", "bytes_per_membership"),
+        ("replicas", "legacy-4", "deliveries_per_server_cpu_sec"),
+        ("replicas", "routed-4", "deliveries_per_server_cpu_sec"),
+        ("shards", "redis-1", "deliveries_per_sec"),
+        ("shards", "redis-2", "deliveries_per_sec"),
     ] {
         let Some(metric) = METRICS
             .iter()
@@ -538,7 +680,11 @@ fn headline(out: &mut String, runs: &Runs) {
             continue;
         };
         let get = |server| value(runs, scenario, server, field);
-        let label = match ROOM_VARIANTS.iter().find(|(key, _)| *key == ours) {
+        let variants = ROOM_VARIANTS
+            .iter()
+            .chain(REPLICA_VARIANTS)
+            .chain(SHARD_VARIANTS);
+        let label = match variants.into_iter().find(|(key, _)| *key == ours) {
             Some((_, variant)) => format!("{}: {variant}", metric.label),
             None => metric.label.to_owned(),
         };
@@ -649,6 +795,30 @@ fn targets(out: &mut String, runs: &Runs) {
             ),
             value(runs, "rooms", variant, "unneeded_share_max"),
             0.05,
+        );
+    }
+    share_target(
+        out,
+        "rooms: at most 5% of the sends to ids a replica receives are unneeded, routed by interest (3 replicas, every replica)",
+        value(runs, "rooms", "ids-routed-3", "unneeded_share_max"),
+        0.05,
+    );
+    for (field, what) in [
+        ("deliveries_per_sec", "wall clock"),
+        (
+            "deliveries_per_busiest_redis_cpu_sec",
+            "per CPU-second of the busiest Redis instance",
+        ),
+    ] {
+        let (met, text) = at_least(
+            value(runs, "shards", "redis-2", field),
+            value(runs, "shards", "redis-1", field),
+            1.8,
+        );
+        let _ = writeln!(
+            out,
+            "| shards: cross-replica throughput with 2 Redis instances >= 1.8x that with 1 ({what}) | {text} | {} |",
+            verdict(met)
         );
     }
 }
@@ -794,6 +964,11 @@ mod tests {
             r#"{"scenario":"rooms","server":"ours","variant":"rooms-3","rep":1,"unneeded_share_max":0.0,"deliveries_per_server_cpu_sec":300}"#,
             r#"{"scenario":"rooms","server":"ours","variant":"ids-3","rep":1,"unneeded_share_max":0.34,"deliveries_per_server_cpu_sec":200}"#,
             r#"{"scenario":"rooms","server":"ours","variant":"ids-routed-3","rep":1,"unneeded_share_max":0.01,"deliveries_per_server_cpu_sec":250}"#,
+            r#"{"scenario":"rooms","server":"ours","variant":"odd-3","rep":1,"unneeded_share_max":0.5,"deliveries_per_server_cpu_sec":125}"#,
+            r#"{"scenario":"replicas","server":"ours","variant":"legacy-4","rep":1,"deliveries_per_server_cpu_sec":1000,"redis_send_commands_per_send":1.01,"redis_commands_per_send":4,"unneeded_share_all":0.5}"#,
+            r#"{"scenario":"replicas","server":"ours","variant":"routed-4","rep":1,"deliveries_per_server_cpu_sec":1500,"redis_send_commands_per_send":14.5,"redis_commands_per_send":17.5,"unneeded_share_all":0.0}"#,
+            r#"{"scenario":"shards","server":"ours","variant":"redis-1","rep":1,"deliveries_per_sec":1000,"deliveries_per_busiest_redis_cpu_sec":100}"#,
+            r#"{"scenario":"shards","server":"ours","variant":"redis-2","rep":1,"deliveries_per_sec":1100,"deliveries_per_busiest_redis_cpu_sec":190}"#,
         ]
         .join("\n");
         let (machine, runs) = parse(&lines).expect("valid lines");
@@ -810,11 +985,26 @@ mod tests {
         ));
         // Variants are columns, compared with the first; an unknown one comes last.
         assert!(document.contains(
-            "| metric | rooms, 3 replicas | ids on the shared channel, 3 replicas | ids-routed-3 | \
-             rooms, 3 replicas / ids on the shared channel, 3 replicas | rooms, 3 replicas / ids-routed-3 |"
+            "| metric | rooms, 3 replicas | ids on the shared channel, 3 replicas | ids routed by interest, 3 replicas | odd-3 | \
+             rooms, 3 replicas / ids on the shared channel, 3 replicas | rooms, 3 replicas / ids routed by interest, 3 replicas | rooms, 3 replicas / odd-3 |"
         ));
         assert!(document.contains(
-            "| deliveries per server CPU-second (all replicas) ↑ | 300 | 200 | 250 | 1.50x | 1.20x |"
+            "| deliveries per server CPU-second (all replicas) ↑ | 300 | 200 | 250 | 125 | 1.50x | 1.20x | 2.40x |"
+        ));
+        // The cost across replicas: a table per replica count and its charts.
+        assert!(document.contains(
+            "| 4 | 1,000 | 1,500 | 1.50x | 1.01 | 14.50 | 4.00 | 17.50 | 50.0% | 0.0% |"
+        ));
+        assert!(document.contains("| 1 | – | – | – | – | – | – | – | – | – |"));
+        assert!(document.contains(
+            "x-axis \"replicas\" [\"1\", \"2\", \"4\"]\n    y-axis \"deliveries/CPU-s\" 0 --> 1800\n    bar [0, 0, 1000]\n    line [0, 0, 1500]"
+        ));
+        assert!(document.contains("bar [0.00, 0.00, 1.01]\n    line [0.00, 0.00, 14.50]"));
+        assert!(document.contains(
+            "| shards: cross-replica throughput with 2 Redis instances >= 1.8x that with 1 (wall clock) | 1.10x | **missed** |"
+        ));
+        assert!(document.contains(
+            "| shards: cross-replica throughput with 2 Redis instances >= 1.8x that with 1 (per CPU-second of the busiest Redis instance) | 1.90x | met |"
         ));
         let dir = std::env::temp_dir().join(format!("mesa-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temporary directory");
