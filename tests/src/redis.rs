@@ -257,22 +257,7 @@ impl RedisServer {
     /// Send one command in RESP and return the raw reply (for assertions on the data).
     /// Blocking, so that scenarios on any runtime can use it.
     pub fn command(&self, args: &[&str]) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        stream.write_all(request.as_bytes()).ok()?;
-        let mut reply = Vec::new();
-        let mut buffer = [0u8; 64 * 1024];
-        while resp_end(&reply).is_none() {
-            match stream.read(&mut buffer) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => reply.extend_from_slice(&buffer[..n]),
-            }
-        }
-        Some(String::from_utf8_lossy(&reply).into_owned())
+        command_on(self.port, args)
     }
 
     /// Poll `args` until Redis answers exactly `expected` (raw RESP), for at most 10 s;
@@ -320,6 +305,26 @@ impl RedisServer {
 }
 
 /// The length of the first complete RESP value at the start of `buf`, if there is one.
+/// Send one command in RESP to the server on `port` and return its raw reply.
+fn command_on(port: u16, args: &[&str]) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reply = Vec::new();
+    let mut buffer = [0u8; 64 * 1024];
+    while resp_end(&reply).is_none() {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => reply.extend_from_slice(&buffer[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&reply).into_owned())
+}
+
 fn resp_end(buf: &[u8]) -> Option<usize> {
     let line = buf.windows(2).position(|w| w == b"\r\n")?;
     let head = std::str::from_utf8(&buf[1..line]).ok()?;
@@ -509,23 +514,7 @@ impl Sentinels {
 
     /// The port of the master sentinel `index` names now, if it answers.
     pub fn master_port(&self, index: usize) -> Option<u16> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.ports[index])).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let master = Self::MASTER;
-        let request = format!(
-            "*3\r\n$8\r\nSENTINEL\r\n$23\r\nget-master-addr-by-name\r\n${}\r\n{master}\r\n",
-            master.len()
-        );
-        stream.write_all(request.as_bytes()).ok()?;
-        let mut reply = Vec::new();
-        let mut buffer = [0u8; 1024];
-        while resp_end(&reply).is_none() {
-            match stream.read(&mut buffer) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => reply.extend_from_slice(&buffer[..n]),
-            }
-        }
-        let text = String::from_utf8_lossy(&reply).into_owned();
+        let text = self.ask(index, "get-master-addr-by-name")?;
         text.lines()
             .filter(|line| !line.starts_with(['*', '$']))
             .nth(1)?
@@ -535,29 +524,11 @@ impl Sentinels {
 
     /// Whether sentinel `index` knows a replica on `port` that is up.
     pub fn knows_replica(&self, index: usize, port: u16) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.ports[index])) else {
+        let Some(text) = self.ask(index, "replicas") else {
             return false;
         };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let master = Self::MASTER;
-        let request = format!(
-            "*3\r\n$8\r\nSENTINEL\r\n$8\r\nreplicas\r\n${}\r\n{master}\r\n",
-            master.len()
-        );
-        if stream.write_all(request.as_bytes()).is_err() {
-            return false;
-        }
-        let mut reply = Vec::new();
-        let mut buffer = [0u8; 4096];
-        while resp_end(&reply).is_none() {
-            match stream.read(&mut buffer) {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => reply.extend_from_slice(&buffer[..n]),
-            }
-        }
         // Each replica is a flat list of field, value: its `name` is ip:port (first),
         // its `flags` just `slave` when it is up.
-        let text = String::from_utf8_lossy(&reply).into_owned();
         let fields: Vec<&str> = text
             .lines()
             .filter(|l| !l.starts_with(['*', '$']))
@@ -572,6 +543,11 @@ impl Sentinels {
             }
         }
         false
+    }
+
+    /// `SENTINEL <what> mymaster` asked of sentinel `index`: its raw reply.
+    fn ask(&self, index: usize, what: &str) -> Option<String> {
+        command_on(self.ports[index], &["SENTINEL", what, Self::MASTER])
     }
 
     /// Wait (at most 10 s) until sentinel `index` names the master on `port`.
