@@ -35,6 +35,10 @@ pub struct RedisServer {
     tls: Option<Tls>,
     /// The port of the primary a [replica](RedisServer::start_replica_of) follows.
     primary: Option<u16>,
+    /// The working directory of a server that is not persistent: a replica writes
+    /// the data it receives there (`dump.rdb`), which a server started in the same
+    /// directory would load.
+    scratch: TempDir,
 }
 
 /// The TLS side of a [`RedisServer`]: its port, and the files of its certificate.
@@ -56,6 +60,7 @@ impl RedisServer {
             dir: None,
             tls: None,
             primary: None,
+            scratch: TempDir::new(),
         };
         server.restart();
         server
@@ -69,6 +74,7 @@ impl RedisServer {
             dir: None,
             tls: None,
             primary: Some(primary.port),
+            scratch: TempDir::new(),
         };
         server.restart();
         server
@@ -101,6 +107,7 @@ impl RedisServer {
                 files,
             }),
             primary: None,
+            scratch: TempDir::new(),
         };
         server.restart();
         server
@@ -120,6 +127,7 @@ impl RedisServer {
             dir: Some(dir),
             tls: None,
             primary: None,
+            scratch: TempDir::new(),
         };
         server.restart();
         server
@@ -210,7 +218,9 @@ impl RedisServer {
             Some(dir) => command
                 .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
                 .arg(dir),
-            None => command.args(["--appendonly", "no"]),
+            None => command
+                .args(["--appendonly", "no", "--dir"])
+                .arg(self.scratch.path()),
         };
         if let Some(primary) = self.primary {
             command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
