@@ -80,13 +80,6 @@ impl RedisServer {
         server
     }
 
-    /// Restart this server as a replica of `primary` (an old primary coming back
-    /// after a failover), with no data of its own.
-    pub fn restart_as_replica_of(&mut self, primary: &RedisServer) {
-        self.primary = Some(primary.port);
-        self.restart();
-    }
-
     /// Start a server that also serves TLS (`--tls-port`, no client certificates)
     /// with a certificate for `localhost` and 127.0.0.1 signed by a CA of its own
     /// ([`ca_pem`](Self::ca_pem)); the plain port stays for assertions.
@@ -530,29 +523,6 @@ impl Sentinels {
             .nth(1)?
             .parse()
             .ok()
-    }
-
-    /// Whether sentinel `index` knows a replica on `port` that is up.
-    pub fn knows_replica(&self, index: usize, port: u16) -> bool {
-        let Some(text) = self.ask(index, "replicas") else {
-            return false;
-        };
-        // Each replica is a flat list of field, value: its `name` is ip:port (first),
-        // its `flags` just `slave` when it is up.
-        let fields: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with(['*', '$']))
-            .collect();
-        let name = format!("127.0.0.1:{port}");
-        let mut this_one = false;
-        for field in fields.chunks(2) {
-            match field {
-                ["name", value] => this_one = *value == name,
-                ["flags", "slave"] if this_one => return true,
-                _ => {}
-            }
-        }
-        false
     }
 
     /// `SENTINEL <what> mymaster` asked of sentinel `index`: its raw reply.
