@@ -15,14 +15,15 @@
 
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use mesa_core::cluster::Envelope;
+use mesa_core::cluster::{Envelope, shard_of};
 use mesa_core::sim::RedisModel;
 use mesa_core::{
-    Call, Command, Dispatch, DispatchConfig, Message, Opcode, Recipients, RedisValue, Token,
+    Call, Command, Dispatch, DispatchConfig, Message, Opcode, Recipients, RedisValue, StoreWait,
+    Token,
 };
 use serde_json::json;
 
@@ -32,6 +33,10 @@ const IDS: [&str; 5] = ["alice", "bob", "carol", "dave", " "];
 struct Input {
     sync: bool,
     legacy_bus: bool,
+    /// Two Redis instances (with the legacy bus off).
+    sharded: bool,
+    /// Stores wait for a Redis replica (the model has them all at once).
+    wait: bool,
     global: bool,
     internal: bool,
     ids: Vec<u8>,
@@ -54,21 +59,33 @@ fn start() -> Instant {
 
 fuzz_target!(|input: Input| {
     let now = start();
+    let shards = if input.sharded && !input.legacy_bus {
+        2
+    } else {
+        1
+    };
     let config = DispatchConfig {
         sync: input.sync,
         legacy_bus: input.legacy_bus,
         max_recipients: 8,
+        shards,
+        store_wait: input.wait.then_some(StoreWait {
+            replicas: 1,
+            timeout: Duration::from_millis(100),
+        }),
         ..DispatchConfig::default()
     };
-    let mut redis = RedisModel::new();
+    config.validate().expect("a valid configuration");
+    let mut redis: Vec<RedisModel> = (0..shards).map(|_| RedisModel::new()).collect();
     let ns = config.namespace.clone();
     for index in &input.online {
         let id = IDS[usize::from(*index) % IDS.len()].to_owned();
+        let shard = shard_of(&id, shards);
         let add = Call::Plain {
             name: "SADD",
             args: vec![ns.connected_clients(), id],
         };
-        redis.execute(now, &[add]).expect("SADD");
+        redis[shard].execute(now, &[add]).expect("SADD");
     }
     let list: Vec<String> = input
         .ids
@@ -119,6 +136,9 @@ fuzz_target!(|input: Input| {
         let (token, command) = outstanding.remove(index);
         let reply = match how {
             How::Right | How::Stale => {
+                let shard = token.shard();
+                assert!(shard < shards, "{token:?} of no instance");
+                let redis = &mut redis[shard];
                 let values = redis
                     .execute(now, &command.calls(dispatch.keys()))
                     .unwrap_or_else(|error| panic!("{command:?} failed on Redis: {error}"));
@@ -146,6 +166,10 @@ fuzz_target!(|input: Input| {
     match dispatch.finish() {
         Ok(report) => {
             assert!(!failed, "succeeded after an error");
+            assert_eq!(
+                report.unreplicated, 0,
+                "the model's replicas have every store"
+            );
             if let Recipients::Ids(_) = recipients {
                 let distinct: BTreeSet<&String> = list.iter().collect();
                 let accounted = report.published + report.stored + report.undeliverable.len();
