@@ -458,7 +458,7 @@ pub struct Sentinels {
     ports: Vec<u16>,
     children: Vec<Child>,
     /// Their configuration files, which Sentinel rewrites.
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Sentinels {
@@ -471,7 +471,7 @@ impl Sentinels {
         let mut sentinels = Sentinels {
             ports: Vec::new(),
             children: Vec::new(),
-            _dir: dir,
+            dir,
         };
         for index in 0..3 {
             let port = free_port();
@@ -485,7 +485,7 @@ impl Sentinels {
                 primary = primary.port(),
             );
             let file = sentinels
-                ._dir
+                .dir
                 .file(&format!("sentinel-{index}.conf"), &config);
             let child = Command::new("redis-server")
                 .arg(&file)

@@ -151,7 +151,7 @@ fn in_sync(replica: &RedisServer) -> bool {
 /// Dispatcher reported done (and, with `wait`, acknowledged by the replica), and how
 /// many of those the promoted replica lacks.
 async fn stores_through_a_failover(wait: bool) -> (usize, usize) {
-    let primary = RedisServer::start();
+    let mut primary = RedisServer::start();
     let standby = RedisServer::start_replica_of(&primary);
     let sentinels = Sentinels::start(&primary);
     let mut builder = mesa_tokio::Dispatcher::builder(sentinels.url()).sync(true);
@@ -194,7 +194,6 @@ async fn stores_through_a_failover(wait: bool) -> (usize, usize) {
     })
     .await;
     eventually("the replica in sync", WAIT, || async { in_sync(&standby) }).await;
-    let mut primary = primary;
     primary.kill();
     for index in 0..3 {
         sentinels.wait_master(index, standby.port());

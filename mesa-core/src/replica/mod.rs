@@ -164,6 +164,10 @@ pub struct Replica {
     pool: PortalPool,
     /// One per Redis instance.
     shards: Vec<Shard>,
+    /// `ns("ws")` and this replica's own channel, named once: every pub/sub message
+    /// is matched against them.
+    ws_channel: String,
+    own_channel: String,
     next_token: u64,
     retiring: bool,
     /// Per connection redelivering its stored messages: the index and text of each
@@ -200,6 +204,8 @@ impl Replica {
             })
             .collect();
         let mut replica = Replica {
+            ws_channel: config.namespace.ws_channel(),
+            own_channel: config.namespace.replica_channel(&name),
             keys: Keys::new(config.namespace.clone(), name),
             hub: Hub::new(config.auth_required),
             pool: PortalPool::new(config.portals.unwrap_or_default(), seed),
@@ -229,14 +235,13 @@ impl Replica {
     /// replica's own (sends routed to it), and on shard 0 `ws` and the portal pool's
     /// when portals are on (room channels follow, as rooms get members here).
     pub fn channels(&self, shard: usize) -> Vec<String> {
-        let ns = self.keys.namespace();
         let mut channels = Vec::new();
         if shard == 0 {
-            channels.push(ns.ws_channel());
+            channels.push(self.ws_channel.clone());
         }
-        channels.push(ns.replica_channel(self.keys.replica()));
+        channels.push(self.own_channel.clone());
         if shard == 0 && self.config.portals.is_some() {
-            channels.push(ns.available_portals_pool());
+            channels.push(self.keys.namespace().available_portals_pool());
         }
         channels
     }
@@ -475,7 +480,7 @@ impl Replica {
     /// ids.
     pub fn handle_pubsub(&mut self, now: Instant, channel: &str, payload: &str) {
         let ns = self.keys.namespace();
-        if channel == ns.ws_channel() || channel == ns.replica_channel(self.keys.replica()) {
+        if channel == self.ws_channel || channel == self.own_channel {
             match Envelope::decode(payload) {
                 // Our own global send: its local part was delivered when it was made.
                 Ok(envelope)
@@ -1146,11 +1151,8 @@ impl Replica {
         sent: Sent,
         values: Vec<RedisValue>,
     ) -> Result<(), &'static str> {
-        // Most commands have one call; a round's store may have its `WAIT` besides.
-        let (first, more) = {
-            let mut values = values.into_iter();
-            (values.next(), values.collect::<Vec<_>>())
-        };
+        // A round's store may have its `WAIT` besides; other commands have one call.
+        let mut values = values.into_iter();
         match sent.flight {
             Flight::Job(job) => {
                 let link = &mut self.shards[shard];
@@ -1160,7 +1162,7 @@ impl Replica {
                     link.presence_in_flight -= 1;
                 }
                 if let Job::Load { conn, id, .. } = job {
-                    let raw = match first {
+                    let raw = match values.next() {
                         Some(RedisValue::Text(raw)) => raw,
                         Some(RedisValue::Nil) => String::new(),
                         _ => return Err("a load"),
@@ -1176,22 +1178,19 @@ impl Replica {
                     }
                 }
             }
-            Flight::Round(step) => {
-                let values = first.into_iter().chain(more).collect();
-                self.shards[shard].rounds.answered(step, values)?;
-            }
+            Flight::Round(step) => self.shards[shard].rounds.answered(step, values.collect())?,
             Flight::Ping => {
                 let latency = now.saturating_duration_since(sent.at);
                 self.events.push_back(ReplicaEvent::Latency(latency));
             }
             Flight::LoadPortals => {
                 self.shards[shard].portals_loading = false;
-                let portals = texts(first).ok_or("the portal pool")?;
+                let portals = texts(values.next()).ok_or("the portal pool")?;
                 self.pool.reset(portals);
             }
             Flight::Renew | Flight::Janitor | Flight::Subscription | Flight::RoomsAnew => {}
             Flight::Members { query, room } => {
-                let mut members = room_members(first).ok_or("a room's members")?;
+                let mut members = room_members(values.next()).ok_or("a room's members")?;
                 members.sort_unstable();
                 self.events.push_back(ReplicaEvent::RoomMembers {
                     query,
