@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use mesa_core::recovery::Position;
 use mesa_core::rooms::{self, RoomNotice, RoomRequest};
 use mesa_core::{
     BackoffConfig, ClientConfig, ClientError, ClientEvent, ClientSession, ClientTransmit, Close,
@@ -73,7 +74,8 @@ enum Known {
     Subscribed(u8, Option<u8>),
     Unsubscribed(u8, Option<u8>),
     Refused(u8, Option<u8>),
-    RoomMessage(u8),
+    /// A room's message, at this offset of a recoverable room's stream.
+    RoomMessage(u8, Option<u8>),
     /// `mesa:join` (`true`) or `mesa:leave` of an id.
     Presence(u8, bool, String),
     /// `mesa:presence`: the answer to a presence request.
@@ -125,9 +127,15 @@ impl Known {
                 "mesa:presence",
                 json!({"room": room(*r), "ref": reference, "members": {"alice": 2}}),
             ),
-            Known::RoomMessage(r) => {
+            Known::RoomMessage(r, offset) => {
                 let message = Message::dispatch("CHAT", json!({"x": 1}));
-                return rooms::room_frame(&message, room(*r)).as_str().to_owned();
+                let position = offset.map(|offset| Position {
+                    epoch: "e".into(),
+                    offset: offset.into(),
+                });
+                return rooms::room_frame(&message, room(*r), position.as_ref())
+                    .as_str()
+                    .to_owned();
             }
         };
         message.encode().as_str().to_owned()
@@ -207,6 +215,7 @@ struct Held {
     token: Option<String>,
     presence: bool,
     pending: Option<u64>,
+    position: Option<Position>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,9 +363,17 @@ impl Model {
         let decoded = if opted_in {
             rooms::decode_room_message(text, &self.config.limits)
         } else {
-            Message::decode(text, &self.config.limits).map(|m| (m, None))
+            Message::decode(text, &self.config.limits).map(|message| rooms::RoomFrame {
+                message,
+                room: None,
+                position: None,
+            })
         };
-        let (message, room) = match decoded {
+        let rooms::RoomFrame {
+            message,
+            room,
+            position,
+        } = match decoded {
             Ok(decoded) => decoded,
             Err(error) => {
                 self.events.push(ClientEvent::InvalidFrame(error));
@@ -426,7 +443,14 @@ impl Model {
             }
             Opcode::Dispatch if opted_in => match (RoomNotice::parse(&message), room) {
                 (Some(notice), _) => self.notice(notice),
-                (None, Some(room)) => self.events.push(ClientEvent::RoomMessage { room, message }),
+                (None, Some(room)) => {
+                    self.moved(&room, position.as_ref());
+                    self.events.push(ClientEvent::RoomMessage {
+                        room,
+                        message,
+                        position,
+                    })
+                }
                 (None, None) => self.events.push(ClientEvent::Message(message)),
             },
             _ => self.events.push(ClientEvent::Message(message)),
@@ -533,6 +557,7 @@ impl Model {
                 reference: json!(held.pending),
                 token: held.token,
                 presence: held.presence,
+                since: held.position,
             });
         }
         for (reference, room, message) in std::mem::take(&mut self.waiting) {
@@ -544,10 +569,25 @@ impl Model {
         }
     }
 
+    /// A held room's last position, as the client keeps it for its next subscribe.
+    fn moved(&mut self, room: &str, position: Option<&Position>) {
+        if let (Some(held), Some(position)) =
+            (self.held.iter_mut().find(|h| h.room == room), position)
+        {
+            held.position = Some(position.clone());
+        }
+    }
+
     fn notice(&mut self, notice: RoomNotice) {
         let event = match notice {
-            RoomNotice::Subscribed { room, reference } => {
+            RoomNotice::Subscribed {
+                room,
+                reference,
+                position,
+                recovered,
+            } => {
                 let reference = reference.as_u64();
+                self.moved(&room, position.as_ref());
                 if let Some(held) = self
                     .held
                     .iter_mut()
@@ -558,6 +598,8 @@ impl Model {
                 ClientEvent::Subscribed {
                     room,
                     reference: reference.map(Reference::from_u64),
+                    position,
+                    recovered,
                 }
             }
             RoomNotice::Unsubscribed { room, reference } => {
@@ -638,6 +680,7 @@ impl Model {
                     token: None,
                     presence,
                     pending: None,
+                    position: None,
                 });
                 self.held.len() - 1
             }
@@ -657,6 +700,7 @@ impl Model {
                 reference: json!(reference),
                 token: held.token,
                 presence: held.presence,
+                since: held.position,
             });
         }
         Ok(Reference::from_u64(reference))

@@ -1,10 +1,11 @@
 //! The cluster flags `mesa serve` and `mesa dispatch` share: how sends to ids travel
-//! between replicas (`--legacy-bus`), and whether stores wait for Redis replicas
-//! (`--wait-replicas`).
+//! between replicas (`--legacy-bus`), whether stores wait for Redis replicas
+//! (`--wait-replicas`), and which rooms keep a stream (`--recover-rooms`).
 
 use std::time::Duration;
 
 use mesa_tokio::StoreWait;
+use mesa_tokio::recovery::RecoveryConfig;
 
 /// `--legacy-bus on|off`.
 #[derive(Debug, clap::Args)]
@@ -50,6 +51,43 @@ impl Durability {
         self.wait_replicas.map(|replicas| StoreWait {
             replicas: replicas as usize,
             timeout: Duration::from_millis(self.wait_timeout),
+        })
+    }
+}
+
+/// `--recover-rooms PATTERN,... --recovery-size N --recovery-ttl SECS`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Recovery {
+    /// Rooms that keep their last messages in a Redis stream, so a client that comes
+    /// back gets exactly what it missed (or is told it cannot): a room name, or a
+    /// prefix ending in `*` (`chat:*`; `*` for every room). Repeatable, or
+    /// comma-separated. Every replica and dispatcher of the cluster needs the same.
+    #[arg(
+        long = "recover-rooms",
+        value_name = "PATTERN",
+        env = "MESA_RECOVER_ROOMS",
+        value_delimiter = ',',
+        requires = "redis"
+    )]
+    recover_rooms: Vec<String>,
+
+    /// Messages each recoverable room's stream keeps.
+    #[arg(long, env = "MESA_RECOVERY_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    recovery_size: u64,
+
+    /// Seconds a recoverable room's stream lives after its last message.
+    #[arg(long, env = "MESA_RECOVERY_TTL", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    recovery_ttl: u64,
+}
+
+impl Recovery {
+    /// The recovery settings, when some room keeps a stream.
+    pub(crate) fn config(&self) -> Option<RecoveryConfig> {
+        (!self.recover_rooms.is_empty()).then(|| RecoveryConfig {
+            rooms: self.recover_rooms.clone(),
+            size: usize::try_from(self.recovery_size).unwrap_or(usize::MAX),
+            ttl: Duration::from_secs(self.recovery_ttl),
+            ..RecoveryConfig::default()
         })
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use mesa_tokio::recovery::Position;
 use mesa_tokio::rooms::{self, RoomNotice, check_room};
 use mesa_tokio::{Client, ClientError, ClientEvent, Close, CloseCode, Limits, Message};
 use serde_json::{Map, Value, json};
@@ -16,6 +17,7 @@ use tokio::time::Instant;
 use crate::Failure;
 use crate::logging::LogFormat;
 use crate::signals::Signals;
+use crate::state::State;
 
 /// How long the closing handshake gets before the process exits. The driver finishes
 /// it on a detached task that cannot be awaited, so this is a grace period.
@@ -79,6 +81,14 @@ pub(crate) struct ClientArgs {
     /// `{"op":0,"d":{"room":"R","id":"ID"},"t":"mesa:join"}` or `"mesa:leave"`.
     #[arg(long, env = "MESA_PRESENCE", requires = "subscribe")]
     presence: bool,
+
+    /// Keep the rooms and, in recoverable rooms, the position of the last message
+    /// received in FILE (JSON, rewritten as they change): started again with the
+    /// same FILE, the client subscribes to them again from there and the server
+    /// replays what it missed. Each resume prints its `mesa:subscribed` line, whose
+    /// `"recovered"` says whether the replay was complete.
+    #[arg(long, env = "MESA_STATE", value_name = "FILE")]
+    state: Option<PathBuf>,
 }
 
 /// A room name, checked as the server checks it.
@@ -123,10 +133,15 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
 
     // Subscribe before any stdin line is published, as for the credentials; the
     // answers (and those after every reconnection) are reported as events.
-    let mut subscribes_pending = !args.subscribe.is_empty();
+    let mut state = match &args.state {
+        Some(path) => State::load(path)?,
+        None => State::default(),
+    };
+    let rooms = state.rooms_with(&args.subscribe);
+    let mut subscribes_pending = !rooms.is_empty();
     let mut subscribes = std::pin::pin!(subscribe_all(
         client.clone(),
-        args.subscribe.clone(),
+        rooms,
         args.presence,
         report.format
     ));
@@ -159,8 +174,14 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
                     return Err("the client stopped unexpectedly".to_owned().into());
                 };
                 let first = !hello_checked && matches!(event, ClientEvent::Connected { .. });
+                let moved = state.follow(&event);
                 if let Some(code) = handle(event, &report, &mut connected)? {
                     return Ok(code);
+                }
+                // After the line is printed: a process killed in between gets the
+                // message again when it resumes, never loses it.
+                if let (true, Some(path)) = (moved, &args.state) {
+                    state.save(path)?;
                 }
                 // After `connected` is printed, so the notice never comes before it.
                 if first {
@@ -295,9 +316,11 @@ fn handle(
         ClientEvent::InvalidFrame(error) => {
             report.event("invalid_frame", [("error", json!(error.to_string()))]);
         }
-        ClientEvent::RoomMessage { room, message } => {
-            print_line(rooms::room_frame(&message, &room).as_str())?
-        }
+        ClientEvent::RoomMessage {
+            room,
+            message,
+            position,
+        } => print_line(rooms::room_frame(&message, &room, position.as_ref()).as_str())?,
         ClientEvent::MemberJoined { room, id } => {
             print_line(RoomNotice::Join { room, id }.encode().as_str())?
         }
@@ -306,7 +329,24 @@ fn handle(
         }
         // This command asks no presence request.
         ClientEvent::Members { .. } => {}
-        ClientEvent::Subscribed { room, reference } => report.event(
+        ClientEvent::Subscribed {
+            room,
+            reference,
+            position,
+            recovered: Some(recovered),
+        } => {
+            let reference = reference.map_or(Value::Null, |r| json!(r.get()));
+            let notice = RoomNotice::Subscribed {
+                room,
+                reference,
+                position,
+                recovered: Some(recovered),
+            };
+            print_line(notice.encode().as_str())?
+        }
+        ClientEvent::Subscribed {
+            room, reference, ..
+        } => report.event(
             "subscribed",
             [
                 ("room", json!(room)),
@@ -347,14 +387,19 @@ fn handle(
 
 /// Subscribe to every room of `--subscribe`. Only what no event reports is reported
 /// here: the client's own refusals (a refused or unavailable subscribe is an event).
-async fn subscribe_all(client: Client, rooms: Vec<String>, presence: bool, format: LogFormat) {
-    let subscribes = rooms.into_iter().map(|room| {
+async fn subscribe_all(
+    client: Client,
+    rooms: Vec<(String, Option<Position>)>,
+    presence: bool,
+    format: LogFormat,
+) {
+    let subscribes = rooms.into_iter().map(|(room, since)| {
         let client = client.clone();
         async move {
-            let subscribed = if presence {
-                client.subscribe_with_presence(room.clone(), None).await
-            } else {
-                client.subscribe(room.clone()).await
+            let subscribed = match since {
+                Some(since) => client.subscribe_since(room.clone(), presence, since).await,
+                None if presence => client.subscribe_with_presence(room.clone(), None).await,
+                None => client.subscribe(room.clone()).await,
             };
             match subscribed {
                 Err(ClientError::Session(error))

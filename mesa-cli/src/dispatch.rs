@@ -10,7 +10,7 @@ use mesa_tokio::{DispatchReport, Dispatcher, Message, Recipients};
 use serde_json::{Value, json};
 
 use crate::Failure;
-use crate::bus::{Durability, LegacyBus};
+use crate::bus::{Durability, LegacyBus, Recovery};
 use crate::tls::RedisCa;
 
 /// Options of `mesa dispatch`.
@@ -29,6 +29,9 @@ pub(crate) struct DispatchArgs {
 
     #[command(flatten)]
     durability: Durability,
+
+    #[command(flatten)]
+    recovery: Recovery,
 
     /// The cluster's namespace (as the servers' `--namespace`).
     #[arg(long, env = "MESA_NAMESPACE")]
@@ -125,6 +128,9 @@ pub(crate) async fn run(args: DispatchArgs) -> Result<ExitCode, Failure> {
     }
     if let Some(wait) = args.durability.store_wait() {
         builder = builder.store_wait(wait);
+    }
+    if let Some(recovery) = args.recovery.config() {
+        builder = builder.recovery(recovery);
     }
     if let Some(pem) = args.redis_ca.load_for(&args.redis)? {
         builder = builder.redis_ca_pem(pem);

@@ -32,6 +32,7 @@ mod logging;
 mod portal;
 mod serve;
 mod signals;
+mod state;
 mod tls;
 
 /// Mesa real-time messaging (the protocol of `@cryb/mesa` 1.5.8) from the command line.

@@ -19,7 +19,7 @@ use mesa_tokio::{PortalChoice, RoomPolicy, SyncConfig};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};
-use crate::bus::{Durability, LegacyBus};
+use crate::bus::{Durability, LegacyBus, Recovery};
 use crate::demo::DemoChat;
 use crate::http::{Health, Http};
 use crate::logging::LogConnections;
@@ -111,6 +111,9 @@ pub(crate) struct ServeArgs {
 
     #[command(flatten)]
     durability: Durability,
+
+    #[command(flatten)]
+    recovery: Recovery,
 
     /// Isolate this cluster from others on the same Redis.
     #[arg(long, env = "MESA_NAMESPACE", requires = "redis")]
@@ -428,6 +431,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         cluster.lease = Duration::from_millis(args.lease);
         cluster.legacy_bus = args.bus.on;
         cluster.store_wait = args.durability.store_wait();
+        cluster.recovery = args.recovery.config();
         cluster.portals = args.portals.map(|mode| match mode {
             PortalMode::RoundRobin => PortalChoice::RoundRobin,
             PortalMode::Random => PortalChoice::Random,

@@ -22,6 +22,7 @@ use crate::close::{Close, CloseCode};
 use crate::config::{ConfigError, validate_limits};
 use crate::hello::{Hello, Rule};
 use crate::limits::Limits;
+use crate::recovery::Position;
 use crate::rooms::{
     self, CONTROL_PREFIX, OPT_IN_KEY, RoomNotice, RoomRefusal, RoomRequest, check_room,
 };
@@ -133,6 +134,13 @@ pub enum ClientEvent {
         room: String,
         /// The request answered; `None` when the server acted on its own.
         reference: Option<Reference>,
+        /// In a recoverable room: the position the room's messages continue from.
+        position: Option<Position>,
+        /// In a recoverable room: whether everything missed since the position the
+        /// client reported was replayed before this event (`Some(false)`: it was
+        /// not, reload the room's state). Also told without a reference when the
+        /// server could not forward what a live subscription missed.
+        recovered: Option<bool>,
     },
     /// The connection left `room`: the answer to
     /// [`unsubscribe`](ClientSession::unsubscribe) (given at once when the
@@ -160,6 +168,8 @@ pub enum ClientEvent {
         room: String,
         /// The message (`op` 0 with its `t` and `d`).
         message: Message,
+        /// Its position in a recoverable room's stream.
+        position: Option<Position>,
     },
     /// `id` has its first connection in `room` (over the cluster): told to a
     /// subscription made with presence ([`subscribe_with_presence`](ClientSession::subscribe_with_presence)).
@@ -477,11 +487,43 @@ impl ClientSession {
         Ok(reference)
     }
 
+    /// [`subscribe`](Self::subscribe) (with presence notices if asked) to a
+    /// recoverable room, resuming after `since`: the last position a previous run
+    /// of the client received there ([`positions`](Self::positions)). The server
+    /// replays what came after it, then answers with `recovered`.
+    pub fn subscribe_since(
+        &mut self,
+        _now: Instant,
+        room: &str,
+        token: Option<&str>,
+        presence: bool,
+        since: Position,
+    ) -> Result<Reference, ClientError> {
+        self.subscribe_from(room, token, presence, Some(since))
+    }
+
+    /// Each room the client holds, oldest first, with the position of the last
+    /// message it received there (in a recoverable room): what a client that
+    /// keeps its state across restarts saves.
+    pub fn positions(&self) -> impl Iterator<Item = (&str, Option<&Position>)> {
+        self.subscriptions.positions()
+    }
+
     fn subscribe_as(
         &mut self,
         room: &str,
         token: Option<&str>,
         presence: bool,
+    ) -> Result<Reference, ClientError> {
+        self.subscribe_from(room, token, presence, None)
+    }
+
+    fn subscribe_from(
+        &mut self,
+        room: &str,
+        token: Option<&str>,
+        presence: bool,
+        since: Option<Position>,
     ) -> Result<Reference, ClientError> {
         self.check_room_command(room)?;
         let max = self.config.limits.max_rooms_per_connection;
@@ -492,6 +534,9 @@ impl ClientSession {
         let reference = self
             .subscriptions
             .subscribe(room, token, presence, now_sent);
+        if let Some(since) = since {
+            self.subscriptions.set_position(room, since);
+        }
         if now_sent && let Some(request) = self.subscriptions.request(room) {
             self.transmit_request(&request);
         }
@@ -623,9 +668,17 @@ impl ClientSession {
         let decoded = if opted_in {
             rooms::decode_room_message(text, &self.config.limits)
         } else {
-            Message::decode(text, &self.config.limits).map(|message| (message, None))
+            Message::decode(text, &self.config.limits).map(|message| rooms::RoomFrame {
+                message,
+                room: None,
+                position: None,
+            })
         };
-        let (message, room) = match decoded {
+        let rooms::RoomFrame {
+            message,
+            room,
+            position,
+        } = match decoded {
             Ok(decoded) => decoded,
             Err(error) => {
                 self.events.push_back(ClientEvent::InvalidFrame(error));
@@ -645,9 +698,16 @@ impl ClientSession {
             }
             Opcode::Dispatch if opted_in => match (RoomNotice::parse(&message), room) {
                 (Some(notice), _) => self.handle_notice(notice),
-                (None, Some(room)) => self
-                    .events
-                    .push_back(ClientEvent::RoomMessage { room, message }),
+                (None, Some(room)) => {
+                    if let Some(position) = &position {
+                        self.subscriptions.set_position(&room, position.clone());
+                    }
+                    self.events.push_back(ClientEvent::RoomMessage {
+                        room,
+                        message,
+                        position,
+                    })
+                }
                 (None, None) => self.events.push_back(ClientEvent::Message(message)),
             },
             _ => self.events.push_back(ClientEvent::Message(message)),
@@ -808,12 +868,25 @@ impl ClientSession {
     /// What the server said about the client's rooms.
     fn handle_notice(&mut self, notice: RoomNotice) {
         let event = match notice {
-            RoomNotice::Subscribed { room, reference } => {
+            RoomNotice::Subscribed {
+                room,
+                reference,
+                position,
+                recovered,
+            } => {
                 let reference = Reference::from_wire(&reference);
                 if let Some(reference) = reference {
                     self.subscriptions.confirmed(&room, reference);
                 }
-                ClientEvent::Subscribed { room, reference }
+                if let Some(position) = &position {
+                    self.subscriptions.set_position(&room, position.clone());
+                }
+                ClientEvent::Subscribed {
+                    room,
+                    reference,
+                    position,
+                    recovered,
+                }
             }
             RoomNotice::Unsubscribed { room, reference } => {
                 let reference = Reference::from_wire(&reference);

@@ -74,6 +74,23 @@ impl Namespace {
         self.key(&format!("mesa_room_members:{room}"))
     }
 
+    /// The stream of a recoverable room's last messages (ours): entry ids are the
+    /// offsets, each entry's field `m` the message.
+    pub fn room_stream(&self, room: &str) -> String {
+        self.key(&format!("mesa_stream:{room}"))
+    }
+
+    /// The meta record of a recoverable room's stream (ours): a hash of its epoch
+    /// `e` and its last offset `s`.
+    pub fn room_stream_meta(&self, room: &str) -> String {
+        self.key(&format!("mesa_stream_meta:{room}"))
+    }
+
+    /// A counter that makes every new epoch of a room's stream unique (ours).
+    pub fn stream_epochs(&self) -> String {
+        self.key("mesa_stream_epochs")
+    }
+
     /// The room memberships of `replica`, for its presence in rooms (ours).
     pub fn replica_rooms(&self, replica: &str) -> String {
         self.key(&format!("mesa_replica_rooms:{replica}"))
@@ -82,6 +99,15 @@ impl Namespace {
     /// The pub/sub channel of a room (ours; Node replicas never subscribe to it).
     pub fn room_channel(&self, room: &str) -> String {
         self.key(&format!("{ROOM_CHANNEL_PREFIX}{room}"))
+    }
+
+    /// The room whose channel is `channel` ([`room_channel`](Self::room_channel)).
+    pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let room = channel.strip_prefix(ROOM_CHANNEL_PREFIX)?;
+        match &self.0 {
+            Some(ns) => room.strip_suffix(ns.as_str())?.strip_suffix('_'),
+            None => Some(room),
+        }
     }
 
     /// The pub/sub channel of one replica (ours): the ids sends routed to it, when

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod limits;
 pub mod portal;
 pub mod rate;
+pub mod recovery;
 pub mod relay;
 pub mod replica;
 pub mod rng;

@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::hub::{Action, ConnId};
+use crate::recovery::Position;
 use crate::rooms::{PresenceChange, RefusalCode, RoomRefusal, room_frame};
 use crate::wire::Message;
 
@@ -28,6 +29,10 @@ pub struct Joined {
     pub already: bool,
     /// The room had no member here before (a cluster replica now subscribes to it).
     pub first_here: bool,
+    /// The replica answers the subscribe itself (`mesa:subscribed` with the
+    /// position of a recoverable room), once it read the room's stream: the caller
+    /// does not.
+    pub deferred: bool,
 }
 
 impl RoomTable {
@@ -48,6 +53,7 @@ impl RoomTable {
             return Ok(Joined {
                 already: true,
                 first_here: false,
+                deferred: false,
             });
         }
         if rooms.len() >= max {
@@ -64,6 +70,7 @@ impl RoomTable {
         Ok(Joined {
             already: false,
             first_here: members.len() == 1,
+            deferred: false,
         })
     }
 
@@ -182,6 +189,35 @@ impl RoomTable {
         self.memberships
     }
 
+    /// What the message at `position` of recoverable `room` does to its members
+    /// here: the members that are not extended get the plain dispatch, `extended`
+    /// (the live extended members that had not got it) the frame with the room and
+    /// the position.
+    pub fn deliveries_at(
+        &self,
+        message: &Message,
+        room: &str,
+        position: &Position,
+        extended: Vec<ConnId>,
+    ) -> Vec<(Action, Vec<ConnId>)> {
+        let action = Action::for_message(message);
+        if action == Action::Ignore {
+            return Vec::new();
+        }
+        let plain: Vec<ConnId> = self
+            .members(room)
+            .filter(|conn| !self.extended.contains(conn))
+            .collect();
+        let with_room = match &action {
+            Action::Write(_) => Action::Write(room_frame(message, room, Some(position))),
+            other => other.clone(),
+        };
+        [(with_room, extended), (action, plain)]
+            .into_iter()
+            .filter(|(_, targets)| !targets.is_empty())
+            .collect()
+    }
+
     /// What `message` to `room` does to its members here: the extended ones get the
     /// frame with the room, the others the plain dispatch (each encoded once). An
     /// internal event (op 5) acts alike on both.
@@ -194,7 +230,7 @@ impl RoomTable {
             return Vec::new();
         }
         let with_room = match &action {
-            Action::Write(_) => Action::Write(room_frame(message, room)),
+            Action::Write(_) => Action::Write(room_frame(message, room, None)),
             other => other.clone(),
         };
         [(with_room, extended), (action, plain)]
@@ -241,7 +277,10 @@ mod tests {
         assert_eq!(
             deliveries,
             [
-                (Action::Write(room_frame(&message, "lobby")), vec![new]),
+                (
+                    Action::Write(room_frame(&message, "lobby", None)),
+                    vec![new]
+                ),
                 (Action::Write(message.encode()), vec![old]),
             ]
         );

@@ -14,6 +14,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::limits::Limits;
+use crate::recovery::Position;
 use crate::wire::{DecodeError, Frame, Message, Opcode};
 
 /// The hello rule a server with rooms announces.
@@ -181,6 +182,9 @@ pub enum RoomRequest {
         token: Option<String>,
         /// `"presence": true`: hear `mesa:join` and `mesa:leave` of the room's ids.
         presence: bool,
+        /// `"since": {"epoch", "offset"}`: the last position the client got in a
+        /// recoverable room, to get what it missed after it.
+        since: Option<Position>,
     },
     /// `mesa:unsubscribe`: leave `room`.
     Unsubscribe {
@@ -252,11 +256,22 @@ impl RoomRequest {
                         return Some(refused(RefusalCode::BadRequest, "`presence` is a boolean"));
                     }
                 };
+                let since = match d.get("since") {
+                    None | Some(Value::Null) => None,
+                    Some(since) => match Position::from_value(since) {
+                        Some(since) => Some(since),
+                        None => {
+                            let reason = "`since` is {\"epoch\": a string, \"offset\": a number}";
+                            return Some(refused(RefusalCode::BadRequest, reason));
+                        }
+                    },
+                };
                 RoomRequest::Subscribe {
                     room,
                     reference,
                     token,
                     presence,
+                    since,
                 }
             }
             "unsubscribe" => RoomRequest::Unsubscribe { room, reference },
@@ -292,6 +307,7 @@ impl RoomRequest {
                 reference,
                 token,
                 presence,
+                since,
             } => {
                 let mut d = json!({ "room": room, "ref": reference });
                 if let Some(token) = token {
@@ -299,6 +315,9 @@ impl RoomRequest {
                 }
                 if *presence {
                     d["presence"] = Value::Bool(true);
+                }
+                if let Some(since) = since {
+                    d["since"] = since.to_value();
                 }
                 ("subscribe", d)
             }
@@ -347,6 +366,13 @@ pub enum RoomNotice {
         room: String,
         /// The request's reference (null when the server joined it on its own).
         reference: Value,
+        /// In a recoverable room: the position the connection's messages continue
+        /// from (the last one it got, replayed ones included).
+        position: Option<Position>,
+        /// In a recoverable room, answering a subscribe with `since` (or telling
+        /// that what a member missed is lost): whether everything after `since`
+        /// was replayed before this notice.
+        recovered: Option<bool>,
     },
     /// `mesa:unsubscribed`: the connection left `room`.
     Unsubscribed {
@@ -401,8 +427,21 @@ impl RoomNotice {
     /// The notice as a dispatch (a delivery to many members encodes it once).
     pub fn to_message(&self) -> Message {
         let (kind, d) = match self {
-            RoomNotice::Subscribed { room, reference } => {
-                ("subscribed", json!({ "room": room, "ref": reference }))
+            RoomNotice::Subscribed {
+                room,
+                reference,
+                position,
+                recovered,
+            } => {
+                let mut d = json!({ "room": room, "ref": reference });
+                if let Some(position) = position {
+                    d["epoch"] = Value::from(position.epoch.as_str());
+                    d["offset"] = Value::from(position.offset);
+                }
+                if let Some(recovered) = recovered {
+                    d["recovered"] = Value::Bool(*recovered);
+                }
+                ("subscribed", d)
             }
             RoomNotice::Unsubscribed { room, reference } => {
                 ("unsubscribed", json!({ "room": room, "ref": reference }))
@@ -449,6 +488,8 @@ impl RoomNotice {
             "subscribed" => Some(RoomNotice::Subscribed {
                 room: room?,
                 reference,
+                position: Position::from_value(d),
+                recovered: d.get("recovered").and_then(Value::as_bool),
             }),
             "unsubscribed" => Some(RoomNotice::Unsubscribed {
                 room: room?,
@@ -490,17 +531,22 @@ impl RoomNotice {
 }
 
 /// A room's message as an extended connection receives it: the dispatch with a
-/// top-level `room`.
-pub fn room_frame(message: &Message, room: &str) -> Frame {
+/// top-level `room`, and in a recoverable room its `epoch` and `offset`.
+pub fn room_frame(message: &Message, room: &str, position: Option<&Position>) -> Frame {
     let mut value = message.to_value();
     if let Value::Object(object) = &mut value {
         object.insert("room".into(), Value::from(room));
+        if let Some(position) = position {
+            object.insert("epoch".into(), Value::from(position.epoch.as_str()));
+            object.insert("offset".into(), Value::from(position.offset));
+        }
     }
     Frame(serde_json::to_string(&value).unwrap_or_default().into())
 }
 
 /// A room's message between replicas, on the room's channel:
-/// `{"room": R, "message": {"op","d","t"}, "origin": replica}`.
+/// `{"room": R, "message": {"op","d","t"}, "origin": replica}`, and in a recoverable
+/// room `"epoch"` and `"offset"` instead of the origin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoomEnvelope {
     /// The room.
@@ -508,8 +554,12 @@ pub struct RoomEnvelope {
     /// The message.
     pub message: Message,
     /// The replica that published it and delivered it to its own members at once;
-    /// none for a Dispatcher's.
+    /// none for a Dispatcher's, nor in a recoverable room (every replica delivers
+    /// from the channel, in the stream's order).
     pub origin: Option<String>,
+    /// Its position in a recoverable room's stream, given by the script that
+    /// appended it.
+    pub position: Option<Position>,
 }
 
 impl RoomEnvelope {
@@ -523,7 +573,19 @@ impl RoomEnvelope {
         if let Some(origin) = &self.origin {
             envelope["origin"] = Value::from(origin.as_str());
         }
+        if let Some(position) = &self.position {
+            envelope["epoch"] = Value::from(position.epoch.as_str());
+            envelope["offset"] = Value::from(position.offset);
+        }
         envelope.to_string()
+    }
+
+    /// The payload without its closing brace: the script that appends a message to
+    /// a recoverable room's stream completes it with `,"epoch":E,"offset":O}`.
+    pub fn head(&self) -> String {
+        let mut payload = self.encode();
+        payload.pop();
+        payload
     }
 
     /// Read a payload of a room channel.
@@ -548,10 +610,18 @@ impl RoomEnvelope {
             Some(Value::String(origin)) => Some(origin),
             Some(_) => return Err(DecodeError::BadField("origin")),
         };
+        let position = match (object.get("epoch"), object.get("offset")) {
+            (None, None) => None,
+            _ => Some(
+                Position::from_value(&Value::Object(object))
+                    .ok_or(DecodeError::BadField("offset"))?,
+            ),
+        };
         Ok(RoomEnvelope {
             room,
             message,
             origin,
+            position,
         })
     }
 }
@@ -631,17 +701,34 @@ impl RoomPayload {
 
 /// Decode a frame from the server, with the room it came from (`None` for a
 /// message not sent to a room).
-pub fn decode_room_message(
-    text: &str,
-    limits: &Limits,
-) -> Result<(Message, Option<String>), DecodeError> {
+pub fn decode_room_message(text: &str, limits: &Limits) -> Result<RoomFrame, DecodeError> {
     crate::wire::check_size_and_depth(text, limits)?;
     let mut value: Value = serde_json::from_str(text).map_err(|_| DecodeError::NotJson)?;
+    let position = Position::from_value(&value);
     let room = value
         .as_object_mut()
-        .and_then(|object: &mut Map<String, Value>| object.remove("room"))
+        .and_then(|object: &mut Map<String, Value>| {
+            object.remove("epoch");
+            object.remove("offset");
+            object.remove("room")
+        })
         .and_then(|room| room.as_str().map(str::to_owned));
-    Ok((Message::from_value(value)?, room))
+    Ok(RoomFrame {
+        message: Message::from_value(value)?,
+        position: position.filter(|_| room.is_some()),
+        room,
+    })
+}
+
+/// A frame from the server, read by [`decode_room_message`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomFrame {
+    /// The message, without the fields below.
+    pub message: Message,
+    /// The room it was published to (`None`: a message not sent to a room).
+    pub room: Option<String>,
+    /// Its position in a recoverable room.
+    pub position: Option<Position>,
 }
 
 #[cfg(test)]
@@ -697,12 +784,17 @@ mod tests {
                 reference: json!(1),
                 token: Some("tok".into()),
                 presence: false,
+                since: None,
             },
             RoomRequest::Subscribe {
                 room: "r".into(),
                 reference: json!(2),
                 token: None,
                 presence: true,
+                since: Some(Position {
+                    epoch: "e1".into(),
+                    offset: 17,
+                }),
             },
             RoomRequest::Presence {
                 room: "r".into(),
@@ -778,6 +870,8 @@ mod tests {
             RoomNotice::Subscribed {
                 room: "r".into(),
                 reference: json!(1),
+                position: None,
+                recovered: None,
             },
             RoomNotice::Unsubscribed {
                 room: "r".into(),
@@ -819,6 +913,7 @@ mod tests {
             room: "lobby".into(),
             message: Message::dispatch("CHAT", json!({"x": 1})),
             origin: Some("r1".into()),
+            position: None,
         };
         assert_eq!(
             RoomEnvelope::decode(&envelope.encode()),
@@ -828,12 +923,28 @@ mod tests {
             origin: None,
             ..envelope
         };
-        assert_eq!(RoomEnvelope::decode(&dispatcher.encode()), Ok(dispatcher));
+        assert_eq!(
+            RoomEnvelope::decode(&dispatcher.encode()),
+            Ok(dispatcher.clone())
+        );
+        // A recoverable room's, completed by the script that numbered it.
+        let numbered = format!("{},\"epoch\":\"e1\",\"offset\":5}}", dispatcher.head());
+        let positioned = RoomEnvelope {
+            position: Some(Position {
+                epoch: "e1".into(),
+                offset: 5,
+            }),
+            ..dispatcher
+        };
+        assert_eq!(RoomEnvelope::decode(&numbered), Ok(positioned.clone()));
+        assert_eq!(RoomEnvelope::decode(&positioned.encode()), Ok(positioned));
         for bad in [
             "",
             "[]",
             r#"{"message":{"op":0}}"#,
             r#"{"room":1,"message":{"op":0}}"#,
+            r#"{"room":"r","message":{"op":0},"offset":5}"#,
+            r#"{"room":"r","message":{"op":0},"epoch":"e","offset":-1}"#,
         ] {
             assert!(RoomEnvelope::decode(bad).is_err(), "{bad}");
         }
@@ -894,6 +1005,7 @@ mod tests {
             room: "lobby".into(),
             message: Message::dispatch("CHAT", json!({"x": 1})),
             origin: None,
+            position: None,
         };
         assert_eq!(
             RoomPayload::decode(&envelope.encode()),
@@ -914,14 +1026,28 @@ mod tests {
     #[test]
     fn a_room_message_carries_its_room_only_in_the_extended_frame() {
         let message = Message::dispatch("CHAT", json!({"x": 1}));
-        let frame = room_frame(&message, "lobby");
+        let frame = room_frame(&message, "lobby", None);
         assert_eq!(
             frame.as_str(),
             r#"{"op":0,"d":{"x":1},"t":"CHAT","room":"lobby"}"#
         );
-        let (decoded, room) = decode_room_message(frame.as_str(), &limits()).unwrap();
-        assert_eq!((decoded, room.as_deref()), (message.clone(), Some("lobby")));
+        let decoded = decode_room_message(frame.as_str(), &limits()).unwrap();
+        assert_eq!(
+            (decoded.message, decoded.room.as_deref(), decoded.position),
+            (message.clone(), Some("lobby"), None)
+        );
         let plain = decode_room_message(message.encode().as_str(), &limits()).unwrap();
-        assert_eq!(plain, (message, None));
+        assert_eq!((plain.message, plain.room), (message.clone(), None));
+        let at = Position {
+            epoch: "e1".into(),
+            offset: 3,
+        };
+        let frame = room_frame(&message, "lobby", Some(&at));
+        assert_eq!(
+            frame.as_str(),
+            r#"{"op":0,"d":{"x":1},"t":"CHAT","room":"lobby","epoch":"e1","offset":3}"#
+        );
+        let decoded = decode_room_message(frame.as_str(), &limits()).unwrap();
+        assert_eq!((decoded.message, decoded.position), (message, Some(at)));
     }
 }

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 
 use serde_json::Value;
 
+use crate::recovery::Position;
 use crate::rooms::RoomRequest;
 use crate::wire::Message;
 
@@ -50,6 +51,10 @@ struct Subscription {
     presence: bool,
     /// The subscribe awaiting its answer; `None` once the server confirmed it.
     pending: Option<Reference>,
+    /// In a recoverable room, the position of the last message received (or the
+    /// one the server answered with): sent as `since` when the subscription is
+    /// made again, to get what was missed.
+    position: Option<Position>,
 }
 
 impl Subscription {
@@ -59,6 +64,7 @@ impl Subscription {
             reference: self.pending.map_or(Value::Null, Reference::to_wire),
             token: self.token.clone(),
             presence: self.presence,
+            since: self.position.clone(),
         }
     }
 }
@@ -121,6 +127,7 @@ impl Subscriptions {
                     token: None,
                     presence,
                     pending: None,
+                    position: None,
                 });
                 self.held.len() - 1
             }
@@ -132,6 +139,21 @@ impl Subscriptions {
         held.presence = presence;
         held.pending = Some(reference);
         reference
+    }
+
+    /// The position of the held `room`, for the next subscribe to resume from.
+    pub(crate) fn set_position(&mut self, room: &str, position: Position) {
+        if let Some(held) = self.held.iter_mut().find(|s| s.room == room) {
+            held.position = Some(position);
+        }
+    }
+
+    /// Each held room with its position (for a client that keeps them across
+    /// restarts), oldest first.
+    pub(crate) fn positions(&self) -> impl Iterator<Item = (&str, Option<&Position>)> {
+        self.held
+            .iter()
+            .map(|s| (s.room.as_str(), s.position.as_ref()))
     }
 
     /// The subscribe request of the held `room`, under its pending reference.

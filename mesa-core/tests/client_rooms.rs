@@ -229,7 +229,9 @@ fn answers_and_room_messages_are_events() {
         got[0],
         ClientEvent::Subscribed {
             room: "a".into(),
-            reference: Some(a)
+            reference: Some(a),
+            position: None,
+            recovered: None,
         }
     );
     assert!(matches!(
@@ -241,14 +243,17 @@ fn answers_and_room_messages_are_events() {
         got[2],
         ClientEvent::Subscribed {
             room: "team".into(),
-            reference: None
+            reference: None,
+            position: None,
+            recovered: None,
         }
     );
     assert_eq!(
         got[3],
         ClientEvent::RoomMessage {
             room: "a".into(),
-            message: Message::dispatch("CHAT", json!({"x": 1}))
+            message: Message::dispatch("CHAT", json!({"x": 1})),
+            position: None,
         }
     );
     assert_eq!(

@@ -67,6 +67,8 @@ fn kind(command: &Command) -> &'static str {
         Command::ConnectionsDelta { .. } => "ConnectionsDelta",
         Command::Renew { .. } => "Renew",
         Command::Janitor { .. } => "Janitor",
+        Command::StreamPublish { .. } => "StreamPublish",
+        Command::StreamRead { .. } => "StreamRead",
     }
 }
 

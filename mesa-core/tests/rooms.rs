@@ -91,11 +91,14 @@ fn an_extended_client_s_requests_are_events_and_its_answers_frames() {
         reference: json!(1),
         token: Some("k".into()),
         presence: false,
+        since: None,
     };
     assert_eq!(events, [SessionEvent::Room(expected)]);
     s.room_notice(RoomNotice::Subscribed {
         room: "lobby".into(),
         reference: json!(1),
+        position: None,
+        recovered: None,
     })
     .unwrap();
     let (frames, _) = drain(&mut s);
@@ -133,6 +136,8 @@ fn an_old_client_sees_nothing_new_and_its_mesa_dispatches_are_messages() {
         s.room_notice(RoomNotice::Subscribed {
             room: "lobby".into(),
             reference: Value::Null,
+            position: None,
+            recovered: None,
         })
         .unwrap();
         assert!(drain(&mut s).0.is_empty(), "a notice reached an old client");
@@ -278,7 +283,7 @@ fn room_messages_reach_members_here_at_once_and_elsewhere_through_the_channel() 
     assert_eq!(deliveries.len(), 2);
     assert_eq!(
         deliveries[0].action,
-        Action::Write(room_frame(&message, "lobby"))
+        Action::Write(room_frame(&message, "lobby", None))
     );
     assert_eq!(deliveries[0].targets, [new]);
     assert_eq!(deliveries[1].action, Action::Write(message.encode()));

@@ -1013,7 +1013,7 @@ fn room_messages(sim: &Sim, c: usize) -> Vec<(String, Message)> {
         .events
         .iter()
         .filter_map(|(_, e)| match e {
-            ClientEvent::RoomMessage { room, message } => Some((room.clone(), message.clone())),
+            ClientEvent::RoomMessage { room, message, .. } => Some((room.clone(), message.clone())),
             _ => None,
         })
         .collect()
@@ -1021,7 +1021,7 @@ fn room_messages(sim: &Sim, c: usize) -> Vec<(String, Message)> {
 
 fn subscribed(sim: &Sim, c: usize, room: &str) -> usize {
     sim.clients[c].log.count(
-        |e| matches!(e, ClientEvent::Subscribed { room: r, reference: Some(_) } if r == room),
+        |e| matches!(e, ClientEvent::Subscribed { room: r, reference: Some(_), .. } if r == room),
     )
 }
 

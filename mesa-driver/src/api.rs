@@ -390,6 +390,11 @@ macro_rules! root_exports {
         pub mod rooms {
             pub use $crate::mesa_core::rooms::*;
         }
+        /// Recovery by position (`docs/protocol.md`, "Recovery"): which rooms keep a
+        /// stream, and the positions clients resume from.
+        pub mod recovery {
+            pub use $crate::mesa_core::recovery::*;
+        }
         /// TLS: certificates from PEM, rustls configurations, and the rustls crates
         /// themselves.
         pub mod tls {

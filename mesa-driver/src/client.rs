@@ -18,6 +18,7 @@ use futures_channel::{mpsc, oneshot};
 use futures_rustls::TlsConnector;
 use futures_util::future::{Either, select};
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
+use mesa_core::recovery::Position;
 use mesa_core::rooms::RoomRefusal;
 use mesa_core::{
     BackoffConfig, ClientConfig, ClientEvent, ClientSession, ClientTransmit, Close, CloseCode,
@@ -268,6 +269,7 @@ enum Command {
     Send(Message, oneshot::Sender<Result<(), ClientError>>),
     Disconnect(Close, oneshot::Sender<Result<(), ClientError>>),
     Hello(oneshot::Sender<Hello>),
+    Positions(oneshot::Sender<Vec<(String, Option<Position>)>>),
     Subscribe(Subscribe, oneshot::Sender<Result<(), ClientError>>),
     Presence(
         String,
@@ -381,8 +383,39 @@ impl Client {
             room,
             token,
             presence,
+            since: None,
         };
         self.call(|tx| Command::Subscribe(subscribe, tx)).await?
+    }
+
+    /// [`subscribe`](Self::subscribe) (with presence notices if asked) to a
+    /// recoverable room, resuming after `since`, the last position a previous run
+    /// received there ([`positions`](Self::positions)): the server replays what came
+    /// after it before answering, and the answer ([`ClientEvent::Subscribed`]) says
+    /// whether that was everything (`recovered`). Positions are kept from then on,
+    /// and every later subscribe of the room (after a reconnection) resumes from the
+    /// last one received.
+    pub async fn subscribe_since(
+        &self,
+        room: impl Into<String>,
+        presence: bool,
+        since: Position,
+    ) -> Result<(), ClientError> {
+        let subscribe = Subscribe {
+            room: room.into(),
+            token: None,
+            presence,
+            since: Some(since),
+        };
+        self.call(|tx| Command::Subscribe(subscribe, tx)).await?
+    }
+
+    /// Each room the client holds, oldest first, with the position of the last
+    /// message it received there (recoverable rooms only): what a client that keeps
+    /// its state across restarts saves, to [`subscribe_since`](Self::subscribe_since)
+    /// after one.
+    pub async fn positions(&self) -> Result<Vec<(String, Option<Position>)>, ClientError> {
+        self.call(Command::Positions).await
     }
 
     /// Disconnect deliberately: no reconnection follows. Returns once the close
@@ -477,6 +510,7 @@ struct Subscribe {
     room: String,
     token: Option<String>,
     presence: bool,
+    since: Option<Position>,
 }
 
 /// A caller of [`Client::presence`]: the request's reference, and its reply.
@@ -788,6 +822,14 @@ impl<R: Runtime> Task<R> {
             }
             // Answered at the top of the loop, once the session holds a hello.
             Command::Hello(reply) => self.hello_waiters.push(reply),
+            Command::Positions(reply) => {
+                let positions = self
+                    .session
+                    .positions()
+                    .map(|(room, position)| (room.to_owned(), position.cloned()))
+                    .collect();
+                let _ = reply.send(positions);
+            }
             Command::Authenticate(credentials, should_sync, reply) => {
                 match self.session.authenticate(now, credentials, should_sync) {
                     Ok(()) => self.auth_waiters.push(reply),
@@ -804,9 +846,13 @@ impl<R: Runtime> Task<R> {
                     room,
                     token,
                     presence,
+                    since,
                 } = subscribe;
                 let token = token.as_deref();
-                let asked = if presence {
+                let asked = if let Some(since) = since {
+                    self.session
+                        .subscribe_since(now, &room, token, presence, since)
+                } else if presence {
                     self.session.subscribe_with_presence(now, &room, token)
                 } else {
                     self.session.subscribe(now, &room, token)

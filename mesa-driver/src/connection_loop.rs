@@ -286,13 +286,24 @@ where
                     room,
                     reference,
                     presence,
+                    since,
                     ..
                 },
                 Ok(()),
-            ) => match registry.join(conn, &room, false, presence) {
-                Ok(_) => RoomNotice::Subscribed { room, reference },
-                Err(refusal) => RoomNotice::refused(room, reference, refusal),
-            },
+            ) => {
+                let asked = Some((reference.clone(), since));
+                match registry.join(conn, &room, false, presence, asked) {
+                    // The replica answers once it read the room's stream.
+                    Ok(joined) if joined.deferred => return,
+                    Ok(_) => RoomNotice::Subscribed {
+                        room,
+                        reference,
+                        position: None,
+                        recovered: None,
+                    },
+                    Err(refusal) => RoomNotice::refused(room, reference, refusal),
+                }
+            }
             (
                 RoomRequest::Publish {
                     room,

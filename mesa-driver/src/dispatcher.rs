@@ -16,6 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use futures_util::future::join_all;
+use mesa_core::recovery::RecoveryConfig;
 use mesa_core::rooms::RoomRefusal;
 use mesa_core::{
     Command, Dispatch, DispatchConfig, DispatchReport, Keys, Limits, Message, MessageOptions,
@@ -96,6 +97,7 @@ pub struct DispatcherBuilder {
     redis_ca_pem: Option<Vec<u8>>,
     legacy_bus: bool,
     store_wait: Option<StoreWait>,
+    recovery: Option<RecoveryConfig>,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -110,6 +112,7 @@ impl std::fmt::Debug for DispatcherBuilder {
             .field("redis_ca_pem", &self.redis_ca_pem.is_some())
             .field("legacy_bus", &self.legacy_bus)
             .field("store_wait", &self.store_wait)
+            .field("recovery", &self.recovery)
             .finish()
     }
 }
@@ -166,6 +169,14 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Rooms that keep a stream
+    /// ([`ClusterConfig::recovery`](crate::ClusterConfig::recovery)): a dispatch to
+    /// one appends to it, as the servers' publishes do.
+    pub fn recovery(mut self, recovery: RecoveryConfig) -> Self {
+        self.recovery = Some(recovery);
+        self
+    }
+
     /// The cluster's further Redis instances, in the servers' order
     /// ([`ClusterConfig::shard_urls`](crate::ClusterConfig::shard_urls)); needs the
     /// legacy bus off.
@@ -195,6 +206,7 @@ impl DispatcherBuilder {
             legacy_bus: self.legacy_bus,
             shards: 1 + self.shard_urls.len(),
             store_wait: self.store_wait,
+            recovery: self.recovery,
         };
         if config.validate().is_err() {
             return Err(DispatchError::InvalidSetting(
@@ -241,6 +253,7 @@ impl Dispatcher {
             redis_ca_pem: None,
             legacy_bus: true,
             store_wait: None,
+            recovery: None,
         }
     }
 

@@ -394,6 +394,7 @@ fn replica<R: Runtime>(
         legacy_bus: cluster.legacy_bus,
         shards: 1 + cluster.shard_urls.len(),
         store_wait: cluster.store_wait,
+        recovery: cluster.recovery.clone(),
         ..ReplicaConfig::new(config)
     };
     Replica::new(settings, format!("{seed:016x}"), seed, runtime.now())

@@ -75,7 +75,7 @@ async fn room_message(events: &mut ClientEvents) -> (String, Message) {
         WAIT,
     )
     .await;
-    let ClientEvent::RoomMessage { room, message } = event else {
+    let ClientEvent::RoomMessage { room, message, .. } = event else {
         unreachable!()
     };
     (room, message)
@@ -182,7 +182,7 @@ async fn subscriptions_come_back_after_the_server_drops_the_connection() {
         let _ = next_event(
             &mut events,
             &format!("{room} restored"),
-            |e| matches!(e, ClientEvent::Subscribed { room: r, reference: Some(_) } if r == room),
+            |e| matches!(e, ClientEvent::Subscribed { room: r, reference: Some(_), .. } if r == room),
             WAIT,
         )
         .await;

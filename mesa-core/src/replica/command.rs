@@ -82,6 +82,30 @@ pub enum Command {
         /// See `head`.
         tail: String,
     },
+    /// [`Script::StreamPublish`]: append a message to a recoverable room's stream
+    /// and publish it on the room's channel with its position; answers the
+    /// position.
+    StreamPublish {
+        /// The room.
+        room: String,
+        /// The room's envelope without its closing brace
+        /// ([`RoomEnvelope::head`](crate::rooms::RoomEnvelope::head)).
+        head: String,
+        /// The message as the stream keeps it, `{"op","d","t"}`.
+        entry: String,
+        /// How much the stream keeps.
+        keep: StreamKeep,
+    },
+    /// [`Script::StreamRead`]: a recoverable room's epoch and last offset, and with
+    /// `after` the entries after that offset (at most `keep.size`).
+    StreamRead {
+        /// The room.
+        room: String,
+        /// Read the entries after this offset.
+        after: Option<u64>,
+        /// How much the stream keeps.
+        keep: StreamKeep,
+    },
     /// `SMISMEMBER ns(connected_clients) ids..`: which ids are connected anywhere.
     CheckPresence {
         /// At most [`IDS_PER_COMMAND`](crate::cluster::IDS_PER_COMMAND).
@@ -170,6 +194,29 @@ pub enum Command {
         /// The run id of the Redis process of this link.
         run_id: String,
     },
+}
+
+/// How much of a recoverable room's stream Redis keeps
+/// ([`RecoveryConfig`](crate::recovery::RecoveryConfig)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamKeep {
+    /// Entries at most.
+    pub size: usize,
+    /// Seconds the stream lives after its last append.
+    pub ttl_secs: u64,
+    /// Seconds the meta record lives after its last use.
+    pub meta_ttl_secs: u64,
+}
+
+impl StreamKeep {
+    /// What `config` keeps (a TTL of at least one second: Redis takes whole ones).
+    pub fn new(config: &crate::recovery::RecoveryConfig) -> Self {
+        StreamKeep {
+            size: config.size,
+            ttl_secs: config.ttl.as_secs().max(1),
+            meta_ttl_secs: config.meta_ttl.as_secs().max(1),
+        }
+    }
 }
 
 /// One Redis call of a [`Command`].
@@ -287,6 +334,40 @@ impl Command {
             Command::Publish { channel, payload } => {
                 vec![plain("PUBLISH", vec![channel.clone(), payload.clone()])]
             }
+            Command::StreamPublish {
+                room,
+                head,
+                entry,
+                keep,
+            } => vec![Call::Script {
+                script: Script::StreamPublish,
+                keys: vec![
+                    ns.room_stream(room),
+                    ns.room_stream_meta(room),
+                    ns.stream_epochs(),
+                    ns.room_channel(room),
+                ],
+                args: vec![
+                    keep.meta_ttl_secs.to_string(),
+                    entry.clone(),
+                    keep.size.to_string(),
+                    keep.ttl_secs.to_string(),
+                    head.clone(),
+                ],
+            }],
+            Command::StreamRead { room, after, keep } => vec![Call::Script {
+                script: Script::StreamRead,
+                keys: vec![
+                    ns.room_stream(room),
+                    ns.room_stream_meta(room),
+                    ns.stream_epochs(),
+                ],
+                args: vec![
+                    keep.meta_ttl_secs.to_string(),
+                    after.map(|after| after.to_string()).unwrap_or_default(),
+                    keep.size.to_string(),
+                ],
+            }],
             Command::CheckPresence { ids } => {
                 vec![plain("SMISMEMBER", with_key(ns.connected_clients(), ids))]
             }

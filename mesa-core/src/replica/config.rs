@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::backoff::BackoffConfig;
 use crate::cluster::{Namespace, PortalChoice};
 use crate::config::{ConfigError, ServerConfig};
+use crate::recovery::RecoveryConfig;
 
 /// Stores that wait for Redis replicas (`WAIT` after each store): a message stored
 /// for an offline id survives a failover to a replica once `replicas` of them have
@@ -94,6 +95,10 @@ pub struct ReplicaConfig {
     /// once the primary has it, and a failover may lose the last ones it had not
     /// passed on.
     pub store_wait: Option<StoreWait>,
+    /// Rooms that keep a stream of their last messages, so a client that comes
+    /// back gets what it missed ([`RecoveryConfig`]). Every replica and Dispatcher
+    /// of a cluster needs the same. Default `None`.
+    pub recovery: Option<RecoveryConfig>,
 }
 
 impl ReplicaConfig {
@@ -124,6 +129,7 @@ impl ReplicaConfig {
             legacy_bus: true,
             shards: 1,
             store_wait: None,
+            recovery: None,
         }
     }
 
@@ -152,6 +158,13 @@ impl ReplicaConfig {
         }
         if let Some(wait) = self.store_wait {
             wait.check(self.reply_timeout)?;
+        }
+        if self
+            .recovery
+            .as_ref()
+            .is_some_and(|recovery| recovery.size == 0)
+        {
+            return Err(ConfigError::ZeroCount("recovery stream size"));
         }
         let counts = [
             (self.max_pending, "max pending cluster jobs"),

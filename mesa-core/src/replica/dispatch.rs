@@ -13,11 +13,12 @@ use crate::cluster::{Namespace, RemotePlan, plan_remote, shard_of};
 use crate::config::ConfigError;
 use crate::hub::{Recipients, TooManyRecipients, distinct_ids};
 use crate::limits::Limits;
+use crate::recovery::RecoveryConfig;
 use crate::rooms::{RoomEnvelope, RoomRefusal, check_room};
 use crate::sync::MessageOptions;
 use crate::wire::{Message, Opcode};
 
-use super::command::{Command, Keys, Reply, Token};
+use super::command::{Command, Keys, Reply, StreamKeep, Token};
 use super::config::StoreWait;
 use super::job::RemoteSend;
 use super::rounds::{Advance, Rounds, Step};
@@ -44,6 +45,10 @@ pub struct DispatchConfig {
     /// ([`ReplicaConfig::store_wait`](super::ReplicaConfig::store_wait)); the report
     /// counts those not acknowledged in time. Default `None`.
     pub store_wait: Option<StoreWait>,
+    /// Rooms that keep a stream
+    /// ([`ReplicaConfig::recovery`](super::ReplicaConfig::recovery)): a dispatch to
+    /// one appends to it. Default `None`.
+    pub recovery: Option<RecoveryConfig>,
 }
 
 impl Default for DispatchConfig {
@@ -56,6 +61,7 @@ impl Default for DispatchConfig {
             legacy_bus: true,
             shards: 1,
             store_wait: None,
+            recovery: None,
         }
     }
 }
@@ -196,7 +202,8 @@ impl Dispatch {
     }
 
     /// Plan the dispatch of `message` to the members of `room`, on every replica: one
-    /// publish on the room's channel. Refused for an invalid room name.
+    /// publish on the room's channel (in a recoverable room, appended to its stream
+    /// and published by one script). Refused for an invalid room name.
     pub fn to_room(
         config: &DispatchConfig,
         message: Message,
@@ -208,11 +215,20 @@ impl Dispatch {
             room: room.to_owned(),
             message: Message { s: None, ..message },
             origin: None,
+            position: None,
         };
         let token = Token::new(1, shard_of(room, config.shards));
-        let publish = Command::Publish {
-            channel: namespace.room_channel(room),
-            payload: envelope.encode(),
+        let publish = match config.recovery.as_ref().filter(|r| r.covers(room)) {
+            Some(recovery) => Command::StreamPublish {
+                room: room.to_owned(),
+                head: envelope.head(),
+                entry: envelope.message.to_value().to_string(),
+                keep: StreamKeep::new(recovery),
+            },
+            None => Command::Publish {
+                channel: namespace.room_channel(room),
+                payload: envelope.encode(),
+            },
         };
         Ok(Dispatch {
             rounds: Vec::new(),

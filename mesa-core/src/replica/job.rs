@@ -50,6 +50,13 @@ pub(crate) enum Job {
     },
     /// Publish a room's envelope on its channel.
     Publish { channel: String, payload: String },
+    /// Append a message to a recoverable room's stream and publish it
+    /// ([`Command::StreamPublish`](super::Command::StreamPublish)).
+    StreamPublish {
+        room: String,
+        head: String,
+        entry: String,
+    },
     /// Changes of this replica's presence in rooms: room, id, connections.
     Rooms(Vec<(String, String, i64)>),
 }
@@ -76,7 +83,9 @@ impl Job {
             // An event about a moment that has passed, and a room's message, which
             // would arrive out of order with what came since: best effort, as
             // upstream's publishes.
-            Job::Portal { .. } | Job::Publish { .. } => Fate::Lost(Loss::Outage),
+            Job::Portal { .. } | Job::Publish { .. } | Job::StreamPublish { .. } => {
+                Fate::Lost(Loss::Outage)
+            }
             // A read, a delete of what the client declined, and a trim that finds
             // what it removes by its text: each may run twice.
             Job::Load { .. } | Job::Clear { .. } | Job::Trim { .. } => Fate::Keep,

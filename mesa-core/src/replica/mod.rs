@@ -106,11 +106,12 @@ mod job;
 mod rounds;
 pub mod scripts;
 mod shard;
+mod streams;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-pub use command::{Call, Command, Keys, RedisValue, Reply, Token};
+pub use command::{Call, Command, Keys, RedisValue, Reply, StreamKeep, Token};
 pub use config::{ReplicaConfig, StoreWait};
 pub use dispatch::{Dispatch, DispatchConfig, DispatchReport};
 pub use event::{LocalDelivery, Loss, ReplicaEvent, SendReport};
@@ -123,8 +124,9 @@ use crate::cluster::{
 };
 use crate::config::ConfigError;
 use crate::hub::{Action, ConnId, Hub, Recipients, TooManyRecipients};
+use crate::recovery::Position;
 use crate::room_table::Joined;
-use crate::rooms::{PresenceChange, RoomEnvelope, RoomPayload, RoomRefusal};
+use crate::rooms::{PresenceChange, RoomEnvelope, RoomPayload, RoomRefusal, room_frame};
 use crate::session::SessionEvent;
 use crate::sync::{MessageOptions, stored_entries};
 use crate::wire::{Message, Opcode};
@@ -132,6 +134,7 @@ use crate::wire::{Message, Opcode};
 use job::{Fate, Job, RemoteSend};
 use rounds::{Advance, Finished, Rounds};
 use shard::{Flight, Link, Sent, Shard, Timer};
+use streams::{Out, Streams};
 
 /// Commands of jobs other than sends in flight at once: beyond it, jobs wait (and
 /// presence changes coalesce) until Redis answers.
@@ -168,6 +171,8 @@ pub struct Replica {
     /// is matched against them.
     ws_channel: String,
     own_channel: String,
+    /// The recoverable rooms with a member here.
+    streams: Streams,
     next_token: u64,
     retiring: bool,
     /// Per connection redelivering its stored messages: the index and text of each
@@ -206,6 +211,7 @@ impl Replica {
         let mut replica = Replica {
             ws_channel: config.namespace.ws_channel(),
             own_channel: config.namespace.replica_channel(&name),
+            streams: Streams::default(),
             keys: Keys::new(config.namespace.clone(), name),
             hub: Hub::new(config.auth_required),
             pool: PortalPool::new(config.portals.unwrap_or_default(), seed),
@@ -369,8 +375,12 @@ impl Replica {
         }
         let client_id = self.hub.id_of(conn).map(str::to_owned);
         let rooms: Vec<String> = self.hub.rooms().rooms_of(conn).map(str::to_owned).collect();
+        for room in &rooms {
+            self.streams.leave(conn, room);
+        }
         self.room_presence(conn, rooms, -1);
         for room in self.hub.leave_rooms(conn) {
+            self.streams.close(&room);
             self.subscription(&room, false);
         }
         if let Some(departure) = self.hub.disconnect(conn) {
@@ -499,6 +509,17 @@ impl Replica {
             }
         } else if channel.starts_with(ROOM_CHANNEL_PREFIX) {
             match RoomPayload::decode(payload) {
+                // A recoverable room's: forwarded in the stream's order.
+                Ok(RoomPayload::Message(RoomEnvelope {
+                    room,
+                    message,
+                    position: Some(position),
+                    ..
+                })) => {
+                    self.streams.arrived(&room, position, message);
+                    let local = self.streams_out(now);
+                    self.received(local);
+                }
                 // Our own: its members here got it when it was sent.
                 Ok(RoomPayload::Message(envelope))
                     if envelope.origin.as_deref() == Some(self.keys.replica()) =>
@@ -616,22 +637,50 @@ impl Replica {
 
     /// Put connection `conn` in `room` (whoever asked was authorized): the room's
     /// first member here subscribes the replica to its channel. Refused when the
-    /// connection is in `max_rooms_per_connection` rooms already, or closed.
+    /// connection is in `max_rooms_per_connection` rooms already, or closed. An
+    /// extended connection in a recoverable room is told `mesa:subscribed` with its
+    /// position by the replica ([`Joined::deferred`]), once it knows it.
     pub fn handle_join(
         &mut self,
         now: Instant,
         conn: ConnId,
         room: &str,
     ) -> Result<Joined, RoomRefusal> {
-        let joined = self
+        self.handle_subscribe(now, conn, room, serde_json::Value::Null, None)
+    }
+
+    /// [`handle_join`](Self::handle_join) for an extended client's `mesa:subscribe`
+    /// with `reference` and, in a recoverable room, the position `since` it reports:
+    /// there the replica replays what it missed after it, then answers
+    /// (`mesa:subscribed` with its position and whether the replay is complete) as
+    /// local deliveries ([`Joined::deferred`]); elsewhere the caller answers.
+    pub fn handle_subscribe(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        room: &str,
+        reference: serde_json::Value,
+        since: Option<Position>,
+    ) -> Result<Joined, RoomRefusal> {
+        let mut joined = self
             .hub
             .join(conn, room, self.config.max_rooms_per_connection)?;
+        let recoverable = self.recoverable(room);
+        if recoverable && joined.first_here {
+            let linked = self.shards[self.shard_of(room)].is_linked();
+            self.streams.open(room, linked);
+        }
         if joined.first_here {
             self.subscription(room, true);
         }
         if !joined.already {
             self.room_presence(conn, [room.to_owned()], 1);
         }
+        if recoverable && self.hub.rooms().is_extended(conn) {
+            self.streams.subscribe(conn, room, reference, since);
+            joined.deferred = true;
+        }
+        self.streams_out(now);
         self.settle(now);
         Ok(joined)
     }
@@ -641,9 +690,11 @@ impl Replica {
     pub fn handle_leave(&mut self, now: Instant, conn: ConnId, room: &str) -> bool {
         if self.hub.rooms().is_member(conn, room) {
             self.room_presence(conn, [room.to_owned()], -1);
+            self.streams.leave(conn, room);
         }
         let left = self.hub.leave(conn, room);
         if left == Some(true) {
+            self.streams.close(room);
             self.subscription(room, false);
         }
         self.settle(now);
@@ -675,17 +726,37 @@ impl Replica {
 
     /// Send `message` to the members of `room`: here at once (the extended ones see
     /// the room), elsewhere through the room's channel, best effort as a publish.
-    /// Returns the local connections it goes to.
+    /// Returns the local connections it goes to. In a recoverable room it is
+    /// appended to the room's stream, which numbers it, and every replica (this one
+    /// too) delivers it from the channel: 0 here at once.
     pub fn handle_room_send(&mut self, now: Instant, message: &Message, room: &str) -> usize {
         let message = Message {
             s: None,
             ..message.clone()
         };
+        if self.recoverable(room) {
+            let entry = message.to_value().to_string();
+            let envelope = RoomEnvelope {
+                room: room.to_owned(),
+                message,
+                origin: None,
+                position: None,
+            };
+            let job = Job::StreamPublish {
+                room: room.to_owned(),
+                head: envelope.head(),
+                entry,
+            };
+            self.push_job(self.shard_of(room), job);
+            self.settle(now);
+            return 0;
+        }
         let local = self.deliver_room(message.clone(), room);
         let envelope = RoomEnvelope {
             room: room.to_owned(),
             message,
             origin: Some(self.keys.replica().to_owned()),
+            position: None,
         };
         let publish = Job::Publish {
             channel: self.keys.namespace().room_channel(room),
@@ -866,6 +937,99 @@ impl Replica {
             Some(index) => drop(cancel.swap_remove(index)),
             None => ask.push(channel),
         }
+    }
+
+    /// Whether `room` keeps a stream ([`ReplicaConfig::recovery`]).
+    fn recoverable(&self, room: &str) -> bool {
+        self.config
+            .recovery
+            .as_ref()
+            .is_some_and(|recovery| recovery.covers(room))
+    }
+
+    /// Carry out what the recoverable rooms decided: reads of their streams,
+    /// deliveries and notices. Returns the connections forwarded to.
+    fn streams_out(&mut self, now: Instant) -> usize {
+        let mut local = 0;
+        let outs: Vec<Out> = self.streams.drain().collect();
+        for out in outs {
+            match out {
+                Out::Read {
+                    room,
+                    after,
+                    reader,
+                } => {
+                    let Some(recovery) = &self.config.recovery else {
+                        continue;
+                    };
+                    let keep = StreamKeep::new(recovery);
+                    let shard = self.shard_of(&room);
+                    if !self.shards[shard].is_linked() {
+                        continue;
+                    }
+                    let command = Command::StreamRead {
+                        room: room.clone(),
+                        after,
+                        keep,
+                    };
+                    let flight = Flight::StreamRead {
+                        room,
+                        after,
+                        reader,
+                    };
+                    self.issue(now, shard, flight, command);
+                }
+                Out::Forward {
+                    room,
+                    position,
+                    message,
+                    extended,
+                } => {
+                    let deliveries = self
+                        .hub
+                        .rooms()
+                        .deliveries_at(&message, &room, &position, extended);
+                    for (action, targets) in deliveries {
+                        local += targets.len();
+                        self.deliveries.push_back(LocalDelivery {
+                            message: message.clone(),
+                            action,
+                            targets,
+                        });
+                    }
+                }
+                Out::Replay {
+                    conn,
+                    room,
+                    position,
+                    message,
+                } => {
+                    if Action::for_message(&message) == Action::Ignore {
+                        continue;
+                    }
+                    let action = match Action::for_message(&message) {
+                        Action::Write(_) => {
+                            Action::Write(room_frame(&message, &room, Some(&position)))
+                        }
+                        other => other,
+                    };
+                    self.deliveries.push_back(LocalDelivery {
+                        message,
+                        action,
+                        targets: vec![conn],
+                    });
+                }
+                Out::Notice { conn, notice } => {
+                    let message = notice.to_message();
+                    self.deliveries.push_back(LocalDelivery {
+                        action: Action::for_message(&message),
+                        message,
+                        targets: vec![conn],
+                    });
+                }
+            }
+        }
+        local
     }
 
     /// Deliver `message` to the members of `room` here; how many.
@@ -1099,10 +1263,14 @@ impl Replica {
         link.portals_loading = false;
         link.subscribe.clear();
         link.unsubscribe.clear();
+
         for timer in [Timer::Tick, Timer::Reply, Timer::Rest] {
             link.timers.stop(timer as usize);
         }
         link.link = Link::Down;
+        let count = self.shards.len();
+        self.streams
+            .unsubscribed(|room| shard_of(room, count) == shard);
         self.report_round(done);
         self.events.push_back(ReplicaEvent::LinkDown {
             shard,
@@ -1188,7 +1356,22 @@ impl Replica {
                 let portals = texts(values.next()).ok_or("the portal pool")?;
                 self.pool.reset(portals);
             }
-            Flight::Renew | Flight::Janitor | Flight::Subscription | Flight::RoomsAnew => {}
+            Flight::Renew | Flight::Janitor | Flight::Unsubscribe | Flight::RoomsAnew => {}
+            Flight::Subscribe(rooms) => {
+                for room in rooms {
+                    self.streams.subscribed(&room);
+                }
+                self.streams_out(now);
+            }
+            Flight::StreamRead {
+                room,
+                after,
+                reader,
+            } => {
+                let history = streams::history(values.next()).ok_or("a stream's read")?;
+                self.streams.answered(&room, after, reader, history);
+                self.streams_out(now);
+            }
             Flight::Members { query, room } => {
                 let mut members = room_members(values.next()).ok_or("a room's members")?;
                 members.sort_unstable();
@@ -1239,14 +1422,20 @@ impl Replica {
         let subscribe = std::mem::take(&mut self.shards[shard].subscribe);
         let unsubscribe = std::mem::take(&mut self.shards[shard].unsubscribe);
         for chunk in subscribe.chunks(CHANNELS_PER_COMMAND) {
+            let rooms = chunk
+                .iter()
+                .filter_map(|channel| self.keys.namespace().room_of_channel(channel))
+                .filter(|room| self.recoverable(room))
+                .map(str::to_owned)
+                .collect();
             let channels = chunk.to_vec();
             let command = Command::Subscribe { channels };
-            self.issue(now, shard, Flight::Subscription, command);
+            self.issue(now, shard, Flight::Subscribe(rooms), command);
         }
         for chunk in unsubscribe.chunks(CHANNELS_PER_COMMAND) {
             let channels = chunk.to_vec();
             let command = Command::Unsubscribe { channels };
-            self.issue(now, shard, Flight::Subscription, command);
+            self.issue(now, shard, Flight::Unsubscribe, command);
         }
         loop {
             let link = &mut self.shards[shard];
@@ -1307,6 +1496,17 @@ impl Replica {
                 channel: channel.clone(),
                 payload: payload.clone(),
             },
+            Job::StreamPublish { room, head, entry } => {
+                let Some(recovery) = &self.config.recovery else {
+                    return;
+                };
+                Command::StreamPublish {
+                    room: room.clone(),
+                    head: head.clone(),
+                    entry: entry.clone(),
+                    keep: StreamKeep::new(recovery),
+                }
+            }
             Job::Portal { kind, client_id } => {
                 // No portal known: nobody to tell.
                 let Some(portal) = self.pool.pick() else {

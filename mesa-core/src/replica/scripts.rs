@@ -80,11 +80,15 @@ pub enum Script {
     Arrive,
     /// [`ROUTE`].
     Route,
+    /// [`STREAM_PUBLISH`].
+    StreamPublish,
+    /// [`STREAM_READ`].
+    StreamRead,
 }
 
 impl Script {
     /// Every script, to load them all when the link opens.
-    pub const ALL: [Script; 8] = [
+    pub const ALL: [Script; 10] = [
         Script::AppendMany,
         Script::Trim,
         Script::Leave,
@@ -93,6 +97,8 @@ impl Script {
         Script::Rooms,
         Script::Arrive,
         Script::Route,
+        Script::StreamPublish,
+        Script::StreamRead,
     ];
 
     /// The Lua source.
@@ -106,6 +112,8 @@ impl Script {
             Script::Rooms => ROOMS,
             Script::Arrive => ARRIVE,
             Script::Route => ROUTE,
+            Script::StreamPublish => STREAM_PUBLISH,
+            Script::StreamRead => STREAM_READ,
         }
     }
 }
@@ -425,5 +433,69 @@ for _, r in ipairs(order) do
   redis.call('PUBLISH', 'mesa_replica:' .. r .. ARGV[5], envelope)
 end
 return {#order, nowhere}
+"#
+);
+
+/// The meta record of a recoverable room's stream (`KEYS[2]`), created when
+/// missing with a new epoch: the time of this Redis process in microseconds and a
+/// counter of this Redis (`KEYS[3]`), so an epoch never repeats, even after a
+/// Redis restart that lost the record. Kept for `ARGV[1]` seconds from now.
+macro_rules! stream_meta {
+    () => {
+        r#"
+local function meta(ttl)
+  local epoch = redis.call('HGET', KEYS[2], 'e')
+  if not epoch then
+    local now = redis.call('TIME')
+    epoch = string.format('%x%06x', tonumber(now[1]), tonumber(now[2]))
+      .. '-' .. redis.call('INCR', KEYS[3])
+    redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+  end
+  redis.call('EXPIRE', KEYS[2], ttl)
+  return epoch
+end
+"#
+    };
+}
+
+/// Append a message to a recoverable room's stream and publish it, in one step, so
+/// offsets are contiguous and the stream's order is the channel's. `KEYS`: the
+/// stream, its meta record, the epoch counter, the room's channel; `ARGV`: the meta
+/// record's TTL (s), the message (`{"op","d","t"}`), the stream's size, its TTL (s),
+/// and the room's envelope without its closing brace, which the script completes with
+/// `,"epoch":E,"offset":O}`. The entry's id is its offset (`O-0`). A stream left from
+/// an epoch whose meta record expired is dropped first. Returns `{epoch, offset}`.
+pub const STREAM_PUBLISH: &str = concat!(
+    stream_meta!(),
+    r#"
+local epoch = meta(ARGV[1])
+local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
+local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0', 'm', ARGV[2])
+if type(added) == 'table' and added.err then
+  redis.call('DEL', KEYS[1])
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0', 'm', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', KEYS[4], ARGV[5] .. ',"epoch":"' .. epoch .. '","offset":' .. offset .. '}')
+return {epoch, offset}
+"#
+);
+
+/// Read a recoverable room's stream after offset `ARGV[2]` (`''`: read nothing, only
+/// the position), at most `ARGV[3]` entries. `KEYS`: the stream, its meta record,
+/// the epoch counter; `ARGV[1]`: the meta record's TTL (s). A missing meta record
+/// is created (a new epoch), so a client that got nothing yet learns a position it
+/// can resume from. Returns `{epoch, last offset, entries}` (entries as `XRANGE`
+/// gives them).
+pub const STREAM_READ: &str = concat!(
+    stream_meta!(),
+    r#"
+local epoch = meta(ARGV[1])
+local top = tonumber(redis.call('HGET', KEYS[2], 's') or '0')
+local entries = {}
+if ARGV[2] ~= '' and tonumber(ARGV[2]) < top then
+  entries = redis.call('XRANGE', KEYS[1], (tonumber(ARGV[2]) + 1) .. '-0', '+', 'COUNT', ARGV[3])
+end
+return {epoch, top, entries}
 "#
 );

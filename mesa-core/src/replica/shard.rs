@@ -47,8 +47,17 @@ pub(super) enum Flight {
     Round(Step),
     Ping,
     LoadPortals,
-    /// A `SUBSCRIBE` or `UNSUBSCRIBE` of room channels.
-    Subscription,
+    /// A `SUBSCRIBE` of room channels: these rooms (the recoverable ones among
+    /// them) are subscribed once it is answered.
+    Subscribe(Vec<String>),
+    /// An `UNSUBSCRIBE` of room channels.
+    Unsubscribe,
+    /// A read of a recoverable room's stream after `after`, for `reader`.
+    StreamRead {
+        room: String,
+        after: Option<u64>,
+        reader: super::streams::Reader,
+    },
     /// This replica's presence in rooms registered anew (a new link).
     RoomsAnew,
     /// Who is in a room, for query `query`.

@@ -57,6 +57,9 @@ pub struct RedisModel {
     sets: BTreeMap<String, BTreeSet<String>>,
     hashes: BTreeMap<String, BTreeMap<String, String>>,
     subscriptions: BTreeMap<String, BTreeSet<usize>>,
+    /// Recoverable rooms' streams: each entry's offset and message. They never
+    /// expire here (the size bounds them).
+    streams: BTreeMap<String, BTreeMap<u64, String>>,
     run: u64,
     run_id: String,
     published: Vec<Published>,
@@ -82,6 +85,7 @@ impl RedisModel {
             sets: BTreeMap::new(),
             hashes: BTreeMap::new(),
             subscriptions: BTreeMap::new(),
+            streams: BTreeMap::new(),
             run: 1,
             run_id: run_id(1),
             published: Vec::new(),
@@ -104,6 +108,7 @@ impl RedisModel {
             self.strings.clear();
             self.sets.clear();
             self.hashes.clear();
+            self.streams.clear();
         }
         self.run += 1;
         self.run_id = run_id(self.run);
@@ -226,6 +231,8 @@ impl RedisModel {
                 Script::Rooms => self.rooms(keys, args),
                 Script::Arrive => self.arrive(&Scope::new(keys, args)?, &args[5..]),
                 Script::Route => self.route(now, &Scope::new(keys, args)?, args),
+                Script::StreamPublish => self.stream_publish(now, keys, args),
+                Script::StreamRead => self.stream_read(now, keys, args),
             },
         }
     }
@@ -640,6 +647,87 @@ impl RedisModel {
     }
 
     /// [`Script::Route`].
+    /// The meta record of [`STREAM_PUBLISH`](crate::replica::scripts::STREAM_PUBLISH)
+    /// and [`STREAM_READ`](crate::replica::scripts::STREAM_READ): its epoch, created
+    /// with a new one (from the run and the epoch counter) when missing.
+    fn stream_epoch(&mut self, now: Instant, keys: &[String]) -> Result<String, CallError> {
+        let meta = arg(keys, 1)?;
+        if let Some(epoch) = self.hashes.get(meta).and_then(|h| h.get("e")) {
+            return Ok(epoch.clone());
+        }
+        let count = self.incrby(now, arg(keys, 2)?, 1)?;
+        let epoch = format!("{:x}-{count}", self.run);
+        let hash = self.hashes.entry(meta.to_owned()).or_default();
+        hash.insert("e".into(), epoch.clone());
+        hash.insert("s".into(), "0".into());
+        Ok(epoch)
+    }
+
+    fn stream_publish(
+        &mut self,
+        now: Instant,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<RedisValue, CallError> {
+        let epoch = self.stream_epoch(now, keys)?;
+        let (entry, size, head) = (arg(args, 1)?, int(arg(args, 2)?)?, arg(args, 4)?);
+        let hash = self.hashes.entry(arg(keys, 1)?.to_owned()).or_default();
+        let offset = int(hash.get("s").map_or("0", String::as_str))? + 1;
+        hash.insert("s".into(), offset.to_string());
+        let stream = self.streams.entry(arg(keys, 0)?.to_owned()).or_default();
+        stream.insert(offset as u64, entry.to_owned());
+        while stream.len() as i64 > size {
+            stream.pop_first();
+        }
+        let payload = format!("{head},\"epoch\":\"{epoch}\",\"offset\":{offset}}}");
+        self.publish(arg(keys, 3)?.to_owned(), payload);
+        Ok(RedisValue::Array(vec![
+            RedisValue::Text(epoch),
+            RedisValue::Int(offset),
+        ]))
+    }
+
+    fn stream_read(
+        &mut self,
+        now: Instant,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<RedisValue, CallError> {
+        let epoch = self.stream_epoch(now, keys)?;
+        let top = self
+            .hashes
+            .get(arg(keys, 1)?)
+            .and_then(|h| h.get("s"))
+            .map_or(Ok(0), |s| int(s))?;
+        let count = usize::try_from(int(arg(args, 2)?)?).unwrap_or(0);
+        let entries = match arg(args, 1)? {
+            "" => Vec::new(),
+            after => {
+                let after = int(after)? as u64;
+                self.streams
+                    .get(arg(keys, 0)?)
+                    .into_iter()
+                    .flat_map(|stream| stream.range(after + 1..))
+                    .take(count)
+                    .map(|(offset, entry)| {
+                        RedisValue::Array(vec![
+                            RedisValue::Text(format!("{offset}-0")),
+                            RedisValue::Array(vec![
+                                RedisValue::Text("m".into()),
+                                RedisValue::Text(entry.clone()),
+                            ]),
+                        ])
+                    })
+                    .collect()
+            }
+        };
+        Ok(RedisValue::Array(vec![
+            RedisValue::Text(epoch),
+            RedisValue::Int(top),
+            RedisValue::Array(entries),
+        ]))
+    }
+
     fn route(
         &mut self,
         now: Instant,

@@ -488,7 +488,12 @@ impl Sim {
             } => match self.hub.join(conn, &room, max) {
                 Ok(_) => {
                     self.hub.watch(conn, &room, presence);
-                    RoomNotice::Subscribed { room, reference }
+                    RoomNotice::Subscribed {
+                        room,
+                        reference,
+                        position: None,
+                        recovered: None,
+                    }
                 }
                 Err(refusal) => refused(room, reference, refusal),
             },
@@ -534,6 +539,8 @@ impl Sim {
                 let notice = RoomNotice::Subscribed {
                     room: room.to_owned(),
                     reference: serde_json::Value::Null,
+                    position: None,
+                    recovered: None,
                 };
                 let _ = session.room_notice(notice);
                 self.flush_server(conn);

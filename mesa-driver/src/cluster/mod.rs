@@ -10,6 +10,7 @@ mod task;
 
 use std::time::Duration;
 
+use mesa_core::recovery::RecoveryConfig;
 use mesa_core::{PortalChoice, StoreWait};
 
 pub(crate) use task::spawn;
@@ -59,6 +60,11 @@ pub struct ClusterConfig {
     /// replicas have them (`WAIT`; `mesa_core::StoreWait`): a failover then cannot lose
     /// them. Default `None`.
     pub store_wait: Option<StoreWait>,
+    /// Rooms that keep a stream of their last messages in Redis, so an extended
+    /// client that comes back (to any replica) gets exactly what it missed, or is
+    /// told it cannot (`mesa_core::recovery`). Every replica and Dispatcher of the
+    /// cluster needs the same. Default `None`.
+    pub recovery: Option<RecoveryConfig>,
 }
 
 impl ClusterConfig {
@@ -74,6 +80,7 @@ impl ClusterConfig {
             redis_ca_pem: None,
             legacy_bus: true,
             store_wait: None,
+            recovery: None,
         }
     }
 

@@ -93,7 +93,7 @@ impl ServerHandle {
     /// `mesa:join` or `mesa:leave` unless [`set_presence`](Self::set_presence) turns
     /// them on.
     pub fn join(&self, conn: ConnId, room: &str) -> Result<(), RoomRefusal> {
-        self.registry.join(conn, room, true, false).map(drop)
+        self.registry.join(conn, room, true, false, None).map(drop)
     }
 
     /// Whether connection `conn`, a member of `room`, hears who joins and leaves it
@@ -115,7 +115,7 @@ impl ServerHandle {
     pub fn join_id(&self, id: &str, room: &str) -> Result<usize, RoomRefusal> {
         let mut joined = 0;
         for conn in self.registry.conns_of(id) {
-            if !self.registry.join(conn, room, true, false)?.already {
+            if !self.registry.join(conn, room, true, false, None)?.already {
                 joined += 1;
             }
         }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use futures_channel::{mpsc, oneshot};
+use mesa_core::recovery::Position;
 use mesa_core::room_table::Joined;
 use mesa_core::rooms::{RoomNotice, RoomRefusal, check_room};
 use mesa_core::{
@@ -339,13 +340,16 @@ impl Registry {
     /// Put `conn` in `room`, hearing who joins and leaves it when `presence` (an
     /// extended connection only). A join the server decided on its own (`notify`) is
     /// told to an extended connection (`mesa:subscribed` without a ref); one
-    /// answering the client's request is answered by its session.
+    /// answering the client's request (`subscribe`: its reference, and the position
+    /// it resumes from) is answered by its session, unless the replica answers it
+    /// ([`Joined::deferred`]: a recoverable room).
     pub(crate) fn join(
         &self,
         conn: ConnId,
         room: &str,
         notify: bool,
         presence: bool,
+        subscribe: Option<(Value, Option<Position>)>,
     ) -> Result<Joined, RoomRefusal> {
         check_room(room, &self.limits)?;
         let now = (self.clock)();
@@ -358,12 +362,13 @@ impl Registry {
                 joined
             }
             Core::Cluster { replica, .. } => {
-                let joined = replica.handle_join(now, conn, room)?;
+                let (reference, since) = subscribe.unwrap_or((Value::Null, None));
+                let joined = replica.handle_subscribe(now, conn, room, reference, since)?;
                 replica.handle_watch(conn, room, presence);
                 joined
             }
         };
-        if notify && !joined.already {
+        if notify && !joined.already && !joined.deferred {
             tell(&state, conn, room, true);
         }
         self.settle(state);
@@ -590,7 +595,12 @@ fn tell(state: &State, conn: ConnId, room: &str, joined: bool) {
     };
     let (room, reference) = (room.to_owned(), Value::Null);
     let notice = if joined {
-        RoomNotice::Subscribed { room, reference }
+        RoomNotice::Subscribed {
+            room,
+            reference,
+            position: None,
+            recovered: None,
+        }
     } else {
         RoomNotice::Unsubscribed { room, reference }
     };

@@ -1,0 +1,592 @@
+//! The recoverable rooms a replica has members in, as a state machine of its own
+//! (driven by the [`Replica`](super::Replica), like its rounds of sends): each
+//! room's messages are forwarded in the stream's order, every offset once, holes
+//! repaired from the stream; each extended member's position is kept, so a member
+//! that (re)subscribes gets what it missed before anything live.
+//!
+//! A room's channel is the only way its messages reach this replica's members (the
+//! publisher's own included): the script that numbers a message publishes it, so
+//! the channel's order is the stream's. A room learns where it starts from a read
+//! of its stream made when it got its first member here (before anything this
+//! replica publishes after the join: commands run in order), and forwards every
+//! offset after it: what the channel lost before its subscription was confirmed, or
+//! while the link to Redis was down, is read from the stream once the subscription
+//! is confirmed (again); an offset that comes ahead of the next one expected is held
+//! while the hole is read.
+//!
+//! A member that reports no position is live from the room's next offset as soon
+//! as the room knows it. One that reports a position (a resume) reads the stream
+//! after it and hears nothing live meanwhile: the read replays what it missed (all
+//! of it, or nothing and `recovered: false`), then it is live from the read's last
+//! offset (messages up to it skipped, later ones delivered). A read may answer
+//! behind what the channel forwarded meanwhile (the read's reply and the channel
+//! come on two connections): the member reads again from where the first read
+//! ended.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use crate::hub::ConnId;
+use crate::recovery::{History, Position};
+use crate::rooms::RoomNotice;
+use crate::wire::Message;
+
+use super::command::RedisValue;
+
+/// Messages held ahead of a hole at most, per room: past it the hole is given up
+/// (its members told `recovered: false`).
+pub(super) const MAX_HELD: usize = 1024;
+
+/// Who a read of a room's stream is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reader {
+    /// The room: its starting offset, or a hole.
+    Room,
+    /// A member catching up.
+    Member(ConnId),
+}
+
+/// What the machine decided.
+#[derive(Debug, PartialEq)]
+pub(super) enum Out {
+    /// Read `room`'s stream after `after` (`None`: only its position).
+    Read {
+        room: String,
+        after: Option<u64>,
+        reader: Reader,
+    },
+    /// Deliver a room's message at `position` to the room's members that are not
+    /// extended, and to `extended` (live members that had not got it).
+    Forward {
+        room: String,
+        position: Position,
+        message: Message,
+        extended: Vec<ConnId>,
+    },
+    /// Replay a message to one member.
+    Replay {
+        conn: ConnId,
+        room: String,
+        position: Position,
+        message: Message,
+    },
+    /// Tell one member.
+    Notice { conn: ConnId, notice: RoomNotice },
+}
+
+/// What a member asked, answered once it is live.
+#[derive(Debug, Clone, PartialEq)]
+struct Ask {
+    /// The references of the subscribes to answer (`null`: a join the server made).
+    references: Vec<Value>,
+    /// Where it reports it was.
+    since: Option<Position>,
+    /// Whether what was replayed so far is all it missed (`None`: nothing asked).
+    recovered: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Member {
+    /// Waiting: for the room's start (no position reported), or for a link to
+    /// read its stream on.
+    Waiting(Ask),
+    /// Its read is out.
+    Reading(Ask),
+    /// Delivered through this offset of the room's epoch.
+    Live { delivered: u64 },
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    /// The link of the room's instance is up (reads can be made).
+    linked: bool,
+    /// The channel's subscription was confirmed after the room's last read was
+    /// issued: what the channel missed before it must be read.
+    repair_due: bool,
+    /// The stream's epoch, once a read told it.
+    epoch: Option<String>,
+    /// The next offset to forward, once a read told it.
+    next: Option<u64>,
+    /// Messages that came ahead of `next`, by offset.
+    held: BTreeMap<u64, Message>,
+    /// A read for the room is out.
+    reading: bool,
+    /// Extended members.
+    members: HashMap<ConnId, Member>,
+}
+
+/// The recoverable rooms with a member here.
+#[derive(Debug, Default)]
+pub(super) struct Streams {
+    rooms: HashMap<String, Room>,
+    out: Vec<Out>,
+}
+
+impl Streams {
+    /// Take what was decided.
+    pub(super) fn drain(&mut self) -> std::vec::Drain<'_, Out> {
+        self.out.drain(..)
+    }
+
+    /// `room` got its first member here (its instance's link up or not): it is
+    /// tracked until its last one leaves, and reads where it starts.
+    pub(super) fn open(&mut self, room: &str, linked: bool) {
+        let state = self.rooms.entry(room.to_owned()).or_default();
+        state.linked = linked;
+        if linked {
+            state.reading = true;
+            self.push_read(room, None, Reader::Room);
+        }
+    }
+
+    /// `room` lost its last member here.
+    pub(super) fn close(&mut self, room: &str) {
+        self.rooms.remove(room);
+    }
+
+    /// Extended connection `conn` subscribed to `room` (a member already, or a new
+    /// one): answered once it caught up from `since` (or, without, once the room
+    /// knows where it is), or at once when it is live.
+    pub(super) fn subscribe(
+        &mut self,
+        conn: ConnId,
+        room: &str,
+        reference: Value,
+        since: Option<Position>,
+    ) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        match state.members.get_mut(&conn) {
+            Some(Member::Waiting(ask) | Member::Reading(ask)) => ask.references.push(reference),
+            Some(Member::Live { delivered }) => {
+                let position = state.epoch.clone().map(|epoch| Position {
+                    epoch,
+                    offset: *delivered,
+                });
+                // Live on this connection: nothing was missed since `delivered`.
+                let recovered = since.map(|since| Some(&since) == position.as_ref());
+                let notice = RoomNotice::Subscribed {
+                    room: room.to_owned(),
+                    reference,
+                    position,
+                    recovered,
+                };
+                self.out.push(Out::Notice { conn, notice });
+            }
+            None => {
+                let ask = Ask {
+                    references: vec![reference],
+                    recovered: since.as_ref().map(|_| true),
+                    since,
+                };
+                state.members.insert(conn, Member::Waiting(ask));
+                self.start_members(room);
+            }
+        }
+    }
+
+    /// Member `conn` left `room` (or closed).
+    pub(super) fn leave(&mut self, conn: ConnId, room: &str) {
+        if let Some(state) = self.rooms.get_mut(room) {
+            state.members.remove(&conn);
+        }
+    }
+
+    /// The subscription to `room`'s channel is confirmed (on a new link, or for a
+    /// new room): what the channel missed before is read, and the members that
+    /// waited for a link read.
+    pub(super) fn subscribed(&mut self, room: &str) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        state.linked = true;
+        if state.reading {
+            state.repair_due = true;
+        } else {
+            state.reading = true;
+            let after = state.next.map(|next| next - 1);
+            self.push_read(room, after, Reader::Room);
+        }
+        self.start_members(room);
+    }
+
+    /// The link of these rooms failed: their reads are gone, and their channels
+    /// until they are subscribed again. Members keep their positions; those that
+    /// were reading wait for the next link.
+    pub(super) fn unsubscribed(&mut self, mut on_link: impl FnMut(&str) -> bool) {
+        for (room, state) in self.rooms.iter_mut() {
+            if !on_link(room) {
+                continue;
+            }
+            state.linked = false;
+            state.reading = false;
+            state.repair_due = false;
+            for member in state.members.values_mut() {
+                if let Member::Reading(ask) = member {
+                    *member = Member::Waiting(ask.clone());
+                }
+            }
+        }
+    }
+
+    /// A message of `room` at `position` came on its channel.
+    pub(super) fn arrived(&mut self, room: &str, position: Position, message: Message) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if state
+            .epoch
+            .as_ref()
+            .is_some_and(|epoch| *epoch != position.epoch)
+        {
+            // Redis lost the stream's meta record: a new epoch, from offset 1.
+            Self::new_epoch(&mut self.out, room, state, position.epoch.clone(), 0);
+        }
+        let Some(next) = state.next else {
+            // Before the room knows where it starts: the read that tells it decides.
+            state.held.insert(position.offset, message);
+            return;
+        };
+        if position.offset < next {
+            return;
+        }
+        state.held.insert(position.offset, message);
+        self.flush(room);
+    }
+
+    /// A read of `room`'s stream after `after` for `reader` was answered.
+    pub(super) fn answered(
+        &mut self,
+        room: &str,
+        after: Option<u64>,
+        reader: Reader,
+        history: History,
+    ) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        match &state.epoch {
+            None => {
+                state.epoch = Some(history.epoch.clone());
+                state.next = Some(history.top + 1);
+                state.held.retain(|offset, _| *offset > history.top);
+            }
+            Some(epoch) if *epoch != history.epoch => {
+                // What the new epoch had before this read is lost to the members.
+                Self::new_epoch(
+                    &mut self.out,
+                    room,
+                    state,
+                    history.epoch.clone(),
+                    history.top,
+                );
+                if reader == Reader::Room {
+                    state.reading = false;
+                    self.start_members(room);
+                    return self.flush(room);
+                }
+            }
+            Some(_) => {}
+        }
+        match reader {
+            Reader::Room => {
+                let state = self.rooms.get_mut(room).unwrap_or_else(|| unreachable!());
+                state.reading = false;
+                self.repair(room, after, history);
+            }
+            Reader::Member(conn) => self.catch_up(room, conn, history),
+        }
+        self.start_members(room);
+    }
+
+    /// Start what waiting members can do now: those that reported no position go
+    /// live from the room's next offset once the room knows it; those that did read
+    /// their stream once the room's link is up.
+    fn start_members(&mut self, room: &str) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let mut reads = Vec::new();
+        for (conn, member) in state.members.iter_mut() {
+            let Member::Waiting(ask) = member else {
+                continue;
+            };
+            match (&ask.since, &state.epoch, state.next) {
+                (None, Some(epoch), Some(next)) => {
+                    for reference in std::mem::take(&mut ask.references) {
+                        let notice = RoomNotice::Subscribed {
+                            room: room.to_owned(),
+                            reference,
+                            position: Some(Position {
+                                epoch: epoch.clone(),
+                                offset: next - 1,
+                            }),
+                            recovered: None,
+                        };
+                        self.out.push(Out::Notice {
+                            conn: *conn,
+                            notice,
+                        });
+                    }
+                    *member = Member::Live {
+                        delivered: next - 1,
+                    };
+                }
+                (Some(since), _, _) if state.linked => {
+                    reads.push((*conn, since.offset));
+                    *member = Member::Reading(ask.clone());
+                }
+                _ => {}
+            }
+        }
+        for (conn, after) in reads {
+            self.read(room, Some(after), conn);
+        }
+    }
+
+    /// The room read what it missed after `after`: forward it, then what was held.
+    fn repair(&mut self, room: &str, after: Option<u64>, history: History) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if after.is_some() {
+            for (offset, message) in history.entries {
+                if state.next.is_some_and(|next| offset >= next) {
+                    state.held.entry(offset).or_insert(message);
+                }
+            }
+            // What the stream no longer had is lost: forward from what it had.
+            let next = state.next.unwrap_or(1);
+            let first = state.held.keys().next().copied();
+            if first.is_some_and(|first| first > next) || history.top >= next && first.is_none() {
+                let skip_to = first.unwrap_or(history.top + 1);
+                Self::lost(&mut self.out, room, state, skip_to - 1, false);
+                state.next = Some(skip_to);
+            }
+        }
+        self.flush(room);
+        // The subscription was confirmed after this read went out: read again what
+        // the channel may have missed before.
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if state.repair_due && state.linked && !state.reading {
+            state.repair_due = false;
+            state.reading = true;
+            let after = state.next.map(|next| next - 1);
+            self.push_read(room, after, Reader::Room);
+        }
+    }
+
+    /// Member `conn` read its room's stream: replay, then live or read on.
+    fn catch_up(&mut self, room: &str, conn: ConnId, history: History) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(Member::Reading(ask)) = state.members.get(&conn) else {
+            return;
+        };
+        let mut ask = ask.clone();
+        let resume = history.resume(ask.since.as_ref());
+        for (offset, message) in resume.replay {
+            let position = Position {
+                epoch: history.epoch.clone(),
+                offset,
+            };
+            self.out.push(Out::Replay {
+                conn,
+                room: room.to_owned(),
+                position,
+                message,
+            });
+        }
+        ask.recovered = match (ask.recovered, resume.recovered) {
+            (Some(so_far), Some(now)) => Some(so_far && now),
+            (so_far, _) => so_far,
+        };
+        let position = Position {
+            epoch: history.epoch,
+            offset: history.top,
+        };
+        let forwarded = state.next.unwrap_or(1) - 1;
+        if forwarded > history.top {
+            // The channel went past the read: read on from its end.
+            ask.since = Some(position);
+            state.members.insert(conn, Member::Reading(ask));
+            return self.read(room, Some(history.top), conn);
+        }
+        state.members.insert(
+            conn,
+            Member::Live {
+                delivered: history.top,
+            },
+        );
+        for reference in ask.references {
+            let notice = RoomNotice::Subscribed {
+                room: room.to_owned(),
+                reference,
+                position: Some(position.clone()),
+                recovered: ask.recovered,
+            };
+            self.out.push(Out::Notice { conn, notice });
+        }
+    }
+
+    /// Forward what was held from the next offset on, while it is contiguous; ask
+    /// for a hole once (or give it up when too much waits behind it).
+    fn flush(&mut self, room: &str) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let (Some(epoch), Some(mut next)) = (state.epoch.clone(), state.next) else {
+            return;
+        };
+        loop {
+            state.held.retain(|offset, _| *offset >= next);
+            match state.held.first_key_value() {
+                Some((offset, _)) if *offset == next => {
+                    let message = state.held.remove(&next).unwrap_or_else(|| unreachable!());
+                    let extended = state
+                        .members
+                        .iter_mut()
+                        .filter_map(|(conn, member)| match member {
+                            Member::Live { delivered } if *delivered < next => {
+                                *delivered = next;
+                                Some(*conn)
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    let position = Position {
+                        epoch: epoch.clone(),
+                        offset: next,
+                    };
+                    self.out.push(Out::Forward {
+                        room: room.to_owned(),
+                        position,
+                        message,
+                        extended,
+                    });
+                    next += 1;
+                }
+                Some((offset, _)) if state.held.len() > MAX_HELD => {
+                    let offset = *offset;
+                    Self::lost(&mut self.out, room, state, offset - 1, false);
+                    next = offset;
+                }
+                Some(_) if !state.reading && state.linked => {
+                    state.reading = true;
+                    state.next = Some(next);
+                    return self.push_read(room, Some(next - 1), Reader::Room);
+                }
+                _ => break,
+            }
+        }
+        state.next = Some(next);
+    }
+
+    /// The room's stream changed epoch: its live members lost what they had not
+    /// got, and are told so; they go on after `offset` of the new one.
+    fn new_epoch(out: &mut Vec<Out>, room: &str, state: &mut Room, epoch: String, offset: u64) {
+        state.epoch = Some(epoch);
+        state.next = Some(offset + 1);
+        state.held.clear();
+        Self::lost(out, room, state, offset, true);
+    }
+
+    /// What came through `through` is lost to the room's live members (those that
+    /// had not got it, unless `all`): tell them (`mesa:subscribed` without a
+    /// reference, `recovered: false`), and go on from there.
+    fn lost(out: &mut Vec<Out>, room: &str, state: &mut Room, through: u64, all: bool) {
+        let Some(epoch) = state.epoch.clone() else {
+            return;
+        };
+        for (conn, member) in state.members.iter_mut() {
+            let Member::Live { delivered } = member else {
+                continue;
+            };
+            if *delivered >= through && !all {
+                continue;
+            }
+            *delivered = through;
+            let notice = RoomNotice::Subscribed {
+                room: room.to_owned(),
+                reference: Value::Null,
+                position: Some(Position {
+                    epoch: epoch.clone(),
+                    offset: through,
+                }),
+                recovered: Some(false),
+            };
+            out.push(Out::Notice {
+                conn: *conn,
+                notice,
+            });
+        }
+    }
+
+    fn read(&mut self, room: &str, after: Option<u64>, conn: ConnId) {
+        self.push_read(room, after, Reader::Member(conn));
+    }
+
+    fn push_read(&mut self, room: &str, after: Option<u64>, reader: Reader) {
+        self.out.push(Out::Read {
+            room: room.to_owned(),
+            after,
+            reader,
+        });
+    }
+}
+
+/// Read the answer of a [`StreamRead`](super::Command::StreamRead):
+/// `{epoch, top, [[id, [field, value, ...]], ...]}`, each entry's id its offset
+/// (`O-0`) and its field `m` the message. An entry that is not a message is
+/// skipped (the replay then lacks it, and is reported incomplete).
+pub(super) fn history(value: Option<RedisValue>) -> Option<History> {
+    let RedisValue::Array(mut parts) = value? else {
+        return None;
+    };
+    if parts.len() != 3 {
+        return None;
+    }
+    let entries = parts.pop()?;
+    let top = match parts.pop()? {
+        RedisValue::Int(top) => u64::try_from(top).ok()?,
+        _ => return None,
+    };
+    let RedisValue::Text(epoch) = parts.pop()? else {
+        return None;
+    };
+    let RedisValue::Array(entries) = entries else {
+        return None;
+    };
+    let entries = entries.into_iter().filter_map(entry).collect();
+    Some(History {
+        epoch,
+        top,
+        entries,
+    })
+}
+
+/// One `XRANGE` entry: its offset and message.
+fn entry(value: RedisValue) -> Option<(u64, Message)> {
+    let RedisValue::Array(mut parts) = value else {
+        return None;
+    };
+    let fields = parts.pop()?;
+    let RedisValue::Text(id) = parts.pop()? else {
+        return None;
+    };
+    let offset = id.split_once('-')?.0.parse().ok()?;
+    let RedisValue::Array(fields) = fields else {
+        return None;
+    };
+    let text = fields.chunks(2).find_map(|pair| match pair {
+        [RedisValue::Text(name), RedisValue::Text(text)] if name == "m" => Some(text),
+        _ => None,
+    })?;
+    let value = serde_json::from_str(text).ok()?;
+    Some((offset, Message::from_value(value).ok()?))
+}
