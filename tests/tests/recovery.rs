@@ -365,3 +365,75 @@ async fn an_old_client_in_a_recoverable_room_sees_nothing_new() {
         assert_eq!(frame, json!({"op": 0, "d": {"n": n}, "t": "N"}));
     }
 }
+
+/// Redis drops the replica's subscription connection (`CLIENT KILL TYPE pubsub`)
+/// while a dispatcher publishes: the replica reconnects, subscribes again and reads
+/// what its channel missed from the stream, so its member, which stayed connected,
+/// gets every message in order and is never told of a loss.
+#[tokio::test]
+async fn a_replica_repairs_what_its_channel_missed_from_the_stream() {
+    let redis = RedisServer::start();
+    let server = replica(recovering(&redis, 100));
+    let addr = start(&server).await;
+    linked(&redis, 1).await;
+    let dispatcher = Dispatcher::builder(redis.url())
+        .recovery(RecoveryConfig {
+            rooms: vec!["chat:*".into()],
+            ..RecoveryConfig::default()
+        })
+        .connect()
+        .await
+        .unwrap();
+    let proxy = CutProxy::start(addr).await;
+    let (_client, mut events, _) = member(&proxy, "alice").await;
+    for n in 0..60 {
+        if n == 20 {
+            redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        }
+        let message = Message::dispatch("N", json!({ "n": n }));
+        dispatcher.dispatch_room(ROOM, message).await.unwrap();
+    }
+    let seen = collect(&mut events, 59).await;
+    assert_eq!(resumes(&seen), [], "the member is told of no loss");
+    let got: Vec<u64> = numbered(&seen).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(got, (0..60).collect::<Vec<_>>());
+}
+
+/// Redis restarts without persistence: the room's stream starts a new epoch. A live
+/// member is told its state is lost (`recovered: false`, no reference) and goes on
+/// with the new epoch; a position of the old epoch never resumes.
+#[tokio::test]
+async fn a_new_epoch_after_redis_lost_its_data_is_told() {
+    let mut redis = RedisServer::start();
+    let server = replica(recovering(&redis, 100));
+    let handle = server.handle();
+    let addr = start(&server).await;
+    linked(&redis, 1).await;
+    let proxy = CutProxy::start(addr).await;
+    let (_client, mut events, before) = member(&proxy, "alice").await;
+    publish(&handle, 0);
+    collect(&mut events, 0).await;
+
+    redis.restart();
+    linked(&redis, 1).await;
+    let event = next_event(
+        &mut events,
+        "the loss told",
+        |e| matches!(e, ClientEvent::Subscribed { .. }),
+        WAIT,
+    )
+    .await;
+    let ClientEvent::Subscribed {
+        reference: None,
+        position: Some(position),
+        recovered: Some(false),
+        ..
+    } = event
+    else {
+        panic!("not a loss told by the server: {event:?}");
+    };
+    assert_ne!(position.epoch, before.epoch);
+    publish(&handle, 1);
+    let seen = collect(&mut events, 1).await;
+    assert_eq!(numbered(&seen), [(1, position.offset + 1)]);
+}
