@@ -226,6 +226,10 @@ impl RedisModel {
                 Script::Rooms => self.rooms(keys, args),
                 Script::Arrive => self.arrive(&Scope::new(keys, args)?, &args[5..]),
                 Script::Route => self.route(now, &Scope::new(keys, args)?, args),
+                // Streams are not modelled: durable portals run against real Redis.
+                Script::PortalGroups | Script::PortalLeases | Script::PortalReclaim => {
+                    Err(format!("{script:?} is not modelled"))
+                }
             },
         }
     }
