@@ -6,6 +6,8 @@
 //! mesa client ws://127.0.0.1:4000/ [--token T] [--no-sync] [--ca-cert ca.crt] [--subscribe ROOM]...
 //! mesa dispatch --redis redis[s]://127.0.0.1:6379/ [--sync] --type T --data JSON [--to a,b]
 //! mesa portal --redis redis[s]://127.0.0.1:6379/ [--all]
+//! mesa portal --redis redis[s]://127.0.0.1:6379/ --durable [--group G]   (at least once;
+//!   servers need --durable-portals)
 //!   (serve, dispatch and portal: --redis-ca-cert ca.crt trusts a private CA for rediss://)
 //! ```
 //!
@@ -66,7 +68,8 @@ enum Command {
     /// @cryb/mesa's Dispatcher) and print a JSON report line.
     Dispatch(dispatch::DispatchArgs),
     /// Receive the client events of a cluster's servers (like @cryb/mesa's Portal) as
-    /// JSON lines on stdout, until SIGTERM or ctrl-c.
+    /// JSON lines on stdout, until SIGTERM or ctrl-c; with --durable, from the durable
+    /// streams, each acknowledged once printed.
     Portal(portal::PortalArgs),
 }
 

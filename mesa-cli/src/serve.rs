@@ -15,7 +15,7 @@ use mesa_tokio::{
     ClusterConfig, DevAuthenticator, Handler, Ignore, Limits, RateLimitPolicy, Relay, Server,
     ServerBuilder, TransportConfig,
 };
-use mesa_tokio::{PortalChoice, RoomPolicy, SyncConfig};
+use mesa_tokio::{DurablePortals, PortalChoice, RoomPolicy, SyncConfig};
 
 use crate::Failure;
 use crate::auth::{AuthMode, JwtAuthenticator};
@@ -146,6 +146,9 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "MESA_PORTALS", value_enum, requires = "redis")]
     portals: Option<PortalMode>,
 
+    #[command(flatten)]
+    durable_portals: DurablePortalsArgs,
+
     /// Rooms (docs/protocol.md): `off`; `authenticated`: any authenticated client may
     /// subscribe to and publish in any room; `open`: any client at all (demos only).
     #[arg(long, env = "MESA_ROOMS", value_enum, default_value = "off")]
@@ -270,6 +273,53 @@ pub(crate) struct ServeArgs {
     /// The PEM private key of --tls-cert (PKCS #8, PKCS #1 or SEC1).
     #[arg(long, env = "MESA_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+}
+
+/// `--durable-portals --durable-partitions N --durable-maxlen N`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DurablePortalsArgs {
+    /// Also append every client event to Redis streams (`portal_q:<p>`), which
+    /// `mesa portal --durable` consumes at least once; with --portals unset, only
+    /// there (Node portals then get nothing).
+    #[arg(
+        long,
+        env = "MESA_DURABLE_PORTALS",
+        requires = "redis",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    durable_portals: bool,
+
+    /// Streams the durable portal events are spread over by client id (the portals'
+    /// --partitions must match).
+    #[arg(
+        long,
+        env = "MESA_DURABLE_PARTITIONS",
+        default_value_t = mesa_tokio::mesa_core::DEFAULT_PORTAL_PARTITIONS as u64,
+        requires = "durable_portals",
+        value_parser = clap::value_parser!(u64).range(1..=1024)
+    )]
+    durable_partitions: u64,
+
+    /// Entries each durable portal stream keeps, about (`MAXLEN ~`).
+    #[arg(
+        long,
+        env = "MESA_DURABLE_MAXLEN",
+        default_value_t = 1_000_000,
+        requires = "durable_portals",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    durable_maxlen: u64,
+}
+
+impl DurablePortalsArgs {
+    /// The servers' setting, when on.
+    fn settings(&self) -> Option<DurablePortals> {
+        self.durable_portals.then_some(DurablePortals {
+            partitions: self.durable_partitions as usize,
+            maxlen: self.durable_maxlen as usize,
+        })
+    }
 }
 
 /// How `--portals` picks a portal per event.
@@ -432,6 +482,7 @@ fn configure(args: &ServeArgs) -> Result<ServerBuilder, Failure> {
         cluster.legacy_bus = args.bus.on;
         cluster.store_wait = args.durability.store_wait();
         cluster.recovery = args.recovery.config();
+        cluster.durable_portals = args.durable_portals.settings();
         cluster.portals = args.portals.map(|mode| match mode {
             PortalMode::RoundRobin => PortalChoice::RoundRobin,
             PortalMode::Random => PortalChoice::Random,

@@ -371,3 +371,82 @@ fn serve_dispatch_and_portal_reach_their_redis_over_tls() {
         .stderr
         .expect("leaving the pool", |l| l.contains("portal left the pool"));
 }
+
+/// `mesa client --state FILE`: a client process killed with SIGKILL and started
+/// again with the same FILE resumes its rooms where it was: it prints what it missed,
+/// in order, then the resume's `mesa:subscribed` line with `"recovered": true`.
+#[test]
+fn a_client_killed_and_restarted_with_its_state_file_resumes_where_it_was() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let cluster = [
+        ("MESA_REDIS", url.as_str()),
+        ("MESA_RECOVER_ROOMS", "chat:*"),
+    ];
+    let (_server, ws_url) = Mesa::serve(&["--rooms", "authenticated"], &cluster);
+    let dir = pki::TempDir::new();
+    let state = dir.path().join("state.json");
+    let state_arg = state.to_str().expect("a UTF-8 path");
+    let client_args = [
+        "client",
+        ws_url.as_str(),
+        "--token",
+        "alice",
+        "--subscribe",
+        "chat:1",
+        "--state",
+        state_arg,
+    ];
+    let publish = |n: u64| {
+        let data = json!({ "n": n }).to_string();
+        report(&dispatch(
+            &["--room", "chat:1", "--type", "N", "--data", &data],
+            &cluster,
+        ))
+    };
+
+    let mut first = Mesa::start(&client_args, &[]);
+    first
+        .stderr
+        .expect("subscribed", |l| l.starts_with("subscribed"));
+    for n in 0..3 {
+        publish(n);
+        let got = first
+            .stdout
+            .expect_json("a room message", |m| m["t"] == "N");
+        assert_eq!(
+            (got["d"]["n"].as_u64(), got["offset"].as_u64()),
+            (Some(n), Some(n + 1))
+        );
+    }
+    // Saved after it printed the third.
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains(r#""offset":3"#)) {
+        assert!(
+            Instant::now() < deadline,
+            "the state file never held offset 3"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+
+    for n in 3..6 {
+        publish(n);
+    }
+    let second = Mesa::start(&client_args, &[]);
+    for n in 3..6 {
+        let got = second
+            .stdout
+            .expect_json("a missed message", |m| m["t"] == "N");
+        assert_eq!(
+            (got["d"]["n"].as_u64(), got["offset"].as_u64()),
+            (Some(n), Some(n + 1))
+        );
+    }
+    let resumed = second
+        .stdout
+        .expect_json("the resume", |m| m["t"] == "mesa:subscribed");
+    assert_eq!(resumed["d"]["recovered"], true, "{resumed}");
+    assert_eq!(resumed["d"]["offset"], 6);
+}

@@ -64,6 +64,26 @@ impl Namespace {
         self.key("available_portals_pool")
     }
 
+    /// Ours only: the stream of durable portal events of partition `partition`
+    /// ([`portal_partition`]), read by durable portals through a consumer group.
+    pub fn portal_queue(&self, partition: usize) -> String {
+        self.key(&format!("portal_q:{partition}"))
+    }
+
+    /// Ours only: the dead-letter stream, where durable portals move the events that
+    /// failed too often or could not be read, so that they stop blocking nobody and
+    /// stay inspectable.
+    pub fn portal_dead_letters(&self) -> String {
+        self.key("portal_dlq")
+    }
+
+    /// Ours only: the lease of consumer group `group` on partition `partition`: the
+    /// portal id holding it reads the partition alone, so a client's events are
+    /// handled in order.
+    pub fn portal_lease(&self, group: &str, partition: usize) -> String {
+        self.key(&format!("portal_lease:{group}:{partition}"))
+    }
+
     /// Ours only (upstream never reads it): the set of live mesa-rs replica ids.
     pub fn replicas(&self) -> String {
         self.key("mesa_replicas")
@@ -234,11 +254,7 @@ pub fn shard_of(key: &str, shards: usize) -> usize {
     if shards <= 1 {
         return 0;
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut hash = fnv1a(key);
     let (mut bucket, mut next) = (0u64, 0u64);
     while next < shards as u64 {
         bucket = next;
@@ -247,6 +263,32 @@ pub fn shard_of(key: &str, shards: usize) -> usize {
         next = ((bucket + 1) as f64 * step) as u64;
     }
     bucket as usize
+}
+
+/// The 64-bit FNV-1a hash of `key`: stable across versions and processes, so every
+/// replica and portal places a key alike.
+fn fnv1a(key: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// Partitions of the durable portal queues by default, on servers and portals alike
+/// (both sides must agree).
+pub const DEFAULT_PORTAL_PARTITIONS: usize = 16;
+
+/// Which of `partitions` durable portal streams carries the events of client
+/// `client_id`: every event of one id goes to one stream, so a portal reading that
+/// stream alone handles them in order. Events of connections that never
+/// authenticated have no id and go to partition 0.
+pub fn portal_partition(client_id: Option<&str>, partitions: usize) -> usize {
+    match client_id {
+        Some(id) if partitions > 1 => (fnv1a(id) % partitions as u64) as usize,
+        _ => 0,
+    }
 }
 
 /// What a send still needs from the cluster once the local connections are served.
@@ -586,8 +628,84 @@ impl PortalUpdate {
     }
 }
 
+/// One entry of a durable portal stream (`ns("portal_q:<p>")`): the fields
+/// `event_id` (unique in the cluster: the replica's name and a sequence, so a
+/// consumer can drop an event it already handled, e.g. an append retried after a
+/// lost reply) and `event` (the [`PortalEvent`] JSON, `portalId` empty: no portal
+/// was chosen, the consumer group shares the work).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedPortalEvent {
+    /// Unique per event; the same on every delivery of it.
+    pub event_id: String,
+    /// What happened.
+    pub event: PortalEvent,
+}
+
+impl QueuedPortalEvent {
+    /// The entry's field names, in the order [`fields`](Self::fields) gives them.
+    pub const FIELDS: [&'static str; 2] = ["event_id", "event"];
+
+    /// The entry's fields and values, as `XADD` takes them.
+    pub fn fields(&self) -> Vec<String> {
+        vec![
+            Self::FIELDS[0].to_owned(),
+            self.event_id.clone(),
+            Self::FIELDS[1].to_owned(),
+            self.event.encode(),
+        ]
+    }
+
+    /// Read an entry from its fields and values (`[f1, v1, f2, v2, ..]`, other
+    /// fields ignored); `Err` says what is wrong with it.
+    pub fn decode(fields: &[String]) -> Result<QueuedPortalEvent, String> {
+        let field = |name: &str| {
+            fields
+                .chunks_exact(2)
+                .find(|pair| pair[0] == name)
+                .map(|pair| pair[1].as_str())
+                .ok_or_else(|| format!("no {name} field"))
+        };
+        let event_id = field(Self::FIELDS[0])?.to_owned();
+        let event = PortalEvent::decode(field(Self::FIELDS[1])?)
+            .map_err(|error| format!("bad event: {error}"))?;
+        Ok(QueuedPortalEvent { event_id, event })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn portal_partitions_are_stable_and_in_range() {
+        assert_eq!(super::portal_partition(None, 16), 0);
+        assert_eq!(super::portal_partition(Some("a"), 1), 0);
+        let p = super::portal_partition(Some("user-42"), 16);
+        assert!(p < 16);
+        assert_eq!(p, super::portal_partition(Some("user-42"), 16));
+        let spread: std::collections::BTreeSet<usize> = (0..200)
+            .map(|i| super::portal_partition(Some(&format!("id{i}")), 16))
+            .collect();
+        assert_eq!(spread.len(), 16);
+    }
+
+    #[test]
+    fn queued_portal_events_round_trip_and_refuse_garbage() {
+        let queued = super::QueuedPortalEvent {
+            event_id: "r1:7".into(),
+            event: super::PortalEvent {
+                kind: super::PortalEventKind::Authentication,
+                client_id: Some("u".into()),
+                portal_id: String::new(),
+            },
+        };
+        assert_eq!(
+            super::QueuedPortalEvent::decode(&queued.fields()),
+            Ok(queued)
+        );
+        assert!(super::QueuedPortalEvent::decode(&["event".into()]).is_err());
+        let bad = ["event_id".into(), "x".into(), "event".into(), "{".into()];
+        assert!(super::QueuedPortalEvent::decode(&bad).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -301,6 +301,14 @@ pub enum ConfigError {
     /// has to answer a command.
     #[error("a store's wait for Redis replicas must be positive and below {0:?}")]
     StoreWait(std::time::Duration),
+    /// Durable portal queues are spread over 1 to 1024 partitions.
+    #[error("durable portals use 1 to 1024 partitions, not {0}")]
+    PortalPartitions(usize),
+    /// A durable portal renews its leases every tick and must hear Redis answer
+    /// before they expire: its tick and reply timeout must be below its visibility
+    /// timeout (the leases' time to live).
+    #[error("a durable portal's tick and reply timeout must be below its visibility timeout")]
+    DurablePortalTiming,
     /// Authentication options were set, but nothing authenticates.
     #[error("authentication options need an authenticator")]
     MissingAuthenticator,

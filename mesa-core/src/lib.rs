@@ -34,8 +34,9 @@ pub use client::{
 };
 pub use close::{Close, CloseCode};
 pub use cluster::{
-    Envelope, Namespace, PortalChoice, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,
-    PresenceSplit, RemotePlan, Round, plan_remote, split_by_presence,
+    DEFAULT_PORTAL_PARTITIONS, Envelope, Namespace, PortalChoice, PortalEvent, PortalEventKind,
+    PortalPool, PortalUpdate, PresenceSplit, QueuedPortalEvent, RemotePlan, Round, plan_remote,
+    portal_partition, split_by_presence,
 };
 pub use config::{
     AuthConfig, ConfigError, HeartbeatConfig, ServerConfig, ServerConfigBuilder, SyncConfig,
@@ -45,12 +46,17 @@ pub use hub::{
     Action, ConnId, Delivery, Departure, Hub, Recipients, TooManyRecipients, distinct_ids,
 };
 pub use limits::{Limits, RateLimitPolicy};
+pub use portal::durable::{
+    DurableCommand, DurableDelivery, DurableKeys, DurablePortal, DurablePortalConfig,
+    DurablePortalEvent,
+};
 pub use portal::{PortalCommand, PortalKeys, PortalMember, PortalMemberConfig, PortalMemberEvent};
 pub use rate::TokenBucket;
 pub use relay::{RelayAction, dev_authenticate, relay};
 pub use replica::{
-    Call, Command, Dispatch, DispatchConfig, DispatchReport, Keys, LocalDelivery, Loss, RedisValue,
-    Replica, ReplicaConfig, ReplicaEvent, Reply, Script, SendReport, StoreWait, Token,
+    Call, Command, Dispatch, DispatchConfig, DispatchReport, DurablePortals, Keys, LocalDelivery,
+    Loss, RedisValue, Replica, ReplicaConfig, ReplicaEvent, Reply, Script, SendReport, StoreWait,
+    Token,
 };
 pub use session::{ServerSession, SessionError, SessionEvent, Transmit};
 pub use sync::{MessageOptions, Redelivery};

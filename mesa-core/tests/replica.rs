@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use mesa_core::cluster::{IDS_PER_COMMAND, IDS_PER_ROUND};
 use mesa_core::{
-    Action, Call, Close, CloseCode, Command, ConnId, Envelope, LocalDelivery, Loss, Message,
-    Opcode, PortalChoice, PortalEvent, PortalEventKind, PortalUpdate, Recipients, RedisValue,
-    Replica, ReplicaConfig, ReplicaEvent, SessionEvent, StoreWait, Token,
+    Action, Call, Close, CloseCode, Command, ConnId, DurablePortals, Envelope, LocalDelivery, Loss,
+    Message, Opcode, PortalChoice, PortalEvent, PortalEventKind, PortalUpdate, QueuedPortalEvent,
+    Recipients, RedisValue, Replica, ReplicaConfig, ReplicaEvent, SessionEvent, StoreWait, Token,
+    portal_partition,
 };
 use serde_json::{Value, json};
 
@@ -56,6 +57,7 @@ fn kind(command: &Command) -> &'static str {
         Command::RoomMembers { .. } => "RoomMembers",
         Command::LoadPortals => "LoadPortals",
         Command::Publish { .. } => "Publish",
+        Command::Enqueue { .. } => "Enqueue",
         Command::Route { .. } => "Route",
         Command::CheckPresence { .. } => "CheckPresence",
         Command::StoreMany { .. } => "StoreMany",
@@ -326,6 +328,88 @@ fn client_events_go_to_one_portal_each_in_turn() {
             (PortalEventKind::Message(message), Some("alice"), "p1"),
             (PortalEventKind::Disconnection, Some("alice"), "p2"),
         ]
+    );
+}
+
+#[test]
+fn durable_portal_events_go_to_their_clients_partition_and_survive_an_outage() {
+    let config = ReplicaConfig {
+        durable_portals: Some(DurablePortals {
+            partitions: 8,
+            maxlen: 500,
+        }),
+        ..config()
+    };
+    let mut replica = linked(config);
+    let conn = open_as(&mut replica, "alice");
+    let out = drain(&mut replica);
+    let enqueued: Vec<&Command> = out
+        .commands
+        .iter()
+        .map(|(_, c)| c)
+        .filter(|c| matches!(c, Command::Enqueue { .. }))
+        .collect();
+    // Pub/sub portals are off: durable only, a connection (no id: partition 0),
+    // then alice's authentication in her partition, each with its own event id.
+    assert_eq!(out.find("Publish").len(), 0);
+    let alice = format!("portal_q:{}", portal_partition(Some("alice"), 8));
+    let mut event_ids = Vec::new();
+    for (command, (stream, kind)) in enqueued.iter().zip([
+        ("portal_q:0".to_owned(), "connection"),
+        (alice.clone(), "authentication"),
+    ]) {
+        let Command::Enqueue {
+            stream: s,
+            maxlen,
+            event,
+        } = command
+        else {
+            panic!()
+        };
+        assert_eq!((s, *maxlen), (&stream, 500));
+        let queued = QueuedPortalEvent::decode(event).unwrap();
+        assert_eq!(queued.event.portal_id, "");
+        assert!(queued.event.encode().contains(kind));
+        event_ids.push(queued.event_id);
+        let Call::Plain { name, args } = &command.calls(replica.keys())[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (*name, &args[..4]),
+            (
+                "XADD",
+                &[stream, "MAXLEN".into(), "~".into(), "500".into()][..]
+            )
+        );
+    }
+    assert_eq!(event_ids, ["me:1", "me:2"]);
+    // The link fails with the appends unanswered: they are kept and sent again,
+    // with the same event ids (a consumer drops the second copy).
+    replica.handle_link_down(t0(), 0, "gone");
+    replica.handle_session_event(t0(), conn, &closed());
+    replica.handle_timeout(t0() + Duration::from_secs(6));
+    let reconnect = drain(&mut replica);
+    assert!(
+        reconnect.kinds().contains(&"Connect"),
+        "{:?}",
+        reconnect.kinds()
+    );
+    replica.handle_link_up(t0() + Duration::from_secs(6), 0, "run1");
+    let again = answer_all(&mut replica, t0() + Duration::from_secs(6));
+    let resent: Vec<String> = again
+        .commands
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Command::Enqueue { event, .. } => {
+                Some(QueuedPortalEvent::decode(event).unwrap().event_id)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        resent,
+        ["me:1", "me:2", "me:3"],
+        "kept, then the disconnection"
     );
 }
 

@@ -334,6 +334,51 @@ macro_rules! runtime_api {
             }
         }
 
+        #[doc = concat!("Builds a [`DurablePortal`](crate::DurablePortal) whose task runs on ", $name, ".")]
+        #[derive(Debug, Clone)]
+        #[must_use]
+        pub struct DurablePortalBuilder($crate::DurablePortalBuilder<$runtime>);
+
+        impl DurablePortalBuilder {
+            $crate::runtime_api! { @options
+                /// The cluster's namespace (empty: none).
+                namespace(namespace: impl Into<String>);
+                /// Consume under this name instead of a random UUID: a portal restarted
+                /// under its old id takes its unfinished events back at once.
+                id(id: impl Into<String>);
+                /// Streams the servers spread events over (as their setting; default 16).
+                partitions(partitions: usize);
+                /// How long an event may stay unacknowledged before it is delivered
+                /// again, and the partition leases' time to live (default 30 s).
+                visibility_timeout(timeout: ::std::time::Duration);
+                /// How often leases are renewed and overdue events reclaimed (default
+                /// 5 s; below the visibility timeout).
+                tick(tick: ::std::time::Duration);
+                /// Deliveries of one event before it goes to the dead-letter stream
+                /// (default 5).
+                max_deliveries(deliveries: u64);
+                /// Every setting at once (the group and namespace included).
+                config(config: $crate::mesa_core::DurablePortalConfig);
+                /// For a `rediss://` URL: trust these PEM certificates (a private CA)
+                /// instead of the platform's store.
+                redis_ca_pem(pem: impl Into<Vec<u8>>);
+            }
+
+            /// Connect and make sure the group exists. Returns once the portal is ready
+            /// to take partitions; later link failures are repaired in the background.
+            pub async fn start(self) -> Result<$crate::DurablePortal, $crate::PortalError> {
+                self.0.start().await
+            }
+        }
+
+        /// Start building a durable portal of consumer group `group` of the cluster on
+        /// the Redis at `url`: it handles, at least once, the client events that
+        /// servers with durable portals on append to Redis streams
+        /// ([`ClusterConfig::durable_portals`](crate::ClusterConfig::durable_portals)).
+        pub fn durable_portal(url: impl Into<String>, group: impl Into<String>) -> DurablePortalBuilder {
+            DurablePortalBuilder($crate::DurablePortalBuilder::new($runtime, url, group))
+        }
+
         /// Start building a server.
         pub fn server() -> ServerBuilder {
             ServerBuilder($crate::Server::builder($runtime))
@@ -372,18 +417,18 @@ macro_rules! root_exports {
         pub use $crate::mesa_core::ClientError as ClientSessionError;
         pub use $crate::mesa_core::rooms::{RefusalCode, RoomRefusal};
         pub use $crate::mesa_core::{
-            BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError, Hello,
-            Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent,
-            PortalEventKind, RateLimitPolicy, Recipients, Redelivery, Reference, Rule, StoreWait,
-            SyncConfig, TooManyRecipients,
+            BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError,
+            DurablePortalConfig, DurablePortals, Hello, Limits, Message, MessageOptions, Namespace,
+            Opcode, PortalChoice, PortalEvent, PortalEventKind, RateLimitPolicy, Recipients,
+            Redelivery, Reference, Rule, StoreWait, SyncConfig, TooManyRecipients,
         };
         pub use $crate::{
             Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, Client,
             ClientError, ClientEvents, ClusterConfig, Connection, DevAuthenticator, DispatchError,
-            DispatchReport, Dispatcher, DispatcherBuilder, Handler, Ignore, Middleware, Portal,
-            PortalError, PresenceError, RedisFailure, Refusal, Relay, RoomAccess, RoomAccessKind,
-            RoomAuthorizer, RoomMember, RoomPolicy, Runtime, SendError, SendReport, ServerHandle,
-            ServerTls, TlsError, TransportConfig,
+            DispatchReport, Dispatcher, DispatcherBuilder, DurableEvent, DurablePortal, Handler,
+            Ignore, Middleware, Portal, PortalError, PresenceError, RedisFailure, Refusal, Relay,
+            RoomAccess, RoomAccessKind, RoomAuthorizer, RoomMember, RoomPolicy, Runtime, SendError,
+            SendReport, ServerHandle, ServerTls, TlsError, TransportConfig,
         };
         /// Rooms on the wire (`docs/protocol.md`): room names and their check, requests,
         /// notices and room messages.

@@ -24,6 +24,7 @@ mod cluster;
 mod connection_loop;
 mod context;
 mod dispatcher;
+mod durable_portal;
 #[cfg(feature = "test-echo")]
 #[doc(hidden)]
 pub mod echo;
@@ -45,6 +46,7 @@ mod transport;
 pub use client::{BuildError, Client, ClientBuilder, ClientError, ClientEvents};
 pub use cluster::ClusterConfig;
 pub use dispatcher::{DispatchError, Dispatcher, DispatcherBuilder};
+pub use durable_portal::{DurableEvent, DurablePortal, DurablePortalBuilder};
 pub use handle::{Admission, Connection, PresenceError, RoomMember, SendError, ServerHandle};
 pub use hooks::{
     AuthError, Authenticator, BoxError, BoxFuture, DevAuthenticator, Handler, Ignore, Middleware,

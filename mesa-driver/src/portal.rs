@@ -165,7 +165,7 @@ impl<R: Runtime> PortalBuilder<R> {
 }
 
 /// Asks the task to leave the pool and stop; it answers on the enclosed channel.
-type Stop = oneshot::Sender<Result<(), PortalError>>;
+pub(crate) type Stop = oneshot::Sender<Result<(), PortalError>>;
 
 /// Receives the client events of a cluster's servers: a [`Stream`] of
 /// [`PortalEvent`]s (or [`next`](Portal::next)), until [`close`](Portal::close).
@@ -214,7 +214,7 @@ impl Stream for Portal {
 }
 
 /// Why the portal stopped, as its owner learns it: the member's reason, shown as is.
-fn failure(reason: String) -> PortalError {
+pub(crate) fn failure(reason: String) -> PortalError {
     redis::RedisError::from(std::io::Error::other(reason)).into()
 }
 
@@ -402,27 +402,7 @@ impl<R: Runtime> Shell<R> {
         let Some((token, calls)) = self.queue.pop_front() else {
             return;
         };
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for call in calls {
-            match call {
-                Call::Plain { name, args } => pipe.cmd(name).arg(args),
-                Call::Script { script, keys, args } => pipe
-                    .cmd("EVAL")
-                    .arg(script.source())
-                    .arg(keys.len())
-                    .arg(keys)
-                    .arg(args),
-            };
-        }
-        let mut conn = link.conn.clone();
-        self.answer = Some(Box::pin(async move {
-            let answer = match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
-                Ok(values) => reply(values),
-                Err(error) => Err(error.to_string()),
-            };
-            (token, answer)
-        }));
+        self.answer = Some(Box::pin(run(link.conn.clone(), token, calls)));
     }
 
     /// Arm the timer for the member's next deadline, unless it is armed for it.
@@ -469,8 +449,37 @@ impl<R: Runtime> Shell<R> {
     }
 }
 
+/// Run one command's calls in one round trip on `conn`: its token and reply.
+pub(crate) async fn run(
+    mut conn: redis::aio::MultiplexedConnection,
+    token: Token,
+    calls: Vec<Call>,
+) -> (Token, Reply) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for call in calls {
+        match call {
+            Call::Plain { name, args } => pipe.cmd(name).arg(args),
+            Call::Script { script, keys, args } => pipe
+                .cmd("EVAL")
+                .arg(script.source())
+                .arg(keys.len())
+                .arg(keys)
+                .arg(args),
+        };
+    }
+    let answer = match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
+        Ok(values) => reply(values),
+        Err(error) => Err(error.to_string()),
+    };
+    (token, answer)
+}
+
 /// Poll the future in `slot`, if any, emptying the slot once it is done.
-fn poll_once<F: Future + Unpin>(slot: &mut Option<F>, cx: &mut Context<'_>) -> Poll<F::Output> {
+pub(crate) fn poll_once<F: Future + Unpin>(
+    slot: &mut Option<F>,
+    cx: &mut Context<'_>,
+) -> Poll<F::Output> {
     let Some(future) = slot.as_mut() else {
         return Poll::Pending;
     };

@@ -390,6 +390,7 @@ fn replica<R: Runtime>(
         namespace: mesa_core::Namespace::new(cluster.namespace.clone()),
         lease: cluster.lease,
         portals: cluster.portals,
+        durable_portals: cluster.durable_portals,
         max_pending: cluster.max_pending,
         legacy_bus: cluster.legacy_bus,
         shards: 1 + cluster.shard_urls.len(),

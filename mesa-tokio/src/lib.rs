@@ -47,6 +47,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Durable portals
+//!
+//! [`durable_portal`] consumes the client events that servers with
+//! [`ClusterConfig::durable_portals`] append to Redis streams, at least once: each
+//! [`DurableEvent`] is [`ack`](DurableEvent::ack)ed once handled, comes back after
+//! the visibility timeout when its handler [`fail`](DurableEvent::fail)s or the
+//! portal dies, and goes to the dead-letter stream after too many deliveries
+//! (`mesa portal --durable` on the command line).
+//!
 //! # TLS
 //!
 //! `wss://` URLs are verified against the Mozilla roots (and the platform's store

@@ -58,6 +58,11 @@ impl Lines {
         serde_json::from_str(&line).expect("a JSON line")
     }
 
+    /// How many lines so far.
+    pub(crate) fn len(&self) -> usize {
+        self.seen.lock().expect("log lock").len()
+    }
+
     /// Every line so far.
     pub(crate) fn all(&self) -> Vec<String> {
         self.seen.lock().expect("log lock").clone()

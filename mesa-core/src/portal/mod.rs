@@ -31,6 +31,7 @@
 
 mod command;
 mod config;
+pub mod durable;
 mod event;
 mod id;
 

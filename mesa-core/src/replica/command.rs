@@ -71,6 +71,17 @@ pub enum Command {
         /// The encoded envelope or portal event.
         payload: String,
     },
+    /// `XADD stream MAXLEN ~ maxlen * fields..`: append a client event to a durable
+    /// portal stream ([`QueuedPortalEvent`](crate::cluster::QueuedPortalEvent)).
+    /// Answered with the entry's id.
+    Enqueue {
+        /// `ns("portal_q:<p>")`.
+        stream: String,
+        /// Entries the stream keeps, about.
+        maxlen: usize,
+        /// The entry's fields and values.
+        event: Vec<String>,
+    },
     /// [`Script::Route`]: publish an envelope to `ids` on the channel of each live
     /// replica holding some of them (routing by interest, instead of on `ws`).
     Route {
@@ -368,6 +379,18 @@ impl Command {
                     keep.size.to_string(),
                 ],
             }],
+            Command::Enqueue {
+                stream,
+                maxlen,
+                event,
+            } => {
+                let head = [stream.clone(), "MAXLEN".into(), "~".into()];
+                let args = head
+                    .into_iter()
+                    .chain([maxlen.to_string(), "*".into()])
+                    .chain(event.iter().cloned());
+                vec![plain("XADD", args.collect())]
+            }
             Command::CheckPresence { ids } => {
                 vec![plain("SMISMEMBER", with_key(ns.connected_clients(), ids))]
             }
@@ -527,7 +550,7 @@ mod tests {
         assert!(
             Script::ALL
                 .iter()
-                .all(|s| s.source().contains("redis.call"))
+                .all(|s| s.source().contains("redis.call") || s.source().contains("redis.pcall"))
         );
     }
 }

@@ -37,6 +37,47 @@ impl StoreWait {
     }
 }
 
+/// Durable portal queues: every client event is also appended (`XADD .. MAXLEN ~`)
+/// to the stream of its client's partition, `ns("portal_q:<p>")`, where durable
+/// portals read it through a consumer group and acknowledge it once handled
+/// (at least once), instead of the pub/sub publish that a dead portal misses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurablePortals {
+    /// Streams the events are spread over by client id (1 to
+    /// [`MAX_PORTAL_PARTITIONS`](Self::MAX_PORTAL_PARTITIONS)); the durable portals
+    /// must use the same number. Default
+    /// [`DEFAULT_PORTAL_PARTITIONS`](crate::cluster::DEFAULT_PORTAL_PARTITIONS).
+    pub partitions: usize,
+    /// Entries each stream keeps, about (`MAXLEN ~`): a bound on Redis memory when no
+    /// portal reads. Default 1 000 000.
+    pub maxlen: usize,
+}
+
+impl DurablePortals {
+    /// Partitions at most: every portal read names each of its streams.
+    pub const MAX_PORTAL_PARTITIONS: usize = 1024;
+
+    /// Check the settings.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !(1..=Self::MAX_PORTAL_PARTITIONS).contains(&self.partitions) {
+            return Err(ConfigError::PortalPartitions(self.partitions));
+        }
+        if self.maxlen == 0 {
+            return Err(ConfigError::ZeroCount("durable portal stream length"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for DurablePortals {
+    fn default() -> Self {
+        DurablePortals {
+            partitions: crate::cluster::DEFAULT_PORTAL_PARTITIONS,
+            maxlen: 1_000_000,
+        }
+    }
+}
+
 /// The settings of one replica, with the driver's defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaConfig {
@@ -47,6 +88,9 @@ pub struct ReplicaConfig {
     pub lease: Duration,
     /// Forward client events to portals, picking one per event this way. Default off.
     pub portals: Option<PortalChoice>,
+    /// Also append every client event to the durable portal streams
+    /// ([`DurablePortals`]); with `portals` off, only there. Default off.
+    pub durable_portals: Option<DurablePortals>,
     /// Most jobs (sends, loads, trims, clears, portal events) waiting for Redis,
     /// queued or in flight; beyond it new jobs are refused and reported
     /// ([`ReplicaEvent::JobsLost`](super::ReplicaEvent::JobsLost)). As many presence
@@ -110,6 +154,7 @@ impl ReplicaConfig {
             namespace: Namespace::default(),
             lease: Duration::from_secs(10),
             portals: None,
+            durable_portals: None,
             max_pending: 10_000,
             sync: server.sync().is_some(),
             presence: auth.is_none_or(|a| a.store_connected_users),
@@ -165,6 +210,9 @@ impl ReplicaConfig {
             .is_some_and(|recovery| recovery.size == 0)
         {
             return Err(ConfigError::ZeroCount("recovery stream size"));
+        }
+        if let Some(durable) = self.durable_portals {
+            durable.check()?;
         }
         let counts = [
             (self.max_pending, "max pending cluster jobs"),

@@ -48,6 +48,13 @@ pub(crate) enum Job {
         kind: PortalEventKind,
         client_id: Option<String>,
     },
+    /// Append a client event to a durable portal stream keeping about `maxlen`
+    /// entries (`event`: the entry's fields and values).
+    Enqueue {
+        stream: String,
+        maxlen: usize,
+        event: Vec<String>,
+    },
     /// Publish a room's envelope on its channel.
     Publish { channel: String, payload: String },
     /// Append a message to a recoverable room's stream and publish it
@@ -89,6 +96,9 @@ impl Job {
             // A read, a delete of what the client declined, and a trim that finds
             // what it removes by its text: each may run twice.
             Job::Load { .. } | Job::Clear { .. } | Job::Trim { .. } => Fate::Keep,
+            // The durable portals' promise: appended again after the outage, with
+            // the same event id, so a consumer drops it if the first append landed.
+            Job::Enqueue { .. } => Fate::Keep,
         }
     }
 

@@ -112,7 +112,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use command::{Call, Command, Keys, RedisValue, Reply, StreamKeep, Token};
-pub use config::{ReplicaConfig, StoreWait};
+pub use config::{DurablePortals, ReplicaConfig, StoreWait};
 pub use dispatch::{Dispatch, DispatchConfig, DispatchReport};
 pub use event::{LocalDelivery, Loss, ReplicaEvent, SendReport};
 pub use scripts::Script;
@@ -120,7 +120,7 @@ pub use scripts::Script;
 use crate::backoff::Backoff;
 use crate::cluster::{
     Envelope, IDS_PER_COMMAND, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,
-    ROOM_CHANNEL_PREFIX, plan_remote, shard_of,
+    QueuedPortalEvent, ROOM_CHANNEL_PREFIX, plan_remote, portal_partition, shard_of,
 };
 use crate::config::ConfigError;
 use crate::hub::{Action, ConnId, Hub, Recipients, TooManyRecipients};
@@ -174,6 +174,9 @@ pub struct Replica {
     /// The recoverable rooms with a member here.
     streams: Streams,
     next_token: u64,
+    /// Client events appended to the durable portal streams: the sequence of their
+    /// event ids.
+    enqueued: u64,
     retiring: bool,
     /// Per connection redelivering its stored messages: the index and text of each
     /// loaded entry that is a message, to trim exactly what it wrote.
@@ -217,6 +220,7 @@ impl Replica {
             pool: PortalPool::new(config.portals.unwrap_or_default(), seed),
             shards,
             next_token: 0,
+            enqueued: 0,
             retiring: false,
             loaded: HashMap::new(),
             commands: VecDeque::new(),
@@ -832,6 +836,28 @@ impl Replica {
     }
 
     fn tell_portals(&mut self, kind: PortalEventKind, client_id: Option<String>) {
+        if let Some(durable) = self.config.durable_portals {
+            self.enqueued += 1;
+            let partition = portal_partition(client_id.as_deref(), durable.partitions);
+            let queued = QueuedPortalEvent {
+                event_id: format!("{}:{}", self.keys.replica(), self.enqueued),
+                event: PortalEvent {
+                    kind: kind.clone(),
+                    client_id: client_id.clone(),
+                    portal_id: String::new(),
+                },
+            };
+            let stream = self.keys.namespace().portal_queue(partition);
+            let (maxlen, event) = (durable.maxlen, queued.fields());
+            self.push_job(
+                0,
+                Job::Enqueue {
+                    stream,
+                    maxlen,
+                    event,
+                },
+            );
+        }
         if self.config.portals.is_some() {
             self.push_job(0, Job::Portal { kind, client_id });
         }
@@ -1507,6 +1533,15 @@ impl Replica {
                     keep: StreamKeep::new(recovery),
                 }
             }
+            Job::Enqueue {
+                stream,
+                maxlen,
+                event,
+            } => Command::Enqueue {
+                stream: stream.clone(),
+                maxlen: *maxlen,
+                event: event.clone(),
+            },
             Job::Portal { kind, client_id } => {
                 // No portal known: nobody to tell.
                 let Some(portal) = self.pool.pick() else {

@@ -84,11 +84,17 @@ pub enum Script {
     StreamPublish,
     /// [`STREAM_READ`].
     StreamRead,
+    /// [`PORTAL_GROUPS`].
+    PortalGroups,
+    /// [`PORTAL_LEASES`].
+    PortalLeases,
+    /// [`PORTAL_RECLAIM`].
+    PortalReclaim,
 }
 
 impl Script {
     /// Every script, to load them all when the link opens.
-    pub const ALL: [Script; 10] = [
+    pub const ALL: [Script; 13] = [
         Script::AppendMany,
         Script::Trim,
         Script::Leave,
@@ -99,6 +105,9 @@ impl Script {
         Script::Route,
         Script::StreamPublish,
         Script::StreamRead,
+        Script::PortalGroups,
+        Script::PortalLeases,
+        Script::PortalReclaim,
     ];
 
     /// The Lua source.
@@ -114,9 +123,91 @@ impl Script {
             Script::Route => ROUTE,
             Script::StreamPublish => STREAM_PUBLISH,
             Script::StreamRead => STREAM_READ,
+            Script::PortalGroups => PORTAL_GROUPS,
+            Script::PortalLeases => PORTAL_LEASES,
+            Script::PortalReclaim => PORTAL_RECLAIM,
         }
     }
 }
+
+/// Create consumer group `ARGV[1]` on every stream of `KEYS` (`XGROUP CREATE .. 0
+/// MKSTREAM`: from the first entry, so events appended before any portal started
+/// are handled too); a group that exists already is kept (`BUSYGROUP`). Answers how
+/// many streams it went over.
+pub const PORTAL_GROUPS: &str = r#"
+for _, key in ipairs(KEYS) do
+  local made = redis.pcall('XGROUP', 'CREATE', key, ARGV[1], '0', 'MKSTREAM')
+  if type(made) == 'table' and made.err and not string.find(made.err, 'BUSYGROUP', 1, true) then
+    return made
+  end
+end
+return #KEYS
+"#;
+
+/// Take or renew the partition leases `KEYS` for portal `ARGV[1]`, for `ARGV[2]`
+/// milliseconds (`SET NX PX` when free, `PEXPIRE` when already its own), or, with
+/// `ARGV[2]` = `0`, give back those it holds. Answers, per key, 1 when the portal
+/// holds it now, else 0.
+pub const PORTAL_LEASES: &str = r#"
+local held = {}
+for i, key in ipairs(KEYS) do
+  local owner = redis.call('GET', key)
+  held[i] = 0
+  if ARGV[2] == '0' then
+    if owner == ARGV[1] then redis.call('DEL', key) end
+  elseif owner == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    held[i] = 1
+  elseif not owner then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    held[i] = 1
+  end
+end
+return held
+"#;
+
+/// Reclaim the entries of stream `KEYS[1]` pending in group `ARGV[1]` for at least
+/// `ARGV[3]` ms, after id `ARGV[7]` (exclusive; `-` from the start), at most
+/// `ARGV[4]` of them: each delivered `ARGV[5]` times already goes to the dead-letter
+/// stream `KEYS[2]` (`MAXLEN ~ ARGV[6]`, with `stream`, `id`, `deliveries` and
+/// `reason` fields before its own) and is acknowledged; the others are claimed for
+/// consumer `ARGV[2]` (`XCLAIM`, which counts one more delivery). Answers
+/// `{scanned, dead-lettered, lost, last id scanned or '', claimed entries, their
+/// delivery counts}`; lost are entries trimmed from the stream before they were handled.
+pub const PORTAL_RECLAIM: &str = r#"
+local start = ARGV[7]
+if start ~= '-' then start = '(' .. start end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], start, '+', ARGV[4])
+local claim, counts, dead, last = {}, {}, 0, ''
+for _, p in ipairs(pending) do
+  local id, deliveries = p[1], p[4]
+  last = id
+  if deliveries >= tonumber(ARGV[5]) then
+    local moved = {'stream', KEYS[1], 'id', id, 'deliveries', tostring(deliveries),
+                   'reason', 'delivered ' .. deliveries .. ' times'}
+    local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
+    if entry then
+      for _, v in ipairs(entry[2]) do table.insert(moved, v) end
+    end
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', unpack(moved))
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    dead = dead + 1
+  else
+    table.insert(claim, id)
+    counts[id] = deliveries + 1
+  end
+end
+local claimed, delivered = {}, {}
+if #claim > 0 then
+  for _, entry in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(claim))) do
+    if entry then
+      table.insert(claimed, entry)
+      table.insert(delivered, counts[entry[1]])
+    end
+  end
+end
+return {#pending, dead, #claim - #claimed, last, claimed, delivered}
+"#;
 
 /// Append `ARGV[1]` (one stored message) to the array of each field `ARGV[3..]` in
 /// hash `KEYS[1]`, keeping at most `ARGV[2]` elements per field (the oldest go).

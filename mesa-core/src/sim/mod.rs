@@ -12,6 +12,7 @@
 //! drives one [`PortalMember`](crate::PortalMember) through a failing link.
 
 pub mod cluster;
+pub mod durable_portal;
 pub mod net;
 pub mod portal;
 pub mod redis;
@@ -19,5 +20,6 @@ pub mod schedule;
 pub mod track;
 
 pub use cluster::{ClusterSim, Counters, SimConfig, SimReplica};
+pub use durable_portal::DurableRig;
 pub use portal::PortalRig;
 pub use redis::RedisModel;

@@ -233,6 +233,10 @@ impl RedisModel {
                 Script::Route => self.route(now, &Scope::new(keys, args)?, args),
                 Script::StreamPublish => self.stream_publish(now, keys, args),
                 Script::StreamRead => self.stream_read(now, keys, args),
+                // Streams are not modelled: durable portals run against real Redis.
+                Script::PortalGroups | Script::PortalLeases | Script::PortalReclaim => {
+                    Err(format!("{script:?} is not modelled"))
+                }
             },
         }
     }

@@ -11,7 +11,7 @@ mod task;
 use std::time::Duration;
 
 use mesa_core::recovery::RecoveryConfig;
-use mesa_core::{PortalChoice, StoreWait};
+use mesa_core::{DurablePortals, PortalChoice, StoreWait};
 
 pub(crate) use task::spawn;
 
@@ -39,6 +39,10 @@ pub struct ClusterConfig {
     pub lease: Duration,
     /// Forward client events to portals, picking one per event this way.
     pub portals: Option<PortalChoice>,
+    /// Also append every client event to the durable portal streams, which durable
+    /// portals ([`DurablePortal`](crate::DurablePortal)) consume at least once
+    /// (`mesa_core::DurablePortals`); with `portals` off, only there. Default `None`.
+    pub durable_portals: Option<DurablePortals>,
     /// Most jobs (sends, redelivery reads, trims and clears, portal events) waiting
     /// for Redis, queued or in flight, also while Redis is unreachable; beyond it a
     /// new job is refused and reported to the middleware (`on_error`,
@@ -76,6 +80,7 @@ impl ClusterConfig {
             namespace: None,
             lease: Duration::from_secs(10),
             portals: None,
+            durable_portals: None,
             max_pending: 10_000,
             redis_ca_pem: None,
             legacy_bus: true,
