@@ -21,7 +21,11 @@
 //! - `handle_timeout` at the deadline leaves the next deadline later, and called
 //!   twice does nothing more;
 //! - the work waiting for Redis stays within `max_pending`, and so do the presence
-//!   changes.
+//!   changes;
+//! - in a recoverable room (room `r0`; `r1` is not), whatever comes on its channel
+//!   (in order, twice, ahead of holes, from a new epoch): each connection gets each
+//!   position at most once, in increasing order within an epoch, except after the
+//!   server told it `recovered: false`; an old client never gets a control dispatch.
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,6 +35,8 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mesa_core::cluster::{Envelope, PortalEvent, PortalUpdate};
+use mesa_core::recovery::{Position, RecoveryConfig};
+use mesa_core::rooms::RoomEnvelope;
 use mesa_core::sim::RedisModel;
 use mesa_core::{
     Close, CloseCode, Command, ConnId, Message, MessageOptions, Opcode, PortalChoice, Recipients,
@@ -40,6 +46,8 @@ use serde_json::json;
 
 const IDS: [&str; 4] = ["alice", "bob", "carol", " "];
 const MAX_PENDING: usize = 16;
+/// Rooms: the first keeps a stream.
+const ROOMS: [&str; 2] = ["r0", "r1"];
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -102,6 +110,28 @@ enum Op {
         ms: u16,
     },
     Retire,
+    Extend {
+        conn: u8,
+    },
+    Join {
+        conn: u8,
+        room: u8,
+        since: Option<(bool, u8)>,
+    },
+    Leave {
+        conn: u8,
+        room: u8,
+    },
+    RoomSend {
+        room: u8,
+    },
+    /// A room message on the channel at this offset, of the stream's epoch or of
+    /// another one.
+    RoomArrive {
+        room: u8,
+        offset: u8,
+        other_epoch: bool,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -139,9 +169,50 @@ struct Harness {
     /// Entries loaded per id, as stored text.
     loaded: HashMap<String, BTreeSet<String>>,
     portals: BTreeSet<String>,
+    /// Per connection and room: the last position delivered (`None` once the server
+    /// said it lost some, so anything may follow).
+    positions: HashMap<(ConnId, String), Option<Position>>,
+    extended: BTreeSet<ConnId>,
 }
 
 impl Harness {
+    /// A frame to `conn`: a position of a room increases within its epoch; a
+    /// control dispatch goes only to an extended connection.
+    fn check_position(&mut self, conn: ConnId, text: &str) {
+        let value: serde_json::Value = serde_json::from_str(text).expect("JSON frames");
+        let control = value["t"].as_str().is_some_and(|t| t.starts_with("mesa:"));
+        assert!(
+            !control || self.extended.contains(&conn),
+            "a control dispatch to an old client: {text}"
+        );
+        if value["t"] == "mesa:subscribed" && value["d"]["recovered"] == false {
+            let room = value["d"]["room"].as_str().unwrap_or_default().to_owned();
+            self.positions.insert((conn, room), None);
+            return;
+        }
+        let (Some(room), Some(position)) = (value["room"].as_str(), Position::from_value(&value))
+        else {
+            return;
+        };
+        let last = self.positions.insert((conn, room.to_owned()), Some(position.clone()));
+        if let Some(Some(last)) = last {
+            assert!(
+                last.epoch != position.epoch || last.offset < position.offset,
+                "{conn:?} got {position:?} after {last:?}"
+            );
+        }
+    }
+
+    /// The epoch of `room`'s stream in the model of its Redis ("none" before one).
+    fn epoch(&self, room: &str) -> String {
+        let redis = &self.redis[mesa_core::cluster::shard_of(room, self.redis.len())];
+        redis
+            .hash(&format!("mesa_stream_meta:{room}"))
+            .and_then(|meta| meta.get("e"))
+            .cloned()
+            .unwrap_or_else(|| "none".to_owned())
+    }
+
     fn conn(&self, index: u8) -> ConnId {
         let index = usize::from(index) % (self.opened.len() + 1);
         self.opened.get(index).copied().unwrap_or(ConnId(u64::MAX))
@@ -163,6 +234,11 @@ impl Harness {
                     self.conns.contains_key(target),
                     "delivery to a closed {target:?}"
                 );
+            }
+            if let mesa_core::Action::Write(frame) = &delivery.action {
+                for target in &delivery.targets {
+                    self.check_position(*target, frame.as_str());
+                }
             }
         }
         let mut owed = Vec::new();
@@ -223,6 +299,11 @@ impl Harness {
                     Envelope::decode(&format!("{head}{tail}")).expect("our envelope decodes");
                 assert_eq!(envelope.origin.as_deref(), Some("me"));
             }
+            Command::Publish { channel, payload } if channel.starts_with("mesa_room:") => {
+                let envelope = RoomEnvelope::decode(payload).expect("our room envelope decodes");
+                assert_eq!(envelope.origin.as_deref(), Some("me"));
+                assert_ne!(envelope.room, ROOMS[0], "a recoverable room's goes to its stream");
+            }
             Command::Publish { payload, .. } => {
                 let event = PortalEvent::decode(payload).expect("our portal event decodes");
                 assert!(self.portals.contains(&event.portal_id), "unknown portal");
@@ -280,6 +361,11 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
         max_pending: MAX_PENDING,
         max_stored_per_id: 3,
         portals: Some(PortalChoice::RoundRobin),
+        recovery: Some(RecoveryConfig {
+            rooms: vec![ROOMS[0].to_owned()],
+            size: 4,
+            ..RecoveryConfig::default()
+        }),
         ..ReplicaConfig::default()
     };
     let now = start();
@@ -297,6 +383,8 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
         asked: BTreeSet::new(),
         loaded: HashMap::new(),
         portals: BTreeSet::new(),
+        positions: HashMap::new(),
+        extended: BTreeSet::new(),
     };
     h.drain();
     for op in ops {
@@ -370,6 +458,7 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
                     },
                 );
                 h.conns.remove(&conn);
+                h.positions.retain(|(c, _), _| *c != conn);
             }
             Op::Send {
                 ids,
@@ -493,6 +582,66 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
                 }
             }
             Op::Retire => h.replica.handle_retire(now),
+            Op::Extend { conn } => {
+                let conn = h.conn(conn);
+                if h.conns.contains_key(&conn) {
+                    h.extended.insert(conn);
+                    h.session_event(conn, SessionEvent::Extended);
+                }
+            }
+            Op::Join { conn, room, since } => {
+                let conn = h.conn(conn);
+                let room = ROOMS[usize::from(room) % ROOMS.len()];
+                let since = since.map(|(stale, offset)| Position {
+                    epoch: if stale { "stale".into() } else { h.epoch(room) },
+                    offset: offset.into(),
+                });
+                let joined = h
+                    .replica
+                    .handle_subscribe(now, conn, room, json!(1), since);
+                if let Ok(joined) = joined {
+                    assert!(h.conns.contains_key(&conn), "a closed connection joined");
+                    assert_eq!(
+                        joined.deferred,
+                        room == ROOMS[0] && h.extended.contains(&conn),
+                        "only an extended member of a recoverable room is answered later"
+                    );
+                }
+            }
+            Op::Leave { conn, room } => {
+                let conn = h.conn(conn);
+                let room = ROOMS[usize::from(room) % ROOMS.len()];
+                h.replica.handle_leave(now, conn, room);
+                h.positions.remove(&(conn, room.to_owned()));
+            }
+            Op::RoomSend { room } => {
+                let room = ROOMS[usize::from(room) % ROOMS.len()];
+                let message = Message::dispatch("R", json!({}));
+                h.replica.handle_room_send(now, &message, room);
+            }
+            Op::RoomArrive {
+                room,
+                offset,
+                other_epoch,
+            } => {
+                let room = ROOMS[usize::from(room) % ROOMS.len()];
+                let epoch = if other_epoch {
+                    "other".to_owned()
+                } else {
+                    h.epoch(room)
+                };
+                let envelope = RoomEnvelope {
+                    room: room.to_owned(),
+                    message: Message::dispatch("R", json!({})),
+                    origin: None,
+                    position: Some(Position {
+                        epoch,
+                        offset: offset.into(),
+                    }),
+                };
+                let channel = format!("mesa_room:{room}");
+                h.replica.handle_pubsub(now, &channel, &envelope.encode());
+            }
         }
         h.drain();
     }

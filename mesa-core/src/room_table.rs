@@ -189,25 +189,23 @@ impl RoomTable {
         self.memberships
     }
 
-    /// What the message at `position` of recoverable `room` does to its members
-    /// here: the members that are not extended get the plain dispatch, `extended`
-    /// (the live extended members that had not got it) the frame with the room and
-    /// the position.
+    /// What the message at `position` of recoverable `room` does to `targets`
+    /// (its members here that had not got it): the extended ones get the frame with
+    /// the room and the position, the others the plain dispatch.
     pub fn deliveries_at(
         &self,
         message: &Message,
         room: &str,
         position: &Position,
-        extended: Vec<ConnId>,
+        targets: Vec<ConnId>,
     ) -> Vec<(Action, Vec<ConnId>)> {
         let action = Action::for_message(message);
         if action == Action::Ignore {
             return Vec::new();
         }
-        let plain: Vec<ConnId> = self
-            .members(room)
-            .filter(|conn| !self.extended.contains(conn))
-            .collect();
+        let (extended, plain): (Vec<ConnId>, Vec<ConnId>) = targets
+            .into_iter()
+            .partition(|conn| self.extended.contains(conn));
         let with_room = match &action {
             Action::Write(_) => Action::Write(room_frame(message, room, Some(position))),
             other => other.clone(),

@@ -73,6 +73,13 @@
 //! fails before Redis took them. Order is per channel, as in every pub/sub system:
 //! a sender's room messages reach each member in order, but a room message may
 //! overtake the sender's earlier send to ids, which waits for its presence check.
+//!
+//! A recoverable room ([`ReplicaConfig::recovery`]) is stronger: its messages are
+//! appended to a stream by the script that publishes them, every replica (this one
+//! too) forwards them from the channel in the stream's order, and what the channel
+//! lost is read from the stream (see `streams.rs`): a member gets every message
+//! published after it joined, once, and an extended member that comes back gets
+//! what it missed after the position it reports.
 
 //!
 //! # Routing by interest
@@ -427,6 +434,8 @@ impl Replica {
             .filter(|room| shard_of(room, count) == shard)
             .map(|room| ns.room_channel(room))
             .collect();
+        self.streams.linked(|room| shard_of(room, count) == shard);
+        self.streams_out(now);
         let link = &mut self.shards[shard];
         link.subscribe = subscribe;
         link.unsubscribe.clear();
@@ -680,9 +689,11 @@ impl Replica {
         if !joined.already {
             self.room_presence(conn, [room.to_owned()], 1);
         }
-        if recoverable && self.hub.rooms().is_extended(conn) {
-            self.streams.subscribe(conn, room, reference, since);
-            joined.deferred = true;
+        if recoverable {
+            let extended = self.hub.rooms().is_extended(conn);
+            let answer = extended.then_some(reference);
+            self.streams.subscribe(conn, room, answer, since);
+            joined.deferred = extended;
         }
         self.streams_out(now);
         self.settle(now);
@@ -1009,12 +1020,12 @@ impl Replica {
                     room,
                     position,
                     message,
-                    extended,
+                    targets,
                 } => {
                     let deliveries = self
                         .hub
                         .rooms()
-                        .deliveries_at(&message, &room, &position, extended);
+                        .deliveries_at(&message, &room, &position, targets);
                     for (action, targets) in deliveries {
                         local += targets.len();
                         self.deliveries.push_back(LocalDelivery {
@@ -1045,6 +1056,8 @@ impl Replica {
                         targets: vec![conn],
                     });
                 }
+                // An old client is never told: it knows nothing of rooms.
+                Out::Notice { conn, .. } if !self.hub.rooms().is_extended(conn) => {}
                 Out::Notice { conn, notice } => {
                     let message = notice.to_message();
                     self.deliveries.push_back(LocalDelivery {

@@ -1,27 +1,28 @@
 //! The recoverable rooms a replica has members in, as a state machine of its own
 //! (driven by the [`Replica`](super::Replica), like its rounds of sends): each
 //! room's messages are forwarded in the stream's order, every offset once, holes
-//! repaired from the stream; each extended member's position is kept, so a member
-//! that (re)subscribes gets what it missed before anything live.
+//! repaired from the stream; each member's position is kept, so a member gets
+//! exactly the messages after the position it starts from, once.
 //!
 //! A room's channel is the only way its messages reach this replica's members (the
 //! publisher's own included): the script that numbers a message publishes it, so
-//! the channel's order is the stream's. A room learns where it starts from a read
-//! of its stream made when it got its first member here (before anything this
-//! replica publishes after the join: commands run in order), and forwards every
-//! offset after it: what the channel lost before its subscription was confirmed, or
-//! while the link to Redis was down, is read from the stream once the subscription
-//! is confirmed (again); an offset that comes ahead of the next one expected is held
-//! while the hole is read.
+//! the channel's order is the stream's. What the channel lost (before its
+//! subscription was confirmed, or while the link to Redis was down) is read from the
+//! stream once the subscription is confirmed (again); an offset that comes ahead of
+//! the next one expected is held while the hole is read.
 //!
-//! A member that reports no position is live from the room's next offset as soon
-//! as the room knows it. One that reports a position (a resume) reads the stream
-//! after it and hears nothing live meanwhile: the read replays what it missed (all
-//! of it, or nothing and `recovered: false`), then it is live from the read's last
-//! offset (messages up to it skipped, later ones delivered). A read may answer
-//! behind what the channel forwarded meanwhile (the read's reply and the channel
-//! come on two connections): the member reads again from where the first read
-//! ended.
+//! Every member starts with a read of the stream: one that reports no position (an
+//! old client the server put in the room, or an extended one subscribing afresh)
+//! reads only where the stream stands, made as it joins (before anything this
+//! replica publishes after the join: commands run in order), or, when the link is
+//! down, as it comes back (nobody can tell the room's position before); it gets
+//! every message after that. One that reports a position (a resume) reads the stream
+//! after it: the read replays what it missed (all of it, or nothing and `recovered:
+//! false`). Either way it hears nothing live until its read is answered, and is live
+//! from the read's last offset on (messages up to it skipped, later ones delivered).
+//! A read may answer behind what the channel forwarded meanwhile (the read's reply
+//! and the channel come on two connections): the member reads again from where the
+//! first read ended.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -35,34 +36,35 @@ use crate::wire::Message;
 use super::command::RedisValue;
 
 /// Messages held ahead of a hole at most, per room: past it the hole is given up
-/// (its members told `recovered: false`).
+/// (its extended members told `recovered: false`).
 pub(super) const MAX_HELD: usize = 1024;
 
 /// Who a read of a room's stream is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Reader {
-    /// The room: its starting offset, or a hole.
-    Room,
-    /// A member catching up.
+    /// The room: a hole, in the room's epoch of that number (a read made before
+    /// the epoch changed counts in the old one, and is disregarded).
+    Room(u64),
+    /// A member starting or catching up.
     Member(ConnId),
 }
 
 /// What the machine decided.
 #[derive(Debug, PartialEq)]
 pub(super) enum Out {
-    /// Read `room`'s stream after `after` (`None`: only its position).
+    /// Read `room`'s stream after `after` (`None`: only where it stands).
     Read {
         room: String,
         after: Option<u64>,
         reader: Reader,
     },
-    /// Deliver a room's message at `position` to the room's members that are not
-    /// extended, and to `extended` (live members that had not got it).
+    /// Deliver a room's message at `position` to `targets` (the live members that
+    /// had not got it).
     Forward {
         room: String,
         position: Position,
         message: Message,
-        extended: Vec<ConnId>,
+        targets: Vec<ConnId>,
     },
     /// Replay a message to one member.
     Replay {
@@ -71,14 +73,15 @@ pub(super) enum Out {
         position: Position,
         message: Message,
     },
-    /// Tell one member.
+    /// Tell one (extended) member.
     Notice { conn: ConnId, notice: RoomNotice },
 }
 
-/// What a member asked, answered once it is live.
+/// How a member starts, answered once it is live.
 #[derive(Debug, Clone, PartialEq)]
 struct Ask {
-    /// The references of the subscribes to answer (`null`: a join the server made).
+    /// The references of the subscribes to answer (`null`: a join the server
+    /// made); none for an old client, which is never told.
     references: Vec<Value>,
     /// Where it reports it was.
     since: Option<Position>,
@@ -88,8 +91,7 @@ struct Ask {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Member {
-    /// Waiting: for the room's start (no position reported), or for a link to
-    /// read its stream on.
+    /// Waiting for a link to read the stream on.
     Waiting(Ask),
     /// Its read is out.
     Reading(Ask),
@@ -101,8 +103,9 @@ enum Member {
 struct Room {
     /// The link of the room's instance is up (reads can be made).
     linked: bool,
-    /// The channel's subscription was confirmed after the room's last read was
-    /// issued: what the channel missed before it must be read.
+    /// The channel's subscription was confirmed before the room knew where its
+    /// stream stands, or while its read was out: what the channel missed before must
+    /// be read once it knows.
     repair_due: bool,
     /// The stream's epoch, once a read told it.
     epoch: Option<String>,
@@ -110,9 +113,12 @@ struct Room {
     next: Option<u64>,
     /// Messages that came ahead of `next`, by offset.
     held: BTreeMap<u64, Message>,
-    /// A read for the room is out.
+    /// A read for the room (a hole) is out.
     reading: bool,
-    /// Extended members.
+    /// Epochs seen since the room opened here: what a read of the room is counted
+    /// in.
+    generation: u64,
+    /// Every member here.
     members: HashMap<ConnId, Member>,
 }
 
@@ -129,15 +135,10 @@ impl Streams {
         self.out.drain(..)
     }
 
-    /// `room` got its first member here (its instance's link up or not): it is
-    /// tracked until its last one leaves, and reads where it starts.
+    /// `room` got its first member here, its instance's link up or not: it is
+    /// tracked until its last one leaves.
     pub(super) fn open(&mut self, room: &str, linked: bool) {
-        let state = self.rooms.entry(room.to_owned()).or_default();
-        state.linked = linked;
-        if linked {
-            state.reading = true;
-            self.push_read(room, None, Reader::Room);
-        }
+        self.rooms.entry(room.to_owned()).or_default().linked = linked;
     }
 
     /// `room` lost its last member here.
@@ -145,22 +146,27 @@ impl Streams {
         self.rooms.remove(room);
     }
 
-    /// Extended connection `conn` subscribed to `room` (a member already, or a new
-    /// one): answered once it caught up from `since` (or, without, once the room
-    /// knows where it is), or at once when it is live.
+    /// Connection `conn` joined `room`, or subscribed again: `answer` is the
+    /// reference of an extended connection's subscribe (`null` for a join the
+    /// server made), `None` for an old client, and `since` the position it resumes
+    /// from. A new member is answered once its read told where it stands; a live
+    /// one at once.
     pub(super) fn subscribe(
         &mut self,
         conn: ConnId,
         room: &str,
-        reference: Value,
+        answer: Option<Value>,
         since: Option<Position>,
     ) {
         let Some(state) = self.rooms.get_mut(room) else {
             return;
         };
         match state.members.get_mut(&conn) {
-            Some(Member::Waiting(ask) | Member::Reading(ask)) => ask.references.push(reference),
+            Some(Member::Waiting(ask) | Member::Reading(ask)) => ask.references.extend(answer),
             Some(Member::Live { delivered }) => {
+                let Some(reference) = answer else {
+                    return;
+                };
                 let position = state.epoch.clone().map(|epoch| Position {
                     epoch,
                     offset: *delivered,
@@ -177,7 +183,7 @@ impl Streams {
             }
             None => {
                 let ask = Ask {
-                    references: vec![reference],
+                    references: answer.into_iter().collect(),
                     recovered: since.as_ref().map(|_| true),
                     since,
                 };
@@ -194,22 +200,32 @@ impl Streams {
         }
     }
 
+    /// The link of these rooms opened (again): the members waiting for it read.
+    pub(super) fn linked(&mut self, mut on_link: impl FnMut(&str) -> bool) {
+        let rooms: Vec<String> = self
+            .rooms
+            .keys()
+            .filter(|room| on_link(room))
+            .cloned()
+            .collect();
+        for room in rooms {
+            if let Some(state) = self.rooms.get_mut(&room) {
+                state.linked = true;
+            }
+            self.start_members(&room);
+        }
+    }
+
     /// The subscription to `room`'s channel is confirmed (on a new link, or for a
-    /// new room): what the channel missed before is read, and the members that
-    /// waited for a link read.
+    /// new room): what the channel missed before is read.
     pub(super) fn subscribed(&mut self, room: &str) {
         let Some(state) = self.rooms.get_mut(room) else {
             return;
         };
         state.linked = true;
-        if state.reading {
-            state.repair_due = true;
-        } else {
-            state.reading = true;
-            let after = state.next.map(|next| next - 1);
-            self.push_read(room, after, Reader::Room);
-        }
+        state.repair_due = true;
         self.start_members(room);
+        self.repair_if_due(room);
     }
 
     /// The link of these rooms failed: their reads are gone, and their channels
@@ -242,16 +258,13 @@ impl Streams {
             .is_some_and(|epoch| *epoch != position.epoch)
         {
             // Redis lost the stream's meta record: a new epoch, from offset 1.
-            Self::new_epoch(&mut self.out, room, state, position.epoch.clone(), 0);
+            Self::new_epoch(&mut self.out, room, state, position.epoch.clone());
         }
-        let Some(next) = state.next else {
-            // Before the room knows where it starts: the read that tells it decides.
-            state.held.insert(position.offset, message);
-            return;
-        };
-        if position.offset < next {
+        if state.next.is_some_and(|next| position.offset < next) {
             return;
         }
+        // Before the room knows where its stream stands, the read that tells it
+        // decides what was before.
         state.held.insert(position.offset, message);
         self.flush(room);
     }
@@ -267,6 +280,12 @@ impl Streams {
         let Some(state) = self.rooms.get_mut(room) else {
             return;
         };
+        if let Reader::Room(generation) = reader {
+            state.reading = false;
+            if generation != state.generation {
+                return self.repair_if_due(room);
+            }
+        }
         match &state.epoch {
             None => {
                 state.epoch = Some(history.epoch.clone());
@@ -274,109 +293,86 @@ impl Streams {
                 state.held.retain(|offset, _| *offset > history.top);
             }
             Some(epoch) if *epoch != history.epoch => {
-                // What the new epoch had before this read is lost to the members.
-                Self::new_epoch(
-                    &mut self.out,
-                    room,
-                    state,
-                    history.epoch.clone(),
-                    history.top,
-                );
-                if reader == Reader::Room {
-                    state.reading = false;
-                    self.start_members(room);
-                    return self.flush(room);
+                Self::new_epoch(&mut self.out, room, state, history.epoch.clone());
+                if let Reader::Room(_) = reader {
+                    // The read counted in the old epoch: the new one is read from its
+                    // start, all of which came after the members joined.
+                    return self.repair_if_due(room);
                 }
             }
             Some(_) => {}
         }
         match reader {
-            Reader::Room => {
-                let state = self.rooms.get_mut(room).unwrap_or_else(|| unreachable!());
-                state.reading = false;
-                self.repair(room, after, history);
-            }
+            Reader::Room(_) => self.repair(room, after, history),
             Reader::Member(conn) => self.catch_up(room, conn, history),
         }
-        self.start_members(room);
+        self.flush(room);
+        self.repair_if_due(room);
     }
 
-    /// Start what waiting members can do now: those that reported no position go
-    /// live from the room's next offset once the room knows it; those that did read
-    /// their stream once the room's link is up.
+    /// Start the reads of the members waiting, when the room's link is up.
     fn start_members(&mut self, room: &str) {
         let Some(state) = self.rooms.get_mut(room) else {
             return;
         };
+        if !state.linked {
+            return;
+        }
         let mut reads = Vec::new();
         for (conn, member) in state.members.iter_mut() {
-            let Member::Waiting(ask) = member else {
-                continue;
-            };
-            match (&ask.since, &state.epoch, state.next) {
-                (None, Some(epoch), Some(next)) => {
-                    for reference in std::mem::take(&mut ask.references) {
-                        let notice = RoomNotice::Subscribed {
-                            room: room.to_owned(),
-                            reference,
-                            position: Some(Position {
-                                epoch: epoch.clone(),
-                                offset: next - 1,
-                            }),
-                            recovered: None,
-                        };
-                        self.out.push(Out::Notice {
-                            conn: *conn,
-                            notice,
-                        });
-                    }
-                    *member = Member::Live {
-                        delivered: next - 1,
-                    };
-                }
-                (Some(since), _, _) if state.linked => {
-                    reads.push((*conn, since.offset));
-                    *member = Member::Reading(ask.clone());
-                }
-                _ => {}
+            if let Member::Waiting(ask) = member {
+                reads.push((*conn, ask.since.as_ref().map(|since| since.offset)));
+                *member = Member::Reading(ask.clone());
             }
         }
         for (conn, after) in reads {
-            self.read(room, Some(after), conn);
+            self.push_read(room, after, Reader::Member(conn));
         }
     }
 
-    /// The room read what it missed after `after`: forward it, then what was held.
-    fn repair(&mut self, room: &str, after: Option<u64>, history: History) {
+    /// Read what the channel may have missed, once the room knows where its stream
+    /// stands and no read of the room is out.
+    fn repair_if_due(&mut self, room: &str) {
         let Some(state) = self.rooms.get_mut(room) else {
             return;
         };
-        if after.is_some() {
-            for (offset, message) in history.entries {
-                if state.next.is_some_and(|next| offset >= next) {
-                    state.held.entry(offset).or_insert(message);
-                }
-            }
-            // What the stream no longer had is lost: forward from what it had.
-            let next = state.next.unwrap_or(1);
-            let first = state.held.keys().next().copied();
-            if first.is_some_and(|first| first > next) || history.top >= next && first.is_none() {
-                let skip_to = first.unwrap_or(history.top + 1);
-                Self::lost(&mut self.out, room, state, skip_to - 1, false);
-                state.next = Some(skip_to);
-            }
-        }
-        self.flush(room);
-        // The subscription was confirmed after this read went out: read again what
-        // the channel may have missed before.
-        let Some(state) = self.rooms.get_mut(room) else {
+        let Some(next) = state.next else {
             return;
         };
         if state.repair_due && state.linked && !state.reading {
             state.repair_due = false;
             state.reading = true;
-            let after = state.next.map(|next| next - 1);
-            self.push_read(room, after, Reader::Room);
+            let reader = Reader::Room(state.generation);
+            self.push_read(room, Some(next - 1), reader);
+        }
+    }
+
+    /// The room read what it missed after `after`: hold it to be forwarded; what
+    /// the stream no longer had is lost, and its extended members are told.
+    fn repair(&mut self, room: &str, after: Option<u64>, history: History) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(next) = state.next else {
+            return;
+        };
+        if after.is_none() {
+            return;
+        }
+        for (offset, message) in history.entries {
+            if offset >= next {
+                state.held.entry(offset).or_insert(message);
+            }
+        }
+        let first = state.held.keys().next().copied();
+        let missing = match first {
+            Some(first) => first > next,
+            None => history.top >= next,
+        };
+        if missing {
+            let skip_to = first.unwrap_or(history.top + 1);
+            Self::lost(&mut self.out, room, state, skip_to - 1, false);
+            state.next = Some(skip_to);
         }
     }
 
@@ -415,7 +411,7 @@ impl Streams {
             // The channel went past the read: read on from its end.
             ask.since = Some(position);
             state.members.insert(conn, Member::Reading(ask));
-            return self.read(room, Some(history.top), conn);
+            return self.push_read(room, Some(history.top), Reader::Member(conn));
         }
         state.members.insert(
             conn,
@@ -448,7 +444,7 @@ impl Streams {
             match state.held.first_key_value() {
                 Some((offset, _)) if *offset == next => {
                     let message = state.held.remove(&next).unwrap_or_else(|| unreachable!());
-                    let extended = state
+                    let targets = state
                         .members
                         .iter_mut()
                         .filter_map(|(conn, member)| match member {
@@ -467,7 +463,7 @@ impl Streams {
                         room: room.to_owned(),
                         position,
                         message,
-                        extended,
+                        targets,
                     });
                     next += 1;
                 }
@@ -479,7 +475,8 @@ impl Streams {
                 Some(_) if !state.reading && state.linked => {
                     state.reading = true;
                     state.next = Some(next);
-                    return self.push_read(room, Some(next - 1), Reader::Room);
+                    let reader = Reader::Room(state.generation);
+                    return self.push_read(room, Some(next - 1), reader);
                 }
                 _ => break,
             }
@@ -487,18 +484,21 @@ impl Streams {
         state.next = Some(next);
     }
 
-    /// The room's stream changed epoch: its live members lost what they had not
-    /// got, and are told so; they go on after `offset` of the new one.
-    fn new_epoch(out: &mut Vec<Out>, room: &str, state: &mut Room, epoch: String, offset: u64) {
+    /// The room's stream changed epoch (Redis lost its meta record): its live
+    /// members lost what they had not got, and are told so; the new epoch is
+    /// forwarded from its first offset.
+    fn new_epoch(out: &mut Vec<Out>, room: &str, state: &mut Room, epoch: String) {
         state.epoch = Some(epoch);
-        state.next = Some(offset + 1);
+        state.next = Some(1);
         state.held.clear();
-        Self::lost(out, room, state, offset, true);
+        state.generation += 1;
+        state.repair_due = true;
+        Self::lost(out, room, state, 0, true);
     }
 
     /// What came through `through` is lost to the room's live members (those that
-    /// had not got it, unless `all`): tell them (`mesa:subscribed` without a
-    /// reference, `recovered: false`), and go on from there.
+    /// had not got it, unless `all`): they go on from there, and the extended ones
+    /// are told (`mesa:subscribed` without a reference, `recovered: false`).
     fn lost(out: &mut Vec<Out>, room: &str, state: &mut Room, through: u64, all: bool) {
         let Some(epoch) = state.epoch.clone() else {
             return;
@@ -525,10 +525,6 @@ impl Streams {
                 notice,
             });
         }
-    }
-
-    fn read(&mut self, room: &str, after: Option<u64>, conn: ConnId) {
-        self.push_read(room, after, Reader::Member(conn));
     }
 
     fn push_read(&mut self, room: &str, after: Option<u64>, reader: Reader) {

@@ -651,6 +651,14 @@ impl RedisModel {
     }
 
     /// [`Script::Route`].
+    /// The entries of a recoverable room's stream, oldest first.
+    pub fn stream(&self, key: &str) -> impl Iterator<Item = &str> {
+        self.streams
+            .get(key)
+            .into_iter()
+            .flat_map(|stream| stream.values().map(String::as_str))
+    }
+
     /// The meta record of [`STREAM_PUBLISH`](crate::replica::scripts::STREAM_PUBLISH)
     /// and [`STREAM_READ`](crate::replica::scripts::STREAM_READ): its epoch, created
     /// with a new one (from the run and the epoch counter) when missing.

@@ -174,6 +174,54 @@ impl ClusterSim {
         violations
     }
 
+    /// With recoverable rooms ([`ReplicaConfig::recovery`](crate::ReplicaConfig::recovery)):
+    /// every message a room's stream holds reached each member of the room that
+    /// joined before it was sent and is still connected to a live replica, once,
+    /// whatever the links to Redis lost meanwhile (the replica read the holes from
+    /// the stream). A member that joined while its replica's link was down starts
+    /// from when the link came back (nobody could tell the room's position before).
+    /// Call it once the cluster settled.
+    pub fn check_room_recovery(&self) -> Vec<Violation> {
+        let ns = &self.config.replica.namespace;
+        let rooms = self.config.rooms;
+        let mut violations = Vec::new();
+        for replica in self.replicas.iter().filter(|r| r.replica.is_some()) {
+            for conn in replica.conns.values() {
+                let Some(room) = conn.id.as_deref().and_then(|id| super::room_of(rooms, id)) else {
+                    continue;
+                };
+                let link = conn.link as u32;
+                let Some(mut joined) = self.track.auth_at.get(&link).copied() else {
+                    continue;
+                };
+                let shard = shard_of(&room, self.redis.len());
+                if let Some(linked_at) = replica.redis_links[shard].linked_at {
+                    joined = joined.max(linked_at);
+                }
+                let received = |key| {
+                    self.clients
+                        .iter()
+                        .flat_map(|client| &client.log.receptions)
+                        .filter(|r| r.key == key && r.link == link)
+                        .count()
+                };
+                for entry in self.redis_of(&room).stream(&ns.room_stream(&room)) {
+                    let Some(key) = track::entry_key(entry) else {
+                        continue;
+                    };
+                    let sent_after = self.track.relayed.get(&key).is_some_and(|r| r.at > joined);
+                    let count = received(key);
+                    if sent_after && count != 1 {
+                        violations.push(format!(
+                            "{room}: message {key:?} reached link {link} {count} times"
+                        ));
+                    }
+                }
+            }
+        }
+        violations
+    }
+
     /// The Redis instance that holds the keys of `key` (an id or a room).
     pub fn redis_of(&self, key: &str) -> &RedisModel {
         &self.redis[shard_of(key, self.redis.len())]

@@ -194,6 +194,8 @@ struct RedisLink {
     killed: u64,
     /// The replica believes the link up and subscribed.
     linked: bool,
+    /// When the replica last learned the link up.
+    linked_at: Option<Instant>,
     /// The link and the time of its last reply: one connection answers in order, so
     /// a reply never overtakes an earlier slow one.
     reply_floor: Option<(u64, Instant)>,
@@ -686,6 +688,7 @@ impl ClusterSim {
             self.redis[shard].subscribe(r, &channel);
         }
         self.replicas[r].redis_links[shard].linked = true;
+        self.replicas[r].redis_links[shard].linked_at = Some(now);
         let run_id = self.redis[shard].run_id().to_owned();
         if let Some(replica) = self.replicas[r].replica.as_mut() {
             replica.handle_link_up(now, shard, &run_id);
