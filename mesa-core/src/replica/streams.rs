@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::hub::ConnId;
 use crate::recovery::{History, Position};
-use crate::rooms::RoomNotice;
+use crate::rooms::{RefusalCode, RoomNotice, RoomRefusal};
 use crate::wire::Message;
 
 use super::command::RedisValue;
@@ -38,6 +38,10 @@ use super::command::RedisValue;
 /// Messages held ahead of a hole at most, per room: past it the hole is given up
 /// (its extended members told `recovered: false`).
 pub(super) const MAX_HELD: usize = 1024;
+
+/// Subscribes of one member to one room awaiting their answer at most (a client
+/// that sends more while its first read waits, say for a link, is refused).
+pub(super) const MAX_UNANSWERED: usize = 4;
 
 /// Who a read of a room's stream is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +166,18 @@ impl Streams {
             return;
         };
         match state.members.get_mut(&conn) {
-            Some(Member::Waiting(ask) | Member::Reading(ask)) => ask.references.extend(answer),
+            Some(Member::Waiting(ask) | Member::Reading(ask)) => {
+                let Some(reference) = answer else {
+                    return;
+                };
+                if ask.references.len() < MAX_UNANSWERED {
+                    return ask.references.push(reference);
+                }
+                let reason = "earlier subscribes to this room await their answer";
+                let refusal = RoomRefusal::new(RefusalCode::TooManyRequests, reason);
+                let notice = RoomNotice::refused(room.to_owned(), reference, refusal);
+                self.out.push(Out::Notice { conn, notice });
+            }
             Some(Member::Live { delivered }) => {
                 let Some(reference) = answer else {
                     return;
@@ -585,4 +600,123 @@ fn entry(value: RedisValue) -> Option<(u64, Message)> {
     })?;
     let value = serde_json::from_str(text).ok()?;
     Some((offset, Message::from_value(value).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn at(offset: u64) -> Position {
+        Position {
+            epoch: "e".into(),
+            offset,
+        }
+    }
+
+    fn history(top: u64, offsets: &[u64]) -> History {
+        History {
+            epoch: "e".into(),
+            top,
+            entries: offsets
+                .iter()
+                .map(|o| (*o, Message::dispatch("M", json!({ "n": o }))))
+                .collect(),
+        }
+    }
+
+    fn notices(streams: &mut Streams) -> Vec<RoomNotice> {
+        streams
+            .drain()
+            .filter_map(|out| match out {
+                Out::Notice { notice, .. } => Some(notice),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn subscribes_waiting_for_a_link_are_bounded() {
+        let mut streams = Streams::default();
+        streams.open("r", false);
+        for reference in 0..MAX_UNANSWERED as u64 + 1 {
+            streams.subscribe(ConnId(1), "r", Some(json!(reference)), Some(at(3)));
+        }
+        let refused = notices(&mut streams);
+        assert!(
+            matches!(&refused[..], [RoomNotice::Refused(r)] if r.reference == json!(4)
+                && r.refusal.code == RefusalCode::TooManyRequests),
+            "{refused:?}"
+        );
+        // The link comes: one read, answered to all four.
+        streams.linked(|_| true);
+        let reads: Vec<Out> = streams.drain().collect();
+        assert_eq!(
+            reads,
+            [Out::Read {
+                room: "r".into(),
+                after: Some(3),
+                reader: Reader::Member(ConnId(1)),
+            }]
+        );
+        streams.answered("r", Some(3), Reader::Member(ConnId(1)), history(5, &[4, 5]));
+        let out: Vec<Out> = streams.drain().collect();
+        let replayed = out
+            .iter()
+            .filter(|o| matches!(o, Out::Replay { .. }))
+            .count();
+        let answers = out
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Out::Notice {
+                        notice: RoomNotice::Subscribed {
+                            recovered: Some(true),
+                            ..
+                        },
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!((replayed, answers), (2, 4));
+    }
+
+    #[test]
+    fn a_hole_the_stream_lost_is_told_and_skipped() {
+        let mut streams = Streams::default();
+        streams.open("r", true);
+        streams.subscribe(ConnId(1), "r", Some(json!(1)), None);
+        streams.answered("r", None, Reader::Member(ConnId(1)), history(2, &[]));
+        streams.drain().for_each(drop);
+        // Offset 6 comes; 3 to 5 are read, and the stream kept only 5.
+        streams.arrived("r", at(6), Message::dispatch("M", json!({})));
+        let read: Vec<Out> = streams.drain().collect();
+        assert!(matches!(
+            &read[..],
+            [Out::Read {
+                after: Some(2),
+                reader: Reader::Room(0),
+                ..
+            }]
+        ));
+        streams.answered("r", Some(2), Reader::Room(0), history(6, &[5, 6]));
+        let out: Vec<Out> = streams.drain().collect();
+        let lost = out.iter().any(|o| {
+            matches!(o, Out::Notice { notice: RoomNotice::Subscribed { recovered: Some(false), position: Some(p), .. }, .. } if p.offset == 4)
+        });
+        let forwarded: Vec<u64> = out
+            .iter()
+            .filter_map(|o| match o {
+                Out::Forward {
+                    position, targets, ..
+                } if targets == &[ConnId(1)] => Some(position.offset),
+                _ => None,
+            })
+            .collect();
+        assert!(lost, "{out:?}");
+        assert_eq!(forwarded, [5, 6]);
+    }
 }
