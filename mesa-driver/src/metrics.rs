@@ -44,6 +44,10 @@
 //! | `mesa_room_memberships` | gauge | room memberships on this server, over all rooms |
 //! | `mesa_cluster_messages_received_total` | counter | envelopes (of sends and of rooms) received from Redis |
 //! | `mesa_cluster_messages_unneeded_total` | counter | of those, the ones with no local recipient |
+//! | `mesa_room_resumes_total` | counter | members of recoverable rooms that came back with a position and caught up |
+//! | `mesa_room_resumes_incomplete_total` | counter | of those, the ones told `recovered: false` (the stream no longer held all they missed) |
+//! | `mesa_room_messages_repaired_total` | counter | messages of recoverable rooms Redis's pub/sub lost, read from their streams |
+//! | `mesa_room_messages_skipped_total` | counter | offsets of recoverable rooms neither pub/sub nor the stream had any more |
 //! | `mesa_errors_total` | counter | errors reported to middleware (Redis faults, refused cluster jobs, ...) |
 //!
 //! **Reconnections.** A connection that authenticates (for the first time on that
@@ -120,6 +124,10 @@ struct Inner {
     memberships: Gauge,
     cluster_received: Counter,
     cluster_unneeded: Counter,
+    resumes: Counter,
+    resumes_incomplete: Counter,
+    repaired: Counter,
+    skipped: Counter,
     errors: Counter,
     /// 0: no report yet (or no cluster), 1: up, 2: down.
     link: AtomicU8,
@@ -185,6 +193,10 @@ impl Metrics {
         let memberships = Gauge::default();
         let cluster_received = Counter::default();
         let cluster_unneeded = Counter::default();
+        let resumes = Counter::default();
+        let resumes_incomplete = Counter::default();
+        let repaired = Counter::default();
+        let skipped = Counter::default();
         let errors = Counter::default();
 
         let r = &mut registry;
@@ -309,6 +321,26 @@ impl Metrics {
             cluster_unneeded.clone(),
         );
         r.register(
+            "mesa_room_resumes",
+            "Members of recoverable rooms that came back with a position and caught up",
+            resumes.clone(),
+        );
+        r.register(
+            "mesa_room_resumes_incomplete",
+            "Resumes told recovered: false (the stream no longer held all they missed)",
+            resumes_incomplete.clone(),
+        );
+        r.register(
+            "mesa_room_messages_repaired",
+            "Messages of recoverable rooms lost by pub/sub and read from their streams",
+            repaired.clone(),
+        );
+        r.register(
+            "mesa_room_messages_skipped",
+            "Offsets of recoverable rooms neither pub/sub nor the stream had any more",
+            skipped.clone(),
+        );
+        r.register(
             "mesa_errors",
             "Errors reported to middleware",
             errors.clone(),
@@ -342,6 +374,10 @@ impl Metrics {
                 memberships,
                 cluster_received,
                 cluster_unneeded,
+                resumes,
+                resumes_incomplete,
+                repaired,
+                skipped,
                 errors,
                 link: AtomicU8::new(0),
                 reconnect_window: window,
@@ -535,6 +571,20 @@ impl Middleware for Metrics {
         if local == 0 {
             self.inner.cluster_unneeded.inc();
         }
+        Ok(())
+    }
+
+    fn on_room_resume(&self, recovered: bool) -> Result<(), BoxError> {
+        self.inner.resumes.inc();
+        if !recovered {
+            self.inner.resumes_incomplete.inc();
+        }
+        Ok(())
+    }
+
+    fn on_room_gap(&self, repaired: usize, skipped: usize) -> Result<(), BoxError> {
+        self.inner.repaired.inc_by(repaired as u64);
+        self.inner.skipped.inc_by(skipped as u64);
         Ok(())
     }
 

@@ -9,10 +9,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesa_core::Message;
-use mesa_tests::ours::{Crashable, next_event, serve};
+use mesa_tests::ours::{Crashable, next_event, sample, serve};
 use mesa_tests::proxy::CutProxy;
 use mesa_tests::runtimes::{Tokio, next_json, raw};
 use mesa_tests::{RedisServer, WAIT};
+use mesa_tokio::metrics::Metrics;
 use mesa_tokio::recovery::{Position, RecoveryConfig};
 use mesa_tokio::{
     Client, ClientEvent, ClientEvents, ClusterConfig, DevAuthenticator, Dispatcher, RoomPolicy,
@@ -37,13 +38,24 @@ fn recovering(redis: &RedisServer, size: usize) -> ClusterConfig {
 
 /// A replica of that cluster; clients reconnect 50 ms after a drop.
 fn replica(cluster: ClusterConfig) -> Server {
+    replica_with(cluster, Metrics::new())
+}
+
+/// [`replica`] reporting to `metrics`.
+fn replica_with(cluster: ClusterConfig, metrics: Metrics) -> Server {
     mesa_tokio::server()
         .authenticate(DevAuthenticator)
         .rooms(RoomPolicy::Authenticated)
         .reconnect_interval(Duration::from_millis(50))
         .cluster(cluster)
+        .middleware(metrics)
         .build()
         .unwrap()
+}
+
+/// A counter's value now.
+fn counter(metrics: &Metrics, name: &str) -> f64 {
+    sample(&metrics.render(), name).unwrap_or_default()
 }
 
 async fn start(server: &Server) -> SocketAddr {
@@ -277,7 +289,8 @@ async fn a_member_resumes_on_another_replica_after_its_own_was_killed() {
 #[tokio::test]
 async fn a_gap_beyond_the_stream_is_told_and_never_replayed_in_part() {
     let redis = RedisServer::start();
-    let server = replica(recovering(&redis, 5));
+    let metrics = Metrics::new();
+    let server = replica_with(recovering(&redis, 5), metrics.clone());
     let addr = start(&server).await;
     let dispatcher = Dispatcher::builder(redis.url())
         .recovery(RecoveryConfig {
@@ -338,6 +351,12 @@ async fn a_gap_beyond_the_stream_is_told_and_never_replayed_in_part() {
     dispatch(13).await.unwrap();
     let seen = collect(&mut events, 13).await;
     assert_eq!(numbered(&seen), [(13, 14)], "nothing of the gap, then live");
+    // Both members resumed twice: complete, then not.
+    mesa_tests::ours::eventually("every resume counted", WAIT, || async {
+        counter(&metrics, "mesa_room_resumes_total") == 4.0
+    })
+    .await;
+    assert_eq!(counter(&metrics, "mesa_room_resumes_incomplete_total"), 2.0);
 }
 
 /// An old client in a recoverable room (put there by the server) receives the
@@ -373,7 +392,8 @@ async fn an_old_client_in_a_recoverable_room_sees_nothing_new() {
 #[tokio::test]
 async fn a_replica_repairs_what_its_channel_missed_from_the_stream() {
     let redis = RedisServer::start();
-    let server = replica(recovering(&redis, 100));
+    let metrics = Metrics::new();
+    let server = replica_with(recovering(&redis, 100), metrics.clone());
     let addr = start(&server).await;
     linked(&redis, 1).await;
     let dispatcher = Dispatcher::builder(redis.url())
@@ -397,6 +417,7 @@ async fn a_replica_repairs_what_its_channel_missed_from_the_stream() {
     assert_eq!(resumes(&seen), [], "the member is told of no loss");
     let got: Vec<u64> = numbered(&seen).into_iter().map(|(n, _)| n).collect();
     assert_eq!(got, (0..60).collect::<Vec<_>>());
+    assert_eq!(counter(&metrics, "mesa_room_messages_skipped_total"), 0.0);
 }
 
 /// Redis restarts without persistence: the room's stream starts a new epoch. A live

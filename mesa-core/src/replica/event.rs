@@ -101,6 +101,27 @@ pub enum ReplicaEvent {
         /// Each id and its connections in the room, by id.
         members: Result<Vec<(String, u64)>, String>,
     },
+    /// A member of a recoverable room that reported a position caught up: with
+    /// everything it missed (`recovered`), or with nothing, the stream no longer
+    /// holding it all.
+    Resumed {
+        /// Whether the replay was complete.
+        recovered: bool,
+    },
+    /// Messages of recoverable rooms that the channel lost (while the link to Redis
+    /// was down, or before a subscription was confirmed) were read from the streams
+    /// and forwarded.
+    Repaired {
+        /// How many.
+        messages: usize,
+    },
+    /// Offsets of a recoverable room that neither the channel nor the stream had
+    /// any more (trimmed, expired) were skipped; the extended members were told
+    /// `recovered: false`.
+    Skipped {
+        /// How many offsets.
+        messages: usize,
+    },
     /// A pub/sub message could not be decoded; it was skipped.
     Undecodable {
         /// The channel it came on.

@@ -1056,6 +1056,15 @@ impl Replica {
                         targets: vec![conn],
                     });
                 }
+                Out::Resumed { recovered } => {
+                    self.events.push_back(ReplicaEvent::Resumed { recovered });
+                }
+                Out::Repaired { messages } => {
+                    self.events.push_back(ReplicaEvent::Repaired { messages });
+                }
+                Out::Skipped { messages } => {
+                    self.events.push_back(ReplicaEvent::Skipped { messages });
+                }
                 // An old client is never told: it knows nothing of rooms.
                 Out::Notice { conn, .. } if !self.hub.rooms().is_extended(conn) => {}
                 Out::Notice { conn, notice } => {

@@ -79,6 +79,12 @@ pub(super) enum Out {
     },
     /// Tell one (extended) member.
     Notice { conn: ConnId, notice: RoomNotice },
+    /// A member that reported a position caught up, completely or not.
+    Resumed { recovered: bool },
+    /// Messages the channel lost were read from the stream.
+    Repaired { messages: usize },
+    /// Offsets neither the channel nor the stream had were skipped.
+    Skipped { messages: usize },
 }
 
 /// How a member starts, answered once it is live.
@@ -374,10 +380,15 @@ impl Streams {
         if after.is_none() {
             return;
         }
+        let mut repaired = 0;
         for (offset, message) in history.entries {
-            if offset >= next {
-                state.held.entry(offset).or_insert(message);
+            if offset >= next && !state.held.contains_key(&offset) {
+                state.held.insert(offset, message);
+                repaired += 1;
             }
+        }
+        if repaired > 0 {
+            self.out.push(Out::Repaired { messages: repaired });
         }
         let first = state.held.keys().next().copied();
         let missing = match first {
@@ -388,6 +399,8 @@ impl Streams {
             let skip_to = first.unwrap_or(history.top + 1);
             Self::lost(&mut self.out, room, state, skip_to - 1, false);
             state.next = Some(skip_to);
+            let messages = usize::try_from(skip_to - next).unwrap_or(usize::MAX);
+            self.out.push(Out::Skipped { messages });
         }
     }
 
@@ -434,6 +447,9 @@ impl Streams {
                 delivered: history.top,
             },
         );
+        if let Some(recovered) = ask.recovered {
+            self.out.push(Out::Resumed { recovered });
+        }
         for reference in ask.references {
             let notice = RoomNotice::Subscribed {
                 room: room.to_owned(),
@@ -485,6 +501,8 @@ impl Streams {
                 Some((offset, _)) if state.held.len() > MAX_HELD => {
                     let offset = *offset;
                     Self::lost(&mut self.out, room, state, offset - 1, false);
+                    let messages = usize::try_from(offset - next).unwrap_or(usize::MAX);
+                    self.out.push(Out::Skipped { messages });
                     next = offset;
                 }
                 Some(_) if !state.reading && state.linked => {

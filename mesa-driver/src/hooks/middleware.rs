@@ -115,6 +115,17 @@ pub trait Middleware: Send + Sync + 'static {
     fn on_cluster_message(&self, local: usize) -> Result<(), BoxError> {
         Ok(())
     }
+    /// A member of a recoverable room that came back with a position caught up:
+    /// with everything it missed (`recovered`), or not (the stream no longer held it
+    /// all: consider a larger or longer stream).
+    fn on_room_resume(&self, recovered: bool) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// Messages of recoverable rooms that Redis's pub/sub lost were read from their
+    /// streams (`repaired`), or were not there any more and were skipped (`skipped`).
+    fn on_room_gap(&self, repaired: usize, skipped: usize) -> Result<(), BoxError> {
+        Ok(())
+    }
     /// Room memberships changed: `rooms` have a member here, with `memberships` over
     /// all of them.
     fn on_rooms(&self, rooms: usize, memberships: usize) -> Result<(), BoxError> {
@@ -206,6 +217,9 @@ impl Observer for Middlewares {
             ReplicaEvent::PortalJoined { id } => self.emit(|m| m.on_portal_join(id)),
             ReplicaEvent::PortalLeft { id } => self.emit(|m| m.on_portal_leave(id)),
             ReplicaEvent::Received { local } => self.emit(|m| m.on_cluster_message(*local)),
+            ReplicaEvent::Resumed { recovered } => self.emit(|m| m.on_room_resume(*recovered)),
+            ReplicaEvent::Repaired { messages } => self.emit(|m| m.on_room_gap(*messages, 0)),
+            ReplicaEvent::Skipped { messages } => self.emit(|m| m.on_room_gap(0, *messages)),
             ReplicaEvent::Undecodable { channel, error } => {
                 self.report(&format!("undecodable message on {channel}: {error}"));
             }
