@@ -425,7 +425,19 @@ async fn a_replica_repairs_what_its_channel_missed_from_the_stream() {
 /// with the new epoch; a position of the old epoch never resumes.
 #[tokio::test]
 async fn a_new_epoch_after_redis_lost_its_data_is_told() {
-    let mut redis = RedisServer::start();
+    a_new_epoch_is_told(RedisServer::start()).await;
+}
+
+/// Redis restarts with its data (the same would be a failover to a replica that
+/// had everything): another Redis process answers, which could as well lack the last
+/// appends and number new messages with their offsets, so the stream starts a new
+/// epoch all the same, and a live member is told.
+#[tokio::test]
+async fn a_new_epoch_after_another_redis_process_is_told() {
+    a_new_epoch_is_told(RedisServer::start_persistent()).await;
+}
+
+async fn a_new_epoch_is_told(mut redis: RedisServer) {
     let server = replica(recovering(&redis, 100));
     let handle = server.handle();
     let addr = start(&server).await;

@@ -106,6 +106,9 @@ pub enum Command {
         entry: String,
         /// How much the stream keeps.
         keep: StreamKeep,
+        /// The run id of the Redis process of the link (`""`: unknown): a record
+        /// another process wrote starts a new epoch.
+        run_id: String,
     },
     /// [`Script::StreamRead`]: a recoverable room's epoch and last offset, and with
     /// `after` the entries after that offset (at most `keep.size`).
@@ -116,6 +119,8 @@ pub enum Command {
         after: Option<u64>,
         /// How much the stream keeps.
         keep: StreamKeep,
+        /// As for [`StreamPublish`](Command::StreamPublish).
+        run_id: String,
     },
     /// `SMISMEMBER ns(connected_clients) ids..`: which ids are connected anywhere.
     CheckPresence {
@@ -350,6 +355,7 @@ impl Command {
                 head,
                 entry,
                 keep,
+                run_id,
             } => vec![Call::Script {
                 script: Script::StreamPublish,
                 keys: vec![
@@ -364,9 +370,15 @@ impl Command {
                     keep.size.to_string(),
                     keep.ttl_secs.to_string(),
                     head.clone(),
+                    run_id.clone(),
                 ],
             }],
-            Command::StreamRead { room, after, keep } => vec![Call::Script {
+            Command::StreamRead {
+                room,
+                after,
+                keep,
+                run_id,
+            } => vec![Call::Script {
                 script: Script::StreamRead,
                 keys: vec![
                     ns.room_stream(room),
@@ -377,6 +389,7 @@ impl Command {
                     keep.meta_ttl_secs.to_string(),
                     after.map(|after| after.to_string()).unwrap_or_default(),
                     keep.size.to_string(),
+                    run_id.clone(),
                 ],
             }],
             Command::Enqueue {

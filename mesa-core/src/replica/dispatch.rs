@@ -224,6 +224,9 @@ impl Dispatch {
                 head: envelope.head(),
                 entry: envelope.message.to_value().to_string(),
                 keep: StreamKeep::new(recovery),
+                // A dispatcher does not know which Redis process it reaches: the
+                // replicas' appends and reads start a new epoch after a failover.
+                run_id: String::new(),
             },
             None => Command::Publish {
                 channel: namespace.room_channel(room),

@@ -1008,6 +1008,7 @@ impl Replica {
                         room: room.clone(),
                         after,
                         keep,
+                        run_id: self.shards[shard].run_id(),
                     };
                     let flight = Flight::StreamRead {
                         room,
@@ -1553,6 +1554,7 @@ impl Replica {
                     head: head.clone(),
                     entry: entry.clone(),
                     keep: StreamKeep::new(recovery),
+                    run_id: self.shards[shard].run_id(),
                 }
             }
             Job::Enqueue {

@@ -527,21 +527,31 @@ return {#order, nowhere}
 "#
 );
 
-/// The meta record of a recoverable room's stream (`KEYS[2]`), created when
-/// missing with a new epoch: the time of this Redis process in microseconds and a
-/// counter of this Redis (`KEYS[3]`), so an epoch never repeats, even after a
-/// Redis restart that lost the record. Kept for `ARGV[1]` seconds from now.
+/// The meta record of a recoverable room's stream (`KEYS[2]`: epoch `e`, last
+/// offset `s`, and `r`, the run id of the Redis process that last wrote it), kept
+/// for `ttl` seconds from now. A new epoch (an empty stream `KEYS[1]`, offsets
+/// from one) starts when the record is missing, and when the caller's link names another
+/// Redis process (`run`; `''`: unknown, as for a dispatcher): after a failover the
+/// new primary may lack the last appends and would number new messages with their
+/// offsets, so a position from before never resumes as if nothing was missed; a
+/// restart that kept everything starts one needlessly. An epoch is the time of this
+/// Redis process in microseconds and a counter of this Redis (`KEYS[3]`), so it
+/// never repeats, even after a Redis restart that lost the record.
 macro_rules! stream_meta {
     () => {
         r#"
-local function meta(ttl)
+local function meta(ttl, run)
   local epoch = redis.call('HGET', KEYS[2], 'e')
+  local writer = redis.call('HGET', KEYS[2], 'r')
+  if epoch and run ~= '' and writer and writer ~= run then epoch = nil end
   if not epoch then
     local now = redis.call('TIME')
     epoch = string.format('%x%06x', tonumber(now[1]), tonumber(now[2]))
       .. '-' .. redis.call('INCR', KEYS[3])
+    redis.call('DEL', KEYS[1])
     redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
   end
+  if run ~= '' then redis.call('HSET', KEYS[2], 'r', run) end
   redis.call('EXPIRE', KEYS[2], ttl)
   return epoch
 end
@@ -553,13 +563,14 @@ end
 /// offsets are contiguous and the stream's order is the channel's. `KEYS`: the
 /// stream, its meta record, the epoch counter, the room's channel; `ARGV`: the meta
 /// record's TTL (s), the message (`{"op","d","t"}`), the stream's size, its TTL (s),
-/// and the room's envelope without its closing brace, which the script completes with
-/// `,"epoch":E,"offset":O}`. The entry's id is its offset (`O-0`). A stream left from
-/// an epoch whose meta record expired is dropped first. Returns `{epoch, offset}`.
+/// the room's envelope without its closing brace, which the script completes with
+/// `,"epoch":E,"offset":O}`, and the run id of the caller's Redis process. The entry's
+/// id is its offset (`O-0`). A stream left from an epoch whose meta record expired is
+/// dropped first. Returns `{epoch, offset}`.
 pub const STREAM_PUBLISH: &str = concat!(
     stream_meta!(),
     r#"
-local epoch = meta(ARGV[1])
+local epoch = meta(ARGV[1], ARGV[6])
 local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
 local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0', 'm', ARGV[2])
 if type(added) == 'table' and added.err then
@@ -574,14 +585,15 @@ return {epoch, offset}
 
 /// Read a recoverable room's stream after offset `ARGV[2]` (`''`: read nothing, only
 /// the position), at most `ARGV[3]` entries. `KEYS`: the stream, its meta record,
-/// the epoch counter; `ARGV[1]`: the meta record's TTL (s). A missing meta record
+/// the epoch counter; `ARGV[1]`: the meta record's TTL (s), `ARGV[4]` the run id of
+/// the caller's Redis process. A missing meta record
 /// is created (a new epoch), so a client that got nothing yet learns a position it
 /// can resume from. Returns `{epoch, last offset, entries}` (entries as `XRANGE`
 /// gives them).
 pub const STREAM_READ: &str = concat!(
     stream_meta!(),
     r#"
-local epoch = meta(ARGV[1])
+local epoch = meta(ARGV[1], ARGV[4])
 local top = tonumber(redis.call('HGET', KEYS[2], 's') or '0')
 local entries = {}
 if ARGV[2] ~= '' and tonumber(ARGV[2]) < top then

@@ -660,18 +660,38 @@ impl RedisModel {
     }
 
     /// The meta record of [`STREAM_PUBLISH`](crate::replica::scripts::STREAM_PUBLISH)
-    /// and [`STREAM_READ`](crate::replica::scripts::STREAM_READ): its epoch, created
-    /// with a new one (from the run and the epoch counter) when missing.
-    fn stream_epoch(&mut self, now: Instant, keys: &[String]) -> Result<String, CallError> {
+    /// and [`STREAM_READ`](crate::replica::scripts::STREAM_READ): its epoch, a new one
+    /// (from the run and the epoch counter, with an empty stream) when missing or
+    /// written by another Redis process than the caller's (`run`).
+    fn stream_epoch(
+        &mut self,
+        now: Instant,
+        keys: &[String],
+        run: &str,
+    ) -> Result<String, CallError> {
         let meta = arg(keys, 1)?;
-        if let Some(epoch) = self.hashes.get(meta).and_then(|h| h.get("e")) {
-            return Ok(epoch.clone());
+        let held = self.hashes.get(meta);
+        let writer = held.and_then(|h| h.get("r"));
+        let epoch = held
+            .and_then(|h| h.get("e"))
+            .filter(|_| run.is_empty() || writer.is_none_or(|w| w == run))
+            .cloned();
+        let epoch = match epoch {
+            Some(epoch) => epoch,
+            None => {
+                let count = self.incrby(now, arg(keys, 2)?, 1)?;
+                let epoch = format!("{:x}-{count}", self.run);
+                self.streams.remove(arg(keys, 0)?);
+                let hash = self.hashes.entry(meta.to_owned()).or_default();
+                hash.insert("e".into(), epoch.clone());
+                hash.insert("s".into(), "0".into());
+                epoch
+            }
+        };
+        if !run.is_empty() {
+            let hash = self.hashes.entry(meta.to_owned()).or_default();
+            hash.insert("r".into(), run.to_owned());
         }
-        let count = self.incrby(now, arg(keys, 2)?, 1)?;
-        let epoch = format!("{:x}-{count}", self.run);
-        let hash = self.hashes.entry(meta.to_owned()).or_default();
-        hash.insert("e".into(), epoch.clone());
-        hash.insert("s".into(), "0".into());
         Ok(epoch)
     }
 
@@ -681,7 +701,7 @@ impl RedisModel {
         keys: &[String],
         args: &[String],
     ) -> Result<RedisValue, CallError> {
-        let epoch = self.stream_epoch(now, keys)?;
+        let epoch = self.stream_epoch(now, keys, arg(args, 5)?)?;
         let (entry, size, head) = (arg(args, 1)?, int(arg(args, 2)?)?, arg(args, 4)?);
         let hash = self.hashes.entry(arg(keys, 1)?.to_owned()).or_default();
         let offset = int(hash.get("s").map_or("0", String::as_str))? + 1;
@@ -705,7 +725,7 @@ impl RedisModel {
         keys: &[String],
         args: &[String],
     ) -> Result<RedisValue, CallError> {
-        let epoch = self.stream_epoch(now, keys)?;
+        let epoch = self.stream_epoch(now, keys, arg(args, 3)?)?;
         let top = self
             .hashes
             .get(arg(keys, 1)?)
