@@ -480,12 +480,14 @@ fn rooms_reports_unneeded_shares_for_rooms_and_for_ids() {
         );
         if via == "replicas" {
             // A replica gets back from Redis the room messages its own client
-            // published: unneeded where it holds members of the room.
+            // published, and its members get them from there: nothing unneeded
+            // once Redis confirmed its subscriptions (before, its members get them
+            // at once and the echo is skipped: at most the first few).
             assert_eq!(rooms["subscribed"], 90, "{rooms}");
             assert!(
                 rooms["unneeded_share_max"]
                     .as_f64()
-                    .is_some_and(|s| s > 0.0),
+                    .is_some_and(|s| s < 0.05),
                 "{rooms}"
             );
         } else if send == "rooms" {

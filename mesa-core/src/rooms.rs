@@ -553,9 +553,11 @@ pub struct RoomEnvelope {
     pub room: String,
     /// The message.
     pub message: Message,
-    /// The replica that published it and delivered it to its own members at once;
-    /// none for a Dispatcher's, nor in a recoverable room (every replica delivers
-    /// from the channel, in the stream's order).
+    /// The replica that published it and delivered it to its own members at once
+    /// (before Redis confirmed its subscription to the room), so it skips the
+    /// message when it comes back; none for a Dispatcher's, for a replica's once
+    /// confirmed, and in a recoverable room (every replica delivers from the
+    /// channel).
     pub origin: Option<String>,
     /// Its position in a recoverable room's stream, given by the script that
     /// appended it.

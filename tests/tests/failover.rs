@@ -53,8 +53,10 @@ async fn the_cluster_follows_the_primary_that_sentinel_promotes() {
     let _ = start(&a).await;
     let addr_b = start(&b).await;
     let mut bob = raw_signed_in(&Tokio, addr_b, "bob").await;
+    // Bob's replica registered him; the sender's link is up too (a send without
+    // sync made before is lost, and reported).
     eventually("bob present on the primary", WAIT, || async {
-        present(&primary, "bob")
+        present(&primary, "bob") && sample(&metrics_a.render(), "mesa_redis_link_up") == Some(1.0)
     })
     .await;
     let to_bob = Recipients::Ids(vec!["bob".into()]);

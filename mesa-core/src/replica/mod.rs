@@ -739,11 +739,12 @@ impl Replica {
         self.settle(now);
     }
 
-    /// Send `message` to the members of `room`: here at once (the extended ones see
-    /// the room), elsewhere through the room's channel, best effort as a publish.
-    /// Returns the local connections it goes to. In a recoverable room it is
-    /// appended to the room's stream, which numbers it, and every replica (this one
-    /// too) delivers it from the channel: 0 here at once.
+    /// Send `message` to the members of `room` through the room's channel, best
+    /// effort as a publish; its members here get it when it comes back (the extended
+    /// ones see the room), or at once while Redis has not confirmed this replica's
+    /// subscription to the room. Returns the local connections it went to at once. In
+    /// a recoverable room it is appended to the room's stream, which numbers it, and
+    /// every replica (this one too) delivers it from the channel.
     pub fn handle_room_send(&mut self, now: Instant, message: &Message, room: &str) -> usize {
         let message = Message {
             s: None,
@@ -766,11 +767,23 @@ impl Replica {
             self.settle(now);
             return 0;
         }
-        let local = self.deliver_room(message.clone(), room);
+        // Once Redis confirmed this replica's subscription to the room, the publish
+        // comes back to it: its members get it from there, in the channel's order
+        // (and the replica parses nothing it does not need). Before, they get it at
+        // once, and the envelope's origin makes the replica skip it when it comes.
+        let channel = self.keys.namespace().room_channel(room);
+        let echoed = self.shards[self.shard_of(room)]
+            .confirmed
+            .contains(&channel);
+        let local = if echoed {
+            0
+        } else {
+            self.deliver_room(message.clone(), room)
+        };
         let envelope = RoomEnvelope {
             room: room.to_owned(),
             message,
-            origin: Some(self.keys.replica().to_owned()),
+            origin: (!echoed).then(|| self.keys.replica().to_owned()),
             position: None,
         };
         let publish = Job::Publish {
@@ -1312,7 +1325,8 @@ impl Replica {
         link.portals_loading = false;
         link.subscribe.clear();
         link.unsubscribe.clear();
-
+        link.confirmed.clear();
+        link.asked.clear();
         for timer in [Timer::Tick, Timer::Reply, Timer::Rest] {
             link.timers.stop(timer as usize);
         }
@@ -1405,12 +1419,30 @@ impl Replica {
                 let portals = texts(values.next()).ok_or("the portal pool")?;
                 self.pool.reset(portals);
             }
-            Flight::Renew | Flight::Janitor | Flight::Unsubscribe | Flight::RoomsAnew => {}
-            Flight::Subscribe(rooms) => {
-                for room in rooms {
-                    self.streams.subscribed(&room);
+            Flight::Renew | Flight::Janitor | Flight::RoomsAnew => {}
+            Flight::Subscribe(channels) => {
+                for (channel, ask) in channels {
+                    let link = &mut self.shards[shard];
+                    // A later unsubscribe (or subscribe) asked of it decides.
+                    if link.asked.get(&channel) != Some(&ask) {
+                        continue;
+                    }
+                    link.asked.remove(&channel);
+                    let room = self.keys.namespace().room_of_channel(&channel);
+                    if let Some(room) = room.filter(|room| self.recoverable(room)) {
+                        self.streams.subscribed(room);
+                    }
+                    self.shards[shard].confirmed.insert(channel);
                 }
                 self.streams_out(now);
+            }
+            Flight::Unsubscribe(channels) => {
+                let link = &mut self.shards[shard];
+                for (channel, ask) in channels {
+                    if link.asked.get(&channel) == Some(&ask) {
+                        link.asked.remove(&channel);
+                    }
+                }
             }
             Flight::StreamRead {
                 room,
@@ -1471,20 +1503,18 @@ impl Replica {
         let subscribe = std::mem::take(&mut self.shards[shard].subscribe);
         let unsubscribe = std::mem::take(&mut self.shards[shard].unsubscribe);
         for chunk in subscribe.chunks(CHANNELS_PER_COMMAND) {
-            let rooms = chunk
-                .iter()
-                .filter_map(|channel| self.keys.namespace().room_of_channel(channel))
-                .filter(|room| self.recoverable(room))
-                .map(str::to_owned)
-                .collect();
-            let channels = chunk.to_vec();
-            let command = Command::Subscribe { channels };
-            self.issue(now, shard, Flight::Subscribe(rooms), command);
+            let asked = self.shards[shard].ask(chunk, false);
+            let command = Command::Subscribe {
+                channels: chunk.to_vec(),
+            };
+            self.issue(now, shard, Flight::Subscribe(asked), command);
         }
         for chunk in unsubscribe.chunks(CHANNELS_PER_COMMAND) {
-            let channels = chunk.to_vec();
-            let command = Command::Unsubscribe { channels };
-            self.issue(now, shard, Flight::Unsubscribe, command);
+            let asked = self.shards[shard].ask(chunk, true);
+            let command = Command::Unsubscribe {
+                channels: chunk.to_vec(),
+            };
+            self.issue(now, shard, Flight::Unsubscribe(asked), command);
         }
         loop {
             let link = &mut self.shards[shard];

@@ -2,7 +2,7 @@
 //! its timers, and the work waiting for that instance. Only data: the transitions
 //! are the replica's.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::backoff::Backoff;
@@ -47,11 +47,10 @@ pub(super) enum Flight {
     Round(Step),
     Ping,
     LoadPortals,
-    /// A `SUBSCRIBE` of room channels: these rooms (the recoverable ones among
-    /// them) are subscribed once it is answered.
-    Subscribe(Vec<String>),
-    /// An `UNSUBSCRIBE` of room channels.
-    Unsubscribe,
+    /// A `SUBSCRIBE` of room channels, each with the number it was asked under.
+    Subscribe(Vec<(String, u64)>),
+    /// An `UNSUBSCRIBE` of room channels, each with the number it was asked under.
+    Unsubscribe(Vec<(String, u64)>),
     /// A read of a recoverable room's stream after `after`, for `reader`.
     StreamRead {
         room: String,
@@ -96,6 +95,15 @@ pub(super) struct Shard {
     /// the same channel in both).
     pub(super) subscribe: Vec<String>,
     pub(super) unsubscribe: Vec<String>,
+    /// Room channels whose subscription Redis confirmed on this link, with no
+    /// unsubscribe asked since: what this replica publishes there comes back to it.
+    pub(super) confirmed: HashSet<String>,
+    /// Per room channel, the number of the last `SUBSCRIBE` or `UNSUBSCRIBE` asked
+    /// of it on this link (until that one is answered): an answer counts only for
+    /// the last one asked.
+    pub(super) asked: HashMap<String, u64>,
+    /// Subscribes and unsubscribes asked on this link.
+    pub(super) asks: u64,
     /// Room presence must be registered anew: it was registered on an earlier link
     /// (what Redis holds may be stale), or a change of it was given up (the buffer
     /// was full). A server without rooms asks nothing of the kind.
@@ -126,6 +134,9 @@ impl Shard {
             portals_loading: false,
             subscribe: Vec::new(),
             unsubscribe: Vec::new(),
+            confirmed: HashSet::new(),
+            asked: HashMap::new(),
+            asks: 0,
             rooms_dirty: false,
             rooms_registered: false,
             rounds,
@@ -166,6 +177,23 @@ impl Shard {
             && self.jobs.is_empty()
             && self.presence.is_empty()
             && self.flights.is_empty()
+    }
+
+    /// Number a `SUBSCRIBE` (or, `off`, an `UNSUBSCRIBE`) of `channels` about to be
+    /// asked: each channel with its number. An unsubscribe ends a confirmation at
+    /// once (what is published now may no longer come back).
+    pub(super) fn ask(&mut self, channels: &[String], off: bool) -> Vec<(String, u64)> {
+        channels
+            .iter()
+            .map(|channel| {
+                self.asks += 1;
+                self.asked.insert(channel.clone(), self.asks);
+                if off {
+                    self.confirmed.remove(channel);
+                }
+                (channel.clone(), self.asks)
+            })
+            .collect()
     }
 
     /// The run id of the Redis process of the link ("" without one).
