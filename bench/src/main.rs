@@ -15,6 +15,8 @@
 //! mesa-bench offline --redis redis://127.0.0.1:6379/ [--recipients 100000] [--bystanders 100]
 //! mesa-bench rooms   --url ws://127.0.0.1:4001/ --metrics http://127.0.0.1:9001/metrics ... --redis redis://127.0.0.1:6379/ [--send rooms|ids]
 //! mesa-bench rooms   ... --redis redis://127.0.0.1:6379/,redis://127.0.0.1:6380/ --send ids --legacy-bus off   (routed, sharded)
+//! mesa-bench rooms   ... --recover-rooms '*'   (the Dispatcher appends to the rooms' streams; `mesa serve --recover-rooms '*'`)
+//! mesa-bench redis-cost --redis redis://127.0.0.1:6379/ --mode stream|publish [--rooms 10000] [--connections 50] [--pipeline 16]
 //! ```
 //!
 //! The generator speaks raw WebSocket frames (async-tungstenite on tokio), not through
@@ -68,6 +70,7 @@ mod failure;
 mod membership;
 mod offline;
 mod publisher;
+mod redis_cost;
 mod redis_info;
 mod rooms;
 mod scrape;
@@ -145,6 +148,11 @@ enum Scenario {
     /// fixed rate: each replica's share of unneeded envelopes, deliveries per server
     /// and per Redis CPU-second, Redis commands per send, memory per membership.
     Rooms(rooms::RoomsArgs),
+    /// What recovery costs Redis: pipelined room messages straight to Redis, as the
+    /// `STREAM_PUBLISH` script of a recoverable room (--mode stream) or a plain
+    /// PUBLISH of the same envelope (--mode publish): calls per second and per Redis
+    /// CPU-second.
+    RedisCost(redis_cost::RedisCostArgs),
 }
 
 /// Options of every scenario that uses the raw generator.
@@ -252,6 +260,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
         }
         Scenario::Offline(args) => offline::run(args).await,
         Scenario::Rooms(args) => rooms::run(args).await,
+        Scenario::RedisCost(args) => redis_cost::run(args).await,
     }
 }
 

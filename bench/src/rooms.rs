@@ -28,6 +28,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use mesa_tokio::Dispatcher;
+use mesa_tokio::recovery::RecoveryConfig;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -128,6 +129,12 @@ pub(super) struct RoomsArgs {
     #[arg(long, default_value_t = 2)]
     settle_secs: u64,
 
+    /// Rooms that keep their last messages (`mesa serve --recover-rooms`, the same
+    /// patterns): the Dispatcher appends each message to its room's stream and
+    /// publishes it with its position (the `STREAM_PUBLISH` script).
+    #[arg(long = "recover-rooms", value_name = "PATTERN", value_delimiter = ',')]
+    recover_rooms: Vec<String>,
+
     /// Seconds the publishing phase may take, deliveries included.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
@@ -152,9 +159,16 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
     )
     .map_err(Failure::usage)?;
     let probe = Probe::new(&common.server_pids)?;
-    let dispatcher = Dispatcher::builder(args.redis[0].clone())
+    let mut builder = Dispatcher::builder(args.redis[0].clone())
         .shard_urls(args.redis[1..].iter().cloned())
-        .legacy_bus(args.legacy_bus)
+        .legacy_bus(args.legacy_bus);
+    if !args.recover_rooms.is_empty() {
+        builder = builder.recovery(RecoveryConfig {
+            rooms: args.recover_rooms.clone(),
+            ..RecoveryConfig::default()
+        });
+    }
+    let dispatcher = builder
         .connect()
         .await
         .map_err(|error| format!("cannot reach Redis at {:?}: {error}", args.redis))?;
@@ -311,6 +325,7 @@ pub(super) async fn run(args: RoomsArgs) -> Result<ExitCode, Failure> {
         &[
             json!({
                 "send": args.send.name(),
+                "recover_rooms": args.recover_rooms.join(","),
                 "replicas": replicas,
                 "rooms": args.rooms,
                 "members_per_room": args.members,

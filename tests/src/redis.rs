@@ -530,6 +530,22 @@ impl Sentinels {
         command_on(self.ports[index], &["SENTINEL", what, Self::MASTER])
     }
 
+    /// The flags sentinel `index` gives the replica on `port` of its master
+    /// (`slave`, `s_down,slave`, ...), if it knows it.
+    pub fn replica_flags(&self, index: usize, port: u16) -> Option<String> {
+        let text = self.ask(index, "replicas")?;
+        let name = format!("127.0.0.1:{port}");
+        // Each replica is a flat list of fields and values, opening with its name;
+        // the lines alternate lengths (`$N`) and texts.
+        let texts: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.starts_with(['*', '$']))
+            .collect();
+        let at = texts.iter().position(|t| *t == name)?;
+        let flags = texts[at..].iter().position(|t| *t == "flags")?;
+        texts.get(at + flags + 1).map(|t| (*t).to_owned())
+    }
+
     /// Wait (at most 10 s) until sentinel `index` names the master on `port`.
     pub fn wait_master(&self, index: usize, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(10);

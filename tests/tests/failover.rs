@@ -149,26 +149,30 @@ fn in_sync(replica: &RedisServer) -> bool {
         })
 }
 
-/// What killing the primary under a stream of stores costs: the stores the
-/// Dispatcher reported done (and, with `wait`, acknowledged by the replica), and how
-/// many of those the promoted replica lacks.
-async fn stores_through_a_failover(wait: bool) -> (usize, usize) {
-    let mut primary = RedisServer::start();
-    let standby = RedisServer::start_replica_of(&primary);
-    let sentinels = Sentinels::start(&primary);
-    let mut builder = mesa_tokio::Dispatcher::builder(sentinels.url()).sync(true);
+/// A stream of stores through a Dispatcher with sync on `url` (each store waiting
+/// for a replica when `wait`): one message to each of ids `u0, u1, ...`, one after
+/// the other, none online, until `done`. `count` counts those stored and
+/// acknowledged (not reported unreplicated); the task answers their ids.
+async fn store_load(
+    url: String,
+    wait: bool,
+) -> (
+    tokio::task::JoinHandle<Vec<String>>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let mut builder = mesa_tokio::Dispatcher::builder(url).sync(true);
     if wait {
         builder = builder.store_wait(StoreWait {
             replicas: 1,
             timeout: std::time::Duration::from_secs(1),
         });
     }
-    let dispatcher = std::sync::Arc::new(builder.connect().await.expect("a dispatcher"));
+    let dispatcher = builder.connect().await.expect("a dispatcher");
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    // One message to each of ids `u0, u1, ...`, one after the other, none online.
     let load = tokio::spawn({
-        let (dispatcher, done, count) = (dispatcher.clone(), done.clone(), count.clone());
+        let (done, count) = (done.clone(), count.clone());
         async move {
             let mut acknowledged = Vec::new();
             for n in 0.. {
@@ -190,6 +194,17 @@ async fn stores_through_a_failover(wait: bool) -> (usize, usize) {
             acknowledged
         }
     });
+    (load, done, count)
+}
+
+/// What killing the primary under a stream of stores costs: the stores the
+/// Dispatcher reported done (and, with `wait`, acknowledged by the replica), and how
+/// many of those the promoted replica lacks.
+async fn stores_through_a_failover(wait: bool) -> (usize, usize) {
+    let mut primary = RedisServer::start();
+    let standby = RedisServer::start_replica_of(&primary);
+    let sentinels = Sentinels::start(&primary);
+    let (load, done, count) = store_load(sentinels.url(), wait).await;
     eventually("stores flowing", WAIT, || {
         let count = count.clone();
         async move { count.load(std::sync::atomic::Ordering::SeqCst) >= 20 }
@@ -220,4 +235,106 @@ async fn no_store_a_replica_acknowledged_is_lost_when_the_primary_is_killed() {
     assert_eq!(lost, 0, "an acknowledged store was lost");
     let (stored, lost) = stores_through_a_failover(false).await;
     println!("wait off: {stored} stores done, {lost} lost");
+}
+
+/// The ids of the messages stored on `redis` (`HKEYS undelivered_messages`).
+fn stored_ids(redis: &RedisServer) -> std::collections::HashSet<String> {
+    let reply = redis
+        .command(&["HKEYS", "undelivered_messages"])
+        .unwrap_or_default();
+    reply
+        .lines()
+        .filter(|line| !line.starts_with(['*', '$']))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether every sentinel knows the replica on `port` and holds it up.
+fn adopted(sentinels: &Sentinels, port: u16) -> bool {
+    (0..3).all(|index| {
+        sentinels
+            .replica_flags(index, port)
+            .is_some_and(|flags| flags == "slave")
+    })
+}
+
+/// What `kills` primaries killed one after the other under a stream of stores cost:
+/// after each promotion a new `redis-server` follows the new primary, and once it
+/// is in sync and every sentinel knows it, the primary is killed again. Returns the
+/// stores the Dispatcher reported done (with `wait`, acknowledged by the replica)
+/// and how many of those the last primary lacks.
+async fn stores_through_kills(wait: bool, kills: usize) -> (usize, usize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut primary = RedisServer::start();
+    let mut standby = RedisServer::start_replica_of(&primary);
+    let sentinels = Sentinels::start(&primary);
+    let (load, done, count) = store_load(sentinels.url(), wait).await;
+    // Sentinel learns of a new replica from its primary's INFO, every 10 s.
+    let adoption = std::time::Duration::from_secs(30);
+    let mut killed = Vec::new();
+    for round in 0..kills {
+        let floor = count.load(SeqCst) + 20;
+        eventually("stores flowing", WAIT, || {
+            let count = count.clone();
+            async move { count.load(SeqCst) >= floor }
+        })
+        .await;
+        eventually("the replica in sync", WAIT, || async { in_sync(&standby) }).await;
+        eventually("every sentinel knows the replica", adoption, || async {
+            adopted(&sentinels, standby.port())
+        })
+        .await;
+        primary.kill();
+        for index in 0..3 {
+            sentinels.wait_master(index, standby.port());
+        }
+        println!(
+            "kill {}: {} stores done so far; {} is the primary",
+            round + 1,
+            count.load(SeqCst),
+            standby.port()
+        );
+        let fresh = RedisServer::start_replica_of(&standby);
+        killed.push(std::mem::replace(&mut primary, standby));
+        standby = fresh;
+    }
+    let floor = count.load(SeqCst) + 20;
+    eventually("stores flowing after the last kill", WAIT, || {
+        let count = count.clone();
+        async move { count.load(SeqCst) >= floor }
+    })
+    .await;
+    done.store(true, SeqCst);
+    let acknowledged = load.await.expect("the load ran");
+    let kept = stored_ids(&primary);
+    let lost = acknowledged.iter().filter(|id| !kept.contains(*id)).count();
+    (acknowledged.len(), lost)
+}
+
+/// The figure: `FAILOVER_KILLS` (2 unless told) primaries killed under load,
+/// with stores waiting for a replica (none acknowledged lost) and without (the
+/// figure printed). Run with
+///
+///   FAILOVER_KILLS=10 cargo test -p mesa-tests --release --test failover -- --ignored --nocapture
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a long run for the figures: run explicitly"]
+async fn trials_primary_kills_under_load() {
+    let kills = std::env::var("FAILOVER_KILLS")
+        .ok()
+        .and_then(|kills| kills.parse().ok())
+        .unwrap_or(2);
+    let started = std::time::Instant::now();
+    let (waited, lost_waited) = stores_through_kills(true, kills).await;
+    println!(
+        "wait on: {kills} primary kills, {waited} stores acknowledged, {lost_waited} lost ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    let (stored, lost) = stores_through_kills(false, kills).await;
+    println!(
+        "wait off: {kills} primary kills, {stored} stores done, {lost} lost ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(waited > 0, "stores went through");
+    assert_eq!(lost_waited, 0, "an acknowledged store was lost");
 }

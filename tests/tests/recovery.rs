@@ -470,3 +470,489 @@ async fn a_new_epoch_is_told(mut redis: RedisServer) {
     let seen = collect(&mut events, 1).await;
     assert_eq!(numbered(&seen), [(1, position.offset + 1)]);
 }
+
+// --- Trials (run explicitly) ---------------------------------------------------------
+//
+// The issue's figures: a client subscribed to 3 recoverable rooms while messages flow
+// to them at a fixed rate, its TCP connection cut for a while at each trial. Run with
+//
+//   RECOVERY_TRIALS=100 RECOVERY_CUT_MS=2000 cargo test -p mesa-tests --release \
+//     --test recovery -- --ignored --nocapture trials_
+//
+// (RECOVERY_RATE messages per second, 100 by default; RECOVERY_GAP_SIZE the stream's
+// size in the gap trials, 5 by default). Each prints one line of figures.
+
+/// How long a trial waits for its resumes after the proxy reopens: beyond the
+/// client's backoff cap (30 s).
+const RESUME_WAIT: Duration = Duration::from_secs(45);
+
+/// The rooms of the trials, all recoverable (`chat:*`).
+const TRIAL_ROOMS: [&str; 3] = ["chat:a", "chat:b", "chat:c"];
+
+/// The trials' settings, from the environment: few and short unless told.
+struct Trials {
+    /// How many cuts.
+    count: usize,
+    /// How long each cut lasts.
+    cut: Duration,
+    /// Messages per second, over the 3 rooms in turn.
+    rate: u64,
+    /// The stream's size in the gap trials.
+    gap_size: usize,
+}
+
+impl Trials {
+    fn from_env() -> Self {
+        let var = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(default)
+        };
+        Trials {
+            count: var("RECOVERY_TRIALS", 3) as usize,
+            cut: Duration::from_millis(var("RECOVERY_CUT_MS", 500)),
+            rate: var("RECOVERY_RATE", 100).max(1),
+            gap_size: var("RECOVERY_GAP_SIZE", 5) as usize,
+        }
+    }
+}
+
+/// What each resume of a trial must say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// `recovered: true`, everything missed replayed before it.
+    Recovered,
+    /// `recovered: false`, nothing replayed (the gap is beyond the stream).
+    Gap,
+}
+
+/// What the client received in one room since the start.
+#[derive(Debug, Default)]
+struct RoomTrack {
+    /// The offset of the last message received (or the position a resume told).
+    last: u64,
+    /// Messages received since the last disconnection.
+    since_cut: u64,
+    /// Offsets skipped (ahead of the next expected) since the last disconnection.
+    skipped_since_cut: u64,
+    /// The last offset at the last disconnection.
+    at_cut: u64,
+    /// Messages received at all.
+    received: u64,
+    /// Whether the room's resume was answered in the current trial.
+    answered: bool,
+}
+
+/// The counts of one trial (and, summed, of all).
+#[derive(Debug, Default, Clone, Copy)]
+struct Outcome {
+    /// Answers to the resumes.
+    resumes: u64,
+    /// Of which `recovered: true`.
+    recovered: u64,
+    /// Of which `recovered: false`.
+    not_recovered: u64,
+    /// Answers with `recovered: true` whose position was not the last offset
+    /// received (a replay that did not reach it).
+    wrong_position: u64,
+    /// Messages delivered after the cut and before a `recovered: false` (a
+    /// partial replay, or a live message ahead of the answer).
+    partial: u64,
+    /// Messages received twice, or after a later one.
+    out_of_order: u64,
+    /// Messages skipped (an offset ahead of the next expected) outside a told gap.
+    missing: u64,
+}
+
+impl Outcome {
+    fn add(&mut self, other: Outcome) {
+        self.resumes += other.resumes;
+        self.recovered += other.recovered;
+        self.not_recovered += other.not_recovered;
+        self.wrong_position += other.wrong_position;
+        self.partial += other.partial;
+        self.out_of_order += other.out_of_order;
+        self.missing += other.missing;
+    }
+
+    /// Whether the trial went as `expect` says, for all 3 rooms.
+    fn ok(&self, expect: Expect) -> bool {
+        let rooms = TRIAL_ROOMS.len() as u64;
+        let told = match expect {
+            Expect::Recovered => self.recovered == rooms && self.wrong_position == 0,
+            Expect::Gap => self.not_recovered == rooms && self.partial == 0,
+        };
+        told && self.resumes == rooms && self.out_of_order == 0 && self.missing == 0
+    }
+}
+
+/// Follows the client's events room by room and counts what a trial checks.
+struct Tracker {
+    rooms: Vec<RoomTrack>,
+    trial: Outcome,
+    /// What went against a `recovered: false`, told in the figures' line.
+    told: Vec<String>,
+}
+
+impl Tracker {
+    /// The positions the first subscribes answered.
+    fn new(starts: &[u64]) -> Self {
+        let rooms = starts
+            .iter()
+            .map(|&last| RoomTrack {
+                last,
+                ..RoomTrack::default()
+            })
+            .collect();
+        Tracker {
+            rooms,
+            trial: Outcome::default(),
+            told: Vec::new(),
+        }
+    }
+
+    fn room(&mut self, room: &str) -> &mut RoomTrack {
+        let index = TRIAL_ROOMS
+            .iter()
+            .position(|r| *r == room)
+            .unwrap_or_else(|| panic!("a message of another room: {room}"));
+        &mut self.rooms[index]
+    }
+
+    /// Count one event.
+    fn see(&mut self, event: &ClientEvent) {
+        match event {
+            ClientEvent::RoomMessage { room, position, .. } => {
+                let offset = position.as_ref().expect("a position").offset;
+                let track = self.room(room);
+                track.received += 1;
+                track.since_cut += 1;
+                let last = track.last;
+                if offset <= last {
+                    self.trial.out_of_order += 1;
+                } else {
+                    let track = self.room(room);
+                    track.last = offset;
+                    track.skipped_since_cut += offset - last - 1;
+                    self.trial.missing += offset - last - 1;
+                }
+            }
+            ClientEvent::Subscribed {
+                room,
+                position,
+                recovered,
+                ..
+            } => {
+                let offset = position.as_ref().expect("a position").offset;
+                let track = self.room(room);
+                track.answered = true;
+                let (last, replayed, skipped, at_cut) = (
+                    track.last,
+                    track.since_cut,
+                    track.skipped_since_cut,
+                    track.at_cut,
+                );
+                self.trial.resumes += 1;
+                match recovered {
+                    Some(true) => {
+                        self.trial.recovered += 1;
+                        if offset != last {
+                            self.trial.wrong_position += 1;
+                        }
+                    }
+                    _ => {
+                        self.trial.not_recovered += 1;
+                        self.trial.partial += replayed;
+                        // A message delivered ahead of the answer skipped part of
+                        // the gap the answer tells: counted as delivered before it,
+                        // not as missing.
+                        self.trial.missing -= skipped;
+                        if replayed > 0 {
+                            self.told.push(format!(
+                                "{room}: {replayed} delivered before recovered false, the \
+                                 last at offset {last} (at the cut {at_cut}, the answer {offset})"
+                            ));
+                        }
+                        // Live messages go on from the position told.
+                        self.room(room).last = offset;
+                    }
+                }
+            }
+            // What arrives from here on came over the next connection (the events
+            // of the one cut may still be queued when the trial's cut is counted).
+            ClientEvent::Disconnected { .. } => {
+                for track in &mut self.rooms {
+                    track.since_cut = 0;
+                    track.skipped_since_cut = 0;
+                    track.at_cut = track.last;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A cut: a new trial starts.
+    fn cut(&mut self) -> Outcome {
+        for track in &mut self.rooms {
+            track.answered = false;
+        }
+        std::mem::take(&mut self.trial)
+    }
+
+    fn all_answered(&self) -> bool {
+        self.rooms.iter().all(|track| track.answered)
+    }
+}
+
+/// Count events until `done` holds of the tracker or of an event (each event
+/// awaited at most `wait`).
+async fn pump(
+    events: &mut ClientEvents,
+    tracker: &mut Tracker,
+    what: &str,
+    wait: Duration,
+    mut done: impl FnMut(&Tracker, &ClientEvent) -> bool,
+) {
+    loop {
+        let event = next_event(events, what, |_| true, wait).await;
+        tracker.see(&event);
+        if done(tracker, &event) {
+            return;
+        }
+    }
+}
+
+/// Publish to the trial rooms in turn, `rate` a second, from `handle` until `stop`.
+fn publish_at_rate(
+    handle: ServerHandle,
+    rate: u64,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+        let mut n = 0;
+        while !*stop.borrow() {
+            tick.tick().await;
+            let message = Message::dispatch("N", json!({ "n": n }));
+            handle
+                .publish(TRIAL_ROOMS[(n % 3) as usize], &message)
+                .unwrap();
+            n += 1;
+        }
+        n
+    })
+}
+
+/// Our client through `proxy`, subscribed to the trial rooms; the positions answered.
+async fn trial_member(proxy: &CutProxy) -> (Client, ClientEvents, Vec<u64>) {
+    let url = format!("ws://{}/", proxy.addr());
+    let (client, mut events) = mesa_tokio::client(url).build().unwrap();
+    client
+        .authenticate(json!({ "token": "alice" }), false)
+        .await
+        .unwrap();
+    let mut starts = Vec::new();
+    for room in TRIAL_ROOMS {
+        client.subscribe(room).await.unwrap();
+        match subscribed(&mut events).await {
+            (Some(position), None) => starts.push(position.offset),
+            other => panic!("a fresh subscribe answers a position: {other:?}"),
+        }
+    }
+    (client, events, starts)
+}
+
+/// Where the client goes back after each cut, and what happens to its replica.
+enum Hosts {
+    /// The same replica every time (kept running by `_server`).
+    One { addr: SocketAddr, _server: Server },
+    /// Its replica is killed at each cut; it comes back to a spare, and a new spare
+    /// starts.
+    Killed {
+        current: Crashable,
+        spare: Crashable,
+        cluster: Box<ClusterConfig>,
+    },
+}
+
+/// Run the trials: `expect` of every resume, streams of `size` messages, the
+/// client's replica killed at each cut when `kill`. Prints the figures and asserts
+/// every trial went as expected.
+async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
+    let settings = Trials::from_env();
+    let redis = RedisServer::start();
+    let publisher = replica(recovering(&redis, size));
+    start(&publisher).await;
+    let mut hosts = if kill {
+        let cluster = recovering(&redis, size);
+        let (a, b) = (cluster.clone(), cluster.clone());
+        Hosts::Killed {
+            current: Crashable::start(move || replica(a)),
+            spare: Crashable::start(move || replica(b)),
+            cluster: Box::new(cluster),
+        }
+    } else {
+        let server = replica(recovering(&redis, size));
+        Hosts::One {
+            addr: start(&server).await,
+            _server: server,
+        }
+    };
+    let first = match &hosts {
+        Hosts::One { addr, .. } => *addr,
+        Hosts::Killed { current, .. } => current.addr(),
+    };
+    linked(&redis, if kill { 3 } else { 2 }).await;
+    let proxy = CutProxy::start(first).await;
+    let (_client, mut events, starts) = trial_member(&proxy).await;
+    let mut tracker = Tracker::new(&starts);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let publishing = publish_at_rate(publisher.handle(), settings.rate, stopped);
+
+    let started = std::time::Instant::now();
+    let (mut total, mut ok, mut resume_ms) = (Outcome::default(), 0, Vec::new());
+    for trial in 0..settings.count {
+        // Messages flow to every room before the cut.
+        let floor: Vec<u64> = tracker.rooms.iter().map(|t| t.received + 3).collect();
+        pump(
+            &mut events,
+            &mut tracker,
+            "messages before the cut",
+            WAIT,
+            |t, _| t.rooms.iter().zip(&floor).all(|(t, f)| t.received >= *f),
+        )
+        .await;
+        proxy.cut();
+        // What came since the previous cut: that trial's resumes and what followed
+        // (before the first cut: the messages before any).
+        let outcome = tracker.cut();
+        if trial > 0 {
+            ok += usize::from(outcome.ok(expect));
+        }
+        total.add(outcome);
+        let target = match &mut hosts {
+            Hosts::One { addr, .. } => *addr,
+            Hosts::Killed {
+                current,
+                spare,
+                cluster,
+            } => {
+                let fresh = ClusterConfig::clone(cluster);
+                let next = Crashable::start(move || replica(fresh));
+                let dead = std::mem::replace(current, std::mem::replace(spare, next));
+                dead.crash();
+                current.addr()
+            }
+        };
+        pump(&mut events, &mut tracker, "the cut", WAIT, |_, e| {
+            matches!(e, ClientEvent::Disconnected { .. })
+        })
+        .await;
+        // The load's fixed duration: the client stays cut off while messages flow.
+        tokio::time::sleep(settings.cut).await;
+        proxy.resume(target);
+        let resumed = std::time::Instant::now();
+        // The client's backoff (its cap 30 s) grows over the failed attempts
+        // during the cut and may not be reset by the short connections between.
+        pump(
+            &mut events,
+            &mut tracker,
+            "the resumes",
+            RESUME_WAIT,
+            |t, _| t.all_answered(),
+        )
+        .await;
+        resume_ms.push(resumed.elapsed().as_millis() as u64);
+    }
+    // The last trial ends once every message published reached the client.
+    let _ = stop.send(true);
+    let published = publishing.await.unwrap();
+    let appended = || -> Vec<u64> {
+        TRIAL_ROOMS
+            .iter()
+            .map(|room| {
+                let key = format!("mesa_stream_meta:{room}");
+                // A bulk string: `$3\r\n199\r\n`.
+                let reply = redis.command(&["HGET", &key, "s"]).unwrap_or_default();
+                reply
+                    .lines()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let start_sum: u64 = starts.iter().sum();
+    let deadline = std::time::Instant::now() + WAIT;
+    while appended().iter().sum::<u64>() - start_sum < published
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lasts = appended();
+    // Publishes the publishing replica never appended (none expected).
+    let unappended = published.saturating_sub(lasts.iter().sum::<u64>() - start_sum);
+    pump(
+        &mut events,
+        &mut tracker,
+        "every message published",
+        WAIT,
+        |t, _| t.rooms.iter().zip(&lasts).all(|(t, last)| t.last >= *last),
+    )
+    .await;
+    let outcome = tracker.cut();
+    ok += usize::from(outcome.ok(expect));
+    total.add(outcome);
+    let received: u64 = tracker.rooms.iter().map(|t| t.received).sum();
+    resume_ms.sort_unstable();
+    let median = resume_ms.get(resume_ms.len() / 2).copied().unwrap_or(0);
+    let max = resume_ms.last().copied().unwrap_or(0);
+    println!(
+        "{name}: {ok}/{} trials as expected ({expect:?}); cut {} ms each, {} messages/s over \
+         3 rooms, streams of {size}; {published} published ({unappended} never appended), \
+         {received} received; resumes: {} \
+         answered, {} recovered true, {} recovered false, {} at a wrong position; {} replayed \
+         before a recovered false, {} duplicated or out of order, {} missing; resume after the \
+         proxy reopened: median {median} ms, max {max} ms; {:.1} s",
+        settings.count,
+        settings.cut.as_millis(),
+        settings.rate,
+        total.resumes,
+        total.recovered,
+        total.not_recovered,
+        total.wrong_position,
+        total.partial,
+        total.out_of_order,
+        total.missing,
+        started.elapsed().as_secs_f64(),
+    );
+    for told in tracker.told.iter().take(10) {
+        println!("{name}: {told}");
+    }
+    assert_eq!(ok, settings.count, "every trial as expected: {total:?}");
+}
+
+/// Cut the client's connection at each trial while messages flow: every resume
+/// answered `recovered: true`, every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "trials for the figures: run explicitly (see the comment above)"]
+async fn trials_cut_connection() {
+    run_trials("cut", Expect::Recovered, 100_000, false).await;
+}
+
+/// The same with the client's replica killed at each cut: it resumes on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "trials for the figures: run explicitly (see the comment above)"]
+async fn trials_replica_killed() {
+    run_trials("killed", Expect::Recovered, 100_000, true).await;
+}
+
+/// Cuts longer than the stream keeps: every resume answered `recovered: false`,
+/// nothing of the gap replayed, live messages in order after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "trials for the figures: run explicitly (see the comment above)"]
+async fn trials_gap_beyond_the_stream() {
+    let size = Trials::from_env().gap_size;
+    run_trials("gap", Expect::Gap, size, false).await;
+}

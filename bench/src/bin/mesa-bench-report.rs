@@ -56,6 +56,20 @@ const REPLICA_VARIANTS: &[(&str, &str)] = &[
 /// The variants of `shards`: two Redis instances, compared with one.
 const SHARD_VARIANTS: &[(&str, &str)] = &[("redis-2", "2 Redis"), ("redis-1", "1 Redis")];
 
+/// The variants of `redis-cost`, the recovery's first.
+const REDIS_COST_VARIANTS: &[(&str, &str)] = &[
+    ("stream", "recovery on (STREAM_PUBLISH)"),
+    ("publish", "recovery off (PUBLISH)"),
+];
+
+/// The variants of `recovery`, recovery on first.
+const RECOVERY_VARIANTS: &[(&str, &str)] = &[
+    ("on-1", "recovery on, 1 replica"),
+    ("off-1", "recovery off, 1 replica"),
+    ("on-3", "recovery on, 3 replicas"),
+    ("off-3", "recovery off, 3 replicas"),
+];
+
 /// Whether more or less of a metric is better.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Better {
@@ -150,6 +164,18 @@ const METRICS: &[Metric] = &[
     metric("shards", "generator CPU seconds", "generator_cpu_secs", 1.0, 2, Better::Lower),
     metric("shards", "seconds from the first send to the last delivery", "elapsed_secs", 1.0, 2, Better::Lower),
     metric("shards", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
+    metric("redis-cost", "room messages per second (wall clock)", "calls_per_sec", 1.0, 0, Better::Higher),
+    metric("redis-cost", "room messages per Redis CPU-second", "calls_per_redis_cpu_sec", 1.0, 0, Better::Higher),
+    metric("redis-cost", "Redis CPU per room message (µs)", "redis_cpu_us_per_call", 1.0, 2, Better::Lower),
+    metric("redis-cost", "Redis commands per room message (those of the script included)", "redis_commands_per_call", 1.0, 2, Better::Lower),
+    metric("redis-cost", "errors", "errors", 1.0, 0, Better::Lower),
+    metric("recovery", "deliveries per server CPU-second (all replicas)", "deliveries_per_server_cpu_sec", 1.0, 0, Better::Higher),
+    metric("recovery", "deliveries per Redis CPU-second", "deliveries_per_redis_cpu_sec", 1.0, 0, Better::Higher),
+    metric("recovery", "server CPU seconds (all replicas)", "server_cpu_secs", 1.0, 2, Better::Lower),
+    metric("recovery", "Redis CPU seconds", "redis_cpu_secs", 1.0, 2, Better::Lower),
+    metric("recovery", "latency p50 (ms)", "latency_p50_us", 1000.0, 2, Better::Lower),
+    metric("recovery", "latency p99 (ms)", "latency_p99_us", 1000.0, 2, Better::Lower),
+    metric("recovery", "lost + duplicated", "lost_or_duplicated", 1.0, 0, Better::Lower),
 ];
 
 /// A row of [`METRICS`].
@@ -208,6 +234,14 @@ const SCENARIOS: &[(&str, &str)] = &[
     (
         "shards",
         "as many sends as the machine passes (the generator's Dispatcher keeps 256 in flight), each to one id held on one of 3 replicas, routed by interest (`--legacy-bus off`), with the cluster on 1 Redis instance and then sharded over 2 (`--redis A,B`); Redis CPU from `INFO cpu` of each instance; mesa-rs only",
+    ),
+    (
+        "redis-cost",
+        "what recovery costs Redis: `mesa-bench redis-cost` sends room messages straight to Redis for a fixed time, over many connections, each a pipelined batch at a time, to rooms `room:0..N` in turn, either as a recoverable room's `STREAM_PUBLISH` script (number, append to the capped stream, publish with the position) or as the plain `PUBLISH` of the same envelope, with the calls of the core's own `Command`s; nobody subscribes, so neither pays for deliveries; the two modes alternate on one flushed Redis; Redis CPU from `INFO cpu`; mesa-rs only",
+    ),
+    (
+        "recovery",
+        "recovery end to end: `mesa-bench rooms --send rooms` (a Dispatcher publishes at a fixed rate to rooms whose members are on the replicas), with every room recoverable (`--recover-rooms '*'` on the servers and the Dispatcher: each message goes through `STREAM_PUBLISH`, every replica delivers it from the channel in offset order) and without; mesa-rs only",
     ),
 ];
 
@@ -345,6 +379,8 @@ fn columns(scenario: &str, present: &BTreeMap<String, Vec<Value>>) -> Vec<(Strin
         "rooms" => ROOM_VARIANTS,
         "replicas" => REPLICA_VARIANTS,
         "shards" => SHARD_VARIANTS,
+        "redis-cost" => REDIS_COST_VARIANTS,
+        "recovery" => RECOVERY_VARIANTS,
         _ => &SERVERS,
     };
     let mut columns: Vec<(String, String)> = known
@@ -550,6 +586,9 @@ fn sizes(run: &Value) -> String {
         ("in_flight", "in flight per connection"),
         ("elapsed_secs", "seconds"),
         ("hold_secs", "seconds held"),
+        ("pipeline", "calls per round trip"),
+        ("payload_bytes", "bytes per envelope"),
+        ("keep", "entries per stream at most"),
     ] {
         if key == "elapsed_secs" && run.get("in_flight").is_none() {
             continue;
