@@ -414,7 +414,13 @@ impl Streams {
         };
         let mut ask = ask.clone();
         let resume = history.resume(ask.since.as_ref());
-        for (offset, message) in resume.replay {
+        // A member told `recovered: false` gets nothing replayed: a read that went
+        // on behind the channel only finds where it stands.
+        let replay = match ask.recovered {
+            Some(false) => Vec::new(),
+            _ => resume.replay,
+        };
+        for (offset, message) in replay {
             let position = Position {
                 epoch: history.epoch.clone(),
                 offset,
@@ -700,6 +706,51 @@ mod tests {
             })
             .count();
         assert_eq!((replayed, answers), (2, 4));
+    }
+
+    /// Found by the recovery trials: a resume told `recovered: false` whose read the
+    /// channel had gone past read on, and replayed what the second read found.
+    #[test]
+    fn an_incomplete_resume_replays_nothing_even_when_it_reads_on() {
+        let mut streams = Streams::default();
+        streams.open("r", true);
+        // The room forwards up to 9 already.
+        streams.subscribe(ConnId(1), "r", Some(json!(1)), None);
+        streams.answered("r", None, Reader::Member(ConnId(1)), history(9, &[]));
+        streams.drain().for_each(drop);
+        // A resume from 2; the stream keeps 6 to 8 only, and 9 came on the channel.
+        streams.subscribe(ConnId(2), "r", Some(json!(2)), Some(at(2)));
+        streams.drain().for_each(drop);
+        streams.answered(
+            "r",
+            Some(2),
+            Reader::Member(ConnId(2)),
+            history(8, &[6, 7, 8]),
+        );
+        let again: Vec<Out> = streams.drain().collect();
+        assert!(
+            again.iter().all(|o| !matches!(o, Out::Replay { .. })),
+            "{again:?}"
+        );
+        assert!(matches!(
+            &again[..],
+            [Out::Read {
+                after: Some(8),
+                reader: Reader::Member(ConnId(2)),
+                ..
+            }]
+        ));
+        streams.answered("r", Some(8), Reader::Member(ConnId(2)), history(9, &[9]));
+        let out: Vec<Out> = streams.drain().collect();
+        assert!(
+            out.iter().all(|o| !matches!(o, Out::Replay { .. })),
+            "{out:?}"
+        );
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Out::Notice { notice: RoomNotice::Subscribed { recovered: Some(false), position: Some(p), .. }, .. }
+                if p.offset == 9
+        )));
     }
 
     #[test]
