@@ -541,9 +541,9 @@ macro_rules! stream_meta {
     () => {
         r#"
 local function meta(ttl, run)
-  local epoch = redis.call('HGET', KEYS[2], 'e')
-  local writer = redis.call('HGET', KEYS[2], 'r')
-  if epoch and run ~= '' and writer and writer ~= run then epoch = nil end
+  local held = redis.call('HMGET', KEYS[2], 'e', 'r')
+  local epoch, writer = held[1], held[2]
+  if epoch and run ~= '' and writer and writer ~= run then epoch = false end
   if not epoch then
     local now = redis.call('TIME')
     epoch = string.format('%x%06x', tonumber(now[1]), tonumber(now[2]))
@@ -551,7 +551,7 @@ local function meta(ttl, run)
     redis.call('DEL', KEYS[1])
     redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
   end
-  if run ~= '' then redis.call('HSET', KEYS[2], 'r', run) end
+  if run ~= '' and writer ~= run then redis.call('HSET', KEYS[2], 'r', run) end
   redis.call('EXPIRE', KEYS[2], ttl)
   return epoch
 end
