@@ -88,8 +88,9 @@ enum Op {
         id: u8,
         ready: bool,
     },
+    /// Any text on `ws`, the portal pool's channel or a recoverable room's.
     Garbage {
-        portal_channel: bool,
+        channel: u8,
         text: String,
     },
     Answer {
@@ -524,15 +525,9 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
                 h.replica
                     .handle_pubsub(now, "available_portals_pool", &update.encode());
             }
-            Op::Garbage {
-                portal_channel,
-                text,
-            } => {
-                let channel = if portal_channel {
-                    "available_portals_pool"
-                } else {
-                    "ws"
-                };
+            Op::Garbage { channel, text } => {
+                let channel = ["ws", "available_portals_pool", "mesa_room:r0"]
+                    [usize::from(channel) % 3];
                 h.replica.handle_pubsub(now, channel, &text);
             }
             Op::Answer { which, how } => h.answer(which, how),

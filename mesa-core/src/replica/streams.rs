@@ -285,8 +285,12 @@ impl Streams {
             return;
         }
         // Before the room knows where its stream stands, the read that tells it
-        // decides what was before.
+        // decides what was before. Held messages are bounded: past the bound the
+        // oldest go, to be read from the stream as a hole if they are needed.
         state.held.insert(position.offset, message);
+        while state.next.is_none() && state.held.len() > MAX_HELD {
+            state.held.pop_first();
+        }
         self.flush(room);
     }
 
@@ -480,7 +484,9 @@ impl Streams {
             state.held.retain(|offset, _| *offset >= next);
             match state.held.first_key_value() {
                 Some((offset, _)) if *offset == next => {
-                    let message = state.held.remove(&next).unwrap_or_else(|| unreachable!());
+                    let Some((_, message)) = state.held.pop_first() else {
+                        break;
+                    };
                     let targets = state
                         .members
                         .iter_mut()
