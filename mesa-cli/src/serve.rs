@@ -295,7 +295,7 @@ pub(crate) struct DurablePortalsArgs {
     #[arg(
         long,
         env = "MESA_DURABLE_PARTITIONS",
-        default_value_t = mesa_tokio::mesa_core::DEFAULT_PORTAL_PARTITIONS as u64,
+        default_value_t = mesa_tokio::DEFAULT_PORTAL_PARTITIONS as u64,
         requires = "durable_portals",
         value_parser = clap::value_parser!(u64).range(1..=1024)
     )]

@@ -417,10 +417,11 @@ macro_rules! root_exports {
         pub use $crate::mesa_core::ClientError as ClientSessionError;
         pub use $crate::mesa_core::rooms::{RefusalCode, RoomRefusal};
         pub use $crate::mesa_core::{
-            BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId, DecodeError,
-            DurablePortalConfig, DurablePortals, Hello, Limits, Message, MessageOptions, Namespace,
-            Opcode, PortalChoice, PortalEvent, PortalEventKind, RateLimitPolicy, Recipients,
-            Redelivery, Reference, Rule, StoreWait, SyncConfig, TooManyRecipients,
+            BackoffConfig, ClientEvent, Close, CloseCode, ConfigError, ConnId,
+            DEFAULT_PORTAL_PARTITIONS, DecodeError, DurablePortalConfig, DurablePortals, Hello,
+            Limits, Message, MessageOptions, Namespace, Opcode, PortalChoice, PortalEvent,
+            PortalEventKind, RateLimitPolicy, Recipients, Redelivery, Reference, Rule, StoreWait,
+            SyncConfig, TooManyRecipients,
         };
         pub use $crate::{
             Admission, AuthError, Authenticator, BoxError, BoxFuture, BuildError, Client,
