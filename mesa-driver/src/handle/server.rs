@@ -133,8 +133,12 @@ impl ServerHandle {
 
     /// Send `message` to every member of `room`, on every replica of the cluster:
     /// extended clients receive it with its room, old ones as an ordinary dispatch.
-    /// Best effort across replicas, as upstream's publishes (no sync for rooms).
-    /// Refused for an invalid room name.
+    /// Best effort across replicas, as upstream's publishes (no sync for rooms),
+    /// unless the room recovers (`ClusterConfig::recovery`). The report's
+    /// `delivered` counts the members written to at once: in a cluster, once Redis
+    /// confirmed this replica's subscription to the room (and always in a
+    /// recoverable room), its members get the message when it comes back from Redis,
+    /// and count 0 here. Refused for an invalid room name.
     pub fn publish(&self, room: &str, message: &Message) -> Result<SendReport, RoomRefusal> {
         self.registry.publish(message, room)
     }

@@ -650,9 +650,29 @@ impl DurablePortal {
         }
     }
 
-    /// Whether `outstanding` leaves room for `more` events.
+    /// Events the reads and reclaims in flight may still hand out, at most.
+    fn incoming(&self) -> usize {
+        self.flights
+            .values()
+            .map(|sent| match &sent.command {
+                DurableCommand::Read { partitions, count } => partitions.len() * count,
+                DurableCommand::Reclaim { count, .. } => *count,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Events that may still be handed out: `max_outstanding` less those handed out
+    /// and those the commands in flight may bring.
+    fn room(&self) -> usize {
+        self.config
+            .max_outstanding
+            .saturating_sub(self.outstanding.len() + self.incoming())
+    }
+
+    /// Whether there is room for `more` events.
     fn room_for(&self, more: usize) -> bool {
-        self.outstanding.len() + more <= self.config.max_outstanding
+        more <= self.room()
     }
 
     /// With the group ready: acknowledge, take over, sweep and read what is due.
@@ -696,14 +716,18 @@ impl DurablePortal {
         let idle = self.timers.get(Timer::Poll as usize).is_some();
         if reading.is_empty()
             || idle
-            || !self.room_for(batch)
             || self.in_flight(|c| matches!(c, DurableCommand::Read { .. }))
         {
             return;
         }
+        // Each partition read may answer `count` entries: all of them fit.
+        let count = batch.min(self.room() / reading.len());
+        if count == 0 {
+            return;
+        }
         let command = DurableCommand::Read {
             partitions: reading,
-            count: batch,
+            count,
         };
         self.issue(now, command);
     }
