@@ -59,9 +59,17 @@ impl State {
             .collect()
     }
 
-    /// Follow what `event` changes; whether it changed anything.
+    /// Follow what `event` changes; whether it changed anything. The rooms kept are
+    /// the client's own subscriptions (answered with its reference), as the client
+    /// restores only those: a room the server put it in is the server's to restore.
     pub(crate) fn follow(&mut self, event: &ClientEvent) -> bool {
         let (room, position) = match event {
+            ClientEvent::Subscribed {
+                room,
+                reference: Some(_),
+                position,
+                ..
+            } => (room, position.clone()),
             ClientEvent::RoomMessage {
                 room,
                 position: Some(position),
@@ -71,8 +79,7 @@ impl State {
                 room,
                 position: Some(position),
                 ..
-            } => (room, Some(position.clone())),
-            ClientEvent::Subscribed { room, .. } if !self.rooms.contains_key(room) => (room, None),
+            } if self.rooms.contains_key(room) => (room, Some(position.clone())),
             ClientEvent::Unsubscribed { room, .. } => {
                 return self.rooms.remove(room).is_some();
             }
@@ -141,6 +148,16 @@ mod tests {
             position: None,
         });
         assert!(!unchanged);
+        // A room the server put the client in is not the client's to restore.
+        let by_server = state.follow(&ClientEvent::RoomMessage {
+            room: "team".into(),
+            message: Message::dispatch("M", json!({})),
+            position: Some(Position {
+                epoch: "f".into(),
+                offset: 1,
+            }),
+        });
+        assert!(!by_server);
         let dir = std::env::temp_dir().join(format!("mesa-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state.json");
