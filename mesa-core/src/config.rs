@@ -314,6 +314,27 @@ pub enum ConfigError {
     MissingAuthenticator,
 }
 
+/// The check every machine with a Redis link makes of its timing: each of
+/// `durations` positive (named for the error), and `reconnect`'s cap not below its
+/// base (which is checked as one of them).
+pub(crate) fn check_link_timing(
+    durations: &[(Duration, &'static str)],
+    reconnect: &crate::backoff::BackoffConfig,
+) -> Result<(), ConfigError> {
+    let base = (reconnect.base, "reconnect backoff base");
+    if let Some((_, name)) = durations
+        .iter()
+        .chain([&base])
+        .find(|(duration, _)| duration.is_zero())
+    {
+        return Err(ConfigError::ZeroDuration(name));
+    }
+    if reconnect.cap < reconnect.base {
+        return Err(ConfigError::BackoffCapBelowBase);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

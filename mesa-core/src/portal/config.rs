@@ -47,19 +47,10 @@ impl Default for PortalMemberConfig {
 impl PortalMemberConfig {
     /// Check the settings once, before a portal uses them.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let zero = [
+        let durations = [
             (self.ping_interval, "portal ping interval"),
             (self.reply_timeout, "Redis reply timeout"),
-            (self.reconnect.base, "reconnect backoff base"),
-        ]
-        .into_iter()
-        .find(|(duration, _)| duration.is_zero());
-        match zero {
-            Some((_, name)) => Err(ConfigError::ZeroDuration(name)),
-            None if self.reconnect.cap < self.reconnect.base => {
-                Err(ConfigError::BackoffCapBelowBase)
-            }
-            None => Ok(()),
-        }
+        ];
+        crate::config::check_link_timing(&durations, &self.reconnect)
     }
 }

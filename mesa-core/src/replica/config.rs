@@ -184,14 +184,8 @@ impl ReplicaConfig {
             (self.lease, "lease"),
             (self.load_timeout, "sync load timeout"),
             (self.reply_timeout, "Redis reply timeout"),
-            (self.reconnect.base, "reconnect backoff base"),
         ];
-        if let Some((_, name)) = durations.iter().find(|(d, _)| d.is_zero()) {
-            return Err(ConfigError::ZeroDuration(name));
-        }
-        if self.reconnect.cap < self.reconnect.base {
-            return Err(ConfigError::BackoffCapBelowBase);
-        }
+        crate::config::check_link_timing(&durations, &self.reconnect)?;
         if !self.legacy_bus && !self.presence {
             return Err(ConfigError::RoutingWithoutPresence);
         }

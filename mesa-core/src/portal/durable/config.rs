@@ -91,14 +91,8 @@ impl DurablePortalConfig {
             (self.poll_interval, "durable portal poll interval"),
             (self.tick, "durable portal tick"),
             (self.reply_timeout, "Redis reply timeout"),
-            (self.reconnect.base, "reconnect backoff base"),
         ];
-        if let Some((_, name)) = durations.iter().find(|(d, _)| d.is_zero()) {
-            return Err(ConfigError::ZeroDuration(name));
-        }
-        if self.reconnect.cap < self.reconnect.base {
-            return Err(ConfigError::BackoffCapBelowBase);
-        }
+        crate::config::check_link_timing(&durations, &self.reconnect)?;
         if self.tick >= self.visibility_timeout || self.reply_timeout >= self.visibility_timeout {
             return Err(ConfigError::DurablePortalTiming);
         }
