@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use mesa_core::recovery::Position;
+use mesa_core::recovery::{Personal, Position, Since};
 use mesa_core::rooms::{self, RoomNotice, RoomRequest};
 use mesa_core::{
     BackoffConfig, ClientConfig, ClientError, ClientEvent, ClientSession, ClientTransmit, Close,
@@ -80,6 +80,26 @@ enum Known {
     Presence(u8, bool, String),
     /// `mesa:presence`: the answer to a presence request.
     Members(u8, Option<u8>),
+    /// A send from the personal (`false`) or broadcast stream, at this offset.
+    StreamMessage(bool, Option<u8>),
+    /// `mesa:resumed` of the personal (`false`) or broadcast stream, at this
+    /// offset, with `recovered`.
+    Resumed(bool, Option<u8>, Option<bool>),
+}
+
+fn personal(broadcast: bool) -> Personal {
+    if broadcast {
+        Personal::Broadcast
+    } else {
+        Personal::User
+    }
+}
+
+fn at(offset: Option<u8>) -> Option<Position> {
+    offset.map(|offset| Position {
+        epoch: "e".into(),
+        offset: offset.into(),
+    })
 }
 
 impl Known {
@@ -127,6 +147,22 @@ impl Known {
                 "mesa:presence",
                 json!({"room": room(*r), "ref": reference, "members": {"alice": 2}}),
             ),
+            Known::StreamMessage(broadcast, offset) => {
+                let message = Message::dispatch("SENT", json!({"x": 1}));
+                let stream = personal(*broadcast).stream("");
+                return rooms::room_frame(&message, &stream, at(*offset).as_ref())
+                    .as_str()
+                    .to_owned();
+            }
+            Known::Resumed(broadcast, offset, recovered) => {
+                let notice = RoomNotice::Subscribed {
+                    room: personal(*broadcast).stream(""),
+                    reference: Value::Null,
+                    position: at(*offset),
+                    recovered: *recovered,
+                };
+                return notice.encode().as_str().to_owned();
+            }
             Known::RoomMessage(r, offset) => {
                 let message = Message::dispatch("CHAT", json!({"x": 1}));
                 let position = offset.map(|offset| Position {
@@ -257,6 +293,8 @@ struct Model {
     hello: Option<Greeting>,
     link: Link,
     held: Vec<Held>,
+    /// The last positions in the personal and broadcast streams.
+    streams: Since,
     /// Publishes waiting for a connection that carries rooms.
     waiting: Vec<(u64, String, Message)>,
     /// The last reference drawn.
@@ -366,12 +404,14 @@ impl Model {
             Message::decode(text, &self.config.limits).map(|message| rooms::RoomFrame {
                 message,
                 room: None,
+                stream: None,
                 position: None,
             })
         };
         let rooms::RoomFrame {
             message,
             room,
+            stream,
             position,
         } = match decoded {
             Ok(decoded) => decoded,
@@ -451,7 +491,14 @@ impl Model {
                         position,
                     })
                 }
-                (None, None) => self.events.push(ClientEvent::Message(message)),
+                (None, None) => {
+                    self.events.push(ClientEvent::Message(message));
+                    if let (Some(stream), Some(position)) = (stream, position) {
+                        *self.streams.get_mut(stream) = Some(position.clone());
+                        self.events
+                            .push(ClientEvent::StreamPosition { stream, position });
+                    }
+                }
             },
             _ => self.events.push(ClientEvent::Message(message)),
         }
@@ -505,6 +552,9 @@ impl Model {
     fn send_credentials(&mut self, mut data: Value) {
         if self.opts_in() {
             data["mesa"] = json!({"caps": ["rooms"]});
+            if let Some(since) = self.streams.to_value() {
+                data["mesa"]["since"] = since;
+            }
             if self.link == Link::Plain {
                 self.link = Link::OptedIn;
             }
@@ -579,6 +629,23 @@ impl Model {
     }
 
     fn notice(&mut self, notice: RoomNotice) {
+        if let RoomNotice::Subscribed {
+            room,
+            position,
+            recovered,
+            ..
+        } = &notice
+            && let Some(stream) = Personal::of_stream(room)
+        {
+            if let Some(position) = position {
+                *self.streams.get_mut(stream) = Some(position.clone());
+            }
+            return self.events.push(ClientEvent::Resumed {
+                stream,
+                position: position.clone(),
+                recovered: *recovered,
+            });
+        }
         let event = match notice {
             RoomNotice::Subscribed {
                 room,
@@ -803,6 +870,7 @@ impl Harness {
                 hello: None,
                 link: Link::Plain,
                 held: Vec::new(),
+                streams: Since::default(),
                 waiting: Vec::new(),
                 last_ref: 0,
                 refs_on_connection: Vec::new(),

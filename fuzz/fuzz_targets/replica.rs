@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mesa_core::cluster::{Envelope, PortalEvent, PortalUpdate};
-use mesa_core::recovery::{Position, RecoveryConfig};
+use mesa_core::recovery::{Position, RecoveryConfig, Since};
 use mesa_core::rooms::RoomEnvelope;
 use mesa_core::sim::RedisModel;
 use mesa_core::{
@@ -513,6 +513,7 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
                             .collect(),
                     ),
                     origin: ours.then(|| "me".to_owned()),
+                    streamed: false,
                 };
                 h.replica.handle_pubsub(now, "ws", &envelope.encode());
             }
@@ -582,7 +583,12 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
                 let conn = h.conn(conn);
                 if h.conns.contains_key(&conn) {
                     h.extended.insert(conn);
-                    h.session_event(conn, SessionEvent::Extended);
+                    h.session_event(
+                        conn,
+                        SessionEvent::Extended {
+                            since: Since::default(),
+                        },
+                    );
                 }
             }
             Op::Join { conn, room, since } => {

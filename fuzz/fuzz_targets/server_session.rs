@@ -400,7 +400,7 @@ impl Harness {
                 }
                 // Rooms are off here (the `rooms` target fuzzes their decoding, and
                 // the rooms tests their negotiation): `mesa:` dispatches are messages.
-                SessionEvent::Extended | SessionEvent::Room(_) => {
+                SessionEvent::Extended { .. } | SessionEvent::Room(_) => {
                     panic!("a room event with rooms off: {event:?}")
                 }
                 SessionEvent::Closed { close, by_peer } => {

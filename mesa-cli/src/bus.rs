@@ -55,7 +55,8 @@ impl Durability {
     }
 }
 
-/// `--recover-rooms PATTERN,... --recovery-size N --recovery-ttl SECS`.
+/// `--recover-rooms PATTERN,... --recover-users --recover-broadcast --recovery-size N
+/// --recovery-ttl SECS`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Recovery {
     /// Rooms that keep their last messages in a Redis stream, so a client that comes
@@ -71,22 +72,38 @@ pub(crate) struct Recovery {
     )]
     recover_rooms: Vec<String>,
 
-    /// Messages each recoverable room's stream keeps.
+    /// Each user id keeps the sends to it in a Redis stream (its personal stream),
+    /// so an extended client that comes back gets exactly what it missed. Every
+    /// replica and dispatcher of the cluster needs the same.
+    #[arg(long, env = "MESA_RECOVER_USERS", requires = "redis")]
+    recover_users: bool,
+
+    /// The broadcasts (sends to every connection) are kept in a Redis stream, so an
+    /// extended client that comes back gets exactly what it missed. Every replica
+    /// and dispatcher of the cluster needs the same.
+    #[arg(long, env = "MESA_RECOVER_BROADCAST", requires = "redis")]
+    recover_broadcast: bool,
+
+    /// Messages each stream (of a room, an id or the broadcast) keeps.
     #[arg(long, env = "MESA_RECOVERY_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     recovery_size: u64,
 
-    /// Seconds a recoverable room's stream lives after its last message.
+    /// Seconds a stream lives after its last message.
     #[arg(long, env = "MESA_RECOVERY_TTL", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     recovery_ttl: u64,
 }
 
 impl Recovery {
-    /// The recovery settings, when some room keeps a stream.
+    /// The recovery settings, when some room, the ids or the broadcast keep a
+    /// stream.
     pub(crate) fn config(&self) -> Option<RecoveryConfig> {
-        (!self.recover_rooms.is_empty()).then(|| RecoveryConfig {
+        let any = !self.recover_rooms.is_empty() || self.recover_users || self.recover_broadcast;
+        any.then(|| RecoveryConfig {
             rooms: self.recover_rooms.clone(),
             size: usize::try_from(self.recovery_size).unwrap_or(usize::MAX),
             ttl: Duration::from_secs(self.recovery_ttl),
+            users: self.recover_users,
+            broadcast: self.recover_broadcast,
             ..RecoveryConfig::default()
         })
     }

@@ -105,13 +105,28 @@ type Line = Result<String, String>;
 /// `--no-reconnect`, the end of the connection.
 pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode, Failure> {
     let report = Reporter { format };
-    let mut builder = mesa_tokio::client(args.url.clone()).reconnect(!args.no_reconnect);
+    // Connected once the positions of the state are in, so its first credentials
+    // report them.
+    let mut builder = mesa_tokio::client(args.url.clone())
+        .reconnect(!args.no_reconnect)
+        .auto_connect(false);
     if let Some(path) = &args.ca_cert {
         builder = builder.add_root_pem(crate::failure::read(path, "--ca-cert")?);
     }
     let (client, mut events) = builder
         .build()
         .map_err(|error| Failure::usage(error.to_string()))?;
+    let mut state = match &args.state {
+        Some(path) => State::load(path)?,
+        None => State::default(),
+    };
+    let started = async {
+        client.resume_streams(state.streams().clone()).await?;
+        client.connect().await
+    };
+    started
+        .await
+        .map_err(|error| format!("the client did not start: {error}"))?;
     let mut signals = Signals::new().map_err(|error| format!("cannot handle signals: {error}"))?;
     let mut lines = stdin_lines()?;
 
@@ -133,10 +148,6 @@ pub(crate) async fn run(args: ClientArgs, format: LogFormat) -> Result<ExitCode,
 
     // Subscribe before any stdin line is published, as for the credentials; the
     // answers (and those after every reconnection) are reported as events.
-    let mut state = match &args.state {
-        Some(path) => State::load(path)?,
-        None => State::default(),
-    };
     let rooms = state.rooms_with(&args.subscribe);
     let mut subscribes_pending = !rooms.is_empty();
     let mut subscribes = std::pin::pin!(subscribe_all(
@@ -327,8 +338,21 @@ fn handle(
         ClientEvent::MemberLeft { room, id } => {
             print_line(RoomNotice::Leave { room, id }.encode().as_str())?
         }
-        // This command asks no presence request.
-        ClientEvent::Members { .. } => {}
+        // This command asks no presence request; positions go to the state.
+        ClientEvent::Members { .. } | ClientEvent::StreamPosition { .. } => {}
+        ClientEvent::Resumed {
+            stream,
+            position,
+            recovered,
+        } => {
+            let notice = RoomNotice::Subscribed {
+                room: stream.stream(""),
+                reference: Value::Null,
+                position,
+                recovered,
+            };
+            print_line(notice.encode().as_str())?
+        }
         ClientEvent::Subscribed {
             room,
             reference,

@@ -1,19 +1,22 @@
 //! `mesa client --state FILE`: the rooms a client holds and, in recoverable rooms,
-//! the position of the last message it received, kept in a JSON file so that a
-//! client process killed and started again resumes where it was:
-//! `{"rooms": {"chat:1": {"epoch": "…", "offset": 17}, "lobby": null}}`.
+//! the position of the last message it received, and its positions in its personal
+//! and broadcast streams, kept in a JSON file so that a client process killed and
+//! started again resumes where it was:
+//! `{"rooms": {"chat:1": {"epoch": "…", "offset": 17}, "lobby": null},
+//! "streams": {"user": {"epoch": "…", "offset": 4}}}`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use mesa_tokio::ClientEvent;
-use mesa_tokio::recovery::Position;
+use mesa_tokio::recovery::{Position, Since};
 use serde_json::{Map, Value, json};
 
 /// The rooms and their positions, by room.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct State {
     rooms: BTreeMap<String, Option<Position>>,
+    streams: Since,
 }
 
 impl State {
@@ -44,7 +47,13 @@ impl State {
                 position => Some((room.clone(), Some(Position::from_value(position)?))),
             })
             .collect::<Option<_>>()?;
-        Some(State { rooms })
+        let streams = Since::from_value(value.get("streams"));
+        Some(State { rooms, streams })
+    }
+
+    /// The positions in the personal and broadcast streams.
+    pub(crate) fn streams(&self) -> &Since {
+        &self.streams
     }
 
     /// The rooms to subscribe to: those of the state with their positions, then
@@ -64,6 +73,17 @@ impl State {
     /// restores only those: a room the server put it in is the server's to restore.
     pub(crate) fn follow(&mut self, event: &ClientEvent) -> bool {
         let (room, position) = match event {
+            ClientEvent::StreamPosition { stream, position }
+            | ClientEvent::Resumed {
+                stream,
+                position: Some(position),
+                ..
+            } => {
+                let kept = self.streams.get_mut(*stream);
+                let changed = kept.as_ref() != Some(position);
+                *kept = Some(position.clone());
+                return changed;
+            }
             ClientEvent::Subscribed {
                 room,
                 reference: Some(_),
@@ -101,7 +121,11 @@ impl State {
                 (room.clone(), position)
             })
             .collect();
-        let text = json!({ "rooms": rooms }).to_string();
+        let mut state = json!({ "rooms": rooms });
+        if let Some(streams) = self.streams.to_value() {
+            state["streams"] = streams;
+        }
+        let text = state.to_string();
         let mut temporary = path.as_os_str().to_owned();
         temporary.push(".tmp");
         std::fs::write(&temporary, text)
@@ -114,6 +138,7 @@ impl State {
 mod tests {
     use super::*;
     use mesa_tokio::Message;
+    use mesa_tokio::recovery::Personal;
 
     #[test]
     fn a_state_round_trips_and_follows_the_rooms() {
@@ -158,6 +183,15 @@ mod tests {
             }),
         });
         assert!(!by_server);
+        let streamed = state.follow(&ClientEvent::StreamPosition {
+            stream: Personal::User,
+            position: Position {
+                epoch: "u".into(),
+                offset: 4,
+            },
+        });
+        assert!(streamed);
+        assert_eq!(state.streams().user.as_ref().map(|p| p.offset), Some(4));
         let dir = std::env::temp_dir().join(format!("mesa-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state.json");

@@ -22,7 +22,7 @@ use crate::close::{Close, CloseCode};
 use crate::config::{ConfigError, validate_limits};
 use crate::hello::{Hello, Rule};
 use crate::limits::Limits;
-use crate::recovery::Position;
+use crate::recovery::{Personal, Position, Since};
 use crate::rooms::{
     self, CONTROL_PREFIX, OPT_IN_KEY, RoomNotice, RoomRefusal, RoomRequest, check_room,
 };
@@ -203,6 +203,31 @@ pub enum ClientEvent {
         /// Each request dropped, with its room.
         dropped: Vec<(Reference, String)>,
     },
+    /// The [`ClientEvent::Message`] just before this event came from the client's
+    /// personal or broadcast stream, at `position`: what a client that keeps its
+    /// state across restarts saves once it handled the message.
+    StreamPosition {
+        /// Which stream.
+        stream: Personal,
+        /// The message's position.
+        position: Position,
+    },
+    /// Where the client stands in its personal or broadcast stream (a server that
+    /// keeps the sends to ids or the broadcasts in streams), told after every
+    /// authentication: the client reported its last position there
+    /// ([`stream_positions`](ClientSession::stream_positions)) and the messages it
+    /// missed since arrived, as [`ClientEvent::Message`]s, before this event.
+    Resumed {
+        /// Which stream.
+        stream: Personal,
+        /// The position the stream's messages continue from.
+        position: Option<Position>,
+        /// `Some(true)`: everything missed was replayed; `Some(false)`: it could
+        /// not be (reload what depends on those messages); `None`: the client
+        /// reported no position. Also told (`Some(false)`) when the server could
+        /// not forward what a live connection missed.
+        recovered: Option<bool>,
+    },
 }
 
 impl ClientEvent {
@@ -324,6 +349,9 @@ pub struct ClientSession {
     queue: VecDeque<Message>,
     /// Rooms held and publishes waiting, across connections.
     subscriptions: Subscriptions,
+    /// The last positions received in the personal and broadcast streams, reported
+    /// at every authentication.
+    streams: Since,
     transmits: VecDeque<ClientTransmit>,
     events: VecDeque<ClientEvent>,
 }
@@ -343,6 +371,7 @@ impl ClientSession {
             user: None,
             queue: VecDeque::new(),
             subscriptions: Subscriptions::default(),
+            streams: Since::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -509,6 +538,20 @@ impl ClientSession {
         self.subscriptions.positions()
     }
 
+    /// The last positions the client received in its personal and broadcast
+    /// streams: reported at every authentication, so the server replays what it
+    /// missed; what a client that keeps its state across restarts saves.
+    pub fn stream_positions(&self) -> &Since {
+        &self.streams
+    }
+
+    /// Report `since` (saved by a previous run of the client from
+    /// [`stream_positions`](Self::stream_positions)) at the next authentication, so
+    /// the server replays what that run missed.
+    pub fn resume_streams(&mut self, since: Since) {
+        self.streams = since;
+    }
+
     fn subscribe_as(
         &mut self,
         room: &str,
@@ -671,12 +714,14 @@ impl ClientSession {
             Message::decode(text, &self.config.limits).map(|message| rooms::RoomFrame {
                 message,
                 room: None,
+                stream: None,
                 position: None,
             })
         };
         let rooms::RoomFrame {
             message,
             room,
+            stream,
             position,
         } = match decoded {
             Ok(decoded) => decoded,
@@ -708,7 +753,14 @@ impl ClientSession {
                         position,
                     })
                 }
-                (None, None) => self.events.push_back(ClientEvent::Message(message)),
+                (None, None) => {
+                    self.events.push_back(ClientEvent::Message(message));
+                    if let (Some(stream), Some(position)) = (stream, position) {
+                        *self.streams.get_mut(stream) = Some(position.clone());
+                        let event = ClientEvent::StreamPosition { stream, position };
+                        self.events.push_back(event);
+                    }
+                }
             },
             _ => self.events.push_back(ClientEvent::Message(message)),
         }
@@ -817,7 +869,7 @@ impl ClientSession {
     fn send_credentials(&mut self, mut credentials: Value) {
         if self.opts_in() {
             if let Value::Object(data) = &mut credentials {
-                data.insert(OPT_IN_KEY.into(), rooms::opt_in());
+                data.insert(OPT_IN_KEY.into(), rooms::opt_in(&self.streams));
             }
             if self.link() == Link::Plain {
                 self.set_link(Link::OptedIn);
@@ -867,6 +919,25 @@ impl ClientSession {
 
     /// What the server said about the client's rooms.
     fn handle_notice(&mut self, notice: RoomNotice) {
+        // A personal or the broadcast stream: no room of the client's.
+        if let RoomNotice::Subscribed {
+            room,
+            position,
+            recovered,
+            ..
+        } = &notice
+        {
+            if let Some(stream) = Personal::of_stream(room) {
+                if position.is_some() {
+                    self.streams.get_mut(stream).clone_from(position);
+                }
+                return self.events.push_back(ClientEvent::Resumed {
+                    stream,
+                    position: position.clone(),
+                    recovered: *recovered,
+                });
+            }
+        }
         let event = match notice {
             RoomNotice::Subscribed {
                 room,

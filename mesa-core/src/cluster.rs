@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use crate::hub::Recipients;
+use crate::recovery::Personal;
 use crate::rng::Rng;
 use crate::sync::{MessageOptions, should_store};
 use crate::wire::{DecodeError, Message};
@@ -171,6 +172,11 @@ pub struct Envelope {
     /// The mesa-rs replica that published it and already delivered it to its own
     /// connections. An extra field, which upstream replicas ignore.
     pub origin: Option<String>,
+    /// Whether the sender also appended the message to its recipients' personal
+    /// streams (or the broadcast stream), from which extended connections taking
+    /// those streams get it: they skip the envelope. An extra field (`"streamed":
+    /// true`); upstream's envelopes lack it and reach every connection.
+    pub streamed: bool,
 }
 
 impl Envelope {
@@ -199,10 +205,14 @@ impl Envelope {
             message.insert("o".into(), Value::Object(options.raw.clone()));
         }
         let head = format!(r#"{{"message":{},"recipients":["#, Value::Object(message));
-        let tail = match &self.origin {
-            Some(origin) => format!(r#"],"origin":{}}}"#, Value::from(origin.as_str())),
-            None => "]}".to_owned(),
+        let mut tail = match &self.origin {
+            Some(origin) => format!(r#"],"origin":{}"#, Value::from(origin.as_str())),
+            None => "]".to_owned(),
         };
+        if self.streamed {
+            tail.push_str(r#","streamed":true"#);
+        }
+        tail.push('}');
         (head, tail)
     }
 
@@ -236,11 +246,13 @@ impl Envelope {
             .get("origin")
             .and_then(Value::as_str)
             .map(str::to_owned);
+        let streamed = object.get("streamed") == Some(&Value::Bool(true));
         Ok(Envelope {
             message,
             options,
             recipients: Recipients::from_ids(recipients),
             origin,
+            streamed,
         })
     }
 }
@@ -249,11 +261,17 @@ impl Envelope {
 /// jump consistent hashing (Lamping and Veach) of its 64-bit FNV-1a hash, so that
 /// every replica and Dispatcher, whatever its version, agrees, and adding an
 /// instance moves only a share of the keys. Global data (`ws`, portals, the
-/// connection counter) lives on shard 0.
+/// connection counter) lives on shard 0. A personal stream ([`Personal`]) lives
+/// with its id's data, the broadcast stream with the global data.
 pub fn shard_of(key: &str, shards: usize) -> usize {
     if shards <= 1 {
         return 0;
     }
+    let key = match Personal::of_stream(key) {
+        Some(Personal::Broadcast) => return 0,
+        Some(Personal::User) => Personal::id_of(key).unwrap_or(key),
+        None => key,
+    };
     let mut hash = fnv1a(key);
     let (mut bucket, mut next) = (0u64, 0u64);
     while next < shards as u64 {
@@ -738,6 +756,11 @@ mod tests {
             .collect();
         assert!((1_700..2_300).contains(&moved.len()), "{}", moved.len());
         assert!(moved.iter().all(|key| shard_of(key, 5) == 4));
+        // A personal stream with its id, the broadcast's with the global data.
+        for key in &keys {
+            assert_eq!(shard_of(&Personal::User.stream(key), 5), shard_of(key, 5));
+        }
+        assert_eq!(shard_of(&Personal::Broadcast.stream(""), 5), 0);
         // Fixed forever: replicas of any version must agree.
         assert_eq!(
             ["alice", "bob", "room:1", "u0", "u1"].map(|key| shard_of(key, 3)),
@@ -752,6 +775,7 @@ mod tests {
             options: None,
             recipients: Recipients::All,
             origin: None,
+            streamed: false,
         };
         assert_eq!(
             envelope.encode(),
@@ -775,6 +799,15 @@ mod tests {
             Envelope::decode(&ours.encode()).unwrap().origin.as_deref(),
             Some("r1")
         );
+        let streamed = Envelope {
+            streamed: true,
+            ..ours
+        };
+        assert_eq!(
+            streamed.encode(),
+            r#"{"message":{"op":0,"d":{"a":1},"t":"CHAT"},"recipients":["*"],"origin":"r1","streamed":true}"#
+        );
+        assert_eq!(Envelope::decode(&streamed.encode()).unwrap(), streamed);
     }
 
     #[test]

@@ -312,6 +312,10 @@ pub enum ConfigError {
     /// Authentication options were set, but nothing authenticates.
     #[error("authentication options need an authenticator")]
     MissingAuthenticator,
+    /// Personal or broadcast streams are taken by extended connections only, which
+    /// exist only on a server with rooms.
+    #[error("streams of the sends to ids or of the broadcasts need rooms on (clients opt in)")]
+    StreamsWithoutRooms,
 }
 
 /// The check every machine with a Redis link makes of its timing: each of

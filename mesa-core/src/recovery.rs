@@ -62,29 +62,158 @@ pub struct RecoveryConfig {
     /// A meta record (epoch and last offset) not touched for this long expires: a
     /// client whose position is older gets `recovered: false`.
     pub meta_ttl: Duration,
+    /// Whether each user id keeps a stream of the sends to it (its *personal*
+    /// stream), which its extended connections take those sends from.
+    pub users: bool,
+    /// Whether the global broadcast (a send to `["*"]`) keeps a stream, which
+    /// extended connections take broadcasts from.
+    pub broadcast: bool,
 }
 
 impl Default for RecoveryConfig {
-    /// No room, 100 entries, 120 s, 24 h.
+    /// No room, no personal or broadcast stream, 100 entries, 120 s, 24 h.
     fn default() -> Self {
         RecoveryConfig {
             rooms: Vec::new(),
             size: 100,
             ttl: Duration::from_secs(120),
             meta_ttl: Duration::from_secs(24 * 3600),
+            users: false,
+            broadcast: false,
         }
     }
 }
 
 impl RecoveryConfig {
-    /// Whether `room` keeps a stream.
+    /// Whether `room` keeps a stream: a room a pattern names, or a personal or the
+    /// broadcast stream's name ([`Personal::stream`]) when those keep one.
     pub fn covers(&self, room: &str) -> bool {
+        match Personal::of_stream(room) {
+            Some(Personal::User) => return self.users,
+            Some(Personal::Broadcast) => return self.broadcast,
+            None => {}
+        }
         self.rooms
             .iter()
             .any(|pattern| match pattern.strip_suffix('*') {
                 Some(prefix) => room.starts_with(prefix),
                 None => pattern == room,
             })
+    }
+}
+
+/// A stream a connection is in by what it is rather than by subscribing: its id's
+/// (the sends to the id) and the broadcast's (the sends to `["*"]`). Inside the
+/// server each is a room whose name no client can subscribe to (`~` is not a room
+/// name's character): `~user:<id>` and `~all`. On the wire it is named by its kind:
+/// a message from it carries `"stream": "user"` or `"broadcast"` with its position,
+/// and a client reports where it stood in each when it opts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Personal {
+    /// The sends to the connection's id.
+    User,
+    /// The sends to every connection.
+    Broadcast,
+}
+
+/// The prefix of a personal stream's room name, before the id.
+const USER_STREAM_PREFIX: &str = "~user:";
+
+/// The broadcast stream's room name.
+const BROADCAST_STREAM: &str = "~all";
+
+impl Personal {
+    /// Both kinds.
+    pub const ALL: [Personal; 2] = [Personal::User, Personal::Broadcast];
+
+    /// The room name the server keeps this stream under, for connections of `id`
+    /// (ignored for the broadcast).
+    pub fn stream(self, id: &str) -> String {
+        match self {
+            Personal::User => format!("{USER_STREAM_PREFIX}{id}"),
+            Personal::Broadcast => BROADCAST_STREAM.to_owned(),
+        }
+    }
+
+    /// The id whose personal stream `room` is, if it is one.
+    pub fn id_of(room: &str) -> Option<&str> {
+        room.strip_prefix(USER_STREAM_PREFIX)
+    }
+
+    /// Which kind of stream a room name is, if it is one.
+    pub fn of_stream(room: &str) -> Option<Personal> {
+        if room.starts_with(USER_STREAM_PREFIX) {
+            Some(Personal::User)
+        } else if room == BROADCAST_STREAM {
+            Some(Personal::Broadcast)
+        } else {
+            None
+        }
+    }
+
+    /// Its name on the wire: `"user"` or `"broadcast"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Personal::User => "user",
+            Personal::Broadcast => "broadcast",
+        }
+    }
+
+    /// The kind a wire name names.
+    pub fn parse(name: &str) -> Option<Personal> {
+        Personal::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+}
+
+/// Where a client stood in its personal and broadcast streams, as it reports them
+/// when it opts in (`"since": {"user": {"epoch","offset"}, "broadcast": {...}}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Since {
+    /// In the stream of its id's sends.
+    pub user: Option<Position>,
+    /// In the broadcast stream.
+    pub broadcast: Option<Position>,
+}
+
+impl Since {
+    /// Read the opt-in's `since` (a missing or malformed position is none).
+    pub fn from_value(value: Option<&Value>) -> Since {
+        let at = |kind: Personal| {
+            value
+                .and_then(|since| since.get(kind.as_str()))
+                .and_then(Position::from_value)
+        };
+        Since {
+            user: at(Personal::User),
+            broadcast: at(Personal::Broadcast),
+        }
+    }
+
+    /// The opt-in's `since`; `None` when no position is known.
+    pub fn to_value(&self) -> Option<Value> {
+        let mut since = serde_json::Map::new();
+        for kind in Personal::ALL {
+            if let Some(position) = self.get(kind) {
+                since.insert(kind.as_str().into(), position.to_value());
+            }
+        }
+        (!since.is_empty()).then_some(Value::Object(since))
+    }
+
+    /// The position in stream `kind`.
+    pub fn get(&self, kind: Personal) -> Option<&Position> {
+        match kind {
+            Personal::User => self.user.as_ref(),
+            Personal::Broadcast => self.broadcast.as_ref(),
+        }
+    }
+
+    /// Where the position in stream `kind` is kept.
+    pub fn get_mut(&mut self, kind: Personal) -> &mut Option<Position> {
+        match kind {
+            Personal::User => &mut self.user,
+            Personal::Broadcast => &mut self.broadcast,
+        }
     }
 }
 
@@ -210,6 +339,37 @@ mod tests {
             ..RecoveryConfig::default()
         };
         assert!(all.covers("anything"));
+    }
+
+    #[test]
+    fn personal_streams_are_covered_by_their_switch_only() {
+        let config = RecoveryConfig {
+            rooms: vec!["*".into()],
+            users: true,
+            ..RecoveryConfig::default()
+        };
+        assert!(config.covers(&Personal::User.stream("alice")));
+        assert!(!config.covers(&Personal::Broadcast.stream("")));
+        assert_eq!(Personal::of_stream("~user:a"), Some(Personal::User));
+        assert_eq!(Personal::of_stream("~all"), Some(Personal::Broadcast));
+        assert_eq!(Personal::of_stream("user:a"), None);
+        assert_eq!(Personal::parse("broadcast"), Some(Personal::Broadcast));
+    }
+
+    #[test]
+    fn since_reads_each_stream_and_skips_the_malformed() {
+        let since = Since::from_value(Some(&json!({
+            "user": {"epoch": "e", "offset": 4},
+            "broadcast": {"epoch": "", "offset": 1}
+        })));
+        assert_eq!(since.user, Some(at("e", 4)));
+        assert_eq!(since.broadcast, None);
+        assert_eq!(
+            since.to_value(),
+            Some(json!({"user": {"epoch": "e", "offset": 4}}))
+        );
+        assert_eq!(Since::from_value(Some(&json!(3))), Since::default());
+        assert_eq!(Since::default().to_value(), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::limits::Limits;
-use crate::recovery::Position;
+use crate::recovery::{Personal, Position, Since};
 use crate::wire::{DecodeError, Frame, Message, Opcode};
 
 /// The hello rule a server with rooms announces.
@@ -29,24 +29,28 @@ pub const ROOMS_CAP: &str = "rooms";
 /// The prefix of every control dispatch type, reserved as Pusher reserves `pusher:`.
 pub const CONTROL_PREFIX: &str = "mesa:";
 
-/// Take the opt-in out of op 2's data: whether the client asked for rooms. The key
-/// is removed whatever it holds, so the application never sees it.
-pub fn take_opt_in(credentials: &mut Value) -> bool {
-    let Some(opt_in) = credentials
+/// Take the opt-in out of op 2's data: `Some` when the client asked for rooms, with
+/// the positions it reports in its personal and broadcast streams (`"since"`). The
+/// key is removed whatever it holds, so the application never sees it.
+pub fn take_opt_in(credentials: &mut Value) -> Option<Since> {
+    let opt_in = credentials
         .as_object_mut()
-        .and_then(|object| object.remove(OPT_IN_KEY))
-    else {
-        return false;
-    };
-    opt_in
+        .and_then(|object| object.remove(OPT_IN_KEY))?;
+    let rooms = opt_in
         .get("caps")
         .and_then(Value::as_array)
-        .is_some_and(|caps| caps.iter().any(|cap| cap == ROOMS_CAP))
+        .is_some_and(|caps| caps.iter().any(|cap| cap == ROOMS_CAP));
+    rooms.then(|| Since::from_value(opt_in.get("since")))
 }
 
-/// The opt-in a client adds to its op 2 data.
-pub fn opt_in() -> Value {
-    json!({ "caps": [ROOMS_CAP] })
+/// The opt-in a client adds to its op 2 data, reporting where it stood in its
+/// personal and broadcast streams.
+pub fn opt_in(since: &Since) -> Value {
+    let mut opt_in = json!({ "caps": [ROOMS_CAP] });
+    if let Some(since) = since.to_value() {
+        opt_in["since"] = since;
+    }
+    opt_in
 }
 
 /// Why a room request was refused, as the client reads it.
@@ -433,7 +437,13 @@ impl RoomNotice {
                 position,
                 recovered,
             } => {
-                let mut d = json!({ "room": room, "ref": reference });
+                // A personal stream is no room the client asked for: where it stands
+                // is told as `mesa:resumed`, by the stream's kind.
+                let personal = Personal::of_stream(room);
+                let mut d = match personal {
+                    Some(kind) => json!({ "stream": kind.as_str() }),
+                    None => json!({ "room": room, "ref": reference }),
+                };
                 if let Some(position) = position {
                     d["epoch"] = Value::from(position.epoch.as_str());
                     d["offset"] = Value::from(position.offset);
@@ -441,7 +451,14 @@ impl RoomNotice {
                 if let Some(recovered) = recovered {
                     d["recovered"] = Value::Bool(*recovered);
                 }
-                ("subscribed", d)
+                (
+                    if personal.is_some() {
+                        "resumed"
+                    } else {
+                        "subscribed"
+                    },
+                    d,
+                )
             }
             RoomNotice::Unsubscribed { room, reference } => {
                 ("unsubscribed", json!({ "room": room, "ref": reference }))
@@ -491,6 +508,15 @@ impl RoomNotice {
                 position: Position::from_value(d),
                 recovered: d.get("recovered").and_then(Value::as_bool),
             }),
+            "resumed" => {
+                let kind = Personal::parse(d.get("stream").and_then(Value::as_str)?)?;
+                Some(RoomNotice::Subscribed {
+                    room: kind.stream(""),
+                    reference: Value::Null,
+                    position: Position::from_value(d),
+                    recovered: d.get("recovered").and_then(Value::as_bool),
+                })
+            }
             "unsubscribed" => Some(RoomNotice::Unsubscribed {
                 room: room?,
                 reference,
@@ -531,11 +557,15 @@ impl RoomNotice {
 }
 
 /// A room's message as an extended connection receives it: the dispatch with a
-/// top-level `room`, and in a recoverable room its `epoch` and `offset`.
+/// top-level `room`, and in a recoverable room its `epoch` and `offset`. A personal
+/// stream's names its kind instead (`"stream": "user"`).
 pub fn room_frame(message: &Message, room: &str, position: Option<&Position>) -> Frame {
     let mut value = message.to_value();
     if let Value::Object(object) = &mut value {
-        object.insert("room".into(), Value::from(room));
+        match Personal::of_stream(room) {
+            Some(kind) => object.insert("stream".into(), Value::from(kind.as_str())),
+            None => object.insert("room".into(), Value::from(room)),
+        };
         if let Some(position) = position {
             object.insert("epoch".into(), Value::from(position.epoch.as_str()));
             object.insert("offset".into(), Value::from(position.offset));
@@ -707,18 +737,21 @@ pub fn decode_room_message(text: &str, limits: &Limits) -> Result<RoomFrame, Dec
     crate::wire::check_size_and_depth(text, limits)?;
     let mut value: Value = serde_json::from_str(text).map_err(|_| DecodeError::NotJson)?;
     let position = Position::from_value(&value);
-    let room = value
-        .as_object_mut()
-        .and_then(|object: &mut Map<String, Value>| {
+    let (room, stream) = match value.as_object_mut() {
+        Some(object) => {
             object.remove("epoch");
             object.remove("offset");
-            object.remove("room")
-        })
-        .and_then(|room| room.as_str().map(str::to_owned));
+            let text = |value: Option<Value>| value.and_then(|v| v.as_str().map(str::to_owned));
+            let stream = text(object.remove("stream")).and_then(|name| Personal::parse(&name));
+            (text(object.remove("room")), stream)
+        }
+        None => (None, None),
+    };
     Ok(RoomFrame {
         message: Message::from_value(value)?,
-        position: position.filter(|_| room.is_some()),
+        position: position.filter(|_| room.is_some() || stream.is_some()),
         room,
+        stream,
     })
 }
 
@@ -729,7 +762,10 @@ pub struct RoomFrame {
     pub message: Message,
     /// The room it was published to (`None`: a message not sent to a room).
     pub room: Option<String>,
-    /// Its position in a recoverable room.
+    /// The personal or broadcast stream it came from, for a send to the client's id
+    /// or to everyone taken from a stream.
+    pub stream: Option<Personal>,
+    /// Its position in a recoverable room or in that stream.
     pub position: Option<Position>,
 }
 
@@ -757,13 +793,22 @@ mod tests {
     #[test]
     fn the_opt_in_is_taken_out_of_the_credentials() {
         let mut credentials = json!({"token": "t", "mesa": {"caps": ["rooms"]}});
-        assert!(take_opt_in(&mut credentials));
+        assert_eq!(take_opt_in(&mut credentials), Some(Since::default()));
         assert_eq!(credentials, json!({"token": "t"}));
         let mut other = json!({"token": "t", "mesa": {"caps": ["offsets"]}});
-        assert!(!take_opt_in(&mut other));
+        assert_eq!(take_opt_in(&mut other), None);
         assert_eq!(other, json!({"token": "t"}));
-        assert!(!take_opt_in(&mut json!({"token": "t"})));
-        assert!(!take_opt_in(&mut json!("not an object")));
+        assert_eq!(take_opt_in(&mut json!({"token": "t"})), None);
+        assert_eq!(take_opt_in(&mut json!("not an object")), None);
+        let since = Since {
+            user: Some(Position {
+                epoch: "e".into(),
+                offset: 3,
+            }),
+            broadcast: None,
+        };
+        let mut resuming = json!({"mesa": opt_in(&since)});
+        assert_eq!(take_opt_in(&mut resuming), Some(since));
     }
 
     #[test]

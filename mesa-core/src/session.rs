@@ -14,6 +14,7 @@ use crate::config::ServerConfig;
 use crate::heartbeat::{Beat, Heartbeat};
 use crate::limits::RateLimitPolicy;
 use crate::rate::TokenBucket;
+use crate::recovery::Since;
 use crate::rooms::{self, RefusalCode, RoomNotice, RoomRefusal, RoomRequest};
 use crate::sync::Redelivery;
 use crate::timer::TimerTable;
@@ -53,7 +54,10 @@ pub enum SessionEvent {
     Message(Message),
     /// The client opted in to rooms (once per connection): its room requests arrive as
     /// [`SessionEvent::Room`], and room messages to it carry their room.
-    Extended,
+    Extended {
+        /// Where it reports it stood in its personal and broadcast streams.
+        since: Since,
+    },
     /// A room request of an extended client, well formed and naming a valid room:
     /// answer it with [`ServerSession::room_notice`] (a publish that went through is
     /// not answered), a presence request with [`ServerSession::presence_answer`].
@@ -605,9 +609,15 @@ impl ServerSession {
 
     /// Take the rooms opt-in out of op 2's data (when the server has rooms).
     fn take_opt_in(&mut self, credentials: &mut Value) {
-        if self.config.rooms && rooms::take_opt_in(credentials) && !self.extended {
+        if !self.config.rooms {
+            return;
+        }
+        let Some(since) = rooms::take_opt_in(credentials) else {
+            return;
+        };
+        if !self.extended {
             self.extended = true;
-            self.events.push_back(SessionEvent::Extended);
+            self.events.push_back(SessionEvent::Extended { since });
         }
     }
 

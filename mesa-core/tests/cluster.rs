@@ -410,6 +410,31 @@ proptest! {
         prop_assert!(lost.is_empty(), "{:#?}", lost);
         promises_kept(sim)?;
     }
+
+    /// The same promises with every id's sends and the broadcasts taken from
+    /// streams by clients that opt in: besides, every message of an id's stream
+    /// reaches once each connection of the id that authenticated before it was
+    /// sent and is still connected, on one Redis and on three.
+    #[test]
+    fn the_cluster_forwards_every_send_to_an_id_when_ids_recover(
+        seed in any::<u64>(),
+        steps in prop::collection::vec(step(), 1..40),
+        shards in prop_oneof![Just(1usize), Just(3)],
+    ) {
+        let sim = run_schedule_with(seed, &steps, |config| personal(config, shards));
+        let lost = sim.check_room_recovery();
+        prop_assert!(lost.is_empty(), "{:#?}", lost);
+        promises_kept(sim)?;
+    }
+}
+
+/// [`recovering`], and every id's sends and the broadcasts keep streams.
+fn personal(config: &mut SimConfig, shards: usize) {
+    recovering(config, shards);
+    if let Some(recovery) = config.replica.recovery.as_mut() {
+        recovery.users = true;
+        recovery.broadcast = true;
+    }
 }
 
 /// Recoverable rooms in the simulator: every room, with a stream far longer than a

@@ -645,6 +645,7 @@ fn envelopes_are_delivered_except_our_own_global_ones() {
         options: None,
         recipients: Recipients::Ids(ids(&["alice", "bob"])),
         origin: origin.map(str::to_owned),
+        streamed: false,
     };
     // Our own global send reached everyone here when it was made.
     let global = Envelope {

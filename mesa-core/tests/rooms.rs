@@ -5,6 +5,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use mesa_core::recovery::Since;
 use mesa_core::rooms::{
     PresenceChange, RefusalCode, RoomEnvelope, RoomNotice, RoomRefusal, RoomRequest, room_frame,
 };
@@ -68,7 +69,9 @@ fn session(rooms: bool, opt_in: bool) -> ServerSession {
     }
     assert_eq!(credentials, Some(sent));
     assert_eq!(
-        events.contains(&SessionEvent::Extended),
+        events.contains(&SessionEvent::Extended {
+            since: Since::default()
+        }),
         rooms && opt_in,
         "{events:?}"
     );
@@ -151,7 +154,12 @@ fn without_authentication_op_2_only_opts_in() {
     s.handle_frame(t0(), r#"{"op":2,"d":{"mesa":{"caps":["rooms"]}}}"#);
     let (frames, events) = drain(&mut s);
     assert!(frames.is_empty());
-    assert_eq!(events, [SessionEvent::Extended]);
+    assert_eq!(
+        events,
+        [SessionEvent::Extended {
+            since: Since::default()
+        }]
+    );
     assert!(s.is_extended());
 }
 
@@ -188,7 +196,13 @@ fn drain_replica(replica: &mut Replica) -> Vec<Command> {
 fn member(replica: &mut Replica, extended: bool) -> ConnId {
     let conn = replica.handle_connection_opened(t0());
     if extended {
-        replica.handle_session_event(t0(), conn, &SessionEvent::Extended);
+        replica.handle_session_event(
+            t0(),
+            conn,
+            &SessionEvent::Extended {
+                since: Since::default(),
+            },
+        );
     }
     answer(replica);
     conn

@@ -18,7 +18,7 @@ use futures_channel::{mpsc, oneshot};
 use futures_rustls::TlsConnector;
 use futures_util::future::{Either, select};
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
-use mesa_core::recovery::Position;
+use mesa_core::recovery::{Position, Since};
 use mesa_core::rooms::RoomRefusal;
 use mesa_core::{
     BackoffConfig, ClientConfig, ClientEvent, ClientSession, ClientTransmit, Close, CloseCode,
@@ -270,6 +270,8 @@ enum Command {
     Disconnect(Close, oneshot::Sender<Result<(), ClientError>>),
     Hello(oneshot::Sender<Hello>),
     Positions(oneshot::Sender<Vec<(String, Option<Position>)>>),
+    StreamPositions(oneshot::Sender<Since>),
+    ResumeStreams(Since, oneshot::Sender<()>),
     Subscribe(Subscribe, oneshot::Sender<Result<(), ClientError>>),
     Presence(
         String,
@@ -416,6 +418,22 @@ impl Client {
     /// after one.
     pub async fn positions(&self) -> Result<Vec<(String, Option<Position>)>, ClientError> {
         self.call(Command::Positions).await
+    }
+
+    /// The last positions the client received in its personal and broadcast
+    /// streams (a server that keeps the sends to ids or the broadcasts in streams):
+    /// reported at every authentication, so the server replays what the client
+    /// missed ([`ClientEvent::Resumed`] tells whether it could).
+    pub async fn stream_positions(&self) -> Result<Since, ClientError> {
+        self.call(Command::StreamPositions).await
+    }
+
+    /// Report `since` (saved by a previous run from
+    /// [`ClientEvent::StreamPosition`]s or [`stream_positions`](Self::stream_positions))
+    /// at the next authentication: call it before
+    /// [`authenticate`](Self::authenticate).
+    pub async fn resume_streams(&self, since: Since) -> Result<(), ClientError> {
+        self.call(|tx| Command::ResumeStreams(since, tx)).await
     }
 
     /// Disconnect deliberately: no reconnection follows. Returns once the close
@@ -822,6 +840,13 @@ impl<R: Runtime> Task<R> {
             }
             // Answered at the top of the loop, once the session holds a hello.
             Command::Hello(reply) => self.hello_waiters.push(reply),
+            Command::StreamPositions(reply) => {
+                let _ = reply.send(self.session.stream_positions().clone());
+            }
+            Command::ResumeStreams(since, reply) => {
+                self.session.resume_streams(since);
+                let _ = reply.send(());
+            }
             Command::Positions(reply) => {
                 let positions = self
                     .session

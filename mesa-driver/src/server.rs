@@ -341,6 +341,13 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
             }
             None => None,
         };
+        let streams = cluster
+            .as_ref()
+            .and_then(|cluster| cluster.recovery.as_ref())
+            .is_some_and(|recovery| recovery.users || recovery.broadcast);
+        if streams && self.rooms.is_none() {
+            return Err(ConfigError::StreamsWithoutRooms);
+        }
         let middleware = Middlewares::new(self.middleware);
         let replica = match &cluster {
             Some(cluster) => Some(replica(&self.runtime, &config, cluster)?),

@@ -62,6 +62,36 @@ pub async fn next_event(
     }
 }
 
+/// Add the events `keep` selects to `seen`, in order, until an event (of any kind)
+/// satisfies `done`; each waits at most [`WAIT`].
+pub async fn gather(
+    events: &mut ClientEvents,
+    seen: &mut Vec<ClientEvent>,
+    what: &str,
+    keep: impl Fn(&ClientEvent) -> bool,
+    done: impl Fn(&ClientEvent) -> bool,
+) {
+    loop {
+        let event = next_event(events, what, |_| true, WAIT).await;
+        let finished = done(&event);
+        if keep(&event) {
+            seen.push(event);
+        }
+        if finished {
+            return;
+        }
+    }
+}
+
+/// Wait until `count` replicas registered in `redis` (the default namespace): their
+/// links are up.
+pub async fn replicas_linked(redis: &crate::RedisServer, count: i64) {
+    eventually("the replicas linked", WAIT, || async {
+        redis.integer(&["SCARD", "mesa_replicas"]) == Some(count)
+    })
+    .await;
+}
+
 /// Wait up to [`WAIT`] for the next application message of type `t` from our client.
 pub async fn next_message(events: &mut ClientEvents, t: &str) -> Message {
     let event = next_event(

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesa_core::Message;
-use mesa_tests::ours::{Crashable, next_event, sample, serve};
+use mesa_tests::ours::{Crashable, gather, next_event, replicas_linked, sample, serve};
 use mesa_tests::proxy::CutProxy;
 use mesa_tests::runtimes::{Tokio, next_json, raw};
 use mesa_tests::{RedisServer, WAIT};
@@ -22,6 +22,14 @@ use mesa_tokio::{
 use serde_json::{Value, json};
 
 const ROOM: &str = "chat:1";
+
+/// The events a test of recovery looks at.
+fn kept(event: &ClientEvent) -> bool {
+    matches!(
+        event,
+        ClientEvent::Subscribed { .. } | ClientEvent::RoomMessage { .. }
+    )
+}
 
 /// A cluster on `redis` whose `chat:*` rooms keep `size` messages; leases of 900 ms,
 /// so that a killed replica's members go soon.
@@ -113,42 +121,11 @@ async fn collect(events: &mut ClientEvents, last: u64) -> Vec<ClientEvent> {
         events,
         &mut seen,
         &format!("message {last}"),
+        kept,
         |e| matches!(e, ClientEvent::RoomMessage { message, .. } if message.d["n"] == last),
     )
     .await;
     seen
-}
-
-/// Add the room messages and answers to subscribes to `seen`, in order, until an
-/// event (of any kind) satisfies `done`.
-async fn gather(
-    events: &mut ClientEvents,
-    seen: &mut Vec<ClientEvent>,
-    what: &str,
-    done: impl Fn(&ClientEvent) -> bool,
-) {
-    loop {
-        let event = next_event(events, what, |_| true, WAIT).await;
-        let finished = done(&event);
-        if matches!(
-            event,
-            ClientEvent::Subscribed { .. } | ClientEvent::RoomMessage { .. }
-        ) {
-            seen.push(event);
-        }
-        if finished {
-            return;
-        }
-    }
-}
-
-/// Wait until `count` replicas registered in Redis: their links are up, and what
-/// they publish reaches the room (a publish made before is lost, and reported).
-async fn linked(redis: &RedisServer, count: i64) {
-    mesa_tests::ours::eventually("the replicas linked", WAIT, || async {
-        redis.integer(&["SCARD", "mesa_replicas"]) == Some(count)
-    })
-    .await;
 }
 
 /// What the answers to subscribes among `events` said of their recovery.
@@ -197,7 +174,7 @@ async fn a_member_that_drops_gets_exactly_what_it_missed_in_order() {
     let (addr_a, _) = (start(&a).await, start(&b).await);
     let proxy = CutProxy::start(addr_a).await;
     let (_client, mut events, start_at) = member(&proxy, "alice").await;
-    linked(&redis, 2).await;
+    replicas_linked(&redis, 2).await;
 
     let (trials, per_phase) = (5, 20);
     let (mut n, mut seen) = (0, Vec::new());
@@ -209,7 +186,7 @@ async fn a_member_that_drops_gets_exactly_what_it_missed_in_order() {
             n += 1;
         }
         proxy.cut();
-        gather(&mut events, &mut seen, "the cut", |e| {
+        gather(&mut events, &mut seen, "the cut", kept, |e| {
             matches!(e, ClientEvent::Disconnected { .. })
         })
         .await;
@@ -218,7 +195,7 @@ async fn a_member_that_drops_gets_exactly_what_it_missed_in_order() {
             n += 1;
         }
         proxy.resume(addr_a);
-        gather(&mut events, &mut seen, "the resume", |e| {
+        gather(&mut events, &mut seen, "the resume", kept, |e| {
             matches!(e, ClientEvent::Subscribed { .. })
         })
         .await;
@@ -232,6 +209,7 @@ async fn a_member_that_drops_gets_exactly_what_it_missed_in_order() {
         &mut events,
         &mut seen,
         "the last message",
+        kept,
         |e| matches!(e, ClientEvent::RoomMessage { message, .. } if message.d["n"] == last),
     )
     .await;
@@ -257,7 +235,7 @@ async fn a_member_resumes_on_another_replica_after_its_own_was_killed() {
     let addr_b = start(&b).await;
     let proxy = CutProxy::start(a.addr()).await;
     let (_client, mut events, _) = member(&proxy, "alice").await;
-    linked(&redis, 2).await;
+    replicas_linked(&redis, 2).await;
     for n in 0..10 {
         publish(&publisher, n);
     }
@@ -271,7 +249,7 @@ async fn a_member_resumes_on_another_replica_after_its_own_was_killed() {
     }
     proxy.resume(addr_b);
     let mut after = Vec::new();
-    gather(&mut events, &mut after, "the resume", |e| {
+    gather(&mut events, &mut after, "the resume", kept, |e| {
         matches!(e, ClientEvent::Subscribed { .. })
     })
     .await;
@@ -367,7 +345,7 @@ async fn an_old_client_in_a_recoverable_room_sees_nothing_new() {
     let server = replica(recovering(&redis, 100));
     let handle = server.handle();
     let addr = start(&server).await;
-    linked(&redis, 1).await;
+    replicas_linked(&redis, 1).await;
     let mut old = raw(&Tokio, addr).await;
     next_json(&Tokio, &mut old).await;
     let signin = json!({"op": 2, "d": {"token": "bob"}}).to_string();
@@ -395,7 +373,7 @@ async fn a_replica_repairs_what_its_channel_missed_from_the_stream() {
     let metrics = Metrics::new();
     let server = replica_with(recovering(&redis, 100), metrics.clone());
     let addr = start(&server).await;
-    linked(&redis, 1).await;
+    replicas_linked(&redis, 1).await;
     let dispatcher = Dispatcher::builder(redis.url())
         .recovery(RecoveryConfig {
             rooms: vec!["chat:*".into()],
@@ -441,14 +419,14 @@ async fn a_new_epoch_is_told(mut redis: RedisServer) {
     let server = replica(recovering(&redis, 100));
     let handle = server.handle();
     let addr = start(&server).await;
-    linked(&redis, 1).await;
+    replicas_linked(&redis, 1).await;
     let proxy = CutProxy::start(addr).await;
     let (_client, mut events, before) = member(&proxy, "alice").await;
     publish(&handle, 0);
     collect(&mut events, 0).await;
 
     redis.restart();
-    linked(&redis, 1).await;
+    replicas_linked(&redis, 1).await;
     let event = next_event(
         &mut events,
         "the loss told",
@@ -803,7 +781,7 @@ async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
         Hosts::One { addr, .. } => *addr,
         Hosts::Killed { current, .. } => current.addr(),
     };
-    linked(&redis, if kill { 3 } else { 2 }).await;
+    replicas_linked(&redis, if kill { 3 } else { 2 }).await;
     let proxy = CutProxy::start(first).await;
     let (_client, mut events, starts) = trial_member(&proxy).await;
     let mut tracker = Tracker::new(&starts);

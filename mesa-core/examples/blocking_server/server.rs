@@ -360,7 +360,7 @@ impl Connection {
             SessionEvent::ClearUndelivered { .. }
             | SessionEvent::Redelivered { .. }
             | SessionEvent::HeartbeatMissed { .. }
-            | SessionEvent::Extended
+            | SessionEvent::Extended { .. }
             | SessionEvent::Room(_) => {}
             SessionEvent::Closed { close, by_peer } => {
                 let side = if by_peer { "peer" } else { "server" };

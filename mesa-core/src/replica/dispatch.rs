@@ -6,7 +6,7 @@
 //!
 #![doc = include_str!("../../docs/dispatch-run-loop.md")]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use crate::cluster::{Namespace, RemotePlan, plan_remote, shard_of};
@@ -20,7 +20,7 @@ use crate::wire::{Message, Opcode};
 
 use super::command::{Command, Keys, Reply, StreamKeep, Token};
 use super::config::StoreWait;
-use super::job::RemoteSend;
+use super::job::{RemoteSend, Streaming};
 use super::rounds::{Advance, Rounds, Step};
 
 /// How a dispatcher sends.
@@ -125,8 +125,9 @@ pub struct Dispatch {
     report: DispatchReport,
     /// The ids the presence check covers, to count those published to.
     checked: Option<usize>,
-    /// The publish of a dispatch to a room, in flight.
-    room_publish: Option<Token>,
+    /// Commands outside the rounds, in flight: the publish of a dispatch to a room,
+    /// the appends to personal or broadcast streams.
+    one_shots: BTreeSet<Token>,
     outcome: Option<Result<DispatchReport, String>>,
 }
 
@@ -153,6 +154,10 @@ impl Dispatch {
             // No connection of its own: every id is elsewhere.
             Recipients::Ids(ids) => plan_remote(recipients, distinct_ids(ids), sync),
         };
+        let streaming = config
+            .recovery
+            .as_ref()
+            .map_or(Streaming::Off, |r| streaming(r, &message, recipients));
         let mut checked = None;
         match &plan {
             RemotePlan::Publish(Recipients::Ids(ids)) => report.published = ids.len(),
@@ -168,6 +173,7 @@ impl Dispatch {
                     None,
                     config.max_stored_per_id,
                     config.store_wait,
+                    config.recovery.as_ref().map(StreamKeep::new),
                 )
             })
             .collect();
@@ -177,6 +183,16 @@ impl Dispatch {
                 message: message.clone(),
                 options: options.clone(),
                 plan,
+                streaming,
+            });
+        }
+        // A broadcast's append is a send of its own (the envelope's is best effort).
+        if streaming != Streaming::Off && *recipients == Recipients::All {
+            rounds[0].push(RemoteSend {
+                message: message.clone(),
+                options: None,
+                plan: RemotePlan::Publish(Recipients::All),
+                streaming: Streaming::Only,
             });
         }
         let mut dispatch = Dispatch {
@@ -188,7 +204,7 @@ impl Dispatch {
             commands: VecDeque::new(),
             report,
             checked,
-            room_publish: None,
+            one_shots: BTreeSet::new(),
             outcome: None,
         };
         if nothing {
@@ -217,36 +233,29 @@ impl Dispatch {
             origin: None,
             position: None,
         };
-        let token = Token::new(1, shard_of(room, config.shards));
         let publish = match config.recovery.as_ref().filter(|r| r.covers(room)) {
-            Some(recovery) => Command::StreamPublish {
-                room: room.to_owned(),
-                head: envelope.head(),
-                entry: envelope.message.to_value().to_string(),
-                keep: StreamKeep::new(recovery),
-                // A dispatcher does not know which Redis process it reaches: the
-                // replicas' appends and reads start a new epoch after a failover.
-                run_id: String::new(),
-            },
+            Some(recovery) => stream_publish(recovery, envelope),
             None => Command::Publish {
                 channel: namespace.room_channel(room),
                 payload: envelope.encode(),
             },
         };
-        Ok(Dispatch {
+        let mut dispatch = Dispatch {
             rounds: Vec::new(),
             keys: Keys::new(namespace, ""),
-            next_token: token.0,
+            next_token: 0,
             flights: BTreeMap::new(),
-            commands: VecDeque::from([(token, publish)]),
+            commands: VecDeque::new(),
             report: DispatchReport {
                 room: Some(room.to_owned()),
                 ..DispatchReport::default()
             },
             checked: None,
-            room_publish: Some(token),
+            one_shots: BTreeSet::new(),
             outcome: None,
-        })
+        };
+        dispatch.one_shot(shard_of(room, config.shards), publish);
+        Ok(dispatch)
     }
 
     /// Where the dispatch's data is in Redis; [`Command::calls`] needs it.
@@ -257,10 +266,9 @@ impl Dispatch {
     /// Redis answered the command of `token`: an error (or an answer of the wrong
     /// shape) ends the dispatch.
     pub fn handle_reply(&mut self, now: Instant, token: Token, reply: Reply) {
-        if self.room_publish == Some(token) {
-            self.room_publish = None;
+        if self.one_shots.remove(&token) {
             return match reply {
-                Ok(_) => self.done(),
+                Ok(_) => self.done_if_finished(),
                 Err(error) => self.fail(error),
             };
         }
@@ -290,8 +298,7 @@ impl Dispatch {
     /// whose commands were not all answered reports that instead).
     pub fn finish(self) -> Result<DispatchReport, String> {
         self.outcome.unwrap_or_else(|| {
-            let unanswered =
-                self.flights.len() + self.commands.len() + usize::from(self.room_publish.is_some());
+            let unanswered = self.flights.len() + self.one_shots.len();
             Err(format!(
                 "the dispatch ended with {unanswered} commands unanswered"
             ))
@@ -322,8 +329,8 @@ impl Dispatch {
                 // Back to back: a dispatch has nothing else to let through.
                 if !self.rounds[shard].is_empty() {
                     self.start_round(now, shard);
-                } else if self.rounds.iter().all(Rounds::is_empty) {
-                    self.done();
+                } else {
+                    self.done_if_finished();
                 }
             }
         }
@@ -335,6 +342,21 @@ impl Dispatch {
             let token = Token::new(self.next_token, shard);
             self.flights.insert(token, step);
             self.commands.push_back((token, command));
+        }
+    }
+
+    /// Send a command outside the rounds to instance `shard`.
+    fn one_shot(&mut self, shard: usize, command: Command) {
+        self.next_token += 1;
+        let token = Token::new(self.next_token, shard);
+        self.one_shots.insert(token);
+        self.commands.push_back((token, command));
+    }
+
+    /// Done once every round and every command outside them was answered.
+    fn done_if_finished(&mut self) {
+        if self.one_shots.is_empty() && self.rounds.iter().all(Rounds::is_empty) {
+            self.done();
         }
     }
 
@@ -350,5 +372,38 @@ impl Dispatch {
         self.flights.clear();
         self.commands.clear();
         self.outcome = Some(Err(error));
+    }
+}
+
+/// What a send of `message` to `recipients` does with the personal and broadcast
+/// streams `recovery` keeps: only a dispatch (op 0; another op is no message a client
+/// keeps a position of) to ids when ids keep streams, or to everyone when the
+/// broadcast does, goes beside them.
+pub(crate) fn streaming(
+    recovery: &RecoveryConfig,
+    message: &Message,
+    recipients: &Recipients,
+) -> Streaming {
+    let streamed = match recipients {
+        Recipients::All => recovery.broadcast,
+        Recipients::Ids(_) => recovery.users,
+    };
+    if streamed && message.op == Opcode::Dispatch {
+        Streaming::Beside
+    } else {
+        Streaming::Off
+    }
+}
+
+/// The script that appends `envelope`'s message to its room's stream and publishes it.
+fn stream_publish(recovery: &RecoveryConfig, envelope: RoomEnvelope) -> Command {
+    Command::StreamPublish {
+        room: envelope.room.clone(),
+        head: envelope.head(),
+        entry: envelope.message.to_value().to_string(),
+        keep: StreamKeep::new(recovery),
+        // A dispatcher does not know which Redis process it reaches: the
+        // replicas' appends and reads start a new epoch after a failover.
+        run_id: String::new(),
     }
 }

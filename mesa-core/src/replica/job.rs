@@ -16,6 +16,25 @@ pub(crate) struct RemoteSend {
     pub(crate) message: Message,
     pub(crate) options: Option<MessageOptions>,
     pub(crate) plan: RemotePlan,
+    /// What the send does with the personal and broadcast streams.
+    pub(crate) streaming: Streaming,
+}
+
+/// What a send does with the personal and broadcast streams
+/// ([`RecoveryConfig::users`](crate::recovery::RecoveryConfig::users),
+/// [`RecoveryConfig::broadcast`](crate::recovery::RecoveryConfig::broadcast)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Streaming {
+    /// Nothing: its envelope reaches every connection of its recipients.
+    Off,
+    /// Its envelope skips the connections that take its recipients' stream
+    /// ([`Envelope::streamed`](crate::cluster::Envelope::streamed)); every id it
+    /// checks or publishes to is appended to its personal stream first (those
+    /// stored for too).
+    Beside,
+    /// No envelope: the message is appended to the recipients' streams (the ids
+    /// connected here, or the broadcast's), again after an outage.
+    Only,
 }
 
 /// A job other than a send.
@@ -119,6 +138,8 @@ impl RemoteSend {
     /// would arrive out of order with what came since.
     pub(crate) fn fate(&self) -> Fate {
         match self.plan {
+            // Appended again after the outage: a stream keeps its own order.
+            _ if self.streaming == Streaming::Only => Fate::Keep,
             RemotePlan::CheckPresence(_) => Fate::Keep,
             RemotePlan::Publish(_) | RemotePlan::Nothing => Fate::Lost(Loss::Outage),
         }

@@ -110,6 +110,7 @@ mod config;
 mod dispatch;
 mod event;
 mod job;
+mod personal;
 mod rounds;
 pub mod scripts;
 mod shard;
@@ -120,6 +121,7 @@ use std::time::{Duration, Instant};
 
 pub use command::{Call, Command, Keys, RedisValue, Reply, StreamKeep, Token};
 pub use config::{DurablePortals, ReplicaConfig, StoreWait};
+use dispatch::streaming;
 pub use dispatch::{Dispatch, DispatchConfig, DispatchReport};
 pub use event::{LocalDelivery, Loss, ReplicaEvent, SendReport};
 pub use scripts::Script;
@@ -127,18 +129,21 @@ pub use scripts::Script;
 use crate::backoff::Backoff;
 use crate::cluster::{
     Envelope, IDS_PER_COMMAND, PortalEvent, PortalEventKind, PortalPool, PortalUpdate,
-    QueuedPortalEvent, ROOM_CHANNEL_PREFIX, plan_remote, portal_partition, shard_of,
+    QueuedPortalEvent, ROOM_CHANNEL_PREFIX, RemotePlan, plan_remote, portal_partition, shard_of,
 };
 use crate::config::ConfigError;
-use crate::hub::{Action, ConnId, Hub, Recipients, TooManyRecipients};
-use crate::recovery::Position;
+use crate::hub::{Action, ConnId, Hub, Recipients, TooManyRecipients, distinct_ids};
+use crate::recovery::{Personal, Position, Since};
 use crate::room_table::Joined;
-use crate::rooms::{PresenceChange, RoomEnvelope, RoomPayload, RoomRefusal, room_frame};
+use crate::rooms::{
+    PresenceChange, RoomEnvelope, RoomNotice, RoomPayload, RoomRefusal, room_frame,
+};
 use crate::session::SessionEvent;
 use crate::sync::{MessageOptions, stored_entries};
 use crate::wire::{Message, Opcode};
 
-use job::{Fate, Job, RemoteSend};
+use job::{Fate, Job, RemoteSend, Streaming};
+use personal::PersonalTable;
 use rounds::{Advance, Finished, Rounds};
 use shard::{Flight, Link, Sent, Shard, Timer};
 use streams::{Out, Streams};
@@ -178,8 +183,11 @@ pub struct Replica {
     /// is matched against them.
     ws_channel: String,
     own_channel: String,
-    /// The recoverable rooms with a member here.
+    /// The recoverable rooms with a member here, personal and broadcast streams
+    /// included.
     streams: Streams,
+    /// The members here of the personal and broadcast streams.
+    personal: PersonalTable,
     next_token: u64,
     /// Client events appended to the durable portal streams: the sequence of their
     /// event ids.
@@ -214,6 +222,7 @@ impl Replica {
                     Some(name.clone()),
                     config.max_stored_per_id,
                     config.store_wait,
+                    config.recovery.as_ref().map(StreamKeep::new),
                 );
                 Shard::new(backoff, rounds)
             })
@@ -222,6 +231,7 @@ impl Replica {
             ws_channel: config.namespace.ws_channel(),
             own_channel: config.namespace.replica_channel(&name),
             streams: Streams::default(),
+            personal: PersonalTable::default(),
             keys: Keys::new(config.namespace.clone(), name),
             hub: Hub::new(config.auth_required),
             pool: PortalPool::new(config.portals.unwrap_or_default(), seed),
@@ -330,8 +340,11 @@ impl Replica {
     /// close. Pass every event; the others are ignored.
     pub fn handle_session_event(&mut self, now: Instant, conn: ConnId, event: &SessionEvent) {
         match event {
-            SessionEvent::Authenticated { id, .. } => self.authenticated(conn, id),
-            SessionEvent::Extended => self.hub.extend(conn),
+            SessionEvent::Authenticated { id, .. } => {
+                self.authenticated(conn, id);
+                self.personal_stream(now, conn, id);
+            }
+            SessionEvent::Extended { since } => self.extended(now, conn, since),
             SessionEvent::Message(message) => {
                 let client_id = self.hub.id_of(conn).map(str::to_owned);
                 self.tell_portals(PortalEventKind::Message(message.clone()), client_id);
@@ -342,7 +355,10 @@ impl Replica {
                     id: id.clone(),
                     until: now + self.config.load_timeout,
                 };
-                self.push_job(self.shard_of(id), load);
+                let shard = self.shard_of(id);
+                if let Some((load, complete)) = self.personal.load(conn, shard, load) {
+                    self.load_or_clear(shard, load, complete);
+                }
             }
             SessionEvent::ClearUndelivered { id } => {
                 let clear = Job::Clear {
@@ -394,6 +410,9 @@ impl Replica {
             self.streams.close(&room);
             self.subscription(&room, false);
         }
+        for stream in self.personal.close(conn) {
+            self.leave_stream(conn, &stream);
+        }
         if let Some(departure) = self.hub.disconnect(conn) {
             if departure.last && self.config.presence {
                 let shard = self.shard_of(&departure.id);
@@ -431,6 +450,7 @@ impl Replica {
             .hub
             .rooms()
             .rooms()
+            .chain(self.personal.streams())
             .filter(|room| shard_of(room, count) == shard)
             .map(|room| ns.room_channel(room))
             .collect();
@@ -515,7 +535,8 @@ impl Replica {
                 // Our own list names only ids absent here when it was sent: those that
                 // connected here since get it now, when every other replica delivers.
                 Ok(envelope) => {
-                    let local = self.deliver(envelope.message, &envelope.recipients);
+                    let local =
+                        self.deliver(envelope.message, &envelope.recipients, envelope.streamed);
                     self.received(local);
                 }
                 Err(error) => self.undecodable(channel, error.to_string()),
@@ -619,7 +640,30 @@ impl Replica {
             s: None,
             ..message.clone()
         };
-        let (targets, absent) = self.hub.route(recipients);
+        let (mut targets, absent) = self.hub.route(recipients);
+        let streaming = self
+            .config
+            .recovery
+            .as_ref()
+            .map_or(Streaming::Off, |r| streaming(r, &message, recipients));
+        // The connections here that take the send from their stream get it from
+        // there. The ids connected here (which the remote part leaves out), or the
+        // broadcast, are appended to their streams in a send of its own: their
+        // extended connections elsewhere take it from there too.
+        let appended_here = match (streaming, recipients) {
+            (Streaming::Off, _) => None,
+            (_, Recipients::All) => Some(Recipients::All),
+            (_, Recipients::Ids(ids)) => {
+                let here: Vec<String> = distinct_ids(ids)
+                    .into_iter()
+                    .filter(|id| !absent.contains(id))
+                    .collect();
+                (!here.is_empty()).then_some(Recipients::Ids(here))
+            }
+        };
+        if streaming != Streaming::Off {
+            self.skip_streamed(&mut targets, recipients);
+        }
         let action = Action::for_message(&message);
         let mut report = SendReport {
             local: 0,
@@ -641,6 +685,18 @@ impl Replica {
                 message: message.clone(),
                 options: options.cloned(),
                 plan,
+                streaming,
+            };
+            report.queued |= self.push_send(shard, send);
+        }
+        let shards = self.shards.len();
+        let appends = appended_here.map(RemotePlan::Publish).into_iter();
+        for (shard, plan) in appends.flat_map(|plan| plan.by_shard(shards)) {
+            let send = RemoteSend {
+                message: message.clone(),
+                options: None,
+                plan,
+                streaming: Streaming::Only,
             };
             report.queued |= self.push_send(shard, send);
         }
@@ -857,6 +913,114 @@ impl Replica {
             }
         }
         self.tell_portals(PortalEventKind::Authentication, Some(id.to_owned()));
+    }
+
+    /// Connection `conn` opted in, reporting `since`: it takes the broadcasts from
+    /// the broadcast stream now, and its id's sends from its id's stream once it
+    /// has an id.
+    fn extended(&mut self, now: Instant, conn: ConnId, since: &Since) {
+        self.hub.extend(conn);
+        let Some(recovery) = &self.config.recovery else {
+            return;
+        };
+        let (users, broadcast) = (recovery.users, recovery.broadcast);
+        if users {
+            self.personal.reported(conn, since.user.clone());
+        }
+        if broadcast {
+            // A connection that heard broadcasts the legacy way before it opted in
+            // would get them again from a replay: told `recovered: false` instead
+            // (a position of no epoch matches none).
+            let since = match since.broadcast.clone() {
+                Some(_) if self.personal.took_plain_broadcasts(conn) => Some(Position {
+                    epoch: String::new(),
+                    offset: 0,
+                }),
+                since => since,
+            };
+            self.join_stream(now, conn, &Personal::Broadcast.stream(""), since);
+        }
+    }
+
+    /// Extended connection `conn` is (now) `id`'s: it takes `id`'s sends from its
+    /// stream, leaving another id's it was in.
+    fn personal_stream(&mut self, now: Instant, conn: ConnId, id: &str) {
+        let users = self.config.recovery.as_ref().is_some_and(|r| r.users);
+        if !users || !self.hub.rooms().is_extended(conn) || id.is_empty() {
+            return;
+        }
+        let stream = Personal::User.stream(id);
+        match self.personal.stream_of(conn, Personal::User) {
+            Some(old) if old == stream => return,
+            Some(old) => {
+                let old = old.to_owned();
+                self.leave_stream(conn, &old);
+            }
+            None => {}
+        }
+        let since = self.personal.take_reported(conn);
+        self.join_stream(now, conn, &stream, since);
+    }
+
+    /// Put `conn` in personal or broadcast `stream` from `since`: where the stream
+    /// stands, or what it missed after `since`, is read and told (`mesa:resumed`).
+    fn join_stream(&mut self, now: Instant, conn: ConnId, stream: &str, since: Option<Position>) {
+        let Some(first) = self.personal.join(conn, stream) else {
+            return;
+        };
+        if first {
+            let linked = self.shards[self.shard_of(stream)].is_linked();
+            self.streams.open(stream, linked);
+            self.subscription(stream, true);
+        }
+        self.streams
+            .subscribe(conn, stream, Some(serde_json::Value::Null), since);
+        self.streams_out(now);
+    }
+
+    /// Ask for the stored messages of `load`, unless a complete resume of its id's
+    /// stream replayed them (`complete`): then they are taken, not sent (an empty
+    /// load answers the session).
+    fn load_or_clear(&mut self, shard: usize, load: Job, complete: Option<bool>) {
+        match load {
+            Job::Load { conn, id, .. } if complete == Some(true) => {
+                let clear = Job::Clear {
+                    conn,
+                    id: id.clone(),
+                };
+                self.push_job(shard, clear);
+                let messages = Vec::new();
+                self.events
+                    .push_back(ReplicaEvent::Loaded { conn, id, messages });
+            }
+            load => drop(self.push_job(shard, load)),
+        }
+    }
+
+    /// Take `conn` out of personal or broadcast `stream`: the stream's last member
+    /// here gives up its channel.
+    fn leave_stream(&mut self, conn: ConnId, stream: &str) {
+        self.streams.leave(conn, stream);
+        if self.personal.leave(conn, stream) == Some(true) {
+            self.streams.close(stream);
+            self.subscription(stream, false);
+        }
+    }
+
+    /// Take out of `targets` (connections among `recipients`) those that get the
+    /// send from their personal or broadcast stream; a broadcast the others get is
+    /// remembered (see [`PersonalTable::broadcast_plain`]).
+    fn skip_streamed(&mut self, targets: &mut Vec<ConnId>, recipients: &Recipients) {
+        let kind = match recipients {
+            Recipients::All => Personal::Broadcast,
+            Recipients::Ids(_) => Personal::User,
+        };
+        targets.retain(|conn| !self.personal.takes(*conn, kind));
+        if kind == Personal::Broadcast {
+            for conn in targets.iter() {
+                self.personal.broadcast_plain(*conn);
+            }
+        }
     }
 
     fn tell_portals(&mut self, kind: PortalEventKind, client_id: Option<String>) {
@@ -1082,6 +1246,20 @@ impl Replica {
                 // An old client is never told: it knows nothing of rooms.
                 Out::Notice { conn, .. } if !self.hub.rooms().is_extended(conn) => {}
                 Out::Notice { conn, notice } => {
+                    // A resume of an id's stream decides the stored messages.
+                    if let RoomNotice::Subscribed {
+                        room,
+                        recovered: Some(complete),
+                        ..
+                    } = &notice
+                    {
+                        let parked = (Personal::of_stream(room) == Some(Personal::User))
+                            .then(|| self.personal.answered(conn, *complete))
+                            .flatten();
+                        if let Some((shard, load)) = parked {
+                            self.load_or_clear(shard, load, Some(*complete));
+                        }
+                    }
                     let message = notice.to_message();
                     self.deliveries.push_back(LocalDelivery {
                         action: Action::for_message(&message),
@@ -1119,9 +1297,13 @@ impl Replica {
         }
     }
 
-    /// Deliver to the local connections among `recipients`; how many.
-    fn deliver(&mut self, message: Message, recipients: &Recipients) -> usize {
-        let delivery = self.hub.send(&message, recipients);
+    /// Deliver to the local connections among `recipients` (but those that take it
+    /// from a personal or the broadcast stream, when it was `streamed`); how many.
+    fn deliver(&mut self, message: Message, recipients: &Recipients, streamed: bool) -> usize {
+        let mut delivery = self.hub.send(&message, recipients);
+        if streamed {
+            self.skip_streamed(&mut delivery.targets, recipients);
+        }
         if delivery.targets.is_empty() || delivery.action == Action::Ignore {
             return 0;
         }
@@ -1147,24 +1329,31 @@ impl Replica {
     }
 
     /// Queue a job for instance `shard`, coalescing presence changes with the last
-    /// queued one; refuse it when the buffer is full or the replica retires.
-    fn push_job(&mut self, shard: usize, job: Job) {
+    /// queued one; refuse it when the buffer is full or the replica retires. Whether
+    /// it was taken (a presence change beyond the bound waits for the renewal).
+    fn push_job(&mut self, shard: usize, job: Job) -> bool {
         let unlinked = self.shards[shard].unlinked();
         if self.shards[shard].is_retired() || self.retiring || unlinked {
             match self.fate(shard, &job) {
-                Fate::Forget => return,
+                Fate::Forget => return false,
                 Fate::Lost(reason) if unlinked && !self.retiring => {
-                    return self.lost(1, reason);
+                    self.lost(1, reason);
+                    return false;
                 }
                 Fate::Keep if !self.retiring => {}
-                _ => return self.lost(1, Loss::Abandoned),
+                _ => {
+                    self.lost(1, Loss::Abandoned);
+                    return false;
+                }
             }
         }
         if job.counted() {
             if self.work_pending() >= self.config.max_pending {
-                return self.lost(1, Loss::Full);
+                self.lost(1, Loss::Full);
+                return false;
             }
-            return self.shards[shard].jobs.push_back(job);
+            self.shards[shard].jobs.push_back(job);
+            return true;
         }
         let presence: usize = self.shards.iter().map(Shard::presence_pending).sum();
         let link = &mut self.shards[shard];
@@ -1175,7 +1364,7 @@ impl Replica {
             if matches!(job, Job::Rooms(_)) {
                 link.rooms_dirty = true;
             }
-            return;
+            return false;
         }
         match (link.presence.back_mut(), job) {
             (Some(Job::Arrive(ids)), Job::Arrive(more)) if ids.len() < IDS_PER_COMMAND => {
@@ -1187,6 +1376,7 @@ impl Replica {
             }
             (_, job) => link.presence.push_back(job),
         }
+        true
     }
 
     /// Queue the remote part of a send for instance `shard`; false when it was
@@ -1226,9 +1416,13 @@ impl Replica {
     }
 
     /// Send a command to instance `shard` and remember what it was for.
-    fn issue(&mut self, now: Instant, shard: usize, flight: Flight, command: Command) {
+    fn issue(&mut self, now: Instant, shard: usize, flight: Flight, mut command: Command) {
         let token = self.token(shard);
         let link = &mut self.shards[shard];
+        // An append names the Redis process it expects (a round's learns it here).
+        if let Command::StreamPublish { run_id, .. } = &mut command {
+            *run_id = link.run_id();
+        }
         match &flight {
             Flight::Job(job) if job.counted() => link.jobs_in_flight += 1,
             Flight::Job(_) => link.presence_in_flight += 1,

@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{Envelope, IDS_PER_COMMAND, RemotePlan, Round, split_by_presence};
 use crate::hub::Recipients;
+use crate::recovery::Personal;
+use crate::rooms::RoomEnvelope;
 use crate::sync::encode_stored;
 use crate::wire::Message;
 
-use super::command::{Command, RedisValue};
+use super::command::{Command, RedisValue, StreamKeep};
 use super::config::StoreWait;
-use super::job::RemoteSend;
+use super::job::{RemoteSend, Streaming};
 
 /// Which part of a round a command is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +126,9 @@ pub(crate) struct Rounds {
     cap: usize,
     /// Stores wait for Redis replicas.
     wait: Option<StoreWait>,
+    /// How much of a stream Redis keeps, when sends append to personal or
+    /// broadcast streams.
+    keep: Option<StreamKeep>,
     /// Sends not yet done, oldest first; the first may have been cut by a round,
     /// its plan holding the ids still to check.
     sends: VecDeque<RemoteSend>,
@@ -137,6 +142,7 @@ impl Rounds {
         origin: Option<String>,
         cap: usize,
         wait: Option<StoreWait>,
+        keep: Option<StreamKeep>,
     ) -> Self {
         Rounds {
             channel,
@@ -144,6 +150,7 @@ impl Rounds {
             origin,
             cap,
             wait,
+            keep,
             sends: VecDeque::new(),
             round: None,
         }
@@ -221,6 +228,18 @@ impl Rounds {
                 online: vec![false; ids.len()],
                 ..Share::default()
             };
+            // First on the link, so Redis runs them before the stores: what is
+            // stored for an id is in its stream (the sync of an id that resumes
+            // takes it from there).
+            let recipients = match &send.plan {
+                RemotePlan::CheckPresence(_) => Recipients::Ids(ids.to_vec()),
+                RemotePlan::Publish(recipients) => recipients.clone(),
+                RemotePlan::Nothing => Recipients::Ids(Vec::new()),
+            };
+            for command in self.appends(send, &recipients) {
+                commands.push((Step::Publish { share: index }, command));
+                share.open += 1;
+            }
             match &send.plan {
                 RemotePlan::Nothing => {}
                 RemotePlan::Publish(recipients) => {
@@ -342,15 +361,57 @@ impl Rounds {
         }
     }
 
+    /// The appends of `send`'s message to the streams of `recipients` (those of a
+    /// round's share: every id it checks or publishes to).
+    fn appends(&self, send: &RemoteSend, recipients: &Recipients) -> Vec<Command> {
+        let Some(keep) = self.keep else {
+            return Vec::new();
+        };
+        let streams = match (send.streaming, recipients) {
+            (Streaming::Off, _) | (Streaming::Beside, Recipients::All) => Vec::new(),
+            (_, Recipients::All) => vec![Personal::Broadcast.stream("")],
+            // A blank id is nobody's (upstream stores nothing for it either).
+            (_, Recipients::Ids(ids)) => ids
+                .iter()
+                .filter(|id| !id.is_empty())
+                .map(|id| Personal::User.stream(id))
+                .collect(),
+        };
+        let entry = send.message.to_value().to_string();
+        streams
+            .into_iter()
+            .map(|room| {
+                let envelope = RoomEnvelope {
+                    room,
+                    message: send.message.clone(),
+                    origin: None,
+                    position: None,
+                };
+                Command::StreamPublish {
+                    head: envelope.head(),
+                    entry: entry.clone(),
+                    room: envelope.room,
+                    keep,
+                    // Named by the replica as it issues the command.
+                    run_id: String::new(),
+                }
+            })
+            .collect()
+    }
+
     /// The commands that publish `send` to `recipients`: one envelope on `ws`, or,
     /// routing by interest, one route per [`IDS_PER_COMMAND`] ids (each id's
-    /// replicas found when Redis runs it).
+    /// replicas found when Redis runs it); none for a send that only appends.
     fn envelopes(&self, send: &RemoteSend, recipients: Recipients) -> Vec<Command> {
+        if send.streaming == Streaming::Only {
+            return Vec::new();
+        }
         let envelope = Envelope {
             message: send.message.clone(),
             options: send.options.clone(),
             recipients,
             origin: self.origin.clone(),
+            streamed: send.streaming != Streaming::Off,
         };
         match &envelope.recipients {
             Recipients::Ids(ids) if self.route => {

@@ -259,7 +259,7 @@ impl Registry {
                 // Alone, a server neither stores nor forwards: the hub only learns ids.
                 match event {
                     SessionEvent::Authenticated { id, .. } => drop(hub.authenticate(conn, id)),
-                    SessionEvent::Extended => hub.extend(conn),
+                    SessionEvent::Extended { .. } => hub.extend(conn),
                     _ => {}
                 }
             }

@@ -588,6 +588,15 @@ impl ClusterSim {
             .is_some_and(|until| until > self.now)
     }
 
+    /// Whether each id's sends keep a stream.
+    fn streams_users(&self) -> bool {
+        self.config
+            .replica
+            .recovery
+            .as_ref()
+            .is_some_and(|r| r.users)
+    }
+
     /// A command reaches Redis: run it, answer, and hand out what it published.
     fn execute(&mut self, r: usize, epoch: u64, token: Token, command: Command, keys: &Keys) {
         let now = self.now;
@@ -610,6 +619,20 @@ impl ClusterSim {
             }
             Command::Load { id } if self.track.trims_pending.get(id).is_some_and(|n| *n > 0) => {
                 self.track.uncertain_ids.insert(id.clone());
+            }
+            // Stored for an id Redis counts as connected nowhere while a connection
+            // of it is open (Redis lost the presence): with personal streams, that
+            // connection got it from the stream, and the id's next fresh connection
+            // loads it again (the at-least-once window of a Redis that lost data).
+            Command::StoreMany { ids, text, .. } if self.streams_users() => {
+                let connected = self.replicas.iter().filter(|r| r.replica.is_some());
+                let mut ids_open =
+                    connected.flat_map(|r| r.conns.values().filter_map(|c| c.id.as_ref()));
+                if ids_open.any(|open| ids.contains(open)) {
+                    if let Some(key) = track::entry_key(text) {
+                        self.track.uncertain_messages.insert(key);
+                    }
+                }
             }
             _ => {}
         }
@@ -723,6 +746,12 @@ impl ClusterSim {
                     crate::cluster::Envelope::decode(&format!("{head}{tail}"))
                         .ok()
                         .and_then(|e| message_key(&e.message))
+                }
+                // An append to an id's stream is made again after the outage.
+                Command::StreamPublish { entry, .. } => {
+                    Message::from_value(serde_json::from_str(entry).unwrap_or_default())
+                        .ok()
+                        .and_then(|m| message_key(&m))
                 }
                 _ => None,
             };
@@ -947,6 +976,19 @@ impl ClusterSim {
         };
         match event {
             SessionEvent::AuthenticationRequested { credentials, .. } => {
+                // With personal or broadcast streams, every client opts in (as our
+                // client does on a server with rooms), reporting no position.
+                let streams = self.config.replica.recovery.as_ref();
+                if streams.is_some_and(|r| r.users || r.broadcast) {
+                    if let Some(replica) = self.replicas[r].replica.as_mut() {
+                        let since = crate::recovery::Since::default();
+                        replica.handle_session_event(now, conn, &SessionEvent::Extended { since });
+                        self.dirty_replicas.push(r);
+                    }
+                }
+                let Some(entry) = self.replicas[r].conns.get_mut(&conn) else {
+                    return;
+                };
                 let _ = match dev_authenticate(&credentials) {
                     Ok((id, user)) => entry.session.accept(now, id, user),
                     Err(reason) => entry.session.reject(now, reason),
