@@ -25,7 +25,10 @@
 //! - in a recoverable room (room `r0`; `r1` is not), whatever comes on its channel
 //!   (in order, twice, ahead of holes, from a new epoch): each connection gets each
 //!   position at most once, in increasing order within an epoch, except after the
-//!   server told it `recovered: false`; an old client never gets a control dispatch.
+//!   server told it `recovered: false`; the same of the personal and broadcast
+//!   streams (ids' sends and broadcasts are streamed; a client opts in reporting
+//!   positions of either); an old client never gets a control dispatch nor a
+//!   stream's fields.
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -35,7 +38,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mesa_core::cluster::{Envelope, PortalEvent, PortalUpdate};
-use mesa_core::recovery::{Position, RecoveryConfig, Since};
+use mesa_core::recovery::{Personal, Position, RecoveryConfig, Since};
 use mesa_core::rooms::RoomEnvelope;
 use mesa_core::sim::RedisModel;
 use mesa_core::{
@@ -111,8 +114,12 @@ enum Op {
         ms: u16,
     },
     Retire,
+    /// The connection opts in, reporting these positions in its id's stream (of
+    /// alice's epoch, or a stale one) and in the broadcast stream.
     Extend {
         conn: u8,
+        user: Option<(bool, u8)>,
+        broadcast: Option<(bool, u8)>,
     },
     Join {
         conn: u8,
@@ -186,16 +193,28 @@ impl Harness {
             !control || self.extended.contains(&conn),
             "a control dispatch to an old client: {text}"
         );
-        if value["t"] == "mesa:subscribed" && value["d"]["recovered"] == false {
-            let room = value["d"]["room"].as_str().unwrap_or_default().to_owned();
+        let streamed = value.get("stream").is_some() || value.get("offset").is_some();
+        assert!(
+            !streamed || self.extended.contains(&conn),
+            "a stream's fields to an old client: {text}"
+        );
+        // A room by its name, a personal or the broadcast stream by its kind.
+        let named = |v: &serde_json::Value| {
+            v["room"]
+                .as_str()
+                .or_else(|| v["stream"].as_str())
+                .map(str::to_owned)
+        };
+        let told = ["mesa:subscribed", "mesa:resumed"].iter().any(|t| value["t"] == *t);
+        if told && value["d"]["recovered"] == false {
+            let room = named(&value["d"]).unwrap_or_default();
             self.positions.insert((conn, room), None);
             return;
         }
-        let (Some(room), Some(position)) = (value["room"].as_str(), Position::from_value(&value))
-        else {
+        let (Some(room), Some(position)) = (named(&value), Position::from_value(&value)) else {
             return;
         };
-        let last = self.positions.insert((conn, room.to_owned()), Some(position.clone()));
+        let last = self.positions.insert((conn, room), Some(position.clone()));
         if let Some(Some(last)) = last {
             assert!(
                 last.epoch != position.epoch || last.offset < position.offset,
@@ -366,6 +385,8 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
         recovery: Some(RecoveryConfig {
             rooms: vec![ROOMS[0].to_owned()],
             size: 4,
+            users: true,
+            broadcast: true,
             ..RecoveryConfig::default()
         }),
         ..ReplicaConfig::default()
@@ -579,16 +600,25 @@ fuzz_target!(|input: (bool, bool, Vec<Op>)| {
                 }
             }
             Op::Retire => h.replica.handle_retire(now),
-            Op::Extend { conn } => {
+            Op::Extend {
+                conn,
+                user,
+                broadcast,
+            } => {
                 let conn = h.conn(conn);
                 if h.conns.contains_key(&conn) {
                     h.extended.insert(conn);
-                    h.session_event(
-                        conn,
-                        SessionEvent::Extended {
-                            since: Since::default(),
-                        },
-                    );
+                    let at = |stream: &str, at: Option<(bool, u8)>| {
+                        at.map(|(stale, offset)| Position {
+                            epoch: if stale { "stale".into() } else { h.epoch(stream) },
+                            offset: offset.into(),
+                        })
+                    };
+                    let since = Since {
+                        user: at(&Personal::User.stream(IDS[0]), user),
+                        broadcast: at(&Personal::Broadcast.stream(""), broadcast),
+                    };
+                    h.session_event(conn, SessionEvent::Extended { since });
                 }
             }
             Op::Join { conn, room, since } => {

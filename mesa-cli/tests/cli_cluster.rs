@@ -450,3 +450,96 @@ fn a_client_killed_and_restarted_with_its_state_file_resumes_where_it_was() {
     assert_eq!(resumed["d"]["recovered"], true, "{resumed}");
     assert_eq!(resumed["d"]["offset"], 6);
 }
+
+/// `mesa serve --recover-users` with `mesa client --state FILE`: the sends to the
+/// client's id that a killed client process missed (stored, since its id was
+/// connected nowhere, and in its id's stream) come once, in order, when it starts
+/// again with the same FILE, then the `mesa:resumed` line with `"recovered": true`.
+#[test]
+fn a_client_restarted_with_its_state_file_gets_the_sends_to_its_id_once() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let cluster = [("MESA_REDIS", url.as_str())];
+    let (_server, ws_url) = Mesa::serve(
+        &["--rooms", "authenticated", "--sync", "--recover-users"],
+        &cluster,
+    );
+    let dir = pki::TempDir::new();
+    let state = dir.path().join("state.json");
+    let state_arg = state.to_str().expect("a UTF-8 path");
+    let client_args = [
+        "client",
+        ws_url.as_str(),
+        "--token",
+        "alice",
+        "--state",
+        state_arg,
+    ];
+    let send = |n: u64| {
+        let data = json!({ "n": n }).to_string();
+        report(&dispatch(
+            &[
+                "--to",
+                "alice",
+                "--type",
+                "N",
+                "--data",
+                &data,
+                "--sync",
+                "--recover-users",
+            ],
+            &cluster,
+        ))
+    };
+
+    let mut first = Mesa::start(&client_args, &[]);
+    let fresh = first
+        .stdout
+        .expect_json("where the stream stands", |m| m["t"] == "mesa:resumed");
+    assert_eq!(fresh["d"]["stream"], "user", "{fresh}");
+    let start = fresh["d"]["offset"].as_u64().expect("an offset");
+    for n in 0..3 {
+        send(n);
+        let got = first.stdout.expect_json("a message", |m| m["t"] == "N");
+        assert_eq!(got["d"]["n"].as_u64(), Some(n));
+    }
+    let saved = format!(r#""offset":{}"#, start + 3);
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&saved)) {
+        assert!(
+            Instant::now() < deadline,
+            "the state file never held {saved}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+    redis.wait_reply(&["SISMEMBER", "connected_clients", "alice"], ":0\r\n");
+
+    for n in 3..6 {
+        let sent = send(n);
+        assert_eq!(sent["stored"], 1, "{sent}");
+    }
+    let second = Mesa::start(&client_args, &[]);
+    let mut missed = Vec::new();
+    let resumed = loop {
+        let line = second
+            .stdout
+            .expect_json("the missed messages and the resume", |m| {
+                m["t"] == "N" || m["t"] == "mesa:resumed"
+            });
+        if line["t"] == "mesa:resumed" {
+            break line;
+        }
+        missed.push(line["d"]["n"].as_u64().expect("numbered"));
+    };
+    assert_eq!(missed, [3, 4, 5], "each missed message once, in order");
+    assert_eq!(resumed["d"]["recovered"], true, "{resumed}");
+    assert_eq!(resumed["d"]["offset"].as_u64(), Some(start + 6));
+    // The stored copies were taken, not sent: the next line is the next send.
+    send(6);
+    let next = second
+        .stdout
+        .expect_json("the next message", |m| m["t"] == "N");
+    assert_eq!(next["d"]["n"].as_u64(), Some(6), "{next}");
+}

@@ -44,7 +44,7 @@
 //! | `mesa_room_memberships` | gauge | room memberships on this server, over all rooms |
 //! | `mesa_cluster_messages_received_total` | counter | envelopes (of sends and of rooms) received from Redis |
 //! | `mesa_cluster_messages_unneeded_total` | counter | of those, the ones with no local recipient |
-//! | `mesa_room_resumes_total` | counter | members of recoverable rooms that came back with a position and caught up |
+//! | `mesa_room_resumes_total` | counter | members of recoverable rooms, and connections of personal and broadcast streams, that came back with a position and caught up |
 //! | `mesa_room_resumes_incomplete_total` | counter | of those, the ones told `recovered: false` (the stream no longer held all they missed) |
 //! | `mesa_room_messages_repaired_total` | counter | messages of recoverable rooms Redis's pub/sub lost, read from their streams |
 //! | `mesa_room_messages_skipped_total` | counter | offsets of recoverable rooms neither pub/sub nor the stream had any more |
@@ -322,7 +322,7 @@ impl Metrics {
         );
         r.register(
             "mesa_room_resumes",
-            "Members of recoverable rooms that came back with a position and caught up",
+            "Members of recoverable rooms and connections of personal or broadcast streams that came back with a position and caught up",
             resumes.clone(),
         );
         r.register(

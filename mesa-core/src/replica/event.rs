@@ -101,9 +101,9 @@ pub enum ReplicaEvent {
         /// Each id and its connections in the room, by id.
         members: Result<Vec<(String, u64)>, String>,
     },
-    /// A member of a recoverable room that reported a position caught up: with
-    /// everything it missed (`recovered`), or with nothing, the stream no longer
-    /// holding it all.
+    /// A member of a recoverable room (or a connection of a personal or the
+    /// broadcast stream) that reported a position caught up: with everything it
+    /// missed (`recovered`), or with nothing, the stream no longer holding it all.
     Resumed {
         /// Whether the replay was complete.
         recovered: bool,
