@@ -543,3 +543,128 @@ fn a_client_restarted_with_its_state_file_gets_the_sends_to_its_id_once() {
         .expect_json("the next message", |m| m["t"] == "N");
     assert_eq!(next["d"]["n"].as_u64(), Some(6), "{next}");
 }
+
+/// `kill -9` of the `mesa serve` a client was on: the client reconnects to the
+/// replica that takes its place (a new process on the same address) and gets what
+/// was sent to its id and published to its room meanwhile, once, in order in each
+/// stream, then both resumes with `"recovered": true`.
+#[test]
+fn a_client_whose_replica_was_killed_resumes_on_the_next_one() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let cluster = [
+        ("MESA_REDIS", url.as_str()),
+        ("MESA_RECOVER_ROOMS", "chat:*"),
+        ("MESA_RECONNECT_INTERVAL", "100"),
+    ];
+    let serve = |listen: &str| {
+        let args = [
+            "serve",
+            "--listen",
+            listen,
+            "--auth",
+            "dev",
+            "--rooms",
+            "authenticated",
+            "--recover-users",
+        ];
+        let server = Mesa::start(&args, &cluster);
+        let line = server.stdout.expect("announcing the URL", |l| {
+            l.starts_with("mesa listening on ")
+        });
+        let url = line["mesa listening on ".len()..].to_owned();
+        (server, url)
+    };
+    let (mut first, ws_url) = serve("127.0.0.1:0");
+    let addr = ws_url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    let client = Mesa::start(
+        &[
+            "client",
+            &ws_url,
+            "--token",
+            "alice",
+            "--subscribe",
+            "chat:1",
+        ],
+        &[],
+    );
+    // Room messages are numbered even, sends to alice odd.
+    let send = |n: u64| {
+        let data = json!({ "n": n }).to_string();
+        let to = if n % 2 == 0 {
+            ["--room", "chat:1"]
+        } else {
+            ["--to", "alice"]
+        };
+        report(&dispatch(
+            &[
+                to[0],
+                to[1],
+                "--type",
+                "N",
+                "--data",
+                &data,
+                "--recover-users",
+            ],
+            &cluster,
+        ))
+    };
+    let lines = |mesa: &Mesa, done: &dyn Fn(&[Value]) -> bool| {
+        let mut seen = Vec::new();
+        while !done(&seen) {
+            seen.push(mesa.stdout.expect_json("a message or a resume", |m| {
+                m["t"] == "N" || m["t"] == "mesa:resumed" || m["t"] == "mesa:subscribed"
+            }));
+        }
+        seen
+    };
+    let numbers = |seen: &[Value]| -> Vec<u64> {
+        seen.iter()
+            .filter(|m| m["t"] == "N")
+            .filter_map(|m| m["d"]["n"].as_u64())
+            .collect()
+    };
+    client
+        .stderr
+        .expect("subscribed", |l| l.starts_with("subscribed"));
+    for n in 0..4 {
+        send(n);
+    }
+    let live = lines(&client, &|seen| numbers(seen).len() == 4);
+    assert_eq!(numbers(&live), [0, 1, 2, 3]);
+
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+    for n in 4..10 {
+        send(n);
+    }
+    let (_next, _) = serve(&addr);
+    let resumed = |seen: &[Value], t: &str| {
+        seen.iter()
+            .find(|m| m["t"] == t && m["d"]["ref"].is_null() == (t == "mesa:resumed"))
+            .map(|m| m["d"]["recovered"].clone())
+    };
+    let after = lines(&client, &|seen| {
+        resumed(seen, "mesa:resumed").is_some()
+            && resumed(seen, "mesa:subscribed").is_some()
+            && numbers(seen).len() >= 6
+    });
+    // In order in each stream (a room's and the id's are two).
+    let got = numbers(&after);
+    let room: Vec<u64> = got.iter().copied().filter(|n| n % 2 == 0).collect();
+    let id: Vec<u64> = got.iter().copied().filter(|n| n % 2 == 1).collect();
+    assert_eq!((room, id), (vec![4, 6, 8], vec![5, 7, 9]), "{after:?}");
+    assert_eq!(
+        resumed(&after, "mesa:resumed"),
+        Some(json!(true)),
+        "{after:?}"
+    );
+    assert_eq!(
+        resumed(&after, "mesa:subscribed"),
+        Some(json!(true)),
+        "{after:?}"
+    );
+}

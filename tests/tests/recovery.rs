@@ -14,7 +14,7 @@ use mesa_tests::proxy::CutProxy;
 use mesa_tests::runtimes::{Tokio, next_json, raw};
 use mesa_tests::{RedisServer, WAIT};
 use mesa_tokio::metrics::Metrics;
-use mesa_tokio::recovery::{Position, RecoveryConfig};
+use mesa_tokio::recovery::{Personal, Position, RecoveryConfig};
 use mesa_tokio::{
     Client, ClientEvent, ClientEvents, ClusterConfig, DevAuthenticator, Dispatcher, RoomPolicy,
     Server, ServerHandle,
@@ -452,7 +452,8 @@ async fn a_new_epoch_is_told(mut redis: RedisServer) {
 // --- Trials (run explicitly) ---------------------------------------------------------
 //
 // The issue's figures: a client subscribed to 3 recoverable rooms while messages flow
-// to them at a fixed rate, its TCP connection cut for a while at each trial. Run with
+// to them and to its id (whose sends keep a stream too) at a fixed rate, its TCP
+// connection cut for a while at each trial. Run with
 //
 //   RECOVERY_TRIALS=100 RECOVERY_CUT_MS=2000 cargo test -p mesa-tests --release \
 //     --test recovery -- --ignored --nocapture trials_
@@ -467,13 +468,17 @@ const RESUME_WAIT: Duration = Duration::from_secs(45);
 /// The rooms of the trials, all recoverable (`chat:*`).
 const TRIAL_ROOMS: [&str; 3] = ["chat:a", "chat:b", "chat:c"];
 
+/// What a trial follows: the rooms, then the stream of the client's id (`alice`),
+/// each by the name its stream has in Redis.
+const TRIAL_STREAMS: [&str; 4] = ["chat:a", "chat:b", "chat:c", "~user:alice"];
+
 /// The trials' settings, from the environment: few and short unless told.
 struct Trials {
     /// How many cuts.
     count: usize,
     /// How long each cut lasts.
     cut: Duration,
-    /// Messages per second, over the 3 rooms in turn.
+    /// Messages per second, over the 3 rooms and the client's id in turn.
     rate: u64,
     /// The stream's size in the gap trials.
     gap_size: usize,
@@ -554,9 +559,9 @@ impl Outcome {
         self.missing += other.missing;
     }
 
-    /// Whether the trial went as `expect` says, for all 3 rooms.
+    /// Whether the trial went as `expect` says, for the 3 rooms and the id.
     fn ok(&self, expect: Expect) -> bool {
-        let rooms = TRIAL_ROOMS.len() as u64;
+        let rooms = TRIAL_STREAMS.len() as u64;
         let told = match expect {
             Expect::Recovered => self.recovered == rooms && self.wrong_position == 0,
             Expect::Gap => self.not_recovered == rooms && self.partial == 0,
@@ -591,15 +596,37 @@ impl Tracker {
     }
 
     fn room(&mut self, room: &str) -> &mut RoomTrack {
-        let index = TRIAL_ROOMS
+        let index = TRIAL_STREAMS
             .iter()
             .position(|r| *r == room)
             .unwrap_or_else(|| panic!("a message of another room: {room}"));
         &mut self.rooms[index]
     }
 
-    /// Count one event.
+    /// Count one event: the id's stream as a room.
     fn see(&mut self, event: &ClientEvent) {
+        let id_stream = TRIAL_STREAMS[3].to_owned();
+        let event = match event {
+            ClientEvent::StreamPosition {
+                stream: Personal::User,
+                position,
+            } => &ClientEvent::RoomMessage {
+                room: id_stream,
+                message: Message::dispatch("N", json!({})),
+                position: Some(position.clone()),
+            },
+            ClientEvent::Resumed {
+                stream: Personal::User,
+                position,
+                recovered,
+            } => &ClientEvent::Subscribed {
+                room: id_stream,
+                reference: None,
+                position: position.clone(),
+                recovered: *recovered,
+            },
+            event => event,
+        };
         match event {
             ClientEvent::RoomMessage { room, position, .. } => {
                 let offset = position.as_ref().expect("a position").offset;
@@ -701,7 +728,8 @@ async fn pump(
     }
 }
 
-/// Publish to the trial rooms in turn, `rate` a second, from `handle` until `stop`.
+/// Publish to the trial rooms and send to `alice` in turn, `rate` a second, from
+/// `handle` until `stop`.
 fn publish_at_rate(
     handle: ServerHandle,
     rate: u64,
@@ -713,16 +741,18 @@ fn publish_at_rate(
         while !*stop.borrow() {
             tick.tick().await;
             let message = Message::dispatch("N", json!({ "n": n }));
-            handle
-                .publish(TRIAL_ROOMS[(n % 3) as usize], &message)
-                .unwrap();
+            match TRIAL_ROOMS.get((n % 4) as usize) {
+                Some(room) => drop(handle.publish(room, &message).unwrap()),
+                None => drop(handle.send_to(&message, ["alice"], &[]).unwrap()),
+            }
             n += 1;
         }
         n
     })
 }
 
-/// Our client through `proxy`, subscribed to the trial rooms; the positions answered.
+/// Our client through `proxy`, signed in as alice and subscribed to the trial rooms;
+/// the positions answered (the rooms', then the id's stream's).
 async fn trial_member(proxy: &CutProxy) -> (Client, ClientEvents, Vec<u64>) {
     let url = format!("ws://{}/", proxy.addr());
     let (client, mut events) = mesa_tokio::client(url).build().unwrap();
@@ -730,6 +760,13 @@ async fn trial_member(proxy: &CutProxy) -> (Client, ClientEvents, Vec<u64>) {
         .authenticate(json!({ "token": "alice" }), false)
         .await
         .unwrap();
+    let id_start = match next_event(&mut events, "mesa:resumed", is_resumed, WAIT).await {
+        ClientEvent::Resumed {
+            position: Some(position),
+            ..
+        } => position.offset,
+        other => panic!("a fresh client is told where its id's stream stands: {other:?}"),
+    };
     let mut starts = Vec::new();
     for room in TRIAL_ROOMS {
         client.subscribe(room).await.unwrap();
@@ -738,7 +775,21 @@ async fn trial_member(proxy: &CutProxy) -> (Client, ClientEvents, Vec<u64>) {
             other => panic!("a fresh subscribe answers a position: {other:?}"),
         }
     }
+    starts.push(id_start);
     (client, events, starts)
+}
+
+fn is_resumed(event: &ClientEvent) -> bool {
+    matches!(event, ClientEvent::Resumed { .. })
+}
+
+/// [`recovering`], and each id's sends keep a stream too.
+fn recovering_ids(redis: &RedisServer, size: usize) -> ClusterConfig {
+    let mut cluster = recovering(redis, size);
+    if let Some(recovery) = cluster.recovery.as_mut() {
+        recovery.users = true;
+    }
+    cluster
 }
 
 /// Where the client goes back after each cut, and what happens to its replica.
@@ -760,10 +811,10 @@ enum Hosts {
 async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
     let settings = Trials::from_env();
     let redis = RedisServer::start();
-    let publisher = replica(recovering(&redis, size));
+    let publisher = replica(recovering_ids(&redis, size));
     start(&publisher).await;
     let mut hosts = if kill {
-        let cluster = recovering(&redis, size);
+        let cluster = recovering_ids(&redis, size);
         let (a, b) = (cluster.clone(), cluster.clone());
         Hosts::Killed {
             current: Crashable::start(move || replica(a)),
@@ -771,7 +822,7 @@ async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
             cluster: Box::new(cluster),
         }
     } else {
-        let server = replica(recovering(&redis, size));
+        let server = replica(recovering_ids(&redis, size));
         Hosts::One {
             addr: start(&server).await,
             _server: server,
@@ -847,7 +898,7 @@ async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
     let _ = stop.send(true);
     let published = publishing.await.unwrap();
     let appended = || -> Vec<u64> {
-        TRIAL_ROOMS
+        TRIAL_STREAMS
             .iter()
             .map(|room| {
                 let key = format!("mesa_stream_meta:{room}");
@@ -888,7 +939,7 @@ async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
     let max = resume_ms.last().copied().unwrap_or(0);
     println!(
         "{name}: {ok}/{} trials as expected ({expect:?}); cut {} ms each, {} messages/s over \
-         3 rooms, streams of {size}; {published} published ({unappended} never appended), \
+         3 rooms and the id, streams of {size}; {published} published ({unappended} never appended), \
          {received} received; resumes: {} \
          answered, {} recovered true, {} recovered false, {} at a wrong position; {} replayed \
          before a recovered false, {} duplicated or out of order, {} missing; resume after the \
