@@ -38,6 +38,23 @@ export interface Hello {
   rules?: string[]
 }
 
+/** Where a message stands in a recoverable room's stream, or in a personal or the broadcast stream. */
+export interface Position {
+  /** The stream's epoch: offsets count within it. */
+  epoch: string
+  /** The message's offset (1, 2...) within the epoch; 0 before the first. */
+  offset: number
+}
+
+/** The personal stream (sends to the client's id) or the broadcast stream. */
+export type StreamKind = 'user' | 'broadcast'
+
+/** The last positions in the personal and broadcast streams, as reported at authentication. */
+export interface StreamPositions {
+  user: Position | null
+  broadcast: Position | null
+}
+
 /** A message for the application: an op 0 dispatch, or any op the client does not handle. */
 export interface MesaMessage<D = unknown> {
   op: number
@@ -48,6 +65,8 @@ export interface MesaMessage<D = unknown> {
   s: number | null
   /** The room the message was published to, for a room's messages. */
   room: string | null
+  /** Its position, for a recoverable room's messages (a page saves it to resume after a reload). */
+  position: Position | null
 }
 
 /** A room request the server refused, or one that could not be made. */
@@ -69,14 +88,28 @@ export interface MesaClientEvents {
   connected: { initial: boolean; automatic: boolean }
   authenticated: { user: unknown }
   message: MesaMessage
-  /** A subscription was made (again, after a reconnection), or the server joined this connection (byServer). */
-  subscribed: { room: string; byServer: boolean }
+  /**
+   * A subscription was made (again, after a reconnection), or the server joined this connection (byServer).
+   * In a recoverable room, `position` is where its messages go on from and `recovered` says whether
+   * everything missed since the position reported (`since`) was replayed before this event: false means
+   * reload the room's state; null when no position was reported. A live subscription whose missed
+   * messages the server cannot forward is told too: byServer, `recovered: false`.
+   */
+  subscribed: { room: string; byServer: boolean; position: Position | null; recovered: boolean | null }
   /** A subscription ended: by unsubscribe(), or by the server (byServer). */
   unsubscribed: { room: string; byServer: boolean }
   /** An id's first connection joined a room subscribed to with `presence: true`. */
   join: { room: string; id: string }
   /** An id's last connection left such a room. */
   leave: { room: string; id: string }
+  /**
+   * Where a personal or the broadcast stream stands, after every authentication (on a server that keeps
+   * them): what was missed since the position reported arrived before, as `message` events. `recovered`
+   * false: it could not be replayed (reload what depends on it); null: no position was reported.
+   */
+  resumed: { stream: StreamKind; position: Position | null; recovered: boolean | null }
+  /** The `message` just before came from a personal or the broadcast stream, at `position`: saved once handled. */
+  streamPosition: { stream: StreamKind; position: Position }
   /** `reconnectAt` (ms since the epoch) is null when no reconnection follows. */
   disconnected: { code: number; reason: string; reconnectAt: number | null; attempt?: number }
   /** A frame that is not Mesa, or a refused publish (a MesaRoomError). */
@@ -102,10 +135,12 @@ export declare class MesaClient {
   /** Send a dispatch now, or queue it until the connection is ready. */
   send (t: string, d?: unknown): void
   /**
-   * Subscribe to a room (restored after every reconnection); rejects with a MesaRoomError.
-   * With `presence`, `join` and `leave` events tell who comes and goes.
+   * Subscribe to a room (restored after every reconnection, from its last position); rejects with a
+   * MesaRoomError. With `presence`, `join` and `leave` events tell who comes and goes. With `since`
+   * (saved from positions(); used when the room is not held yet), a recoverable room replays what came
+   * after it; a malformed `since` rejects with a TypeError.
    */
-  subscribe (room: string, options?: { token?: string; presence?: boolean }): Promise<void>
+  subscribe (room: string, options?: { token?: string; presence?: boolean; since?: Position | null }): Promise<void>
   /** Who is in a room this connection is in: each id with its connections there. */
   presence (room: string): Promise<Record<string, number>>
   /** Leave a room; rejects with a MesaRoomError. */
@@ -114,6 +149,12 @@ export declare class MesaClient {
   publish (room: string, t: string, d?: unknown): void
   /** The rooms subscribed to, made or waiting to be made. */
   rooms (): string[]
+  /** Each room subscribed to, oldest first, with the position of its last message (null: none known). */
+  positions (): Array<{ room: string; position: Position | null }>
+  /** The last positions received in the personal and broadcast streams. */
+  streamPositions (): StreamPositions
+  /** Report saved stream positions at the next authentication (call it before authenticate()). */
+  resumeStreams (since: Partial<StreamPositions>): void
   /** Whether a send goes out now (open, and authenticated when credentials were given). */
   ready (): boolean
   /** Close deliberately: no reconnection follows. */

@@ -25,11 +25,20 @@
 //    `mesa:join` and `mesa:leave` (no ref): an id's first connection in the room,
 //    its last one gone.
 //    A room message is an op 0 with a top-level `room`.
-// 6. When the connection is lost, reconnect after a delay with full jitter: attempt n
+// 6. Recovery: in a recoverable room a message carries its position (top-level
+//    `epoch` and `offset`), and `mesa:subscribed` the position the room goes on
+//    from. Keep the last one of each room, and send it as `since` when the room is
+//    subscribed to again after a reconnection: the server replays what was missed,
+//    then answers `recovered`. A send to the client's id or a broadcast taken from
+//    its stream carries `stream` ('user' or 'broadcast') and a position too: it is
+//    an ordinary message for the application, but its position is kept per stream
+//    and reported inside the opt-in of every op 2 (`mesa.since`); `mesa:resumed`
+//    answers with where each stream stands and `recovered`.
+// 7. When the connection is lost, reconnect after a delay with full jitter: attempt n
 //    waits a uniform delay in [0, min(cap, base x 2^n)], base being the server's
 //    c_reconnect_interval. Upstream clients retry at a fixed interval, so after a
 //    server restart they all come back in the same instant.
-// 7. A deliberate disconnect() never reconnects.
+// 8. A deliberate disconnect() never reconnects.
 
 export const Opcode = Object.freeze({
   DISPATCH: 0,
@@ -55,6 +64,27 @@ const DEFAULTS = Object.freeze({
 const CLOSE_SERVER_SILENT = 4000
 // The prefix of control dispatches, reserved by the rooms extension.
 const CONTROL = 'mesa:'
+// The streams of a client of its own: the sends to its id, and the broadcasts.
+const STREAMS = Object.freeze(['user', 'broadcast'])
+// The longest epoch a server gives (mesa-core's MAX_EPOCH_BYTES, in characters here).
+const MAX_EPOCH = 64
+
+// A position `{epoch, offset}` read from `value` (a frame, a `d`, a saved `since`),
+// or null when it has another shape: what is kept must be what the server can read
+// back.
+function positionOf (value) {
+  if (value === null || typeof value !== 'object') return null
+  const { epoch, offset } = value
+  if (typeof epoch !== 'string' || epoch.length === 0 || epoch.length > MAX_EPOCH) return null
+  if (!Number.isSafeInteger(offset) || offset < 0) return null
+  return { epoch, offset }
+}
+
+// A position handed out (null stays null): the application may keep or change it
+// without moving the client's own.
+function copy (position) {
+  return position === null ? null : { ...position }
+}
 
 // A room request the server refused (`mesa:error`), or one that could not be made.
 export class MesaRoomError extends Error {
@@ -77,7 +107,8 @@ export class MesaClient {
     this.extended = false // whether this connection opted in to rooms
     this.queue = [] // sends waiting for an (authenticated) connection
     this.credentials = null // op 2 data, resent after every reconnection
-    this.subscriptions = new Map() // room -> { token, ref, subscribed, waiters }
+    this.subscriptions = new Map() // room -> { token, presence, position, ref, subscribed, waiters }
+    this.streams = { user: null, broadcast: null } // the last position in each stream
     this.requests = new Map() // ref -> { kind, room, resolve, reject } awaiting an answer
     this.nextRef = 1
     this.attempt = 0 // failed connection attempts in a row
@@ -92,7 +123,8 @@ export class MesaClient {
   // ----- events -----
 
   // Listen to 'connecting', 'connected', 'authenticated', 'message', 'subscribed',
-  // 'unsubscribed', 'join', 'leave', 'disconnected' or 'error'. Returns a function that stops listening.
+  // 'unsubscribed', 'join', 'leave', 'resumed', 'streamPosition', 'disconnected' or
+  // 'error'. Returns a function that stops listening.
   on (event, listener) {
     if (!this.listeners.has(event)) this.listeners.set(event, new Set())
     this.listeners.get(event).add(listener)
@@ -139,11 +171,17 @@ export class MesaClient {
   // on `mesa:subscribed`, rejects with a MesaRoomError on `mesa:error` or when the
   // server has no rooms. Made now if ready, else once ready; restored after every
   // reconnection until unsubscribe(). With `presence: true`, 'join' and 'leave'
-  // events tell who comes and goes (per id, over the cluster).
-  subscribe (room, { token, presence = false } = {}) {
+  // events tell who comes and goes (per id, over the cluster). With `since` (a
+  // position saved from positions()), a recoverable room replays what came after it.
+  subscribe (room, { token, presence = false, since } = {}) {
+    const position = since == null ? null : positionOf(since)
+    if (since != null && position === null) {
+      return Promise.reject(new TypeError('since must be {epoch, offset}, as positions() gives it'))
+    }
     let entry = this.subscriptions.get(room)
     if (entry === undefined) {
-      entry = { token, presence, ref: null, subscribed: false, waiters: [] }
+      // `since` counts for a new subscription only: a held one knows a later position.
+      entry = { token, presence, position, ref: null, subscribed: false, waiters: [] }
       this.subscriptions.set(room, entry)
       this.requestSubscription(room)
     }
@@ -183,6 +221,27 @@ export class MesaClient {
   // The rooms subscribed to (made, or waiting to be made).
   rooms () {
     return [...this.subscriptions.keys()]
+  }
+
+  // Each room subscribed to, oldest first, with the position of the last message
+  // received there (null outside recoverable rooms, or before any): what a page
+  // saves to subscribe with `since` after a reload.
+  positions () {
+    return [...this.subscriptions].map(([room, entry]) => ({ room, position: copy(entry.position) }))
+  }
+
+  // The last positions received in the personal and broadcast streams (null when
+  // none): reported at every authentication, and what a page saves across reloads.
+  streamPositions () {
+    return { user: copy(this.streams.user), broadcast: copy(this.streams.broadcast) }
+  }
+
+  // Report `since` ({user, broadcast}, saved from streamPositions()) at the next
+  // authentication, so the server replays what was missed: call it before
+  // authenticate(). A malformed or missing position is none.
+  resumeStreams (since = {}) {
+    const given = since === null || typeof since !== 'object' ? {} : since
+    for (const stream of STREAMS) this.streams[stream] = positionOf(given[stream])
   }
 
   // Close deliberately: no reconnection follows.
@@ -278,16 +337,36 @@ export class MesaClient {
         if (this.extended && typeof message.t === 'string' && message.t.startsWith(CONTROL)) {
           return this.control(message.t, message.d || {})
         }
-        // An application message; `s` is set on messages stored while offline,
-        // `room` on a room's messages.
-        return this.emit('message', {
-          op: message.op,
-          t: message.t ?? null,
-          d: message.d,
-          s: message.s ?? null,
-          room: message.room ?? null
-        })
+        return this.deliver(message)
     }
+  }
+
+  // An application message; `s` is set on messages stored while offline, `room` on
+  // a room's messages, `position` on a recoverable room's. Only a connection that
+  // opted in is sent positions: on any other, the fields are the application's.
+  deliver (message) {
+    const room = message.room ?? null
+    const position = this.extended ? positionOf(message) : null
+    const stream = this.extended && room === null && STREAMS.includes(message.stream) ? message.stream : null
+    if (room !== null && position !== null) this.keepPosition(room, position)
+    // A stream's message reaches the application as any other: its position is
+    // kept, and told after it (once handled, it is what a page saves).
+    if (stream !== null && position !== null) this.streams[stream] = position
+    this.emit('message', {
+      op: message.op,
+      t: message.t ?? null,
+      d: message.d,
+      s: message.s ?? null,
+      room,
+      position: room === null ? null : copy(position)
+    })
+    if (stream !== null && position !== null) this.emit('streamPosition', { stream, position: copy(position) })
+  }
+
+  // The last position of a room held: the next subscribe resumes after it.
+  keepPosition (room, position) {
+    const entry = this.subscriptions.get(room)
+    if (entry !== undefined) entry.position = position
   }
 
   adoptHello (hello) {
@@ -307,10 +386,20 @@ export class MesaClient {
   sendCredentials () {
     const d = { ...this.credentials }
     if (this.offersRooms()) {
-      d.mesa = { caps: ['rooms'] }
+      d.mesa = this.optInData()
       this.extended = true
     }
     this.transmit({ op: Opcode.AUTHENTICATE, d })
+  }
+
+  // The opt-in, with the last positions of the streams when some are known, so the
+  // server replays what the client missed there; a server without rooms never sees it.
+  optInData () {
+    const mesa = { caps: ['rooms'] }
+    const since = {}
+    for (const stream of STREAMS) if (this.streams[stream] !== null) since[stream] = copy(this.streams[stream])
+    if (Object.keys(since).length > 0) mesa.since = since
+    return mesa
   }
 
   // op 2 with the opt-in alone, for a connection without credentials on a server
@@ -318,7 +407,7 @@ export class MesaClient {
   // attempt, and rooms wait for `authenticate`.
   optIn () {
     if (this.extended || !this.offersRooms() || this.authenticates()) return
-    this.transmit({ op: Opcode.AUTHENTICATE, d: { mesa: { caps: ['rooms'] } } })
+    this.transmit({ op: Opcode.AUTHENTICATE, d: { mesa: this.optInData() } })
     this.extended = true
   }
 
@@ -346,6 +435,7 @@ export class MesaClient {
     const d = { room, ref: entry.ref }
     if (entry.token !== undefined) d.token = entry.token
     if (entry.presence) d.presence = true
+    if (entry.position !== null) d.since = copy(entry.position)
     this.requests.set(entry.ref, { kind: 'subscribe', room })
     this.transmit({ op: Opcode.DISPATCH, t: `${CONTROL}subscribe`, d })
   }
@@ -362,6 +452,7 @@ export class MesaClient {
   // A control dispatch: the answer to a request (by its ref), or the server's own
   // join or removal (ref null).
   control (t, d) {
+    if (t === `${CONTROL}resumed`) return this.resumed(d)
     const request = d.ref === null || d.ref === undefined ? undefined : this.requests.get(d.ref)
     if (request !== undefined) this.requests.delete(d.ref)
     const room = d.room
@@ -371,7 +462,16 @@ export class MesaClient {
         entry.subscribed = true
         this.settle(entry, null)
       }
-      return this.emit('subscribed', { room, byServer: request === undefined })
+      // In a recoverable room: where its messages go on from (the replay is in), and
+      // whether the replay was complete (false: reload the room's state).
+      const position = positionOf(d)
+      if (position !== null) this.keepPosition(room, position)
+      return this.emit('subscribed', {
+        room,
+        byServer: request === undefined,
+        position: copy(position),
+        recovered: typeof d.recovered === 'boolean' ? d.recovered : null
+      })
     }
     if (t === `${CONTROL}join` || t === `${CONTROL}leave`) {
       return this.emit(t.slice(CONTROL.length), { room, id: d.id })
@@ -397,6 +497,20 @@ export class MesaClient {
       if (request !== undefined && request.reject) return request.reject(error)
       return this.emit('error', error)
     }
+  }
+
+  // Where a personal or the broadcast stream stands after an authentication (what
+  // was missed since the position reported is in), or, unasked, that the server
+  // could not forward what a live connection missed (recovered false).
+  resumed (d) {
+    if (!STREAMS.includes(d.stream)) return
+    const position = positionOf(d)
+    if (position !== null) this.streams[d.stream] = position
+    this.emit('resumed', {
+      stream: d.stream,
+      position: copy(position),
+      recovered: typeof d.recovered === 'boolean' ? d.recovered : null
+    })
   }
 
   // Resolve (error null) or reject every promise waiting on a subscription.
