@@ -5,7 +5,9 @@
 //! both replicas with its room, not a page in another room; who is online per room,
 //! the room's presence, shows both members and follows a leave and a closed page),
 //! `clients/js`'s `presence()` and join and leave events over two replicas (several
-//! clients of one id count once), a page that survives
+//! clients of one id count once), `clients/js`'s recovery (a page whose server is
+//! killed gets the room messages and the sends to its id it missed, once and in order,
+//! from the server that takes the address, with `recovered: true`), a page that survives
 //! a server restart with its reconnect banner, the published `mesa-js-client`
 //! 1.4.8 inside the browser, and the demo over `https://` and `wss://` with a
 //! certificate of the tests' own CA (`tests/src/pki.rs`), which chromium trusts by
@@ -154,6 +156,17 @@ fn pages_on_two_replicas_share_a_room_and_a_page_in_another_room_hears_nothing()
 #[test]
 fn the_browser_client_tells_who_is_in_a_room_over_two_replicas() {
     scenario("presence");
+}
+
+/// `mesa serve --redis --rooms authenticated --recover-rooms 'chat:*' --recover-users`
+/// killed with SIGKILL under a page subscribed to `chat:1`; room messages and sends to
+/// the page's id are dispatched (`mesa dispatch --recover-users`) before another
+/// server starts on the address. The page's client reconnects by itself, reports
+/// its positions, and gets every message once, in order per stream, then
+/// `recovered: true` for the room and its id; a server without rooms gets no position.
+#[test]
+fn the_browser_client_resumes_its_room_and_its_id_after_its_server_was_killed() {
+    scenario("recovery");
 }
 
 #[test]

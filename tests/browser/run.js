@@ -19,6 +19,15 @@
 //               presence() before subscribing is refused, then over both replicas
 //               who is in a room counts an id's tabs, and join and leave events come
 //               once per id, in order, to the subscription with presence only
+//   recovery    clients/js in a page (served from clients/js/index.js) against
+//               `mesa serve --auth dev --redis --rooms authenticated --recover-rooms
+//               'chat:*' --recover-users`: the page subscribes to chat:1, the server
+//               is killed with SIGKILL, room messages and sends to the page's id are
+//               dispatched meanwhile, another server starts on the address; the page
+//               reconnects by itself, reports its positions (`since` in its
+//               subscribe and in its opt-in), gets every message once, in order per
+//               stream, and sees `recovered: true` for the room and its id; a server
+//               without rooms is sent no position
 //   reconnect   the server restarts under a page: the banner shows the next retry
 //               time, who is online greys out, a message sent meanwhile is queued,
 //               and the page recovers
@@ -123,6 +132,23 @@ async function mesaServe (argv) {
   const ws = line('mesa listening on ').slice('mesa listening on '.length)
   const demo = line('mesa demo on ')
   return { proc, ws, page: demo && demo.slice('mesa demo on '.length) }
+}
+
+// `mesa dispatch ARGS` with `env` and no other MESA_* variable, to its end; rejects
+// with its stderr when it fails.
+function mesaDispatch (argv, env) {
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('MESA_')))
+  return new Promise((resolve, reject) => {
+    const child = spawn(mesaBin, ['dispatch', ...argv], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...clean, ...env } })
+    const stderr = []
+    child.stderr.on('data', chunk => stderr.push(chunk))
+    const timer = setTimeout(() => child.kill('SIGKILL'), WAIT)
+    child.once('exit', code => {
+      clearTimeout(timer)
+      if (code === 0) resolve()
+      else reject(new Error(`mesa dispatch ${argv.join(' ')} exited with ${code}: ${Buffer.concat(stderr)}`))
+    })
+  })
 }
 
 async function stop (proc) {
@@ -492,6 +518,106 @@ const scenarios = {
     return { heard: bobHeard, problems: page.problems }
   },
 
+  // clients/js's recovery in the browser: a room's messages and the sends to the
+  // page's id, dispatched while its server is dead, reach it once and in order when it
+  // comes back to the server that takes the address.
+  async recovery () {
+    const redis = await redisServer()
+    const port = await freePort()
+    const argv = [
+      '--listen', `127.0.0.1:${port}`, '--auth', 'dev', '--redis', redis, '--rooms', 'authenticated',
+      '--recover-rooms', 'chat:*', '--recover-users', '--reconnect-interval', '100'
+    ]
+    let server = await mesaServe(argv)
+    const statics = await serveClient()
+    const context = await browser()
+    const page = await newPage(context, 'recovery')
+    // What the page sends, to see the positions it reports.
+    const sent = []
+    page.on('websocket', socket => socket.on('framesent', ({ payload }) => {
+      try { sent.push(JSON.parse(payload)) } catch (_) { /* not JSON: not ours to check */ }
+    }))
+    await page.goto(statics.url)
+    // window.seen: the client's events in order, as the application gets them.
+    await page.evaluate(async url => {
+      const { MesaClient } = await import('/mesa-client.js')
+      const client = new MesaClient(url)
+      window.client = client
+      window.seen = []
+      for (const event of ['connected', 'message', 'subscribed', 'resumed', 'streamPosition']) {
+        client.on(event, detail => window.seen.push({ event, ...detail }))
+      }
+      client.connect()
+      await client.authenticate({ token: 'alice' })
+      await client.subscribe('chat:1')
+    }, server.ws)
+    const seen = () => page.evaluate(() => window.seen)
+    const events = (all, event, pick = () => true) => all.filter(e => e.event === event && pick(e))
+    const numbers = all => events(all, 'message', m => m.t === 'N').map(m => m.d.n)
+    // Room messages are numbered even, sends to alice odd.
+    const env = { MESA_REDIS: redis, MESA_RECOVER_ROOMS: 'chat:*' }
+    const send = n => mesaDispatch([
+      ...(n % 2 === 0 ? ['--room', 'chat:1'] : ['--to', 'alice']),
+      '--type', 'N', '--data', JSON.stringify({ n }), '--recover-users'
+    ], env)
+    // Taking its id's stream from its authentication: where it stands, nothing to recover.
+    await waitFor('the user stream\'s first resume', async () => events(await seen(), 'resumed').length === 1)
+    for (let n = 0; n < 4; n++) await send(n)
+    const live = await waitFor('4 messages', async () => { const all = await seen(); return numbers(all).length === 4 && all })
+    if (JSON.stringify(numbers(live)) !== '[0,1,2,3]') throw new Error(`live: ${JSON.stringify(numbers(live))}`)
+    const before = await page.evaluate(() => ({ rooms: window.client.positions(), streams: window.client.streamPositions() }))
+    log('positions before the cut', JSON.stringify(before))
+
+    server.proc.child.kill('SIGKILL')
+    await server.proc.exited
+    for (let n = 4; n < 10; n++) await send(n)
+    server = await waitFor('another server on the address', async () => {
+      try { return await mesaServe(argv) } catch (error) { log('restart:', error.message); return null }
+    })
+    const back = (all, event, pick) => events(all, event, pick).length === 2
+    const after = await waitFor('the page back, with what it missed', async () => {
+      const all = await seen()
+      return back(all, 'resumed', e => e.stream === 'user') && back(all, 'subscribed', e => e.room === 'chat:1') &&
+        numbers(all).length >= 10 && all
+    }, 30000).catch(async error => { throw new Error(`${error.message}; the page saw ${JSON.stringify(await seen())}`) })
+    const got = numbers(after)
+    const room = got.filter(n => n % 2 === 0)
+    const id = got.filter(n => n % 2 === 1)
+    if (JSON.stringify([room, id]) !== '[[0,2,4,6,8],[1,3,5,7,9]]') throw new Error(`received ${JSON.stringify(got)}`)
+    const resumed = events(after, 'resumed', e => e.stream === 'user')
+    const subscribed = events(after, 'subscribed', e => e.room === 'chat:1')
+    if (resumed[0].recovered !== null || resumed[1].recovered !== true) throw new Error(`resumed: ${JSON.stringify(resumed)}`)
+    if (subscribed[0].recovered !== null || subscribed[1].recovered !== true) throw new Error(`subscribed: ${JSON.stringify(subscribed)}`)
+    if (events(after, 'connected').length !== 2) throw new Error(`connections: ${JSON.stringify(events(after, 'connected'))}`)
+    checkPositions(after, before)
+    checkReported(sent, before)
+    const positions = await page.evaluate(() => ({ rooms: window.client.positions(), streams: window.client.streamPositions() }))
+    log('positions after', JSON.stringify(positions))
+    if (positions.rooms[0].position.offset !== 5 || positions.streams.user.offset !== 5) {
+      throw new Error(`positions after: ${JSON.stringify(positions)}`)
+    }
+
+    // A server without rooms is sent no position, though the client holds some.
+    const plain = await mesaServe(['--listen', '127.0.0.1:0', '--auth', 'dev'])
+    await page.evaluate(async ({ url, streams }) => {
+      const { MesaClient } = await import('/mesa-client.js')
+      const client = new MesaClient(url)
+      client.resumeStreams(streams)
+      client.connect()
+      await client.authenticate({ token: 'bob' })
+      client.disconnect()
+    }, { url: plain.ws, streams: positions.streams })
+    const toPlain = await waitFor('the op 2 to the server without rooms', () => {
+      const frames = sent.filter(f => f.op === 2 && f.d.token === 'bob')
+      return frames.length > 0 && frames
+    })
+    if (toPlain.length !== 1 || 'mesa' in toPlain[0].d) throw new Error(`op 2 to a server without rooms: ${JSON.stringify(toPlain)}`)
+    await screenshot(page, 'page')
+    await stop(plain.proc)
+    await stop(server.proc)
+    return { received: got, recovered: { room: subscribed[1].recovered, user: resumed[1].recovered }, problems: page.problems }
+  },
+
   // The published mesa-js-client 1.4.8, in the browser, against our server.
   async 'js-client' () {
     const server = await mesaServe(['--auth', 'dev', '--listen', '127.0.0.1:0'])
@@ -584,6 +710,72 @@ const scenarios = {
     await screenshot(page, 'page')
     await stop(server.proc)
     return { protocol, spki, problems: page.problems }
+  }
+}
+
+// ----- recovery -----
+
+// A page of its own and clients/js (as /mesa-client.js) from a static server; the
+// page's WebSocket goes to the mesa server, which takes any origin.
+async function serveClient () {
+  const module = path.join(root, 'clients', 'js', 'index.js')
+  const page = `<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>clients/js recovery</title>
+<body style="font: 14px monospace"><h3>clients/js: recovery</h3>`
+  const statics = http.createServer((request, response) => {
+    if (request.url === '/mesa-client.js') {
+      response.writeHead(200, { 'content-type': 'text/javascript' })
+      return fs.createReadStream(module).pipe(response)
+    }
+    response.writeHead(request.url === '/' ? 200 : 404, { 'content-type': 'text/html' })
+    response.end(request.url === '/' ? page : 'not found')
+  })
+  await new Promise(resolve => statics.listen(0, '127.0.0.1', resolve))
+  cleanup.push(() => statics.close())
+  return { url: `http://127.0.0.1:${statics.address().port}/` }
+}
+
+// Every message of a stream (the room's, the id's) came with a position: offsets
+// 1, 2... in one epoch, each followed (the id's) by its streamPosition; the positions
+// held before the cut are those of the last messages then.
+function checkPositions (seen, before) {
+  const roomMessages = seen.filter(e => e.event === 'message' && e.room === 'chat:1')
+  const offsets = roomMessages.map(m => m.position && m.position.offset)
+  if (JSON.stringify(offsets) !== '[1,2,3,4,5]') throw new Error(`room offsets ${JSON.stringify(offsets)}`)
+  const userMessages = seen.filter(e => e.event === 'message' && e.room === null)
+  if (userMessages.some(m => m.position !== null)) throw new Error('a send to the id carries a position for the application')
+  const told = seen.filter(e => e.event === 'streamPosition')
+  const afterEach = seen.flatMap((e, i) => e.event === 'streamPosition' ? [seen[i - 1]] : [])
+  if (told.some(e => e.stream !== 'user') || JSON.stringify(afterEach) !== JSON.stringify(userMessages)) {
+    throw new Error(`streamPosition events ${JSON.stringify(told)} do not follow each send to the id`)
+  }
+  if (JSON.stringify(told.map(e => e.position.offset)) !== '[1,2,3,4,5]') throw new Error(`user offsets ${JSON.stringify(told)}`)
+  const room = before.rooms.find(r => r.room === 'chat:1')
+  if (!room || JSON.stringify(room.position) !== JSON.stringify(roomMessages[1].position)) {
+    throw new Error(`room position before the cut ${JSON.stringify(before.rooms)}`)
+  }
+  if (JSON.stringify(before.streams.user) !== JSON.stringify(told[1].position) || before.streams.broadcast !== null) {
+    throw new Error(`stream positions before the cut ${JSON.stringify(before.streams)}`)
+  }
+}
+
+// After the cut the page reported the positions it held: `since` in its subscribe to
+// the room and in its op 2's opt-in (none at the first authentication).
+function checkReported (sent, before) {
+  const auths = sent.filter(f => f.op === 2 && f.d.token === 'alice')
+  const subscribes = sent.filter(f => f.t === 'mesa:subscribe' && f.d.room === 'chat:1')
+  const room = before.rooms.find(r => r.room === 'chat:1').position
+  const expected = [
+    [auths.length, 2],
+    [auths[0] && auths[0].d.mesa, { caps: ['rooms'] }],
+    [auths[1] && auths[1].d.mesa, { caps: ['rooms'], since: { user: before.streams.user } }],
+    [subscribes.length, 2],
+    [subscribes[0] && subscribes[0].d.since, undefined],
+    [subscribes[1] && subscribes[1].d.since, room]
+  ]
+  for (const [got, want] of expected) {
+    if (JSON.stringify(got) !== JSON.stringify(want)) {
+      throw new Error(`the page sent ${JSON.stringify(got)}, not ${JSON.stringify(want)}: ${JSON.stringify(sent)}`)
+    }
   }
 }
 
