@@ -80,6 +80,18 @@
 //! lost is read from the stream (see `streams.rs`): a member gets every message
 //! published after it joined, once, and an extended member that comes back gets
 //! what it missed after the position it reports.
+//!
+//! With personal and broadcast streams ([`RecoveryConfig::users`](crate::recovery::RecoveryConfig::users),
+//! [`RecoveryConfig::broadcast`](crate::recovery::RecoveryConfig::broadcast)), an
+//! extended connection is in its id's stream and the broadcast's (rooms of their own
+//! here, `personal.rs`), and takes those sends from them, as a recoverable room's
+//! members do; the envelopes say they were streamed, and skip it. Every id of a send
+//! is appended to its stream in the send's round, before its presence check and
+//! stores, and again after an outage (at least once: an append Redis ran without
+//! answering is made twice, at two offsets); the ids connected here, and a broadcast,
+//! in a send of their own. A message stored for an id is so in its stream too: a
+//! connection whose resume of its id's stream is complete has its stored messages
+//! taken instead of sent again.
 
 //!
 //! # Routing by interest
@@ -993,7 +1005,7 @@ impl Replica {
                 self.events
                     .push_back(ReplicaEvent::Loaded { conn, id, messages });
             }
-            load => drop(self.push_job(shard, load)),
+            load => self.push_job(shard, load),
         }
     }
 
@@ -1329,31 +1341,24 @@ impl Replica {
     }
 
     /// Queue a job for instance `shard`, coalescing presence changes with the last
-    /// queued one; refuse it when the buffer is full or the replica retires. Whether
-    /// it was taken (a presence change beyond the bound waits for the renewal).
-    fn push_job(&mut self, shard: usize, job: Job) -> bool {
+    /// queued one; refuse it when the buffer is full or the replica retires.
+    fn push_job(&mut self, shard: usize, job: Job) {
         let unlinked = self.shards[shard].unlinked();
         if self.shards[shard].is_retired() || self.retiring || unlinked {
             match self.fate(shard, &job) {
-                Fate::Forget => return false,
+                Fate::Forget => return,
                 Fate::Lost(reason) if unlinked && !self.retiring => {
-                    self.lost(1, reason);
-                    return false;
+                    return self.lost(1, reason);
                 }
                 Fate::Keep if !self.retiring => {}
-                _ => {
-                    self.lost(1, Loss::Abandoned);
-                    return false;
-                }
+                _ => return self.lost(1, Loss::Abandoned),
             }
         }
         if job.counted() {
             if self.work_pending() >= self.config.max_pending {
-                self.lost(1, Loss::Full);
-                return false;
+                return self.lost(1, Loss::Full);
             }
-            self.shards[shard].jobs.push_back(job);
-            return true;
+            return self.shards[shard].jobs.push_back(job);
         }
         let presence: usize = self.shards.iter().map(Shard::presence_pending).sum();
         let link = &mut self.shards[shard];
@@ -1364,7 +1369,7 @@ impl Replica {
             if matches!(job, Job::Rooms(_)) {
                 link.rooms_dirty = true;
             }
-            return false;
+            return;
         }
         match (link.presence.back_mut(), job) {
             (Some(Job::Arrive(ids)), Job::Arrive(more)) if ids.len() < IDS_PER_COMMAND => {
@@ -1376,7 +1381,6 @@ impl Replica {
             }
             (_, job) => link.presence.push_back(job),
         }
-        true
     }
 
     /// Queue the remote part of a send for instance `shard`; false when it was
