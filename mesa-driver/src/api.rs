@@ -210,11 +210,15 @@ macro_rules! runtime_api {
             /// handshake on an accepted stream (`futures-io`), then drive it. The request
             /// is refused with 404 off the endpoint's path, 403 from an origin that is not
             /// allowed, and 503 when the server is full.
-            pub async fn serve_stream<S>(&self, stream: S, remote: Option<::std::net::SocketAddr>)
+            pub fn serve_stream<S>(
+                &self,
+                stream: S,
+                remote: Option<::std::net::SocketAddr>,
+            ) -> impl ::std::future::Future<Output = ()> + Send + use<H, S>
             where
                 S: $crate::futures_io::AsyncRead + $crate::futures_io::AsyncWrite + Unpin + Send + 'static,
             {
-                self.0.serve_stream(stream, remote).await
+                self.0.serve_stream(stream, remote)
             }
 
             /// Drive a stream (`futures-io`) whose WebSocket handshake was already done

@@ -26,7 +26,7 @@ use crate::hooks::{Authenticator, Handler, Ignore, Middleware, Middlewares, Room
 use crate::read_pool::PooledRead;
 use crate::registry::{Registry, Settings};
 use crate::runtime::{Runtime, entropy_seed};
-use crate::tls::ServerTls;
+use crate::tls::{MaybeTls, ServerTls};
 use crate::transport::TransportConfig;
 
 /// Why an upgrade request was refused, as the HTTP answer it gets.
@@ -385,6 +385,48 @@ impl<R: Runtime, H: Handler> ServerBuilder<R, H> {
     }
 }
 
+/// The TLS and WebSocket handshakes of an accepted stream, refusing a request off
+/// the endpoint's path (404), from an origin that is not allowed (403), or when the
+/// server is `full` (503); `None` when the connection ends there.
+async fn accept<R: Runtime, H, S>(
+    inner: Arc<ServerContext<R, H>>,
+    stream: S,
+    full: bool,
+) -> Option<WebSocketStream<PooledRead<MaybeTls<S>>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let path = inner.path.clone();
+    let policy = inner.admission.clone();
+    // tungstenite fixes this callback's signature, large error type included.
+    #[allow(clippy::result_large_err)]
+    let check = move |request: &Request, response: Response| {
+        let origin = request.headers().get(header::ORIGIN).map(|v| v.as_bytes());
+        let refusal = if request.uri().path() != path {
+            Some(Refusal::WrongPath)
+        } else if !policy.allows_origin(origin) {
+            Some(Refusal::OriginNotAllowed)
+        } else if full {
+            Some(Refusal::Full)
+        } else {
+            None
+        };
+        match refusal {
+            None => Ok(response),
+            Some(refusal) => Err(refuse(refusal)),
+        }
+    };
+    handshake(
+        &inner.runtime,
+        stream,
+        inner.tls.as_ref(),
+        &inner.transport,
+        inner.config.limits(),
+        check,
+    )
+    .await
+}
+
 /// The cluster's replica of a server: the server's settings, the cluster's, a new
 /// name and seed.
 fn replica<R: Runtime>(
@@ -464,8 +506,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
             &listener,
             self.inner.shutdown.wait(),
             move |stream, remote| {
-                let server = server.clone();
-                async move { server.serve_stream(stream, Some(remote)).await }
+                server.serve_stream(stream, Some(remote))
             },
         )
         .await;
@@ -508,45 +549,27 @@ impl<R: Runtime, H: Handler> Server<R, H> {
     /// handshake on an accepted stream, then drive it. The request is refused with
     /// 404 off the endpoint's path, 403 from an origin that is not allowed, and 503
     /// when the server is full.
-    pub async fn serve_stream<S>(&self, stream: S, remote: Option<SocketAddr>)
+    ///
+    /// The future holds little besides the connection's loop: the handshakes' state is
+    /// boxed (memory only while they run), and an `async fn` would keep its arguments
+    /// (the stream, the address) in every connection's task for its whole life.
+    pub fn serve_stream<S>(
+        &self,
+        stream: S,
+        remote: Option<SocketAddr>,
+    ) -> impl Future<Output = ()> + Send + use<R, H, S>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let admission = self.admit();
-        let full = admission.is_none();
-        let path = self.inner.path.clone();
-        let policy = self.inner.admission.clone();
-        // tungstenite fixes this callback's signature, large error type included.
-        #[allow(clippy::result_large_err)]
-        let check = move |request: &Request, response: Response| {
-            let origin = request.headers().get(header::ORIGIN).map(|v| v.as_bytes());
-            let refusal = if request.uri().path() != path {
-                Some(Refusal::WrongPath)
-            } else if !policy.allows_origin(origin) {
-                Some(Refusal::OriginNotAllowed)
-            } else if full {
-                Some(Refusal::Full)
-            } else {
-                None
-            };
-            match refusal {
-                None => Ok(response),
-                Some(refusal) => Err(refuse(refusal)),
-            }
-        };
-        let inner = &self.inner;
-        let ws = handshake(
-            &inner.runtime,
-            stream,
-            inner.tls.as_ref(),
-            &inner.transport,
-            inner.config.limits(),
-            check,
-        );
-        // Not `if let`: its scrutinee would stay in this task's state while the
-        // connection lives.
-        let Some(ws) = ws.await else { return };
-        drive(inner.clone(), ws, remote, admission).await;
+        let handshake = Box::pin(accept(self.inner.clone(), stream, admission.is_none()));
+        let inner = self.inner.clone();
+        async move {
+            // Not `if let`: its scrutinee would stay in this task's state while the
+            // connection lives.
+            let Some(ws) = handshake.await else { return };
+            drive(inner, ws, remote, admission).await;
+        }
     }
 
     /// Drive a stream whose WebSocket handshake was already done elsewhere (an axum
