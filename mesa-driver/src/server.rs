@@ -505,9 +505,7 @@ impl<R: Runtime, H: Handler> Server<R, H> {
             &self.inner.runtime,
             &listener,
             self.inner.shutdown.wait(),
-            move |stream, remote| {
-                server.serve_stream(stream, Some(remote))
-            },
+            move |stream, remote| server.serve_stream(stream, Some(remote)),
         )
         .await;
         Ok(())
