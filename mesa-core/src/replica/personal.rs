@@ -3,7 +3,7 @@
 //! hub's room table does not hold, since they are no rooms a client asked for (no
 //! presence, no room limit, never listed).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::hub::ConnId;
 use crate::recovery::{Personal, Position};
@@ -27,8 +27,9 @@ pub(super) enum Resuming {
 /// The members here of the personal and broadcast streams.
 #[derive(Debug, Default)]
 pub(super) struct PersonalTable {
-    /// Each stream's members here.
-    members: HashMap<String, BTreeSet<ConnId>>,
+    /// Each stream's members here (ordered: a new link subscribes to their channels
+    /// in the same order every time, which the simulator's runs rely on).
+    members: BTreeMap<String, BTreeSet<ConnId>>,
     /// The streams each connection is in: its id's, the broadcast's, or both.
     of: HashMap<ConnId, Vec<String>>,
     /// The position an extended connection reported in its id's stream, kept from
