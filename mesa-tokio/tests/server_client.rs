@@ -625,6 +625,38 @@ async fn a_full_offline_queue_flushed_on_reconnect_arrives_whole_and_in_order() 
     assert!(restarted.handle().is_online("offline"));
 }
 
+/// Streams of the sends to ids or of the broadcasts are taken by the connections
+/// that opt in, which only a server with rooms has: without rooms `build()` refuses
+/// them, saying so.
+#[tokio::test]
+async fn streams_of_ids_or_broadcasts_need_rooms() {
+    use mesa_tokio::recovery::RecoveryConfig;
+    use mesa_tokio::{ClusterConfig, ConfigError, DevAuthenticator, RoomPolicy};
+
+    for (users, broadcast) in [(true, false), (false, true)] {
+        let mut cluster = ClusterConfig::new("redis://127.0.0.1:1/");
+        cluster.recovery = Some(RecoveryConfig {
+            users,
+            broadcast,
+            ..RecoveryConfig::default()
+        });
+        let error = mesa_tokio::server()
+            .authenticate(DevAuthenticator)
+            .cluster(cluster.clone())
+            .build()
+            .err()
+            .expect("streams without rooms are refused");
+        assert_eq!(error, ConfigError::StreamsWithoutRooms);
+        assert!(error.to_string().contains("need rooms on"), "{error}");
+        let with_rooms = mesa_tokio::server()
+            .authenticate(DevAuthenticator)
+            .rooms(RoomPolicy::Authenticated)
+            .cluster(cluster)
+            .build();
+        assert!(with_rooms.is_ok());
+    }
+}
+
 /// Cluster settings do not depend on the order of the builder's calls: before
 /// `redis()` they apply, and without Redis at all `build()` says what is missing.
 #[tokio::test]
