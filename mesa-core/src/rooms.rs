@@ -364,9 +364,11 @@ pub struct Refused {
 /// What the server tells an extended client about its rooms.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RoomNotice {
-    /// `mesa:subscribed`: the connection is in `room`.
+    /// `mesa:subscribed`: the connection is in `room`. For a personal or the
+    /// broadcast stream ([`Personal::stream`]'s names) it is told as `mesa:resumed`,
+    /// by the stream's kind; parsed back, a personal stream's name has no id.
     Subscribed {
-        /// The room.
+        /// The room, or the personal or broadcast stream.
         room: String,
         /// The request's reference (null when the server joined it on its own).
         reference: Value,
