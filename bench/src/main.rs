@@ -256,11 +256,42 @@ async fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
                     "mesa-bench cluster needs one --url per replica (at least two)",
                 ));
             }
+            let replicas = args.fanout.common.urls.len() as u64;
+            replicas_listening(&args.redis, replicas).await?;
             fanout(args.fanout, Some(&args.redis)).await
         }
         Scenario::Offline(args) => offline::run(args).await,
         Scenario::Rooms(args) => rooms::run(args).await,
         Scenario::RedisCost(args) => redis_cost::run(args).await,
+    }
+}
+
+/// Wait until `replicas` subscribers listen on the cluster's `ws` channel at
+/// `redis`: a replica announces its URL before its link to Redis is up, and what is
+/// published before it subscribed never reaches its clients.
+async fn replicas_listening(redis: &str, replicas: u64) -> Result<(), Failure> {
+    let client = redis::Client::open(redis).map_err(|error| format!("--redis: {error}"))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|error| format!("cannot reach Redis at {redis}: {error}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("ws")
+            .query_async(&mut conn)
+            .await
+            .map_err(|error| format!("PUBSUB NUMSUB failed: {error}"))?;
+        let listening = counts.first().map_or(0, |(_, n)| *n);
+        if listening >= replicas {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let error = format!("{listening} of {replicas} replicas subscribed to ws in 30 s");
+            return Err(error.into());
+        }
+        sleep(Duration::from_millis(20)).await;
     }
 }
 

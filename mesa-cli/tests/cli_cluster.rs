@@ -372,6 +372,19 @@ fn serve_dispatch_and_portal_reach_their_redis_over_tls() {
         .expect("leaving the pool", |l| l.contains("portal left the pool"));
 }
 
+/// Wait until the state file at `path` holds `needle`: the client writes it after it
+/// printed what moved it, and says nothing when it did.
+fn wait_for_state(path: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
+        assert!(
+            Instant::now() < deadline,
+            "the state file never held {needle}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `mesa client --state FILE`: a client process killed with SIGKILL and started
 /// again with the same FILE resumes its rooms where it was: it prints what it missed,
 /// in order, then the resume's `mesa:subscribed` line with `"recovered": true`.
@@ -420,14 +433,7 @@ fn a_client_killed_and_restarted_with_its_state_file_resumes_where_it_was() {
         );
     }
     // Saved after it printed the third.
-    let deadline = Instant::now() + WAIT;
-    while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains(r#""offset":3"#)) {
-        assert!(
-            Instant::now() < deadline,
-            "the state file never held offset 3"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_state(&state, r#""offset":3"#);
     first.child.kill().expect("SIGKILL");
     first.child.wait().expect("reaped");
 
@@ -503,15 +509,7 @@ fn a_client_restarted_with_its_state_file_gets_the_sends_to_its_id_once() {
         let got = first.stdout.expect_json("a message", |m| m["t"] == "N");
         assert_eq!(got["d"]["n"].as_u64(), Some(n));
     }
-    let saved = format!(r#""offset":{}"#, start + 3);
-    let deadline = Instant::now() + WAIT;
-    while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&saved)) {
-        assert!(
-            Instant::now() < deadline,
-            "the state file never held {saved}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_state(&state, &format!(r#""offset":{}"#, start + 3));
     first.child.kill().expect("SIGKILL");
     first.child.wait().expect("reaped");
     redis.wait_reply(&["SISMEMBER", "connected_clients", "alice"], ":0\r\n");
