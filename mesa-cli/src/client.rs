@@ -394,19 +394,26 @@ fn handle(
         ),
         ClientEvent::RoomsUnavailable { dropped } => {
             let rooms: Vec<&str> = dropped.iter().map(|(_, room)| room.as_str()).collect();
-            report.event(
-                "rooms_unavailable",
-                [
-                    ("dropped", json!(rooms)),
-                    (
-                        "note",
-                        json!("the server has no rooms (no `rooms` rule in its hello): start it with --rooms"),
-                    ),
-                ],
-            );
+            rooms_unavailable(report, &rooms);
         }
     }
     Ok(None)
+}
+
+/// Report subscribes the server cannot answer: it has no rooms.
+fn rooms_unavailable(report: &Reporter, rooms: &[&str]) {
+    report.event(
+        "rooms_unavailable",
+        [
+            ("dropped", json!(rooms)),
+            (
+                "note",
+                json!(
+                    "the server has no rooms (no `rooms` rule in its hello): start it with --rooms"
+                ),
+            ),
+        ],
+    );
 }
 
 /// Subscribe to every room of `--subscribe`. Only what no event reports is reported
@@ -426,9 +433,13 @@ async fn subscribe_all(
                 None => client.subscribe(room.clone()).await,
             };
             match subscribed {
-                Err(ClientError::Session(error))
-                    if error != mesa_tokio::ClientSessionError::NoRooms =>
-                {
+                // Asked after a hello without rooms: no event reports it, so it is
+                // reported as the event would have (one asked before is dropped by
+                // the hello, and reported as ClientEvent::RoomsUnavailable).
+                Err(ClientError::Session(mesa_tokio::ClientSessionError::NoRooms)) => {
+                    rooms_unavailable(&Reporter { format }, &[room.as_str()]);
+                }
+                Err(ClientError::Session(error)) => {
                     Reporter { format }.event(
                         "subscribe_failed",
                         [("room", json!(room)), ("error", json!(error.to_string()))],

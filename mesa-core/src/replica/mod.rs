@@ -458,7 +458,7 @@ impl Replica {
         // earlier link.
         let ns = self.keys.namespace();
         let count = self.shards.len();
-        let subscribe = self
+        let mut subscribe: Vec<String> = self
             .hub
             .rooms()
             .rooms()
@@ -466,6 +466,8 @@ impl Replica {
             .filter(|room| shard_of(room, count) == shard)
             .map(|room| ns.room_channel(room))
             .collect();
+        // In a stable order, so that a seeded run repeats exactly.
+        subscribe.sort_unstable();
         self.streams.linked(|room| shard_of(room, count) == shard);
         self.streams_out(now);
         let link = &mut self.shards[shard];

@@ -123,13 +123,18 @@ struct Room {
     next: Option<u64>,
     /// Messages that came ahead of `next`, by offset.
     held: BTreeMap<u64, Message>,
+    /// The epoch of the held messages while the room's is unknown (once it is
+    /// known, they are all of it): messages of an epoch Redis since lost must not
+    /// pass for the same offsets of the next one.
+    held_epoch: Option<String>,
     /// A read for the room (a hole) is out.
     reading: bool,
     /// Epochs seen since the room opened here: what a read of the room is counted
     /// in.
     generation: u64,
-    /// Every member here.
-    members: HashMap<ConnId, Member>,
+    /// Every member here, in order: their reads and notices go out in the same
+    /// order every run (the simulator's seeded runs repeat exactly).
+    members: BTreeMap<ConnId, Member>,
 }
 
 /// The recoverable rooms with a member here.
@@ -223,12 +228,14 @@ impl Streams {
 
     /// The link of these rooms opened (again): the members waiting for it read.
     pub(super) fn linked(&mut self, mut on_link: impl FnMut(&str) -> bool) {
-        let rooms: Vec<String> = self
+        let mut rooms: Vec<String> = self
             .rooms
             .keys()
             .filter(|room| on_link(room))
             .cloned()
             .collect();
+        // In a stable order, so that a seeded run repeats exactly.
+        rooms.sort_unstable();
         for room in rooms {
             if let Some(state) = self.rooms.get_mut(&room) {
                 state.linked = true;
@@ -284,6 +291,12 @@ impl Streams {
         if state.next.is_some_and(|next| position.offset < next) {
             return;
         }
+        if state.epoch.is_none() && state.held_epoch.as_ref() != Some(&position.epoch) {
+            // A channel's messages come in the order they were appended: the held
+            // ones are of an epoch Redis lost since.
+            state.held.clear();
+            state.held_epoch = Some(position.epoch.clone());
+        }
         // Before the room knows where its stream stands, the read that tells it
         // decides what was before. Held messages are bounded: past the bound the
         // oldest go, to be read from the stream as a hole if they are needed.
@@ -315,7 +328,16 @@ impl Streams {
             None => {
                 state.epoch = Some(history.epoch.clone());
                 state.next = Some(history.top + 1);
-                state.held.retain(|offset, _| *offset > history.top);
+                if state.held_epoch.take().as_ref() == Some(&history.epoch) {
+                    state.held.retain(|offset, _| *offset > history.top);
+                } else if !state.held.is_empty() {
+                    // Held from another epoch than the read's: from before the
+                    // read's (Redis lost them), or after it (the read ran before
+                    // Redis lost the stream). Either way the stream is read again
+                    // from the read's end: the next epoch is found there.
+                    state.held.clear();
+                    state.repair_due = true;
+                }
             }
             Some(epoch) if *epoch != history.epoch => {
                 Self::new_epoch(&mut self.out, room, state, history.epoch.clone());
@@ -793,5 +815,37 @@ mod tests {
             .collect();
         assert!(lost, "{out:?}");
         assert_eq!(forwarded, [5, 6]);
+    }
+
+    /// Found by the simulator: a message held before the room knew its epoch, of
+    /// an epoch Redis then lost, was forwarded as the next epoch's message at its
+    /// offset, and the real one skipped.
+    #[test]
+    fn messages_held_from_a_lost_epoch_are_not_forwarded_as_the_next_one_s() {
+        let mut streams = Streams::default();
+        streams.open("r", true);
+        streams.subscribe(ConnId(1), "r", None, None);
+        streams.drain().for_each(drop);
+        // Offset 3 of epoch "old" comes before the read; Redis loses the stream.
+        let old = Position {
+            epoch: "old".into(),
+            offset: 3,
+        };
+        streams.arrived("r", old, Message::dispatch("OLD", json!({})));
+        streams.answered("r", None, Reader::Member(ConnId(1)), history(0, &[]));
+        streams.arrived("r", at(1), Message::dispatch("M", json!({ "n": 1 })));
+        streams.arrived("r", at(2), Message::dispatch("M", json!({ "n": 2 })));
+        streams.arrived("r", at(3), Message::dispatch("M", json!({ "n": 3 })));
+        let forwarded: Vec<(u64, String)> = streams
+            .drain()
+            .filter_map(|o| match o {
+                Out::Forward {
+                    position, message, ..
+                } => Some((position.offset, message.t.unwrap_or_default())),
+                _ => None,
+            })
+            .collect();
+        let m = |n: u64| (n, "M".to_owned());
+        assert_eq!(forwarded, [m(1), m(2), m(3)]);
     }
 }

@@ -620,16 +620,23 @@ impl ClusterSim {
             Command::Load { id } if self.track.trims_pending.get(id).is_some_and(|n| *n > 0) => {
                 self.track.uncertain_ids.insert(id.clone());
             }
-            // Stored for an id Redis counts as connected nowhere while a connection
-            // of it is open (Redis lost the presence): with personal streams, that
+            // Stored for an id Redis counted as connected nowhere while a connection
+            // of it was open (Redis lost the presence): with personal streams, that
             // connection got it from the stream, and the id's next fresh connection
             // loads it again (the at-least-once window of a Redis that lost data).
+            // The store may run after that connection closed (the sender's answers
+            // were slow): what tells is that a connection of the id got it.
             Command::StoreMany { ids, text, .. } if self.streams_users() => {
                 let connected = self.replicas.iter().filter(|r| r.replica.is_some());
                 let mut ids_open =
                     connected.flat_map(|r| r.conns.values().filter_map(|c| c.id.as_ref()));
-                if ids_open.any(|open| ids.contains(open)) {
-                    if let Some(key) = track::entry_key(text) {
+                let open = ids_open.any(|open| ids.contains(open));
+                if let Some(key) = track::entry_key(text) {
+                    let reached = (0..self.clients.len()).any(|c| {
+                        ids.contains(&self.id_of(c))
+                            && self.clients[c].log.receptions.iter().any(|r| r.key == key)
+                    });
+                    if open || reached {
                         self.track.uncertain_messages.insert(key);
                     }
                 }
