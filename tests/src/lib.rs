@@ -15,6 +15,7 @@ pub mod net;
 pub mod node;
 pub mod ours;
 pub mod pki;
+pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod runtimes;

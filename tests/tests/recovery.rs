@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use mesa_core::Message;
 use mesa_tests::ours::{Crashable, gather, next_event, replicas_linked, sample, serve};
+use mesa_tests::process::MesaServe;
 use mesa_tests::proxy::CutProxy;
 use mesa_tests::runtimes::{Tokio, next_json, raw};
 use mesa_tests::{RedisServer, WAIT};
@@ -459,7 +460,9 @@ async fn a_new_epoch_is_told(mut redis: RedisServer) {
 //     --test recovery -- --ignored --nocapture trials_
 //
 // (RECOVERY_RATE messages per second, 100 by default; RECOVERY_GAP_SIZE the stream's
-// size in the gap trials, 5 by default). Each prints one line of figures.
+// size in the gap trials, 5 by default). Each prints one line of figures. The
+// `kill -9` trials run `mesa serve` processes: `cargo build -p mesa-cli --release`
+// first.
 
 /// How long a trial waits for its resumes after the proxy reopens: beyond the
 /// client's backoff cap (30 s).
@@ -792,47 +795,143 @@ fn recovering_ids(redis: &RedisServer, size: usize) -> ClusterConfig {
     cluster
 }
 
+/// What happens to the client's replica at each cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// It runs on; the client comes back to it.
+    Kept,
+    /// It is dropped with its runtime, in the test's process ([`Crashable`]); the
+    /// client comes back to another.
+    Crashed,
+    /// It is a `mesa serve` process, killed with `SIGKILL`; the client comes back
+    /// to another.
+    Killed,
+}
+
 /// Where the client goes back after each cut, and what happens to its replica.
 enum Hosts {
     /// The same replica every time (kept running by `_server`).
     One { addr: SocketAddr, _server: Server },
-    /// Its replica is killed at each cut; it comes back to a spare, and a new spare
+    /// Its replica is crashed at each cut; it comes back to a spare, and a new spare
     /// starts.
-    Killed {
+    Crashed {
         current: Crashable,
         spare: Crashable,
         cluster: Box<ClusterConfig>,
     },
+    /// The same with `mesa serve` processes (`args`), killed with `SIGKILL`.
+    Killed {
+        current: MesaServe,
+        spare: MesaServe,
+        args: Vec<String>,
+    },
+}
+
+impl Hosts {
+    /// The client's replica and its spare, on `redis` with streams of `size`.
+    async fn start(fate: Fate, redis: &RedisServer, size: usize) -> Hosts {
+        let cluster = recovering_ids(redis, size);
+        match fate {
+            Fate::Kept => {
+                let server = replica(cluster);
+                Hosts::One {
+                    addr: start(&server).await,
+                    _server: server,
+                }
+            }
+            Fate::Crashed => {
+                let (a, b) = (cluster.clone(), cluster.clone());
+                Hosts::Crashed {
+                    current: Crashable::start(move || replica(a)),
+                    spare: Crashable::start(move || replica(b)),
+                    cluster: Box::new(cluster),
+                }
+            }
+            Fate::Killed => {
+                let args = serve_args(redis, size);
+                let (current, spare) = tokio::task::block_in_place(|| {
+                    (MesaServe::start(&args), MesaServe::start(&args))
+                });
+                Hosts::Killed {
+                    current,
+                    spare,
+                    args,
+                }
+            }
+        }
+    }
+
+    /// Where the client is now.
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Hosts::One { addr, .. } => *addr,
+            Hosts::Crashed { current, .. } => current.addr(),
+            Hosts::Killed { current, .. } => current.addr(),
+        }
+    }
+
+    /// The cut: the client's replica goes (unless it is kept), a spare takes its
+    /// place and a new spare starts. Returns where the client goes back.
+    fn cut(&mut self) -> SocketAddr {
+        match self {
+            Hosts::One { .. } => {}
+            Hosts::Crashed {
+                current,
+                spare,
+                cluster,
+            } => {
+                let fresh = ClusterConfig::clone(cluster);
+                let next = Crashable::start(move || replica(fresh));
+                std::mem::replace(current, std::mem::replace(spare, next)).crash();
+            }
+            Hosts::Killed {
+                current,
+                spare,
+                args,
+            } => {
+                // The process's start blocks this worker (it waits for the URL).
+                let next = tokio::task::block_in_place(|| MesaServe::start(args));
+                drop(std::mem::replace(current, std::mem::replace(spare, next)));
+            }
+        }
+        self.addr()
+    }
+}
+
+/// The arguments of a `mesa serve` replica like [`replica`] on
+/// [`recovering_ids`]`(redis, size)`.
+fn serve_args(redis: &RedisServer, size: usize) -> Vec<String> {
+    let args = [
+        "--auth",
+        "dev",
+        "--rooms",
+        "authenticated",
+        "--reconnect-interval",
+        "50",
+        "--redis",
+        &redis.url(),
+        "--lease",
+        "900",
+        "--recover-rooms",
+        "chat:*",
+        "--recovery-size",
+        &size.to_string(),
+        "--recover-users",
+    ];
+    args.iter().map(|arg| arg.to_string()).collect()
 }
 
 /// Run the trials: `expect` of every resume, streams of `size` messages, the
-/// client's replica killed at each cut when `kill`. Prints the figures and asserts
-/// every trial went as expected.
-async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
+/// client's replica treated as `fate` says at each cut. Prints the figures and
+/// asserts every trial went as expected.
+async fn run_trials(name: &str, expect: Expect, size: usize, fate: Fate) {
     let settings = Trials::from_env();
     let redis = RedisServer::start();
     let publisher = replica(recovering_ids(&redis, size));
     start(&publisher).await;
-    let mut hosts = if kill {
-        let cluster = recovering_ids(&redis, size);
-        let (a, b) = (cluster.clone(), cluster.clone());
-        Hosts::Killed {
-            current: Crashable::start(move || replica(a)),
-            spare: Crashable::start(move || replica(b)),
-            cluster: Box::new(cluster),
-        }
-    } else {
-        let server = replica(recovering_ids(&redis, size));
-        Hosts::One {
-            addr: start(&server).await,
-            _server: server,
-        }
-    };
-    let first = match &hosts {
-        Hosts::One { addr, .. } => *addr,
-        Hosts::Killed { current, .. } => current.addr(),
-    };
-    replicas_linked(&redis, if kill { 3 } else { 2 }).await;
+    let mut hosts = Hosts::start(fate, &redis, size).await;
+    let first = hosts.addr();
+    replicas_linked(&redis, if fate == Fate::Kept { 2 } else { 3 }).await;
     let proxy = CutProxy::start(first).await;
     let (_client, mut events, starts) = trial_member(&proxy).await;
     let mut tracker = Tracker::new(&starts);
@@ -860,20 +959,7 @@ async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
             ok += usize::from(outcome.ok(expect));
         }
         total.add(outcome);
-        let target = match &mut hosts {
-            Hosts::One { addr, .. } => *addr,
-            Hosts::Killed {
-                current,
-                spare,
-                cluster,
-            } => {
-                let fresh = ClusterConfig::clone(cluster);
-                let next = Crashable::start(move || replica(fresh));
-                let dead = std::mem::replace(current, std::mem::replace(spare, next));
-                dead.crash();
-                current.addr()
-            }
-        };
+        let target = hosts.cut();
         pump(&mut events, &mut tracker, "the cut", WAIT, |_, e| {
             matches!(e, ClientEvent::Disconnected { .. })
         })
@@ -967,14 +1053,23 @@ async fn run_trials(name: &str, expect: Expect, size: usize, kill: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "trials for the figures: run explicitly (see the comment above)"]
 async fn trials_cut_connection() {
-    run_trials("cut", Expect::Recovered, 100_000, false).await;
+    run_trials("cut", Expect::Recovered, 100_000, Fate::Kept).await;
 }
 
-/// The same with the client's replica killed at each cut: it resumes on another.
+/// The same with the client's replica crashed at each cut (its runtime dropped in
+/// the test's process): it resumes on another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "trials for the figures: run explicitly (see the comment above)"]
 async fn trials_replica_killed() {
-    run_trials("killed", Expect::Recovered, 100_000, true).await;
+    run_trials("killed", Expect::Recovered, 100_000, Fate::Crashed).await;
+}
+
+/// The same with the client's replica a `mesa serve` process, killed with
+/// `SIGKILL` at each cut (build the `mesa` binary of the same profile first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "trials for the figures: run explicitly (see the comment above)"]
+async fn trials_replica_process_killed() {
+    run_trials("kill -9", Expect::Recovered, 100_000, Fate::Killed).await;
 }
 
 /// Cuts longer than the stream keeps: every resume answered `recovered: false`,
@@ -983,5 +1078,5 @@ async fn trials_replica_killed() {
 #[ignore = "trials for the figures: run explicitly (see the comment above)"]
 async fn trials_gap_beyond_the_stream() {
     let size = Trials::from_env().gap_size;
-    run_trials("gap", Expect::Gap, size, false).await;
+    run_trials("gap", Expect::Gap, size, Fate::Kept).await;
 }

@@ -9,6 +9,7 @@
 //! once the lock is released.
 
 mod conn;
+mod newest;
 mod observer;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use mesa_core::{
 use serde_json::Value;
 
 use crate::outbox::{Outbound, Refused};
+use newest::Newest;
 
 pub(crate) use conn::{ConnShared, Identity, lock};
 pub(crate) use observer::Observer;
@@ -69,8 +71,8 @@ struct State {
     /// Connections admitted but still in their handshakes: they count toward the
     /// connection limit, so a burst of upgrades cannot overshoot it.
     handshaking: usize,
-    /// The room counts observers heard last (rooms with a member, memberships).
-    rooms_told: (usize, usize),
+    /// The room counts last taken (rooms with a member, memberships).
+    rooms_counted: (usize, usize),
 }
 
 /// What a send did here.
@@ -92,8 +94,8 @@ struct Effects {
     /// Connections that overflowed instead (they are being closed).
     overflowed: usize,
     events: Vec<ReplicaEvent>,
-    /// New room counts (rooms with a member, memberships), when they changed.
-    rooms: Option<(usize, usize)>,
+    /// The room counts changed: observers are told the newest.
+    rooms: bool,
 }
 
 impl Effects {
@@ -154,6 +156,8 @@ pub(crate) struct Registry {
     /// Who waits for which room presence query, and the next query's number.
     queries: Mutex<HashMap<u64, oneshot::Sender<Members>>>,
     next_query: AtomicU64,
+    /// The room counts (rooms with a member, memberships) observers hear.
+    room_counts: Newest<(usize, usize)>,
 }
 
 /// A room's members over the cluster, each id with its connections; or why Redis
@@ -197,7 +201,7 @@ impl Registry {
                 core,
                 conns: HashMap::new(),
                 handshaking: 0,
-                rooms_told: (0, 0),
+                rooms_counted: (0, 0),
             }),
             observer: settings.observer,
             clock: settings.clock,
@@ -207,6 +211,7 @@ impl Registry {
             retired: Mutex::new(None),
             queries: Mutex::new(HashMap::new()),
             next_query: AtomicU64::new(0),
+            room_counts: Newest::new(),
         };
         registry.feed(|_, _| ());
         (registry, inbox)
@@ -517,9 +522,10 @@ impl Registry {
         let mut effects = drain(&mut state);
         let rooms = state.core.hub().rooms();
         let counts = (rooms.len(), rooms.memberships());
-        if counts != state.rooms_told {
-            state.rooms_told = counts;
-            effects.rooms = Some(counts);
+        if counts != state.rooms_counted {
+            state.rooms_counted = counts;
+            self.room_counts.set(counts);
+            effects.rooms = true;
         }
         drop(state);
         self.act(effects);
@@ -527,8 +533,10 @@ impl Registry {
 
     /// Tell the observers, and whoever waits for the retirement.
     fn act(&self, effects: Effects) {
-        if let Some((rooms, memberships)) = effects.rooms {
-            self.observer.rooms(rooms, memberships);
+        if effects.rooms {
+            let observer = &self.observer;
+            self.room_counts
+                .tell(|(rooms, memberships)| observer.rooms(rooms, memberships));
         }
         for (message, recipients) in &effects.sent {
             self.observer.message_sent(message, *recipients);
