@@ -1,10 +1,21 @@
 //! Metrics and health checks: `mesa serve --metrics-listen` scraped after a known
 //! workload (connections, messages, a 1008 close, a reconnection), `/readyz` while
-//! the Redis link is down, and heartbeat misses counted by the library's middleware;
+//! the Redis link is down (to any of several instances), and heartbeat misses counted
+//! by the library's middleware;
 //! and the pages of `mesa serve --demo` (the browser itself is `browser.rs`'s).
 //!
 //! `cargo test -p mesa-cli --test metrics`.
 #![cfg(unix)]
+
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/net.rs"]
+mod net;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/pki.rs"]
+mod pki;
+#[allow(unreachable_pub)]
+#[path = "../../tests/src/redis.rs"]
+mod redis_server;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -322,6 +333,47 @@ fn readyz_fails_while_the_redis_link_is_down() {
         (503, "not ready: the Redis link is down\n")
     );
     scrape_until(&metrics, &[("mesa_redis_link_up", 0.0)]);
+}
+
+/// With several Redis instances the link counts as up only while every instance's
+/// is: the links that come up beside one that is down do not flip the gauge or
+/// `/readyz`.
+#[test]
+fn the_link_is_up_only_while_every_redis_instance_is_linked() {
+    let a = redis_server::RedisServer::start();
+    let mut b = redis_server::RedisServer::start();
+    b.kill();
+    let redis = format!("{},{}", a.url(), b.url());
+    let (_server, metrics, _) = Serve::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        &redis,
+        "--legacy-bus",
+        "off",
+        "--lease",
+        "900",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    // A ping answered: the link to `a` is up (b's is not).
+    let deadline = Instant::now() + WAIT;
+    let text = loop {
+        let (_, _, text) = get(&metrics, "/metrics");
+        if sample(&text, "mesa_redis_ping_seconds_count").is_some_and(|n| n >= 1.0) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no ping answered:\n{text}");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(sample(&text, "mesa_redis_link_up"), Some(0.0), "{text}");
+    assert_eq!(get(&metrics, "/readyz").0, 503);
+    b.restart();
+    scrape_until(&metrics, &[("mesa_redis_link_up", 1.0)]);
+    assert_eq!(get(&metrics, "/readyz").0, 200);
+    b.kill();
+    scrape_until(&metrics, &[("mesa_redis_link_up", 0.0)]);
+    assert_eq!(get(&metrics, "/readyz").0, 503);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

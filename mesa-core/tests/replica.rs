@@ -180,12 +180,54 @@ fn opening_the_link_cleans_up_then_registers_presence() {
     replica.handle_link_up(t0(), 0, "run1");
     let out = drain(&mut replica);
     assert_eq!(out.kinds(), ["LoadPortals", "Janitor", "Renew"]);
-    assert_eq!(out.events, [ReplicaEvent::LinkUp { shard: 0 }]);
+    assert_eq!(
+        out.events,
+        [ReplicaEvent::LinkUp {
+            shard: 0,
+            all_up: true
+        }]
+    );
     let Command::Janitor { retire, run_id } = &out.commands[1].1 else {
         panic!()
     };
     assert!(!retire);
     assert_eq!(run_id, "run1");
+}
+
+/// With several Redis instances, a link that comes up says whether every one is
+/// up now: what a gauge of the link (and a readiness check) follows.
+#[test]
+fn a_link_up_tells_whether_every_instance_is_linked() {
+    let config = ReplicaConfig {
+        shards: 2,
+        legacy_bus: false,
+        ..config()
+    };
+    let mut replica = Replica::new(config, "me", 7, t0()).unwrap();
+    drain(&mut replica);
+    let link_ups = |replica: &mut Replica| -> Vec<(usize, bool)> {
+        drain(replica)
+            .events
+            .into_iter()
+            .filter_map(|event| match event {
+                ReplicaEvent::LinkUp { shard, all_up } => Some((shard, all_up)),
+                _ => None,
+            })
+            .collect()
+    };
+    replica.handle_link_up(t0(), 1, "run-b");
+    assert_eq!(link_ups(&mut replica), [(1, false)]);
+    replica.handle_link_up(t0(), 0, "run-a");
+    assert_eq!(link_ups(&mut replica), [(0, true)]);
+    // Instance 1 fails; instance 0's link comes back meanwhile: not whole.
+    replica.handle_link_down(t0(), 1, "connection reset");
+    replica.handle_link_down(t0(), 0, "connection reset");
+    drain(&mut replica);
+    let later = t0() + Duration::from_secs(6);
+    replica.handle_timeout(later);
+    assert_eq!(drain(&mut replica).kinds(), ["Connect", "Connect"]);
+    replica.handle_link_up(later, 0, "run-a");
+    assert_eq!(link_ups(&mut replica), [(0, false)]);
 }
 
 #[test]

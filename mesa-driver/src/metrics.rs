@@ -36,7 +36,7 @@
 //! | `mesa_sync_stored_total` | counter | messages stored for offline ids (one per id and message) |
 //! | `mesa_sync_dropped_total` | counter | stored messages dropped to respect the per-id limit |
 //! | `mesa_sync_redelivered_total` | counter | stored messages redelivered to a connection |
-//! | `mesa_redis_link_up` | gauge | 1 while the cluster's Redis link is up, else 0 (0 without a cluster) |
+//! | `mesa_redis_link_up` | gauge | 1 while the cluster's Redis links are up (to every instance), else 0 (0 without a cluster) |
 //! | `mesa_redis_link_failures_total` | counter | times the Redis link went down |
 //! | `mesa_redis_ping_seconds` | histogram | round trip of the Redis liveness ping (every third of the lease) |
 //! | `mesa_cluster_jobs_dropped_total` | counter | work for Redis given up (queue or retry buffer full, best effort lost to an outage, left at exit); presence changes not counted |

@@ -27,6 +27,9 @@ pub enum ReplicaEvent {
     LinkUp {
         /// Which instance (0 with one Redis).
         shard: usize,
+        /// The links to every instance are up now (with several, the cluster is
+        /// whole only then: a gauge of the link follows this, not each instance).
+        all_up: bool,
     },
     /// The link to Redis instance `shard` failed; a
     /// [`Command::Connect`](super::Command::Connect) follows after a backoff.

@@ -474,7 +474,9 @@ impl Replica {
         link.subscribe = subscribe;
         link.unsubscribe.clear();
         link.rooms_dirty = link.rooms_registered;
-        self.events.push_back(ReplicaEvent::LinkUp { shard });
+        let all_up = self.shards.iter().all(Shard::is_linked);
+        self.events
+            .push_back(ReplicaEvent::LinkUp { shard, all_up });
         if shard == 0 && self.config.portals.is_some() {
             self.issue(now, 0, Flight::LoadPortals, Command::LoadPortals);
             self.shards[0].portals_loading = true;

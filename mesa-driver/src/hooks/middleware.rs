@@ -55,6 +55,8 @@ pub trait Middleware: Send + Sync + 'static {
         Ok(())
     }
     /// The link to the cluster's Redis went down (`false`) or came (back) up (`true`).
+    /// With several Redis instances: down when the link to any one went down, up
+    /// once the links to all of them are.
     fn on_cluster_link(&self, up: bool) -> Result<(), BoxError> {
         Ok(())
     }
@@ -181,9 +183,12 @@ impl Observer for Middlewares {
 
     fn replica_event(&self, event: &ReplicaEvent) {
         match event {
-            ReplicaEvent::LinkUp { shard } => {
+            ReplicaEvent::LinkUp { shard, all_up } => {
                 tracing::info!(shard, "cluster link up");
-                self.emit(|m| m.on_cluster_link(true));
+                // With several Redis instances, up once every link is.
+                if *all_up {
+                    self.emit(|m| m.on_cluster_link(true));
+                }
             }
             ReplicaEvent::LinkDown { shard, reason } => {
                 tracing::warn!(shard, %reason, "cluster link down");
