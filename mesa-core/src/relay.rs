@@ -56,12 +56,13 @@ impl RelayAction {
 /// a peer that asks for that much work loses its connection, as for the message rate.
 ///
 /// [`Limits::max_recipients`]: crate::Limits::max_recipients
-pub fn relay(message: &Message, max_recipients: usize) -> Option<RelayAction> {
+pub fn relay(message: Message, max_recipients: usize) -> Option<RelayAction> {
     if message.op != Opcode::Dispatch {
         return None;
     }
+    // Taken by value: an echo goes back as it came, with no copy of its data.
     match message.t.as_deref()? {
-        "ECHO" => Some(RelayAction::Reply(message.clone())),
+        "ECHO" => Some(RelayAction::Reply(message)),
         "BROADCAST" => {
             let ids = |key: &str| -> Option<Vec<String>> {
                 let list = message.d.get(key)?.as_array()?;
@@ -78,7 +79,7 @@ pub fn relay(message: &Message, max_recipients: usize) -> Option<RelayAction> {
             };
             Some(match recipients.at_most(max_recipients) {
                 Ok(()) => RelayAction::Send {
-                    message: message.clone(),
+                    message,
                     recipients,
                 },
                 Err(refused) => {
@@ -107,11 +108,11 @@ mod tests {
     #[test]
     fn echo_and_broadcast() {
         let echo = Message::dispatch("ECHO", json!({"n": 1}));
-        assert_eq!(relay(&echo, 2), Some(RelayAction::Reply(echo.clone())));
+        assert_eq!(relay(echo.clone(), 2), Some(RelayAction::Reply(echo)));
 
         let all = Message::dispatch("BROADCAST", json!({"text": "hi"}));
         assert!(matches!(
-            relay(&all, 2),
+            relay(all, 2),
             Some(RelayAction::Send {
                 recipients: Recipients::All,
                 ..
@@ -119,13 +120,13 @@ mod tests {
         ));
 
         let some = Message::dispatch("BROADCAST", json!({"to": ["a", "b"], "except": ["b"]}));
-        let Some(RelayAction::Send { recipients, .. }) = relay(&some, 2) else {
+        let Some(RelayAction::Send { recipients, .. }) = relay(some, 2) else {
             panic!()
         };
         assert_eq!(recipients, Recipients::Ids(vec!["a".into()]));
 
-        assert_eq!(relay(&Message::dispatch("OTHER", json!({})), 2), None);
-        assert_eq!(relay(&Message::new(Opcode::Other(7), json!({})), 2), None);
+        assert_eq!(relay(Message::dispatch("OTHER", json!({})), 2), None);
+        assert_eq!(relay(Message::new(Opcode::Other(7), json!({})), 2), None);
     }
 
     #[test]
@@ -133,9 +134,12 @@ mod tests {
         let to = |to: Value| Message::dispatch("BROADCAST", json!({"to": to, "except": ["c"]}));
         // Three distinct ids after `except`, a repeat counting once: within a limit of 3.
         let three = to(json!(["a", "b", "c", "d", "a"]));
-        assert!(matches!(relay(&three, 3), Some(RelayAction::Send { .. })));
+        assert!(matches!(
+            relay(three.clone(), 3),
+            Some(RelayAction::Send { .. })
+        ));
         assert_eq!(
-            relay(&three, 2),
+            relay(three, 2),
             Some(RelayAction::Refuse(Close::new(
                 CloseCode::POLICY,
                 "too many recipients: 3 > 2"
@@ -143,7 +147,7 @@ mod tests {
         );
         // `*` is everyone, never refused.
         assert!(matches!(
-            relay(&to(json!(["a", "b", "*"])), 1),
+            relay(to(json!(["a", "b", "*"])), 1),
             Some(RelayAction::Send {
                 recipients: Recipients::All,
                 ..

@@ -152,12 +152,26 @@ impl Message {
 
     /// Encode to a shareable frame. Encode a broadcast once and clone the [`Frame`].
     pub fn encode(&self) -> Frame {
-        // Writing a `Value` into a `String` cannot fail: keys are strings and numbers finite.
-        Frame(
-            serde_json::to_string(&self.to_value())
-                .unwrap_or_default()
-                .into(),
-        )
+        // The bytes of `to_value`'s JSON, written straight from the fields: no tree
+        // is built and `d` is not copied (the echo's hot path). Writing JSON into
+        // memory cannot fail: keys are strings and numbers finite.
+        use std::io::Write;
+        let mut out = Vec::with_capacity(64);
+        let _ = write!(out, "{{\"op\":{}", self.op.code());
+        if !self.d.is_null() {
+            out.extend_from_slice(b",\"d\":");
+            let _ = serde_json::to_writer(&mut out, &self.d);
+        }
+        if let Some(t) = &self.t {
+            out.extend_from_slice(b",\"t\":");
+            let _ = serde_json::to_writer(&mut out, t);
+        }
+        if let Some(s) = self.s {
+            let _ = write!(out, ",\"s\":{s}");
+        }
+        out.push(b'}');
+        // serde_json writes UTF-8 only.
+        Frame(String::from_utf8(out).unwrap_or_default().into())
     }
 }
 

@@ -111,6 +111,16 @@ proptest! {
         let _ = Message::decode(&text, &Limits::default());
     }
 
+    /// `encode` writes its JSON from the fields: the bytes of the tree
+    /// `to_value` builds, byte for byte (upstream's field order, absent fields left
+    /// out, strings escaped alike).
+    #[test]
+    fn encode_writes_the_json_of_to_value(message in arb_message()) {
+        let tree = serde_json::to_string(&message.to_value()).unwrap();
+        let encoded = message.encode();
+        prop_assert_eq!(encoded.as_str(), tree.as_str());
+    }
+
     #[test]
     fn decode_inverts_encode(message in arb_message()) {
         let encoded = message.encode();

@@ -350,7 +350,7 @@ impl Connection {
                     eprintln!("{}: authenticated as {id:?}", self.peer);
                 }
             }
-            SessionEvent::Message(message) => self.relay(&message),
+            SessionEvent::Message(message) => self.relay(message),
             // Sync is off in this server, so these never come; answering with nothing
             // stored keeps the session correct if it were turned on.
             SessionEvent::LoadUndelivered { .. } => {
@@ -372,7 +372,7 @@ impl Connection {
     }
 
     /// ECHO back to the sender; BROADCAST through the hub to every target's outbox.
-    fn relay(&mut self, message: &Message) {
+    fn relay(&mut self, message: Message) {
         // The relay ignores everything but ECHO and BROADCAST.
         let action = mesa_core::relay(message, self.max_recipients);
         let Some((message, recipients)) = action.and_then(|a| a.answer(&mut self.session)) else {

@@ -437,7 +437,7 @@ impl Sim {
                 let _ = self.hub.authenticate(conn, &id);
             }
             SessionEvent::Message(message) => {
-                let action = relay(&message, self.config.limits().max_recipients);
+                let action = relay(message, self.config.limits().max_recipients);
                 let session = self.sessions.get_mut(&conn).expect("session");
                 if let Some((message, recipients)) = action.and_then(|a| a.answer(session)) {
                     self.deliver(Some(conn), &message, &recipients);

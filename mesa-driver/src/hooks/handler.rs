@@ -39,7 +39,7 @@ pub struct Relay;
 impl Handler for Relay {
     async fn on_message(&self, conn: &Connection, message: Message) {
         let server = conn.server();
-        match mesa_core::relay(&message, server.max_recipients()) {
+        match mesa_core::relay(message, server.max_recipients()) {
             Some(RelayAction::Reply(message)) => {
                 let _ = conn.send(&message);
             }

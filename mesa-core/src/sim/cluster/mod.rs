@@ -1040,7 +1040,7 @@ impl ClusterSim {
             SessionEvent::Message(message) => {
                 let link = entry.link as u32;
                 let max = self.config.server.limits().max_recipients;
-                let action = relay(&message, max);
+                let action = relay(message, max);
                 if let Some((message, recipients)) =
                     action.and_then(|a| a.answer(&mut entry.session))
                 {
