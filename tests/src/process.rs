@@ -14,9 +14,14 @@ pub struct MesaServe {
 }
 
 impl MesaServe {
-    /// `mesa serve --listen 127.0.0.1:0 ARGS`, once it announces its URL.
+    /// `mesa serve --listen 127.0.0.1:0 ARGS`, once it announces its URL. No
+    /// `MESA_*` variable of the environment reaches it: only ARGS configure it.
     pub fn start(args: &[String]) -> MesaServe {
-        let mut child = Command::new(mesa_binary())
+        let mut command = Command::new(mesa_binary());
+        for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("MESA_")) {
+            command.env_remove(key);
+        }
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("RUST_LOG")

@@ -16,6 +16,7 @@ pub(crate) struct Newest<T> {
 }
 
 impl<T> Newest<T> {
+    /// Nothing pending, nobody telling.
     pub(crate) fn new() -> Self {
         Newest {
             pending: Mutex::new(None),
