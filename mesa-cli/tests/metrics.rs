@@ -138,24 +138,36 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 /// Scrape until every expectation holds (the server counts a close only after its
 /// closing handshake); panic with the last scrape otherwise.
 fn scrape_until(addr: &str, expected: &[(&str, f64)]) -> String {
+    scrape_until_ok(addr, |text| {
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter(|(series, value)| sample(text, series) != Some(*value))
+            .map(|(series, value)| {
+                format!("{series}: want {value}, got {:?}", sample(text, series))
+            })
+            .collect();
+        if wrong.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{wrong:#?}"))
+        }
+    })
+}
+
+/// Scrape until `check` accepts the scrape; panic with its last complaint and the
+/// last scrape otherwise. (An HTTP endpoint tells nothing when it changes: polled.)
+fn scrape_until_ok(addr: &str, check: impl Fn(&str) -> Result<(), String>) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
         let (status, _, text) = get(addr, "/metrics");
         assert_eq!(status, 200, "{text}");
-        let wrong: Vec<String> = expected
-            .iter()
-            .filter(|(series, value)| sample(&text, series) != Some(*value))
-            .map(|(series, value)| {
-                format!("{series}: want {value}, got {:?}", sample(&text, series))
-            })
-            .collect();
-        if wrong.is_empty() {
-            return text;
+        match check(&text) {
+            Ok(()) => return text,
+            Err(wrong) => assert!(
+                Instant::now() < deadline,
+                "metrics never matched: {wrong}\n{text}"
+            ),
         }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never matched: {wrong:#?}\n{text}"
-        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -357,15 +369,12 @@ fn the_link_is_up_only_while_every_redis_instance_is_linked() {
         "127.0.0.1:0",
     ]);
     // A ping answered: the link to `a` is up (b's is not).
-    let deadline = Instant::now() + WAIT;
-    let text = loop {
-        let (_, _, text) = get(&metrics, "/metrics");
-        if sample(&text, "mesa_redis_ping_seconds_count").is_some_and(|n| n >= 1.0) {
-            break text;
+    let text = scrape_until_ok(&metrics, |text| {
+        match sample(text, "mesa_redis_ping_seconds_count") {
+            Some(pings) if pings >= 1.0 => Ok(()),
+            pings => Err(format!("no ping answered: {pings:?}")),
         }
-        assert!(Instant::now() < deadline, "no ping answered:\n{text}");
-        thread::sleep(Duration::from_millis(20));
-    };
+    });
     assert_eq!(sample(&text, "mesa_redis_link_up"), Some(0.0), "{text}");
     assert_eq!(get(&metrics, "/readyz").0, 503);
     b.restart();
