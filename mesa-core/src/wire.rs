@@ -7,6 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::close::CloseCode;
@@ -105,8 +106,17 @@ impl Message {
     /// Decode one text frame, enforcing `limits` before any JSON tree is built.
     pub fn decode(text: &str, limits: &Limits) -> Result<Message, DecodeError> {
         check_size_and_depth(text, limits)?;
-        let value: Value = serde_json::from_str(text).map_err(|_| DecodeError::NotJson)?;
-        Message::from_value(value)
+        // The frame's own object is read field by field (every frame a server reads
+        // passes here: no map, no key copies, no hashing); only the values are trees.
+        match serde_json::from_str::<Fields>(text) {
+            Ok(fields) => fields.into_message(),
+            // Not an object, or not JSON: parsed again to tell which (the peer is
+            // closed for it, so this costs nothing that matters).
+            Err(_) => {
+                let value: Value = serde_json::from_str(text).map_err(|_| DecodeError::NotJson)?;
+                Message::from_value(value)
+            }
+        }
     }
 
     /// Interpret an already parsed JSON value (used for Redis payloads too).
@@ -114,24 +124,13 @@ impl Message {
         let Value::Object(mut object) = value else {
             return Err(DecodeError::NotObject);
         };
-        let op = match object.get("op") {
-            Some(op) => op
-                .as_u64()
-                .map(Opcode::from)
-                .ok_or(DecodeError::BadField("op"))?,
-            None => return Err(DecodeError::BadField("op")),
-        };
-        let d = object.remove("d").unwrap_or(Value::Null);
-        let t = match object.remove("t") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(t)) => Some(t),
-            Some(_) => return Err(DecodeError::BadField("t")),
-        };
-        let s = match object.get("s") {
-            None | Some(Value::Null) => None,
-            Some(s) => Some(s.as_u64().ok_or(DecodeError::BadField("s"))?),
-        };
-        Ok(Message { op, d, t, s })
+        Fields {
+            op: object.remove("op"),
+            d: object.remove("d"),
+            t: object.remove("t"),
+            s: object.remove("s"),
+        }
+        .into_message()
     }
 
     /// The JSON object of this message, with upstream's field order (`op`, `d`, `t`, `s`).
@@ -172,6 +171,111 @@ impl Message {
         out.push(b'}');
         // serde_json writes UTF-8 only.
         Frame(String::from_utf8(out).unwrap_or_default().into())
+    }
+}
+
+/// The fields of a message's JSON object as parsed, before their types are checked;
+/// any other field is parsed and dropped. A field given twice keeps its last value,
+/// as in a parsed object (and in JavaScript's `JSON.parse`).
+#[derive(Default)]
+struct Fields {
+    op: Option<Value>,
+    d: Option<Value>,
+    t: Option<Value>,
+    s: Option<Value>,
+}
+
+impl Fields {
+    /// The message, or the first field (in the order `op`, `t`, `s`) of the wrong type.
+    fn into_message(self) -> Result<Message, DecodeError> {
+        let op = self
+            .op
+            .as_ref()
+            .and_then(Value::as_u64)
+            .map(Opcode::from)
+            .ok_or(DecodeError::BadField("op"))?;
+        let t = match self.t {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t),
+            Some(_) => return Err(DecodeError::BadField("t")),
+        };
+        let s = match self.s {
+            None | Some(Value::Null) => None,
+            Some(s) => Some(s.as_u64().ok_or(DecodeError::BadField("s"))?),
+        };
+        let d = self.d.unwrap_or(Value::Null);
+        Ok(Message { op, d, t, s })
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// Reads a JSON object into [`Fields`]; anything else is refused.
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            // Every value is parsed as a tree, the dropped ones too, so that a frame
+            // is valid exactly when it is as a whole JSON value.
+            let value = map.next_value::<Value>()?;
+            let slot = match key {
+                Key::Op => &mut fields.op,
+                Key::D => &mut fields.d,
+                Key::T => &mut fields.t,
+                Key::S => &mut fields.s,
+                Key::Other => continue,
+            };
+            *slot = Some(value);
+        }
+        Ok(fields)
+    }
+}
+
+/// A key of a message's object, compared without being copied.
+enum Key {
+    Op,
+    D,
+    T,
+    S,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// Reads a key (escaped or not) into a [`Key`].
+struct KeyVisitor;
+
+impl Visitor<'_> for KeyVisitor {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+        Ok(match key {
+            "op" => Key::Op,
+            "d" => Key::D,
+            "t" => Key::T,
+            "s" => Key::S,
+            _ => Key::Other,
+        })
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use mesa_core::{
     AuthConfig, Backoff, BackoffConfig, ClientConfig, ClientSession, ClientTransmit, Close,
-    CloseCode, ConnId, HeartbeatConfig, Hub, Limits, Message, Opcode, RateLimitPolicy, Recipients,
+    CloseCode, ConnId, DecodeError, HeartbeatConfig, Hub, Limits, Message, Opcode, RateLimitPolicy, Recipients,
     ServerConfig, ServerSession, SessionEvent, SyncConfig, Transmit,
 };
 use proptest::prelude::*;
@@ -121,6 +121,18 @@ proptest! {
         prop_assert_eq!(encoded.as_str(), tree.as_str());
     }
 
+    /// `decode` reads the frame's object field by field; it answers exactly what
+    /// interpreting the whole parsed value does, for duplicate, escaped and unknown
+    /// keys, fields of the wrong type, invalid JSON and values that are no object.
+    #[test]
+    fn decode_answers_as_the_parsed_value_does(text in arb_frame_text()) {
+        let limits = Limits::default();
+        let reference = serde_json::from_str::<Value>(&text)
+            .map_err(|_| DecodeError::NotJson)
+            .and_then(Message::from_value);
+        prop_assert_eq!(Message::decode(&text, &limits), reference, "{}", text);
+    }
+
     #[test]
     fn decode_inverts_encode(message in arb_message()) {
         let encoded = message.encode();
@@ -142,6 +154,28 @@ fn arb_json() -> impl Strategy<Value = Value> {
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
+}
+
+/// Frame-like text: an object of known, escaped and unknown keys (some twice) with
+/// values of every type, some not JSON at all; or a value that is no object; or either
+/// with trailing bytes.
+fn arb_frame_text() -> impl Strategy<Value = String> {
+    let key = prop::sample::select(vec![
+        "op", "d", "t", "s", "o\\u0070", "x", "", "OP",
+    ]);
+    let value = prop::sample::select(vec![
+        "0", "1", "22", "-1", "1.0", "1e400", "18446744073709551616", "null", "true",
+        "\"ECHO\"", "\"\\ud800\"", "{}", "{\"a\":[1,{\"b\":null}]}", "[1,2]", "[1", "{\"a\"}",
+        "tru", "\"", "{\"a\":1,\"a\":2}",
+    ]);
+    let object = prop::collection::vec((key, value), 0..6).prop_map(|fields| {
+        let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        format!("{{{}}}", body.join(","))
+    });
+    let other = prop::sample::select(vec!["[]", "3", "\"op\"", "null", "", "{", "[{\"op\":0}]"])
+        .prop_map(str::to_owned);
+    let trailer = prop::sample::select(vec!["", "", " ", "x", "}", "{}"]);
+    (prop_oneof![4 => object, 1 => other], trailer).prop_map(|(text, tail)| text + tail)
 }
 
 fn arb_message() -> impl Strategy<Value = Message> {
