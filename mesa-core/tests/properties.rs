@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use mesa_core::{
     AuthConfig, Backoff, BackoffConfig, ClientConfig, ClientSession, ClientTransmit, Close,
-    CloseCode, ConnId, DecodeError, HeartbeatConfig, Hub, Limits, Message, Opcode, RateLimitPolicy, Recipients,
-    ServerConfig, ServerSession, SessionEvent, SyncConfig, Transmit,
+    CloseCode, ConnId, DecodeError, HeartbeatConfig, Hub, Limits, Message, Opcode, RateLimitPolicy,
+    Recipients, ServerConfig, ServerSession, SessionEvent, SyncConfig, Transmit,
 };
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -160,13 +160,27 @@ fn arb_json() -> impl Strategy<Value = Value> {
 /// values of every type, some not JSON at all; or a value that is no object; or either
 /// with trailing bytes.
 fn arb_frame_text() -> impl Strategy<Value = String> {
-    let key = prop::sample::select(vec![
-        "op", "d", "t", "s", "o\\u0070", "x", "", "OP",
-    ]);
+    let key = prop::sample::select(vec!["op", "d", "t", "s", "o\\u0070", "x", "", "OP"]);
     let value = prop::sample::select(vec![
-        "0", "1", "22", "-1", "1.0", "1e400", "18446744073709551616", "null", "true",
-        "\"ECHO\"", "\"\\ud800\"", "{}", "{\"a\":[1,{\"b\":null}]}", "[1,2]", "[1", "{\"a\"}",
-        "tru", "\"", "{\"a\":1,\"a\":2}",
+        "0",
+        "1",
+        "22",
+        "-1",
+        "1.0",
+        "1e400",
+        "18446744073709551616",
+        "null",
+        "true",
+        "\"ECHO\"",
+        "\"\\ud800\"",
+        "{}",
+        "{\"a\":[1,{\"b\":null}]}",
+        "[1,2]",
+        "[1",
+        "{\"a\"}",
+        "tru",
+        "\"",
+        "{\"a\":1,\"a\":2}",
     ]);
     let object = prop::collection::vec((key, value), 0..6).prop_map(|fields| {
         let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();

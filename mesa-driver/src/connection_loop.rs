@@ -401,6 +401,9 @@ where
     /// ready. Only when none is (every frame available read and answered) does the
     /// batch leave, in one system call.
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        // The handler's replies (pushed while its hook is polled below) need no wake:
+        // the outbox is drained before this returns `Pending`.
+        self.shared().outbox.will_drain();
         if let Poll::Ready(Err(error)) = self.io.poll_send(cx) {
             return Poll::Ready(Wake::WriteFailed(error));
         }
