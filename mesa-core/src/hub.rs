@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::close::{Close, CloseCode};
 use crate::room_table::{Joined, RoomTable};
 use crate::rooms::{PresenceChange, RefusalCode, RoomRefusal};
+use crate::session::{EventInterest, SessionEvent};
 use crate::wire::{Frame, Message, Opcode};
 
 /// A connection's handle inside one server process.
@@ -260,6 +261,16 @@ impl Hub {
         self.next += 1;
         self.connections.insert(conn, None);
         conn
+    }
+
+    /// Learn from an event of `conn`'s session what a hub on its own needs: its id
+    /// and whether it opted in to rooms (the events [`EventInterest::HUB`] names).
+    pub fn handle_session_event(&mut self, conn: ConnId, event: &SessionEvent) {
+        match event {
+            SessionEvent::Authenticated { id, .. } => drop(self.authenticate(conn, id)),
+            SessionEvent::Extended { .. } => self.extend(conn),
+            _ => debug_assert!(!EventInterest::HUB.acts_on(event)),
+        }
     }
 
     /// Record that `conn` authenticated as `id` (a re-authentication may change it).

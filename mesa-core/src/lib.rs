@@ -58,6 +58,6 @@ pub use replica::{
     Loss, RedisValue, Replica, ReplicaConfig, ReplicaEvent, Reply, Script, SendReport, StoreWait,
     Token,
 };
-pub use session::{ServerSession, SessionError, SessionEvent, Transmit};
+pub use session::{EventInterest, ServerSession, SessionError, SessionEvent, Transmit};
 pub use sync::{MessageOptions, Redelivery};
 pub use wire::{DecodeError, Frame, Message, Opcode};

@@ -99,6 +99,50 @@ pub enum SessionEvent {
     },
 }
 
+/// Which session events a server's registry of connections acts on: a [`Hub`] on its
+/// own learns ids; a [`Replica`] also loads, clears and trims stored messages, and
+/// forwards messages to portals when it has them. Known outside the registry, so that
+/// the events it ignores (most messages) take no lock every connection shares.
+///
+/// [`Hub`]: crate::Hub
+/// [`Replica`]: crate::Replica
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventInterest {
+    cluster: bool,
+    messages: bool,
+}
+
+impl EventInterest {
+    /// A hub on its own ([`Hub::handle_session_event`](crate::Hub::handle_session_event)).
+    pub const HUB: EventInterest = EventInterest {
+        cluster: false,
+        messages: false,
+    };
+
+    /// A replica of a cluster, which forwards messages when `portals` are on.
+    pub(crate) fn replica(portals: bool) -> EventInterest {
+        EventInterest {
+            cluster: true,
+            messages: portals,
+        }
+    }
+
+    /// Whether the registry acts on `event`.
+    pub fn acts_on(self, event: &SessionEvent) -> bool {
+        match event {
+            SessionEvent::Authenticated { .. } | SessionEvent::Extended { .. } => true,
+            SessionEvent::LoadUndelivered { .. }
+            | SessionEvent::ClearUndelivered { .. }
+            | SessionEvent::Redelivered { .. }
+            | SessionEvent::Closed { .. } => self.cluster,
+            SessionEvent::Message(_) => self.messages,
+            SessionEvent::AuthenticationRequested { .. }
+            | SessionEvent::Room(_)
+            | SessionEvent::HeartbeatMissed { .. } => false,
+        }
+    }
+}
+
 /// A command the session cannot carry out in its current state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

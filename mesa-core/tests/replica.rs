@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use mesa_core::cluster::{IDS_PER_COMMAND, IDS_PER_ROUND};
 use mesa_core::{
-    Action, Call, Close, CloseCode, Command, ConnId, DurablePortals, Envelope, LocalDelivery, Loss,
-    Message, Opcode, PortalChoice, PortalEvent, PortalEventKind, PortalUpdate, QueuedPortalEvent,
-    Recipients, RedisValue, Replica, ReplicaConfig, ReplicaEvent, SessionEvent, StoreWait, Token,
-    portal_partition,
+    Action, Call, Close, CloseCode, Command, ConnId, DurablePortals, Envelope, EventInterest,
+    LocalDelivery, Loss, Message, Opcode, PortalChoice, PortalEvent, PortalEventKind, PortalUpdate,
+    QueuedPortalEvent, Recipients, RedisValue, Replica, ReplicaConfig, ReplicaEvent, SessionEvent,
+    StoreWait, Token, portal_partition,
 };
 use serde_json::{Value, json};
 
@@ -317,6 +317,39 @@ fn the_lease_is_renewed_every_third_with_a_ping_and_the_janitor() {
         [ReplicaEvent::Latency(Duration::from_millis(20))]
     );
     assert_eq!(replica.poll_timeout(), Some(now + third));
+}
+
+/// Messages reach a replica's registry (and its lock) only when portals, plain or
+/// durable, are on; a hub alone learns ids and room opt-ins only.
+#[test]
+fn messages_concern_a_replica_only_with_portals() {
+    let message = SessionEvent::Message(Message::dispatch("HI", json!({})));
+    let load = SessionEvent::LoadUndelivered { id: "a".into() };
+    let missed = SessionEvent::HeartbeatMissed { misses: 1 };
+    let without = linked(config());
+    assert!(!without.event_interest().acts_on(&message));
+    let with = |config: ReplicaConfig| linked(config).event_interest().acts_on(&message);
+    assert!(with(ReplicaConfig {
+        portals: Some(PortalChoice::RoundRobin),
+        ..config()
+    }));
+    assert!(with(ReplicaConfig {
+        durable_portals: Some(DurablePortals::default()),
+        ..config()
+    }));
+    for event in [&authenticated("a"), &closed(), &load] {
+        assert!(without.event_interest().acts_on(event), "{event:?}");
+    }
+    assert!(!without.event_interest().acts_on(&missed));
+    let hub = EventInterest::HUB;
+    assert!(hub.acts_on(&authenticated("a")) && !hub.acts_on(&message) && !hub.acts_on(&load));
+
+    // Told anyway, a replica without portals does nothing with a message.
+    let mut replica = linked(config());
+    let conn = open_as(&mut replica, "alice");
+    answer_all(&mut replica, t0());
+    replica.handle_session_event(t0(), conn, &message);
+    assert!(drain(&mut replica).commands.is_empty());
 }
 
 #[test]

@@ -150,7 +150,7 @@ use crate::room_table::Joined;
 use crate::rooms::{
     PresenceChange, RoomEnvelope, RoomNotice, RoomPayload, RoomRefusal, room_frame,
 };
-use crate::session::SessionEvent;
+use crate::session::{EventInterest, SessionEvent};
 use crate::sync::{MessageOptions, stored_entries};
 use crate::wire::{Message, Opcode};
 
@@ -347,10 +347,22 @@ impl Replica {
         conn
     }
 
+    /// The session events [`handle_session_event`](Self::handle_session_event) acts
+    /// on: messages only when portals (plain or durable) are on.
+    pub fn event_interest(&self) -> EventInterest {
+        EventInterest::replica(
+            self.config.portals.is_some() || self.config.durable_portals.is_some(),
+        )
+    }
+
     /// Act on an event of connection `conn`'s session: authentication (presence,
     /// portals), messages (portals), stored-message loads, clears and trims, and its
-    /// close. Pass every event; the others are ignored.
+    /// close. The others, and those [`event_interest`](Self::event_interest) leaves
+    /// out, are ignored: a caller need not pass them.
     pub fn handle_session_event(&mut self, now: Instant, conn: ConnId, event: &SessionEvent) {
+        if !self.event_interest().acts_on(event) {
+            return;
+        }
         match event {
             SessionEvent::Authenticated { id, .. } => {
                 self.authenticated(conn, id);

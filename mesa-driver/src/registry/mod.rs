@@ -23,8 +23,8 @@ use mesa_core::recovery::Position;
 use mesa_core::room_table::Joined;
 use mesa_core::rooms::{RoomNotice, RoomRefusal, check_room};
 use mesa_core::{
-    Action, Close, Command, ConnId, Hub, Keys, Limits, Message, MessageOptions, Recipients,
-    Replica, ReplicaEvent, SessionEvent, Token, TooManyRecipients,
+    Action, Close, Command, ConnId, EventInterest, Hub, Keys, Limits, Message, MessageOptions,
+    Recipients, Replica, ReplicaEvent, SessionEvent, Token, TooManyRecipients,
 };
 use serde_json::Value;
 
@@ -145,6 +145,8 @@ pub(crate) struct Settings {
 pub(crate) struct Registry {
     state: Mutex<State>,
     observer: Arc<dyn Observer>,
+    /// The session events the core acts on: the others skip the lock.
+    interest: EventInterest,
     clock: Box<dyn Fn() -> Instant + Send + Sync>,
     outbound_cap: usize,
     limits: Limits,
@@ -181,6 +183,9 @@ impl Registry {
         settings: Settings,
         replica: Option<Replica>,
     ) -> (Self, Option<mpsc::UnboundedReceiver<LinkWork>>) {
+        let interest = replica
+            .as_ref()
+            .map_or(EventInterest::HUB, Replica::event_interest);
         let (core, inbox) = match replica {
             None => (
                 Core::Alone(Box::new(Hub::deciding_presence(settings.auth_required))),
@@ -204,6 +209,7 @@ impl Registry {
                 rooms_counted: (0, 0),
             }),
             observer: settings.observer,
+            interest,
             clock: settings.clock,
             outbound_cap: settings.outbound_cap,
             limits: settings.limits,
@@ -257,17 +263,13 @@ impl Registry {
     /// Feed an event of connection `conn`'s session to the core (its close goes
     /// through [`unregister`](Self::unregister)).
     pub(crate) fn session_event(&self, conn: ConnId, event: &SessionEvent) {
+        if !self.interest.acts_on(event) {
+            return;
+        }
         let now = (self.clock)();
         let mut state = self.lock();
         match &mut state.core {
-            Core::Alone(hub) => {
-                // Alone, a server neither stores nor forwards: the hub only learns ids.
-                match event {
-                    SessionEvent::Authenticated { id, .. } => drop(hub.authenticate(conn, id)),
-                    SessionEvent::Extended { .. } => hub.extend(conn),
-                    _ => {}
-                }
-            }
+            Core::Alone(hub) => hub.handle_session_event(conn, event),
             Core::Cluster { replica, .. } => replica.handle_session_event(now, conn, event),
         }
         self.settle(state);
