@@ -1142,3 +1142,54 @@ fn a_store_too_few_redis_replicas_acknowledged_is_reported_and_never_done_again(
     assert_eq!(out.events, [stored(1)]);
     assert!(out.commands.is_empty() && replica.is_linked());
 }
+
+/// A round cut short after Redis answered its appends to the ids' streams is done
+/// again without them: appended twice, the message would take a second offset and
+/// reach the ids' connections twice. The append whose answer was lost is made again.
+#[test]
+fn a_send_done_again_does_not_append_again_what_redis_answered() {
+    let mut replica = linked(ReplicaConfig {
+        recovery: Some(mesa_core::recovery::RecoveryConfig {
+            users: true,
+            ..mesa_core::recovery::RecoveryConfig::default()
+        }),
+        ..config()
+    });
+    let message = Message::dispatch("X", json!({"n": 1}));
+    let to = Recipients::Ids(ids(&["a", "b", "c"]));
+    replica.handle_send(t0(), &message, None, &to).unwrap();
+    let out = drain(&mut replica);
+    let appends: Vec<&(Token, Command)> = out.find("StreamPublish");
+    let streams = |out: &Out| -> Vec<String> {
+        out.find("StreamPublish")
+            .into_iter()
+            .map(|(_, command)| match command {
+                Command::StreamPublish { room, .. } => room.clone(),
+                _ => unreachable!(),
+            })
+            .collect()
+    };
+    assert_eq!(streams(&out), ["~user:a", "~user:b", "~user:c"]);
+    assert_eq!(out.find("CheckPresence").len(), 1);
+    // Redis answers the first two appends; the link fails before the rest.
+    for (token, command) in &appends[..2] {
+        replica.handle_reply(t0(), *token, Ok(ok(command)));
+    }
+    replica.handle_link_down(t0(), 0, "cut");
+    drain(&mut replica);
+    let at = replica.poll_timeout().unwrap();
+    replica.handle_timeout(at);
+    drain(&mut replica);
+    replica.handle_link_up(at, 0, "run1");
+    let out = answer_all(&mut replica, at);
+    assert_eq!(
+        streams(&out),
+        ["~user:c"],
+        "only the unanswered append again"
+    );
+    assert_eq!(
+        out.find("CheckPresence").len(),
+        1,
+        "the send itself is done again"
+    );
+}

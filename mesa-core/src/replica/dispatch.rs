@@ -184,6 +184,7 @@ impl Dispatch {
                 options: options.clone(),
                 plan,
                 streaming,
+                appended: 0,
             });
         }
         // A broadcast's append is a send of its own (the envelope's is best effort).
@@ -193,6 +194,7 @@ impl Dispatch {
                 options: None,
                 plan: RemotePlan::Publish(Recipients::All),
                 streaming: Streaming::Only,
+                appended: 0,
             });
         }
         let mut dispatch = Dispatch {

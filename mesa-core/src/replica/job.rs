@@ -18,6 +18,12 @@ pub(crate) struct RemoteSend {
     pub(crate) plan: RemotePlan,
     /// What the send does with the personal and broadcast streams.
     pub(crate) streaming: Streaming,
+    /// How many of its first recipients (the ids its plan checks or publishes to, in
+    /// order; a broadcast's one stream counts as one) have the message in their
+    /// stream already, appended by a round a link failure cut short: the round done
+    /// again appends to the others only. An append made twice takes a second offset,
+    /// and the id's connections would get the message twice.
+    pub(crate) appended: usize,
 }
 
 /// What a send does with the personal and broadcast streams
@@ -132,6 +138,12 @@ impl Job {
 }
 
 impl RemoteSend {
+    /// A round carried its first `done` checked ids: the rest waits for the next.
+    pub(crate) fn advance(&mut self, done: usize) {
+        self.plan.advance(done);
+        self.appended = self.appended.saturating_sub(done);
+    }
+
     /// A send's fate at a link failure: with sync (a presence check, then stores),
     /// kept, in order, and done again from its last finished round (at least once).
     /// Without, best effort as upstream's publish: delivered after the outage it

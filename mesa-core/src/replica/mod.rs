@@ -714,6 +714,7 @@ impl Replica {
                 options: options.cloned(),
                 plan,
                 streaming,
+                appended: 0,
             };
             report.queued |= self.push_send(shard, send);
         }
@@ -725,6 +726,7 @@ impl Replica {
                 options: None,
                 plan,
                 streaming: Streaming::Only,
+                appended: 0,
             };
             report.queued |= self.push_send(shard, send);
         }

@@ -29,6 +29,9 @@ pub(crate) enum Step {
     Check { share: usize, offset: usize },
     /// The round's stores for the message of share `share`.
     Store { share: usize },
+    /// An append of share `share`'s message to the stream of its recipient
+    /// `through - 1` (its ids in order; a broadcast's one stream is the first).
+    Append { share: usize, through: usize },
     /// The publish of share `share`.
     Publish { share: usize },
 }
@@ -60,6 +63,9 @@ struct RoundState {
 struct Share {
     /// Its commands of the current phase not yet answered.
     open: usize,
+    /// How many of its first recipients have the message in their stream (Redis
+    /// answers in order, so the answered appends are a prefix).
+    appended: usize,
     /// The presence of each of its ids.
     online: Vec<bool>,
     stored: usize,
@@ -178,7 +184,7 @@ impl Rounds {
     /// keeps; returns how many were let go, and what the round finished. A send of
     /// the round whose every command was answered, and that no later phase had work
     /// for, is done and leaves the queue; the others are done again from their last
-    /// finished round (at least once).
+    /// finished round (at least once), except their appends Redis answered.
     ///
     /// Order holds: a send left to redo whose publish Redis never ran can only be
     /// followed by a finished one that stored (a later publish to the same ids would
@@ -194,12 +200,15 @@ impl Rounds {
             for (index, share) in round.shares.into_iter().enumerate() {
                 if done[index] {
                     finished.add(share, &self.sends[index].message);
+                } else if let Some(send) = self.sends.get_mut(index) {
+                    // Done again, but not its answered appends.
+                    send.appended = send.appended.max(share.appended);
                 }
             }
             // The cut send (its first `part` ids) is the last share.
             if plan.part > 0 && done.get(plan.whole) == Some(&true) {
                 if let Some(cut) = self.sends.get_mut(plan.whole) {
-                    cut.plan.advance(plan.part);
+                    cut.advance(plan.part);
                 }
             }
             for index in (0..plan.whole).rev() {
@@ -226,6 +235,7 @@ impl Rounds {
             let ids = self.share_ids(plan, index);
             let mut share = Share {
                 online: vec![false; ids.len()],
+                appended: send.appended,
                 ..Share::default()
             };
             // First on the link, so Redis runs them before the stores: what is
@@ -236,8 +246,14 @@ impl Rounds {
                 RemotePlan::Publish(recipients) => recipients.clone(),
                 RemotePlan::Nothing => Recipients::Ids(Vec::new()),
             };
-            for command in self.appends(send, &recipients) {
-                commands.push((Step::Publish { share: index }, command));
+            for (through, command) in self.appends(send, &recipients) {
+                commands.push((
+                    Step::Append {
+                        share: index,
+                        through,
+                    },
+                    command,
+                ));
                 share.open += 1;
             }
             match &send.plan {
@@ -293,6 +309,7 @@ impl Rounds {
             Step::Check { share, .. } => (share, "a presence check"),
             Step::Store { share } => (share, "a store"),
             Step::Publish { share } => (share, "a publish"),
+            Step::Append { share, .. } => (share, "an append"),
         };
         let round = self.round.as_mut().ok_or(what)?;
         let share = round.shares.get_mut(index).ok_or(what)?;
@@ -313,6 +330,7 @@ impl Rounds {
                 // Connected since the check: published to instead, with the others.
                 share.publish.extend(online);
             }
+            Step::Append { through, .. } => share.appended = share.appended.max(through),
             Step::Publish { .. } => {}
         }
         share.open = share.open.saturating_sub(1);
@@ -362,39 +380,44 @@ impl Rounds {
     }
 
     /// The appends of `send`'s message to the streams of `recipients` (those of a
-    /// round's share: every id it checks or publishes to).
-    fn appends(&self, send: &RemoteSend, recipients: &Recipients) -> Vec<Command> {
+    /// round's share: every id it checks or publishes to), each with how many of the
+    /// recipients it completes; none to the first [`RemoteSend::appended`], which a
+    /// round cut short appended already.
+    fn appends(&self, send: &RemoteSend, recipients: &Recipients) -> Vec<(usize, Command)> {
         let Some(keep) = self.keep else {
             return Vec::new();
         };
         let streams = match (send.streaming, recipients) {
             (Streaming::Off, _) | (Streaming::Beside, Recipients::All) => Vec::new(),
-            (_, Recipients::All) => vec![Personal::Broadcast.stream("")],
+            (_, Recipients::All) => vec![(1, Personal::Broadcast.stream(""))],
             // A blank id is nobody's (upstream stores nothing for it either).
             (_, Recipients::Ids(ids)) => ids
                 .iter()
-                .filter(|id| !id.is_empty())
-                .map(|id| Personal::User.stream(id))
+                .enumerate()
+                .filter(|(_, id)| !id.is_empty())
+                .map(|(index, id)| (index + 1, Personal::User.stream(id)))
                 .collect(),
         };
         let entry = send.message.to_value().to_string();
         streams
             .into_iter()
-            .map(|room| {
+            .filter(|(through, _)| *through > send.appended)
+            .map(|(through, room)| {
                 let envelope = RoomEnvelope {
                     room,
                     message: send.message.clone(),
                     origin: None,
                     position: None,
                 };
-                Command::StreamPublish {
+                let append = Command::StreamPublish {
                     head: envelope.head(),
                     entry: entry.clone(),
                     room: envelope.room,
                     keep,
                     // Named by the replica as it issues the command.
                     run_id: String::new(),
-                }
+                };
+                (through, append)
             })
             .collect()
     }
@@ -491,7 +514,7 @@ impl Rounds {
         }
         self.sends.drain(..round.plan.whole);
         if let Some(rest) = self.sends.front_mut().filter(|_| round.plan.part > 0) {
-            rest.plan.advance(round.plan.part);
+            rest.advance(round.plan.part);
         }
         finished
     }
