@@ -16,11 +16,16 @@ mod pki;
 #[allow(unreachable_pub)]
 #[path = "../../tests/src/redis.rs"]
 mod redis_server;
+// Only its `ServeProcess` is used here (with this crate's `mesa`).
+#[allow(unreachable_pub, dead_code)]
+#[path = "../../tests/src/process.rs"]
+mod process;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use process::ServeProcess;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -34,62 +39,27 @@ use tokio_util::compat::TokioAsyncReadCompatExt;
 /// The longest any single expectation waits.
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A `mesa serve` process, killed when dropped.
-struct Serve {
-    child: Child,
-    lines: Receiver<String>,
-}
-
-impl Serve {
-    /// Start `mesa serve ARGS` (no `MESA_*` variable from the environment) and wait
-    /// for its two announcements: the metrics address and the WebSocket URL.
-    fn start(args: &[&str]) -> (Serve, String, String) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mesa"));
-        for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("MESA_")) {
-            command.env_remove(key);
+/// Start `mesa serve ARGS` (killed when the process is dropped; no `MESA_*` variable
+/// from the environment) and wait for its two announcements: the metrics address and
+/// the WebSocket URL.
+fn serve(args: &[&str]) -> (ServeProcess, String, String) {
+    let process = ServeProcess::spawn(Path::new(env!("CARGO_BIN_EXE_mesa")), args);
+    let mut metrics = None;
+    let mut url = None;
+    let deadline = Instant::now() + WAIT;
+    while metrics.is_none() || url.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = process
+            .lines
+            .recv_timeout(left)
+            .expect("mesa serve announces itself");
+        if let Some(rest) = line.strip_prefix("mesa metrics on http://") {
+            metrics = rest.strip_suffix("/metrics").map(str::to_owned);
+        } else if let Some(rest) = line.strip_prefix("mesa listening on ") {
+            url = Some(rest.to_owned());
         }
-        let mut child = command
-            .arg("serve")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the mesa binary starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let serve = Serve { child, lines };
-        let mut metrics = None;
-        let mut url = None;
-        let deadline = Instant::now() + WAIT;
-        while metrics.is_none() || url.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = serve
-                .lines
-                .recv_timeout(left)
-                .expect("mesa serve announces itself");
-            if let Some(rest) = line.strip_prefix("mesa metrics on http://") {
-                metrics = rest.strip_suffix("/metrics").map(str::to_owned);
-            } else if let Some(rest) = line.strip_prefix("mesa listening on ") {
-                url = Some(rest.to_owned());
-            }
-        }
-        (serve, metrics.expect("metrics"), url.expect("url"))
     }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    (process, metrics.expect("metrics"), url.expect("url"))
 }
 
 /// `GET path` on `addr` (HTTP/1.1, one request per connection): status, headers, body.
@@ -221,7 +191,7 @@ async fn closed(events: &mut ClientEvents) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_after_a_known_workload_has_the_exact_counts() {
-    let (_server, metrics, url) = Serve::start(&[
+    let (_server, metrics, url) = serve(&[
         "--listen",
         "127.0.0.1:0",
         "--auth",
@@ -330,7 +300,7 @@ fn readyz_fails_while_the_redis_link_is_down() {
         .expect("a free port")
         .port();
     let redis = format!("redis://127.0.0.1:{port}/");
-    let (_server, metrics, _) = Serve::start(&[
+    let (_server, metrics, _) = serve(&[
         "--listen",
         "127.0.0.1:0",
         "--redis",
@@ -356,7 +326,7 @@ fn the_link_is_up_only_while_every_redis_instance_is_linked() {
     let mut b = redis_server::RedisServer::start();
     b.kill();
     let redis = format!("{},{}", a.url(), b.url());
-    let (_server, metrics, _) = Serve::start(&[
+    let (_server, metrics, _) = serve(&[
         "--listen",
         "127.0.0.1:0",
         "--redis",
@@ -448,7 +418,7 @@ async fn the_middleware_counts_heartbeat_misses_and_the_close_they_cause() {
 
 #[test]
 fn the_demo_serves_its_page_and_client_module_beside_the_endpoint() {
-    let (_server, metrics, url) = Serve::start(&[
+    let (_server, metrics, url) = serve(&[
         "--demo",
         "--listen",
         "127.0.0.1:0",

@@ -4,25 +4,29 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
 
-/// A running `mesa serve`, killed with `SIGKILL` on drop.
-pub struct MesaServe {
+/// A `mesa serve` process, killed with `SIGKILL` on drop, and the lines it writes
+/// on stdout (read on all its life, so the pipe never fills). No `MESA_*` variable
+/// of the environment, nor `RUST_LOG`, reaches it: only its arguments configure it.
+/// The CLI's own tests use it too (`mesa-cli/tests/metrics.rs`).
+pub struct ServeProcess {
     child: Child,
-    addr: SocketAddr,
+    /// Its stdout, a line at a time.
+    pub lines: Receiver<String>,
 }
 
-impl MesaServe {
-    /// `mesa serve --listen 127.0.0.1:0 ARGS`, once it announces its URL. No
-    /// `MESA_*` variable of the environment reaches it: only ARGS configure it.
-    pub fn start(args: &[String]) -> MesaServe {
-        let mut command = Command::new(mesa_binary());
+impl ServeProcess {
+    /// Start `binary serve ARGS`.
+    pub fn spawn(binary: &Path, args: &[&str]) -> ServeProcess {
+        let mut command = Command::new(binary);
         for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("MESA_")) {
             command.env_remove(key);
         }
         let mut child = command
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("serve")
             .args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -31,35 +35,61 @@ impl MesaServe {
             .spawn()
             .expect("the mesa binary starts");
         let stdout = child.stdout.take().expect("piped stdout");
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        // Read on after the announcement, so the pipe never fills.
+        let (tx, lines) = channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let addr = line
-                    .strip_prefix("mesa listening on ws://")
-                    .and_then(|rest| rest.trim_end_matches('/').parse().ok());
-                if let Some(addr) = addr {
-                    let _ = addr_tx.send(addr);
+                if tx.send(line).is_err() {
+                    return;
                 }
             }
         });
-        let addr = addr_rx.recv_timeout(crate::WAIT).unwrap_or_else(|_| {
-            panic!("mesa serve {args:?} announced no URL in {:?}", crate::WAIT)
-        });
-        MesaServe { child, addr }
+        ServeProcess { child, lines }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        // `Child::kill` sends SIGKILL.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `mesa serve` of the build the tests run in, killed with `SIGKILL` on
+/// drop.
+pub struct MesaServe {
+    _process: ServeProcess,
+    addr: SocketAddr,
+}
+
+impl MesaServe {
+    /// `mesa serve --listen 127.0.0.1:0 ARGS`, once it announces its URL.
+    pub fn start(args: &[String]) -> MesaServe {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend(args.iter().map(String::as_str));
+        let process = ServeProcess::spawn(&mesa_binary(), &all);
+        let deadline = std::time::Instant::now() + crate::WAIT;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = process.lines.recv_timeout(left) else {
+                panic!("mesa serve {args:?} announced no URL in {:?}", crate::WAIT)
+            };
+            let addr = line
+                .strip_prefix("mesa listening on ws://")
+                .and_then(|rest| rest.trim_end_matches('/').parse().ok());
+            if let Some(addr) = addr {
+                break addr;
+            }
+        };
+        MesaServe {
+            _process: process,
+            addr,
+        }
     }
 
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-}
-
-impl Drop for MesaServe {
-    fn drop(&mut self) {
-        // `Child::kill` sends SIGKILL.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
