@@ -573,7 +573,7 @@ pub fn room_frame(message: &Message, room: &str, position: Option<&Position>) ->
             object.insert("offset".into(), Value::from(position.offset));
         }
     }
-    Frame(serde_json::to_string(&value).unwrap_or_default().into())
+    Frame::from_json(serde_json::to_vec(&value).unwrap_or_default())
 }
 
 /// A room's message between replicas, on the room's channel:

@@ -513,7 +513,7 @@ fn references_unique(sim: &Sim) -> Result<(), TestCaseError> {
                 let (RoomRequest::Subscribe { reference, .. }
                 | RoomRequest::Unsubscribe { reference, .. }
                 | RoomRequest::Publish { reference, .. }
-                | RoomRequest::Presence { reference, .. }) = request;
+                | RoomRequest::Presence { reference, .. }) = &**request;
                 prop_assert!(seen.insert(reference.to_string()), "{} twice", reference);
             }
         }

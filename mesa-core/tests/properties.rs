@@ -133,11 +133,45 @@ proptest! {
         prop_assert_eq!(Message::decode(&text, &limits), reference, "{}", text);
     }
 
+    /// A frame is refused as too deep exactly when its brackets outside strings nest
+    /// deeper than the limit, whatever else it holds (the check counts brackets
+    /// first and scans exactly only when there are more than the limit).
+    #[test]
+    fn decode_refuses_exactly_the_frames_nested_too_deep(
+        text in "[\\[\\]{}\"\\\\a:,0]{0,24}",
+        max in 0usize..6,
+    ) {
+        let limits = Limits { max_json_depth: max, ..Limits::default() };
+        let too_deep = Message::decode(&text, &limits) == Err(DecodeError::TooDeep { max });
+        prop_assert_eq!(too_deep, nesting(&text) > max, "{}", text);
+    }
+
     #[test]
     fn decode_inverts_encode(message in arb_message()) {
         let encoded = message.encode();
         prop_assert_eq!(Message::decode(encoded.as_str(), &Limits::default()), Ok(message));
     }
+}
+
+/// The deepest nesting of brackets outside strings in `text`, read byte by byte (a
+/// backslash in a string escapes the next byte).
+fn nesting(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for byte in text.bytes() {
+        match (in_string, byte) {
+            (true, _) if escaped => escaped = false,
+            (true, b'\\') => escaped = true,
+            (_, b'"') => in_string = !in_string,
+            (false, b'{' | b'[') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, b'}' | b']') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn arb_json() -> impl Strategy<Value = Value> {

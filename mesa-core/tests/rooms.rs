@@ -96,7 +96,7 @@ fn an_extended_client_s_requests_are_events_and_its_answers_frames() {
         presence: false,
         since: None,
     };
-    assert_eq!(events, [SessionEvent::Room(expected)]);
+    assert_eq!(events, [SessionEvent::Room(Box::new(expected))]);
     s.room_notice(RoomNotice::Subscribed {
         room: "lobby".into(),
         reference: json!(1),
@@ -448,7 +448,7 @@ fn presence_requests_are_bounded_per_connection_and_answered_by_the_session() {
             room: "lobby".into(),
             reference: json!(n),
         };
-        assert_eq!(events, [SessionEvent::Room(request)]);
+        assert_eq!(events, [SessionEvent::Room(Box::new(request))]);
     }
     // One more awaits no Redis: refused at once, with a reason.
     let (frames, events) = ask(&mut s, 99);

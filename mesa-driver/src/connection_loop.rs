@@ -54,7 +54,7 @@ enum Wake {
 type PendingPresence = (String, Value, oneshot::Receiver<Members>);
 
 /// A room request and the authorization's decision.
-type Authorized = (RoomRequest, Result<(), RoomRefusal>);
+type Authorized = (Box<RoomRequest>, Result<(), RoomRefusal>);
 
 /// Drive one upgraded connection until it closes: open, loop, leave. Its
 /// `admission` slot (if any) is given back once the connection is registered, and
@@ -93,7 +93,7 @@ where
 enum AppCall {
     Authenticated,
     Message(Message),
-    Authorize(RoomRequest),
+    Authorize(Box<RoomRequest>),
 }
 
 /// One connection's loop (quinn's `ConnectionDriver`): the session, the socket, and
@@ -243,32 +243,37 @@ where
 
     /// A room request: an unsubscribe is done at once; a subscribe or a publish as the
     /// room policy decides, or once the application's authorization answered.
-    fn room_request(&mut self, request: RoomRequest) {
+    fn room_request(&mut self, request: Box<RoomRequest>) {
         // The session reads room requests only when rooms are on.
         let Some(policy) = &self.inner.rooms else {
             return;
         };
-        if let RoomRequest::Presence { room, reference } = request {
-            let asked = self
-                .inner
-                .registry
-                .presence_request(self.shared().conn, &room);
-            match asked {
-                Ok(members) => self.presence.push((room, reference, members)),
-                Err(refusal) => drop(self.session.presence_answer(room, reference, Err(refusal))),
+        match *request {
+            RoomRequest::Presence { room, reference } => {
+                let asked = self
+                    .inner
+                    .registry
+                    .presence_request(self.shared().conn, &room);
+                match asked {
+                    Ok(members) => self.presence.push((room, reference, members)),
+                    Err(refusal) => {
+                        drop(self.session.presence_answer(room, reference, Err(refusal)))
+                    }
+                }
+                return;
             }
-            return;
-        }
-        if let RoomRequest::Unsubscribe { room, reference } = request {
-            let registry = &self.inner.registry;
-            let notice = if registry.leave(self.shared().conn, &room, false) {
-                RoomNotice::Unsubscribed { room, reference }
-            } else {
-                let refusal = RoomRefusal::new(RefusalCode::NotSubscribed, "not in the room");
-                RoomNotice::refused(room, reference, refusal)
-            };
-            let _ = self.session.room_notice(notice);
-            return;
+            RoomRequest::Unsubscribe { room, reference } => {
+                let registry = &self.inner.registry;
+                let notice = if registry.leave(self.shared().conn, &room, false) {
+                    RoomNotice::Unsubscribed { room, reference }
+                } else {
+                    let refusal = RoomRefusal::new(RefusalCode::NotSubscribed, "not in the room");
+                    RoomNotice::refused(room, reference, refusal)
+                };
+                let _ = self.session.room_notice(notice);
+                return;
+            }
+            RoomRequest::Subscribe { .. } | RoomRequest::Publish { .. } => {}
         }
         match policy.gate().decide(self.session.is_authenticated()) {
             Some(decision) => self.authorized(request, decision),
@@ -277,10 +282,10 @@ where
     }
 
     /// Carry out a subscribe or a publish the policy decided, and answer it.
-    fn authorized(&mut self, request: RoomRequest, decision: Result<(), RoomRefusal>) {
+    fn authorized(&mut self, request: Box<RoomRequest>, decision: Result<(), RoomRefusal>) {
         let registry = &self.inner.registry;
         let conn = self.shared().conn;
-        let notice = match (request, decision) {
+        let notice = match (*request, decision) {
             (
                 RoomRequest::Subscribe {
                     room,
@@ -363,7 +368,7 @@ where
         let inner = self.inner.clone();
         let conn = self.conn.clone();
         if let AppCall::Authorize(request) = call {
-            let (room, kind) = match &request {
+            let (room, kind) = match &*request {
                 RoomRequest::Subscribe { room, token, .. } => {
                     let token = token.clone();
                     (room.clone(), RoomAccessKind::Subscribe { token })
@@ -473,30 +478,32 @@ where
         Poll::Pending
     }
 
-    /// Feed one input to the session.
+    /// Feed one input to the session. The clock is read only for the inputs that
+    /// take the time: handing over queued frames and a handler's return (most wakes
+    /// of a busy connection) need none.
     fn handle(&mut self, wake: Wake) {
-        let now = self.inner.runtime.now();
+        let now = || self.inner.runtime.now();
         match wake {
-            Wake::Read(read) => self.handle_read(now, read),
+            Wake::Read(read) => self.handle_read(now(), read),
             Wake::WriteFailed(error) => {
                 let close = Close::new(CloseCode::ABNORMAL, error.to_string());
-                self.session.handle_peer_closed(now, Some(close));
+                self.session.handle_peer_closed(now(), Some(close));
             }
             Wake::Auth(Ok((id, user))) => {
-                let _ = self.session.accept(now, id, user);
+                let _ = self.session.accept(now(), id, user);
             }
             Wake::Presence(room, reference, members) => {
                 let _ = self.session.presence_answer(room, reference, members);
             }
             Wake::Auth(Err(error)) => {
-                let _ = self.session.reject(now, error.reason());
+                let _ = self.session.reject(now(), error.reason());
             }
             // Refused once the session's load timeout passed: the messages stay stored.
             Wake::Load(stored) => {
-                let _ = self.session.handle_undelivered(now, stored);
+                let _ = self.session.handle_undelivered(now(), stored);
             }
             Wake::Timer => {
-                self.session.handle_timeout(now);
+                self.session.handle_timeout(now());
                 if !self.session.awaits_undelivered() {
                     // The session gave up on the load: its answer no longer matters.
                     self.load = None;

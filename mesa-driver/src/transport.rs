@@ -8,7 +8,6 @@ use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use async_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
-use bytes::Bytes;
 use mesa_core::{Close, CloseCode, DecodeError, Frame, Limits};
 
 #[cfg(doc)]
@@ -77,10 +76,11 @@ impl TransportConfig {
     }
 }
 
-/// A core frame as a tungstenite text message, sharing its bytes (no copy).
+/// A core frame as a tungstenite text message, sharing its bytes (no copy). Frames
+/// hold JSON text, so the UTF-8 check tungstenite asks for never fails.
 pub(crate) fn text(frame: Frame) -> WsMessage {
-    let shared = Bytes::from_owner(frame);
-    WsMessage::Text(Utf8Bytes::try_from(shared).unwrap_or_else(|_| Utf8Bytes::from_static("")))
+    let text = Utf8Bytes::try_from(frame.into_bytes());
+    WsMessage::Text(text.unwrap_or_else(|_| Utf8Bytes::from_static("")))
 }
 
 /// A core close as a tungstenite close frame.

@@ -467,7 +467,7 @@ impl Sim {
             }
             SessionEvent::HeartbeatMissed { .. } => {}
             SessionEvent::Extended { .. } => self.hub.extend(conn),
-            SessionEvent::Room(request) => self.room_request(conn, request),
+            SessionEvent::Room(request) => self.room_request(conn, *request),
             SessionEvent::Closed { .. } => {
                 let _ = self.hub.disconnect(conn);
                 self.sessions.remove(&conn);
