@@ -52,6 +52,12 @@ impl TokenBucket {
         true
     }
 
+    /// Whether the bucket holds no whole token at `now` (`available(now) == 0`,
+    /// without its division: this is asked after every frame read).
+    pub fn is_empty(&self, now: Instant) -> bool {
+        self.full_at.saturating_duration_since(now) + self.cost > self.capacity
+    }
+
     /// The earliest instant, not before `now`, at which the bucket holds a token:
     /// when a connection slowed for its rate may be read again.
     pub fn next_token_at(&self, now: Instant) -> Instant {

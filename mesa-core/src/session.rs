@@ -578,6 +578,13 @@ impl ServerSession {
 
     // ----- outputs -----
 
+    /// How many frames wait for [`poll_transmit`](Self::poll_transmit). An adapter
+    /// whose transport is backed up leaves them here, and past a bound stops handing
+    /// the session more to send.
+    pub fn queued_transmits(&self) -> usize {
+        self.transmits.len()
+    }
+
     /// The next thing to write to the transport.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         let transmit = self.transmits.pop_front();
@@ -770,7 +777,7 @@ impl ServerSession {
             }
             RateLimitPolicy::Close => true,
             RateLimitPolicy::Slow => {
-                if self.rate.available(now) == 0 {
+                if self.rate.is_empty(now) {
                     self.pause_reading(now);
                 }
                 true

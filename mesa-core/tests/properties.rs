@@ -459,7 +459,8 @@ fn within_rate(times: &[Instant], rate: u32, burst: u32) -> Result<(), TestCaseE
 
 proptest! {
     /// Whatever the arrival pattern, the bucket admits at most `burst + rate · t`
-    /// frames in any window of length `t` (checked over every pair of admissions).
+    /// frames in any window of length `t` (checked over every pair of admissions),
+    /// and it is empty exactly when it has no whole token and refuses a frame.
     #[test]
     fn the_token_bucket_never_admits_more_than_burst_plus_rate_times_t(
         rate in 1u32..2_000,
@@ -472,7 +473,11 @@ proptest! {
         let mut admitted = Vec::new();
         for gap in gaps_us {
             now += Duration::from_micros(gap);
-            if bucket.try_take(now) {
+            let empty = bucket.is_empty(now);
+            prop_assert_eq!(empty, bucket.available(now) == 0);
+            let taken = bucket.try_take(now);
+            prop_assert_eq!(taken, !empty);
+            if taken {
                 admitted.push(now);
             }
         }

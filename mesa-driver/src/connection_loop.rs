@@ -23,14 +23,15 @@ use serde_json::Value;
 use crate::context::ServerContext;
 use crate::handle::{Admission, Connection};
 use crate::hooks::{AuthError, BoxFuture, Handler, RoomAccess, RoomAccessKind};
-use crate::io::Io;
+use crate::io::{Io, poll_send_from};
 use crate::outbox::{Drained, Outbound};
 use crate::registry::{ConnShared, Identity, Members, lock};
 use crate::runtime::Runtime;
 use crate::transport::{ReadFailure, close_frame, core_close, read_failure, text};
 
-/// Frames written but not yet flushed before the outbox stops being drained: the
-/// outbox's byte cap, not this queue, absorbs a slow reader.
+/// Frames the sink has not taken yet (they wait in the session) before the outbox
+/// stops being drained: the outbox's byte cap, not the session's queue, absorbs a
+/// slow reader.
 const WRITE_BACKLOG: usize = 32;
 
 /// What woke the driver loop.
@@ -166,34 +167,41 @@ where
         }
     }
 
-    /// Queue the session's frames for the writer and act on its events until both
-    /// are drained; the close once the session closed.
+    /// Act on the session's events until they are drained; the close once the
+    /// session closed. Its frames wait in it until the sink takes them
+    /// ([`poll_send`](Self::poll_send)).
     fn drain(&mut self) -> Option<Close> {
-        let (mut frames, mut bytes) = (0, 0);
-        let closed = loop {
-            while let Some(transmit) = self.session.poll_transmit() {
-                self.io.pending.push_back(match transmit {
-                    Transmit::Text(frame) => {
-                        frames += 1;
-                        bytes += frame.len();
-                        text(frame)
-                    }
-                    Transmit::Close(close) => WsMessage::Close(Some(close_frame(&close))),
-                });
-            }
-            let Some(event) = self.session.poll_event() else {
-                break None;
-            };
+        while let Some(event) = self.session.poll_event() {
             if let Some(close) = self.handle_event(event) {
-                break Some(close);
+                return Some(close);
             }
-        };
+        }
+        None
+    }
+
+    /// Hand the sink the session's frames while it takes them, straight from the
+    /// session's queue (no queue of the loop's own to fill and free per batch).
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        if self.session.queued_transmits() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let (mut frames, mut bytes) = (0, 0);
+        let session = &mut self.session;
+        let sent = poll_send_from(&mut self.io.ws, cx, || {
+            let transmit = session.poll_transmit()?;
+            Some(ws_message(transmit, &mut frames, &mut bytes))
+        });
+        self.frames_sent(frames, bytes);
+        sent
+    }
+
+    /// Tell the middleware about frames handed to the sink.
+    fn frames_sent(&self, frames: usize, bytes: usize) {
         if frames > 0 {
             self.inner
                 .middleware
                 .emit(|m| m.on_frames_sent(&self.conn, frames, bytes));
         }
-        closed
     }
 
     /// Act on one event of the session; the close if it was the last. The registry
@@ -409,7 +417,7 @@ where
         // The handler's replies (pushed while its hook is polled below) need no wake:
         // the outbox is drained before this returns `Pending`.
         self.shared().outbox.will_drain();
-        if let Poll::Ready(Err(error)) = self.io.poll_send(cx) {
+        if let Poll::Ready(Err(error)) = self.poll_send(cx) {
             return Poll::Ready(Wake::WriteFailed(error));
         }
         if let Poll::Ready(wake) = self.poll_input(cx) {
@@ -465,7 +473,7 @@ where
         // Stored messages precede live ones: while they load, live items wait in the
         // outbox (whose overflow is still reported).
         let take_items =
-            self.io.pending.len() < WRITE_BACKLOG && !self.session.awaits_undelivered();
+            self.session.queued_transmits() < WRITE_BACKLOG && !self.session.awaits_undelivered();
         if let Poll::Ready(drained) = self.shared().outbox.poll_drain(cx, take_items) {
             return Poll::Ready(Wake::Outbox(drained));
         }
@@ -574,6 +582,13 @@ where
             }
         }
         self.inner.registry.unregister(self.shared().conn);
+        // The last frames (the close among them) are written while lingering.
+        let (mut frames, mut bytes) = (0, 0);
+        while let Some(transmit) = self.session.poll_transmit() {
+            let message = ws_message(transmit, &mut frames, &mut bytes);
+            self.io.pending.push_back(message);
+        }
+        self.frames_sent(frames, bytes);
         let runtime = &self.inner.runtime;
         let linger = runtime.sleep_until(runtime.now() + self.inner.transport.close_timeout);
         futures_util::future::select(Box::pin(self.io.linger()), Box::pin(linger)).await;
@@ -583,5 +598,18 @@ where
             .middleware
             .emit(|m| m.on_disconnection(conn, &close));
         self.inner.handler.on_disconnect(conn, &close).await;
+    }
+}
+
+/// A transmit of the session as a tungstenite message, counting text frames and
+/// their bytes.
+fn ws_message(transmit: Transmit, frames: &mut usize, bytes: &mut usize) -> WsMessage {
+    match transmit {
+        Transmit::Text(frame) => {
+            *frames += 1;
+            *bytes += frame.len();
+            text(frame)
+        }
+        Transmit::Close(close) => WsMessage::Close(Some(close_frame(&close))),
     }
 }

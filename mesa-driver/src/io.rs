@@ -61,18 +61,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     /// sends the batch once the loop has nothing else to do. `Ready(Err)` only on
     /// failure.
     pub(crate) fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        while !self.pending.is_empty() {
-            match self.ws.poll_ready_unpin(cx) {
-                Poll::Ready(Ok(())) => {
-                    let Some(message) = self.pending.pop_front() else {
-                        break;
-                    };
-                    if let Err(error) = self.ws.start_send_unpin(message) {
-                        return Poll::Ready(Err(error));
-                    }
-                }
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => return Poll::Pending,
+        let pending = &mut self.pending;
+        if !pending.is_empty() {
+            match poll_send_from(&mut self.ws, cx, || pending.pop_front()) {
+                Poll::Ready(Ok(())) => {}
+                not_sent => return not_sent,
             }
         }
         if self.pending.capacity() > 0 {
@@ -153,5 +146,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
             Poll::Ready(())
         })
         .await
+    }
+}
+
+/// [`Io::poll_send`] for messages taken from `next` one at a time, only while the
+/// sink takes them: those it does not take yet stay where `next` takes them from (a
+/// server connection's session), so that they need no queue of their own.
+/// `Ready(Ok)` once `next` has none left.
+pub(crate) fn poll_send_from<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    cx: &mut Context<'_>,
+    mut next: impl FnMut() -> Option<WsMessage>,
+) -> Poll<Result<(), WsError>> {
+    loop {
+        match ws.poll_ready_unpin(cx) {
+            Poll::Ready(Ok(())) => {}
+            not_ready => return not_ready,
+        }
+        let Some(message) = next() else {
+            return Poll::Ready(Ok(()));
+        };
+        if let Err(error) = ws.start_send_unpin(message) {
+            return Poll::Ready(Err(error));
+        }
     }
 }
