@@ -24,6 +24,9 @@ const DRAIN_CHUNK: usize = 16 << 10;
 /// The socket side of the loop: the stream and the frames not yet written.
 pub(crate) struct Io<S> {
     pub(crate) ws: WebSocketStream<S>,
+    /// Frames waiting for the sink: the client's and the echo server's queue. A
+    /// server connection's frames wait in its session instead, and come here only
+    /// to be written while it lingers after the close.
     pub(crate) pending: VecDeque<WsMessage>,
     /// The peer's input failed to parse (too big, invalid UTF-8, a protocol error):
     /// the stream yields nothing more, but the peer may still be writing.
